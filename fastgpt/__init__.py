@@ -1,0 +1,1 @@
+"""fastgpt: fused GPU kernels for GPT inference."""

@@ -1,0 +1,127 @@
+"""Which backends exist here, and why not.
+
+This is the only module that imports the compiled extension `fastgpt._C`. Every op resolves its
+`backend=` argument through `resolve`, so the rules live in one place:
+
+- "torch": the plain-PyTorch reference; always available.
+- "triton": needs `triton` importable and CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`
+  (Triton's interpreter, which is how CPU CI reaches the kernels).
+- "cuda": needs the compiled extension and CUDA tensors.
+- "auto": cuda, else triton, on a CUDA device (in the op's order of preference); else torch.
+
+Asking for a backend that cannot run raises `BackendUnavailableError` with the reason: never a
+silent fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+BACKENDS = ("auto", "cuda", "triton", "torch")
+ENV_VAR = "FASTGPT_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run these inputs here; the message says why."""
+
+
+def interpreting() -> bool:
+    """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.cache
+def _import_triton() -> str | None:
+    try:
+        importlib.import_module("triton")
+    except Exception as exc:  # ImportError, or a broken install raising something else
+        return f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'fastgpt[triton]'"
+    return None
+
+
+@functools.cache
+def _import_cuda_extension():
+    """(module, None) when fastgpt._C imports, else (None, reason)."""
+    try:
+        return importlib.import_module("fastgpt._C"), None
+    except ImportError as exc:
+        return None, (
+            "the CUDA extension fastgpt._C is not built (this install had no nvcc, or "
+            f"FASTGPT_SKIP_CUDA=1 was set): {exc}"
+        )
+
+
+def cuda_extension():
+    """The compiled module `fastgpt._C`; raises BackendUnavailableError if it is not built."""
+    module, reason = _import_cuda_extension()
+    if module is None:
+        raise BackendUnavailableError(reason)
+    return module
+
+
+def why_not(backend: str, device: torch.device) -> str | None:
+    """None when `backend` can run on tensors living on `device`, else the reason it cannot."""
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        reason = _import_triton()
+        if reason:
+            return reason
+        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+            return None
+        return f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)"
+    if backend == "cuda":
+        _, reason = _import_cuda_extension()
+        if reason:
+            return reason
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors (got {device.type})"
+        return None
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def default_backend() -> str:
+    """The backend used when an op is called with backend="auto": FASTGPT_BACKEND, else auto."""
+    name = os.environ.get(ENV_VAR, "auto") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"{ENV_VAR} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def resolve(
+    op: str,
+    backend: str,
+    device: torch.device,
+    unsupported: Callable[[str], str | None] = lambda name: None,
+    preference: Sequence[str] = ("cuda", "triton"),
+) -> str:
+    """Pick the concrete backend ("cuda", "triton" or "torch") for one call of `op`.
+
+    `unsupported(name)` returns why backend `name` cannot handle these particular inputs (dtype,
+    head dim, ...), or None. `preference` orders the compiled backends for "auto" on a CUDA device.
+    """
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = default_backend()
+    if backend != "auto":
+        reason = why_not(backend, device) or unsupported(backend)
+        if reason:
+            raise BackendUnavailableError(f"{op}: backend={backend!r} is unavailable: {reason}")
+        return backend
+    if device.type == "cuda":
+        for name in preference:
+            if why_not(name, device) is None and unsupported(name) is None:
+                return name
+    return "torch"
+
+
+def report() -> dict[str, str]:
+    """Backend name -> "available" or the reason it is not, for `fastgpt info`."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return {name: why_not(name, device) or f"available ({device.type})" for name in BACKENDS[1:]}

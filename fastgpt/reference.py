@@ -1,0 +1,161 @@
+"""Plain-PyTorch implementation of every op: the oracle the kernels are tested against, and the
+CPU path.
+
+Each function computes in fp32 (or fp64 when given fp64) and returns the input's dtype. Inputs
+are assumed valid: `fastgpt.ops` checks them first.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None):
+    """softmax(q k^T * scale [+ causal mask]) v, with GQA and bottom-right causal alignment.
+
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0. Query i sees keys j <= i + Sk - Sq when
+    causal; a query that sees no key (Sq > Sk) gets a zero output, as in FlashAttention.
+    Returns (B, Hq, Sq, D) in q's dtype.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = Hq // Hkv
+    qf = q.to(compute)
+    kf = k.to(compute).repeat_interleave(group, dim=1)  # (B, Hq, Sk, D)
+    vf = v.to(compute).repeat_interleave(group, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if causal:
+        i = torch.arange(Sq, device=q.device)[:, None]
+        j = torch.arange(Sk, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    probs = torch.nan_to_num(probs, nan=0.0)  # rows that see no key: all -inf -> 0 output
+    return (probs @ vf).to(q.dtype)
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None):
+    """One query token per row over a KV cache: row b attends to cache positions [0, len_b).
+
+    q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); cache_seqlens int (B,). Lengths are
+    clamped to [0, Smax]; a row of length 0 gets a zero output. Returns (B, Hq, 1, D).
+    """
+    B, Hq, _, D = q.shape
+    Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    scale = D**-0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = Hq // Hkv
+    qf = q.to(compute)
+    kf = k_cache.to(compute).repeat_interleave(group, dim=1)
+    vf = v_cache.to(compute).repeat_interleave(group, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, 1, Smax)
+    lengths = cache_seqlens.to(device=q.device, dtype=torch.int64).clamp(0, Smax)
+    pos = torch.arange(Smax, device=q.device)
+    invalid = pos[None, :] >= lengths[:, None]  # (B, Smax)
+    scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return (probs @ vf).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None):
+    """LayerNorm over the last dim with fp32 statistics; the fused residual form when given.
+
+    x (..., N); weight/bias (N,) or None; residual like x. Returns y, or (y, h) with
+    h = x + residual (in x's dtype) and y = LN(h).
+    """
+    h = x if residual is None else x + residual
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    w = None if weight is None else weight.to(compute)
+    b = None if bias is None else bias.to(compute)
+    y = F.layer_norm(h.to(compute), (x.shape[-1],), w, b, eps).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def filter_logits(logits, temperature, top_k, top_p, min_p):
+    """Hugging Face's TemperatureLogitsWarper -> TopK -> TopP -> MinP, per row, exactly.
+
+    logits (B, V) float; temperature (B,) fp32 (> 0); top_k (B,) int64 (0 = off); top_p (B,)
+    fp64 (1.0 = off); min_p (B,) fp32 (0.0 = off). Removed entries become -inf. Each warper runs
+    only on the rows that enable it, as HF adds a warper only when its parameter is set.
+    """
+    scores = logits / temperature[:, None].to(logits.dtype)
+    V = scores.shape[-1]
+    neg_inf = float("-inf")
+    # Data-dependent branches would sync the host, so every warper runs and is masked per row.
+
+    k = torch.where(top_k > 0, top_k, V).clamp(1, V)
+    kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
+    scores = scores.masked_fill((scores < kth) & (k < V)[:, None], neg_inf)
+
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # HF compares against the Python double (1 - top_p) rounded to the scores' dtype.
+    remove_sorted = cumulative <= (1.0 - top_p)[:, None].to(scores.dtype)
+    remove_sorted[:, -1] = False
+    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
+    scores = scores.masked_fill(remove & (top_p < 1.0)[:, None], neg_inf)
+
+    probs = torch.softmax(scores, dim=-1)
+    remove = probs < min_p[:, None].to(probs.dtype) * probs.amax(dim=-1, keepdim=True)
+    remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
+    return scores.masked_fill(remove & (min_p > 0.0)[:, None], neg_inf)
+
+
+def clean_logits(logits):
+    """The sampler's rule for non-finite logits, shared by every backend.
+
+    NaN counts as -inf (never drawn). If a row holds +inf, only its +inf entries stay, as equal
+    logits (the limit of softmax): they become 0 and everything else -inf.
+    """
+    x = torch.where(torch.isnan(logits), float("-inf"), logits.float())
+    has_pos_inf = torch.isposinf(x).any(dim=-1, keepdim=True)
+    only_inf = torch.where(torch.isposinf(x), 0.0, float("-inf"))
+    return torch.where(has_pos_inf, only_inf, x)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x):
+    """A 32-bit integer hash (xorshift-multiply) on int64 tensors holding values in [0, 2^32)."""
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & _MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def uniform(seed, shape, device):
+    """Counter-based uniforms in (0, 1) from a device-resident seed: no host sync, no state.
+
+    seed: int64 tensor (1,). Element n (row-major index) gets
+    hash(hash(n_lo ^ seed_lo) ^ n_hi ^ seed_hi), whose top 24 bits make the float.
+    """
+    n = torch.arange(int(torch.Size(shape).numel()), device=device, dtype=torch.int64).view(shape)
+    s = seed.to(device=device, dtype=torch.int64).reshape(())
+    h = _mix32(_mix32((n & _MASK32) ^ (s & _MASK32)) ^ (n >> 32) ^ ((s >> 32) & _MASK32))
+    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seed):
+    """Draw one token per row: greedy where temperature == 0, else from softmax(filter_logits).
+
+    logits (B, V); per-row parameters as in `filter_logits` (temperature may be 0); seed int64
+    (1,). Non-finite logits follow `clean_logits`. The draw is Gumbel-max with `uniform` noise;
+    a row with nothing left to draw returns 0. Returns int64 (B,).
+    """
+    x = clean_logits(logits)
+    greedy = temperature <= 0
+    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    scores = filter_logits(x, safe_t, top_k, top_p, min_p)
+    gumbel = -torch.log(-torch.log(uniform(seed, scores.shape, scores.device)))
+    drawn = torch.argmax(scores + gumbel, dim=-1)
+    return torch.where(greedy, torch.argmax(x, dim=-1), drawn)

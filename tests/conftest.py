@@ -1,0 +1,30 @@
+"""Shared fixtures: the device, and the skip of `gpu` tests without CUDA.
+
+Without a CUDA device the Triton kernels run in Triton's interpreter, so TRITON_INTERPRET=1 is
+set here, before any test module imports a kernel (Triton reads it when a kernel is defined).
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return "cuda" if HAS_CUDA else "cpu"
+
