@@ -125,3 +125,13 @@ def report() -> dict[str, str]:
     """Backend name -> "available" or the reason it is not, for `fastgpt info`."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     return {name: why_not(name, device) or f"available ({device.type})" for name in BACKENDS[1:]}
+
+
+def launchers(backend: str, op: str):
+    """The module holding `op`'s launchers for a compiled backend: fastgpt.kernels.<op> (Triton)
+    or fastgpt.ops._cuda (CUDA). Imported on first use so `import fastgpt` stays light."""
+    if backend == "triton":
+        return importlib.import_module(f"fastgpt.kernels.{op}")
+    if backend == "cuda":
+        return importlib.import_module("fastgpt.ops._cuda")
+    raise ValueError(f"no launchers for backend {backend!r}")

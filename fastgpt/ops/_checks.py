@@ -1,0 +1,64 @@
+"""Argument checks shared by the ops: each raises a clear TypeError/ValueError naming the argument.
+
+They run before any kernel, on shapes, dtypes and devices only (never on tensor values that
+live on a GPU, which would need a host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> torch.Tensor:
+    """Check that `t` is a tensor of rank `ndim` with a dtype in `dtypes`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
+    return t
+
+
+def same_device(**tensors: torch.Tensor | None) -> torch.device:
+    """Check that all given tensors live on one device; return it."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
+    return first.device
+
+
+def same_dtype(**tensors: torch.Tensor | None) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+
+
+def shape(name: str, t: torch.Tensor, expected: tuple, description: str) -> None:
+    """Check t.shape == expected, describing the expected layout in the error (e.g. "(B, Hkv, Sk, D)")."""
+    if tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{name} must have shape {description} = {tuple(expected)}, got {tuple(t.shape)}")
+
+
+def scale(value, head_dim: int) -> float:
+    """The softmax scale: 1/sqrt(D) when None, else a finite positive-or-negative float."""
+    if value is None:
+        return head_dim**-0.5
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
+    value = float(value)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"scale must be finite, got {value}")
+    return value
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Kernels index the last dim with unit stride; copy only the rare views that break that."""
+    return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()

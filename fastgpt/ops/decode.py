@@ -1,0 +1,72 @@
+"""fastgpt.decode_attention: one new query token per row over a static KV cache (split-KV)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from fastgpt import _backends, reference
+from fastgpt.ops import _checks
+
+TRITON_MAX_HEAD_DIM = 256
+CUDA_HEAD_DIMS = (64, 128)
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
+SEQLEN_DTYPES = (torch.int32,)
+
+
+def _unsupported(q: torch.Tensor) -> Callable[[str], str | None]:
+    def reason(backend: str) -> str | None:
+        D = q.shape[-1]
+        if backend == "triton" and D > TRITON_MAX_HEAD_DIM:
+            return f"head dim {D} > {TRITON_MAX_HEAD_DIM}"
+        if backend == "cuda" and (D not in CUDA_HEAD_DIMS or q.dtype not in CUDA_DTYPES):
+            return f"the cuda kernel supports head dims {CUDA_HEAD_DIMS} in fp16/bf16, got D={D} {q.dtype}"
+        return None
+
+    return reason
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, backend: str = "auto"):
+    """Attention of one query token per row over the first cache_seqlens[b] cache positions.
+
+    q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, Smax, D), Hq % Hkv == 0; fp16, bf16 or fp32.
+    cache_seqlens: int32 (B,) on q's device: how many positions of row b are valid (the current
+    token already written). Lengths are not read by the host (that would sync): kernels clamp
+    them to [0, Smax], and a row of length 0 returns zeros. Returns (B, Hq, 1, D) in q's dtype.
+    """
+    _checks.tensor("q", q, ndim=4)
+    _checks.tensor("k_cache", k_cache, ndim=4)
+    _checks.tensor("v_cache", v_cache, ndim=4)
+    _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
+    device = _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    _checks.same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    B, Hq, one, D = q.shape
+    if one != 1:
+        raise ValueError(f"q must have shape (B, Hq, 1, D): one query token per row, got {tuple(q.shape)}")
+    Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    _checks.shape("k_cache", k_cache, (B, Hkv, Smax, D), "(B, Hkv, Smax, D)")
+    _checks.shape("v_cache", v_cache, (B, Hkv, Smax, D), "(B, Hkv, Smax, D)")
+    _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count ({Hq}) must be a multiple of the cache's ({Hkv})")
+    scale = _checks.scale(scale, D)
+    name = _backends.resolve("decode_attention", backend, device, _unsupported(q))
+    if q.numel() == 0 or Smax == 0:
+        return q.new_zeros(B, Hq, 1, D)
+    q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    return torch.ops.fastgpt.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, name)
+
+
+@torch.library.custom_op("fastgpt::decode_attention", mutates_args=())
+def _decode_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float, backend: str
+) -> torch.Tensor:
+    if backend == "torch":
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    return _backends.launchers(backend, "decode").decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+
+
+@_decode_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, scale, backend):
+    return q.new_empty(q.shape)

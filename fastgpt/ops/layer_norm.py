@@ -1,0 +1,79 @@
+"""fastgpt.layer_norm: LayerNorm with fp32 statistics, optionally fused with the residual add."""
+
+from __future__ import annotations
+
+import torch
+
+from fastgpt import _backends, reference
+from fastgpt.ops import _checks
+
+
+def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: str = "auto"):
+    """LayerNorm over the last dimension, statistics in fp32.
+
+    x: (..., N) fp16, bf16 or fp32; weight, bias: (N,) float or None; residual: like x, or None.
+    residual None -> returns y = LN(x). Otherwise returns (y, h) with h = x + residual (in x's
+    dtype) and y = LN(h), computed in one pass that reads x and residual once. y and h have x's
+    shape and dtype.
+    """
+    _checks.tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the normalized one), got a scalar")
+    N = x.shape[-1]
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None:
+            _checks.tensor(name, p, ndim=1)
+            _checks.shape(name, p, (N,), "(N,), N = x.shape[-1]")
+    if residual is not None:
+        _checks.tensor("residual", residual)
+        _checks.shape("residual", residual, tuple(x.shape), "x.shape")
+        _checks.same_dtype(x=x, residual=residual)
+    device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    name = _backends.resolve("layer_norm", backend, device)
+    if x.numel() == 0:
+        y = torch.empty_like(x)
+        return y if residual is None else (y, torch.empty_like(x))
+
+    x2 = _checks.last_dim_contiguous(x.reshape(-1, N))
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    if residual is None:
+        return torch.ops.fastgpt.layer_norm(x2, weight, bias, float(eps), name).view(x.shape)
+    r2 = _checks.last_dim_contiguous(residual.reshape(-1, N))
+    y, h = torch.ops.fastgpt.add_layer_norm(x2, r2, weight, bias, float(eps), name)
+    return y.view(x.shape), h.view(x.shape)
+
+
+def _run(x, residual, weight, bias, eps, backend):
+    if backend == "torch":
+        out = reference.layer_norm(x, weight, bias, eps, residual=residual)
+        return (out, None) if residual is None else out
+    return _backends.launchers(backend, "layer_norm").layer_norm(x, weight, bias, eps=eps, residual=residual)
+
+
+@torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
+def _layer_norm_op(
+    x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, backend: str
+) -> torch.Tensor:
+    return _run(x, None, weight, bias, eps, backend)[0]
+
+
+@_layer_norm_op.register_fake
+def _(x, weight, bias, eps, backend):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("fastgpt::add_layer_norm", mutates_args=())
+def _add_layer_norm_op(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    y, h = _run(x, residual, weight, bias, eps, backend)
+    return y, h
+
+
+@_add_layer_norm_op.register_fake
+def _(x, residual, weight, bias, eps, backend):
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    return out, torch.empty_like(out)

@@ -1,0 +1,115 @@
+"""fastgpt.filter_logits and fastgpt.sample: Hugging Face's sampling semantics, fused.
+
+Each parameter is a Python number (one value for every row) or a tensor of shape (B,) (one per
+row). Python numbers and CPU tensors are range-checked here; tensors on a GPU are not (reading
+them would sync the host), so the kernels clamp them into range instead.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from fastgpt import _backends, reference
+from fastgpt.ops import _checks
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _row_param(name, value, B, device, dtype, valid, expected):
+    """A per-row parameter as a (B,) tensor of `dtype` on `device`, range-checked where cheap."""
+    integral = dtype == torch.int64
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != B):
+            raise ValueError(f"{name} must be a number or a tensor of shape (B,) = ({B},), got {tuple(value.shape)}")
+        if integral and value.dtype not in _INT_DTYPES:
+            raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
+        if not integral and not value.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.device.type == "cpu" and value.numel() and not bool(valid(value.double()).all()):
+            raise ValueError(f"{name} must be {expected}, got values {value.tolist()}")
+        return value.to(device=device, dtype=dtype, non_blocking=True).expand(B).contiguous()
+    ok_type = numbers.Integral if integral else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, ok_type):
+        kind = "an int" if integral else "a float"
+        raise TypeError(f"{name} must be {kind} or a tensor of shape (B,), got {type(value).__name__}")
+    if not valid(torch.tensor(float(value), dtype=torch.float64)):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    return torch.full((B,), value, device=device, dtype=dtype)
+
+
+def _params(logits, temperature, top_k, top_p, min_p, *, allow_greedy):
+    B, device = logits.shape[0], logits.device
+    t_ok = (lambda t: t >= 0) if allow_greedy else (lambda t: t > 0)
+    finite = torch.isfinite
+    return (
+        _row_param("temperature", temperature, B, device, torch.float32,
+                   lambda t: finite(t) & t_ok(t), ">= 0 and finite" if allow_greedy else "> 0 and finite"),
+        _row_param("top_k", top_k, B, device, torch.int64, lambda k: k >= 0, ">= 0 (0 means off)"),
+        _row_param("top_p", top_p, B, device, torch.float64, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 means off)"),
+        _row_param("min_p", min_p, B, device, torch.float32, lambda m: (m >= 0) & (m <= 1), "in [0, 1] (0 means off)"),
+    )
+
+
+def _check_logits(logits):
+    _checks.tensor("logits", logits, ndim=2)
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have shape (B, V) with V >= 1, got V = 0")
+
+
+def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+    """Apply temperature -> top-k -> top-p -> min-p exactly as Hugging Face's logits warpers do.
+
+    logits: (B, V) float. Removed entries become -inf; top-k keeps every token tied with the
+    k-th value; top_k=0, top_p=1.0 and min_p=0.0 mean off; temperature must be > 0. Returns a
+    new (B, V) tensor in logits' dtype. Plain PyTorch (the sampler's kernels fuse this).
+    """
+    _check_logits(logits)
+    params = _params(logits, temperature, top_k, top_p, min_p, allow_greedy=False)
+    return reference.filter_logits(logits, *params)
+
+
+def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, backend="auto"):
+    """Draw one token id per row from softmax(filter_logits(logits, ...)).
+
+    logits: (B, V) fp16, bf16 or fp32. temperature == 0 means greedy for that row (argmax, first
+    index on ties). NaN logits are never drawn; a row with +inf logits draws uniformly among
+    them; a row with nothing drawable (all -inf or NaN) returns 0. The randomness is a seed drawn
+    on the device from `generator` (a torch.Generator on logits' device, or the default one),
+    so there is no host sync and the op can be captured in a CUDA graph.
+    Returns int64 (B,), every id in [0, V).
+    """
+    _check_logits(logits)
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        if generator.device.type != logits.device.type:
+            raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
+    params = _params(logits, temperature, top_k, top_p, min_p, allow_greedy=True)
+    name = _backends.resolve("sample", backend, logits.device)
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    seed = torch.randint(-(2**63), 2**63 - 1, (1,), device=logits.device, dtype=torch.int64, generator=generator)
+    logits = _checks.last_dim_contiguous(logits)
+    return torch.ops.fastgpt.sample(logits, *params, seed, name)
+
+
+@torch.library.custom_op("fastgpt::sample", mutates_args=())
+def _sample_op(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    seed: torch.Tensor,
+    backend: str,
+) -> torch.Tensor:
+    if backend == "torch":
+        return reference.sample(logits, temperature, top_k, top_p, min_p, seed)
+    return _backends.launchers(backend, "sampling").sample(logits, temperature, top_k, top_p, min_p, seed)
+
+
+@_sample_op.register_fake
+def _(logits, temperature, top_k, top_p, min_p, seed, backend):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
