@@ -88,7 +88,8 @@ def filter_logits(logits, temperature, top_k, top_p, min_p):
     fp64 (1.0 = off); min_p (B,) fp32 (0.0 = off). Removed entries become -inf. Each warper runs
     only on the rows that enable it, as HF adds a warper only when its parameter is set.
     """
-    scores = logits / temperature[:, None].to(logits.dtype)
+    # HF divides and multiplies by Python floats, which half-precision tensors apply in fp32.
+    scores = (logits.float() / temperature[:, None]).to(logits.dtype)
     V = scores.shape[-1]
     neg_inf = float("-inf")
     # Data-dependent branches would sync the host, so every warper runs and is masked per row.
@@ -106,7 +107,7 @@ def filter_logits(logits, temperature, top_k, top_p, min_p):
     scores = scores.masked_fill(remove & (top_p < 1.0)[:, None], neg_inf)
 
     probs = torch.softmax(scores, dim=-1)
-    remove = probs < min_p[:, None].to(probs.dtype) * probs.amax(dim=-1, keepdim=True)
+    remove = probs < (min_p[:, None] * probs.amax(dim=-1, keepdim=True).float()).to(probs.dtype)
     remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
     return scores.masked_fill(remove & (min_p > 0.0)[:, None], neg_inf)
 

@@ -18,7 +18,10 @@ _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def _row_param(name, value, B, device, dtype, valid, expected):
-    """A per-row parameter as a (B,) tensor of `dtype` on `device`, range-checked where cheap."""
+    """A per-row parameter as a (B,) tensor of `dtype` on `device`, range-checked where cheap.
+
+    `valid` maps a float or a float64 tensor to whether each value is in range.
+    """
     integral = dtype == torch.int64
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != B):
@@ -34,7 +37,7 @@ def _row_param(name, value, B, device, dtype, valid, expected):
     if isinstance(value, bool) or not isinstance(value, ok_type):
         kind = "an int" if integral else "a float"
         raise TypeError(f"{name} must be {kind} or a tensor of shape (B,), got {type(value).__name__}")
-    if not valid(torch.tensor(float(value), dtype=torch.float64)):
+    if not valid(float(value)):
         raise ValueError(f"{name} must be {expected}, got {value}")
     return torch.full((B,), value, device=device, dtype=dtype)
 
@@ -42,7 +45,10 @@ def _row_param(name, value, B, device, dtype, valid, expected):
 def _params(logits, temperature, top_k, top_p, min_p, *, allow_greedy):
     B, device = logits.shape[0], logits.device
     t_ok = (lambda t: t >= 0) if allow_greedy else (lambda t: t > 0)
-    finite = torch.isfinite
+
+    def finite(x):  # for floats and tensors alike
+        return (x == x) & (abs(x) < float("inf"))
+
     return (
         _row_param("temperature", temperature, B, device, torch.float32,
                    lambda t: finite(t) & t_ok(t), ">= 0 and finite" if allow_greedy else "> 0 and finite"),

@@ -1,0 +1,175 @@
+"""Bad input raises a clear error naming the argument, before any kernel runs."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastgpt
+from fastgpt import _backends
+
+
+def qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=5, D=16, dtype=torch.float32):
+    return torch.randn(B, Hq, Sq, D, dtype=dtype), torch.randn(B, Hkv, Sk, D, dtype=dtype), torch.randn(B, Hkv, Sk, D, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "mutate, error, match",
+    [
+        (lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dimensions"),
+        (lambda q, k, v: (q, k.double(), v), TypeError, "k must have dtype"),
+        (lambda q, k, v: (q, k, v.half()), TypeError, "v has dtype"),
+        (lambda q, k, v: (q, k[:, :, :3], v), ValueError, r"v must have shape \(B, Hkv, Sk, D\)"),
+        (lambda q, k, v: (q[..., :8], k, v), ValueError, r"k must have shape \(B, Hkv, Sk, D\)"),
+        (lambda q, k, v: (q[:, :3], k, v), ValueError, "multiple of k/v's"),
+        (lambda q, k, v: (q.int(), k, v), TypeError, "q must have dtype"),
+        (lambda q, k, v: (q, "k", v), TypeError, "k must be a torch.Tensor"),
+    ],
+)
+def test_attention_rejects(mutate, error, match):
+    with pytest.raises(error, match=match):
+        fastgpt.attention(*mutate(*qkv()))
+
+
+def test_attention_rejects_bad_scale_and_causal():
+    with pytest.raises(ValueError, match="scale must be finite"):
+        fastgpt.attention(*qkv(), scale=float("nan"))
+    with pytest.raises(TypeError, match="causal must be a bool"):
+        fastgpt.attention(*qkv(), causal=1)
+
+
+def test_decode_rejects():
+    q = torch.randn(2, 4, 1, 16)
+    kc, vc = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    lens = torch.tensor([3, 8], dtype=torch.int32)
+    with pytest.raises(ValueError, match="one query token per row"):
+        fastgpt.decode_attention(torch.randn(2, 4, 2, 16), kc, vc, lens)
+    with pytest.raises(TypeError, match="cache_seqlens must have dtype"):
+        fastgpt.decode_attention(q, kc, vc, lens.long())
+    with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(B,\)"):
+        fastgpt.decode_attention(q, kc, vc, lens[:1])
+    with pytest.raises(ValueError, match=r"v_cache must have shape \(B, Hkv, Smax, D\)"):
+        fastgpt.decode_attention(q, kc, vc[:, :, :4], lens)
+
+
+def test_layer_norm_rejects():
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(N,\)"):
+        fastgpt.layer_norm(x, torch.ones(7), None)
+    with pytest.raises(ValueError, match="residual must have shape"):
+        fastgpt.layer_norm(x, None, None, residual=torch.randn(3, 9))
+    with pytest.raises(TypeError, match="residual has dtype"):
+        fastgpt.layer_norm(x, None, None, residual=torch.randn(3, 8).half())
+    with pytest.raises(ValueError, match="eps must be a non-negative float"):
+        fastgpt.layer_norm(x, None, None, eps=-1.0)
+    with pytest.raises(ValueError, match="at least one dimension"):
+        fastgpt.layer_norm(torch.tensor(1.0), None, None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        ({"temperature": -0.5}, ValueError, "temperature must be >= 0"),
+        ({"temperature": float("nan")}, ValueError, "temperature must be"),
+        ({"top_p": 0.0}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_p": 1.5}, ValueError, r"top_p must be in \(0, 1\]"),
+        ({"top_k": -1}, ValueError, "top_k must be >= 0"),
+        ({"top_k": 2.5}, TypeError, "top_k must be an int"),
+        ({"min_p": 2.0}, ValueError, r"min_p must be in \[0, 1\]"),
+        ({"top_p": torch.tensor([0.5, 0.0, 0.9])}, ValueError, "top_p must be in"),
+        ({"top_k": torch.tensor([1, 2])}, ValueError, r"top_k must be a number or a tensor of shape \(B,\)"),
+        ({"top_k": torch.tensor([1.0, 2.0, 3.0])}, TypeError, "top_k must be an integer tensor"),
+        ({"generator": 5}, TypeError, "generator must be a torch.Generator"),
+    ],
+)
+def test_sample_rejects(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fastgpt.sample(torch.randn(3, 10), **kwargs)
+
+
+def test_filter_logits_rejects_zero_temperature_and_empty_vocab():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        fastgpt.filter_logits(torch.randn(2, 5), temperature=0.0)
+    with pytest.raises(ValueError, match="V >= 1"):
+        fastgpt.sample(torch.randn(2, 0))
+
+
+def test_empty_batch_gives_empty_results():
+    assert fastgpt.sample(torch.randn(0, 10)).shape == (0,)
+    q, k, v = qkv(B=0)
+    assert fastgpt.attention(q, k, v).shape == (0, 4, 5, 16)
+    y, h = fastgpt.layer_norm(torch.randn(0, 8), None, None, residual=torch.randn(0, 8))
+    assert y.shape == h.shape == (0, 8)
+
+
+def test_zero_keys_give_zero_output():
+    q, k, v = qkv(Sk=0)
+    assert torch.equal(fastgpt.attention(q, k, v), torch.zeros_like(q))
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fastgpt.attention(*qkv(), backend="tpu")
+    with pytest.raises(fastgpt.BackendUnavailableError, match="cuda backend needs CUDA tensors|not built"):
+        fastgpt.attention(*qkv(), backend="cuda")
+    with pytest.raises(fastgpt.BackendUnavailableError, match="cuda"):
+        fastgpt.sample(torch.randn(2, 5), backend="cuda")
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(fastgpt.BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        fastgpt.layer_norm(torch.randn(2, 8), None, None, backend="triton")
+
+
+def test_environment_variable_sets_the_default(monkeypatch):
+    monkeypatch.setenv("FASTGPT_BACKEND", "cuda")
+    with pytest.raises(fastgpt.BackendUnavailableError):
+        fastgpt.layer_norm(torch.randn(2, 8), None, None)
+    monkeypatch.setenv("FASTGPT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTGPT_BACKEND must be one of"):
+        fastgpt.layer_norm(torch.randn(2, 8), None, None)
+    monkeypatch.setenv("FASTGPT_BACKEND", "torch")
+    assert fastgpt.layer_norm(torch.randn(2, 8), None, None).shape == (2, 8)
+
+
+def test_auto_on_cpu_is_torch():
+    assert _backends.resolve("attention", "auto", torch.device("cpu")) == "torch"
+
+
+DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    B=st.integers(0, 3), Hq=st.integers(0, 6), Hkv=st.integers(0, 4), Sq=st.integers(0, 6), Sk=st.integers(0, 6),
+    D=st.integers(1, 12), Dk=st.integers(1, 12), dq=DTYPES, dk=DTYPES, causal=st.booleans(),
+)
+def test_fuzz_attention_checks(B, Hq, Hkv, Sq, Sk, D, Dk, dq, dk, causal):
+    """Random shapes and dtypes: either a clear error, or the reference's answer."""
+    q = torch.randn(B, Hq, Sq, D).to(dq)
+    k = torch.randn(B, Hkv, Sk, Dk).to(dk)
+    v = torch.randn(B, Hkv, Sk, Dk).to(dk)
+    valid = dq == dk and dq in (torch.float32, torch.float16, torch.bfloat16) and D == Dk and Hkv > 0 and Hq % Hkv == 0
+    if not valid:
+        with pytest.raises((ValueError, TypeError)):
+            fastgpt.attention(q, k, v, causal=causal)
+        return
+    out = fastgpt.attention(q, k, v, causal=causal)
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert not torch.isnan(out).any()
+
+
+@settings(max_examples=100, deadline=None)
+@given(B=st.integers(0, 4), V=st.integers(0, 40), t=st.floats(-1, 3), k=st.integers(-2, 50), p=st.floats(-0.5, 1.5),
+       m=st.floats(-0.5, 1.5))
+def test_fuzz_sample_checks(B, V, t, k, p, m):
+    logits = torch.randn(B, V)
+    valid = V > 0 and t >= 0 and k >= 0 and 0 < p <= 1 and 0 <= m <= 1
+    if not valid:
+        with pytest.raises(ValueError):
+            fastgpt.sample(logits, temperature=t, top_k=k, top_p=p, min_p=m)
+        return
+    ids = fastgpt.sample(logits, temperature=t, top_k=k, top_p=p, min_p=m)
+    assert ids.shape == (B,) and ids.dtype == torch.int64
+    assert ((ids >= 0) & (ids < V)).all()

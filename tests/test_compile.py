@@ -1,0 +1,49 @@
+"""torch.compile(fullgraph=True) traces through every op (their torch.library registrations)."""
+
+import torch
+
+import fastgpt
+
+
+def test_compile_fullgraph_through_every_op():
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(q, k, v, lens, x, w, b, r, logits):
+        a = fastgpt.attention(q, k, v, causal=True)
+        d = fastgpt.decode_attention(q[:, :, :1], k, v, lens)
+        y, h = fastgpt.layer_norm(x, w, b, residual=r)
+        y2 = fastgpt.layer_norm(h, w, None)
+        ids = fastgpt.sample(logits, temperature=0.7, top_k=5, top_p=0.9)
+        f = fastgpt.filter_logits(logits, top_k=3)
+        return a, d, y, h, y2, ids, f
+
+    q, k, v = torch.randn(2, 4, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
+    lens = torch.tensor([2, 6], dtype=torch.int32)
+    x, r, w, b = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32), torch.randn(32)
+    logits = torch.randn(2, 50)
+    a, d, y, h, y2, ids, f = step(q, k, v, lens, x, w, b, r, logits)
+    torch.testing.assert_close(a, fastgpt.attention(q, k, v, causal=True))
+    torch.testing.assert_close(d, fastgpt.decode_attention(q[:, :, :1], k, v, lens))
+    torch.testing.assert_close(y, fastgpt.layer_norm(x, w, b, residual=r)[0])
+    torch.testing.assert_close(y2, fastgpt.layer_norm(x + r, w, None))
+    assert ids.shape == (2,) and ((ids >= 0) & (ids < 50)).all()
+    assert torch.equal(f, fastgpt.filter_logits(logits, top_k=3))
+
+
+def test_ops_are_registered_with_fake_impls():
+    for name in ("attention", "decode_attention", "layer_norm", "add_layer_norm", "sample"):
+        op = getattr(torch.ops.fastgpt, name)
+        torch.library.opcheck(op.default, _example_args(name), test_utils=("test_schema", "test_faketensor"))
+
+
+def _example_args(name):
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 1, 3, 8)
+    x = torch.randn(2, 8)
+    B = torch.ones(2)
+    return {
+        "attention": (q, k, k.clone(), True, 0.3, "torch"),
+        "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), 0.3, "torch"),
+        "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
+        "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),
+        "sample": (torch.randn(2, 9), B, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64),
+                   torch.zeros(2), torch.tensor([7]), "torch"),
+    }[name]
