@@ -1,0 +1,105 @@
+"""The `fastgpt` command: generate | bench | info."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+import sys
+import time
+
+import torch
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info(args: argparse.Namespace) -> int:
+    """Print versions, the GPU, and which backends are available here and why not."""
+    from fastgpt import _backends
+
+    print(f"fastgpt       {_version('fastgpt')}")
+    print(f"python        {platform.python_version()}")
+    print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
+    for package in ("triton", "transformers"):
+        print(f"{package:<13} {_version(package)}")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        print(f"gpu           {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
+              f"{props.total_memory / 2**30:.0f} GiB")
+    else:
+        print("gpu           none (CUDA is not available to torch)")
+    print(f"default       backend={_backends.default_backend()} ({_backends.ENV_VAR})")
+    for name, status in _backends.report().items():
+        print(f"backend       {name:<7} {status}")
+    return 0
+
+
+def generate(args: argparse.Namespace) -> int:
+    """Load a GPT-2 checkpoint and its tokenizer, continue the prompt, print the text as it comes."""
+    from fastgpt.generate import stream
+    from fastgpt.loading import load_tokenizer
+    from fastgpt.model import GPT
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    model = GPT.from_pretrained(args.model, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.model)
+    generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
+    idx = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long, device=device)
+
+    print(args.prompt, end="", flush=True)
+    new_ids: list[int] = []
+    start = time.perf_counter()
+    for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, min_p=args.min_p, generator=generator):
+        before = tokenizer.decode(new_ids)
+        new_ids.append(int(token[0]))
+        print(tokenizer.decode(new_ids)[len(before):], end="", flush=True)
+    elapsed = time.perf_counter() - start
+    print()
+    if args.stats:
+        print(f"[{len(new_ids)} tokens in {elapsed:.2f} s: {len(new_ids) / elapsed:.1f} tok/s on {device}]",
+              file=sys.stderr)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastgpt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text with a GPT-2 checkpoint")
+    gen.add_argument("--model", default="gpt2", help="checkpoint directory or hub id (default: gpt2)")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 means greedy (default)")
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    gen.add_argument("--stats", action="store_true", help="print tokens/s at the end")
+    gen.set_defaults(func=generate)
+
+    from fastgpt import bench
+
+    bench_parser = sub.add_parser("bench", help="benchmark the kernels against PyTorch / Hugging Face")
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(func=bench.run)
+
+    sub.add_parser("info", help="versions, GPU and available backends").set_defaults(func=info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
