@@ -1,0 +1,173 @@
+"""Fused residual-add + LayerNorm over the last dim, in Triton.
+
+    h = x + residual                     (rounded to x's dtype, as torch computes it)
+    y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
+
+Statistics are fp32: the mean first, then the variance of the centred values (never
+E[h^2] - E[h]^2, which cancels badly when |mean| >> std). x and residual are read once, h and y
+written once. Rows of up to MAX_FUSED_N elements sit in registers (several rows per program when
+they are short); longer rows stream through in chunks.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_FUSED_N = 16384  # longest row normalised from registers; longer rows take the chunked kernel
+CHUNK_N = 4096  # chunk of the chunked kernel
+TILE = 2048  # elements per program for short rows: BLOCK_M = TILE // BLOCK_N rows
+
+
+class LayerNormOutput(NamedTuple):
+    y: torch.Tensor  # (M, N) contiguous, x's dtype
+    h: torch.Tensor | None  # (M, N) contiguous x + residual, or None without a residual
+
+
+# Rows [pid * BLOCK_M, pid * BLOCK_M + BLOCK_M), each whole in registers (BLOCK_N >= N):
+#   h = x + r;  mean = sum(h) / N;  d = h - mean;  var = sum(d * d) / N
+#   y = d * rsqrt(var + eps) * w + b
+@triton.jit
+def _layer_norm_fused_kernel(
+    x_ptr,  # (M, N) row stride stride_x_m, unit column stride
+    r_ptr,  # (M, N) row stride stride_r_m, x's dtype; read only when HAS_RESIDUAL
+    w_ptr,  # (N,) any float dtype; read only when HAS_WEIGHT
+    b_ptr,  # (N,) any float dtype; read only when HAS_BIAS
+    y_ptr,  # (M, N) contiguous, x's dtype
+    h_ptr,  # (M, N) contiguous, x's dtype; written only when HAS_RESIDUAL
+    M,
+    N,
+    stride_x_m,
+    stride_r_m,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    mask = (rows < M)[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)[:, None]  # M * N may exceed 2^31
+    h = tl.load(x_ptr + rows * stride_x_m + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        h += tl.load(r_ptr + rows * stride_r_m + cols[None, :], mask=mask, other=0.0)
+        tl.store(h_ptr + rows * N + cols[None, :], h, mask=mask)
+    h = h.to(tl.float32)
+    mean = tl.sum(h, axis=1) / N
+    d = tl.where(mask, h - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
+    y = d * rstd[:, None]
+    if HAS_WEIGHT:
+        y *= tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows * N + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# One row per program, in chunks of BLOCK_N. Pass 1 writes h and merges each chunk's
+# (count n_b, mean m_b, centred sum of squares M2_b) into the running (n_a, m_a, M2_a), as in
+# Chan et al.:  n = n_a + n_b,  delta = m_b - m_a,
+#   m = m_a + delta * n_b / n,   M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
+# Pass 2 re-reads h (the row just written, or x without a residual) and writes y = (h - m) * rstd.
+@triton.jit
+def _layer_norm_chunked_kernel(
+    x_ptr,  # (M, N) row stride stride_x_m, unit column stride
+    r_ptr,  # (M, N) row stride stride_r_m, x's dtype; read only when HAS_RESIDUAL
+    w_ptr,  # (N,) any float dtype; read only when HAS_WEIGHT
+    b_ptr,  # (N,) any float dtype; read only when HAS_BIAS
+    y_ptr,  # (M, N) contiguous, x's dtype
+    h_ptr,  # (M, N) contiguous, x's dtype; written only when HAS_RESIDUAL
+    stride_x_m,
+    stride_r_m,
+    eps,
+    N: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_ptr += row * stride_x_m
+    h_ptr += row * N
+    y_ptr += row * N
+    mean = tl.zeros([1], dtype=tl.float32)
+    m2 = tl.zeros([1], dtype=tl.float32)
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        h = tl.load(x_ptr + cols, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            h += tl.load(r_ptr + row * stride_r_m + cols, mask=mask, other=0.0)
+            tl.store(h_ptr + cols, h, mask=mask)
+        h = h.to(tl.float32)
+        n_a = start * 1.0
+        n_b = tl.sum(mask.to(tl.float32), axis=0)
+        mean_b = tl.sum(h, axis=0) / n_b
+        d = tl.where(mask, h - mean_b, 0.0)
+        delta = mean_b - mean
+        mean += delta * (n_b / (n_a + n_b))
+        m2 += tl.sum(d * d, axis=0) + delta * delta * (n_a * n_b / (n_a + n_b))
+    rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    if HAS_RESIDUAL:
+        x_ptr = h_ptr
+        tl.debug_barrier()  # make this block's writes of h visible to all of its threads
+    for start in range(0, N, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        mask = cols < N
+        y = (tl.load(x_ptr + cols, mask=mask, other=0.0).to(tl.float32) - mean) * rstd
+        if HAS_WEIGHT:
+            y *= tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _num_warps(elements: int) -> int:
+    """About 4 elements of 4 bytes (or 8 of 2 bytes) per thread and load: 16-byte accesses."""
+    return max(1, min(16, elements // 512))
+
+
+def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput:
+    """Residual-add + LayerNorm of each row of x.
+
+    x: (M, N) fp32/fp16/bf16 with x.stride(1) == 1 (any row stride). weight, bias: (N,)
+    contiguous, any float dtype, or None. residual: (M, N) in x's dtype with stride(1) == 1, or
+    None. Returns LayerNormOutput(y, h): y = LN(x + residual) (M, N) contiguous in x's dtype;
+    h = x + residual (M, N) contiguous in x's dtype, or None when residual is None.
+    """
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    h = None if residual is None else torch.empty((M, N), dtype=x.dtype, device=x.device)
+    flags = dict(
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None
+    )
+    # Absent tensors are never read: x stands in for their pointers.
+    pointers = (
+        x,
+        x if residual is None else residual,
+        x if weight is None else weight,
+        x if bias is None else bias,
+        y,
+        y if h is None else h,
+    )
+    stride_r_m = 0 if residual is None else residual.stride(0)
+    if N <= MAX_FUSED_N:
+        block_n = triton.next_power_of_2(N)
+        block_m = min(max(1, TILE // block_n), triton.next_power_of_2(M))
+        grid = (triton.cdiv(M, block_m),)
+        _layer_norm_fused_kernel[grid](
+            *pointers, M, N, x.stride(0), stride_r_m, eps,
+            **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
+        )  # fmt: skip
+    else:
+        _layer_norm_chunked_kernel[(M,)](
+            *pointers, x.stride(0), stride_r_m, eps,
+            N=N, **flags, BLOCK_N=CHUNK_N, num_warps=_num_warps(CHUNK_N),
+        )  # fmt: skip
+    return LayerNormOutput(y, h)
