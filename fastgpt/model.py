@@ -1,0 +1,226 @@
+"""GPT-2 in one file, on fastgpt's fused ops.
+
+The module tree and parameter names are Hugging Face's (transformer.wte, transformer.h.0.attn.c_attn,
+...), so a GPT2LMHeadModel state dict loads after one change: HF's Conv1D stores its weight as
+(in, out), nn.Linear as (out, in), so those weights are transposed on load (fastgpt/loading.py).
+
+The residual stream is carried through the fused residual-add + LayerNorm: every LayerNorm takes
+the branch output x and the stream h and returns (LN(x + h), x + h). So ln_1 of block i also does
+the MLP residual add of block i-1, ln_2 does the attention residual add, ln_f the last one, and
+the first ln_1 adds the token and position embeddings.
+
+    h = wte(idx) + wpe(pos)
+    for each block:  h = h + attn(ln_1(h));  h = h + mlp(ln_2(h))
+    logits = lm_head(ln_f(h))                    # lm_head is tied to wte
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastgpt
+from fastgpt.nn import LayerNorm
+
+# Hugging Face activation names this module implements; gelu_new is GPT-2's (the tanh form).
+ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    n_positions: int = 1024  # the context: wpe has this many rows
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # MLP width; None means 4 * n_embd
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {sorted(ACTIVATIONS)}, got {self.activation_function!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # q, k, v for all heads at once
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.backend = "auto"
+
+    def forward(self, x, kv_cache=None, pos=None, seqlens=None):
+        """x (B, T, C) -> (B, T, C).
+
+        Without kv_cache: causal attention over x itself. With kv_cache = (k_cache, v_cache), each
+        (B, H, S, D), and pos None: prefill, k/v of the T tokens go to cache slots [0, T). With pos
+        (B,) int64 and seqlens (B,) int32 (T == 1): decode, row b's k/v go to slot pos[b] and its
+        query attends to slots [0, seqlens[b]).
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if pos is None:
+            if kv_cache is not None:
+                kv_cache[0][:, :, :T].copy_(k)
+                kv_cache[1][:, :, :T].copy_(v)
+            y = fastgpt.attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+        else:
+            k_cache, v_cache = kv_cache
+            slot = pos.view(B, 1, 1, 1).expand(B, self.n_head, 1, self.head_dim)
+            k_cache.scatter_(2, slot, k)  # k_cache[b, :, pos[b]] = k[b, :, 0]; no copy of the cache
+            v_cache.scatter_(2, slot, v)
+            y = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend=self.backend)  # (B, H, 1, D)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.c_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.approximate = ACTIVATIONS[config.activation_function]
+
+    def forward(self, x):  # (B, T, C)
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x, h, kv_cache=None, pos=None, seqlens=None):
+        """x: the previous branch's output, h: the residual stream before it; both (B, T, C).
+
+        Returns (this block's MLP output, the stream before it): the next LayerNorm adds them.
+        """
+        y, h = self.ln_1(x, h)  # h = h + x
+        a = self.attn(y, kv_cache, pos, seqlens)
+        y, h = self.ln_2(a, h)  # h = h + a
+        return self.mlp(y), h
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
+        self.eos_token_id = None  # set by the checkpoint loaders, for callers such as the CLI
+        self._decoders = {}  # generate.py's preallocated caches and CUDA graphs, per (batch, length)
+
+    @property
+    def backend(self) -> str:
+        return self.transformer.ln_f.backend
+
+    @backend.setter
+    def backend(self, name: str):
+        """Run every op of this model on one backend ("auto", "cuda", "triton" or "torch")."""
+        for m in self.modules():
+            if isinstance(m, (LayerNorm, CausalSelfAttention)):
+                m.backend = name
+
+    def _apply(self, fn, *args, **kwargs):
+        self._decoders.clear()  # their caches and CUDA graphs point at the old weights
+        return super()._apply(fn, *args, **kwargs)
+
+    def _trunk(self, tok, pos, kv_cache=None, pos_rows=None, seqlens=None):
+        """The blocks and ln_f over tokens tok (B, T) at positions pos (T,) or (B, T): (B, T, C)."""
+        x = self.transformer.wte(tok)  # (B, T, C)
+        h = self.transformer.wpe(pos).expand_as(x)  # (B, T, C); the first ln_1 adds the two
+        for i, block in enumerate(self.transformer.h):
+            x, h = block(x, h, None if kv_cache is None else kv_cache.layer(i), pos_rows, seqlens)
+        y, _ = self.transformer.ln_f(x, h)
+        return y
+
+    def forward(self, idx):
+        """idx (B, T) int64 token ids, T <= n_positions -> logits (B, T, vocab_size). No cache."""
+        B, T = idx.shape
+        if T > self.config.n_positions:
+            raise ValueError(f"sequence length {T} exceeds the model's context n_positions = {self.config.n_positions}")
+        pos = torch.arange(T, device=idx.device)
+        return self.lm_head(self._trunk(idx, pos))  # (B, T, V)
+
+    def prefill(self, idx, kv_cache, last):
+        """Run the prompt idx (B, T) and write its k/v to kv_cache slots [0, T).
+
+        Every row's tokens must start at slot 0 (generate.py moves left padding to the right).
+        last (B,) int64: the position whose logits to return per row. Returns (B, vocab_size).
+        """
+        B, T = idx.shape
+        y = self._trunk(idx, torch.arange(T, device=idx.device), kv_cache)  # (B, T, C)
+        y = y[torch.arange(B, device=idx.device), last]  # (B, C)
+        return self.lm_head(y)  # (B, V)
+
+    def decode(self, tok, pos, kv_cache):
+        """One step: token tok (B,) int64 at position pos (B,) int64 of each row -> logits (B, V).
+
+        Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]].
+        """
+        seqlens = (pos + 1).to(torch.int32)
+        y = self._trunk(tok[:, None], pos[:, None], kv_cache, pos, seqlens)  # (B, 1, C)
+        return self.lm_head(y[:, 0])  # (B, V)
+
+    @torch.inference_mode()
+    def generate(self, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+                 eos_token_id=None, attention_mask=None, generator=None, **options):
+        """Continue each row of idx (B, T) int64 by up to max_new_tokens tokens -> (B, T + n) int64.
+
+        temperature 0 is greedy; top_k/top_p/min_p follow Hugging Face. attention_mask (B, T) marks
+        real tokens with 1 and left padding with 0, as in HF; each row then equals its unbatched
+        run. With eos_token_id (an int or a list), a row stops at its first eos and is filled with
+        pad_token_id (default: the first eos id) afterwards; n is less than max_new_tokens only if
+        every row stopped. Other options (pad_token_id, cuda_graph, check_every) are documented in
+        fastgpt.generate.generate.
+        """
+        from fastgpt.generate import generate
+
+        return generate(self, idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        min_p=min_p, eos_token_id=eos_token_id, attention_mask=attention_mask,
+                        generator=generator, **options)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, dtype=None, device=None) -> GPT:
+        """Load a Hugging Face GPT-2 checkpoint: a local directory or a hub id such as "gpt2"."""
+        from fastgpt.loading import load_gpt
+
+        return load_gpt(cls, name_or_path, dtype=dtype, device=device)
+
+    @classmethod
+    def from_hf(cls, hf_model) -> GPT:
+        """Convert an in-memory transformers GPT2LMHeadModel (same device and dtype; weights copied)."""
+        from fastgpt.loading import build, config_from_hf, convert_state_dict
+
+        config = config_from_hf(hf_model.config.to_dict())
+        weight = hf_model.transformer.wte.weight
+        model = build(cls, config, convert_state_dict(hf_model.state_dict(), clone=True), type(hf_model).__name__)
+        model.eos_token_id = hf_model.config.eos_token_id
+        return model.to(device=weight.device, dtype=weight.dtype).eval()
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

@@ -1,0 +1,106 @@
+"""fastgpt.GPT against transformers' GPT2LMHeadModel: same weights, same logits (CPU, fp32)."""
+
+import pytest
+import torch
+
+from fastgpt.model import GPT, GPTConfig
+from tests.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+# (n_embd, n_head, n_layer): head dims 16, 48, 64, 80; an odd head count.
+CONFIGS = [(64, 4, 2), (96, 2, 2), (128, 2, 3), (160, 2, 2), (120, 5, 1)]
+
+
+def tiny_hf(n_embd=64, n_head=4, n_layer=2, vocab_size=384, n_positions=96, seed=0, **extra):
+    """A random GPT2LMHeadModel; initializer_range 0.2 spreads the logits so argmax ties are unlikely."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, initializer_range=0.2, bos_token_id=0, eos_token_id=0, **extra)
+    return transformers.GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("n_embd,n_head,n_layer", CONFIGS)
+def test_logits_match_hf(n_embd, n_head, n_layer):
+    hf = tiny_hf(n_embd, n_head, n_layer)
+    model = GPT.from_hf(hf)
+    idx = torch.randint(0, hf.config.vocab_size, (3, 37))
+    with torch.no_grad():
+        expected = hf(idx).logits
+    assert_close(model(idx), expected)
+
+
+def test_full_context_and_one_token():
+    hf = tiny_hf(n_positions=40)
+    model = GPT.from_hf(hf)
+    for T in (1, 40):
+        idx = torch.randint(0, 384, (2, T))
+        with torch.no_grad():
+            assert_close(model(idx), hf(idx).logits)
+
+
+def test_from_hf_copies_and_ties():
+    hf = tiny_hf()
+    model = GPT.from_hf(hf)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert model.transformer.wte.weight.data_ptr() != hf.transformer.wte.weight.data_ptr()
+    # Conv1D (in, out) -> Linear (out, in)
+    torch.testing.assert_close(model.transformer.h[0].attn.c_attn.weight, hf.transformer.h[0].attn.c_attn.weight.t())
+    assert model.transformer.h[0].attn.c_attn.weight.is_contiguous()
+    assert model.num_parameters() == sum(p.numel() for p in hf.parameters())
+
+
+def test_hf_parameter_names():
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    names = set(model.state_dict())
+    for name in ("transformer.wte.weight", "transformer.wpe.weight", "transformer.h.0.ln_1.weight",
+                 "transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.bias", "transformer.h.0.ln_2.bias",
+                 "transformer.h.0.mlp.c_fc.weight", "transformer.h.0.mlp.c_proj.weight", "transformer.ln_f.weight",
+                 "lm_head.weight"):
+        assert name in names
+
+
+def test_exact_gelu_config():
+    hf = tiny_hf(activation_function="gelu")
+    idx = torch.randint(0, 384, (1, 9))
+    with torch.no_grad():
+        assert_close(GPT.from_hf(hf)(idx), hf(idx).logits)
+
+
+def test_prompt_longer_than_context():
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="n_positions"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_empty_batch():
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    assert model(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 10)
+
+
+def test_bad_config():
+    with pytest.raises(ValueError, match="divisible"):
+        GPTConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="activation"):
+        GPTConfig(activation_function="relu")
+
+
+def test_backend_setter():
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=2, n_head=2))
+    model.backend = "torch"
+    assert model.backend == "torch"
+    assert all(b.attn.backend == "torch" and b.ln_1.backend == "torch" for b in model.transformer.h)
+
+
+def test_prefill_and_decode_match_forward():
+    hf = tiny_hf(96, 2)
+    model = GPT.from_hf(hf)
+    from fastgpt.generate import KVCache
+
+    idx = torch.randint(0, 384, (2, 12))
+    full = model(idx)  # (B, T, V)
+    cache = KVCache(model.config, 2, 16, torch.float32, "cpu")
+    assert_close(model.prefill(idx[:, :8], cache, last=torch.tensor([7, 7])), full[:, 7])
+    for t in range(8, 12):
+        logits = model.decode(idx[:, t], torch.tensor([t, t]), cache)
+        assert_close(logits, full[:, t])
