@@ -1,0 +1,221 @@
+// fastgpt._C: pybind11 bindings of the CUDA kernels. No libtorch: Python passes raw data pointers
+// (ints), shapes, strides in elements, dtype codes (launchers.h) and the CUDA stream handle.
+// Each function validates what it is given (ValueError naming the kernel), runs on `device`,
+// and turns a CUDA error into a RuntimeError carrying the kernel name and CUDA's message.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <sstream>
+#include <string>
+
+#include "launchers.h"
+
+namespace py = pybind11;
+
+namespace fastgpt {
+namespace {
+
+using Strides3 = std::array<int64_t, 3>;
+using Strides2 = std::array<int64_t, 2>;
+constexpr int64_t kMaxGridYZ = 65535;
+constexpr int64_t kMaxInt = 2147483647;
+
+template <typename... Args>
+void require(bool ok, const char* kernel, Args&&... message) {
+    if (ok) return;
+    std::ostringstream out;
+    out << "fastgpt._C." << kernel << ": ";
+    (out << ... << message);
+    throw py::value_error(out.str());
+}
+
+void check_cuda(cudaError_t err, const char* kernel) {
+    if (err == cudaSuccess) return;
+    throw std::runtime_error(std::string("fastgpt._C.") + kernel + ": CUDA error " + cudaGetErrorName(err) + ": " +
+                             cudaGetErrorString(err));
+}
+
+// Makes `device` current for the launch and restores the caller's device afterwards.
+class DeviceGuard {
+   public:
+    DeviceGuard(int device, const char* kernel) {
+        check_cuda(cudaGetDevice(&previous_), kernel);
+        if (device != previous_) check_cuda(cudaSetDevice(device), kernel);
+        device_ = device;
+    }
+    ~DeviceGuard() {
+        if (device_ != previous_) cudaSetDevice(previous_);
+    }
+    DeviceGuard(const DeviceGuard&) = delete;
+    DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+   private:
+    int previous_ = 0, device_ = 0;
+};
+
+DType dtype_of(int code, const char* kernel, bool allow_fp32) {
+    require(code == 1 || code == 2 || (allow_fp32 && code == 0), kernel, "unsupported dtype code ", code,
+            allow_fp32 ? " (expected 0 fp32, 1 fp16, 2 bf16)" : " (expected 1 fp16 or 2 bf16)");
+    return static_cast<DType>(code);
+}
+
+const void* ptr(uintptr_t address) { return reinterpret_cast<const void*>(address); }
+void* mut_ptr(uintptr_t address) { return reinterpret_cast<void*>(address); }
+cudaStream_t stream_of(uintptr_t handle) { return reinterpret_cast<cudaStream_t>(handle); }
+
+// A pointer the kernels read or write 16 bytes at a time, with strides in multiples of 8 elements.
+template <size_t N>
+void require_vector_ready(uintptr_t address, const std::array<int64_t, N>& strides, const char* kernel,
+                          const char* name) {
+    require(address != 0, kernel, name, " is a null pointer");
+    require(address % 16 == 0, kernel, name, " must be 16-byte aligned");
+    for (int64_t s : strides) require(s >= 0 && s % 8 == 0, kernel, name, "'s strides must be multiples of 8 elements");
+}
+
+void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch, int64_t heads_q, int64_t heads_kv,
+               int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, Strides3 stride_q, Strides3 stride_k,
+               Strides3 stride_v, Strides3 stride_o, bool causal, double scale, int dtype, int device,
+               uintptr_t stream) {
+    const char* kernel = "attention";
+    const DType type = dtype_of(dtype, kernel, false);
+    require(head_dim == 64 || head_dim == 128, kernel, "head dim must be 64 or 128, got ", head_dim);
+    require(batch >= 1 && batch <= kMaxGridYZ, kernel, "batch must be in [1, 65535], got ", batch);
+    require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
+    require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
+            heads_kv, ")");
+    require(seqlen_q >= 1 && seqlen_q <= kMaxInt && seqlen_k >= 1 && seqlen_k <= kMaxInt, kernel,
+            "sequence lengths must be in [1, 2^31), got ", seqlen_q, " and ", seqlen_k);
+    require_vector_ready(q, stride_q, kernel, "q");
+    require_vector_ready(k, stride_k, kernel, "k");
+    require_vector_ready(v, stride_v, kernel, "v");
+    require_vector_ready(o, stride_o, kernel, "o");
+    AttentionParams p{ptr(q), ptr(k), ptr(v), mut_ptr(o),
+                      stride_q[0], stride_q[1], stride_q[2], stride_k[0], stride_k[1], stride_k[2],
+                      stride_v[0], stride_v[1], stride_v[2], stride_o[0], stride_o[1], stride_o[2],
+                      int(batch), int(heads_q), int(heads_kv), int(seqlen_q), int(seqlen_k), int(head_dim),
+                      float(scale), causal, type};
+    DeviceGuard guard(device, kernel);
+    check_cuda(attention_forward(p, stream_of(stream)), kernel);
+}
+
+void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens, uintptr_t o,
+                      uintptr_t o_partial, uintptr_t lse_partial, int64_t batch, int64_t heads_q, int64_t heads_kv,
+                      int64_t max_seqlen, int64_t head_dim, int64_t num_splits, Strides2 stride_q, Strides3 stride_k,
+                      Strides3 stride_v, Strides2 stride_o, double scale, int dtype, int device, uintptr_t stream) {
+    const char* kernel = "decode_attention";
+    const DType type = dtype_of(dtype, kernel, false);
+    require(head_dim == 64 || head_dim == 128, kernel, "head dim must be 64 or 128, got ", head_dim);
+    require(batch >= 1 && batch <= kMaxGridYZ, kernel, "batch must be in [1, 65535], got ", batch);
+    require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
+    require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
+            heads_kv, ")");
+    require(max_seqlen >= 1 && max_seqlen <= (int64_t(1) << 30), kernel, "max_seqlen must be in [1, 2^30], got ",
+            max_seqlen);
+    require(num_splits >= 1 && num_splits <= 64, kernel, "num_splits must be in [1, 64], got ", num_splits);
+    require(batch * heads_q * num_splits <= kMaxInt, kernel, "batch * heads_q * num_splits is too large");
+    require_vector_ready(q, stride_q, kernel, "q");
+    require_vector_ready(k_cache, stride_k, kernel, "k_cache");
+    require_vector_ready(v_cache, stride_v, kernel, "v_cache");
+    require(seqlens != 0 && seqlens % 4 == 0, kernel, "cache_seqlens must be a non-null, aligned int32 pointer");
+    require(o != 0 && o % 2 == 0 && stride_o[0] >= 0 && stride_o[1] >= 0, kernel, "o must be a valid output");
+    require(num_splits == 1 || (o_partial != 0 && lse_partial != 0 && o_partial % 4 == 0 && lse_partial % 4 == 0),
+            kernel, "num_splits > 1 needs the fp32 workspaces o_partial and lse_partial");
+    DecodeParams p{ptr(q), ptr(k_cache), ptr(v_cache), static_cast<const int32_t*>(ptr(seqlens)), mut_ptr(o),
+                   static_cast<float*>(mut_ptr(o_partial)), static_cast<float*>(mut_ptr(lse_partial)),
+                   stride_q[0], stride_q[1], stride_k[0], stride_k[1], stride_k[2], stride_v[0], stride_v[1],
+                   stride_v[2], stride_o[0], stride_o[1],
+                   int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim), int(num_splits),
+                   float(scale), type};
+    DeviceGuard guard(device, kernel);
+    check_cuda(decode_attention_forward(p, stream_of(stream)), kernel);
+}
+
+int num_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t sm_count) {
+    const char* kernel = "decode_num_splits";
+    require(batch >= 1 && heads_kv >= 1 && heads_q >= heads_kv && heads_q % heads_kv == 0 && max_seqlen >= 1 &&
+                sm_count >= 1 && batch <= kMaxInt && heads_q <= kMaxInt && max_seqlen <= kMaxInt && sm_count <= 1 << 20,
+            kernel, "invalid shapes");
+    return decode_num_splits(int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(sm_count));
+}
+
+void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
+                int64_t rows, int64_t cols, int64_t stride_x, int64_t stride_r, int64_t stride_y, int64_t stride_h,
+                double eps, int dtype, int weight_dtype, int bias_dtype, int device, uintptr_t stream) {
+    const char* kernel = "layer_norm";
+    const DType type = dtype_of(dtype, kernel, true);
+    const DType wtype = dtype_of(weight_dtype, kernel, true), btype = dtype_of(bias_dtype, kernel, true);
+    require(rows >= 1 && rows <= kMaxInt, kernel, "rows must be in [1, 2^31), got ", rows);
+    require(cols >= 1 && cols <= kMaxInt, kernel, "cols must be in [1, 2^31), got ", cols);
+    require(x != 0 && y != 0, kernel, "x and y must be non-null");
+    require((residual == 0) == (h == 0), kernel, "residual and h must be given together");
+    require(stride_x >= 0 && stride_r >= 0 && stride_y >= 0 && stride_h >= 0, kernel, "strides must be >= 0");
+    require(eps >= 0, kernel, "eps must be >= 0, got ", eps);
+    LayerNormParams p{ptr(x), ptr(residual), ptr(weight), ptr(bias), mut_ptr(y), mut_ptr(h),
+                      stride_x, stride_r, stride_y, stride_h, rows, cols, float(eps), type, wtype, btype};
+    DeviceGuard guard(device, kernel);
+    check_cuda(layer_norm_forward(p, stream_of(stream)), kernel);
+}
+
+void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p,
+            uintptr_t seed, uintptr_t out, int64_t batch, int64_t vocab, int64_t stride_logits, int dtype, int device,
+            uintptr_t stream) {
+    const char* kernel = "sample";
+    const DType type = dtype_of(dtype, kernel, true);
+    require(batch >= 1 && batch <= kMaxInt, kernel, "batch must be in [1, 2^31), got ", batch);
+    // The top-p weights are 2^-40 fixed point summed in 64 bits: V < 2^24 keeps the sum exact.
+    require(vocab >= 1 && vocab < (int64_t(1) << 24), kernel, "vocab must be in [1, 2^24), got ", vocab);
+    require(stride_logits >= 0, kernel, "stride_logits must be >= 0");
+    require(logits != 0 && temperature != 0 && top_k != 0 && top_p != 0 && min_p != 0 && seed != 0 && out != 0, kernel,
+            "null pointer");
+    SampleParams p{ptr(logits),
+                   static_cast<const float*>(ptr(temperature)),
+                   static_cast<const int64_t*>(ptr(top_k)),
+                   static_cast<const double*>(ptr(top_p)),
+                   static_cast<const float*>(ptr(min_p)),
+                   static_cast<const int64_t*>(ptr(seed)),
+                   static_cast<int64_t*>(mut_ptr(out)),
+                   stride_logits,
+                   int(batch),
+                   int(vocab),
+                   type};
+    DeviceGuard guard(device, kernel);
+    check_cuda(sample_forward(p, stream_of(stream)), kernel);
+}
+
+}  // namespace
+}  // namespace fastgpt
+
+#ifndef FASTGPT_CUDA_ARCHS
+#define FASTGPT_CUDA_ARCHS "unknown"
+#endif
+
+PYBIND11_MODULE(_C, m) {
+    using namespace fastgpt;
+    m.doc() = "fastgpt CUDA kernels (pointer-level API; call through fastgpt.ops, not directly)";
+    m.attr("cuda_version") = CUDART_VERSION;
+    m.attr("archs") = FASTGPT_CUDA_ARCHS;
+    m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("batch"),
+          py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
+          py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("causal"),
+          py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+          "Prefill attention (FlashAttention-2 style); strides are (batch, head, seq) in elements.");
+    m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
+          py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("batch"),
+          py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"), py::arg("head_dim"), py::arg("num_splits"),
+          py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("scale"),
+          py::arg("dtype"), py::arg("device"), py::arg("stream"),
+          "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq).");
+    m.def("decode_num_splits", &num_splits, py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
+          py::arg("max_seqlen"), py::arg("sm_count"), "How many KV splits decode_attention uses for these shapes.");
+    m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
+          py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("cols"), py::arg("stride_x"), py::arg("stride_r"),
+          py::arg("stride_y"), py::arg("stride_h"), py::arg("eps"), py::arg("dtype"), py::arg("weight_dtype"),
+          py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
+          "Residual add + LayerNorm; residual/h/weight/bias may be 0 (absent); strides are row strides.");
+    m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
+          py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("batch"), py::arg("vocab"),
+          py::arg("stride_logits"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
+          "Fused temperature/top-k/top-p/min-p sampling, greedy where temperature <= 0.");
+}

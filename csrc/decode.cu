@@ -1,0 +1,246 @@
+// Decode attention: one query token per (row, head) over a static KV cache, split-KV.
+//
+// decode_split_kernel: block (split, kv head and query-head tile, row) attends its GROUP query
+// heads (sharing one read of the kv head, GQA) to its share of the row's valid positions
+// [0, len). With one split it writes the output directly; otherwise it writes a normalised
+// partial output and its log-sum-exp, and decode_combine_kernel merges the splits.
+// The lengths are read on the device (clamped to [0, Smax]) so nothing syncs the host.
+#include "common.cuh"
+
+#include <algorithm>
+
+namespace fastgpt {
+
+namespace {
+
+constexpr int kThreads = 128;  // 4 warps
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxGroup = 8;   // query heads per block
+constexpr int kMaxSplits = 64;
+constexpr int kMinKeysPerSplit = 256;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// exp2(m - m_new) for an online-softmax rescale, 0 when the running max is still -inf.
+__device__ __forceinline__ float rescale(float m, float m_new) {
+    return m == -INFINITY ? 0.0f : exp2f(m - m_new);
+}
+
+}  // namespace
+
+// For query head h (one of GROUP sharing kv head kvh) and positions j in [start, end):
+//   s_j = (q_h . k_j) * scale * log2(e),   o_h = sum_j 2^(s_j - m) v_j / sum_j 2^(s_j - m)
+// with m = max_j s_j, accumulated online. Thread layout: D / 8 lanes ("a key group") split one
+// key's head dim into 16-byte chunks; the block's 4 * 32 / (D / 8) key groups take interleaved
+// keys, and their running (m, l, acc) states are merged by shuffles, then across warps in
+// shared memory.
+template <typename T, int D, int GROUP>
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeParams p) {
+    constexpr int LANES_PER_KEY = D / 8;
+    constexpr int KEYS_PER_WARP = 32 / LANES_PER_KEY;
+    constexpr int KEYS_PER_STEP = kWarps * KEYS_PER_WARP;  // keys the block covers per unrolled slot
+    constexpr int UNROLL = GROUP >= 4 ? 2 : 4;             // keys per thread in flight
+
+    __shared__ float s_m[kWarps][GROUP], s_l[kWarps][GROUP];
+    __shared__ float s_acc[kWarps][GROUP][D];
+
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int key_in_warp = lane / LANES_PER_KEY, d0 = (lane % LANES_PER_KEY) * 8;
+    const int split = blockIdx.x, b = blockIdx.z;
+    const int group_size = p.heads_q / p.heads_kv;
+    const int tiles = ceil_div(group_size, GROUP);
+    const int kvh = blockIdx.y / tiles, h0 = kvh * group_size + (blockIdx.y % tiles) * GROUP;
+    const int heads = min(GROUP, kvh * group_size + group_size - h0);  // valid heads in this tile
+
+    const int len = min(max(p.seqlens[b], 0), p.max_seqlen);
+    const int per_split = ceil_div(len, p.num_splits);
+    const int start = split * per_split, end = min(len, start + per_split);
+
+    const T* k = static_cast<const T*>(p.k_cache) + b * p.stride_k_b + kvh * p.stride_k_h + d0;  // (Smax, D)
+    const T* v = static_cast<const T*>(p.v_cache) + b * p.stride_v_b + kvh * p.stride_v_h + d0;  // (Smax, D)
+
+    float q[GROUP][8], m[GROUP], l[GROUP], acc[GROUP][8];
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+        const int h = min(h0 + g, h0 + heads - 1);  // padding heads repeat the last one, unwritten
+        Vec<T, 8> qv = load_vec<T, 8>(static_cast<const T*>(p.q) + b * p.stride_q_b + h * p.stride_q_h + d0);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) q[g][j] = to_float(qv.v[j]) * p.scale * kLog2e;
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
+    }
+
+    // The loop bound depends only on the warp, so shuffles below see the whole warp.
+    for (int base = start + warp * KEYS_PER_WARP; base < end; base += UNROLL * KEYS_PER_STEP) {
+        Vec<T, 8> kv[UNROLL], vv[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int key = base + u * KEYS_PER_STEP + key_in_warp;
+            if (key < end) {
+                kv[u] = load_vec<T, 8>(k + key * p.stride_k_s);
+                vv[u] = load_vec<T, 8>(v + key * p.stride_v_s);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 8; ++j) kv[u].v[j] = vv[u].v[j] = from_float<T>(0.0f);
+            }
+        }
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+            float s[UNROLL], m_new = m[g];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                s[u] = 0.0f;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) s[u] += q[g][j] * to_float(kv[u].v[j]);
+#pragma unroll
+                for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)
+                    s[u] += __shfl_xor_sync(FULL_MASK, s[u], offset);
+                if (base + u * KEYS_PER_STEP + key_in_warp >= end) s[u] = -INFINITY;
+                m_new = fmaxf(m_new, s[u]);
+            }
+            const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+            const float alpha = exp2f(m[g] - m_use);
+            l[g] *= alpha;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[g][j] *= alpha;
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const float pr = exp2f(s[u] - m_use);
+                l[g] += pr;
+#pragma unroll
+                for (int j = 0; j < 8; ++j) acc[g][j] += pr * to_float(vv[u].v[j]);
+            }
+            m[g] = m_new;
+        }
+    }
+
+    // Merge the key groups of each warp (lanes that differ in the key-group bits).
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1) {
+            const float m_o = __shfl_xor_sync(FULL_MASK, m[g], offset);
+            const float l_o = __shfl_xor_sync(FULL_MASK, l[g], offset);
+            const float m_new = fmaxf(m[g], m_o);
+            const float a = rescale(m[g], m_new), c = rescale(m_o, m_new);
+            l[g] = l[g] * a + l_o * c;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * a + __shfl_xor_sync(FULL_MASK, acc[g][j], offset) * c;
+            m[g] = m_new;
+        }
+        if (key_in_warp == 0) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s_acc[warp][g][d0 + j] = acc[g][j];
+            if (d0 == 0) {
+                s_m[warp][g] = m[g];
+                s_l[warp][g] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+
+    // Merge the warps; one thread per (head, d).
+    for (int i = threadIdx.x; i < heads * D; i += kThreads) {
+        const int g = i / D, d = i % D;
+        float m_all = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float c = rescale(s_m[w][g], m_all);
+            l_all += s_l[w][g] * c;
+            o += s_acc[w][g][d] * c;
+        }
+        o = l_all > 0.0f ? o / l_all : 0.0f;
+        const int h = h0 + g;
+        if (p.num_splits == 1) {
+            static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
+        } else {
+            const int64_t row = (int64_t(b) * p.heads_q + h) * p.num_splits + split;
+            p.o_partial[row * D + d] = o;
+            if (d == 0) p.lse_partial[row] = l_all > 0.0f ? m_all + log2f(l_all) : -INFINITY;
+        }
+    }
+}
+
+// o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s (log2 domain); a head whose
+// every split was empty (M = -inf) gets zeros. One block per (row, head).
+template <typename T>
+__global__ void decode_combine_kernel(DecodeParams p) {
+    const int b = blockIdx.x / p.heads_q, h = blockIdx.x % p.heads_q;
+    const int64_t row0 = int64_t(blockIdx.x) * p.num_splits;  // (b * Hq + h) * num_splits
+    const float* lse = p.lse_partial + row0;                   // (num_splits,)
+    float m = -INFINITY;
+    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, lse[s]);
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+        float num = 0.0f, den = 0.0f;
+        if (m != -INFINITY) {
+            for (int s = 0; s < p.num_splits; ++s) {
+                const float w = exp2f(lse[s] - m);
+                num += w * p.o_partial[(row0 + s) * p.head_dim + d];
+                den += w;
+            }
+        }
+        static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(den > 0.0f ? num / den : 0.0f);
+    }
+}
+
+// ----------------------------------------------------------------------------- host dispatch
+
+namespace {
+
+int group_tile(int group_size) {
+    int g = 1;
+    while (g < group_size && g < kMaxGroup) g *= 2;
+    return g;
+}
+
+template <typename T, int D>
+cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
+    const int group_size = p.heads_q / p.heads_kv, tile = group_tile(group_size);
+    const dim3 grid(p.num_splits, p.heads_kv * ceil_div(group_size, tile), p.batch);
+    switch (tile) {
+        case 1: decode_split_kernel<T, D, 1><<<grid, kThreads, 0, stream>>>(p); break;
+        case 2: decode_split_kernel<T, D, 2><<<grid, kThreads, 0, stream>>>(p); break;
+        case 4: decode_split_kernel<T, D, 4><<<grid, kThreads, 0, stream>>>(p); break;
+        default: decode_split_kernel<T, D, 8><<<grid, kThreads, 0, stream>>>(p); break;
+    }
+    cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess || p.num_splits == 1) return err;
+    decode_combine_kernel<T><<<p.batch * p.heads_q, std::min(p.head_dim, 128), 0, stream>>>(p);
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_dim(const DecodeParams& p, cudaStream_t stream) {
+    switch (p.head_dim) {
+        case 64: return launch<T, 64>(p, stream);
+        case 128: return launch<T, 128>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace
+
+// Enough blocks for about two waves over the SMs, but no split shorter than kMinKeysPerSplit
+// positions of the cache and at most kMaxSplits. Depends on shapes and the SM count only (the
+// lengths live on the device), so a CUDA graph captured once stays valid.
+int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count) {
+    const int group_size = heads_q / heads_kv;
+    const int64_t blocks = int64_t(batch) * heads_kv * ceil_div(group_size, group_tile(group_size));
+    const int64_t wanted = ceil_div<int64_t>(2 * int64_t(sm_count), blocks);
+    const int64_t by_length = ceil_div<int64_t>(max_seqlen, kMinKeysPerSplit);
+    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, by_length, kMaxSplits})));
+}
+
+cudaError_t decode_attention_forward(const DecodeParams& p, cudaStream_t stream) {
+    switch (p.dtype) {
+        case DType::kFloat16: return launch_dim<__half>(p, stream);
+        case DType::kBFloat16: return launch_dim<__nv_bfloat16>(p, stream);
+        default: return cudaErrorInvalidValue;
+    }
+}
+
+}  // namespace fastgpt

@@ -1,0 +1,80 @@
+// Host-side interface between bindings.cpp (host compiler) and the .cu files (nvcc): one
+// parameter struct and one launch function per op. Launch functions enqueue work on `stream`
+// and return the CUDA error of the launch (cudaSuccess when all is well); they never sync.
+// Shapes are validated by bindings.cpp before a launch; strides are in elements.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace fastgpt {
+
+// dtype codes shared with fastgpt/ops/_cuda.py
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+struct AttentionParams {
+    const void* q;  // (B, Hq, Sq, D)
+    const void* k;  // (B, Hkv, Sk, D)
+    const void* v;  // (B, Hkv, Sk, D)
+    void* o;        // (B, Hq, Sq, D)
+    int64_t stride_q_b, stride_q_h, stride_q_s;
+    int64_t stride_k_b, stride_k_h, stride_k_s;
+    int64_t stride_v_b, stride_v_h, stride_v_s;
+    int64_t stride_o_b, stride_o_h, stride_o_s;
+    int batch, heads_q, heads_kv, seqlen_q, seqlen_k, head_dim;
+    float scale;
+    bool causal;
+    DType dtype;  // fp16 or bf16
+};
+cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
+
+struct DecodeParams {
+    const void* q;            // (B, Hq, 1, D)
+    const void* k_cache;      // (B, Hkv, Smax, D)
+    const void* v_cache;      // (B, Hkv, Smax, D)
+    const int32_t* seqlens;   // (B,) valid positions per row, clamped to [0, Smax] on the device
+    void* o;                  // (B, Hq, 1, D)
+    float* o_partial;         // (B, Hq, num_splits, D) fp32 workspace; unused when num_splits == 1
+    float* lse_partial;       // (B, Hq, num_splits) fp32 workspace; unused when num_splits == 1
+    int64_t stride_q_b, stride_q_h;
+    int64_t stride_k_b, stride_k_h, stride_k_s;
+    int64_t stride_v_b, stride_v_h, stride_v_s;
+    int64_t stride_o_b, stride_o_h;
+    int batch, heads_q, heads_kv, max_seqlen, head_dim, num_splits;
+    float scale;
+    DType dtype;  // fp16 or bf16
+};
+cudaError_t decode_attention_forward(const DecodeParams& p, cudaStream_t stream);
+// The num_splits decode_attention_forward expects for these shapes on a GPU with sm_count SMs.
+int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count);
+
+struct LayerNormParams {
+    const void* x;         // (M, N), row stride stride_x
+    const void* residual;  // (M, N) or nullptr
+    const void* weight;    // (N,) contiguous, dtype weight_dtype, or nullptr
+    const void* bias;      // (N,) contiguous, dtype bias_dtype, or nullptr
+    void* y;               // (M, N) LN(h)
+    void* h;               // (M, N) x + residual; nullptr when residual is nullptr
+    int64_t stride_x, stride_r, stride_y, stride_h;
+    int64_t rows, cols;
+    float eps;
+    DType dtype, weight_dtype, bias_dtype;
+};
+cudaError_t layer_norm_forward(const LayerNormParams& p, cudaStream_t stream);
+
+struct SampleParams {
+    const void* logits;        // (B, V), row stride stride_logits
+    const float* temperature;  // (B,)
+    const int64_t* top_k;      // (B,)
+    const double* top_p;       // (B,)
+    const float* min_p;        // (B,)
+    const int64_t* seed;       // (1,)
+    int64_t* out;              // (B,)
+    int64_t stride_logits;
+    int batch, vocab;
+    DType dtype;
+};
+cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream);
+
+}  // namespace fastgpt

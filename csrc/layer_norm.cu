@@ -1,0 +1,186 @@
+// Residual add + LayerNorm over the last dimension, fp32 statistics.
+//
+// Three kernels, picked by the row length N (host code at the bottom):
+//   - warp per row (N up to 32 * 4 vectors): the row lives in one warp's registers, shuffles only;
+//   - block per row (N up to 1024 * 4 vectors): the row lives in one block's registers;
+//   - looped (any N): block per row, three passes over memory (only for very long rows).
+// A "vector" is 16 bytes when every pointer, stride and N allow it, else one element.
+#include "common.cuh"
+
+namespace fastgpt {
+
+namespace {
+
+// Sum over the threads that share a row: one warp, or the whole block.
+template <bool WARP_PER_ROW>
+__device__ __forceinline__ float row_sum(float x, float* scratch) {
+    if constexpr (WARP_PER_ROW) {
+        return warp_sum(x);
+    } else {
+        return block_sum(x, scratch);
+    }
+}
+
+}  // namespace
+
+// h = x + residual (rounded to T, as torch adds in T), y = (h - mean) * rstd * weight + bias with
+//   mean = sum(h) / N,  var = sum((h - mean)^2) / N  (two passes over registers),
+//   rstd = 1 / sqrt(var + eps).
+// Each thread holds CHUNKS vectors of VEC elements of its row: columns
+//   col(c) = (c * ROW_THREADS + t) * VEC, for t the thread's index within the row.
+template <typename T, int VEC, int CHUNKS, bool WARP_PER_ROW>
+__global__ void layer_norm_kernel(LayerNormParams p) {
+    __shared__ float scratch[32];
+    const int row_threads = WARP_PER_ROW ? 32 : blockDim.x;
+    const int t = WARP_PER_ROW ? (threadIdx.x & 31) : threadIdx.x;
+    const int64_t row = WARP_PER_ROW ? int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5) : blockIdx.x;
+    if (row >= p.rows) return;  // whole warps (warp path) or whole blocks (block path) leave together
+    const int64_t N = p.cols;
+    const T* x = static_cast<const T*>(p.x) + row * p.stride_x;           // (N,)
+    const T* r = static_cast<const T*>(p.residual) + row * p.stride_r;    // (N,) if residual
+    T* h = static_cast<T*>(p.h) + row * p.stride_h;                       // (N,) if residual
+    T* y = static_cast<T*>(p.y) + row * p.stride_y;                       // (N,)
+
+    float v[CHUNKS][VEC];
+    float sum = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        const int64_t col = (int64_t(c) * row_threads + t) * VEC;
+        if (col < N) {
+            Vec<T, VEC> xv = load_vec<T, VEC>(x + col);
+            if (p.residual != nullptr) {
+                Vec<T, VEC> rv = load_vec<T, VEC>(r + col);
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) xv.v[j] = from_float<T>(to_float(xv.v[j]) + to_float(rv.v[j]));
+                store_vec<T, VEC>(h + col, xv);
+            }
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                v[c][j] = to_float(xv.v[j]);
+                sum += v[c][j];
+            }
+        }
+    }
+    const float mean = row_sum<WARP_PER_ROW>(sum, scratch) / float(N);
+
+    float sq = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        const int64_t col = (int64_t(c) * row_threads + t) * VEC;
+        if (col < N) {
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) sq += (v[c][j] - mean) * (v[c][j] - mean);
+        }
+    }
+    const float rstd = rsqrtf(row_sum<WARP_PER_ROW>(sq, scratch) / float(N) + p.eps);
+
+#pragma unroll
+    for (int c = 0; c < CHUNKS; ++c) {
+        const int64_t col = (int64_t(c) * row_threads + t) * VEC;
+        if (col < N) {
+            Vec<T, VEC> out;
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                float o = (v[c][j] - mean) * rstd;
+                if (p.weight != nullptr) o *= load_as_float(p.weight, p.weight_dtype, col + j);
+                if (p.bias != nullptr) o += load_as_float(p.bias, p.bias_dtype, col + j);
+                out.v[j] = from_float<T>(o);
+            }
+            store_vec<T, VEC>(y + col, out);
+        }
+    }
+}
+
+// The same math for rows too long for registers: pass 1 forms h (written out when there is a
+// residual) and sums it, pass 2 re-reads h for the centred sum of squares, pass 3 writes y.
+// Each thread re-reads only the elements it wrote itself.
+template <typename T>
+__global__ void layer_norm_looped_kernel(LayerNormParams p) {
+    __shared__ float scratch[32];
+    const int64_t row = blockIdx.x, N = p.cols;
+    const T* x = static_cast<const T*>(p.x) + row * p.stride_x;         // (N,)
+    const T* r = static_cast<const T*>(p.residual) + row * p.stride_r;  // (N,) if residual
+    T* h = static_cast<T*>(p.h) + row * p.stride_h;                     // (N,) if residual
+    T* y = static_cast<T*>(p.y) + row * p.stride_y;                     // (N,)
+    const T* hv = p.residual != nullptr ? h : x;                        // where h lives after pass 1
+
+    float sum = 0.0f;
+    for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
+        T value = x[col];
+        if (p.residual != nullptr) {
+            value = from_float<T>(to_float(value) + to_float(r[col]));
+            h[col] = value;
+        }
+        sum += to_float(value);
+    }
+    const float mean = block_sum(sum, scratch) / float(N);
+
+    float sq = 0.0f;
+    for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
+        const float d = to_float(hv[col]) - mean;
+        sq += d * d;
+    }
+    const float rstd = rsqrtf(block_sum(sq, scratch) / float(N) + p.eps);
+
+    for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
+        float o = (to_float(hv[col]) - mean) * rstd;
+        if (p.weight != nullptr) o *= load_as_float(p.weight, p.weight_dtype, col);
+        if (p.bias != nullptr) o += load_as_float(p.bias, p.bias_dtype, col);
+        y[col] = from_float<T>(o);
+    }
+}
+
+// ----------------------------------------------------------------------------- host dispatch
+
+namespace {
+
+constexpr int kWarpRowsPerBlock = 4;  // warp path: 4 rows (warps) per block
+constexpr int kMaxChunks = 4;         // vectors held per thread
+constexpr int kMaxThreads = 1024;
+
+bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+template <typename T, int VEC>
+cudaError_t launch_rows(const LayerNormParams& p, cudaStream_t stream) {
+    const int64_t vectors = ceil_div<int64_t>(p.cols, VEC);  // per row
+    if (vectors <= 32 * kMaxChunks) {
+        const dim3 block(32 * kWarpRowsPerBlock);
+        const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.rows, kWarpRowsPerBlock)));
+        if (vectors <= 32) {
+            layer_norm_kernel<T, VEC, 1, true><<<grid, block, 0, stream>>>(p);
+        } else if (vectors <= 64) {
+            layer_norm_kernel<T, VEC, 2, true><<<grid, block, 0, stream>>>(p);
+        } else {
+            layer_norm_kernel<T, VEC, 4, true><<<grid, block, 0, stream>>>(p);
+        }
+    } else if (vectors <= int64_t(kMaxThreads) * kMaxChunks) {
+        const int threads = static_cast<int>(ceil_div<int64_t>(ceil_div<int64_t>(vectors, kMaxChunks), 32) * 32);
+        layer_norm_kernel<T, VEC, kMaxChunks, false><<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(p);
+    } else {
+        layer_norm_looped_kernel<T><<<static_cast<unsigned>(p.rows), kMaxThreads, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch(const LayerNormParams& p, cudaStream_t stream) {
+    constexpr int VEC = 16 / sizeof(T);
+    const bool vectorisable = aligned16(p.x) && aligned16(p.residual) && aligned16(p.y) && aligned16(p.h) &&
+                              p.cols % VEC == 0 && p.stride_x % VEC == 0 &&
+                              (p.residual == nullptr || p.stride_r % VEC == 0) && p.stride_y % VEC == 0 &&
+                              (p.h == nullptr || p.stride_h % VEC == 0);
+    return vectorisable ? launch_rows<T, VEC>(p, stream) : launch_rows<T, 1>(p, stream);
+}
+
+}  // namespace
+
+cudaError_t layer_norm_forward(const LayerNormParams& p, cudaStream_t stream) {
+    switch (p.dtype) {
+        case DType::kFloat16: return launch<__half>(p, stream);
+        case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+        case DType::kFloat32: return launch<float>(p, stream);
+    }
+    return cudaErrorInvalidValue;
+}
+
+}  // namespace fastgpt
