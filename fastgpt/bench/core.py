@@ -1,0 +1,238 @@
+"""Cases, candidates, and the loop that checks then times each candidate of a case.
+
+A `Case` is one op at one shape: how to make a fresh input set, the reference output, the
+FLOP or byte count, and the candidates (fastgpt's backends and the references people use).
+`run_case` checks every candidate against the reference first; only the correct ones are
+timed. A wrong candidate is reported FAILED with the reason, and never gets a number.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fastgpt.bench import checks, timing
+
+FASTGPT, REFERENCE = "fastgpt", "reference"
+OK, FAILED, ERROR, UNAVAILABLE, SKIPPED = "ok", "FAILED", "error", "unavailable", "skipped"
+
+
+class Unavailable(Exception):
+    """A candidate cannot run here (library missing, unsupported shape); the message says why."""
+
+
+@dataclass
+class Candidate:
+    """One implementation of a case's op.
+
+    build() prepares it (imports, compilation handles, plans) and returns fn(inputs) -> output;
+    it raises Unavailable when the implementation cannot run here. `check`, when given,
+    replaces the case's check (for a reference with different semantics, e.g. argmax).
+    A `lower_bound` reference does less than the op (argmax instead of sampling): it is timed
+    and compared with, but never counted as the best reference.
+    """
+
+    label: str
+    kind: str
+    build: Callable[[], Callable[[dict], Any]]
+    backend: str | None = None
+    note: str = ""
+    check: Callable | None = None
+    lower_bound: bool = False
+
+
+def describe(exc: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0][:300] if lines else ''}"
+
+
+def default_check(run: Callable[[], Any], inputs: dict, expected: Any) -> str | None:
+    """Run once and compare with the reference output (tensor or tuple of tensors)."""
+    return checks.compare(run(), expected)
+
+
+@dataclass
+class Case:
+    """One op at one shape. make_inputs(seed) returns a fresh random input set on the device."""
+
+    op: str
+    name: str
+    params: dict
+    dtype: torch.dtype
+    make_inputs: Callable[[int], dict]
+    reference: Callable[[dict], Any]
+    candidates: list[Candidate]
+    metric: str  # "TFLOP/s" or "GB/s"
+    work: int  # FLOPs (TFLOP/s cases) or bytes (GB/s cases) of one call
+    set_bytes: int  # bytes of one input set, to size the rotation
+    sweep: str | None = None
+    x: float | None = None
+    x_label: str | None = None
+    check: Callable = default_check
+    note: str = ""
+
+
+@dataclass
+class Settings:
+    """How hard to time: budgets per candidate, the CUDA-graph threshold, the measured ceilings."""
+
+    budget_ms: float = 1000.0
+    min_runs: int = 20
+    max_runs: int = 1000
+    graph_below_ms: float = 0.05
+    graph_replay_ms: float = 2.0
+    memory_budget: int = 4 * 2**30
+    ceilings: dict = field(default_factory=dict)  # {"copy_gbps": float, "matmul_tflops": float}
+    impl_filter: Callable[[str], bool] = lambda label: True
+
+
+RECORD_FIELDS = (
+    "op", "case", "sweep", "x", "x_label", "params", "dtype", "implementation", "kind", "backend", "note",
+    "status", "reason", "method", "ms", "ms_p20", "ms_p80", "runs", "flops", "bytes", "weight_bytes",
+    "metric", "value", "ceiling", "ceiling_value", "pct_of_ceiling", "lower_bound", "best_ref",
+    "speedup_vs_best_ref", "speedup_vs",
+)
+
+
+def empty_record(**fields) -> dict:
+    """A record with every field of RECORD_FIELDS (None unless given)."""
+    unknown = set(fields) - set(RECORD_FIELDS)
+    if unknown:
+        raise KeyError(f"unknown record fields {sorted(unknown)}")
+    return {**dict.fromkeys(RECORD_FIELDS), **fields}
+
+
+def base_record(case: Case, cand: Candidate) -> dict:
+    """The fields of a record known before running anything."""
+    metric_is_flops = case.metric == "TFLOP/s"
+    return empty_record(
+        op=case.op, case=case.name, sweep=case.sweep, x=case.x, x_label=case.x_label, params=dict(case.params),
+        dtype=str(case.dtype).replace("torch.", ""), implementation=cand.label, kind=cand.kind,
+        backend=cand.backend, note=cand.note, metric=case.metric, lower_bound=cand.lower_bound,
+        flops=case.work if metric_is_flops else None, bytes=case.work if case.metric == "GB/s" else None)
+
+
+def prepare(case: Case, cand: Candidate, inputs: dict, expected: Any, device: torch.device):
+    """Build and check one candidate on `inputs`: (fn, status, reason). Only OK gets an fn."""
+    from fastgpt import BackendUnavailableError
+
+    check = cand.check or case.check
+    try:
+        fn = cand.build()
+        reason = check(lambda: fn(inputs), inputs, expected)
+        timing.synchronize(device)  # a launch error surfaces here, charged to this candidate
+    except (Unavailable, BackendUnavailableError) as exc:
+        return None, UNAVAILABLE, str(exc)
+    except Exception as exc:  # a reference that rejects the shape, a crash: report, go on
+        return None, ERROR, describe(exc)
+    if reason:
+        return None, FAILED, reason
+    return fn, OK, None
+
+
+def _time_graph_or_events(call, n_sets, est, settings, flush):
+    """CUDA-graph replay (falling back to events if capture fails): (times, method)."""
+    calls = n_sets * max(1, math.ceil(settings.graph_replay_ms / max(est * n_sets, 1e-6)))
+    calls = min(calls, max(n_sets, 4096))
+    replays = timing.plan_runs(est * calls, settings.budget_ms, 5, 200)
+    try:
+        return timing.time_graph(call, calls, replays), f"cuda-graph x{calls}"
+    except Exception as exc:
+        torch.cuda.synchronize()
+        runs = timing.plan_runs(est, settings.budget_ms, settings.min_runs, settings.max_runs)
+        return timing.time_events(call, runs, flush), f"cuda-events+l2flush (graph capture failed: {type(exc).__name__})"
+
+
+def measure(fn, sets, device, mode, est, settings, flush) -> timing.Stats:
+    """Time fn over the rotating input sets with the case's method."""
+    n = len(sets)
+
+    def call(i):
+        return fn(sets[i % n])
+
+    if device.type != "cuda":
+        runs = timing.plan_runs(est, settings.budget_ms, min(settings.min_runs, 5), settings.max_runs)
+        return timing.summarize(timing.time_host(call, runs, device, warmup=0), "host-clock")
+    if mode == "graph":
+        times, method = _time_graph_or_events(call, n, est, settings, flush)
+        return timing.summarize(times, method)
+    runs = timing.plan_runs(est, settings.budget_ms, settings.min_runs, settings.max_runs)
+    return timing.summarize(timing.time_events(call, runs, flush), "cuda-events+l2flush")
+
+
+def fill_timing(rec: dict, stats: timing.Stats, case: Case, settings: Settings) -> None:
+    """Put ms, the rate from the case's formula and the % of the measured ceiling in a record."""
+    seconds = stats.median * 1e-3
+    rec.update(ms=stats.median, ms_p20=stats.p20, ms_p80=stats.p80, runs=stats.runs, method=stats.method)
+    if case.metric == "TFLOP/s":
+        rec["value"] = case.work / seconds / 1e12
+        rec["ceiling"], rec["ceiling_value"] = "matmul_tflops", settings.ceilings.get("matmul_tflops")
+    else:
+        rec["value"] = case.work / seconds / 1e9
+        rec["ceiling"], rec["ceiling_value"] = "copy_gbps", settings.ceilings.get("copy_gbps")
+    if rec["ceiling_value"]:
+        rec["pct_of_ceiling"] = 100.0 * rec["value"] / rec["ceiling_value"]
+
+
+def best_reference(records: list[dict]) -> dict | None:
+    """The fastest timed reference that does the op's full work (lower bounds excluded)."""
+    refs = [r for r in records if r["kind"] == REFERENCE and r["status"] == OK and not r.get("lower_bound")]
+    return min(refs, key=lambda r: r["ms"]) if refs else None
+
+
+def add_speedups(records: list[dict]) -> None:
+    """On each timed fastgpt record: speedup (reference ms / own ms) over every timed reference,
+    and over the best one."""
+    refs = [r for r in records if r["kind"] == REFERENCE and r["status"] == OK]
+    best = best_reference(records)
+    for rec in records:
+        if rec["kind"] == FASTGPT and rec["status"] == OK and refs:
+            rec["speedup_vs"] = {r["implementation"]: r["ms"] / rec["ms"] for r in refs}
+            if best is not None:
+                rec["best_ref"] = best["implementation"]
+                rec["speedup_vs_best_ref"] = best["ms"] / rec["ms"]
+
+
+def make_sets(case: Case, device: torch.device, settings: Settings) -> list[dict]:
+    """Fresh random input sets (distinct seeds) to rotate through while timing."""
+    n = timing.rotation_sets(case.set_bytes, device, memory_budget=settings.memory_budget)
+    return [case.make_inputs(1234 + i) for i in range(n)]
+
+
+def run_case(case: Case, device: torch.device, settings: Settings, on_step=lambda text: None) -> list[dict]:
+    """Check every candidate of `case`, then time the correct ones. Returns one record each."""
+    sets = make_sets(case, device, settings)
+    expected = case.reference(sets[0])
+    flush = timing.l2_flush_buffer(device)
+    records, ready = [], []
+    for cand in case.candidates:
+        rec = base_record(case, cand)
+        records.append(rec)
+        if not settings.impl_filter(cand.label):
+            rec.update(status=SKIPPED, reason="excluded by --impl")
+            continue
+        on_step(f"{case.op} {case.name}: checking {cand.label}")
+        fn, rec["status"], rec["reason"] = prepare(case, cand, sets[0], expected, device)
+        if fn is None:
+            continue
+        try:
+            ready.append((cand, fn, rec, timing.estimate_ms(lambda i, fn=fn: fn(sets[i % len(sets)]), device)))
+        except Exception as exc:
+            rec.update(status=ERROR, reason=f"warm-up failed: {describe(exc)}")
+    del expected
+    graph = device.type == "cuda" and ready and min(est for *_, est in ready) < settings.graph_below_ms
+    for cand, fn, rec, est in ready:
+        on_step(f"{case.op} {case.name}: timing {cand.label}")
+        try:
+            stats = measure(fn, sets, device, "graph" if graph else "events", est, settings, flush)
+        except Exception as exc:
+            rec.update(status=ERROR, reason=f"timing failed: {describe(exc)}")
+            continue
+        fill_timing(rec, stats, case, settings)
+    add_speedups(records)
+    return records
