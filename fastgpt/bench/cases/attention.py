@@ -1,0 +1,146 @@
+"""Prefill attention: fastgpt vs SDPA (each backend forced), eager attention, flash-attn.
+
+FLOPs: 4*B*Hq*Sq*Sk*D, halved when causal (formulas.attention_flops).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastgpt.bench import formulas
+from fastgpt.bench.cases import describe, fastgpt_candidates, generator, randn, sweep_of
+from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
+from fastgpt.bench.env import dist_version, optional_module
+
+KEYS = {"B": 16, "H": 12, "HKV": 0, "S": 1024, "SK": 0, "D": 64, "causal": True}  # 0: same as H / S
+DEFAULT_DTYPE = torch.bfloat16
+TOKENS = 16384  # B * S of the sequence-length sweeps: the work per case stays comparable
+
+
+def shapes(quick: bool):
+    """(params, sweep, x key): GPT-2's shape and the long-context target shape first."""
+    def shape(B, H, S, D, causal=True):
+        return dict(KEYS, B=B, H=H, S=S, D=D, causal=causal)
+
+    if quick:
+        return [(shape(16, 12, 1024, 64), "causal H12 D64, B*S=16k", "S"),
+                (shape(4, 12, 4096, 64), "causal H12 D64, B*S=16k", "S"),
+                (shape(4, 16, 4096, 128), "causal H16 D128, B*S=16k", "S")]
+    plan = []
+    for H, D in ((12, 64), (16, 128)):
+        for S in (512, 1024, 2048, 4096, 8192, 16384):
+            plan.append((shape(TOKENS // S, H, S, D), f"causal H{H} D{D}, B*S=16k", "S"))
+    for S in (1024, 4096, 16384):
+        plan.append((shape(TOKENS // S, 16, S, 128, causal=False), "non-causal H16 D128, B*S=16k", "S"))
+    plan.append((dict(shape(4, 32, 4096, 128), HKV=8), None, None))  # GQA 32/8
+    return plan
+
+
+def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_key=None) -> Case:
+    """One attention case: q (B, H, S, D), k/v (B, HKV, SK, D)."""
+    p = dict(p, HKV=p["HKV"] or p["H"], SK=p["SK"] or p["S"])
+    B, H, Hkv, Sq, Sk, D, causal = (p[k] for k in ("B", "H", "HKV", "S", "SK", "D", "causal"))
+    scale = D**-0.5
+
+    def make_inputs(seed):
+        g = generator(device, seed)
+        return {"q": randn((B, H, Sq, D), gen=g, device=device, dtype=dtype),
+                "k": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype),
+                "v": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype)}
+
+    def reference(inp):
+        from fastgpt import reference as ref
+
+        return ref.attention(inp["q"], inp["k"], inp["v"], causal=causal, scale=scale)
+
+    sw, x, x_label = sweep_of(p, sweep, x_key)
+    name = describe(p, ("B", "H") + (("HKV",) if Hkv != H else ()) + ("S",) + (("SK",) if Sk != Sq else ()) + ("D",))
+    return Case(
+        op="attention", name=name + (" causal" if causal else ""), params=p, dtype=dtype,
+        make_inputs=make_inputs, reference=reference, candidates=candidates(device, causal, scale, Hkv != H, Sq, Sk),
+        metric="TFLOP/s", work=formulas.attention_flops(B, H, Sq, Sk, D, causal),
+        set_bytes=formulas.attention_bytes(B, H, Hkv, Sq, Sk, D, dtype), sweep=sw, x=x, x_label=x_label)
+
+
+def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
+    def fastgpt_fn(backend):
+        import fastgpt
+
+        return lambda inp: fastgpt.attention(inp["q"], inp["k"], inp["v"], causal=causal, scale=scale, backend=backend)
+
+    out = fastgpt_candidates(device, fastgpt_fn)
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        label = f"sdpa[{name.split('_')[0].lower()}]"
+        out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, causal, scale, gqa, Sq, Sk),
+                             note=f"torch {torch.__version__}"))
+    out.append(Candidate("eager matmul-softmax-matmul", REFERENCE, lambda: eager_fn(causal, scale, gqa),
+                         note="HF GPT-2 eager"))
+    out.append(Candidate("flash_attn", REFERENCE, lambda: flash_attn_fn("flash_attn", causal, scale),
+                         note=dist_version("flash-attn", "flash_attn")))
+    out.append(Candidate("flash_attn_3", REFERENCE, lambda: flash_attn_fn("flash_attn_interface", causal, scale),
+                         note=dist_version("flash-attn-3", "flash_attn_3", "flashattn-hopper")))
+    return out
+
+
+def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, Sk: int):
+    """F.scaled_dot_product_attention restricted to one backend (raises if it cannot run)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name, None)
+    if backend is None:
+        raise Unavailable(f"this torch has no SDPBackend.{backend_name}")
+    mask, is_causal = None, causal
+    if causal and Sq != Sk:  # SDPA's is_causal is top-left aligned; fastgpt's is bottom-right
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask, is_causal = causal_lower_right(Sq, Sk), False
+
+    def fn(inp):
+        with sdpa_kernel([backend]):
+            try:
+                return F.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], attn_mask=mask,
+                                                      is_causal=is_causal, scale=scale, enable_gqa=gqa)
+            except RuntimeError as exc:
+                if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+                    raise Unavailable(f"SDPA {backend_name} cannot run these inputs (dtype/head dim/GPU)") from exc
+                raise
+
+    return fn
+
+
+def eager_fn(causal: bool, scale: float, gqa: bool):
+    """What HF's eager GPT-2 attention does: q k^T, masked_fill, softmax, @ v, in the input dtype."""
+    masks = {}
+
+    def fn(inp):
+        q, k, v = inp["q"], inp["k"], inp["v"]
+        if gqa:
+            group = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        w = torch.matmul(q, k.transpose(-1, -2)) * scale  # (B, H, Sq, Sk)
+        if causal:
+            Sq, Sk = q.shape[2], k.shape[2]
+            key = (Sq, Sk, q.device)
+            if key not in masks:  # built once, as a model builds its mask once per forward
+                i = torch.arange(Sq, device=q.device)[:, None]
+                masks[key] = torch.arange(Sk, device=q.device)[None, :] > i + (Sk - Sq)
+            w = w.masked_fill(masks[key], torch.finfo(w.dtype).min)
+        return torch.matmul(torch.softmax(w, dim=-1).to(v.dtype), v)
+
+    return fn
+
+
+def flash_attn_fn(module_name: str, causal: bool, scale: float):
+    """flash-attn 2 (flash_attn) or 3 (flash_attn_interface): (B, S, H, D) views, native GQA."""
+    module, version = optional_module(module_name)
+    if module is None:
+        raise Unavailable(version)
+
+    def fn(inp):
+        q, k, v = (inp[n].transpose(1, 2) for n in ("q", "k", "v"))  # (B, S, H, D), stride(-1) == 1
+        out = module.flash_attn_func(q, k, v, softmax_scale=scale, causal=causal)
+        out = out[0] if isinstance(out, tuple) else out  # some versions also return the LSE
+        return out.transpose(1, 2)
+
+    return fn
