@@ -1,0 +1,246 @@
+"""End-to-end greedy generation: fastgpt's GPT vs transformers' generate vs a compiled static-KV
+GPT-2 (the gpt-fast recipe, fastgpt/bench/gptfast.py), all on the same random weights.
+
+Reported: tok/s = B * new tokens / wall time of the whole call (prefill included, after
+warm-up), and the weight-bandwidth utilisation: each decode step reads every weight once, so
+(tok/s / B) * weight bytes / copy GB/s.
+
+A generation is checked before it is timed, against an fp32 copy of the HF model used as the
+oracle: the prompt is kept, B x N tokens come out, and every new token is the oracle's argmax
+given the tokens before it, up to a tolerance for the candidate's dtype (bf16 candidates may
+break near-ties differently, then continue from their own context, which is checked too).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from contextlib import contextmanager
+
+import torch
+
+from fastgpt.bench import formulas, timing
+from fastgpt.bench.cases import fastgpt_candidates, generator
+from fastgpt.bench.core import (ERROR, REFERENCE, SKIPPED, Candidate, Case, Settings, Unavailable,
+                                add_speedups, base_record, describe, prepare)
+from fastgpt.bench.env import dist_version, optional_module
+
+KEYS = {"B": 1, "T": 32, "N": 256}
+MODEL_CONFIGS = {
+    "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),  # GPT-2 124M
+    "tiny": dict(vocab_size=512, n_positions=512, n_embd=64, n_layer=2, n_head=4),  # for tests
+}
+# Left out of --quick on a GPU: compiling takes minutes (each batch size again).
+QUICK_SKIP = {"HF generate (static cache + compile)": "left out of --quick: its compile takes minutes; run without --quick"}
+# Largest allowed gap (in logits) between the oracle's best token and the one generated.
+LOGIT_TOL = {torch.float32: 1e-3, torch.float16: 0.1, torch.bfloat16: 0.25}
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def shapes(quick: bool, device: torch.device) -> list[dict]:
+    """The targets' shapes on a GPU (B 1 and 32, 256 new tokens); short runs on a CPU."""
+    if device.type == "cuda":
+        return [dict(KEYS, B=1), dict(KEYS, B=32)]
+    if quick:
+        return [dict(KEYS, B=1, N=32)]
+    return [dict(KEYS, B=1, N=64), dict(KEYS, B=4, N=64)]
+
+
+def build_hf(config_name: str, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+    """A GPT2LMHeadModel with random weights (seeded, without touching the global RNG)."""
+    transformers, reason = optional_module("transformers")
+    if transformers is None:
+        raise Unavailable(reason)
+    config = transformers.GPT2Config(**MODEL_CONFIGS[config_name], bos_token_id=None, eos_token_id=None)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel._from_config(config, attn_implementation=attn, dtype=dtype)
+    return _ready(model)
+
+
+def _ready(model):
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+def hf_variant(hf, attn: str, dtype: torch.dtype | None = None):
+    """The same HF model with another attention implementation, sharing (or casting) the weights."""
+    with torch.device("meta"):
+        model = type(hf)._from_config(copy.deepcopy(hf.config), attn_implementation=attn, dtype=dtype or hf.dtype)
+    state = hf.state_dict() if dtype is None else {k: v.to(dtype) for k, v in hf.state_dict().items()}
+    model.load_state_dict(state, assign=True)
+    model.tie_weights()
+    return _ready(model)
+
+
+def greedy_check(oracle, T: int, N: int, tol: float):
+    """check(run, inputs, expected): each new token is the oracle's argmax within `tol` logits."""
+    def check(run, inputs, expected):
+        idx, out = inputs["idx"], run()
+        B = idx.shape[0]
+        if tuple(out.shape) != (B, T + N):
+            return f"output shape {tuple(out.shape)} != expected {(B, T + N)}"
+        if not torch.equal(out[:, :T], idx):
+            return "the prompt was not kept"
+        with torch.no_grad():
+            logits = oracle(out[:, :-1].to(oracle.device)).logits.float()[:, T - 1:]  # (B, N, V)
+        chosen = logits.gather(-1, out[:, T:, None].to(logits.device)).squeeze(-1)
+        gap = logits.amax(dim=-1) - chosen
+        bad = int((gap > tol).sum())
+        if bad:
+            return f"{bad} of {B * N} tokens are not the greedy choice (logit gap up to {float(gap.max()):.3g} > {tol:g})"
+        return None
+
+    return check
+
+
+@contextmanager
+def _backend_env(backend: str):
+    """FASTGPT_BACKEND for models whose ops read it (fastgpt.GPT also has .backend)."""
+    saved = os.environ.get("FASTGPT_BACKEND")
+    os.environ["FASTGPT_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FASTGPT_BACKEND", None)
+        else:
+            os.environ["FASTGPT_BACKEND"] = saved
+
+
+def fastgpt_fn(hf, backend: str, N: int):
+    """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default)."""
+    try:
+        from fastgpt.model import GPT
+    except ImportError as exc:
+        raise Unavailable(f"fastgpt.model is not importable yet ({exc})") from exc
+    model = GPT.from_hf(hf)
+    if hasattr(type(model), "backend"):
+        model.backend = backend
+
+    def fn(inp):
+        with _backend_env(backend):
+            return model.generate(inp["idx"], N, temperature=0.0)
+
+    return fn
+
+
+def hf_fn(hf, attn: str, N: int, static: bool = False):
+    """transformers' generate, greedy; static=True: static cache, forward auto-compiled by HF."""
+    model = hf_variant(hf, attn)
+    extra = {"cache_implementation": "static"} if static else {"disable_compile": True}
+
+    def fn(inp):
+        with torch.no_grad():
+            return model.generate(inp["idx"], attention_mask=inp["mask"], max_new_tokens=N, do_sample=False,
+                                  **extra)
+
+    return fn
+
+
+def static_kv_fn(hf, N: int, compile: bool):
+    """The gpt-fast recipe (fastgpt/bench/gptfast.py); compiled only on CUDA (reduce-overhead)."""
+    from fastgpt.bench.gptfast import Generator, StaticGPT2
+
+    gen = Generator(StaticGPT2.from_hf(hf), compile=compile)
+    return lambda inp: gen(inp["idx"], N)
+
+
+def candidates(hf, device: torch.device, N: int) -> list[Candidate]:
+    cuda = device.type == "cuda"
+    out = fastgpt_candidates(device, lambda backend: fastgpt_fn(hf, backend, N))
+    hf_note = dist_version("transformers")
+    out.append(Candidate("HF generate (sdpa)", REFERENCE, lambda: hf_fn(hf, "sdpa", N), note=hf_note))
+    out.append(Candidate("HF generate (eager)", REFERENCE, lambda: hf_fn(hf, "eager", N), note=hf_note))
+    if cuda:
+        out.append(Candidate("HF generate (static cache + compile)", REFERENCE,
+                             lambda: hf_fn(hf, "sdpa", N, static=True), note=hf_note))
+        out.append(Candidate("static-KV GPT-2, compiled (gpt-fast recipe)", REFERENCE,
+                             lambda: static_kv_fn(hf, N, compile=True), note=f"torch {torch.__version__}"))
+    else:
+        out.append(Candidate("static-KV GPT-2, eager", REFERENCE, lambda: static_kv_fn(hf, N, compile=False),
+                             note="the gpt-fast recipe without its compile (reduce-overhead needs CUDA)"))
+    return out
+
+
+def make_case(params: dict, hf, oracle, device: torch.device, dtype: torch.dtype, config_name: str) -> Case:
+    """One generate case: B prompts of T random tokens, N new tokens, greedy."""
+    B, T, N = params["B"], params["T"], params["N"]
+    V = hf.config.vocab_size
+
+    def make_inputs(seed):
+        idx = torch.randint(0, V, (B, T), generator=generator(device, seed), device=device)
+        return {"idx": idx, "mask": torch.ones_like(idx)}
+
+    name = f"{config_name} {describe_params(params)}"
+    return Case(op="generate", name=name, params=dict(params, model=config_name), dtype=dtype,
+                make_inputs=make_inputs, reference=lambda inp: None, candidates=candidates(hf, device, N),
+                metric="tok/s", work=B * N, set_bytes=0, sweep=f"{config_name} T{T} N{N}", x=B, x_label="B",
+                check=greedy_check(oracle, T, N, LOGIT_TOL[dtype]))
+
+
+def describe_params(p: dict) -> str:
+    return f"B{p['B']} prompt {p['T']} new {p['N']}"
+
+
+def fill_timing(rec: dict, stats: timing.Stats, case: Case, settings: Settings, weight_nbytes: int) -> None:
+    """tok/s, and the weight-bandwidth utilisation as the % of the copy ceiling."""
+    B, N = case.params["B"], case.params["N"]
+    tok_s = formulas.tokens_per_second(B, N, stats.median * 1e-3)
+    copy = settings.ceilings.get("copy_gbps")
+    rec.update(ms=stats.median, ms_p20=stats.p20, ms_p80=stats.p80, runs=stats.runs, method=stats.method,
+               value=tok_s, weight_bytes=weight_nbytes, ceiling="copy_gbps", ceiling_value=copy)
+    if copy:
+        rec["pct_of_ceiling"] = 100.0 * formulas.weight_bandwidth_utilisation(tok_s, B, weight_nbytes, copy)
+
+
+def time_candidate(fn, sets, device, settings: Settings, quick: bool) -> timing.Stats:
+    """Wall-clock of whole generate calls after warm-up (the check was the first call).
+
+    One more warm-up call is timed as the estimate (a reduce-overhead compile records its graph
+    on the second call). Quick runs that already took longer than the budget keep that call as
+    the only sample.
+    """
+    def call(i):
+        return fn(sets[i % len(sets)])
+
+    est = timing.time_host(lambda i: call(i + 1), 1, device, warmup=0)[0]
+    if quick and est > settings.budget_ms:
+        return timing.summarize([est], "host-clock, whole call (1 run)")
+    runs = timing.plan_runs(est, settings.budget_ms, 2 if quick else 3, 10)
+    times = timing.time_host(lambda i: call(i + 2), runs, device, warmup=0)
+    return timing.summarize(times, "host-clock, whole call")
+
+
+def run_case(case: Case, device: torch.device, settings: Settings, weight_nbytes: int, quick: bool,
+             on_step=lambda text: None) -> list[dict]:
+    """Check each candidate, then time it right away (then free it: models hold memory)."""
+    sets = [case.make_inputs(100 + i) for i in range(3)]
+    records = []
+    for cand in case.candidates:
+        rec = base_record(case, cand)
+        records.append(rec)
+        if not settings.impl_filter(cand.label):
+            rec.update(status=SKIPPED, reason="excluded by --impl")
+            continue
+        if quick and cand.label in QUICK_SKIP and device.type == "cuda":
+            rec.update(status=SKIPPED, reason=QUICK_SKIP[cand.label])
+            continue
+        on_step(f"generate {case.name}: checking {cand.label}")
+        fn, rec["status"], rec["reason"] = prepare(case, cand, sets[0], None, device)
+        if fn is None:
+            continue
+        on_step(f"generate {case.name}: timing {cand.label}")
+        try:
+            fill_timing(rec, time_candidate(fn, sets, device, settings, quick), case, settings, weight_nbytes)
+        except Exception as exc:
+            rec.update(status=ERROR, reason=f"timing failed: {describe(exc)}")
+        del fn
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    add_speedups(records)
+    return records
