@@ -1,0 +1,113 @@
+"""`fastgpt bench`: the options, and the run (ceilings, kernel cases, generate, report)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+OPS = ("attention", "decode", "layernorm", "sampling", "generate")
+MODEL_CONFIGS = ("gpt2", "tiny")  # fastgpt.bench.cases.generate.MODEL_CONFIGS (kept light to import)
+NO_GPU = ("No CUDA GPU here: the kernel benchmarks ({ops}) need one and were skipped. "
+          "What runs on this machine is the generate comparison on the CPU.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `fastgpt bench` (no heavy imports: the CLI builds this for every command)."""
+    parser.add_argument("ops", nargs="*", metavar="OP",
+                        help=f"what to run: {', '.join(OPS)} or all (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a few representative shapes and short timing budgets (minutes, not hours)")
+    parser.add_argument("--shapes", action="append", metavar="SPEC",
+                        help="shapes for a single op, e.g. 'B=16,H=12,S=1024,D=64' (repeat the option, or "
+                             "separate specs with ';'). Keys: attention B H HKV S SK D causal; decode B H HKV L D; "
+                             "layernorm M N residual; sampling B V T K P MINP; generate B T N")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
+                        help="input dtype (default: bf16 kernels, fp32 sampling logits, bf16 generate on a GPU, "
+                             "fp32 on a CPU)")
+    parser.add_argument("--json", metavar="PATH", help="write the records as JSON (rewritten after each op)")
+    parser.add_argument("--csv", metavar="PATH", help="write the records as CSV")
+    parser.add_argument("--plot", metavar="PATH",
+                        help="PNG plots of the sweeps: a .png file (one panel per sweep) or a directory")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto: cuda when available (default)")
+    parser.add_argument("--model-config", choices=MODEL_CONFIGS, default="gpt2",
+                        help="generate: gpt2 (GPT-2 124M architecture, random weights; default) or tiny")
+    parser.add_argument("--impl", metavar="REGEX", help="only the implementations whose label matches REGEX")
+    parser.add_argument("--budget", type=float, metavar="SECONDS",
+                        help="timing budget per candidate (default: 1 s, 0.25 s with --quick; generate x5)")
+
+
+class UsageError(ValueError):
+    """A bad combination of options: reported, exit status 2."""
+
+
+def selected_ops(args) -> list[str]:
+    """The ops to run, in the canonical order."""
+    names = [n.lower() for n in (args.ops or ["all"])]
+    bad = [n for n in names if n not in OPS + ("all",)]
+    if bad:
+        raise UsageError(f"unknown op(s) {bad}: choose from {', '.join(OPS)} or all")
+    return list(OPS) if "all" in names else [op for op in OPS if op in names]
+
+
+def shape_specs(args, ops: list[str]) -> list[str] | None:
+    """The --shapes specs, split on ';'; they need exactly one op."""
+    if not args.shapes:
+        return None
+    specs = [s.strip() for item in args.shapes for s in item.split(";") if s.strip()]
+    if len(ops) != 1:
+        raise UsageError("--shapes applies to exactly one op (e.g. `fastgpt bench attention --shapes ...`)")
+    return specs
+
+
+def settings_for(args, ceilings: dict):
+    """Timing budgets from --quick / --budget, the ceilings, the --impl filter."""
+    from fastgpt.bench.core import Settings
+
+    quick = bool(args.quick)
+    budget_s = args.budget if args.budget is not None else (0.25 if quick else 1.0)
+    pattern = re.compile(args.impl) if args.impl else None
+    return Settings(budget_ms=budget_s * 1e3, min_runs=10 if quick else 20, max_runs=200 if quick else 1000,
+                    ceilings=ceilings, impl_filter=(lambda label: bool(pattern.search(label))) if pattern else
+                    (lambda label: True))
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda: CUDA is not available to torch here")
+    return torch.device(name)
+
+
+def make_console():
+    """A rich console; when not a terminal (CI logs, the GPU check), wide enough for the tables."""
+    from rich.console import Console
+
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=180)
+
+
+def run(args) -> int:
+    """Run `fastgpt bench`: 0 when done, 1 if a fastgpt candidate was wrong, 2 on bad options."""
+    console = make_console()
+    try:
+        ops = selected_ops(args)
+        specs = shape_specs(args, ops)
+        device = pick_device(args.device)
+        if args.impl:
+            re.compile(args.impl)
+    except (UsageError, re.error) as exc:
+        console.print(f"[red]fastgpt bench: {exc}[/]")
+        return 2
+    from fastgpt.bench.session import Session
+
+    session = Session(args, console, device, ops, specs)
+    session.start()
+    session.run_kernels()
+    if "generate" in ops:
+        session.run_generate()
+    return session.finish()
+

@@ -1,0 +1,335 @@
+"""The benchmark harness itself: formulas, statistics, the refusal to time a wrong candidate,
+the record schema, the plots, and `fastgpt bench` end to end on the CPU.
+
+GPU-only pieces (CUDA events, graph replay) have `gpu` tests that skip without CUDA.
+"""
+
+import csv
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from fastgpt.bench import formulas, report, timing
+from fastgpt.bench.cases import build_cases, parse_spec
+from fastgpt.bench.core import (FAILED, FASTGPT, OK, RECORD_FIELDS, REFERENCE, Candidate, Case, Settings,
+                                Unavailable, empty_record, run_case)
+from fastgpt.bench.env import ENV_FIELDS, environment
+
+CPU = torch.device("cpu")
+FAST = Settings(budget_ms=5, min_runs=3, max_runs=5)
+
+# ----------------------------------------------------------------------------- formulas
+
+
+def test_attention_flops_halved_when_causal():
+    assert formulas.attention_flops(16, 12, 1024, 1024, 64, causal=False) == 4 * 16 * 12 * 1024 * 1024 * 64
+    assert formulas.attention_flops(16, 12, 1024, 1024, 64, causal=True) == 2 * 16 * 12 * 1024 * 1024 * 64
+    assert formulas.attention_flops(1, 1, 3, 5, 2, causal=False) == 4 * 3 * 5 * 2
+
+
+def test_decode_bytes_read_once_write_once():
+    B, Hq, Hkv, D, L = 64, 12, 12, 64, 4096
+    cache = 2 * B * Hkv * L * D * 2  # K and V, bf16
+    q_and_out = 2 * B * Hq * D * 2
+    assert formulas.decode_bytes(B, Hq, Hkv, D, B * L, torch.bfloat16) == cache + q_and_out + 4 * B
+    # GQA reads each KV head once, whatever the number of query heads sharing it.
+    assert formulas.decode_bytes(2, 32, 8, 128, 100, torch.float16) == 2 * (2 * 2 * 32 * 128 + 2 * 8 * 128 * 100) + 8
+
+
+def test_layer_norm_bytes():
+    M, N = 65536, 1024
+    assert formulas.layer_norm_bytes(M, N, torch.bfloat16, residual=True) == 2 * 4 * M * N + 2 * N * 2
+    assert formulas.layer_norm_bytes(M, N, torch.float32, residual=False) == 4 * 2 * M * N + 2 * N * 4
+    assert formulas.layer_norm_bytes(M, N, torch.bfloat16, residual=False, affine=False) == 2 * 2 * M * N
+
+
+def test_sampling_copy_matmul_counts():
+    assert formulas.sampling_bytes(32, 50257, torch.float32) == 32 * 50257 * 4
+    assert formulas.copy_bytes(1000, torch.bfloat16) == 4000
+    assert formulas.matmul_flops(2, 3, 4) == 48
+
+
+def test_weight_bytes_counts_tied_weights_once():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight
+    model = torch.nn.ModuleDict({"emb": emb, "head": head, "ln": torch.nn.LayerNorm(4)})
+    assert formulas.weight_bytes(model) == (40 + 8) * 4
+
+
+def test_generate_rates():
+    assert formulas.tokens_per_second(32, 256, 2.0) == 32 * 256 / 2.0
+    # GPT-2 124M in bf16 (249 MB) at 16,000 steps/s needs ~4 TB/s: 100% of a 3.98 TB/s copy.
+    util = formulas.weight_bandwidth_utilisation(16000.0, 1, 248_879_616, 3982.07)
+    assert util == pytest.approx(1.0, rel=1e-3)
+    assert formulas.weight_bandwidth_utilisation(32 * 1000.0, 32, 10**9, 1000.0) == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 10, 101])
+def test_quantile_matches_numpy(n):
+    values = list(np.random.default_rng(n).exponential(size=n))
+    for q in (0.0, 0.2, 0.5, 0.8, 1.0):
+        assert timing.quantile(values, q) == pytest.approx(float(np.quantile(values, q)))
+
+
+def test_summarize_and_errors():
+    stats = timing.summarize([5.0, 1.0, 3.0, 2.0, 4.0], "m")
+    assert (stats.median, stats.p20, stats.p80, stats.runs, stats.method) == (3.0, 1.8, 4.2, 5, "m")
+    with pytest.raises(ValueError):
+        timing.quantile([], 0.5)
+    with pytest.raises(ValueError):
+        timing.quantile([1.0], 1.5)
+
+
+def test_plan_runs_clamps():
+    assert timing.plan_runs(1.0, 100.0, 10, 1000) == 100
+    assert timing.plan_runs(50.0, 100.0, 10, 1000) == 10
+    assert timing.plan_runs(0.001, 100.0, 10, 1000) == 1000
+    assert timing.plan_runs(0.0, 100.0, 10, 50) == 50
+
+
+def test_time_host_measures_each_call():
+    calls = []
+    times = timing.time_host(lambda i: (calls.append(i), time.sleep(0.002)), 4, CPU, warmup=2)
+    assert len(times) == 4 and all(t >= 1.5 for t in times)
+    assert calls == [0, 1, 0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- check before timing
+
+
+def _toy_case(candidates):
+    """y = 2x on CPU tensors; 'work' counts 8 bytes per element."""
+    def make_inputs(seed):
+        return {"x": torch.randn(64, generator=torch.Generator().manual_seed(seed))}
+
+    return Case(op="toy", name="x64", params={"n": 64}, dtype=torch.float32, make_inputs=make_inputs,
+                reference=lambda inp: inp["x"] * 2, candidates=candidates, metric="GB/s", work=64 * 8, set_bytes=256)
+
+
+def test_wrong_candidate_is_failed_and_never_timed():
+    calls = {"right": 0, "wrong": 0}
+
+    def right(inp):
+        calls["right"] += 1
+        return inp["x"] + inp["x"]
+
+    def wrong(inp):
+        calls["wrong"] += 1
+        out = inp["x"] * 2
+        out[-1] += 1.0  # one wrong element among 64
+        return out
+
+    def missing():
+        raise Unavailable("not installed here")
+
+    def crash(inp):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    records = run_case(_toy_case([
+        Candidate("good", FASTGPT, lambda: right),
+        Candidate("bad", FASTGPT, lambda: wrong),
+        Candidate("ref", REFERENCE, lambda: lambda inp: inp["x"] * 2),
+        Candidate("absent", REFERENCE, missing),
+        Candidate("crashes", REFERENCE, lambda: crash),
+    ]), CPU, FAST)
+    by = {r["implementation"]: r for r in records}
+    assert by["bad"]["status"] == FAILED and "1 elements out of tolerance" in by["bad"]["reason"]
+    assert calls["wrong"] == 1  # the check only: no warm-up, no timing
+    assert all(by["bad"][k] is None for k in ("ms", "ms_p20", "ms_p80", "runs", "value", "speedup_vs"))
+    assert by["good"]["status"] == OK and calls["right"] > 1
+    assert by["good"]["ms"] > 0 and by["good"]["ms_p20"] <= by["good"]["ms"] <= by["good"]["ms_p80"]
+    assert by["good"]["value"] == pytest.approx(64 * 8 / (by["good"]["ms"] * 1e-3) / 1e9)
+    assert by["good"]["speedup_vs"] == {"ref": pytest.approx(by["ref"]["ms"] / by["good"]["ms"])}
+    assert by["good"]["best_ref"] == "ref"
+    assert by["absent"]["status"] == "unavailable" and by["absent"]["reason"] == "not installed here"
+    assert by["crashes"]["status"] == "error" and by["crashes"]["reason"] == "RuntimeError: kernel exploded"
+
+
+def test_non_finite_and_shape_are_caught():
+    nan = lambda inp: torch.full_like(inp["x"], float("nan"))  # noqa: E731
+    short = lambda inp: inp["x"][:-1] * 2  # noqa: E731
+    records = run_case(_toy_case([Candidate("nan", FASTGPT, lambda: nan), Candidate("short", FASTGPT, lambda: short)]),
+                       CPU, FAST)
+    assert [r["status"] for r in records] == [FAILED, FAILED]
+    assert "non-finite" in records[0]["reason"] and "shape" in records[1]["reason"]
+
+
+def test_sampler_ignoring_top_k_is_failed():
+    """A sampler drawing from the whole softmax is caught by the kept-set check."""
+    case = build_cases("sampling", CPU, torch.float32, True, ["B=2,V=500,K=5,P=1.0"])[0]
+
+    def unfiltered(inp):
+        return torch.multinomial(torch.softmax(inp["logits"] / 0.8, dim=-1), 1).squeeze(1)
+
+    case.candidates = [Candidate("unfiltered", FASTGPT, lambda: unfiltered)] + \
+        [c for c in case.candidates if c.label in ("fastgpt[torch]", "HF processors + multinomial")]
+    by = {r["implementation"]: r for r in run_case(case, CPU, FAST)}
+    assert by["unfiltered"]["status"] == FAILED and "outside the kept set" in by["unfiltered"]["reason"]
+    assert by["HF processors + multinomial"]["status"] == OK
+    assert by["fastgpt[torch]"]["status"] == OK
+    assert by["fastgpt[torch]"]["best_ref"] == "HF processors + multinomial"
+
+
+@pytest.mark.parametrize("op,spec", [
+    ("attention", "B=1,H=4,HKV=2,S=24,SK=40,D=32"),
+    ("decode", "B=2,H=4,HKV=2,L=50,D=32"),
+    ("layernorm", "M=7,N=96"),
+])
+def test_kernel_cases_check_references_on_cpu(op, spec):
+    """The case machinery on CPU tensors: the torch backend and PyTorch references pass the check."""
+    settings = Settings(budget_ms=5, min_runs=2, max_runs=3, impl_filter=lambda label: "compile" not in label)
+    case = build_cases(op, CPU, torch.float32, True, [spec])[0]
+    by = {r["implementation"]: r for r in run_case(case, CPU, settings)}
+    assert by["fastgpt[torch]"]["status"] == OK
+    assert FAILED not in {r["status"] for r in by.values()}, {k: r["reason"] for k, r in by.items()}
+    expected_ok = {"attention": "eager matmul-softmax-matmul", "decode": "sdpa[math]",
+                   "layernorm": "eager add + F.layer_norm"}[op]
+    assert by[expected_ok]["status"] == OK
+
+
+def test_generate_check_fails_random_tokens():
+    from fastgpt.bench.cases import generate as gen
+
+    hf = gen.build_hf("tiny", CPU, torch.float32)
+    case = gen.make_case(dict(B=2, T=8, N=6), hf, hf, CPU, torch.float32, "tiny")
+    vocab = hf.config.vocab_size
+
+    def random_tokens(inp):
+        new = torch.randint(0, vocab, (inp["idx"].shape[0], 6), generator=torch.Generator().manual_seed(0))
+        return torch.cat([inp["idx"], new], dim=1)
+
+    case.candidates = [Candidate("random", FASTGPT, lambda: random_tokens),
+                       Candidate("HF eager", REFERENCE, lambda: gen.hf_fn(hf, "eager", 6))]
+    by = {r["implementation"]: r for r in gen.run_case(case, CPU, FAST, formulas.weight_bytes(hf), quick=True)}
+    assert by["random"]["status"] == FAILED and "not the greedy choice" in by["random"]["reason"]
+    assert by["HF eager"]["status"] == OK and by["HF eager"]["value"] > 0
+
+
+# ----------------------------------------------------------------------------- specs and options
+
+
+def test_parse_spec():
+    keys = {"B": 16, "S": 1024, "causal": True, "T": 0.8}
+    assert parse_spec("b=2, S=8,causal=0,t=0.5", keys) == {"B": 2, "S": 8, "causal": False, "T": 0.5}
+    assert parse_spec("", keys) == keys
+    for bad in ("X=1", "B", "B=two", "causal=maybe"):
+        with pytest.raises(ValueError):
+            parse_spec(bad, keys)
+
+
+def test_bad_options_exit_2(capsys):
+    from fastgpt.bench import main
+
+    assert main(["nonsense"]) == 2
+    assert main(["attention", "decode", "--shapes", "B=1"]) == 2
+    assert main(["generate", "--impl", "("]) == 2
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _records():
+    env = environment(CPU)
+    out = []
+    for impl, kind, ys in (("fastgpt[cuda]", FASTGPT, (10.0, 20.0, 30.0)), ("sdpa[flash]", REFERENCE, (5.0, 9.0, 12.0))):
+        for x, y in zip((512, 1024, 2048), ys):
+            out.append({**empty_record(op="attention", case=f"S{x}", sweep="causal D64", x=x, x_label="S",
+                                       params={"S": x}, dtype="bfloat16", implementation=impl, kind=kind,
+                                       status=OK, ms=1.0, ms_p20=0.9, ms_p80=1.1, runs=10, metric="TFLOP/s",
+                                       value=y, speedup_vs={"sdpa[flash]": 2.0} if kind == FASTGPT else None),
+                        **env})
+    out.append({**empty_record(op="sampling", case="B1", implementation="bad", kind=FASTGPT, status=FAILED,
+                               reason="wrong"), **env})
+    return env, out
+
+
+def test_json_and_csv_schema(tmp_path):
+    env, records = _records()
+    report.write_json(tmp_path / "b.json", env, {"copy_gbps": 1.0, "matmul_tflops": 2.0}, records)
+    report.write_csv(tmp_path / "b.csv", records)
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["schema"] == report.SCHEMA and set(data) == {"schema", "env", "ceilings", "records"}
+    assert set(data["env"]) == set(ENV_FIELDS)
+    for rec in data["records"]:
+        assert set(rec) == set(RECORD_FIELDS) | set(ENV_FIELDS)
+        assert rec["git_sha"] and rec["date"] and rec["gpu"] and rec["torch"]
+    rows = list(csv.DictReader((tmp_path / "b.csv").open()))
+    assert list(rows[0]) == list(report.CSV_FIELDS) and len(rows) == len(records)
+    assert json.loads(rows[0]["params"]) == {"S": 512}
+    assert rows[-1]["status"] == FAILED and rows[-1]["ms"] == ""
+
+
+def test_plots_written(tmp_path):
+    env, records = _records()
+    [single] = report.plot(records, tmp_path / "all.png", env)
+    files = report.plot(records, tmp_path / "plots", env)
+    assert [f.name for f in files] == ["attention_causal_d64.png"]
+    for path in (single, files[0]):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+    assert report.plot(records[-1:], tmp_path / "none", env) == []
+
+
+def test_summary_uses_best_fastgpt_and_reference():
+    _, records = _records()
+    rows = report.summary_rows(records)
+    assert rows[0][2] == "fastgpt[cuda]" and rows[0][5] == "sdpa[flash]"
+    assert rows[-1][-1] == "bad"
+
+
+# ----------------------------------------------------------------------------- end to end on CPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path: this machine has a GPU")
+def test_fastgpt_bench_cpu_end_to_end(tmp_path, capsys):
+    from fastgpt.bench import main
+
+    start = time.perf_counter()
+    rc = main(["all", "--quick", "--model-config", "tiny", "--budget", "0.05", "--json", str(tmp_path / "b.json"),
+               "--csv", str(tmp_path / "b.csv"), "--plot", str(tmp_path / "plots")])
+    elapsed = time.perf_counter() - start
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert elapsed < 60
+    assert "need one and were skipped" in out and "summary" in out
+    data = json.loads((tmp_path / "b.json").read_text())
+    by = {(r["op"], r["implementation"]): r for r in data["records"]}
+    assert {("ceiling", "copy"), ("ceiling", "matmul")} <= set(by)
+    for op in ("attention", "decode", "layernorm", "sampling"):
+        assert by[(op, f"{op} (all)")]["reason"] == "needs a CUDA GPU"
+    assert by[("generate", "fastgpt[torch]")]["status"] == OK
+    assert by[("generate", "HF generate (sdpa)")]["status"] == OK
+    assert by[("generate", "fastgpt[torch]")]["value"] > 0
+    assert by[("generate", "fastgpt[torch]")]["pct_of_ceiling"] is not None
+    assert (tmp_path / "b.csv").exists() and list((tmp_path / "plots").glob("*.png"))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+def test_gpu_timers_agree():
+    x = torch.randn(2**24, device="cuda")
+    sets = [x, x.clone()]
+    call = lambda i: sets[i % 2].mul(2.0)  # noqa: E731
+    flush = timing.l2_flush_buffer(torch.device("cuda"))
+    events = timing.summarize(timing.time_events(call, 20, flush), "e")
+    graph = timing.summarize(timing.time_graph(call, 10, 10), "g")
+    # 128 MB read + written: well above launch overhead, so the two methods agree.
+    assert 0.5 < events.median / graph.median < 2.0
+
+
+@pytest.mark.gpu
+def test_gpu_layernorm_case_runs():
+    settings = Settings(budget_ms=20, min_runs=5, max_runs=20, ceilings={"copy_gbps": 1000.0},
+                        impl_filter=lambda label: "compile" not in label)
+    case = build_cases("layernorm", torch.device("cuda"), torch.bfloat16, True, ["M=4096,N=1024"])[0]
+    by = {r["implementation"]: r for r in run_case(case, torch.device("cuda"), settings)}
+    assert by["eager add + F.layer_norm"]["status"] == OK
+    assert by["eager add + F.layer_norm"]["pct_of_ceiling"] > 0
