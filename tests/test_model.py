@@ -8,6 +8,15 @@ from tests.helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # (n_embd, n_head, n_layer): head dims 16, 48, 64, 80; an odd head count.
 CONFIGS = [(64, 4, 2), (96, 2, 2), (128, 2, 3), (160, 2, 2), (120, 5, 1)]
 
@@ -16,7 +25,7 @@ def tiny_hf(n_embd=64, n_head=4, n_layer=2, vocab_size=384, n_positions=96, seed
     """A random GPT2LMHeadModel; initializer_range 0.2 spreads the logits so argmax ties are unlikely."""
     torch.manual_seed(seed)
     config = transformers.GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                                     n_head=n_head, initializer_range=0.2, bos_token_id=0, eos_token_id=0, **extra)
+                                     n_head=n_head, initializer_range=0.2, bos_token_id=None, eos_token_id=None, **extra)
     return transformers.GPT2LMHeadModel(config).eval()
 
 

@@ -1,0 +1,347 @@
+"""Generation for fastgpt.GPT: prefill, then one decode step per token over a static KV cache.
+
+The cache is allocated once, (n_layer, B, H, S, D) for k and for v. The prefill writes the
+prompt's k/v into slots [0, T); each decode step writes its token's k/v into one slot per row
+(scatter_, no concatenation) and attends over the cache with fastgpt.decode_attention.
+
+Left padding. HF marks padding with attention_mask = 0 at the start of a row. Here each row's
+real tokens are moved to the front (slots 0 .. L_b - 1, positions 0 .. L_b - 1 as HF's
+position_ids from the mask), so the padding sits at the end: a causal prefill never lets a real
+token see it, and decode_attention with cache_seqlens = L_b + t never reads it (the first decode
+step of row b overwrites slot L_b). No mask is needed anywhere, and every row computes exactly
+what it computes alone. The output keeps the caller's layout: idx, then the new tokens.
+
+The per-token work is all on the device: sampling parameters, positions, the output buffer and
+the "finished" flags are tensors, so one decode step can be captured in a CUDA graph and
+replayed. The host reads the device only to ask whether every row has hit eos, every
+`check_every` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from collections.abc import Iterator
+
+import torch
+
+import fastgpt
+
+CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
+BUCKET = 256  # CUDA-graph cache lengths round up to a multiple of this (capped by n_positions)
+EOS_SLOTS = 8  # eos ids held by a decoder; more ids make a decoder with more slots
+MAX_DECODERS = 4  # decoders (caches + graphs) kept per model, the least recently used dropped
+WARMUP_STEPS = 2  # eager decode steps before a capture: Triton compiles, cuBLAS plans
+
+
+class KVCache:
+    """k and v of every layer: (n_layer, B, H, S, D) each, in the model's dtype."""
+
+    def __init__(self, config, batch: int, length: int, dtype, device):
+        shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    def layer(self, i: int):
+        return self.k[i], self.v[i]  # (B, H, S, D) views
+
+
+class Decoder:
+    """Every buffer one generation needs, for one (batch, cache length): reused across calls.
+
+    State (all device tensors, so a CUDA graph can own them):
+      tok (B,) int64       the last token emitted, the next decode step's input
+      pos (B,) int64       its position and cache slot
+      step (1,) int64      its column in out
+      out (B, S + W) int64 the new tokens (W spare columns for the capture's warm-up steps)
+      finished (B,) bool   rows that emitted an eos
+      temperature, top_k, top_p, min_p (B,)   sampling parameters; eos (E,) int64, pad (1,) int64
+    """
+
+    def __init__(self, model, batch: int, length: int, eos_slots: int):
+        weight = model.transformer.wte.weight
+        device, self.model = weight.device, model
+        self.cache = KVCache(model.config, batch, length, weight.dtype, device)
+        zeros = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
+        self.tok, self.pos, self.step = zeros(batch), zeros(batch), zeros(1)
+        self.out = zeros(batch, length + WARMUP_STEPS + 1)
+        self.finished = zeros(batch, dtype=torch.bool)
+        self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
+        self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
+        self.eos, self.pad = zeros(eos_slots), zeros(1)
+        self.generator = None
+        self.graph, self.graph_generator = None, None
+
+    def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, generator):
+        """Load one call's settings: each copy_ keeps the buffer (and a captured graph) valid."""
+        for name, value in sampling.items():
+            getattr(self, name).copy_(value)
+        self.eos.fill_(-1)  # never a token id
+        self.eos[: len(eos_ids)] = torch.tensor(eos_ids, dtype=torch.int64)
+        self.pad.fill_(pad_id)
+        self.finished.zero_()
+        self.step.zero_()
+        self.generator = generator
+
+    def emit(self, logits):
+        """Sample from logits (B, V), write the tokens to out[:, step], advance. No host sync."""
+        nxt = fastgpt.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                             min_p=self.min_p, generator=self.generator, backend=self.model.backend)
+        nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
+        self.out.index_copy_(1, self.step, nxt[:, None])
+        self.finished |= (nxt[:, None] == self.eos).any(dim=1)
+        self.tok.copy_(nxt)
+        self.step += 1
+
+    def decode_step(self):
+        """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""
+        logits = self.model.decode(self.tok, self.pos, self.cache)  # (B, V)
+        self.pos += 1
+        self.emit(logits)
+
+    def advance(self):
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.decode_step()
+
+    def capture(self) -> str | None:
+        """Capture decode_step in a CUDA graph (or keep the one captured); None, or why it failed."""
+        if self.graph is not None and self.graph_generator is self.generator:
+            return None
+        self.graph = None
+        state = (self.tok, self.pos, self.step, self.out, self.finished)
+        saved = [t.clone() for t in state]
+        rng = _rng_state(self.generator, self.tok.device)
+        try:
+            stream = torch.cuda.Stream(self.tok.device)
+            stream.wait_stream(torch.cuda.current_stream(self.tok.device))
+            with torch.cuda.stream(stream):  # warm-up off the capture: kernels compile, libraries plan
+                for _ in range(WARMUP_STEPS):
+                    self.decode_step()
+            torch.cuda.current_stream(self.tok.device).wait_stream(stream)
+            _restore(state, saved, self.generator, rng)
+            graph = torch.cuda.CUDAGraph()
+            if self.generator is not None:  # replays then advance this generator, not the default one
+                graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph):
+                self.decode_step()
+        except Exception as exc:  # a sync or an uncapturable op somewhere: decode eagerly instead
+            _restore(state, saved, self.generator, rng)
+            return f"{type(exc).__name__}: {exc}"
+        self.graph, self.graph_generator = graph, self.generator
+        return None
+
+
+def _rng_state(generator, device):
+    if generator is not None:
+        return generator.get_state()
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _restore(state, saved, generator, rng):
+    """Undo the warm-up steps: the state tensors and the random stream are as before them."""
+    for t, value in zip(state, saved):
+        t.copy_(value)
+    if generator is not None:
+        generator.set_state(rng)
+    elif saved[0].device.type == "cuda":
+        torch.cuda.set_rng_state(rng, saved[0].device)
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_prompt(model, idx, max_new_tokens):
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+        raise ValueError(f"idx must be a (B, T) tensor of token ids, got {getattr(idx, 'shape', type(idx).__name__)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx must hold int64 token ids, got {idx.dtype}")
+    device = model.transformer.wte.weight.device
+    if idx.device != device:
+        raise ValueError(f"idx is on {idx.device} but the model is on {device}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    B, T = idx.shape
+    context = model.config.n_positions
+    if T > context:
+        raise ValueError(f"the prompt has {T} tokens, more than the model's context n_positions = {context}")
+    if T + max_new_tokens > context:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
+                         f"n_positions = {context}: ask for at most {context - T} new tokens")
+    if T == 0 and B > 0:
+        raise ValueError("the prompt is empty (T = 0): generation needs at least one token per row")
+    V = model.config.vocab_size
+    if B and not bool(((idx >= 0) & (idx < V)).all()):
+        raise ValueError(f"idx holds token ids outside [0, vocab_size = {V})")
+
+
+def _check_mask(attention_mask, idx):
+    """The number of real tokens per row (B,) int64; the mask must be 0/1 with left padding."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(idx.shape):
+        raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, "
+                         f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    mask = attention_mask.to(device=idx.device, dtype=torch.int64)
+    if not bool(((mask == 0) | (mask == 1)).all()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
+        raise ValueError("attention_mask must be left-padded (each row: 0s, then 1s), as for HF generate")
+    lengths = mask.sum(dim=1)
+    if not bool((lengths > 0).all()):
+        raise ValueError("a row of attention_mask has no tokens (all 0): every row needs at least one")
+    return lengths
+
+
+def _per_row(name, value, B, dtype, valid, expected):
+    """A sampling parameter (a number, or B values) as a CPU tensor (B,), range-checked."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number or B values, got a bool")
+    t = torch.as_tensor(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
+    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
+        raise ValueError(f"{name} must be a number or a sequence of B = {B} values, got shape {tuple(t.shape)}")
+    if not bool(valid(t).all()):
+        raise ValueError(f"{name} must be {expected}, got {value}")
+    if dtype == torch.int64 and not bool((t == t.round()).all()):
+        raise TypeError(f"{name} must be an integer, got {value}")
+    return t.to(dtype).expand(B)
+
+
+def _sampling(B, temperature, top_k, top_p, min_p) -> dict:
+    finite = lambda t: t.isfinite()  # noqa: E731
+    return dict(
+        temperature=_per_row("temperature", temperature, B, torch.float32,
+                             lambda t: finite(t) & (t >= 0), ">= 0 and finite (0 is greedy)"),
+        top_k=_per_row("top_k", top_k, B, torch.int64, lambda t: finite(t) & (t >= 0), ">= 0 (0 is off)"),
+        top_p=_per_row("top_p", top_p, B, torch.float64, lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 is off)"),
+        min_p=_per_row("min_p", min_p, B, torch.float32, lambda t: (t >= 0) & (t <= 1), "in [0, 1] (0 is off)"),
+    )
+
+
+def _eos_ids(eos_token_id) -> list[int]:
+    if eos_token_id is None:
+        return []
+    ids = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
+    ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
+    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
+        raise ValueError(f"eos_token_id must be an int >= 0 or a list of them, got {eos_token_id!r}")
+    return [int(i) for i in ids]
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _decoder(model, B, length, eos_slots, use_graph):
+    """The model's decoder for this shape, made on first use; least recently used ones dropped."""
+    if use_graph:
+        length = min(math.ceil(length / BUCKET) * BUCKET, model.config.n_positions)
+    key = (B, length, eos_slots)
+    decoder = model._decoders.pop(key, None) or Decoder(model, B, length, eos_slots)
+    model._decoders[key] = decoder  # re-inserted: dicts keep insertion order, the oldest is first
+    while len(model._decoders) > MAX_DECODERS:
+        model._decoders.pop(next(iter(model._decoders)))
+    return decoder
+
+
+def _left_align(idx, lengths):
+    """Move each row's lengths[b] real tokens to the front; the padding (token 0) goes to the end."""
+    B, T = idx.shape
+    src = torch.arange(T, device=idx.device)[None, :] + (T - lengths)[:, None]  # (B, T)
+    return torch.where(src < T, idx.gather(1, src.clamp(max=T - 1)), 0)
+
+
+def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, top_p, min_p, eos_token_id,
+           pad_token_id, generator, cuda_graph, check_every) -> Iterator[Decoder]:
+    """Prefill, then decode; yields the decoder after each new token (its column step - 1 of out)."""
+    _check_prompt(model, idx, max_new_tokens)
+    B, T = idx.shape
+    lengths = _check_mask(attention_mask, idx)
+    sampling = _sampling(B, temperature, top_k, top_p, min_p)
+    eos_ids = _eos_ids(eos_token_id)
+    pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    if B == 0 or max_new_tokens == 0:
+        return
+    device = idx.device
+    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    if use_graph and device.type != "cuda":
+        warnings.warn(f"cuda_graph=True ignored: the model is on {device}, decoding eagerly", stacklevel=3)
+        use_graph = False
+
+    decoder = _decoder(model, B, T + max_new_tokens, max(EOS_SLOTS, len(eos_ids)), use_graph)
+    decoder.reset(sampling, eos_ids, pad_id, generator)
+    idx = idx.long()
+    if lengths is None:
+        lengths = torch.full((B,), T, dtype=torch.int64, device=device)
+    else:
+        idx = _left_align(idx, lengths)
+    decoder.pos.copy_(lengths)  # the first new token goes to slot L_b, position L_b
+    decoder.emit(model.prefill(idx, decoder.cache, last=lengths - 1))
+    yield decoder
+
+    if use_graph and max_new_tokens > 1:
+        reason = decoder.capture()
+        if reason:
+            warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=3)
+    for i in range(1, max_new_tokens):
+        if eos_ids and i % check_every == 0 and bool(decoder.finished.all()):
+            return
+        decoder.advance()
+        yield decoder
+
+
+def _options(kwargs):
+    known = {"pad_token_id": None, "cuda_graph": None, "check_every": CHECK_EVERY}
+    unknown = set(kwargs) - set(known)
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    return {**known, **kwargs}
+
+
+@torch.inference_mode()
+def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
+             eos_token_id=None, attention_mask=None, generator=None, **options) -> torch.Tensor:
+    """Continue each row of idx (B, T) int64 by max_new_tokens tokens -> (B, T + n) int64.
+
+    See GPT.generate. Options: pad_token_id (what finished rows emit; default the first eos id),
+    cuda_graph (capture the decode step; default True on CUDA; falls back to eager with a warning
+    saying why), check_every (decode steps between checks that every row is finished).
+    n == max_new_tokens unless every row hit eos, as with HF: then n ends at the last row's eos.
+    """
+    options = _options(options)
+    steps, decoder = 0, None
+    for decoder in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                          top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+                          generator=generator, **options):
+        steps += 1
+    if decoder is None:  # nothing ran: an empty batch gets (0, T + n), max_new_tokens == 0 gets idx
+        width = idx.shape[1] + (max_new_tokens if idx.shape[0] == 0 else 0)
+        return idx.new_zeros(0, width) if idx.shape[0] == 0 else idx.clone()
+    new = decoder.out[:, :steps]  # (B, steps)
+    if eos_token_id is not None:
+        steps = _trim(new, decoder.eos)
+    return torch.cat([idx, new[:, :steps].to(idx.dtype)], dim=1)
+
+
+def _trim(new, eos):
+    """Columns to keep: all of them, unless every row has an eos, then up to the last row's first eos."""
+    is_eos = (new[:, :, None] == eos).any(dim=2)  # (B, steps)
+    if not bool(is_eos.any(dim=1).all()):
+        return new.shape[1]
+    return int(is_eos.int().argmax(dim=1).max()) + 1
+
+
+@torch.inference_mode()
+def stream(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, eos_token_id=None,
+           attention_mask=None, generator=None, **options) -> Iterator[torch.Tensor]:
+    """Generate like `generate`, yielding each step's new tokens (B,) int64 as soon as they exist.
+
+    Rows that hit eos yield pad_token_id afterwards; the iteration ends when every row has hit eos
+    (checked every check_every steps, default 1 here) or after max_new_tokens steps.
+    """
+    options = {"check_every": 1, **options}
+    for decoder in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                          top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+                          generator=generator, **_options(options)):
+        yield decoder.tok.clone()

@@ -1,0 +1,256 @@
+"""fastgpt's generate: token-identical to HF greedy, left padding, eos, sampling, edge cases (CPU, fp32)."""
+
+import warnings
+
+import pytest
+import torch
+
+from fastgpt.generate import generate, stream
+from fastgpt.model import GPT
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+V = 384
+
+
+def tiny(n_embd=64, n_head=4, n_layer=2, n_positions=96, seed=0):
+    """(hf, fastgpt) pair of one random GPT-2; initializer_range 0.2 keeps argmax ties unlikely."""
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
+                                     n_head=n_head, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    return hf, GPT.from_hf(hf)
+
+
+def hf_greedy(hf, idx, n, mask=None, **kw):
+    mask = torch.ones_like(idx) if mask is None else mask
+    with torch.no_grad():
+        return hf.generate(idx, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return tiny(96, 2)  # head dim 48
+
+
+@pytest.mark.parametrize("n_embd,n_head,B,T", [(64, 4, 1, 7), (96, 2, 3, 16), (160, 2, 2, 5)])
+def test_greedy_matches_hf(n_embd, n_head, B, T):
+    hf, model = tiny(n_embd, n_head)
+    idx = torch.randint(0, V, (B, T))
+    out = model.generate(idx, 40)
+    assert out.shape == (B, T + 40)
+    assert torch.equal(out, hf_greedy(hf, idx, 40))
+
+
+def test_left_padded_batch_equals_rows_alone(pair):
+    hf, model = pair
+    lengths = [9, 4, 1, 6]
+    T = max(lengths)
+    rows = [torch.randint(1, V, (1, n)) for n in lengths]
+    idx = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros_like(idx)
+    for b, row in enumerate(rows):
+        idx[b, T - row.shape[1]:] = row
+        mask[b, T - row.shape[1]:] = 1
+    out = model.generate(idx, 33, attention_mask=mask)
+    assert torch.equal(out[:, :T], idx)  # the caller's layout: padding kept, new tokens after it
+    for b, row in enumerate(rows):
+        assert torch.equal(out[b, T:], model.generate(row, 33)[0, row.shape[1]:])
+    assert torch.equal(out, hf_greedy(hf, idx, 33, mask))
+
+
+def test_eos_stops_rows(pair):
+    hf, model = pair
+    idx = torch.randint(1, V, (3, 6))
+    free = model.generate(idx, 30)[:, 6:]
+    eos = int(free[0, 4])  # row 0 emits it at step 4 (or earlier); others may or may not
+    out = model.generate(idx, 30, eos_token_id=eos, pad_token_id=7)
+    expected = hf_greedy(hf, idx, 30, eos_token_id=eos).clone()
+    assert out.shape[1] <= 36
+    new = out[:, 6:]
+    first = (new[0] == eos).nonzero()[0, 0]
+    assert (new[0, first + 1:] == 7).all()  # pad after eos
+    # HF pads with pad_token_id=0 here: compare with pads mapped back.
+    hf_new = expected[:, 6:]
+    assert hf_new.shape == new.shape
+    for b in range(3):
+        hits = (hf_new[b] == eos).nonzero()
+        stop = hits[0, 0] + 1 if len(hits) else new.shape[1]
+        assert torch.equal(new[b, :stop], hf_new[b, :stop])
+        assert (new[b, stop:] == 7).all()
+
+
+def test_eos_every_row_ends_output_early(pair):
+    _, model = pair
+    idx = torch.randint(1, V, (2, 5))
+    free = model.generate(idx, 20)[:, 5:]
+    eos_ids = [int(free[0, 2]), int(free[1, 3])]
+    for check_every in (1, 8):
+        out = model.generate(idx, 20, eos_token_id=eos_ids, check_every=check_every)
+        new = out[:, 5:]
+        is_eos = (new[:, :, None] == torch.tensor(eos_ids)).any(-1)
+        assert is_eos.any(1).all()
+        assert out.shape[1] == 5 + int(is_eos.int().argmax(1).max()) + 1  # ends at the last row's eos
+
+
+def test_sampling_reproducible_under_generator(pair):
+    _, model = pair
+    idx = torch.randint(0, V, (2, 8))
+
+    def run(seed, **kw):
+        return model.generate(idx, 24, temperature=0.9, top_k=50, top_p=0.95,
+                              generator=torch.Generator().manual_seed(seed), **kw)
+
+    a, b, c = run(1), run(1), run(2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert ((a >= 0) & (a < V)).all()
+
+
+def test_top_k_1_is_greedy_and_per_row_params(pair):
+    _, model = pair
+    idx = torch.randint(0, V, (2, 8))
+    greedy = model.generate(idx, 16)
+    assert torch.equal(model.generate(idx, 16, temperature=1.3, top_k=1), greedy)
+    mixed = model.generate(idx, 16, temperature=[0.0, 1.0], top_k=[0, 1])
+    assert torch.equal(mixed, greedy)
+
+
+def test_stream_yields_the_generated_tokens(pair):
+    _, model = pair
+    idx = torch.randint(0, V, (2, 8))
+    steps = list(stream(model, idx, 12))
+    assert len(steps) == 12 and steps[0].shape == (2,)
+    assert torch.equal(torch.stack(steps, dim=1), model.generate(idx, 12)[:, 8:])
+
+
+def test_stream_stops_at_eos(pair):
+    _, model = pair
+    idx = torch.randint(1, V, (1, 8))
+    free = model.generate(idx, 12)[0, 8:]
+    steps = list(stream(model, idx, 12, eos_token_id=int(free[3])))
+    first = int((free == free[3]).nonzero()[0, 0])
+    assert len(steps) == first + 1 and int(steps[-1]) == int(free[3])
+
+
+def test_decoder_reused_across_calls(pair):
+    _, model = pair
+    idx = torch.randint(0, V, (2, 8))
+    a = model.generate(idx, 10)
+    b = model.generate(idx, 10, temperature=1.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model.generate(idx, 10), a)  # the state of the sampled call did not leak
+    assert not torch.equal(a, b)
+    assert len(model._decoders) <= 4
+
+
+def test_prompt_too_long(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="n_positions"):
+        model.generate(torch.zeros(1, 97, dtype=torch.long), 1)
+    with pytest.raises(ValueError, match="at most 6 new tokens"):
+        model.generate(torch.zeros(1, 90, dtype=torch.long), 7)
+
+
+def test_empty_batch_and_zero_tokens(pair):
+    _, model = pair
+    assert model.generate(torch.zeros(0, 5, dtype=torch.long), 4).shape == (0, 9)
+    assert list(stream(model, torch.zeros(0, 5, dtype=torch.long), 4)) == []
+    idx = torch.randint(0, V, (2, 5))
+    assert torch.equal(model.generate(idx, 0), idx)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(temperature=-1.0), ValueError, "temperature"),
+    (dict(top_p=0.0), ValueError, "top_p"),
+    (dict(top_k=-2), ValueError, "top_k"),
+    (dict(min_p=1.5), ValueError, "min_p"),
+    (dict(temperature=[1.0, 1.0, 1.0]), ValueError, "B = 2"),
+    (dict(eos_token_id="x"), ValueError, "eos_token_id"),
+    (dict(attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]])), ValueError, "left-padded"),
+    (dict(attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]])), ValueError, "no tokens"),
+    (dict(attention_mask=torch.ones(2, 4)), ValueError, "shape"),
+    (dict(bogus=1), TypeError, "bogus"),
+])
+def test_bad_arguments(pair, kwargs, error, match):
+    _, model = pair
+    with pytest.raises(error, match=match):
+        model.generate(torch.randint(0, V, (2, 3)), 2, **kwargs)
+
+
+def test_bad_prompts(pair):
+    _, model = pair
+    with pytest.raises(ValueError, match="empty"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(ValueError, match="outside"):
+        model.generate(torch.tensor([[V]]), 2)
+    with pytest.raises(TypeError, match="int64"):
+        model.generate(torch.zeros(1, 2), 2)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), -1)
+
+
+def test_cuda_graph_request_on_cpu_warns(pair):
+    _, model = pair
+    idx = torch.randint(0, V, (1, 4))
+    with pytest.warns(UserWarning, match="eagerly"):
+        out = generate(model, idx, 3, cuda_graph=True)
+    assert torch.equal(out, model.generate(idx, 3))
+
+
+@pytest.mark.xfail(reason="fastgpt.sample range-checks CPU tensor parameters on the host, a data-dependent "
+                          "branch dynamo cannot trace; passes once the check is skipped while compiling", strict=False)
+def test_decode_step_compiles_fullgraph(pair):
+    """torch.compile traces one decode step (sampling included) without a graph break."""
+    _, model = pair
+    from fastgpt.generate import Decoder
+
+    decoder = Decoder(model, 2, 32, 8)
+    sampling = dict(temperature=torch.zeros(2), top_k=torch.zeros(2, dtype=torch.long),
+                    top_p=torch.ones(2, dtype=torch.float64), min_p=torch.zeros(2))
+    decoder.reset(sampling, [], 0, None)
+    decoder.pos.fill_(3)
+    torch._dynamo.reset()
+    step = torch.compile(decoder.decode_step, backend="aot_eager", fullgraph=True)
+    with torch.inference_mode(), warnings.catch_warnings():
+        step()
+    assert int(decoder.step) == 1 and int(decoder.pos[0]) == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_matches_eager(dtype):
+    _, model = tiny(128, 2, n_positions=512)
+    model = model.to("cuda", dtype)
+    idx = torch.randint(0, V, (3, 20), device="cuda")
+    mask = torch.ones_like(idx)
+    mask[1, :7] = 0
+    eager = model.generate(idx, 64, attention_mask=mask, cuda_graph=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: that fails here
+        graphed = model.generate(idx, 64, attention_mask=mask, cuda_graph=True)
+        again = model.generate(idx, 64, attention_mask=mask, cuda_graph=True)  # replays the captured graph
+    assert torch.equal(graphed, eager) and torch.equal(again, eager)
+    assert any(d.graph is not None for d in model._decoders.values())
+
+
+@pytest.mark.gpu
+def test_cuda_graph_sampling_reproducible():
+    _, model = tiny(128, 2, n_positions=512)
+    model = model.to("cuda")
+    idx = torch.randint(0, V, (2, 10), device="cuda")
+
+    def run(seed):
+        g = torch.Generator("cuda").manual_seed(seed)
+        return model.generate(idx, 40, temperature=1.0, top_p=0.9, generator=g, cuda_graph=True)
+
+    a, b = run(5), run(5)
+    assert torch.equal(a, b) and not torch.equal(a, run(6))
