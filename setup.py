@@ -173,9 +173,10 @@ def extensions() -> list[Extension]:
     return [Extension("fastgpt._C", sources=sources, depends=depends)]
 
 
-setup(
-    packages=PACKAGES,
-    package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": NinjaBuildExt},
-)
+if __name__ == "__main__":  # pip's build backend runs this file as __main__ too
+    setup(
+        packages=PACKAGES,
+        package_dir={"fastgpt": "fastgpt", "fastgpt.kernels": "kernels"},
+        ext_modules=extensions(),
+        cmdclass={"build_ext": NinjaBuildExt},
+    )

@@ -1,0 +1,204 @@
+"""Launchers of the CUDA backend: same names and signatures as the Triton launchers.
+
+Each allocates its outputs and calls the compiled extension `fastgpt._C` with raw data pointers,
+shapes, strides (in elements), a dtype code and the current CUDA stream, so the extension needs
+no libtorch. No launcher reads a device value on the host: all are CUDA-graph capturable.
+
+Supported inputs (fastgpt/ops checks them first; the launchers check again and raise
+ValueError/TypeError otherwise):
+- attention, decode_attention: head dim 64 or 128, fp16 or bf16; batch and query heads <= 65535.
+- layer_norm: fp16, bf16 or fp32, any N; weight/bias of any float dtype (fp64 is cast to fp32).
+- sample: logits fp16, bf16 or fp32 with V < 2^24.
+Tensors the kernels read 16 bytes at a time (q, k, v, the caches) must be 16-byte aligned with
+strides in multiples of 8 elements; other layouts are copied to contiguous ones first.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from fastgpt import _backends
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+HEAD_DIMS = (64, 128)
+ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
+MAX_GRID_YZ = 65535
+MAX_VOCAB = 1 << 24
+
+
+class LayerNormOutput(NamedTuple):
+    y: torch.Tensor  # (M, N) LN(h), x's dtype
+    h: torch.Tensor | None  # (M, N) x + residual, or None without a residual
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _require_cuda(op: str, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device.type != "cuda":
+            raise ValueError(f"{op} (cuda backend): {name} must be a CUDA tensor, got {t.device}")
+
+
+def _dtype_code(op: str, name: str, t: torch.Tensor, allowed=tuple(DTYPE_CODES)) -> int:
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+        raise TypeError(f"{op} (cuda backend): {name} must be {names}, got {t.dtype}")
+    return DTYPE_CODES[t.dtype]
+
+
+def _head_dim_supported(op: str, t: torch.Tensor) -> None:
+    _dtype_code(op, "q", t, ATTENTION_DTYPES)
+    if t.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"{op} (cuda backend): head dim must be one of {HEAD_DIMS}, got {t.shape[-1]}")
+
+
+def _strides(t: torch.Tensor, dims) -> tuple[int, ...]:
+    """t's strides over `dims`, with 0 for size-1 dims (their stride never multiplies an index > 0)."""
+    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in dims)
+
+
+def _vector_ready(t: torch.Tensor) -> torch.Tensor:
+    """t itself when the kernels can read it in 16-byte vectors (last dim contiguous, data
+    16-byte aligned, other strides multiples of 16 bytes), else a contiguous copy."""
+    per_vector = 16 // t.element_size()
+    ok = (
+        t.stride(-1) == 1
+        and t.data_ptr() % 16 == 0
+        and all(s % per_vector == 0 for s in _strides(t, range(t.dim() - 1)))
+    )
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _stream(device: torch.device) -> int:
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _ptr(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
+    """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), fp16/bf16, D in (64, 128) -> (B, Hq, Sq, D)."""
+    _require_cuda("attention", q=q, k=k, v=v)
+    _head_dim_supported("attention", q)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
+        raise ValueError(f"attention (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
+    q, k, v = (_vector_ready(t) for t in (q, k, v))
+    o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
+    _backends.cuda_extension().attention(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Hq, Hkv, Sq, Sk, D,
+        _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
+        bool(causal), float(scale), DTYPE_CODES[q.dtype], q.device.index, _stream(q.device),
+    )  # fmt: skip
+    return o
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> torch.Tensor:
+    """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D)."""
+    _require_cuda("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    _head_dim_supported("decode_attention", q)
+    if cache_seqlens.dtype != torch.int32:
+        raise TypeError(f"decode_attention (cuda backend): cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    B, Hq, _, D = q.shape
+    Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
+        raise ValueError(f"decode_attention (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
+    C = _backends.cuda_extension()
+    q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
+    seqlens = cache_seqlens.contiguous()
+    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _sm_count(q.device.index))
+    o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
+    o_partial = lse_partial = None
+    if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
+        o_partial = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
+        lse_partial = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
+    C.decode_attention(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
+        _ptr(o_partial), _ptr(lse_partial), B, Hq, Hkv, Smax, D, num_splits,
+        _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
+        float(scale), DTYPE_CODES[q.dtype], q.device.index, _stream(q.device),
+    )  # fmt: skip
+    return o
+
+
+# ----------------------------------------------------------------------------- layer norm
+
+
+def _param(op: str, name: str, p: torch.Tensor | None) -> torch.Tensor | None:
+    if p is None:
+        return None
+    if not p.is_floating_point():
+        raise TypeError(f"{op} (cuda backend): {name} must be a float tensor, got {p.dtype}")
+    return (p if p.dtype in DTYPE_CODES else p.float()).contiguous()
+
+
+def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput:
+    """x (M, N) fp16/bf16/fp32, weight/bias (N,) or None, residual (M, N) or None ->
+    LayerNormOutput(y (M, N), h (M, N) or None), both contiguous in x's dtype."""
+    _require_cuda("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
+    code = _dtype_code("layer_norm", "x", x)
+    if x.dim() != 2:
+        raise ValueError(f"layer_norm (cuda backend): x must be 2-D (M, N), got {tuple(x.shape)}")
+    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
+        raise ValueError("layer_norm (cuda backend): residual must match x's shape and dtype")
+    M, N = x.shape
+    x = _last_dim_contiguous(x)
+    residual = None if residual is None else _last_dim_contiguous(residual)
+    weight, bias = _param("layer_norm", "weight", weight), _param("layer_norm", "bias", bias)
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    h = None if residual is None else torch.empty(M, N, device=x.device, dtype=x.dtype)
+    _backends.cuda_extension().layer_norm(
+        x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), y.data_ptr(), _ptr(h), M, N,
+        x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), 0 if h is None else h.stride(0),
+        float(eps), code, DTYPE_CODES[weight.dtype] if weight is not None else 0,
+        DTYPE_CODES[bias.dtype] if bias is not None else 0, x.device.index, _stream(x.device),
+    )  # fmt: skip
+    return LayerNormOutput(y, h)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def sample(logits, temperature, top_k, top_p, min_p, seed) -> torch.Tensor:
+    """logits (B, V); temperature fp32, top_k int64, top_p fp64, min_p fp32, all (B,); seed int64
+    (1,) on the device -> int64 (B,) token ids in [0, V)."""
+    _require_cuda("sample", logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    code = _dtype_code("sample", "logits", logits)
+    if logits.dim() != 2:
+        raise ValueError(f"sample (cuda backend): logits must be 2-D (B, V), got {tuple(logits.shape)}")
+    B, V = logits.shape
+    if V >= MAX_VOCAB:
+        raise ValueError(f"sample (cuda backend): vocab size must be < 2^24, got {V}")
+    logits = _last_dim_contiguous(logits)
+    temperature = temperature.to(torch.float32).contiguous()
+    top_k = top_k.to(torch.int64).contiguous()
+    top_p = top_p.to(torch.float64).contiguous()
+    min_p = min_p.to(torch.float32).contiguous()
+    seed = seed.to(torch.int64).contiguous()
+    out = torch.empty(B, device=logits.device, dtype=torch.int64)
+    _backends.cuda_extension().sample(
+        logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
+        seed.data_ptr(), out.data_ptr(), B, V, logits.stride(0), code, logits.device.index, _stream(logits.device),
+    )  # fmt: skip
+    return out

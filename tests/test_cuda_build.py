@@ -1,0 +1,215 @@
+"""The CUDA backend without a GPU: the extension build, its pointer-level validation, the Python
+launchers' checks, and how fastgpt reports the backend when the extension is absent.
+
+The fresh build is `slow` (about a minute for one architecture on 2 cores); CI runs it
+explicitly with `-m slow`. The other tests take a second.
+"""
+
+import importlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import _backends
+from fastgpt.ops import _cuda
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_NVCC = shutil.which("nvcc") is not None
+ELF_MAGIC = b"\x7fELF"
+
+
+def _built_extension():
+    try:
+        return importlib.import_module("fastgpt._C")
+    except ImportError:
+        return None
+
+
+requires_built = pytest.mark.skipif(_built_extension() is None, reason="fastgpt._C is not built here")
+
+
+@pytest.fixture
+def no_extension(monkeypatch):
+    """fastgpt as installed without the extension: `import fastgpt._C` fails."""
+    monkeypatch.setitem(sys.modules, "fastgpt._C", None)
+    _backends._import_cuda_extension.cache_clear()
+    yield
+    _backends._import_cuda_extension.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the build
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+def test_fresh_build_produces_an_importable_elf_extension(tmp_path):
+    env = dict(os.environ, FASTGPT_CUDA_ARCHS=os.environ.get("FASTGPT_CUDA_ARCHS", "80"), MAX_JOBS="2",
+               FASTGPT_WERROR="1", FASTGPT_SKIP_CUDA="0")
+    cmd = [sys.executable, "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+           "--build-temp", str(tmp_path / "tmp")]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    (so,) = (tmp_path / "lib" / "fastgpt").glob("_C*.so")
+    assert so.read_bytes()[:4] == ELF_MAGIC
+    # Import that file (not the source tree's) in a fresh interpreter, on a machine without a GPU.
+    probe = (
+        "import importlib.util, sys; spec = importlib.util.spec_from_file_location('fastgpt._C', sys.argv[1]); "
+        "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
+        "print(m.archs, m.decode_num_splits(1, 8, 8, 4096, 100))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, str(so)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == env["FASTGPT_CUDA_ARCHS"]
+
+
+def test_skip_cuda_builds_the_pure_python_package(tmp_path):
+    env = dict(os.environ, FASTGPT_SKIP_CUDA="1")
+    result = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("fastgpt")
+    assert "building without the CUDA extension fastgpt._C: FASTGPT_SKIP_CUDA=1" in result.stderr
+
+
+def test_gencode_flags():
+    spec = importlib.util.spec_from_file_location("fastgpt_setup", ROOT / "setup.py")
+    setup_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup_module)  # defines the helpers; setup() runs only as __main__
+    assert setup_module.gencode_flags("80;90a") == [
+        "-gencode=arch=compute_80,code=sm_80",
+        "-gencode=arch=compute_90a,code=sm_90a",
+    ]
+    assert setup_module.gencode_flags("90+PTX")[-1] == "-gencode=arch=compute_90,code=compute_90"
+    with pytest.raises(ValueError, match="cannot parse"):
+        setup_module.gencode_flags("sm_80")
+
+
+@requires_built
+def test_inplace_extension_is_elf_and_has_the_kernels():
+    C = _built_extension()
+    assert Path(C.__file__).read_bytes()[:4] == ELF_MAGIC
+    for name in ("attention", "decode_attention", "decode_num_splits", "layer_norm", "sample"):
+        assert callable(getattr(C, name))
+    assert C.cuda_version >= 11080
+
+
+# ----------------------------------------------------------------------------- the extension's own checks
+
+
+@requires_built
+def test_extension_validates_before_touching_the_gpu():
+    C = _built_extension()
+    s3 = (8192, 1024, 64)
+    with pytest.raises(ValueError, match=r"fastgpt\._C\.attention: head dim must be 64 or 128, got 96"):
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
+    with pytest.raises(ValueError, match="unsupported dtype code 0"):
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0)
+    with pytest.raises(ValueError, match="must be a multiple of heads_kv"):
+        C.attention(16, 16, 16, 16, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
+    with pytest.raises(ValueError, match="q must be 16-byte aligned"):
+        C.attention(18, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
+    with pytest.raises(ValueError, match="strides must be multiples of 8"):
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0)
+    with pytest.raises(ValueError, match="num_splits > 1 needs"):
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0)
+    with pytest.raises(ValueError, match="residual and h must be given together"):
+        C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
+        C.sample(16, 16, 16, 16, 16, 16, 16, 1, 1 << 24, 1 << 24, 0, 0, 0)
+    with pytest.raises(ValueError, match="null pointer"):
+        C.sample(16, 0, 16, 16, 16, 16, 16, 1, 10, 10, 0, 0, 0)
+
+
+@requires_built
+def test_num_splits_depends_on_shapes_and_sm_count_only():
+    C = _built_extension()
+    assert C.decode_num_splits(64, 32, 32, 128, 132) == 1  # plenty of blocks, short cache
+    assert C.decode_num_splits(1, 12, 12, 128, 132) == 1  # no split shorter than 256 positions
+    many = C.decode_num_splits(1, 8, 8, 1 << 20, 132)
+    assert 1 < many <= 64
+    assert C.decode_num_splits(1, 8, 8, 1 << 20, 132) == many
+
+
+# ----------------------------------------------------------------------------- the launchers
+
+
+def test_launchers_require_cuda_tensors():
+    q = torch.randn(1, 2, 3, 64, dtype=torch.float16)
+    with pytest.raises(ValueError, match=r"attention \(cuda backend\): q must be a CUDA tensor"):
+        _cuda.attention(q, q, q, causal=False, scale=0.125)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        _cuda.decode_attention(q[:, :, :1], q, q, torch.ones(1, dtype=torch.int32), scale=0.125)
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        _cuda.layer_norm(x, None, None, eps=1e-5)
+    p = torch.ones(4)
+    with pytest.raises(ValueError, match="logits must be a CUDA tensor"):
+        _cuda.sample(x, p, p.long(), p.double(), p, torch.zeros(1, dtype=torch.int64))
+
+
+def test_launchers_name_the_supported_head_dims_and_dtypes():
+    with pytest.raises(ValueError, match=r"head dim must be one of \(64, 128\), got 96"):
+        _cuda._head_dim_supported("attention", torch.empty(1, 1, 1, 96, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="q must be float16, bfloat16, got torch.float32"):
+        _cuda._head_dim_supported("attention", torch.empty(1, 1, 1, 64))
+    with pytest.raises(TypeError, match="x must be float32, float16, bfloat16, got torch.float64"):
+        _cuda._dtype_code("layer_norm", "x", torch.empty(2, dtype=torch.float64))
+
+
+def test_vector_ready_keeps_aligned_views_and_copies_the_rest():
+    base = torch.randn(2, 4, 16, 64, dtype=torch.float16)
+    assert _cuda._vector_ready(base) is base
+    transposed = base.transpose(1, 2)  # strides (4096, 64, 1024, 1): still 16-byte vectors
+    assert _cuda._vector_ready(transposed) is transposed
+    narrow = torch.randn(2, 4, 16, 68, dtype=torch.float16)[..., :64]  # row stride 68: not a multiple of 8
+    fixed = _cuda._vector_ready(narrow)
+    assert fixed is not narrow and fixed.is_contiguous() and torch.equal(fixed, narrow)
+    offset = torch.randn(4 * 64 + 1, dtype=torch.float16)[1:].view(1, 1, 4, 64)  # misaligned data pointer
+    assert _cuda._vector_ready(offset).data_ptr() % 16 == 0
+
+
+def test_size_one_dims_get_stride_zero():
+    t = torch.empty(1, 3, 1, 64)
+    assert _cuda._strides(t, (0, 1, 2)) == (0, 64, 0)
+
+
+# ----------------------------------------------------------------------------- extension absent
+
+
+def test_without_extension_cuda_backend_is_reported_unavailable(no_extension):
+    reason = _backends.why_not("cuda", torch.device("cuda"))
+    assert reason and "fastgpt._C is not built" in reason
+    assert _backends.why_not("cuda", torch.device("cpu"))
+    assert "not built" in _backends.report()["cuda"]
+
+
+def test_without_extension_backend_cuda_raises(no_extension):
+    q = torch.randn(1, 2, 5, 64)
+    with pytest.raises(fastgpt.BackendUnavailableError, match="not built"):
+        fastgpt.attention(q, q, q, backend="cuda")
+    with pytest.raises(fastgpt.BackendUnavailableError, match="not built"):
+        fastgpt.layer_norm(torch.randn(3, 8), None, None, backend="cuda")
+    with pytest.raises(fastgpt.BackendUnavailableError, match="not built"):
+        fastgpt.sample(torch.randn(2, 10), backend="cuda")
+    lens = torch.full((1,), 5, dtype=torch.int32)
+    with pytest.raises(fastgpt.BackendUnavailableError, match="not built"):
+        fastgpt.decode_attention(q[:, :, :1], q, q, lens, backend="cuda")
+
+
+def test_without_extension_auto_still_works_on_cpu(no_extension):
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(fastgpt.layer_norm(x, None, None), torch.nn.functional.layer_norm(x, (8,)))
+
+
+def test_cpu_tensors_with_extension_say_cuda_tensors_are_needed():
+    if _built_extension() is None:
+        pytest.skip("fastgpt._C is not built here")
+    _backends._import_cuda_extension.cache_clear()
+    assert "needs CUDA tensors" in _backends.why_not("cuda", torch.device("cpu"))
