@@ -1,0 +1,117 @@
+"""fastgpt.layer_norm with backend="triton" against fastgpt.reference.layer_norm.
+
+On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), so
+these cases use fp32/fp16 and modest sizes; the `gpu` cases add bf16 and real GPT shapes.
+"""
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import reference
+from tests.helpers import assert_close, poison
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Outputs the launcher allocates start as NaN, so an element it never writes fails."""
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+
+
+def _inputs(M, N, dtype, device, *, residual, affine=True, row_pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    # x is a view with row stride N + row_pad: the kernels must honour any row stride.
+    x = rand(M, N + row_pad, scale=2.0, shift=0.5).to(dtype)[:, :N]
+    r = rand(M, N + row_pad).to(dtype)[:, :N] if residual else None
+    w = rand(N, shift=1.0) if affine else None
+    b = rand(N, scale=0.5) if affine else None
+    return x, r, w, b
+
+
+def _check(x, r, w, b, eps=1e-5):
+    out = fastgpt.layer_norm(x, w, b, eps, residual=r, backend="triton")
+    expected = reference.layer_norm(x, w, b, eps, residual=r)
+    if r is None:
+        assert out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous()
+        assert_close(out, expected)
+    else:
+        (y, h), (y_ref, h_ref) = out, expected
+        assert y.dtype == h.dtype == x.dtype and y.is_contiguous() and h.is_contiguous()
+        torch.testing.assert_close(h, h_ref, atol=0, rtol=0)  # the same rounded sum as torch
+        assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("M", [1, 3, 37])
+@pytest.mark.parametrize("N", [64, 100, 768, 1600, 4096])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matches_reference(dtype, N, M, residual, device, poisoned_empty):
+    _check(*_inputs(M, N, dtype, device, residual=residual, row_pad=8 if M > 1 else 0))
+
+
+@pytest.mark.parametrize("N", [16384, 16385, 40000])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_long_rows(dtype, N, device, poisoned_empty):
+    """16384 is the longest row held in registers; longer rows take the chunked kernel."""
+    _check(*_inputs(3, N, dtype, device, residual=True, row_pad=16))
+
+
+@pytest.mark.parametrize("has_weight, has_bias", [(False, False), (True, False), (False, True)])
+@pytest.mark.parametrize("N", [100, 20000])
+def test_weight_and_bias_optional(has_weight, has_bias, N, device, poisoned_empty):
+    x, r, w, b = _inputs(5, N, torch.float32, device, residual=True)
+    _check(x, r, w if has_weight else None, b if has_bias else None)
+    _check(x, None, w if has_weight else None, b if has_bias else None)
+
+
+def test_fp32_params_with_half_input(device, poisoned_empty):
+    x, r, w, b = _inputs(7, 768, torch.float16, device, residual=True)
+    _check(x, r, w.float(), b.float())
+    _check(x, r, w.half(), b.half())
+
+
+def test_leading_dims_and_eps(device, poisoned_empty):
+    x, r, w, b = _inputs(6, 256, torch.float32, device, residual=True)
+    _check(x.reshape(2, 3, 256), r.reshape(2, 3, 256), w, b, eps=1e-2)
+
+
+@pytest.mark.parametrize("N", [768, 20000])
+def test_variance_is_two_pass(N, device, poisoned_empty):
+    """A mean far above the spread: E[h^2] - E[h]^2 in fp32 would lose most of the variance."""
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(4, N, generator=g, dtype=torch.float64) + 1000.0).float().to(device)
+    y = fastgpt.layer_norm(x, None, None, backend="triton")
+    h = x.double()
+    y_exact = (h - h.mean(-1, keepdim=True)) / torch.sqrt(h.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), y_exact, atol=2e-3, rtol=0)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("M, N", [(1, 768), (4096, 768), (2048, 1024), (1000, 1280), (1024, 1600),
+                                  (512, 4096), (64, 8192), (16, 16384), (8, 32768), (3, 65536)])  # fmt: skip
+def test_gpu_shapes(dtype, M, N, poisoned_empty):
+    for residual in (True, False):
+        _check(*_inputs(M, N, dtype, "cuda", residual=residual, row_pad=8))
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph(poisoned_empty):
+    x, r, w, b = _inputs(64, 1024, torch.bfloat16, "cuda", residual=True)
+    fastgpt.layer_norm(x, w, b, residual=r, backend="triton")  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, h = fastgpt.layer_norm(x, w, b, residual=r, backend="triton")
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    y_ref, h_ref = reference.layer_norm(x, w, b, residual=r)
+    assert_close(y, y_ref)
+    assert_close(h, h_ref)
