@@ -1,0 +1,163 @@
+"""Hugging Face GPT-2 checkpoints -> fastgpt.GPT, and their tokenizers.
+
+A checkpoint is a directory holding config.json and the weights (model.safetensors,
+pytorch_model.bin, or either one sharded with an index file), or a hub id such as "gpt2" that
+huggingface_hub downloads (or finds in its cache). The conversion:
+- HF's Conv1D layers (c_attn, c_proj, c_fc) store weights as (in, out): transposed to nn.Linear's (out, in);
+- the attn.bias / attn.masked_bias buffers (old causal masks) are dropped;
+- keys get the "transformer." prefix if they lack it (the original gpt2 checkpoints do);
+- lm_head is tied to wte, so lm_head.weight is not read.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fastgpt.model import GPTConfig
+
+CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+DROPPED_BUFFERS = (".attn.bias", ".attn.masked_bias")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ["tokenizer.json", "vocab.json", "merges.txt"]
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """GPTConfig from a GPT-2 config.json dict; raises ValueError on variants this model lacks."""
+    unsupported = {
+        "add_cross_attention": (hf.get("add_cross_attention", False), False),
+        "scale_attn_by_inverse_layer_idx": (hf.get("scale_attn_by_inverse_layer_idx", False), False),
+        "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
+        "tie_word_embeddings": (hf.get("tie_word_embeddings", True), True),
+    }
+    for key, (value, supported) in unsupported.items():
+        if bool(value) != supported:
+            raise ValueError(f"GPT-2 config has {key}={value}; fastgpt's GPT supports only {key}={supported}")
+    if hf.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"expected a GPT-2 checkpoint (model_type 'gpt2'), got model_type {hf['model_type']!r}")
+    return GPTConfig(
+        vocab_size=hf["vocab_size"],
+        n_positions=hf.get("n_positions", 1024),
+        n_embd=hf["n_embd"],
+        n_layer=hf["n_layer"],
+        n_head=hf["n_head"],
+        n_inner=hf.get("n_inner"),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        activation_function=hf.get("activation_function", "gelu_new"),
+    )
+
+
+def convert_state_dict(state_dict: dict, *, clone: bool = False) -> dict:
+    """An HF GPT-2 state dict (with or without the "transformer." prefix) -> fastgpt.GPT's.
+
+    Conv1D weights come back transposed and contiguous; with clone, every other tensor is copied too
+    (so the result shares no memory with the input).
+    """
+    out = {}
+    for name, t in state_dict.items():
+        key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
+        if key == "lm_head.weight" or key.endswith(DROPPED_BUFFERS):
+            continue
+        if key.endswith(CONV1D_WEIGHTS):
+            t = t.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
+        elif clone:
+            t = t.clone()
+        out[key] = t
+    return out
+
+
+def read_state_dict(directory: Path) -> dict:
+    """All tensors of the checkpoint in `directory`, on the CPU: safetensors preferred, then .bin."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if not path.exists():
+            continue
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            files = [directory / shard for shard in shards]
+        else:
+            files = [path]
+        state_dict = {}
+        for file in files:
+            state_dict.update(_read_weights(file))
+        return state_dict
+    raise FileNotFoundError(f"no weights in {directory}: expected one of {', '.join(WEIGHT_FILES)}")
+
+
+def _read_weights(file: Path) -> dict:
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(file), device="cpu")
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+
+
+def resolve(name_or_path, patterns) -> Path:
+    """A local directory as is; otherwise a hub id, downloaded (only files matching `patterns`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name_or_path!r} is not a checkpoint directory")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(name_or_path), allow_patterns=list(patterns)))
+    except Exception as exc:  # offline, unknown repo, no huggingface_hub: say which and why
+        raise OSError(
+            f"{name_or_path!r} is not a local directory, and fetching it from the Hugging Face hub failed "
+            f"({type(exc).__name__}: {exc}). Offline? Pass the path of a downloaded checkpoint directory "
+            "(config.json + model.safetensors or pytorch_model.bin)."
+        ) from exc
+
+
+def resolve_checkpoint(name_or_path) -> Path:
+    """The checkpoint directory, downloading config and weights (safetensors if the repo has them)."""
+    directory = resolve(name_or_path, ["config.json", "model*.safetensors", "model.safetensors.index.json"])
+    if not any((directory / name).exists() for name in WEIGHT_FILES[:2]):
+        directory = resolve(name_or_path, ["config.json", "pytorch_model*.bin", "pytorch_model.bin.index.json"])
+    return directory
+
+
+def build(cls, config: GPTConfig, state_dict: dict, source: str):
+    """`cls(config)` holding the tensors of a converted state dict (no copy), lm_head tied to wte."""
+    with torch.device("meta"):  # no memory for weights that are replaced right away
+        model = cls(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise ValueError(f"{source} does not match its config: missing {missing}, unexpected {unexpected}")
+    model.lm_head.weight = model.transformer.wte.weight
+    return model
+
+
+def load_gpt(cls, name_or_path, *, dtype=None, device=None):
+    """Build `cls` (fastgpt.GPT) from a checkpoint; dtype None keeps the checkpoint's, device None is CPU."""
+    directory = resolve_checkpoint(name_or_path)
+    hf_config = json.loads((directory / "config.json").read_text())
+    state_dict = convert_state_dict(read_state_dict(directory))
+    model = build(cls, config_from_hf(hf_config), state_dict, str(directory))
+    model.eos_token_id = hf_config.get("eos_token_id")
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return model.to(device=device or "cpu", dtype=dtype or state_dict["transformer.wte.weight"].dtype).eval()
+
+
+def load_tokenizer(path_or_id):
+    """The checkpoint's tokenizer as a `tokenizers` object (encode(text).ids, decode(ids)).
+
+    tokenizer.json if the directory has it, else GPT-2's byte-level BPE from vocab.json + merges.txt.
+    """
+    directory = resolve(path_or_id, TOKENIZER_FILES)
+    if (directory / "tokenizer.json").exists():
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_file(str(directory / "tokenizer.json"))
+    if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
+        from tokenizers import ByteLevelBPETokenizer
+
+        return ByteLevelBPETokenizer(str(directory / "vocab.json"), str(directory / "merges.txt"))
+    raise FileNotFoundError(f"no tokenizer in {directory}: expected tokenizer.json, or vocab.json and merges.txt")
