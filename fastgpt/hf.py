@@ -1,0 +1,94 @@
+"""fastgpt inside Hugging Face transformers models.
+
+    import fastgpt.hf
+    fastgpt.hf.register()                     # once: adds attn_implementation="fastgpt"
+    model = AutoModelForCausalLM.from_pretrained(name, attn_implementation="fastgpt")
+    fastgpt.hf.patch(model)                   # optional: nn.LayerNorm -> fastgpt.nn.LayerNorm
+
+register() adds fastgpt's attention to transformers' AttentionInterface, so every model that
+dispatches attention through that interface (GPT-2, Llama-style GQA models, ...) can use it. It
+also registers the name in the AttentionMaskInterface with transformers' SDPA mask builder, so the
+model hands over a mask exactly when SDPA would get one: None when plain causal attention is
+right (then fastgpt.attention runs), a boolean (B, 1, Sq, Sk) mask when there is padding or a
+static cache (then the masked attention below runs: plain PyTorch, correct, not fused).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import fastgpt
+
+NAME = "fastgpt"
+UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
+
+
+def masked_attention(q, k, v, mask, scale):
+    """softmax(q k^T * scale, masked) v in fp32; GQA by repeating k/v heads.
+
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); mask broadcastable to (B, Hq, Sq, Sk), boolean (True =
+    attend) or additive float. A query that may attend to nothing returns zeros.
+    """
+    group = q.shape[1] // k.shape[1]
+    k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
+    if mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    else:
+        scores = scores + mask.float()
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
+    return (probs @ v).to(q.dtype)
+
+
+def make_attention_forward(backend: str = "auto"):
+    """The function transformers calls in place of SDPA (same signature and return)."""
+
+    def fastgpt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                                  is_causal=None, **kwargs):
+        """query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) -> ((B, Sq, Hq, D), None)."""
+        for name in UNSUPPORTED_KWARGS:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"attn_implementation='fastgpt' does not support {name}; use 'sdpa' or 'eager'")
+        if dropout and module.training:
+            raise ValueError("attn_implementation='fastgpt' is for inference: no attention dropout (call model.eval())")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        Sq, Sk = query.shape[2], key.shape[2]
+        if attention_mask is not None:
+            out = masked_attention(query, key, value, attention_mask, scale)
+        else:
+            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Sq > 1
+            if causal and Sk > Sq:
+                # transformers drops the mask for a prefill into an empty static cache and relies on
+                # top-left aligned is_causal; the keys past Sq are unwritten. Bottom-right alignment
+                # (fastgpt's) then needs those keys cut off, as transformers' SDPA path does.
+                key, value = key[:, :, :Sq], value[:, :, :Sq]
+            out = fastgpt.attention(query, key, value, causal=causal, scale=scale, backend=backend)
+        return out.transpose(1, 2).contiguous(), None
+
+    return fastgpt_attention_forward
+
+
+def register(name: str = NAME, backend: str = "auto") -> None:
+    """Make attn_implementation=name (default "fastgpt") available in transformers."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(name, make_attention_forward(backend))
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def patch(model: nn.Module, backend: str = "auto") -> int:
+    """Patch `model` in place: every nn.LayerNorm becomes a fastgpt.nn.LayerNorm (weights shared).
+
+    Returns how many modules were replaced. Subclasses of nn.LayerNorm (which may change the math)
+    are left alone; so are other norms such as Llama's RMSNorm.
+    """
+    from fastgpt.nn import LayerNorm
+
+    targets = [(parent, child_name, child) for parent in model.modules()
+               for child_name, child in parent.named_children()
+               if type(child) is nn.LayerNorm and len(child.normalized_shape) == 1]
+    for parent, child_name, child in targets:
+        setattr(parent, child_name, LayerNorm.from_torch(child, backend=backend))
+    return len(targets)

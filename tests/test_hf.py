@@ -1,0 +1,156 @@
+"""The transformers drop-in: attn_implementation="fastgpt" and patch() change nothing but speed (CPU, fp32)."""
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastgpt
+import fastgpt.hf
+from tests.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+V = 256
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def calls(monkeypatch):
+    """Counts of the fused path (fastgpt.attention) and the masked fallback, per test."""
+    counter = collections.Counter()
+    fused, masked = fastgpt.attention, fastgpt.hf.masked_attention
+
+    def count(name, fn):
+        def wrapper(*args, **kwargs):
+            counter[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fastgpt, "attention", count("fused", fused))
+    monkeypatch.setattr(fastgpt.hf, "masked_attention", count("masked", masked))
+    return counter
+
+
+def gpt2_config():
+    return transformers.GPT2Config(vocab_size=V, n_positions=128, n_embd=96, n_layer=2, n_head=2,  # head dim 48
+                                   initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+
+
+def llama_config():
+    return transformers.LlamaConfig(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                    initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+
+
+def pair(config, tmp_path):
+    """The same random weights loaded twice: with SDPA, and with attn_implementation="fastgpt"."""
+    fastgpt.hf.register()
+    torch.manual_seed(0)
+    reference = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa").eval()
+    reference.save_pretrained(tmp_path)
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt").eval()
+    assert ours.config._attn_implementation == "fastgpt"
+    return reference, ours
+
+
+def padded_batch():
+    torch.manual_seed(1)
+    idx = torch.randint(1, V, (3, 14))
+    mask = torch.ones_like(idx)
+    mask[1, :5] = 0
+    mask[2, :13] = 0
+    idx[mask == 0] = 0
+    return idx, mask
+
+
+def greedy(model, idx, mask=None, **kwargs):
+    mask = torch.ones_like(idx) if mask is None else mask
+    with torch.no_grad():
+        return model.generate(idx, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0, **kwargs)
+
+
+@pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
+def test_same_logits(make_config, tmp_path, calls):
+    reference, ours = pair(make_config(), tmp_path)
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        assert_close(ours(idx).logits, reference(idx).logits)
+        assert calls["fused"] == 2 and calls["masked"] == 0  # no padding: the fused kernel, every layer
+        real = mask.bool()
+        assert_close(ours(idx, attention_mask=mask).logits[real], reference(idx, attention_mask=mask).logits[real])
+        assert calls["masked"] == 2  # padding: the masked fallback
+
+
+@pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
+def test_same_greedy_generations(make_config, tmp_path, calls):
+    reference, ours = pair(make_config(), tmp_path)
+    idx, mask = padded_batch()
+    assert torch.equal(greedy(ours, idx[:1]), greedy(reference, idx[:1]))
+    assert calls["fused"] == 2 * 32 and calls["masked"] == 0  # prefill and decode steps, both layers
+    assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
+    static = dict(cache_implementation="static")
+    assert torch.equal(greedy(ours, idx, mask, **static), greedy(reference, idx, mask, **static))
+
+
+def test_static_cache_prefill_without_mask(tmp_path, calls):
+    """transformers drops the mask for a prefill into an empty static cache: the unwritten keys must be cut."""
+    reference, ours = pair(gpt2_config(), tmp_path)
+    idx = torch.randint(0, V, (2, 9))
+    kwargs = dict(cache_implementation="static")
+    assert torch.equal(greedy(ours, idx, **kwargs), greedy(reference, idx, **kwargs))
+    assert calls["fused"] >= 2
+
+
+def test_patch_swaps_layer_norms(tmp_path):
+    reference, ours = pair(gpt2_config(), tmp_path)
+    assert fastgpt.hf.patch(ours) == 2 * 2 + 1  # ln_1, ln_2 per block, ln_f
+    assert all(type(m) is not torch.nn.LayerNorm for m in ours.modules())
+    assert isinstance(ours.transformer.ln_f, fastgpt.nn.LayerNorm)
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        assert_close(ours(idx).logits, reference(idx).logits)
+    assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
+    _, llama = pair(llama_config(), tmp_path / "llama")
+    assert fastgpt.hf.patch(llama) == 0  # RMSNorm is not a LayerNorm
+
+
+def test_training_with_dropout_is_refused(tmp_path):
+    config = gpt2_config()
+    config.attn_pdrop = 0.1
+    _, ours = pair(config, tmp_path)
+    ours.train()
+    with pytest.raises(ValueError, match="inference"):
+        ours(torch.randint(0, V, (1, 4)))
+
+
+def test_unsupported_kwargs_refused():
+    forward = fastgpt.hf.make_attention_forward()
+    module = torch.nn.Module()
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="softcap"):
+        forward(module, q, q, q, None, softcap=30.0)
+
+
+@pytest.mark.parametrize("float_mask", [False, True])
+def test_masked_attention_matches_sdpa(float_mask):
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 5, 16)
+    k, v = torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[..., 0] = True  # every query sees a key (SDPA would give NaN otherwise)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    given = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if float_mask else mask
+    assert_close(fastgpt.hf.masked_attention(q, k, v, given, 16**-0.5), expected)
+    mask[0, 0, 2] = False  # a query that sees nothing gets zeros
+    out = fastgpt.hf.masked_attention(q, k, v, mask, 16**-0.5)
+    assert torch.equal(out[0, :, 2], torch.zeros_like(out[0, :, 2]))
