@@ -1,0 +1,103 @@
+"""The pytest-benchmark suites (benchmarks/bench_*.py) over the same cases as `fastgpt bench`.
+
+Each test is one (case, candidate). It is checked against the reference first: a wrong result
+fails the test, an implementation that cannot run here skips it. pytest-benchmark then times
+it with the host clock around synchronized calls (so its numbers include launch overhead);
+the harness's own CUDA-event (or graph-replay) median, the rate from the formula and the % of
+the ceiling go into the benchmark's extra_info, which --benchmark-json records.
+
+Quick shapes by default; FASTGPT_BENCH_FULL=1 selects the full sweeps.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from fastgpt.bench import core, timing
+from fastgpt.bench.cases import build_cases
+
+FULL = os.environ.get("FASTGPT_BENCH_FULL", "0") not in ("", "0")
+SETTINGS = dict(budget_ms=200.0, min_runs=10, max_runs=200)
+
+
+def kernel_params(op: str) -> list:
+    """pytest params (case, candidate label) of `op`'s cases, with readable ids (no tensors made)."""
+    cases = build_cases(op, torch.device("cuda"), None, quick=not FULL)
+    return [pytest.param(case, cand.label, id=f"{case.name}-{cand.label}") for case in cases for cand in case.candidates]
+
+
+def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict) -> None:
+    """Check, then time one candidate of a kernel case under pytest-benchmark."""
+    device = torch.device("cuda")
+    settings = core.Settings(**SETTINGS, ceilings=ceilings)
+    cand = next(c for c in case.candidates if c.label == label)
+    sets = core.make_sets(case, device, settings)
+    fn, status, reason = core.prepare(case, cand, sets[0], case.reference(sets[0]), device)
+    if status == core.FAILED:
+        pytest.fail(f"{label} is wrong on {case.name}: {reason}")
+    if fn is None:
+        pytest.skip(f"{label}: {status}: {reason}")
+    est = timing.estimate_ms(lambda i: fn(sets[i % len(sets)]), device)
+    mode = "graph" if est < settings.graph_below_ms else "events"
+    flush = timing.l2_flush_buffer(device)
+    rec = core.base_record(case, cand)
+    core.fill_timing(rec, core.measure(fn, sets, device, mode, est, settings, flush), case, settings)
+    benchmark.group = f"{case.op} {case.name}"
+    benchmark.extra_info.update({k: rec[k] for k in ("method", "ms", "ms_p20", "ms_p80", "metric", "value",
+                                                     "ceiling_value", "pct_of_ceiling", "flops", "bytes")})
+    state = {"i": 0}
+
+    def target():
+        state["i"] += 1
+        fn(sets[state["i"] % len(sets)])
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(target, rounds=timing.plan_runs(est, 500.0, 10, 200), warmup_rounds=3)
+
+
+def generate_params() -> list:
+    """pytest params (shape, candidate label) of the generate comparison on this machine."""
+    from fastgpt.bench.cases import generate as gen
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = []
+    for p in gen.shapes(quick=not FULL, device=device):
+        for cand in gen.candidates(None, device, p["N"]):
+            out.append(pytest.param(p, cand.label, id=f"{gen.describe_params(p)}-{cand.label}"))
+    return out
+
+
+def run_generate(benchmark, models, params: dict, label: str, ceilings: dict) -> None:
+    """Check, then time one generate candidate (whole calls, host clock) under pytest-benchmark."""
+    from fastgpt.bench import formulas
+    from fastgpt.bench.cases import generate as gen
+
+    hf, oracle, device, dtype, config = models
+    case = gen.make_case(params, hf, oracle, device, dtype, config)
+    cand = next(c for c in case.candidates if c.label == label)
+    sets = [case.make_inputs(100 + i) for i in range(3)]
+    fn, status, reason = core.prepare(case, cand, sets[0], None, device)
+    if status == core.FAILED:
+        pytest.fail(f"{label} is wrong on {case.name}: {reason}")
+    if fn is None:
+        pytest.skip(f"{label}: {status}: {reason}")
+    state = {"i": 0}
+
+    def target():
+        state["i"] += 1
+        fn(sets[state["i"] % len(sets)])
+        timing.synchronize(device)
+
+    benchmark.group = f"generate {case.name}"
+    benchmark.pedantic(target, rounds=5 if FULL else 3, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: the target ran once, nothing was timed
+        return
+    seconds = benchmark.stats.stats.median
+    tok_s = formulas.tokens_per_second(params["B"], params["N"], seconds)
+    benchmark.extra_info.update(tok_per_s=tok_s, weight_bytes=formulas.weight_bytes(hf), dtype=str(dtype))
+    if ceilings.get("copy_gbps"):
+        benchmark.extra_info["weight_bw_util"] = formulas.weight_bandwidth_utilisation(
+            tok_s, params["B"], formulas.weight_bytes(hf), ceilings["copy_gbps"])
