@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# One-shot GPU verification, sized for one call on the GPU machine (under 8 minutes on an H200):
+#   1. build the package in place (the CUDA extension included),
+#   2. run the GPU tests (pytest -m gpu),
+#   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
+#   4. print a short summary table last.
+# Logs, JSON, CSV and plots go under $OUT (default ./out). Exit status: 0 when the build, the GPU
+# tests and the benchmark (no fastgpt candidate FAILED) all passed.
+#
+#   OUT=/tmp/out scripts/gpu-check.sh
+#
+# Each step gets what is left of TOTAL_S (default 470 s) so the whole script ends in time; a
+# benchmark cut short still leaves its JSON (rewritten after each op) and summary.
+# Read-only GPU queries only: this script never changes clocks, power limits or modes.
+
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+START=$(date +%s)
+TOTAL_S=${TOTAL_S:-470}
+STATUS=0
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( TOTAL_S - $(elapsed) )); }
+step() { echo; echo "== $* [$(elapsed) s]"; }
+
+step "environment"
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.max.sm,power.draw \
+    --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
+python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+
+step "build (pip install --no-build-isolation --no-deps -e .)"
+if MAX_JOBS=${MAX_JOBS:-16} pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+    grep -iE "fastgpt|cuda|warning" "$OUT/build.log" | tail -5
+else
+    echo "BUILD FAILED:"; tail -40 "$OUT/build.log"; STATUS=1
+fi
+if command -v fastgpt >/dev/null 2>&1; then FASTGPT=(fastgpt); else FASTGPT=(python -m fastgpt.cli); fi
+"${FASTGPT[@]}" info 2>&1 | tee "$OUT/info.txt"
+
+step "GPU tests (pytest -m gpu)"
+TEST_S=$(( $(left) * 45 / 100 ))
+timeout --kill-after=10 "$TEST_S" python -m pytest -m gpu -q -rfEs --durations=10 \
+    --junitxml="$OUT/gpu-tests.xml" >"$OUT/gpu-tests.log" 2>&1
+RC=$?
+tail -30 "$OUT/gpu-tests.log"
+if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "GPU TESTS TIMED OUT after $TEST_S s"; STATUS=1
+elif [ "$RC" -ne 0 ]; then echo "GPU TESTS FAILED (exit $RC)"; STATUS=1; fi
+
+step "benchmarks (fastgpt bench all --quick)"
+BENCH_S=$(( $(left) - 25 ))
+[ "$BENCH_S" -lt 60 ] && BENCH_S=60
+timeout --kill-after=10 $(( BENCH_S + 20 )) "${FASTGPT[@]}" bench all --quick --time-limit "$BENCH_S" \
+    --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots" >"$OUT/bench.log" 2>&1
+RC=$?
+if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "BENCHMARK KILLED at its time limit (partial JSON kept)"; STATUS=1
+elif [ "$RC" -ne 0 ]; then echo "BENCHMARK EXIT $RC (1: a fastgpt candidate FAILED its check)"; STATUS=1; fi
+grep -E "^FAILED:|Traceback" "$OUT/bench.log" | head -20
+
+step "summary (full tables: $OUT/bench.log; records: $OUT/bench.json)"
+if [ -f "$OUT/bench.json" ]; then
+    python -m fastgpt.bench.report "$OUT/bench.json"
+else
+    tail -40 "$OUT/bench.log"
+fi
+echo "gpu-check: status $STATUS after $(elapsed) s"
+exit "$STATUS"
