@@ -255,7 +255,7 @@ def test_json_and_csv_schema(tmp_path):
     report.write_json(tmp_path / "b.json", env, {"copy_gbps": 1.0, "matmul_tflops": 2.0}, records)
     report.write_csv(tmp_path / "b.csv", records)
     data = json.loads((tmp_path / "b.json").read_text())
-    assert data["schema"] == report.SCHEMA and set(data) == {"schema", "env", "ceilings", "records"}
+    assert data["schema"] == report.SCHEMA and set(data) == {"schema", "run", "env", "ceilings", "records"}
     assert set(data["env"]) == set(ENV_FIELDS)
     for rec in data["records"]:
         assert set(rec) == set(RECORD_FIELDS) | set(ENV_FIELDS)
@@ -277,10 +277,12 @@ def test_plots_written(tmp_path):
 
 
 def test_summary_uses_best_fastgpt_and_reference():
-    _, records = _records()
+    env, records = _records()
     rows = report.summary_rows(records)
     assert rows[0][2] == "fastgpt[cuda]" and rows[0][5] == "sdpa[flash]"
     assert rows[-1][-1] == "bad"
+    markdown = report.summary_markdown(records, env, {"quick": True}).splitlines()
+    assert "--quick" in markdown[0] and markdown[2].startswith("| op |") and len(markdown) == 4 + len(rows)
 
 
 # ----------------------------------------------------------------------------- end to end on CPU

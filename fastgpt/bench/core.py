@@ -9,6 +9,7 @@ timed. A wrong candidate is reported FAILED with the reason, and never gets a nu
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -89,6 +90,10 @@ class Settings:
     memory_budget: int = 4 * 2**30
     ceilings: dict = field(default_factory=dict)  # {"copy_gbps": float, "matmul_tflops": float}
     impl_filter: Callable[[str], bool] = lambda label: True
+    deadline: float | None = None  # time.monotonic() after which nothing new starts (--time-limit)
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
 
 RECORD_FIELDS = (

@@ -132,16 +132,31 @@ def print_summary(console, records: list[dict], env: dict) -> None:
     table = Table(title=title, title_justify="left")
     for column in ("op", "case", "fastgpt best", "rate", "% ceil", "best reference", "rate", "speedup", "FAILED"):
         table.add_column(column, overflow="fold")
-    for row in summary_rows(records):
+    rows = summary_rows(records)
+    for row in rows:
         table.add_row(*(escape(str(cell)) for cell in row))
-    console.print(table)
+    console.print(table if rows else f"{title}: nothing was measured")
 
 
-def write_json(path, env: dict, ceilings: dict, records: list[dict]) -> Path:
-    """{"schema", "env", "ceilings", "records"}; every record also carries the env fields."""
+def summary_markdown(records: list[dict], env: dict, run: dict) -> str:
+    """The summary table in Markdown, headed by the GPU, versions, git sha and date."""
+    head = (f"{env.get('gpu')}, torch {env.get('torch')}, triton {env.get('triton')}, CUDA {env.get('cuda')}, "
+            f"git {str(env.get('git_sha'))[:10]}{' (dirty)' if env.get('git_dirty') else ''}, {env.get('date')}"
+            f"{', --quick' if run.get('quick') else ''}")
+    lines = [head, "", "| op | case | fastgpt best | rate | % ceiling | best reference | rate | speedup | FAILED |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in summary_rows(records)]
+    return "\n".join(lines)
+
+
+def write_json(path, env: dict, ceilings: dict, records: list[dict], run: dict | None = None) -> Path:
+    """{"schema", "run", "env", "ceilings", "records"}; every record also carries the env fields.
+
+    run: the options of the run (quick, ops, dtype, model config).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"schema": SCHEMA, "env": env, "ceilings": ceilings, "records": records}
+    payload = {"schema": SCHEMA, "run": run or {}, "env": env, "ceilings": ceilings, "records": records}
     path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
     return path
 
@@ -220,3 +235,30 @@ def plot(records: list[dict], path, env: dict) -> list[Path]:
         FigureCanvasAgg(fig).print_png(str(out))
         written.append(out)
     return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m fastgpt.bench.report BENCH.json [--full]`: print a saved run's summary table
+    (and with --full every table), e.g. after a run was cut short by a time limit."""
+    import argparse
+
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(prog="python -m fastgpt.bench.report", description=main.__doc__)
+    parser.add_argument("json")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--markdown", action="store_true", help="the summary as a Markdown table (for READMEs)")
+    args = parser.parse_args(argv)
+    data = json.loads(Path(args.json).read_text())
+    if args.markdown:
+        print(summary_markdown(data["records"], data["env"], data.get("run", {})))
+        return 0
+    console = Console(width=180)
+    if args.full:
+        print_tables(console, data["records"])
+    print_summary(console, data["records"], data["env"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -33,6 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", choices=MODEL_CONFIGS, default="gpt2",
                         help="generate: gpt2 (GPT-2 124M architecture, random weights; default) or tiny")
     parser.add_argument("--impl", metavar="REGEX", help="only the implementations whose label matches REGEX")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="stop starting new cases after this long; the rest is reported as skipped")
     parser.add_argument("--budget", type=float, metavar="SECONDS",
                         help="timing budget per candidate (default: 1 s, 0.25 s with --quick; generate x5)")
 
@@ -60,16 +62,16 @@ def shape_specs(args, ops: list[str]) -> list[str] | None:
     return specs
 
 
-def settings_for(args, ceilings: dict):
-    """Timing budgets from --quick / --budget, the ceilings, the --impl filter."""
+def settings_for(args, ceilings: dict, deadline: float | None = None):
+    """Timing budgets from --quick / --budget, the ceilings, the --impl filter, the deadline."""
     from fastgpt.bench.core import Settings
 
     quick = bool(args.quick)
     budget_s = args.budget if args.budget is not None else (0.25 if quick else 1.0)
     pattern = re.compile(args.impl) if args.impl else None
     return Settings(budget_ms=budget_s * 1e3, min_runs=10 if quick else 20, max_runs=200 if quick else 1000,
-                    ceilings=ceilings, impl_filter=(lambda label: bool(pattern.search(label))) if pattern else
-                    (lambda label: True))
+                    ceilings=ceilings, deadline=deadline,
+                    impl_filter=(lambda label: bool(pattern.search(label))) if pattern else (lambda label: True))
 
 
 def pick_device(name: str):

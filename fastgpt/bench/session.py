@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 
 import torch
 from rich.markup import escape
@@ -34,10 +35,15 @@ class Session:
     def __init__(self, args, console, device: torch.device, ops: list[str], specs: list[str] | None):
         self.args, self.console, self.device, self.ops, self.specs = args, console, device, ops, specs
         self.quick = bool(args.quick)
+        limit = getattr(args, "time_limit", None)
+        self.deadline = time.monotonic() + limit if limit else None
+        # With generate selected too, the kernel cases get half the time limit.
+        share = 0.5 if "generate" in ops else 1.0
+        self.kernel_deadline = time.monotonic() + share * limit if limit else None
         self.env = environment(device)
         self.ceilings: dict = {}
         self.records: list[dict] = []
-        self.settings = settings_for(args, self.ceilings)
+        self.settings = settings_for(args, self.ceilings, self.deadline)
 
     def add(self, records: list[dict]) -> None:
         """Keep records, each stamped with the environment (device, versions, git sha, date)."""
@@ -55,14 +61,14 @@ class Session:
         except Exception as exc:  # out of memory on a small card: go on without percentages
             self.console.print(f"[yellow]ceilings not measured ({escape(str(exc))}); no % of ceiling[/]")
             records = []
-        self.settings = settings_for(self.args, self.ceilings)
+        self.settings = settings_for(self.args, self.ceilings, self.deadline)
         self.add(records)
         if self.ceilings:
             self.console.print(f"ceilings: copy {self.ceilings['copy_gbps']:,.4g} GB/s (read + write), "
                                f"matmul {self.ceilings['matmul_tflops']:,.4g} TFLOP/s")
 
-    def _skip(self, op: str, reason: str) -> None:
-        self.add([empty_record(op=op, case="-", implementation=f"{op} (all)", status=SKIPPED, reason=reason)])
+    def _skip(self, op: str, reason: str, case: str = "-") -> None:
+        self.add([empty_record(op=op, case=case, implementation=f"{op} (all)", status=SKIPPED, reason=reason)])
 
     def run_kernels(self) -> None:
         """Every case of the selected kernel ops; on a machine without CUDA, say so and skip."""
@@ -80,8 +86,11 @@ class Session:
         with progress_bar(self.console) as bar:
             task = bar.add_task("kernels", total=len(cases))
             for i, case in enumerate(cases):
-                self.add(run_case(case, self.device, self.settings,
-                                  on_step=lambda text: bar.update(task, description=escape(text))))
+                if self.kernel_deadline is not None and time.monotonic() > self.kernel_deadline:
+                    self._skip(case.op, "not started: --time-limit reached", case.name)
+                else:
+                    self.add(run_case(case, self.device, self.settings,
+                                      on_step=lambda text: bar.update(task, description=escape(text))))
                 _free(self.device)
                 bar.advance(task)
                 if i + 1 == len(cases) or cases[i + 1].op != case.op:
@@ -102,7 +111,7 @@ class Session:
         except Unavailable as exc:
             self._skip("generate", str(exc))
             return
-        settings = settings_for(self.args, self.ceilings)
+        settings = settings_for(self.args, self.ceilings, self.deadline)
         settings.budget_ms *= 5
         weight_nbytes = formulas.weight_bytes(hf)
         cases = [gen.make_case(p, hf, oracle, self.device, dtype, config) for p in plan]
@@ -112,6 +121,7 @@ class Session:
                 self.add(gen.run_case(case, self.device, settings, weight_nbytes, self.quick,
                                       on_step=lambda text: bar.update(task, description=escape(text))))
                 bar.advance(task)
+                self.save()
         del hf, oracle
         _free(self.device)
         self.save()
@@ -119,7 +129,9 @@ class Session:
     def save(self) -> None:
         """Write JSON / CSV now, so an interrupted run keeps what it measured."""
         if self.args.json:
-            report.write_json(self.args.json, self.env, self.ceilings, self.records)
+            run = {"ops": self.ops, "quick": self.quick, "shapes": self.specs, "dtype": self.args.dtype,
+                   "model_config": self.args.model_config, "time_limit": getattr(self.args, "time_limit", None)}
+            report.write_json(self.args.json, self.env, self.ceilings, self.records, run)
         if self.args.csv:
             report.write_csv(self.args.csv, self.records)
 

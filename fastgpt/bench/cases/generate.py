@@ -230,6 +230,9 @@ def run_case(case: Case, device: torch.device, settings: Settings, weight_nbytes
         if quick and cand.label in QUICK_SKIP and device.type == "cuda":
             rec.update(status=SKIPPED, reason=QUICK_SKIP[cand.label])
             continue
+        if settings.out_of_time():
+            rec.update(status=SKIPPED, reason="not started: --time-limit reached")
+            continue
         on_step(f"generate {case.name}: checking {cand.label}")
         fn, rec["status"], rec["reason"] = prepare(case, cand, sets[0], None, device)
         if fn is None:

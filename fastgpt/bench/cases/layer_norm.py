@@ -27,10 +27,8 @@ def shapes(quick: bool):
         return dict(KEYS, M=M, N=N, residual=residual)
 
     sweep = "residual, M*N=64Mi"
-    if quick:
-        return [(shape(ELEMENTS // 768, 768), sweep, "N"), (shape(65536, 1024), sweep, "N"),
-                (shape(16384, 4096), sweep, "N"), (shape(32, 768), None, None),
-                (shape(65536, 1024, residual=False), None, None)]
+    if quick:  # each case compiles torch.compile's reference again: few cases
+        return [(shape(65536, 1024), sweep, "N"), (shape(16384, 4096), sweep, "N"), (shape(32, 768), None, None)]
     widths = (768, 1024, 1280, 1600, 2048, 4096, 8192, 16384)
     plan = [(shape(ELEMENTS // N, N), sweep, "N") for N in widths]
     plan += [(shape(ELEMENTS // N, N, residual=False), "plain, M*N=64Mi", "N") for N in widths]
