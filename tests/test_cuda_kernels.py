@@ -24,9 +24,11 @@ pytestmark = [
 HALF = [torch.bfloat16, torch.float16]
 
 
-def _dirty_allocator(nbytes=64 << 20):
-    """Hand NaN-filled blocks back to the caching allocator so new outputs start as NaN."""
-    junk = [torch.full((nbytes // 4 // 8,), float("nan"), device="cuda") for _ in range(8)]
+def _dirty_allocator():
+    """Hand NaN-filled blocks back to the caching allocator so new outputs start as NaN: large
+    blocks, and small ones (<= 1 MiB come from the allocator's separate small pool)."""
+    junk = [torch.full((2 << 20,), float("nan"), device="cuda") for _ in range(8)]
+    junk += [torch.full((n,), float("nan"), device="cuda") for n in (1 << 18, 1 << 16, 1 << 12, 1 << 8) for _ in range(8)]
     del junk
 
 
