@@ -24,7 +24,10 @@ class Attention(nn.Module):
         self.n_head = n_head
         self.c_attn = nn.Linear(n_embd, 3 * n_embd)
         self.c_proj = nn.Linear(n_embd, n_embd)
-        self.k_cache = self.v_cache = None  # (B, H, Smax, D) each, set by StaticGPT2.setup_cache
+        # (B, H, Smax, D) each, set by StaticGPT2.setup_cache. Buffers, so that a reduce-overhead
+        # graph treats them as static inputs mutated in place (as gpt-fast's KVCache does).
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x, pos, mask):
         """x (B, T, C) at positions pos (T,); mask (1, 1, T, Smax) bool, True = may attend."""
@@ -61,7 +64,7 @@ class StaticGPT2(nn.Module):
         self.wpe = nn.Embedding(n_positions, n_embd)
         self.blocks = nn.ModuleList([Block(n_embd, n_head, eps) for _ in range(n_layer)])
         self.ln_f = nn.LayerNorm(n_embd, eps=eps)
-        self.causal = None  # (Smax, Smax) bool
+        self.register_buffer("causal", None, persistent=False)  # (Smax, Smax) bool
 
     def setup_cache(self, batch: int, length: int) -> None:
         """Allocate (batch, H, length, D) K/V caches and the causal mask (new shapes recompile)."""
