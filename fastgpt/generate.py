@@ -296,7 +296,11 @@ def _options(kwargs):
     unknown = set(kwargs) - set(known)
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-    return {**known, **kwargs}
+    options = {**known, **kwargs}
+    every = options["check_every"]
+    if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+        raise ValueError(f"check_every must be an int >= 1, got {every!r}")
+    return options
 
 
 @torch.inference_mode()

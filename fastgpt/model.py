@@ -141,6 +141,7 @@ class GPT(nn.Module):
     @backend.setter
     def backend(self, name: str):
         """Run every op of this model on one backend ("auto", "cuda", "triton" or "torch")."""
+        self._decoders.clear()  # their CUDA graphs captured the old backend's kernels
         for m in self.modules():
             if isinstance(m, (LayerNorm, CausalSelfAttention)):
                 m.backend = name

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import fastgpt
 import fastgpt.hf
+import fastgpt.nn
 from tests.helpers import assert_close
 
 transformers = pytest.importorskip("transformers")
