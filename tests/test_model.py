@@ -113,3 +113,13 @@ def test_prefill_and_decode_match_forward():
     for t in range(8, 12):
         logits = model.decode(idx[:, t], torch.tensor([t, t]), cache)
         assert_close(logits, full[:, t])
+
+
+def test_forward_compiles_fullgraph():
+    hf = tiny_hf(96, 2)
+    model = GPT.from_hf(hf)
+    idx = torch.randint(0, 384, (2, 11))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        assert_close(compiled(idx), model(idx))
