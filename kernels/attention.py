@@ -1,0 +1,235 @@
+"""Prefill attention in Triton: FlashAttention-2-style forward with an online softmax.
+
+softmax(q k^T * scale [+ causal mask]) v for q (B, Hq, Sq, D) and k/v (B, Hkv, Sk, D), with
+GQA/MQA (query head h reads KV head h // (Hq // Hkv)), bottom-right causal alignment when
+Sq != Sk (query i sees keys j <= i + Sk - Sq; a query that sees no key gets zeros), head dims up
+to 256 (padded to a power of two and masked), any sequence lengths and any strides with
+stride(-1) == 1.
+
+Precision: fp16/bf16 products run on tensor cores with fp32 accumulation; the softmax is fp32.
+fp32 inputs use `input_precision="tf32x3"` (three TF32 products per dot, close to fp32 accuracy
+and far faster than FMA); set `_FP32_DOT_PRECISION` to "ieee" for plain fp32 FMA dots.
+
+Block sizes are autotuned on the GPU per (head dim, causal, dtype, sequence-length bucket).
+Autotuning times candidate kernels, so call `attention` once with each new key before capturing
+it in a CUDA graph. Under Triton's interpreter (CPU tensors) one small fixed config is used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+_FP32_DOT_PRECISION = "tf32x3"
+_INTERPRETER_BLOCK = 16  # BLOCK_M = BLOCK_N on CPU tensors: small tiles keep the interpreter fast
+
+
+class AttentionOutput(NamedTuple):
+    out: torch.Tensor  # (B, Hq, Sq, D) in q.dtype, contiguous
+    lse: torch.Tensor  # (B, Hq, Sq) fp32: natural-log sum of exp(scores); -inf for rows seeing no key
+
+
+# ----------------------------------------------------------------------------- kernel
+
+
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile, zero past n_rows (when CHECK_ROWS) and past HEAD_DIM."""
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if HEAD_DIM != BLOCK_D:
+            mask = mask & (offs_d[None, :] < HEAD_DIM)
+        tile = tl.load(ptrs, mask=mask, other=0.0)
+    elif HEAD_DIM != BLOCK_D:
+        tile = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start, end,
+                Sk, diag, qk_scale, stride_k_s, stride_v_s,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Fold key blocks [start, end) into the running (acc, l_i, m_i); m_i is in log2 units.
+
+    MASKED applies the key-length and causal masks; the caller only passes unmasked ranges that
+    every row of the tile sees in full. A row may be fully masked in a block (or in all of them):
+    its max stays -inf and exponentials are then taken relative to 0, giving 0, never NaN.
+    """
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        # Pointers are rebuilt from scalar bases each step: a (BLOCK_N, BLOCK_D) tensor of 64-bit
+        # pointers kept live across the loop would cost more registers than the tile itself.
+        k_ptrs = k_base + cols[:, None] * stride_k_s + offs_d[None, :]
+        k = _load_rows(k_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        if MASKED:
+            keep = cols[None, :] < Sk
+            if IS_CAUSAL:
+                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_ref = m_new
+        if MASKED:
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_ptrs = v_base + cols[:, None] * stride_v_s + offs_d[None, :]
+        v = _load_rows(v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+# Per program: BLOCK_M query rows of one (batch, q head); loop over the keys it can see.
+#   s_ij  = (q_i . k_j) * scale * log2(e)                     base-2 logits
+#   m_i   = max(m_i, max_j s_ij)                              running row max
+#   l_i   = l_i * 2^(m_old - m_i) + sum_j 2^(s_ij - m_i)       running denominator
+#   acc_i = acc_i * 2^(m_old - m_i) + sum_j 2^(s_ij - m_i) v_j
+#   o_i   = acc_i / l_i (0 when l_i = 0),  lse_i = (m_i + log2 l_i) * ln 2
+# Causal, bottom-right: key j is visible to query i iff j <= i + (Sk - Sq). Key blocks that every
+# row of the tile sees in full run unmasked; only blocks crossing the diagonal or the end of the
+# keys are masked, and blocks past the last visible key are skipped.
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # (B, Hq, Sq, D), stride(-1) == 1
+    k_ptr,  # (B, Hkv, Sk, D), stride(-1) == 1
+    v_ptr,  # (B, Hkv, Sk, D), stride(-1) == 1
+    o_ptr,  # (B, Hq, Sq, D), stride(-1) == 1: the output
+    lse_ptr,  # (B, Hq, Sq) fp32 contiguous: written only when WRITE_LSE
+    stride_q_b, stride_q_h, stride_q_s,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    stride_o_b, stride_o_h, stride_o_s,
+    Hq, Sq, Sk, qk_scale,
+    seq_bucket,  # unused by the kernel: part of the autotuning key
+    GROUP: tl.constexpr,  # Hq // Hkv
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # 1D grid, query blocks of one head adjacent (they share its K/V in L2). Under a causal mask
+    # the last query blocks see the most keys: launch them first.
+    num_m = tl.cdiv(Sq, BLOCK_M)
+    bh = tl.program_id(0) // num_m
+    start_m = num_m - 1 - tl.program_id(0) % num_m
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    kvh = (h // GROUP).to(tl.int64)
+    h = h.to(tl.int64)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :]
+    q = _load_rows(q_ptrs, offs_m, Sq, offs_d, HEAD_DIM, BLOCK_D, True)
+    k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
+    v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
+
+    # Keys [0, full_end) are seen by every row of the tile; keys [full_end, hi) need masks.
+    diag = Sk - Sq
+    if IS_CAUSAL:
+        last_row = tl.minimum(start_m * BLOCK_M + BLOCK_M, Sq) - 1
+        hi = tl.minimum(tl.maximum(last_row + diag + 1, 0), Sk)
+        full_end = tl.minimum(tl.maximum(start_m * BLOCK_M + diag + 1, 0), hi)
+    else:
+        hi = Sk
+        full_end = Sk
+    full_end = (full_end // BLOCK_N) * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, 0, full_end,
+                                Sk, diag, qk_scale, stride_k_s, stride_v_s,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, full_end, hi,
+                                Sk, diag, qk_scale, stride_k_s, stride_v_s,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: acc is 0, output 0
+    out = acc / l_safe[:, None]
+    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :]
+    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
+    if WRITE_LSE:
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(lse_ptr + (b * Hq + h) * Sq + offs_m, lse, mask=offs_m < Sq)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per padded head dim, checked offline
+# (tests/test_attention.py compiles them for sm_80/sm_90): none spills registers on sm_90 and all
+# fit its shared memory; a config too large for a smaller GPU fails to launch and the autotuner
+# skips it. fp32 tiles are twice the bytes and tf32x3 dots triple the operands: smaller tiles.
+_TUNING = {
+    64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+         (128, 32, 8, 3), (64, 64, 8, 4)],
+    128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3),
+          (128, 32, 8, 3), (64, 128, 8, 2)],
+    256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)],
+}
+_TUNING_FP32 = {
+    64: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 32, 8, 2), (64, 16, 4, 2)],
+    128: [(16, 16, 4, 2), (32, 16, 4, 2), (32, 32, 4, 1), (64, 16, 4, 1)],
+    256: [(16, 16, 4, 2), (32, 16, 4, 2)],
+}
+_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
+    for m, n, w, st in sorted({c for tables in (_TUNING, _TUNING_FP32) for t in tables.values() for c in t})
+]
+
+
+def _table(block_d: int, fp32: bool) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates for a padded head dim."""
+    return (_TUNING_FP32 if fp32 else _TUNING)[max(64, block_d)]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    """Keep the candidates for this head dim and dtype; for short queries, the smallest BLOCK_M."""
+    table = _table(kwargs["BLOCK_D"], named_args["q_ptr"].dtype == torch.float32)
+    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table]
+    smallest = min(c.kwargs["BLOCK_M"] for c in keep)
+    short = [c for c in keep if c.kwargs["BLOCK_M"] == smallest]
+    return short if named_args["Sq"] <= smallest else keep
+
+
+_attn_fwd_tuned = triton.autotune(
+    configs=_CONFIGS,
+    key=["HEAD_DIM", "IS_CAUSAL", "seq_bucket"],  # tensor dtypes are added to the key by Triton
+    prune_configs_by={"early_config_prune": _prune_configs},
+)(_attn_fwd_kernel)
+
+
+def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
+    """softmax(q k^T * scale [+ causal mask]) v, the Triton forward.
+
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D): fp16, bf16 or fp32, one dtype, stride(-1) == 1, any
+    other strides, Hq % Hkv == 0, 1 <= D <= 256. Causal masks align bottom-right (query i sees
+    keys j <= i + Sk - Sq). Returns the output (B, Hq, Sq, D) in q.dtype, contiguous; with
+    return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
+    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            Hq, Sq, Sk, scale * math.log2(math.e), min(triton.next_power_of_2(max(Sq, Sk)), 16384))
+    meta = dict(
+        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=bool(causal),
+        WRITE_LSE=return_lse, DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
+    )
+    if q.is_cuda:
+        _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
+    else:  # Triton's interpreter: one small config, no autotuning
+        block = _INTERPRETER_BLOCK
+        grid = (triton.cdiv(Sq, block) * B * Hq,)
+        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+    return AttentionOutput(out, lse) if return_lse else out
