@@ -1,0 +1,223 @@
+"""Decode attention in Triton: Flash-Decoding (split-KV) for one query token per row.
+
+Row b attends to the first len_b = clamp(cache_seqlens[b], 0, Smax) positions of a static KV
+cache. The cache of each (row, KV head) is cut into `num_splits` chunks; one program reads one
+chunk of one KV head once and serves all Hq // Hkv query heads that share it (GQA), writing a
+partial output and its log-sum-exp. A second kernel merges the splits. A single split writes
+the output directly. A row of length 0 gets zeros.
+
+The split count is chosen on the host from shapes and the SM count only (never from
+cache_seqlens, which stays on the device), so the op never syncs and can be captured in a CUDA
+graph. Block sizes are fixed per head dim (no autotuning, which could not run under capture).
+fp32 inputs use `input_precision="tf32x3"` dots (close to fp32 accuracy).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+_FP32_DOT_PRECISION = "tf32x3"
+_PROGRAMS_PER_SM = 4  # split until the grid covers the GPU about this many times over
+_MIN_SPLIT_BLOCKS = 2  # ... but no split shorter than this many BLOCK_N blocks
+_MAX_SPLITS = 128
+_INTERPRETER_SMS = 4  # a pretend SM count on CPU tensors, so the interpreter exercises splits
+_INTERPRETER_BLOCK_N = 16
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _scores(q, k, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
+    """(BLOCK_G, BLOCK_D) x (BLOCK_N, BLOCK_D) -> (BLOCK_G, BLOCK_N) fp32 dot products."""
+    if USE_DOT:
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    else:  # one query head per KV head (BLOCK_G == 1): a 2D product, no tile padded to 16 rows
+        q_row = tl.sum(q.to(tl.float32), 0)  # (BLOCK_D,)
+        s = tl.sum(k.to(tl.float32) * q_row[None, :], 1)[None, :]
+    return s
+
+
+@triton.jit
+def _weighted_values(p, v, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
+    """(BLOCK_G, BLOCK_N) fp32 weights x (BLOCK_N, BLOCK_D) values -> (BLOCK_G, BLOCK_D) fp32."""
+    if USE_DOT:
+        pv = tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    else:
+        p_row = tl.sum(p, 0)  # (BLOCK_N,)
+        pv = tl.sum(p_row[:, None] * v.to(tl.float32), 0)[None, :]
+    return pv
+
+
+# Per program: one (row b, KV head), one split = cache positions [start, end) of that row, for
+# the GROUP query heads h = kv_head * GROUP + g that read this KV head. In base-2 units:
+#   s_gj = (q_g . k_j) * scale * log2(e),  m_g = max_j s_gj,  l_g = sum_j 2^(s_gj - m_g)
+#   o_g  = sum_j 2^(s_gj - m_g) v_j / l_g,  lse_g = m_g + log2(l_g)     (online over BLOCK_N blocks)
+# An empty split (start >= len_b) writes o = 0 and lse = -inf. With SINGLE_SPLIT the program
+# covers the whole row and writes o in the output dtype instead.
+@triton.jit
+def _decode_split_kernel(
+    q_ptr,  # (B, Hq, 1, D), stride(-1) == 1
+    k_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
+    v_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
+    seqlens_ptr,  # (B,) int32: valid positions per row, clamped to [0, Smax] here
+    o_ptr,  # SINGLE_SPLIT: (B, Hq, 1, D) output, contiguous; else (B, Hq, num_splits, D) fp32 partials
+    lse_ptr,  # (B, Hq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
+    stride_q_b, stride_q_h,
+    stride_k_b, stride_k_h, stride_k_s,
+    stride_v_b, stride_v_h, stride_v_s,
+    Hkv, Smax, chunk, qk_scale,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    USE_DOT: tl.constexpr = BLOCK_G >= 16
+    bkv = tl.program_id(0)
+    split = tl.program_id(1)
+    num_splits = tl.num_programs(1)
+    b = (bkv // Hkv).to(tl.int64)
+    kvh = (bkv % Hkv).to(tl.int64)
+    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), Smax)
+    start = split * chunk
+    end = tl.minimum(start + chunk, length)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kvh * GROUP + offs_g  # (BLOCK_G,) query heads served by this KV head
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_ptrs = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=(offs_g[:, None] < GROUP) & d_ok, other=0.0)
+    k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
+    v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start_n in range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        keep = (cols[:, None] < end) & d_ok
+        k = tl.load(k_base + cols[:, None] * stride_k_s + offs_d[None, :], mask=keep, other=0.0)
+        s = _scores(q, k, DOT_PRECISION, USE_DOT) * qk_scale
+        # Every block holds at least one valid position, so m_new is finite.
+        s = tl.where(cols[None, :] < end, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * stride_v_s + offs_d[None, :], mask=keep, other=0.0)
+        acc = acc * alpha[:, None] + _weighted_values(p, v, DOT_PRECISION, USE_DOT)
+        m_i = m_new
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    rows = b * Hkv * GROUP + heads  # flat (b, h) index
+    row_ok = offs_g[:, None] < GROUP
+    if SINGLE_SPLIT:
+        tl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+                 mask=row_ok & d_ok)
+    else:
+        part = rows * num_splits + split  # flat (b, h, split) index
+        tl.store(o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok & d_ok)
+        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
+        tl.store(lse_ptr + part, lse, mask=offs_g < GROUP)
+
+
+# Per program: one (b, h) row. Merge its splits by their log-sum-exps (base 2):
+#   M = max_s lse_s,  w_s = 2^(lse_s - M),  o = sum_s w_s o_s / sum_s w_s
+# Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0.
+@triton.jit
+def _decode_combine_kernel(
+    o_part_ptr,  # (B * Hq, num_splits, D) fp32 partial outputs
+    lse_part_ptr,  # (B * Hq, num_splits) fp32 partial log2-sum-exps
+    o_ptr,  # (B, Hq, 1, D) output, contiguous
+    num_splits,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_row = lse_part_ptr + row * num_splits
+    m_vec = tl.full([BLOCK_S], float("-inf"), tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        m_vec = tl.maximum(m_vec, tl.load(lse_row + s0 + offs_s, mask=s0 + offs_s < num_splits,
+                                          other=float("-inf")))
+    m = tl.max(m_vec, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+
+    w_sum = tl.zeros([BLOCK_S], tl.float32)
+    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        splits = s0 + offs_s
+        lse = tl.load(lse_row + splits, mask=splits < num_splits, other=float("-inf"))
+        w = tl.math.exp2(lse - m)
+        part_ptrs = o_part_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + offs_d[None, :]
+        part = tl.load(part_ptrs, mask=(splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+        w_sum += w
+        acc += w[:, None] * part
+    total = tl.sum(w_sum, 0)
+    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(o_ptr + row * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_plan(batch_kv_heads: int, Smax: int, block_n: int, num_sms: int) -> tuple[int, int]:
+    """(num_splits, chunk): cut each cache row into chunks of `chunk` positions (a multiple of
+    block_n) so that batch_kv_heads * num_splits programs fill the GPU several times over."""
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, batch_kv_heads)
+    most = min(_MAX_SPLITS, triton.cdiv(Smax, block_n * _MIN_SPLIT_BLOCKS))
+    splits = max(1, min(wanted, most))
+    chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n
+    return triton.cdiv(Smax, chunk), chunk
+
+
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
+    """Attention of one query token per row over the first cache_seqlens[b] cache positions.
+
+    q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
+    stride(-1) == 1, any other strides; Hq % Hkv == 0; 1 <= D <= 256. cache_seqlens int32 (B,)
+    on the same device, contiguous, never read by the host; lengths are clamped to [0, Smax].
+    Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0 are zeros.
+    """
+    B, Hq, _, D = q.shape
+    Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    block_d = max(16, triton.next_power_of_2(D))
+    if q.is_cuda:
+        block_n, num_sms, num_warps, num_stages = (64 if block_d <= 128 else 32), _num_sms(q.device.index), 4, 3
+    else:  # Triton's interpreter
+        block_n, num_sms, num_warps, num_stages = _INTERPRETER_BLOCK_N, _INTERPRETER_SMS, 4, 1
+    num_splits, chunk = split_plan(B * Hkv, Smax, block_n, num_sms)
+
+    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    if num_splits == 1:
+        o_part = lse_part = out
+    else:
+        o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(B * Hkv, num_splits)](
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
+        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        Hkv, Smax, chunk, scale * math.log2(math.e),
+        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=1 if group == 1 else max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
+        DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if num_splits > 1:
+        _decode_combine_kernel[(B * Hq,)](
+            o_part, lse_part, out, num_splits,
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
+        )
+    return out

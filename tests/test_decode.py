@@ -1,0 +1,193 @@
+"""The Triton split-KV decode attention (kernels/decode.py) against fastgpt.reference in fp32.
+
+Reached through the public API, fastgpt.decode_attention(..., backend="triton"). Without CUDA the
+kernels run in Triton's interpreter with 16-position blocks and a pretend 4-SM GPU, so small
+caches already take several splits (the plan is asserted where a case depends on it). `gpu` tests
+run bf16/fp16 at real sizes and capture the op in a CUDA graph.
+"""
+
+import pytest
+import torch
+
+import fastgpt
+from fastgpt import reference
+from tests.helpers import assert_close
+from tests.test_attention import (  # noqa: F401  (_interpreter_numpy_fix is an autouse fixture)
+    SMEM_LIMIT,
+    _interpreter_numpy_fix,
+    _load_kernel_module,
+    compile_for,
+    run_compile_check,
+)
+
+
+def _plan(B, Hkv, Smax, device):
+    """(num_splits, chunk) the launcher picks for these shapes on this device."""
+    from fastgpt.kernels import decode
+
+    if device == "cpu":
+        return decode.split_plan(B * Hkv, Smax, decode._INTERPRETER_BLOCK_N, decode._INTERPRETER_SMS)
+    return decode.split_plan(B * Hkv, Smax, 64, torch.cuda.get_device_properties(0).multi_processor_count)
+
+
+def _inputs(B, Hq, Hkv, Smax, D, dtype, device, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
+
+    return randn(B, Hq, 1, D), randn(B, Hkv, Smax, D), randn(B, Hkv, Smax, D)
+
+
+def _check(q, k_cache, v_cache, lengths, *, scale=None):
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=q.device)
+    out = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, scale=scale, backend="triton")
+    assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
+    assert out.is_contiguous()
+    assert not out.isnan().any()
+    expected = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, scale=scale)
+    assert_close(out, expected, dtype=q.dtype)
+    Smax = k_cache.shape[2]
+    empty = torch.tensor([min(max(n, 0), Smax) == 0 for n in lengths], device=q.device)
+    assert (out[empty] == 0).all()  # clamped length 0: exactly zero
+    return out
+
+
+# ----------------------------------------------------------------------------- CPU (interpreter) and GPU
+
+
+def test_edge_lengths(device):
+    """1, Smax, 0, beyond Smax (clamped), negative (clamped to 0), and not multiples of a block."""
+    Smax = 50
+    lengths = [1, Smax, 0, Smax + 7, -4, 17, 33, 49]
+    _check(*_inputs(len(lengths), 2, 2, Smax, 32, torch.float32, device), lengths)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_lengths(device, seed):
+    Smax = 64
+    gen = torch.Generator().manual_seed(100 + seed)
+    lengths = torch.randint(0, Smax + 1, (5,), generator=gen).tolist()
+    _check(*_inputs(5, 4, 2, Smax, 32, torch.float16, device, seed=seed), lengths)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(6, 2), (4, 1), (3, 3), (16, 1)])
+def test_gqa_mqa(device, Hq, Hkv):
+    """Group 3 and 4 take the 16-row tl.dot path; group 1 the elementwise path; 16 a full tile."""
+    _check(*_inputs(2, Hq, Hkv, 40, 32, torch.float32, device, seed=Hq), [40, 23])
+
+
+@pytest.mark.parametrize("D", [32, 64, 80, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("Hq", [1, 4])
+def test_head_dims_and_dtypes(device, D, dtype, Hq):
+    _check(*_inputs(2, Hq, 1, 37, D, dtype, device, seed=D), [37, 20])
+
+
+def test_largest_head_dim(device):
+    _check(*_inputs(2, 4, 2, 33, 256, torch.float16, device), [33, 5])
+
+
+def test_many_splits(device):
+    """One row, one KV head, a long cache: many splits, some past the row's length (empty)."""
+    Smax = 300
+    num_splits, chunk = _plan(2, 1, Smax, device)
+    if device == "cpu":
+        assert num_splits >= 6
+    _check(*_inputs(2, 2, 1, Smax, 32, torch.float32, device, seed=4), [Smax, chunk + 3])
+
+
+def test_single_split(device):
+    """Enough (row, KV head) programs to fill the GPU: one split, no combine pass."""
+    B, Hkv = 4, 4
+    if device == "cpu":
+        assert _plan(B, Hkv, 48, device)[0] == 1
+    _check(*_inputs(B, 8, Hkv, 48, 32, torch.float16, device, seed=5), [48, 1, 0, 31])
+
+
+def test_non_contiguous_views(device):
+    """q sliced from a wider buffer; the caches as a (B, Smax, Hkv, D) layout and a prefix of a longer cache."""
+    B, Hq, Hkv, Smax, D = 3, 4, 2, 40, 64
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(B, Hq, 1, D + 16, generator=gen).half().to(device)[..., :D]
+    k_cache = torch.randn(B, Smax, Hkv, D, generator=gen).half().to(device).transpose(1, 2)
+    v_cache = torch.randn(B, Hkv, Smax + 24, D, generator=gen).half().to(device)[:, :, :Smax]
+    assert not (q.is_contiguous() or k_cache.is_contiguous() or v_cache.is_contiguous())
+    _check(q, k_cache, v_cache, [40, 9, 26])
+
+
+def test_scale_and_large_logits(device):
+    q, k_cache, v_cache = _inputs(2, 2, 1, 45, 64, torch.float32, device, seed=8)
+    _check(q * 4, k_cache, v_cache, [45, 44], scale=1.0)
+
+
+# ----------------------------------------------------------------------------- compile for the GPU
+
+
+def compile_decode_variants(arch):
+    """Both split-kernel paths (elementwise for group 1, tl.dot for groups) and the combine kernel."""
+    mod = _load_kernel_module("decode")
+    for dtype, D, group in [("fp16", 64, 1), ("bf16", 128, 4), ("bf16", 256, 8), ("fp32", 80, 2)]:
+        block_d = max(16, 1 << (D - 1).bit_length())
+        block_g = 1 if group == 1 else max(16, 1 << (group - 1).bit_length())
+        ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
+                "o_ptr": "*fp32", "lse_ptr": "*fp32"}
+        const = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=64 if block_d <= 128 else 32,
+                     SINGLE_SPLIT=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+        kernel = compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=4, num_stages=3)
+        assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
+    ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16"}
+    compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32),
+                arch=arch, num_warps=4, num_stages=1)
+
+
+def test_compiles_for_gpu():
+    """The split and combine kernels lower to sm_80 and sm_90 cubins within shared memory."""
+    run_compile_check("tests.test_decode.compile_decode_variants")
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,Smax,D",
+    [(64, 12, 12, 4096, 64), (1, 12, 12, 1024, 64), (2, 32, 8, 32768, 128), (1, 8, 1, 32768, 128),
+     (4, 16, 4, 5000, 80), (3, 8, 2, 2048, 256)],
+)
+def test_gpu_real_sizes(B, Hq, Hkv, Smax, D, dtype):
+    gen = torch.Generator().manual_seed(B * Smax)
+    lengths = torch.randint(1, Smax + 1, (B,), generator=gen)
+    lengths[0] = Smax
+    if B > 2:
+        lengths[1], lengths[2] = 1, 0
+    _check(*_inputs(B, Hq, Hkv, Smax, D, dtype, "cuda"), lengths.tolist())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture_and_replay():
+    """Captured once, replayed with new queries and lengths written in place: no host sync inside."""
+    B, Hq, Hkv, Smax, D = 4, 16, 4, 8192, 128
+    q, k_cache, v_cache = _inputs(B, Hq, Hkv, Smax, D, torch.bfloat16, "cuda")
+    seqlens = torch.tensor([Smax, 1, 4000, 0], dtype=torch.int32, device="cuda")
+
+    def step():
+        return fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend="triton")
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # warm up: compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+
+    for lengths in ([Smax, 1, 4000, 0], [17, Smax + 100, 0, 8000], [1, 1, 1, 1]):
+        q.copy_(torch.randn_like(q))
+        seqlens.copy_(torch.tensor(lengths, dtype=torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        expected = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seqlens)
+        assert_close(out, expected, dtype=torch.bfloat16)
