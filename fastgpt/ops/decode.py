@@ -12,6 +12,7 @@ from fastgpt.ops import _checks
 TRITON_MAX_HEAD_DIM = 256
 CUDA_HEAD_DIMS = (64, 128)
 CUDA_DTYPES = (torch.float16, torch.bfloat16)
+CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 SEQLEN_DTYPES = (torch.int32,)
 
 
@@ -22,6 +23,8 @@ def _unsupported(q: torch.Tensor) -> Callable[[str], str | None]:
             return f"head dim {D} > {TRITON_MAX_HEAD_DIM}"
         if backend == "cuda" and (D not in CUDA_HEAD_DIMS or q.dtype not in CUDA_DTYPES):
             return f"the cuda kernel supports head dims {CUDA_HEAD_DIMS} in fp16/bf16, got D={D} {q.dtype}"
+        if backend == "cuda" and max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID:
+            return f"the cuda kernel supports batch and heads <= {CUDA_MAX_GRID}, got {tuple(q.shape[:2])}"
         return None
 
     return reason

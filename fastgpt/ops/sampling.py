@@ -15,6 +15,16 @@ from fastgpt import _backends, reference
 from fastgpt.ops import _checks
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+CUDA_MAX_VOCAB = 2**24 - 1  # the CUDA sampler's fixed-point probability sums need V < 2^24
+
+
+def _unsupported(logits):
+    def reason(backend):
+        if backend == "cuda" and logits.shape[1] > CUDA_MAX_VOCAB:
+            return f"the cuda sampler supports V < 2^24, got V={logits.shape[1]}"
+        return None
+
+    return reason
 
 
 def _row_param(name, value, B, device, dtype, valid, expected):
@@ -93,7 +103,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
         if generator.device.type != logits.device.type:
             raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
     params = _params(logits, temperature, top_k, top_p, min_p, allow_greedy=True)
-    name = _backends.resolve("sample", backend, logits.device)
+    name = _backends.resolve("sample", backend, logits.device, _unsupported(logits))
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), device=logits.device, dtype=torch.int64, generator=generator)
