@@ -94,8 +94,11 @@ def test_variance_is_two_pass(N, device, poisoned_empty):
 # ----------------------------------------------------------------------------- GPU
 
 
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("M, N", [(1, 768), (4096, 768), (2048, 1024), (1000, 1280), (1024, 1600),
                                   (512, 4096), (64, 8192), (16, 16384), (8, 32768), (3, 65536)])  # fmt: skip
 def test_gpu_shapes(dtype, M, N, poisoned_empty):
