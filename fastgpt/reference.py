@@ -138,12 +138,20 @@ def uniform(seed, shape, device):
     """Counter-based uniforms in (0, 1) from a device-resident seed: no host sync, no state.
 
     seed: int64 tensor (1,). Element n (row-major index) gets
-    hash(hash(n_lo ^ seed_lo) ^ n_hi ^ seed_hi), whose top 23 bits make the float (23, so that
-    the largest value, (2^23 - 0.5) / 2^23, is exact in fp32 and never rounds up to 1).
+    hash(hash(n_lo ^ seed_lo) ^ n_hi ^ seed_hi), mapped to a float by `unit_float`.
     """
     n = torch.arange(int(torch.Size(shape).numel()), device=device, dtype=torch.int64).view(shape)
     s = seed.to(device=device, dtype=torch.int64).reshape(())
     h = _mix32(_mix32((n & _MASK32) ^ (s & _MASK32)) ^ (n >> 32) ^ ((s >> 32) & _MASK32))
+    return unit_float(h)
+
+
+def unit_float(h):
+    """Map 32-bit hashes (int64 tensors in [0, 2^32)) to floats strictly inside (0, 1).
+
+    The top 23 bits only: the largest result, (2^23 - 0.5) / 2^23, is exact in fp32, whereas 24
+    bits would round up to exactly 1.0 and make the Gumbel noise infinite.
+    """
     return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 

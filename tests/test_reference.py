@@ -74,8 +74,8 @@ def test_layer_norm_matches_torch(dtype, with_affine):
 def test_uniform_is_in_open_interval_and_looks_uniform():
     u = reference.uniform(torch.tensor([1234567891011]), (64, 1000), "cpu")
     assert u.min() > 0 and u.max() < 1
-    top = reference.uniform(torch.tensor([0]), (1,), "cpu")  # the largest hash value must stay below 1
-    assert ((torch.tensor(2**23 - 1, dtype=torch.float32) + 0.5) * 2**-23) < 1 and top < 1
+    extremes = reference.unit_float(torch.tensor([0, 2**32 - 1]))
+    assert extremes[0] > 0 and extremes[1] < 1
     counts = torch.histc(u, bins=10, min=0, max=1)
     assert (counts - 6400).abs().max() < 6 * 80  # 6 sigma of a binomial(64000, 0.1)
     v = reference.uniform(torch.tensor([1234567891012]), (64, 1000), "cpu")
