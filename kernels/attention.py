@@ -110,8 +110,8 @@ def _attn_fwd_kernel(
     stride_v_b, stride_v_h, stride_v_s,
     stride_o_b, stride_o_h, stride_o_s,
     Hq, Sq, Sk, qk_scale,
+    group,  # Hq // Hkv: query head h reads KV head h // group
     seq_bucket,  # unused by the kernel: part of the autotuning key
-    GROUP: tl.constexpr,  # Hq // Hkv
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -122,7 +122,7 @@ def _attn_fwd_kernel(
     start_m = num_m - 1 - tl.program_id(0) % num_m
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
-    kvh = (h // GROUP).to(tl.int64)
+    kvh = (h // group).to(tl.int64)
     h = h.to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -221,9 +221,9 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
     args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            Hq, Sq, Sk, scale * math.log2(math.e), min(triton.next_power_of_2(max(Sq, Sk)), 16384))
+            Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, min(triton.next_power_of_2(max(Sq, Sk)), 16384))
     meta = dict(
-        GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=bool(causal),
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=bool(causal),
         WRITE_LSE=return_lse, DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
     )
     if q.is_cuda:

@@ -2,8 +2,9 @@
 
 Row b attends to the first len_b = clamp(cache_seqlens[b], 0, Smax) positions of a static KV
 cache. The cache of each (row, KV head) is cut into `num_splits` chunks; one program reads one
-chunk of one KV head once and serves all Hq // Hkv query heads that share it (GQA), writing a
-partial output and its log-sum-exp. A second kernel merges the splits. A single split writes
+chunk of one KV head once and serves the Hq // Hkv query heads that share it (GQA; groups wider
+than a tile of BLOCK_G heads take several programs), writing a partial output and its
+log-sum-exp. A second kernel merges the splits. A single split writes
 the output directly. A row of length 0 gets zeros.
 
 The split count is chosen on the host from shapes and the SM count only (never from
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -55,7 +57,8 @@ def _weighted_values(p, v, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
 
 
 # Per program: one (row b, KV head), one split = cache positions [start, end) of that row, for
-# the GROUP query heads h = kv_head * GROUP + g that read this KV head. In base-2 units:
+# up to BLOCK_G of the `group` query heads h = kv_head * group + g that read this KV head.
+# In base-2 units:
 #   s_gj = (q_g . k_j) * scale * log2(e),  m_g = max_j s_gj,  l_g = sum_j 2^(s_gj - m_g)
 #   o_g  = sum_j 2^(s_gj - m_g) v_j / l_g,  lse_g = m_g + log2(l_g)     (online over BLOCK_N blocks)
 # An empty split (start >= len_b) writes o = 0 and lse = -inf. With SINGLE_SPLIT the program
@@ -65,33 +68,35 @@ def _decode_split_kernel(
     q_ptr,  # (B, Hq, 1, D), stride(-1) == 1
     k_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     v_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
-    seqlens_ptr,  # (B,) int32: valid positions per row, clamped to [0, Smax] here
+    seqlens_ptr,  # (B,) int32, any stride: valid positions per row, clamped to [0, Smax] here
     o_ptr,  # SINGLE_SPLIT: (B, Hq, 1, D) output, contiguous; else (B, Hq, num_splits, D) fp32 partials
     lse_ptr,  # (B, Hq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
-    stride_q_b, stride_q_h,
+    stride_q_b, stride_q_h, stride_seqlens_b,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     Hkv, Smax, chunk, qk_scale,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
+    group,  # Hq // Hkv: query heads per KV head, served BLOCK_G at a time
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     USE_DOT: tl.constexpr = BLOCK_G >= 16
-    bkv = tl.program_id(0)
+    num_g = tl.cdiv(group, BLOCK_G)
+    bkv = tl.program_id(0) // num_g
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
-    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), Smax)
+    offs_g = (tl.program_id(0) % num_g) * BLOCK_G + tl.arange(0, BLOCK_G)  # index within the group
+    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b * stride_seqlens_b), 0), Smax)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
 
-    offs_g = tl.arange(0, BLOCK_G)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = kvh * GROUP + offs_g  # (BLOCK_G,) query heads served by this KV head
+    heads = kvh * group + offs_g  # (BLOCK_G,) query heads served by this KV head
     d_ok = offs_d[None, :] < HEAD_DIM
     q_ptrs = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_g[:, None] < GROUP) & d_ok, other=0.0)
+    q = tl.load(q_ptrs, mask=(offs_g[:, None] < group) & d_ok, other=0.0)
     k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
     v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
 
@@ -115,8 +120,8 @@ def _decode_split_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    rows = b * Hkv * GROUP + heads  # flat (b, h) index
-    row_ok = offs_g[:, None] < GROUP
+    rows = b * Hkv * group + heads  # flat (b, h) index
+    row_ok = offs_g[:, None] < group
     if SINGLE_SPLIT:
         tl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok & d_ok)
@@ -124,7 +129,7 @@ def _decode_split_kernel(
         part = rows * num_splits + split  # flat (b, h, split) index
         tl.store(o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok & d_ok)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
-        tl.store(lse_ptr + part, lse, mask=offs_g < GROUP)
+        tl.store(lse_ptr + part, lse, mask=offs_g < group)
 
 
 # Per program: one (b, h) row. Merge its splits by their log-sum-exps (base 2):
@@ -172,14 +177,31 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def split_plan(batch_kv_heads: int, Smax: int, block_n: int, num_sms: int) -> tuple[int, int]:
+def split_plan(programs: int, Smax: int, block_n: int, num_sms: int) -> tuple[int, int]:
     """(num_splits, chunk): cut each cache row into chunks of `chunk` positions (a multiple of
-    block_n) so that batch_kv_heads * num_splits programs fill the GPU several times over."""
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, batch_kv_heads)
+    block_n) so that `programs` (per split) * num_splits programs fill the GPU several times over."""
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
     most = min(_MAX_SPLITS, triton.cdiv(Smax, block_n * _MIN_SPLIT_BLOCKS))
     splits = max(1, min(wanted, most))
     chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n
     return triton.cdiv(Smax, chunk), chunk
+
+
+class _Tiles(NamedTuple):
+    block_g: int  # query heads per program: 1 (elementwise path) or >= 16 (tl.dot path)
+    block_d: int
+    block_n: int  # cache positions per loop step
+    num_warps: int
+    num_stages: int
+
+
+def gpu_tiles(group: int, D: int, fp32: bool) -> _Tiles:
+    """Tile sizes on the GPU, checked offline for register spills and shared memory on sm_80 and
+    sm_90: fp32 operands double the bytes and tf32x3 dots triple them, so fp32 takes smaller tiles."""
+    block_g = 1 if group == 1 else min(16 if fp32 else 64, max(16, triton.next_power_of_2(group)))
+    block_d = max(16, triton.next_power_of_2(D))
+    block_n = 64 if block_d <= 128 and not fp32 else 32
+    return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
@@ -187,18 +209,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
 
     q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
     stride(-1) == 1, any other strides; Hq % Hkv == 0; 1 <= D <= 256. cache_seqlens int32 (B,)
-    on the same device, contiguous, never read by the host; lengths are clamped to [0, Smax].
+    on the same device (any stride), never read by the host; lengths are clamped to [0, Smax].
     Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0 are zeros.
     """
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
-    block_d = max(16, triton.next_power_of_2(D))
-    if q.is_cuda:
-        block_n, num_sms, num_warps, num_stages = (64 if block_d <= 128 else 32), _num_sms(q.device.index), 4, 3
-    else:  # Triton's interpreter
-        block_n, num_sms, num_warps, num_stages = _INTERPRETER_BLOCK_N, _INTERPRETER_SMS, 4, 1
-    num_splits, chunk = split_plan(B * Hkv, Smax, block_n, num_sms)
+    fp32 = q.dtype == torch.float32
+    tiles = gpu_tiles(group, D, fp32)
+    num_sms = _num_sms(q.device.index) if q.is_cuda else _INTERPRETER_SMS
+    if not q.is_cuda:  # Triton's interpreter: short blocks, so small caches take several splits
+        tiles = tiles._replace(block_n=_INTERPRETER_BLOCK_N, num_stages=1)
+    programs = B * Hkv * triton.cdiv(group, tiles.block_g)  # per split
+    num_splits, chunk = split_plan(programs, Smax, tiles.block_n, num_sms)
 
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
     if num_splits == 1:
@@ -206,18 +229,17 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
     else:
         o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-    _decode_split_kernel[(B * Hkv, num_splits)](
+    _decode_split_kernel[(programs, num_splits)](
         q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-        q.stride(0), q.stride(1), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        Hkv, Smax, chunk, scale * math.log2(math.e),
-        GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=1 if group == 1 else max(16, triton.next_power_of_2(group)),
-        BLOCK_N=block_n, SINGLE_SPLIT=num_splits == 1,
-        DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        q.stride(0), q.stride(1), cache_seqlens.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
+        Hkv, Smax, chunk, scale * math.log2(math.e), group,
+        HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
+        SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32",
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:
         _decode_combine_kernel[(B * Hq,)](
             o_part, lse_part, out, num_splits,
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
+            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
         )
     return out

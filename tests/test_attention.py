@@ -135,6 +135,24 @@ def test_log_sum_exp(device):
     assert_close(res.out, _reference(q, k, v, True, 0.2))
 
 
+def test_autotune_candidates():
+    """The GPU path's pruning keeps exactly the table for the head dim and dtype (short queries:
+    only the smallest BLOCK_M), and every table entry is among the autotuner's configs."""
+    from fastgpt.kernels import attention as mod
+
+    def kept(block_d, dtype, Sq):
+        q = torch.empty(1, dtype=dtype)
+        configs = mod._prune_configs(mod._CONFIGS, {"q_ptr": q, "Sq": Sq}, BLOCK_D=block_d)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+
+    for block_d in (16, 32, 64, 128, 256):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            table = mod._table(block_d, dtype == torch.float32)
+            assert kept(block_d, dtype, 4096) == set(table)
+            smallest = min(m for m, *_ in table)
+            assert kept(block_d, dtype, 1) == {c for c in table if c[0] == smallest}
+
+
 # ----------------------------------------------------------------------------- compile for the GPU
 # No GPU is needed to lower a kernel to a cubin: triton.compile takes the target. It must run in a
 # process where Triton was imported with the interpreter off (the interpreter rebinds Triton's own
@@ -182,7 +200,7 @@ def compile_attention_variants(arch):
         block_d = max(16, 1 << (D - 1).bit_length())
         block_m, block_n, warps, stages = mod._table(block_d, dtype == "fp32")[0]
         ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32"}
-        const = dict(GROUP=2, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal,
+        const = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal,
                      WRITE_LSE=True, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
         kernel = compile_for(mod._attn_fwd_kernel, ptrs, const, arch=arch, num_warps=warps, num_stages=stages)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, kernel.metadata.shared)
@@ -210,16 +228,22 @@ def test_compiles_for_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "B,Hq,Hkv,Sq,Sk,D",
-    [(16, 12, 12, 1024, 1024, 64), (4, 16, 16, 4096, 4096, 128), (2, 32, 8, 2048, 2048, 128),
-     (3, 8, 1, 1000, 3001, 64), (2, 8, 2, 777, 777, 80), (1, 4, 4, 1500, 1500, 256)],
+    "B,Hq,Hkv,Sq,Sk,D,causal,dtype",
+    [
+        (16, 12, 12, 1024, 1024, 64, True, torch.bfloat16),  # GPT-2 124M prefill
+        (16, 12, 12, 1024, 1024, 64, False, torch.float16),
+        (4, 16, 16, 4096, 4096, 128, True, torch.bfloat16),
+        (2, 32, 8, 2048, 2048, 128, True, torch.float16),  # GQA
+        (3, 8, 1, 1000, 3001, 64, True, torch.bfloat16),  # MQA, a chunk of queries after a cached prefix
+        (2, 8, 8, 3001, 1000, 64, True, torch.bfloat16),  # the first 2001 queries see no key
+        (2, 8, 2, 777, 777, 80, False, torch.bfloat16),
+        (1, 4, 4, 1500, 1500, 256, True, torch.float16),
+    ],
 )
-def test_gpu_real_sizes(B, Hq, Hkv, Sq, Sk, D, dtype):
-    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda")
-    for causal in (False, True):
-        _check(q, k, v, causal=causal)
+def test_gpu_real_sizes(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
+    """Each new (head dim, causal, dtype, length bucket) autotunes first: a few seconds per case."""
+    _check(*_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda"), causal=causal)
 
 
 @pytest.mark.gpu

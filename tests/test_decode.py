@@ -21,13 +21,12 @@ from tests.test_attention import (  # noqa: F401  (_interpreter_numpy_fix is an 
 )
 
 
-def _plan(B, Hkv, Smax, device):
-    """(num_splits, chunk) the launcher picks for these shapes on this device."""
+def _interpreter_plan(B, Hkv, Smax):
+    """(num_splits, chunk) the launcher picks on CPU tensors when each KV head's query heads fit
+    one program (B * Hkv programs per split)."""
     from fastgpt.kernels import decode
 
-    if device == "cpu":
-        return decode.split_plan(B * Hkv, Smax, decode._INTERPRETER_BLOCK_N, decode._INTERPRETER_SMS)
-    return decode.split_plan(B * Hkv, Smax, 64, torch.cuda.get_device_properties(0).multi_processor_count)
+    return decode.split_plan(B * Hkv, Smax, decode._INTERPRETER_BLOCK_N, decode._INTERPRETER_SMS)
 
 
 def _inputs(B, Hq, Hkv, Smax, D, dtype, device, seed=0):
@@ -71,9 +70,10 @@ def test_random_lengths(device, seed):
     _check(*_inputs(5, 4, 2, Smax, 32, torch.float16, device, seed=seed), lengths)
 
 
-@pytest.mark.parametrize("Hq,Hkv", [(6, 2), (4, 1), (3, 3), (16, 1)])
+@pytest.mark.parametrize("Hq,Hkv", [(6, 2), (4, 1), (3, 3), (16, 1), (40, 2)])
 def test_gqa_mqa(device, Hq, Hkv):
-    """Group 3 and 4 take the 16-row tl.dot path; group 1 the elementwise path; 16 a full tile."""
+    """Groups 3 and 4 take the 16-row tl.dot path, group 1 the elementwise path, 16 a full tile,
+    and 20 two tiles of query heads (fp32 tiles hold 16) over the same KV head."""
     _check(*_inputs(2, Hq, Hkv, 40, 32, torch.float32, device, seed=Hq), [40, 23])
 
 
@@ -84,25 +84,38 @@ def test_head_dims_and_dtypes(device, D, dtype, Hq):
     _check(*_inputs(2, Hq, 1, 37, D, dtype, device, seed=D), [37, 20])
 
 
+def test_small_head_dim(device):
+    _check(*_inputs(2, 4, 2, 33, 8, torch.float32, device), [33, 16])
+
+
+def test_strided_seqlens(device):
+    """cache_seqlens as a strided view (every other element of a longer tensor)."""
+    q, k_cache, v_cache = _inputs(3, 2, 1, 40, 32, torch.float32, device, seed=9)
+    seqlens = torch.tensor([40, -1, 7, -1, 0, -1], dtype=torch.int32, device=device)[::2]
+    out = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend="triton")
+    expected = reference.decode_attention(q, k_cache, v_cache, seqlens.contiguous())
+    assert_close(out, expected)
+
+
 def test_largest_head_dim(device):
     _check(*_inputs(2, 4, 2, 33, 256, torch.float16, device), [33, 5])
 
 
 def test_many_splits(device):
-    """One row, one KV head, a long cache: many splits, some past the row's length (empty)."""
+    """Two rows, one KV head, a long cache: many splits, some past the second row's length (empty)."""
     Smax = 300
-    num_splits, chunk = _plan(2, 1, Smax, device)
+    num_splits, chunk = _interpreter_plan(2, 1, Smax)
     if device == "cpu":
         assert num_splits >= 6
-    _check(*_inputs(2, 2, 1, Smax, 32, torch.float32, device, seed=4), [Smax, chunk + 3])
+    _check(*_inputs(2, 1, 1, Smax, 32, torch.float32, device, seed=4), [Smax, chunk + 3])
 
 
 def test_single_split(device):
     """Enough (row, KV head) programs to fill the GPU: one split, no combine pass."""
     B, Hkv = 4, 4
     if device == "cpu":
-        assert _plan(B, Hkv, 48, device)[0] == 1
-    _check(*_inputs(B, 8, Hkv, 48, 32, torch.float16, device, seed=5), [48, 1, 0, 31])
+        assert _interpreter_plan(B, Hkv, 48)[0] == 1
+    _check(*_inputs(B, 4, Hkv, 48, 32, torch.float16, device, seed=5), [48, 1, 0, 31])
 
 
 def test_non_contiguous_views(device):
@@ -127,14 +140,14 @@ def test_scale_and_large_logits(device):
 def compile_decode_variants(arch):
     """Both split-kernel paths (elementwise for group 1, tl.dot for groups) and the combine kernel."""
     mod = _load_kernel_module("decode")
-    for dtype, D, group in [("fp16", 64, 1), ("bf16", 128, 4), ("bf16", 256, 8), ("fp32", 80, 2)]:
-        block_d = max(16, 1 << (D - 1).bit_length())
-        block_g = 1 if group == 1 else max(16, 1 << (group - 1).bit_length())
+    for dtype, D, group in [("fp16", 64, 1), ("bf16", 128, 4), ("bf16", 256, 64), ("fp32", 80, 2), ("fp32", 256, 32)]:
+        tiles = mod.gpu_tiles(group, D, dtype == "fp32")
         ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
                 "o_ptr": "*fp32", "lse_ptr": "*fp32"}
-        const = dict(GROUP=group, HEAD_DIM=D, BLOCK_D=block_d, BLOCK_G=block_g, BLOCK_N=64 if block_d <= 128 else 32,
+        const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
                      SINGLE_SPLIT=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
-        kernel = compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=4, num_stages=3)
+        kernel = compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
+                             num_stages=tiles.num_stages)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16"}
     compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32),
