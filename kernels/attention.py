@@ -10,9 +10,10 @@ Precision: fp16/bf16 products run on tensor cores with fp32 accumulation; the so
 fp32 inputs use `input_precision="tf32x3"` (three TF32 products per dot, close to fp32 accuracy
 and far faster than FMA); set `_FP32_DOT_PRECISION` to "ieee" for plain fp32 FMA dots.
 
-Block sizes are autotuned on the GPU per (head dim, causal, dtype, sequence-length bucket).
-Autotuning times candidate kernels, so call `attention` once with each new key before capturing
-it in a CUDA graph. Under Triton's interpreter (CPU tensors) one small fixed config is used.
+Block sizes are autotuned on the GPU per (head dim, causal, dtype, sequence-length bucket) when
+max(Sq, Sk) > 256; shorter problems use a fixed config. Autotuning times candidate kernels, so
+call `attention` once with each new key before capturing it in a CUDA graph. Under Triton's
+interpreter (CPU tensors) one small fixed config is used.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 
 _FP32_DOT_PRECISION = "tf32x3"
-_INTERPRETER_BLOCK = 16  # BLOCK_M = BLOCK_N on CPU tensors: small tiles keep the interpreter fast
+_INTERPRETER_CONFIG = (16, 16, 4, 1)  # (BLOCK_M, BLOCK_N, warps, stages) on CPU tensors: small and fast
+_TUNE_MIN_LEN = 256  # shorter problems are launch-bound: a fixed config, no autotuning
 
 
 class AttentionOutput(NamedTuple):
@@ -192,6 +194,12 @@ def _table(block_d: int, fp32: bool) -> list[tuple[int, int, int, int]]:
     return (_TUNING_FP32 if fp32 else _TUNING)[max(64, block_d)]
 
 
+def _fixed_config(block_d: int, fp32: bool) -> tuple[int, int, int, int]:
+    """The first candidate with the smallest BLOCK_M: for short sequences, without autotuning."""
+    table = _table(block_d, fp32)
+    return next(c for c in table if c[0] == min(m for m, *_ in table))
+
+
 def _prune_configs(configs, named_args, **kwargs):
     """Keep the candidates for this head dim and dtype; for short queries, the smallest BLOCK_M."""
     table = _table(kwargs["BLOCK_D"], named_args["q_ptr"].dtype == torch.float32)
@@ -222,14 +230,14 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
     args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, min(triton.next_power_of_2(max(Sq, Sk)), 16384))
-    meta = dict(
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), IS_CAUSAL=bool(causal),
-        WRITE_LSE=return_lse, DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32",
-    )
-    if q.is_cuda:
+    fp32 = q.dtype == torch.float32
+    block_d = max(16, triton.next_power_of_2(D))
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), WRITE_LSE=return_lse,
+                DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
+    if q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN:
         _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
-    else:  # Triton's interpreter: one small config, no autotuning
-        block = _INTERPRETER_BLOCK
-        grid = (triton.cdiv(Sq, block) * B * Hq,)
-        _attn_fwd_kernel[grid](*args, **meta, BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=1)
+    else:
+        block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
+        _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     return AttentionOutput(out, lse) if return_lse else out

@@ -137,7 +137,8 @@ def test_log_sum_exp(device):
 
 def test_autotune_candidates():
     """The GPU path's pruning keeps exactly the table for the head dim and dtype (short queries:
-    only the smallest BLOCK_M), and every table entry is among the autotuner's configs."""
+    only the smallest BLOCK_M), every table entry is among the autotuner's configs, and the fixed
+    config for short sequences comes from the table."""
     from fastgpt.kernels import attention as mod
 
     def kept(block_d, dtype, Sq):
@@ -151,6 +152,7 @@ def test_autotune_candidates():
             assert kept(block_d, dtype, 4096) == set(table)
             smallest = min(m for m, *_ in table)
             assert kept(block_d, dtype, 1) == {c for c in table if c[0] == smallest}
+            assert mod._fixed_config(block_d, dtype == torch.float32) in table
 
 
 # ----------------------------------------------------------------------------- compile for the GPU
