@@ -19,28 +19,6 @@ from fastgpt import reference
 from tests.helpers import assert_close
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_numpy_fix():
-    """Triton 3.6's interpreter turns an in-kernel scalar into an int with int(array of shape
-    (1,)), which numpy >= 2.4 refuses, so `range(start, end)` over runtime bounds fails
-    (triton-lang/triton#9171, fixed upstream by #9172). Apply the upstream one-line fix while
-    this module runs; a no-op outside the interpreter."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        yield
-        return
-    import triton.runtime.interpreter as interpreter
-
-    original = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(interpreter, "_patch_lang_tensor", patched)
-        yield
-
-
 def _randn(shape, dtype, device, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
 

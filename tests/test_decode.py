@@ -12,9 +12,8 @@ import torch
 import fastgpt
 from fastgpt import reference
 from tests.helpers import assert_close
-from tests.test_attention import (  # noqa: F401  (_interpreter_numpy_fix is an autouse fixture)
+from tests.test_attention import (
     SMEM_LIMIT,
-    _interpreter_numpy_fix,
     _load_kernel_module,
     compile_for,
     run_compile_check,
