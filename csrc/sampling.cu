@@ -51,8 +51,10 @@ __device__ __forceinline__ Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint3
     return {{c0, c1, c2, c3}};
 }
 
-// The top 24 bits of r as a float in (0, 1): (r / 2^8 + 0.5) / 2^24.
-__device__ __forceinline__ float uniform_from_bits(uint32_t r) { return (float(r >> 8) + 0.5f) * (1.0f / 16777216.0f); }
+// The top 23 bits of r as a float strictly inside (0, 1): (r / 2^9 + 0.5) / 2^23, exact in fp32.
+// With 24 bits the largest value, 2^24 - 0.5, rounds to 2^24 and gives u = 1.0: the Gumbel noise
+// -log(-log(1)) is then +inf and that token wins whatever its probability (as reference.unit_float).
+__device__ __forceinline__ float uniform_from_bits(uint32_t r) { return (float(r >> 9) + 0.5f) * (1.0f / 8388608.0f); }
 
 // --------------------------------------------------------------------------- scores and keys
 

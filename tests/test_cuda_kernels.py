@@ -266,6 +266,18 @@ def test_sampling_vocab_sizes(V):
     assert _kept(logits.float(), top_k=50, top_p=0.9).gather(1, out[:, None]).all()
 
 
+def test_a_dominant_token_is_always_drawn_in_a_large_vocab():
+    # Token 7 outweighs each of the others by e^100: no honest draw picks another one. A uniform
+    # that can round up to exactly 1.0 gives Gumbel noise +inf to a random token instead (with
+    # 24-bit uniforms, once per 2^24 tokens: ~0.8% of the rows here, about 60 of 8192).
+    V, n = 128256, 8192
+    row = torch.zeros(1, V, device="cuda")
+    row[0, 7] = 100.0
+    for dtype in (torch.float32, torch.bfloat16):
+        draws = fastgpt.sample(row.to(dtype).expand(n, V), generator=torch.Generator("cuda").manual_seed(0), backend="cuda")
+        assert (draws == 7).all(), f"{int((draws != 7).sum())} of {n} draws left the dominant token"
+
+
 def test_top_k_keeps_ties_with_the_kth_value():
     row = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]], device="cuda")
     draws = fastgpt.sample(row.expand(5000, 6), top_k=2, backend="cuda")
