@@ -11,6 +11,10 @@ namespace fastgpt {
 
 namespace {
 
+constexpr int kWarpRowsPerBlock = 4;  // warp path: 4 rows (warps) per block
+constexpr int kMaxChunks = 4;         // vectors held per thread
+constexpr int kMaxThreads = 1024;
+
 // Sum over the threads that share a row: one warp, or the whole block.
 template <bool WARP_PER_ROW>
 __device__ __forceinline__ float row_sum(float x, float* scratch) {
@@ -28,8 +32,12 @@ __device__ __forceinline__ float row_sum(float x, float* scratch) {
 //   rstd = 1 / sqrt(var + eps).
 // Each thread holds CHUNKS vectors of VEC elements of its row: columns
 //   col(c) = (c * ROW_THREADS + t) * VEC, for t the thread's index within the row.
+//
+// The block path launches up to 1024 threads, so its register budget must stay <= 64 per thread
+// (sm_80 gave the fp16/bf16 CHUNKS = 4 kernel 66 without a bound: 'too many resources requested
+// for launch' for N in (28672, 32768]); the warp path launches 128.
 template <typename T, int VEC, int CHUNKS, bool WARP_PER_ROW>
-__global__ void layer_norm_kernel(LayerNormParams p) {
+__global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxThreads) layer_norm_kernel(LayerNormParams p) {
     __shared__ float scratch[32];
     const int row_threads = WARP_PER_ROW ? 32 : blockDim.x;
     const int t = WARP_PER_ROW ? (threadIdx.x & 31) : threadIdx.x;
@@ -95,7 +103,7 @@ __global__ void layer_norm_kernel(LayerNormParams p) {
 // residual) and sums it, pass 2 re-reads h for the centred sum of squares, pass 3 writes y.
 // Each thread re-reads only the elements it wrote itself.
 template <typename T>
-__global__ void layer_norm_looped_kernel(LayerNormParams p) {
+__global__ void __launch_bounds__(kMaxThreads) layer_norm_looped_kernel(LayerNormParams p) {
     __shared__ float scratch[32];
     const int64_t row = blockIdx.x, N = p.cols;
     const T* x = static_cast<const T*>(p.x) + row * p.stride_x;         // (N,)
@@ -133,10 +141,6 @@ __global__ void layer_norm_looped_kernel(LayerNormParams p) {
 // ----------------------------------------------------------------------------- host dispatch
 
 namespace {
-
-constexpr int kWarpRowsPerBlock = 4;  // warp path: 4 rows (warps) per block
-constexpr int kMaxChunks = 4;         // vectors held per thread
-constexpr int kMaxThreads = 1024;
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
