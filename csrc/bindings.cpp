@@ -21,6 +21,7 @@ using Strides3 = std::array<int64_t, 3>;
 using Strides2 = std::array<int64_t, 2>;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxInt = 2147483647;
+constexpr int64_t kMaxSeqlen = int64_t(1) << 30;
 
 template <typename... Args>
 void require(bool ok, const char* kernel, Args&&... message) {
@@ -85,8 +86,10 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch
     require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
     require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
             heads_kv, ")");
-    require(seqlen_q >= 1 && seqlen_q <= kMaxInt && seqlen_k >= 1 && seqlen_k <= kMaxInt, kernel,
-            "sequence lengths must be in [1, 2^31), got ", seqlen_q, " and ", seqlen_k);
+    // 2^30, not 2^31: the kernel rounds lengths up to 64-row tiles in int (an expanded k/v of
+    // 2^31 - 1 positions made ceil_div overflow and silently skip every key).
+    require(seqlen_q >= 1 && seqlen_q <= kMaxSeqlen && seqlen_k >= 1 && seqlen_k <= kMaxSeqlen, kernel,
+            "sequence lengths must be in [1, 2^30], got ", seqlen_q, " and ", seqlen_k);
     require_vector_ready(q, stride_q, kernel, "q");
     require_vector_ready(k, stride_k, kernel, "k");
     require_vector_ready(v, stride_v, kernel, "v");
@@ -111,7 +114,7 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
     require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
     require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
             heads_kv, ")");
-    require(max_seqlen >= 1 && max_seqlen <= (int64_t(1) << 30), kernel, "max_seqlen must be in [1, 2^30], got ",
+    require(max_seqlen >= 1 && max_seqlen <= kMaxSeqlen, kernel, "max_seqlen must be in [1, 2^30], got ",
             max_seqlen);
     require(num_splits >= 1 && num_splits <= 64, kernel, "num_splits must be in [1, 64], got ", num_splits);
     require(batch * heads_q * num_splits <= kMaxInt, kernel, "batch * heads_q * num_splits is too large");

@@ -117,6 +117,8 @@ def test_extension_validates_before_touching_the_gpu():
         C.attention(18, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
     with pytest.raises(ValueError, match="strides must be multiples of 8"):
         C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0)
+    with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, 2\^30\]"):
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0, 1, 0, 0)
     with pytest.raises(ValueError, match="num_splits > 1 needs"):
         C.decode_attention(16, 16, 16, 16, 16, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0)
     with pytest.raises(ValueError, match="residual and h must be given together"):
