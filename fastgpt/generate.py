@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 import fastgpt
+from fastgpt import _backends, reference
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
 BUCKET = 256  # CUDA-graph cache lengths round up to a multiple of this (capped by n_positions)
@@ -70,8 +71,8 @@ class Decoder:
         self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
         self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
         self.eos, self.pad = zeros(eos_slots), zeros(1)
-        self.generator = None
-        self.graph, self.graph_generator = None, None
+        self.generator, self.argmax_only = None, False
+        self.graph, self.graph_key = None, None
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, generator):
         """Load one call's settings: each copy_ keeps the buffer (and a captured graph) valid."""
@@ -83,11 +84,19 @@ class Decoder:
         self.finished.zero_()
         self.step.zero_()
         self.generator = generator
+        # Every row greedy on the torch backend: its sample() is argmax(clean_logits) for such rows,
+        # after filtering work (two sorts over V) that greedy rows discard; skip straight to the answer.
+        device = self.tok.device
+        self.argmax_only = (bool((sampling["temperature"] <= 0).all())
+                            and _backends.resolve("sample", self.model.backend, device) == "torch")
 
     def emit(self, logits):
         """Sample from logits (B, V), write the tokens to out[:, step], advance. No host sync."""
-        nxt = fastgpt.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                             min_p=self.min_p, generator=self.generator, backend=self.model.backend)
+        if self.argmax_only:
+            nxt = reference.clean_logits(logits).argmax(dim=-1)
+        else:
+            nxt = fastgpt.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                 min_p=self.min_p, generator=self.generator, backend=self.model.backend)
         nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.finished |= (nxt[:, None] == self.eos).any(dim=1)
@@ -108,7 +117,8 @@ class Decoder:
 
     def capture(self) -> str | None:
         """Capture decode_step in a CUDA graph (or keep the one captured); None, or why it failed."""
-        if self.graph is not None and self.graph_generator is self.generator:
+        key = (self.generator, self.argmax_only)  # what the captured graph baked in
+        if self.graph is not None and self.graph_key[0] is key[0] and self.graph_key[1] == key[1]:
             return None
         self.graph = None
         state = (self.tok, self.pos, self.step, self.out, self.finished)
@@ -130,7 +140,7 @@ class Decoder:
         except Exception as exc:  # a sync or an uncapturable op somewhere: decode eagerly instead
             _restore(state, saved, self.generator, rng)
             return f"{type(exc).__name__}: {exc}"
-        self.graph, self.graph_generator = graph, self.generator
+        self.graph, self.graph_key = graph, key
         return None
 
 

@@ -54,18 +54,19 @@ def config_from_hf(hf: dict) -> GPTConfig:
 def convert_state_dict(state_dict: dict, *, clone: bool = False) -> dict:
     """An HF GPT-2 state dict (with or without the "transformer." prefix) -> fastgpt.GPT's.
 
-    Conv1D weights come back transposed and contiguous; with clone, every other tensor is copied too
-    (so the result shares no memory with the input).
+    Conv1D weights come back as transposed views, nn.Linear's (out, in) shape over the checkpoint's
+    (in, out) memory: no copy here; GPT.arrange_weights later picks the order for the device. With
+    clone, the result shares no memory with the input.
     """
     out = {}
     for name, t in state_dict.items():
         key = name if name.startswith(("transformer.", "lm_head.")) else "transformer." + name
         if key == "lm_head.weight" or key.endswith(DROPPED_BUFFERS):
             continue
-        if key.endswith(CONV1D_WEIGHTS):
-            t = t.t().contiguous()  # Conv1D (in, out) -> Linear (out, in)
-        elif clone:
+        if clone:
             t = t.clone()
+        if key.endswith(CONV1D_WEIGHTS):
+            t = t.t()  # Conv1D (in, out) -> Linear (out, in)
         out[key] = t
     return out
 

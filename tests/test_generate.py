@@ -209,21 +209,25 @@ def test_cuda_graph_request_on_cpu_warns(pair):
     assert torch.equal(out, model.generate(idx, 3))
 
 
-@pytest.mark.xfail(reason="fastgpt.sample range-checks CPU tensor parameters on the host, a data-dependent "
-                          "branch dynamo cannot trace; passes once the check is skipped while compiling", strict=False)
-def test_decode_step_compiles_fullgraph(pair):
+SAMPLE_XFAIL = pytest.mark.xfail(reason="fastgpt.sample range-checks CPU tensor parameters on the host, a data-"
+                                 "dependent branch dynamo cannot trace; passes once that check is skipped while compiling",
+                                 strict=False)
+
+
+@pytest.mark.parametrize("temperature", [0.0, pytest.param(1.0, marks=SAMPLE_XFAIL)], ids=["greedy", "sampled"])
+def test_decode_step_compiles_fullgraph(pair, temperature):
     """torch.compile traces one decode step (sampling included) without a graph break."""
     _, model = pair
     from fastgpt.generate import Decoder
 
     decoder = Decoder(model, 2, 32, 8)
-    sampling = dict(temperature=torch.zeros(2), top_k=torch.zeros(2, dtype=torch.long),
+    sampling = dict(temperature=torch.full((2,), temperature), top_k=torch.zeros(2, dtype=torch.long),
                     top_p=torch.ones(2, dtype=torch.float64), min_p=torch.zeros(2))
     decoder.reset(sampling, [], 0, None)
     decoder.pos.fill_(3)
     torch._dynamo.reset()
     step = torch.compile(decoder.decode_step, backend="aot_eager", fullgraph=True)
-    with torch.inference_mode(), warnings.catch_warnings():
+    with torch.inference_mode():
         step()
     assert int(decoder.step) == 1 and int(decoder.pos[0]) == 4
 
@@ -257,3 +261,25 @@ def test_cuda_graph_sampling_reproducible():
 
     a, b = run(5), run(5)
     assert torch.equal(a, b) and not torch.equal(a, run(6))
+
+
+def test_all_greedy_shortcut_equals_sample(pair):
+    """On the torch backend an all-greedy decoder skips sample()'s filtering: same tokens, NaN/inf included."""
+    import fastgpt
+    from fastgpt.generate import Decoder
+
+    _, model = pair
+    decoder = Decoder(model, 4, 16, 8)
+    sampling = dict(temperature=torch.zeros(4), top_k=torch.zeros(4, dtype=torch.long),
+                    top_p=torch.ones(4, dtype=torch.float64), min_p=torch.zeros(4))
+    decoder.reset(sampling, [], 0, None)
+    assert decoder.argmax_only
+    logits = torch.randn(4, V)
+    logits[1, 7] = float("nan")
+    logits[2, [3, 9]] = float("inf")
+    logits[3] = float("-inf")
+    logits[0, 5] = logits[0, 11] = logits[0].max() + 1  # a tie: the first index wins
+    decoder.emit(logits)
+    assert torch.equal(decoder.tok, fastgpt.sample(logits, temperature=0.0, backend="torch"))
+    decoder.reset({**sampling, "temperature": torch.tensor([0.0, 0.0, 0.0, 1.0])}, [], 0, None)
+    assert not decoder.argmax_only

@@ -98,6 +98,10 @@ def test_convert_state_dict():
     assert set(out) == {"transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_attn.bias",
                         "transformer.wte.weight"}
     assert torch.equal(out["transformer.h.0.attn.c_attn.weight"], sd["h.0.attn.c_attn.weight"].t())
+    assert out["transformer.h.0.attn.c_attn.weight"].data_ptr() == sd["h.0.attn.c_attn.weight"].data_ptr()
+    cloned = loading.convert_state_dict(sd, clone=True)
+    assert all(t.data_ptr() != sd[k.removeprefix("transformer.")].data_ptr() for k, t in cloned.items()
+               if k.removeprefix("transformer.") in sd)
     assert out["transformer.wte.weight"] is sd["transformer.wte.weight"]
 
 
