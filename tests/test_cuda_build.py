@@ -177,6 +177,18 @@ def test_vector_ready_keeps_aligned_views_and_copies_the_rest():
     assert _cuda._vector_ready(offset).data_ptr() % 16 == 0
 
 
+def test_launchers_check_the_shapes_the_extension_cannot_see():
+    t = torch.empty(2, 3, 5, 64, dtype=torch.float16)
+    _cuda._require_shape("attention", "k", t, (2, 3, 5, 64), torch.float16)
+    _cuda._require_shape("layer_norm", "weight", None, (64,))
+    with pytest.raises(ValueError, match=r"attention \(cuda backend\): k must have shape \(2, 3, 7, 64\)"):
+        _cuda._require_shape("attention", "k", t, (2, 3, 7, 64))
+    with pytest.raises(TypeError, match="v must be torch.bfloat16"):
+        _cuda._require_shape("attention", "v", t, (2, 3, 5, 64), torch.bfloat16)
+    with pytest.raises(ValueError, match="top_k must have shape"):
+        _cuda._require_shape("sample", "top_k", torch.zeros(1, dtype=torch.int64), (4,))
+
+
 def test_size_one_dims_get_stride_zero():
     t = torch.empty(1, 3, 1, 64)
     assert _cuda._strides(t, (0, 1, 2)) == (0, 64, 0)

@@ -38,9 +38,25 @@ class LayerNormOutput(NamedTuple):
 
 
 def _require_cuda(op: str, **tensors: torch.Tensor | None) -> None:
+    """Every tensor on one CUDA device: the kernels dereference all pointers on the first one's."""
+    first = None
     for name, t in tensors.items():
-        if t is not None and t.device.type != "cuda":
+        if t is None:
+            continue
+        if t.device.type != "cuda":
             raise ValueError(f"{op} (cuda backend): {name} must be a CUDA tensor, got {t.device}")
+        if first is None:
+            first = (name, t.device)
+        elif t.device != first[1]:
+            raise ValueError(f"{op} (cuda backend): {name} is on {t.device} but {first[0]} is on {first[1]}")
+
+
+def _require_shape(op: str, name: str, t: torch.Tensor | None, expected: tuple, dtype=None) -> None:
+    """The extension gets bare pointers and trusts the shapes it is told: check them here."""
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op} (cuda backend): {name} must have shape {tuple(expected)}, got {tuple(t.shape)}")
+    if t is not None and dtype is not None and t.dtype != dtype:
+        raise TypeError(f"{op} (cuda backend): {name} must be {dtype}, got {t.dtype}")
 
 
 def _dtype_code(op: str, name: str, t: torch.Tensor, allowed=tuple(DTYPE_CODES)) -> int:
@@ -99,6 +115,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _head_dim_supported("attention", q)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    _require_shape("attention", "k", k, (B, Hkv, Sk, D), q.dtype)
+    _require_shape("attention", "v", v, (B, Hkv, Sk, D), q.dtype)
     if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
         raise ValueError(f"attention (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
     q, k, v = (_vector_ready(t) for t in (q, k, v))
@@ -122,6 +140,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
         raise TypeError(f"decode_attention (cuda backend): cache_seqlens must be int32, got {cache_seqlens.dtype}")
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    _require_shape("decode_attention", "q", q, (B, Hq, 1, D))
+    _require_shape("decode_attention", "k_cache", k_cache, (B, Hkv, Smax, D), q.dtype)
+    _require_shape("decode_attention", "v_cache", v_cache, (B, Hkv, Smax, D), q.dtype)
+    _require_shape("decode_attention", "cache_seqlens", cache_seqlens, (B,))
     if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
         raise ValueError(f"decode_attention (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
     C = _backends.cuda_extension()
@@ -166,6 +188,8 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
     x = _last_dim_contiguous(x)
     residual = None if residual is None else _last_dim_contiguous(residual)
     weight, bias = _param("layer_norm", "weight", weight), _param("layer_norm", "bias", bias)
+    _require_shape("layer_norm", "weight", weight, (N,))
+    _require_shape("layer_norm", "bias", bias, (N,))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     h = None if residual is None else torch.empty(M, N, device=x.device, dtype=x.dtype)
     _backends.cuda_extension().layer_norm(
@@ -196,6 +220,10 @@ def sample(logits, temperature, top_k, top_p, min_p, seed) -> torch.Tensor:
     top_p = top_p.to(torch.float64).contiguous()
     min_p = min_p.to(torch.float32).contiguous()
     seed = seed.to(torch.int64).contiguous()
+    for name, t in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p), ("min_p", min_p)):
+        _require_shape("sample", name, t, (B,))
+    if seed.numel() < 1:
+        raise ValueError("sample (cuda backend): seed must hold one int64 value")
     out = torch.empty(B, device=logits.device, dtype=torch.int64)
     _backends.cuda_extension().sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
