@@ -27,7 +27,6 @@ from collections.abc import Iterator
 import torch
 
 import fastgpt
-from fastgpt import _backends, reference
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
 BUCKET = 256  # CUDA-graph cache lengths round up to a multiple of this (capped by n_positions)
@@ -71,7 +70,7 @@ class Decoder:
         self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
         self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
         self.eos, self.pad = zeros(eos_slots), zeros(1)
-        self.generator, self.argmax_only = None, False
+        self.generator, self.all_greedy = None, False
         self.graph, self.graph_key = None, None
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, generator):
@@ -84,19 +83,15 @@ class Decoder:
         self.finished.zero_()
         self.step.zero_()
         self.generator = generator
-        # Every row greedy on the torch backend: its sample() is argmax(clean_logits) for such rows,
-        # after filtering work (two sorts over V) that greedy rows discard; skip straight to the answer.
-        device = self.tok.device
-        self.argmax_only = (bool((sampling["temperature"] <= 0).all())
-                            and _backends.resolve("sample", self.model.backend, device) == "torch")
+        # Every row greedy (decided once per call, on the host): sampling with temperature=0.0, a
+        # Python number, lets the op skip its filtering work (two sorts over V on the torch backend).
+        self.all_greedy = bool((sampling["temperature"] <= 0).all())
 
     def emit(self, logits):
         """Sample from logits (B, V), write the tokens to out[:, step], advance. No host sync."""
-        if self.argmax_only:
-            nxt = reference.clean_logits(logits).argmax(dim=-1)
-        else:
-            nxt = fastgpt.sample(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                 min_p=self.min_p, generator=self.generator, backend=self.model.backend)
+        temperature = 0.0 if self.all_greedy else self.temperature
+        nxt = fastgpt.sample(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p,
+                             min_p=self.min_p, generator=self.generator, backend=self.model.backend)
         nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.finished |= (nxt[:, None] == self.eos).any(dim=1)
@@ -117,7 +112,7 @@ class Decoder:
 
     def capture(self) -> str | None:
         """Capture decode_step in a CUDA graph (or keep the one captured); None, or why it failed."""
-        key = (self.generator, self.argmax_only)  # what the captured graph baked in
+        key = (self.generator, self.all_greedy)  # what the captured graph baked in
         if self.graph is not None and self.graph_key[0] is key[0] and self.graph_key[1] == key[1]:
             return None
         self.graph = None

@@ -13,6 +13,24 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- attention
 
 
+def _masked_attention(q, k, v, visible, scale):
+    """softmax(q k^T * scale, keys where `visible`) v, with q's heads grouped over k/v's heads.
+
+    q (B, Hq, Sq, D); k/v (B, Hkv, Sk, D); visible bool, broadcastable to (B, 1, 1, Sq, Sk).
+    GQA by broadcasting q as (B, Hkv, group, Sq, D) against k/v as (B, Hkv, 1, Sk, D): no copies
+    of k/v. A query with no visible key gets zeros.
+    """
+    B, Hq, Sq, D = q.shape
+    Hkv = k.shape[1]
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(compute).view(B, Hkv, Hq // Hkv, Sq, D)
+    kf, vf = k.to(compute)[:, :, None], v.to(compute)[:, :, None]  # (B, Hkv, 1, Sk, D)
+    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, group, Sq, Sk)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # no visible key: 0, not NaN
+    return (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
+
+
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None):
     """softmax(q k^T * scale [+ causal mask]) v, with GQA and bottom-right causal alignment.
 
@@ -20,22 +38,13 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None):
     causal; a query that sees no key (Sq > Sk) gets a zero output, as in FlashAttention.
     Returns (B, Hq, Sq, D) in q's dtype.
     """
-    B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Sq, D = q.shape[2], q.shape[3]
+    Sk = k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = Hq // Hkv
-    qf = q.to(compute)
-    kf = k.to(compute).repeat_interleave(group, dim=1)  # (B, Hq, Sk, D)
-    vf = v.to(compute).repeat_interleave(group, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
-    if causal:
-        i = torch.arange(Sq, device=q.device)[:, None]
-        j = torch.arange(Sk, device=q.device)[None, :]
-        scores = scores.masked_fill(j > i + (Sk - Sq), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    probs = torch.nan_to_num(probs, nan=0.0)  # rows that see no key: all -inf -> 0 output
-    return (probs @ vf).to(q.dtype)
+    i = torch.arange(Sq, device=q.device)[:, None]
+    j = torch.arange(Sk, device=q.device)[None, :]
+    visible = j <= i + (Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
+    return _masked_attention(q, k, v, visible, scale)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None):
@@ -44,21 +53,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); cache_seqlens int (B,). Lengths are
     clamped to [0, Smax]; a row of length 0 gets a zero output. Returns (B, Hq, 1, D).
     """
-    B, Hq, _, D = q.shape
-    Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    B, D = q.shape[0], q.shape[3]
+    Smax = k_cache.shape[2]
     scale = D**-0.5 if scale is None else scale
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    group = Hq // Hkv
-    qf = q.to(compute)
-    kf = k_cache.to(compute).repeat_interleave(group, dim=1)
-    vf = v_cache.to(compute).repeat_interleave(group, dim=1)
-    scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hq, 1, Smax)
     lengths = cache_seqlens.to(device=q.device, dtype=torch.int64).clamp(0, Smax)
-    pos = torch.arange(Smax, device=q.device)
-    invalid = pos[None, :] >= lengths[:, None]  # (B, Smax)
-    scores = scores.masked_fill(invalid[:, None, None, :], float("-inf"))
-    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-    return (probs @ vf).to(q.dtype)
+    visible = torch.arange(Smax, device=q.device)[None, :] < lengths[:, None]  # (B, Smax)
+    return _masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale)
 
 
 # ----------------------------------------------------------------------------- layer norm
@@ -155,6 +155,14 @@ def unit_float(h):
     return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
 
 
+def greedy(logits):
+    """argmax of the cleaned logits (first index on ties): `sample` for temperature 0, with no sort.
+
+    logits (B, V). Returns int64 (B,).
+    """
+    return torch.argmax(clean_logits(logits), dim=-1)
+
+
 def sample(logits, temperature, top_k, top_p, min_p, seed):
     """Draw one token per row: greedy where temperature == 0, else from softmax(filter_logits).
 
@@ -163,9 +171,9 @@ def sample(logits, temperature, top_k, top_p, min_p, seed):
     a row with nothing left to draw returns 0. Returns int64 (B,).
     """
     x = clean_logits(logits)
-    greedy = temperature <= 0
-    safe_t = torch.where(greedy, torch.ones_like(temperature), temperature)
+    is_greedy = temperature <= 0
+    safe_t = torch.where(is_greedy, torch.ones_like(temperature), temperature)
     scores = filter_logits(x, safe_t, top_k, top_p, min_p)
     gumbel = -torch.log(-torch.log(uniform(seed, scores.shape, scores.device)))
     drawn = torch.argmax(scores + gumbel, dim=-1)
-    return torch.where(greedy, torch.argmax(x, dim=-1), drawn)
+    return torch.where(is_greedy, torch.argmax(x, dim=-1), drawn)

@@ -54,6 +54,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     name = _backends.resolve("attention", backend, device, _unsupported(q))
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
+    if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
+        return reference.attention(q, k, v, causal=causal, scale=scale)
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
     return torch.ops.fastgpt.attention(q, k, v, causal, scale, name)
 

@@ -57,6 +57,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     name = _backends.resolve("decode_attention", backend, device, _unsupported(q))
     if q.numel() == 0 or Smax == 0:
         return q.new_zeros(B, Hq, 1, D)
+    if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     return torch.ops.fastgpt.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, name)
 

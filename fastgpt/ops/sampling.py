@@ -40,7 +40,8 @@ def _row_param(name, value, B, device, dtype, valid, expected):
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         if not integral and not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
-        if value.device.type == "cpu" and value.numel() and not bool(valid(value.double()).all()):
+        checkable = value.device.type == "cpu" and not torch.compiler.is_compiling()  # values: eager CPU only
+        if checkable and value.numel() and not bool(valid(value.double()).all()):
             raise ValueError(f"{name} must be {expected}, got values {value.tolist()}")
         return value.to(device=device, dtype=dtype, non_blocking=True).expand(B).contiguous()
     ok_type = numbers.Integral if integral else numbers.Real
@@ -66,6 +67,10 @@ def _params(logits, temperature, top_k, top_p, min_p, *, allow_greedy):
         _row_param("top_p", top_p, B, device, torch.float64, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 means off)"),
         _row_param("min_p", min_p, B, device, torch.float32, lambda m: (m >= 0) & (m <= 1), "in [0, 1] (0 means off)"),
     )
+
+
+def _is_zero(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0
 
 
 def _check_logits(logits):
@@ -106,7 +111,11 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     name = _backends.resolve("sample", backend, logits.device, _unsupported(logits))
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if name == "torch" and _is_zero(temperature):
+        return reference.greedy(logits)  # every row greedy, known without reading a tensor: no sorts
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), device=logits.device, dtype=torch.int64, generator=generator)
+    if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
+        return reference.sample(logits, *params, seed)
     logits = _checks.last_dim_contiguous(logits)
     return torch.ops.fastgpt.sample(logits, *params, seed, name)
 
