@@ -147,7 +147,6 @@ def time_graph(call: Callable[[int], object], calls_per_replay: int, replays: in
     graph.replay()  # the first replay uploads the graph
     torch.cuda.synchronize()
     times = time_events(lambda _: graph.replay(), replays)
-    del graph
     return [t / calls_per_replay for t in times]
 
 
