@@ -28,3 +28,12 @@ def pytest_collection_modifyitems(config, items):
 def device():
     return "cuda" if HAS_CUDA else "cpu"
 
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

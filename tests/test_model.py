@@ -9,13 +9,8 @@ from tests.helpers import assert_close
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared, busy CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # (n_embd, n_head, n_layer): head dims 16, 48, 64, 80; an odd head count.
 CONFIGS = [(64, 4, 2), (96, 2, 2), (128, 2, 3), (160, 2, 2), (120, 5, 1)]

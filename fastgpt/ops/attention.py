@@ -16,17 +16,24 @@ CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
 CUDA_MAX_SEQLEN = 2**30  # the cuda kernels count positions and tiles in 32-bit ints
 
 
-def _unsupported(q: torch.Tensor, k: torch.Tensor) -> Callable[[str], str | None]:
+def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]:
+    """Why a compiled backend cannot run attention for q (B, Hq, S, D) over seq_len keys, or None.
+
+    Shared by `attention` and `decode_attention`, whose kernels have the same limits.
+    """
+
     def reason(backend: str) -> str | None:
         D = q.shape[-1]
         if backend == "triton" and D > TRITON_MAX_HEAD_DIM:
             return f"head dim {D} > {TRITON_MAX_HEAD_DIM}"
-        if backend == "cuda" and (D not in CUDA_HEAD_DIMS or q.dtype not in CUDA_DTYPES):
+        if backend != "cuda":
+            return None
+        if D not in CUDA_HEAD_DIMS or q.dtype not in CUDA_DTYPES:
             return f"the cuda kernel supports head dims {CUDA_HEAD_DIMS} in fp16/bf16, got D={D} {q.dtype}"
-        if backend == "cuda" and max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID:
+        if max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID:
             return f"the cuda kernel supports batch and heads <= {CUDA_MAX_GRID}, got {tuple(q.shape[:2])}"
-        if backend == "cuda" and max(q.shape[2], k.shape[2]) > CUDA_MAX_SEQLEN:
-            return f"the cuda kernel supports sequence lengths <= 2^30, got {max(q.shape[2], k.shape[2])}"
+        if max(q.shape[2], seq_len) > CUDA_MAX_SEQLEN:
+            return f"the cuda kernel supports sequence lengths <= 2^30, got {max(q.shape[2], seq_len)}"
         return None
 
     return reason
@@ -54,7 +61,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("attention", backend, device, _unsupported(q, k))
+    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk))
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost

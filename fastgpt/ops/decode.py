@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from fastgpt import _backends, reference
 from fastgpt.ops import _checks
+from fastgpt.ops.attention import backend_limits
 
-TRITON_MAX_HEAD_DIM = 256
-CUDA_HEAD_DIMS = (64, 128)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
-CUDA_MAX_SEQLEN = 2**30  # the cuda kernels count positions and tiles in 32-bit ints
 SEQLEN_DTYPES = (torch.int32,)
-
-
-def _unsupported(q: torch.Tensor, k_cache: torch.Tensor) -> Callable[[str], str | None]:
-    def reason(backend: str) -> str | None:
-        D = q.shape[-1]
-        if backend == "triton" and D > TRITON_MAX_HEAD_DIM:
-            return f"head dim {D} > {TRITON_MAX_HEAD_DIM}"
-        if backend == "cuda" and (D not in CUDA_HEAD_DIMS or q.dtype not in CUDA_DTYPES):
-            return f"the cuda kernel supports head dims {CUDA_HEAD_DIMS} in fp16/bf16, got D={D} {q.dtype}"
-        if backend == "cuda" and max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID:
-            return f"the cuda kernel supports batch and heads <= {CUDA_MAX_GRID}, got {tuple(q.shape[:2])}"
-        if backend == "cuda" and max(q.shape[2], k_cache.shape[2]) > CUDA_MAX_SEQLEN:
-            return f"the cuda kernel supports sequence lengths <= 2^30, got {max(q.shape[2], k_cache.shape[2])}"
-        return None
-
-    return reason
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, backend: str = "auto"):
@@ -57,7 +35,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q's head count ({Hq}) must be a multiple of the cache's ({Hkv})")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("decode_attention", backend, device, _unsupported(q, k_cache))
+    name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax))
     if q.numel() == 0 or Smax == 0:
         return q.new_zeros(B, Hq, 1, D)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
