@@ -28,6 +28,7 @@ import triton.language as tl
 _FP32_DOT_PRECISION = "tf32x3"
 _INTERPRETER_CONFIG = (16, 16, 4, 1)  # (BLOCK_M, BLOCK_N, warps, stages) on CPU tensors: small and fast
 _TUNE_MIN_LEN = 256  # shorter problems are launch-bound: a fixed config, no autotuning
+_MAX_BLOCK_N = 128  # the largest BLOCK_N of any config: K/V rows within a block use 32-bit offsets
 
 
 class AttentionOutput(NamedTuple):
@@ -68,8 +69,11 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start,
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         # Pointers are rebuilt from scalar bases each step: a (BLOCK_N, BLOCK_D) tensor of 64-bit
-        # pointers kept live across the loop would cost more registers than the tile itself.
-        k_ptrs = k_base + cols[:, None] * stride_k_s + offs_d[None, :]
+        # pointers kept live across the loop would cost more registers than the tile itself. The
+        # block's first row is a 64-bit scalar offset (Sk * stride may pass 2^31); rows within the
+        # block stay 32-bit (the launcher keeps BLOCK_N * stride below 2^31).
+        row0 = tl.cast(start_n, tl.int64)  # start_n is a Python int in the interpreter
+        k_ptrs = k_base + row0 * stride_k_s + offs_n[:, None] * stride_k_s + offs_d[None, :]
         k = _load_rows(k_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
@@ -84,7 +88,7 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start,
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = v_base + cols[:, None] * stride_v_s + offs_d[None, :]
+        v_ptrs = v_base + row0 * stride_v_s + offs_n[:, None] * stride_v_s + offs_d[None, :]
         v = _load_rows(v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
@@ -129,8 +133,9 @@ def _attn_fwd_kernel(
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    rows = offs_m.to(tl.int64)[:, None]  # Sq * stride may pass 2^31
 
-    q_ptrs = q_ptr + b * stride_q_b + h * stride_q_h + offs_m[:, None] * stride_q_s + offs_d[None, :]
+    q_ptrs = q_ptr + b * stride_q_b + h * stride_q_h + rows * stride_q_s + offs_d[None, :]
     q = _load_rows(q_ptrs, offs_m, Sq, offs_d, HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
     v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
@@ -158,7 +163,7 @@ def _attn_fwd_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: acc is 0, output 0
     out = acc / l_safe[:, None]
-    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + offs_m[:, None] * stride_o_s + offs_d[None, :]
+    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + rows * stride_o_s + offs_d[None, :]
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
     if WRITE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
@@ -226,6 +231,9 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
+    # K/V rows within a block are 32-bit offsets (the block's first row is 64-bit): a view whose
+    # row stride would overflow them spans > 2^31 elements, and is copied (its stride becomes D).
+    k, v = (t.contiguous() if t.stride(2) * min(Sk, _MAX_BLOCK_N) >= 2**31 else t for t in (k, v))
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
     args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

@@ -113,6 +113,39 @@ def test_log_sum_exp(device):
     assert_close(res.out, _reference(q, k, v, True, 0.2))
 
 
+def _views(buf, S, D, stride, count):
+    """`count` (1, 1, S, D) views into buf, side by side in rows of `stride`, filled at random."""
+    views = [buf[i * D:].as_strided((1, 1, S, D), (0, 0, stride, 1)) for i in range(count)]
+    for t, src in zip(views, _qkv(1, 1, 1, S, S, D, torch.float16, buf.device, seed=S)):
+        t.copy_(src)
+    return views
+
+
+def check_large_offsets(device):
+    """Views into a buffer of 2^31 fp16 elements (its pages stay untouched). First q, k and v with
+    row stride 2^23 + 64: the offsets of the 257th query and key pass 2^31 (int32 offsets would
+    wrap and read outside). Then k and v with 9 rows of stride 2^28 + 32, so that rows within
+    one key block pass 2^31: the launcher copies such views."""
+    try:
+        buf = torch.empty(2**31 + 2**16, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve a 4 GiB buffer: {e}")
+    q, k, v = _views(buf, 257, 16, 2**23 + 64, 3)
+    for causal in (False, True):
+        _check(q, k, v, causal=causal)
+    k, v = _views(buf, 9, 16, 2**28 + 32, 2)
+    _check(q[:, :, :9], k, v, causal=True)
+
+
+def test_large_offsets(device):
+    """Offsets past 2^31 elements. On the CPU in a subprocess: a wrapped offset crashes the
+    interpreter (it reads raw memory), which must not take the test session with it."""
+    if device == "cuda":
+        check_large_offsets(device)
+    else:
+        run_isolated("tests.test_attention.check_large_offsets('cpu')")
+
+
 def test_autotune_candidates():
     """The GPU path's pruning keeps exactly the table for the head dim and dtype (short queries:
     only the smallest BLOCK_M), every table entry is among the autotuner's configs, and the fixed
@@ -197,6 +230,18 @@ def run_compile_check(function: str):
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def run_isolated(call: str):
+    """Run `call` (e.g. "tests.test_x.f('cpu')") in a fresh Python process with this environment
+    (TRITON_INTERPRET kept); fail with its stderr if it crashes or fails."""
+    module = call.split("(")[0].rpartition(".")[0]
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    code = f"import os\nos.environ.setdefault('TRITON_INTERPRET', '1')\nimport {module}\n{call}"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if proc.returncode and "Skipped: " in proc.stderr:
+        pytest.skip(proc.stderr.rpartition("Skipped: ")[2].strip())
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-4000:]}"
 
 
 def test_compiles_for_gpu():
