@@ -10,15 +10,18 @@ Precision: fp16/bf16 products run on tensor cores with fp32 accumulation; the so
 fp32 inputs use `input_precision="tf32x3"` (three TF32 products per dot, close to fp32 accuracy
 and far faster than FMA); set `_FP32_DOT_PRECISION` to "ieee" for plain fp32 FMA dots.
 
-Block sizes are autotuned on the GPU per (head dim, causal, dtype, sequence-length bucket) when
-max(Sq, Sk) > 256; shorter problems use a fixed config. Autotuning times candidate kernels, so
-call `attention` once with each new key before capturing it in a CUDA graph. Under Triton's
-interpreter (CPU tensors) one small fixed config is used.
+Block sizes are autotuned on the GPU per (head dim, causal, dtype, sequence-length bucket,
+whether Sq fits one query block) when max(Sq, Sk) > 256; shorter problems use a fixed config.
+Autotuning times candidate kernels with host syncs, which a CUDA graph capture cannot contain: call
+`attention` once with each new key before capturing it. A key first met during a capture is not
+tuned there: it runs the fixed config, with a warning. Under Triton's interpreter (CPU tensors)
+one small fixed config is used.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -104,7 +107,7 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start,
 # Causal, bottom-right: key j is visible to query i iff j <= i + (Sk - Sq). Key blocks that every
 # row of the tile sees in full run unmasked; only blocks crossing the diagonal or the end of the
 # keys are masked, and blocks past the last visible key are skipped.
-@triton.jit
+@triton.jit(do_not_specialize=["seq_bucket", "short_q"])
 def _attn_fwd_kernel(
     q_ptr,  # (B, Hq, Sq, D), stride(-1) == 1
     k_ptr,  # (B, Hkv, Sk, D), stride(-1) == 1
@@ -118,6 +121,7 @@ def _attn_fwd_kernel(
     Hq, Sq, Sk, qk_scale,
     group,  # Hq // Hkv: query head h reads KV head h // group
     seq_bucket,  # unused by the kernel: part of the autotuning key
+    short_q,  # unused by the kernel: part of the autotuning key (1 when Sq fits the smallest BLOCK_M)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -173,9 +177,11 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per padded head dim, checked offline
-# (tests/test_attention.py compiles them for sm_80/sm_90): none spills registers on sm_90 and all
-# fit its shared memory; a config too large for a smaller GPU fails to launch and the autotuner
-# skips it. fp32 tiles are twice the bytes and tf32x3 dots triple the operands: smaller tiles.
+# (tests/test_attention.py compiles them for sm_80/sm_90). All fit sm_90's shared memory and the
+# fp16/bf16 ones do not spill registers on sm_90; on sm_80 the D=256 ones (and a few 128x128
+# tiles) spill a little, and fp32's tf32x3 tiles for D >= 128 spill on both (fp32 is not a
+# target dtype). A config too large for a smaller GPU fails to launch and the autotuner skips it.
+# fp32 tiles are twice the bytes and tf32x3 dots triple the operands: smaller tiles.
 _TUNING = {
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
          (128, 32, 8, 3), (64, 64, 8, 4)],
@@ -205,20 +211,42 @@ def _fixed_config(block_d: int, fp32: bool) -> tuple[int, int, int, int]:
     return next(c for c in table if c[0] == min(m for m, *_ in table))
 
 
+def _short_q(Sq: int, block_d: int, fp32: bool) -> int:
+    """1 when the queries fit one block of the table's smallest BLOCK_M, else 0."""
+    return int(Sq <= min(m for m, *_ in _table(block_d, fp32)))
+
+
 def _prune_configs(configs, named_args, **kwargs):
-    """Keep the candidates for this head dim and dtype; for short queries, the smallest BLOCK_M."""
+    """Keep the candidates for this head dim and dtype; for short queries, the smallest BLOCK_M.
+    Everything read here is in the autotuning key, so the tuned choice never depends on which
+    shape of a key came first."""
     table = _table(kwargs["BLOCK_D"], named_args["q_ptr"].dtype == torch.float32)
     keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table]
     smallest = min(c.kwargs["BLOCK_M"] for c in keep)
     short = [c for c in keep if c.kwargs["BLOCK_M"] == smallest]
-    return short if named_args["Sq"] <= smallest else keep
+    return short if named_args["short_q"] else keep
 
 
 _attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS,
-    key=["HEAD_DIM", "IS_CAUSAL", "seq_bucket"],  # tensor dtypes are added to the key by Triton
+    key=["HEAD_DIM", "IS_CAUSAL", "seq_bucket", "short_q"],  # Triton adds the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
+_TUNED = set()  # the keys autotuned in this process (see _autotune)
+
+
+def _autotune(key: tuple) -> bool:
+    """Whether to launch through the autotuner: yes, unless `key` has not been tuned yet and the
+    current stream is being captured into a CUDA graph (timing syncs the host, which a capture
+    cannot contain); then the fixed config runs instead, with a warning."""
+    if key in _TUNED or not torch.cuda.is_current_stream_capturing():
+        _TUNED.add(key)
+        return True
+    warnings.warn(
+        f"fastgpt attention: the Triton kernel is not autotuned yet for {key}, and autotuning cannot run "
+        "during CUDA graph capture; the capture uses a fixed config. Call attention once with this "
+        "shape before capturing for the tuned one.", stacklevel=3)
+    return False
 
 
 def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
@@ -228,6 +256,10 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
     other strides, Hq % Hkv == 0, 1 <= D <= 256. Causal masks align bottom-right (query i sees
     keys j <= i + Sk - Sq). Returns the output (B, Hq, Sq, D) in q.dtype, contiguous; with
     return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
+
+    On the GPU, max(Sq, Sk) > 256 autotunes on the first call with each new key (head dim,
+    causal, dtype, length bucket): make that call before capturing a CUDA graph. A capture that
+    meets an untuned key runs a fixed config and warns.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -236,13 +268,15 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
     k, v = (t.contiguous() if t.stride(2) * min(Sk, _MAX_BLOCK_N) >= 2**31 else t for t in (k, v))
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
-    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, min(triton.next_power_of_2(max(Sq, Sk)), 16384))
     fp32 = q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(D))
+    seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
+    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), WRITE_LSE=return_lse,
                 DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
-    if q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN:
+    tune_key = (D, bool(causal), seq_bucket, short_q, q.dtype, return_lse)
+    if q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN and _autotune(tune_key):
         _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
     else:
         block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG

@@ -149,12 +149,17 @@ def test_large_offsets(device):
 def test_autotune_candidates():
     """The GPU path's pruning keeps exactly the table for the head dim and dtype (short queries:
     only the smallest BLOCK_M), every table entry is among the autotuner's configs, and the fixed
-    config for short sequences comes from the table."""
+    config for short sequences comes from the table. The pruning reads only the tensors' dtypes
+    and arguments in the autotuning key (a KeyError otherwise), so the config tuned for a key
+    does not depend on which shape of that key came first."""
     from fastgpt.kernels import attention as mod
+
+    assert set(mod._attn_fwd_tuned.keys) == {"HEAD_DIM", "IS_CAUSAL", "seq_bucket", "short_q"}
 
     def kept(block_d, dtype, Sq):
         q = torch.empty(1, dtype=dtype)
-        configs = mod._prune_configs(mod._CONFIGS, {"q_ptr": q, "Sq": Sq}, BLOCK_D=block_d)
+        short_q = mod._short_q(Sq, block_d, dtype == torch.float32)
+        configs = mod._prune_configs(mod._CONFIGS, {"q_ptr": q, "short_q": short_q}, BLOCK_D=block_d)
         return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
 
     for block_d in (16, 32, 64, 128, 256):
@@ -164,6 +169,25 @@ def test_autotune_candidates():
             smallest = min(m for m, *_ in table)
             assert kept(block_d, dtype, 1) == {c for c in table if c[0] == smallest}
             assert mod._fixed_config(block_d, dtype == torch.float32) in table
+            assert kept(block_d, dtype, smallest) == kept(block_d, dtype, 1)
+            assert kept(block_d, dtype, smallest + 1) == set(table)
+
+
+def test_no_autotuning_during_graph_capture(monkeypatch):
+    """Autotuning syncs the host: a key first met while a CUDA graph is being captured takes the
+    fixed config (with a warning) instead of failing the capture; a key tuned before is reused."""
+    from fastgpt.kernels import attention as mod
+
+    monkeypatch.setattr(mod, "_TUNED", set())
+    capturing = [False]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    tuned, fresh = (64, True, 1024, 0, torch.bfloat16, False), (64, True, 2048, 0, torch.bfloat16, False)
+    assert mod._autotune(tuned)  # outside a capture: tune, and remember
+    capturing[0] = True
+    assert mod._autotune(tuned)  # already tuned: the autotuner's cached config, no timing
+    with pytest.warns(UserWarning, match="CUDA graph capture"):
+        assert not mod._autotune(fresh)
+    assert fresh not in mod._TUNED
 
 
 # ----------------------------------------------------------------------------- compile for the GPU
@@ -204,6 +228,7 @@ def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages):
 
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block (A100, H100/H200)
+SMEM_LIMIT_SM86 = 101376  # RTX 30xx/40xx, L4, A10 (sm_86/sm_89): what an untuned launch must fit
 
 
 def compile_attention_variants(arch):
@@ -219,6 +244,14 @@ def compile_attention_variants(arch):
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, kernel.metadata.shared)
         if arch == 90 and dtype != "fp32":
             assert "wgmma" in kernel.asm["ptx"], (dtype, D)
+    if arch == 80:  # the fixed configs launch without an autotuner to skip what does not fit
+        for dtype, block_d in [(d, b) for d in ("bf16", "fp32") for b in (64, 128, 256)]:
+            block_m, block_n, warps, stages = mod._fixed_config(block_d, dtype == "fp32")
+            ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32"}
+            const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=True,
+                         WRITE_LSE=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+            kernel = compile_for(mod._attn_fwd_kernel, ptrs, const, arch=80, num_warps=warps, num_stages=stages)
+            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, block_d, kernel.metadata.shared)
 
 
 def run_compile_check(function: str):
@@ -245,7 +278,8 @@ def run_isolated(call: str):
 
 
 def test_compiles_for_gpu():
-    """The kernel lowers to sm_80 and sm_90 cubins within shared memory; Hopper gets wgmma."""
+    """The kernel lowers to sm_80 and sm_90 cubins within shared memory; Hopper gets wgmma; the
+    fixed (untuned) configs also fit an sm_86/sm_89 block."""
     run_compile_check("tests.test_attention.compile_attention_variants")
 
 
@@ -269,6 +303,27 @@ def test_compiles_for_gpu():
 def test_gpu_real_sizes(B, Hq, Hkv, Sq, Sk, D, causal, dtype):
     """Each new (head dim, causal, dtype, length bucket) autotunes first: a few seconds per case."""
     _check(*_qkv(B, Hq, Hkv, Sq, Sk, D, dtype, "cuda"), causal=causal)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_capture():
+    """A shape autotuned before the capture replays with its tuned config; a long shape first met
+    inside the capture warns and runs the fixed config instead of autotuning (which would sync)."""
+    q, k, v = _qkv(2, 4, 2, 300, 300, 64, torch.bfloat16, "cuda")
+    fastgpt.attention(q, k, v, causal=True, backend="triton")  # autotunes outside the capture
+    q2, k2, v2 = _qkv(1, 4, 4, 1, 700, 128, torch.float16, "cuda", seed=1)
+    short = (t[:, :, :200] for t in (k2, v2))
+    fastgpt.attention(q2, *short, causal=True, backend="triton")  # compiles the fixed config only
+    graph = torch.cuda.CUDAGraph()
+    with pytest.warns(UserWarning, match="CUDA graph capture"), torch.cuda.graph(graph):
+        out = fastgpt.attention(q, k, v, causal=True, backend="triton")
+        out2 = fastgpt.attention(q2, k2, v2, causal=True, backend="triton")
+    for t in (q, q2):
+        t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(out, _reference(q, k, v, True, None), dtype=torch.bfloat16)
+    assert_close(out2, _reference(q2, k2, v2, True, None), dtype=torch.float16)
 
 
 @pytest.mark.gpu
