@@ -29,6 +29,7 @@ _MIN_SPLIT_BLOCKS = 2  # ... but no split shorter than this many BLOCK_N blocks
 _MAX_SPLITS = 128
 _INTERPRETER_SMS = 4  # a pretend SM count on CPU tensors, so the interpreter exercises splits
 _INTERPRETER_BLOCK_N = 16
+_MAX_BLOCK_N = 64  # the largest block of cache positions: positions within it use 32-bit offsets
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -106,7 +107,11 @@ def _decode_split_kernel(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         keep = (cols[:, None] < end) & d_ok
-        k = tl.load(k_base + cols[:, None] * stride_k_s + offs_d[None, :], mask=keep, other=0.0)
+        # The block's first position is a 64-bit offset (Smax * stride may pass 2^31); positions
+        # within the block stay 32-bit (the launcher keeps BLOCK_N * stride below 2^31).
+        row0 = tl.cast(start_n, tl.int64)
+        k_blk = k_base + row0 * stride_k_s + offs_n[:, None] * stride_k_s
+        k = tl.load(k_blk + offs_d[None, :], mask=keep, other=0.0)
         s = _scores(q, k, DOT_PRECISION, USE_DOT) * qk_scale
         # Every block holds at least one valid position, so m_new is finite.
         s = tl.where(cols[None, :] < end, s, float("-inf"))
@@ -114,7 +119,8 @@ def _decode_split_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         p = tl.math.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * stride_v_s + offs_d[None, :], mask=keep, other=0.0)
+        v_blk = v_base + row0 * stride_v_s + offs_n[:, None] * stride_v_s
+        v = tl.load(v_blk + offs_d[None, :], mask=keep, other=0.0)
         acc = acc * alpha[:, None] + _weighted_values(p, v, DOT_PRECISION, USE_DOT)
         m_i = m_new
 
@@ -214,6 +220,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
     """
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    # A cache view whose in-block position offsets would overflow 32 bits spans > 2^31 elements:
+    # copied (its position stride becomes D).
+    k_cache, v_cache = (t.contiguous() if t.stride(2) * min(Smax, _MAX_BLOCK_N) >= 2**31 else t
+                        for t in (k_cache, v_cache))
     group = Hq // Hkv
     fp32 = q.dtype == torch.float32
     tiles = gpu_tiles(group, D, fp32)

@@ -155,6 +155,9 @@ def test_autotune_candidates():
     from fastgpt.kernels import attention as mod
 
     assert set(mod._attn_fwd_tuned.keys) == {"HEAD_DIM", "IS_CAUSAL", "seq_bucket", "short_q"}
+    # the launcher's copy of huge-stride K/V views relies on this bound
+    assert max(c.kwargs["BLOCK_N"] for c in mod._CONFIGS) <= mod._MAX_BLOCK_N
+    assert mod._INTERPRETER_CONFIG[1] <= mod._MAX_BLOCK_N
 
     def kept(block_d, dtype, Sq):
         q = torch.empty(1, dtype=dtype)

@@ -17,6 +17,7 @@ from tests.test_attention import (
     _load_kernel_module,
     compile_for,
     run_compile_check,
+    run_isolated,
 )
 
 
@@ -131,6 +132,44 @@ def test_non_contiguous_views(device):
 def test_scale_and_large_logits(device):
     q, k_cache, v_cache = _inputs(2, 2, 1, 45, 64, torch.float32, device, seed=8)
     _check(q * 4, k_cache, v_cache, [45, 44], scale=1.0)
+
+
+def check_large_offsets(device):
+    """Caches as views into a buffer of 2^31 fp16 elements (its pages stay untouched). Position
+    stride 2^23 + 64 over 257 positions: the last positions' offsets pass 2^31 (int32 offsets
+    would wrap and read outside). Then 9 positions of stride 2^28 + 32, so that positions within
+    one block pass 2^31: the launcher copies such views."""
+    try:
+        buf = torch.empty(2**31 + 2**16, dtype=torch.float16, device=device)
+    except (RuntimeError, MemoryError) as e:
+        pytest.skip(f"cannot reserve a 4 GiB buffer: {e}")
+    for Smax, stride, lengths in [(257, 2**23 + 64, [257, 200]), (9, 2**28 + 32, [9, 4])]:
+        q, k_src, v_src = _inputs(2, 4, 2, Smax, 16, torch.float16, device, seed=Smax)
+        k_cache, v_cache = (buf[i * 32:].as_strided((2, 2, Smax, 16), (0, 16, stride, 1)) for i in range(2))
+        k_cache[0].copy_(k_src[0])  # batch stride 0: both rows read the same cache
+        v_cache[0].copy_(v_src[0])
+        _check(q, k_cache, v_cache, lengths)
+
+
+def test_large_offsets(device):
+    """Offsets past 2^31 elements; in a subprocess on the CPU, where a wrapped offset crashes the
+    interpreter (it reads raw memory)."""
+    if device == "cuda":
+        check_large_offsets(device)
+    else:
+        run_isolated("tests.test_decode.check_large_offsets('cpu')")
+
+
+def test_blocks_within_the_offset_bound():
+    """Every GPU tile keeps its positions within _MAX_BLOCK_N, the bound the launcher's copy of
+    huge-stride views relies on."""
+    from fastgpt.kernels import decode
+
+    for group in (1, 2, 8, 64, 128):
+        for D in (8, 64, 80, 128, 256):
+            for fp32 in (False, True):
+                assert decode.gpu_tiles(group, D, fp32).block_n <= decode._MAX_BLOCK_N
+    assert decode._INTERPRETER_BLOCK_N <= decode._MAX_BLOCK_N
 
 
 # ----------------------------------------------------------------------------- compile for the GPU
