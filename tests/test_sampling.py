@@ -296,6 +296,32 @@ def test_seed_tensor_drives_the_draw(device):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+# ----------------------------------------------------------------------------- compile for the GPU
+
+
+def compile_sampling_variants(arch):
+    """The sampler (bf16 and fp32 logits) and the kept-set variant, at a real vocabulary. The
+    Gumbel noise -log(-log(u)) takes u up to 1 - 2^-24, where an approximate log (lg2.approx,
+    absolute error ~2^-22) could return 0 and make the noise infinite: tl.log must stay exact."""
+    from tests.test_attention import _load_kernel_module, compile_for
+
+    mod = _load_kernel_module("sampling")
+    for dtype, write_mask in [("bf16", False), ("fp32", False), ("fp16", True)]:
+        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
+                "top_p_ptr": "*fp64", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
+                "out_ptr": "*i1" if write_mask else "*i64"}  # fmt: skip
+        const = dict(V=128256, WRITE_MASK=write_mask, BLOCK_V=mod.MAX_BLOCK_V, NUM_PIVOTS=mod.NUM_PIVOTS)
+        kernel = compile_for(mod._sample_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
+        assert "lg2.approx" not in kernel.asm["ptx"], (arch, dtype)
+
+
+def test_compiles_for_gpu():
+    """The sampler lowers to sm_80 and sm_90 cubins, with an exact log."""
+    from tests.test_attention import run_compile_check
+
+    run_compile_check("tests.test_sampling.compile_sampling_variants")
+
+
 # ----------------------------------------------------------------------------- GPU
 
 
