@@ -22,9 +22,19 @@ Per row, over the vocabulary in blocks of BLOCK_V (the row is re-read from L2 on
 Probabilities use fp32 exp, and sums run in a different order than torch's softmax + cumsum: a
 token whose cumulative mass sits within a few ulps of 1 - top_p (or whose probability sits within
 an ulp of min_p * p_max) may be kept here and removed by the reference, or the reverse.
+
+One program per row leaves most of the GPU idle when the batch is small, and each pass over the
+row is then latency-bound on one SM. So when B < 2 x the SM count, step 1's max (all that a
+greedy row needs) runs first as a split pass, one program per (row, vocabulary chunk of >= 2048),
+and the row's program reduces the chunks' maxima: the same result, to the bit, for any number of
+chunks. The threshold searches and the draw stay one program per row: at B = 1 with top-k/top-p
+on a 50k-260k vocabulary they remain many latency-bound passes (not measured: no GPU here;
+splitting them needs a grid-wide step between passes).
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -33,6 +43,10 @@ import triton.language as tl
 MAX_BLOCK_V = 1024  # vocabulary block per loop step
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
 NUM_WARPS = 8
+MAX_CHUNKS = 256  # most vocabulary chunks of the split max pass
+_MIN_CHUNK = 2048  # fewest vocabulary entries per chunk
+_PROGRAMS_PER_SM = 2  # split the max pass until the grid covers the GPU about this many times
+_INTERPRETER_SMS = 4  # a pretend SM count on CPU tensors
 
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf): the smallest key of a non-NaN float
 
@@ -61,19 +75,52 @@ def _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V: tl.constexpr):
 
 
 @triton.jit
-def _row_max(row_ptr, V: tl.constexpr, BLOCK_V: tl.constexpr):
-    """The maximum of the row's logits (NaN as -inf) and its first index."""
+def _row_max(row_ptr, begin, end, V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The maximum of the row's logits in [begin, min(end, V)) (NaN as -inf) and its first index
+    (begin when all are -inf)."""
     best = float("-inf")
-    best_i = 0
-    for start in range(0, V, BLOCK_V):
+    best_i = begin
+    for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        x = tl.load(row_ptr + cols, mask=(cols < end) & (cols < V), other=float("-inf")).to(tl.float32)
         x = tl.where(x != x, float("-inf"), x)
         m = tl.max(x, axis=0)
         i = tl.argmax(x, axis=0, tie_break_left=True) + start
         best_i = tl.where(m > best, i, best_i)  # strict: the earlier block wins ties
         best = tl.maximum(best, m)
     return best, best_i
+
+
+# Per program: one row b and one chunk c of its vocabulary, [c * chunk, (c + 1) * chunk):
+#   part_max[b, c] = max of the cleaned logits there,  part_idx[b, c] = the first index of it.
+@triton.jit
+def _max_partial_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
+    part_max_ptr,  # (B, num_chunks) fp32
+    part_idx_ptr,  # (B, num_chunks) int32
+    stride_logits_b,
+    chunk,  # vocabulary entries per chunk
+    V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    begin = c * chunk
+    best, best_i = _row_max(logits_ptr + row * stride_logits_b, begin, begin + chunk, V, BLOCK_V)
+    part = row * tl.num_programs(1) + c
+    tl.store(part_max_ptr + part, best)
+    tl.store(part_idx_ptr + part, best_i)
+
+
+@triton.jit
+def _reduce_max(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
+    """A row's maximum and its first index from the per-chunk ones: the first chunk holding it."""
+    offs_c = tl.arange(0, MAX_CHUNKS)
+    ok = offs_c < num_chunks
+    part_max = tl.load(part_max_ptr + row * num_chunks + offs_c, mask=ok, other=float("-inf"))
+    best = tl.max(part_max, axis=0)
+    first = tl.min(tl.where(ok & (part_max == best), offs_c, MAX_CHUNKS), axis=0)
+    return best, tl.load(part_idx_ptr + row * num_chunks + first)
 
 
 @triton.jit
@@ -215,16 +262,24 @@ def _sample_kernel(
     min_p_ptr,  # (B,) fp32; <= 0 (or NaN) means off
     seed_ptr,  # (1,) int64
     out_ptr,  # (B,) int64 token ids, or (B, V) bool kept set when WRITE_MASK
+    part_max_ptr,  # (B, num_chunks) fp32 from _max_partial_kernel; read only when SPLIT_MAX
+    part_idx_ptr,  # (B, num_chunks) int32 from _max_partial_kernel; read only when SPLIT_MAX
     stride_logits_b,
+    num_chunks,
     V: tl.constexpr,
     WRITE_MASK: tl.constexpr,
+    SPLIT_MAX: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_b
     t = tl.load(temperature_ptr + row)
-    xmax, imax = _row_max(row_ptr, V, BLOCK_V)
+    if SPLIT_MAX:
+        xmax, imax = _reduce_max(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
+    else:
+        xmax, imax = _row_max(row_ptr, 0, V, V, BLOCK_V)
     sampling = t > 0.0
     t = tl.where(sampling, t, 1.0)
     pinf_x = xmax == float("inf")
@@ -264,29 +319,55 @@ def _sample_kernel(
         tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 
 
-def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool):
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def max_chunks(B: int, V: int, num_sms: int) -> int:
+    """How many vocabulary chunks the max pass takes: enough that B * chunks programs cover the
+    GPU ~_PROGRAMS_PER_SM times, none shorter than _MIN_CHUNK; 1 means no split pass. From
+    shapes and the SM count only (no host sync: capturable)."""
+    return max(1, min(triton.cdiv(_PROGRAMS_PER_SM * num_sms, B), triton.cdiv(V, _MIN_CHUNK), MAX_CHUNKS))
+
+
+def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks):
     B, V = logits.shape
+    if num_chunks is None:
+        num_chunks = max_chunks(B, V, _num_sms(logits.device.index) if logits.is_cuda else _INTERPRETER_SMS)
+    chunk = triton.cdiv(triton.cdiv(V, min(num_chunks, MAX_CHUNKS)), 16) * 16  # 16-aligned chunks
+    num_chunks = triton.cdiv(V, chunk)
+    part_max = part_idx = logits  # unread without a split pass
+    if num_chunks > 1:
+        part_max = torch.empty((B, num_chunks), dtype=torch.float32, device=logits.device)
+        part_idx = torch.empty((B, num_chunks), dtype=torch.int32, device=logits.device)
+        block_c = min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
+        _max_partial_kernel[(B, num_chunks)](
+            logits, part_max, part_idx, logits.stride(0), chunk, V=V, BLOCK_V=block_c,
+            num_warps=max(1, min(NUM_WARPS, block_c // 128)),
+        )  # fmt: skip
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     _sample_kernel[(B,)](
-        logits, temperature, top_k, top_p, min_p, seed, out, logits.stride(0),
-        V=V, WRITE_MASK=write_mask, BLOCK_V=block_v, NUM_PIVOTS=NUM_PIVOTS,
-        num_warps=max(1, min(NUM_WARPS, block_v // 128)),
+        logits, temperature, top_k, top_p, min_p, seed, out, part_max, part_idx, logits.stride(0),
+        num_chunks, V=V, WRITE_MASK=write_mask, SPLIT_MAX=num_chunks > 1, BLOCK_V=block_v,
+        NUM_PIVOTS=NUM_PIVOTS, MAX_CHUNKS=MAX_CHUNKS, num_warps=max(1, min(NUM_WARPS, block_v // 128)),
     )  # fmt: skip
     return out
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seed) -> torch.Tensor:
+def sample(logits, temperature, top_k, top_p, min_p, seed, *, num_chunks=None) -> torch.Tensor:
     """Draw one token per row: greedy where temperature <= 0, else from softmax of the kept set.
 
     logits: (B, V) fp32/bf16/fp16 with logits.stride(1) == 1. temperature: (B,) fp32. top_k:
     (B,) int64 (0 = off). top_p: (B,) fp64 (1.0 = off). min_p: (B,) fp32 (0 = off). seed: (1,)
-    int64, on the device. Returns int64 (B,) token ids, always in [0, V).
+    int64, on the device. Returns int64 (B,) token ids, always in [0, V). num_chunks (tests):
+    force the max pass's vocabulary split (1 = none); the tokens do not depend on it.
     """
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask=False)
+    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, False, num_chunks)
 
 
-def kept_mask(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
+def kept_mask(logits, temperature, top_k, top_p, min_p, *, num_chunks=None) -> torch.Tensor:
     """The set `sample` draws from, for tests: bool (B, V), True where a token may be drawn.
 
     Same inputs as `sample` (no seed). Equals reference.filter_logits(clean_logits(logits), ...)
@@ -294,4 +375,4 @@ def kept_mask(logits, temperature, top_k, top_p, min_p) -> torch.Tensor:
     """
     out = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
     seed = torch.zeros(1, dtype=torch.int64, device=logits.device)  # unread
-    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask=True)
+    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, True, num_chunks)

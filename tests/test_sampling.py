@@ -163,6 +163,62 @@ def test_device_parameters_are_clamped(device):
     assert (ids[[2, 3, 6, 8, 9]] == top).all()
 
 
+# ----------------------------------------------------------------------------- split max pass
+
+
+def test_split_max_pass_is_exact(device, poisoned_empty):
+    """The max pass split over vocabulary chunks gives the same tokens and kept sets as one
+    program per row, to the bit: the first index of a maximum repeated across chunks (also on
+    both sides of a chunk edge), rows of -inf, NaN and +inf, greedy and sampling rows."""
+    from fastgpt.kernels.sampling import MAX_CHUNKS
+
+    nan, inf = float("nan"), float("inf")
+    V = 300  # 7 chunks are 48 wide: edges at 48, 96, ...
+    logits, t, k, p, mp = _random_rows(12, V, seed=21)
+    logits[0, [50, 200]] = 100.0  # chunks 1 and 4
+    logits[1, [47, 48]] = 100.0  # both sides of the first edge
+    logits[2] = NEG_INF
+    logits[3] = nan
+    logits[4, [130, 20]] = inf
+    logits[5, :150] = nan
+    t[:6] = 0.0  # greedy
+    t[6:9] = torch.tensor([0.7, 1.0, 1.3])
+    logits[6:9, [60, 250]] = 50.0
+    args = [a.to(device) for a in (logits, t, k, p, mp)]
+    seed = torch.tensor([99], device=device)
+    ids = {c: triton_sample(*args, seed, num_chunks=c).cpu() for c in (1, 2, 7, MAX_CHUNKS + 5)}
+    masks = {c: kept_mask(*args, num_chunks=c).cpu() for c in (1, 3)}
+    assert ids[1][:6].tolist() == [50, 47, 0, 0, 20, logits[5].nan_to_num(NEG_INF).argmax().item()]
+    for c in ids:
+        torch.testing.assert_close(ids[c], ids[1], atol=0, rtol=0)
+    torch.testing.assert_close(masks[3], masks[1], atol=0, rtol=0)
+
+
+def test_greedy_first_index_across_blocks(device):
+    """Maxima repeated in two 1024-wide blocks of one program (one row's pass, then one chunk of
+    the split pass): the earlier block's index."""
+    logits = torch.randn(2, 2100, generator=torch.Generator().manual_seed(4))
+    logits[0, [1000, 1030]] = 9.0  # blocks 0 and 1 of the row; chunk 0 of 2 (1056 wide)
+    logits[1, [700, 2090]] = 9.0  # blocks 0 and 2; chunks 0 and 1
+    t = torch.zeros(2)
+    args = [a.to(device) for a in (logits, t, *_params(2, "cpu")[1:])]
+    for c in (1, 2):
+        assert triton_sample(*args, torch.tensor([0], device=device), num_chunks=c).tolist() == [1000, 700]
+
+
+def test_split_plan():
+    """The split pass only where rows alone leave the GPU idle, never below _MIN_CHUNK entries a
+    chunk, never above MAX_CHUNKS chunks."""
+    from fastgpt.kernels import sampling
+
+    assert sampling.max_chunks(1, 262144, 132) == 128
+    assert sampling.max_chunks(1, 50257, 132) == 25
+    assert sampling.max_chunks(64, 128256, 132) == 5
+    assert sampling.max_chunks(264, 128256, 132) == 1
+    assert sampling.max_chunks(1, 2048, 132) == 1
+    assert sampling.max_chunks(1, 10**7, 1000) == sampling.MAX_CHUNKS
+
+
 # ----------------------------------------------------------------------------- greedy, non-finite
 
 
@@ -306,13 +362,17 @@ def compile_sampling_variants(arch):
     from tests.test_attention import _load_kernel_module, compile_for
 
     mod = _load_kernel_module("sampling")
-    for dtype, write_mask in [("bf16", False), ("fp32", False), ("fp16", True)]:
+    parts = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32"}
+    for dtype, write_mask, split in [("bf16", False, False), ("fp32", False, True), ("fp16", True, True)]:
         ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
                 "top_p_ptr": "*fp64", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
-                "out_ptr": "*i1" if write_mask else "*i64"}  # fmt: skip
-        const = dict(V=128256, WRITE_MASK=write_mask, BLOCK_V=mod.MAX_BLOCK_V, NUM_PIVOTS=mod.NUM_PIVOTS)
+                "out_ptr": "*i1" if write_mask else "*i64"} | parts  # fmt: skip
+        const = dict(V=128256, WRITE_MASK=write_mask, SPLIT_MAX=split, BLOCK_V=mod.MAX_BLOCK_V,
+                     NUM_PIVOTS=mod.NUM_PIVOTS, MAX_CHUNKS=mod.MAX_CHUNKS)
         kernel = compile_for(mod._sample_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
         assert "lg2.approx" not in kernel.asm["ptx"], (arch, dtype)
+        compile_for(mod._max_partial_kernel, {"logits_ptr": f"*{dtype}"} | parts,
+                    dict(V=128256, BLOCK_V=mod.MAX_BLOCK_V), arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
 
 
 def test_compiles_for_gpu():
@@ -361,6 +421,22 @@ def test_gpu_sample_batches(B):
     kept = kept_mask(logits, t, k, torch.full((B,), 0.9, device="cuda", dtype=torch.float64),
                      torch.full((B,), 0.01, device="cuda"))  # fmt: skip
     assert kept[torch.arange(B, device="cuda"), ids].all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 7])
+def test_gpu_split_max_pass_is_exact(B):
+    """Real vocabularies: the split max pass (the default at these batch sizes) against none."""
+    for V in (50257, 262144):
+        logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16) * 3
+        logits[:, V - 1] = logits.max() + 1  # the maximum in the last, partial chunk
+        t = torch.tensor([0.0, 0.8, 1.0, 0.0, 1.2, 0.0, 0.5], device="cuda")[:B]
+        params = [t, torch.full((B,), 40, device="cuda"), torch.full((B,), 0.9, device="cuda", dtype=torch.float64),
+                  torch.zeros(B, device="cuda")]  # fmt: skip
+        seed = torch.tensor([3], device="cuda")
+        split = triton_sample(logits, *params, seed)
+        torch.testing.assert_close(split, triton_sample(logits, *params, seed, num_chunks=1), atol=0, rtol=0)
+        assert (split[t == 0] == V - 1).all()
 
 
 @pytest.mark.gpu
