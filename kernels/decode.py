@@ -202,11 +202,14 @@ class _Tiles(NamedTuple):
 
 
 def gpu_tiles(group: int, D: int, fp32: bool) -> _Tiles:
-    """Tile sizes on the GPU, checked offline for register spills and shared memory on sm_80 and
-    sm_90: fp32 operands double the bytes and tf32x3 dots triple them, so fp32 takes smaller tiles."""
-    block_g = 1 if group == 1 else min(16 if fp32 else 64, max(16, triton.next_power_of_2(group)))
+    """Tile sizes on the GPU, checked offline (tests/test_decode.py) for shared memory on sm_80 and
+    sm_90, and within the 99 KB of an sm_86/sm_89 block (no autotuner here to skip a tile that does
+    not fit): fp32 operands double the bytes and tf32x3 dots triple them, so fp32 takes smaller
+    tiles, and 256-wide heads take at most 32 query heads (bf16) or 16 positions (fp32) a step."""
     block_d = max(16, triton.next_power_of_2(D))
-    block_n = 64 if block_d <= 128 and not fp32 else 32
+    widest = 16 if fp32 else 32 if block_d == 256 else 64
+    block_g = 1 if group == 1 else min(widest, max(16, triton.next_power_of_2(group)))
+    block_n = 64 if block_d <= 128 and not fp32 else 16 if fp32 and block_d == 256 and block_g > 1 else 32
     return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
 

@@ -14,6 +14,7 @@ from fastgpt import reference
 from tests.helpers import assert_close
 from tests.test_attention import (
     SMEM_LIMIT,
+    SMEM_LIMIT_SM86,
     _load_kernel_module,
     compile_for,
     run_compile_check,
@@ -190,10 +191,21 @@ def compile_decode_variants(arch):
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16"}
     compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32),
                 arch=arch, num_warps=4, num_stages=1)
+    if arch == 80:  # no autotuner skips a tile too large for an sm_86/sm_89 block: the widest fit
+        for dtype, D, group in [("bf16", 128, 64), ("bf16", 256, 64), ("fp32", 128, 64), ("fp32", 256, 64)]:
+            tiles = mod.gpu_tiles(group, D, dtype == "fp32")
+            ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
+                    "o_ptr": "*fp32", "lse_ptr": "*fp32"}
+            const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
+                         SINGLE_SPLIT=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+            kernel = compile_for(mod._decode_split_kernel, ptrs, const, arch=80, num_warps=tiles.num_warps,
+                                 num_stages=tiles.num_stages)
+            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, tiles, kernel.metadata.shared)
 
 
 def test_compiles_for_gpu():
-    """The split and combine kernels lower to sm_80 and sm_90 cubins within shared memory."""
+    """The split and combine kernels lower to sm_80 and sm_90 cubins within shared memory; the
+    widest tiles also fit an sm_86/sm_89 block."""
     run_compile_check("tests.test_decode.compile_decode_variants")
 
 
