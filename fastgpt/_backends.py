@@ -19,11 +19,25 @@ import functools
 import importlib
 import os
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "FASTGPT_BACKEND"
+
+
+class LayerNormOutput(NamedTuple):
+    """What every backend's layer_norm launcher returns."""
+
+    y: torch.Tensor  # (M, N) LN(h), x's dtype
+    h: torch.Tensor | None  # (M, N) x + residual, or None without a residual
+
+
+@functools.cache
+def sm_count(device_index: int) -> int:
+    """Streaming multiprocessors of a CUDA device: launchers size split-KV / split-V grids by it."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 class BackendUnavailableError(RuntimeError):

@@ -15,13 +15,14 @@ fp32 inputs use `input_precision="tf32x3"` dots (close to fp32 accuracy).
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from fastgpt._backends import sm_count
 
 _FP32_DOT_PRECISION = "tf32x3"
 _PROGRAMS_PER_SM = 4  # split until the grid covers the GPU about this many times over
@@ -178,11 +179,6 @@ def _decode_combine_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def split_plan(programs: int, Smax: int, block_n: int, num_sms: int) -> tuple[int, int]:
     """(num_splits, chunk): cut each cache row into chunks of `chunk` positions (a multiple of
     block_n) so that `programs` (per split) * num_splits programs fill the GPU several times over."""
@@ -230,7 +226,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
     group = Hq // Hkv
     fp32 = q.dtype == torch.float32
     tiles = gpu_tiles(group, D, fp32)
-    num_sms = _num_sms(q.device.index) if q.is_cuda else _INTERPRETER_SMS
+    num_sms = sm_count(q.device.index) if q.is_cuda else _INTERPRETER_SMS
     if not q.is_cuda:  # Triton's interpreter: short blocks, so small caches take several splits
         tiles = tiles._replace(block_n=_INTERPRETER_BLOCK_N, num_stages=1)
     programs = B * Hkv * triton.cdiv(group, tiles.block_g)  # per split

@@ -11,20 +11,16 @@ they are short); longer rows stream through in chunks.
 
 from __future__ import annotations
 
-from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
+from fastgpt._backends import LayerNormOutput
+
 MAX_FUSED_N = 16384  # longest row normalised from registers; longer rows take the chunked kernel
 CHUNK_N = 4096  # chunk of the chunked kernel
 TILE = 2048  # elements per program for short rows: BLOCK_M = TILE // BLOCK_N rows
-
-
-class LayerNormOutput(NamedTuple):
-    y: torch.Tensor  # (M, N) contiguous, x's dtype
-    h: torch.Tensor | None  # (M, N) contiguous x + residual, or None without a residual
 
 
 # Rows [pid * BLOCK_M, pid * BLOCK_M + BLOCK_M), each whole in registers (BLOCK_N >= N):

@@ -34,11 +34,12 @@ splitting them needs a grid-wide step between passes).
 
 from __future__ import annotations
 
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from fastgpt._backends import sm_count
 
 MAX_BLOCK_V = 1024  # vocabulary block per loop step
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
@@ -319,11 +320,6 @@ def _sample_kernel(
         tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 
 
-@functools.cache
-def _num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def max_chunks(B: int, V: int, num_sms: int) -> int:
     """How many vocabulary chunks the max pass takes: enough that B * chunks programs cover the
     GPU ~_PROGRAMS_PER_SM times, none shorter than _MIN_CHUNK; 1 means no split pass. From
@@ -334,7 +330,7 @@ def max_chunks(B: int, V: int, num_sms: int) -> int:
 def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks):
     B, V = logits.shape
     if num_chunks is None:
-        num_chunks = max_chunks(B, V, _num_sms(logits.device.index) if logits.is_cuda else _INTERPRETER_SMS)
+        num_chunks = max_chunks(B, V, sm_count(logits.device.index) if logits.is_cuda else _INTERPRETER_SMS)
     chunk = triton.cdiv(triton.cdiv(V, min(num_chunks, MAX_CHUNKS)), 16) * 16  # 16-aligned chunks
     num_chunks = triton.cdiv(V, chunk)
     part_max = part_idx = logits  # unread without a split pass

@@ -15,23 +15,20 @@ strides in multiples of 8 elements; other layouts are copied to contiguous ones 
 
 from __future__ import annotations
 
-import functools
-from typing import NamedTuple
 
 import torch
 
 from fastgpt import _backends
+from fastgpt._backends import LayerNormOutput
+from fastgpt.ops import _checks
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (64, 128)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535
-MAX_VOCAB = 1 << 24
+MAX_VOCAB = 1 << 24  # the sampler's fixed-point probability sums need V < 2^24
+MAX_SEQLEN = 1 << 30  # bindings.cpp kMaxSeqlen: tile counts stay within 32-bit ints
 
-
-class LayerNormOutput(NamedTuple):
-    y: torch.Tensor  # (M, N) LN(h), x's dtype
-    h: torch.Tensor | None  # (M, N) x + residual, or None without a residual
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -89,17 +86,8 @@ def _vector_ready(t: torch.Tensor) -> torch.Tensor:
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
-def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 def _stream(device: torch.device) -> int:
     return torch.cuda.current_stream(device).cuda_stream
-
-
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -149,7 +137,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _sm_count(q.device.index))
+    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _backends.sm_count(q.device.index))
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     o_partial = lse_partial = None
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
@@ -185,8 +173,8 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
     if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
         raise ValueError("layer_norm (cuda backend): residual must match x's shape and dtype")
     M, N = x.shape
-    x = _last_dim_contiguous(x)
-    residual = None if residual is None else _last_dim_contiguous(residual)
+    x = _checks.last_dim_contiguous(x)
+    residual = None if residual is None else _checks.last_dim_contiguous(residual)
     weight, bias = _param("layer_norm", "weight", weight), _param("layer_norm", "bias", bias)
     _require_shape("layer_norm", "weight", weight, (N,))
     _require_shape("layer_norm", "bias", bias, (N,))
@@ -214,7 +202,7 @@ def sample(logits, temperature, top_k, top_p, min_p, seed) -> torch.Tensor:
     B, V = logits.shape
     if V >= MAX_VOCAB:
         raise ValueError(f"sample (cuda backend): vocab size must be < 2^24, got {V}")
-    logits = _last_dim_contiguous(logits)
+    logits = _checks.last_dim_contiguous(logits)
     temperature = temperature.to(torch.float32).contiguous()
     top_k = top_k.to(torch.int64).contiguous()
     top_p = top_p.to(torch.float64).contiguous()

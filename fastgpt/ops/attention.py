@@ -7,13 +7,9 @@ from collections.abc import Callable
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks
+from fastgpt.ops import _checks, _cuda
 
 TRITON_MAX_HEAD_DIM = 256
-CUDA_HEAD_DIMS = (64, 128)
-CUDA_DTYPES = (torch.float16, torch.bfloat16)
-CUDA_MAX_GRID = 65535  # batch and heads are CUDA grid dimensions
-CUDA_MAX_SEQLEN = 2**30  # the cuda kernels count positions and tiles in 32-bit ints
 
 
 def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]:
@@ -28,11 +24,11 @@ def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]
             return f"head dim {D} > {TRITON_MAX_HEAD_DIM}"
         if backend != "cuda":
             return None
-        if D not in CUDA_HEAD_DIMS or q.dtype not in CUDA_DTYPES:
-            return f"the cuda kernel supports head dims {CUDA_HEAD_DIMS} in fp16/bf16, got D={D} {q.dtype}"
-        if max(q.shape[0], q.shape[1]) > CUDA_MAX_GRID:
-            return f"the cuda kernel supports batch and heads <= {CUDA_MAX_GRID}, got {tuple(q.shape[:2])}"
-        if max(q.shape[2], seq_len) > CUDA_MAX_SEQLEN:
+        if D not in _cuda.HEAD_DIMS or q.dtype not in _cuda.ATTENTION_DTYPES:
+            return f"the cuda kernel supports head dims {_cuda.HEAD_DIMS} in fp16/bf16, got D={D} {q.dtype}"
+        if max(q.shape[0], q.shape[1]) > _cuda.MAX_GRID_YZ:
+            return f"the cuda kernel supports batch and heads <= {_cuda.MAX_GRID_YZ}, got {tuple(q.shape[:2])}"
+        if max(q.shape[2], seq_len) > _cuda.MAX_SEQLEN:
             return f"the cuda kernel supports sequence lengths <= 2^30, got {max(q.shape[2], seq_len)}"
         return None
 

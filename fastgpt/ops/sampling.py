@@ -12,15 +12,14 @@ import numbers
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks
+from fastgpt.ops import _checks, _cuda
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-CUDA_MAX_VOCAB = 2**24 - 1  # the CUDA sampler's fixed-point probability sums need V < 2^24
 
 
 def _unsupported(logits):
     def reason(backend):
-        if backend == "cuda" and logits.shape[1] > CUDA_MAX_VOCAB:
+        if backend == "cuda" and logits.shape[1] >= _cuda.MAX_VOCAB:
             return f"the cuda sampler supports V < 2^24, got V={logits.shape[1]}"
         return None
 
