@@ -14,8 +14,6 @@ break near-ties differently, then continue from their own context, which is chec
 from __future__ import annotations
 
 import copy
-import os
-from contextlib import contextmanager
 
 import torch
 
@@ -99,35 +97,13 @@ def greedy_check(oracle, T: int, N: int, tol: float):
     return check
 
 
-@contextmanager
-def _backend_env(backend: str):
-    """FASTGPT_BACKEND for models whose ops read it (fastgpt.GPT also has .backend)."""
-    saved = os.environ.get("FASTGPT_BACKEND")
-    os.environ["FASTGPT_BACKEND"] = backend
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("FASTGPT_BACKEND", None)
-        else:
-            os.environ["FASTGPT_BACKEND"] = saved
-
-
 def fastgpt_fn(hf, backend: str, N: int):
     """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default)."""
-    try:
-        from fastgpt.model import GPT
-    except ImportError as exc:
-        raise Unavailable(f"fastgpt.model is not importable yet ({exc})") from exc
+    from fastgpt.model import GPT
+
     model = GPT.from_hf(hf)
-    if hasattr(type(model), "backend"):
-        model.backend = backend
-
-    def fn(inp):
-        with _backend_env(backend):
-            return model.generate(inp["idx"], N, temperature=0.0)
-
-    return fn
+    model.backend = backend  # every op of the model (attention, LayerNorm, sampling) honours it
+    return lambda inp: model.generate(inp["idx"], N, temperature=0.0)
 
 
 def hf_fn(hf, attn: str, N: int, static: bool = False):
