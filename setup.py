@@ -25,12 +25,13 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = Path("csrc")  # relative: setuptools wants relative source paths
-PACKAGES = ["fastgpt", "fastgpt.ops", "fastgpt.bench", "fastgpt.kernels"]
+# Every package under fastgpt/ (subpackages such as fastgpt.bench.cases included), plus kernels/.
+PACKAGES = find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels"]
 DEFAULT_ARCHS = "80;90a"
 # Kernels whose math tolerates approximate exp2/division; sampling (exact division by the
 # temperature, logs) and LayerNorm (statistics) are built without it.

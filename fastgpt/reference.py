@@ -58,6 +58,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     scale = D**-0.5 if scale is None else scale
     lengths = cache_seqlens.to(device=q.device, dtype=torch.int64).clamp(0, Smax)
     visible = torch.arange(Smax, device=q.device)[None, :] < lengths[:, None]  # (B, Smax)
+    # Slots past a row's length may hold anything (an uninitialised cache): a zero weight times a
+    # NaN there would still poison the output, so they are zeroed, as the kernels never load them.
+    v_cache = v_cache.masked_fill(~visible.view(B, 1, Smax, 1), 0)
     return _masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale)
 
 

@@ -24,7 +24,8 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 ext = [n for n in names if n.startswith("fastgpt/_C") and n.endswith(".so")]
 assert ext, f"the wheel has no fastgpt/_C*.so: {names}"
-for required in ("fastgpt/ops/_cuda.py", "fastgpt/kernels/__init__.py", "fastgpt/reference.py"):
+for required in ("fastgpt/ops/_cuda.py", "fastgpt/kernels/__init__.py", "fastgpt/reference.py",
+                 "fastgpt/bench/cases/__init__.py"):
     assert required in names, f"the wheel lacks {required}"
 print("contains", ext[0])
 EOF
@@ -32,7 +33,7 @@ EOF
 echo "== install into a scratch directory and import from outside the source tree"
 python -m pip install --no-deps --target "$scratch/site" "$wheel" >/dev/null
 (cd "$scratch" && PYTHONPATH="$scratch/site" python - <<'EOF'
-import fastgpt, fastgpt._C
+import fastgpt, fastgpt._C, fastgpt.bench.session, fastgpt.kernels.attention, fastgpt.model
 from fastgpt import _backends
 assert fastgpt.__file__.startswith(sys_prefix := __import__("os").environ["PYTHONPATH"]), fastgpt.__file__
 print("imported", fastgpt._C.__file__, "archs", fastgpt._C.archs)

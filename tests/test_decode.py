@@ -56,6 +56,16 @@ def _check(q, k_cache, v_cache, lengths, *, scale=None):
 # ----------------------------------------------------------------------------- CPU (interpreter) and GPU
 
 
+def test_slots_past_each_length_are_never_read(device):
+    """An uninitialised cache tail (NaN, inf) must not reach the output: the kernel never loads it."""
+    q, k_cache, v_cache = _inputs(3, 4, 2, 40, 32, torch.float32, device)
+    lengths = [5, 17, 33]
+    for b, n in enumerate(lengths):
+        k_cache[b, :, n:] = float("nan")
+        v_cache[b, :, n:] = float("inf")
+    _check(q, k_cache, v_cache, lengths)
+
+
 def test_edge_lengths(device):
     """1, Smax, 0, beyond Smax (clamped), negative (clamped to 0), and not multiples of a block."""
     Smax = 50

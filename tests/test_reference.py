@@ -49,6 +49,16 @@ def test_decode_matches_sdpa_over_each_rows_prefix():
         torch.testing.assert_close(out[b : b + 1], expected)
 
 
+def test_decode_ignores_whatever_lies_past_each_length():
+    q = torch.randn(2, 2, 1, 16)
+    kc, vc = torch.randn(2, 2, 9, 16), torch.randn(2, 2, 9, 16)
+    lens = torch.tensor([4, 6], dtype=torch.int32)
+    expected = reference.decode_attention(q, kc, vc, lens)
+    kc[0, :, 4:], vc[0, :, 4:] = float("nan"), float("inf")
+    kc[1, :, 6:], vc[1, :, 6:] = float("inf"), float("nan")
+    torch.testing.assert_close(reference.decode_attention(q, kc, vc, lens), expected)
+
+
 def test_decode_clamps_lengths_and_zero_length_is_zero():
     q = torch.randn(2, 2, 1, 16)
     kc, vc = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)

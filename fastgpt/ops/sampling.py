@@ -68,6 +68,13 @@ def _params(logits, temperature, top_k, top_p, min_p, *, allow_greedy):
     )
 
 
+def _device_key(device: torch.device):
+    """(type, index) with a CUDA device's index made explicit: "cuda" means the current one."""
+    if device.type == "cuda" and device.index is None:
+        return "cuda", torch.cuda.current_device()
+    return device.type, device.index
+
+
 def _is_zero(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0
 
@@ -104,7 +111,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     if generator is not None:
         if not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if generator.device.type != logits.device.type:
+        if _device_key(generator.device) != _device_key(logits.device):
             raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
     params = _params(logits, temperature, top_k, top_p, min_p, allow_greedy=True)
     name = _backends.resolve("sample", backend, logits.device, _unsupported(logits))
