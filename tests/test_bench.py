@@ -16,7 +16,7 @@ from fastgpt.bench import formulas, report, timing
 from fastgpt.bench.cases import build_cases, parse_spec
 from fastgpt.bench.core import (FAILED, FASTGPT, OK, RECORD_FIELDS, REFERENCE, Candidate, Case, Settings,
                                 Unavailable, empty_record, run_case)
-from fastgpt.bench.env import ENV_FIELDS, environment
+from fastgpt.bench.env import ENV_FIELDS, dist_version, environment, package_version
 
 CPU = torch.device("cpu")
 FAST = Settings(budget_ms=5, min_runs=3, max_runs=5)
@@ -283,6 +283,15 @@ def test_summary_uses_best_fastgpt_and_reference():
     assert rows[-1][-1] == "bad"
     markdown = report.summary_markdown(records, env, {"quick": True}).splitlines()
     assert "--quick" in markdown[0] and markdown[2].startswith("| op |") and len(markdown) == 4 + len(rows)
+
+
+def test_package_version():
+    import importlib.metadata
+
+    assert package_version("torch") == importlib.metadata.version("torch")
+    assert package_version("no-such-distribution-fastgpt") is None
+    assert dist_version("no-such-distribution-fastgpt", "torch") == f"torch {importlib.metadata.version('torch')}"
+    assert dist_version("no-such-distribution-fastgpt") == "not installed"
 
 
 # ----------------------------------------------------------------------------- end to end on CPU

@@ -15,7 +15,11 @@ ENV_FIELDS = ("device", "gpu", "torch", "triton", "cuda", "cudnn", "transformers
               "git_sha", "git_dirty", "date")
 
 
-def _version(package: str) -> str | None:
+def package_version(package: str) -> str | None:
+    """The installed version of distribution `package`, or None when it is not installed.
+
+    The one version lookup of the package: `fastgpt info` (fastgpt/cli.py) uses it too.
+    """
     try:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
@@ -25,7 +29,7 @@ def _version(package: str) -> str | None:
 def dist_version(*names: str) -> str:
     """The installed version of the first distribution found among `names`, else "not installed"."""
     for name in names:
-        version = _version(name)
+        version = package_version(name)
         if version:
             return f"{name} {version}"
     return "not installed"
@@ -66,10 +70,10 @@ def environment(device: torch.device) -> dict:
         "device": device.type,
         "gpu": device_name(device),
         "torch": torch.__version__,
-        "triton": _version("triton"),
+        "triton": package_version("triton"),
         "cuda": torch.version.cuda,
         "cudnn": cudnn,
-        "transformers": _version("transformers"),
+        "transformers": package_version("transformers"),
         "fastgpt_cuda_ext": _cuda_ext(),
         "git_sha": sha,
         "git_dirty": dirty,
@@ -83,5 +87,5 @@ def optional_module(name: str):
         module = importlib.import_module(name)
     except Exception as exc:  # ImportError, or a broken install raising something else
         return None, f"{name} is not installed ({type(exc).__name__}: {exc})"
-    version = getattr(module, "__version__", None) or _version(name.split(".")[0]) or "?"
+    version = getattr(module, "__version__", None) or package_version(name.split(".")[0]) or "?"
     return module, version
