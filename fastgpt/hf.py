@@ -19,26 +19,23 @@ import torch
 from torch import nn
 
 import fastgpt
+from fastgpt import reference
 
 NAME = "fastgpt"
 UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
 
 
 def masked_attention(q, k, v, mask, scale):
-    """softmax(q k^T * scale, masked) v in fp32; GQA by repeating k/v heads.
+    """Attention under transformers' boolean mask (True = attend), in plain PyTorch (not fused).
 
-    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); mask broadcastable to (B, Hq, Sq, Sk), boolean (True =
-    attend) or additive float. A query that may attend to nothing returns zeros.
+    q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); mask (B or 1, 1 or Hq, Sq, Sk) bool. A query that may
+    attend to nothing returns zeros.
     """
-    group = q.shape[1] // k.shape[1]
-    k, v = (t.float().repeat_interleave(group, dim=1) for t in (k, v))
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Sq, Sk)
-    if mask.dtype == torch.bool:
-        scores = scores.masked_fill(~mask, float("-inf"))
-    else:
-        scores = scores + mask.float()
-    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)
-    return (probs @ v).to(q.dtype)
+    if mask.dtype != torch.bool:
+        raise ValueError(f"attn_implementation='fastgpt' expects a boolean attention mask, got {mask.dtype}")
+    Hkv = k.shape[1]
+    grouped = mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (Hkv, -1))  # (B, Hkv|1, g|1, Sq, Sk)
+    return reference.masked_attention(q, k, v, grouped, scale)
 
 
 def make_attention_forward(backend: str = "auto"):

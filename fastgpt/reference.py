@@ -13,7 +13,7 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- attention
 
 
-def _masked_attention(q, k, v, visible, scale):
+def masked_attention(q, k, v, visible, scale):
     """softmax(q k^T * scale, keys where `visible`) v, with q's heads grouped over k/v's heads.
 
     q (B, Hq, Sq, D); k/v (B, Hkv, Sk, D); visible bool, broadcastable to (B, 1, 1, Sq, Sk).
@@ -44,7 +44,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None):
     i = torch.arange(Sq, device=q.device)[:, None]
     j = torch.arange(Sk, device=q.device)[None, :]
     visible = j <= i + (Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
-    return _masked_attention(q, k, v, visible, scale)
+    return masked_attention(q, k, v, visible, scale)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None):
@@ -61,7 +61,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     # Slots past a row's length may hold anything (an uninitialised cache): a zero weight times a
     # NaN there would still poison the output, so they are zeroed, as the kernels never load them.
     v_cache = v_cache.masked_fill(~visible.view(B, 1, Smax, 1), 0)
-    return _masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale)
+    return masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale)
 
 
 # ----------------------------------------------------------------------------- layer norm

@@ -136,16 +136,21 @@ def test_unsupported_kwargs_refused():
         forward(module, q, q, q, None, softcap=30.0)
 
 
-@pytest.mark.parametrize("float_mask", [False, True])
-def test_masked_attention_matches_sdpa(float_mask):
+@pytest.mark.parametrize("mask_heads", [1, 4])
+def test_masked_attention_matches_sdpa(mask_heads):
     torch.manual_seed(0)
     q = torch.randn(2, 4, 5, 16)
     k, v = torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
-    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask = torch.rand(2, mask_heads, 5, 7) > 0.3
     mask[..., 0] = True  # every query sees a key (SDPA would give NaN otherwise)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    given = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) if float_mask else mask
-    assert_close(fastgpt.hf.masked_attention(q, k, v, given, 16**-0.5), expected)
-    mask[0, 0, 2] = False  # a query that sees nothing gets zeros
+    assert_close(fastgpt.hf.masked_attention(q, k, v, mask, 16**-0.5), expected)
+    mask[0, :, 2] = False  # a query that sees nothing gets zeros
     out = fastgpt.hf.masked_attention(q, k, v, mask, 16**-0.5)
     assert torch.equal(out[0, :, 2], torch.zeros_like(out[0, :, 2]))
+
+
+def test_masked_attention_refuses_additive_masks():
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="boolean attention mask"):
+        fastgpt.hf.masked_attention(q, q, q, torch.zeros(1, 1, 3, 3), 0.5)
