@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 
 import fastgpt
+from fastgpt.ops.sampling import _params as _sampling_params
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
 BUCKET = 256  # CUDA-graph cache lengths round up to a multiple of this (capped by n_positions)
@@ -73,8 +74,11 @@ class Decoder:
         self.generator, self.all_greedy = None, False
         self.graph, self.graph_key = None, None
 
-    def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, generator):
-        """Load one call's settings: each copy_ keeps the buffer (and a captured graph) valid."""
+    def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, generator, *, all_greedy: bool | None = None):
+        """Load one call's settings: each copy_ keeps the buffer (and a captured graph) valid.
+
+        all_greedy: whether every row is greedy, if the caller knows without reading the device.
+        """
         for name, value in sampling.items():
             getattr(self, name).copy_(value)
         self.eos.fill_(-1)  # never a token id
@@ -85,7 +89,9 @@ class Decoder:
         self.generator = generator
         # Every row greedy (decided once per call, on the host): sampling with temperature=0.0, a
         # Python number, lets the op skip its filtering work (two sorts over V on the torch backend).
-        self.all_greedy = bool((sampling["temperature"] <= 0).all())
+        if all_greedy is None:
+            all_greedy = bool((sampling["temperature"] <= 0).all())
+        self.all_greedy = all_greedy
 
     def emit(self, logits):
         """Sample from logits (B, V), write the tokens to out[:, step], advance. No host sync."""
@@ -200,29 +206,36 @@ def _check_mask(attention_mask, idx):
     return lengths
 
 
-def _per_row(name, value, B, dtype, valid, expected):
-    """A sampling parameter (a number, or B values) as a CPU tensor (B,), range-checked."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number or B values, got a bool")
-    t = torch.as_tensor(value.cpu() if isinstance(value, torch.Tensor) else value, dtype=torch.float64)
-    if t.dim() > 1 or (t.dim() == 1 and t.shape[0] != B):
-        raise ValueError(f"{name} must be a number or a sequence of B = {B} values, got shape {tuple(t.shape)}")
-    if not bool(valid(t).all()):
-        raise ValueError(f"{name} must be {expected}, got {value}")
-    if dtype == torch.int64 and not bool((t == t.round()).all()):
-        raise TypeError(f"{name} must be an integer, got {value}")
-    return t.to(dtype).expand(B)
+def _listed(value, integral: bool):
+    """A list or tuple of per-row values as a tensor (the sampling op takes numbers and tensors).
+
+    The elements' type decides the dtype, so the op still rejects bools, and floats for top_k;
+    float parameters are built in float64, which keeps a top_p such as 0.95 exact.
+    """
+    if not isinstance(value, (list, tuple)):
+        return value
+    t = torch.tensor(value)
+    return t if integral or t.dtype == torch.bool else torch.tensor(value, dtype=torch.float64)
 
 
-def _sampling(B, temperature, top_k, top_p, min_p) -> dict:
-    finite = lambda t: t.isfinite()  # noqa: E731
-    return dict(
-        temperature=_per_row("temperature", temperature, B, torch.float32,
-                             lambda t: finite(t) & (t >= 0), ">= 0 and finite (0 is greedy)"),
-        top_k=_per_row("top_k", top_k, B, torch.int64, lambda t: finite(t) & (t >= 0), ">= 0 (0 is off)"),
-        top_p=_per_row("top_p", top_p, B, torch.float64, lambda t: (t > 0) & (t <= 1), "in (0, 1] (1 is off)"),
-        min_p=_per_row("min_p", min_p, B, torch.float32, lambda t: (t >= 0) & (t <= 1), "in [0, 1] (0 is off)"),
-    )
+def _sampling(B, device, temperature, top_k, top_p, min_p) -> dict:
+    """The sampling parameters as (B,) tensors on device, checked by fastgpt.sample's own rules.
+
+    Each is a number, a (B,) tensor or a list of B numbers. Tensors on a GPU are not range-checked
+    (that would sync the host): the kernels clamp them, as for fastgpt.sample.
+    """
+    values = (_listed(temperature, False), _listed(top_k, True), _listed(top_p, False), _listed(min_p, False))
+    rows = torch.empty(B, 1, device=device)  # stands in for the logits: _params reads only B and the device
+    temperature, top_k, top_p, min_p = _sampling_params(rows, *values, allow_greedy=True)
+    return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+
+
+def _all_greedy(temperature) -> bool:
+    """Whether every row is greedy, decided on the host: a tensor on a GPU is not read (False)."""
+    if isinstance(temperature, torch.Tensor):
+        return temperature.device.type == "cpu" and bool((temperature <= 0).all())
+    values = temperature if isinstance(temperature, (list, tuple)) else [temperature]
+    return all(v == 0 for v in values)
 
 
 def _eos_ids(eos_token_id) -> list[int]:
@@ -263,7 +276,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
     _check_prompt(model, idx, max_new_tokens)
     B, T = idx.shape
     lengths = _check_mask(attention_mask, idx)
-    sampling = _sampling(B, temperature, top_k, top_p, min_p)
+    sampling = _sampling(B, idx.device, temperature, top_k, top_p, min_p)
     eos_ids = _eos_ids(eos_token_id)
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     if B == 0 or max_new_tokens == 0:
@@ -275,7 +288,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
         use_graph = False
 
     decoder = _decoder(model, B, T + max_new_tokens, max(EOS_SLOTS, len(eos_ids)), use_graph)
-    decoder.reset(sampling, eos_ids, pad_id, generator)
+    decoder.reset(sampling, eos_ids, pad_id, generator, all_greedy=_all_greedy(temperature))
     idx = idx.long()
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int64, device=device)

@@ -118,6 +118,21 @@ def test_top_k_1_is_greedy_and_per_row_params(pair):
     assert torch.equal(model.generate(idx, 16, temperature=1.3, top_k=1), greedy)
     mixed = model.generate(idx, 16, temperature=[0.0, 1.0], top_k=[0, 1])
     assert torch.equal(mixed, greedy)
+    assert torch.equal(model.generate(idx, 16, temperature=[0, 2], top_k=torch.tensor([3, 1])), greedy)
+
+
+def test_sampling_parameters_are_checked_by_the_sampling_op(pair):
+    """generate has no range checks of its own: the messages are fastgpt.sample's."""
+    import fastgpt
+
+    _, model = pair
+    idx = torch.randint(0, V, (2, 3))
+    for kwargs in (dict(temperature=-1.0), dict(top_k=-1), dict(top_p=0.0), dict(min_p=2.0)):
+        with pytest.raises(ValueError) as from_sample:
+            fastgpt.sample(torch.randn(2, V), **kwargs)
+        with pytest.raises(ValueError) as from_generate:
+            model.generate(idx, 2, **kwargs)
+        assert str(from_generate.value) == str(from_sample.value)
 
 
 def test_stream_yields_the_generated_tokens(pair):
@@ -170,7 +185,11 @@ def test_empty_batch_and_zero_tokens(pair):
     (dict(top_p=0.0), ValueError, "top_p"),
     (dict(top_k=-2), ValueError, "top_k"),
     (dict(min_p=1.5), ValueError, "min_p"),
-    (dict(temperature=[1.0, 1.0, 1.0]), ValueError, "B = 2"),
+    (dict(temperature=[1.0, 1.0, 1.0]), ValueError, r"temperature .*\(B,\) = \(2,\)"),
+    (dict(top_p=torch.tensor([0.5, 1.5])), ValueError, "top_p"),
+    (dict(top_k=2.0), TypeError, "top_k"),
+    (dict(top_k=[1, 2.5]), TypeError, "top_k"),
+    (dict(temperature=[True, False]), TypeError, "temperature"),
     (dict(eos_token_id="x"), ValueError, "eos_token_id"),
     (dict(attention_mask=torch.tensor([[1, 1, 0], [1, 1, 1]])), ValueError, "left-padded"),
     (dict(attention_mask=torch.tensor([[0, 0, 0], [1, 1, 1]])), ValueError, "no tokens"),
