@@ -52,14 +52,21 @@ def generate(args: argparse.Namespace) -> int:
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     idx = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long, device=device)
 
+    eos = None if args.ignore_eos else getattr(model, "eos_token_id", None)
     print(args.prompt, end="", flush=True)
     new_ids: list[int] = []
+    shown = ""
     start = time.perf_counter()
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, min_p=args.min_p, generator=generator):
-        before = tokenizer.decode(new_ids)
-        new_ids.append(int(token[0]))
-        print(tokenizer.decode(new_ids)[len(before):], end="", flush=True)
+                        top_p=args.top_p, min_p=args.min_p, eos_token_id=eos, generator=generator):
+        token_id = int(token[0])
+        if token_id == eos:
+            break
+        new_ids.append(token_id)
+        text = tokenizer.decode(new_ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[len(shown):], end="", flush=True)
+            shown = text
     elapsed = time.perf_counter() - start
     print()
     if args.stats:
@@ -83,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     gen.add_argument("--stats", action="store_true", help="print tokens/s at the end")
     gen.set_defaults(func=generate)
 
@@ -103,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, BackendUnavailableError) as exc:
+    except (ValueError, TypeError, OSError, BackendUnavailableError) as exc:
         print(f"\nfastgpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
