@@ -161,6 +161,20 @@ def test_non_finite_and_shape_are_caught():
     assert "non-finite" in records[0]["reason"] and "shape" in records[1]["reason"]
 
 
+def test_tolerance_table_bounds():
+    """One table: an fp32 error of 1e-3 (TF32-level) fails; each dtype's own rounding passes."""
+    from fastgpt.bench.checks import TOLERANCE, compare
+
+    assert set(TOLERANCE) == {torch.float32, torch.float16, torch.bfloat16}
+    e = torch.randn(4096, generator=torch.Generator().manual_seed(0))
+    assert compare(e * (1 + 1e-3), e) is not None
+    assert compare(e * (1 + 1e-6), e) is None
+    for dtype in (torch.float16, torch.bfloat16):
+        half_ulp = (e * (1 + torch.finfo(dtype).eps / 2)).to(dtype)
+        assert compare(half_ulp, e.to(dtype)) is None, dtype
+        assert compare(e.to(dtype) * 1.05, e.to(dtype)) is not None, dtype
+
+
 def test_sampler_ignoring_top_k_is_failed():
     """A sampler drawing from the whole softmax is caught by the kept-set check."""
     case = build_cases("sampling", CPU, torch.float32, True, ["B=2,V=500,K=5,P=1.0"])[0]

@@ -6,14 +6,28 @@ then reported FAILED and never timed.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
-# (atol, rtol, relative-norm bound) per output dtype, against the fp32 reference. fp32 allows
-# TF32-level error (Triton's default fp32 dot); bf16 allows its 8-bit mantissa.
+
+class Tolerance(NamedTuple):
+    """How close an output must be to the fp32 reference: |a - e| <= atol + rtol * |e| for every
+    element, and ||a - e|| / ||e|| <= norm over the whole tensor."""
+
+    atol: float
+    rtol: float
+    norm: float
+
+
+# The project's one per-dtype tolerance table (DESIGN: Testing): the benchmark checks and the
+# tests (tests/helpers.py) both read it. Keyed by the output dtype. fp32 is tight because
+# fastgpt's fp32 paths keep fp32 accuracy (Triton's fp32 dots are tf32x3, not TF32; the CUDA
+# backend's attention takes no fp32); fp16 and bf16 allow their 10- and 7-bit mantissas.
 TOLERANCE = {
-    torch.float32: (1e-3, 1e-3, 1e-3),
-    torch.float16: (2e-3, 2e-3, 3e-3),
-    torch.bfloat16: (1.6e-2, 1.6e-2, 1.6e-2),
+    torch.float32: Tolerance(atol=2e-4, rtol=2e-4, norm=2e-4),
+    torch.float16: Tolerance(atol=2e-3, rtol=2e-3, norm=3e-3),
+    torch.bfloat16: Tolerance(atol=1.6e-2, rtol=1.6e-2, norm=1.6e-2),
 }
 
 
