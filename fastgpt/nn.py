@@ -24,6 +24,7 @@ class LayerNorm(nn.LayerNorm):
         self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """x (..., N) fp16/bf16/fp32; residual like x or None -> y, or (y, h = x + residual)."""
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
 
     @classmethod
