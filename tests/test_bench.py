@@ -152,6 +152,35 @@ def test_wrong_candidate_is_failed_and_never_timed():
     assert by["crashes"]["status"] == "error" and by["crashes"]["reason"] == "RuntimeError: kernel exploded"
 
 
+class FakeBenchmark:
+    """The part of pytest-benchmark's fixture that the suites use; runs the target once."""
+
+    def __init__(self):
+        self.group, self.extra_info, self.stats, self.calls = None, {}, None, 0
+
+    def pedantic(self, target, rounds, warmup_rounds):
+        self.calls += 1
+        target()
+
+
+def test_suite_checks_then_times_one_candidate():
+    """benchmarks/ go through the same check-then-time steps as run_case."""
+    from fastgpt.bench import suite
+
+    def wrong(inp):
+        return inp["x"] * 3
+
+    case = _toy_case([Candidate("good", FASTGPT, lambda: lambda inp: inp["x"] * 2),
+                      Candidate("bad", REFERENCE, lambda: wrong)])
+    bench = FakeBenchmark()
+    suite.run_kernel(bench, case, "good", {"copy_gbps": 100.0}, device=CPU)
+    assert bench.calls == 1 and bench.group == "toy x64"
+    assert bench.extra_info["ms"] > 0 and bench.extra_info["method"] == "host-clock"
+    assert bench.extra_info["pct_of_ceiling"] == pytest.approx(bench.extra_info["value"])
+    with pytest.raises(pytest.fail.Exception, match="bad is wrong on x64"):
+        suite.run_kernel(FakeBenchmark(), case, "bad", {}, device=CPU)
+
+
 def test_non_finite_and_shape_are_caught():
     nan = lambda inp: torch.full_like(inp["x"], float("nan"))  # noqa: E731
     short = lambda inp: inp["x"][:-1] * 2  # noqa: E731

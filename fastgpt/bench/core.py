@@ -209,35 +209,87 @@ def make_sets(case: Case, device: torch.device, settings: Settings) -> list[dict
     return [case.make_inputs(1234 + i) for i in range(n)]
 
 
+@dataclass
+class Checked:
+    """One candidate after its check: its record (status and reason set) and, while it may still
+    be timed, its callable and the per-call estimate (ms) from the warm-up."""
+
+    cand: Candidate
+    rec: dict
+    fn: Callable[[dict], Any] | None = None
+    est: float | None = None
+
+
+def check_candidate(case: Case, cand: Candidate, sets: list[dict], expected: Any, device: torch.device,
+                    settings: Settings) -> Checked:
+    """Build and check one candidate on sets[0] (unless --impl excludes it). Only OK keeps an fn."""
+    out = Checked(cand, base_record(case, cand))
+    if not settings.impl_filter(cand.label):
+        out.rec.update(status=SKIPPED, reason="excluded by --impl")
+        return out
+    out.fn, out.rec["status"], out.rec["reason"] = prepare(case, cand, sets[0], expected, device)
+    return out
+
+
+def warm_up(checked: Checked, sets: list[dict], device: torch.device) -> None:
+    """Warm a checked candidate up over the rotating sets and estimate its ms per call."""
+    if checked.fn is None:
+        return
+    fn = checked.fn
+    try:
+        checked.est = timing.estimate_ms(lambda i: fn(sets[i % len(sets)]), device)
+    except Exception as exc:
+        checked.fn = None
+        checked.rec.update(status=ERROR, reason=f"warm-up failed: {describe(exc)}")
+
+
+def check_and_warm_up(case: Case, cand: Candidate, sets: list[dict], expected: Any, device: torch.device,
+                      settings: Settings) -> Checked:
+    """check_candidate, then warm_up when it passed."""
+    checked = check_candidate(case, cand, sets, expected, device, settings)
+    warm_up(checked, sets, device)
+    return checked
+
+
+def timing_mode(device: torch.device, estimates: list[float], settings: Settings) -> str:
+    """"graph" when the fastest estimate is a tiny kernel on a GPU (launch gaps would dominate),
+    else "events". One mode for all candidates of a case, so they are timed alike."""
+    tiny = device.type == "cuda" and bool(estimates) and min(estimates) < settings.graph_below_ms
+    return "graph" if tiny else "events"
+
+
+def time_checked(checked: Checked, case: Case, sets: list[dict], device: torch.device, mode: str,
+                 settings: Settings, flush) -> None:
+    """Time a warmed-up candidate and put ms, rate and % of ceiling in its record (ERROR if timing fails)."""
+    if checked.fn is None:
+        return
+    try:
+        stats = measure(checked.fn, sets, device, mode, checked.est, settings, flush)
+    except Exception as exc:
+        checked.rec.update(status=ERROR, reason=f"timing failed: {describe(exc)}")
+        return
+    fill_timing(checked.rec, stats, case, settings)
+
+
 def run_case(case: Case, device: torch.device, settings: Settings, on_step=lambda text: None) -> list[dict]:
-    """Check every candidate of `case`, then time the correct ones. Returns one record each."""
+    """Check every candidate of `case`, then time the correct ones. Returns one record each.
+
+    All are checked (and the reference output freed) before any is timed, so that the timing
+    method can be chosen once for the whole case.
+    """
     sets = make_sets(case, device, settings)
     expected = case.reference(sets[0])
-    flush = timing.l2_flush_buffer(device)
-    records, ready = [], []
+    checked = []
     for cand in case.candidates:
-        rec = base_record(case, cand)
-        records.append(rec)
-        if not settings.impl_filter(cand.label):
-            rec.update(status=SKIPPED, reason="excluded by --impl")
-            continue
         on_step(f"{case.op} {case.name}: checking {cand.label}")
-        fn, rec["status"], rec["reason"] = prepare(case, cand, sets[0], expected, device)
-        if fn is None:
-            continue
-        try:
-            ready.append((cand, fn, rec, timing.estimate_ms(lambda i, fn=fn: fn(sets[i % len(sets)]), device)))
-        except Exception as exc:
-            rec.update(status=ERROR, reason=f"warm-up failed: {describe(exc)}")
+        checked.append(check_and_warm_up(case, cand, sets, expected, device, settings))
     del expected
-    graph = device.type == "cuda" and ready and min(est for *_, est in ready) < settings.graph_below_ms
-    for cand, fn, rec, est in ready:
-        on_step(f"{case.op} {case.name}: timing {cand.label}")
-        try:
-            stats = measure(fn, sets, device, "graph" if graph else "events", est, settings, flush)
-        except Exception as exc:
-            rec.update(status=ERROR, reason=f"timing failed: {describe(exc)}")
-            continue
-        fill_timing(rec, stats, case, settings)
+    ready = [c for c in checked if c.fn is not None]
+    mode = timing_mode(device, [c.est for c in ready], settings)
+    flush = timing.l2_flush_buffer(device)
+    for c in ready:
+        on_step(f"{case.op} {case.name}: timing {c.cand.label}")
+        time_checked(c, case, sets, device, mode, settings, flush)
+    records = [c.rec for c in checked]
     add_speedups(records)
     return records

@@ -29,22 +29,27 @@ def kernel_params(op: str) -> list:
     return [pytest.param(case, cand.label, id=f"{case.name}-{cand.label}") for case in cases for cand in case.candidates]
 
 
-def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict) -> None:
-    """Check, then time one candidate of a kernel case under pytest-benchmark."""
-    device = torch.device("cuda")
+def verdict(rec: dict) -> None:
+    """Fail the test for a wrong fastgpt or reference candidate; skip it when it did not run."""
+    if rec["status"] == core.FAILED:
+        pytest.fail(f"{rec['implementation']} is wrong on {rec['case']}: {rec['reason']}")
+    if rec["status"] != core.OK:
+        pytest.skip(f"{rec['implementation']}: {rec['status']}: {rec['reason']}")
+
+
+def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict, device: torch.device | None = None) -> None:
+    """Check, then time one candidate of a kernel case (on CUDA unless `device` says otherwise)
+    under pytest-benchmark."""
+    device = device or torch.device("cuda")
     settings = core.Settings(**SETTINGS, ceilings=ceilings)
     cand = next(c for c in case.candidates if c.label == label)
     sets = core.make_sets(case, device, settings)
-    fn, status, reason = core.prepare(case, cand, sets[0], case.reference(sets[0]), device)
-    if status == core.FAILED:
-        pytest.fail(f"{label} is wrong on {case.name}: {reason}")
-    if fn is None:
-        pytest.skip(f"{label}: {status}: {reason}")
-    est = timing.estimate_ms(lambda i: fn(sets[i % len(sets)]), device)
-    mode = "graph" if est < settings.graph_below_ms else "events"
-    flush = timing.l2_flush_buffer(device)
-    rec = core.base_record(case, cand)
-    core.fill_timing(rec, core.measure(fn, sets, device, mode, est, settings, flush), case, settings)
+    checked = core.check_and_warm_up(case, cand, sets, case.reference(sets[0]), device, settings)
+    verdict(checked.rec)
+    mode = core.timing_mode(device, [checked.est], settings)
+    core.time_checked(checked, case, sets, device, mode, settings, timing.l2_flush_buffer(device))
+    verdict(checked.rec)
+    rec, fn = checked.rec, checked.fn
     benchmark.group = f"{case.op} {case.name}"
     benchmark.extra_info.update({k: rec[k] for k in ("method", "ms", "ms_p20", "ms_p80", "metric", "value",
                                                      "ceiling_value", "pct_of_ceiling", "flops", "bytes")})
@@ -53,9 +58,9 @@ def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict) -> None:
     def target():
         state["i"] += 1
         fn(sets[state["i"] % len(sets)])
-        torch.cuda.synchronize()
+        timing.synchronize(device)
 
-    benchmark.pedantic(target, rounds=timing.plan_runs(est, 500.0, 10, 200), warmup_rounds=3)
+    benchmark.pedantic(target, rounds=timing.plan_runs(checked.est, 500.0, 10, 200), warmup_rounds=3)
 
 
 def generate_params() -> list:
@@ -78,12 +83,10 @@ def run_generate(benchmark, models, params: dict, label: str, ceilings: dict) ->
     hf, oracle, device, dtype, config = models
     case = gen.make_case(params, hf, oracle, device, dtype, config)
     cand = next(c for c in case.candidates if c.label == label)
-    sets = [case.make_inputs(100 + i) for i in range(3)]
-    fn, status, reason = core.prepare(case, cand, sets[0], None, device)
-    if status == core.FAILED:
-        pytest.fail(f"{label} is wrong on {case.name}: {reason}")
-    if fn is None:
-        pytest.skip(f"{label}: {status}: {reason}")
+    sets = gen.make_sets(case)
+    checked = gen.check_candidate(case, cand, sets, device, core.Settings(), quick=False)
+    verdict(checked.rec)
+    fn = checked.fn
     state = {"i": 0}
 
     def target():

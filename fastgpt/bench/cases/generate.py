@@ -17,10 +17,9 @@ import copy
 
 import torch
 
-from fastgpt.bench import formulas, timing
+from fastgpt.bench import core, formulas, timing
 from fastgpt.bench.cases import fastgpt_candidates, generator
-from fastgpt.bench.core import (ERROR, REFERENCE, SKIPPED, Candidate, Case, Settings, Unavailable,
-                                add_speedups, base_record, describe, prepare)
+from fastgpt.bench.core import ERROR, REFERENCE, SKIPPED, Candidate, Case, Checked, Settings, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"B": 1, "T": 32, "N": 256}
@@ -193,34 +192,43 @@ def time_candidate(fn, sets, device, settings: Settings, quick: bool) -> timing.
     return timing.summarize(times, "host-clock, whole call")
 
 
+def make_sets(case: Case) -> list[dict]:
+    """Three prompt sets to rotate through while timing; the first is the one checked."""
+    return [case.make_inputs(100 + i) for i in range(3)]
+
+
+def check_candidate(case: Case, cand: Candidate, sets: list[dict], device: torch.device, settings: Settings,
+                    quick: bool) -> Checked:
+    """core.check_candidate (the greedy check against the oracle), unless the candidate is left
+    out of --quick or the --time-limit has passed."""
+    if quick and cand.label in QUICK_SKIP and device.type == "cuda":
+        reason = QUICK_SKIP[cand.label]
+    elif settings.out_of_time():
+        reason = "not started: --time-limit reached"
+    else:
+        return core.check_candidate(case, cand, sets, None, device, settings)
+    return Checked(cand, dict(core.base_record(case, cand), status=SKIPPED, reason=reason))
+
+
 def run_case(case: Case, device: torch.device, settings: Settings, weight_nbytes: int, quick: bool,
              on_step=lambda text: None) -> list[dict]:
     """Check each candidate, then time it right away (then free it: models hold memory)."""
-    sets = [case.make_inputs(100 + i) for i in range(3)]
+    sets = make_sets(case)
     records = []
     for cand in case.candidates:
-        rec = base_record(case, cand)
-        records.append(rec)
-        if not settings.impl_filter(cand.label):
-            rec.update(status=SKIPPED, reason="excluded by --impl")
-            continue
-        if quick and cand.label in QUICK_SKIP and device.type == "cuda":
-            rec.update(status=SKIPPED, reason=QUICK_SKIP[cand.label])
-            continue
-        if settings.out_of_time():
-            rec.update(status=SKIPPED, reason="not started: --time-limit reached")
-            continue
         on_step(f"generate {case.name}: checking {cand.label}")
-        fn, rec["status"], rec["reason"] = prepare(case, cand, sets[0], None, device)
-        if fn is None:
+        checked = check_candidate(case, cand, sets, device, settings, quick)
+        records.append(checked.rec)
+        if checked.fn is None:
             continue
         on_step(f"generate {case.name}: timing {cand.label}")
         try:
-            fill_timing(rec, time_candidate(fn, sets, device, settings, quick), case, settings, weight_nbytes)
+            stats = time_candidate(checked.fn, sets, device, settings, quick)
+            fill_timing(checked.rec, stats, case, settings, weight_nbytes)
         except Exception as exc:
-            rec.update(status=ERROR, reason=f"timing failed: {describe(exc)}")
-        del fn
+            checked.rec.update(status=ERROR, reason=f"timing failed: {core.describe(exc)}")
+        checked.fn = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    add_speedups(records)
+    core.add_speedups(records)
     return records
