@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import platform
 import sys
 import time
@@ -11,22 +10,19 @@ import time
 import torch
 
 
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def info(args: argparse.Namespace) -> int:
     """Print versions, the GPU, and which backends are available here and why not."""
     from fastgpt import _backends
+    from fastgpt.bench.env import package_version
 
-    print(f"fastgpt       {_version('fastgpt')}")
+    def version(package: str) -> str:
+        return package_version(package) or "not installed"
+
+    print(f"fastgpt       {version('fastgpt')}")
     print(f"python        {platform.python_version()}")
     print(f"torch         {torch.__version__} (CUDA {torch.version.cuda or 'none'})")
     for package in ("triton", "transformers"):
-        print(f"{package:<13} {_version(package)}")
+        print(f"{package:<13} {version(package)}")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         print(f"gpu           {props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs, "
