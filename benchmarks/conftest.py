@@ -6,7 +6,8 @@
 
 Files named bench_*.py are collected here (pytest's default is test_*.py). Kernel suites need a
 CUDA GPU and skip without one; the generate suite runs on the CPU too. A candidate that gives a
-wrong result fails its test; one that cannot run here is skipped with the reason.
+wrong result fails its test, as does a fastgpt candidate that raises; one that cannot run here
+(or a reference that raises) is skipped with the reason.
 """
 
 import os

@@ -5,7 +5,7 @@
 #   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
 #   4. print a short summary table last.
 # Logs, JSON, CSV and plots go under $OUT (default ./out). Exit status: 0 when the build, the GPU
-# tests and the benchmark (no fastgpt candidate FAILED) all passed.
+# tests and the benchmark (no fastgpt candidate FAILED or ERROR) all passed.
 #
 #   OUT=/tmp/out scripts/gpu-check.sh
 #
@@ -55,8 +55,8 @@ timeout --kill-after=10 $(( BENCH_S + 20 )) "${FASTGPT[@]}" bench all --quick --
     --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots" >"$OUT/bench.log" 2>&1
 RC=$?
 if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "BENCHMARK KILLED at its time limit (partial JSON kept)"; STATUS=1
-elif [ "$RC" -ne 0 ]; then echo "BENCHMARK EXIT $RC (1: a fastgpt candidate FAILED its check)"; STATUS=1; fi
-grep -E "^FAILED:|Traceback" "$OUT/bench.log" | head -20
+elif [ "$RC" -ne 0 ]; then echo "BENCHMARK EXIT $RC (1: a fastgpt candidate FAILED its check or raised an ERROR)"; STATUS=1; fi
+grep -E "^(FAILED|ERROR):|Traceback" "$OUT/bench.log" | head -20
 
 step "summary (full tables: $OUT/bench.log; records: $OUT/bench.json)"
 if [ -f "$OUT/bench.json" ]; then

@@ -14,8 +14,8 @@ import torch
 
 from fastgpt.bench import formulas, report, timing
 from fastgpt.bench.cases import build_cases, parse_spec
-from fastgpt.bench.core import (FAILED, FASTGPT, OK, RECORD_FIELDS, REFERENCE, Candidate, Case, Settings,
-                                Unavailable, empty_record, run_case)
+from fastgpt.bench.core import (ERROR, FAILED, FASTGPT, OK, RECORD_FIELDS, REFERENCE, Candidate, Case, Settings,
+                                Unavailable, empty_record, is_fastgpt_failure, run_case)
 from fastgpt.bench.env import ENV_FIELDS, dist_version, environment, package_version
 
 CPU = torch.device("cpu")
@@ -179,6 +179,69 @@ def test_suite_checks_then_times_one_candidate():
     assert bench.extra_info["pct_of_ceiling"] == pytest.approx(bench.extra_info["value"])
     with pytest.raises(pytest.fail.Exception, match="bad is wrong on x64"):
         suite.run_kernel(FakeBenchmark(), case, "bad", {}, device=CPU)
+
+
+def _crashes_after(calls: int):
+    """A y = 2x candidate whose call number `calls` + 1 (and later) raises: 0 crashes in the check,
+    1 in the warm-up."""
+    count = {"n": 0}
+
+    def fn(inp):
+        count["n"] += 1
+        if count["n"] > calls:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return inp["x"] * 2
+
+    return fn
+
+
+def test_fastgpt_crash_is_a_failure():
+    """A fastgpt candidate that raises is ERROR and fails the run; a reference that raises does not."""
+    records = run_case(_toy_case([
+        Candidate("fastgpt crashes in check", FASTGPT, lambda: _crashes_after(0)),
+        Candidate("fastgpt crashes in warm-up", FASTGPT, lambda: _crashes_after(1)),
+        Candidate("fastgpt build raises", FASTGPT, lambda: 1 / 0),
+        Candidate("ref crashes", REFERENCE, lambda: _crashes_after(0)),
+        Candidate("fastgpt good", FASTGPT, lambda: lambda inp: inp["x"] * 2),
+    ]), CPU, FAST)
+    by = {r["implementation"]: r for r in records}
+    assert by["fastgpt crashes in check"]["reason"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert by["fastgpt crashes in warm-up"]["reason"].startswith("warm-up failed: RuntimeError")
+    assert by["fastgpt build raises"]["reason"].startswith("ZeroDivisionError")
+    assert [r["status"] for r in records] == [ERROR, ERROR, ERROR, ERROR, OK]
+    assert [is_fastgpt_failure(r) for r in records] == [True, True, True, False, False]
+    failed_column = report.summary_rows(records)[0][-1]
+    assert failed_column == ("fastgpt crashes in check (error), fastgpt crashes in warm-up (error), "
+                             "fastgpt build raises (error)")
+
+
+def test_suite_fails_on_fastgpt_crash_skips_on_reference_crash():
+    from fastgpt.bench import suite
+
+    case = _toy_case([Candidate("fastgpt[x]", FASTGPT, lambda: _crashes_after(1)),
+                      Candidate("ref", REFERENCE, lambda: _crashes_after(0))])
+    with pytest.raises(pytest.fail.Exception, match=r"fastgpt\[x\] crashed on x64: warm-up failed: RuntimeError"):
+        suite.run_kernel(FakeBenchmark(), case, "fastgpt[x]", {}, device=CPU)
+    with pytest.raises(pytest.skip.Exception, match="ref: error: RuntimeError"):
+        suite.run_kernel(FakeBenchmark(), case, "ref", {}, device=CPU)
+
+
+def test_fastgpt_bench_exits_1_when_fastgpt_crashes(monkeypatch, capsys):
+    """`fastgpt bench` end to end (generate, tiny model, CPU) with fastgpt's generate raising."""
+    from fastgpt.bench import main
+    from fastgpt.bench.cases import generate as gen
+
+    def crashing_fastgpt_fn(hf, backend, N):
+        def fn(inp):
+            raise RuntimeError("kernel crashed")
+        return fn
+
+    monkeypatch.setattr(gen, "fastgpt_fn", crashing_fastgpt_fn)
+    rc = main(["generate", "--quick", "--model-config", "tiny", "--budget", "0.01", "--device", "cpu",
+               "--impl", r"fastgpt\[torch\]|HF generate \(sdpa\)"])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert "ERROR: fastgpt[torch] on generate tiny B1 prompt 32 new 16: RuntimeError: kernel crashed" in out
 
 
 def test_non_finite_and_shape_are_caught():

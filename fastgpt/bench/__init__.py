@@ -25,7 +25,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     """Run the benchmarks selected by parsed `args`; returns the exit status (0 unless a fastgpt
-    candidate gave a wrong result)."""
+    candidate gave a wrong result or raised)."""
     from fastgpt.bench.runner import run as _run
 
     return _run(args)

@@ -3,7 +3,9 @@
 A `Case` is one op at one shape: how to make a fresh input set, the reference output, the
 FLOP or byte count, and the candidates (fastgpt's backends and the references people use).
 `run_case` checks every candidate against the reference first; only the correct ones are
-timed. A wrong candidate is reported FAILED with the reason, and never gets a number.
+timed. A wrong candidate is reported FAILED with the reason, and never gets a number; one that
+raises (while built, checked, warmed up or timed) is reported ERROR. A fastgpt candidate that is
+FAILED or ERROR is a failure of the run (`is_fastgpt_failure`); a reference's is not.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ class Candidate:
     note: str = ""
     check: Callable | None = None
     lower_bound: bool = False
+
+
+def is_fastgpt_failure(rec: dict) -> bool:
+    """A fastgpt candidate that gave a wrong result (FAILED) or crashed (ERROR): the run fails."""
+    return rec["kind"] == FASTGPT and rec["status"] in (FAILED, ERROR)
 
 
 def describe(exc: BaseException) -> str:

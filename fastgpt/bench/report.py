@@ -10,12 +10,12 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from fastgpt.bench.core import FAILED, OK, RECORD_FIELDS, best_reference
+from fastgpt.bench.core import ERROR, FAILED, OK, RECORD_FIELDS, best_reference, is_fastgpt_failure
 from fastgpt.bench.env import ENV_FIELDS
 
 SCHEMA = "fastgpt.bench/1"
 CSV_FIELDS = RECORD_FIELDS + ENV_FIELDS
-SHOWN = (OK, FAILED, "error")  # statuses that get a table row; the rest are listed under it
+SHOWN = (OK, FAILED, ERROR)  # statuses that get a table row; the rest are listed under it
 
 
 def fmt_time(ms) -> str:
@@ -104,7 +104,8 @@ def print_tables(console, records: list[dict]) -> None:
 
 
 def summary_rows(records: list[dict]) -> list[tuple]:
-    """Per case: (op, case, best fastgpt, its rate, % ceiling, best reference, its rate, speedup)."""
+    """Per case: (op, case, best fastgpt, its rate, % ceiling, best reference, its rate, speedup,
+    failed), failed listing every FAILED candidate and every fastgpt candidate that crashed (ERROR)."""
     cases = defaultdict(list)
     for rec in records:
         if rec["op"] != "ceiling":
@@ -114,7 +115,8 @@ def summary_rows(records: list[dict]) -> list[tuple]:
         if not any(r["status"] in SHOWN for r in recs):
             continue
         ours = [r for r in recs if r["kind"] == "fastgpt" and r["status"] == OK]
-        failed = [r["implementation"] for r in recs if r["status"] == FAILED]
+        failed = [r["implementation"] + (" (error)" if r["status"] == ERROR else "") for r in recs
+                  if r["status"] == FAILED or is_fastgpt_failure(r)]
         best = min(ours, key=lambda r: r["ms"]) if ours else None
         ref = best_reference(recs)
         speedup = f"{ref['ms'] / best['ms']:.2f}x" if best and ref else ""

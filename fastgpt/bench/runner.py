@@ -93,7 +93,7 @@ def make_console():
 
 
 def run(args) -> int:
-    """Run `fastgpt bench`: 0 when done, 1 if a fastgpt candidate was wrong, 2 on bad options."""
+    """Run `fastgpt bench`: 0 when done, 1 if a fastgpt candidate was wrong or raised, 2 on bad options."""
     console = make_console()
     try:
         ops = selected_ops(args)

@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from fastgpt.bench import ceilings, report
 from fastgpt.bench.cases import DTYPES, KERNEL_OPS, build_cases, parse_spec
-from fastgpt.bench.core import FAILED, FASTGPT, SKIPPED, Unavailable, empty_record, run_case
+from fastgpt.bench.core import SKIPPED, Unavailable, empty_record, is_fastgpt_failure, run_case
 from fastgpt.bench.env import environment
 from fastgpt.bench.runner import NO_GPU, settings_for
 
@@ -136,7 +136,8 @@ class Session:
             report.write_csv(self.args.csv, self.records)
 
     def finish(self) -> int:
-        """Tables, files, plots, the summary last; 1 if a fastgpt candidate FAILED."""
+        """Tables, files, plots, the summary last; 1 if a fastgpt candidate was wrong (FAILED) or
+        crashed (ERROR)."""
         report.print_tables(self.console, self.records)
         self.save()
         for path in (self.args.json, self.args.csv):
@@ -146,7 +147,8 @@ class Session:
             for path in report.plot(self.records, self.args.plot, self.env):
                 self.console.print(f"wrote {path}")
         report.print_summary(self.console, self.records, self.env)
-        failed = [r for r in self.records if r["kind"] == FASTGPT and r["status"] == FAILED]
+        failed = [r for r in self.records if is_fastgpt_failure(r)]
         for rec in failed:
-            self.console.print(f"[bold red]FAILED: {rec['implementation']} on {rec['op']} {rec['case']}: {rec['reason']}[/]")
+            line = f"{rec['status'].upper()}: {rec['implementation']} on {rec['op']} {rec['case']}: {rec['reason']}"
+            self.console.print(f"[bold red]{escape(line)}[/]")
         return 1 if failed else 0

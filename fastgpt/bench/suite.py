@@ -1,7 +1,8 @@
 """The pytest-benchmark suites (benchmarks/bench_*.py) over the same cases as `fastgpt bench`.
 
 Each test is one (case, candidate). It is checked against the reference first: a wrong result
-fails the test, an implementation that cannot run here skips it. pytest-benchmark then times
+fails the test, and so does a fastgpt candidate that raises (ERROR); an implementation that
+cannot run here, or a reference that raises, skips it. pytest-benchmark then times
 it with the host clock around synchronized calls (so its numbers include launch overhead);
 the harness's own CUDA-event (or graph-replay) median, the rate from the formula and the % of
 the ceiling go into the benchmark's extra_info, which --benchmark-json records.
@@ -30,9 +31,11 @@ def kernel_params(op: str) -> list:
 
 
 def verdict(rec: dict) -> None:
-    """Fail the test for a wrong fastgpt or reference candidate; skip it when it did not run."""
+    """Fail the test for a wrong candidate or a fastgpt one that crashed; skip it when it did not run."""
     if rec["status"] == core.FAILED:
         pytest.fail(f"{rec['implementation']} is wrong on {rec['case']}: {rec['reason']}")
+    if core.is_fastgpt_failure(rec):
+        pytest.fail(f"{rec['implementation']} crashed on {rec['case']}: {rec['reason']}")
     if rec["status"] != core.OK:
         pytest.skip(f"{rec['implementation']}: {rec['status']}: {rec['reason']}")
 
