@@ -19,6 +19,7 @@ replayed. The host reads the device only to ask whether every row has hit eos, e
 
 from __future__ import annotations
 
+import copy
 import math
 import numbers
 import warnings
@@ -30,9 +31,9 @@ import fastgpt
 from fastgpt.ops.sampling import _params as _sampling_params
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
-BUCKET = 256  # CUDA-graph cache lengths round up to a multiple of this (capped by n_positions)
+BUCKET = 256  # cache lengths round up to a multiple of this (capped by n_positions), so decoders are reused
 EOS_SLOTS = 8  # eos ids held by a decoder; more ids make a decoder with more slots
-MAX_DECODERS = 4  # decoders (caches + graphs) kept per model, the least recently used dropped
+MAX_GRAPH_DECODERS = 2  # decoders kept per model with CUDA graphs (one without), least recently used dropped
 WARMUP_STEPS = 2  # eager decode steps before a capture: Triton compiles, cuBLAS plans
 
 
@@ -47,6 +48,12 @@ class KVCache:
     def layer(self, i: int):
         return self.k[i], self.v[i]  # (B, H, S, D) views
 
+    def narrow(self, length: int) -> KVCache:
+        """The first `length` positions of every layer, as views (no copy)."""
+        view = copy.copy(self)
+        view.k, view.v = self.k[:, :, :, :length], self.v[:, :, :, :length]
+        return view
+
 
 class Decoder:
     """Every buffer one generation needs, for one (batch, cache length): reused across calls.
@@ -58,12 +65,17 @@ class Decoder:
       out (B, S + W) int64 the new tokens (W spare columns for the capture's warm-up steps)
       finished (B,) bool   rows that emitted an eos
       temperature, top_k, top_p, min_p (B,)   sampling parameters; eos (E,) int64, pad (1,) int64
+    The sampler draws from the decoder's own generator, on its device: a call loads the caller's
+    generator state into it and writes it back after (load_rng, store_rng), so a captured graph
+    never holds the caller's generator, and a seed gives the same tokens with or without graphs.
     """
 
     def __init__(self, model, batch: int, length: int, eos_slots: int):
         weight = model.transformer.wte.weight
         device, self.model = weight.device, model
+        self.batch, self.length = batch, length
         self.cache = KVCache(model.config, batch, length, weight.dtype, device)
+        self.kv = self.cache  # the positions this call uses: decode attends over all of them
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.tok, self.pos, self.step = zeros(batch), zeros(batch), zeros(1)
         self.out = zeros(batch, length + WARMUP_STEPS + 1)
@@ -71,13 +83,17 @@ class Decoder:
         self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
         self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
         self.eos, self.pad = zeros(eos_slots), zeros(1)
-        self.generator, self.all_greedy = None, False
-        self.graph, self.graph_key = None, None
+        self.generator, self.all_greedy = torch.Generator(device), False
+        self.graph, self.graph_greedy = None, False
+        self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
-    def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, generator, *, all_greedy: bool | None = None):
+    def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
+              all_greedy: bool | None = None):
         """Load one call's settings: each copy_ keeps the buffer (and a captured graph) valid.
 
-        all_greedy: whether every row is greedy, if the caller knows without reading the device.
+        positions: the cache positions the call needs (default all); the eager steps attend over
+        just those. all_greedy: whether every row is greedy, if the caller knows without reading
+        the device.
         """
         for name, value in sampling.items():
             getattr(self, name).copy_(value)
@@ -86,12 +102,20 @@ class Decoder:
         self.pad.fill_(pad_id)
         self.finished.zero_()
         self.step.zero_()
-        self.generator = generator
+        self.kv = self.cache if positions is None or positions == self.length else self.cache.narrow(positions)
         # Every row greedy (decided once per call, on the host): sampling with temperature=0.0, a
         # Python number, lets the op skip its filtering work (two sorts over V on the torch backend).
         if all_greedy is None:
             all_greedy = bool((sampling["temperature"] <= 0).all())
         self.all_greedy = all_greedy
+
+    def load_rng(self, generator):
+        """Draw from here on as `generator` (None: the default generator of the device) would."""
+        self.generator.set_state(_get_rng(generator, self.tok.device))
+
+    def store_rng(self, generator):
+        """Advance `generator` (None: the device's default) past the draws made since load_rng."""
+        _set_rng(generator, self.tok.device, self.generator.get_state())
 
     def emit(self, logits):
         """Sample from logits (B, V), write the tokens to out[:, step], advance. No host sync."""
@@ -106,25 +130,21 @@ class Decoder:
 
     def decode_step(self):
         """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""
-        logits = self.model.decode(self.tok, self.pos, self.cache)  # (B, V)
+        logits = self.model.decode(self.tok, self.pos, self.kv)  # (B, V)
         self.pos += 1
         self.emit(logits)
 
-    def advance(self):
-        if self.graph is not None:
-            self.graph.replay()
-        else:
-            self.decode_step()
-
     def capture(self) -> str | None:
-        """Capture decode_step in a CUDA graph (or keep the one captured); None, or why it failed."""
-        key = (self.generator, self.all_greedy)  # what the captured graph baked in
-        if self.graph is not None and self.graph_key[0] is key[0] and self.graph_key[1] == key[1]:
+        """Capture decode_step over the whole cache in a CUDA graph (or keep the one captured).
+
+        Returns None, or why the capture failed. The graph replays the sampler's draws from
+        self.generator, whatever generator the call came with: only all_greedy is baked in.
+        """
+        if self.graph is not None and self.graph_greedy == self.all_greedy:
             return None
-        self.graph = None
+        self.graph, self.kv = None, self.cache
         state = (self.tok, self.pos, self.step, self.out, self.finished)
-        saved = [t.clone() for t in state]
-        rng = _rng_state(self.generator, self.tok.device)
+        saved, rng = [t.clone() for t in state], self.generator.get_state()
         try:
             stream = torch.cuda.Stream(self.tok.device)
             stream.wait_stream(torch.cuda.current_stream(self.tok.device))
@@ -132,36 +152,50 @@ class Decoder:
                 for _ in range(WARMUP_STEPS):
                     self.decode_step()
             torch.cuda.current_stream(self.tok.device).wait_stream(stream)
-            _restore(state, saved, self.generator, rng)
+            self._restore(state, saved, rng)
             graph = torch.cuda.CUDAGraph()
-            if self.generator is not None:  # replays then advance this generator, not the default one
-                graph.register_generator_state(self.generator)
+            graph.register_generator_state(self.generator)  # replays advance it, like eager steps
             with torch.cuda.graph(graph):
                 self.decode_step()
         except Exception as exc:  # a sync or an uncapturable op somewhere: decode eagerly instead
-            _restore(state, saved, self.generator, rng)
+            self._restore(state, saved, rng)
             return f"{type(exc).__name__}: {exc}"
-        self.graph, self.graph_key = graph, key
+        self.graph, self.graph_greedy = graph, self.all_greedy
         return None
 
+    def _restore(self, state, saved, rng):
+        """Undo the warm-up steps: the state tensors and the random stream are as before them."""
+        for t, value in zip(state, saved):
+            t.copy_(value)
+        self.generator.set_state(rng)
 
-def _rng_state(generator, device):
+
+def _get_rng(generator, device):
     if generator is not None:
         return generator.get_state()
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+    return torch.get_rng_state() if device.type == "cpu" else getattr(torch, device.type).get_rng_state(device)
 
 
-def _restore(state, saved, generator, rng):
-    """Undo the warm-up steps: the state tensors and the random stream are as before them."""
-    for t, value in zip(state, saved):
-        t.copy_(value)
+def _set_rng(generator, device, state):
     if generator is not None:
-        generator.set_state(rng)
-    elif saved[0].device.type == "cuda":
-        torch.cuda.set_rng_state(rng, saved[0].device)
+        generator.set_state(state)
+    elif device.type == "cpu":
+        torch.set_rng_state(state)
+    else:
+        getattr(torch, device.type).set_rng_state(state, device)
 
 
 # ----------------------------------------------------------------------------- argument checks
+
+
+def _check_generator(generator, device):
+    """The caller's generator, whose state the decoder's generator takes (fastgpt.sample's rules)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator.device.type != device.type:
+        raise ValueError(f"generator is on {generator.device} but the model is on {device}")
 
 
 def _check_prompt(model, idx, max_new_tokens):
@@ -252,14 +286,27 @@ def _eos_ids(eos_token_id) -> list[int]:
 
 
 def _decoder(model, B, length, eos_slots, use_graph):
-    """The model's decoder for this shape, made on first use; least recently used ones dropped."""
+    """A decoder with room for B rows of `length` positions: a kept one if it fits, else a new one.
+
+    Each holds a whole KV cache, so a model keeps one decoder, or with CUDA graphs (whose
+    capture is worth keeping) MAX_GRAPH_DECODERS, keyed by (batch, cache length), the least
+    recently used dropped before a new one is allocated. Cache lengths round up to BUCKET.
+    An eager call takes any kept decoder with B rows and enough positions; a graph call the
+    one of its exact length, whose graph covers the whole cache. One in use (busy) is not taken.
+    """
+    decoders = model._decoders  # (batch, cache length) -> Decoder, least recently used first
+    bucket = min(math.ceil(length / BUCKET) * BUCKET, model.config.n_positions)
     if use_graph:
-        length = min(math.ceil(length / BUCKET) * BUCKET, model.config.n_positions)
-    key = (B, length, eos_slots)
-    decoder = model._decoders.pop(key, None) or Decoder(model, B, length, eos_slots)
-    model._decoders[key] = decoder  # re-inserted: dicts keep insertion order, the oldest is first
-    while len(model._decoders) > MAX_DECODERS:
-        model._decoders.pop(next(iter(model._decoders)))
+        fits = [(B, bucket)]
+    else:
+        fits = [key for key in reversed(decoders) if key[0] == B and key[1] >= length] or [(B, bucket)]
+    decoder = decoders.pop(fits[0], None)
+    if decoder is None or decoder.busy or decoder.eos.numel() < eos_slots:
+        decoder = None  # freed before the new cache is allocated
+        while len(decoders) >= (MAX_GRAPH_DECODERS if use_graph else 1):
+            decoders.pop(next(iter(decoders)))
+        decoder = Decoder(model, B, bucket, eos_slots)
+    decoders[(decoder.batch, decoder.length)] = decoder  # re-inserted: dicts keep insertion order
     return decoder
 
 
@@ -272,40 +319,60 @@ def _left_align(idx, lengths):
 
 def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, top_p, min_p, eos_token_id,
            pad_token_id, generator, cuda_graph, check_every) -> Iterator[Decoder]:
-    """Prefill, then decode; yields the decoder after each new token (its column step - 1 of out)."""
+    """Prefill, then decode; yields the decoder after each new token (its column step - 1 of out).
+
+    `generator` (None: the device's default) is advanced past the draws made when the iteration
+    ends or is closed, as if the sampler had drawn from it.
+    """
     _check_prompt(model, idx, max_new_tokens)
     B, T = idx.shape
     lengths = _check_mask(attention_mask, idx)
     sampling = _sampling(B, idx.device, temperature, top_k, top_p, min_p)
     eos_ids = _eos_ids(eos_token_id)
+    _check_generator(generator, idx.device)
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     if B == 0 or max_new_tokens == 0:
         return
-    device = idx.device
-    use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-    if use_graph and device.type != "cuda":
-        warnings.warn(f"cuda_graph=True ignored: the model is on {device}, decoding eagerly", stacklevel=3)
+    use_graph = idx.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+    if use_graph and idx.device.type != "cuda":
+        warnings.warn(f"cuda_graph=True ignored: the model is on {idx.device}, decoding eagerly", stacklevel=3)
         use_graph = False
 
     decoder = _decoder(model, B, T + max_new_tokens, max(EOS_SLOTS, len(eos_ids)), use_graph)
-    decoder.reset(sampling, eos_ids, pad_id, generator, all_greedy=_all_greedy(temperature))
+    decoder.reset(sampling, eos_ids, pad_id, positions=None if use_graph else T + max_new_tokens,
+                  all_greedy=_all_greedy(temperature))
     idx = idx.long()
     if lengths is None:
-        lengths = torch.full((B,), T, dtype=torch.int64, device=device)
+        lengths = torch.full((B,), T, dtype=torch.int64, device=idx.device)
     else:
         idx = _left_align(idx, lengths)
+    decoder.load_rng(generator)
+    decoder.busy = True
+    try:
+        yield from _decode(model, decoder, idx, lengths, max_new_tokens, use_graph=use_graph,
+                           check_every=check_every if eos_ids else None)
+    finally:
+        decoder.busy = False
+        decoder.store_rng(generator)
+
+
+def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_every) -> Iterator[Decoder]:
+    """The prefill of the left-aligned idx (B, T), then the decode steps (check_every None: no eos)."""
     decoder.pos.copy_(lengths)  # the first new token goes to slot L_b, position L_b
-    decoder.emit(model.prefill(idx, decoder.cache, last=lengths - 1))
+    decoder.emit(model.prefill(idx, decoder.kv, last=lengths - 1))
     yield decoder
 
+    step = decoder.decode_step
     if use_graph and max_new_tokens > 1:
         reason = decoder.capture()
         if reason:
-            warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=3)
+            warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=4)
+        else:
+            step = decoder.graph.replay
     for i in range(1, max_new_tokens):
-        if eos_ids and i % check_every == 0 and bool(decoder.finished.all()):
+        if check_every and i % check_every == 0 and bool(decoder.finished.all()):
             return
-        decoder.advance()
+        step()
         yield decoder
 
 
@@ -326,7 +393,9 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0,
              eos_token_id=None, attention_mask=None, generator=None, **options) -> torch.Tensor:
     """Continue each row of idx (B, T) int64 by max_new_tokens tokens -> (B, T + n) int64.
 
-    See GPT.generate. Options: pad_token_id (what finished rows emit; default the first eos id),
+    See GPT.generate. generator: a torch.Generator on the model's device type, or None for the
+    default one; it ends as if every draw had been made from it (same seed, same tokens, with
+    or without CUDA graphs). Options: pad_token_id (what finished rows emit; default the first eos id),
     cuda_graph (capture the decode step; default True on CUDA; falls back to eager with a warning
     saying why), check_every (decode steps between checks that every row is finished).
     n == max_new_tokens unless every row hit eos, as with HF: then n ends at the last row's eos.
@@ -360,7 +429,9 @@ def stream(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, m
     """Generate like `generate`, yielding each step's new tokens (B,) int64 as soon as they exist.
 
     Rows that hit eos yield pad_token_id afterwards; the iteration ends when every row has hit eos
-    (checked every check_every steps, default 1 here) or after max_new_tokens steps.
+    (checked every check_every steps, default 1 here) or after max_new_tokens steps. The generator
+    (or the default one) takes the stream's draws when the iteration ends or is closed, so draws
+    from it made meanwhile are overwritten then.
     """
     options = {"check_every": 1, **options}
     for decoder in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
