@@ -230,12 +230,14 @@ def _check_mask(attention_mask, idx):
         raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, "
                          f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
     mask = attention_mask.to(device=idx.device, dtype=torch.int64)
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
-    if not bool((mask[:, 1:] >= mask[:, :-1]).all()):
-        raise ValueError("attention_mask must be left-padded (each row: 0s, then 1s), as for HF generate")
     lengths = mask.sum(dim=1)
-    if not bool((lengths > 0).all()):
+    checks = torch.stack([((mask == 0) | (mask == 1)).all(), (mask[:, 1:] >= mask[:, :-1]).all(), (lengths > 0).all()])
+    binary, left_padded, no_empty_row = checks.tolist()  # one read of the device for the three
+    if not binary:
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
+    if not left_padded:
+        raise ValueError("attention_mask must be left-padded (each row: 0s, then 1s), as for HF generate")
+    if not no_empty_row:
         raise ValueError("a row of attention_mask has no tokens (all 0): every row needs at least one")
     return lengths
 

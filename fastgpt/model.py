@@ -63,25 +63,25 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.backend = "auto"
 
-    def forward(self, x, kv_cache=None, pos=None, seqlens=None):
+    def forward(self, x, kv_cache=None, slot=None, seqlens=None):
         """x (B, T, C) -> (B, T, C).
 
         Without kv_cache: causal attention over x itself. With kv_cache = (k_cache, v_cache), each
-        (B, H, S, D), and pos None: prefill, k/v of the T tokens go to cache slots [0, T). With pos
-        (B,) int64 and seqlens (B,) int32 (T == 1): decode, row b's k/v go to slot pos[b] and its
+        (B, H, S, D), and slot None: prefill, k/v of the T tokens go to cache slots [0, T). With
+        slot (B, H, 1, D) int64, row b's cache slot in every element (GPT.decode makes it once for
+        all layers), and seqlens (B,) int32 (T == 1): decode, row b's k/v go to that slot and its
         query attends to slots [0, seqlens[b]).
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if pos is None:
+        if slot is None:
             if kv_cache is not None:
                 kv_cache[0][:, :, :T].copy_(k)
                 kv_cache[1][:, :, :T].copy_(v)
             y = fastgpt.attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
         else:
             k_cache, v_cache = kv_cache
-            slot = pos.view(B, 1, 1, 1).expand(B, self.n_head, 1, self.head_dim)
             k_cache.scatter_(2, slot, k)  # k_cache[b, :, pos[b]] = k[b, :, 0]; no copy of the cache
             v_cache.scatter_(2, slot, v)
             y = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend=self.backend)  # (B, H, 1, D)
@@ -108,13 +108,13 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, h, kv_cache=None, pos=None, seqlens=None):
+    def forward(self, x, h, kv_cache=None, slot=None, seqlens=None):
         """x: the previous branch's output, h: the residual stream before it; both (B, T, C).
 
         Returns (this block's MLP output, the stream before it): the next LayerNorm adds them.
         """
         y, h = self.ln_1(x, h)  # h = h + x
-        a = self.attn(y, kv_cache, pos, seqlens)
+        a = self.attn(y, kv_cache, slot, seqlens)
         y, h = self.ln_2(a, h)  # h = h + a
         return self.mlp(y), h
 
@@ -171,12 +171,15 @@ class GPT(nn.Module):
             elif not input_major and not w.is_contiguous():
                 w.data = w.data.contiguous()
 
-    def _trunk(self, tok, pos, kv_cache=None, pos_rows=None, seqlens=None):
-        """The blocks and ln_f over tokens tok (B, T) at positions pos (T,) or (B, T): (B, T, C)."""
+    def _trunk(self, tok, pos, kv_cache=None, slot=None, seqlens=None):
+        """The blocks and ln_f over tokens tok (B, T) at positions pos (T,) or (B, T): (B, T, C).
+
+        kv_cache, slot, seqlens: as for CausalSelfAttention.forward.
+        """
         x = self.transformer.wte(tok)  # (B, T, C)
         h = self.transformer.wpe(pos).expand_as(x)  # (B, T, C); the first ln_1 adds the two
         for i, block in enumerate(self.transformer.h):
-            x, h = block(x, h, None if kv_cache is None else kv_cache.layer(i), pos_rows, seqlens)
+            x, h = block(x, h, None if kv_cache is None else kv_cache.layer(i), slot, seqlens)
         y, _ = self.transformer.ln_f(x, h)
         return y
 
@@ -204,8 +207,10 @@ class GPT(nn.Module):
 
         Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]].
         """
+        B, config = tok.shape[0], self.config
+        slot = pos.view(B, 1, 1, 1).expand(B, config.n_head, 1, config.head_dim)  # (B, H, 1, D), for all layers
         seqlens = (pos + 1).to(torch.int32)
-        y = self._trunk(tok[:, None], pos[:, None], kv_cache, pos, seqlens)  # (B, 1, C)
+        y = self._trunk(tok[:, None], pos[:, None], kv_cache, slot, seqlens)  # (B, 1, C)
         return self.lm_head(y[:, 0])  # (B, V)
 
     @torch.inference_mode()

@@ -281,6 +281,22 @@ def test_bad_arguments(pair, kwargs, error, match):
         model.generate(torch.randint(0, V, (2, 3)), 2, **kwargs)
 
 
+def test_mask_checks_read_the_device_once(monkeypatch):
+    from fastgpt.generate import _check_mask
+
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    reads = []
+    for name in ("__bool__", "item", "tolist"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda t, *a, _f=original, _n=name: reads.append(_n) or _f(t, *a))
+    mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    assert _check_mask(mask, idx).tolist() == [3, 4]
+    assert reads == ["tolist", "tolist"]  # the checks' one read, then the test's own
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="only 0"):
+        _check_mask(torch.tensor([[0, 2, 1, 1], [1, 1, 1, 1]]), idx)
+
+
 def test_bad_prompts(pair):
     _, model = pair
     with pytest.raises(ValueError, match="empty"):
