@@ -120,6 +120,17 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """GPT-2 on fastgpt's ops: forward(idx (B, T) int64) -> logits (B, T, vocab_size), and generate.
+
+    Attributes:
+      config         GPTConfig
+      eos_token_id   the checkpoint's end-of-text id (int, a list of ints, or None), from its
+                     config.json (GPT.from_pretrained) or HF config (GPT.from_hf); None for a
+                     model built from a GPTConfig. generate does not read it: pass it on, as
+                     generate(..., eos_token_id=model.eos_token_id), to stop rows there.
+      backend        the backend every op of the model runs on ("auto" unless set)
+    """
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
@@ -131,7 +142,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
-        self.eos_token_id = None  # set by the checkpoint loaders, for callers such as the CLI
+        self.eos_token_id = None  # set by from_pretrained and from_hf (see the class docstring)
         self._decoders = {}  # generate.py's preallocated caches and CUDA graphs, per (batch, length)
         self.arrange_weights()
 

@@ -57,6 +57,17 @@ def test_from_hf_copies_and_ties():
     assert model.num_parameters() == sum(p.numel() for p in hf.parameters())
 
 
+def test_eos_token_id_from_hf():
+    """from_hf keeps the HF config's eos id (from_pretrained: tests/test_loading.py); GPT(config) has none."""
+    hf = tiny_hf()
+    assert GPT.from_hf(hf).eos_token_id is None
+    for eos in (7, [7, 9]):
+        hf.config.eos_token_id = eos
+        model = GPT.from_hf(hf)
+        assert model.eos_token_id == eos and model.to(torch.float64).eos_token_id == eos
+    assert GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2)).eos_token_id is None
+
+
 def test_hf_parameter_names():
     model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     names = set(model.state_dict())
