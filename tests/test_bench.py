@@ -14,8 +14,8 @@ import torch
 
 from fastgpt.bench import formulas, report, timing
 from fastgpt.bench.cases import build_cases, parse_spec
-from fastgpt.bench.core import (ERROR, FAILED, FASTGPT, OK, RECORD_FIELDS, REFERENCE, Candidate, Case, Settings,
-                                Unavailable, empty_record, is_fastgpt_failure, run_case)
+from fastgpt.bench.core import (ERROR, FAILED, FASTGPT, OK, ORACLE_FAILED, RECORD_FIELDS, REFERENCE, SKIPPED,
+                                Candidate, Case, Settings, Unavailable, empty_record, is_fastgpt_failure, run_case)
 from fastgpt.bench.env import ENV_FIELDS, dist_version, environment, package_version
 
 CPU = torch.device("cpu")
@@ -205,7 +205,8 @@ def test_fastgpt_crash_is_a_failure():
         Candidate("fastgpt good", FASTGPT, lambda: lambda inp: inp["x"] * 2),
     ]), CPU, FAST)
     by = {r["implementation"]: r for r in records}
-    assert by["fastgpt crashes in check"]["reason"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert by["fastgpt crashes in check"]["reason"] == \
+        "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert by["fastgpt crashes in warm-up"]["reason"].startswith("warm-up failed: RuntimeError")
     assert by["fastgpt build raises"]["reason"].startswith("ZeroDivisionError")
     assert [r["status"] for r in records] == [ERROR, ERROR, ERROR, ERROR, OK]
@@ -242,6 +243,71 @@ def test_fastgpt_bench_exits_1_when_fastgpt_crashes(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert rc == 1, out
     assert "ERROR: fastgpt[torch] on generate tiny B1 prompt 32 new 16: RuntimeError: kernel crashed" in out
+
+
+def _oom(*args):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 16.00 GiB")
+
+
+def test_oracle_failure_is_reported_not_blamed_and_the_run_goes_on():
+    """A reference that runs out of memory: every candidate ERROR with an oracle reason, none a
+    fastgpt failure, nothing built; the next case runs as usual."""
+    built = []
+    cands = [Candidate("fastgpt[x]", FASTGPT, lambda: built.append(1)),
+             Candidate("ref", REFERENCE, lambda: built.append(2)),
+             Candidate("other", REFERENCE, lambda: built.append(3))]
+    case = _toy_case(cands)
+    case.reference = _oom
+    settings = Settings(budget_ms=5, min_runs=3, max_runs=5, impl_filter=lambda label: label != "other")
+    records = run_case(case, CPU, settings)
+    assert [r["status"] for r in records] == [ERROR, ERROR, SKIPPED] and built == []
+    assert records[0]["reason"] == (f"{ORACLE_FAILED}: the reference raised "
+                                    "OutOfMemoryError: CUDA out of memory. Tried to allocate 16.00 GiB")
+    assert not any(is_fastgpt_failure(r) for r in records)
+    assert report.summary_rows(records)[0][-1] == ""
+    ok = run_case(_toy_case([Candidate("fastgpt[x]", FASTGPT, lambda: lambda inp: inp["x"] * 2)]), CPU, FAST)
+    assert ok[0]["status"] == OK
+
+    from fastgpt.bench import suite
+
+    with pytest.raises(pytest.skip.Exception, match=ORACLE_FAILED):
+        suite.run_kernel(FakeBenchmark(), case, "fastgpt[x]", {}, device=CPU)
+
+
+def test_generate_oracle_failure_is_not_the_candidates():
+    from fastgpt.bench.cases import generate as gen
+
+    hf = gen.build_hf("tiny", CPU, torch.float32)
+
+    class BrokenOracle:
+        config, device = hf.config, CPU
+        __call__ = _oom
+
+    case = gen.make_case(dict(B=1, T=4, N=3), hf, BrokenOracle(), CPU, torch.float32, "tiny")
+    out_of_range = lambda inp: torch.cat([inp["idx"], torch.full((1, 3), 10**6)], dim=1)  # noqa: E731
+    case.candidates = [Candidate("fastgpt[torch]", FASTGPT, lambda: gen.fastgpt_fn(hf, "torch", 3)),
+                       Candidate("bad ids", FASTGPT, lambda: out_of_range)]
+    rec, bad = gen.run_case(case, CPU, FAST, formulas.weight_bytes(hf), quick=True)
+    assert rec["status"] == ERROR and rec["reason"].startswith(f"{ORACLE_FAILED}: the fp32 oracle model raised Out")
+    assert not is_fastgpt_failure(rec)
+    # Ids the oracle cannot take are the candidate's fault, found before the oracle runs.
+    assert bad["status"] == FAILED and bad["reason"] == f"token ids outside [0, {hf.config.vocab_size})"
+
+
+def test_chunked_attention_reference_matches_whole():
+    from fastgpt import reference as ref
+    from fastgpt.bench.cases.attention import chunked_reference
+
+    g = torch.Generator().manual_seed(0)
+    for Hkv, Sq, Sk, causal in ((4, 13, 13, True), (2, 7, 19, True), (4, 19, 7, True), (1, 11, 5, False)):
+        q = torch.randn(2, 4, Sq, 8, generator=g)
+        k, v = torch.randn(2, 2, Hkv, Sk, 8, generator=g).unbind(0)
+        whole = ref.attention(q, k, v, causal=causal, scale=0.3)
+        if causal and Sq > Sk:  # the first Sq - Sk rows see no key: whole chunks of zeros
+            assert bool((whole[:, :, : Sq - Sk] == 0).all())
+        for rows in (1, 3, 4):
+            chunked = chunked_reference(q, k, v, causal, 0.3, score_bytes=rows * 2 * 4 * Sk * 4)
+            torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=1e-6, msg=f"{Hkv} {Sq} {Sk} {causal} {rows}")
 
 
 def test_non_finite_and_shape_are_caught():

@@ -5,7 +5,9 @@ FLOP or byte count, and the candidates (fastgpt's backends and the references pe
 `run_case` checks every candidate against the reference first; only the correct ones are
 timed. A wrong candidate is reported FAILED with the reason, and never gets a number; one that
 raises (while built, checked, warmed up or timed) is reported ERROR. A fastgpt candidate that is
-FAILED or ERROR is a failure of the run (`is_fastgpt_failure`); a reference's is not.
+FAILED or ERROR is a failure of the run (`is_fastgpt_failure`); a reference's is not. When the
+oracle itself cannot run (the fp32 reference out of memory on a large case), every candidate of
+the case is ERROR with a reason starting ORACLE_FAILED, which is no candidate's failure.
 """
 
 from __future__ import annotations
@@ -24,8 +26,16 @@ FASTGPT, REFERENCE = "fastgpt", "reference"
 OK, FAILED, ERROR, UNAVAILABLE, SKIPPED = "ok", "FAILED", "error", "unavailable", "skipped"
 
 
+# How the reason of a record starts when the oracle, not the candidate, raised.
+ORACLE_FAILED = "oracle failed, nothing checked"
+
+
 class Unavailable(Exception):
     """A candidate cannot run here (library missing, unsupported shape); the message says why."""
+
+
+class OracleFailed(Exception):
+    """Raised by a check when the oracle it runs (e.g. generate's fp32 model) raised."""
 
 
 @dataclass
@@ -49,8 +59,11 @@ class Candidate:
 
 
 def is_fastgpt_failure(rec: dict) -> bool:
-    """A fastgpt candidate that gave a wrong result (FAILED) or crashed (ERROR): the run fails."""
-    return rec["kind"] == FASTGPT and rec["status"] in (FAILED, ERROR)
+    """A fastgpt candidate that gave a wrong result (FAILED) or crashed (ERROR): the run fails.
+    An ERROR because the oracle failed is not the candidate's failure."""
+    if rec["kind"] != FASTGPT:
+        return False
+    return rec["status"] == FAILED or (rec["status"] == ERROR and not str(rec["reason"]).startswith(ORACLE_FAILED))
 
 
 def describe(exc: BaseException) -> str:
@@ -140,6 +153,8 @@ def prepare(case: Case, cand: Candidate, inputs: dict, expected: Any, device: to
         timing.synchronize(device)  # a launch error surfaces here, charged to this candidate
     except (Unavailable, BackendUnavailableError) as exc:
         return None, UNAVAILABLE, str(exc)
+    except OracleFailed as exc:
+        return None, ERROR, f"{ORACLE_FAILED}: {exc}"
     except Exception as exc:  # a reference that rejects the shape, a crash: report, go on
         return None, ERROR, describe(exc)
     if reason:
@@ -278,6 +293,27 @@ def time_checked(checked: Checked, case: Case, sets: list[dict], device: torch.d
     fill_timing(checked.rec, stats, case, settings)
 
 
+def expected_output(case: Case, inputs: dict, device: torch.device) -> tuple[Any, str | None]:
+    """(the oracle's output on `inputs`, None), or (None, reason) when the oracle raised (say,
+    out of memory on a large case); the reason starts with ORACLE_FAILED."""
+    try:
+        expected = case.reference(inputs)
+        timing.synchronize(device)
+    except Exception as exc:
+        return None, f"{ORACLE_FAILED}: the reference raised {describe(exc)}"
+    return expected, None
+
+
+def oracle_failed_records(case: Case, settings: Settings, reason: str) -> list[dict]:
+    """Every candidate of a case whose oracle failed: ERROR with `reason` (none was run)."""
+    records = []
+    for cand in case.candidates:
+        excluded = not settings.impl_filter(cand.label)
+        records.append(dict(base_record(case, cand), status=SKIPPED if excluded else ERROR,
+                            reason="excluded by --impl" if excluded else reason))
+    return records
+
+
 def run_case(case: Case, device: torch.device, settings: Settings, on_step=lambda text: None) -> list[dict]:
     """Check every candidate of `case`, then time the correct ones. Returns one record each.
 
@@ -285,7 +321,10 @@ def run_case(case: Case, device: torch.device, settings: Settings, on_step=lambd
     method can be chosen once for the whole case.
     """
     sets = make_sets(case, device, settings)
-    expected = case.reference(sets[0])
+    on_step(f"{case.op} {case.name}: reference output")
+    expected, failure = expected_output(case, sets[0], device)
+    if failure:
+        return oracle_failed_records(case, settings, failure)
     checked = []
     for cand in case.candidates:
         on_step(f"{case.op} {case.name}: checking {cand.label}")

@@ -16,6 +16,9 @@ from fastgpt.bench.env import dist_version, optional_module
 KEYS = {"B": 16, "H": 12, "HKV": 0, "S": 1024, "SK": 0, "D": 64, "causal": True}  # 0: same as H / S
 DEFAULT_DTYPE = torch.bfloat16
 TOKENS = 16384  # B * S of the sequence-length sweeps: the work per case stays comparable
+# Bytes of one fp32 (B, H, rows, Sk) score temporary of the oracle (it makes about four): the
+# whole S=16384 score matrix of H16 would be 17 GB, so the oracle runs over query chunks.
+ORACLE_SCORE_BYTES = 256 * 2**20
 
 
 def shapes(quick: bool):
@@ -50,9 +53,7 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
                 "v": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype)}
 
     def reference(inp):
-        from fastgpt import reference as ref
-
-        return ref.attention(inp["q"], inp["k"], inp["v"], causal=causal, scale=scale)
+        return chunked_reference(inp["q"], inp["k"], inp["v"], causal, scale)
 
     sw, x, x_label = sweep_of(p, sweep, x_key)
     name = describe(p, ("B", "H") + (("HKV",) if Hkv != H else ()) + ("S",) + (("SK",) if Sk != Sq else ()) + ("D",))
@@ -61,6 +62,30 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
         make_inputs=make_inputs, reference=reference, candidates=candidates(device, causal, scale, Hkv != H, Sq, Sk),
         metric="TFLOP/s", work=formulas.attention_flops(B, H, Sq, Sk, D, causal),
         set_bytes=formulas.attention_bytes(B, H, Hkv, Sq, Sk, D, dtype), sweep=sw, x=x, x_label=x_label)
+
+
+def chunked_reference(q, k, v, causal: bool, scale: float, score_bytes: int = ORACLE_SCORE_BYTES):
+    """fastgpt.reference.attention, computed over chunks of query rows of at most `score_bytes`
+    fp32 scores each. Same result: every query row is independent, and a causal chunk of rows
+    [i0, i1) sees only keys [0, i1 + Sk - Sq), so k/v cut there keep the bottom-right alignment
+    (row i sees j <= i + Sk - Sq either way). q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D).
+    """
+    from fastgpt import reference as ref
+
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    rows = max(1, score_bytes // (B * H * Sk * 4))
+    if rows >= Sq:
+        return ref.attention(q, k, v, causal=causal, scale=scale)
+    out = []
+    for i0 in range(0, Sq, rows):
+        i1 = min(Sq, i0 + rows)
+        keys = min(Sk, i1 + Sk - Sq) if causal else Sk
+        if keys <= 0:  # no row of this chunk sees a key: zeros, as the reference gives them
+            out.append(q.new_zeros(B, H, i1 - i0, D))
+        else:
+            out.append(ref.attention(q[:, :, i0:i1], k[:, :, :keys], v[:, :, :keys], causal=causal, scale=scale))
+    return torch.cat(out, dim=2)
 
 
 def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:

@@ -19,7 +19,7 @@ import torch
 
 from fastgpt.bench import core, formulas, timing
 from fastgpt.bench.cases import fastgpt_candidates, generator
-from fastgpt.bench.core import ERROR, REFERENCE, SKIPPED, Candidate, Case, Checked, Settings, Unavailable
+from fastgpt.bench.core import ERROR, REFERENCE, SKIPPED, Candidate, Case, Checked, OracleFailed, Settings, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"B": 1, "T": 32, "N": 256}
@@ -82,10 +82,16 @@ def greedy_check(oracle, T: int, N: int, tol: float):
         B = idx.shape[0]
         if tuple(out.shape) != (B, T + N):
             return f"output shape {tuple(out.shape)} != expected {(B, T + N)}"
-        if not torch.equal(out[:, :T], idx):
+        if out.is_floating_point() or not torch.equal(out[:, :T], idx):
             return "the prompt was not kept"
-        with torch.no_grad():
-            logits = oracle(out[:, :-1].to(oracle.device)).logits.float()[:, T - 1:]  # (B, N, V)
+        V = oracle.config.vocab_size
+        if bool(((out < 0) | (out >= V)).any()):  # before the oracle, which would raise on them
+            return f"token ids outside [0, {V})"
+        try:
+            with torch.no_grad():
+                logits = oracle(out[:, :-1].to(oracle.device)).logits.float()[:, T - 1:]  # (B, N, V)
+        except Exception as exc:
+            raise OracleFailed(f"the fp32 oracle model raised {core.describe(exc)}") from exc
         chosen = logits.gather(-1, out[:, T:, None].to(logits.device)).squeeze(-1)
         gap = logits.amax(dim=-1) - chosen
         bad = int((gap > tol).sum())
