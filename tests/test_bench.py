@@ -195,6 +195,18 @@ def _crashes_after(calls: int):
     return fn
 
 
+def test_out_of_memory_is_unavailable_not_a_failure():
+    """A candidate that does not fit (the unfused torch backend at long S) is reported, not failed."""
+
+    def too_big(inp):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 17.00 GiB")
+
+    records = run_case(_toy_case([Candidate("fastgpt[torch]", FASTGPT, lambda: too_big),
+                                  Candidate("fastgpt good", FASTGPT, lambda: lambda inp: inp["x"] * 2)]), CPU, FAST)
+    assert records[0]["status"] == "unavailable" and "does not fit in memory" in records[0]["reason"]
+    assert not is_fastgpt_failure(records[0]) and records[1]["status"] == OK
+
+
 def test_fastgpt_crash_is_a_failure():
     """A fastgpt candidate that raises is ERROR and fails the run; a reference that raises does not."""
     records = run_case(_toy_case([

@@ -142,6 +142,12 @@ def base_record(case: Case, cand: Candidate) -> dict:
         flops=case.work if metric_is_flops else None, bytes=case.work if case.metric == "GB/s" else None)
 
 
+def free_cached_memory(device: torch.device) -> None:
+    """Hand what an out-of-memory candidate left in torch's cache back, for the next candidate."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def prepare(case: Case, cand: Candidate, inputs: dict, expected: Any, device: torch.device):
     """Build and check one candidate on `inputs`: (fn, status, reason). Only OK gets an fn."""
     from fastgpt import BackendUnavailableError
@@ -155,6 +161,9 @@ def prepare(case: Case, cand: Candidate, inputs: dict, expected: Any, device: to
         return None, UNAVAILABLE, str(exc)
     except OracleFailed as exc:
         return None, ERROR, f"{ORACLE_FAILED}: {exc}"
+    except torch.cuda.OutOfMemoryError as exc:  # e.g. the unfused torch backend at long S: no crash
+        free_cached_memory(device)
+        return None, UNAVAILABLE, f"does not fit in memory here ({describe(exc)})"
     except Exception as exc:  # a reference that rejects the shape, a crash: report, go on
         return None, ERROR, describe(exc)
     if reason:
