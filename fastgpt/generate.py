@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import torch
 
 import fastgpt
-from fastgpt.ops.sampling import _params as _sampling_params
+from fastgpt.ops.sampling import check_generator, row_params
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
 BUCKET = 256  # cache lengths round up to a multiple of this (capped by n_positions), so decoders are reused
@@ -188,16 +188,6 @@ def _set_rng(generator, device, state):
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_generator(generator, device):
-    """The caller's generator, whose state the decoder's generator takes (fastgpt.sample's rules)."""
-    if generator is None:
-        return
-    if not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    if generator.device.type != device.type:
-        raise ValueError(f"generator is on {generator.device} but the model is on {device}")
-
-
 def _check_prompt(model, idx, max_new_tokens):
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         raise ValueError(f"idx must be a (B, T) tensor of token ids, got {getattr(idx, 'shape', type(idx).__name__)}")
@@ -242,27 +232,13 @@ def _check_mask(attention_mask, idx):
     return lengths
 
 
-def _listed(value, integral: bool):
-    """A list or tuple of per-row values as a tensor (the sampling op takes numbers and tensors).
-
-    The elements' type decides the dtype, so the op still rejects bools, and floats for top_k;
-    float parameters are built in float64, which keeps a top_p such as 0.95 exact.
-    """
-    if not isinstance(value, (list, tuple)):
-        return value
-    t = torch.tensor(value)
-    return t if integral or t.dtype == torch.bool else torch.tensor(value, dtype=torch.float64)
-
-
 def _sampling(B, device, temperature, top_k, top_p, min_p) -> dict:
     """The sampling parameters as (B,) tensors on device, checked by fastgpt.sample's own rules.
 
     Each is a number, a (B,) tensor or a list of B numbers. Tensors on a GPU are not range-checked
     (that would sync the host): the kernels clamp them, as for fastgpt.sample.
     """
-    values = (_listed(temperature, False), _listed(top_k, True), _listed(top_p, False), _listed(min_p, False))
-    rows = torch.empty(B, 1, device=device)  # stands in for the logits: _params reads only B and the device
-    temperature, top_k, top_p, min_p = _sampling_params(rows, *values, allow_greedy=True)
+    temperature, top_k, top_p, min_p = row_params(B, device, temperature, top_k, top_p, min_p)
     return dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
 
 
@@ -331,7 +307,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
     lengths = _check_mask(attention_mask, idx)
     sampling = _sampling(B, idx.device, temperature, top_k, top_p, min_p)
     eos_ids = _eos_ids(eos_token_id)
-    _check_generator(generator, idx.device)
+    check_generator(generator, idx.device)
     pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
     if B == 0 or max_new_tokens == 0:
         return

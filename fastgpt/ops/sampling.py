@@ -32,6 +32,9 @@ def _row_param(name, value, B, device, dtype, valid, expected):
     `valid` maps a float or a float64 tensor to whether each value is in range.
     """
     integral = dtype == torch.int64
+    if isinstance(value, (list, tuple)):  # float64 keeps a top_p such as 0.95 exact; bools stay bool
+        listed = torch.tensor(value)
+        value = listed if integral or listed.dtype == torch.bool else torch.tensor(value, dtype=torch.float64)
     if isinstance(value, torch.Tensor):
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != B):
             raise ValueError(f"{name} must be a number or a tensor of shape (B,) = ({B},), got {tuple(value.shape)}")
@@ -52,8 +55,10 @@ def _row_param(name, value, B, device, dtype, valid, expected):
     return torch.full((B,), value, device=device, dtype=dtype)
 
 
-def _params(logits, temperature, top_k, top_p, min_p, *, allow_greedy):
-    B, device = logits.shape[0], logits.device
+def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy: bool = True):
+    """The four sampling parameters as (B,) tensors on `device`, checked: (temperature fp32,
+    top_k int64, top_p fp64, min_p fp32). Each is a number, a (B,) tensor or a list of B numbers.
+    """
     t_ok = (lambda t: t >= 0) if allow_greedy else (lambda t: t > 0)
 
     def finite(x):  # for floats and tensors alike
@@ -75,6 +80,16 @@ def _device_key(device: torch.device):
     return device.type, device.index
 
 
+def check_generator(generator, device: torch.device) -> None:
+    """`generator` must be None or a torch.Generator on `device` (same index, too)."""
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if _device_key(generator.device) != _device_key(device):
+        raise ValueError(f"generator is on {generator.device} but the tensors are on {device}")
+
+
 def _is_zero(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and value == 0
 
@@ -93,7 +108,7 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     new (B, V) tensor in logits' dtype. Plain PyTorch (the sampler's kernels fuse this).
     """
     _check_logits(logits)
-    params = _params(logits, temperature, top_k, top_p, min_p, allow_greedy=False)
+    params = row_params(logits.shape[0], logits.device, temperature, top_k, top_p, min_p, allow_greedy=False)
     return reference.filter_logits(logits, *params)
 
 
@@ -108,12 +123,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     Returns int64 (B,), every id in [0, V).
     """
     _check_logits(logits)
-    if generator is not None:
-        if not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-        if _device_key(generator.device) != _device_key(logits.device):
-            raise ValueError(f"generator is on {generator.device} but logits are on {logits.device}")
-    params = _params(logits, temperature, top_k, top_p, min_p, allow_greedy=True)
+    check_generator(generator, logits.device)
+    params = row_params(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)
     name = _backends.resolve("sample", backend, logits.device, _unsupported(logits))
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
