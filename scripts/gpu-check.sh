@@ -21,6 +21,10 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 STATUS=0
 
+# The GPU tests and the benchmarks autotune the same Triton kernels: keep the tuned configs on
+# disk so the second step reuses them instead of tuning again.
+export TRITON_CACHE_AUTOTUNING=1
+
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL_S - $(elapsed) )); }
 step() { echo; echo "== $* [$(elapsed) s]"; }
