@@ -75,17 +75,23 @@ void require_vector_ready(uintptr_t address, const std::array<int64_t, N>& strid
     for (int64_t s : strides) require(s >= 0 && s % 8 == 0, kernel, name, "'s strides must be multiples of 8 elements");
 }
 
+// The attention kernels' shared limits: head dim 64/128, batch and query heads as grid
+// dimensions, and GQA groups that divide evenly.
+void require_head_layout(const char* kernel, int64_t head_dim, int64_t batch, int64_t heads_q, int64_t heads_kv) {
+    require(head_dim == 64 || head_dim == 128, kernel, "head dim must be 64 or 128, got ", head_dim);
+    require(batch >= 1 && batch <= kMaxGridYZ, kernel, "batch must be in [1, 65535], got ", batch);
+    require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
+    require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
+            heads_kv, ")");
+}
+
 void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch, int64_t heads_q, int64_t heads_kv,
                int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, Strides3 stride_q, Strides3 stride_k,
                Strides3 stride_v, Strides3 stride_o, bool causal, double scale, int dtype, int device,
                uintptr_t stream) {
     const char* kernel = "attention";
     const DType type = dtype_of(dtype, kernel, false);
-    require(head_dim == 64 || head_dim == 128, kernel, "head dim must be 64 or 128, got ", head_dim);
-    require(batch >= 1 && batch <= kMaxGridYZ, kernel, "batch must be in [1, 65535], got ", batch);
-    require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
-    require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
-            heads_kv, ")");
+    require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
     // 2^30, not 2^31: the kernel rounds lengths up to 64-row tiles in int (an expanded k/v of
     // 2^31 - 1 positions made ceil_div overflow and silently skip every key).
     require(seqlen_q >= 1 && seqlen_q <= kMaxSeqlen && seqlen_k >= 1 && seqlen_k <= kMaxSeqlen, kernel,
@@ -109,11 +115,7 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
                       Strides3 stride_v, Strides2 stride_o, double scale, int dtype, int device, uintptr_t stream) {
     const char* kernel = "decode_attention";
     const DType type = dtype_of(dtype, kernel, false);
-    require(head_dim == 64 || head_dim == 128, kernel, "head dim must be 64 or 128, got ", head_dim);
-    require(batch >= 1 && batch <= kMaxGridYZ, kernel, "batch must be in [1, 65535], got ", batch);
-    require(heads_q >= 1 && heads_q <= kMaxGridYZ, kernel, "heads_q must be in [1, 65535], got ", heads_q);
-    require(heads_kv >= 1 && heads_q % heads_kv == 0, kernel, "heads_q (", heads_q, ") must be a multiple of heads_kv (",
-            heads_kv, ")");
+    require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
     require(max_seqlen >= 1 && max_seqlen <= kMaxSeqlen, kernel, "max_seqlen must be in [1, 2^30], got ",
             max_seqlen);
     require(num_splits >= 1 && num_splits <= 64, kernel, "num_splits must be in [1, 64], got ", num_splits);
