@@ -10,7 +10,8 @@ dispatches attention through that interface (GPT-2, Llama-style GQA models, ...)
 also registers the name in the AttentionMaskInterface with transformers' SDPA mask builder, so the
 model hands over a mask exactly when SDPA would get one: None when plain causal attention is
 right (then fastgpt.attention runs), a boolean (B, 1, Sq, Sk) mask when there is padding or a
-static cache (then the masked attention below runs: plain PyTorch, correct, not fused).
+static cache (then fastgpt.ops.attention.masked_attention runs: the Triton kernel reading the mask
+on a GPU, plain PyTorch on CPU).
 """
 
 from __future__ import annotations
@@ -19,23 +20,24 @@ import torch
 from torch import nn
 
 import fastgpt
-from fastgpt import reference
+from fastgpt.ops import attention as ops_attention
 
 NAME = "fastgpt"
 UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
 
 
-def masked_attention(q, k, v, mask, scale):
-    """Attention under transformers' boolean mask (True = attend), in plain PyTorch (not fused).
+def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
+    """Attention under transformers' boolean mask (True = attend).
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D); mask (B or 1, 1 or Hq, Sq, Sk) bool. A query that may
     attend to nothing returns zeros.
     """
     if mask.dtype != torch.bool:
         raise ValueError(f"attn_implementation='fastgpt' expects a boolean attention mask, got {mask.dtype}")
-    Hkv = k.shape[1]
-    grouped = mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (Hkv, -1))  # (B, Hkv|1, g|1, Sq, Sk)
-    return reference.masked_attention(q, k, v, grouped, scale)
+    # The cuda kernels take no mask: a model registered with backend="cuda" runs its masked calls
+    # on the Triton kernel (register's docstring says so).
+    backend = "triton" if backend == "cuda" else backend
+    return ops_attention.masked_attention(q, k, v, mask, scale=scale, backend=backend)
 
 
 def make_attention_forward(backend: str = "auto"):
@@ -52,7 +54,7 @@ def make_attention_forward(backend: str = "auto"):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         Sq, Sk = query.shape[2], key.shape[2]
         if attention_mask is not None:
-            out = masked_attention(query, key, value, attention_mask, scale)
+            out = masked_attention(query, key, value, attention_mask, scale, backend)
         else:
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Sq > 1
             if causal and Sk > Sq:
@@ -67,7 +69,11 @@ def make_attention_forward(backend: str = "auto"):
 
 
 def register(name: str = NAME, backend: str = "auto") -> None:
-    """Make attn_implementation=name (default "fastgpt") available in transformers."""
+    """Make attn_implementation=name (default "fastgpt") available in transformers.
+
+    `backend` is fastgpt's backend for the model's attention calls; with "cuda", calls that carry
+    a mask (padding, static cache) run the Triton kernel, as the cuda kernels take no mask.
+    """
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask
 

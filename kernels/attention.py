@@ -4,7 +4,8 @@ softmax(q k^T * scale [+ causal mask]) v for q (B, Hq, Sq, D) and k/v (B, Hkv, S
 GQA/MQA (query head h reads KV head h // (Hq // Hkv)), bottom-right causal alignment when
 Sq != Sk (query i sees keys j <= i + Sk - Sq; a query that sees no key gets zeros), head dims up
 to 256 (padded to a power of two and masked), any sequence lengths and any strides with
-stride(-1) == 1.
+stride(-1) == 1. An optional boolean mask (B, Hq, Sq, Sk), broadcast views welcome, hides keys
+from queries (transformers' padding and static-cache masks); every key block is then masked.
 
 Precision: fp16/bf16 products run on tensor cores with fp32 accumulation; the softmax is fp32.
 fp32 inputs use `input_precision="tf32x3"` (three TF32 products per dot, close to fp32 accuracy
@@ -59,15 +60,17 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start, end,
-                Sk, diag, qk_scale, stride_k_s, stride_v_s,
+def _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d, start, end,
+                Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, l_i, m_i); m_i is in log2 units.
 
-    MASKED applies the key-length and causal masks; the caller only passes unmasked ranges that
-    every row of the tile sees in full. A row may be fully masked in a block (or in all of them):
-    its max stays -inf and exponentials are then taken relative to 0, giving 0, never NaN.
+    MASKED applies the key-length, causal and (HAS_MASK) user masks; the caller only passes
+    unmasked ranges that every row of the tile sees in full. mask_rows: (BLOCK_M, 1) pointers to
+    the tile's mask rows. A row may be fully masked in a block (or in all of them): its max stays
+    -inf and exponentials are then taken relative to 0, giving 0, never NaN.
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -83,6 +86,9 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start,
             keep = cols[None, :] < Sk
             if IS_CAUSAL:
                 keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            if HAS_MASK:
+                in_bounds = (offs_m[:, None] < Sq) & (cols[None, :] < Sk)
+                keep = keep & (tl.load(mask_rows + cols[None, :], mask=in_bounds, other=0) != 0)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_ref = m_new
@@ -106,7 +112,8 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, start,
 #   o_i   = acc_i / l_i (0 when l_i = 0),  lse_i = (m_i + log2 l_i) * ln 2
 # Causal, bottom-right: key j is visible to query i iff j <= i + (Sk - Sq). Key blocks that every
 # row of the tile sees in full run unmasked; only blocks crossing the diagonal or the end of the
-# keys are masked, and blocks past the last visible key are skipped.
+# keys are masked, and blocks past the last visible key are skipped. With a user mask, key j is
+# also hidden from query i where mask[b, h, i, j] is 0, and every block is masked.
 @triton.jit(do_not_specialize=["seq_bucket", "short_q"])
 def _attn_fwd_kernel(
     q_ptr,  # (B, Hq, Sq, D), stride(-1) == 1
@@ -114,16 +121,18 @@ def _attn_fwd_kernel(
     v_ptr,  # (B, Hkv, Sk, D), stride(-1) == 1
     o_ptr,  # (B, Hq, Sq, D), stride(-1) == 1: the output
     lse_ptr,  # (B, Hq, Sq) fp32 contiguous: written only when WRITE_LSE
+    mask_ptr,  # (B, Hq, Sq, Sk) uint8, stride(-1) == 1, 0 = hidden (strides 0 broadcast): read when HAS_MASK
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     stride_o_b, stride_o_h, stride_o_s,
+    stride_mask_b, stride_mask_h, stride_mask_q,
     Hq, Sq, Sk, qk_scale,
     group,  # Hq // Hkv: query head h reads KV head h // group
     seq_bucket,  # unused by the kernel: part of the autotuning key
     short_q,  # unused by the kernel: part of the autotuning key (1 when Sq fits the smallest BLOCK_M)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # 1D grid, query blocks of one head adjacent (they share its K/V in L2). Under a causal mask
     # the last query blocks see the most keys: launch them first.
@@ -143,6 +152,7 @@ def _attn_fwd_kernel(
     q = _load_rows(q_ptrs, offs_m, Sq, offs_d, HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
     v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
+    mask_rows = mask_ptr + b * stride_mask_b + h * stride_mask_h + rows * stride_mask_q
 
     # Keys [0, full_end) are seen by every row of the tile; keys [full_end, hi) need masks.
     diag = Sk - Sq
@@ -154,16 +164,20 @@ def _attn_fwd_kernel(
         hi = Sk
         full_end = Sk
     full_end = (full_end // BLOCK_N) * BLOCK_N
+    if HAS_MASK:
+        full_end = 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, 0, full_end,
-                                Sk, diag, qk_scale, stride_k_s, stride_v_s,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, DOT_PRECISION)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, offs_m, offs_n, offs_d, full_end, hi,
-                                Sk, diag, qk_scale, stride_k_s, stride_v_s,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, DOT_PRECISION)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d,
+                                0, full_end, Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_MASK,
+                                DOT_PRECISION)
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d,
+                                full_end, hi, Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_MASK,
+                                DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: acc is 0, output 0
     out = acc / l_safe[:, None]
@@ -229,7 +243,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS,
-    key=["HEAD_DIM", "IS_CAUSAL", "seq_bucket", "short_q"],  # Triton adds the tensor dtypes
+    key=["HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q"],  # Triton adds the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
 _TUNED = set()  # the keys autotuned in this process (see _autotune)
@@ -249,13 +263,14 @@ def _autotune(key: tuple) -> bool:
     return False
 
 
-def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
-    """softmax(q k^T * scale [+ causal mask]) v, the Triton forward.
+def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, mask=None):
+    """softmax(q k^T * scale [+ causal mask] [+ mask]) v, the Triton forward.
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D): fp16, bf16 or fp32, one dtype, stride(-1) == 1, any
     other strides, Hq % Hkv == 0, 1 <= D <= 256. Causal masks align bottom-right (query i sees
-    keys j <= i + Sk - Sq). Returns the output (B, Hq, Sq, D) in q.dtype, contiguous; with
-    return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
+    keys j <= i + Sk - Sq). mask: None, or bool (B, Hq, Sq, Sk) with stride(-1) == 1 (an expanded
+    view is fine), False hiding key j from query i. Returns the output (B, Hq, Sq, D) in q.dtype,
+    contiguous; with return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
 
     On the GPU, max(Sq, Sk) > 256 autotunes on the first call with each new key (head dim,
     causal, dtype, length bucket): make that call before capturing a CUDA graph. A capture that
@@ -271,11 +286,14 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False):
     fp32 = q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(D))
     seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
-    args = (q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), WRITE_LSE=return_lse,
+    has_mask = mask is not None
+    mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
+    mask_strides = mask.stride()[:3] if has_mask else (0, 0, 0)
+    args = (q, k, v, out, lse, mask, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q)
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), HAS_MASK=has_mask, WRITE_LSE=return_lse,
                 DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
-    tune_key = (D, bool(causal), seq_bucket, short_q, q.dtype, return_lse)
+    tune_key = (D, bool(causal), has_mask, seq_bucket, short_q, q.dtype, return_lse)
     if q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN and _autotune(tune_key):
         _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
     else:

@@ -16,6 +16,7 @@ import torch
 
 import fastgpt
 from fastgpt import reference
+from fastgpt.ops.attention import _masked_limits, masked_attention
 from tests.helpers import assert_close
 
 
@@ -113,6 +114,72 @@ def test_log_sum_exp(device):
     assert_close(res.out, _reference(q, k, v, True, 0.2))
 
 
+# ----------------------------------------------------------------------------- under a boolean mask
+
+
+def _check_masked(q, k, v, mask, scale=None):
+    """masked_attention on the Triton kernel against the reference in fp32; returns the output."""
+    out = masked_attention(q, k, v, mask, scale=scale, backend="triton")
+    assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
+    float_args = (t.float() for t in (q, k, v))
+    assert_close(out, masked_attention(*float_args, mask, scale=scale, backend="torch"), dtype=q.dtype)
+    return out
+
+
+def _padding_mask(lengths, Sq, Sk, device):
+    """transformers' mask for left-padded rows after a cached prefix: causal bottom-right, and keys
+    before row b's padding end hidden. (B, 1, Sq, Sk) bool, an expanded view (stride 0 over heads)."""
+    i, j = torch.arange(Sq, device=device)[:, None], torch.arange(Sk, device=device)[None, :]
+    pad = torch.tensor([Sk - n for n in lengths], device=device)[:, None, None, None]
+    return ((j <= i + Sk - Sq) & (j >= pad)).expand(len(lengths), 1, Sq, Sk)
+
+
+@pytest.mark.parametrize("Sq,Sk,mask_heads", [(5, 7, 1), (33, 40, 4), (17, 17, 4), (1, 50, 1), (40, 3, 1)])
+def test_masked_random(device, Sq, Sk, mask_heads):
+    """Random masks over GQA heads, per-head or broadcast; queries hiding every key return zeros."""
+    q, k, v = _qkv(2, 4, 2, Sq, Sk, 32, torch.float32, device, seed=Sq + Sk)
+    mask = torch.rand(2, mask_heads, Sq, Sk, generator=torch.Generator().manual_seed(Sq)).to(device) > 0.4
+    mask[1, :, Sq // 2] = False
+    out = _check_masked(q, k, v, mask)
+    assert torch.equal(out[1, :, Sq // 2], torch.zeros_like(out[1, :, Sq // 2]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_masked_padding(device, dtype):
+    """Left padding as transformers masks it: a prefill, a chunk after a cached prefix, a decode
+    step; the mask broadcast over batch rows too; a row that is all padding returns zeros."""
+    for Sq, Sk in [(21, 21), (9, 30), (1, 37)]:
+        q, k, v = _qkv(3, 4, 1, Sq, Sk, 64, dtype, device, seed=Sq)
+        _check_masked(q, k, v, _padding_mask([Sk, Sk - 5, 3], Sq, Sk, device), scale=0.3)
+        _check_masked(q, k, v, _padding_mask([Sk - 4], Sq, Sk, device))
+    q, k, v = _qkv(2, 2, 2, 6, 6, 16, dtype, device)
+    out = _check_masked(q, k, v, _padding_mask([6, 0], 6, 6, device))
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+
+
+def test_masked_views(device):
+    """Non-contiguous q/k/v and masks: a transposed mask (copied to unit last stride) and an
+    expanded one (used as is) give the same result."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in _qkv(2, 4, 2, 19, 23, 32, torch.float32, device))
+    mask = torch.rand(2, 1, 23, 19, generator=torch.Generator().manual_seed(3)).to(device) > 0.5
+    transposed = mask.transpose(2, 3)
+    expected = _check_masked(q, k, v, transposed)
+    torch.testing.assert_close(_check_masked(q, k, v, transposed.contiguous().expand(2, 4, 19, 23)), expected)
+
+
+def test_masked_checks():
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
+    with pytest.raises(TypeError, match="mask must have dtype in \\(bool\\)"):
+        masked_attention(q, k, k, torch.ones(2, 1, 3, 5))
+    for shape in [(3, 1, 3, 5), (2, 2, 3, 5), (2, 1, 5, 3), (1, 3, 5)]:
+        with pytest.raises(ValueError, match="mask must"):
+            masked_attention(q, k, k, torch.ones(shape, dtype=torch.bool))
+    with pytest.raises(fastgpt.BackendUnavailableError, match="masked_attention"):
+        masked_attention(q, k, k, torch.ones(2, 1, 3, 5, dtype=torch.bool), backend="cuda")
+    assert "take no mask" in _masked_limits(q.half(), 5)("cuda")
+    assert masked_attention(q, k[:, :, :0], k[:, :, :0], torch.ones(2, 1, 3, 0, dtype=torch.bool)).eq(0).all()
+
+
 def _views(buf, S, D, stride, count):
     """`count` (1, 1, S, D) views into buf, side by side in rows of `stride`, filled at random."""
     views = [buf[i * D:].as_strided((1, 1, S, D), (0, 0, stride, 1)) for i in range(count)]
@@ -154,7 +221,7 @@ def test_autotune_candidates():
     does not depend on which shape of that key came first."""
     from fastgpt.kernels import attention as mod
 
-    assert set(mod._attn_fwd_tuned.keys) == {"HEAD_DIM", "IS_CAUSAL", "seq_bucket", "short_q"}
+    assert set(mod._attn_fwd_tuned.keys) == {"HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q"}
     # the launcher's copy of huge-stride K/V views relies on this bound
     assert max(c.kwargs["BLOCK_N"] for c in mod._CONFIGS) <= mod._MAX_BLOCK_N
     assert mod._INTERPRETER_CONFIG[1] <= mod._MAX_BLOCK_N
@@ -238,12 +305,15 @@ SMEM_LIMIT_SM86 = 101376  # RTX 30xx/40xx, L4, A10 (sm_86/sm_89): what an untune
 def compile_attention_variants(arch):
     """The first tuned config of a few (dtype, head dim, causal) variants; asserts they fit."""
     mod = _load_kernel_module("attention")
-    for dtype, D, causal in [("fp16", 64, True), ("bf16", 80, False), ("bf16", 256, True), ("fp32", 128, True)]:
+    variants = [("fp16", 64, True, False), ("bf16", 80, False, False), ("bf16", 256, True, False),
+                ("fp32", 128, True, False), ("bf16", 64, False, True), ("fp16", 128, True, True)]
+    for dtype, D, causal, has_mask in variants:
         block_d = max(16, 1 << (D - 1).bit_length())
         block_m, block_n, warps, stages = mod._table(block_d, dtype == "fp32")[0]
-        ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32"}
+        ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32", "mask_ptr": "*u8"}
         const = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal,
-                     WRITE_LSE=True, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+                     HAS_MASK=has_mask, WRITE_LSE=True,
+                     DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
         kernel = compile_for(mod._attn_fwd_kernel, ptrs, const, arch=arch, num_warps=warps, num_stages=stages)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, kernel.metadata.shared)
         if arch == 90 and dtype != "fp32":
@@ -251,9 +321,9 @@ def compile_attention_variants(arch):
     if arch == 80:  # the fixed configs launch without an autotuner to skip what does not fit
         for dtype, block_d in [(d, b) for d in ("bf16", "fp32") for b in (64, 128, 256)]:
             block_m, block_n, warps, stages = mod._fixed_config(block_d, dtype == "fp32")
-            ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32"}
+            ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32", "mask_ptr": "*u8"}
             const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=True,
-                         WRITE_LSE=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+                         HAS_MASK=False, WRITE_LSE=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
             kernel = compile_for(mod._attn_fwd_kernel, ptrs, const, arch=80, num_warps=warps, num_stages=stages)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, block_d, kernel.metadata.shared)
 
@@ -339,3 +409,12 @@ def test_gpu_fp32_and_views():
     v = _randn((B, S, Hkv, D), torch.float32, "cuda", gen).transpose(1, 2)
     _check(q, k, v, causal=True)
     _check(q.contiguous(), k.contiguous(), v.contiguous(), causal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("Sq,Sk", [(1024, 1024), (1, 4000), (300, 2048)])
+def test_gpu_masked_padding(Sq, Sk):
+    """transformers' padded batches on the GPU: bf16 and fp16, GQA, the mask read per tile."""
+    for dtype in (torch.bfloat16, torch.float16):
+        q, k, v = _qkv(4, 8, 2, Sq, Sk, 64, dtype, "cuda")
+        _check_masked(q, k, v, _padding_mask([Sk, Sk - 100, Sk // 2, 7], Sq, Sk, "cuda"))

@@ -3,12 +3,13 @@
 import torch
 
 import fastgpt
+from fastgpt.ops.attention import masked_attention
 
 
 def test_compile_fullgraph_through_every_op():
     @torch.compile(fullgraph=True, backend="aot_eager")
-    def step(q, k, v, lens, x, w, b, r, logits):
-        a = fastgpt.attention(q, k, v, causal=True)
+    def step(q, k, v, lens, key_mask, x, w, b, r, logits):
+        a = fastgpt.attention(q, k, v, causal=True) + masked_attention(q, k, v, key_mask)
         d = fastgpt.decode_attention(q[:, :, :1], k, v, lens)
         y, h = fastgpt.layer_norm(x, w, b, residual=r)
         y2 = fastgpt.layer_norm(h, w, None)
@@ -20,8 +21,10 @@ def test_compile_fullgraph_through_every_op():
     lens = torch.tensor([2, 6], dtype=torch.int32)
     x, r, w, b = torch.randn(3, 32), torch.randn(3, 32), torch.randn(32), torch.randn(32)
     logits = torch.randn(2, 50)
-    a, d, y, h, y2, ids, f = step(q, k, v, lens, x, w, b, r, logits)
-    torch.testing.assert_close(a, fastgpt.attention(q, k, v, causal=True))
+    key_mask = (torch.arange(6) < lens[:, None]).view(2, 1, 1, 6).expand(2, 1, 6, 6)  # padding
+    a, d, y, h, y2, ids, f = step(q, k, v, lens, key_mask, x, w, b, r, logits)
+    masked = masked_attention(q, k, v, key_mask)
+    torch.testing.assert_close(a, fastgpt.attention(q, k, v, causal=True) + masked)
     torch.testing.assert_close(d, fastgpt.decode_attention(q[:, :, :1], k, v, lens))
     torch.testing.assert_close(y, fastgpt.layer_norm(x, w, b, residual=r)[0])
     torch.testing.assert_close(y2, fastgpt.layer_norm(x + r, w, None))
@@ -30,7 +33,7 @@ def test_compile_fullgraph_through_every_op():
 
 
 def test_ops_are_registered_with_fake_impls():
-    for name in ("attention", "decode_attention", "layer_norm", "add_layer_norm", "sample"):
+    for name in ("attention", "masked_attention", "decode_attention", "layer_norm", "add_layer_norm", "sample"):
         op = getattr(torch.ops.fastgpt, name)
         torch.library.opcheck(op.default, _example_args(name), test_utils=("test_schema", "test_faketensor"))
 
@@ -41,6 +44,7 @@ def _example_args(name):
     B = torch.ones(2)
     return {
         "attention": (q, k, k.clone(), True, 0.3, "torch"),
+        "masked_attention": (q, k, k.clone(), torch.rand(1, 1, 3, 3) > 0.5, 0.3, "torch"),
         "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), 0.3, "torch"),
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
         "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),

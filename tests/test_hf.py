@@ -68,10 +68,11 @@ def padded_batch():
     return idx, mask
 
 
-def greedy(model, idx, mask=None, **kwargs):
+def greedy(model, idx, mask=None, max_new_tokens=32, **kwargs):
     mask = torch.ones_like(idx) if mask is None else mask
     with torch.no_grad():
-        return model.generate(idx, attention_mask=mask, max_new_tokens=32, do_sample=False, pad_token_id=0, **kwargs)
+        return model.generate(idx, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                              pad_token_id=0, **kwargs)
 
 
 @pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
@@ -95,6 +96,32 @@ def test_same_greedy_generations(make_config, tmp_path, calls):
     assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
     static = dict(cache_implementation="static")
     assert torch.equal(greedy(ours, idx, mask, **static), greedy(reference, idx, mask, **static))
+
+
+@pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
+def test_padded_batches_on_the_triton_kernel(make_config, tmp_path, monkeypatch):
+    """Padding masks reach the Triton kernel (its interpreter on CPU): the same logits on the real
+    positions and the same greedy generations as SDPA."""
+    from fastgpt.kernels import attention as kernel
+
+    masked_launches = collections.Counter()
+    launch = kernel.attention
+
+    def counted(*args, mask=None, **kwargs):
+        masked_launches[mask is not None] += 1
+        return launch(*args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(kernel, "attention", counted)
+    reference, _ = pair(make_config(), tmp_path)
+    fastgpt.hf.register("fastgpt-triton", backend="triton")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-triton").eval()
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        real = mask.bool()
+        assert_close(ours(idx, attention_mask=mask).logits[real], reference(idx, attention_mask=mask).logits[real])
+    assert masked_launches[True] == 2  # both layers
+    assert torch.equal(greedy(ours, idx, mask, max_new_tokens=8), greedy(reference, idx, mask, max_new_tokens=8))
+    assert masked_launches[True] == 2 + 2 * 8  # the prefill and every decode step carry the mask
 
 
 def test_static_cache_prefill_without_mask(tmp_path, calls):

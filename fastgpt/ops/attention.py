@@ -1,4 +1,5 @@
-"""fastgpt.attention: prefill attention with causal masking and GQA, over three backends."""
+"""fastgpt.attention: prefill attention with causal masking and GQA, over three backends; and
+masked_attention, its form under an arbitrary boolean mask (what transformers hands over)."""
 
 from __future__ import annotations
 
@@ -75,4 +76,66 @@ def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 @_attention_op.register_fake
 def _(q, k, v, causal, scale, backend):
+    return q.new_empty(q.shape)
+
+
+def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str = "auto"):
+    """Attention under a boolean mask: softmax(q k^T * scale, keys where mask is True) v, fused.
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq % Hkv == 0; fp16, bf16 or fp32. mask: bool
+    (B or 1, Hq or 1, Sq, Sk), True where query i may attend to key j (transformers' SDPA mask;
+    no causal mask is added). A query that may attend to no key returns zeros. Backends: triton
+    (auto's choice on a CUDA device) and torch; the cuda kernels take no mask. Returns
+    (B, Hq, Sq, D) in q's dtype.
+    """
+    _checks.tensor("q", q, ndim=4)
+    _checks.tensor("k", k, ndim=4)
+    _checks.tensor("v", v, ndim=4)
+    _checks.tensor("mask", mask, ndim=4, dtypes=(torch.bool,))
+    device = _checks.same_device(q=q, k=k, v=v, mask=mask)
+    _checks.same_dtype(q=q, k=k, v=v)
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    _checks.shape("k", k, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
+    _checks.shape("v", v, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q's head count ({Hq}) must be a multiple of k/v's ({Hkv})")
+    mB, mH, mSq, mSk = mask.shape
+    if mB not in (1, B) or mH not in (1, Hq) or (mSq, mSk) != (Sq, Sk):
+        raise ValueError(f"mask must have shape (B or 1, Hq or 1, Sq, Sk) = ({B} or 1, {Hq} or 1, {Sq}, {Sk}), "
+                         f"got {tuple(mask.shape)}")
+    scale = _checks.scale(scale, D)
+    name = _backends.resolve("masked_attention", backend, device, _masked_limits(q, Sk), preference=("triton",))
+    if q.numel() == 0 or Sk == 0:
+        return q.new_zeros(B, Hq, Sq, D)
+    if name == "torch":
+        return _masked_reference(q, k, v, mask, scale)
+    q, k, v, mask = (_checks.last_dim_contiguous(t) for t in (q, k, v, mask))
+    return torch.ops.fastgpt.masked_attention(q, k, v, mask, scale, name)
+
+
+def _masked_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]:
+    limits = backend_limits(q, seq_len)
+    return lambda name: "the cuda kernels take no mask (backend='triton' does)" if name == "cuda" else limits(name)
+
+
+def _masked_reference(q, k, v, mask, scale):
+    """The mask's head dim grouped as q's (Hkv, group), for reference.masked_attention."""
+    Hkv = k.shape[1]
+    grouped = mask[:, :, None] if mask.shape[1] == 1 else mask.unflatten(1, (Hkv, -1))  # (B|1, Hkv|1, g|1, Sq, Sk)
+    return reference.masked_attention(q, k, v, grouped, scale)
+
+
+@torch.library.custom_op("fastgpt::masked_attention", mutates_args=())
+def _masked_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, backend: str
+) -> torch.Tensor:
+    if backend == "torch":
+        return _masked_reference(q, k, v, mask, scale)
+    mask = mask.expand(q.shape[0], q.shape[1], *mask.shape[2:])  # broadcast dims get stride 0
+    return _backends.launchers(backend, "attention").attention(q, k, v, causal=False, scale=scale, mask=mask)
+
+
+@_masked_attention_op.register_fake
+def _(q, k, v, mask, scale, backend):
     return q.new_empty(q.shape)
