@@ -17,6 +17,12 @@ Autotuning times candidate kernels with host syncs, which a CUDA graph capture c
 `attention` once with each new key before capturing it. A key first met during a capture is not
 tuned there: it runs the fixed config, with a warning. Under Triton's interpreter (CPU tensors)
 one small fixed config is used.
+
+Loads on Hopper (sm_90+): tiles can come through TMA (host tensor descriptors over the 4-D
+tensors, whose bounds zero-fill past the sequence and the head dim) instead of pointer loads.
+For fp16/bf16 the autotuner times the leading configs both ways and keeps the faster; not yet
+measured on a GPU (none was available), so neither is assumed to win. Warp specialization is
+not used: Triton 3.6 offers it on Blackwell only.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 _FP32_DOT_PRECISION = "tf32x3"
 _INTERPRETER_CONFIG = (16, 16, 4, 1)  # (BLOCK_M, BLOCK_N, warps, stages) on CPU tensors: small and fast
@@ -60,11 +67,30 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.c
 
 
 @triton.jit
-def _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d, start, end,
-                Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
+def _load_kv(desc, base, b, kvh, start_n, offs_n, offs_d, Sk, stride_s, HEAD_DIM: tl.constexpr,
+             BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr):
+    """The (BLOCK_N, BLOCK_D) key or value tile from row start_n of one (batch, KV head), zero past
+    Sk and HEAD_DIM: by TMA (desc over (B, Hkv, Sk, D) at int32 [b, kvh]; its bounds do the zero
+    fill) or by pointers from base (that head's row 0)."""
+    if USE_TMA:
+        tile = desc.load([b, kvh, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        # Pointers are rebuilt from the scalar base each step: a (BLOCK_N, BLOCK_D) tensor of
+        # 64-bit pointers kept live across the loop would cost more registers than the tile. The
+        # block's first row is a 64-bit scalar offset (Sk * stride may pass 2^31); rows within
+        # the block stay 32-bit (the launcher keeps BLOCK_N * stride below 2^31).
+        row0 = tl.cast(start_n, tl.int64)  # start_n is a Python int in the interpreter
+        ptrs = base + row0 * stride_s + offs_n[:, None] * stride_s + offs_d[None, :]
+        tile = _load_rows(ptrs, start_n + offs_n, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+    return tile
+
+
+@triton.jit
+def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_rows, offs_m, offs_n, offs_d,
+                start, end, Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                USE_TMA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Fold key blocks [start, end) into the running (acc, l_i, m_i); m_i is in log2 units.
 
     MASKED applies the key-length, causal and (HAS_MASK) user masks; the caller only passes
@@ -74,13 +100,8 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, off
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        # Pointers are rebuilt from scalar bases each step: a (BLOCK_N, BLOCK_D) tensor of 64-bit
-        # pointers kept live across the loop would cost more registers than the tile itself. The
-        # block's first row is a 64-bit scalar offset (Sk * stride may pass 2^31); rows within the
-        # block stay 32-bit (the launcher keeps BLOCK_N * stride below 2^31).
-        row0 = tl.cast(start_n, tl.int64)  # start_n is a Python int in the interpreter
-        k_ptrs = k_base + row0 * stride_k_s + offs_n[:, None] * stride_k_s + offs_d[None, :]
-        k = _load_rows(k_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_kv(desc_k, k_base, b, kvh, start_n, offs_n, offs_d, Sk, stride_k_s,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = cols[None, :] < Sk
@@ -97,8 +118,8 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, off
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_ptrs = v_base + row0 * stride_v_s + offs_n[:, None] * stride_v_s + offs_d[None, :]
-        v = _load_rows(v_ptrs, cols, Sk, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_kv(desc_v, v_base, b, kvh, start_n, offs_n, offs_d, Sk, stride_v_s,
+                     HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, USE_TMA)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -114,7 +135,7 @@ def _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, off
 # row of the tile sees in full run unmasked; only blocks crossing the diagonal or the end of the
 # keys are masked, and blocks past the last visible key are skipped. With a user mask, key j is
 # also hidden from query i where mask[b, h, i, j] is 0, and every block is masked.
-@triton.jit(do_not_specialize=["seq_bucket", "short_q"])
+@triton.jit(do_not_specialize=["seq_bucket", "short_q", "tma"])
 def _attn_fwd_kernel(
     q_ptr,  # (B, Hq, Sq, D), stride(-1) == 1
     k_ptr,  # (B, Hkv, Sk, D), stride(-1) == 1
@@ -122,6 +143,7 @@ def _attn_fwd_kernel(
     o_ptr,  # (B, Hq, Sq, D), stride(-1) == 1: the output
     lse_ptr,  # (B, Hq, Sq) fp32 contiguous: written only when WRITE_LSE
     mask_ptr,  # (B, Hq, Sq, Sk) uint8, stride(-1) == 1, 0 = hidden (strides 0 broadcast): read when HAS_MASK
+    desc_q, desc_k, desc_v, desc_o,  # TMA descriptors of q, k, v, o (blocks [1, 1, rows, BLOCK_D]) when USE_TMA
     stride_q_b, stride_q_h, stride_q_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
@@ -131,25 +153,29 @@ def _attn_fwd_kernel(
     group,  # Hq // Hkv: query head h reads KV head h // group
     seq_bucket,  # unused by the kernel: part of the autotuning key
     short_q,  # unused by the kernel: part of the autotuning key (1 when Sq fits the smallest BLOCK_M)
+    tma,  # unused by the kernel: part of the autotuning key (which configs may use TMA)
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_LSE: tl.constexpr, USE_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     # 1D grid, query blocks of one head adjacent (they share its K/V in L2). Under a causal mask
     # the last query blocks see the most keys: launch them first.
     num_m = tl.cdiv(Sq, BLOCK_M)
     bh = tl.program_id(0) // num_m
     start_m = num_m - 1 - tl.program_id(0) % num_m
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    kvh = (h // group).to(tl.int64)
-    h = h.to(tl.int64)
+    b32, h32 = bh // Hq, bh % Hq  # int32 coordinates for TMA
+    kvh32 = h32 // group
+    b, h, kvh = b32.to(tl.int64), h32.to(tl.int64), kvh32.to(tl.int64)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     rows = offs_m.to(tl.int64)[:, None]  # Sq * stride may pass 2^31
 
-    q_ptrs = q_ptr + b * stride_q_b + h * stride_q_h + rows * stride_q_s + offs_d[None, :]
-    q = _load_rows(q_ptrs, offs_m, Sq, offs_d, HEAD_DIM, BLOCK_D, True)
+    if USE_TMA:
+        q = desc_q.load([b32, h32, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        q_ptrs = q_ptr + b * stride_q_b + h * stride_q_h + rows * stride_q_s + offs_d[None, :]
+        q = _load_rows(q_ptrs, offs_m, Sq, offs_d, HEAD_DIM, BLOCK_D, True)
     k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
     v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
     mask_rows = mask_ptr + b * stride_mask_b + h * stride_mask_h + rows * stride_mask_q
@@ -170,19 +196,23 @@ def _attn_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d,
-                                0, full_end, Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_MASK,
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b32, kvh32, k_base, v_base, mask_rows,
+                                offs_m, offs_n, offs_d, 0, full_end, Sq, Sk, diag, qk_scale, stride_k_s,
+                                stride_v_s, HEAD_DIM, BLOCK_D, BLOCK_N, False, IS_CAUSAL, HAS_MASK, USE_TMA,
                                 DOT_PRECISION)
-    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, k_base, v_base, mask_rows, offs_m, offs_n, offs_d,
-                                full_end, hi, Sq, Sk, diag, qk_scale, stride_k_s, stride_v_s,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_MASK,
+    acc, l_i, m_i = _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b32, kvh32, k_base, v_base, mask_rows,
+                                offs_m, offs_n, offs_d, full_end, hi, Sq, Sk, diag, qk_scale, stride_k_s,
+                                stride_v_s, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_MASK, USE_TMA,
                                 DOT_PRECISION)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: acc is 0, output 0
     out = acc / l_safe[:, None]
-    o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + rows * stride_o_s + offs_d[None, :]
-    tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
+    out = out.to(o_ptr.dtype.element_ty)
+    if USE_TMA:  # the descriptor's bounds clip rows past Sq and columns past HEAD_DIM
+        desc_o.store([b32, h32, start_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        o_ptrs = o_ptr + b * stride_o_b + h * stride_o_h + rows * stride_o_s + offs_d[None, :]
+        tl.store(o_ptrs, out, mask=(offs_m[:, None] < Sq) & (offs_d[None, :] < HEAD_DIM))
     if WRITE_LSE:
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         tl.store(lse_ptr + (b * Hq + h) * Sq + offs_m, lse, mask=offs_m < Sq)
@@ -208,10 +238,27 @@ _TUNING_FP32 = {
     128: [(16, 16, 4, 2), (32, 16, 4, 2), (32, 32, 4, 1), (64, 16, 4, 1)],
     256: [(16, 16, 4, 2), (32, 16, 4, 2)],
 }
-_CONFIGS = [
-    triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st)
-    for m, n, w, st in sorted({c for tables in (_TUNING, _TUNING_FP32) for t in tables.values() for c in t})
-]
+_TMA_CANDIDATES = 3  # the leading fp16/bf16 table entries also tried with TMA loads on sm_90+
+TMA_OFF, TMA_AUTO, TMA_ONLY = 0, 1, 2  # the kernel's `tma` key: which configs may run (see _tma_mode)
+
+
+def _set_block_shapes(nargs):
+    """Config pre-hook: the TMA descriptors' blocks follow the config's tile rows."""
+    for name, rows in (("desc_q", "BLOCK_M"), ("desc_o", "BLOCK_M"), ("desc_k", "BLOCK_N"), ("desc_v", "BLOCK_N")):
+        nargs[name].block_shape = [1, 1, nargs[rows], nargs["BLOCK_D"]]
+
+
+def _make_configs():
+    """Every tile of the tables three ways: by pointers without descriptors (no hook, so its
+    tuning result can be cached on disk), and, for calls that pass descriptors, by pointers or by
+    TMA, with the hook that sizes the descriptors' blocks."""
+    tiles = sorted({c for tables in (_TUNING, _TUNING_FP32) for t in tables.values() for c in t})
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "USE_TMA": use_tma}, num_warps=w, num_stages=st, pre_hook=hook)
+            for m, n, w, st in tiles
+            for use_tma, hook in ((False, None), (False, _set_block_shapes), (True, _set_block_shapes))]
+
+
+_CONFIGS = _make_configs()
 
 
 def _table(block_d: int, fp32: bool) -> list[tuple[int, int, int, int]]:
@@ -235,7 +282,17 @@ def _prune_configs(configs, named_args, **kwargs):
     Everything read here is in the autotuning key, so the tuned choice never depends on which
     shape of a key came first."""
     table = _table(kwargs["BLOCK_D"], named_args["q_ptr"].dtype == torch.float32)
-    keep = [c for c in configs if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table]
+    tma = named_args["tma"]
+
+    def wanted(c):
+        tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+        if tile not in table or (c.pre_hook is None) != (tma == TMA_OFF):
+            return False
+        if c.kwargs["USE_TMA"]:
+            return tma == TMA_ONLY or (tma == TMA_AUTO and tile in table[:_TMA_CANDIDATES])
+        return tma != TMA_ONLY
+
+    keep = [c for c in configs if wanted(c)]
     smallest = min(c.kwargs["BLOCK_M"] for c in keep)
     short = [c for c in keep if c.kwargs["BLOCK_M"] == smallest]
     return short if named_args["short_q"] else keep
@@ -243,7 +300,7 @@ def _prune_configs(configs, named_args, **kwargs):
 
 _attn_fwd_tuned = triton.autotune(
     configs=_CONFIGS,
-    key=["HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q"],  # Triton adds the tensor dtypes
+    key=["HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q", "tma"],  # Triton adds the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
 _TUNED = set()  # the keys autotuned in this process (see _autotune)
@@ -263,7 +320,33 @@ def _autotune(key: tuple) -> bool:
     return False
 
 
-def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, mask=None):
+def _tma_mode(tma: bool | None, *tensors: torch.Tensor) -> int:
+    """Which loads the kernel may use for these tensors: TMA_OFF, TMA_AUTO (the autotuner tries
+    both), TMA_ONLY. tma=None: AUTO for fp16/bf16 on an sm_90+ GPU when TMA can address the
+    tensors (16-byte aligned base and strides), else OFF. True: ONLY (tests; the Triton
+    interpreter runs it on CPU tensors), or a ValueError when TMA cannot address them."""
+    q = tensors[0]
+    addressable = all(t.data_ptr() % 16 == 0 and all(0 < st * t.element_size() < 2**40 and st * t.element_size() % 16 == 0
+                                                      for st in t.stride()[:-1]) for t in tensors)
+    if tma is None:
+        gpu_ok = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+        return TMA_AUTO if addressable and gpu_ok and q.dtype != torch.float32 else TMA_OFF
+    if tma and not addressable:
+        raise ValueError("tma=True needs q, k, v with 16-byte aligned data pointers and strides (in bytes)")
+    if tma and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] < 9:
+        raise ValueError("tma=True needs an sm_90+ GPU (Hopper or newer)")
+    return TMA_ONLY if tma else TMA_OFF
+
+
+def _descriptors(tma: int, block_d: int, *tensors: torch.Tensor):
+    """Host TMA descriptors of (B, H, S, D) tensors, or Nones under TMA_OFF. Their blocks are
+    [1, 1, rows, block_d]; rows is set per config (_set_block_shapes)."""
+    if tma == TMA_OFF:
+        return (None,) * len(tensors)
+    return tuple(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, 16, block_d]) for t in tensors)
+
+
+def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, mask=None, tma: bool | None = None):
     """softmax(q k^T * scale [+ causal mask] [+ mask]) v, the Triton forward.
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D): fp16, bf16 or fp32, one dtype, stride(-1) == 1, any
@@ -271,6 +354,8 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     keys j <= i + Sk - Sq). mask: None, or bool (B, Hq, Sq, Sk) with stride(-1) == 1 (an expanded
     view is fine), False hiding key j from query i. Returns the output (B, Hq, Sq, D) in q.dtype,
     contiguous; with return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
+    tma: None lets the autotuner try TMA loads where the GPU and the tensors allow (see
+    _tma_mode); True forces them, False forbids them.
 
     On the GPU, max(Sq, Sk) > 256 autotunes on the first call with each new key (head dim,
     causal, dtype, length bucket): make that call before capturing a CUDA graph. A capture that
@@ -286,18 +371,27 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     fp32 = q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(D))
     seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
+    tma_mode = _tma_mode(tma, q, k, v, out)
+    tune_key = (D, bool(causal), mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
+    tuned = q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN and _autotune(tune_key)
+    if not tuned and tma_mode == TMA_AUTO:
+        tma_mode = TMA_OFF  # the fixed config loads by pointers: no descriptors to build
+    descs = _descriptors(tma_mode, block_d, q, k, v, out)
     has_mask = mask is not None
     mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
     mask_strides = mask.stride()[:3] if has_mask else (0, 0, 0)
-    args = (q, k, v, out, lse, mask, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q)
+    args = (q, k, v, out, lse, mask, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q, tma_mode)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), HAS_MASK=has_mask, WRITE_LSE=return_lse,
                 DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
-    tune_key = (D, bool(causal), has_mask, seq_bucket, short_q, q.dtype, return_lse)
-    if q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN and _autotune(tune_key):
+    if tuned:
         _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
     else:
         block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
+        use_tma = tma_mode == TMA_ONLY
+        if use_tma:
+            _set_block_shapes(dict(zip(("desc_q", "desc_k", "desc_v", "desc_o"), descs), BLOCK_M=block_m,
+                                   BLOCK_N=block_n, BLOCK_D=block_d))
         _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=warps, num_stages=stages)
     return AttentionOutput(out, lse) if return_lse else out

@@ -180,6 +180,47 @@ def test_masked_checks():
     assert masked_attention(q, k[:, :, :0], k[:, :, :0], torch.ones(2, 1, 3, 0, dtype=torch.bool)).eq(0).all()
 
 
+# ----------------------------------------------------------------------------- TMA loads (sm_90+)
+
+
+@pytest.mark.parametrize("Sq,Sk,Hq,Hkv,D,causal", [(17, 17, 2, 2, 32, True), (33, 17, 2, 1, 32, True),
+                                                   (17, 40, 4, 2, 64, True), (1, 40, 4, 2, 64, False),
+                                                   (40, 23, 2, 2, 80, False), (50, 50, 2, 1, 16, True)])
+def test_tma_loads(device, Sq, Sk, Hq, Hkv, D, causal):
+    """The TMA path (descriptor loads zero-filled past the sequence and the head dim, descriptor
+    stores clipped) forced on: fresh tensors and (B, S, H, D) layouts seen as (B, H, S, D)."""
+    from fastgpt.kernels.attention import attention as triton_attention
+
+    q, k, v = _qkv(2, Hq, Hkv, Sq, Sk, D, torch.float32, device, seed=Sq * Sk)
+    out = triton_attention(q, k, v, causal=causal, scale=D**-0.5, tma=True)
+    assert_close(out, _reference(q, k, v, causal, None))
+    views = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v)]
+    res = triton_attention(*views, causal=causal, scale=D**-0.5, tma=True, return_lse=True)
+    assert_close(res.out, out)
+    assert_close(res.lse, triton_attention(q, k, v, causal=causal, scale=D**-0.5, tma=False, return_lse=True).lse)
+
+
+def test_tma_loads_under_a_mask(device):
+    from fastgpt.kernels.attention import attention as triton_attention
+
+    q, k, v = _qkv(3, 4, 1, 9, 30, 64, torch.float16, device, seed=4)
+    mask = _padding_mask([30, 25, 3], 9, 30, device)
+    out = triton_attention(q, k, v, causal=False, scale=0.125, mask=mask.expand(3, 4, 9, 30), tma=True)
+    assert_close(out, masked_attention(q.float(), k.float(), v.float(), mask, scale=0.125, backend="torch"),
+                 dtype=torch.float16)
+
+
+def test_tma_refuses_unaligned_views(device):
+    """TMA needs 16-byte aligned strides: a forced call on rows of 17 fp32 (68 bytes) says so;
+    the default (tma=None) takes the pointer path for them."""
+    from fastgpt.kernels.attention import attention as triton_attention
+
+    q, k, v = (t[..., :17] for t in _qkv(1, 2, 2, 20, 20, 18, torch.float32, device))
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        triton_attention(q, k, v, causal=True, scale=0.2, tma=True)
+    assert_close(triton_attention(q, k, v, causal=True, scale=0.2), _reference(q, k, v, True, 0.2))
+
+
 def _views(buf, S, D, stride, count):
     """`count` (1, 1, S, D) views into buf, side by side in rows of `stride`, filled at random."""
     views = [buf[i * D:].as_strided((1, 1, S, D), (0, 0, stride, 1)) for i in range(count)]
@@ -215,32 +256,39 @@ def test_large_offsets(device):
 
 def test_autotune_candidates():
     """The GPU path's pruning keeps exactly the table for the head dim and dtype (short queries:
-    only the smallest BLOCK_M), every table entry is among the autotuner's configs, and the fixed
-    config for short sequences comes from the table. The pruning reads only the tensors' dtypes
-    and arguments in the autotuning key (a KeyError otherwise), so the config tuned for a key
-    does not depend on which shape of that key came first."""
+    only the smallest BLOCK_M): by pointers without descriptors when TMA is off, by pointers plus
+    TMA for the leading entries when the autotuner may choose, by TMA only when forced. Every
+    table entry is among the autotuner's configs, and the fixed config for short sequences comes
+    from the table. The pruning reads only the tensors' dtypes and arguments in the autotuning
+    key (a KeyError otherwise), so the config tuned for a key does not depend on which shape of
+    that key came first."""
     from fastgpt.kernels import attention as mod
 
-    assert set(mod._attn_fwd_tuned.keys) == {"HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q"}
+    assert set(mod._attn_fwd_tuned.keys) == {"HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q", "tma"}
     # the launcher's copy of huge-stride K/V views relies on this bound
     assert max(c.kwargs["BLOCK_N"] for c in mod._CONFIGS) <= mod._MAX_BLOCK_N
     assert mod._INTERPRETER_CONFIG[1] <= mod._MAX_BLOCK_N
 
-    def kept(block_d, dtype, Sq):
+    def kept(block_d, dtype, Sq, tma=mod.TMA_OFF):
         q = torch.empty(1, dtype=dtype)
         short_q = mod._short_q(Sq, block_d, dtype == torch.float32)
-        configs = mod._prune_configs(mod._CONFIGS, {"q_ptr": q, "short_q": short_q}, BLOCK_D=block_d)
-        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in configs}
+        configs = mod._prune_configs(mod._CONFIGS, {"q_ptr": q, "short_q": short_q, "tma": tma}, BLOCK_D=block_d)
+        assert all((c.pre_hook is None) == (tma == mod.TMA_OFF) for c in configs)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages, c.kwargs["USE_TMA"])
+                for c in configs}
 
     for block_d in (16, 32, 64, 128, 256):
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             table = mod._table(block_d, dtype == torch.float32)
-            assert kept(block_d, dtype, 4096) == set(table)
+            assert kept(block_d, dtype, 4096) == {(*c, False) for c in table}
+            assert kept(block_d, dtype, 4096, mod.TMA_AUTO) == (
+                {(*c, False) for c in table} | {(*c, True) for c in table[:mod._TMA_CANDIDATES]})
+            assert kept(block_d, dtype, 4096, mod.TMA_ONLY) == {(*c, True) for c in table}
             smallest = min(m for m, *_ in table)
-            assert kept(block_d, dtype, 1) == {c for c in table if c[0] == smallest}
+            assert kept(block_d, dtype, 1) == {(*c, False) for c in table if c[0] == smallest}
             assert mod._fixed_config(block_d, dtype == torch.float32) in table
             assert kept(block_d, dtype, smallest) == kept(block_d, dtype, 1)
-            assert kept(block_d, dtype, smallest + 1) == set(table)
+            assert kept(block_d, dtype, smallest + 1) == {(*c, False) for c in table}
 
 
 def test_no_autotuning_during_graph_capture(monkeypatch):
@@ -303,29 +351,43 @@ SMEM_LIMIT_SM86 = 101376  # RTX 30xx/40xx, L4, A10 (sm_86/sm_89): what an untune
 
 
 def compile_attention_variants(arch):
-    """The first tuned config of a few (dtype, head dim, causal) variants; asserts they fit."""
+    """The first tuned config of a few (dtype, head dim, causal, mask, TMA) variants; asserts they
+    fit. TMA variants (sm_90 only) must issue TMA copies."""
     mod = _load_kernel_module("attention")
-    variants = [("fp16", 64, True, False), ("bf16", 80, False, False), ("bf16", 256, True, False),
-                ("fp32", 128, True, False), ("bf16", 64, False, True), ("fp16", 128, True, True)]
-    for dtype, D, causal, has_mask in variants:
+    variants = [("fp16", 64, True, False, False), ("bf16", 80, False, False, False), ("bf16", 256, True, False, False),
+                ("fp32", 128, True, False, False), ("bf16", 64, False, True, False), ("fp16", 128, True, True, False)]
+    if arch == 90:
+        variants += [("bf16", 64, True, False, True), ("fp16", 128, False, False, True), ("bf16", 80, True, True, True)]
+    for dtype, D, causal, has_mask, use_tma in variants:
         block_d = max(16, 1 << (D - 1).bit_length())
         block_m, block_n, warps, stages = mod._table(block_d, dtype == "fp32")[0]
-        ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32", "mask_ptr": "*u8"}
-        const = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal,
-                     HAS_MASK=has_mask, WRITE_LSE=True,
-                     DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
-        kernel = compile_for(mod._attn_fwd_kernel, ptrs, const, arch=arch, num_warps=warps, num_stages=stages)
+        kernel = compile_variant(mod, arch, dtype, D, block_d, (block_m, block_n, warps, stages),
+                                 causal=causal, has_mask=has_mask, use_tma=use_tma, write_lse=True)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, kernel.metadata.shared)
         if arch == 90 and dtype != "fp32":
             assert "wgmma" in kernel.asm["ptx"], (dtype, D)
+        assert ("cp.async.bulk.tensor" in kernel.asm["ptx"]) == use_tma, (dtype, D, use_tma)
     if arch == 80:  # the fixed configs launch without an autotuner to skip what does not fit
         for dtype, block_d in [(d, b) for d in ("bf16", "fp32") for b in (64, 128, 256)]:
-            block_m, block_n, warps, stages = mod._fixed_config(block_d, dtype == "fp32")
-            ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32", "mask_ptr": "*u8"}
-            const = dict(HEAD_DIM=block_d, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=True,
-                         HAS_MASK=False, WRITE_LSE=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
-            kernel = compile_for(mod._attn_fwd_kernel, ptrs, const, arch=80, num_warps=warps, num_stages=stages)
+            config = mod._fixed_config(block_d, dtype == "fp32")
+            kernel = compile_variant(mod, 80, dtype, block_d, block_d, config, causal=True, has_mask=False,
+                                     use_tma=False, write_lse=False)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, block_d, kernel.metadata.shared)
+
+
+def compile_variant(mod, arch, dtype, D, block_d, config, *, causal, has_mask, use_tma, write_lse):
+    """_attn_fwd_kernel lowered for sm_<arch> with one (BLOCK_M, BLOCK_N, warps, stages) config."""
+    block_m, block_n, warps, stages = config
+    ptrs = {n: f"*{dtype}" for n in ("q_ptr", "k_ptr", "v_ptr", "o_ptr")} | {"lse_ptr": "*fp32", "mask_ptr": "*u8"}
+    const = dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=block_m, BLOCK_N=block_n, IS_CAUSAL=causal,
+                 HAS_MASK=has_mask, WRITE_LSE=write_lse, USE_TMA=use_tma,
+                 DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+    descs = {"desc_q": block_m, "desc_o": block_m, "desc_k": block_n, "desc_v": block_n}
+    if use_tma:
+        ptrs |= {name: f"tensordesc<{dtype}[1, 1, {rows}, {block_d}]>" for name, rows in descs.items()}
+    else:
+        const |= dict.fromkeys(descs)  # None: no descriptors
+    return compile_for(mod._attn_fwd_kernel, ptrs, const, arch=arch, num_warps=warps, num_stages=stages)
 
 
 def run_compile_check(function: str):
@@ -418,3 +480,18 @@ def test_gpu_masked_padding(Sq, Sk):
     for dtype in (torch.bfloat16, torch.float16):
         q, k, v = _qkv(4, 8, 2, Sq, Sk, 64, dtype, "cuda")
         _check_masked(q, k, v, _padding_mask([Sk, Sk - 100, Sk // 2, 7], Sq, Sk, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,causal", [(16, 12, 12, 1024, 1024, 64, True),
+                                                     (3, 8, 1, 1000, 3001, 64, True),
+                                                     (2, 8, 2, 777, 777, 80, False)])
+def test_gpu_tma_real_sizes(B, Hq, Hkv, Sq, Sk, D, causal):
+    """The TMA path alone (autotuned over its configs) at real sizes, on sm_90+."""
+    from fastgpt.kernels.attention import attention as triton_attention
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs an sm_90+ GPU")
+    q, k, v = _qkv(B, Hq, Hkv, Sq, Sk, D, torch.bfloat16, "cuda")
+    out = triton_attention(q, k, v, causal=causal, scale=D**-0.5, tma=True)
+    assert_close(out, _reference(q, k, v, causal, None), dtype=torch.bfloat16)
