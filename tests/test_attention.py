@@ -484,8 +484,7 @@ def test_gpu_masked_padding(Sq, Sk):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,Hq,Hkv,Sq,Sk,D,causal", [(16, 12, 12, 1024, 1024, 64, True),
-                                                     (3, 8, 1, 1000, 3001, 64, True),
-                                                     (2, 8, 2, 777, 777, 80, False)])
+                                                     (3, 8, 1, 1000, 3001, 80, True)])
 def test_gpu_tma_real_sizes(B, Hq, Hkv, Sq, Sk, D, causal):
     """The TMA path alone (autotuned over its configs) at real sizes, on sm_90+."""
     from fastgpt.kernels.attention import attention as triton_attention
