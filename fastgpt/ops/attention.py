@@ -36,14 +36,9 @@ def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]
     return reason
 
 
-def attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "auto"):
-    """Scaled dot-product attention: softmax(q k^T * scale) v, fused.
-
-    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA/MQA); fp16, bf16 or fp32,
-    one dtype, one device. `scale` defaults to 1/sqrt(D). With `causal`, query i sees keys
-    j <= i + Sk - Sq (bottom-right aligned, as FlashAttention; equal to SDPA's is_causal when
-    Sq == Sk); a query that sees no key returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
-    """
+def check_qkv(q, k, v) -> torch.device:
+    """Check q (B, Hq, Sq, D) and k/v (B, Hkv, Sk, D): one float dtype, one device, Hq % Hkv == 0.
+    Returns the device."""
     _checks.tensor("q", q, ndim=4)
     _checks.tensor("k", k, ndim=4)
     _checks.tensor("v", v, ndim=4)
@@ -55,6 +50,20 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     _checks.shape("v", v, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q's head count ({Hq}) must be a multiple of k/v's ({Hkv})")
+    return device
+
+
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "auto"):
+    """Scaled dot-product attention: softmax(q k^T * scale) v, fused.
+
+    q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA/MQA); fp16, bf16 or fp32,
+    one dtype, one device. `scale` defaults to 1/sqrt(D). With `causal`, query i sees keys
+    j <= i + Sk - Sq (bottom-right aligned, as FlashAttention; equal to SDPA's is_causal when
+    Sq == Sk); a query that sees no key returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
+    """
+    device = check_qkv(q, k, v)
+    B, Hq, Sq, D = q.shape
+    Sk = k.shape[2]
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _checks.scale(scale, D)
@@ -88,18 +97,11 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
     (auto's choice on a CUDA device) and torch; the cuda kernels take no mask. Returns
     (B, Hq, Sq, D) in q's dtype.
     """
-    _checks.tensor("q", q, ndim=4)
-    _checks.tensor("k", k, ndim=4)
-    _checks.tensor("v", v, ndim=4)
+    device = check_qkv(q, k, v)
     _checks.tensor("mask", mask, ndim=4, dtypes=(torch.bool,))
-    device = _checks.same_device(q=q, k=k, v=v, mask=mask)
-    _checks.same_dtype(q=q, k=k, v=v)
+    _checks.same_device(q=q, mask=mask)
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
-    _checks.shape("k", k, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
-    _checks.shape("v", v, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's head count ({Hq}) must be a multiple of k/v's ({Hkv})")
+    Sk = k.shape[2]
     mB, mH, mSq, mSk = mask.shape
     if mB not in (1, B) or mH not in (1, Hq) or (mSq, mSk) != (Sq, Sk):
         raise ValueError(f"mask must have shape (B or 1, Hq or 1, Sq, Sk) = ({B} or 1, {Hq} or 1, {Sq}, {Sk}), "
