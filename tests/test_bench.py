@@ -378,6 +378,32 @@ def test_kernel_cases_check_references_on_cpu(op, spec):
     assert by[expected_ok]["status"] == OK
 
 
+def test_padded_attention_case():
+    """A padded batch (PAD): every candidate takes the mask; one that ignores the padding is FAILED."""
+    import fastgpt
+
+    settings = Settings(budget_ms=5, min_runs=2, max_runs=3)
+    case = build_cases("attention", CPU, torch.float32, True, ["B=3,H=4,HKV=2,S=24,D=32,PAD=10"])[0]
+    assert case.name == "B3 H4 HKV2 S24 D32 causal pad10"
+    inputs = case.make_inputs(0)
+    assert inputs["mask"].shape == (3, 1, 24, 24) and not inputs["mask"][2, 0, :, :10].any()
+    from fastgpt.bench.cases.attention import chunked_reference
+    from fastgpt.ops.attention import masked_attention
+
+    q, k, v, mask = (inputs[n] for n in ("q", "k", "v", "mask"))
+    whole = masked_attention(q, k, v, mask, scale=32**-0.5, backend="torch")
+    torch.testing.assert_close(chunked_reference(q, k, v, True, 32**-0.5, score_bytes=5 * 12 * 24 * 4, mask=mask), whole)
+
+    def no_padding(inp):
+        return fastgpt.attention(inp["q"], inp["k"], inp["v"], causal=True)
+
+    case.candidates = [c for c in case.candidates if c.label in ("fastgpt[torch]", "sdpa[math] + mask")]
+    case.candidates.append(Candidate("no padding", FASTGPT, lambda: no_padding))
+    by = {r["implementation"]: r for r in run_case(case, CPU, settings)}
+    assert by["fastgpt[torch]"]["status"] == OK and by["sdpa[math] + mask"]["status"] == OK
+    assert by["no padding"]["status"] == FAILED
+
+
 def test_generate_check_fails_random_tokens():
     from fastgpt.bench.cases import generate as gen
 

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a few representative shapes and short timing budgets (minutes, not hours)")
     parser.add_argument("--shapes", action="append", metavar="SPEC",
                         help="shapes for a single op, e.g. 'B=16,H=12,S=1024,D=64' (repeat the option, or "
-                             "separate specs with ';'). Keys: attention B H HKV S SK D causal; decode B H HKV L D; "
+                             "separate specs with ';'). Keys: attention B H HKV S SK D causal PAD; decode B H HKV L D; "
                              "layernorm M N residual; sampling B V T K P MINP; generate B T N")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"),
                         help="input dtype (default: bf16 kernels, fp32 sampling logits, bf16 generate on a GPU, "

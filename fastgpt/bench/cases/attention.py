@@ -1,6 +1,11 @@
 """Prefill attention: fastgpt vs SDPA (each backend forced), eager attention, flash-attn.
 
 FLOPs: 4*B*Hq*Sq*Sk*D, halved when causal (formulas.attention_flops).
+
+PAD > 0 makes a padded batch as transformers hands it to an attention function: left padding
+(row b's first PAD*b/(B-1) keys hidden) in a boolean (B, 1, Sq, Sk) mask that also holds the
+causal mask. Candidates then take the mask (fastgpt.ops.attention.masked_attention, SDPA's
+attn_mask, eager masked_fill); the FLOP count stays the unpadded one, the same for all.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from fastgpt.bench.cases import describe, fastgpt_candidates, generator, randn, 
 from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
-KEYS = {"B": 16, "H": 12, "HKV": 0, "S": 1024, "SK": 0, "D": 64, "causal": True}  # 0: same as H / S
+KEYS = {"B": 16, "H": 12, "HKV": 0, "S": 1024, "SK": 0, "D": 64, "causal": True, "PAD": 0}  # 0: same as H / S
 DEFAULT_DTYPE = torch.bfloat16
 TOKENS = 16384  # B * S of the sequence-length sweeps: the work per case stays comparable
 # Bytes of one fp32 (B, H, rows, Sk) score temporary of the oracle (it makes about four): the
@@ -29,7 +34,8 @@ def shapes(quick: bool):
     if quick:
         return [(shape(16, 12, 1024, 64), "causal H12 D64, B*S=16k", "S"),
                 (shape(4, 12, 4096, 64), "causal H12 D64, B*S=16k", "S"),
-                (shape(4, 16, 4096, 128), "causal H16 D128, B*S=16k", "S")]
+                (shape(4, 16, 4096, 128), "causal H16 D128, B*S=16k", "S"),
+                (dict(shape(16, 12, 1024, 64), PAD=512), None, None)]  # a padded GPT-2 batch
     plan = []
     for H, D in ((12, 64), (16, 128)):
         for S in (512, 1024, 2048, 4096, 8192, 16384):
@@ -37,44 +43,64 @@ def shapes(quick: bool):
     for S in (1024, 4096, 16384):
         plan.append((shape(TOKENS // S, 16, S, 128, causal=False), "non-causal H16 D128, B*S=16k", "S"))
     plan.append((dict(shape(4, 32, 4096, 128), HKV=8), None, None))  # GQA 32/8
+    plan.append((dict(shape(16, 12, 1024, 64), PAD=512), None, None))  # a padded GPT-2 batch
     return plan
 
 
 def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_key=None) -> Case:
     """One attention case: q (B, H, S, D), k/v (B, HKV, SK, D)."""
     p = dict(p, HKV=p["HKV"] or p["H"], SK=p["SK"] or p["S"])
-    B, H, Hkv, Sq, Sk, D, causal = (p[k] for k in ("B", "H", "HKV", "S", "SK", "D", "causal"))
+    B, H, Hkv, Sq, Sk, D, causal, pad = (p[k] for k in ("B", "H", "HKV", "S", "SK", "D", "causal", "PAD"))
     scale = D**-0.5
+    mask = padding_mask(B, Sq, Sk, pad, causal, device) if pad else None
 
     def make_inputs(seed):
         g = generator(device, seed)
-        return {"q": randn((B, H, Sq, D), gen=g, device=device, dtype=dtype),
-                "k": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype),
-                "v": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype)}
+        inputs = {"q": randn((B, H, Sq, D), gen=g, device=device, dtype=dtype),
+                  "k": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype),
+                  "v": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype)}
+        return inputs if mask is None else dict(inputs, mask=mask)
 
     def reference(inp):
-        return chunked_reference(inp["q"], inp["k"], inp["v"], causal, scale)
+        return chunked_reference(inp["q"], inp["k"], inp["v"], causal, scale, mask=mask)
 
     sw, x, x_label = sweep_of(p, sweep, x_key)
     name = describe(p, ("B", "H") + (("HKV",) if Hkv != H else ()) + ("S",) + (("SK",) if Sk != Sq else ()) + ("D",))
+    name += (" causal" if causal else "") + (f" pad{pad}" if pad else "")
+    cands = candidates(device, causal, scale, Hkv != H, Sq, Sk) if mask is None else masked_candidates(device, scale, Hkv != H)
     return Case(
-        op="attention", name=name + (" causal" if causal else ""), params=p, dtype=dtype,
-        make_inputs=make_inputs, reference=reference, candidates=candidates(device, causal, scale, Hkv != H, Sq, Sk),
+        op="attention", name=name, params=p, dtype=dtype,
+        make_inputs=make_inputs, reference=reference, candidates=cands,
         metric="TFLOP/s", work=formulas.attention_flops(B, H, Sq, Sk, D, causal),
         set_bytes=formulas.attention_bytes(B, H, Hkv, Sq, Sk, D, dtype), sweep=sw, x=x, x_label=x_label)
 
 
-def chunked_reference(q, k, v, causal: bool, scale: float, score_bytes: int = ORACLE_SCORE_BYTES):
+def padding_mask(B: int, Sq: int, Sk: int, pad: int, causal: bool, device) -> torch.Tensor:
+    """transformers' mask of a left-padded batch: bool (B, 1, Sq, Sk), True where query i sees
+    key j: j past row b's padding (PAD * b // (B - 1) keys), and j <= i + Sk - Sq when causal."""
+    i, j = torch.arange(Sq, device=device)[:, None], torch.arange(Sk, device=device)[None, :]
+    first = torch.tensor([pad * b // max(B - 1, 1) for b in range(B)], device=device)[:, None, None, None]
+    visible = j >= first  # (B, 1, 1, Sk)
+    return (visible & (j <= i + Sk - Sq)) if causal else visible.expand(B, 1, Sq, Sk).contiguous()
+
+
+def chunked_reference(q, k, v, causal: bool, scale: float, score_bytes: int = ORACLE_SCORE_BYTES, mask=None):
     """fastgpt.reference.attention, computed over chunks of query rows of at most `score_bytes`
     fp32 scores each. Same result: every query row is independent, and a causal chunk of rows
     [i0, i1) sees only keys [0, i1 + Sk - Sq), so k/v cut there keep the bottom-right alignment
-    (row i sees j <= i + Sk - Sq either way). q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D).
+    (row i sees j <= i + Sk - Sq either way). With a boolean `mask` (B|1, H|1, Sq, Sk) it is
+    the masked reference instead, over the same chunks of rows (the mask holds any causal part).
+    q (B, H, Sq, D), k/v (B, Hkv, Sk, D) -> (B, H, Sq, D).
     """
     from fastgpt import reference as ref
+    from fastgpt.ops.attention import masked_attention
 
     B, H, Sq, D = q.shape
     Sk = k.shape[2]
     rows = max(1, score_bytes // (B * H * Sk * 4))
+    if mask is not None:
+        return torch.cat([masked_attention(q[:, :, i0:i0 + rows], k, v, mask[:, :, i0:i0 + rows], scale=scale,
+                                           backend="torch") for i0 in range(0, Sq, rows)], dim=2)
     if rows >= Sq:
         return ref.attention(q, k, v, causal=causal, scale=scale)
     out = []
@@ -108,8 +134,26 @@ def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
     return out
 
 
+def masked_candidates(device, scale, gqa) -> list[Candidate]:
+    """A padded batch: every candidate takes the boolean mask (inputs["mask"])."""
+    def fastgpt_fn(backend):
+        from fastgpt.ops.attention import masked_attention
+
+        return lambda inp: masked_attention(inp["q"], inp["k"], inp["v"], inp["mask"], scale=scale, backend=backend)
+
+    out = fastgpt_candidates(device, fastgpt_fn)
+    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
+        label = f"sdpa[{name.split('_')[0].lower()}] + mask"
+        out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, False, scale, gqa, 0, 0),
+                             note=f"torch {torch.__version__}"))
+    out.append(Candidate("eager matmul-softmax-matmul + mask", REFERENCE, lambda: eager_fn(False, scale, gqa),
+                         note="HF GPT-2 eager"))
+    return out
+
+
 def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, Sk: int):
-    """F.scaled_dot_product_attention restricted to one backend (raises if it cannot run)."""
+    """F.scaled_dot_product_attention restricted to one backend (raises if it cannot run), under
+    inputs["mask"] when the case has one."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = getattr(SDPBackend, backend_name, None)
@@ -124,7 +168,7 @@ def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, S
     def fn(inp):
         with sdpa_kernel([backend]):
             try:
-                return F.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], attn_mask=mask,
+                return F.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], attn_mask=inp.get("mask", mask),
                                                       is_causal=is_causal, scale=scale, enable_gqa=gqa)
             except RuntimeError as exc:
                 if "No available kernel" in str(exc) or "No viable backend" in str(exc):
@@ -135,7 +179,8 @@ def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, S
 
 
 def eager_fn(causal: bool, scale: float, gqa: bool):
-    """What HF's eager GPT-2 attention does: q k^T, masked_fill, softmax, @ v, in the input dtype."""
+    """What HF's eager GPT-2 attention does: q k^T, masked_fill, softmax, @ v, in the input dtype;
+    also hiding what inputs["mask"] hides when the case has one."""
     masks = {}
 
     def fn(inp):
@@ -151,6 +196,8 @@ def eager_fn(causal: bool, scale: float, gqa: bool):
                 i = torch.arange(Sq, device=q.device)[:, None]
                 masks[key] = torch.arange(Sk, device=q.device)[None, :] > i + (Sk - Sq)
             w = w.masked_fill(masks[key], torch.finfo(w.dtype).min)
+        if "mask" in inp:
+            w = w.masked_fill(~inp["mask"], torch.finfo(w.dtype).min)
         return torch.matmul(torch.softmax(w, dim=-1).to(v.dtype), v)
 
     return fn
