@@ -44,7 +44,7 @@ def check_qkv(q, k, v) -> torch.device:
     _checks.tensor("v", v, ndim=4)
     device = _checks.same_device(q=q, k=k, v=v)
     _checks.same_dtype(q=q, k=k, v=v)
-    B, Hq, Sq, D = q.shape
+    B, Hq, _, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     _checks.shape("k", k, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
     _checks.shape("v", v, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
