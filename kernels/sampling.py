@@ -1,19 +1,18 @@
-"""Sort-free fused sampling in Triton: temperature, top-k, top-p, min-p, greedy, one program per row.
+"""Sort-free fused sampling in Triton: temperature, top-k, top-p, min-p, greedy.
 
-Per row, over the vocabulary in blocks of BLOCK_V (the row is re-read from L2 on every pass):
+Per row, over the vocabulary in blocks (the row is re-read from L2 on every pass):
 
 1. Clean the logits (fastgpt.reference.clean_logits: NaN is -inf; a row holding +inf keeps only
    its +inf entries, as equal logits). Greedy rows (temperature <= 0, or NaN) return the first
    index of the maximum and stop here.
 2. Scores s = x / t, divided with IEEE rounding exactly as torch does, so ties and order match.
-3. Top-k: the k-th largest score, found by searching the order-preserving integer keys of the
-   scores. Each pass counts count(key >= pivot) at NUM_PIVOTS pivots inside the current interval
-   [lo, hi] and keeps the sub-interval that holds the answer; ties with the k-th value are kept.
+3. Top-k: the k-th largest score t_k, searched over the order-preserving int32 keys of the
+   scores as the largest key T with count(key >= T) >= k; ties with the k-th value are kept.
 4. Top-p: Hugging Face sorts the survivors ascending and removes those whose cumulative
    probability is <= 1 - top_p (always keeping the top token). For distinct scores the removed
-   set is {key < T}, T the largest key with mass(key < T) <= (1 - top_p) * Z; the same pivot
-   search finds T. HF's sort is unstable, so when a tie group straddles the boundary HF keeps an
-   arbitrary part of it: this kernel keeps the whole group (a superset of HF's set).
+   set is {key < T}, T the largest key with mass(key < T) <= (1 - top_p) * Z, searched likewise.
+   HF's sort is unstable, so when a tie group straddles the boundary HF keeps an arbitrary part
+   of it: this kernel keeps the whole group (a superset of HF's set).
 5. Min-p: remove p < min_p * p_max, i.e. exp(s - max) < min_p.
 6. Draw by Gumbel-max over the kept set, argmax(s + g) with g = -log(-log(u)), u from Philox
    (tl.randint(seed, row * V + col)), so a draw depends only on the device seed: reproducible,
@@ -23,17 +22,29 @@ Probabilities use fp32 exp, and sums run in a different order than torch's softm
 token whose cumulative mass sits within a few ulps of 1 - top_p (or whose probability sits within
 an ulp of min_p * p_max) may be kept here and removed by the reference, or the reverse.
 
-One program per row leaves most of the GPU idle when the batch is small, and each pass over the
-row is then latency-bound on one SM. So when B < 2 x the SM count, step 1's max (all that a
-greedy row needs) runs first as a split pass, one program per (row, vocabulary chunk of >= 2048),
-and the row's program reduces the chunks' maxima: the same result, to the bit, for any number of
-chunks. The threshold searches and the draw stay one program per row: at B = 1 with top-k/top-p
-on a 50k-260k vocabulary they remain many latency-bound passes (not measured: no GPU here;
-splitting them needs a grid-wide step between passes).
+Two paths, chosen by the launcher from B, V and the SM count only (split_chunks):
+
+- One program per row (_sample_kernel, 1 launch) when B >= 2 x the SM count, V <= 1024 or
+  V > 2^24. Its searches test NUM_PIVOTS pivot keys per pass over the row until the answer is
+  pinned down: a data-dependent number of passes inside one program.
+- Split, for smaller batches: every pass runs over a (B, C) grid, program (b, c) on chunk c of
+  row b (C <= MAX_CHUNKS, and <= V / 1024 rounded up), so one row spreads over the GPU. The
+  searches are radix selects, one key byte per launch: 8 launches of _split_search_kernel (4
+  count for top-k, 4 sum top-p's masses), then _split_draw_kernel (each chunk's max of s + g and
+  its first index) and _split_token_kernel over (B,) (the first chunk holding the row's max):
+  10 launches, 9 for kept_mask, fixed by the shapes, so capturable. Bytes, not pivots: 4 fixed
+  passes pin a 32-bit key exactly (16 pivots would need 8) and tl.histogram counts 256 bins
+  cheaply. Each launch sums the previous one's per-chunk histograms in every program, in one
+  fixed order: no grid-wide sync, no float atomics, the same tokens for the same seed run after
+  run. Counts are exact (fp32 integers, V <= 2^24); masses are fp32 sums in another order than
+  the one-program path's, so at a top-p rounding boundary (as against torch above) the paths
+  may keep different sets; wherever the kept sets agree the tokens agree to the bit (same
+  scores, noise and first-index tie break). A row holding +inf skips the searches: its kept set
+  is its +inf entries whatever k, p and min-p. The split path's speed is not measured: no GPU
+  was available when it was written.
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
@@ -44,12 +55,15 @@ from fastgpt._backends import sm_count
 MAX_BLOCK_V = 1024  # vocabulary block per loop step
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
 NUM_WARPS = 8
-MAX_CHUNKS = 256  # most vocabulary chunks of the split max pass
-_MIN_CHUNK = 2048  # fewest vocabulary entries per chunk
-_PROGRAMS_PER_SM = 2  # split the max pass until the grid covers the GPU about this many times
+MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
+MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
+MASS_BLOCK = 256  # the top-p masses' one-hot product stages 2 x 16 x MASS_BLOCK fp32 in shared memory
+_MIN_CHUNK = 1024  # fewest vocabulary entries per chunk
+_PROGRAMS_PER_SM = 2  # split rows until the grid covers the GPU about this many times
 _INTERPRETER_SMS = 4  # a pretend SM count on CPU tensors
 
 KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf): the smallest key of a non-NaN float
+KEY_MIN = tl.constexpr(-2147483648)  # the smallest int32: 0 as an unsigned key + 2^31
 
 
 @triton.jit
@@ -92,30 +106,10 @@ def _row_max(row_ptr, begin, end, V: tl.constexpr, BLOCK_V: tl.constexpr):
     return best, best_i
 
 
-# Per program: one row b and one chunk c of its vocabulary, [c * chunk, (c + 1) * chunk):
-#   part_max[b, c] = max of the cleaned logits there,  part_idx[b, c] = the first index of it.
 @triton.jit
-def _max_partial_kernel(
-    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
-    part_max_ptr,  # (B, num_chunks) fp32
-    part_idx_ptr,  # (B, num_chunks) int32
-    stride_logits_b,
-    chunk,  # vocabulary entries per chunk
-    V: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    begin = c * chunk
-    best, best_i = _row_max(logits_ptr + row * stride_logits_b, begin, begin + chunk, V, BLOCK_V)
-    part = row * tl.num_programs(1) + c
-    tl.store(part_max_ptr + part, best)
-    tl.store(part_idx_ptr + part, best_i)
-
-
-@triton.jit
-def _reduce_max(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
-    """A row's maximum and its first index from the per-chunk ones: the first chunk holding it."""
+def _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
+    """A row's maximum and its first index from the per-chunk ones (B, num_chunks): the index
+    held by the first chunk reaching the maximum, so the same as one pass over the row."""
     offs_c = tl.arange(0, MAX_CHUNKS)
     ok = offs_c < num_chunks
     part_max = tl.load(part_max_ptr + row * num_chunks + offs_c, mask=ok, other=float("-inf"))
@@ -219,36 +213,48 @@ def _kept(s, key, m, t_p, min_p):
 
 
 @triton.jit
-def _gumbel_argmax(row_ptr, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
+def _gumbel_argmax(row_ptr, begin, end, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
                    V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    """argmax over the kept set of s + g, g = -log(-log(u)) Gumbel noise: a draw from softmax(s)
-    restricted to the kept set. u = (23 random bits + 0.5) / 2^23 lies strictly inside (0, 1)."""
+    """max and first argmax over the kept set in [begin, end) of s + g, g = -log(-log(u)) Gumbel
+    noise: over a whole row, a draw from softmax(s) restricted to the kept set. u = (23 random
+    bits + 0.5) / 2^23 lies strictly inside (0, 1). (-inf, begin) when nothing there is kept."""
     best = float("-inf")
-    best_i = 0
-    for start in range(0, V, BLOCK_V):
+    best_i = begin
+    for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
         bits = tl.randint(seed, row * V + cols)  # uint32, Philox counter = (row, col)
         u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        z = tl.where(_kept(s, key, m, t_p, min_p), s - tl.log(-tl.log(u)), float("-inf"))
+        z = tl.where(_kept(s, key, m, t_p, min_p) & (cols < end), s - tl.log(-tl.log(u)), float("-inf"))
         zmax = tl.max(z, axis=0)
         i = tl.argmax(z, axis=0, tie_break_left=True) + start
         best_i = tl.where(zmax > best, i, best_i)
         best = tl.maximum(best, zmax)
-    return best_i
+    return best, best_i
 
 
 @triton.jit
-def _store_mask(mask_ptr, row_ptr, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling, drawable, imax,
-                V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    """Write a row's kept set: the filter's survivors; the greedy token on a greedy row; nothing
-    on a row with nothing to draw."""
-    for start in range(0, V, BLOCK_V):
+def _store_mask(mask_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling,
+                drawable, imax, V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """Write a row's kept set in [begin, end): the filter's survivors; the greedy token on a
+    greedy row; nothing on a row with nothing to draw."""
+    for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
         keep = tl.where(drawable, _kept(s, key, m, t_p, min_p), False)
         keep = tl.where(sampling, keep, cols == imax)
-        tl.store(mask_ptr + row * V + cols, keep, mask=cols < V)
+        tl.store(mask_ptr + row * V + cols, keep, mask=cols < end)
+
+
+@triton.jit
+def _top(xmax, t):
+    """The top score m = max(x) / t (x / t is monotone in x) and _load_scores' +inf flags: pinf_x,
+    the row holds +inf; pinf_s, some finite x / t overflowed. m is 0 on such rows (their
+    survivors score 0)."""
+    pinf_x = xmax == float("inf")
+    m = tl.math.div_rn(tl.where(pinf_x, 0.0, xmax), t)
+    pinf_s = m == float("inf")
+    return tl.where(pinf_s, 0.0, m), pinf_x, pinf_s
 
 
 # Per row b: x = clean(logits[b]). Greedy (t <= 0): token = first argmax of x. Otherwise
@@ -263,30 +269,19 @@ def _sample_kernel(
     min_p_ptr,  # (B,) fp32; <= 0 (or NaN) means off
     seed_ptr,  # (1,) int64
     out_ptr,  # (B,) int64 token ids, or (B, V) bool kept set when WRITE_MASK
-    part_max_ptr,  # (B, num_chunks) fp32 from _max_partial_kernel; read only when SPLIT_MAX
-    part_idx_ptr,  # (B, num_chunks) int32 from _max_partial_kernel; read only when SPLIT_MAX
     stride_logits_b,
-    num_chunks,
     V: tl.constexpr,
     WRITE_MASK: tl.constexpr,
-    SPLIT_MAX: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
-    MAX_CHUNKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_b
     t = tl.load(temperature_ptr + row)
-    if SPLIT_MAX:
-        xmax, imax = _reduce_max(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
-    else:
-        xmax, imax = _row_max(row_ptr, 0, V, V, BLOCK_V)
+    xmax, imax = _row_max(row_ptr, 0, V, V, BLOCK_V)
     sampling = t > 0.0
     t = tl.where(sampling, t, 1.0)
-    pinf_x = xmax == float("inf")
-    m = tl.math.div_rn(tl.where(pinf_x, 0.0, xmax), t)  # the top score: x / t is monotone in x
-    pinf_s = m == float("inf")
-    m = tl.where(pinf_s, 0.0, m)
+    m, pinf_x, pinf_s = _top(xmax, t)
     drawable = sampling & (m > float("-inf"))
     top = _key(m).to(tl.int64)
     lo = top * 0 + KEY_NEG_INF
@@ -309,44 +304,350 @@ def _sample_kernel(
     min_p = tl.load(min_p_ptr + row)
     min_p = tl.where(min_p > 0.0, tl.minimum(min_p, 1.0), 0.0)  # NaN is off, > 1 acts as 1
     if WRITE_MASK:
-        _store_mask(out_ptr, row_ptr, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling, drawable,
+        _store_mask(out_ptr, row_ptr, 0, V, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling, drawable,
                     imax, V, BLOCK_V)  # fmt: skip
     else:
         token = tl.where(sampling, 0, imax)  # a row with nothing to draw returns 0
         if drawable:
             seed = tl.load(seed_ptr)
-            token = _gumbel_argmax(row_ptr, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
-                                   V, BLOCK_V)  # fmt: skip
+            token = _gumbel_argmax(row_ptr, 0, V, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
+                                   V, BLOCK_V)[1]  # fmt: skip
         tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 
 
-def max_chunks(B: int, V: int, num_sms: int) -> int:
-    """How many vocabulary chunks the max pass takes: enough that B * chunks programs cover the
-    GPU ~_PROGRAMS_PER_SM times, none shorter than _MIN_CHUNK; 1 means no split pass. From
-    shapes and the SM count only (no host sync: capturable)."""
+# ----------------------------------------------------------------------------- the split path
+# Keys are searched one byte (8 bits) at a time, most significant first, as unsigned numbers
+# (key + 2^31): a prefix is the least key with the bytes found so far, KEY_MIN before any.
+
+
+@triton.jit
+def _byte(key, prefix, DIGIT: tl.constexpr):
+    """Byte DIGIT (0 = most significant) of each key + 2^31 (the sign bit flipped orders keys as
+    unsigned numbers), and whether the key's bytes above it are the prefix's."""
+    d = (key >> (24 - 8 * DIGIT)) & 255
+    if DIGIT == 0:
+        d = d ^ 128
+        same = key >= KEY_MIN
+    else:
+        same = (key >> (32 - 8 * DIGIT)) == (prefix.to(tl.int32) >> (32 - 8 * DIGIT))
+    return d, same
+
+
+@triton.jit
+def _sum_chunks(hist_ptr, row, num_chunks, MAX_CHUNKS: tl.constexpr):
+    """A row's 256 bins summed over its chunks' (B, num_chunks, 256) partials. Every program of
+    the row runs the same code on the same data, so all get the same bits."""
+    offs_c = tl.arange(0, MAX_CHUNKS)
+    bins = tl.arange(0, 256)
+    ptrs = hist_ptr + (row * num_chunks + offs_c[:, None]) * 256 + bins[None, :]
+    return tl.sum(tl.load(ptrs, mask=offs_c[:, None] < num_chunks, other=0.0), axis=0)
+
+
+@triton.jit
+def _count_select(cnt, k, prefix, above, DIGIT: tl.constexpr):
+    """The k-th largest key's byte DIGIT: the largest d with count(key >= prefix.d.0) >= k, where
+    that count is `above` (keys past the prefix's range) plus the counts cnt[>= d] of the keys in
+    it. fp32 counts are exact: integers up to V <= 2^24. Returns the new prefix and `above`."""
+    bins = tl.arange(0, 256)
+    at_least = above + tl.cumsum(cnt, axis=0, reverse=True)
+    d = tl.max(tl.where(at_least >= k.to(tl.float32), bins, 0), axis=0)
+    above = above + tl.sum(tl.where(bins > d, cnt, 0.0), axis=0)
+    return prefix + (d.to(tl.int64) << (24 - 8 * DIGIT)), above
+
+
+@triton.jit
+def _mass_select(mass, budget, prefix, below, DIGIT: tl.constexpr):
+    """Top-p's byte DIGIT: the largest d with mass(key < prefix.d.0) <= budget, that mass being
+    `below` (survivors under the prefix's range) plus mass[< d]. d = 0 always qualifies (the
+    previous byte's choice). Returns the new prefix and `below`."""
+    bins = tl.arange(0, 256)
+    under = below + tl.cumsum(mass, axis=0)  # mass(key < prefix.(bin + 1).0)
+    d = tl.max(tl.where((under <= budget) & (bins < 255), bins + 1, 0), axis=0)
+    below = tl.max(tl.where(bins + 1 == d, under, below), axis=0)
+    return prefix + (d.to(tl.int64) << (24 - 8 * DIGIT)), below
+
+
+@triton.jit
+def _count_hist(row_ptr, begin, end, t, prefix, DIGIT: tl.constexpr, V: tl.constexpr,
+                BLOCK_V: tl.constexpr):  # fmt: skip
+    """Counts, by byte DIGIT, of the keys in [begin, end) whose top DIGIT bytes are the prefix's.
+    tl.histogram counts with integer shared-memory atomics: the same counts in any order."""
+    hist = tl.zeros([256], dtype=tl.int32)
+    for start in range(begin, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        _, key = _load_scores(row_ptr, cols, t, False, False, V)
+        d, same = _byte(key, prefix, DIGIT)
+        hist += tl.histogram(d, 256, mask=(cols < end) & same)
+    return hist
+
+
+@triton.jit
+def _mass_hist(row_ptr, begin, end, t, m, t_k, prefix, DIGIT: tl.constexpr, V: tl.constexpr,
+               BLOCK_V: tl.constexpr):  # fmt: skip
+    """Sums of exp(s - m), by byte DIGIT, over the top-k survivors (key >= t_k) in [begin, end)
+    whose top DIGIT bytes are the prefix's. There is no weighted histogram in Triton and float
+    atomics would make the sums depend on timing, so the 256 bins are a 16 x 16 (high nibble, low
+    nibble) one-hot product in exact fp32 FMAs (input_precision="ieee"), skipping blocks with no
+    such survivor (most of them under a small top-k)."""
+    nib = tl.arange(0, 16)
+    hist = tl.zeros([16, 16], dtype=tl.float32)
+    t_k = t_k.to(tl.int32)
+    for start in range(begin, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        s, key = _load_scores(row_ptr, cols, t, False, False, V)
+        d, same = _byte(key, prefix, DIGIT)
+        ok = (cols < end) & (key >= t_k) & same
+        if tl.max(ok.to(tl.int32), axis=0) > 0:
+            hi = tl.where((d >> 4)[:, None] == nib[None, :], tl.where(ok, tl.exp(s - m), 0.0)[:, None], 0.0)
+            lo = ((d & 15)[:, None] == nib[None, :]).to(tl.float32)
+            hist += tl.dot(tl.trans(hi), lo, input_precision="ieee")
+    return tl.reshape(hist, [256])
+
+
+@triton.jit
+def _store_state(state_ptr, row, SLOT: tl.constexpr, prefix, aux, below, budget):
+    """state[row, SLOT] = (prefix, aux, below, budget), all exact in fp64."""
+    ptr = state_ptr + (row * 8 + SLOT) * 4
+    tl.store(ptr, prefix.to(tl.float64))
+    tl.store(ptr + 1, aux.to(tl.float64))
+    tl.store(ptr + 2, below.to(tl.float64))
+    tl.store(ptr + 3, budget.to(tl.float64))
+
+
+@triton.jit
+def _load_state(state_ptr, row, SLOT: tl.constexpr):
+    """state[row, SLOT] as (prefix int64, aux fp64, below fp32, budget fp32)."""
+    ptr = state_ptr + (row * 8 + SLOT) * 4
+    return (tl.load(ptr).to(tl.int64), tl.load(ptr + 1), tl.load(ptr + 2).to(tl.float32),
+            tl.load(ptr + 3).to(tl.float32))  # fmt: skip
+
+
+# Split path, launch STAGE = 0..7 over a (B, C) grid: program (b, c) holds the chunk
+# [c * chunk, (c + 1) * chunk) of row b. Radix select, one byte of the key per launch, most
+# significant first: a launch sums the chunks' byte histograms of the launch before and picks a
+# byte, then histograms its chunk's keys in the prefix found so far by their next byte.
+# Stages 0-3 count keys: the k-th largest key t_k = max{T : count(key >= T) >= k} by
+#   d = max{d : above + count(prefix.d <= key, in the prefix) >= k},  above += count(byte > d).
+# Stages 4-7 sum survivors' exp(s - m): top-p's T = max{T : mass(key < T) <= budget} by
+#   d = max{d : below + mass(key < prefix.d, in the prefix) <= budget},  below += that mass,
+# budget = (1 - top_p) * Z, Z the total of stage 4's masses. Stage 0 also writes the chunk's
+# max and first argmax of x; stage 4 picks t_k's last byte; the draw kernel picks T's.
+@triton.jit
+def _split_search_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
+    temperature_ptr,  # (B,) fp32
+    top_k_ptr,  # (B,) int64
+    top_p_ptr,  # (B,) fp64
+    part_max_ptr,  # (B, C) fp32: the chunk's max of clean(x), written at stage 0
+    part_idx_ptr,  # (B, C) int32: its first index
+    hist_in_ptr,  # (B, C, 256) fp32: stage STAGE - 1's counts or masses (unread at stage 0)
+    hist_out_ptr,  # (B, C, 256) fp32: this stage's
+    state_ptr,  # (B, 8, 4) fp64: [b, j] = (prefix, above or t_k, below, budget) after stage j
+    stride_logits_b,
+    chunk,
+    num_chunks,
+    V: tl.constexpr,
+    STAGE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    row_ptr = logits_ptr + row * stride_logits_b
+    begin = c * chunk
+    end = tl.minimum(begin + chunk, V)
+    if STAGE == 0:
+        best, best_i = _row_max(row_ptr, begin, end, V, BLOCK_V)
+        tl.store(part_max_ptr + row * num_chunks + c, best)
+        tl.store(part_idx_ptr + row * num_chunks + c, best_i)
+    t = tl.load(temperature_ptr + row)
+    k = tl.load(top_k_ptr + row)
+    sampling = t > 0.0
+    topk = sampling & (k > 0) & (k < V)  # +inf rows and rows with nothing to draw: sorted out later
+    t = tl.where(sampling, t, 1.0)
+    zero = (k * 0).to(tl.float32)  # not t * 0: t may be +inf
+    prefix, aux, below, budget = k * 0 + KEY_MIN, zero, zero, zero
+    if STAGE > 0:
+        prefix, aux, below, budget = _load_state(state_ptr, row, STAGE - 1)
+    if STAGE < 4:
+        aux = aux.to(tl.float32)  # the count above the prefix's range
+        if STAGE > 0:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
+            if topk:
+                cnt = _sum_chunks(hist_in_ptr, row, num_chunks, MAX_CHUNKS)
+                prefix, aux = _count_select(cnt, k, prefix, aux, STAGE - 1)
+        on = topk
+    else:
+        xmax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)[0]
+        m, pinf_x, pinf_s = _top(xmax, t)
+        top_p = tl.load(top_p_ptr + row)
+        on = sampling & (m > float("-inf")) & ~pinf_x & ~pinf_s & (top_p < 1.0)
+        if STAGE == 4:
+            t_k = k * 0 + KEY_NEG_INF  # top-k off
+            if topk:
+                cnt = _sum_chunks(hist_in_ptr, row, num_chunks, MAX_CHUNKS)
+                t_k = _count_select(cnt, k, prefix, aux.to(tl.float32), 3)[0]
+            prefix, aux, below = k * 0 + KEY_MIN, t_k, zero
+        else:
+            aux = aux.to(tl.int64)  # t_k
+            if on:
+                mass = _sum_chunks(hist_in_ptr, row, num_chunks, MAX_CHUNKS)
+                if STAGE == 5:  # HF: 1 - top_p in fp64, rounded to fp32
+                    budget = (1.0 - top_p).to(tl.float32) * tl.sum(mass, axis=0)
+                prefix, below = _mass_select(mass, budget, prefix, below, STAGE - 5)
+    if c == 0:
+        _store_state(state_ptr, row, STAGE, prefix, aux, below, budget)
+    if on:
+        if STAGE < 4:
+            hist = _count_hist(row_ptr, begin, end, t, prefix, STAGE, V, BLOCK_V).to(tl.float32)
+        else:
+            hist = _mass_hist(row_ptr, begin, end, t, m, aux, prefix, STAGE - 4, V, BLOCK_V)
+        tl.store(hist_out_ptr + (row * num_chunks + c) * 256 + tl.arange(0, 256), hist)
+
+
+# Split path, the draw, over the same grid. Top-p's last byte gives t_p = min(T, key(m)) (t_k
+# when top-p is off; key(0) on a +inf row, whose kept set is its +inf entries), then per chunk
+#   part_z[b, c] = max of s - log(-log(u)) over the chunk's kept set,  part_zi[b, c] = its first
+# index, u as in _sample_kernel (Philox at row * V + col); or the chunk's kept set (WRITE_MASK).
+@triton.jit
+def _split_draw_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
+    temperature_ptr,  # (B,) fp32
+    top_p_ptr,  # (B,) fp64
+    min_p_ptr,  # (B,) fp32
+    seed_ptr,  # (1,) int64 (unread when WRITE_MASK)
+    part_max_ptr,  # (B, C) fp32 from _split_search_kernel
+    part_idx_ptr,  # (B, C) int32 from _split_search_kernel
+    hist_in_ptr,  # (B, C, 256) fp32: top-p's last masses
+    state_ptr,  # (B, 8, 4) fp64 from _split_search_kernel
+    out_ptr,  # (B, V) bool kept set when WRITE_MASK, else unused
+    part_z_ptr,  # (B, C) fp32: the chunk's max of s + g, on rows with something to draw
+    part_zi_ptr,  # (B, C) int32: its first index
+    stride_logits_b,
+    chunk,
+    num_chunks,
+    V: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    row_ptr = logits_ptr + row * stride_logits_b
+    begin = c * chunk
+    end = tl.minimum(begin + chunk, V)
+    t = tl.load(temperature_ptr + row)
+    sampling = t > 0.0
+    t = tl.where(sampling, t, 1.0)
+    xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
+    m, pinf_x, pinf_s = _top(xmax, t)
+    drawable = sampling & (m > float("-inf"))
+    top_p = tl.load(top_p_ptr + row)
+    prefix, t_p, below, budget = _load_state(state_ptr, row, 7)
+    t_p = t_p.to(tl.int64)  # t_k
+    if drawable & ~pinf_x & ~pinf_s & (top_p < 1.0):
+        mass = _sum_chunks(hist_in_ptr, row, num_chunks, MAX_CHUNKS)
+        t_p, below = _mass_select(mass, budget, prefix, below, 3)
+        t_p = tl.minimum(t_p, _key(m).to(tl.int64))  # the top token always stays
+    t_p = tl.where(pinf_x | pinf_s, 0, t_p).to(tl.int32)
+    min_p = tl.load(min_p_ptr + row)
+    min_p = tl.where(min_p > 0.0, tl.minimum(min_p, 1.0), 0.0)  # NaN is off, > 1 acts as 1
+    if WRITE_MASK:
+        _store_mask(out_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling,
+                    drawable, imax, V, BLOCK_V)  # fmt: skip
+    elif drawable:
+        best, best_i = _gumbel_argmax(row_ptr, begin, end, tl.load(seed_ptr), row, t, pinf_x, pinf_s,
+                                      m, t_p, min_p, V, BLOCK_V)  # fmt: skip
+        tl.store(part_z_ptr + row * num_chunks + c, best)
+        tl.store(part_zi_ptr + row * num_chunks + c, best_i)
+
+
+# Split path, the token, one program per row: the index held by the first chunk with the largest
+# part_z (the first argmax of s + g over the row, as _sample_kernel finds it); a greedy row's
+# first argmax of x; 0 on a row with nothing to draw.
+@triton.jit
+def _split_token_kernel(
+    temperature_ptr,  # (B,) fp32
+    part_max_ptr,  # (B, C) fp32 from _split_search_kernel
+    part_idx_ptr,  # (B, C) int32 from _split_search_kernel
+    part_z_ptr,  # (B, C) fp32 from _split_draw_kernel, read on rows with something to draw
+    part_zi_ptr,  # (B, C) int32 from _split_draw_kernel
+    out_ptr,  # (B,) int64 token ids
+    num_chunks,
+    V: tl.constexpr,
+    MAX_CHUNKS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(temperature_ptr + row)
+    sampling = t > 0.0
+    xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
+    m = _top(xmax, tl.where(sampling, t, 1.0))[0]
+    token = tl.where(sampling, 0, imax)
+    if sampling & (m > float("-inf")):
+        token = _reduce_chunks(part_z_ptr, part_zi_ptr, row, num_chunks, MAX_CHUNKS)[1]
+    tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def split_chunks(B: int, V: int, num_sms: int) -> int:
+    """Vocabulary chunks per row on the split path: enough that B * chunks programs cover the
+    GPU ~_PROGRAMS_PER_SM times, none shorter than _MIN_CHUNK, at most MAX_CHUNKS; 1 means one
+    program per row. From shapes and the SM count only (no host sync: capturable)."""
+    if V > MAX_SPLIT_V:
+        return 1
     return max(1, min(triton.cdiv(_PROGRAMS_PER_SM * num_sms, B), triton.cdiv(V, _MIN_CHUNK), MAX_CHUNKS))
+
+
+def _warps(block: int) -> int:
+    return max(1, min(NUM_WARPS, block // 128))
+
+
+def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks):
+    """The split path: 8 search launches and 1 draw over a (B, C) grid, then the token kernel
+    over (B,) (none for the kept set): a fixed sequence, decided by shapes only."""
+    B, V = logits.shape
+    chunk = triton.cdiv(triton.cdiv(V, min(num_chunks, MAX_CHUNKS)), 16) * 16  # 16-aligned chunks
+    C = triton.cdiv(V, chunk)
+
+    def scratch(*shape, dtype=torch.float32):
+        return torch.empty(shape, dtype=dtype, device=logits.device)
+
+    part_max, part_idx = scratch(B, C), scratch(B, C, dtype=torch.int32)
+    hist = [scratch(B, C, 256), scratch(B, C, 256)]  # stage j writes hist[j % 2], reads the other
+    state = scratch(B, 8, 4, dtype=torch.float64)
+    draws = (1,) if write_mask else (B, C)  # unused by the kept-set variant
+    part_z, part_zi = scratch(*draws), scratch(*draws, dtype=torch.int32)
+    block = min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
+    warps = max(4, _warps(block))  # 4 warps at least for the (MAX_CHUNKS, 256) sums
+    for stage in range(8):  # counts by blocks of `block`, masses by blocks of MASS_BLOCK
+        counts = stage < 4
+        _split_search_kernel[(B, C)](
+            logits, temperature, top_k, top_p, part_max, part_idx, hist[1 - stage % 2], hist[stage % 2],
+            state, logits.stride(0), chunk, C, V=V, STAGE=stage, BLOCK_V=block if counts else min(MASS_BLOCK, block),
+            MAX_CHUNKS=MAX_CHUNKS, num_warps=warps if counts else 4)  # fmt: skip
+    _split_draw_kernel[(B, C)](
+        logits, temperature, top_p, min_p, seed, part_max, part_idx, hist[1], state, out, part_z, part_zi,
+        logits.stride(0), chunk, C, V=V, WRITE_MASK=write_mask, BLOCK_V=block, MAX_CHUNKS=MAX_CHUNKS,
+        num_warps=warps)  # fmt: skip
+    if not write_mask:
+        _split_token_kernel[(B,)](temperature, part_max, part_idx, part_z, part_zi, out, C, V=V,
+                                  MAX_CHUNKS=MAX_CHUNKS, num_warps=1)  # fmt: skip
+    return out
 
 
 def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks):
     B, V = logits.shape
     if num_chunks is None:
-        num_chunks = max_chunks(B, V, sm_count(logits.device.index) if logits.is_cuda else _INTERPRETER_SMS)
-    chunk = triton.cdiv(triton.cdiv(V, min(num_chunks, MAX_CHUNKS)), 16) * 16  # 16-aligned chunks
-    num_chunks = triton.cdiv(V, chunk)
-    part_max = part_idx = logits  # unread without a split pass
-    if num_chunks > 1:
-        part_max = torch.empty((B, num_chunks), dtype=torch.float32, device=logits.device)
-        part_idx = torch.empty((B, num_chunks), dtype=torch.int32, device=logits.device)
-        block_c = min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
-        _max_partial_kernel[(B, num_chunks)](
-            logits, part_max, part_idx, logits.stride(0), chunk, V=V, BLOCK_V=block_c,
-            num_warps=max(1, min(NUM_WARPS, block_c // 128)),
-        )  # fmt: skip
+        sms = sm_count(logits.device.index) if logits.is_cuda else _INTERPRETER_SMS
+        num_chunks = split_chunks(B, V, sms)
+        num_chunks = 0 if num_chunks == 1 else num_chunks
+    if num_chunks > 0 and V <= MAX_SPLIT_V:
+        return _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mask, num_chunks)
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     _sample_kernel[(B,)](
-        logits, temperature, top_k, top_p, min_p, seed, out, part_max, part_idx, logits.stride(0),
-        num_chunks, V=V, WRITE_MASK=write_mask, SPLIT_MAX=num_chunks > 1, BLOCK_V=block_v,
-        NUM_PIVOTS=NUM_PIVOTS, MAX_CHUNKS=MAX_CHUNKS, num_warps=max(1, min(NUM_WARPS, block_v // 128)),
+        logits, temperature, top_k, top_p, min_p, seed, out, logits.stride(0), V=V,
+        WRITE_MASK=write_mask, BLOCK_V=block_v, NUM_PIVOTS=NUM_PIVOTS, num_warps=_warps(block_v),
     )  # fmt: skip
     return out
 
@@ -357,7 +658,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, num_chunks=None) -
     logits: (B, V) fp32/bf16/fp16 with logits.stride(1) == 1. temperature: (B,) fp32. top_k:
     (B,) int64 (0 = off). top_p: (B,) fp64 (1.0 = off). min_p: (B,) fp32 (0 = off). seed: (1,)
     int64, on the device. Returns int64 (B,) token ids, always in [0, V). num_chunks (tests):
-    force the max pass's vocabulary split (1 = none); the tokens do not depend on it.
+    0 forces one program per row, n >= 1 the split path with n chunks (capped); None decides
+    from the shapes and the SM count.
     """
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
     return _launch(logits, temperature, top_k, top_p, min_p, seed, out, False, num_chunks)

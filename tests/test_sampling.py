@@ -139,7 +139,7 @@ def test_top_k_ties_are_all_kept(device):
     assert kept[0].tolist() == [False, True, True, True, False, True, True, False]
 
 
-def test_device_parameters_are_clamped(device):
+def test_device_parameters_are_clamped(device, num_chunks=None):
     """Values the host never checks (they live on the device) are clamped, never out of range."""
     V = 50
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)).expand(10, V).contiguous()
@@ -148,7 +148,8 @@ def test_device_parameters_are_clamped(device):
     k = torch.tensor([-5, 10**12, 0, 0, 0, 0, 0, 0, 0, 0])
     p = torch.tensor([1.0, 1, 0, -3, 2, nan, 1, 1, 1, 1], dtype=torch.float64)
     mp = torch.tensor([0.0, 0, 0, 0, 0, 0, 2, nan, 0, 0])
-    kept = kept_mask(logits.to(device), t.to(device), k.to(device), p.to(device), mp.to(device)).cpu()
+    params = [a.to(device) for a in (t, k, p, mp)]
+    kept = kept_mask(logits.to(device), *params, num_chunks=num_chunks).cpu()
     top = logits[0].argmax()
     everything = torch.ones(V, dtype=torch.bool)
     only_top = torch.arange(V) == top
@@ -157,66 +158,93 @@ def test_device_parameters_are_clamped(device):
     expected = [everything, everything, only_top, only_top, everything, everything, only_top,
                 everything, only_top, only_top]  # fmt: skip
     torch.testing.assert_close(kept, torch.stack(expected), atol=0, rtol=0)
-    ids = triton_sample(logits.to(device), t.to(device), k.to(device), p.to(device), mp.to(device),
-                        torch.tensor([7], device=device)).cpu()  # fmt: skip
+    ids = triton_sample(logits.to(device), *params, torch.tensor([7], device=device), num_chunks=num_chunks).cpu()
     assert ((ids >= 0) & (ids < V)).all()
     assert (ids[[2, 3, 6, 8, 9]] == top).all()
 
 
-# ----------------------------------------------------------------------------- split max pass
+# ----------------------------------------------------------------------------- split path
+# num_chunks=0 forces one program per row, n >= 1 the split path with n chunks (16-aligned, capped).
 
 
-def test_split_max_pass_is_exact(device, poisoned_empty):
-    """The max pass split over vocabulary chunks gives the same tokens and kept sets as one
-    program per row, to the bit: the first index of a maximum repeated across chunks (also on
-    both sides of a chunk edge), rows of -inf, NaN and +inf, greedy and sampling rows."""
-    from fastgpt.kernels.sampling import MAX_CHUNKS
+@pytest.mark.parametrize(
+    "V, B, chunks",
+    [(7, 16, 1), (100, 12, 3), (1000, 5, 7), (100, 4, 10**6)],
+    ids=["1-chunk", "3-chunks-of-48", "7-chunks-of-144", "too-many-chunks-7-of-16"],
+)
+def test_split_kept_set_matches_reference(V, B, chunks, device, poisoned_empty):
+    """The split path's kept set (radix selects over per-chunk histograms) is the reference's:
+    ties, -inf entries, every filter combination, top_k >= V, chunks that do not divide V."""
+    logits, *params = _random_rows(B, V, seed=V + chunks)
+    params = [p.to(device) for p in params]
+    kept = kept_mask(logits.to(device), *params, num_chunks=chunks).cpu()
+    torch.testing.assert_close(kept, _reference_kept(logits, *params), atol=0, rtol=0)
 
+
+def _edge_rows():
+    """Rows that stress the split: maxima repeated across and on both sides of chunk edges (48
+    wide at V=100, 3 chunks), non-finite rows, greedy and sampling rows, per-row parameters."""
     nan, inf = float("nan"), float("inf")
-    V = 300  # 7 chunks are 48 wide: edges at 48, 96, ...
-    logits, t, k, p, mp = _random_rows(12, V, seed=21)
-    logits[0, [50, 200]] = 100.0  # chunks 1 and 4
+    logits, t, k, p, mp = _random_rows(12, 100, seed=21)
+    logits[0, [50, 90]] = 100.0  # chunks 1 and 2
     logits[1, [47, 48]] = 100.0  # both sides of the first edge
     logits[2] = NEG_INF
     logits[3] = nan
-    logits[4, [130, 20]] = inf
-    logits[5, :150] = nan
+    logits[4, [30, 20]] = inf
+    logits[5, :50] = nan
     t[:6] = 0.0  # greedy
-    t[6:9] = torch.tensor([0.7, 1.0, 1.3])
-    logits[6:9, [60, 250]] = 50.0
-    args = [a.to(device) for a in (logits, t, k, p, mp)]
+    t[6:] = torch.tensor([0.7, 1.0, 1.3, 0.9, 1.1, 0.5])
+    logits[6:9, [60, 95]] = 50.0  # tied top tokens in two chunks
+    logits[9, [3, 70]] = inf  # sampling among +inf entries
+    logits[10, :96] = NEG_INF  # only the last, partial chunk is finite
+    k[6:] = torch.tensor([2, 0, 5, 3, 50, 1])
+    p[6:] = torch.tensor([1.0, 0.5, 0.9, 1.0, 0.8, 0.3], dtype=torch.float64)
+    return logits, t, k, p, mp
+
+
+def test_split_tokens_equal_one_program(device, poisoned_empty):
+    """Same seed, same tokens as one program per row, to the bit. Kept sets agree too, and
+    greedy rows take the first index."""
+    logits, *params = _edge_rows()
+    args = [a.to(device) for a in (logits, *params)]
     seed = torch.tensor([99], device=device)
-    ids = {c: triton_sample(*args, seed, num_chunks=c).cpu() for c in (1, 2, 7, MAX_CHUNKS + 5)}
-    masks = {c: kept_mask(*args, num_chunks=c).cpu() for c in (1, 3)}
-    assert ids[1][:6].tolist() == [50, 47, 0, 0, 20, logits[5].nan_to_num(NEG_INF).argmax().item()]
-    for c in ids:
-        torch.testing.assert_close(ids[c], ids[1], atol=0, rtol=0)
-    torch.testing.assert_close(masks[3], masks[1], atol=0, rtol=0)
+    ids = triton_sample(*args, seed, num_chunks=3).cpu()
+    assert ids[:6].tolist() == [50, 47, 0, 0, 20, logits[5].nan_to_num(NEG_INF).argmax().item()]
+    assert ids[9].item() in (3, 70) and ids[10].item() >= 96
+    torch.testing.assert_close(ids, triton_sample(*args, seed, num_chunks=0).cpu(), atol=0, rtol=0)
+    masks = kept_mask(*args, num_chunks=2).cpu()
+    torch.testing.assert_close(masks, kept_mask(*args, num_chunks=0).cpu(), atol=0, rtol=0)
+    assert masks[torch.arange(12), ids].all()
+
+
+def test_split_device_parameters_are_clamped(device):
+    test_device_parameters_are_clamped(device, num_chunks=2)
 
 
 def test_greedy_first_index_across_blocks(device):
     """Maxima repeated in two 1024-wide blocks of one program (one row's pass, then one chunk of
-    the split pass): the earlier block's index."""
+    the split path): the earlier block's index."""
     logits = torch.randn(2, 2100, generator=torch.Generator().manual_seed(4))
     logits[0, [1000, 1030]] = 9.0  # blocks 0 and 1 of the row; chunk 0 of 2 (1056 wide)
     logits[1, [700, 2090]] = 9.0  # blocks 0 and 2; chunks 0 and 1
     t = torch.zeros(2)
     args = [a.to(device) for a in (logits, t, *_params(2, "cpu")[1:])]
-    for c in (1, 2):
+    for c in (0, 2):
         assert triton_sample(*args, torch.tensor([0], device=device), num_chunks=c).tolist() == [1000, 700]
 
 
 def test_split_plan():
-    """The split pass only where rows alone leave the GPU idle, never below _MIN_CHUNK entries a
-    chunk, never above MAX_CHUNKS chunks."""
+    """The split path only where rows alone leave the GPU idle, never below _MIN_CHUNK entries a
+    chunk, never above MAX_CHUNKS chunks, never past 2^24 entries (its fp32 counts)."""
     from fastgpt.kernels import sampling
 
-    assert sampling.max_chunks(1, 262144, 132) == 128
-    assert sampling.max_chunks(1, 50257, 132) == 25
-    assert sampling.max_chunks(64, 128256, 132) == 5
-    assert sampling.max_chunks(264, 128256, 132) == 1
-    assert sampling.max_chunks(1, 2048, 132) == 1
-    assert sampling.max_chunks(1, 10**7, 1000) == sampling.MAX_CHUNKS
+    assert sampling.split_chunks(1, 262144, 132) == sampling.MAX_CHUNKS
+    assert sampling.split_chunks(1, 50257, 132) == 32
+    assert sampling.split_chunks(64, 128256, 132) == 5
+    assert sampling.split_chunks(256, 50257, 132) == 2
+    assert sampling.split_chunks(264, 128256, 132) == 1
+    assert sampling.split_chunks(1, 1024, 132) == 1
+    assert sampling.split_chunks(1, 2**24 + 1, 132) == 1
 
 
 # ----------------------------------------------------------------------------- greedy, non-finite
@@ -298,9 +326,14 @@ def _chi_square(backend, device, logits, draws, **params):
     rows = logits.expand(B, V).contiguous().to(device)
     g = torch.Generator(device=device).manual_seed(1234)
     ids = fastgpt.sample(rows, generator=g, backend=backend, **params).cpu()
-    assert ((ids >= 0) & (ids < V)).all()
     filtered = reference.filter_logits(logits, *_params(1, "cpu", **params))
-    probs = torch.softmax(filtered.double(), dim=-1)[0]
+    _assert_chi_square(ids, torch.softmax(filtered.double(), dim=-1)[0])
+
+
+def _assert_chi_square(ids, probs):
+    """ids (draws,) never outside probs' support, and counted as probs (V,) predicts."""
+    B, V = ids.shape[0], probs.shape[0]
+    assert ((ids >= 0) & (ids < V)).all()
     counts = torch.bincount(ids, minlength=V).double()
     kept = probs > 0
     assert counts[~kept].sum() == 0, f"drew removed tokens: {counts[~kept]}"
@@ -324,6 +357,22 @@ def test_chi_square_temperature_only(backend, device):
     _skip_unavailable(backend, device)
     draws = 400 if backend == "triton" and device == "cpu" else 20000
     _chi_square(backend, device, LOGITS[:, :8], draws, temperature=1.7)
+
+
+def test_chi_square_split_path(device):
+    """Draws through the split path against the filtered softmax: top-p cuts the three lowest
+    finite logits, min-p two more (top-k's search is cheaper to check exactly, above). The first
+    rows again, alone: the same draws under the same seed (a row's noise depends on the seed and
+    its index only), other draws under another seed."""
+    B, params = 100, {"temperature": 0.8, "top_p": 0.95, "min_p": 0.2}
+    rows = LOGITS.expand(B, -1).contiguous().to(device)
+    seed = torch.tensor([1], device=device)
+    ids = triton_sample(rows, *_params(B, device, **params), seed, num_chunks=1).cpu()
+    filtered = reference.filter_logits(LOGITS, *_params(1, "cpu", **params))
+    _assert_chi_square(ids, torch.softmax(filtered.double(), dim=-1)[0])
+    first = (rows[:10], *_params(10, device, **params))
+    torch.testing.assert_close(triton_sample(*first, seed, num_chunks=1).cpu(), ids[:10], atol=0, rtol=0)
+    assert not torch.equal(triton_sample(*first, seed + 1, num_chunks=1).cpu(), ids[:10])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -355,31 +404,61 @@ def test_seed_tensor_drives_the_draw(device):
 # ----------------------------------------------------------------------------- compile for the GPU
 
 
-def compile_sampling_variants(arch):
-    """The sampler (bf16 and fp32 logits) and the kept-set variant, at a real vocabulary. The
-    Gumbel noise -log(-log(u)) takes u up to 1 - 2^-24, where an approximate log (lg2.approx,
-    absolute error ~2^-22) could return 0 and make the noise infinite: tl.log must stay exact."""
+_PARAMS = {"temperature_ptr": "*fp32", "top_k_ptr": "*i64", "top_p_ptr": "*fp64", "min_p_ptr": "*fp32",
+           "seed_ptr": "*i64"}  # fmt: skip
+_SPLIT = _PARAMS | {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "hist_in_ptr": "*fp32", "hist_out_ptr": "*fp32",
+                    "state_ptr": "*fp64", "part_z_ptr": "*fp32", "part_zi_ptr": "*i32"}  # fmt: skip
+
+
+def compile_row_variants(arch):
+    """One program per row (bf16 tokens, fp16 kept set), the split path's first two search
+    stages (the chunk max and counts; a count byte picked) and its token kernel, at a real
+    vocabulary. The Gumbel noise -log(-log(u)) takes u up to 1 - 2^-24, where an approximate log
+    (lg2.approx, absolute error ~2^-22) could return 0 and make the noise infinite: tl.log must
+    stay exact."""
     from tests.test_attention import _load_kernel_module, compile_for
 
     mod = _load_kernel_module("sampling")
-    parts = {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32"}
-    for dtype, write_mask, split in [("bf16", False, False), ("fp32", False, True), ("fp16", True, True)]:
-        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "top_k_ptr": "*i64",
-                "top_p_ptr": "*fp64", "min_p_ptr": "*fp32", "seed_ptr": "*i64",
-                "out_ptr": "*i1" if write_mask else "*i64"} | parts  # fmt: skip
-        const = dict(V=128256, WRITE_MASK=write_mask, SPLIT_MAX=split, BLOCK_V=mod.MAX_BLOCK_V,
-                     NUM_PIVOTS=mod.NUM_PIVOTS, MAX_CHUNKS=mod.MAX_CHUNKS)
+    for dtype, write_mask in [("bf16", False), ("fp16", True)]:
+        ptrs = _PARAMS | {"logits_ptr": f"*{dtype}", "out_ptr": "*i1" if write_mask else "*i64"}
+        const = {"V": 128256, "WRITE_MASK": write_mask, "BLOCK_V": mod.MAX_BLOCK_V, "NUM_PIVOTS": mod.NUM_PIVOTS}
         kernel = compile_for(mod._sample_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
         assert "lg2.approx" not in kernel.asm["ptx"], (arch, dtype)
-        compile_for(mod._max_partial_kernel, {"logits_ptr": f"*{dtype}"} | parts,
-                    dict(V=128256, BLOCK_V=mod.MAX_BLOCK_V), arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
+    for stage, dtype in [(0, "bf16"), (1, "fp32")]:
+        const = {"V": 128256, "STAGE": stage, "BLOCK_V": mod.MAX_BLOCK_V, "MAX_CHUNKS": mod.MAX_CHUNKS}
+        compile_for(mod._split_search_kernel, _SPLIT | {"logits_ptr": f"*{dtype}"}, const, arch=arch,
+                    num_warps=mod.NUM_WARPS, num_stages=3)  # fmt: skip
+    compile_for(mod._split_token_kernel, _SPLIT | {"out_ptr": "*i64"}, {"V": 128256, "MAX_CHUNKS": mod.MAX_CHUNKS},
+                arch=arch, num_warps=1, num_stages=3)  # fmt: skip
+
+
+def compile_split_variants(arch):
+    """The split path's top-p stages (t_k's last byte and the first masses; the budget and a
+    mass byte picked) and its draw (tokens, with an exact log, and the kept set)."""
+    from tests.test_attention import _load_kernel_module, compile_for
+
+    mod = _load_kernel_module("sampling")
+    for stage, dtype in [(4, "bf16"), (5, "fp16")]:
+        const = {"V": 128256, "STAGE": stage, "BLOCK_V": mod.MASS_BLOCK, "MAX_CHUNKS": mod.MAX_CHUNKS}
+        compile_for(mod._split_search_kernel, _SPLIT | {"logits_ptr": f"*{dtype}"}, const, arch=arch,
+                    num_warps=4, num_stages=3)  # fmt: skip
+    for dtype, write_mask in [("bf16", False), ("fp32", True)]:
+        const = {"V": 50257, "WRITE_MASK": write_mask, "BLOCK_V": mod.MAX_BLOCK_V, "MAX_CHUNKS": mod.MAX_CHUNKS}
+        kernel = compile_for(mod._split_draw_kernel, _SPLIT | {"logits_ptr": f"*{dtype}", "out_ptr": "*i1"}, const,
+                             arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)  # fmt: skip
+        assert "lg2.approx" not in kernel.asm["ptx"], (arch, write_mask)
 
 
 def test_compiles_for_gpu():
-    """The sampler lowers to sm_80 and sm_90 cubins, with an exact log."""
+    """Every sampling kernel lowers to sm_80 and sm_90 cubins, with an exact log: two processes
+    side by side, as each compile is single-threaded."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tests.test_attention import run_compile_check
 
-    run_compile_check("tests.test_sampling.compile_sampling_variants")
+    names = ["tests.test_sampling.compile_row_variants", "tests.test_sampling.compile_split_variants"]
+    with ThreadPoolExecutor(len(names)) as pool:
+        list(pool.map(run_compile_check, names))
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -424,24 +503,44 @@ def test_gpu_sample_batches(B):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("B", [1, 7])
-def test_gpu_split_max_pass_is_exact(B):
-    """Real vocabularies: the split max pass (the default at these batch sizes) against none."""
-    for V in (50257, 262144):
-        logits = torch.randn(B, V, device="cuda", dtype=torch.bfloat16) * 3
-        logits[:, V - 1] = logits.max() + 1  # the maximum in the last, partial chunk
-        t = torch.tensor([0.0, 0.8, 1.0, 0.0, 1.2, 0.0, 0.5], device="cuda")[:B]
-        params = [t, torch.full((B,), 40, device="cuda"), torch.full((B,), 0.9, device="cuda", dtype=torch.float64),
-                  torch.zeros(B, device="cuda")]  # fmt: skip
-        seed = torch.tensor([3], device="cuda")
-        split = triton_sample(logits, *params, seed)
-        torch.testing.assert_close(split, triton_sample(logits, *params, seed, num_chunks=1), atol=0, rtol=0)
-        assert (split[t == 0] == V - 1).all()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("V", [50257, 128256])
+@pytest.mark.parametrize("B", [1, 2, 7, 64])
+def test_gpu_split_path(B, V, dtype):
+    """Real sizes, the split path (the default at these batch sizes) against one program per row
+    and the reference: kept sets, and tokens to the bit wherever the kept sets agree."""
+    from fastgpt.kernels.sampling import split_chunks
+
+    if split_chunks(B, V, _backends.sm_count(torch.cuda.current_device())) == 1:
+        pytest.skip(f"B={B} fills this GPU with one program per row")
+    g = torch.Generator(device="cuda").manual_seed(B * V)
+    logits = (torch.randn(B, V, device="cuda", generator=g) * 3).to(dtype)
+    logits[:, V - 1] = logits.float().max() + 1  # the maximum in the last, partial chunk
+    logits[1::3, :: V // 10] = float("nan")
+    t = torch.tensor([0.0, 0.8, 1.0, 0.0, 1.2, 0.7, 0.5, 1.5], device="cuda").repeat(8)[:B]
+    k = torch.tensor([50, 0, 1, 40, 1000, V - 1, 0, 7], device="cuda").repeat(8)[:B]
+    p = torch.tensor([0.9, 0.95, 1.0, 0.9, 0.5, 1.0, 0.99, 0.8], device="cuda", dtype=torch.float64).repeat(8)[:B]
+    mp = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.0, 0.1, 0.0, 0.0], device="cuda").repeat(8)[:B]
+    seed = torch.tensor([3], device="cuda")
+    split, rows = triton_sample(logits, t, k, p, mp, seed), triton_sample(logits, t, k, p, mp, seed, num_chunks=0)
+    kept, kept_rows = kept_mask(logits, t, k, p, mp), kept_mask(logits, t, k, p, mp, num_chunks=0)
+    same = (kept == kept_rows).all(dim=-1)  # a top-p rounding boundary may split them (docstring)
+    assert same.float().mean() >= 0.9
+    torch.testing.assert_close(split[same], rows[same], atol=0, rtol=0)
+    torch.testing.assert_close(split, triton_sample(logits, t, k, p, mp, seed), atol=0, rtol=0)
+    assert (split[t == 0] == V - 1).all() and kept[torch.arange(B, device="cuda"), split].all()
+    expected = _reference_kept(logits.float(), t, k, p, mp)
+    near_p, near_min_p = _margins(logits.float(), t, k, p, mp)
+    check = ((near_p > 1e-4) & (near_min_p > 1e-4) & (t > 0).cpu()).nonzero().flatten()
+    torch.testing.assert_close(kept.cpu()[check], expected[check], atol=0, rtol=0)
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_capture_and_replay():
-    B, V = 64, 50257
+@pytest.mark.parametrize("B", [1, 64, 1024])
+def test_gpu_cuda_graph_capture_and_replay(B):
+    """Capture and replay of whichever path the batch takes (split at B = 1, and at 64 on a GPU
+    with more than 32 SMs; one program per row at 1024 on one with at most 512)."""
+    V = 50257
     logits = torch.randn(B, V, device="cuda") * 2
     params = _params(B, "cuda", temperature=0.8, top_k=50, top_p=0.9)
     seed = torch.tensor([11], device="cuda")
