@@ -517,9 +517,10 @@ def test_gpu_split_path(B, V, dtype):
     logits = (torch.randn(B, V, device="cuda", generator=g) * 3).to(dtype)
     logits[:, V - 1] = logits.float().max() + 1  # the maximum in the last, partial chunk
     logits[1::3, :: V // 10] = float("nan")
-    t = torch.tensor([0.0, 0.8, 1.0, 0.0, 1.2, 0.7, 0.5, 1.5], device="cuda").repeat(8)[:B]
-    k = torch.tensor([50, 0, 1, 40, 1000, V - 1, 0, 7], device="cuda").repeat(8)[:B]
-    p = torch.tensor([0.9, 0.95, 1.0, 0.9, 0.5, 1.0, 0.99, 0.8], device="cuda", dtype=torch.float64).repeat(8)[:B]
+    # Row 0 is the target case (temperature 0.8, top-k 50, top-p 0.9); row 1 is greedy.
+    t = torch.tensor([0.8, 0.0, 1.0, 1.2, 0.0, 0.7, 0.5, 1.5], device="cuda").repeat(8)[:B]
+    k = torch.tensor([50, 40, 0, 1, 1000, V - 1, 0, 7], device="cuda").repeat(8)[:B]
+    p = torch.tensor([0.9, 0.9, 0.95, 1.0, 0.5, 1.0, 0.99, 0.8], device="cuda", dtype=torch.float64).repeat(8)[:B]
     mp = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.0, 0.1, 0.0, 0.0], device="cuda").repeat(8)[:B]
     seed = torch.tensor([3], device="cuda")
     split, rows = triton_sample(logits, t, k, p, mp, seed), triton_sample(logits, t, k, p, mp, seed, num_chunks=0)
