@@ -15,6 +15,10 @@ The per-token work is all on the device: sampling parameters, positions, the out
 the "finished" flags are tensors, so one decode step can be captured in a CUDA graph and
 replayed. The host reads the device only to ask whether every row has hit eos, every
 `check_every` tokens.
+
+With the `compile` option the model's decode forward (everything but the sampler, whose
+generator argument torch.compile cannot trace) runs through torch.compile(fullgraph=True), and
+the CUDA graph then captures the compiled step: inductor fuses the glue around fastgpt's ops.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ class Decoder:
         self.eos, self.pad = zeros(eos_slots), zeros(1)
         self.generator, self.all_greedy = torch.Generator(device), False
         self.graph, self.graph_greedy = None, False
+        self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
@@ -128,9 +133,18 @@ class Decoder:
         self.tok.copy_(nxt)
         self.step += 1
 
+    def use_compile(self, options: dict | None):
+        """Run the decode forward through torch.compile(fullgraph=True, **options), or plainly
+        (None). A change drops the captured graph, which holds the other forward."""
+        if options == self.compiled_with:
+            return
+        self.forward = self.model.decode if options is None else torch.compile(self.model.decode, fullgraph=True,
+                                                                               **options)
+        self.compiled_with, self.graph = options, None
+
     def decode_step(self):
         """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""
-        logits = self.model.decode(self.tok, self.pos, self.kv)  # (B, V)
+        logits = self.forward(self.tok, self.pos, self.kv)  # (B, V)
         self.pos += 1
         self.emit(logits)
 
@@ -296,7 +310,7 @@ def _left_align(idx, lengths):
 
 
 def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, top_p, min_p, eos_token_id,
-           pad_token_id, generator, cuda_graph, check_every) -> Iterator[Decoder]:
+           pad_token_id, generator, cuda_graph, check_every, compile) -> Iterator[Decoder]:
     """Prefill, then decode; yields the decoder after each new token (its column step - 1 of out).
 
     `generator` (None: the device's default) is advanced past the draws made when the iteration
@@ -317,7 +331,11 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
         use_graph = False
 
     decoder = _decoder(model, B, T + max_new_tokens, max(EOS_SLOTS, len(eos_ids)), use_graph)
-    decoder.reset(sampling, eos_ids, pad_id, positions=None if use_graph else T + max_new_tokens,
+    decoder.use_compile(compile)
+    # Eager steps attend over just the positions this call needs; graphs and compiled steps over
+    # the whole cache, whose shapes stay the same from call to call.
+    whole = use_graph or compile is not None
+    decoder.reset(sampling, eos_ids, pad_id, positions=None if whole else T + max_new_tokens,
                   all_greedy=_all_greedy(temperature))
     idx = idx.long()
     if lengths is None:
@@ -355,7 +373,7 @@ def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_ev
 
 
 def _options(kwargs):
-    known = {"pad_token_id": None, "cuda_graph": None, "check_every": CHECK_EVERY}
+    known = {"pad_token_id": None, "cuda_graph": None, "check_every": CHECK_EVERY, "compile": False}
     unknown = set(kwargs) - set(known)
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
@@ -363,7 +381,25 @@ def _options(kwargs):
     every = options["check_every"]
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {every!r}")
+    options["compile"] = _compile_options(options["compile"])
     return options
+
+
+def _compile_options(value) -> dict | None:
+    """The `compile` option: False -> None (no compile), True -> {} (torch.compile's defaults), or
+    a dict of torch.compile keyword arguments (e.g. {"mode": "max-autotune-no-cudagraphs"})."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return {}
+    if not isinstance(value, dict):
+        raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {type(value).__name__}")
+    if "fullgraph" in value:
+        raise ValueError("compile: fullgraph is always True (the decode step has no graph break)")
+    if value.get("mode") in ("reduce-overhead", "max-autotune"):
+        raise ValueError(f"compile: mode={value['mode']!r} brings inductor's own CUDA graphs; fastgpt captures "
+                         "the step itself (cuda_graph=True): use 'default' or 'max-autotune-no-cudagraphs'")
+    return dict(value)
 
 
 @torch.inference_mode()
@@ -375,7 +411,9 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0,
     default one; it ends as if every draw had been made from it (same seed, same tokens, with
     or without CUDA graphs). Options: pad_token_id (what finished rows emit; default the first eos id),
     cuda_graph (capture the decode step; default True on CUDA; falls back to eager with a warning
-    saying why), check_every (decode steps between checks that every row is finished).
+    saying why), check_every (decode steps between checks that every row is finished), compile
+    (False; True or a dict of torch.compile arguments: the decode forward runs compiled, fullgraph,
+    inside the CUDA graph when there is one; the first call pays the compilation).
     n == max_new_tokens unless every row hit eos, as with HF: then n ends at the last row's eos.
     """
     options = _options(options)

@@ -233,8 +233,8 @@ class GPT(nn.Module):
         real tokens with 1 and left padding with 0, as in HF; each row then equals its unbatched
         run. With eos_token_id (an int or a list), a row stops at its first eos and is filled with
         pad_token_id (default: the first eos id) afterwards; n is less than max_new_tokens only if
-        every row stopped. Other options (pad_token_id, cuda_graph, check_every) are documented in
-        fastgpt.generate.generate.
+        every row stopped. Other options (pad_token_id, cuda_graph, check_every, compile) are
+        documented in fastgpt.generate.generate.
         """
         from fastgpt.generate import generate
 

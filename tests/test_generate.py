@@ -340,6 +340,49 @@ def test_decode_step_compiles_fullgraph(pair, temperature, monkeypatch):
     assert int(decoder.step) == 1 and int(decoder.pos[0]) == 4
 
 
+def test_compile_option(pair):
+    """compile=...: the decode forward through torch.compile gives the same tokens, greedy and
+    sampled under a seed (aot_eager traces what inductor gets, quickly); inductor itself once."""
+    _, model = pair
+    idx = torch.randint(0, V, (2, 7))
+    greedy = model.generate(idx, 10)
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(idx, 10, compile={"backend": "aot_eager"}), greedy)
+    sampled = [model.generate(idx, 10, temperature=0.9, top_k=20, generator=torch.Generator().manual_seed(5),
+                              compile=options) for options in (False, {"backend": "aot_eager"})]
+    assert torch.equal(*sampled)
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(idx, 10, compile=True), greedy)
+    torch._dynamo.reset()
+
+
+def test_compile_option_checks(pair):
+    _, model = pair
+    idx = torch.randint(0, V, (1, 3))
+    with pytest.raises(TypeError, match="compile must be a bool or a dict"):
+        model.generate(idx, 2, compile="yes")
+    with pytest.raises(ValueError, match="fullgraph is always True"):
+        model.generate(idx, 2, compile={"fullgraph": False})
+    with pytest.raises(ValueError, match="reduce-overhead"):
+        model.generate(idx, 2, compile={"mode": "reduce-overhead"})
+
+
+@pytest.mark.gpu
+def test_cuda_graph_of_the_compiled_step():
+    """compile=True under the CUDA graph: inductor's kernels captured and replayed, same tokens."""
+    _, model = tiny(128, 2, n_positions=512)
+    model = model.to("cuda")
+    idx = torch.randint(0, V, (3, 20), device="cuda")
+    plain = model.generate(idx, 48)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture warns: that fails here
+        compiled = model.generate(idx, 48, compile=True)
+    assert torch.equal(compiled, plain)
+    assert any(d.graph is not None and d.compiled_with == {} for d in model._decoders.values())
+    torch._dynamo.reset()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graph_matches_eager(dtype):

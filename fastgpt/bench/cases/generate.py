@@ -102,13 +102,14 @@ def greedy_check(oracle, T: int, N: int, tol: float):
     return check
 
 
-def fastgpt_fn(hf, backend: str, N: int):
-    """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default)."""
+def fastgpt_fn(hf, backend: str, N: int, compile: bool = False):
+    """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default);
+    with `compile`, its decode forward through torch.compile too."""
     from fastgpt.model import GPT
 
     model = GPT.from_hf(hf)
     model.backend = backend  # every op of the model (attention, LayerNorm, sampling) honours it
-    return lambda inp: model.generate(inp["idx"], N, temperature=0.0)
+    return lambda inp: model.generate(inp["idx"], N, temperature=0.0, compile=compile)
 
 
 def hf_fn(hf, attn: str, N: int, static: bool = False):
@@ -143,6 +144,8 @@ def candidates(hf, device: torch.device, N: int) -> list[Candidate]:
                              lambda: hf_fn(hf, "sdpa", N, static=True), note=hf_note))
         out.append(Candidate("static-KV GPT-2, compiled (gpt-fast recipe)", REFERENCE,
                              lambda: static_kv_fn(hf, N, compile=True), note=f"torch {torch.__version__}"))
+        out.append(Candidate("fastgpt[auto] + torch.compile", FASTGPT, lambda: fastgpt_fn(hf, "auto", N, compile=True),
+                             backend="auto", note="decode forward compiled, inside the CUDA graph"))
     else:
         out.append(Candidate("static-KV GPT-2, eager", REFERENCE, lambda: static_kv_fn(hf, N, compile=False),
                              note="the gpt-fast recipe without its compile (reduce-overhead needs CUDA)"))
