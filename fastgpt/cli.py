@@ -54,7 +54,8 @@ def generate(args: argparse.Namespace) -> int:
     shown = ""
     start = time.perf_counter()
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, min_p=args.min_p, eos_token_id=eos, generator=generator):
+                        top_p=args.top_p, min_p=args.min_p, eos_token_id=eos, generator=generator,
+                        compile=args.compile):
         token_id = int(token[0])
         if token_id == eos:
             break
@@ -88,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None)
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past the end-of-text token")
     gen.add_argument("--stats", action="store_true", help="print tokens/s at the end")
+    gen.add_argument("--compile", action="store_true",
+                     help="run the decode forward through torch.compile (the first tokens wait for it)")
     gen.set_defaults(func=generate)
 
     from fastgpt import bench

@@ -51,6 +51,16 @@ def test_generate_is_reproducible_with_a_seed(checkpoint, capsys):
     assert capsys.readouterr().out == first
 
 
+def test_generate_compiled_prints_the_same_text(checkpoint, capsys):
+    args = ["generate", "--model", str(checkpoint), "--prompt", "Hello there", "--max-new-tokens", "6", "--device", "cpu"]
+    cli.main(args)
+    plain = capsys.readouterr().out
+    torch._dynamo.reset()
+    assert cli.main(args + ["--compile"]) == 0
+    assert capsys.readouterr().out == plain
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("extra, message", [(["--top-p", "0"], "top_p"), (["--max-new-tokens", "500"], "n_positions")])
 def test_generate_reports_bad_arguments_in_one_line(checkpoint, capsys, extra, message):
     args = ["generate", "--model", str(checkpoint), "--prompt", "Hi", "--device", "cpu", "--max-new-tokens", "4"]
