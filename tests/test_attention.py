@@ -54,6 +54,19 @@ def test_lengths(device, S, causal):
     _check(*_qkv(1, 2, 2, S, S, 32, torch.float32, device), causal=causal)
 
 
+@pytest.mark.parametrize("Sk", [1, 17, 100])
+def test_single_query_runs_the_decode_kernel(device, Sk, monkeypatch):
+    """Sq == 1 goes to the split-KV decode kernel (every key visible, causal or not)."""
+    from fastgpt.kernels import decode
+
+    calls = []
+    launch = decode.decode_attention
+    monkeypatch.setattr(decode, "decode_attention", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
+    for causal in (False, True):
+        _check(*_qkv(2, 4, 2, 1, Sk, 64, torch.float32, device, seed=Sk), causal=causal)
+    assert len(calls) == 2
+
+
 @pytest.mark.parametrize("Sq,Sk", [(17, 33), (33, 17), (1, 40), (40, 1), (16, 48), (48, 16)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_unequal_lengths(device, Sq, Sk, causal):
@@ -447,7 +460,7 @@ def test_gpu_cuda_graph_capture():
     inside the capture warns and runs the fixed config instead of autotuning (which would sync)."""
     q, k, v = _qkv(2, 4, 2, 300, 300, 64, torch.bfloat16, "cuda")
     fastgpt.attention(q, k, v, causal=True, backend="triton")  # autotunes outside the capture
-    q2, k2, v2 = _qkv(1, 4, 4, 1, 700, 128, torch.float16, "cuda", seed=1)
+    q2, k2, v2 = _qkv(1, 4, 4, 2, 700, 128, torch.float16, "cuda", seed=1)  # Sq 2: the prefill kernel
     short = (t[:, :, :200] for t in (k2, v2))
     fastgpt.attention(q2, *short, causal=True, backend="triton")  # compiles the fixed config only
     graph = torch.cuda.CUDAGraph()

@@ -60,6 +60,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     one dtype, one device. `scale` defaults to 1/sqrt(D). With `causal`, query i sees keys
     j <= i + Sk - Sq (bottom-right aligned, as FlashAttention; equal to SDPA's is_causal when
     Sq == Sk); a query that sees no key returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
+    A single query (Sq == 1) runs the decode kernels (split-KV) of fastgpt.decode_attention.
     """
     device = check_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
@@ -73,6 +74,11 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.attention(q, k, v, causal=causal, scale=scale)
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
+    if Sq == 1:
+        # One query sees every key, causal or not. The split-KV decode kernels spread the keys
+        # over the whole GPU, where the prefill kernel runs one program per (row, head).
+        lengths = torch.full((B,), Sk, dtype=torch.int32, device=device)
+        return torch.ops.fastgpt.decode_attention(q, k, v, lengths, scale, name)
     return torch.ops.fastgpt.attention(q, k, v, causal, scale, name)
 
 
