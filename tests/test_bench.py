@@ -113,6 +113,15 @@ def _toy_case(candidates):
                 reference=lambda inp: inp["x"] * 2, candidates=candidates, metric="GB/s", work=64 * 8, set_bytes=256)
 
 
+def test_candidate_details_join_the_note():
+    """What a candidate chose (details(), asked after its warm-up) is added to its note."""
+    double = lambda inp: inp["x"] * 2  # noqa: E731
+    cands = [Candidate("tuned", FASTGPT, lambda: double, note="base", details=lambda: "tuned: BLOCK 64"),
+             Candidate("silent", FASTGPT, lambda: double, details=lambda: "")]
+    by = {r["implementation"]: r for r in run_case(_toy_case(cands), CPU, FAST)}
+    assert by["tuned"]["note"] == "base; tuned: BLOCK 64" and by["silent"]["note"] == ""
+
+
 def test_wrong_candidate_is_failed_and_never_timed():
     calls = {"right": 0, "wrong": 0}
 

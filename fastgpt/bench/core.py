@@ -46,7 +46,9 @@ class Candidate:
     it raises Unavailable when the implementation cannot run here. `check`, when given,
     replaces the case's check (for a reference with different semantics, e.g. argmax).
     A `lower_bound` reference does less than the op (argmax instead of sampling): it is timed
-    and compared with, but never counted as the best reference.
+    and compared with, but never counted as the best reference. `details`, when given, says
+    after the warm-up what the candidate chose for this case (e.g. the autotuned config); it is
+    added to the record's note.
     """
 
     label: str
@@ -56,6 +58,7 @@ class Candidate:
     note: str = ""
     check: Callable | None = None
     lower_bound: bool = False
+    details: Callable[[], str] | None = None
 
 
 def is_fastgpt_failure(rec: dict) -> bool:
@@ -272,6 +275,9 @@ def warm_up(checked: Checked, sets: list[dict], device: torch.device) -> None:
     except Exception as exc:
         checked.fn = None
         checked.rec.update(status=ERROR, reason=f"warm-up failed: {describe(exc)}")
+        return
+    if checked.cand.details is not None:
+        checked.rec["note"] = "; ".join(filter(None, (checked.rec["note"], checked.cand.details())))
 
 
 def check_and_warm_up(case: Case, cand: Candidate, sets: list[dict], expected: Any, device: torch.device,

@@ -67,7 +67,10 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
     sw, x, x_label = sweep_of(p, sweep, x_key)
     name = describe(p, ("B", "H") + (("HKV",) if Hkv != H else ()) + ("S",) + (("SK",) if Sk != Sq else ()) + ("D",))
     name += (" causal" if causal else "") + (f" pad{pad}" if pad else "")
-    cands = candidates(device, causal, scale, Hkv != H, Sq, Sk) if mask is None else masked_candidates(device, scale, Hkv != H)
+    if mask is None:
+        cands = candidates(device, causal, scale, Hkv != H, Sq, Sk)
+    else:
+        cands = masked_candidates(device, scale, Hkv != H, max(Sq, Sk))
     return Case(
         op="attention", name=name, params=p, dtype=dtype,
         make_inputs=make_inputs, reference=reference, candidates=cands,
@@ -120,7 +123,7 @@ def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
 
         return lambda inp: fastgpt.attention(inp["q"], inp["k"], inp["v"], causal=causal, scale=scale, backend=backend)
 
-    out = fastgpt_candidates(device, fastgpt_fn)
+    out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), max(Sq, Sk))
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
         label = f"sdpa[{name.split('_')[0].lower()}]"
         out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, causal, scale, gqa, Sq, Sk),
@@ -134,14 +137,14 @@ def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
     return out
 
 
-def masked_candidates(device, scale, gqa) -> list[Candidate]:
+def masked_candidates(device, scale, gqa, length: int) -> list[Candidate]:
     """A padded batch: every candidate takes the boolean mask (inputs["mask"])."""
     def fastgpt_fn(backend):
         from fastgpt.ops.attention import masked_attention
 
         return lambda inp: masked_attention(inp["q"], inp["k"], inp["v"], inp["mask"], scale=scale, backend=backend)
 
-    out = fastgpt_candidates(device, fastgpt_fn)
+    out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), length)
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
         label = f"sdpa[{name.split('_')[0].lower()}] + mask"
         out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, False, scale, gqa, 0, 0),
@@ -149,6 +152,21 @@ def masked_candidates(device, scale, gqa) -> list[Candidate]:
     out.append(Candidate("eager matmul-softmax-matmul + mask", REFERENCE, lambda: eager_fn(False, scale, gqa),
                          note="HF GPT-2 eager"))
     return out
+
+
+def with_tuned_config(cands: list[Candidate], length: int) -> list[Candidate]:
+    """fastgpt's candidates, the Triton one reporting the config its autotuner ran last (tiles,
+    warps, stages, TMA or not): this case's, when `length` = max(Sq, Sk) is long enough to tune."""
+    def tuned_config() -> str:
+        from fastgpt.kernels import attention as kernel
+
+        config = getattr(kernel._attn_fwd_tuned, "best_config", None)
+        return f"tuned: {config}" if config is not None and length > kernel._TUNE_MIN_LEN else ""
+
+    for cand in cands:
+        if cand.backend == "triton":
+            cand.details = tuned_config
+    return cands
 
 
 def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, Sk: int):
