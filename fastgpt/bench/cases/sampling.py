@@ -100,6 +100,9 @@ def candidates(device, p: dict) -> list[Candidate]:
         return lambda inp: fastgpt.sample(inp["logits"], temperature=T, top_k=K, top_p=P, min_p=MINP, backend=backend)
 
     out = fastgpt_candidates(device, fastgpt_fn)
+    for cand in out:
+        if cand.backend == "triton":
+            cand.details = lambda: triton_path(p["B"], p["V"], device)
     argmax = Candidate("torch.argmax", REFERENCE, lambda: lambda inp: inp["logits"].argmax(dim=-1),
                        note="greedy" if T == 0 else "greedy: a lower bound, not sampling", check=check_greedy,
                        lower_bound=T != 0)
@@ -115,6 +118,15 @@ def candidates(device, p: dict) -> list[Candidate]:
                          note=dist_version("flashinfer-python", "flashinfer"),
                          check=lambda run, inputs, expected: check_draws(run, inputs, expected, kept="kept_top_k")))
     return out
+
+
+def triton_path(B: int, V: int, device: torch.device) -> str:
+    """Which of the Triton sampler's two paths these shapes take on this GPU."""
+    from fastgpt import _backends
+    from fastgpt.kernels.sampling import split_chunks
+
+    chunks = split_chunks(B, V, _backends.sm_count(device.index if device.index is not None else 0))
+    return "one program per row" if chunks == 1 else f"split path: {chunks} vocabulary chunks per row"
 
 
 def hf_chain_fn(p: dict):
