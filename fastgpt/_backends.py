@@ -49,6 +49,8 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The import checks are constants of the process. torch.compile cannot trace an import, so they
+# are marked as such: Dynamo calls them while tracing an op's dispatch and keeps the answer.
 @functools.cache
 def _import_triton() -> str | None:
     try:
@@ -56,6 +58,12 @@ def _import_triton() -> str | None:
     except Exception as exc:  # ImportError, or a broken install raising something else
         return f"triton is not importable ({type(exc).__name__}: {exc}); pip install 'fastgpt[triton]'"
     return None
+
+
+@torch.compiler.assume_constant_result
+def _triton_missing() -> str | None:
+    """None when triton imports, else why not."""
+    return _import_triton()
 
 
 @functools.cache
@@ -68,6 +76,12 @@ def _import_cuda_extension():
             "the CUDA extension fastgpt._C is not built (this install had no nvcc, or "
             f"FASTGPT_SKIP_CUDA=1 was set): {exc}"
         )
+
+
+@torch.compiler.assume_constant_result
+def _cuda_extension_missing() -> str | None:
+    """None when fastgpt._C imports, else why not."""
+    return _import_cuda_extension()[1]
 
 
 def cuda_extension():
@@ -83,14 +97,14 @@ def why_not(backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
-        reason = _import_triton()
+        reason = _triton_missing()
         if reason:
             return reason
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return None
         return f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)"
     if backend == "cuda":
-        _, reason = _import_cuda_extension()
+        reason = _cuda_extension_missing()
         if reason:
             return reason
         if device.type != "cuda":

@@ -51,3 +51,22 @@ def _example_args(name):
         "sample": (torch.randn(2, 9), B, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64),
                    torch.zeros(2), torch.tensor([7]), "torch"),
     }[name]
+
+
+def test_backend_resolution_traces_for_a_cuda_device():
+    """On a GPU, auto asks which compiled backends exist (imports, done once per process):
+    Dynamo must trace that without a graph break. Only a device object is needed here."""
+    from fastgpt import _backends
+
+    cuda = torch.device("cuda")
+    expected = _backends.resolve("attention", "auto", cuda)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def pick(x):
+        name = _backends.resolve("attention", "auto", cuda)
+        return x + len(name) + (_backends.why_not("triton", cuda) is None) + (_backends.why_not("cuda", cuda) is None)
+
+    torch._dynamo.reset()
+    available = (_backends.why_not("triton", cuda) is None) + (_backends.why_not("cuda", cuda) is None)
+    assert pick(torch.zeros(1)).item() == len(expected) + available
+    torch._dynamo.reset()

@@ -356,6 +356,19 @@ def test_compile_option(pair):
     torch._dynamo.reset()
 
 
+def test_compile_option_through_the_triton_kernels():
+    """The compiled decode forward dispatches to the Triton kernels (the interpreter here): the
+    ops' backend checks must trace, as they do on a GPU, where auto looks for the compiled
+    backends."""
+    _, model = tiny(64, 4, n_layer=1, n_positions=64)
+    model.backend = "triton"
+    idx = torch.randint(0, V, (2, 5))
+    expected = model.generate(idx, 3)
+    torch._dynamo.reset()
+    assert torch.equal(model.generate(idx, 3, compile={"backend": "aot_eager"}), expected)
+    torch._dynamo.reset()
+
+
 def test_compile_option_checks(pair):
     _, model = pair
     idx = torch.randint(0, V, (1, 3))
