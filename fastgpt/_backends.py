@@ -131,11 +131,13 @@ def resolve(
     """Pick the concrete backend ("cuda", "triton" or "torch") for one call of `op`.
 
     `unsupported(name)` returns why backend `name` cannot handle these particular inputs (dtype,
-    head dim, ...), or None. `preference` orders the compiled backends for "auto" on a CUDA device.
+    head dim, ...), or None. `preference` orders the compiled backends for "auto" on a CUDA
+    device: those `op` has. A FASTGPT_BACKEND default naming a backend `op` does not have (cuda
+    for masked attention) leaves "auto" as it is; asked for by name, it raises.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
+    if backend == "auto" and default_backend() in (*preference, "torch", "auto"):
         backend = default_backend()
     if backend != "auto":
         reason = why_not(backend, device) or unsupported(backend)

@@ -35,8 +35,8 @@ def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
     if mask.dtype != torch.bool:
         raise ValueError(f"attn_implementation='fastgpt' expects a boolean attention mask, got {mask.dtype}")
     # The cuda kernels take no mask: a model registered with backend="cuda" runs its masked calls
-    # on the Triton kernel (register's docstring says so).
-    backend = "triton" if backend == "cuda" else backend
+    # as "auto" does, on the Triton kernel where it can run, else on PyTorch (register's docstring).
+    backend = "auto" if backend == "cuda" else backend
     return ops_attention.masked_attention(q, k, v, mask, scale=scale, backend=backend)
 
 
@@ -72,7 +72,8 @@ def register(name: str = NAME, backend: str = "auto") -> None:
     """Make attn_implementation=name (default "fastgpt") available in transformers.
 
     `backend` is fastgpt's backend for the model's attention calls; with "cuda", calls that carry
-    a mask (padding, static cache) run the Triton kernel, as the cuda kernels take no mask.
+    a mask (padding, static cache) take "auto"'s choice (the Triton kernel on a GPU), as the cuda
+    kernels take no mask.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import sdpa_mask

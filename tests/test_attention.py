@@ -180,8 +180,12 @@ def test_masked_views(device):
     torch.testing.assert_close(_check_masked(q, k, v, transposed.contiguous().expand(2, 4, 19, 23)), expected)
 
 
-def test_masked_checks():
+def test_masked_checks(monkeypatch):
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
+    mask = torch.ones(2, 1, 3, 5, dtype=torch.bool)
+    monkeypatch.setenv("FASTGPT_BACKEND", "cuda")  # a default the op cannot take: auto's choice instead
+    assert_close(masked_attention(q, k, k, mask), masked_attention(q, k, k, mask, backend="torch"))
+    monkeypatch.delenv("FASTGPT_BACKEND")
     with pytest.raises(TypeError, match="mask must have dtype in \\(bool\\)"):
         masked_attention(q, k, k, torch.ones(2, 1, 3, 5))
     for shape in [(3, 1, 3, 5), (2, 2, 3, 5), (2, 1, 5, 3), (1, 3, 5)]:

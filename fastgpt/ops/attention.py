@@ -100,8 +100,8 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq % Hkv == 0; fp16, bf16 or fp32. mask: bool
     (B or 1, Hq or 1, Sq, Sk), True where query i may attend to key j (transformers' SDPA mask;
     no causal mask is added). A query that may attend to no key returns zeros. Backends: triton
-    (auto's choice on a CUDA device) and torch; the cuda kernels take no mask. Returns
-    (B, Hq, Sq, D) in q's dtype.
+    (auto's choice on a CUDA device) and torch; the cuda kernels take no mask (FASTGPT_BACKEND=cuda
+    leaves this op to auto; backend="cuda" raises). Returns (B, Hq, Sq, D) in q's dtype.
     """
     device = check_qkv(q, k, v)
     _checks.tensor("mask", mask, ndim=4, dtypes=(torch.bool,))
