@@ -221,10 +221,10 @@ def _attn_fwd_kernel(
 # ----------------------------------------------------------------------------- launcher
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) candidates per padded head dim, checked offline
-# (tests/test_attention.py compiles them for sm_80/sm_90). All fit sm_90's shared memory and the
-# fp16/bf16 ones do not spill registers on sm_90; on sm_80 the D=256 ones (and a few 128x128
-# tiles) spill a little, and fp32's tf32x3 tiles for D >= 128 spill on both (fp32 is not a
-# target dtype). A config too large for a smaller GPU fails to launch and the autotuner skips it.
+# (tests/test_attention.py compiles them for sm_80/sm_90). All fit sm_90's shared memory; on
+# sm_90 the fp16/bf16 ones for D <= 128 do not spill registers and a few D=256 ones spill a few
+# bytes (more with a mask); on sm_80 the D=256 ones (and a few 128x128 tiles) spill a little, and
+# fp32's tf32x3 tiles for D >= 128 spill on both (fp32 is not a target dtype). A config too large for a smaller GPU fails to launch and the autotuner skips it.
 # fp32 tiles are twice the bytes and tf32x3 dots triple the operands: smaller tiles.
 _TUNING = {
     64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
@@ -311,8 +311,7 @@ def _autotune(key: tuple) -> bool:
     current stream is being captured into a CUDA graph (timing syncs the host, which a capture
     cannot contain); then the fixed config runs instead, with a warning."""
     if key in _TUNED or not torch.cuda.is_current_stream_capturing():
-        _TUNED.add(key)
-        return True
+        return True  # the launcher adds the key to _TUNED once the tuned launch went through
     warnings.warn(
         f"fastgpt attention: the Triton kernel is not autotuned yet for {key}, and autotuning cannot run "
         "during CUDA graph capture; the capture uses a fixed config. Call attention once with this "
@@ -386,6 +385,7 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
                 DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
     if tuned:
         _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
+        _TUNED.add(tune_key)
     else:
         block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
         use_tma = tma_mode == TMA_ONLY

@@ -376,8 +376,9 @@ def test_compile_option_checks(pair):
         model.generate(idx, 2, compile="yes")
     with pytest.raises(ValueError, match="fullgraph is always True"):
         model.generate(idx, 2, compile={"fullgraph": False})
-    with pytest.raises(ValueError, match="reduce-overhead"):
-        model.generate(idx, 2, compile={"mode": "reduce-overhead"})
+    for options in ({"mode": "reduce-overhead"}, {"backend": "cudagraphs"}, {"options": {"triton.cudagraphs": True}}):
+        with pytest.raises(ValueError, match="own CUDA graphs"):
+            model.generate(idx, 2, compile=options)
 
 
 @pytest.mark.gpu

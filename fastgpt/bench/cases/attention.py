@@ -70,7 +70,7 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
     if mask is None:
         cands = candidates(device, causal, scale, Hkv != H, Sq, Sk)
     else:
-        cands = masked_candidates(device, scale, Hkv != H, max(Sq, Sk))
+        cands = masked_candidates(device, scale, Hkv != H, Sq, Sk)
     extra = {} if mask is None else {"check": visible_rows_check}
     return Case(
         op="attention", name=name, params=p, dtype=dtype, **extra,
@@ -137,7 +137,7 @@ def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
 
         return lambda inp: fastgpt.attention(inp["q"], inp["k"], inp["v"], causal=causal, scale=scale, backend=backend)
 
-    out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), max(Sq, Sk))
+    out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), Sq, Sk)
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
         label = f"sdpa[{name.split('_')[0].lower()}]"
         out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, causal, scale, gqa, Sq, Sk),
@@ -151,14 +151,14 @@ def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
     return out
 
 
-def masked_candidates(device, scale, gqa, length: int) -> list[Candidate]:
+def masked_candidates(device, scale, gqa, Sq: int, Sk: int) -> list[Candidate]:
     """A padded batch: every candidate takes the boolean mask (inputs["mask"])."""
     def fastgpt_fn(backend):
         from fastgpt.ops.attention import masked_attention
 
         return lambda inp: masked_attention(inp["q"], inp["k"], inp["v"], inp["mask"], scale=scale, backend=backend)
 
-    out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), length)
+    out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), Sq, Sk)
     for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
         label = f"sdpa[{name.split('_')[0].lower()}] + mask"
         out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, False, scale, gqa, 0, 0),
@@ -168,14 +168,16 @@ def masked_candidates(device, scale, gqa, length: int) -> list[Candidate]:
     return out
 
 
-def with_tuned_config(cands: list[Candidate], length: int) -> list[Candidate]:
+def with_tuned_config(cands: list[Candidate], Sq: int, Sk: int) -> list[Candidate]:
     """fastgpt's candidates, the Triton one reporting the config its autotuner ran last (tiles,
-    warps, stages, TMA or not): this case's, when `length` = max(Sq, Sk) is long enough to tune."""
+    warps, stages, TMA or not): this case's, when the case goes through the autotuner (more than
+    one query, and max(Sq, Sk) long enough)."""
     def tuned_config() -> str:
         from fastgpt.kernels import attention as kernel
 
         config = getattr(kernel._attn_fwd_tuned, "best_config", None)
-        return f"tuned: {config}" if config is not None and length > kernel._TUNE_MIN_LEN else ""
+        tuned = Sq > 1 and max(Sq, Sk) > kernel._TUNE_MIN_LEN
+        return f"tuned: {config}" if config is not None and tuned else ""
 
     for cand in cands:
         if cand.backend == "triton":
