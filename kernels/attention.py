@@ -304,6 +304,7 @@ _attn_fwd_tuned = triton.autotune(
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
 _TUNED = set()  # the keys autotuned in this process (see _autotune)
+_TMA_FAILED = set()  # the devices (index) where a launch with TMA candidates failed: pointer loads there
 
 
 def _autotune(key: tuple) -> bool:
@@ -328,7 +329,7 @@ def _tma_mode(tma: bool | None, *tensors: torch.Tensor) -> int:
     addressable = all(t.data_ptr() % 16 == 0 and all(0 < st * t.element_size() < 2**40 and st * t.element_size() % 16 == 0
                                                       for st in t.stride()[:-1]) for t in tensors)
     if tma is None:
-        gpu_ok = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+        gpu_ok = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9 and q.device.index not in _TMA_FAILED
         return TMA_AUTO if addressable and gpu_ok and q.dtype != torch.float32 else TMA_OFF
     if tma and not addressable:
         raise ValueError("tma=True needs q, k, v with 16-byte aligned data pointers and strides (in bytes)")
@@ -354,24 +355,42 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     view is fine), False hiding key j from query i. Returns the output (B, Hq, Sq, D) in q.dtype,
     contiguous; with return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
     tma: None lets the autotuner try TMA loads where the GPU and the tensors allow (see
-    _tma_mode); True forces them, False forbids them.
+    _tma_mode); True forces them, False forbids them. Should a launch with TMA candidates fail on
+    the host (TMA has not run on a GPU here yet), the call is redone with pointer loads, which
+    the rest of the process keeps to on that GPU, with a warning.
 
     On the GPU, max(Sq, Sk) > 256 autotunes on the first call with each new key (head dim,
     causal, dtype, length bucket): make that call before capturing a CUDA graph. A capture that
     meets an untuned key runs a fixed config and warns.
     """
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Sk = k.shape[2]
     # K/V rows within a block are 32-bit offsets (the block's first row is 64-bit): a view whose
     # row stride would overflow them spans > 2^31 elements, and is copied (its stride becomes D).
     k, v = (t.contiguous() if t.stride(2) * min(Sk, _MAX_BLOCK_N) >= 2**31 else t for t in (k, v))
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
+    tma_mode = _tma_mode(tma, q, k, v, out)
+    try:
+        _launch(q, k, v, out, lse, mask, bool(causal), scale, return_lse, tma_mode)
+    except Exception as exc:  # on the host: a descriptor the driver refuses, a TMA config's launch
+        if tma_mode != TMA_AUTO:
+            raise
+        _TMA_FAILED.add(q.device.index)
+        warnings.warn(f"fastgpt attention: the Triton kernel's TMA loads failed on this GPU ({type(exc).__name__}: "
+                      f"{exc}); using pointer loads from now on", stacklevel=2)
+        _launch(q, k, v, out, lse, mask, bool(causal), scale, return_lse, TMA_OFF)
+    return AttentionOutput(out, lse) if return_lse else out
+
+
+def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: bool, tma_mode: int) -> None:
+    """One launch of the kernel, through the autotuner (long problems on a GPU) or a fixed config."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
     fp32 = q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(D))
     seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
-    tma_mode = _tma_mode(tma, q, k, v, out)
-    tune_key = (D, bool(causal), mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
+    tune_key = (D, causal, mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
     tuned = q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN and _autotune(tune_key)
     if not tuned and tma_mode == TMA_AUTO:
         tma_mode = TMA_OFF  # the fixed config loads by pointers: no descriptors to build
@@ -381,17 +400,16 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     mask_strides = mask.stride()[:3] if has_mask else (0, 0, 0)
     args = (q, k, v, out, lse, mask, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q, tma_mode)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=bool(causal), HAS_MASK=has_mask, WRITE_LSE=return_lse,
+    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_MASK=has_mask, WRITE_LSE=return_lse,
                 DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
     if tuned:
         _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
         _TUNED.add(tune_key)
-    else:
-        block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
-        use_tma = tma_mode == TMA_ONLY
-        if use_tma:
-            _set_block_shapes(dict(zip(("desc_q", "desc_k", "desc_v", "desc_o"), descs), BLOCK_M=block_m,
-                                   BLOCK_N=block_n, BLOCK_D=block_d))
-        _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
-            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=warps, num_stages=stages)
-    return AttentionOutput(out, lse) if return_lse else out
+        return
+    block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
+    use_tma = tma_mode == TMA_ONLY
+    if use_tma:
+        _set_block_shapes(dict(zip(("desc_q", "desc_k", "desc_v", "desc_o"), descs), BLOCK_M=block_m,
+                               BLOCK_N=block_n, BLOCK_D=block_d))
+    _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
+        *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=warps, num_stages=stages)

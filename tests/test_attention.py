@@ -227,6 +227,39 @@ def test_tma_loads_under_a_mask(device):
                  dtype=torch.float16)
 
 
+def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
+    """Where the autotuner may pick TMA (tma=None on an sm_90+ GPU, pretended here) and a launch
+    fails on the host, the call is redone with pointer loads, with a warning, and that GPU keeps
+    to them; a forced TMA call (tma=True) still raises."""
+    from fastgpt.kernels import attention as mod
+
+    launch, modes = mod._launch, []
+
+    def failing_tma(*args):
+        modes.append(args[-1])
+        if args[-1] != mod.TMA_OFF:
+            raise RuntimeError("descriptor refused")
+        return launch(*args)
+
+    def pretend_sm90(tma, q, *tensors):
+        if tma:
+            return mod.TMA_ONLY
+        return mod.TMA_OFF if tma is False or q.device.index in mod._TMA_FAILED else mod.TMA_AUTO
+
+    monkeypatch.setattr(mod, "_launch", failing_tma)
+    monkeypatch.setattr(mod, "_tma_mode", pretend_sm90)
+    monkeypatch.setattr(mod, "_TMA_FAILED", set())
+    q, k, v = _qkv(1, 2, 2, 20, 20, 32, torch.float32, device)
+    with pytest.warns(UserWarning, match="TMA loads failed"):
+        out = mod.attention(q, k, v, causal=True, scale=0.2)
+    assert_close(out, _reference(q, k, v, True, 0.2))
+    assert modes == [mod.TMA_AUTO, mod.TMA_OFF] and mod._TMA_FAILED == {q.device.index}
+    mod.attention(q, k, v, causal=True, scale=0.2)  # pointer loads from the start now
+    assert modes[2:] == [mod.TMA_OFF]
+    with pytest.raises(RuntimeError, match="descriptor refused"):
+        mod.attention(q, k, v, causal=True, scale=0.2, tma=True)
+
+
 def test_tma_refuses_unaligned_views(device):
     """TMA needs 16-byte aligned strides: a forced call on rows of 17 fp32 (68 bytes) says so;
     the default (tma=None) takes the pointer path for them."""
