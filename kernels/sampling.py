@@ -19,8 +19,9 @@ Per row, over the vocabulary in blocks (the row is re-read from L2 on every pass
    no host sync, capturable in a CUDA graph.
 
 Probabilities use fp32 exp, and sums run in a different order than torch's softmax + cumsum: a
-token whose cumulative mass sits within a few ulps of 1 - top_p (or whose probability sits within
-an ulp of min_p * p_max) may be kept here and removed by the reference, or the reverse.
+token whose cumulative mass sits that close to 1 - top_p (fp32 sums over V terms drift by up to
+~1e-4 relative at V ~ 10^5; the GPU tests allow that margin), or whose probability sits within an
+ulp of min_p * p_max, may be kept here and removed by the reference, or the reverse.
 
 Two paths, chosen by the launcher from B, V and the SM count only (split_chunks):
 
@@ -28,7 +29,8 @@ Two paths, chosen by the launcher from B, V and the SM count only (split_chunks)
   V > 2^24. Its searches test NUM_PIVOTS pivot keys per pass over the row until the answer is
   pinned down: a data-dependent number of passes inside one program.
 - Split, for smaller batches: every pass runs over a (B, C) grid, program (b, c) on chunk c of
-  row b (C <= MAX_CHUNKS, and <= V / 1024 rounded up), so one row spreads over the GPU. The
+  row b (C <= MAX_CHUNKS, and as the launcher picks it <= V / 1024 rounded up; the tests'
+  num_chunks hook may cut shorter chunks), so one row spreads over the GPU. The
   searches are radix selects, one key byte per launch: 8 launches of _split_search_kernel (4
   count for top-k, 4 sum top-p's masses), then _split_draw_kernel (each chunk's max of s + g and
   its first index) and _split_token_kernel over (B,) (the first chunk holding the row's max):
@@ -39,8 +41,8 @@ Two paths, chosen by the launcher from B, V and the SM count only (split_chunks)
   run. Counts are exact (fp32 integers, V <= 2^24); masses are fp32 sums in another order than
   the one-program path's, so at a top-p rounding boundary (as against torch above) the paths
   may keep different sets; wherever the kept sets agree the tokens agree to the bit (same
-  scores, noise and first-index tie break). A row holding +inf skips the searches: its kept set
-  is its +inf entries whatever k, p and min-p. The split path's speed is not measured: no GPU
+  scores, noise and first-index tie break). A row holding +inf skips the top-p search and its
+  top-k result is ignored: its kept set is its +inf entries whatever k, p and min-p. The split path's speed is not measured: no GPU
   was available when it was written.
 """
 
@@ -387,8 +389,9 @@ def _mass_hist(row_ptr, begin, end, t, m, t_k, prefix, DIGIT: tl.constexpr, V: t
     """Sums of exp(s - m), by byte DIGIT, over the top-k survivors (key >= t_k) in [begin, end)
     whose top DIGIT bytes are the prefix's. There is no weighted histogram in Triton and float
     atomics would make the sums depend on timing, so the 256 bins are a 16 x 16 (high nibble, low
-    nibble) one-hot product in exact fp32 FMAs (input_precision="ieee"), skipping blocks with no
-    such survivor (most of them under a small top-k)."""
+    nibble) one-hot product in fp32 FMAs, not TF32 (input_precision="ieee": the products are exact,
+    the sums round as fp32 sums do), skipping blocks with no such survivor (most of them under a
+    small top-k). Without top-k that is ~256 FMAs per entry per stage: the likely hot spot."""
     nib = tl.arange(0, 16)
     hist = tl.zeros([16, 16], dtype=tl.float32)
     t_k = t_k.to(tl.int32)

@@ -217,6 +217,34 @@ def test_split_tokens_equal_one_program(device, poisoned_empty):
     assert masks[torch.arange(12), ids].all()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point: x / t and s - m overflow
+def test_split_key_bytes_at_the_edges(device, poisoned_empty):
+    """Keys whose radix bytes sit at the edges: fp32 bit patterns next to each other on both sides
+    of the sign (±denormals, ±0), scores near ±3e38 (top key bytes 0 and 255), and rows whose
+    x / t overflows to +inf (then only those entries stay, as with +inf logits). Split and
+    one-program paths give the same kept sets and tokens."""
+    g = torch.Generator().manual_seed(9)
+    V = 300
+    bits = torch.cat([torch.arange(1, 120), torch.arange(0, 60) - 2**31, torch.zeros(5, dtype=torch.int64)])
+    bits = torch.cat([bits, torch.full((V - len(bits),), 0xFF800000 - 2**32)])  # the rest -inf
+    tiny = bits.to(torch.int32).view(torch.float32)[torch.randperm(V, generator=g)]
+    huge = torch.randn(V, generator=g).sign() * 3e38 * (1 - torch.rand(V, generator=g) * 1e-3)
+    logits = torch.stack([tiny] * 4 + [huge] * 4 + [torch.randn(V, generator=g) * 1e37] * 2)
+    t = torch.tensor([1.0, 1e-40, 1e-44, 1.0, 1.0, 0.5, 1.0, 2.0, 1e-3, 0.01])  # x / 1e-3 overflows
+    k = torch.tensor([5, 60, 130, 183, 3, 0, 150, 299, 0, 7])
+    p = torch.tensor([1.0, 0.7, 0.3, 0.9, 1.0, 0.5, 0.99, 0.2, 1.0, 0.8], dtype=torch.float64)
+    mp = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0])
+    args = [a.to(device) for a in (logits, t, k, p, mp)]
+    one = kept_mask(*args, num_chunks=0).cpu()
+    for chunks in (1, 5):
+        torch.testing.assert_close(kept_mask(*args, num_chunks=chunks).cpu(), one, atol=0, rtol=0)
+    seed = torch.tensor([5], device=device)
+    ids = triton_sample(*args, seed, num_chunks=5).cpu()
+    torch.testing.assert_close(ids, triton_sample(*args, seed, num_chunks=0).cpu(), atol=0, rtol=0)
+    assert one[torch.arange(len(ids)), ids].all()
+    assert (one[8] == (logits[8] / 1e-3 == float("inf"))).all()  # the overflowed scores alone
+
+
 def test_split_device_parameters_are_clamped(device):
     test_device_parameters_are_clamped(device, num_chunks=2)
 

@@ -125,7 +125,8 @@ def triton_path(B: int, V: int, device: torch.device) -> str:
     from fastgpt import _backends
     from fastgpt.kernels.sampling import split_chunks
 
-    chunks = split_chunks(B, V, _backends.sm_count(device.index if device.index is not None else 0))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    chunks = split_chunks(B, V, _backends.sm_count(index))
     return "one program per row" if chunks == 1 else f"split path: {chunks} vocabulary chunks per row"
 
 
