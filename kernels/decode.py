@@ -5,7 +5,9 @@ cache. The cache of each (row, KV head) is cut into `num_splits` chunks; one pro
 chunk of one KV head once and serves the Hq // Hkv query heads that share it (GQA; groups wider
 than a tile of BLOCK_G heads take several programs), writing a partial output and its
 log-sum-exp. A second kernel merges the splits. A single split writes
-the output directly. A row of length 0 gets zeros.
+the output directly. A row of length 0 gets zeros. An optional boolean mask (B, Hq, Smax) hides
+positions per query head as well (transformers' padded decode steps); a query head that sees no
+position gets zeros.
 
 The split count is chosen on the host from shapes and the SM count only (never from
 cache_seqlens, which stays on the device), so the op never syncs and can be captured in a CUDA
@@ -63,8 +65,8 @@ def _weighted_values(p, v, DOT_PRECISION: tl.constexpr, USE_DOT: tl.constexpr):
 # In base-2 units:
 #   s_gj = (q_g . k_j) * scale * log2(e),  m_g = max_j s_gj,  l_g = sum_j 2^(s_gj - m_g)
 #   o_g  = sum_j 2^(s_gj - m_g) v_j / l_g,  lse_g = m_g + log2(l_g)     (online over BLOCK_N blocks)
-# An empty split (start >= len_b) writes o = 0 and lse = -inf. With SINGLE_SPLIT the program
-# covers the whole row and writes o in the output dtype instead.
+# An empty split (start >= len_b, or every position hidden by the mask) writes o = 0 and
+# lse = -inf. With SINGLE_SPLIT the program covers the whole row and writes o in the output dtype.
 @triton.jit
 def _decode_split_kernel(
     q_ptr,  # (B, Hq, 1, D), stride(-1) == 1
@@ -73,13 +75,14 @@ def _decode_split_kernel(
     seqlens_ptr,  # (B,) int32, any stride: valid positions per row, clamped to [0, Smax] here
     o_ptr,  # SINGLE_SPLIT: (B, Hq, 1, D) output, contiguous; else (B, Hq, num_splits, D) fp32 partials
     lse_ptr,  # (B, Hq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
-    stride_q_b, stride_q_h, stride_seqlens_b,
+    mask_ptr,  # (B, Hq, Smax) uint8, stride(-1) == 1, 0 = hidden (strides 0 broadcast): read when HAS_MASK
+    stride_q_b, stride_q_h, stride_seqlens_b, stride_mask_b, stride_mask_h,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     Hkv, Smax, chunk, qk_scale,
     group,  # Hq // Hkv: query heads per KV head, served BLOCK_G at a time
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     USE_DOT: tl.constexpr = BLOCK_G >= 16
     num_g = tl.cdiv(group, BLOCK_G)
@@ -101,6 +104,7 @@ def _decode_split_kernel(
     q = tl.load(q_ptrs, mask=(offs_g[:, None] < group) & d_ok, other=0.0)
     k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
     v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
+    mask_rows = mask_ptr + b * stride_mask_b + heads[:, None] * stride_mask_h  # (BLOCK_G, 1)
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -114,11 +118,17 @@ def _decode_split_kernel(
         k_blk = k_base + row0 * stride_k_s + offs_n[:, None] * stride_k_s
         k = tl.load(k_blk + offs_d[None, :], mask=keep, other=0.0)
         s = _scores(q, k, DOT_PRECISION, USE_DOT) * qk_scale
-        # Every block holds at least one valid position, so m_new is finite.
-        s = tl.where(cols[None, :] < end, s, float("-inf"))
+        visible = cols[None, :] < end
+        if HAS_MASK:
+            seen = tl.load(mask_rows + cols[None, :], mask=(offs_g[:, None] < group) & visible, other=0)
+            visible = visible & (seen != 0)
+        s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        # Every block holds a valid position, so m_new is finite, unless a mask hides them all
+        # from a head: exponentials are then taken relative to 0, giving 0, never NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) if HAS_MASK else m_new
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_blk = v_base + row0 * stride_v_s + offs_n[:, None] * stride_v_s
         v = tl.load(v_blk + offs_d[None, :], mask=keep, other=0.0)
@@ -209,13 +219,15 @@ def gpu_tiles(group: int, D: int, fp32: bool) -> _Tiles:
     return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None):
     """Attention of one query token per row over the first cache_seqlens[b] cache positions.
 
     q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
     stride(-1) == 1, any other strides; Hq % Hkv == 0; 1 <= D <= 256. cache_seqlens int32 (B,)
     on the same device (any stride), never read by the host; lengths are clamped to [0, Smax].
-    Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0 are zeros.
+    mask: None, or bool (B, Hq, Smax) with stride(-1) == 1 (an expanded view is fine), False
+    hiding position j from query head h too. Returns (B, Hq, 1, D) in q.dtype, contiguous; rows
+    of length 0, and heads that see no position, are zeros.
     """
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
@@ -238,12 +250,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float):
     else:
         o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    has_mask = mask is not None
+    mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
+    mask_strides = mask.stride()[:2] if has_mask else (0, 0)
     _decode_split_kernel[(programs, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part,
-        q.stride(0), q.stride(1), cache_seqlens.stride(0), *k_cache.stride()[:3], *v_cache.stride()[:3],
-        Hkv, Smax, chunk, scale * math.log2(math.e), group,
+        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, mask,
+        q.stride(0), q.stride(1), cache_seqlens.stride(0), *mask_strides, *k_cache.stride()[:3],
+        *v_cache.stride()[:3], Hkv, Smax, chunk, scale * math.log2(math.e), group,
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
-        SINGLE_SPLIT=num_splits == 1, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32",
+        SINGLE_SPLIT=num_splits == 1, HAS_MASK=has_mask, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32",
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
     if num_splits > 1:

@@ -183,34 +183,55 @@ def test_blocks_within_the_offset_bound():
     assert decode._INTERPRETER_BLOCK_N <= decode._MAX_BLOCK_N
 
 
+@pytest.mark.parametrize("Hq,Hkv,mask_heads", [(4, 4, 4), (8, 2, 1), (8, 2, 8)], ids=["mha", "gqa-shared", "gqa-per-head"])
+def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads):
+    """With a mask (transformers' padded decode steps), a head sees the positions below its row's
+    length that the mask keeps, over several splits; a head that sees none gets zeros."""
+    from fastgpt.kernels.decode import decode_attention as triton_decode
+
+    B, Smax, D = 3, 100, 32
+    q, k, v = _inputs(B, Hq, Hkv, Smax, D, torch.float32, device, seed=Hq + mask_heads)
+    mask = torch.rand(B, mask_heads, Smax, generator=torch.Generator().manual_seed(mask_heads)).to(device) > 0.5
+    mask[:, :, :30] = False  # left padding
+    mask[2, 0] = False  # head 0 of row 2 (all heads when the mask is shared) sees nothing
+    lengths = torch.tensor([100, 71, 100], dtype=torch.int32, device=device)
+    out = triton_decode(q, k, v, lengths, scale=0.3, mask=mask.expand(B, Hq, Smax))
+    visible = mask & (torch.arange(Smax, device=device) < lengths[:, None, None])  # (B, 1|Hq, Smax)
+    grouped = visible[:, :, None, None] if mask_heads == 1 else visible.view(B, Hkv, Hq // Hkv, 1, Smax)
+    assert_close(out, reference.masked_attention(q, k, v, grouped, 0.3))
+    assert (out[2, 0] == 0).all()
+
+
 # ----------------------------------------------------------------------------- compile for the GPU
 
 
 def compile_decode_variants(arch):
-    """Both split-kernel paths (elementwise for group 1, tl.dot for groups) and the combine kernel."""
+    """Both split-kernel paths (elementwise for group 1, tl.dot for groups), with and without a
+    mask, and the combine kernel."""
     mod = _load_kernel_module("decode")
-    for dtype, D, group in [("fp16", 64, 1), ("bf16", 128, 4), ("bf16", 256, 64), ("fp32", 80, 2), ("fp32", 256, 32)]:
-        tiles = mod.gpu_tiles(group, D, dtype == "fp32")
-        ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
-                "o_ptr": "*fp32", "lse_ptr": "*fp32"}
-        const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
-                     SINGLE_SPLIT=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
-        kernel = compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
-                             num_stages=tiles.num_stages)
+    variants = [("fp16", 64, 1, False), ("bf16", 128, 4, False), ("bf16", 256, 64, False), ("fp32", 80, 2, False),
+                ("fp32", 256, 32, False), ("fp16", 64, 1, True), ("bf16", 128, 8, True)]
+    for dtype, D, group, has_mask in variants:
+        kernel = compile_split(mod, arch, dtype, D, group, has_mask)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16"}
     compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32),
                 arch=arch, num_warps=4, num_stages=1)
     if arch == 80:  # no autotuner skips a tile too large for an sm_86/sm_89 block: the widest fit
         for dtype, D, group in [("bf16", 128, 64), ("bf16", 256, 64), ("fp32", 128, 64), ("fp32", 256, 64)]:
-            tiles = mod.gpu_tiles(group, D, dtype == "fp32")
-            ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
-                    "o_ptr": "*fp32", "lse_ptr": "*fp32"}
-            const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
-                         SINGLE_SPLIT=False, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
-            kernel = compile_for(mod._decode_split_kernel, ptrs, const, arch=80, num_warps=tiles.num_warps,
-                                 num_stages=tiles.num_stages)
-            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, tiles, kernel.metadata.shared)
+            kernel = compile_split(mod, 80, dtype, D, group, False)
+            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, kernel.metadata.shared)
+
+
+def compile_split(mod, arch, dtype, D, group, has_mask):
+    """_decode_split_kernel lowered for sm_<arch> with the launcher's tiles."""
+    tiles = mod.gpu_tiles(group, D, dtype == "fp32")
+    ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
+            "o_ptr": "*fp32", "lse_ptr": "*fp32", "mask_ptr": "*u8"}
+    const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
+                 SINGLE_SPLIT=False, HAS_MASK=has_mask, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+    return compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
+                       num_stages=tiles.num_stages)
 
 
 def test_compiles_for_gpu():

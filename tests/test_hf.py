@@ -100,18 +100,24 @@ def test_same_greedy_generations(make_config, tmp_path, calls):
 
 @pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
 def test_padded_batches_on_the_triton_kernel(make_config, tmp_path, monkeypatch):
-    """Padding masks reach the Triton kernel (its interpreter on CPU): the same logits on the real
+    """Padding masks reach the Triton kernels (their interpreter on CPU): the prefill kernel for
+    the prompt, the split-KV decode kernel for each new token; the same logits on the real
     positions and the same greedy generations as SDPA."""
-    from fastgpt.kernels import attention as kernel
+    from fastgpt.kernels import attention, decode
 
     masked_launches = collections.Counter()
-    launch = kernel.attention
 
-    def counted(*args, mask=None, **kwargs):
-        masked_launches[mask is not None] += 1
-        return launch(*args, mask=mask, **kwargs)
+    def counted(module, name):
+        launch = getattr(module, name)
 
-    monkeypatch.setattr(kernel, "attention", counted)
+        def wrapper(*args, mask=None, **kwargs):
+            masked_launches[name] += mask is not None
+            return launch(*args, mask=mask, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    counted(attention, "attention")
+    counted(decode, "decode_attention")
     reference, _ = pair(make_config(), tmp_path)
     fastgpt.hf.register("fastgpt-triton", backend="triton")
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-triton").eval()
@@ -119,9 +125,9 @@ def test_padded_batches_on_the_triton_kernel(make_config, tmp_path, monkeypatch)
     with torch.no_grad():
         real = mask.bool()
         assert_close(ours(idx, attention_mask=mask).logits[real], reference(idx, attention_mask=mask).logits[real])
-    assert masked_launches[True] == 2  # both layers
+    assert masked_launches == {"attention": 2}  # both layers
     assert torch.equal(greedy(ours, idx, mask, max_new_tokens=8), greedy(reference, idx, mask, max_new_tokens=8))
-    assert masked_launches[True] == 2 + 2 * 8  # the prefill and every decode step carry the mask
+    assert masked_launches == {"attention": 2 + 2, "decode_attention": 2 * 7}  # the prefill, then 7 decode steps
 
 
 def test_static_cache_prefill_without_mask(tmp_path, calls):

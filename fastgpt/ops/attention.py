@@ -140,7 +140,12 @@ def _masked_attention_op(
 ) -> torch.Tensor:
     if backend == "torch":
         return _masked_reference(q, k, v, mask, scale)
-    mask = mask.expand(q.shape[0], q.shape[1], *mask.shape[2:])  # broadcast dims get stride 0
+    B, Hq, Sq, _ = q.shape
+    Sk = k.shape[2]
+    mask = mask.expand(B, Hq, Sq, Sk)  # broadcast dims get stride 0
+    if Sq == 1:  # a decode step (transformers' padded batches): the split-KV kernel, the mask per head
+        lengths = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
+        return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale, mask=mask[:, :, 0])
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=False, scale=scale, mask=mask)
 
 
