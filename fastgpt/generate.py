@@ -396,8 +396,11 @@ def _compile_options(value) -> dict | None:
         raise TypeError(f"compile must be a bool or a dict of torch.compile arguments, got {type(value).__name__}")
     if "fullgraph" in value:
         raise ValueError("compile: fullgraph is always True (the decode step has no graph break)")
+    options = value.get("options") or {}
+    if not isinstance(options, dict):
+        raise TypeError(f"compile: options must be a dict of inductor options, got {type(options).__name__}")
     own_graphs = (value.get("mode") in ("reduce-overhead", "max-autotune") or value.get("backend") == "cudagraphs"
-                  or (value.get("options") or {}).get("triton.cudagraphs"))
+                  or options.get("triton.cudagraphs"))
     if own_graphs:
         raise ValueError("compile: these options bring torch.compile's own CUDA graphs; fastgpt captures the step "
                          "itself (cuda_graph=True): use mode 'default' or 'max-autotune-no-cudagraphs'")

@@ -355,9 +355,10 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     view is fine), False hiding key j from query i. Returns the output (B, Hq, Sq, D) in q.dtype,
     contiguous; with return_lse, an AttentionOutput(out, lse) with lse (B, Hq, Sq) fp32 (natural log).
     tma: None lets the autotuner try TMA loads where the GPU and the tensors allow (see
-    _tma_mode); True forces them, False forbids them. Should a launch with TMA candidates fail on
-    the host (TMA has not run on a GPU here yet), the call is redone with pointer loads, which
-    the rest of the process keeps to on that GPU, with a warning.
+    _tma_mode); True forces them, False forbids them. Should an autotuned launch with TMA
+    candidates fail on the host while the same call with pointer loads works (TMA has not run on
+    a GPU here yet), that GPU keeps to pointer loads for the rest of the process, with a warning.
+    (A fault on the device would surface later and leave the CUDA context unusable: no retry.)
 
     On the GPU, max(Sq, Sk) > 256 autotunes on the first call with each new key (head dim,
     causal, dtype, length bucket): make that call before capturing a CUDA graph. A capture that
@@ -370,17 +371,36 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     k, v = (t.contiguous() if t.stride(2) * min(Sk, _MAX_BLOCK_N) >= 2**31 else t for t in (k, v))
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
-    tma_mode = _tma_mode(tma, q, k, v, out)
+    _launch(q, k, v, out, lse, mask, bool(causal), scale, return_lse, _tma_mode(tma, q, k, v, out))
+    return AttentionOutput(out, lse) if return_lse else out
+
+
+def _use_autotuner(q: torch.Tensor, Sq: int, Sk: int) -> bool:
+    """Long problems on a GPU go through the autotuner; short ones are launch-bound."""
+    return q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN
+
+
+def _launch_tuned(grid, args, meta, tma_mode: int, without_tma, device_index) -> bool:
+    """Launch through the autotuner; whether that went through. Under TMA_AUTO, a failure on the
+    host (a descriptor the driver refuses, a TMA config's launch) that the same call without TMA
+    candidates (without_tma()) does not have turns TMA off on that GPU, with a warning; if that
+    call fails too, TMA was not the cause and the first error is raised."""
     try:
-        _launch(q, k, v, out, lse, mask, bool(causal), scale, return_lse, tma_mode)
-    except Exception as exc:  # on the host: a descriptor the driver refuses, a TMA config's launch
+        _attn_fwd_tuned[grid](*args, **meta)
+        return True
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:
         if tma_mode != TMA_AUTO:
             raise
-        _TMA_FAILED.add(q.device.index)
-        warnings.warn(f"fastgpt attention: the Triton kernel's TMA loads failed on this GPU ({type(exc).__name__}: "
-                      f"{exc}); using pointer loads from now on", stacklevel=2)
-        _launch(q, k, v, out, lse, mask, bool(causal), scale, return_lse, TMA_OFF)
-    return AttentionOutput(out, lse) if return_lse else out
+        try:
+            without_tma()
+        except Exception:
+            raise exc from None
+        _TMA_FAILED.add(device_index)
+        warnings.warn(f"fastgpt attention: launching the Triton kernel with TMA candidates failed on this GPU "
+                      f"({type(exc).__name__}: {exc}) while pointer loads work; using those from now on", stacklevel=4)
+        return False
 
 
 def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: bool, tma_mode: int) -> None:
@@ -391,20 +411,22 @@ def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: boo
     block_d = max(16, triton.next_power_of_2(D))
     seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
     tune_key = (D, causal, mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
-    tuned = q.is_cuda and max(Sq, Sk) > _TUNE_MIN_LEN and _autotune(tune_key)
+    tuned = _use_autotuner(q, Sq, Sk) and _autotune(tune_key)
     if not tuned and tma_mode == TMA_AUTO:
         tma_mode = TMA_OFF  # the fixed config loads by pointers: no descriptors to build
     descs = _descriptors(tma_mode, block_d, q, k, v, out)
     has_mask = mask is not None
-    mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
-    mask_strides = mask.stride()[:3] if has_mask else (0, 0, 0)
-    args = (q, k, v, out, lse, mask, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    mask_u8 = mask.view(torch.uint8) if has_mask else out  # unread without a mask
+    mask_strides = mask_u8.stride()[:3] if has_mask else (0, 0, 0)
+    args = (q, k, v, out, lse, mask_u8, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q, tma_mode)
     meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_MASK=has_mask, WRITE_LSE=return_lse,
                 DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
     if tuned:
-        _attn_fwd_tuned[lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)](*args, **meta)
-        _TUNED.add(tune_key)
+        grid = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)  # noqa: E731
+        without_tma = lambda: _launch(q, k, v, out, lse, mask, causal, scale, return_lse, TMA_OFF)  # noqa: E731
+        if _launch_tuned(grid, args, meta, tma_mode, without_tma, q.device.index):
+            _TUNED.add(tune_key)
         return
     block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
     use_tma = tma_mode == TMA_ONLY

@@ -37,3 +37,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """Outputs a launcher allocates with torch.empty start poisoned (NaN, or a sentinel for
+    integers), so an element it never writes fails the comparison."""
+    from tests.helpers import poison
+
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))

@@ -227,37 +227,78 @@ def test_tma_loads_under_a_mask(device):
                  dtype=torch.float16)
 
 
-def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
-    """Where the autotuner may pick TMA (tma=None on an sm_90+ GPU, pretended here) and a launch
-    fails on the host, the call is redone with pointer loads, with a warning, and that GPU keeps
-    to them; a forced TMA call (tma=True) still raises."""
+def test_tma_mode(monkeypatch):
+    """Which loads the autotuner may use: TMA too (AUTO) only for fp16/bf16 on an sm_90+ GPU that
+    has not failed them, with 16-byte aligned tensors; forced TMA refuses what it cannot run."""
+    from types import SimpleNamespace
+
     from fastgpt.kernels import attention as mod
 
-    launch, modes = mod._launch, []
+    def tensor(ptr=4096, strides=(8192, 1024, 64, 1), dtype=torch.bfloat16):
+        return SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0), dtype=dtype, data_ptr=lambda: ptr,
+                               stride=lambda: strides, element_size=lambda: dtype.itemsize)
 
-    def failing_tma(*args):
-        modes.append(args[-1])
-        if args[-1] != mod.TMA_OFF:
-            raise RuntimeError("descriptor refused")
-        return launch(*args)
-
-    def pretend_sm90(tma, q, *tensors):
-        if tma:
-            return mod.TMA_ONLY
-        return mod.TMA_OFF if tma is False or q.device.index in mod._TMA_FAILED else mod.TMA_AUTO
-
-    monkeypatch.setattr(mod, "_launch", failing_tma)
-    monkeypatch.setattr(mod, "_tma_mode", pretend_sm90)
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[0])
     monkeypatch.setattr(mod, "_TMA_FAILED", set())
+    t = tensor()
+    assert mod._tma_mode(None, t, t) == mod.TMA_AUTO and mod._tma_mode(True, t, t) == mod.TMA_ONLY
+    assert mod._tma_mode(False, t, t) == mod.TMA_OFF
+    for odd in (tensor(ptr=4104), tensor(strides=(8192, 1024, 36, 1)), tensor(strides=(8192, 0, 64, 1)),
+                tensor(dtype=torch.float32)):
+        assert mod._tma_mode(None, odd, odd) == mod.TMA_OFF
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        mod._tma_mode(True, t, tensor(ptr=4104))
+    mod._TMA_FAILED.add(0)
+    assert mod._tma_mode(None, t, t) == mod.TMA_OFF
+    capability[0] = (8, 0)
+    mod._TMA_FAILED.clear()
+    assert mod._tma_mode(None, t, t) == mod.TMA_OFF
+    with pytest.raises(ValueError, match="sm_90"):
+        mod._tma_mode(True, t, t)
+
+
+def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
+    """An autotuned launch with TMA candidates that fails on the host, where the same call with
+    pointer loads works, is redone with those, warns, and marks the GPU; a failure the pointer
+    loads share is raised as it is, and so is a failure with TMA forced. (The autotuner is
+    stubbed: on CPU tensors the launcher never tunes.)"""
+    from fastgpt.kernels import attention as mod
+
+    tma_values, broken = [], {"tma": {mod.TMA_AUTO}}
+
+    class Tuned:  # the autotuner's launch: the interpreter's fixed config
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tma_values.append(args[-1])
+                if args[-1] in broken["tma"]:
+                    raise RuntimeError("launch refused")
+                block_m, block_n, warps, stages = mod._INTERPRETER_CONFIG
+                mod._attn_fwd_kernel[grid({"BLOCK_M": block_m})](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
+                                                                 USE_TMA=False, num_warps=warps, num_stages=stages)
+            return launch
+
+    monkeypatch.setattr(mod, "_attn_fwd_tuned", Tuned())
+    monkeypatch.setattr(mod, "_use_autotuner", lambda q, Sq, Sk: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(mod, "_tma_mode", lambda tma, *t: mod.TMA_ONLY if tma else mod.TMA_AUTO)
+    monkeypatch.setattr(mod, "_descriptors", lambda tma, block_d, *t: (None,) * len(t))
+    monkeypatch.setattr(mod, "_TMA_FAILED", set())
+    monkeypatch.setattr(mod, "_TUNED", set())
     q, k, v = _qkv(1, 2, 2, 20, 20, 32, torch.float32, device)
-    with pytest.warns(UserWarning, match="TMA loads failed"):
+    with pytest.warns(UserWarning, match="TMA candidates failed"):
         out = mod.attention(q, k, v, causal=True, scale=0.2)
     assert_close(out, _reference(q, k, v, True, 0.2))
-    assert modes == [mod.TMA_AUTO, mod.TMA_OFF] and mod._TMA_FAILED == {q.device.index}
-    mod.attention(q, k, v, causal=True, scale=0.2)  # pointer loads from the start now
-    assert modes[2:] == [mod.TMA_OFF]
-    with pytest.raises(RuntimeError, match="descriptor refused"):
+    assert tma_values == [mod.TMA_AUTO, mod.TMA_OFF] and mod._TMA_FAILED == {q.device.index}
+    broken["tma"] = {mod.TMA_AUTO, mod.TMA_OFF}  # pointer loads fail too: not TMA's fault
+    mod._TMA_FAILED.clear()
+    with pytest.raises(RuntimeError, match="launch refused"):
+        mod.attention(q, k, v, causal=True, scale=0.2)
+    assert not mod._TMA_FAILED
+    broken["tma"] = {mod.TMA_ONLY}
+    with pytest.raises(RuntimeError, match="launch refused"):
         mod.attention(q, k, v, causal=True, scale=0.2, tma=True)
+    assert not mod._TMA_FAILED
 
 
 def test_tma_refuses_unaligned_views(device):

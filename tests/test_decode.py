@@ -183,18 +183,20 @@ def test_blocks_within_the_offset_bound():
     assert decode._INTERPRETER_BLOCK_N <= decode._MAX_BLOCK_N
 
 
+@pytest.mark.parametrize("Smax", [100, 20], ids=["splits", "one-split"])
 @pytest.mark.parametrize("Hq,Hkv,mask_heads", [(4, 4, 4), (8, 2, 1), (8, 2, 8)], ids=["mha", "gqa-shared", "gqa-per-head"])
-def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads):
+def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads, Smax, poisoned_empty):
     """With a mask (transformers' padded decode steps), a head sees the positions below its row's
-    length that the mask keeps, over several splits; a head that sees none gets zeros."""
+    length that the mask keeps, over several splits or one; a head that sees none gets zeros."""
     from fastgpt.kernels.decode import decode_attention as triton_decode
 
-    B, Smax, D = 3, 100, 32
+    B, D = 3, 32
+    assert (_interpreter_plan(B, Hkv, Smax)[0] > 1) == (Smax == 100)
     q, k, v = _inputs(B, Hq, Hkv, Smax, D, torch.float32, device, seed=Hq + mask_heads)
     mask = torch.rand(B, mask_heads, Smax, generator=torch.Generator().manual_seed(mask_heads)).to(device) > 0.5
-    mask[:, :, :30] = False  # left padding
+    mask[:, :, : Smax // 3] = False  # left padding
     mask[2, 0] = False  # head 0 of row 2 (all heads when the mask is shared) sees nothing
-    lengths = torch.tensor([100, 71, 100], dtype=torch.int32, device=device)
+    lengths = torch.tensor([Smax, Smax * 7 // 10, Smax], dtype=torch.int32, device=device)
     out = triton_decode(q, k, v, lengths, scale=0.3, mask=mask.expand(B, Hq, Smax))
     visible = mask & (torch.arange(Smax, device=device) < lengths[:, None, None])  # (B, 1|Hq, Smax)
     grouped = visible[:, :, None, None] if mask_heads == 1 else visible.view(B, Hkv, Hq // Hkv, 1, Smax)
