@@ -54,7 +54,8 @@ def make_attention_forward(backend: str = "auto"):
         scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         Sq, Sk = query.shape[2], key.shape[2]
         if attention_mask is not None:
-            out = masked_attention(query, key, value, attention_mask, scale, backend)
+            # As transformers' SDPA path: a mask built for a longer cache is cut to the keys given.
+            out = masked_attention(query, key, value, attention_mask[..., :Sk], scale, backend)
         else:
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Sq > 1
             if causal and Sk > Sq:

@@ -183,6 +183,18 @@ def test_masked_attention_matches_sdpa(mask_heads):
     assert torch.equal(out[0, :, 2], torch.zeros_like(out[0, :, 2]))
 
 
+def test_mask_longer_than_the_keys_is_cut():
+    """transformers' SDPA path cuts a mask built for a longer cache to the keys it is given."""
+    forward = fastgpt.hf.make_attention_forward(backend="torch")
+    module = torch.nn.Module()
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    mask = torch.rand(1, 1, 3, 9, generator=torch.Generator().manual_seed(0)) > 0.3
+    mask[..., 0] = True
+    out, _ = forward(module, q, k, k, mask)
+    expected = F.scaled_dot_product_attention(q, k, k, attn_mask=mask[..., :5])
+    assert_close(out, expected.transpose(1, 2))
+
+
 def test_masked_attention_refuses_additive_masks():
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(ValueError, match="boolean attention mask"):
