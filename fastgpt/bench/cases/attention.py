@@ -52,26 +52,29 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
     p = dict(p, HKV=p["HKV"] or p["H"], SK=p["SK"] or p["S"])
     B, H, Hkv, Sq, Sk, D, causal, pad = (p[k] for k in ("B", "H", "HKV", "S", "SK", "D", "causal", "PAD"))
     scale = D**-0.5
-    mask = padding_mask(B, Sq, Sk, pad, causal, device) if pad else None
+    masks = {}  # the padded case's one mask, made with its first inputs (a case is defined before
+    # any tensor exists: pytest collects the cases on machines without the device)
 
     def make_inputs(seed):
         g = generator(device, seed)
         inputs = {"q": randn((B, H, Sq, D), gen=g, device=device, dtype=dtype),
                   "k": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype),
                   "v": randn((B, Hkv, Sk, D), gen=g, device=device, dtype=dtype)}
-        return inputs if mask is None else dict(inputs, mask=mask)
+        if pad and "mask" not in masks:
+            masks["mask"] = padding_mask(B, Sq, Sk, pad, causal, device)
+        return dict(inputs, **masks)
 
     def reference(inp):
-        return chunked_reference(inp["q"], inp["k"], inp["v"], causal, scale, mask=mask)
+        return chunked_reference(inp["q"], inp["k"], inp["v"], causal, scale, mask=inp.get("mask"))
 
     sw, x, x_label = sweep_of(p, sweep, x_key)
     name = describe(p, ("B", "H") + (("HKV",) if Hkv != H else ()) + ("S",) + (("SK",) if Sk != Sq else ()) + ("D",))
     name += (" causal" if causal else "") + (f" pad{pad}" if pad else "")
-    if mask is None:
-        cands = candidates(device, causal, scale, Hkv != H, Sq, Sk)
-    else:
+    if pad:
         cands = masked_candidates(device, scale, Hkv != H, Sq, Sk)
-    extra = {} if mask is None else {"check": visible_rows_check}
+    else:
+        cands = candidates(device, causal, scale, Hkv != H, Sq, Sk)
+    extra = {"check": visible_rows_check} if pad else {}
     return Case(
         op="attention", name=name, params=p, dtype=dtype, **extra,
         make_inputs=make_inputs, reference=reference, candidates=cands,
