@@ -137,8 +137,9 @@ def resolve(
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" and default_backend() in (*preference, "torch", "auto"):
-        backend = default_backend()
+    if backend == "auto":
+        default = default_backend()
+        backend = default if default in (*preference, "torch", "auto") else "auto"
     if backend != "auto":
         reason = why_not(backend, device) or unsupported(backend)
         if reason:
@@ -159,7 +160,8 @@ def report() -> dict[str, str]:
 
 def launchers(backend: str, op: str):
     """The module holding `op`'s launchers for a compiled backend: fastgpt.kernels.<op> (Triton)
-    or fastgpt.ops._cuda (CUDA). Imported on first use so `import fastgpt` stays light."""
+    or fastgpt.ops._cuda (CUDA). The Triton ones are imported on first use, so `import fastgpt`
+    does not import Triton."""
     if backend == "triton":
         return importlib.import_module(f"fastgpt.kernels.{op}")
     if backend == "cuda":

@@ -51,11 +51,10 @@ def make_attention_forward(backend: str = "auto"):
                 raise ValueError(f"attn_implementation='fastgpt' does not support {name}; use 'sdpa' or 'eager'")
         if dropout and module.training:
             raise ValueError("attn_implementation='fastgpt' is for inference: no attention dropout (call model.eval())")
-        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
         Sq, Sk = query.shape[2], key.shape[2]
         if attention_mask is not None:
             # As transformers' SDPA path: a mask built for a longer cache is cut to the keys given.
-            out = masked_attention(query, key, value, attention_mask[..., :Sk], scale, backend)
+            out = masked_attention(query, key, value, attention_mask[..., :Sk], scaling, backend)
         else:
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Sq > 1
             if causal and Sk > Sq:
@@ -63,7 +62,7 @@ def make_attention_forward(backend: str = "auto"):
                 # top-left aligned is_causal; the keys past Sq are unwritten. Bottom-right alignment
                 # (fastgpt's) then needs those keys cut off, as transformers' SDPA path does.
                 key, value = key[:, :, :Sq], value[:, :, :Sq]
-            out = fastgpt.attention(query, key, value, causal=causal, scale=scale, backend=backend)
+            out = fastgpt.attention(query, key, value, causal=causal, scale=scaling, backend=backend)
         return out.transpose(1, 2).contiguous(), None
 
     return fastgpt_attention_forward

@@ -74,18 +74,24 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.attention(q, k, v, causal=causal, scale=scale)
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
-    if Sq == 1:
-        # One query sees every key, causal or not. The split-KV decode kernels spread the keys
-        # over the whole GPU, where the prefill kernel runs one program per (row, head).
-        lengths = torch.full((B,), Sk, dtype=torch.int32, device=device)
-        return torch.ops.fastgpt.decode_attention(q, k, v, lengths, scale, name)
     return torch.ops.fastgpt.attention(q, k, v, causal, scale, name)
+
+
+def _single_query(q, k, v, scale: float, backend: str, mask=None):
+    """One query per row sees every key (causal or not): the split-KV decode kernels, which
+    spread the keys over the whole GPU where the prefill kernel runs one program per (row, head).
+    mask (B, Hq, Sk) bool, or None; only the Triton kernel takes one."""
+    lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+    extra = {} if mask is None else {"mask": mask}
+    return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale, **extra)
 
 
 @torch.library.custom_op("fastgpt::attention", mutates_args=())
 def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str) -> torch.Tensor:
     if backend == "torch":
         return reference.attention(q, k, v, causal=causal, scale=scale)
+    if q.shape[2] == 1:
+        return _single_query(q, k, v, scale, backend)
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale)
 
 
@@ -143,9 +149,8 @@ def _masked_attention_op(
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
     mask = mask.expand(B, Hq, Sq, Sk)  # broadcast dims get stride 0
-    if Sq == 1:  # a decode step (transformers' padded batches): the split-KV kernel, the mask per head
-        lengths = torch.full((B,), Sk, dtype=torch.int32, device=q.device)
-        return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale, mask=mask[:, :, 0])
+    if Sq == 1:  # a decode step (transformers' padded batches)
+        return _single_query(q, k, v, scale, backend, mask=mask[:, :, 0])
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=False, scale=scale, mask=mask)
 
 
