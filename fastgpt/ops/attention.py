@@ -36,20 +36,21 @@ def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]
     return reason
 
 
-def check_qkv(q, k, v) -> torch.device:
+def check_qkv(q, k, v, *, kv_names=("k", "v"), layout="(B, Hkv, Sk, D)", kv_heads="k/v's") -> torch.device:
     """Check q (B, Hq, Sq, D) and k/v (B, Hkv, Sk, D): one float dtype, one device, Hq % Hkv == 0.
-    Returns the device."""
+    kv_names, layout and kv_heads name k/v in the errors (the decode op's cache). Returns the device."""
+    k_name, v_name = kv_names
     _checks.tensor("q", q, ndim=4)
-    _checks.tensor("k", k, ndim=4)
-    _checks.tensor("v", v, ndim=4)
-    device = _checks.same_device(q=q, k=k, v=v)
-    _checks.same_dtype(q=q, k=k, v=v)
+    _checks.tensor(k_name, k, ndim=4)
+    _checks.tensor(v_name, v, ndim=4)
+    device = _checks.same_device(**{"q": q, k_name: k, v_name: v})
+    _checks.same_dtype(**{"q": q, k_name: k, v_name: v})
     B, Hq, _, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
-    _checks.shape("k", k, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
-    _checks.shape("v", v, (B, Hkv, Sk, D), "(B, Hkv, Sk, D)")
+    _checks.shape(k_name, k, (B, Hkv, Sk, D), layout)
+    _checks.shape(v_name, v, (B, Hkv, Sk, D), layout)
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's head count ({Hq}) must be a multiple of k/v's ({Hkv})")
+        raise ValueError(f"q's head count ({Hq}) must be a multiple of {kv_heads} ({Hkv})")
     return device
 
 

@@ -6,7 +6,7 @@ import torch
 
 from fastgpt import _backends, reference
 from fastgpt.ops import _checks
-from fastgpt.ops.attention import backend_limits
+from fastgpt.ops.attention import backend_limits, check_qkv
 
 SEQLEN_DTYPES = (torch.int32,)
 
@@ -19,21 +19,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     token already written). Lengths are not read by the host (that would sync): kernels clamp
     them to [0, Smax], and a row of length 0 returns zeros. Returns (B, Hq, 1, D) in q's dtype.
     """
-    _checks.tensor("q", q, ndim=4)
-    _checks.tensor("k_cache", k_cache, ndim=4)
-    _checks.tensor("v_cache", v_cache, ndim=4)
+    device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
+                       kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
-    device = _checks.same_device(q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
-    _checks.same_dtype(q=q, k_cache=k_cache, v_cache=v_cache)
+    _checks.same_device(q=q, cache_seqlens=cache_seqlens)
     B, Hq, one, D = q.shape
     if one != 1:
         raise ValueError(f"q must have shape (B, Hq, 1, D): one query token per row, got {tuple(q.shape)}")
-    Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
-    _checks.shape("k_cache", k_cache, (B, Hkv, Smax, D), "(B, Hkv, Smax, D)")
-    _checks.shape("v_cache", v_cache, (B, Hkv, Smax, D), "(B, Hkv, Smax, D)")
+    Smax = k_cache.shape[2]
     _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"q's head count ({Hq}) must be a multiple of the cache's ({Hkv})")
     scale = _checks.scale(scale, D)
     name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax))
     if q.numel() == 0 or Smax == 0:
