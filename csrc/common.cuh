@@ -59,26 +59,23 @@ __device__ __forceinline__ void store_vec(T* p, const Vec<T, N>& x) {
 
 // ----------------------------------------------------------------------------- reductions
 
-__device__ __forceinline__ float warp_sum(float x) {
+// T: float, or unsigned long long (exact fixed-point sums, the same in any order).
+template <typename T>
+__device__ __forceinline__ T warp_sum(T x) {
 #pragma unroll
     for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(FULL_MASK, x, offset);
     return x;
 }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(FULL_MASK, x, offset));
-    return x;
-}
-
-// Sum over the whole block; every thread gets the result. `scratch` holds >= 32 floats and may
-// be reused right after the call returns (the trailing barrier protects it).
-__device__ __forceinline__ float block_sum(float x, float* scratch) {
+// Sum over the whole block; every thread gets the result. `scratch` holds one entry per warp and
+// may be reused right after the call returns (the trailing barrier protects it).
+template <typename T>
+__device__ __forceinline__ T block_sum(T x, T* scratch) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = (blockDim.x + 31) >> 5;
     x = warp_sum(x);
     if (lane == 0) scratch[warp] = x;
     __syncthreads();
-    x = lane < num_warps ? scratch[lane] : 0.0f;
+    x = lane < num_warps ? scratch[lane] : T(0);
     x = warp_sum(x);
     __syncthreads();
     return x;

@@ -122,23 +122,6 @@ __device__ void block_argmax(float& v, int& i, Shared& sh) {
     __syncthreads();
 }
 
-__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long x) {
-#pragma unroll
-    for (int offset = 16; offset > 0; offset >>= 1) x += __shfl_xor_sync(FULL_MASK, x, offset);
-    return x;
-}
-
-__device__ unsigned long long block_sum_u64(unsigned long long x, Shared& sh) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    x = warp_sum_u64(x);
-    if (lane == 0) sh.warp_totals[warp] = x;
-    __syncthreads();
-    x = 0;
-    for (int w = 0; w < kWarps; ++w) x += sh.warp_totals[w];
-    __syncthreads();
-    return x;
-}
-
 // --------------------------------------------------------------------------- radix select
 
 // Finds the bin where the running sum of sh.hist, taken in scan order (bins 255 -> 0 when
@@ -193,7 +176,7 @@ __device__ uint32_t radix_select(int vocab, const Element& element, unsigned lon
             if (!WEIGHTED) {
                 if (bin < kBins && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[bin], (unsigned long long)__popc(peers));
             } else if (peers == FULL_MASK) {  // same for every lane: the whole warp in one bin
-                weight = warp_sum_u64(weight);
+                weight = warp_sum(weight);
                 if (bin < kBins && lane == 0) atomicAdd(&sh.hist[bin], weight);
             } else if (bin < kBins && weight != 0) {
                 atomicAdd(&sh.hist[bin], weight);
@@ -278,7 +261,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
             unsigned long long weight;
             if (kept(i, key, weight)) total += weight;
         }
-        total = block_sum_u64(total, sh);  // >= 2^40: the largest score weighs 2^40
+        total = block_sum(total, sh.warp_totals);  // >= 2^40: the largest score weighs 2^40
         const double cut_mass = floor(double(cut) * double(total));
         const unsigned long long target = cut_mass >= double(total - 1) ? total - 1 : (unsigned long long)cut_mass;
         threshold = radix_select<true>(V, kept, target, false, sh);
