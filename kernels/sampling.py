@@ -208,6 +208,22 @@ def _topp_threshold(row_ptr, t, pinf_x, pinf_s, m, t_k, budget, lo, hi,
 
 
 @triton.jit
+def _temperature(temperature_ptr, row):
+    """Row's temperature t and whether it samples (t > 0; <= 0 or NaN is greedy). A greedy row's
+    t becomes 1: its scores are its logits."""
+    t = tl.load(temperature_ptr + row)
+    sampling = t > 0.0
+    return tl.where(sampling, t, 1.0), sampling
+
+
+@triton.jit
+def _min_p(min_p_ptr, row):
+    """Row's min-p clamped to [0, 1]: NaN or <= 0 is off (0), > 1 acts as 1."""
+    min_p = tl.load(min_p_ptr + row)
+    return tl.where(min_p > 0.0, tl.minimum(min_p, 1.0), 0.0)
+
+
+@triton.jit
 def _kept(s, key, m, t_p, min_p):
     """The kept set of one block: finite, at or above the top-k/top-p key (t_p >= t_k), and
     passing min-p, p / p_max = exp(s - m) >= min_p (min_p already clamped to [0, 1])."""
@@ -279,10 +295,8 @@ def _sample_kernel(
 ):
     row = tl.program_id(0).to(tl.int64)
     row_ptr = logits_ptr + row * stride_logits_b
-    t = tl.load(temperature_ptr + row)
+    t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _row_max(row_ptr, 0, V, V, BLOCK_V)
-    sampling = t > 0.0
-    t = tl.where(sampling, t, 1.0)
     m, pinf_x, pinf_s = _top(xmax, t)
     drawable = sampling & (m > float("-inf"))
     top = _key(m).to(tl.int64)
@@ -303,8 +317,7 @@ def _sample_kernel(
                           tl.where(topp_on, top, t_k), V, BLOCK_V, NUM_PIVOTS)  # fmt: skip
     t_p = t_p.to(tl.int32)  # t_p >= t_k: one key threshold for both filters
 
-    min_p = tl.load(min_p_ptr + row)
-    min_p = tl.where(min_p > 0.0, tl.minimum(min_p, 1.0), 0.0)  # NaN is off, > 1 acts as 1
+    min_p = _min_p(min_p_ptr, row)
     if WRITE_MASK:
         _store_mask(out_ptr, row_ptr, 0, V, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling, drawable,
                     imax, V, BLOCK_V)  # fmt: skip
@@ -463,11 +476,9 @@ def _split_search_kernel(
         best, best_i = _row_max(row_ptr, begin, end, V, BLOCK_V)
         tl.store(part_max_ptr + row * num_chunks + c, best)
         tl.store(part_idx_ptr + row * num_chunks + c, best_i)
-    t = tl.load(temperature_ptr + row)
+    t, sampling = _temperature(temperature_ptr, row)
     k = tl.load(top_k_ptr + row)
-    sampling = t > 0.0
     topk = sampling & (k > 0) & (k < V)  # +inf rows and rows with nothing to draw: sorted out later
-    t = tl.where(sampling, t, 1.0)
     zero = (k * 0).to(tl.float32)  # not t * 0: t may be +inf
     prefix, aux, below, budget = k * 0 + KEY_MIN, zero, zero, zero
     if STAGE > 0:
@@ -538,9 +549,7 @@ def _split_draw_kernel(
     row_ptr = logits_ptr + row * stride_logits_b
     begin = c * chunk
     end = tl.minimum(begin + chunk, V)
-    t = tl.load(temperature_ptr + row)
-    sampling = t > 0.0
-    t = tl.where(sampling, t, 1.0)
+    t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
     m, pinf_x, pinf_s = _top(xmax, t)
     drawable = sampling & (m > float("-inf"))
@@ -552,8 +561,7 @@ def _split_draw_kernel(
         t_p, below = _mass_select(mass, budget, prefix, below, 3)
         t_p = tl.minimum(t_p, _key(m).to(tl.int64))  # the top token always stays
     t_p = tl.where(pinf_x | pinf_s, 0, t_p).to(tl.int32)
-    min_p = tl.load(min_p_ptr + row)
-    min_p = tl.where(min_p > 0.0, tl.minimum(min_p, 1.0), 0.0)  # NaN is off, > 1 acts as 1
+    min_p = _min_p(min_p_ptr, row)
     if WRITE_MASK:
         _store_mask(out_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling,
                     drawable, imax, V, BLOCK_V)  # fmt: skip
@@ -580,10 +588,9 @@ def _split_token_kernel(
     MAX_CHUNKS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.load(temperature_ptr + row)
-    sampling = t > 0.0
+    t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
-    m = _top(xmax, tl.where(sampling, t, 1.0))[0]
+    m = _top(xmax, t)[0]
     token = tl.where(sampling, 0, imax)
     if sampling & (m > float("-inf")):
         token = _reduce_chunks(part_z_ptr, part_zi_ptr, row, num_chunks, MAX_CHUNKS)[1]
