@@ -146,7 +146,8 @@ def base_record(case: Case, cand: Candidate) -> dict:
 
 
 def free_cached_memory(device: torch.device) -> None:
-    """Hand what an out-of-memory candidate left in torch's cache back, for the next candidate."""
+    """Hand what a candidate left in torch's cache back, for the next one (after an out-of-memory
+    error, or between candidates that each hold a model)."""
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

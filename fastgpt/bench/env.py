@@ -82,10 +82,9 @@ def environment(device: torch.device) -> dict:
 
 
 def optional_module(name: str):
-    """(module, version) if `name` imports, else (None, reason)."""
+    """(module, None) if `name` imports, else (None, why not). Candidates name their versions
+    with dist_version."""
     try:
-        module = importlib.import_module(name)
+        return importlib.import_module(name), None
     except Exception as exc:  # ImportError, or a broken install raising something else
         return None, f"{name} is not installed ({type(exc).__name__}: {exc})"
-    version = getattr(module, "__version__", None) or package_version(name.split(".")[0]) or "?"
-    return module, version

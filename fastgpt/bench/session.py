@@ -10,7 +10,7 @@ from rich.markup import escape
 
 from fastgpt.bench import ceilings, report
 from fastgpt.bench.cases import DTYPES, KERNEL_OPS, build_cases, parse_spec
-from fastgpt.bench.core import SKIPPED, Unavailable, empty_record, is_fastgpt_failure, run_case
+from fastgpt.bench.core import SKIPPED, Unavailable, empty_record, free_cached_memory, is_fastgpt_failure, run_case
 from fastgpt.bench.env import environment
 from fastgpt.bench.runner import NO_GPU, settings_for
 
@@ -25,8 +25,7 @@ def progress_bar(console):
 
 def _free(device: torch.device) -> None:
     gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_cached_memory(device)
 
 
 class Session:

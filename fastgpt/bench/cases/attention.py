@@ -242,9 +242,9 @@ def eager_fn(causal: bool, scale: float, gqa: bool):
 
 def flash_attn_fn(module_name: str, causal: bool, scale: float):
     """flash-attn 2 (flash_attn) or 3 (flash_attn_interface): (B, S, H, D) views, native GQA."""
-    module, version = optional_module(module_name)
+    module, reason = optional_module(module_name)
     if module is None:
-        raise Unavailable(version)
+        raise Unavailable(reason)
 
     def fn(inp):
         q, k, v = (inp[n].transpose(1, 2) for n in ("q", "k", "v"))  # (B, S, H, D), stride(-1) == 1

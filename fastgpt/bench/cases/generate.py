@@ -237,7 +237,6 @@ def run_case(case: Case, device: torch.device, settings: Settings, weight_nbytes
         except Exception as exc:
             checked.rec.update(status=ERROR, reason=f"timing failed: {core.describe(exc)}")
         checked.fn = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        core.free_cached_memory(device)
     core.add_speedups(records)
     return records
