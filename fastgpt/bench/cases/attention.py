@@ -141,10 +141,7 @@ def candidates(device, causal, scale, gqa, Sq, Sk) -> list[Candidate]:
         return lambda inp: fastgpt.attention(inp["q"], inp["k"], inp["v"], causal=causal, scale=scale, backend=backend)
 
     out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), Sq, Sk)
-    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-        label = f"sdpa[{name.split('_')[0].lower()}]"
-        out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, causal, scale, gqa, Sq, Sk),
-                             note=f"torch {torch.__version__}"))
+    out += sdpa_candidates(lambda name: sdpa_fn(name, causal, scale, gqa, Sq, Sk))
     out.append(Candidate("eager matmul-softmax-matmul", REFERENCE, lambda: eager_fn(causal, scale, gqa),
                          note="HF GPT-2 eager"))
     out.append(Candidate("flash_attn", REFERENCE, lambda: flash_attn_fn("flash_attn", causal, scale),
@@ -162,10 +159,7 @@ def masked_candidates(device, scale, gqa, Sq: int, Sk: int) -> list[Candidate]:
         return lambda inp: masked_attention(inp["q"], inp["k"], inp["v"], inp["mask"], scale=scale, backend=backend)
 
     out = with_tuned_config(fastgpt_candidates(device, fastgpt_fn), Sq, Sk)
-    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-        label = f"sdpa[{name.split('_')[0].lower()}] + mask"
-        out.append(Candidate(label, REFERENCE, lambda n=name: sdpa_fn(n, False, scale, gqa, 0, 0),
-                             note=f"torch {torch.__version__}"))
+    out += sdpa_candidates(lambda name: sdpa_fn(name, False, scale, gqa, 0, 0), suffix=" + mask")
     out.append(Candidate("eager matmul-softmax-matmul + mask", REFERENCE, lambda: eager_fn(False, scale, gqa),
                          note="HF GPT-2 eager"))
     return out
@@ -186,6 +180,13 @@ def with_tuned_config(cands: list[Candidate], Sq: int, Sk: int) -> list[Candidat
         if cand.backend == "triton":
             cand.details = tuned_config
     return cands
+
+
+def sdpa_candidates(make_fn, suffix: str = "", note: str = "") -> list[Candidate]:
+    """SDPA forced to each backend: "sdpa[<backend>]<suffix>", built by make_fn(SDPBackend name)."""
+    names = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+    return [Candidate(f"sdpa[{name.split('_')[0].lower()}]{suffix}", REFERENCE, lambda n=name: make_fn(n),
+                      note=f"torch {torch.__version__}{note}") for name in names]
 
 
 def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, Sk: int):

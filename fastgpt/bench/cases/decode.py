@@ -14,7 +14,7 @@ import torch
 
 from fastgpt.bench import formulas
 from fastgpt.bench.cases import describe, fastgpt_candidates, generator, randn, sweep_of
-from fastgpt.bench.cases.attention import sdpa_fn
+from fastgpt.bench.cases.attention import sdpa_candidates, sdpa_fn
 from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
@@ -71,10 +71,7 @@ def candidates(device, scale: float, gqa: bool, p: dict) -> list[Candidate]:
                                                     scale=scale, backend=backend)
 
     out = fastgpt_candidates(device, fastgpt_fn)
-    for name in ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH"):
-        out.append(Candidate(f"sdpa[{name.split('_')[0].lower()}]", REFERENCE,
-                             lambda n=name: _on_cache(sdpa_fn(n, False, scale, gqa, 1, p["L"])),
-                             note=f"torch {torch.__version__}, full cache"))
+    out += sdpa_candidates(lambda name: _on_cache(sdpa_fn(name, False, scale, gqa, 1, p["L"])), note=", full cache")
     out.append(Candidate("flashinfer batch decode", REFERENCE, lambda: flashinfer_fn(device, scale, p),
                          note=dist_version("flashinfer-python", "flashinfer")))
     return out
