@@ -60,6 +60,12 @@ def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict, device: t
     benchmark.group = f"{case.op} {case.name}"
     benchmark.extra_info.update({k: rec[k] for k in ("method", "ms", "ms_p20", "ms_p80", "metric", "value",
                                                      "ceiling_value", "pct_of_ceiling", "flops", "bytes")})
+    benchmark.pedantic(_rotating(fn, sets, device), rounds=timing.plan_runs(checked.est, 500.0, 10, 200),
+                       warmup_rounds=3)
+
+
+def _rotating(fn, sets: list[dict], device: torch.device):
+    """What pytest-benchmark times: one synchronized call of fn, on the next input set each time."""
     state = {"i": 0}
 
     def target():
@@ -67,7 +73,7 @@ def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict, device: t
         fn(sets[state["i"] % len(sets)])
         timing.synchronize(device)
 
-    benchmark.pedantic(target, rounds=timing.plan_runs(checked.est, 500.0, 10, 200), warmup_rounds=3)
+    return target
 
 
 def generate_params() -> list:
@@ -93,21 +99,14 @@ def run_generate(benchmark, models, params: dict, label: str, ceilings: dict) ->
     sets = gen.make_sets(case)
     checked = gen.check_candidate(case, cand, sets, device, core.Settings(), quick=False)
     verdict(checked.rec)
-    fn = checked.fn
-    state = {"i": 0}
-
-    def target():
-        state["i"] += 1
-        fn(sets[state["i"] % len(sets)])
-        timing.synchronize(device)
-
     benchmark.group = f"generate {case.name}"
-    benchmark.pedantic(target, rounds=5 if FULL else 3, warmup_rounds=1)
+    benchmark.pedantic(_rotating(checked.fn, sets, device), rounds=5 if FULL else 3, warmup_rounds=1)
     if benchmark.stats is None:  # --benchmark-disable: the target ran once, nothing was timed
         return
     seconds = benchmark.stats.stats.median
     tok_s = formulas.tokens_per_second(params["B"], params["N"], seconds)
-    benchmark.extra_info.update(tok_per_s=tok_s, weight_bytes=formulas.weight_bytes(hf), dtype=str(dtype))
+    weight_nbytes = formulas.weight_bytes(hf)
+    benchmark.extra_info.update(tok_per_s=tok_s, weight_bytes=weight_nbytes, dtype=str(dtype))
     if ceilings.get("copy_gbps"):
         benchmark.extra_info["weight_bw_util"] = formulas.weight_bandwidth_utilisation(
-            tok_s, params["B"], formulas.weight_bytes(hf), ceilings["copy_gbps"])
+            tok_s, params["B"], weight_nbytes, ceilings["copy_gbps"])
