@@ -42,13 +42,12 @@ def generate(args: argparse.Namespace) -> int:
     from fastgpt.model import GPT
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = GPT.from_pretrained(args.model, dtype=dtype, device=device)
+    model = GPT.from_pretrained(args.model, dtype=args.dtype, device=device)  # the loader maps dtype names
     tokenizer = load_tokenizer(args.model)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     idx = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long, device=device)
 
-    eos = None if args.ignore_eos else getattr(model, "eos_token_id", None)
+    eos = None if args.ignore_eos else model.eos_token_id
     print(args.prompt, end="", flush=True)
     new_ids: list[int] = []
     shown = ""
