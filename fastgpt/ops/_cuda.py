@@ -69,6 +69,12 @@ def _head_dim_supported(op: str, t: torch.Tensor) -> None:
         raise ValueError(f"{op} (cuda backend): head dim must be one of {HEAD_DIMS}, got {t.shape[-1]}")
 
 
+def _grid_fits(op: str, B: int, Hq: int) -> None:
+    """The attention kernels put batch and heads on the grid's y and z dimensions."""
+    if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
+        raise ValueError(f"{op} (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
+
+
 def _strides(t: torch.Tensor, dims) -> tuple[int, ...]:
     """t's strides over `dims`, with 0 for size-1 dims (their stride never multiplies an index > 0)."""
     return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in dims)
@@ -105,8 +111,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     Hkv, Sk = k.shape[1], k.shape[2]
     _require_shape("attention", "k", k, (B, Hkv, Sk, D), q.dtype)
     _require_shape("attention", "v", v, (B, Hkv, Sk, D), q.dtype)
-    if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
-        raise ValueError(f"attention (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
+    _grid_fits("attention", B, Hq)
     q, k, v = (_vector_ready(t) for t in (q, k, v))
     o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
     _backends.cuda_extension().attention(
@@ -132,8 +137,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
     _require_shape("decode_attention", "k_cache", k_cache, (B, Hkv, Smax, D), q.dtype)
     _require_shape("decode_attention", "v_cache", v_cache, (B, Hkv, Smax, D), q.dtype)
     _require_shape("decode_attention", "cache_seqlens", cache_seqlens, (B,))
-    if B > MAX_GRID_YZ or Hq > MAX_GRID_YZ:
-        raise ValueError(f"decode_attention (cuda backend): batch and heads must be <= {MAX_GRID_YZ}, got {B}, {Hq}")
+    _grid_fits("decode_attention", B, Hq)
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
