@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import time
 
@@ -40,9 +41,9 @@ class Session:
         share = 0.5 if "generate" in ops else 1.0
         self.kernel_deadline = time.monotonic() + share * limit if limit else None
         self.env = environment(device)
-        self.ceilings: dict = {}
+        self.ceilings: dict = {}  # filled by start(); the settings hold this same dict
         self.records: list[dict] = []
-        self.settings = settings_for(args, self.ceilings, self.deadline)
+        self.settings = settings_for(args, self.ceilings, self.kernel_deadline)  # the kernel cases
 
     def add(self, records: list[dict]) -> None:
         """Keep records, each stamped with the environment (device, versions, git sha, date)."""
@@ -56,11 +57,11 @@ class Session:
                            f"| CUDA {env['cuda']} | git {env['git_sha'][:10]}{dirty} | {env['date']}")
         try:
             with self.console.status("measuring the ceilings (copy GB/s, matmul TFLOP/s)"):
-                self.ceilings, records = ceilings.measure(self.device, self.quick)
+                values, records = ceilings.measure(self.device, self.quick)
+            self.ceilings.update(values)
         except Exception as exc:  # out of memory on a small card: go on without percentages
             self.console.print(f"[yellow]ceilings not measured ({escape(str(exc))}); no % of ceiling[/]")
             records = []
-        self.settings = settings_for(self.args, self.ceilings, self.deadline)
         self.add(records)
         if self.ceilings:
             self.console.print(f"ceilings: copy {self.ceilings['copy_gbps']:,.4g} GB/s (read + write), "
@@ -85,7 +86,7 @@ class Session:
         with progress_bar(self.console) as bar:
             task = bar.add_task("kernels", total=len(cases))
             for i, case in enumerate(cases):
-                if self.kernel_deadline is not None and time.monotonic() > self.kernel_deadline:
+                if self.settings.out_of_time():
                     self._skip(case.op, "not started: --time-limit reached", case.name)
                 else:
                     self.add(run_case(case, self.device, self.settings,
@@ -110,8 +111,7 @@ class Session:
         except Unavailable as exc:
             self._skip("generate", str(exc))
             return
-        settings = settings_for(self.args, self.ceilings, self.deadline)
-        settings.budget_ms *= 5
+        settings = dataclasses.replace(self.settings, budget_ms=5 * self.settings.budget_ms, deadline=self.deadline)
         weight_nbytes = formulas.weight_bytes(hf)
         cases = [gen.make_case(p, hf, oracle, self.device, dtype, config) for p in plan]
         with progress_bar(self.console) as bar:
