@@ -3,8 +3,11 @@
 #   1. build the package in place (the CUDA extension included),
 #   2. run the GPU tests (pytest -m gpu),
 #   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
-#   4. print a short summary table last.
-# Logs, JSON, CSV and plots go under $OUT (default ./out). Exit status: 0 when the build, the GPU
+#   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel) with the time left,
+#   5. print a short summary table last.
+# Under $OUT (default ./out), seven files, so that a GPU machine that returns only a few files
+# returns them all: env.txt, build.log, gpu-tests.log, bench.log, bench.json, memcheck.log and
+# extras.tar.gz (the JUnit XML, the CSV and the plots). Exit status: 0 when the build, the GPU
 # tests and the benchmark (no fastgpt candidate FAILED or ERROR) all passed.
 #
 #   OUT=/tmp/out scripts/gpu-check.sh
@@ -19,7 +22,11 @@ OUT=${OUT:-out}
 mkdir -p "$OUT"
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
+MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 STATUS=0
+EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
+mkdir -p "$EXTRAS"
+if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 
 # The GPU tests and the benchmarks autotune the same Triton kernels: keep the tuned configs on
 # disk so the second step reuses them instead of tuning again. (Triton does not cache the tuning of
@@ -32,44 +39,66 @@ left() { echo $(( TOTAL_S - $(elapsed) )); }
 step() { echo; echo "== $* [$(elapsed) s]"; }
 
 step "environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.max.sm,power.draw \
-    --format=csv 2>&1 | tee "$OUT/nvidia-smi.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,temperature.gpu,clocks.sm,clocks.max.sm,power.draw \
+        --format=csv 2>&1
+    $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| cuda', torch.version.cuda, '| triton', triton.__version__)"
+} | tee "$OUT/env.txt"
+# Compile the CUDA extension for this GPU only (sm_90a on Hopper): half the nvcc work of the
+# default "80;90a".
+ARCH=$($PY -c "import torch; m, n = torch.cuda.get_device_capability(); print(f'{m}{n}' + ('a' if m == 9 else ''))" 2>/dev/null)
+export FASTGPT_CUDA_ARCHS=${FASTGPT_CUDA_ARCHS:-${ARCH:-80;90a}}
 
 step "build (pip install --no-build-isolation --no-deps -e .)"
-if MAX_JOBS=${MAX_JOBS:-16} pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+echo "FASTGPT_CUDA_ARCHS=$FASTGPT_CUDA_ARCHS"
+if MAX_JOBS=${MAX_JOBS:-16} $PY -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
     grep -iE "fastgpt|cuda|warning" "$OUT/build.log" | tail -5
 else
     echo "BUILD FAILED:"; tail -40 "$OUT/build.log"; STATUS=1
 fi
-if command -v fastgpt >/dev/null 2>&1; then FASTGPT=(fastgpt); else FASTGPT=(python -m fastgpt.cli); fi
-"${FASTGPT[@]}" info 2>&1 | tee "$OUT/info.txt"
+if command -v fastgpt >/dev/null 2>&1; then FASTGPT=(fastgpt); else FASTGPT=($PY -m fastgpt.cli); fi
+"${FASTGPT[@]}" info 2>&1 | tee -a "$OUT/env.txt"
 
 step "GPU tests (pytest -m gpu)"
 TEST_S=$(( $(left) * 45 / 100 ))
 # Cheapest first: the attention tests autotune (each new key compiles ~10 configs), so if time
 # runs out it is their tail that is cut, and the benchmarks reuse whatever they compiled.
 TEST_FILES=$(ls tests/test_*.py | grep -v test_attention.py; echo tests/test_attention.py)
-timeout --kill-after=10 "$TEST_S" python -m pytest -m gpu -q -rfEs --durations=10 -p no:randomly \
-    --junitxml="$OUT/gpu-tests.xml" $TEST_FILES >"$OUT/gpu-tests.log" 2>&1
+timeout --kill-after=10 "$TEST_S" $PY -m pytest -m gpu -q -rfE --durations=10 -p no:randomly \
+    --junitxml="$EXTRAS/gpu-tests.xml" $TEST_FILES >"$OUT/gpu-tests.log" 2>&1
 RC=$?
 tail -30 "$OUT/gpu-tests.log"
 if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "GPU TESTS TIMED OUT after $TEST_S s"; STATUS=1
 elif [ "$RC" -ne 0 ]; then echo "GPU TESTS FAILED (exit $RC)"; STATUS=1; fi
 
 step "benchmarks (fastgpt bench all --quick)"
-BENCH_S=$(( $(left) - 25 ))
+BENCH_S=$(( $(left) - 25 - MEMCHECK_S ))
 [ "$BENCH_S" -lt 60 ] && BENCH_S=60
 timeout --kill-after=10 $(( BENCH_S + 20 )) "${FASTGPT[@]}" bench all --quick --time-limit "$BENCH_S" \
-    --json "$OUT/bench.json" --csv "$OUT/bench.csv" --plot "$OUT/plots" >"$OUT/bench.log" 2>&1
+    --json "$OUT/bench.json" --csv "$EXTRAS/bench.csv" --plot "$EXTRAS/plots" >"$OUT/bench.log" 2>&1
 RC=$?
 if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "BENCHMARK KILLED at its time limit (partial JSON kept)"; STATUS=1
 elif [ "$RC" -ne 0 ]; then echo "BENCHMARK EXIT $RC (1: a fastgpt candidate FAILED its check or raised an ERROR)"; STATUS=1; fi
 grep -E "^(FAILED|ERROR):|Traceback" "$OUT/bench.log" | head -20
+tar -czf "$OUT/extras.tar.gz" -C "$OUT" extras && rm -rf "$EXTRAS"
+
+step "memcheck (scripts/memcheck.sh: compute-sanitizer over the CUDA kernels)"
+MEM_S=$(( $(left) - 10 ))
+if [ "$MEM_S" -lt 20 ]; then
+    echo "memcheck not run: $MEM_S s left" | tee "$OUT/memcheck.log"
+else
+    timeout --kill-after=5 "$MEM_S" bash scripts/memcheck.sh >"$OUT/memcheck.log" 2>&1
+    RC=$?
+    tail -5 "$OUT/memcheck.log"
+    if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "MEMCHECK CUT at $MEM_S s (not a verdict)"
+    elif [ "$RC" -eq 2 ]; then echo "memcheck not run (no compute-sanitizer)"
+    elif [ "$RC" -ne 0 ]; then echo "MEMCHECK FOUND ERRORS (exit $RC)"; STATUS=1; fi
+fi
 
 step "summary (full tables: $OUT/bench.log; records: $OUT/bench.json)"
 if [ -f "$OUT/bench.json" ]; then
-    python -m fastgpt.bench.report "$OUT/bench.json"
+    $PY -m fastgpt.bench.report "$OUT/bench.json"
 else
     tail -40 "$OUT/bench.log"
 fi

@@ -15,6 +15,10 @@ if ! command -v compute-sanitizer >/dev/null; then
         [ -n "$dir" ] && [ -x "$dir/bin/compute-sanitizer" ] && PATH="$dir/bin:$PATH"
     done
 fi
+if ! command -v compute-sanitizer >/dev/null; then  # toolkits that keep it outside bin/
+    found=$(find /usr/local /opt -maxdepth 5 -name compute-sanitizer -type f -perm -u+x 2>/dev/null | head -1)
+    [ -n "$found" ] && PATH="$(dirname "$found"):$PATH"
+fi
 command -v compute-sanitizer >/dev/null || { echo "compute-sanitizer not found (CUDA toolkit)"; exit 2; }
 
 script="$(mktemp --suffix=.py)"
@@ -50,4 +54,5 @@ torch.cuda.synchronize()
 print("memcheck run: all kernels exercised")
 EOF
 
-compute-sanitizer --tool "$TOOL" --error-exitcode 1 --print-limit 20 python "$script"
+if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
+compute-sanitizer --tool "$TOOL" --error-exitcode 1 --print-limit 20 "$PY" "$script"
