@@ -14,7 +14,7 @@ import torch
 
 import fastgpt
 from fastgpt import reference
-from tests.helpers import TOL, assert_close
+from tests.helpers import assert_close
 
 pytestmark = [
     pytest.mark.gpu,

@@ -19,7 +19,7 @@ import torch
 
 from fastgpt.bench import core, formulas, timing
 from fastgpt.bench.cases import fastgpt_candidates, generator
-from fastgpt.bench.core import ERROR, REFERENCE, SKIPPED, Candidate, Case, Checked, OracleFailed, Settings, Unavailable
+from fastgpt.bench.core import ERROR, FASTGPT, REFERENCE, SKIPPED, Candidate, Case, Checked, OracleFailed, Settings, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"B": 1, "T": 32, "N": 256}
