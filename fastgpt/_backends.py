@@ -7,7 +7,8 @@ This is the only module that imports the compiled extension `fastgpt._C`. Every 
 - "triton": needs `triton` importable and CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`
   (Triton's interpreter, which is how CPU CI reaches the kernels).
 - "cuda": needs the compiled extension and CUDA tensors.
-- "auto": cuda, else triton, on a CUDA device (in the op's order of preference); else torch.
+- "auto": on a CUDA device, the compiled backends in the op's order of preference (the
+  measured one, below); else torch.
 
 Asking for a backend that cannot run raises `BackendUnavailableError` with the reason: never a
 silent fallback.
@@ -32,6 +33,33 @@ class LayerNormOutput(NamedTuple):
 
     y: torch.Tensor  # (M, N) LN(h), x's dtype
     h: torch.Tensor | None  # (M, N) x + residual, or None without a residual
+
+
+# "auto"'s order of preference on a CUDA device, from the H200 measurements of 2026-11-28
+# (benchmarks/results/nvidia-h200/, device time): attention prefill, Triton 94 / 290 / 667 us
+# against CUDA's 156 / 532 / 1173 (B16 H12 S1024 D64, B4 H12 S4096 D64, B4 H16 S4096 D128);
+# layer_norm, Triton 4069 / 3973 GB/s against 3615 / 3446 (65536x1024, 16384x4096), 2.5 us
+# against 5.5 at 32x768. decode_attention and sample depend on the batch: see their functions.
+TRITON_FIRST = ("triton", "cuda")
+CUDA_FIRST = ("cuda", "triton")
+DECODE_TRITON_MAX_ROWS = 128  # B * Hkv up to here: Triton first (about one wave of an H100/H200)
+SAMPLE_TRITON_MAX_ROWS = 8  # B up to here: Triton first (its split path keeps 32 chunks a row)
+
+
+def decode_preference(rows: int) -> tuple[str, str]:
+    """auto's order for decode_attention over `rows` = B * Hkv (sequence, head) pairs. Measured:
+    B1 H12 L1024 D64, Triton 8.2 us against CUDA's 13.7 (graph replay); B64 H12 D64, CUDA 97 /
+    338 us against Triton's 103 / 356 at L 1024 / 4096. Where between 12 and 768 rows the
+    order flips was not measured: DECODE_TRITON_MAX_ROWS is a guess at one wave of the GPU."""
+    return TRITON_FIRST if rows <= DECODE_TRITON_MAX_ROWS else CUDA_FIRST
+
+
+def sample_preference(rows: int) -> tuple[str, str]:
+    """auto's order for sample over `rows` = B (V 50257, fp32, top-k 50, top-p 0.9). Measured:
+    B1, Triton's split path 182 us against CUDA's 289; B32, CUDA 290 us against Triton's 586;
+    B256, CUDA 534 against 1062. The Triton split path keeps its 32 chunks a row (the same
+    per-program work as at B1) up to B = 8 on 132 SMs, hence SAMPLE_TRITON_MAX_ROWS."""
+    return TRITON_FIRST if rows <= SAMPLE_TRITON_MAX_ROWS else CUDA_FIRST
 
 
 @functools.cache

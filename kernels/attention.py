@@ -226,11 +226,18 @@ def _attn_fwd_kernel(
 # bytes (more with a mask); on sm_80 the D=256 ones (and a few 128x128 tiles) spill a little, and
 # fp32's tf32x3 tiles for D >= 128 spill on both (fp32 is not a target dtype). A config too large for a smaller GPU fails to launch and the autotuner skips it.
 # fp32 tiles are twice the bytes and tf32x3 dots triple the operands: smaller tiles.
+# Ordered by the H200 measurements of scripts/gpu-probe.py (bf16, causal, device time under graph
+# replay, 2026-11-28), fastest first, so that the leading _TMA_CANDIDATES are also tried with TMA.
+# D64 (B16 H12 S1024 / B4 H12 S4096): (64, 64, 4, 3) 93.5 / 285.5 us with TMA, 95.1 / 292.8
+# without; (64, 128, 4, 3) 106.5 / 283.9 with TMA; (128, 64, 4, 3) 101.7 / 310.3 with TMA;
+# (128, 64, 8, 2) 190.6 / 583.1 without TMA. D128 (B4 H16 S4096): (64, 64, 4, 3) 577.5 with TMA,
+# 712.9 without; (128, 128, 8, 3) 630.2 / 670.3; (128, 64, 8, 3) 676.0 / 760.1; (128, 64, 8, 2)
+# 851.3 / 987.3. (SDPA's cuDNN backend: 82.6, 255.4 and 529.6 us on the same shapes.)
 _TUNING = {
-    64: [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2), (128, 128, 8, 3), (64, 64, 4, 3),
+    64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3),
          (128, 32, 8, 3), (64, 64, 8, 4)],
-    128: [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3), (64, 64, 4, 3),
-          (128, 32, 8, 3), (64, 128, 8, 2)],
+    128: [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3),
+          (64, 128, 8, 2), (128, 64, 8, 2)],
     256: [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 8, 2), (64, 32, 4, 3), (128, 64, 8, 2), (128, 32, 8, 3)],
 }
 _TUNING_FP32 = {

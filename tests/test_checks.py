@@ -140,6 +140,38 @@ def test_auto_on_cpu_is_torch():
     assert _backends.resolve("attention", "auto", torch.device("cpu")) == "torch"
 
 
+def test_auto_follows_the_measured_order(monkeypatch):
+    """Each op hands resolve its order of preference (measured on an H200; decode and sampling
+    by batch), and resolve takes the first backend that can run the inputs."""
+    cuda = torch.device("cuda")
+    if _backends.why_not("cuda", cuda) or _backends.why_not("triton", cuda):
+        pytest.skip("needs both compiled backends installed (no GPU needed)")
+    assert _backends.resolve("layer_norm", "auto", cuda, preference=_backends.TRITON_FIRST) == "triton"
+    no_triton = lambda name: "no" if name == "triton" else None  # noqa: E731
+    assert _backends.resolve("sample", "auto", cuda, no_triton, _backends.TRITON_FIRST) == "cuda"
+    assert _backends.decode_preference(12) == _backends.TRITON_FIRST
+    assert _backends.decode_preference(768) == _backends.CUDA_FIRST
+    assert _backends.sample_preference(1) == _backends.TRITON_FIRST
+    assert _backends.sample_preference(32) == _backends.CUDA_FIRST
+
+    seen = {}
+    real = _backends.resolve
+
+    def spy(op, backend, device, unsupported=lambda name: None, preference=("cuda", "triton")):
+        seen[op] = tuple(preference)
+        return real(op, backend, device, unsupported, preference)
+
+    monkeypatch.setattr(_backends, "resolve", spy)
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
+    fastgpt.attention(q, k, k)
+    fastgpt.decode_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32))
+    fastgpt.layer_norm(torch.randn(2, 8), None, None)
+    fastgpt.sample(torch.randn(3, 10), temperature=0.0)
+    fastgpt.sample(torch.randn(9, 10), temperature=0.0)  # the last call of an op wins in `seen`
+    assert seen == {"attention": _backends.TRITON_FIRST, "decode_attention": _backends.TRITON_FIRST,
+                    "layer_norm": _backends.TRITON_FIRST, "sample": _backends.CUDA_FIRST}
+
+
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int32])
 
 

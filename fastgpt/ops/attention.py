@@ -69,7 +69,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk))
+    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.TRITON_FIRST)
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost

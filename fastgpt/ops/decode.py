@@ -29,7 +29,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     Smax = k_cache.shape[2]
     _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax))
+    name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax),
+                             _backends.decode_preference(B * k_cache.shape[1]))
     if q.numel() == 0 or Smax == 0:
         return q.new_zeros(B, Hq, 1, D)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost

@@ -125,7 +125,8 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     _check_logits(logits)
     check_generator(generator, logits.device)
     params = row_params(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)
-    name = _backends.resolve("sample", backend, logits.device, _unsupported(logits))
+    name = _backends.resolve("sample", backend, logits.device, _unsupported(logits),
+                             _backends.sample_preference(logits.shape[0]))
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
     if name == "torch" and _is_zero(temperature):
