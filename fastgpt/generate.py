@@ -135,11 +135,15 @@ class Decoder:
 
     def use_compile(self, options: dict | None):
         """Run the decode forward through torch.compile(fullgraph=True, **options), or plainly
-        (None). A change drops the captured graph, which holds the other forward."""
+        (None). A change drops the captured graph, which holds the other forward. Shapes are
+        static (dynamic=False unless the options say otherwise): each decoder has one batch and
+        one cache length, and without it a second batch size recompiles with symbolic shapes
+        (Dynamo's automatic dynamic): the likely cause of the H200 run's compiled B32 (after B1)
+        at a fifth of the uncompiled speed; not re-measured since."""
         if options == self.compiled_with:
             return
-        self.forward = self.model.decode if options is None else torch.compile(self.model.decode, fullgraph=True,
-                                                                               **options)
+        self.forward = self.model.decode if options is None else torch.compile(
+            self.model.decode, fullgraph=True, **{"dynamic": False, **options})
         self.compiled_with, self.graph = options, None
 
     def decode_step(self):
