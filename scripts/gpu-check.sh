@@ -28,11 +28,13 @@ EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"
 if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 
-# The GPU tests and the benchmarks autotune the same Triton kernels: keep the tuned configs on
-# disk so the second step reuses them instead of tuning again. (Triton does not cache the tuning of
-# configs with pre-hooks, which the attention kernel's TMA candidates on sm_90+ have: those are
-# timed again, from kernels already compiled.)
-export TRITON_CACHE_AUTOTUNING=1
+# The GPU tests run in 4 processes when pytest-xdist is installed (on the first H200 run, in one
+# process, they needed ~280 s of the 8 minutes; much of a test's time is on the CPU: Triton
+# compiling, the references, the checks). Their autotuning then
+# times configs on a shared GPU, so its choices are not kept on disk for the benchmark
+# (TRITON_CACHE_AUTOTUNING is set for the benchmark only); the compiled kernels are reused.
+TEST_WORKERS=()
+if $PY -c "import xdist" 2>/dev/null; then TEST_WORKERS=(-n "${TEST_PROCS:-4}"); fi
 
 elapsed() { echo $(( $(date +%s) - START )); }
 left() { echo $(( TOTAL_S - $(elapsed) )); }
@@ -65,8 +67,9 @@ TEST_S=$(( $(left) * 45 / 100 ))
 # Cheapest first: the attention tests autotune (each new key compiles ~10 configs), so if time
 # runs out it is their tail that is cut, and the benchmarks reuse whatever they compiled.
 TEST_FILES=$(ls tests/test_*.py | grep -v test_attention.py; echo tests/test_attention.py)
-timeout --kill-after=10 "$TEST_S" $PY -m pytest -m gpu -q -rfE --durations=10 -p no:randomly \
-    --junitxml="$EXTRAS/gpu-tests.xml" $TEST_FILES >"$OUT/gpu-tests.log" 2>&1
+# SIGINT at the limit: pytest then still reports what failed, its durations and the JUnit XML.
+timeout --signal=INT --kill-after=20 "$TEST_S" $PY -m pytest -m gpu -q -rfE --durations=15 -p no:randomly \
+    "${TEST_WORKERS[@]}" --junitxml="$EXTRAS/gpu-tests.xml" $TEST_FILES >"$OUT/gpu-tests.log" 2>&1
 RC=$?
 tail -30 "$OUT/gpu-tests.log"
 if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "GPU TESTS TIMED OUT after $TEST_S s"; STATUS=1
@@ -75,7 +78,7 @@ elif [ "$RC" -ne 0 ]; then echo "GPU TESTS FAILED (exit $RC)"; STATUS=1; fi
 step "benchmarks (fastgpt bench all --quick)"
 BENCH_S=$(( $(left) - 25 - MEMCHECK_S ))
 [ "$BENCH_S" -lt 60 ] && BENCH_S=60
-timeout --kill-after=10 $(( BENCH_S + 20 )) "${FASTGPT[@]}" bench all --quick --time-limit "$BENCH_S" \
+TRITON_CACHE_AUTOTUNING=1 timeout --kill-after=10 $(( BENCH_S + 20 )) "${FASTGPT[@]}" bench all --quick --time-limit "$BENCH_S" \
     --json "$OUT/bench.json" --csv "$EXTRAS/bench.csv" --plot "$EXTRAS/plots" >"$OUT/bench.log" 2>&1
 RC=$?
 if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "BENCHMARK KILLED at its time limit (partial JSON kept)"; STATUS=1
