@@ -1,16 +1,26 @@
-"""Diagnostics for tuning on a GPU, beside `fastgpt bench`: where a call's time goes.
+"""Diagnostics for tuning on a GPU, beside `fastgpt bench`: where a call's time goes, and which
+knob settings are fastest. Each section answers one question the tables and rules in the code
+were set from (or guessed at):
 
-For the benchmark's attention and sampling shapes it prints
-  - host us/call: the time the host spends issuing one call (no sync), and
-  - device us/call: the time on the GPU under CUDA-graph replay (no launch gaps, no host),
-so that a benchmark time far above the device time is known to be launch/host-bound; then
-  - a sweep of the Triton attention kernel's fixed tiles (BLOCK_M, BLOCK_N, warps, stages,
-    TMA or pointer loads) at those shapes, each timed under graph replay,
-  - the sampler's one-program-per-row path against its split path at B 1, 32 and 256,
-  - a profile of the Python side of one Triton attention call.
-Everything is printed and written to $OUT/probe.json. Read-only: it changes no GPU setting.
+  attention      host us/call (issuing one call, no sync) and device us/call (CUDA-graph replay:
+                 no launch gaps, no host) for the benchmark's attention shapes, fastgpt's
+                 backends against SDPA; a bench time far above the device time is host-bound.
+  overhead       host us/call of every op at tiny shapes, through fastgpt's API and straight into
+                 the Triton launcher: what the checks, the dispatch and the launch cost.
+  tiles          the Triton attention kernel's fixed tiles (BLOCK_M, BLOCK_N, warps, stages), by
+                 pointers and by TMA (kernels/attention.py's _TUNING order).
+  decode_batch   Triton against CUDA decode over B (fastgpt/_backends.py's DECODE_TRITON_MAX_ROWS).
+  decode_tiles   the Triton decode kernel's BLOCK_N / warps / stages and split factor.
+  sample_batch   the sampler over B: Triton's split and one-program-per-row paths, CUDA
+                 (SAMPLE_TRITON_MAX_ROWS, kernels/sampling.py's _MIN_SPLIT_CHUNKS).
+  sample_blocks  the one-program-per-row path's vocabulary block and warps.
+  profile        cProfile of the Python side of one Triton attention call.
 
-    OUT=/tmp/out python scripts/gpu-probe.py [--sections attention,tiles,sampling,profile]
+Printed as it goes and written to $OUT/probe.json after each section. --time-limit stops
+starting new measurements once passed. Read-only: it changes no GPU setting.
+
+    OUT=/tmp/out python scripts/gpu-probe.py [--sections a,b,...] [--time-limit 200]
+    TRITON_INTERPRET=1 python scripts/gpu-probe.py --smoke   # CPU: tiny shapes, host clock
 """
 
 from __future__ import annotations
@@ -22,154 +32,279 @@ import json
 import os
 import pstats
 import time
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 import fastgpt
+from fastgpt import _backends
 from fastgpt.bench import timing
 from fastgpt.kernels import attention as tri_attn
+from fastgpt.kernels import decode as tri_decode
 from fastgpt.kernels import sampling as tri_sampling
 
-DEV = "cuda"
-ATTN_SHAPES = [(16, 12, 1024, 64), (4, 12, 4096, 64), (4, 16, 4096, 128)]
-TILES = {64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2)],
-         128: [(64, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 128, 4, 3)]}
-RESULTS: dict = {}
 
+class Probe:
+    """Shapes (real or, with smoke, tiny), the timers, the deadline and the results."""
 
-def host_us(fn, calls: int = 30) -> float:
-    """Host time to issue one call, the device synchronized before the loop only."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
+    def __init__(self, smoke: bool, time_limit: float | None, out: str):
+        self.smoke, self.out, self.results = smoke, out, {}
+        self.device = "cpu" if smoke else "cuda"
+        self.deadline = time.monotonic() + time_limit if time_limit else None
+        self.backends = [b for b in ("triton", "cuda") if _backends.why_not(b, torch.device(self.device)) is None]
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def host_us(self, fn: Callable, calls: int = 30) -> float:
+        """Host time to issue one call (the device synchronized before the loop only)."""
+        calls = 2 if self.smoke else calls
         fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return 1e6 * elapsed / calls
+        self.sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        elapsed = time.perf_counter() - start
+        self.sync()
+        return 1e6 * elapsed / calls
 
+    def device_us(self, fn: Callable, per_replay: int = 10, replays: int = 15) -> float:
+        """Device time of one call under CUDA-graph replay (median replay); host time on CPU."""
+        if self.smoke:
+            return self.host_us(fn)
+        times = timing.time_graph(lambda _: fn(), per_replay, replays)
+        return 1e3 * sorted(times)[len(times) // 2]
 
-def device_us(fn, per_replay: int = 10, replays: int = 15) -> float:
-    """Device time of one call under CUDA-graph replay (the median replay)."""
-    times = timing.time_graph(lambda _: fn(), per_replay, replays)
-    return 1e3 * sorted(times)[len(times) // 2]
-
-
-def attn_inputs(B, H, S, D):
-    return [torch.randn(B, H, S, D, device=DEV, dtype=torch.bfloat16) for _ in range(3)]
-
-
-def attention_section():
-    rows = []
-    for B, H, S, D in ATTN_SHAPES:
-        q, k, v = attn_inputs(B, H, S, D)
-        flops = 4 * B * H * S * S * D / 2
-        calls = {
-            "fastgpt[triton]": lambda: fastgpt.attention(q, k, v, causal=True, backend="triton"),
-            "fastgpt[cuda]": lambda: fastgpt.attention(q, k, v, causal=True, backend="cuda"),
-            "kernels.attention (no op)": lambda: tri_attn.attention(q, k, v, causal=True, scale=D ** -0.5),
-            "sdpa (default)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        }
-        for name, fn in calls.items():
+    def record(self, section: str, row: dict, fn: Callable[[], dict]) -> None:
+        """Run fn (returning measurements) into `row`, keep an error instead of raising, print."""
+        if self.out_of_time():
+            row["skipped"] = "time limit"
+        else:
             try:
-                h, d = host_us(fn), device_us(fn)
-                rows.append(dict(shape=f"B{B} H{H} S{S} D{D}", impl=name, host_us=h, device_us=d,
-                                 tflops=flops / d / 1e6))
-            except Exception as exc:
-                rows.append(dict(shape=f"B{B} H{H} S{S} D{D}", impl=name, error=repr(exc)[:200]))
-            print(rows[-1], flush=True)
-    RESULTS["attention"] = rows
+                row.update(fn())
+            except Exception as exc:  # one failing variant must not cost the others
+                row["error"] = repr(exc)[:240]
+        self.results.setdefault(section, []).append(row)
+        print(section, {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
+
+    def randn(self, *shape, dtype=torch.bfloat16):
+        dtype = torch.float16 if self.smoke and dtype == torch.bfloat16 else dtype  # the interpreter has no bf16
+        return torch.randn(*shape, device=self.device).to(dtype)
+
+    def save(self) -> None:
+        with open(os.path.join(self.out, "probe.json"), "w") as f:
+            json.dump(self.results, f, indent=1, default=str)
 
 
-def tiles_section():
+def attn_shapes(p: Probe):
+    return [(1, 2, 40, 16)] if p.smoke else [(16, 12, 1024, 64), (4, 12, 4096, 64), (4, 16, 4096, 128)]
+
+
+def attention_section(p: Probe):
+    for B, H, S, D in attn_shapes(p):
+        q, k, v = (p.randn(B, H, S, D) for _ in range(3))
+        flops = 4 * B * H * S * S * D / 2
+        calls = {f"fastgpt[{b}]": (lambda b=b: fastgpt.attention(q, k, v, causal=True, backend=b)) for b in p.backends}
+        calls["kernels.attention (no op)"] = lambda: tri_attn.attention(q, k, v, causal=True, scale=D ** -0.5)
+        calls["sdpa (default)"] = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        for name, fn in calls.items():
+            def measure(fn=fn):
+                d = p.device_us(fn)
+                return dict(host_us=p.host_us(fn), device_us=d, tflops=flops / d / 1e6)
+            p.record("attention", dict(shape=f"B{B} H{H} S{S} D{D}", impl=name), measure)
+
+
+def overhead_section(p: Probe):
+    """Tiny shapes: the device work is a few us, so host time is the API's and the launch's."""
+    q, k = p.randn(1, 4, 16, 64), p.randn(1, 4, 16, 64)
+    q1, lens = q[:, :, :1], torch.full((1,), 16, dtype=torch.int32, device=p.device)
+    x, logits = p.randn(1, 768), torch.randn(1, 1000, device=p.device)
+    seed = torch.zeros(1, dtype=torch.int64, device=p.device)
+    params = [torch.full((1,), 0.8, device=p.device), torch.full((1,), 50, dtype=torch.int64, device=p.device),
+              torch.full((1,), 0.9, dtype=torch.float64, device=p.device), torch.zeros(1, device=p.device)]
+    calls = {}
+    for b in (*p.backends, "torch"):
+        calls[f"attention[{b}]"] = lambda b=b: fastgpt.attention(q, k, k, causal=True, backend=b)
+        calls[f"decode_attention[{b}]"] = lambda b=b: fastgpt.decode_attention(q1, k, k, lens, backend=b)
+        calls[f"layer_norm[{b}]"] = lambda b=b: fastgpt.layer_norm(x, None, None, backend=b)
+        calls[f"sample[{b}]"] = lambda b=b: fastgpt.sample(logits, temperature=0.8, top_k=50, top_p=0.9, backend=b)
+    calls["triton launcher: attention"] = lambda: tri_attn.attention(q, k, k, causal=True, scale=0.125)
+    calls["triton launcher: decode"] = lambda: tri_decode.decode_attention(q1, k, k, lens, scale=0.125)
+    calls["triton launcher: sample"] = lambda: tri_sampling.sample(logits, *params, seed)
+    calls["sdpa"] = lambda: F.scaled_dot_product_attention(q, k, k, is_causal=True)
+    calls["F.layer_norm"] = lambda: F.layer_norm(x, (768,))
+    for name, fn in calls.items():
+        p.record("overhead", dict(impl=name), lambda fn=fn: dict(host_us=p.host_us(fn, calls=200)))
+
+
+TILES = {64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4),
+              (64, 32, 4, 3), (64, 64, 8, 3)],
+         128: [(64, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 4),
+               (64, 128, 4, 3), (128, 32, 8, 3)]}
+
+
+def tiles_section(p: Probe):
     """Each fixed tile of the Triton kernel, by pointers and by TMA, under graph replay."""
-    rows = []
     fixed, use_tuner = tri_attn._fixed_config, tri_attn._use_autotuner
     tri_attn._use_autotuner = lambda *a: False
     try:
-        for B, H, S, D in ATTN_SHAPES:
-            q, k, v = attn_inputs(B, H, S, D)
+        for B, H, S, D in attn_shapes(p):
+            q, k, v = (p.randn(B, H, S, D) for _ in range(3))
             flops = 4 * B * H * S * S * D / 2
-            for tile in TILES[D]:
+            tiles = [(16, 16, 4, 1)] if p.smoke else TILES[D]
+            for tile in tiles:
                 for tma in (False, True):
-                    tri_attn._fixed_config = lambda *a, tile=tile: tile
-                    fn = lambda: tri_attn.attention(q, k, v, causal=True, scale=D ** -0.5, tma=tma)  # noqa: E731
-                    try:
-                        d = device_us(fn, per_replay=5, replays=9)
-                        rows.append(dict(shape=f"B{B} H{H} S{S} D{D}", tile=tile, tma=tma, device_us=d,
-                                         tflops=flops / d / 1e6))
-                    except Exception as exc:
-                        rows.append(dict(shape=f"B{B} H{H} S{S} D{D}", tile=tile, tma=tma, error=repr(exc)[:160]))
-                    print(rows[-1], flush=True)
+                    def measure(tile=tile, tma=tma):
+                        tri_attn._fixed_config = lambda *a: tile
+                        d = p.device_us(lambda: tri_attn.attention(q, k, v, causal=True, scale=D ** -0.5, tma=tma),
+                                        per_replay=5, replays=9)
+                        return dict(device_us=d, tflops=flops / d / 1e6)
+                    p.record("tiles", dict(shape=f"B{B} H{H} S{S} D{D}", tile=tile, tma=tma), measure)
     finally:
         tri_attn._fixed_config, tri_attn._use_autotuner = fixed, use_tuner
-    RESULTS["tiles"] = rows
 
 
-def sampling_section():
-    rows = []
-    for B in (1, 32, 256):
-        logits = torch.randn(B, 50257, device=DEV) * 3
-        t = torch.full((B,), 0.8, device=DEV)
-        k = torch.full((B,), 50, device=DEV, dtype=torch.int64)
-        p = torch.full((B,), 0.9, device=DEV, dtype=torch.float64)
-        m = torch.zeros(B, device=DEV)
-        seed = torch.zeros(1, device=DEV, dtype=torch.int64)
-        calls = {
-            "triton one program per row": lambda: tri_sampling.sample(logits, t, k, p, m, seed, num_chunks=0),
-            "triton split (auto chunks)": lambda: tri_sampling.sample(logits, t, k, p, m, seed),
-            "fastgpt.sample[triton]": lambda: fastgpt.sample(logits, temperature=0.8, top_k=50, top_p=0.9,
-                                                             backend="triton"),
-            "fastgpt.sample[cuda]": lambda: fastgpt.sample(logits, temperature=0.8, top_k=50, top_p=0.9,
-                                                           backend="cuda"),
-        }
+def decode_inputs(p: Probe, B, H, L, D):
+    q, kc, vc = p.randn(B, H, 1, D), p.randn(B, H, L, D), p.randn(B, H, L, D)
+    lens = torch.full((B,), L, dtype=torch.int32, device=p.device)
+    return q, kc, vc, lens, 2 * kc.numel() * kc.element_size()
+
+
+def decode_batch_section(p: Probe):
+    """Triton against CUDA over the batch: where does auto's order flip?"""
+    H, L, D = (2, 40, 16) if p.smoke else (12, 1024, 64)
+    for B in (1, 2) if p.smoke else (1, 2, 4, 8, 11, 16, 32, 64):
+        q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
+        calls = {b: (lambda b=b: fastgpt.decode_attention(q, kc, vc, lens, backend=b)) for b in p.backends}
+        calls["sdpa (full cache)"] = lambda: F.scaled_dot_product_attention(q, kc, vc)
         for name, fn in calls.items():
-            try:
-                rows.append(dict(B=B, impl=name, host_us=host_us(fn), device_us=device_us(fn)))
-            except Exception as exc:
-                rows.append(dict(B=B, impl=name, error=repr(exc)[:200]))
-            print(rows[-1], flush=True)
-    RESULTS["sampling"] = rows
+            def measure(fn=fn):
+                d = p.device_us(fn)
+                return dict(device_us=d, gbps=nbytes / d / 1e3)
+            p.record("decode_batch", dict(shape=f"B{B} H{H} L{L} D{D}", rows=B * H, impl=name), measure)
 
 
-def profile_section():
-    q, k, v = attn_inputs(16, 12, 1024, 64)
+def decode_tiles_section(p: Probe):
+    """BLOCK_N, warps, stages and the split factor of the Triton decode kernel."""
+    tiles_fn, per_sm = tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM
+    shapes = [(2, 2, 40, 16)] if p.smoke else [(64, 12, 4096, 64), (1, 12, 1024, 64), (8, 32, 4096, 128)]
+    variants = [(32, 4, 3, 4)] if p.smoke else [
+        (64, 4, 3, 4), (64, 4, 3, 2), (64, 4, 3, 8), (32, 4, 3, 4), (128, 4, 3, 4), (128, 8, 3, 4),
+        (64, 2, 3, 4), (64, 8, 3, 4), (64, 4, 2, 4), (64, 4, 4, 4), (128, 4, 4, 4), (32, 2, 4, 8)]
+    try:
+        for B, H, L, D in shapes:
+            q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
+            for block_n, warps, stages, programs_per_sm in variants:
+                def measure(block_n=block_n, warps=warps, stages=stages, programs_per_sm=programs_per_sm):
+                    base = tiles_fn(1, D, False)
+                    tri_decode.gpu_tiles = lambda *a: base._replace(block_n=block_n, num_warps=warps,
+                                                                    num_stages=stages)
+                    tri_decode._PROGRAMS_PER_SM = programs_per_sm
+                    d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D ** -0.5))
+                    return dict(device_us=d, gbps=nbytes / d / 1e3)
+                p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", block_n=block_n, warps=warps,
+                                              stages=stages, programs_per_sm=programs_per_sm), measure)
+    finally:
+        tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM = tiles_fn, per_sm
+
+
+def sample_inputs(p: Probe, B, V):
+    logits = torch.randn(B, V, device=p.device) * 3
+    params = [torch.full((B,), 0.8, device=p.device), torch.full((B,), 50, dtype=torch.int64, device=p.device),
+              torch.full((B,), 0.9, dtype=torch.float64, device=p.device), torch.zeros(B, device=p.device)]
+    return logits, params, torch.zeros(1, dtype=torch.int64, device=p.device)
+
+
+def sample_batch_section(p: Probe):
+    """The split path (as many chunks as the SM rule asks, no minimum), one program per row and
+    CUDA over B: where _MIN_SPLIT_CHUNKS and SAMPLE_TRITON_MAX_ROWS should sit."""
+    V = 3000 if p.smoke else 50257
+    sms = 4 if p.smoke else _backends.sm_count(torch.cuda.current_device())
+    for B in (1, 3) if p.smoke else (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
+        logits, params, seed = sample_inputs(p, B, V)
+        chunks = min(-(-tri_sampling._PROGRAMS_PER_SM * sms // B), -(-V // tri_sampling._MIN_CHUNK),
+                     tri_sampling.MAX_CHUNKS)
+        calls = {"triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
+        if chunks > 1:
+            calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
+                                                                                   num_chunks=chunks)
+        if "cuda" in p.backends:
+            calls["cuda"] = lambda: fastgpt.sample(logits, temperature=0.8, top_k=50, top_p=0.9, backend="cuda")
+        for name, fn in calls.items():
+            p.record("sample_batch", dict(B=B, V=V, impl=name), lambda fn=fn: dict(device_us=p.device_us(fn)))
+
+
+def sample_blocks_section(p: Probe):
+    """The one-program-per-row path's vocabulary block (x its pivots: registers) and warps."""
+    block, warps = tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS
+    variants = [(1024, 4)] if p.smoke else [(1024, 8), (1024, 4), (2048, 8), (2048, 16), (4096, 16), (512, 4)]
+    try:
+        for B in (2,) if p.smoke else (1, 256):
+            logits, params, seed = sample_inputs(p, B, 3000 if p.smoke else 50257)
+            for block_v, num_warps in variants:
+                def measure(block_v=block_v, num_warps=num_warps):
+                    tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS = block_v, num_warps
+                    return dict(device_us=p.device_us(lambda: tri_sampling.sample(logits, *params, seed,
+                                                                                  num_chunks=0)))
+                p.record("sample_blocks", dict(B=B, block_v=block_v, warps=num_warps), measure)
+    finally:
+        tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS = block, warps
+
+
+def profile_section(p: Probe):
+    B, H, S, D = attn_shapes(p)[0]
+    q, k, v = (p.randn(B, H, S, D) for _ in range(3))
     fastgpt.attention(q, k, v, causal=True, backend="triton")
-    torch.cuda.synchronize()
+    p.sync()
     prof = cProfile.Profile()
     prof.enable()
-    for _ in range(50):
+    for _ in range(5 if p.smoke else 50):
         fastgpt.attention(q, k, v, causal=True, backend="triton")
     prof.disable()
-    torch.cuda.synchronize()
+    p.sync()
     text = io.StringIO()
     pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(14)
-    RESULTS["profile"] = text.getvalue()
+    p.results["profile"] = text.getvalue()
     print(text.getvalue()[-3500:], flush=True)
 
 
-SECTIONS = {"attention": attention_section, "tiles": tiles_section, "sampling": sampling_section,
+SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles": tiles_section,
+            "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
+            "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
             "profile": profile_section}
 
 
-def main():
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", default=",".join(SECTIONS))
-    args = parser.parse_args()
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, in this order")
+    parser.add_argument("--time-limit", type=float, default=None, help="seconds; later measurements are skipped")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    args = parser.parse_args(argv)
+    names = args.sections.split(",")
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown sections {unknown}; choose from {list(SECTIONS)}")
+    if not args.smoke and not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1 on the CPU)")
     out = os.environ.get("OUT", "out")
     os.makedirs(out, exist_ok=True)
-    for name in args.sections.split(","):
+    probe = Probe(args.smoke, args.time_limit, out)
+    for name in names:
         start = time.time()
         try:
-            SECTIONS[name]()
-        except Exception as exc:
-            RESULTS[name + "_error"] = repr(exc)
+            SECTIONS[name](probe)
+        except Exception as exc:  # a section's setup failing must not cost the others
+            probe.results[name + "_error"] = repr(exc)
             print(f"{name}: {exc!r}", flush=True)
         print(f"== {name}: {time.time() - start:.0f} s", flush=True)
-        with open(os.path.join(out, "probe.json"), "w") as f:
-            json.dump(RESULTS, f, indent=1, default=str)
+        probe.save()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -570,3 +570,35 @@ def test_gpu_layernorm_case_runs():
     by = {r["implementation"]: r for r in run_case(case, torch.device("cuda"), settings)}
     assert by["eager add + F.layer_norm"]["status"] == OK
     assert by["eager add + F.layer_norm"]["pct_of_ceiling"] > 0
+
+
+# ----------------------------------------------------------------------------- scripts/gpu-probe.py
+def _probe(tmp_path, *args, interpret=True):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1" if interpret else "0")
+    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu-probe.py"
+    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU refusal is for machines without one")
+def test_gpu_probe_runs_every_section_on_tiny_shapes(tmp_path):
+    """--smoke: every section's code path (knob patching included) on the CPU through Triton's
+    interpreter; each measurement lands in probe.json without an error."""
+    proc = _probe(tmp_path, "--smoke")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((tmp_path / "probe.json").read_text())
+    sections = ["attention", "overhead", "tiles", "decode_batch", "decode_tiles", "sample_batch", "sample_blocks"]
+    assert [s for s in sections if not results.get(s)] == []
+    errors = [row for s in sections for row in results[s] if "error" in row]
+    assert errors == []
+    assert all(row["device_us"] > 0 for row in results["tiles"])
+    assert "function calls" in results["profile"]
+    refused = _probe(tmp_path, interpret=False)
+    assert refused.returncode == 2 and "needs a CUDA GPU" in refused.stderr
+    limited = _probe(tmp_path, "--smoke", "--sections", "tiles", "--time-limit", "0.001")
+    assert limited.returncode == 0 and all(r.get("skipped") == "time limit"
+                                           for r in json.loads((tmp_path / "probe.json").read_text())["tiles"])
