@@ -36,14 +36,25 @@ class LayerNormOutput(NamedTuple):
 
 
 # "auto"'s order of preference on a CUDA device, from the H200 measurements of 2026-11-28
-# (benchmarks/results/nvidia-h200/, device time): attention prefill, Triton 94 / 290 / 667 us
-# against CUDA's 156 / 532 / 1173 (B16 H12 S1024 D64, B4 H12 S4096 D64, B4 H16 S4096 D128);
-# layer_norm, Triton 4069 / 3973 GB/s against 3615 / 3446 (65536x1024, 16384x4096), 2.5 us
-# against 5.5 at 32x768. decode_attention and sample depend on the batch: see their functions.
+# (benchmarks/results/nvidia-h200/): layer_norm, Triton 4069 / 3973 GB/s against CUDA's 3615 /
+# 3446 (65536x1024, 16384x4096), 2.5 us against 5.5 at 32x768. attention, decode_attention and
+# sample depend on the problem's size: see their functions.
 TRITON_FIRST = ("triton", "cuda")
 CUDA_FIRST = ("cuda", "triton")
+ATTENTION_TRITON_MIN_FLOPS = 50e9  # attention with less work: CUDA first (less host time a call)
 DECODE_TRITON_MAX_ROWS = 128  # B * Hkv up to here: Triton first (about one wave of an H100/H200)
 SAMPLE_TRITON_MAX_ROWS = 8  # B up to here: Triton first (its split path keeps 32 chunks a row)
+
+
+def attention_preference(flops: float) -> tuple[str, str]:
+    """auto's order for attention doing `flops` (4 B Hq Sq Sk D, halved when causal). The Triton
+    kernel is the faster on the GPU: 94 / 290 / 667 us against CUDA's 156 / 532 / 1173 (B16 H12
+    S1024 D64, B4 H12 S4096 D64, B4 H16 S4096 D128, causal; graph replay). But one eager call
+    of it costs ~200-350 us of host time there (Triton's launch, TMA descriptors, the
+    autotuner) against ~100-150 for CUDA's, so per call the smallest of those shapes (26 GFLOP)
+    ran faster through CUDA (163 against 311 us) and the next (103 GFLOP) through Triton (296
+    against 545). ATTENTION_TRITON_MIN_FLOPS sits between the two."""
+    return TRITON_FIRST if flops >= ATTENTION_TRITON_MIN_FLOPS else CUDA_FIRST
 
 
 def decode_preference(rows: int) -> tuple[str, str]:
@@ -186,10 +197,11 @@ def report() -> dict[str, str]:
     return {name: why_not(name, device) or f"available ({device.type})" for name in BACKENDS[1:]}
 
 
+@functools.cache
 def launchers(backend: str, op: str):
     """The module holding `op`'s launchers for a compiled backend: fastgpt.kernels.<op> (Triton)
     or fastgpt.ops._cuda (CUDA). The Triton ones are imported on first use, so `import fastgpt`
-    does not import Triton."""
+    does not import Triton. Cached: every kernel call asks."""
     if backend == "triton":
         return importlib.import_module(f"fastgpt.kernels.{op}")
     if backend == "cuda":

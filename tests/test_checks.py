@@ -153,6 +153,8 @@ def test_auto_follows_the_measured_order(monkeypatch):
     assert _backends.decode_preference(768) == _backends.CUDA_FIRST
     assert _backends.sample_preference(1) == _backends.TRITON_FIRST
     assert _backends.sample_preference(32) == _backends.CUDA_FIRST
+    assert _backends.attention_preference(4 * 16 * 12 * 1024 * 1024 * 64 / 2) == _backends.CUDA_FIRST
+    assert _backends.attention_preference(4 * 4 * 12 * 4096 * 4096 * 64 / 2) == _backends.TRITON_FIRST
 
     seen = {}
     real = _backends.resolve
@@ -168,7 +170,7 @@ def test_auto_follows_the_measured_order(monkeypatch):
     fastgpt.layer_norm(torch.randn(2, 8), None, None)
     fastgpt.sample(torch.randn(3, 10), temperature=0.0)
     fastgpt.sample(torch.randn(9, 10), temperature=0.0)  # the last call of an op wins in `seen`
-    assert seen == {"attention": _backends.TRITON_FIRST, "decode_attention": _backends.TRITON_FIRST,
+    assert seen == {"attention": _backends.CUDA_FIRST, "decode_attention": _backends.TRITON_FIRST,
                     "layer_norm": _backends.TRITON_FIRST, "sample": _backends.CUDA_FIRST}
 
 

@@ -69,7 +69,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.TRITON_FIRST)
+    flops = 4 * B * Hq * Sq * Sk * D / (2 if causal else 1)
+    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
