@@ -27,8 +27,8 @@ Two paths, chosen by the launcher from B, V and the SM count only (split_chunks)
 
 - One program per row (_sample_kernel, 1 launch) unless a row would split into at least
   _MIN_SPLIT_CHUNKS chunks (B below ~1/4 of the SM count on 1024-entry chunks), or when
-  V <= 1024 or V > 2^24. Its searches test NUM_PIVOTS pivot keys per pass over the row until the answer is
-  pinned down: a data-dependent number of passes inside one program.
+  V <= 1024 or V > 2^24. Its searches test NUM_PIVOTS pivot keys per pass over the row until
+  the answer is pinned down: a data-dependent number of passes inside one program.
 - Split, for smaller batches: every pass runs over a (B, C) grid, program (b, c) on chunk c of
   row b (C <= MAX_CHUNKS, and as the launcher picks it <= V / 1024 rounded up; the tests'
   num_chunks hook may cut shorter chunks), so one row spreads over the GPU. The

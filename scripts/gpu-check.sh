@@ -30,9 +30,9 @@ if command -v python >/dev/null 2>&1; then PY=python; else PY=python3; fi
 
 # The GPU tests run in 4 processes when pytest-xdist is installed (on the first H200 run, in one
 # process, they needed ~280 s of the 8 minutes; much of a test's time is on the CPU: Triton
-# compiling, the references, the checks). Their autotuning then
-# times configs on a shared GPU, so its choices are not kept on disk for the benchmark
-# (TRITON_CACHE_AUTOTUNING is set for the benchmark only); the compiled kernels are reused.
+# compiling, the references, the checks). Their autotuning then times configs on a shared GPU,
+# so its choices are not kept on disk for the benchmark (TRITON_CACHE_AUTOTUNING is set for the
+# benchmark only); the compiled kernels are reused.
 TEST_WORKERS=()
 if $PY -c "import xdist" 2>/dev/null; then TEST_WORKERS=(-n "${TEST_PROCS:-4}"); fi
 
