@@ -570,6 +570,21 @@ def test_gpu_layernorm_case_runs():
     by = {r["implementation"]: r for r in run_case(case, torch.device("cuda"), settings)}
     assert by["eager add + F.layer_norm"]["status"] == OK
     assert by["eager add + F.layer_norm"]["pct_of_ceiling"] > 0
+    # Timed with events, the device time under graph replay comes beside the per-call time, at most
+    # it plus noise (the host's share is what it leaves out); timed by graph replay, it is the same.
+    for rec in by.values():
+        if rec["status"] == OK and rec["method"].startswith("cuda-graph"):
+            assert rec["device_ms"] == rec["ms"]
+        elif rec["status"] == OK:
+            assert rec["method"].startswith("cuda-events") and 0 < rec["device_ms"] < 1.5 * rec["ms"], rec
+
+
+def test_device_time_only_on_a_gpu():
+    """On the CPU there is no device time: the field is there, empty, in every record."""
+    case = build_cases("layernorm", CPU, torch.float32, True, ["M=8,N=32"])[0]
+    records = run_case(case, CPU, FAST)
+    assert all("device_ms" in r and r["device_ms"] is None for r in records)
+    assert any(r["status"] == OK for r in records)
 
 
 # ----------------------------------------------------------------------------- scripts/gpu-probe.py

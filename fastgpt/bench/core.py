@@ -110,6 +110,7 @@ class Settings:
     max_runs: int = 1000
     graph_below_ms: float = 0.05
     graph_replay_ms: float = 2.0
+    device_time_below_ms: float = 5.0  # events-timed candidates this fast also get device_ms
     memory_budget: int = 4 * 2**30
     ceilings: dict = field(default_factory=dict)  # {"copy_gbps": float, "matmul_tflops": float}
     impl_filter: Callable[[str], bool] = lambda label: True
@@ -121,7 +122,7 @@ class Settings:
 
 RECORD_FIELDS = (
     "op", "case", "sweep", "x", "x_label", "params", "dtype", "implementation", "kind", "backend", "note",
-    "status", "reason", "method", "ms", "ms_p20", "ms_p80", "runs", "flops", "bytes", "weight_bytes",
+    "status", "reason", "method", "ms", "ms_p20", "ms_p80", "runs", "device_ms", "flops", "bytes", "weight_bytes",
     "metric", "value", "ceiling", "ceiling_value", "pct_of_ceiling", "lower_bound", "best_ref",
     "speedup_vs_best_ref", "speedup_vs",
 )
@@ -175,11 +176,17 @@ def prepare(case: Case, cand: Candidate, inputs: dict, expected: Any, device: to
     return fn, OK, None
 
 
-def _time_graph_or_events(call, n_sets, est, settings, flush):
-    """CUDA-graph replay (falling back to events if capture fails): (times, method)."""
+def _graph_plan(n_sets: int, est: float, settings: Settings) -> tuple[int, int]:
+    """(calls per graph, replays): a graph long enough (graph_replay_ms) that one replay's launch
+    is noise, a whole number of passes over the input sets."""
     calls = n_sets * max(1, math.ceil(settings.graph_replay_ms / max(est * n_sets, 1e-6)))
     calls = min(calls, max(n_sets, 4096))
-    replays = timing.plan_runs(est * calls, settings.budget_ms, 5, 200)
+    return calls, timing.plan_runs(est * calls, settings.budget_ms, 5, 200)
+
+
+def _time_graph_or_events(call, n_sets, est, settings, flush):
+    """CUDA-graph replay (falling back to events if capture fails): (times, method)."""
+    calls, replays = _graph_plan(n_sets, est, settings)
     try:
         return timing.time_graph(call, calls, replays), f"cuda-graph x{calls}"
     except Exception as exc:
@@ -203,6 +210,20 @@ def measure(fn, sets, device, mode, est, settings, flush) -> timing.Stats:
         return timing.summarize(times, method)
     runs = timing.plan_runs(est, settings.budget_ms, settings.min_runs, settings.max_runs)
     return timing.summarize(timing.time_events(call, runs, flush), "cuda-events+l2flush")
+
+
+def device_ms(fn, sets, est: float, settings: Settings) -> float | None:
+    """Median ms per call under CUDA-graph replay: the GPU's time without the host's (a call
+    timed with events also counts the host's time whenever the host is the slower side). None
+    when the call cannot be captured."""
+    n = len(sets)
+    calls, replays = _graph_plan(n, est, settings)
+    try:
+        times = timing.time_graph(lambda i: fn(sets[i % n]), calls, replays)
+    except Exception:
+        torch.cuda.synchronize()
+        return None
+    return timing.summarize(times, "cuda-graph").median
 
 
 def fill_timing(rec: dict, stats: timing.Stats, case: Case, settings: Settings) -> None:
@@ -307,6 +328,10 @@ def time_checked(checked: Checked, case: Case, sets: list[dict], device: torch.d
         checked.rec.update(status=ERROR, reason=f"timing failed: {describe(exc)}")
         return
     fill_timing(checked.rec, stats, case, settings)
+    if stats.method.startswith("cuda-graph"):
+        checked.rec["device_ms"] = stats.median
+    elif device.type == "cuda" and checked.est <= settings.device_time_below_ms:
+        checked.rec["device_ms"] = device_ms(checked.fn, sets, checked.est, settings)
 
 
 def expected_output(case: Case, inputs: dict, device: torch.device) -> tuple[Any, str | None]:

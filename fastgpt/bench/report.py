@@ -64,7 +64,8 @@ def op_table(op: str, records: list[dict]):
 
     table = Table(title=op, title_justify="left", show_lines=False)
     for column, justify in (("case", "left"), ("implementation", "left"), ("status", "left"),
-                            ("median [p20–p80]", "right"), ("rate", "right"), ("% ceiling", "right"),
+                            ("median [p20–p80]", "right"), ("device", "right"), ("rate", "right"),
+                            ("% ceiling", "right"),
                             ("speedup", "left"), ("note / reason", "left")):
         table.add_column(column, justify=justify, overflow="fold")
     last_case = None
@@ -75,7 +76,8 @@ def op_table(op: str, records: list[dict]):
         if case and last_case is not None:
             table.add_section()
         last_case = rec["case"]
-        table.add_row(escape(case), escape(rec["implementation"]), _status(rec), _spread(rec), fmt_rate(rec),
+        table.add_row(escape(case), escape(rec["implementation"]), _status(rec), _spread(rec),
+                      fmt_time(rec.get("device_ms")), fmt_rate(rec),
                       _pct(rec), escape(_speedup(rec)), escape(rec["reason"] or rec["note"] or ""))
     return table
 

@@ -58,7 +58,7 @@ def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict, device: t
     verdict(checked.rec)
     rec, fn = checked.rec, checked.fn
     benchmark.group = f"{case.op} {case.name}"
-    benchmark.extra_info.update({k: rec[k] for k in ("method", "ms", "ms_p20", "ms_p80", "metric", "value",
+    benchmark.extra_info.update({k: rec[k] for k in ("method", "ms", "ms_p20", "ms_p80", "device_ms", "metric", "value",
                                                      "ceiling_value", "pct_of_ceiling", "flops", "bytes")})
     benchmark.pedantic(_rotating(fn, sets, device), rounds=timing.plan_runs(checked.est, 500.0, 10, 200),
                        warmup_rounds=3)
