@@ -289,6 +289,47 @@ def test_greedy_first_index_on_ties(device, poisoned_empty):
     assert ids.tolist() == [1, 0, 1, 1, 0, 0, 1]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_greedy_argmax_is_the_cleaned_argmax(dtype):
+    """reference.greedy skips building clean_logits: the same ids on rows with NaN, +inf, -inf,
+    ties and nothing drawable."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(64, 50, generator=g).round().to(dtype)  # rounded: many ties
+    special = torch.rand(64, 50, generator=g)
+    logits[special < 0.1] = float("nan")
+    logits[(special > 0.95) & (torch.arange(64) % 3 == 0)[:, None]] = float("inf")
+    logits[special > 0.97] = float("-inf")
+    logits[5], logits[6] = float("nan"), float("-inf")
+    assert torch.equal(reference.greedy(logits), torch.argmax(reference.clean_logits(logits), dim=-1))
+
+
+def test_all_greedy_under_auto_is_an_argmax(monkeypatch):
+    """temperature=0 (a number) under auto: an argmax, not the sampling kernels; asked for by name
+    (or by FASTGPT_BACKEND), the kernels run."""
+    from fastgpt import _backends
+
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(1))
+    logits[1, 7] = float("nan")
+    launched = []
+    monkeypatch.setattr(_backends, "resolve", lambda *args, **kwargs: "triton")  # as on a GPU
+    monkeypatch.setattr(_backends, "launchers", lambda backend, op: launched.append(op) or _Launch())
+    monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
+    expected = torch.where(logits.isnan(), float("-inf"), logits).argmax(-1)  # NaN is never the choice
+    assert torch.equal(fastgpt.sample(logits, temperature=0.0), expected) and launched == []
+    fastgpt.sample(logits, temperature=0.0, backend="triton")
+    monkeypatch.setenv("FASTGPT_BACKEND", "triton")
+    fastgpt.sample(logits, temperature=0.0)
+    assert launched == ["sampling", "sampling"]
+
+
+class _Launch:
+    """Stands in for a backend's launchers module: sample returns zeros."""
+
+    @staticmethod
+    def sample(logits, *args):
+        return torch.zeros(logits.shape[0], dtype=torch.int64)
+
+
 def test_greedy_rows_in_a_sampling_batch(device):
     logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(0))
     t = torch.tensor([0.0, 1.0, 0.0, 0.8, 0.0, 1.5, 0.0, 0.0])

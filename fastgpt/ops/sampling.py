@@ -120,6 +120,9 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     them; a row with nothing drawable (all -inf or NaN) returns 0. The randomness is a seed drawn
     on the device from `generator` (a torch.Generator on logits' device, or the default one),
     so there is no host sync and the op can be captured in a CUDA graph.
+    When every row is greedy by a plain number (temperature=0) and the backend is the torch one
+    or auto's choice, the draw is an argmax (two kernels; the kernels would search the row first),
+    and `generator` is not advanced.
     Returns int64 (B,), every id in [0, V).
     """
     _check_logits(logits)
@@ -129,8 +132,9 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
                              _backends.sample_preference(logits.shape[0]))
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    if name == "torch" and _is_zero(temperature):
-        return reference.greedy(logits)  # every row greedy, known without reading a tensor: no sorts
+    by_auto = backend == "auto" and _backends.default_backend() == "auto"
+    if _is_zero(temperature) and (name == "torch" or by_auto):
+        return reference.greedy(logits)  # every row greedy, known without reading a tensor: no search
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), device=logits.device, dtype=torch.int64, generator=generator)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.sample(logits, *params, seed)
