@@ -3,12 +3,15 @@
 #   1. build the package in place (the CUDA extension included),
 #   2. run the GPU tests (pytest -m gpu),
 #   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
-#   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel) with the time left,
-#   5. print a short summary table last.
-# Under $OUT (default ./out), seven files, so that a GPU machine that returns only a few files
-# returns them all: env.txt, build.log, gpu-tests.log, bench.log, bench.json, memcheck.log and
-# extras.tar.gz (the JUnit XML, the CSV and the plots). Exit status: 0 when the build, the GPU
-# tests and the benchmark (no fastgpt candidate FAILED or ERROR) all passed.
+#   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel),
+#   5. run scripts/gpu-probe.py's batch sweeps (where auto's decode and sampling orders flip)
+#      with the time left,
+#   6. print a short summary table last.
+# Under $OUT (default ./out), eight files, so that a GPU machine that returns only a few files
+# returns them all: env.txt, build.log, gpu-tests.log (memcheck's output appended), bench.log,
+# bench.json, probe.log, probe.json and extras.tar.gz (the JUnit XML, the CSV and the plots).
+# Exit status: 0 when the build, the GPU tests, the benchmark (no fastgpt candidate FAILED or
+# ERROR) and memcheck all passed.
 #
 #   OUT=/tmp/out scripts/gpu-check.sh
 #
@@ -23,6 +26,7 @@ mkdir -p "$OUT"
 START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
+PROBE_S=${PROBE_S:-60}  # and for the probe's batch sweeps
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"
@@ -76,7 +80,7 @@ if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "GPU TESTS TIMED OUT after 
 elif [ "$RC" -ne 0 ]; then echo "GPU TESTS FAILED (exit $RC)"; STATUS=1; fi
 
 step "benchmarks (fastgpt bench all --quick)"
-BENCH_S=$(( $(left) - 25 - MEMCHECK_S ))
+BENCH_S=$(( $(left) - 25 - MEMCHECK_S - PROBE_S ))
 [ "$BENCH_S" -lt 60 ] && BENCH_S=60
 TRITON_CACHE_AUTOTUNING=1 timeout --kill-after=10 $(( BENCH_S + 20 )) "${FASTGPT[@]}" bench all --quick --time-limit "$BENCH_S" \
     --json "$OUT/bench.json" --csv "$EXTRAS/bench.csv" --plot "$EXTRAS/plots" >"$OUT/bench.log" 2>&1
@@ -87,16 +91,28 @@ grep -E "^(FAILED|ERROR):|Traceback" "$OUT/bench.log" | head -20
 tar -czf "$OUT/extras.tar.gz" -C "$OUT" extras && rm -rf "$EXTRAS"
 
 step "memcheck (scripts/memcheck.sh: compute-sanitizer over the CUDA kernels)"
-MEM_S=$(( $(left) - 10 ))
+MEM_S=$(( $(left) - 10 - PROBE_S ))
+[ "$MEM_S" -gt "$MEMCHECK_S" ] && MEM_S=$MEMCHECK_S
+echo "== memcheck" >>"$OUT/gpu-tests.log"
 if [ "$MEM_S" -lt 20 ]; then
-    echo "memcheck not run: $MEM_S s left" | tee "$OUT/memcheck.log"
+    echo "memcheck not run: $MEM_S s left" | tee -a "$OUT/gpu-tests.log"
 else
-    timeout --kill-after=5 "$MEM_S" bash scripts/memcheck.sh >"$OUT/memcheck.log" 2>&1
+    timeout --kill-after=5 "$MEM_S" bash scripts/memcheck.sh >>"$OUT/gpu-tests.log" 2>&1
     RC=$?
-    tail -5 "$OUT/memcheck.log"
+    tail -3 "$OUT/gpu-tests.log"
     if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "MEMCHECK CUT at $MEM_S s (not a verdict)"
     elif [ "$RC" -eq 2 ]; then echo "memcheck not run (no compute-sanitizer)"
     elif [ "$RC" -ne 0 ]; then echo "MEMCHECK FOUND ERRORS (exit $RC)"; STATUS=1; fi
+fi
+
+step "probe (scripts/gpu-probe.py: decode and sampling over the batch)"
+PROBE_LEFT=$(( $(left) - 10 ))
+if [ "$PROBE_LEFT" -lt 20 ]; then
+    echo "probe not run: $PROBE_LEFT s left" | tee "$OUT/probe.log"
+else
+    OUT="$OUT" timeout --kill-after=5 $(( PROBE_LEFT + 5 )) $PY scripts/gpu-probe.py --sections decode_batch,sample_batch \
+        --time-limit "$PROBE_LEFT" >"$OUT/probe.log" 2>&1 || echo "probe exit $? (see probe.log; not a verdict)"
+    grep -c "device_us" "$OUT/probe.log" | xargs echo "probe measurements:"
 fi
 
 step "summary (full tables: $OUT/bench.log; records: $OUT/bench.json)"
