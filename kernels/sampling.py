@@ -457,6 +457,15 @@ def _load_state(state_ptr, row, SLOT: tl.constexpr):
 # budget = (1 - top_p) * Z, Z the total of stage 4's masses. Stage 0 also writes the chunk's
 # max and first argmax of x; stage 4 picks t_k's last byte; the draw kernel picks T's.
 @triton.jit
+def _chunk_of_row(logits_ptr, stride_logits_b, chunk, V: tl.constexpr):
+    """Program (row, c) of a split-path grid: (row, c, the row's pointer, [begin, end) of chunk c)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    begin = c * chunk
+    return row, c, logits_ptr + row * stride_logits_b, begin, tl.minimum(begin + chunk, V)
+
+
+@triton.jit
 def _split_search_kernel(
     logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
     temperature_ptr,  # (B,) fp32
@@ -475,11 +484,7 @@ def _split_search_kernel(
     BLOCK_V: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    row_ptr = logits_ptr + row * stride_logits_b
-    begin = c * chunk
-    end = tl.minimum(begin + chunk, V)
+    row, c, row_ptr, begin, end = _chunk_of_row(logits_ptr, stride_logits_b, chunk, V)
     if STAGE == 0:
         best, best_i = _row_max(row_ptr, begin, end, V, BLOCK_V)
         tl.store(part_max_ptr + row * num_chunks + c, best)
@@ -552,11 +557,7 @@ def _split_draw_kernel(
     BLOCK_V: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    row_ptr = logits_ptr + row * stride_logits_b
-    begin = c * chunk
-    end = tl.minimum(begin + chunk, V)
+    row, c, row_ptr, begin, end = _chunk_of_row(logits_ptr, stride_logits_b, chunk, V)
     t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
     m, pinf_x, pinf_s = _top(xmax, t)
