@@ -609,15 +609,15 @@ def _split_token_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def split_chunks(B: int, V: int, num_sms: int) -> int:
+def split_chunks(B: int, V: int, num_sms: int, min_chunks: int = _MIN_SPLIT_CHUNKS) -> int:
     """Vocabulary chunks per row on the split path: enough that B * chunks programs cover the
     GPU ~_PROGRAMS_PER_SM times, none shorter than _MIN_CHUNK, at most MAX_CHUNKS; 1 means one
-    program per row, also when fewer than _MIN_SPLIT_CHUNKS would do. From shapes and the SM
-    count only (no host sync: capturable)."""
+    program per row, also when fewer than min_chunks would do. From shapes and the SM count only
+    (no host sync: capturable)."""
     if V > MAX_SPLIT_V:
         return 1
     chunks = min(triton.cdiv(_PROGRAMS_PER_SM * num_sms, B), triton.cdiv(V, _MIN_CHUNK), MAX_CHUNKS)
-    return chunks if chunks >= _MIN_SPLIT_CHUNKS else 1
+    return chunks if chunks >= min_chunks else 1
 
 
 def _warps(block: int) -> int:

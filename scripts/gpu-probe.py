@@ -227,8 +227,7 @@ def sample_batch_section(p: Probe):
     sms = 4 if p.smoke else _backends.sm_count(torch.cuda.current_device())
     for B in (1, 3) if p.smoke else (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
         logits, params, seed = sample_inputs(p, B, V)
-        chunks = min(-(-tri_sampling._PROGRAMS_PER_SM * sms // B), -(-V // tri_sampling._MIN_CHUNK),
-                     tri_sampling.MAX_CHUNKS)
+        chunks = tri_sampling.split_chunks(B, V, sms, min_chunks=2)
         calls = {"triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
         if chunks > 1:
             calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
