@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) traces through every op (their torch.library registrations)."""
 
+import pytest
 import torch
 
 import fastgpt
@@ -69,4 +70,54 @@ def test_backend_resolution_traces_for_a_cuda_device():
     torch._dynamo.reset()
     available = (_backends.why_not("triton", cuda) is None) + (_backends.why_not("cuda", cuda) is None)
     assert pick(torch.zeros(1)).item() == len(expected) + available
+    torch._dynamo.reset()
+
+
+def test_eager_calls_skip_the_dispatcher_unless_something_needs_it(monkeypatch):
+    """Plain eager inference runs an op's implementation directly (the dispatcher costs ~30 us a
+    call); autograd, tensor subclasses and dispatch modes still go through the registered op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fastgpt.ops import _dispatch
+
+    calls = []
+    impl = lambda *args: calls.append("impl") or args[0] * 2  # noqa: E731
+    op = lambda *args: calls.append("op") or args[0] * 3  # noqa: E731
+    x = torch.ones(2)
+    assert torch.equal(_dispatch.call(op, impl, x, "triton"), x * 2) and calls == ["impl"]
+    calls.clear()
+    with torch.no_grad():
+        _dispatch.call(op, impl, x.requires_grad_(), "triton")
+    _dispatch.call(op, impl, x, "triton")  # grad enabled, x requires grad: autograd must see it
+    assert calls == ["impl", "op"]
+    calls.clear()
+    with FakeTensorMode() as mode:
+        _dispatch.call(op, impl, mode.from_tensor(torch.ones(2)), "triton")
+    assert calls == ["op"]
+
+    # The registered op still refuses a backward pass, as before the shortcut.
+    q = torch.randn(1, 1, 2, 8, requires_grad=True)
+    out = _dispatch.call(torch.ops.fastgpt.attention, lambda *a: None, q, q, q, True, 0.3, "torch")
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        out.sum().backward()
+
+
+def test_compiled_graph_holds_the_registered_ops():
+    """Under torch.compile the kernel backends are traced as the registered ops (not run eagerly
+    by the dispatch shortcut): the graph names them, and its results are the eager ones."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(q, x, w, r):
+        return fastgpt.attention(q, q, q, causal=True, backend="triton"), fastgpt.layer_norm(
+            x, w, None, residual=r, backend="triton")
+
+    q, x, w, r = torch.randn(1, 2, 5, 16), torch.randn(3, 64), torch.randn(64), torch.randn(3, 64)
+    a, (y, h) = step(q, x, w, r)
+    code = counter.graphs[0].code
+    assert "torch.ops.fastgpt.attention" in code and "torch.ops.fastgpt.add_layer_norm" in code
+    torch.testing.assert_close(a, fastgpt.attention(q, q, q, causal=True, backend="triton"))
+    torch.testing.assert_close(y, fastgpt.layer_norm(x, w, None, residual=r, backend="triton")[0])
     torch._dynamo.reset()

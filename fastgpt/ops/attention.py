@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks, _cuda
+from fastgpt.ops import _checks, _cuda, _dispatch
 
 TRITON_MAX_HEAD_DIM = 256
 
@@ -76,7 +76,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.attention(q, k, v, causal=causal, scale=scale)
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
-    return torch.ops.fastgpt.attention(q, k, v, causal, scale, name)
+    return _dispatch.call(_attention_op, _attention, q, k, v, causal, scale, name)
 
 
 def _single_query(q, k, v, scale: float, backend: str, mask=None):
@@ -88,13 +88,15 @@ def _single_query(q, k, v, scale: float, backend: str, mask=None):
     return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale, **extra)
 
 
-@torch.library.custom_op("fastgpt::attention", mutates_args=())
-def _attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str) -> torch.Tensor:
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str) -> torch.Tensor:
     if backend == "torch":
         return reference.attention(q, k, v, causal=causal, scale=scale)
     if q.shape[2] == 1:
         return _single_query(q, k, v, scale, backend)
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale)
+
+
+_attention_op = torch.library.custom_op("fastgpt::attention", _attention, mutates_args=())
 
 
 @_attention_op.register_fake
@@ -127,7 +129,7 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
     if name == "torch":
         return _masked_reference(q, k, v, mask, scale)
     q, k, v, mask = (_checks.last_dim_contiguous(t) for t in (q, k, v, mask))
-    return torch.ops.fastgpt.masked_attention(q, k, v, mask, scale, name)
+    return _dispatch.call(_masked_attention_op, _masked_attention, q, k, v, mask, scale, name)
 
 
 def _masked_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]:
@@ -142,8 +144,7 @@ def _masked_reference(q, k, v, mask, scale):
     return reference.masked_attention(q, k, v, grouped, scale)
 
 
-@torch.library.custom_op("fastgpt::masked_attention", mutates_args=())
-def _masked_attention_op(
+def _masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, backend: str
 ) -> torch.Tensor:
     if backend == "torch":
@@ -154,6 +155,9 @@ def _masked_attention_op(
     if Sq == 1:  # a decode step (transformers' padded batches)
         return _single_query(q, k, v, scale, backend, mask=mask[:, :, 0])
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=False, scale=scale, mask=mask)
+
+
+_masked_attention_op = torch.library.custom_op("fastgpt::masked_attention", _masked_attention, mutates_args=())
 
 
 @_masked_attention_op.register_fake

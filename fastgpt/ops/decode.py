@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks
+from fastgpt.ops import _checks, _dispatch
 from fastgpt.ops.attention import backend_limits, check_qkv
 
 SEQLEN_DTYPES = (torch.int32,)
@@ -36,16 +36,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
-    return torch.ops.fastgpt.decode_attention(q, k_cache, v_cache, cache_seqlens, scale, name)
+    return _dispatch.call(_decode_op, _decode, q, k_cache, v_cache, cache_seqlens, scale, name)
 
 
-@torch.library.custom_op("fastgpt::decode_attention", mutates_args=())
-def _decode_op(
+def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float, backend: str
 ) -> torch.Tensor:
     if backend == "torch":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     return _backends.launchers(backend, "decode").decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+
+
+_decode_op = torch.library.custom_op("fastgpt::decode_attention", _decode, mutates_args=())
 
 
 @_decode_op.register_fake

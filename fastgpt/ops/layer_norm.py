@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks
+from fastgpt.ops import _checks, _dispatch
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: str = "auto"):
@@ -42,9 +42,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: st
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     if residual is None:
-        return torch.ops.fastgpt.layer_norm(x2, weight, bias, float(eps), name).view(x.shape)
+        return _dispatch.call(_layer_norm_op, _layer_norm, x2, weight, bias, float(eps), name).view(x.shape)
     r2 = _checks.last_dim_contiguous(residual.reshape(-1, N))
-    y, h = torch.ops.fastgpt.add_layer_norm(x2, r2, weight, bias, float(eps), name)
+    y, h = _dispatch.call(_add_layer_norm_op, _add_layer_norm, x2, r2, weight, bias, float(eps), name)
     return y.view(x.shape), h.view(x.shape)
 
 
@@ -55,11 +55,13 @@ def _run(x, residual, weight, bias, eps, backend):
     return _backends.launchers(backend, "layer_norm").layer_norm(x, weight, bias, eps=eps, residual=residual)
 
 
-@torch.library.custom_op("fastgpt::layer_norm", mutates_args=())
-def _layer_norm_op(
+def _layer_norm(
     x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, backend: str
 ) -> torch.Tensor:
     return _run(x, None, weight, bias, eps, backend)[0]
+
+
+_layer_norm_op = torch.library.custom_op("fastgpt::layer_norm", _layer_norm, mutates_args=())
 
 
 @_layer_norm_op.register_fake
@@ -67,12 +69,14 @@ def _(x, weight, bias, eps, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("fastgpt::add_layer_norm", mutates_args=())
-def _add_layer_norm_op(
+def _add_layer_norm(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     y, h = _run(x, residual, weight, bias, eps, backend)
     return y, h
+
+
+_add_layer_norm_op = torch.library.custom_op("fastgpt::add_layer_norm", _add_layer_norm, mutates_args=())
 
 
 @_add_layer_norm_op.register_fake

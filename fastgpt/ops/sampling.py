@@ -12,7 +12,7 @@ import numbers
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks, _cuda
+from fastgpt.ops import _checks, _cuda, _dispatch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -139,11 +139,10 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.sample(logits, *params, seed)
     logits = _checks.last_dim_contiguous(logits)
-    return torch.ops.fastgpt.sample(logits, *params, seed, name)
+    return _dispatch.call(_sample_op, _sample, logits, *params, seed, name)
 
 
-@torch.library.custom_op("fastgpt::sample", mutates_args=())
-def _sample_op(
+def _sample(
     logits: torch.Tensor,
     temperature: torch.Tensor,
     top_k: torch.Tensor,
@@ -155,6 +154,9 @@ def _sample_op(
     if backend == "torch":
         return reference.sample(logits, temperature, top_k, top_p, min_p, seed)
     return _backends.launchers(backend, "sampling").sample(logits, temperature, top_k, top_p, min_p, seed)
+
+
+_sample_op = torch.library.custom_op("fastgpt::sample", _sample, mutates_args=())
 
 
 @_sample_op.register_fake
