@@ -81,8 +81,8 @@ def test_eager_calls_skip_the_dispatcher_unless_something_needs_it(monkeypatch):
     from fastgpt.ops import _dispatch
 
     calls = []
-    impl = lambda *args: calls.append("impl") or args[0] * 2  # noqa: E731
-    op = lambda *args: calls.append("op") or args[0] * 3  # noqa: E731
+    impl = lambda *args: calls.append("impl") or args[0] * 2
+    op = lambda *args: calls.append("op") or args[0] * 3
     x = torch.ones(2)
     assert torch.equal(_dispatch.call(op, impl, x, "triton"), x * 2) and calls == ["impl"]
     calls.clear()
@@ -115,7 +115,7 @@ def test_compiled_graph_holds_the_registered_ops():
             x, w, None, residual=r, backend="triton")
 
     q, x, w, r = torch.randn(1, 2, 5, 16), torch.randn(3, 64), torch.randn(64), torch.randn(3, 64)
-    a, (y, h) = step(q, x, w, r)
+    a, (y, _) = step(q, x, w, r)
     code = counter.graphs[0].code
     assert "torch.ops.fastgpt.attention" in code and "torch.ops.fastgpt.add_layer_norm" in code
     torch.testing.assert_close(a, fastgpt.attention(q, q, q, causal=True, backend="triton"))
