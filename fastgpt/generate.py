@@ -1,8 +1,8 @@
 """Generation for fastgpt.GPT: prefill, then one decode step per token over a static KV cache.
 
-The cache is allocated once, (n_layer, B, H, S, D) for k and for v. The prefill writes the
-prompt's k/v into slots [0, T); each decode step writes its token's k/v into one slot per row
-(scatter_, no concatenation) and attends over the cache with fastgpt.decode_attention.
+The cache is allocated once, (n_layer, 2, B, H, S, D) for k and v together. The prefill writes
+the prompt's k/v into slots [0, T); each decode step writes its token's k/v into one slot per row
+(one scatter_ for both, no concatenation) and attends over the cache with fastgpt.decode_attention.
 
 Left padding. HF marks padding with attention_mask = 0 at the start of a row. Here each row's
 real tokens are moved to the front (slots 0 .. L_b - 1, positions 0 .. L_b - 1 as HF's
@@ -42,20 +42,28 @@ WARMUP_STEPS = 2  # eager decode steps before a capture: Triton compiles, cuBLAS
 
 
 class KVCache:
-    """k and v of every layer: (n_layer, B, H, S, D) each, in the model's dtype."""
+    """k and v of every layer in one tensor, kv (n_layer, 2, B, H, S, D), in the model's dtype:
+    a layer's k and v sit side by side, so one scatter_ writes a decode step's pair."""
 
     def __init__(self, config, batch: int, length: int, dtype, device):
-        shape = (config.n_layer, batch, config.n_head, length, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (config.n_layer, 2, batch, config.n_head, length, config.head_dim)
+        self.kv = torch.zeros(shape, dtype=dtype, device=device)
 
-    def layer(self, i: int):
-        return self.k[i], self.v[i]  # (B, H, S, D) views
+    @property
+    def k(self) -> torch.Tensor:
+        return self.kv[:, 0]  # (n_layer, B, H, S, D)
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.kv[:, 1]
+
+    def layer(self, i: int) -> torch.Tensor:
+        return self.kv[i]  # (2, B, H, S, D): k, v
 
     def narrow(self, length: int) -> KVCache:
         """The first `length` positions of every layer, as views (no copy)."""
         view = copy.copy(self)
-        view.k, view.v = self.k[:, :, :, :length], self.v[:, :, :, :length]
+        view.kv = self.kv[..., :length, :]
         return view
 
 

@@ -66,25 +66,24 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x, kv_cache=None, slot=None, seqlens=None):
         """x (B, T, C) -> (B, T, C).
 
-        Without kv_cache: causal attention over x itself. With kv_cache = (k_cache, v_cache), each
-        (B, H, S, D), and slot None: prefill, k/v of the T tokens go to cache slots [0, T). With
-        slot (B, H, 1, D) int64, row b's cache slot in every element (GPT.decode makes it once for
-        all layers), and seqlens (B,) int32 (T == 1): decode, row b's k/v go to that slot and its
-        query attends to slots [0, seqlens[b]).
+        Without kv_cache: causal attention over x itself. With kv_cache (2, B, H, S, D), this
+        layer's k and v caches, and slot None: prefill, k/v of the T tokens go to cache slots
+        [0, T). With slot (2, B, H, 1, D) int64, row b's cache slot in every element (GPT.decode
+        makes it once for all layers), and seqlens (B,) int32 (T == 1): decode, row b's k/v go
+        to that slot and its query attends to slots [0, seqlens[b]).
         """
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        H, D = self.n_head, self.head_dim
+        qkv = self.c_attn(x)  # (B, T, 3C): q, then k, then v, each head-major
+        q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        kv = qkv[..., C:].view(B, T, 2, H, D).permute(2, 0, 3, 1, 4)  # (2, B, H, T, D)
         if slot is None:
             if kv_cache is not None:
-                kv_cache[0][:, :, :T].copy_(k)
-                kv_cache[1][:, :, :T].copy_(v)
-            y = fastgpt.attention(q, k, v, causal=True, backend=self.backend)  # (B, H, T, D)
+                kv_cache[..., :T, :].copy_(kv)
+            y = fastgpt.attention(q, kv[0], kv[1], causal=True, backend=self.backend)  # (B, H, T, D)
         else:
-            k_cache, v_cache = kv_cache
-            k_cache.scatter_(2, slot, k)  # k_cache[b, :, pos[b]] = k[b, :, 0]; no copy of the cache
-            v_cache.scatter_(2, slot, v)
-            y = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend=self.backend)  # (B, H, 1, D)
+            kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy of the cache
+            y = fastgpt.decode_attention(q, kv_cache[0], kv_cache[1], seqlens, backend=self.backend)  # (B, H, 1, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.c_proj(y)
 
@@ -219,7 +218,7 @@ class GPT(nn.Module):
         Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]].
         """
         B, config = tok.shape[0], self.config
-        slot = pos.view(B, 1, 1, 1).expand(B, config.n_head, 1, config.head_dim)  # (B, H, 1, D), for all layers
+        slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers
         seqlens = (pos + 1).to(torch.int32)
         y = self._trunk(tok[:, None], pos[:, None], kv_cache, slot, seqlens)  # (B, 1, C)
         return self.lm_head(y[:, 0])  # (B, V)

@@ -124,6 +124,38 @@ def test_prefill_and_decode_match_forward():
         assert_close(logits, full[:, t])
 
 
+def test_decode_step_writes_the_cache_with_one_scatter_per_layer(device):
+    """Launch count is what a batch-1 step costs on a GPU: each layer writes its k/v pair with
+    one scatter_ into the joint (2, B, H, S, D) cache, copies nothing, and attends once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from fastgpt.generate import KVCache
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    model = GPT.from_hf(tiny_hf(64, 4, 3)).to(device)
+    model.backend = "triton"  # the kernels' ops, not the reference's aten ops (the interpreter on a CPU)
+    cache = KVCache(model.config, 2, 16, torch.float32, device)
+    idx, pos = torch.randint(0, 384, (2, 6), device=device), torch.tensor([5, 5], device=device)
+    model.prefill(idx[:, :5], cache, last=torch.tensor([4, 4], device=device))
+    with Ops() as ops:
+        model.decode(idx[:, 5], pos, cache)
+    n_layer = model.config.n_layer
+    assert ops.names.count("scatter_") == n_layer
+    assert not {"copy_", "cat", "clone", "contiguous", "index_put_"} & set(ops.names)
+    assert ops.names.count("decode_attention") == n_layer
+    fresh = KVCache(model.config, 2, 6, torch.float32, device)  # the prompt and the token in one prefill
+    model.prefill(idx, fresh, last=torch.tensor([5, 5], device=device))
+    assert_close(cache.kv[..., 5, :], fresh.kv[..., 5, :])  # k and v of every layer, both rows
+
+
 def test_forward_compiles_fullgraph():
     hf = tiny_hf(96, 2)
     model = GPT.from_hf(hf)
