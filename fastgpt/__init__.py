@@ -10,6 +10,7 @@ Every kernel op takes backend="auto" | "cuda" | "triton" | "torch" (default: FAS
 """
 
 from fastgpt._backends import BackendUnavailableError
+from fastgpt.ops import linear as _linear  # noqa: F401 (registers torch.ops.fastgpt.linear, GPT.decode's op)
 from fastgpt.ops.attention import attention
 from fastgpt.ops.decode import decode_attention
 from fastgpt.ops.layer_norm import layer_norm

@@ -81,6 +81,24 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None):
     return y if residual is None else (y, h)
 
 
+def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False):
+    """act(LN(x + residual) @ weight.T + bias), the unfused way: each step in x's dtype as
+    separate torch ops would round it (the matmul accumulates in fp32 or better).
+
+    x (M, K); weight (N, K); bias (N,) or None; ln None or (ln_weight, ln_bias, eps); residual
+    (M, K) or None (with ln). Returns (out (M, N), h = x + residual or None).
+    """
+    h = None
+    if ln is not None:
+        y = layer_norm(x, *ln, residual=residual)
+        x, h = y if residual is not None else (y, None)
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    out = F.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
+    if gelu_tanh:
+        out = F.gelu(out, approximate="tanh")
+    return out.to(x.dtype), h
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

@@ -415,10 +415,11 @@ def _load_kernel_module(name):
     return module
 
 
-def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages, scalar_types=None):
+def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages, scalar_types=None, divisible=()):
     """Lower `fn` to a cubin for sm_<arch>, with the 16-divisibility the JIT infers for aligned
-    pointers and strides (which enables vectorised, pipelined loads). Scalars are i32 (fp32 when
-    named *scale*) unless `scalar_types` names them. Returns the compiled kernel."""
+    pointers and strides (which enables vectorised, pipelined loads), and for the scalars named in
+    `divisible`. Scalars are i32 (fp32 when named *scale*) unless `scalar_types` names them.
+    Returns the compiled kernel."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -431,7 +432,7 @@ def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages, s
             signature[name] = pointer_types[name]
         else:
             signature[name] = (scalar_types or {}).get(name, "fp32" if "scale" in name else "i32")
-        if signature[name].startswith("*") or name.startswith("stride"):
+        if signature[name].startswith("*") or name.startswith("stride") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),

@@ -34,7 +34,7 @@ def test_compile_fullgraph_through_every_op():
 
 
 def test_ops_are_registered_with_fake_impls():
-    for name in ("attention", "masked_attention", "decode_attention", "layer_norm", "add_layer_norm", "sample"):
+    for name in ("attention", "masked_attention", "decode_attention", "layer_norm", "add_layer_norm", "sample", "linear"):
         op = getattr(torch.ops.fastgpt, name)
         torch.library.opcheck(op.default, _example_args(name), test_utils=("test_schema", "test_faketensor"))
 
@@ -49,6 +49,7 @@ def _example_args(name):
         "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), 0.3, "torch"),
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
         "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),
+        "linear": (x, torch.randn(5, 8), torch.randn(5), torch.randn(2, 8), torch.ones(8), None, 1e-5, True, True, "torch"),
         "sample": (torch.randn(2, 9), B, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64),
                    torch.zeros(2), torch.tensor([7]), "torch"),
     }[name]

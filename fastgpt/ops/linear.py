@@ -1,0 +1,98 @@
+"""fastgpt.ops.linear: a linear layer over a few rows with the residual add, LayerNorm and GELU
+around it fused in (a decode step's matrix-vector products, one launch each; see kernels/linear.py).
+
+Not one of the public ops of DESIGN.md: GPT.decode uses it, on the triton backend, for batches of
+up to MAX_ROWS rows. Backends: triton, and torch (plain PyTorch, unfused).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastgpt import _backends, reference
+from fastgpt.ops import _checks, _dispatch
+
+MAX_ROWS = 16  # kernels/linear.py's MAX_ROWS (tl.dot's 16 rows), kept here so no Triton import is needed
+ACTIVATIONS = (None, "gelu_tanh")
+
+
+def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, backend: str = "auto"):
+    """activation(LN(x + residual) @ weight.T + bias), fused.
+
+    x: (..., K) fp16, bf16 or fp32; weight: (N, K), x's dtype; bias: (N,) float or None.
+    ln: None, or (ln_weight, ln_bias, eps) with ln_weight / ln_bias (K,) float or None:
+    LayerNorm the rows first (fp32 statistics; its output rounded to x's dtype, as the unfused
+    ops do). residual: like x, or None; needs ln; added first. activation: None or "gelu_tanh"
+    (GPT-2's gelu_new). Returns (out (..., N), h) with h = x + residual (x's shape), or None
+    without a residual. On the triton backend x may hold at most MAX_ROWS rows (auto takes
+    torch beyond that, and off CUDA).
+    """
+    _checks.tensor("x", x)
+    if x.dim() == 0:
+        raise ValueError("x must have at least one dimension (the input features), got a scalar")
+    K = x.shape[-1]
+    _checks.tensor("weight", weight, ndim=2)
+    if weight.shape[1] != K:
+        raise ValueError(f"weight must have shape (N, K) with K = x.shape[-1] = {K}, got {tuple(weight.shape)}")
+    _checks.same_dtype(x=x, weight=weight)
+    N = weight.shape[0]
+    if bias is not None:
+        _checks.tensor("bias", bias, ndim=1)
+        _checks.shape("bias", bias, (N,), "(N,), N = weight.shape[0]")
+    ln_weight = ln_bias = None
+    eps = 0.0
+    if ln is not None:
+        if not isinstance(ln, tuple) or len(ln) != 3:
+            raise TypeError(f"ln must be None or a tuple (ln_weight, ln_bias, eps), got {type(ln).__name__}")
+        ln_weight, ln_bias, eps = ln
+        for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+            if p is not None:
+                _checks.tensor(name, p, ndim=1)
+                _checks.shape(name, p, (K,), "(K,), K = x.shape[-1]")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"ln's eps must be a non-negative float, got {eps!r}")
+    if residual is not None:
+        if ln is None:
+            raise ValueError("residual needs ln: the sum x + residual is what gets normalised")
+        _checks.tensor("residual", residual)
+        _checks.shape("residual", residual, tuple(x.shape), "x.shape")
+        _checks.same_dtype(x=x, residual=residual)
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias)
+    M = x.numel() // K if K else 0
+
+    def unsupported(name: str) -> str | None:
+        return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}" if name == "triton" and M > MAX_ROWS else None
+
+    name = _backends.resolve("linear", backend, device, unsupported, preference=("triton",))
+    lead = x.shape[:-1]
+    if name == "torch" or M == 0 or N == 0 or K == 0:
+        x2, r2 = x.reshape(M, K), None if residual is None else residual.reshape(M, K)
+        out, h = reference.linear(x2, weight, bias, ln=None if ln is None else (ln_weight, ln_bias, float(eps)),
+                                  residual=r2, gelu_tanh=activation == "gelu_tanh")  # fmt: skip
+        return out.view(*lead, N), None if h is None else h.view(x.shape)
+    x2 = _checks.last_dim_contiguous(x.reshape(M, K))
+    r2 = None if residual is None else _checks.last_dim_contiguous(residual.reshape(M, K))
+    args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", name)
+    out, h = _dispatch.call(_linear_op, _linear, *args)
+    return out.view(*lead, N), None if residual is None else h.view(x.shape)
+
+
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, ln: bool, gelu_tanh: bool, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    norm = (ln_weight, ln_bias, eps) if ln else None
+    kernels = reference if backend == "torch" else _backends.launchers(backend, "linear")
+    out, h = kernels.linear(x, weight, bias, ln=norm, residual=residual, gelu_tanh=gelu_tanh)
+    return out, x.new_empty(0) if h is None else h  # a custom op returns tensors, not None
+
+
+_linear_op = torch.library.custom_op("fastgpt::linear", _linear, mutates_args=())
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, residual, ln_weight, ln_bias, eps, ln, gelu_tanh, backend):
+    h = x.new_empty(0) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
+    return x.new_empty(x.shape[0], weight.shape[0]), h

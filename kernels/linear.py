@@ -1,0 +1,140 @@
+"""A linear layer for a few rows, with GPT-2's neighbours fused in, in Triton.
+
+    h = x + residual                           (optional; rounded to x's dtype, written once)
+    a = LN(h) * ln_weight + ln_bias            (optional; fp32 statistics, rounded to x's dtype)
+    out = act(a @ weight.T + bias)             (act: none, or GELU's tanh form; fp32 accumulation)
+
+This is a decode step's matrix-vector work (batch 1 to MAX_ROWS rows): it reads every weight
+once and is bound by those bytes, and a GPT-2 step on a GPU is bound by its launch count as much,
+so each launch here does the work of two or three (add + LayerNorm, matmul, GELU). Every program
+owns BLOCK_N output columns of all M rows (padded to 16 for tl.dot) and streams their weight
+rows through in BLOCK_K steps; the LayerNorm statistics of the M input rows (a few KB, from L2)
+are recomputed by each program rather than stored, and program 0 writes h.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_ROWS = 16  # rows of one launch: tl.dot pads them to 16
+BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
+BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop
+STATS_BLOCK_K = 512  # the LayerNorm statistics' step: GPT-2's widths in 2-4 steps
+NUM_WARPS = 4
+NUM_STAGES = 3  # weight tiles in flight per program
+_INTERPRETER_BLOCK_K = 32
+
+
+@triton.jit
+def _input_block(x_ptr, r_ptr, rows, cols, mask, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+    """x (+ residual) on (rows, cols), in x's dtype (0 where masked)."""
+    h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        h += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+    return h
+
+
+# Program p: columns [p * BLOCK_N, (p + 1) * BLOCK_N) of out, all M rows. With HAS_LN, first the
+# rows' statistics in one pass over K blocks, merging each block's (count n_b, mean m_b, centred
+# sum of squares M2_b) into the running (n_a, m_a, M2_a) as Chan et al. (never E[h^2] - E[h]^2):
+#   n = n_a + n_b,  delta = m_b - m_a,  m = m_a + delta n_b / n,  M2 = M2_a + M2_b + delta^2 n_a n_b / n
+# then per K block a = (h - m) * rsqrt(M2 / K + eps) * ln_weight + ln_bias, rounded to x's dtype.
+@triton.jit
+def _linear_kernel(
+    x_ptr,  # (M, K) row stride stride_x, unit column stride
+    r_ptr,  # (M, K) row stride stride_r, x's dtype: read when HAS_RESIDUAL (which needs HAS_LN)
+    h_ptr,  # (M, K) contiguous, x's dtype: x + residual, written by program 0 when HAS_RESIDUAL
+    ln_w_ptr,  # (K,): read when HAS_LN_WEIGHT
+    ln_b_ptr,  # (K,): read when HAS_LN_BIAS
+    w_ptr,  # (N, K) strides (stride_wn, stride_wk), x's dtype (stride_wk == 1 on a GPU: the JIT specialises it)
+    bias_ptr,  # (N,): read when HAS_BIAS
+    out_ptr,  # (M, N) contiguous, x's dtype
+    M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    offs_k = tl.arange(0, BLOCK_K)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+
+    mean = tl.zeros([BLOCK_M], tl.float32)
+    rstd = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_LN:
+        m2 = tl.zeros([BLOCK_M], tl.float32)
+        for k0 in range(0, K, STATS_BLOCK_K):
+            ks = k0 + tl.arange(0, STATS_BLOCK_K)
+            mask = row_ok[:, None] & (ks < K)[None, :]
+            h = _input_block(x_ptr, r_ptr, rows, ks, mask, stride_x, stride_r, HAS_RESIDUAL)
+            if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
+                if pid == 0:
+                    tl.store(h_ptr + rows[:, None] * K + ks[None, :], h, mask=mask)
+            n_a = k0 * 1.0
+            n_b = tl.minimum(K - k0, STATS_BLOCK_K) * 1.0
+            mean_b = tl.sum(h.to(tl.float32), axis=1) / n_b
+            d = tl.where(mask, h.to(tl.float32) - mean_b[:, None], 0.0)
+            delta = mean_b - mean
+            mean += delta * (n_b / (n_a + n_b))
+            m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1): N * K may pass 2^31
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        k_ok = ks < K
+        mask = row_ok[:, None] & k_ok[None, :]
+        a = _input_block(x_ptr, r_ptr, rows, ks, mask, stride_x, stride_r, HAS_RESIDUAL)
+        if HAS_LN:
+            y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+            if HAS_LN_WEIGHT:
+                y *= tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            if HAS_LN_BIAS:
+                y += tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            a = tl.where(mask, y, 0.0).to(x_ptr.dtype.element_ty)  # as the unfused LayerNorm rounds it
+        w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    if GELU_TANH:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
+        z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
+        e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow on either side
+        acc = acc * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    out_ptrs = out_ptr + rows[:, None] * N + cols[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False):
+    """act(LN(x + residual) @ weight.T + bias) for x (M, K), M <= MAX_ROWS.
+
+    x (M, K), stride(-1) == 1, and weight (N, K), any strides: one dtype (fp16, bf16, fp32); bias
+    (N,) or None.
+    ln: None, or (ln_weight, ln_bias, eps) to normalise the rows first (ln_weight / ln_bias (K,)
+    or None for 1 / 0). residual (M, K), stride(-1) == 1, only with ln: added first. gelu_tanh:
+    GELU's tanh form on the output. Returns (out (M, N), h (M, K) = x + residual or None), both
+    contiguous.
+    """
+    M, K = x.shape
+    N = weight.shape[0]
+    ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    h = torch.empty((M, K), dtype=x.dtype, device=x.device) if residual is not None else None
+    block_k, stats_block_k = (BLOCK_K, STATS_BLOCK_K) if x.is_cuda else (_INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_K)
+    _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x, x if residual is None else residual, out if h is None else h,
+        x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
+        weight, x if bias is None else bias, out,
+        M, N, K, x.stride(0), 0 if residual is None else residual.stride(0), *weight.stride(), float(eps),
+        HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
+        HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+    )  # fmt: skip
+    return out, h

@@ -1,0 +1,145 @@
+"""fastgpt.ops.linear (the decode step's fused residual + LayerNorm + matmul + GELU) with
+backend="triton" against fastgpt.reference.linear.
+
+On CPU the kernel runs in Triton's interpreter (fp32/fp16, small sizes); the `gpu` cases add
+bf16 and GPT-2's shapes.
+"""
+
+import pytest
+import torch
+
+from fastgpt import BackendUnavailableError, reference
+from fastgpt.ops.linear import MAX_ROWS, linear
+from tests.helpers import assert_close
+from tests.test_attention import (
+    SMEM_LIMIT_SM86,
+    _load_kernel_module,
+    compile_for,
+    run_compile_check,
+)
+
+
+def _inputs(M, K, N, dtype, device, *, row_pad=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=g) * scale + shift).to(device)
+
+    # x and residual are views with row stride K + row_pad: any row stride must do.
+    x = rand(M, K + row_pad, scale=2.0, shift=0.5).to(dtype)[:, :K]
+    r = rand(M, K + row_pad).to(dtype)[:, :K]
+    w = (rand(N, K) / K**0.5).to(dtype)
+    return x, r, w, rand(N, scale=0.5).to(dtype), rand(K, shift=1.0).to(dtype), rand(K, scale=0.5).to(dtype)
+
+
+def _check(x, w, b=None, *, ln=None, residual=None, activation=None):
+    out, h = linear(x, w, b, ln=ln, residual=residual, activation=activation, backend="triton")
+    ref, h_ref = reference.linear(x, w, b, ln=ln, residual=residual, gelu_tanh=activation == "gelu_tanh")
+    assert out.shape == (*x.shape[:-1], w.shape[0]) and out.dtype == x.dtype and out.is_contiguous()
+    assert_close(out, ref)
+    if residual is None:
+        assert h is None
+    else:
+        torch.testing.assert_close(h, h_ref, atol=0, rtol=0)  # the same rounded sum as torch
+
+
+@pytest.mark.parametrize("M", [1, 3, MAX_ROWS])
+@pytest.mark.parametrize("K, N", [(64, 48), (100, 130), (200, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_fused_block_matches_reference(dtype, K, N, M, device, poisoned_empty):
+    """GPT-2's two fused forms: ln_1 + c_attn (residual, LayerNorm, bias) and ln_2 + c_fc + GELU."""
+    x, r, w, b, g, beta = _inputs(M, K, N, dtype, device, row_pad=8)
+    _check(x, w, b, ln=(g, beta, 1e-5), residual=r)
+    _check(x, w, b, ln=(g, beta, 1e-5), residual=r, activation="gelu_tanh")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_plain_and_partial_forms(dtype, device, poisoned_empty):
+    """c_proj (bias only), lm_head (no bias, after ln_f), LayerNorm without weight or bias; a
+    weight stored transposed (as GPT keeps them on a CPU)."""
+    x, r, w, b, g, beta = _inputs(5, 72, 40, dtype, device)
+    _check(x, w, b)
+    _check(x, w.t().contiguous().t(), b)
+    _check(x, w)
+    _check(x, w, activation="gelu_tanh")
+    _check(x, w, ln=(g, None, 1e-5), residual=r)
+    _check(x, w, b, ln=(None, beta, 1e-3))
+    _check(x, w, ln=(None, None, 1e-5))
+
+
+def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty):
+    """(B, 1, K) as the model passes it; GELU far out on both sides (no inf / NaN)."""
+    x = torch.randn(2, 1, 48, device=device)
+    w = torch.randn(33, 48, device=device) * 40  # outputs of +-1000 and more
+    _check(x, w, activation="gelu_tanh")
+    out, _ = linear(x, w, activation="gelu_tanh", backend="triton")
+    assert torch.isfinite(out).all()
+
+
+def test_shape_and_backend_errors(device):
+    x, r, w, b, g, beta = _inputs(2, 32, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        linear(x, w[:, :8])
+    with pytest.raises(TypeError, match="weight has dtype"):
+        linear(x, w.half())
+    with pytest.raises(ValueError, match="bias must have shape"):
+        linear(x, w, b[:3])
+    with pytest.raises(ValueError, match="residual needs ln"):
+        linear(x, w, residual=r)
+    with pytest.raises(ValueError, match="ln_weight must have shape"):
+        linear(x, w, ln=(g[:4], None, 1e-5))
+    with pytest.raises(ValueError, match="eps"):
+        linear(x, w, ln=(g, beta, -1.0))
+    with pytest.raises(TypeError, match="ln must be None or a tuple"):
+        linear(x, w, ln=g)
+    with pytest.raises(ValueError, match="activation"):
+        linear(x, w, activation="relu")
+    with pytest.raises(BackendUnavailableError, match=f"at most {MAX_ROWS} rows"):
+        linear(torch.randn(MAX_ROWS + 1, 32, device=device), w, backend="triton")
+    with pytest.raises(BackendUnavailableError, match="linear: backend='cuda'"):
+        linear(x, w, backend="cuda")
+
+
+def test_auto_takes_torch_beyond_the_kernels_rows(device):
+    """More rows than the kernel takes (a prefill, a large batch): the unfused ops, same result."""
+    x, _, w, b, g, beta = _inputs(MAX_ROWS + 3, 64, 24, torch.float32, device)
+    out, _ = linear(x, w, b, ln=(g, beta, 1e-5))
+    assert_close(out, reference.linear(x, w, b, ln=(g, beta, 1e-5))[0])
+
+
+def compile_linear_variants(arch):
+    """Every form GPT.decode launches, per dtype, lowered for sm_<arch>: no autotuner stands
+    between these launches and the GPU, so each must fit even an sm_86/sm_89 block, and its
+    weight loads must be pipelined."""
+    mod = _load_kernel_module("linear")
+    forms = [{"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": True},  # ln_1 + c_attn
+             {"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": True, "HAS_BIAS": True},  # ln_2 + c_fc + GELU
+             {"HAS_RESIDUAL": False, "HAS_LN": False, "GELU_TANH": False, "HAS_BIAS": True},  # c_proj
+             {"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": False}]  # ln_f + lm_head
+    for dtype in ("bf16", "fp16", "fp32"):
+        ptrs = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr",
+                                               "bias_ptr", "out_ptr")}
+        for form in forms:
+            const = {**form, "stride_wk": 1, "HAS_LN_WEIGHT": form["HAS_LN"], "HAS_LN_BIAS": form["HAS_LN"],
+                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": 16, "BLOCK_N": mod.BLOCK_N,
+                     "BLOCK_K": mod.BLOCK_K, "STATS_BLOCK_K": mod.STATS_BLOCK_K}
+            kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
+                                 num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
+            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (arch, dtype, form, kernel.metadata.shared)
+            # K a multiple of 16, as every GPT-2 width is (the JIT specialises on it): the weight
+            # tiles stream through shared memory with cp.async, several in flight.
+            assert "cp.async" in kernel.asm["ptx"], (arch, dtype, form)
+
+
+def test_compiles_for_gpu():
+    run_compile_check("tests.test_linear.compile_linear_variants")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("K, N", [(768, 2304), (768, 3072), (3072, 768), (768, 50257), (1600, 4800)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpt2_shapes_on_gpu(dtype, K, N, M, poisoned_empty):
+    x, r, w, b, g, beta = _inputs(M, K, N, dtype, "cuda", row_pad=8)
+    _check(x, w, b, ln=(g, beta, 1e-5), residual=r, activation="gelu_tanh" if N == 4 * K else None)
+    _check(x, w, b)
