@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastgpt
+from fastgpt import _backends
 from fastgpt.nn import LayerNorm
+from fastgpt.ops.linear import MAX_ROWS, linear
 
 # Hugging Face activation names this module implements; gelu_new is GPT-2's (the tanh form).
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -55,6 +57,11 @@ class GPTConfig:
         return self.n_inner or 4 * self.n_embd
 
 
+def _ln(module: LayerNorm) -> tuple:
+    """A LayerNorm module as fastgpt.ops.linear's ln argument."""
+    return module.weight, module.bias, module.eps
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -72,9 +79,12 @@ class CausalSelfAttention(nn.Module):
         makes it once for all layers), and seqlens (B,) int32 (T == 1): decode, row b's k/v go
         to that slot and its query attends to slots [0, seqlens[b]).
         """
-        B, T, C = x.shape
+        return self.c_proj(self.attend(self.c_attn(x), kv_cache, slot, seqlens))
+
+    def attend(self, qkv, kv_cache=None, slot=None, seqlens=None):
+        """The attention between the two projections: qkv (B, T, 3C) -> (B, T, C); the rest as forward."""
+        B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         H, D = self.n_head, self.head_dim
-        qkv = self.c_attn(x)  # (B, T, 3C): q, then k, then v, each head-major
         q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         kv = qkv[..., C:].view(B, T, 2, H, D).permute(2, 0, 3, 1, 4)  # (2, B, H, T, D)
         if slot is None:
@@ -84,8 +94,7 @@ class CausalSelfAttention(nn.Module):
         else:
             kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy of the cache
             y = fastgpt.decode_attention(q, kv_cache[0], kv_cache[1], seqlens, backend=self.backend)  # (B, H, 1, D)
-        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
-        return self.c_proj(y)
+        return y.transpose(1, 2).reshape(B, T, C)
 
 
 class MLP(nn.Module):
@@ -128,6 +137,9 @@ class GPT(nn.Module):
                      model built from a GPTConfig. generate does not read it: pass it on, as
                      generate(..., eos_token_id=model.eos_token_id), to stop rows there.
       backend        the backend every op of the model runs on ("auto" unless set)
+      fused_decode   decode steps of up to 16 rows on the triton backend (auto's on a GPU) run
+                     each matmul as one fastgpt.ops.linear launch with its neighbours fused in
+                     (True unless set; see decode)
     """
 
     def __init__(self, config: GPTConfig):
@@ -142,6 +154,7 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.eos_token_id = None  # set by from_pretrained and from_hf (see the class docstring)
+        self._fused_decode_on = True
         self._decoders = {}  # generate.py's preallocated caches and CUDA graphs, per (batch, length)
         self.arrange_weights()
 
@@ -156,6 +169,17 @@ class GPT(nn.Module):
         for m in self.modules():
             if isinstance(m, (LayerNorm, CausalSelfAttention)):
                 m.backend = name
+
+    @property
+    def fused_decode(self) -> bool:
+        return self._fused_decode_on
+
+    @fused_decode.setter
+    def fused_decode(self, on: bool):
+        """Run decode steps of up to MAX_ROWS rows on fastgpt.ops.linear (True, the default) or on
+        nn.Linear and the LayerNorm op (False); either way only on the backends that can."""
+        self._decoders.clear()  # their CUDA graphs captured the other path
+        self._fused_decode_on = bool(on)
 
     def _apply(self, fn, *args, **kwargs):  # behind .to(), .cuda(), .half(), ...
         self._decoders.clear()  # their caches and CUDA graphs point at the old weights
@@ -220,8 +244,36 @@ class GPT(nn.Module):
         B, config = tok.shape[0], self.config
         slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers
         seqlens = (pos + 1).to(torch.int32)
+        if self._fused_decode(B, tok.device):
+            return self._decode_fused(tok[:, None], pos[:, None], kv_cache, slot, seqlens)
         y = self._trunk(tok[:, None], pos[:, None], kv_cache, slot, seqlens)  # (B, 1, C)
         return self.lm_head(y[:, 0])  # (B, V)
+
+    def _fused_decode(self, batch: int, device: torch.device) -> bool:
+        """Whether a decode step of `batch` rows runs on fastgpt.ops.linear: on the triton backend
+        (auto's choice on a GPU) for batches the kernel takes (MAX_ROWS), unless fused_decode is off."""
+        if not self._fused_decode_on or self.backend not in ("auto", "triton") or batch > MAX_ROWS:
+            return False
+        return _backends.resolve("linear", self.backend, device, preference=("triton",)) == "triton"
+
+    def _decode_fused(self, tok, pos, kv_cache, slot, seqlens):
+        """decode's trunk and lm_head in 6 launches a layer instead of 9 (7 and 10 where decode
+        attention splits the cache): every matmul is one fastgpt.ops.linear launch, with the
+        residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head) and GELU
+        after it (c_fc) fused in. tok, pos (B, 1)."""
+        t, backend = self.transformer, self.backend
+        x, h = t.wte(tok), t.wpe(pos)  # (B, 1, C) each; ln_1 of block 0 adds them
+        for i, block in enumerate(t.h):
+            attn, mlp = block.attn, block.mlp
+            qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, backend=backend)
+            y = attn.attend(qkv, kv_cache.layer(i), slot, seqlens)
+            a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
+            tanh = mlp.approximate == "tanh"
+            f, h = linear(a, mlp.c_fc.weight, mlp.c_fc.bias, ln=_ln(block.ln_2), residual=h,
+                          activation="gelu_tanh" if tanh else None, backend=backend)  # fmt: skip
+            x, _ = linear(f if tanh else F.gelu(f), mlp.c_proj.weight, mlp.c_proj.bias, backend=backend)
+        logits, _ = linear(x, self.lm_head.weight, self.lm_head.bias, ln=_ln(t.ln_f), residual=h, backend=backend)
+        return logits[:, 0]  # (B, V)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,

@@ -14,6 +14,8 @@ were set from (or guessed at):
   sample_batch   the sampler over B: Triton's split and one-program-per-row paths, CUDA
                  (SAMPLE_TRITON_MAX_ROWS, kernels/sampling.py's _MIN_SPLIT_CHUNKS).
   sample_blocks  the one-program-per-row path's vocabulary block and warps.
+  linear         GPT.decode's fused matmuls (fastgpt.ops.linear, kernels/linear.py) against the
+                 unfused ops they replace (the LayerNorm op, F.linear, F.gelu), per GPT-2 shape.
   profile        cProfile of the Python side of one Triton attention call.
 
 Printed as it goes and written to $OUT/probe.json after each section. --time-limit stops
@@ -255,6 +257,37 @@ def sample_blocks_section(p: Probe):
         tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS = block, warps
 
 
+def linear_section(p: Probe):
+    """Each matmul of a GPT-2 decode step, fused (one launch) against the ops it replaces: device
+    time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on."""
+    from fastgpt.ops.linear import linear
+
+    C = 32 if p.smoke else 768
+    forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
+             ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
+             ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
+    for B in (1, 2) if p.smoke else (1, 4, 16):
+        for name, K, N, ln, gelu in forms:
+            x, r, w, b = p.randn(B, K), p.randn(B, K), p.randn(N, K) / K ** 0.5, p.randn(N)
+            g, beta = p.randn(K), p.randn(K)
+            norm = (g, beta, 1e-5) if ln else None
+            act = "gelu_tanh" if gelu else None
+
+            def unfused():
+                a = fastgpt.layer_norm(x, g, beta, residual=r)[0] if ln else x
+                y = F.linear(a, w, b)
+                return F.gelu(y, approximate="tanh") if gelu else y
+
+            calls = {"fused (triton)": lambda: linear(x, w, b, ln=norm, residual=r if ln else None, activation=act,
+                                                      backend="triton"),
+                     "unfused (LN op + F.linear + F.gelu)": unfused}
+            for impl, fn in calls.items():
+                def measure(fn=fn):
+                    d = p.device_us(fn)
+                    return dict(device_us=d, weight_gbps=w.numel() * w.element_size() / d / 1e3)
+                p.record("linear", dict(form=name, B=B, K=K, N=N, impl=impl), measure)
+
+
 def profile_section(p: Probe):
     B, H, S, D = attn_shapes(p)[0]
     q, k, v = (p.randn(B, H, S, D) for _ in range(3))
@@ -275,7 +308,7 @@ def profile_section(p: Probe):
 SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles": tiles_section,
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
             "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
-            "profile": profile_section}
+            "linear": linear_section, "profile": profile_section}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -156,6 +156,43 @@ def test_decode_step_writes_the_cache_with_one_scatter_per_layer(device):
     assert_close(cache.kv[..., 5, :], fresh.kv[..., 5, :])  # k and v of every layer, both rows
 
 
+@pytest.mark.parametrize("activation", ["gelu_new", "gelu"])
+def test_fused_decode_matches_the_unfused_step(activation, device):
+    """decode on fastgpt.ops.linear (fused residual + LayerNorm + matmul + GELU) against the
+    step on nn.Linear and the LayerNorm op: the same logits and the same cache, step after step.
+    GELU's exact form ("gelu") keeps a separate GELU after the fused c_fc."""
+    from fastgpt.generate import KVCache
+
+    model = GPT.from_hf(tiny_hf(64, 4, 2, activation_function=activation)).to(device)
+    model.backend = "triton"
+    idx = torch.randint(0, 384, (3, 9), device=device)
+    caches, logits = [], []
+    for fused in (True, False):
+        model.fused_decode = fused
+        assert model._fused_decode(3, idx.device) == fused
+        cache = KVCache(model.config, 3, 12, torch.float32, device)
+        model.prefill(idx[:, :6], cache, last=torch.full((3,), 5, device=device))
+        steps = [model.decode(idx[:, t], torch.full((3,), t, device=device), cache) for t in range(6, 9)]
+        caches.append(cache.kv)
+        logits.append(torch.stack(steps))
+    assert_close(logits[0], logits[1])
+    assert_close(caches[0], caches[1])
+    assert_close(logits[0][-1], model(idx)[:, -1])  # and the full forward's last position
+
+
+def test_fused_decode_only_where_the_kernel_runs(device):
+    """auto on a CPU, the torch and cuda backends, and batches past the kernel's 16 rows keep the
+    unfused step."""
+    model = GPT(GPTConfig(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2)).to(device)
+    assert model._fused_decode(2, torch.device(device)) == (device == "cuda")
+    model.backend = "triton"
+    assert model._fused_decode(16, torch.device(device)) and not model._fused_decode(17, torch.device(device))
+    model.backend = "torch"
+    assert not model._fused_decode(1, torch.device(device))
+    model.backend = "cuda"
+    assert not model._fused_decode(1, torch.device(device))
+
+
 def test_forward_compiles_fullgraph():
     hf = tiny_hf(96, 2)
     model = GPT.from_hf(hf)

@@ -102,13 +102,15 @@ def greedy_check(oracle, T: int, N: int, tol: float):
     return check
 
 
-def fastgpt_fn(hf, backend: str, N: int, compile: bool = False):
+def fastgpt_fn(hf, backend: str, N: int, compile: bool = False, fused_decode: bool = True):
     """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default);
-    with `compile`, its decode forward through torch.compile too."""
+    with `compile`, its decode forward through torch.compile too; fused_decode=False: decode
+    steps on nn.Linear + the LayerNorm op instead of fastgpt.ops.linear (see GPT.decode)."""
     from fastgpt.model import GPT
 
     model = GPT.from_hf(hf)
     model.backend = backend  # every op of the model (attention, LayerNorm, sampling) honours it
+    model.fused_decode = fused_decode
     return lambda inp: model.generate(inp["idx"], N, temperature=0.0, compile=compile)
 
 
@@ -146,6 +148,9 @@ def candidates(hf, device: torch.device, N: int) -> list[Candidate]:
                              lambda: static_kv_fn(hf, N, compile=True), note=f"torch {torch.__version__}"))
         out.append(Candidate("fastgpt[auto] + torch.compile", FASTGPT, lambda: fastgpt_fn(hf, "auto", N, compile=True),
                              backend="auto", note="decode forward compiled, inside the CUDA graph"))
+        out.append(Candidate("fastgpt[auto], unfused decode", FASTGPT,
+                             lambda: fastgpt_fn(hf, "auto", N, fused_decode=False), backend="auto",
+                             note="GPT.fused_decode = False: nn.Linear (cuBLAS) + the LayerNorm op"))
     else:
         out.append(Candidate("static-KV GPT-2, eager", REFERENCE, lambda: static_kv_fn(hf, N, compile=False),
                              note="the gpt-fast recipe without its compile (reduce-overhead needs CUDA)"))
