@@ -137,7 +137,7 @@ class GPT(nn.Module):
                      model built from a GPTConfig. generate does not read it: pass it on, as
                      generate(..., eos_token_id=model.eos_token_id), to stop rows there.
       backend        the backend every op of the model runs on ("auto" unless set)
-      fused_decode   decode steps of up to 16 rows on the triton backend (auto's on a GPU) run
+      fused_decode   decode steps of up to 64 rows on the triton backend (auto's on a GPU) run
                      each matmul as one fastgpt.ops.linear launch with its neighbours fused in
                      (True unless set; see decode)
     """

@@ -7,7 +7,8 @@
 This is a decode step's matrix-vector work (batch 1 to MAX_ROWS rows): it reads every weight
 once and is bound by those bytes, and a GPT-2 step on a GPU is bound by its launch count as much,
 so each launch here does the work of two or three (add + LayerNorm, matmul, GELU). Every program
-owns BLOCK_N output columns of all M rows (padded to 16 for tl.dot) and streams their weight
+owns BLOCK_N output columns of all M rows (padded to BLOCK_M, a power of two >= 16, for tl.dot)
+and streams their weight
 rows through in BLOCK_K steps; the LayerNorm statistics of the M input rows (a few KB, from L2)
 are recomputed by each program rather than stored, and program 0 writes h.
 """
@@ -18,10 +19,11 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 16  # rows of one launch: tl.dot pads them to 16
+MAX_ROWS = 64  # rows of one launch (fastgpt.ops.linear.MAX_ROWS), padded to a power of two >= 16 for tl.dot
 BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
 BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop
-STATS_BLOCK_K = 512  # the LayerNorm statistics' step: GPT-2's widths in 2-4 steps
+BLOCK_K_FP32 = 32  # fp32 tiles are twice the bytes, and their ieee dots stage more: 64 rows fit 99 KB
+STATS_ELEMENTS = 8192  # the LayerNorm statistics' step covers BLOCK_M x (8192 / BLOCK_M): 32-64 per thread
 NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
 _INTERPRETER_BLOCK_K = 32
@@ -126,7 +128,9 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = torch.empty((M, K), dtype=x.dtype, device=x.device) if residual is not None else None
-    block_k, stats_block_k = (BLOCK_K, STATS_BLOCK_K) if x.is_cuda else (_INTERPRETER_BLOCK_K, _INTERPRETER_BLOCK_K)
+    block_m = max(16, triton.next_power_of_2(M))
+    block_k = BLOCK_K if x.element_size() == 2 else BLOCK_K_FP32
+    block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
     _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, x if residual is None else residual, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
@@ -135,6 +139,6 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
         HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=16, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out, h

@@ -43,7 +43,7 @@ def _check(x, w, b=None, *, ln=None, residual=None, activation=None):
         torch.testing.assert_close(h, h_ref, atol=0, rtol=0)  # the same rounded sum as torch
 
 
-@pytest.mark.parametrize("M", [1, 3, MAX_ROWS])
+@pytest.mark.parametrize("M", [1, 3, 16, 37])
 @pytest.mark.parametrize("K, N", [(64, 48), (100, 130), (200, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_fused_block_matches_reference(dtype, K, N, M, device, poisoned_empty):
@@ -119,16 +119,17 @@ def compile_linear_variants(arch):
     for dtype in ("bf16", "fp16", "fp32"):
         ptrs = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr",
                                                "bias_ptr", "out_ptr")}
-        for form in forms:
+        for form, block_m in ((form, block_m) for form in forms for block_m in (16, mod.MAX_ROWS)):
             const = {**form, "stride_wk": 1, "HAS_LN_WEIGHT": form["HAS_LN"], "HAS_LN_BIAS": form["HAS_LN"],
-                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": 16, "BLOCK_N": mod.BLOCK_N,
-                     "BLOCK_K": mod.BLOCK_K, "STATS_BLOCK_K": mod.STATS_BLOCK_K}
+                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N,
+                     "BLOCK_K": mod.BLOCK_K_FP32 if dtype == "fp32" else mod.BLOCK_K, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m}
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
                                  num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
-            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (arch, dtype, form, kernel.metadata.shared)
+            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (arch, dtype, form, block_m, kernel.metadata.shared)
             # K a multiple of 16, as every GPT-2 width is (the JIT specialises on it): the weight
             # tiles stream through shared memory with cp.async, several in flight.
-            assert "cp.async" in kernel.asm["ptx"], (arch, dtype, form)
+            assert "cp.async" in kernel.asm["ptx"], (arch, dtype, form, block_m)
+    assert mod.MAX_ROWS == MAX_ROWS  # the ops layer's copy
 
 
 def test_compiles_for_gpu():
@@ -136,7 +137,7 @@ def test_compiles_for_gpu():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 8, 16])
+@pytest.mark.parametrize("M", [1, 8, 16, 32, 64])
 @pytest.mark.parametrize("K, N", [(768, 2304), (768, 3072), (3072, 768), (768, 50257), (1600, 4800)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_gpt2_shapes_on_gpu(dtype, K, N, M, poisoned_empty):

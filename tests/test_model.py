@@ -181,12 +181,14 @@ def test_fused_decode_matches_the_unfused_step(activation, device):
 
 
 def test_fused_decode_only_where_the_kernel_runs(device):
-    """auto on a CPU, the torch and cuda backends, and batches past the kernel's 16 rows keep the
+    """auto on a CPU, the torch and cuda backends, and batches past the kernel's MAX_ROWS keep the
     unfused step."""
+    from fastgpt.ops.linear import MAX_ROWS
+
     model = GPT(GPTConfig(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2)).to(device)
     assert model._fused_decode(2, torch.device(device)) == (device == "cuda")
     model.backend = "triton"
-    assert model._fused_decode(16, torch.device(device)) and not model._fused_decode(17, torch.device(device))
+    assert model._fused_decode(MAX_ROWS, torch.device(device)) and not model._fused_decode(MAX_ROWS + 1, torch.device(device))
     model.backend = "torch"
     assert not model._fused_decode(1, torch.device(device))
     model.backend = "cuda"
