@@ -74,25 +74,28 @@ class CausalSelfAttention(nn.Module):
         """x (B, T, C) -> (B, T, C).
 
         Without kv_cache: causal attention over x itself. With kv_cache (2, B, H, S, D), this
-        layer's k and v caches, and slot None: prefill, k/v of the T tokens go to cache slots
-        [0, T). With slot (2, B, H, 1, D) int64, row b's cache slot in every element (GPT.decode
-        makes it once for all layers), and seqlens (B,) int32 (T == 1): decode, row b's k/v go
-        to that slot and its query attends to slots [0, seqlens[b]).
+        layer's k and v caches, and seqlens None: prefill, k/v of the T tokens go to cache slots
+        [0, T). With seqlens (B,) int32 (T == 1): decode, row b's k/v go to cache slot `slot`
+        ((2, B, H, 1, D) int64, row b's slot in every element; GPT.decode makes it once for all
+        layers) and its query attends to slots [0, seqlens[b]).
         """
         return self.c_proj(self.attend(self.c_attn(x), kv_cache, slot, seqlens))
 
     def attend(self, qkv, kv_cache=None, slot=None, seqlens=None):
-        """The attention between the two projections: qkv (B, T, 3C) -> (B, T, C); the rest as forward."""
+        """The attention between the two projections: qkv (B, T, 3C) -> (B, T, C); the rest as
+        forward, except that a decode step (seqlens given) with slot None finds its k/v already
+        in the cache (GPT's fused decode writes them there)."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         H, D = self.n_head, self.head_dim
         q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         kv = qkv[..., C:].view(B, T, 2, H, D).permute(2, 0, 3, 1, 4)  # (2, B, H, T, D)
-        if slot is None:
+        if seqlens is None:
             if kv_cache is not None:
                 kv_cache[..., :T, :].copy_(kv)
             y = fastgpt.attention(q, kv[0], kv[1], causal=True, backend=self.backend)  # (B, H, T, D)
         else:
-            kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy of the cache
+            if slot is not None:
+                kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy
             y = fastgpt.decode_attention(q, kv_cache[0], kv_cache[1], seqlens, backend=self.backend)  # (B, H, 1, D)
         return y.transpose(1, 2).reshape(B, T, C)
 
@@ -242,10 +245,10 @@ class GPT(nn.Module):
         Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]].
         """
         B, config = tok.shape[0], self.config
-        slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers
         seqlens = (pos + 1).to(torch.int32)
         if self._fused_decode(B, tok.device):
-            return self._decode_fused(tok[:, None], pos[:, None], kv_cache, slot, seqlens)
+            return self._decode_fused(tok, pos, kv_cache, seqlens)
+        slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers
         y = self._trunk(tok[:, None], pos[:, None], kv_cache, slot, seqlens)  # (B, 1, C)
         return self.lm_head(y[:, 0])  # (B, V)
 
@@ -256,17 +259,19 @@ class GPT(nn.Module):
             return False
         return _backends.resolve("linear", self.backend, device, preference=("triton",)) == "triton"
 
-    def _decode_fused(self, tok, pos, kv_cache, slot, seqlens):
-        """decode's trunk and lm_head in 6 launches a layer instead of 9 (7 and 10 where decode
+    def _decode_fused(self, tok, pos, kv_cache, seqlens):
+        """decode's trunk and lm_head in 5 launches a layer instead of 9 (6 and 10 where decode
         attention splits the cache): every matmul is one fastgpt.ops.linear launch, with the
-        residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head) and GELU
-        after it (c_fc) fused in. tok, pos (B, 1)."""
+        residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head), GELU
+        after it (c_fc), and the cache write of k and v (c_attn) fused in. tok, pos (B,)."""
         t, backend = self.transformer, self.backend
-        x, h = t.wte(tok), t.wpe(pos)  # (B, 1, C) each; ln_1 of block 0 adds them
+        x, h = t.wte(tok[:, None]), t.wpe(pos[:, None])  # (B, 1, C) each; ln_1 of block 0 adds them
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
-            qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, backend=backend)
-            y = attn.attend(qkv, kv_cache.layer(i), slot, seqlens)
+            cache = kv_cache.layer(i)  # (2, B, H, S, D)
+            qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, kv_cache=cache,
+                            kv_pos=pos, backend=backend)  # fmt: skip
+            y = attn.attend(qkv, cache, None, seqlens)
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"
             f, h = linear(a, mlp.c_fc.weight, mlp.c_fc.bias, ln=_ln(block.ln_2), residual=h,

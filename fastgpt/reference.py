@@ -81,12 +81,14 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None):
     return y if residual is None else (y, h)
 
 
-def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False):
+def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None):
     """act(LN(x + residual) @ weight.T + bias), the unfused way: each step in x's dtype as
     separate torch ops would round it (the matmul accumulates in fp32 or better).
 
     x (M, K); weight (N, K); bias (N,) or None; ln None or (ln_weight, ln_bias, eps); residual
-    (M, K) or None (with ln). Returns (out (M, N), h = x + residual or None).
+    (M, K) or None (with ln). kv_cache (2, M, H, S, D) with N == 3 H D and kv_pos (M,) int64:
+    out's k|v columns [H D, 3 H D) also go to kv_cache[:, m, :, kv_pos[m]], rows whose slot is
+    outside [0, S) left as they are. Returns (out (M, N), h = x + residual or None).
     """
     h = None
     if ln is not None:
@@ -96,7 +98,14 @@ def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False):
     out = F.linear(x.to(compute), weight.to(compute), None if bias is None else bias.to(compute))
     if gelu_tanh:
         out = F.gelu(out, approximate="tanh")
-    return out.to(x.dtype), h
+    out = out.to(x.dtype)
+    if kv_cache is not None:
+        _, M, H, S, D = kv_cache.shape
+        kv = out[:, H * D:].view(M, 2, H, 1, D).transpose(0, 1)  # (2, M, H, 1, D)
+        slot = kv_pos.clamp(0, S - 1).view(1, M, 1, 1, 1).expand(2, M, H, 1, D)
+        valid = ((kv_pos >= 0) & (kv_pos < S)).view(1, M, 1, 1, 1)
+        kv_cache.scatter_(3, slot, torch.where(valid, kv, kv_cache.gather(3, slot)))  # no host sync
+    return out, h
 
 
 # ----------------------------------------------------------------------------- sampling

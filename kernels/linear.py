@@ -53,9 +53,12 @@ def _linear_kernel(
     w_ptr,  # (N, K) strides (stride_wn, stride_wk), x's dtype (stride_wk == 1 on a GPU: the JIT specialises it)
     bias_ptr,  # (N,): read when HAS_BIAS
     out_ptr,  # (M, N) contiguous, x's dtype
+    kv_ptr,  # (2, M, H, S, D) x's dtype, unit last stride: out's columns [C, 3C) go here too when KV_CACHE
+    kv_pos_ptr,  # (M,) int64: row m's slot in kv; slots outside [0, S) are not written
     M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps,
+    stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim,
     HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr,
     GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -109,19 +112,30 @@ def _linear_kernel(
         z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
         e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow on either side
         acc = acc * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
-    out_ptrs = out_ptr + rows[:, None] * N + cols[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
+    if KV_CACHE:  # GPT's fused q|k|v projection: k and v also land in the cache, at each row's slot
+        C = N // 3
+        kv_col = tl.maximum(cols - C, 0)  # column c of k|v (2C wide): which = c // C, head, d
+        which, head, d = kv_col // C, (kv_col % C) // head_dim, kv_col % head_dim
+        pos = tl.load(kv_pos_ptr + rows, mask=row_ok, other=-1)
+        dst = (kv_ptr + which.to(tl.int64)[None, :] * stride_kv_which + rows.to(tl.int64)[:, None] * stride_kv_b
+               + head.to(tl.int64)[None, :] * stride_kv_h + pos[:, None] * stride_kv_s + d[None, :])  # fmt: skip
+        slot_ok = row_ok & (pos >= 0) & (pos < kv_len)
+        tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
 
 
-def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False):
+def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None):
     """act(LN(x + residual) @ weight.T + bias) for x (M, K), M <= MAX_ROWS.
 
     x (M, K), stride(-1) == 1, and weight (N, K), any strides: one dtype (fp16, bf16, fp32); bias
     (N,) or None.
     ln: None, or (ln_weight, ln_bias, eps) to normalise the rows first (ln_weight / ln_bias (K,)
     or None for 1 / 0). residual (M, K), stride(-1) == 1, only with ln: added first. gelu_tanh:
-    GELU's tanh form on the output. Returns (out (M, N), h (M, K) = x + residual or None), both
-    contiguous.
+    GELU's tanh form on the output. kv_cache (2, M, H, S, D), x's dtype, stride(-1) == 1, with
+    N == 3 H D, and kv_pos (M,) int64: out's columns [H D, 3 H D) (k, then v, head-major) are also
+    written to kv_cache[:, m, :, kv_pos[m]] (nothing for a slot outside [0, S)). Returns
+    (out (M, N), h (M, K) = x + residual or None), both contiguous.
     """
     M, K = x.shape
     N = weight.shape[0]
@@ -131,13 +145,17 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     block_m = max(16, triton.next_power_of_2(M))
     block_k = BLOCK_K if x.element_size() == 2 else BLOCK_K_FP32
     block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
+    has_kv = kv_cache is not None
+    kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
+    kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
     _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, x if residual is None else residual, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
-        weight, x if bias is None else bias, out,
+        weight, x if bias is None else bias, out, kv_cache if has_kv else out, kv_pos.contiguous() if has_kv else out,
         M, N, K, x.stride(0), 0 if residual is None else residual.stride(0), *weight.stride(), float(eps),
+        *kv_strides, kv_len, head_dim,
         HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
-        HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, GELU_TANH=gelu_tanh,
+        HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv, GELU_TANH=gelu_tanh,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip

@@ -76,6 +76,24 @@ def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_qkv_projection_writes_the_kv_cache(dtype, device):
+    """ln_1 + c_attn writing k and v to each row's cache slot: the same cache as the reference's
+    scatter; slots outside [0, S) (a row past the cache, a padding row) leave the cache alone."""
+    M, H, D, S = 5, 3, 16, 7
+    K, N = 40, 3 * H * D
+    x, r, w, b, g, beta = _inputs(M, K, N, dtype, device)
+    pos = torch.tensor([0, 6, 3, -1, 7], device=device)
+    cache = torch.randn(2, M, H, S, D, device=device).to(dtype)
+    expected = cache.clone()
+    ref, _ = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=expected, kv_pos=pos)
+    out, _ = linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=cache, kv_pos=pos, backend="triton")
+    assert_close(out, ref)
+    assert_close(cache, expected)
+    k = ref[:, H * D: 2 * H * D].view(M, H, D)
+    assert torch.equal(expected[0, 1, :, 6], k[1]) and torch.equal(expected[0, 3], cache[0, 3])
+
+
 def test_shape_and_backend_errors(device):
     x, r, w, b, g, beta = _inputs(2, 32, 16, torch.float32, device)
     with pytest.raises(ValueError, match="weight must have shape"):
@@ -94,6 +112,16 @@ def test_shape_and_backend_errors(device):
         linear(x, w, ln=g)
     with pytest.raises(ValueError, match="activation"):
         linear(x, w, activation="relu")
+    kv, pos = torch.zeros(2, 2, 2, 4, 4, device=device), torch.zeros(2, dtype=torch.int64, device=device)
+    w24 = torch.randn(24, 32, device=device)
+    with pytest.raises(ValueError, match="pass both or neither"):
+        linear(x, w24, kv_cache=kv)
+    with pytest.raises(ValueError, match="kv_cache must have shape"):
+        linear(x, w, kv_cache=kv, kv_pos=pos)  # N = 16, not 3 H D = 24
+    with pytest.raises(TypeError, match="kv_pos must have dtype"):
+        linear(x, w24, kv_cache=kv, kv_pos=pos.int())
+    with pytest.raises(ValueError, match="unit stride"):
+        linear(x, w24, kv_cache=kv.transpose(-1, -2), kv_pos=pos)
     with pytest.raises(BackendUnavailableError, match=f"at most {MAX_ROWS} rows"):
         linear(torch.randn(MAX_ROWS + 1, 32, device=device), w, backend="triton")
     with pytest.raises(BackendUnavailableError, match="linear: backend='cuda'"):
@@ -112,15 +140,15 @@ def compile_linear_variants(arch):
     between these launches and the GPU, so each must fit even an sm_86/sm_89 block, and its
     weight loads must be pipelined."""
     mod = _load_kernel_module("linear")
-    forms = [{"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": True},  # ln_1 + c_attn
+    forms = [{"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": True, "KV_CACHE": True},  # ln_1 + c_attn
              {"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": True, "HAS_BIAS": True},  # ln_2 + c_fc + GELU
              {"HAS_RESIDUAL": False, "HAS_LN": False, "GELU_TANH": False, "HAS_BIAS": True},  # c_proj
              {"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": False}]  # ln_f + lm_head
     for dtype in ("bf16", "fp16", "fp32"):
         ptrs = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr",
-                                               "bias_ptr", "out_ptr")}
+                                               "bias_ptr", "out_ptr", "kv_ptr")} | {"kv_pos_ptr": "*i64"}
         for form, block_m in ((form, block_m) for form in forms for block_m in (16, mod.MAX_ROWS)):
-            const = {**form, "stride_wk": 1, "HAS_LN_WEIGHT": form["HAS_LN"], "HAS_LN_BIAS": form["HAS_LN"],
+            const = {"KV_CACHE": False, **form, "stride_wk": 1, "HAS_LN_WEIGHT": form["HAS_LN"], "HAS_LN_BIAS": form["HAS_LN"],
                      "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N,
                      "BLOCK_K": mod.BLOCK_K_FP32 if dtype == "fp32" else mod.BLOCK_K, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m}
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,

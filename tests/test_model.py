@@ -124,9 +124,12 @@ def test_prefill_and_decode_match_forward():
         assert_close(logits, full[:, t])
 
 
-def test_decode_step_writes_the_cache_with_one_scatter_per_layer(device):
-    """Launch count is what a batch-1 step costs on a GPU: each layer writes its k/v pair with
-    one scatter_ into the joint (2, B, H, S, D) cache, copies nothing, and attends once."""
+@pytest.mark.parametrize("fused", [False, True])
+def test_decode_step_launches(fused, device):
+    """Launch count is what a batch-1 step costs on a GPU. Unfused, each layer writes its k/v
+    pair with one scatter_ into the joint (2, B, H, S, D) cache; fused, the q|k|v projection
+    writes them itself and every matmul is one fastgpt.ops.linear (4 a layer, and ln_f +
+    lm_head). Neither copies anything, and both leave the cache a fresh prefill would."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastgpt.generate import KVCache
@@ -142,13 +145,15 @@ def test_decode_step_writes_the_cache_with_one_scatter_per_layer(device):
 
     model = GPT.from_hf(tiny_hf(64, 4, 3)).to(device)
     model.backend = "triton"  # the kernels' ops, not the reference's aten ops (the interpreter on a CPU)
+    model.fused_decode = fused
     cache = KVCache(model.config, 2, 16, torch.float32, device)
     idx, pos = torch.randint(0, 384, (2, 6), device=device), torch.tensor([5, 5], device=device)
     model.prefill(idx[:, :5], cache, last=torch.tensor([4, 4], device=device))
     with Ops() as ops:
         model.decode(idx[:, 5], pos, cache)
     n_layer = model.config.n_layer
-    assert ops.names.count("scatter_") == n_layer
+    assert ops.names.count("scatter_") == (0 if fused else n_layer)
+    assert ops.names.count("linear") == (4 * n_layer + 1 if fused else 0)
     assert not {"copy_", "cat", "clone", "contiguous", "index_put_"} & set(ops.names)
     assert ops.names.count("decode_attention") == n_layer
     fresh = KVCache(model.config, 2, 6, torch.float32, device)  # the prompt and the token in one prefill

@@ -16,15 +16,20 @@ MAX_ROWS = 64  # kernels/linear.py's MAX_ROWS, repeated so that this module impo
 ACTIVATIONS = (None, "gelu_tanh")
 
 
-def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, backend: str = "auto"):
+def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_cache=None, kv_pos=None,
+           backend: str = "auto"):  # fmt: skip
     """activation(LN(x + residual) @ weight.T + bias), fused.
 
     x: (..., K) fp16, bf16 or fp32; weight: (N, K), x's dtype; bias: (N,) float or None.
     ln: None, or (ln_weight, ln_bias, eps) with ln_weight / ln_bias (K,) float or None:
     LayerNorm the rows first (fp32 statistics; its output rounded to x's dtype, as the unfused
     ops do). residual: like x, or None; needs ln; added first. activation: None or "gelu_tanh"
-    (GPT-2's gelu_new). Returns (out (..., N), h) with h = x + residual (x's shape), or None
-    without a residual. On the triton backend x may hold at most MAX_ROWS rows (auto takes
+    (GPT-2's gelu_new). kv_cache, kv_pos: GPT's q|k|v projection writing its k and v straight
+    into a layer's cache: kv_cache (2, M, H, S, D) in x's dtype with N == 3 H D (M = the rows of
+    x), kv_pos (M,) int64 on x's device; out's columns [H D, 2 H D) (k) and [2 H D, 3 H D) (v),
+    head-major, also go to kv_cache[0 or 1, m, :, kv_pos[m]]. Slots are not read on the host: a
+    slot outside [0, S) is not written. Returns (out (..., N), h) with h = x + residual (x's
+    shape), or None without a residual. On the triton backend x may hold at most MAX_ROWS rows (auto takes
     torch beyond that, and off CUDA).
     """
     _checks.tensor("x", x)
@@ -59,8 +64,10 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, bac
         _checks.same_dtype(x=x, residual=residual)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias)
     M = x.numel() // K if K else 0
+    _check_kv(kv_cache, kv_pos, x, M, N)
+    device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
+                                 kv_cache=kv_cache, kv_pos=kv_pos)  # fmt: skip
 
     def unsupported(name: str) -> str | None:
         return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}" if name == "triton" and M > MAX_ROWS else None
@@ -70,29 +77,50 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, bac
     if name == "torch" or M == 0 or N == 0 or K == 0:
         x2, r2 = x.reshape(M, K), None if residual is None else residual.reshape(M, K)
         out, h = reference.linear(x2, weight, bias, ln=None if ln is None else (ln_weight, ln_bias, float(eps)),
-                                  residual=r2, gelu_tanh=activation == "gelu_tanh")  # fmt: skip
+                                  residual=r2, gelu_tanh=activation == "gelu_tanh", kv_cache=kv_cache,
+                                  kv_pos=kv_pos)  # fmt: skip
         return out.view(*lead, N), None if h is None else h.view(x.shape)
     x2 = _checks.last_dim_contiguous(x.reshape(M, K))
     r2 = None if residual is None else _checks.last_dim_contiguous(residual.reshape(M, K))
-    args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", name)
+    args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", kv_cache,
+            kv_pos, name)  # fmt: skip
     out, h = _dispatch.call(_linear_op, _linear, *args)
     return out.view(*lead, N), None if residual is None else h.view(x.shape)
 
 
+def _check_kv(kv_cache, kv_pos, x, M: int, N: int) -> None:
+    if (kv_cache is None) != (kv_pos is None):
+        raise ValueError("kv_cache and kv_pos go together: pass both or neither")
+    if kv_cache is None:
+        return
+    _checks.tensor("kv_cache", kv_cache, ndim=5)
+    _checks.same_dtype(x=x, kv_cache=kv_cache)
+    two, rows, H, _, D = kv_cache.shape
+    if two != 2 or rows != M or 3 * H * D != N:
+        raise ValueError(f"kv_cache must have shape (2, M, H, S, D) with M = {M} rows of x and 3 H D = N = {N}, "
+                         f"got {tuple(kv_cache.shape)}")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError(f"kv_cache must have a unit stride in its last dim, got strides {kv_cache.stride()}")
+    _checks.tensor("kv_pos", kv_pos, ndim=1, dtypes=(torch.int64,))
+    _checks.shape("kv_pos", kv_pos, (M,), "(M,), M = the rows of x")
+
+
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
-    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, ln: bool, gelu_tanh: bool, backend: str,
+    ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, ln: bool, gelu_tanh: bool,
+    kv_cache: torch.Tensor | None, kv_pos: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     norm = (ln_weight, ln_bias, eps) if ln else None
     kernels = reference if backend == "torch" else _backends.launchers(backend, "linear")
-    out, h = kernels.linear(x, weight, bias, ln=norm, residual=residual, gelu_tanh=gelu_tanh)
+    out, h = kernels.linear(x, weight, bias, ln=norm, residual=residual, gelu_tanh=gelu_tanh, kv_cache=kv_cache,
+                            kv_pos=kv_pos)  # fmt: skip
     return out, x.new_empty(0) if h is None else h  # a custom op returns tensors, not None
 
 
-_linear_op = torch.library.custom_op("fastgpt::linear", _linear, mutates_args=())
+_linear_op = torch.library.custom_op("fastgpt::linear", _linear, mutates_args=("kv_cache",))
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, residual, ln_weight, ln_bias, eps, ln, gelu_tanh, backend):
+def _(x, weight, bias, residual, ln_weight, ln_bias, eps, ln, gelu_tanh, kv_cache, kv_pos, backend):
     h = x.new_empty(0) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
     return x.new_empty(x.shape[0], weight.shape[0]), h
