@@ -63,8 +63,8 @@ def _linear_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    rows = tl.arange(0, BLOCK_M)
-    row_ok = rows < M
+    row_ok = tl.arange(0, BLOCK_M) < M
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)  # row offsets: rows x a row stride may pass 2^31
     offs_k = tl.arange(0, BLOCK_K)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -119,7 +119,7 @@ def _linear_kernel(
         kv_col = tl.maximum(cols - C, 0)  # column c of k|v (2C wide): which = c // C, head, d
         which, head, d = kv_col // C, (kv_col % C) // head_dim, kv_col % head_dim
         pos = tl.load(kv_pos_ptr + rows, mask=row_ok, other=-1)
-        dst = (kv_ptr + which.to(tl.int64)[None, :] * stride_kv_which + rows.to(tl.int64)[:, None] * stride_kv_b
+        dst = (kv_ptr + which.to(tl.int64)[None, :] * stride_kv_which + rows[:, None] * stride_kv_b
                + head.to(tl.int64)[None, :] * stride_kv_h + pos[:, None] * stride_kv_s + d[None, :])  # fmt: skip
         slot_ok = row_ok & (pos >= 0) & (pos < kv_len)
         tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
@@ -142,6 +142,8 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = torch.empty((M, K), dtype=x.dtype, device=x.device) if residual is not None else None
+    if (K - 1) * weight.stride(1) >= 2**31:  # column offsets within a weight row are 32-bit
+        weight = weight.contiguous()  # only for a huge weight stored transposed
     block_m = max(16, triton.next_power_of_2(M))
     block_k = BLOCK_K if x.element_size() == 2 else BLOCK_K_FP32
     block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
