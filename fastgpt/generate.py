@@ -95,8 +95,8 @@ class Decoder:
         self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
         self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
         self.eos, self.pad = zeros(eos_slots), zeros(1)
-        self.generator, self.all_greedy = torch.Generator(device), False
-        self.graph, self.graph_greedy = None, False
+        self.generator, self.all_greedy, self.has_eos = torch.Generator(device), False, True
+        self.graph, self.graph_mode = None, None  # graph_mode: (all_greedy, has_eos) baked into the graph
         self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
@@ -121,6 +121,7 @@ class Decoder:
         if all_greedy is None:
             all_greedy = bool((sampling["temperature"] <= 0).all())
         self.all_greedy = all_greedy
+        self.has_eos = bool(eos_ids)  # without, no row ever finishes: emit skips that bookkeeping
 
     def load_rng(self, generator):
         """Draw from here on as `generator` (None: the default generator of the device) would."""
@@ -135,9 +136,10 @@ class Decoder:
         temperature = 0.0 if self.all_greedy else self.temperature
         nxt = fastgpt.sample(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p,
                              min_p=self.min_p, generator=self.generator, backend=self.model.backend)
-        nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
+        if self.has_eos:
+            nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
+            self.finished |= (nxt[:, None] == self.eos).any(dim=1)
         self.out.index_copy_(1, self.step, nxt[:, None])
-        self.finished |= (nxt[:, None] == self.eos).any(dim=1)
         self.tok.copy_(nxt)
         self.step += 1
 
@@ -164,9 +166,9 @@ class Decoder:
         """Capture decode_step over the whole cache in a CUDA graph (or keep the one captured).
 
         Returns None, or why the capture failed. The graph replays the sampler's draws from
-        self.generator, whatever generator the call came with: only all_greedy is baked in.
+        self.generator, whatever generator the call came with: only all_greedy and has_eos are baked in.
         """
-        if self.graph is not None and self.graph_greedy == self.all_greedy:
+        if self.graph is not None and self.graph_mode == (self.all_greedy, self.has_eos):
             return None
         self.graph, self.kv = None, self.cache
         state = (self.tok, self.pos, self.step, self.out, self.finished)
@@ -186,7 +188,7 @@ class Decoder:
         except Exception as exc:  # a sync or an uncapturable op somewhere: decode eagerly instead
             self._restore(state, saved, rng)
             return f"{type(exc).__name__}: {exc}"
-        self.graph, self.graph_greedy = graph, self.all_greedy
+        self.graph, self.graph_mode = graph, (self.all_greedy, self.has_eos)
         return None
 
     def _restore(self, state, saved, rng):

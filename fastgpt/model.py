@@ -245,7 +245,7 @@ class GPT(nn.Module):
         Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]].
         """
         B, config = tok.shape[0], self.config
-        seqlens = (pos + 1).to(torch.int32)
+        seqlens = torch.add(pos, 1, out=torch.empty(B, dtype=torch.int32, device=pos.device))  # one kernel
         if self._fused_decode(B, tok.device):
             return self._decode_fused(tok, pos, kv_cache, seqlens)
         slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers

@@ -436,6 +436,23 @@ def test_cuda_graph_matches_eager(dtype):
 
 
 @pytest.mark.gpu
+def test_cuda_graph_with_and_without_eos():
+    """A call without eos captures a step without the finished-row bookkeeping; the next call with
+    eos needs it back (a new capture), and the one after without eos again: each as eager."""
+    _, model = tiny(128, 2, n_positions=512)
+    model = model.to("cuda")
+    idx = torch.randint(1, V, (2, 10), device="cuda")
+    free = model.generate(idx, 40, cuda_graph=False)
+    eos = int(free[0, 14])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="fastgpt: CUDA graph capture failed")
+        runs = [model.generate(idx, 40, eos_token_id=e) for e in (None, eos, None)]
+    assert torch.equal(runs[0], free) and torch.equal(runs[2], free)
+    assert torch.equal(runs[1], model.generate(idx, 40, eos_token_id=eos, cuda_graph=False))
+    assert (runs[1][0, 15:] == eos).all()  # row 0 finished at its first eos: pad (= eos) after it
+
+
+@pytest.mark.gpu
 def test_cuda_graph_sampling_reproducible():
     """The graph draws from the decoder's generator: fresh generators of one seed give the same
     tokens, with or without the graph, and each caller's generator ends in the same state."""
