@@ -310,7 +310,7 @@ _attn_fwd_tuned = triton.autotune(
     key=["HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q", "tma"],  # Triton adds the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
-_TUNED = set()  # the keys autotuned in this process (see _autotune)
+_BEST = {}  # tune key -> the autotuner's choice (BLOCK_M, BLOCK_N, warps, stages, use_tma), launched directly since
 _TMA_FAILED = set()  # the devices (index) where a launch with TMA candidates failed: pointer loads there
 
 
@@ -318,8 +318,8 @@ def _autotune(key: tuple) -> bool:
     """Whether to launch through the autotuner: yes, unless `key` has not been tuned yet and the
     current stream is being captured into a CUDA graph (timing syncs the host, which a capture
     cannot contain); then the fixed config runs instead, with a warning."""
-    if key in _TUNED or not torch.cuda.is_current_stream_capturing():
-        return True  # the launcher adds the key to _TUNED once the tuned launch went through
+    if key in _BEST or not torch.cuda.is_current_stream_capturing():
+        return True  # the launcher records the choice in _BEST once the tuned launch went through
     warnings.warn(
         f"fastgpt attention: the Triton kernel is not autotuned yet for {key}, and autotuning cannot run "
         "during CUDA graph capture; the capture uses a fixed config. Call attention once with this "
@@ -411,34 +411,62 @@ def _launch_tuned(grid, args, meta, tma_mode: int, without_tma, device_index) ->
 
 
 def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: bool, tma_mode: int) -> None:
-    """One launch of the kernel, through the autotuner (long problems on a GPU) or a fixed config."""
+    """One launch of the kernel: through the autotuner the first time a long problem's key is met
+    on a GPU, then straight with the config it chose (the autotuner's key and cache lookups, and
+    the TMA descriptors of a config that loads by pointers, cost host time on every call); a
+    fixed config for short problems, on CPU tensors, and for a key first met during a capture."""
     B, Hq, Sq, D = q.shape
-    Hkv, Sk = k.shape[1], k.shape[2]
+    Sk = k.shape[2]
     fp32 = q.dtype == torch.float32
     block_d = max(16, triton.next_power_of_2(D))
     seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
     tune_key = (D, causal, mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
     tuned = _use_autotuner(q, Sq, Sk) and _autotune(tune_key)
-    if not tuned and tma_mode == TMA_AUTO:
-        tma_mode = TMA_OFF  # the fixed config loads by pointers: no descriptors to build
-    descs = _descriptors(tma_mode, block_d, q, k, v, out)
+    call = (q, k, v, out, lse, mask, causal, scale, return_lse, block_d, seq_bucket, short_q, tma_mode)
+    if tuned and tune_key not in _BEST:
+        grid = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)  # noqa: E731
+        args, meta = _arguments(*call, _descriptors(tma_mode, block_d, q, k, v, out))
+        without_tma = lambda: _launch(q, k, v, out, lse, mask, causal, scale, return_lse, TMA_OFF)  # noqa: E731
+        if _launch_tuned(grid, args, meta, tma_mode, without_tma, q.device.index):
+            best = _attn_fwd_tuned.best_config
+            _BEST[tune_key] = (best.kwargs["BLOCK_M"], best.kwargs["BLOCK_N"], best.num_warps, best.num_stages,
+                               best.kwargs["USE_TMA"])  # fmt: skip
+            # The direct launch's kernel (without descriptors where the config loads by pointers)
+            # compiles here, where tuning has synchronised anyway: never inside a graph capture.
+            _launch_direct(call, _BEST[tune_key])
+        return
+    if tuned:
+        config = _BEST[tune_key]
+    else:
+        config = (*(_fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG), tma_mode == TMA_ONLY)
+    _launch_direct(call, config)
+
+
+def _arguments(q, k, v, out, lse, mask, causal, scale, return_lse, block_d, seq_bucket, short_q, tma_mode, descs):
+    """The kernel's positional arguments, and its constexpr keywords other than the config's."""
+    Hq, Sq = q.shape[1], q.shape[2]
+    Hkv, Sk = k.shape[1], k.shape[2]
     has_mask = mask is not None
     mask_u8 = mask.view(torch.uint8) if has_mask else out  # unread without a mask
     mask_strides = mask_u8.stride()[:3] if has_mask else (0, 0, 0)
     args = (q, k, v, out, lse, mask_u8, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q, tma_mode)
-    meta = dict(HEAD_DIM=D, BLOCK_D=block_d, IS_CAUSAL=causal, HAS_MASK=has_mask, WRITE_LSE=return_lse,
-                DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32")
-    if tuned:
-        grid = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)  # noqa: E731
-        without_tma = lambda: _launch(q, k, v, out, lse, mask, causal, scale, return_lse, TMA_OFF)  # noqa: E731
-        if _launch_tuned(grid, args, meta, tma_mode, without_tma, q.device.index):
-            _TUNED.add(tune_key)
-        return
-    block_m, block_n, warps, stages = _fixed_config(block_d, fp32) if q.is_cuda else _INTERPRETER_CONFIG
-    use_tma = tma_mode == TMA_ONLY
+    meta = dict(HEAD_DIM=q.shape[3], BLOCK_D=block_d, IS_CAUSAL=causal, HAS_MASK=has_mask, WRITE_LSE=return_lse,
+                DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32")
+    return args, meta
+
+
+def _launch_direct(call: tuple, config: tuple) -> None:
+    """_attn_fwd_kernel under config = (BLOCK_M, BLOCK_N, warps, stages, use_tma), without the
+    autotuner; TMA descriptors only for a TMA config."""
+    q, k, v, out = call[:4]
+    block_d, tma_mode = call[9], call[12]
+    block_m, block_n, warps, stages, use_tma = config
+    descs = _descriptors(tma_mode if use_tma else TMA_OFF, block_d, q, k, v, out)
     if use_tma:
         _set_block_shapes(dict(zip(("desc_q", "desc_k", "desc_v", "desc_o"), descs), BLOCK_M=block_m,
                                BLOCK_N=block_n, BLOCK_D=block_d))
+    args, meta = _arguments(*call, descs)
+    B, Hq, Sq = q.shape[:3]
     _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
         *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=warps, num_stages=stages)

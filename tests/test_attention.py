@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+import triton
 
 import fastgpt
 from fastgpt import reference
@@ -274,6 +275,8 @@ def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
                 if args[-1] in broken["tma"]:
                     raise RuntimeError("launch refused")
                 block_m, block_n, warps, stages = mod._INTERPRETER_CONFIG
+                self.best_config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "USE_TMA": False},
+                                                 num_warps=warps, num_stages=stages)
                 mod._attn_fwd_kernel[grid({"BLOCK_M": block_m})](*args, **meta, BLOCK_M=block_m, BLOCK_N=block_n,
                                                                  USE_TMA=False, num_warps=warps, num_stages=stages)
             return launch
@@ -284,7 +287,7 @@ def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
     monkeypatch.setattr(mod, "_tma_mode", lambda tma, *t: mod.TMA_ONLY if tma else mod.TMA_AUTO)
     monkeypatch.setattr(mod, "_descriptors", lambda tma, block_d, *t: (None,) * len(t))
     monkeypatch.setattr(mod, "_TMA_FAILED", set())
-    monkeypatch.setattr(mod, "_TUNED", set())
+    monkeypatch.setattr(mod, "_BEST", {})
     q, k, v = _qkv(1, 2, 2, 20, 20, 32, torch.float32, device)
     with pytest.warns(UserWarning, match="TMA candidates failed"):
         out = mod.attention(q, k, v, causal=True, scale=0.2)
@@ -292,6 +295,7 @@ def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
     assert tma_values == [mod.TMA_AUTO, mod.TMA_OFF] and mod._TMA_FAILED == {q.device.index}
     broken["tma"] = {mod.TMA_AUTO, mod.TMA_OFF}  # pointer loads fail too: not TMA's fault
     mod._TMA_FAILED.clear()
+    mod._BEST.clear()
     with pytest.raises(RuntimeError, match="launch refused"):
         mod.attention(q, k, v, causal=True, scale=0.2)
     assert not mod._TMA_FAILED
@@ -299,6 +303,44 @@ def test_tma_failure_falls_back_to_pointer_loads(device, monkeypatch):
     with pytest.raises(RuntimeError, match="launch refused"):
         mod.attention(q, k, v, causal=True, scale=0.2, tma=True)
     assert not mod._TMA_FAILED
+
+
+def test_tuned_key_launches_directly_after(device, monkeypatch):
+    """The autotuner runs once per key; later calls launch its choice straight (no autotuner, no
+    descriptors for a pointer config), with the same results. (The autotuner is stubbed: on
+    CPU tensors the launcher never tunes.)"""
+    from fastgpt.kernels import attention as mod
+
+    tuner_calls, direct, kernel = [], [], mod._attn_fwd_kernel
+
+    class Tuned:
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                tuner_calls.append(args[-1])
+                self.best_config = triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "USE_TMA": False}, num_warps=4,
+                                                 num_stages=1)
+                kernel[grid({"BLOCK_M": 32})](*args, **meta, BLOCK_M=32, BLOCK_N=16, USE_TMA=False, num_warps=4,
+                                              num_stages=1)
+            return launch
+
+    class Direct:  # records the direct launches' configs and descriptors
+        def __getitem__(self, grid):
+            def launch(*args, **meta):
+                direct.append((meta["BLOCK_M"], meta["BLOCK_N"], args[6:10]))
+                return kernel[grid](*args, **meta)
+            return launch
+
+    monkeypatch.setattr(mod, "_attn_fwd_tuned", Tuned())
+    monkeypatch.setattr(mod, "_attn_fwd_kernel", Direct())
+    monkeypatch.setattr(mod, "_use_autotuner", lambda q, Sq, Sk: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(mod, "_BEST", {})
+    q, k, v = _qkv(2, 2, 1, 40, 40, 16, torch.float32, device)
+    for _ in range(3):
+        assert_close(mod.attention(q, k, v, causal=True, scale=0.3), _reference(q, k, v, True, 0.3))
+    assert len(tuner_calls) == 1 and list(mod._BEST.values()) == [(32, 16, 4, 1, False)]
+    # the tuning call's own direct launch (compiling its kernel), then one per later call
+    assert [(m, n) for m, n, _ in direct] == [(32, 16)] * 3 and all(d == (None,) * 4 for *_, d in direct)
 
 
 def test_tma_refuses_unaligned_views(device):
@@ -387,17 +429,17 @@ def test_no_autotuning_during_graph_capture(monkeypatch):
     fixed config (with a warning) instead of failing the capture; a key tuned before is reused."""
     from fastgpt.kernels import attention as mod
 
-    monkeypatch.setattr(mod, "_TUNED", set())
+    monkeypatch.setattr(mod, "_BEST", {})
     capturing = [False]
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     tuned, fresh = (64, True, 1024, 0, torch.bfloat16, False), (64, True, 2048, 0, torch.bfloat16, False)
     assert mod._autotune(tuned)  # outside a capture: tune (the launcher remembers it once it ran)
-    mod._TUNED.add(tuned)
+    mod._BEST[tuned] = (64, 64, 4, 3, False)
     capturing[0] = True
-    assert mod._autotune(tuned)  # already tuned: the autotuner's cached config, no timing
+    assert mod._autotune(tuned)  # already tuned: its config, no timing
     with pytest.warns(UserWarning, match="CUDA graph capture"):
         assert not mod._autotune(fresh)
-    assert fresh not in mod._TUNED
+    assert fresh not in mod._BEST
 
 
 # ----------------------------------------------------------------------------- compile for the GPU
