@@ -61,9 +61,18 @@ import triton.language as tl
 
 from fastgpt._backends import sm_count
 
-MAX_BLOCK_V = 1024  # vocabulary block per loop step
+MAX_BLOCK_V = 1024  # vocabulary block per loop step on the split path
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
 NUM_WARPS = 8
+# One program per row: each of its ~15 passes over the row is a serial loop whose steps wait on
+# their loads (1024-entry blocks on 8 warps: 492 us at B1 on the H200, ~0.6 us a step). Larger
+# blocks keep more loads in flight per step, in fewer steps, as far as the registers allow: by
+# ptxas (sm_80 and sm_90), fp32 logits in 4096-entry blocks on 32 warps fit 64 registers (12
+# bytes of spills on sm_80 at V 128k, none on sm_90): chosen from that, not yet measured
+# (gpu-probe's sample_blocks sweeps it). 16-bit logits spill ~1.2 KB a thread there, and up to
+# 124 bytes in 2048-entry blocks on 8 warps: they keep the measured 1024 on 8.
+ROW_BLOCK_V = {4: 4096, 2: 1024}  # by the logits' element size
+ROW_WARPS = {4: 32, 2: 8}
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
 MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
 MASS_BLOCK = 256  # the top-p masses' one-hot product stages 2 x 16 x MASS_BLOCK fp32 in shared memory
@@ -620,8 +629,8 @@ def split_chunks(B: int, V: int, num_sms: int, min_chunks: int = _MIN_SPLIT_CHUN
     return chunks if chunks >= min_chunks else 1
 
 
-def _warps(block: int) -> int:
-    return max(1, min(NUM_WARPS, block // 128))
+def _warps(block: int, most: int = NUM_WARPS) -> int:
+    return max(1, min(most, block // 128))
 
 
 def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks):
@@ -665,10 +674,11 @@ def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: boo
         num_chunks = 0 if num_chunks == 1 else num_chunks
     if num_chunks > 0 and V <= MAX_SPLIT_V:
         return _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mask, num_chunks)
-    block_v = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    size = logits.element_size()
+    block_v = min(ROW_BLOCK_V[size], triton.next_power_of_2(V))
     _sample_kernel[(B,)](
         logits, temperature, top_k, top_p, min_p, seed, out, logits.stride(0), V=V,
-        WRITE_MASK=write_mask, BLOCK_V=block_v, NUM_PIVOTS=NUM_PIVOTS, num_warps=_warps(block_v),
+        WRITE_MASK=write_mask, BLOCK_V=block_v, NUM_PIVOTS=NUM_PIVOTS, num_warps=_warps(block_v, ROW_WARPS[size]),
     )  # fmt: skip
     return out
 

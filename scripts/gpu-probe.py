@@ -242,19 +242,20 @@ def sample_batch_section(p: Probe):
 
 def sample_blocks_section(p: Probe):
     """The one-program-per-row path's vocabulary block (x its pivots: registers) and warps."""
-    block, warps = tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS
-    variants = [(1024, 4)] if p.smoke else [(1024, 8), (1024, 4), (2048, 8), (2048, 16), (4096, 16), (512, 4)]
+    block, warps = dict(tri_sampling.ROW_BLOCK_V), dict(tri_sampling.ROW_WARPS)
+    variants = [(1024, 4)] if p.smoke else [(4096, 32), (1024, 8), (2048, 16), (2048, 8), (4096, 16), (8192, 32)]
     try:
         for B in (2,) if p.smoke else (1, 256):
             logits, params, seed = sample_inputs(p, B, 3000 if p.smoke else 50257)
             for block_v, num_warps in variants:
                 def measure(block_v=block_v, num_warps=num_warps):
-                    tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS = block_v, num_warps
+                    tri_sampling.ROW_BLOCK_V[4], tri_sampling.ROW_WARPS[4] = block_v, num_warps  # fp32 logits
                     return dict(device_us=p.device_us(lambda: tri_sampling.sample(logits, *params, seed,
                                                                                   num_chunks=0)))
                 p.record("sample_blocks", dict(B=B, block_v=block_v, warps=num_warps), measure)
     finally:
-        tri_sampling.MAX_BLOCK_V, tri_sampling.NUM_WARPS = block, warps
+        tri_sampling.ROW_BLOCK_V.update(block)
+        tri_sampling.ROW_WARPS.update(warps)
 
 
 def linear_section(p: Probe):

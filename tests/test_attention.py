@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -479,6 +480,23 @@ def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages, s
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def ptxas_spills(kernel, arch: int) -> int:
+    """Bytes of register spill stores in `kernel` for sm_<arch>, by Triton's bundled ptxas -v."""
+    import re
+
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "kernel.ptx")
+        with open(path, "w") as f:
+            f.write(kernel.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True,
+                              text=True, check=True)  # fmt: skip
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", proc.stderr))
 
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block (A100, H100/H200)

@@ -481,14 +481,17 @@ def compile_row_variants(arch):
     vocabulary. The Gumbel noise -log(-log(u)) takes u up to 1 - 2^-24, where an approximate log
     (lg2.approx, absolute error ~2^-22) could return 0 and make the noise infinite: tl.log must
     stay exact."""
-    from tests.test_attention import _load_kernel_module, compile_for
+    from tests.test_attention import _load_kernel_module, compile_for, ptxas_spills
 
     mod = _load_kernel_module("sampling")
-    for dtype, write_mask in [("bf16", False), ("fp16", True)]:
+    for dtype, write_mask in [("bf16", False), ("fp16", True), ("fp32", False)]:
         ptrs = _PARAMS | {"logits_ptr": f"*{dtype}", "out_ptr": "*i1" if write_mask else "*i64"}
-        const = {"V": 128256, "WRITE_MASK": write_mask, "BLOCK_V": mod.MAX_BLOCK_V, "NUM_PIVOTS": mod.NUM_PIVOTS}
-        kernel = compile_for(mod._sample_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
+        size = 4 if dtype == "fp32" else 2
+        const = {"V": 128256, "WRITE_MASK": write_mask, "BLOCK_V": mod.ROW_BLOCK_V[size], "NUM_PIVOTS": mod.NUM_PIVOTS}
+        kernel = compile_for(mod._sample_kernel, ptrs, const, arch=arch, num_warps=mod.ROW_WARPS[size], num_stages=3)
         assert "lg2.approx" not in kernel.asm["ptx"], (arch, dtype)
+        # the row's tiles are sized to the registers: a few words of spills at most (not ~1 KB)
+        assert ptxas_spills(kernel, arch) <= 32, (arch, dtype, ptxas_spills(kernel, arch))
     for stage, dtype in [(0, "bf16"), (1, "fp32")]:
         const = {"V": 128256, "STAGE": stage, "BLOCK_V": mod.MAX_BLOCK_V, "MAX_CHUNKS": mod.MAX_CHUNKS}
         compile_for(mod._split_search_kernel, _SPLIT | {"logits_ptr": f"*{dtype}"}, const, arch=arch,
