@@ -29,8 +29,8 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     x), kv_pos (M,) int64 on x's device; out's columns [H D, 2 H D) (k) and [2 H D, 3 H D) (v),
     head-major, also go to kv_cache[0 or 1, m, :, kv_pos[m]]. Slots are not read on the host: a
     slot outside [0, S) is not written. Returns (out (..., N), h) with h = x + residual (x's
-    shape), or None without a residual. On the triton backend x may hold at most MAX_ROWS rows (auto takes
-    torch beyond that, and off CUDA).
+    shape), or None without a residual. On the triton backend x may hold at most MAX_ROWS rows
+    (auto takes torch beyond that, and off CUDA).
     """
     _checks.tensor("x", x)
     if x.dim() == 0:
