@@ -264,35 +264,39 @@ def sample_blocks_section(p: Probe):
         tri_sampling.ROW_WARPS.update(warps)
 
 
+def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callable]:
+    """One GPT-2 decode matmul, fused (one launch) and as the ops it replaces."""
+    from fastgpt.ops.linear import linear
+
+    def fused():
+        return linear(x, w, b, ln=(g, beta, 1e-5) if ln else None, residual=r if ln else None,
+                      activation="gelu_tanh" if gelu else None, backend="triton")  # fmt: skip
+
+    def unfused():
+        a = fastgpt.layer_norm(x, g, beta, residual=r)[0] if ln else x
+        y = F.linear(a, w, b)
+        return F.gelu(y, approximate="tanh") if gelu else y
+
+    return {"fused (triton)": fused, "unfused (LN op + F.linear + F.gelu)": unfused}
+
+
 def linear_section(p: Probe):
     """Each matmul of a GPT-2 decode step, fused (one launch) against the ops it replaces: device
     time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on."""
-    from fastgpt.ops.linear import linear
-
     C = 32 if p.smoke else 768
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
     for B in (1, 2) if p.smoke else (1, 4, 16):
         for name, K, N, ln, gelu in forms:
-            x, r, w, b = p.randn(B, K), p.randn(B, K), p.randn(N, K) / K ** 0.5, p.randn(N)
-            g, beta = p.randn(K), p.randn(K)
-            norm = (g, beta, 1e-5) if ln else None
-            act = "gelu_tanh" if gelu else None
-
-            def unfused():
-                a = fastgpt.layer_norm(x, g, beta, residual=r)[0] if ln else x
-                y = F.linear(a, w, b)
-                return F.gelu(y, approximate="tanh") if gelu else y
-
-            calls = {"fused (triton)": lambda: linear(x, w, b, ln=norm, residual=r if ln else None, activation=act,
-                                                      backend="triton"),
-                     "unfused (LN op + F.linear + F.gelu)": unfused}
+            w = p.randn(N, K) / K ** 0.5
+            calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
+            weight_bytes = w.numel() * w.element_size()
             for impl, fn in calls.items():
-                def measure(fn=fn):
+                def measure(fn=fn, weight_bytes=weight_bytes):
                     d = p.device_us(fn)
-                    return dict(device_us=d, weight_gbps=w.numel() * w.element_size() / d / 1e3)
-                p.record("linear", dict(form=name, B=B, K=K, N=N, impl=impl), measure)
+                    return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3}
+                p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
 
 
 def profile_section(p: Probe):
