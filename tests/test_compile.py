@@ -96,6 +96,12 @@ def test_eager_calls_skip_the_dispatcher_unless_something_needs_it(monkeypatch):
     with FakeTensorMode() as mode:
         _dispatch.call(op, impl, mode.from_tensor(torch.ones(2)), "triton")
     assert calls == ["op"]
+    calls.clear()
+    weight = torch.nn.Parameter(torch.ones(2))  # a module's weight: plain for dispatch
+    with torch.no_grad():
+        _dispatch.call(op, impl, x.detach(), weight, "triton")
+    _dispatch.call(op, impl, x.detach(), weight, "triton")  # grad enabled, weight requires grad
+    assert calls == ["impl", "op"]
 
     # The registered op still refuses a backward pass, as before the shortcut.
     q = torch.randn(1, 1, 2, 8, requires_grad=True)
