@@ -53,7 +53,9 @@ def attention_preference(flops: float) -> tuple[str, str]:
     of it costs ~200-350 us of host time there (Triton's launch, TMA descriptors, the
     autotuner) against ~100-150 for CUDA's, so per call the smallest of those shapes (26 GFLOP)
     ran faster through CUDA (163 against 311 us) and the next (103 GFLOP) through Triton (296
-    against 545). ATTENTION_TRITON_MIN_FLOPS sits between the two."""
+    against 545). ATTENTION_TRITON_MIN_FLOPS sits between the two. Those host times predate eager
+    calls skipping torch's dispatcher and tuned Triton launches skipping the autotuner (both cut
+    host time, Triton's more): not re-measured, so the rule may move down or go."""
     return TRITON_FIRST if flops >= ATTENTION_TRITON_MIN_FLOPS else CUDA_FIRST
 
 
