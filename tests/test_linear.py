@@ -94,6 +94,17 @@ def test_qkv_projection_writes_the_kv_cache(dtype, device):
     assert torch.equal(expected[0, 1, :, 6], k[1]) and torch.equal(expected[0, 3], cache[0, 3])
 
 
+def test_empty_inputs(device):
+    """No rows, no outputs, or no inputs: shapes and values as the unfused ops give them."""
+    w, b = torch.randn(5, 8, device=device), torch.randn(5, device=device)
+    out, _ = linear(torch.randn(0, 8, device=device), w, b, backend="triton")
+    assert out.shape == (0, 5)
+    out, _ = linear(torch.randn(3, 8, device=device), w[:0], b[:0], backend="triton")
+    assert out.shape == (3, 0)
+    out, _ = linear(torch.randn(3, 0, device=device), w[:, :0], b, backend="triton")
+    assert torch.equal(out, b.expand(3, 5))  # an empty sum, plus the bias
+
+
 def test_shape_and_backend_errors(device):
     x, r, w, b, g, beta = _inputs(2, 32, 16, torch.float32, device)
     with pytest.raises(ValueError, match="weight must have shape"):

@@ -7,6 +7,8 @@ up to MAX_ROWS rows. Backends: triton, and torch (plain PyTorch, unfused).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fastgpt import _backends, reference
@@ -64,7 +66,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
         _checks.same_dtype(x=x, residual=residual)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    M = x.numel() // K if K else 0
+    M = math.prod(x.shape[:-1])  # rows
     _check_kv(kv_cache, kv_pos, x, M, N)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
                                  kv_cache=kv_cache, kv_pos=kv_pos)  # fmt: skip
