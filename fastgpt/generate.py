@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 
 import fastgpt
+from fastgpt import _backends
 from fastgpt.ops.sampling import check_generator, row_params
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
@@ -98,6 +99,11 @@ class Decoder:
         self.generator, self.all_greedy, self.has_eos = torch.Generator(device), False, True
         self.graph, self.graph_mode = None, None  # graph_mode: (all_greedy, has_eos) baked into the graph
         self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
+        # emit's bookkeeping in one Triton launch where the model's ops run on Triton (auto's on a
+        # GPU): 1 launch a step instead of 4 (8 with eos ids)
+        backend = model.backend
+        self.triton_advance = backend in ("auto", "triton") and _backends.resolve(
+            "advance", backend, device, preference=("triton",)) == "triton"
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
@@ -132,16 +138,22 @@ class Decoder:
         _set_rng(generator, self.tok.device, self.generator.get_state())
 
     def emit(self, logits):
-        """Sample from logits (B, V), write the tokens to out[:, step], advance. No host sync."""
+        """Sample from logits (B, V), write the tokens to out[:, step] and tok, advance step and
+        pos. No host sync."""
         temperature = 0.0 if self.all_greedy else self.temperature
         nxt = fastgpt.sample(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p,
                              min_p=self.min_p, generator=self.generator, backend=self.model.backend)
+        if self.triton_advance:  # what follows, in one launch (kernels/advance.py)
+            _backends.launchers("triton", "advance").advance(
+                nxt, self.out, self.step, self.tok, self.pos, self.finished, self.pad, self.eos, has_eos=self.has_eos)
+            return
         if self.has_eos:
             nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
             self.finished |= (nxt[:, None] == self.eos).any(dim=1)
         self.out.index_copy_(1, self.step, nxt[:, None])
         self.tok.copy_(nxt)
         self.step += 1
+        self.pos += 1
 
     def use_compile(self, options: dict | None):
         """Run the decode forward through torch.compile(fullgraph=True, **options), or plainly
@@ -158,9 +170,7 @@ class Decoder:
 
     def decode_step(self):
         """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""
-        logits = self.forward(self.tok, self.pos, self.kv)  # (B, V)
-        self.pos += 1
-        self.emit(logits)
+        self.emit(self.forward(self.tok, self.pos, self.kv))  # (B, V) logits; emit advances pos
 
     def capture(self) -> str | None:
         """Capture decode_step over the whole cache in a CUDA graph (or keep the one captured).
@@ -368,7 +378,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
 
 def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_every) -> Iterator[Decoder]:
     """The prefill of the left-aligned idx (B, T), then the decode steps (check_every None: no eos)."""
-    decoder.pos.copy_(lengths)  # the first new token goes to slot L_b, position L_b
+    decoder.pos.copy_(lengths - 1)  # the prompt's last position: emit advances it to L_b, the first new token's
     decoder.emit(model.prefill(idx, decoder.kv, last=lengths - 1))
     yield decoder
 

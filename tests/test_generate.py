@@ -97,6 +97,54 @@ def test_eos_every_row_ends_output_early(pair):
         assert out.shape[1] == 5 + int(is_eos.int().argmax(1).max()) + 1  # ends at the last row's eos
 
 
+@pytest.mark.parametrize("B", [1, 33, 1100])  # one block of rows, a padded one, several (1024 each)
+@pytest.mark.parametrize("has_eos", [False, True])
+def test_advance_kernel_equals_the_torch_bookkeeping(B, has_eos, device):
+    """kernels/advance.py against Decoder.emit's PyTorch steps: tokens (pad for finished rows),
+    out's column, tok, pos, step, and the finished flags (eos hits, padding slots of -1)."""
+    from fastgpt.kernels.advance import advance
+
+    g = torch.Generator().manual_seed(B)
+    state = {"out": torch.randint(0, 99, (B, 7), generator=g), "step": torch.tensor([3]),
+             "tok": torch.randint(0, 99, (B,), generator=g), "pos": torch.randint(0, 50, (B,), generator=g),
+             "finished": torch.rand(B, generator=g) < 0.3}  # fmt: skip
+    nxt = torch.randint(0, 12, (B,), generator=g)
+    pad, eos = torch.tensor([11]), torch.tensor([4, 7, -1, -1, -1, -1, -1, -1])
+    theirs = {k: v.clone().to(device) for k, v in state.items()}
+    advance(nxt.to(device), theirs["out"], theirs["step"], theirs["tok"], theirs["pos"], theirs["finished"],
+            pad.to(device), eos.to(device), has_eos=has_eos)  # fmt: skip
+    if has_eos:
+        nxt = torch.where(state["finished"], pad, nxt)
+        state["finished"] |= (nxt[:, None] == eos).any(dim=1)
+    state["out"][:, 3] = nxt
+    state["tok"], state["pos"], state["step"] = nxt, state["pos"] + 1, state["step"] + 1
+    for name, value in state.items():
+        assert torch.equal(theirs[name].cpu(), value), name
+
+
+def test_triton_glue_generates_what_the_torch_one_does():
+    """The triton backend's decode step (fused linear, the advance kernel) gives the torch
+    backend's tokens: greedy with left padding and eos ids (rows finishing early), and sampled."""
+    _, model = tiny(64, 4, n_layer=1, n_positions=64)
+    idx = torch.randint(1, V, (3, 6))
+    mask = torch.ones_like(idx)
+    mask[1, :2] = 0
+    free = model.generate(idx, 12, attention_mask=mask)
+    eos = [int(free[0, 9]), int(free[2, 13])]
+    runs = {}
+    for backend in ("torch", "triton"):
+        model.backend = backend
+        assert next(iter(model._decoders.values()), None) is None  # the setter dropped the decoders
+        runs[backend] = [model.generate(idx, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0),
+                         model.generate(idx, 12, attention_mask=mask, temperature=0.8, top_k=20,
+                                        generator=torch.Generator().manual_seed(3))]  # fmt: skip
+        decoder = next(iter(model._decoders.values()))
+        assert decoder.triton_advance == (backend == "triton")
+    assert torch.equal(runs["torch"][0], runs["triton"][0])
+    assert (runs["triton"][0][0, 10:] == 0).all()  # row 0 padded after its eos
+    assert runs["triton"][1].shape == runs["torch"][1].shape == (3, 18)
+
+
 def test_sampling_reproducible_under_generator(pair):
     _, model = pair
     idx = torch.randint(0, V, (2, 8))
