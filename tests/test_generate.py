@@ -122,6 +122,24 @@ def test_advance_kernel_equals_the_torch_bookkeeping(B, has_eos, device):
         assert torch.equal(theirs[name].cpu(), value), name
 
 
+def compile_advance_variants(arch):
+    """kernels/advance.py lowered for sm_<arch>, with and without eos ids, at one block and the widest."""
+    from tests.test_attention import _load_kernel_module, compile_for
+
+    mod = _load_kernel_module("advance")
+    ptrs = {"nxt_ptr": "*i64", "out_ptr": "*i64", "step_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64",
+            "finished_ptr": "*u8", "pad_ptr": "*i64", "eos_ptr": "*i64"}  # fmt: skip
+    for has_eos, block in [(False, mod.MIN_BLOCK), (True, 1024)]:
+        compile_for(mod._advance_kernel, ptrs, {"HAS_EOS": has_eos, "BLOCK_B": block, "BLOCK_E": 8}, arch=arch,
+                    num_warps=1, num_stages=1)  # fmt: skip
+
+
+def test_advance_compiles_for_gpu():
+    from tests.test_attention import run_compile_check
+
+    run_compile_check("tests.test_generate.compile_advance_variants")
+
+
 def test_triton_glue_generates_what_the_torch_one_does():
     """The triton backend's decode step (fused linear, the advance kernel) gives the torch
     backend's tokens: greedy with left padding and eos ids (rows finishing early), and sampled."""
