@@ -6,11 +6,11 @@
 
 This is a decode step's matrix-vector work (batch 1 to MAX_ROWS rows): it reads every weight
 once and is bound by those bytes, and a GPT-2 step on a GPU is bound by its launch count as much,
-so each launch here does the work of two or three (add + LayerNorm, matmul, GELU). Every program
-owns BLOCK_N output columns of all M rows (padded to BLOCK_M, a power of two >= 16, for tl.dot)
-and streams their weight
-rows through in BLOCK_K steps; the LayerNorm statistics of the M input rows (a few KB, from L2)
-are recomputed by each program rather than stored, and program 0 writes h.
+so each launch here does the work of two or three (add + LayerNorm, matmul, GELU; for GPT's q|k|v
+projection also the write of k and v into the cache). Every program owns BLOCK_N output columns
+of all M rows (padded to BLOCK_M, a power of two >= 16, for tl.dot) and streams their weight rows
+through in BLOCK_K steps, several in flight (cp.async); the LayerNorm statistics of the M input
+rows (a few KB, from L2) are recomputed by each program rather than stored, and program 0 writes h.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ MAX_ROWS = 64  # rows of one launch (fastgpt.ops.linear.MAX_ROWS), padded to a p
 BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
 BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop
 BLOCK_K_FP32 = 32  # fp32 tiles are twice the bytes, and their ieee dots stage more: 64 rows fit 99 KB
-STATS_ELEMENTS = 8192  # the LayerNorm statistics' step covers BLOCK_M x (8192 / BLOCK_M): 32-64 per thread
+STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: BLOCK_M x (8192 / BLOCK_M), 64 a thread
 NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
 _INTERPRETER_BLOCK_K = 32
@@ -153,12 +153,13 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, x if residual is None else residual, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
-        weight, x if bias is None else bias, out, kv_cache if has_kv else out, kv_pos.contiguous() if has_kv else out,
+        weight, x if bias is None else bias, out,
+        kv_cache if has_kv else out, kv_pos.contiguous() if has_kv else out,
         M, N, K, x.stride(0), 0 if residual is None else residual.stride(0), *weight.stride(), float(eps),
         *kv_strides, kv_len, head_dim,
         HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv, GELU_TANH=gelu_tanh,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=BLOCK_N,
+        BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip
     return out, h

@@ -146,28 +146,32 @@ def test_auto_takes_torch_beyond_the_kernels_rows(device):
     assert_close(out, reference.linear(x, w, b, ln=(g, beta, 1e-5))[0])
 
 
+# The forms GPT.decode launches: (residual + LayerNorm, GELU, bias, k/v cache write).
+_FORMS = {"ln_1 + c_attn": (True, False, True, True), "ln_2 + c_fc + gelu": (True, True, True, False),
+          "c_proj": (False, False, True, False), "ln_f + lm_head": (True, False, False, False)}
+
+
 def compile_linear_variants(arch):
-    """Every form GPT.decode launches, per dtype, lowered for sm_<arch>: no autotuner stands
-    between these launches and the GPU, so each must fit even an sm_86/sm_89 block, and its
-    weight loads must be pipelined."""
+    """Every form GPT.decode launches, per dtype, at 16 and 64 rows, lowered for sm_<arch>: no
+    autotuner stands between these launches and the GPU, so each must fit even an sm_86/sm_89
+    block, and its weight loads must be pipelined."""
     mod = _load_kernel_module("linear")
-    forms = [{"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": True, "KV_CACHE": True},  # ln_1 + c_attn
-             {"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": True, "HAS_BIAS": True},  # ln_2 + c_fc + GELU
-             {"HAS_RESIDUAL": False, "HAS_LN": False, "GELU_TANH": False, "HAS_BIAS": True},  # c_proj
-             {"HAS_RESIDUAL": True, "HAS_LN": True, "GELU_TANH": False, "HAS_BIAS": False}]  # ln_f + lm_head
+    names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp16", "fp32"):
-        ptrs = {name: f"*{dtype}" for name in ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr",
-                                               "bias_ptr", "out_ptr", "kv_ptr")} | {"kv_pos_ptr": "*i64"}
-        for form, block_m in ((form, block_m) for form in forms for block_m in (16, mod.MAX_ROWS)):
-            const = {"KV_CACHE": False, **form, "stride_wk": 1, "HAS_LN_WEIGHT": form["HAS_LN"], "HAS_LN_BIAS": form["HAS_LN"],
-                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N,
-                     "BLOCK_K": mod.BLOCK_K_FP32 if dtype == "fp32" else mod.BLOCK_K, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m}
+        ptrs = {name: f"*{dtype}" for name in names} | {"kv_pos_ptr": "*i64"}
+        for (ln, gelu, bias, kv), block_m in ((form, m) for form in _FORMS.values() for m in (16, mod.MAX_ROWS)):
+            const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
+                     "KV_CACHE": kv, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                     "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m,
+                     "BLOCK_K": mod.BLOCK_K_FP32 if dtype == "fp32" else mod.BLOCK_K,
+                     "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
                                  num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
-            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (arch, dtype, form, block_m, kernel.metadata.shared)
+            where = (arch, dtype, ln, gelu, bias, kv, block_m)
+            assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (*where, kernel.metadata.shared)
             # K a multiple of 16, as every GPT-2 width is (the JIT specialises on it): the weight
             # tiles stream through shared memory with cp.async, several in flight.
-            assert "cp.async" in kernel.asm["ptx"], (arch, dtype, form, block_m)
+            assert "cp.async" in kernel.asm["ptx"], where
     assert mod.MAX_ROWS == MAX_ROWS  # the ops layer's copy
 
 

@@ -72,7 +72,8 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
                                  kv_cache=kv_cache, kv_pos=kv_pos)  # fmt: skip
 
     def unsupported(name: str) -> str | None:
-        return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}" if name == "triton" and M > MAX_ROWS else None
+        too_many = name == "triton" and M > MAX_ROWS
+        return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}" if too_many else None
 
     name = _backends.resolve("linear", backend, device, unsupported, preference=("triton",))
     lead = x.shape[:-1]
