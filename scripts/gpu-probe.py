@@ -53,11 +53,11 @@ class Probe:
     def __init__(self, smoke: bool, time_limit: float | None, out: str):
         self.smoke, self.out, self.results = smoke, out, {}
         self.device = "cpu" if smoke else "cuda"
-        self.deadline = time.monotonic() + time_limit if time_limit else None
+        self.deadline = time.monotonic() + time_limit if time_limit is not None else None
         self.backends = [b for b in ("triton", "cuda") if _backends.why_not(b, torch.device(self.device)) is None]
 
     def out_of_time(self) -> bool:
-        return self.deadline is not None and time.monotonic() > self.deadline
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
     def sync(self):
         if self.device == "cuda":
