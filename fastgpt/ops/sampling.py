@@ -127,14 +127,17 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     """
     _check_logits(logits)
     check_generator(generator, logits.device)
-    params = row_params(logits.shape[0], logits.device, temperature, top_k, top_p, min_p)
     name = _backends.resolve("sample", backend, logits.device, _unsupported(logits),
                              _backends.sample_preference(logits.shape[0]))
+    by_auto = backend == "auto" and _backends.default_backend() == "auto"
+    greedy = _is_zero(temperature) and (name == "torch" or by_auto)  # every row, known without reading a tensor
+    # Checked either way; a greedy draw reads none of them, so they are made on the meta device
+    # (no kernel, no memory: a decode step's launch saved).
+    params = row_params(logits.shape[0], "meta" if greedy else logits.device, temperature, top_k, top_p, min_p)
     if logits.shape[0] == 0:
         return torch.empty(0, dtype=torch.int64, device=logits.device)
-    by_auto = backend == "auto" and _backends.default_backend() == "auto"
-    if _is_zero(temperature) and (name == "torch" or by_auto):
-        return reference.greedy(logits)  # every row greedy, known without reading a tensor: no search
+    if greedy:
+        return reference.greedy(logits)  # an argmax, no search
     seed = torch.randint(-(2**63), 2**63 - 1, (1,), device=logits.device, dtype=torch.int64, generator=generator)
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.sample(logits, *params, seed)
