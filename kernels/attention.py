@@ -310,7 +310,7 @@ _attn_fwd_tuned = triton.autotune(
     key=["HEAD_DIM", "IS_CAUSAL", "HAS_MASK", "seq_bucket", "short_q", "tma"],  # Triton adds the tensor dtypes
     prune_configs_by={"early_config_prune": _prune_configs},
 )(_attn_fwd_kernel)
-_BEST = {}  # tune key -> the autotuner's choice (BLOCK_M, BLOCK_N, warps, stages, use_tma), launched directly since
+_BEST = {}  # tune key -> the autotuner's choice (BLOCK_M, BLOCK_N, warps, stages, use_tma); later calls launch it
 _TMA_FAILED = set()  # the devices (index) where a launch with TMA candidates failed: pointer loads there
 
 
@@ -410,6 +410,24 @@ def _launch_tuned(grid, args, meta, tma_mode: int, without_tma, device_index) ->
         return False
 
 
+class _Call(NamedTuple):
+    """One attention call's tensors and settings, as the launches below take them."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    lse: torch.Tensor
+    mask: torch.Tensor | None
+    causal: bool
+    scale: float
+    return_lse: bool
+    block_d: int
+    seq_bucket: int
+    short_q: int
+    tma_mode: int
+
+
 def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: bool, tma_mode: int) -> None:
     """One launch of the kernel: through the autotuner the first time a long problem's key is met
     on a GPU, then straight with the config it chose (the autotuner's key and cache lookups, and
@@ -422,10 +440,10 @@ def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: boo
     seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
     tune_key = (D, causal, mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
     tuned = _use_autotuner(q, Sq, Sk) and _autotune(tune_key)
-    call = (q, k, v, out, lse, mask, causal, scale, return_lse, block_d, seq_bucket, short_q, tma_mode)
+    call = _Call(q, k, v, out, lse, mask, causal, scale, return_lse, block_d, seq_bucket, short_q, tma_mode)
     if tuned and tune_key not in _BEST:
         grid = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)  # noqa: E731
-        args, meta = _arguments(*call, _descriptors(tma_mode, block_d, q, k, v, out))
+        args, meta = _arguments(call, _descriptors(tma_mode, block_d, q, k, v, out))
         without_tma = lambda: _launch(q, k, v, out, lse, mask, causal, scale, return_lse, TMA_OFF)  # noqa: E731
         if _launch_tuned(grid, args, meta, tma_mode, without_tma, q.device.index):
             best = _attn_fwd_tuned.best_config
@@ -442,31 +460,31 @@ def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: boo
     _launch_direct(call, config)
 
 
-def _arguments(q, k, v, out, lse, mask, causal, scale, return_lse, block_d, seq_bucket, short_q, tma_mode, descs):
+def _arguments(c: _Call, descs: tuple):
     """The kernel's positional arguments, and its constexpr keywords other than the config's."""
+    q, k, v, out = c.q, c.k, c.v, c.out
     Hq, Sq = q.shape[1], q.shape[2]
     Hkv, Sk = k.shape[1], k.shape[2]
-    has_mask = mask is not None
-    mask_u8 = mask.view(torch.uint8) if has_mask else out  # unread without a mask
+    has_mask = c.mask is not None
+    mask_u8 = c.mask.view(torch.uint8) if has_mask else out  # unread without a mask
     mask_strides = mask_u8.stride()[:3] if has_mask else (0, 0, 0)
-    args = (q, k, v, out, lse, mask_u8, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-            *mask_strides, Hq, Sq, Sk, scale * math.log2(math.e), Hq // Hkv, seq_bucket, short_q, tma_mode)
-    meta = dict(HEAD_DIM=q.shape[3], BLOCK_D=block_d, IS_CAUSAL=causal, HAS_MASK=has_mask, WRITE_LSE=return_lse,
-                DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32")
+    args = (q, k, v, out, c.lse, mask_u8, *descs, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *out.stride()[:3], *mask_strides, Hq, Sq, Sk, c.scale * math.log2(math.e), Hq // Hkv, c.seq_bucket,
+            c.short_q, c.tma_mode)  # fmt: skip
+    meta = dict(HEAD_DIM=q.shape[3], BLOCK_D=c.block_d, IS_CAUSAL=c.causal, HAS_MASK=has_mask,
+                WRITE_LSE=c.return_lse, DOT_PRECISION=_FP32_DOT_PRECISION if q.dtype == torch.float32 else "tf32")
     return args, meta
 
 
-def _launch_direct(call: tuple, config: tuple) -> None:
+def _launch_direct(c: _Call, config: tuple) -> None:
     """_attn_fwd_kernel under config = (BLOCK_M, BLOCK_N, warps, stages, use_tma), without the
     autotuner; TMA descriptors only for a TMA config."""
-    q, k, v, out = call[:4]
-    block_d, tma_mode = call[9], call[12]
     block_m, block_n, warps, stages, use_tma = config
-    descs = _descriptors(tma_mode if use_tma else TMA_OFF, block_d, q, k, v, out)
+    descs = _descriptors(c.tma_mode if use_tma else TMA_OFF, c.block_d, c.q, c.k, c.v, c.out)
     if use_tma:
         _set_block_shapes(dict(zip(("desc_q", "desc_k", "desc_v", "desc_o"), descs), BLOCK_M=block_m,
-                               BLOCK_N=block_n, BLOCK_D=block_d))
-    args, meta = _arguments(*call, descs)
-    B, Hq, Sq = q.shape[:3]
+                               BLOCK_N=block_n, BLOCK_D=c.block_d))
+    args, meta = _arguments(c, descs)
+    B, Hq, Sq = c.q.shape[:3]
     _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
         *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=warps, num_stages=stages)
