@@ -15,7 +15,6 @@ from collections.abc import Callable
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter dispatches as a plain tensor (weights, LayerNorm's)
 
 
