@@ -193,6 +193,14 @@ def resolve(
     return "torch"
 
 
+def runs_on_triton(op: str, backend: str, device: torch.device) -> bool:
+    """Whether `op`, a piece only Triton implements (GPT's fused decode matmuls, the decode step's
+    bookkeeping), runs on Triton for a model whose ops run on `backend`: under "auto" where
+    Triton can run (FASTGPT_BACKEND honoured), under "triton"; never under "cuda" or "torch",
+    whose models keep the PyTorch form of that piece."""
+    return backend in ("auto", "triton") and resolve(op, backend, device, preference=("triton",)) == "triton"
+
+
 def report() -> dict[str, str]:
     """Backend name -> "available" or the reason it is not, for `fastgpt info`."""
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

@@ -101,9 +101,7 @@ class Decoder:
         self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
         # emit's bookkeeping in one Triton launch where the model's ops run on Triton (auto's on a
         # GPU): 1 launch a step instead of 4 (8 with eos ids)
-        backend = model.backend
-        self.triton_advance = backend in ("auto", "triton") and _backends.resolve(
-            "advance", backend, device, preference=("triton",)) == "triton"
+        self.triton_advance = _backends.runs_on_triton("advance", model.backend, device)
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,

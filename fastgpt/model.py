@@ -255,9 +255,7 @@ class GPT(nn.Module):
     def _fused_decode(self, batch: int, device: torch.device) -> bool:
         """Whether a decode step of `batch` rows runs on fastgpt.ops.linear: on the triton backend
         (auto's choice on a GPU) for batches the kernel takes (MAX_ROWS), unless fused_decode is off."""
-        if not self._fused_decode_on or self.backend not in ("auto", "triton") or batch > MAX_ROWS:
-            return False
-        return _backends.resolve("linear", self.backend, device, preference=("triton",)) == "triton"
+        return self._fused_decode_on and batch <= MAX_ROWS and _backends.runs_on_triton("linear", self.backend, device)
 
     def _decode_fused(self, tok, pos, kv_cache, seqlens):
         """decode's trunk and lm_head in 5 launches a layer instead of 9 (6 and 10 where decode
