@@ -31,9 +31,8 @@ from collections.abc import Iterator
 
 import torch
 
-import fastgpt
 from fastgpt import _backends
-from fastgpt.ops.sampling import check_generator, row_params
+from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
 BUCKET = 256  # cache lengths round up to a multiple of this (capped by n_positions), so decoders are reused
@@ -97,7 +96,8 @@ class Decoder:
         self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
         self.eos, self.pad = zeros(eos_slots), zeros(1)
         self.generator, self.all_greedy, self.has_eos = torch.Generator(device), False, True
-        self.graph, self.graph_mode = None, None  # graph_mode: (all_greedy, has_eos) baked into the graph
+        self.top_k_bound = 0  # every row's top_k is in [1, top_k_bound], as the host knows (0: unknown)
+        self.graph, self.graph_mode = None, None  # graph_mode: what _mode() bakes into the graph
         self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
         # emit's bookkeeping in one Triton launch where the model's ops run on Triton (auto's on a
         # GPU): 1 launch a step instead of 4 (8 with eos ids)
@@ -105,12 +105,13 @@ class Decoder:
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
-              all_greedy: bool | None = None):
+              all_greedy: bool | None = None, top_k_bound: int = 0):
         """Load one call's settings: each copy_ keeps the buffer (and a captured graph) valid.
 
         positions: the cache positions the call needs (default all); the eager steps attend over
         just those. all_greedy: whether every row is greedy, if the caller knows without reading
-        the device.
+        the device. top_k_bound: ops.sampling.top_k_bound of the call's top_k (the sampler's
+        faster path where it is small).
         """
         for name, value in sampling.items():
             getattr(self, name).copy_(value)
@@ -125,6 +126,7 @@ class Decoder:
         if all_greedy is None:
             all_greedy = bool((sampling["temperature"] <= 0).all())
         self.all_greedy = all_greedy
+        self.top_k_bound = top_k_bound
         self.has_eos = bool(eos_ids)  # without, no row ever finishes: emit skips that bookkeeping
 
     def load_rng(self, generator):
@@ -139,8 +141,8 @@ class Decoder:
         """Sample from logits (B, V), write the tokens to out[:, step] and tok, advance step and
         pos. No host sync."""
         temperature = 0.0 if self.all_greedy else self.temperature
-        nxt = fastgpt.sample(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p,
-                             min_p=self.min_p, generator=self.generator, backend=self.model.backend)
+        nxt = draw(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                   generator=self.generator, backend=self.model.backend, top_k_bound=self.top_k_bound)
         if self.triton_advance:  # what follows, in one launch (kernels/advance.py)
             _backends.launchers("triton", "advance").advance(
                 nxt, self.out, self.step, self.tok, self.pos, self.finished, self.pad, self.eos, has_eos=self.has_eos)
@@ -174,9 +176,9 @@ class Decoder:
         """Capture decode_step over the whole cache in a CUDA graph (or keep the one captured).
 
         Returns None, or why the capture failed. The graph replays the sampler's draws from
-        self.generator, whatever generator the call came with: only all_greedy and has_eos are baked in.
+        self.generator, whatever generator the call came with: only _mode() is baked in.
         """
-        if self.graph is not None and self.graph_mode == (self.all_greedy, self.has_eos):
+        if self.graph is not None and self.graph_mode == self._mode():
             return None
         self.graph, self.kv = None, self.cache
         state = (self.tok, self.pos, self.step, self.out, self.finished)
@@ -196,8 +198,13 @@ class Decoder:
         except Exception as exc:  # a sync or an uncapturable op somewhere: decode eagerly instead
             self._restore(state, saved, rng)
             return f"{type(exc).__name__}: {exc}"
-        self.graph, self.graph_mode = graph, (self.all_greedy, self.has_eos)
+        self.graph, self.graph_mode = graph, self._mode()
         return None
+
+    def _mode(self):
+        """What a captured graph holds of one call's settings: whether every row is greedy, whether
+        eos ids end rows, and the sampler's path (by top_k_bound)."""
+        return self.all_greedy, self.has_eos, self.top_k_bound
 
     def _restore(self, state, saved, rng):
         """Undo the warm-up steps: the state tensors and the random stream are as before them."""
@@ -358,7 +365,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
     # the whole cache, whose shapes stay the same from call to call.
     whole = use_graph or compile is not None
     decoder.reset(sampling, eos_ids, pad_id, positions=None if whole else T + max_new_tokens,
-                  all_greedy=_all_greedy(temperature))
+                  all_greedy=_all_greedy(temperature), top_k_bound=top_k_bound(top_k))
     idx = idx.long()
     if lengths is None:
         lengths = torch.full((B,), T, dtype=torch.int64, device=idx.device)

@@ -23,7 +23,14 @@ token whose cumulative mass sits that close to 1 - top_p (fp32 sums over V terms
 ~1e-4 relative at V ~ 10^5; the GPU tests allow that margin), or whose probability sits within an
 ulp of min_p * p_max, may be kept here and removed by the reference, or the reverse.
 
-Two paths, chosen by the launcher from B, V and the SM count only (split_chunks):
+Three paths, chosen by the launcher from what the host knows: the caller's bound on top_k, B, V
+and the SM count (no device value is read, so every choice is capturable):
+
+- The candidate path (2 launches, see its section) when every row's top_k is bounded below
+  CAND_MAX_K by the caller (top_k_bound): sorting networks over each chunk's best entries, no
+  search over the row. Not yet measured on a GPU.
+
+Otherwise:
 
 - One program per row (_sample_kernel, 1 launch) unless a row would split into at least
   _MIN_SPLIT_CHUNKS chunks (B below ~1/4 of the SM count on 1024-entry chunks), or when
@@ -73,6 +80,13 @@ NUM_WARPS = 8
 # 124 bytes in 2048-entry blocks on 8 warps: they keep the measured 1024 on 8.
 ROW_BLOCK_V = {4: 4096, 2: 1024}  # by the logits' element size
 ROW_WARPS = {4: 32, 2: 8}
+# The candidate path's tiles: picked by ptxas (no spills on sm_80/sm_90) and instruction counts,
+# not yet timed (gpu-probe's sample_cand sweeps them).
+CAND_MAX_K = 256  # the candidate path lists a row's best 16..256 entries: for top_k bounds below
+CAND_BLOCK = 1024  # vocabulary entries per program of its first kernel (at least 4 x cand_k)
+CAND_WARPS = 4  # (4 warps: ~3.3k instructions a thread for tl.topk of 64 out of 1024 int64)
+MERGE_BLOCK = 2048  # candidates per step of its second kernel's merge
+MERGE_WARPS = 8
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
 MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
 MASS_BLOCK = 256  # the top-p masses' one-hot product stages 2 x 16 x MASS_BLOCK fp32 in shared memory
@@ -296,21 +310,10 @@ def _top(xmax, t):
 #   s = x / t;  keep s >= (k-th largest s);  keep key(s) >= T_p, HF's top-p on the survivors;
 #   keep exp(s - max s) >= min_p;  token = argmax over the kept set of s - log(-log(u)).
 @triton.jit
-def _sample_kernel(
-    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
-    temperature_ptr,  # (B,) fp32; <= 0 (or NaN) means greedy
-    top_k_ptr,  # (B,) int64; <= 0 or >= V means off
-    top_p_ptr,  # (B,) fp64; >= 1 (or NaN) means off, <= 0 keeps only the top token(s)
-    min_p_ptr,  # (B,) fp32; <= 0 (or NaN) means off
-    seed_ptr,  # (1,) int64
-    out_ptr,  # (B,) int64 token ids, or (B, V) bool kept set when WRITE_MASK
-    stride_logits_b,
-    V: tl.constexpr,
-    WRITE_MASK: tl.constexpr,
-    BLOCK_V: tl.constexpr,
-    NUM_PIVOTS: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
+def _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, out_ptr, row,
+                stride_logits_b, V: tl.constexpr, WRITE_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
+                NUM_PIVOTS: tl.constexpr):  # fmt: skip
+    """Row `row`'s token (or kept set), by searches over the whole row in one program."""
     row_ptr = logits_ptr + row * stride_logits_b
     t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _row_max(row_ptr, 0, V, V, BLOCK_V)
@@ -345,6 +348,25 @@ def _sample_kernel(
             token = _gumbel_argmax(row_ptr, 0, V, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
                                    V, BLOCK_V)[1]  # fmt: skip
         tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
+
+
+@triton.jit
+def _sample_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
+    temperature_ptr,  # (B,) fp32; <= 0 (or NaN) means greedy
+    top_k_ptr,  # (B,) int64; <= 0 or >= V means off
+    top_p_ptr,  # (B,) fp64; >= 1 (or NaN) means off, <= 0 keeps only the top token(s)
+    min_p_ptr,  # (B,) fp32; <= 0 (or NaN) means off
+    seed_ptr,  # (1,) int64
+    out_ptr,  # (B,) int64 token ids, or (B, V) bool kept set when WRITE_MASK
+    stride_logits_b,
+    V: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    NUM_PIVOTS: tl.constexpr,
+):
+    _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, out_ptr,
+                tl.program_id(0).to(tl.int64), stride_logits_b, V, WRITE_MASK, BLOCK_V, NUM_PIVOTS)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- the split path
@@ -615,6 +637,123 @@ def _split_token_kernel(
     tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 
 
+# ----------------------------------------------------------------------------- the candidate path
+# Where the caller can bound every row's top_k below CAND_MAX_K (a bound the host knows: a Python
+# number, a list, a CPU tensor), a row's kept set lies among its cand_k best scores, cand_k a
+# power of two above the bound, and those are found by sorting networks, not searches:
+#   1. _candidates_kernel over (B, C): program (b, c) keeps the cand_k best entries of its
+#      block-wide chunk, tl.topk over packed int64 entries (key(s) << 32 | V - 1 - col), which
+#      are distinct and rank ties by the lower column first, as the other paths break them.
+#   2. _candidate_draw_kernel over (B,): the row's cand_k best of its C * cand_k candidates, in
+#      order (the chunks' bests hold the row's best: entries are distinct). t_k is the k-th key,
+#      the survivors a prefix of the list; Z, top-p's tail masses (a reversed cumsum, summed from
+#      the smallest as HF's ascending cumsum is), min-p and the Gumbel draw (the same Philox
+#      counters, so the same tokens as the other paths) run on the list alone.
+# The list is complete when top-k's tie group ends inside it (its last key is below t_k). Rows it
+# does not cover (top_k off or >= cand_k, a score reaching +inf, a tie group running past the
+# list) run _sample_row in the same program: right, and slow. 2 launches, fixed by the shapes.
+PAD = tl.constexpr(-(2**63))  # a packed entry below every real one (key KEY_MIN)
+
+
+@triton.jit
+def _pack(key, cols, V: tl.constexpr):
+    """(key << 32) | (V - 1 - col) as int64, ordered by key then by the lower column; PAD past V."""
+    packed = (key.to(tl.int64) << 32) | (V - 1 - cols).to(tl.int64)
+    return tl.where(cols < V, packed, PAD)
+
+
+@triton.jit
+def _unpack(packed, V: tl.constexpr):
+    """Key, column and score of packed entries (the score of PAD is NaN: never kept)."""
+    key = (packed >> 32).to(tl.int32)
+    bits = tl.where(key < 0, key ^ 0x7FFFFFFF, key)  # _key is its own inverse
+    return key, V - 1 - (packed & 0xFFFFFFFF), bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _candidates_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
+    temperature_ptr,  # (B,) fp32
+    cand_ptr,  # (B, C, CAND_K) int64: each chunk's best packed entries, in descending order
+    stride_logits_b,
+    V: tl.constexpr,
+    CAND_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    t = _temperature(temperature_ptr, row)[0]  # 1 on a greedy row: its scores are its logits
+    key = _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
+    best = tl.topk(_pack(key, cols, V), CAND_K)
+    tl.store(cand_ptr + (row * tl.num_programs(1) + c) * CAND_K + tl.arange(0, CAND_K), best)
+
+
+@triton.jit
+def _candidate_draw_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16: read by rows the list does not cover
+    temperature_ptr,  # (B,) fp32
+    top_k_ptr,  # (B,) int64
+    top_p_ptr,  # (B,) fp64
+    min_p_ptr,  # (B,) fp32
+    seed_ptr,  # (1,) int64 (unread when WRITE_MASK)
+    cand_ptr,  # (B, num_cands) int64 from _candidates_kernel
+    out_ptr,  # (B,) int64 token ids, or (B, V) bool kept set, zeroed by the launcher, when WRITE_MASK
+    stride_logits_b,
+    num_cands,
+    V: tl.constexpr,
+    WRITE_MASK: tl.constexpr,
+    CAND_K: tl.constexpr,
+    MERGE_BLOCK: tl.constexpr,
+    BLOCK_V: tl.constexpr,  # and NUM_PIVOTS: _sample_row's, for rows the list does not cover
+    NUM_PIVOTS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    best = tl.full([CAND_K], PAD, tl.int64)  # the row's best so far, in descending order
+    for start in range(0, num_cands, MERGE_BLOCK):
+        offs = start + tl.arange(0, MERGE_BLOCK)
+        cand = tl.load(cand_ptr + row * num_cands + offs, mask=offs < num_cands, other=PAD)
+        best = tl.topk(tl.reshape(tl.join(best, tl.topk(cand, CAND_K)), [2 * CAND_K]), CAND_K)
+    key, col, s = _unpack(best, V)
+    i = tl.arange(0, CAND_K)
+    sampling = _temperature(temperature_ptr, row)[1]
+    m = tl.max(tl.where(i == 0, s, float("-inf")), axis=0)  # the top score (entry 0 is never PAD)
+    drawable = sampling & (m > float("-inf"))
+
+    k = tl.load(top_k_ptr + row)
+    kth = tl.max(tl.where(i == k - 1, key, KEY_MIN), axis=0)
+    t_k = tl.where(k < V, kth, KEY_NEG_INF)  # top_k >= V keeps every finite score
+    last = tl.min(key, axis=0)  # the list's last key, KEY_MIN where the row is shorter
+    covered = (k > 0) & (k < CAND_K) & (m < float("inf")) & ((last < t_k) | (t_k == KEY_NEG_INF))
+    if drawable & ~covered:
+        _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, out_ptr, row,
+                    stride_logits_b, V, WRITE_MASK, BLOCK_V, NUM_PIVOTS)  # fmt: skip
+    else:
+        # top-p: removed where the mass at or below an entry's key is <= budget. With `first` the
+        # first survivor whose tail mass is, the kept keys are those >= the key just before it.
+        top_p = tl.load(top_p_ptr + row)
+        survivor = (key >= t_k) & (s > float("-inf"))
+        e = tl.where(survivor, tl.exp(s - m), 0.0)
+        budget = (1.0 - top_p).to(tl.float32) * tl.sum(e, axis=0)  # HF: 1 - top_p in fp64, rounded
+        tail = tl.cumsum(e, axis=0, reverse=True)
+        first = tl.min(tl.where(survivor & (tail <= budget), i, CAND_K), axis=0)
+        t_p = tl.max(tl.where(i == tl.maximum(first - 1, 0), key, KEY_MIN), axis=0)
+        t_p = tl.where(top_p < 1.0, tl.maximum(t_p, t_k), t_k)  # none removed: t_k
+        kept = _kept(s, key, m, t_p, _min_p(min_p_ptr, row))
+        if WRITE_MASK:
+            keep = tl.where(sampling, tl.where(drawable, kept, False), i == 0)
+            tl.store(out_ptr + row * V + col, keep, mask=keep)
+        else:
+            token = tl.where(sampling, 0, tl.max(tl.where(i == 0, col, 0), axis=0))
+            if drawable:
+                bits = tl.randint(tl.load(seed_ptr), row * V + col)  # as _gumbel_argmax draws
+                u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+                z = tl.where(kept, s - tl.log(-tl.log(u)), float("-inf"))
+                zmax = tl.max(z, axis=0)
+                token = tl.min(tl.where(kept & (z == zmax), col, V), axis=0)
+            tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -666,8 +805,40 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
     return out
 
 
-def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks):
+def candidate_k(top_k_bound: int) -> int:
+    """Entries the candidate path lists per chunk and row for a bound on every row's top_k: a
+    power of two above the bound (the list must reach past the k-th entry to show where its tie
+    group ends), at least 16; 0 (no candidate path) for an unknown (0) or too large a bound."""
+    if not 0 < top_k_bound < CAND_MAX_K:
+        return 0
+    return max(16, triton.next_power_of_2(top_k_bound + 1))
+
+
+def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, cand_k: int):
+    """The candidate path: each chunk's best cand_k entries, then per row the draw from their
+    best: 2 launches."""
     B, V = logits.shape
+    block = max(4 * cand_k, min(CAND_BLOCK, triton.next_power_of_2(V)))
+    C = triton.cdiv(V, block)
+    cands = torch.empty((B, C, cand_k), dtype=torch.int64, device=logits.device)
+    _candidates_kernel[(B, C)](logits, temperature, cands, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
+                               num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+    if write_mask:
+        out.zero_()  # the draw kernel marks the kept entries (or, on uncovered rows, writes all)
+    merge = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(C * cand_k)))
+    row_block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    _candidate_draw_kernel[(B,)](
+        logits, temperature, top_k, top_p, min_p, seed, cands, out, logits.stride(0), C * cand_k, V=V,
+        WRITE_MASK=write_mask, CAND_K=cand_k, MERGE_BLOCK=merge, BLOCK_V=row_block, NUM_PIVOTS=NUM_PIVOTS,
+        num_warps=MERGE_WARPS)  # fmt: skip
+    return out
+
+
+def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks, top_k_bound):
+    B, V = logits.shape
+    cand_k = candidate_k(top_k_bound)
+    if num_chunks is None and cand_k:
+        return _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, write_mask, cand_k)
     if num_chunks is None:
         sms = sm_count(logits.device.index) if logits.is_cuda else _INTERPRETER_SMS
         num_chunks = split_chunks(B, V, sms)
@@ -683,20 +854,24 @@ def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: boo
     return out
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seed, *, num_chunks=None) -> torch.Tensor:
+def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0, num_chunks=None) -> torch.Tensor:
     """Draw one token per row: greedy where temperature <= 0, else from softmax of the kept set.
 
     logits: (B, V) fp32/bf16/fp16 with logits.stride(1) == 1. temperature: (B,) fp32. top_k:
     (B,) int64 (0 = off). top_p: (B,) fp64 (1.0 = off). min_p: (B,) fp32 (0 = off). seed: (1,)
-    int64, on the device. Returns int64 (B,) token ids, always in [0, V). num_chunks (tests):
-    0 forces one program per row, n >= 1 the split path with n chunks (capped); None decides
-    from the shapes and the SM count.
+    int64, on the device. Returns int64 (B,) token ids, always in [0, V).
+
+    top_k_bound: what the caller knows of top_k without reading the device: every row's top_k is
+    in [1, top_k_bound] (0: unknown). A bound below CAND_MAX_K takes the candidate path; rows
+    that break it are still drawn right, by a slow path inside it. num_chunks (tests): 0 forces
+    one program per row, n >= 1 the split path with n chunks (capped); None decides from the
+    bound, the shapes and the SM count.
     """
     out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
-    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, False, num_chunks)
+    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, False, num_chunks, top_k_bound)
 
 
-def kept_mask(logits, temperature, top_k, top_p, min_p, *, num_chunks=None) -> torch.Tensor:
+def kept_mask(logits, temperature, top_k, top_p, min_p, *, top_k_bound=0, num_chunks=None) -> torch.Tensor:
     """The set `sample` draws from, for tests: bool (B, V), True where a token may be drawn.
 
     Same inputs as `sample` (no seed). Equals reference.filter_logits(clean_logits(logits), ...)
@@ -704,4 +879,4 @@ def kept_mask(logits, temperature, top_k, top_p, min_p, *, num_chunks=None) -> t
     """
     out = torch.empty(logits.shape, dtype=torch.bool, device=logits.device)
     seed = torch.zeros(1, dtype=torch.int64, device=logits.device)  # unread
-    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, True, num_chunks)
+    return _launch(logits, temperature, top_k, top_p, min_p, seed, out, True, num_chunks, top_k_bound)

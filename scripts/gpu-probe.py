@@ -11,9 +11,10 @@ were set from (or guessed at):
                  pointers and by TMA (kernels/attention.py's _TUNING order).
   decode_batch   Triton against CUDA decode over B (fastgpt/_backends.py's DECODE_TRITON_MAX_ROWS).
   decode_tiles   the Triton decode kernel's BLOCK_N / warps / stages and split factor.
-  sample_batch   the sampler over B: Triton's split and one-program-per-row paths, CUDA
+  sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA
                  (SAMPLE_TRITON_MAX_ROWS, kernels/sampling.py's _MIN_SPLIT_CHUNKS).
   sample_blocks  the one-program-per-row path's vocabulary block and warps.
+  sample_cand    the candidate path's tiles (both kernels' blocks and warps).
   linear         GPT.decode's fused matmuls (fastgpt.ops.linear, kernels/linear.py) against the
                  unfused ops they replace (the LayerNorm op, F.linear, F.gelu), per GPT-2 shape.
   profile        cProfile of the Python side of one Triton attention call.
@@ -237,7 +238,8 @@ def sample_batch_section(p: Probe):
     for B in (1, 3) if p.smoke else (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
         logits, params, seed = sample_inputs(p, B, V)
         chunks = tri_sampling.split_chunks(B, V, sms, min_chunks=2)
-        calls = {"triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
+        calls = {"triton candidates (top_k_bound 50)": lambda: tri_sampling.sample(logits, *params, seed, top_k_bound=50),
+                 "triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
         if chunks > 1:
             calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
                                                                                    num_chunks=chunks)
@@ -263,6 +265,29 @@ def sample_blocks_section(p: Probe):
     finally:
         tri_sampling.ROW_BLOCK_V.update(block)
         tri_sampling.ROW_WARPS.update(warps)
+
+
+def sample_cand_section(p: Probe):
+    """The candidate path's tiles: vocabulary block and warps of its first kernel, merge block
+    and warps of its second (kernels/sampling.py's CAND_BLOCK, CAND_WARPS, MERGE_BLOCK, MERGE_WARPS)."""
+    names = ("CAND_BLOCK", "CAND_WARPS", "MERGE_BLOCK", "MERGE_WARPS")
+    saved = {n: getattr(tri_sampling, n) for n in names}
+    variants = [(1024, 4, 2048, 8)] if p.smoke else [
+        (1024, 4, 2048, 8), (2048, 4, 2048, 8), (4096, 8, 2048, 8), (1024, 8, 2048, 8), (1024, 2, 2048, 8),
+        (1024, 4, 4096, 8), (1024, 4, 2048, 4), (1024, 4, 1024, 4), (1024, 4, 2048, 16)]  # fmt: skip
+    try:
+        for B in (2,) if p.smoke else (1, 32, 256):
+            logits, params, seed = sample_inputs(p, B, 3000 if p.smoke else 50257)
+            for variant in variants:
+                def measure(variant=variant):
+                    for name, value in zip(names, variant, strict=True):
+                        setattr(tri_sampling, name, value)
+                    return dict(device_us=p.device_us(lambda: tri_sampling.sample(logits, *params, seed,
+                                                                                  top_k_bound=50)))
+                p.record("sample_cand", dict(B=B, **dict(zip(names, variant, strict=True))), measure)
+    finally:
+        for name, value in saved.items():
+            setattr(tri_sampling, name, value)
 
 
 def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callable]:
@@ -320,6 +345,7 @@ def profile_section(p: Probe):
 SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles": tiles_section,
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
             "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
+            "sample_cand": sample_cand_section,
             "linear": linear_section, "profile": profile_section}
 
 

@@ -52,7 +52,7 @@ def _example_args(name):
         "linear": (x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.ones(8), None, 1e-5, True, True,
                    torch.zeros(2, 2, 1, 4, 2), torch.tensor([1, 3]), "torch"),  # writes k/v to the cache
         "sample": (torch.randn(2, 9), B, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64),
-                   torch.zeros(2), torch.tensor([7]), "torch"),
+                   torch.zeros(2), torch.tensor([7]), "torch", 0),
     }[name]
 
 

@@ -65,16 +65,17 @@ def _margins(logits, temperature, top_k, top_p, min_p):
             torch.where(min_p.cpu() > 0, min_p_margin, float("inf")))  # fmt: skip
 
 
-def _random_rows(B, V, seed, *, margin=1e-5, ties=True):
+def _random_rows(B, V, seed, *, margin=1e-5, ties=True, top_ks=None):
     """Logits and per-row parameters with no token near a float-rounding boundary. Rows mix
-    Gaussian logits with coarse grids (many ties), some -inf, and every filter combination."""
+    Gaussian logits with coarse grids (many ties), some -inf, and every filter combination
+    (top_k from `top_ks` where given)."""
     g = torch.Generator().manual_seed(seed)
 
     def pick(options):
         return torch.tensor(options)[torch.randint(len(options), (B,), generator=g)]
 
     temperature = pick([0.5, 0.7, 1.0, 1.3, 2.0]).float()
-    top_k = pick([0, 0, 1, 3, 10, V // 2, V - 1, V, V + 5]).long()
+    top_k = pick(top_ks or [0, 0, 1, 3, 10, V // 2, V - 1, V, V + 5]).long()
     top_p = pick([1.0, 1.0, 0.95, 0.8, 0.5, 0.1]).double()
     min_p = pick([0.0, 0.0, 0.02, 0.1, 0.3]).float()
     logits = torch.empty(B, V)
@@ -131,7 +132,7 @@ def test_top_k_ties_are_all_kept(device):
     assert kept[0].tolist() == [False, True, True, True, False, True, True, False]
 
 
-def test_device_parameters_are_clamped(device, num_chunks=None):
+def test_device_parameters_are_clamped(device, num_chunks=None, top_k_bound=0):
     """Values the host never checks (they live on the device) are clamped, never out of range."""
     V = 50
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(3)).expand(10, V).contiguous()
@@ -141,7 +142,7 @@ def test_device_parameters_are_clamped(device, num_chunks=None):
     p = torch.tensor([1.0, 1, 0, -3, 2, nan, 1, 1, 1, 1], dtype=torch.float64)
     mp = torch.tensor([0.0, 0, 0, 0, 0, 0, 2, nan, 0, 0])
     params = [a.to(device) for a in (t, k, p, mp)]
-    kept = kept_mask(logits.to(device), *params, num_chunks=num_chunks).cpu()
+    kept = kept_mask(logits.to(device), *params, num_chunks=num_chunks, top_k_bound=top_k_bound).cpu()
     top = logits[0].argmax()
     everything = torch.ones(V, dtype=torch.bool)
     only_top = torch.arange(V) == top
@@ -150,7 +151,8 @@ def test_device_parameters_are_clamped(device, num_chunks=None):
     expected = [everything, everything, only_top, only_top, everything, everything, only_top,
                 everything, only_top, only_top]  # fmt: skip
     torch.testing.assert_close(kept, torch.stack(expected), atol=0, rtol=0)
-    ids = triton_sample(logits.to(device), *params, torch.tensor([7], device=device), num_chunks=num_chunks).cpu()
+    ids = triton_sample(logits.to(device), *params, torch.tensor([7], device=device), num_chunks=num_chunks,
+                        top_k_bound=top_k_bound).cpu()
     assert ((ids >= 0) & (ids < V)).all()
     assert (ids[[2, 3, 6, 8, 9]] == top).all()
 
@@ -271,6 +273,102 @@ def test_split_plan():
     assert sampling.split_chunks(1, 2**24 + 1, 132) == 1
 
 
+# ----------------------------------------------------------------------------- candidate path
+# top_k_bound in [1, CAND_MAX_K) takes the candidate path (unless num_chunks forces another).
+
+
+def test_candidate_list_length():
+    """A power of two above the bound (the list must show where the k-th entry's tie group ends),
+    16 at least; no candidate path for an unknown or too large a bound."""
+    from fastgpt.kernels.sampling import CAND_MAX_K, candidate_k
+
+    assert [candidate_k(b) for b in (0, -3, 1, 15, 16, 50, 63, 64, 255)] == [0, 0, 16, 16, 32, 64, 64, 128, 256]
+    assert candidate_k(CAND_MAX_K) == 0
+
+
+@pytest.mark.parametrize("V, B, bound", [(7, 12, 10), (300, 16, 31), (2500, 8, 50)],
+                         ids=["list-longer-than-V", "1-chunk", "3-chunks"])  # fmt: skip
+def test_candidate_kept_set_matches_reference(V, B, bound, device, poisoned_empty):
+    """The candidate path's kept set is the reference's: top_k from 1 to the bound (at or past V
+    when V is short), ties, -inf entries, every filter, and rows that break the bound (0: top-k
+    off), which the kernel hands to its slow path."""
+    logits, *params = _random_rows(B, V, seed=V + bound, top_ks=[1, 3, bound // 2, bound, bound, 0])
+    params = [p.to(device) for p in params]
+    kept = kept_mask(logits.to(device), *params, top_k_bound=bound).cpu()
+    torch.testing.assert_close(kept, _reference_kept(logits, *params), atol=0, rtol=0)
+
+
+def _candidate_edge_rows():
+    """Rows at V = 2500 for top_k_bound=10 (three 1024-wide chunks, lists of 16 entries)."""
+    inf = float("inf")
+    g = torch.Generator().manual_seed(31)
+    logits = torch.randn(12, 2500, generator=g)
+    t = torch.tensor([0.0, 0.0, 0.0, 0.8, 1.0, 1.2, 0.7, 1.0, 0.9, 1.0, 1.1, 0.6])
+    k = torch.tensor([0, 0, 0, 10, 10, 5, 3, 10, 10, 1, 10, 0])
+    p = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.9, 1.0, 1.0, 0.8, 0.9], dtype=torch.float64)
+    mp = torch.tensor([0.0] * 8 + [0.3, 0.0, 0.0, 0.0])
+    logits[0, [2400, 1500, 30]] = 9.0  # greedy: the maximum in every chunk, the first index
+    logits[1] = NEG_INF  # greedy, nothing finite: 0
+    logits[2, [1200, 40]] = inf  # greedy: the first +inf
+    top = [7, 900, 1400, 2050, 2490]
+    logits[3:5, top] = torch.tensor([12.0, 11.0, 10.0, 9.0, 8.0])
+    logits[3, [10, 500, 1100, 1500, 2000, 2100, 2300, 2450]] = 5.0  # the k-th's tie group: 13 of 16 listed
+    logits[4, torch.arange(20) * 120 + 3] = 5.0  # a tie group of 20 runs past the list: slow path
+    logits[5] = NEG_INF
+    logits[5, [100, 1800, 2200]] = torch.tensor([1.0, 2.0, 0.5])  # fewer finite entries than k
+    logits[6, [100, 1300, 2200]] = 6.0  # the top 3 tied: top-p keeps the whole group
+    logits[7, [5, 2000]] = inf  # sampling among +inf entries: slow path
+    logits[10] = (logits[10] * 2).round() / 2  # many ties
+    return logits, t, k, p, mp
+
+
+def test_candidate_tokens_equal_one_program(device, poisoned_empty):
+    """Same seed, same tokens as one program per row, to the bit (the same noise on the same kept
+    sets), and the same kept sets, on rows that stress the candidate lists; rows that break the
+    bound or hold +inf go through the kernel's slow path."""
+    logits, *params = _candidate_edge_rows()
+    args = [a.to(device) for a in (logits, *params)]
+    seed = torch.tensor([17], device=device)
+    ids = triton_sample(*args, seed, top_k_bound=10).cpu()
+    assert ids[:3].tolist() == [30, 0, 40] and ids[5].item() in (100, 1800, 2200)
+    assert ids[7].item() in (5, 2000) and ids[9] == logits[9].argmax()  # top_k=1: the maximum
+    torch.testing.assert_close(ids, triton_sample(*args, seed, num_chunks=0).cpu(), atol=0, rtol=0)
+    masks = kept_mask(*args, top_k_bound=10).cpu()
+    torch.testing.assert_close(masks, kept_mask(*args, num_chunks=0).cpu(), atol=0, rtol=0)
+    assert masks[3].sum() == 13 and masks[4].sum() == 25 and masks[6].sum() == 3 and masks[5].sum() == 3
+    assert masks[torch.arange(12), ids].all()
+    torch.testing.assert_close(masks[3:], _reference_kept(logits, *params)[3:], atol=0, rtol=0)
+
+
+def test_candidate_device_parameters_are_clamped(device):
+    """Parameters out of range on the device, under a bound they break: the slow path's answers."""
+    test_device_parameters_are_clamped(device, top_k_bound=20)
+
+
+def test_top_k_bound_from_the_arguments():
+    """The bound the op layer derives: known values all > 0 give their maximum; anything unknown
+    (a tensor off the CPU) or a row with top-k off gives 0."""
+    from fastgpt.ops.sampling import top_k_bound
+
+    assert top_k_bound(50) == 50 and top_k_bound([3, 40, 7]) == 40 and top_k_bound(torch.tensor([5, 9])) == 9
+    assert top_k_bound(0) == 0 and top_k_bound([3, 0]) == 0 and top_k_bound(True) == 0
+    assert top_k_bound(torch.tensor([5, 9], device="meta")) == 0
+
+
+def test_public_sample_passes_the_bound(monkeypatch):
+    """fastgpt.sample hands the Triton launcher the bound of its top_k; generate's decoder keeps
+    the one of its call."""
+    from fastgpt.kernels import sampling as kernels
+
+    bounds = []
+    real = kernels.sample
+    monkeypatch.setattr(kernels, "sample", lambda *a, top_k_bound: bounds.append(top_k_bound) or real(*a))
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    for top_k in (50, [2, 9, 4], torch.tensor([1, 1, 3]), 0):
+        fastgpt.sample(logits, temperature=0.9, top_k=top_k, backend="triton")
+    assert bounds == [50, 9, 3, 0]
+
+
 # ----------------------------------------------------------------------------- greedy, non-finite
 
 
@@ -326,7 +424,7 @@ class _Launch:
     """Stands in for a backend's launchers module: sample returns zeros."""
 
     @staticmethod
-    def sample(logits, *args):
+    def sample(logits, *args, **kwargs):
         return torch.zeros(logits.shape[0], dtype=torch.int64)
 
 
@@ -517,6 +615,24 @@ def compile_split_variants(arch):
         assert "lg2.approx" not in kernel.asm["ptx"], (arch, write_mask)
 
 
+def compile_candidate_variants(arch):
+    """The candidate path's kernels at the smallest and largest lists (bf16 and fp32 logits; tokens
+    with an exact log, and the kept set), without register spills."""
+    from tests.test_attention import _load_kernel_module, compile_for, ptxas_spills
+
+    mod = _load_kernel_module("sampling")
+    for cand_k, dtype, write_mask in [(64, "bf16", False), (mod.CAND_MAX_K, "fp32", True)]:
+        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "cand_ptr": "*i64"}
+        const = {"V": 128256, "CAND_K": cand_k, "BLOCK": max(4 * cand_k, mod.CAND_BLOCK)}
+        kernel = compile_for(mod._candidates_kernel, ptrs, const, arch=arch, num_warps=4, num_stages=3)
+        assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
+        ptrs = _PARAMS | ptrs | {"out_ptr": "*i1" if write_mask else "*i64"}
+        const = {"V": 128256, "WRITE_MASK": write_mask, "CAND_K": cand_k, "MERGE_BLOCK": mod.MERGE_BLOCK,
+                 "BLOCK_V": mod.MAX_BLOCK_V, "NUM_PIVOTS": mod.NUM_PIVOTS}  # fmt: skip
+        kernel = compile_for(mod._candidate_draw_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
+        assert "lg2.approx" not in kernel.asm["ptx"] and ptxas_spills(kernel, arch) == 0, (arch, cand_k)
+
+
 def test_compiles_for_gpu():
     """Every sampling kernel lowers to sm_80 and sm_90 cubins, with an exact log: two processes
     side by side, as each compile is single-threaded."""
@@ -524,7 +640,8 @@ def test_compiles_for_gpu():
 
     from tests.test_attention import run_compile_check
 
-    names = ["tests.test_sampling.compile_row_variants", "tests.test_sampling.compile_split_variants"]
+    names = ["tests.test_sampling.compile_row_variants", "tests.test_sampling.compile_split_variants",
+             "tests.test_sampling.compile_candidate_variants"]
     with ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(run_compile_check, names))
 
@@ -602,6 +719,40 @@ def test_gpu_split_path(B, V, dtype):
     near_p, near_min_p = _margins(logits.float(), t, k, p, mp)
     check = ((near_p > 1e-4) & (near_min_p > 1e-4) & (t > 0).cpu()).nonzero().flatten()
     torch.testing.assert_close(kept.cpu()[check], expected[check], atol=0, rtol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("V", [50257, 128256])
+@pytest.mark.parametrize("B", [1, 32, 256])
+def test_gpu_candidate_path(B, V, dtype):
+    """Real sizes through the candidate path (top_k_bound=50, one row in 8 breaking it) against one
+    program per row (kept sets; tokens to the bit wherever they agree) and the reference; then
+    captured in a CUDA graph and replayed."""
+    g = torch.Generator(device="cuda").manual_seed(B + V)
+    logits = (torch.randn(B, V, device="cuda", generator=g) * 3).to(dtype)
+    logits[1::3, :: V // 10] = float("nan")
+    t = torch.tensor([0.8, 0.0, 1.0, 1.2, 0.7, 0.5, 1.5, 0.9], device="cuda").repeat(B)[:B]
+    k = torch.tensor([50, 40, 1, 7, 50, 0, 20, 50], device="cuda").repeat(B)[:B]
+    p = torch.tensor([0.9, 0.9, 0.95, 1.0, 0.5, 0.99, 1.0, 0.8], device="cuda", dtype=torch.float64).repeat(B)[:B]
+    mp = torch.tensor([0.0, 0.0, 0.05, 0.0, 0.0, 0.1, 0.0, 0.02], device="cuda").repeat(B)[:B]
+    args, seed = (logits, t, k, p, mp), torch.tensor([5], device="cuda")
+    ids, rows = triton_sample(*args, seed, top_k_bound=50), triton_sample(*args, seed, num_chunks=0)
+    kept, kept_rows = kept_mask(*args, top_k_bound=50), kept_mask(*args, num_chunks=0)
+    same = (kept == kept_rows).all(dim=-1)  # a top-p rounding boundary may split them
+    assert same.float().mean() >= 0.9
+    torch.testing.assert_close(ids[same], rows[same], atol=0, rtol=0)
+    assert kept[torch.arange(B, device="cuda"), ids].all()
+    expected = _reference_kept(logits.float(), t, k, p, mp)
+    near_p, near_min_p = _margins(logits.float(), t, k, p, mp)
+    check = ((near_p > 1e-4) & (near_min_p > 1e-4) & (t > 0).cpu()).nonzero().flatten()
+    torch.testing.assert_close(kept.cpu()[check], expected[check], atol=0, rtol=0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = triton_sample(*args, seed, top_k_bound=50)
+    seed.fill_(6)
+    graph.replay()
+    torch.testing.assert_close(captured, triton_sample(*args, seed, top_k_bound=50), atol=0, rtol=0)
 
 
 @pytest.mark.gpu

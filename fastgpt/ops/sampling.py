@@ -112,6 +112,20 @@ def filter_logits(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     return reference.filter_logits(logits, *params)
 
 
+def top_k_bound(top_k) -> int:
+    """What the host knows of top_k without reading a GPU: the largest value when every row's
+    top_k is known here (a number, a list, a CPU tensor outside torch.compile) and > 0; else 0.
+    The Triton sampler takes its candidate path under a small bound."""
+    if isinstance(top_k, torch.Tensor):
+        if top_k.device.type != "cpu" or torch.compiler.is_compiling():
+            return 0
+        top_k = top_k.reshape(-1).tolist()
+    values = list(top_k) if isinstance(top_k, (list, tuple)) else [top_k]
+    if not values or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > 0 for k in values):
+        return 0
+    return int(max(values))
+
+
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, backend="auto"):
     """Draw one token id per row from softmax(filter_logits(logits, ...)).
 
@@ -125,6 +139,13 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     and `generator` is not advanced.
     Returns int64 (B,), every id in [0, V).
     """
+    return draw(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=generator,
+                backend=backend, top_k_bound=top_k_bound(top_k))
+
+
+def draw(logits, *, temperature, top_k, top_p, min_p, generator, backend, top_k_bound: int):
+    """fastgpt.sample, told top_k_bound (see top_k_bound()) by a caller that knows more than its
+    arguments show: the decoder, whose parameters live on the GPU."""
     _check_logits(logits)
     check_generator(generator, logits.device)
     name = _backends.resolve("sample", backend, logits.device, _unsupported(logits),
@@ -142,7 +163,7 @@ def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.sample(logits, *params, seed)
     logits = _checks.last_dim_contiguous(logits)
-    return _dispatch.call(_sample_op, _sample, logits, *params, seed, name)
+    return _dispatch.call(_sample_op, _sample, logits, *params, seed, name, top_k_bound)
 
 
 def _sample(
@@ -153,15 +174,19 @@ def _sample(
     min_p: torch.Tensor,
     seed: torch.Tensor,
     backend: str,
+    top_k_bound: int,
 ) -> torch.Tensor:
     if backend == "torch":
         return reference.sample(logits, temperature, top_k, top_p, min_p, seed)
-    return _backends.launchers(backend, "sampling").sample(logits, temperature, top_k, top_p, min_p, seed)
+    launchers = _backends.launchers(backend, "sampling")
+    if backend == "triton":
+        return launchers.sample(logits, temperature, top_k, top_p, min_p, seed, top_k_bound=top_k_bound)
+    return launchers.sample(logits, temperature, top_k, top_p, min_p, seed)  # cuda: one path
 
 
 _sample_op = torch.library.custom_op("fastgpt::sample", _sample, mutates_args=())
 
 
 @_sample_op.register_fake
-def _(logits, temperature, top_k, top_p, min_p, seed, backend):
+def _(logits, temperature, top_k, top_p, min_p, seed, backend, top_k_bound):
     return logits.new_empty(logits.shape[0], dtype=torch.int64)
