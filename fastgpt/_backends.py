@@ -44,6 +44,7 @@ CUDA_FIRST = ("cuda", "triton")
 ATTENTION_TRITON_MIN_FLOPS = 50e9  # attention with less work: CUDA first (less host time a call)
 DECODE_TRITON_MAX_ROWS = 128  # B * Hkv up to here: Triton first (about one wave of an H100/H200)
 SAMPLE_TRITON_MAX_ROWS = 8  # B up to here: Triton first (its split path keeps 32 chunks a row)
+SAMPLE_CANDIDATE_MAX_K = 256  # top_k bounds below this take Triton's candidate path (kernels/sampling.py)
 
 
 def attention_preference(flops: float) -> tuple[str, str]:
@@ -67,11 +68,18 @@ def decode_preference(rows: int) -> tuple[str, str]:
     return TRITON_FIRST if rows <= DECODE_TRITON_MAX_ROWS else CUDA_FIRST
 
 
-def sample_preference(rows: int) -> tuple[str, str]:
+def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:
     """auto's order for sample over `rows` = B (V 50257, fp32, top-k 50, top-p 0.9). Measured:
     B1, Triton's split path 182 us against CUDA's 289; B32, CUDA 290 us against Triton's 586;
     B256, CUDA 534 against 1062. The Triton split path keeps its 32 chunks a row (the same
-    per-program work as at B1) up to B = 8 on 132 SMs, hence SAMPLE_TRITON_MAX_ROWS."""
+    per-program work as at B1) up to B = 8 on 132 SMs, hence SAMPLE_TRITON_MAX_ROWS.
+
+    With every row's top_k bounded on the host below SAMPLE_CANDIDATE_MAX_K (top_k_bound; 0 is
+    unknown), Triton's candidate path goes first at every B. Not measured yet: predicted from its
+    instruction counts (PTX) to take a few tens of us at B <= 32 and about 200 at B256, a clear
+    margin under CUDA's measured times; gpu-probe's sample_batch times it beside them."""
+    if 0 < top_k_bound < SAMPLE_CANDIDATE_MAX_K:
+        return TRITON_FIRST
     return TRITON_FIRST if rows <= SAMPLE_TRITON_MAX_ROWS else CUDA_FIRST
 
 

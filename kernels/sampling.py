@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt._backends import sm_count
+from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, sm_count
 
 MAX_BLOCK_V = 1024  # vocabulary block per loop step on the split path
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
@@ -82,7 +82,7 @@ ROW_BLOCK_V = {4: 4096, 2: 1024}  # by the logits' element size
 ROW_WARPS = {4: 32, 2: 8}
 # The candidate path's tiles: picked by ptxas (no spills on sm_80/sm_90) and instruction counts,
 # not yet timed (gpu-probe's sample_cand sweeps them).
-CAND_MAX_K = 256  # the candidate path lists a row's best 16..256 entries: for top_k bounds below
+CAND_MAX_K = SAMPLE_CANDIDATE_MAX_K  # it lists a row's best 16..256 entries: for top_k bounds below
 CAND_BLOCK = 1024  # vocabulary entries per program of its first kernel (at least 4 x cand_k)
 CAND_WARPS = 4  # (4 warps: ~3.3k instructions a thread for tl.topk of 64 out of 1024 int64)
 MERGE_BLOCK = 2048  # candidates per step of its second kernel's merge

@@ -153,6 +153,8 @@ def test_auto_follows_the_measured_order(monkeypatch):
     assert _backends.decode_preference(768) == _backends.CUDA_FIRST
     assert _backends.sample_preference(1) == _backends.TRITON_FIRST
     assert _backends.sample_preference(32) == _backends.CUDA_FIRST
+    assert _backends.sample_preference(256, top_k_bound=50) == _backends.TRITON_FIRST  # the candidate path
+    assert _backends.sample_preference(256, top_k_bound=_backends.SAMPLE_CANDIDATE_MAX_K) == _backends.CUDA_FIRST
     assert _backends.attention_preference(4 * 16 * 12 * 1024 * 1024 * 64 / 2) == _backends.CUDA_FIRST
     assert _backends.attention_preference(4 * 4 * 12 * 4096 * 4096 * 64 / 2) == _backends.TRITON_FIRST
 

@@ -149,7 +149,7 @@ def draw(logits, *, temperature, top_k, top_p, min_p, generator, backend, top_k_
     _check_logits(logits)
     check_generator(generator, logits.device)
     name = _backends.resolve("sample", backend, logits.device, _unsupported(logits),
-                             _backends.sample_preference(logits.shape[0]))
+                             _backends.sample_preference(logits.shape[0], top_k_bound))
     by_auto = backend == "auto" and _backends.default_backend() == "auto"
     greedy = _is_zero(temperature) and (name == "torch" or by_auto)  # every row, known without reading a tensor
     # Checked either way; a greedy draw reads none of them, so they are made on the meta device
