@@ -355,6 +355,20 @@ def test_top_k_bound_from_the_arguments():
     assert top_k_bound(torch.tensor([5, 9], device="meta")) == 0
 
 
+def test_number_parameters_are_made_once():
+    """A parameter given as a number is one cached (B,) tensor per (value, B, dtype, device): no
+    fill kernel per call. Other values, batch sizes or dtypes get their own."""
+    from fastgpt.ops.sampling import row_params
+
+    first, again = row_params(3, "cpu", 0.7, 50, 0.9, 0.0), row_params(3, "cpu", 0.7, 50, 0.9, 0.0)
+    assert all(a is b for a, b in zip(first, again, strict=True))
+    assert [p.tolist() for p in first[1:]] == [[50] * 3, [0.9] * 3, [0.0] * 3]
+    assert first[0].dtype == torch.float32 and torch.equal(first[0], torch.full((3,), 0.7))
+    other = row_params(4, "cpu", 0.7, 40, 0.9, 0.0)
+    assert other[1].tolist() == [40] * 4 and other[0] is not first[0] and other[0].shape == (4,)
+    assert row_params(3, "meta", 0.7, 50, 0.9, 0.0)[0].device.type == "meta"
+
+
 def test_public_sample_passes_the_bound(monkeypatch):
     """fastgpt.sample hands the Triton launcher the bound of its top_k; generate's decoder keeps
     the one of its call."""

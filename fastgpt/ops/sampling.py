@@ -52,7 +52,29 @@ def _row_param(name, value, B, device, dtype, valid, expected):
         raise TypeError(f"{name} must be {kind} or a tensor of shape (B,), got {type(value).__name__}")
     if not valid(float(value)):
         raise ValueError(f"{name} must be {expected}, got {value}")
-    return torch.full((B,), value, device=device, dtype=dtype)
+    return _constant_row(value, B, device, dtype)
+
+
+_CONSTANT_ROWS: dict = {}  # (value, B, dtype, device) -> a (B,) tensor of that value, never written
+_MAX_CONSTANT_ROWS = 256  # then new values are made per call: nothing cached is ever freed
+
+
+def _constant_row(value, B: int, device, dtype) -> torch.Tensor:
+    """torch.full((B,), value), made once per (value, B, dtype, device) and reused: a sampling
+    call with Python numbers then launches no fill kernels (four a call otherwise). Entries are
+    never evicted, since a captured CUDA graph may read one; none is made while a graph is being
+    captured (its memory would be the graph's) or under torch.compile (it would become a constant
+    of the graph)."""
+    device = torch.device(device)
+    uncached = (device.type == "meta" or torch.compiler.is_compiling()
+                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))  # fmt: skip
+    key = (type(value), value, B, dtype, _device_key(device))
+    row = None if uncached else _CONSTANT_ROWS.get(key)
+    if row is None:
+        row = torch.full((B,), value, device=device, dtype=dtype)
+        if not uncached and len(_CONSTANT_ROWS) < _MAX_CONSTANT_ROWS:
+            _CONSTANT_ROWS[key] = row
+    return row
 
 
 def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy: bool = True):

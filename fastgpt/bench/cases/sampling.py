@@ -102,7 +102,7 @@ def candidates(device, p: dict) -> list[Candidate]:
     out = fastgpt_candidates(device, fastgpt_fn)
     for cand in out:
         if cand.backend == "triton":
-            cand.details = lambda: triton_path(p["B"], p["V"], device)
+            cand.details = lambda: triton_path(p["B"], p["V"], p["K"], device)
     argmax = Candidate("torch.argmax", REFERENCE, lambda: lambda inp: inp["logits"].argmax(dim=-1),
                        note="greedy" if T == 0 else "greedy: a lower bound, not sampling", check=check_greedy,
                        lower_bound=T != 0)
@@ -120,11 +120,13 @@ def candidates(device, p: dict) -> list[Candidate]:
     return out
 
 
-def triton_path(B: int, V: int, device: torch.device) -> str:
-    """Which of the Triton sampler's two paths these shapes take on this GPU."""
+def triton_path(B: int, V: int, K: int, device: torch.device) -> str:
+    """Which of the Triton sampler's paths these shapes and this top_k take on this GPU."""
     from fastgpt import _backends
-    from fastgpt.kernels.sampling import split_chunks
+    from fastgpt.kernels.sampling import candidate_k, split_chunks
 
+    if candidate_k(K):
+        return f"candidate path: lists of {candidate_k(K)}"
     index = device.index if device.index is not None else torch.cuda.current_device()
     chunks = split_chunks(B, V, _backends.sm_count(index))
     return "one program per row" if chunks == 1 else f"split path: {chunks} vocabulary chunks per row"
