@@ -164,8 +164,8 @@ void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bia
 }
 
 void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p,
-            uintptr_t seed, uintptr_t out, int64_t batch, int64_t vocab, int64_t stride_logits, int dtype, int device,
-            uintptr_t stream) {
+            uintptr_t seed, uintptr_t out, uintptr_t candidates, int64_t cand_k, int64_t batch, int64_t vocab,
+            int64_t stride_logits, int dtype, int device, uintptr_t stream) {
     const char* kernel = "sample";
     const DType type = dtype_of(dtype, kernel, true);
     require(batch >= 1 && batch <= kMaxInt, kernel, "batch must be in [1, 2^31), got ", batch);
@@ -174,6 +174,11 @@ void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t 
     require(stride_logits >= 0, kernel, "stride_logits must be >= 0");
     require(logits != 0 && temperature != 0 && top_k != 0 && top_p != 0 && min_p != 0 && seed != 0 && out != 0, kernel,
             "null pointer");
+    require(cand_k == 0 || (cand_k >= 16 && cand_k <= 256 && (cand_k & (cand_k - 1)) == 0), kernel,
+            "cand_k must be 0 or a power of two in [16, 256], got ", cand_k);
+    require(cand_k == 0 || candidates != 0, kernel, "the candidate path needs its workspace (null pointer)");
+    require(cand_k == 0 || batch * sample_candidate_chunks(int(vocab)) <= kMaxInt, kernel,
+            "batch x vocabulary chunks must be < 2^31 on the candidate path, got batch ", batch);
     SampleParams p{ptr(logits),
                    static_cast<const float*>(ptr(temperature)),
                    static_cast<const int64_t*>(ptr(top_k)),
@@ -181,6 +186,8 @@ void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t 
                    static_cast<const float*>(ptr(min_p)),
                    static_cast<const int64_t*>(ptr(seed)),
                    static_cast<int64_t*>(mut_ptr(out)),
+                   static_cast<uint64_t*>(mut_ptr(candidates)),
+                   int(cand_k),
                    stride_logits,
                    int(batch),
                    int(vocab),
@@ -220,7 +227,11 @@ PYBIND11_MODULE(_C, m) {
           py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
           "Residual add + LayerNorm; residual/h/weight/bias may be 0 (absent); strides are row strides.");
     m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
-          py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("batch"), py::arg("vocab"),
-          py::arg("stride_logits"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-          "Fused temperature/top-k/top-p/min-p sampling, greedy where temperature <= 0.");
+          py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("candidates"), py::arg("cand_k"),
+          py::arg("batch"), py::arg("vocab"), py::arg("stride_logits"), py::arg("dtype"), py::arg("device"),
+          py::arg("stream"),
+          "Fused temperature/top-k/top-p/min-p sampling, greedy where temperature <= 0; cand_k > 0: the "
+          "candidate path, with a workspace of batch x sample_candidate_chunks(vocab) x cand_k uint64.");
+    m.def("sample_candidate_chunks", &sample_candidate_chunks, py::arg("vocab"),
+          "Vocabulary chunks per row on the sampler's candidate path.");
 }

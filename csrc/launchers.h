@@ -71,10 +71,16 @@ struct SampleParams {
     const float* min_p;        // (B,)
     const int64_t* seed;       // (1,)
     int64_t* out;              // (B,)
+    // The candidate path when cand_k > 0 (a power of two in [16, 256], above every row's top_k
+    // bound): B * sample_candidate_chunks(V) * cand_k entries of workspace.
+    uint64_t* candidates;
+    int cand_k;
     int64_t stride_logits;
     int batch, vocab;
     DType dtype;
 };
 cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream);
+// Vocabulary chunks per row on the candidate path.
+int sample_candidate_chunks(int vocab);
 
 }  // namespace fastgpt

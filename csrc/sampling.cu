@@ -14,6 +14,16 @@
 // keyed by the device seed, counter (token / 4, row). Greedy rows (temperature <= 0) take the
 // first index of the largest cleaned logit. Built without fast math: the division by the
 // temperature and the logs must round as torch does.
+//
+// The candidate path (SampleParams::cand_k > 0: the caller bounds every row's top_k below it):
+// a row's kept set then lies among its cand_k best scores, which two kernels find by bitonic
+// sorts instead of passes over the row. candidates_kernel sorts each kCandBlock-wide chunk of a
+// row in shared memory and keeps its best cand_k entries, packed as (key << 32 | V - 1 - index)
+// (distinct; ties rank the lower index first); candidate_draw_kernel merges a row's chunks into
+// its best cand_k, in order, and runs the filters and the draw on that list alone, with the same
+// fixed-point weights and the same Philox counters: the same tokens as one block per row. Rows
+// the list does not cover (top-k off, or at or above cand_k, a tie group running past the list,
+// +inf scores) run the one-block-per-row code in the same block.
 #include "common.cuh"
 
 namespace fastgpt {
@@ -211,12 +221,11 @@ __device__ void row_max(const T* logits, int vocab, float& max_value, int& max_i
 
 }  // namespace
 
-// One block per row b: out[b] = greedy ? argmax(clean(logits)) : Gumbel-max draw over the tokens
-// that survive top-k, top-p and min-p (see the file comment); 0 when nothing can be drawn.
+// Row b, by the whole block: out[b] = greedy ? argmax(clean(logits)) : Gumbel-max draw over the
+// tokens that survive top-k, top-p and min-p (see the file comment); 0 when nothing can be drawn.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
-    __shared__ Shared sh;
-    const int b = blockIdx.x, V = p.vocab;
+__device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
+    const int V = p.vocab;
     const T* logits = static_cast<const T*>(p.logits) + b * p.stride_logits;  // (V,)
 
     float max_x;
@@ -291,16 +300,172 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     if (threadIdx.x == 0) p.out[b] = best_index < V ? best_index : 0;
 }
 
+// Gumbel noise of token i of row b: the draw's counter (i / 4, b), word i % 4.
+__device__ __forceinline__ float gumbel_noise(uint64_t seed, int i, int b) {
+    const Philox4 r = philox4x32_10(uint32_t(i / 4), uint32_t(b), 0u, 0u, uint32_t(seed), uint32_t(seed >> 32));
+    return -logf(-logf(uniform_from_bits(r.x[i % 4])));
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
+    __shared__ Shared sh;
+    sample_row<T>(p, blockIdx.x, sh);
+}
+
+// --------------------------------------------------------------------------- the candidate path
+
+constexpr int kCandThreads = 256;
+constexpr int kCandBlock = 1024;   // vocabulary entries per block of candidates_kernel (>= 4 x cand_k)
+constexpr int kMergeBlock = 2048;  // entries per sort of candidate_draw_kernel: its best so far, then new ones
+
+__device__ __forceinline__ uint64_t pack(uint32_t key, int i, int vocab) {
+    return (uint64_t(key) << 32) | uint32_t(vocab - 1 - i);
+}
+__device__ __forceinline__ uint32_t packed_key(uint64_t e) { return uint32_t(e >> 32); }
+__device__ __forceinline__ int packed_index(uint64_t e, int vocab) { return vocab - 1 - int(uint32_t(e)); }
+// The score whose order_key is `key` (order_key is a bijection on floats other than -0.0 and NaN).
+__device__ __forceinline__ float key_score(uint32_t key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+// Sorts a[0, n) in descending order, n a power of two, by the whole block (bitonic network).
+__device__ void bitonic_sort_descending(uint64_t* a, int n) {
+    for (int size = 2; size <= n; size <<= 1) {
+        for (int stride = size >> 1; stride > 0; stride >>= 1) {
+            __syncthreads();
+            for (int t = threadIdx.x; t < n / 2; t += blockDim.x) {
+                const int lo = 2 * t - (t & (stride - 1)), hi = lo + stride;  // t with a 0 bit at `stride`
+                const bool descending = (lo & size) == 0;  // the last merge (size == n): all descending
+                const uint64_t x = a[lo], y = a[hi];
+                if ((x < y) == descending) {
+                    a[lo] = y;
+                    a[hi] = x;
+                }
+            }
+        }
+    }
+    __syncthreads();
+}
+
+// Block (b, c) of a grid of B * chunks: the best cand_k packed entries of chunk c of row b, in
+// descending order, to cand[(b * chunks + c) * cand_k, ...); 0 pads past the end of the row.
+template <typename T>
+__global__ void __launch_bounds__(kCandThreads) candidates_kernel(SampleParams p, int chunks) {
+    __shared__ uint64_t entries[kCandBlock];
+    const int b = blockIdx.x / chunks, c = blockIdx.x % chunks, V = p.vocab;
+    const T* logits = static_cast<const T*>(p.logits) + b * p.stride_logits;
+    const float t = p.temperature[b];
+    const float temperature = t > 0.0f ? t : 1.0f;  // greedy rows: the scores are the logits
+    for (int j = threadIdx.x; j < kCandBlock; j += kCandThreads) {
+        const int i = c * kCandBlock + j;
+        uint64_t e = 0;
+        if (i < V) {
+            float x = to_float(logits[i]);
+            if (x != x) x = -INFINITY;
+            float s = x / temperature;
+            if (s != s) s = -INFINITY;
+            e = pack(order_key(s), i, V);
+        }
+        entries[j] = e;
+    }
+    bitonic_sort_descending(entries, kCandBlock);
+    uint64_t* out = p.candidates + (int64_t(b) * chunks + c) * p.cand_k;
+    for (int j = threadIdx.x; j < p.cand_k; j += kCandThreads) out[j] = entries[j];
+}
+
+// Row b: its best cand_k entries from its chunks' lists, then the filters and the draw on them.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p, int chunks) {
+    __shared__ uint64_t best[kMergeBlock];  // [0, K): the best so far, in order; then the next candidates
+    __shared__ Shared sh;
+    const int b = blockIdx.x, V = p.vocab, K = p.cand_k, tid = threadIdx.x;
+    const int64_t num = int64_t(chunks) * K;
+    const uint64_t* cand = p.candidates + b * num;
+    for (int j = tid; j < K; j += kThreads) best[j] = 0;
+    for (int64_t start = 0; start < num; start += kMergeBlock - K) {
+        for (int j = tid; j < kMergeBlock - K; j += kThreads) best[K + j] = start + j < num ? cand[start + j] : 0;
+        bitonic_sort_descending(best, kMergeBlock);  // barriers before and after
+    }
+    const int top_index = packed_index(best[0], V);
+    const float m = key_score(packed_key(best[0]));  // the largest score
+    const float temperature = p.temperature[b];
+    if (!(temperature > 0.0f)) {  // greedy: the first index of the largest logit (0 when all are -inf)
+        if (tid == 0) p.out[b] = top_index;
+        return;
+    }
+    const int64_t top_k = p.top_k[b];
+    uint32_t threshold = 0;  // keep keys >= threshold
+    bool covered;
+    if (top_k > 0 && top_k < V) {
+        covered = top_k < K;
+        if (covered) {
+            threshold = packed_key(best[top_k - 1]);  // the k-th largest key, ties counted
+            covered = packed_key(best[K - 1]) < threshold || threshold == order_key(-INFINITY);
+        }
+    } else {
+        covered = V <= K;  // top-k off: the list must hold the whole row
+    }
+    // +inf logits, scores overflowing to +inf, or none finite: the one-block code decides.
+    if (!covered || !(m > -INFINITY && m < INFINITY)) {
+        sample_row<T>(p, b, sh);
+        return;
+    }
+
+    // Entry tid of the list (threads past it hold nothing): key, score, and whether it survives top-k.
+    const uint64_t e = tid < K ? best[tid] : 0;
+    const uint32_t key = packed_key(e);
+    const float s = e != 0 ? key_score(key) : -INFINITY;
+    const bool survivor = e != 0 && key >= threshold;
+    const double top_p = p.top_p[b];
+    if (top_p < 1.0) {  // as sample_row: exact fixed-point weights, so the same threshold
+        const float cut = float(1.0 - (top_p > 0.0 ? top_p : 0.0));
+        const unsigned long long weight = survivor ? __float2ull_rn(expf(s - m) * kFixedOne) : 0;
+        const unsigned long long total = block_sum(weight, sh.warp_totals);
+        const double cut_mass = floor(double(cut) * double(total));
+        const unsigned long long target = cut_mass >= double(total - 1) ? total - 1 : (unsigned long long)cut_mass;
+        // The smallest key whose weight of keys <= it exceeds target: the list's last entry whose
+        // weight from it to the end does (scanning bins 255 -> 0 sums from the end; K <= kBins).
+        if (tid < kBins) sh.hist[tid] = weight;
+        __syncthreads();
+        find_bin(target, true, sh);
+        threshold = packed_key(best[sh.select_bin]);
+    }
+    const float min_p = fminf(fmaxf(p.min_p[b], 0.0f), 1.0f);
+    float z = -INFINITY;
+    int index = V;
+    if (e != 0 && key >= threshold && s != -INFINITY && !(min_p > 0.0f && expf(s - m) < min_p)) {
+        index = packed_index(e, V);
+        z = s + gumbel_noise(static_cast<uint64_t>(p.seed[0]), index, b);
+    }
+    block_argmax(z, index, sh);
+    if (tid == 0) p.out[b] = index < V ? index : 0;
+}
+
+int sample_candidate_chunks(int vocab) { return (vocab + kCandBlock - 1) / kCandBlock; }
+
 // ----------------------------------------------------------------------------- host dispatch
+
+template <typename T>
+cudaError_t sample_launch(const SampleParams& p, cudaStream_t stream) {
+    if (p.cand_k == 0) {
+        sample_kernel<T><<<p.batch, kThreads, 0, stream>>>(p);
+        return cudaGetLastError();
+    }
+    const int chunks = sample_candidate_chunks(p.vocab);
+    candidates_kernel<T><<<p.batch * chunks, kCandThreads, 0, stream>>>(p, chunks);
+    const cudaError_t err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    candidate_draw_kernel<T><<<p.batch, kThreads, 0, stream>>>(p, chunks);
+    return cudaGetLastError();
+}
 
 cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream) {
     switch (p.dtype) {
-        case DType::kFloat32: sample_kernel<float><<<p.batch, kThreads, 0, stream>>>(p); break;
-        case DType::kFloat16: sample_kernel<__half><<<p.batch, kThreads, 0, stream>>>(p); break;
-        case DType::kBFloat16: sample_kernel<__nv_bfloat16><<<p.batch, kThreads, 0, stream>>>(p); break;
+        case DType::kFloat32: return sample_launch<float>(p, stream);
+        case DType::kFloat16: return sample_launch<__half>(p, stream);
+        case DType::kBFloat16: return sample_launch<__nv_bfloat16>(p, stream);
         default: return cudaErrorInvalidValue;
     }
-    return cudaGetLastError();
 }
 
 }  // namespace fastgpt

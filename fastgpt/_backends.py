@@ -44,7 +44,7 @@ CUDA_FIRST = ("cuda", "triton")
 ATTENTION_TRITON_MIN_FLOPS = 50e9  # attention with less work: CUDA first (less host time a call)
 DECODE_TRITON_MAX_ROWS = 128  # B * Hkv up to here: Triton first (about one wave of an H100/H200)
 SAMPLE_TRITON_MAX_ROWS = 8  # B up to here: Triton first (its split path keeps 32 chunks a row)
-SAMPLE_CANDIDATE_MAX_K = 256  # top_k bounds below this take Triton's candidate path (kernels/sampling.py)
+SAMPLE_CANDIDATE_MAX_K = 256  # top_k bounds below this take the samplers' candidate paths
 
 
 def attention_preference(flops: float) -> tuple[str, str]:
@@ -81,6 +81,16 @@ def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:
     if 0 < top_k_bound < SAMPLE_CANDIDATE_MAX_K:
         return TRITON_FIRST
     return TRITON_FIRST if rows <= SAMPLE_TRITON_MAX_ROWS else CUDA_FIRST
+
+
+def sample_candidate_k(top_k_bound: int) -> int:
+    """Entries the samplers' candidate paths list per vocabulary chunk and row, for a bound on
+    every row's top_k: a power of two above the bound (the list must reach past the k-th entry
+    to show where its tie group ends), at least 16; 0 (no candidate path) for an unknown (0) or
+    too large a bound. One rule for both backends (kernels/sampling.py, csrc/sampling.cu)."""
+    if not 0 < top_k_bound < SAMPLE_CANDIDATE_MAX_K:
+        return 0
+    return max(16, 1 << top_k_bound.bit_length())
 
 
 @functools.cache

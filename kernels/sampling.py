@@ -66,7 +66,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, sm_count
+from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, sample_candidate_k, sm_count
 
 MAX_BLOCK_V = 1024  # vocabulary block per loop step on the split path
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
@@ -805,15 +805,6 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
     return out
 
 
-def candidate_k(top_k_bound: int) -> int:
-    """Entries the candidate path lists per chunk and row for a bound on every row's top_k: a
-    power of two above the bound (the list must reach past the k-th entry to show where its tie
-    group ends), at least 16; 0 (no candidate path) for an unknown (0) or too large a bound."""
-    if not 0 < top_k_bound < CAND_MAX_K:
-        return 0
-    return max(16, triton.next_power_of_2(top_k_bound + 1))
-
-
 def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, cand_k: int):
     """The candidate path: each chunk's best cand_k entries, then per row the draw from their
     best: 2 launches."""
@@ -836,7 +827,7 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
 
 def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, num_chunks, top_k_bound):
     B, V = logits.shape
-    cand_k = candidate_k(top_k_bound)
+    cand_k = sample_candidate_k(top_k_bound)
     if num_chunks is None and cand_k:
         return _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, write_mask, cand_k)
     if num_chunks is None:

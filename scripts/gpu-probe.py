@@ -11,7 +11,8 @@ were set from (or guessed at):
                  pointers and by TMA (kernels/attention.py's _TUNING order).
   decode_batch   Triton against CUDA decode over B (fastgpt/_backends.py's DECODE_TRITON_MAX_ROWS).
   decode_tiles   the Triton decode kernel's BLOCK_N / warps / stages and split factor.
-  sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA
+  sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA's
+                 candidate and one-block-per-row paths
                  (SAMPLE_TRITON_MAX_ROWS, kernels/sampling.py's _MIN_SPLIT_CHUNKS).
   sample_blocks  the one-program-per-row path's vocabulary block and warps.
   sample_cand    the candidate path's tiles (both kernels' blocks and warps).
@@ -244,7 +245,10 @@ def sample_batch_section(p: Probe):
             calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
                                                                                    num_chunks=chunks)
         if "cuda" in p.backends:
-            calls["cuda"] = lambda: fastgpt.sample(logits, temperature=0.8, top_k=50, top_p=0.9, backend="cuda")
+            from fastgpt.ops import _cuda
+
+            calls["cuda candidates (top_k_bound 50)"] = lambda: _cuda.sample(logits, *params, seed, top_k_bound=50)
+            calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
         for name, fn in calls.items():
             p.record("sample_batch", dict(B=B, V=V, impl=name), lambda fn=fn: dict(device_us=p.device_us(fn)))
 

@@ -124,9 +124,16 @@ def test_extension_validates_before_touching_the_gpu():
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 1, 1 << 24, 1 << 24, 0, 0, 0)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 0, 1, 1 << 24, 1 << 24, 0, 0, 0)
     with pytest.raises(ValueError, match="null pointer"):
-        C.sample(16, 0, 16, 16, 16, 16, 16, 1, 10, 10, 0, 0, 0)
+        C.sample(16, 0, 16, 16, 16, 16, 16, 0, 0, 1, 10, 10, 0, 0, 0)
+    with pytest.raises(ValueError, match=r"cand_k must be 0 or a power of two in \[16, 256\], got 48"):
+        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 48, 1, 10, 10, 0, 0, 0)
+    with pytest.raises(ValueError, match="needs its workspace"):
+        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 64, 1, 10, 10, 0, 0, 0)
+    with pytest.raises(ValueError, match="batch x vocabulary chunks must be < 2\\^31"):
+        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 64, 2**31 - 1, 5000, 5000, 0, 0, 0)
+    assert C.sample_candidate_chunks(50257) == 50 and C.sample_candidate_chunks(1024) == 1
 
 
 @requires_built

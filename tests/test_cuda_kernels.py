@@ -287,6 +287,33 @@ def test_a_dominant_token_is_always_drawn_in_a_large_vocab():
         assert (draws == 7).all(), f"{int((draws != 7).sum())} of {n} draws left the dominant token"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B, V", [(1, 50257), (12, 50257), (256, 50257), (12, 128256), (12, 100), (12, 5)])
+def test_sampling_candidate_path_equals_one_block(B, V, dtype):
+    """top_k_bound > 0 (the candidate path: each chunk's best entries, then the row's): the same
+    tokens as one block per row, to the bit (the same fixed-point weights, the same noise), for
+    every kind of row, including those it hands to the one-block code: top-k off or past the
+    bound, a tie group longer than the list, +inf logits, nothing finite, scores overflowing."""
+    from fastgpt.ops import _cuda
+
+    logits = _randn(B, V, dtype=dtype, seed=B + V, scale=3)
+    rows = torch.arange(B, device="cuda")
+    t = torch.tensor([0.8, 0.0, 1.0, 1.3, 0.7, 0.5, 1.0, 0.9, 1e-30, 1.0, 2.0, 0.6], device="cuda")[rows % 12]
+    k = torch.tensor([50, 3, 0, 7, 50, 1, 50, 20, 50, 64, 5, 50], device="cuda")[rows % 12]
+    p = torch.tensor([0.9, 1.0, 0.9, 1.0, 0.5, 1.0, 0.95, 0.0, 1.0, 1.0, 0.8, 1.0], device="cuda",
+                     dtype=torch.float64)[rows % 12]  # fmt: skip
+    mp = torch.tensor([0.0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.05, 0.0], device="cuda")[rows % 12]
+    special = rows[rows % 12 == 6]
+    logits[special, : min(V, 200)] = logits[special].amax(dim=-1, keepdim=True) - 1  # a tie group past the list
+    logits[rows[rows % 12 == 4], V // 2] = float("inf")
+    logits[rows[rows % 12 == 5]] = float("-inf")
+    logits[::3, :: max(1, V // 7)] = float("nan")
+    for seed in (1, 2):
+        s = torch.tensor([seed], device="cuda")
+        fast = _cuda.sample(logits, t, k, p, mp, s, top_k_bound=50)
+        assert torch.equal(fast, _cuda.sample(logits, t, k, p, mp, s)), (fast, _cuda.sample(logits, t, k, p, mp, s))
+
+
 def test_top_k_keeps_ties_with_the_kth_value():
     row = torch.tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]], device="cuda")
     draws = fastgpt.sample(row.expand(5000, 6), top_k=2, backend="cuda")

@@ -280,10 +280,11 @@ def test_split_plan():
 def test_candidate_list_length():
     """A power of two above the bound (the list must show where the k-th entry's tie group ends),
     16 at least; no candidate path for an unknown or too large a bound."""
-    from fastgpt.kernels.sampling import CAND_MAX_K, candidate_k
+    from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, sample_candidate_k
 
-    assert [candidate_k(b) for b in (0, -3, 1, 15, 16, 50, 63, 64, 255)] == [0, 0, 16, 16, 32, 64, 64, 128, 256]
-    assert candidate_k(CAND_MAX_K) == 0
+    expected = [0, 0, 16, 16, 32, 64, 64, 128, 256]
+    assert [sample_candidate_k(b) for b in (0, -3, 1, 15, 16, 50, 63, 64, 255)] == expected
+    assert sample_candidate_k(SAMPLE_CANDIDATE_MAX_K) == 0
 
 
 @pytest.mark.parametrize("V, B, bound", [(7, 12, 10), (300, 16, 31), (2500, 8, 50)],

@@ -196,9 +196,11 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
 # ----------------------------------------------------------------------------- sampling
 
 
-def sample(logits, temperature, top_k, top_p, min_p, seed) -> torch.Tensor:
+def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> torch.Tensor:
     """logits (B, V); temperature fp32, top_k int64, top_p fp64, min_p fp32, all (B,); seed int64
-    (1,) on the device -> int64 (B,) token ids in [0, V)."""
+    (1,) on the device -> int64 (B,) token ids in [0, V). top_k_bound: every row's top_k is in
+    [1, top_k_bound] as far as the caller knows (0: unknown); a small one takes the candidate
+    path (csrc/sampling.cu), with the same tokens."""
     _require_cuda("sample", logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
     code = _dtype_code("sample", "logits", logits)
     if logits.dim() != 2:
@@ -217,8 +219,13 @@ def sample(logits, temperature, top_k, top_p, min_p, seed) -> torch.Tensor:
     if seed.numel() < 1:
         raise ValueError("sample (cuda backend): seed must hold one int64 value")
     out = torch.empty(B, device=logits.device, dtype=torch.int64)
-    _backends.cuda_extension().sample(
+    ext = _backends.cuda_extension()
+    cand_k = _backends.sample_candidate_k(top_k_bound)
+    chunks = ext.sample_candidate_chunks(V) if cand_k else 0
+    candidates = torch.empty(B * chunks * cand_k, device=logits.device, dtype=torch.int64)  # uint64 entries
+    ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
-        seed.data_ptr(), out.data_ptr(), B, V, logits.stride(0), code, logits.device.index, _stream(logits.device),
+        seed.data_ptr(), out.data_ptr(), candidates.data_ptr() if cand_k else 0, cand_k, B, V, logits.stride(0),
+        code, logits.device.index, _stream(logits.device),
     )  # fmt: skip
     return out

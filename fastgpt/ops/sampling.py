@@ -201,9 +201,7 @@ def _sample(
     if backend == "torch":
         return reference.sample(logits, temperature, top_k, top_p, min_p, seed)
     launchers = _backends.launchers(backend, "sampling")
-    if backend == "triton":
-        return launchers.sample(logits, temperature, top_k, top_p, min_p, seed, top_k_bound=top_k_bound)
-    return launchers.sample(logits, temperature, top_k, top_p, min_p, seed)  # cuda: one path
+    return launchers.sample(logits, temperature, top_k, top_p, min_p, seed, top_k_bound=top_k_bound)
 
 
 _sample_op = torch.library.custom_op("fastgpt::sample", _sample, mutates_args=())

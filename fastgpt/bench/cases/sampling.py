@@ -123,10 +123,10 @@ def candidates(device, p: dict) -> list[Candidate]:
 def triton_path(B: int, V: int, K: int, device: torch.device) -> str:
     """Which of the Triton sampler's paths these shapes and this top_k take on this GPU."""
     from fastgpt import _backends
-    from fastgpt.kernels.sampling import candidate_k, split_chunks
+    from fastgpt.kernels.sampling import split_chunks
 
-    if candidate_k(K):
-        return f"candidate path: lists of {candidate_k(K)}"
+    if _backends.sample_candidate_k(K):
+        return f"candidate path: lists of {_backends.sample_candidate_k(K)}"
     index = device.index if device.index is not None else torch.cuda.current_device()
     chunks = split_chunks(B, V, _backends.sm_count(index))
     return "one program per row" if chunks == 1 else f"split path: {chunks} vocabulary chunks per row"
