@@ -49,7 +49,8 @@ for dt in (torch.float32, torch.bfloat16, torch.float16):
     for V in (1, 3, 1000, 50257):
         logits = r(3, V, dt=dt)
         fastgpt.sample(logits, temperature=0.0, backend="cuda")
-        fastgpt.sample(logits, temperature=0.8, top_k=min(40, V), top_p=0.9, min_p=0.05, backend="cuda")
+        fastgpt.sample(logits, temperature=0.8, top_k=min(40, V), top_p=0.9, min_p=0.05, backend="cuda")  # candidates
+        fastgpt.sample(logits, temperature=0.8, top_p=0.9, backend="cuda")  # one block per row
 torch.cuda.synchronize()
 print("memcheck run: all kernels exercised")
 EOF
