@@ -104,11 +104,13 @@ def test_kept_set_matches_reference(V, B, device):
     torch.testing.assert_close(kept, _reference_kept(logits, *params), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("top_k_bound", [0, 40], ids=["searches", "candidates"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_kept_set_half_logits(dtype, device):
-    logits, *params = _random_rows(12, 300, seed=5, ties=False)
+def test_kept_set_half_logits(dtype, top_k_bound, device):
+    top_ks = [1, 3, 10, 40] if top_k_bound else None
+    logits, *params = _random_rows(12, 300, seed=5, ties=False, top_ks=top_ks)
     logits = logits.to(dtype)  # the reference upcasts the rounded values, like the kernel
-    kept = kept_mask(logits.to(device), *[p.to(device) for p in params]).cpu()
+    kept = kept_mask(logits.to(device), *[p.to(device) for p in params], top_k_bound=top_k_bound).cpu()
     expected = _reference_kept(logits, *params)
     near_p, near_min_p = _margins(logits, *params)
     rows = (near_p > 1e-5) & (near_min_p > 1e-5)  # rounding to half may move a row onto a threshold
