@@ -261,14 +261,21 @@ class GPT(nn.Module):
         """decode's trunk and lm_head in 5 launches a layer instead of 9 (6 and 10 where decode
         attention splits the cache): every matmul is one fastgpt.ops.linear launch, with the
         residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head), GELU
-        after it (c_fc), and the cache write of k and v (c_attn) fused in. tok, pos (B,)."""
+        after it (c_fc), and the cache write of k and v (c_attn) fused in; the first also reads
+        the token and position embeddings (no gathers). tok, pos (B,)."""
         t, backend = self.transformer, self.backend
-        x, h = t.wte(tok[:, None]), t.wpe(pos[:, None])  # (B, 1, C) each; ln_1 of block 0 adds them
+        x, h = None, None  # a block's last output (B, 1, C) and the residual stream it is added to
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             cache = kv_cache.layer(i)  # (2, B, H, S, D)
-            qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, kv_cache=cache,
-                            kv_pos=pos, backend=backend)  # fmt: skip
+            if i == 0:  # the embeddings: wte[tok] + wpe[pos] is ln_1's residual add, read in place
+                qkv, h = linear(t.wte.weight, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1),
+                                residual=t.wpe.weight, kv_cache=cache, kv_pos=pos, x_rows=tok, residual_rows=pos,
+                                backend=backend)  # fmt: skip
+                qkv, h = qkv[:, None], h[:, None]
+            else:
+                qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h,
+                                kv_cache=cache, kv_pos=pos, backend=backend)  # fmt: skip
             y = attn.attend(qkv, cache, None, seqlens)
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"

@@ -81,15 +81,29 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None):
     return y if residual is None else (y, h)
 
 
-def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None):
+def gather_rows(table, rows):
+    """table[rows] for a table (R, K) and int64 ids (M,), an id outside [0, R) reading zeros."""
+    if table.shape[0] == 0:
+        return table.new_zeros(rows.shape[0], table.shape[1])
+    valid = (rows >= 0) & (rows < table.shape[0])
+    return torch.where(valid[:, None], table[rows.clamp(0, table.shape[0] - 1)], 0)
+
+
+def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
+           x_rows=None, residual_rows=None):  # fmt: skip
     """act(LN(x + residual) @ weight.T + bias), the unfused way: each step in x's dtype as
     separate torch ops would round it (the matmul accumulates in fp32 or better).
 
     x (M, K); weight (N, K); bias (N,) or None; ln None or (ln_weight, ln_bias, eps); residual
     (M, K) or None (with ln). kv_cache (2, M, H, S, D) with N == 3 H D and kv_pos (M,) int64:
     out's k|v columns [H D, 3 H D) also go to kv_cache[:, m, :, kv_pos[m]], rows whose slot is
-    outside [0, S) left as they are. Returns (out (M, N), h = x + residual or None).
+    outside [0, S) left as they are. x_rows (M,) int64: x is a table and the input is
+    gather_rows(x, x_rows); residual_rows likewise. Returns (out (M, N), h = x + residual or None).
     """
+    if x_rows is not None:
+        x = gather_rows(x, x_rows)
+    if residual_rows is not None:
+        residual = gather_rows(residual, residual_rows)
     h = None
     if ln is not None:
         y = layer_norm(x, *ln, residual=residual)

@@ -30,11 +30,24 @@ _INTERPRETER_BLOCK_K = 32
 
 
 @triton.jit
-def _input_block(x_ptr, r_ptr, rows, cols, mask, stride_x, stride_r, HAS_RESIDUAL: tl.constexpr):
+def _table_rows(idx_ptr, rows, row_ok, table_rows, GATHER: tl.constexpr):
+    """The rows of x (or residual) that input rows `rows` read: themselves, or with GATHER the
+    table rows idx[rows] (an embedding lookup); and which of them to read (ids outside
+    [0, table_rows) read zeros)."""
+    if GATHER:
+        idx = tl.load(idx_ptr + rows, mask=row_ok, other=-1)
+        return idx, row_ok & (idx >= 0) & (idx < table_rows)
+    return rows, row_ok
+
+
+@triton.jit
+def _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, cols, col_ok, stride_x, stride_r,
+                 HAS_RESIDUAL: tl.constexpr):  # fmt: skip
     """x (+ residual) on (rows, cols), in x's dtype (0 where masked)."""
-    h = tl.load(x_ptr + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    h = tl.load(x_ptr + x_rows[:, None] * stride_x + cols[None, :], mask=x_ok[:, None] & col_ok[None, :], other=0.0)
     if HAS_RESIDUAL:
-        h += tl.load(r_ptr + rows[:, None] * stride_r + cols[None, :], mask=mask, other=0.0)
+        h += tl.load(r_ptr + r_rows[:, None] * stride_r + cols[None, :], mask=r_ok[:, None] & col_ok[None, :],
+                     other=0.0)  # fmt: skip
     return h
 
 
@@ -45,8 +58,10 @@ def _input_block(x_ptr, r_ptr, rows, cols, mask, stride_x, stride_r, HAS_RESIDUA
 # then per K block a = (h - m) * rsqrt(M2 / K + eps) * ln_weight + ln_bias, rounded to x's dtype.
 @triton.jit
 def _linear_kernel(
-    x_ptr,  # (M, K) row stride stride_x, unit column stride
-    r_ptr,  # (M, K) row stride stride_r, x's dtype: read when HAS_RESIDUAL (which needs HAS_LN)
+    x_ptr,  # (M, K) row stride stride_x, unit column stride; with X_GATHER a table whose rows x_idx picks
+    r_ptr,  # (M, K) row stride stride_r, x's dtype: read when HAS_RESIDUAL (which needs HAS_LN); R_GATHER: a table
+    x_idx_ptr,  # (M,) int64: row m of the input is x[x_idx[m]] when X_GATHER (zeros outside [0, x_table_rows))
+    r_idx_ptr,  # (M,) int64: row m of the residual is residual[r_idx[m]] when R_GATHER
     h_ptr,  # (M, K) contiguous, x's dtype: x + residual, written by program 0 when HAS_RESIDUAL
     ln_w_ptr,  # (K,): read when HAS_LN_WEIGHT
     ln_b_ptr,  # (K,): read when HAS_LN_BIAS
@@ -55,10 +70,10 @@ def _linear_kernel(
     out_ptr,  # (M, N) contiguous, x's dtype
     kv_ptr,  # (2, M, H, S, D) x's dtype, unit last stride: out's columns [C, 3C) go here too when KV_CACHE
     kv_pos_ptr,  # (M,) int64: row m's slot in kv; slots outside [0, S) are not written
-    M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps,
+    M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps, x_table_rows, r_table_rows,
     stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim,
     HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
-    HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
     GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
 ):  # fmt: skip
@@ -68,6 +83,8 @@ def _linear_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
+    x_rows, x_ok = _table_rows(x_idx_ptr, rows, row_ok, x_table_rows, X_GATHER)
+    r_rows, r_ok = _table_rows(r_idx_ptr, rows, row_ok, r_table_rows, R_GATHER)
 
     mean = tl.zeros([BLOCK_M], tl.float32)
     rstd = tl.zeros([BLOCK_M], tl.float32)
@@ -76,7 +93,7 @@ def _linear_kernel(
         for k0 in range(0, K, STATS_BLOCK_K):
             ks = k0 + tl.arange(0, STATS_BLOCK_K)
             mask = row_ok[:, None] & (ks < K)[None, :]
-            h = _input_block(x_ptr, r_ptr, rows, ks, mask, stride_x, stride_r, HAS_RESIDUAL)
+            h = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, ks, ks < K, stride_x, stride_r, HAS_RESIDUAL)
             if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
                 if pid == 0:
                     tl.store(h_ptr + rows[:, None] * K + ks[None, :], h, mask=mask)
@@ -95,7 +112,7 @@ def _linear_kernel(
         ks = k0 + offs_k
         k_ok = ks < K
         mask = row_ok[:, None] & k_ok[None, :]
-        a = _input_block(x_ptr, r_ptr, rows, ks, mask, stride_x, stride_r, HAS_RESIDUAL)
+        a = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, ks, k_ok, stride_x, stride_r, HAS_RESIDUAL)
         if HAS_LN:
             y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
             if HAS_LN_WEIGHT:
@@ -125,7 +142,8 @@ def _linear_kernel(
         tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
 
 
-def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None):
+def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
+           x_rows=None, residual_rows=None):  # fmt: skip
     """act(LN(x + residual) @ weight.T + bias) for x (M, K), M <= MAX_ROWS.
 
     x (M, K), stride(-1) == 1, and weight (N, K), any strides: one dtype (fp16, bf16, fp32); bias
@@ -134,14 +152,18 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     or None for 1 / 0). residual (M, K), stride(-1) == 1, only with ln: added first. gelu_tanh:
     GELU's tanh form on the output. kv_cache (2, M, H, S, D), x's dtype, stride(-1) == 1, with
     N == 3 H D, and kv_pos (M,) int64: out's columns [H D, 3 H D) (k, then v, head-major) are also
-    written to kv_cache[:, m, :, kv_pos[m]] (nothing for a slot outside [0, S)). Returns
-    (out (M, N), h (M, K) = x + residual or None), both contiguous.
+    written to kv_cache[:, m, :, kv_pos[m]] (nothing for a slot outside [0, S)). x_rows (M,)
+    int64: x is a table (R, K) and row m of the input is x[x_rows[m]] (an embedding lookup; an
+    id outside [0, R) reads zeros); residual_rows likewise for residual. Returns (out (M, N),
+    h (M, K) = x + residual or None), both contiguous.
     """
-    M, K = x.shape
+    M, K = (x.shape[0] if x_rows is None else x_rows.shape[0]), x.shape[1]
     N = weight.shape[0]
     ln_weight, ln_bias, eps = ln if ln is not None else (None, None, 0.0)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)
     h = torch.empty((M, K), dtype=x.dtype, device=x.device) if residual is not None else None
+    x_idx = out if x_rows is None else x_rows.contiguous()  # unread without a gather
+    r_idx = out if residual_rows is None else residual_rows.contiguous()
     if (K - 1) * weight.stride(1) >= 2**31:  # column offsets within a weight row are 32-bit
         weight = weight.contiguous()  # only for a huge weight stored transposed
     block_m = max(16, triton.next_power_of_2(M))
@@ -151,14 +173,15 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
     kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
     _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
-        x, x if residual is None else residual, out if h is None else h,
+        x, x if residual is None else residual, x_idx, r_idx, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
         weight, x if bias is None else bias, out,
         kv_cache if has_kv else out, kv_pos.contiguous() if has_kv else out,
         M, N, K, x.stride(0), 0 if residual is None else residual.stride(0), *weight.stride(), float(eps),
-        *kv_strides, kv_len, head_dim,
+        x.shape[0], 0 if residual is None else residual.shape[0], *kv_strides, kv_len, head_dim,
         HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
-        HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv, GELU_TANH=gelu_tanh,
+        HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
+        X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=BLOCK_N,
         BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )  # fmt: skip

@@ -94,6 +94,47 @@ def test_qkv_projection_writes_the_kv_cache(dtype, device):
     assert torch.equal(expected[0, 1, :, 6], k[1]) and torch.equal(expected[0, 3], cache[0, 3])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_embedding_rows_are_read_in_place(dtype, device, poisoned_empty):
+    """x and residual as tables read at row ids (GPT's wte[tok] + wpe[pos] into ln_1 + c_attn):
+    the same out, h and cache as the gathered tensors give, and ids outside a table read zeros."""
+    M, H, D, S = 6, 2, 8, 5
+    K, N = 40, 3 * H * D
+    wte, wpe, w, b, g, beta = _inputs(11, K, N, dtype, device)  # an 11-row "vocabulary", 11 positions
+    tok = torch.tensor([3, 0, 10, 3, -2, 11], device=device)  # the last two outside the table
+    pos = torch.tensor([0, 4, 2, 1, 3, 20], device=device)
+    cache, expected = (torch.zeros(2, M, H, S, D, device=device, dtype=dtype) for _ in range(2))
+    x = reference.gather_rows(wte, tok)
+    assert torch.equal(x[4], torch.zeros(K, dtype=dtype, device=device)) and torch.equal(x[0], wte[3])
+    ref, h_ref = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=reference.gather_rows(wpe, pos),
+                                  kv_cache=expected, kv_pos=pos)  # fmt: skip
+    out, h = linear(wte, w, b, ln=(g, beta, 1e-5), residual=wpe, kv_cache=cache, kv_pos=pos, x_rows=tok,
+                    residual_rows=pos, backend="triton")  # fmt: skip
+    assert out.shape == (M, N) and h.shape == (M, K)
+    assert_close(out, ref)
+    torch.testing.assert_close(h, h_ref, atol=0, rtol=0)
+    assert_close(cache, expected)
+    torch_out, _ = linear(wte, w, b, ln=(g, beta, 1e-5), residual=wpe, x_rows=tok, residual_rows=pos, backend="torch")
+    assert_close(torch_out, ref)
+    gathered, _ = linear(wte, w, x_rows=tok, backend="triton")  # only x gathered, no LayerNorm
+    assert_close(gathered, reference.linear(x, w, None)[0])
+
+
+def test_row_id_errors(device):
+    table, w = torch.randn(9, 32, device=device), torch.randn(16, 32, device=device)
+    ids = torch.tensor([1, 2], device=device)
+    with pytest.raises(ValueError, match=r"x must be a table \(R, K\) when x_rows is given"):
+        linear(table[None], w, x_rows=ids)
+    with pytest.raises(TypeError, match="x_rows must have dtype"):
+        linear(table, w, x_rows=ids.int())
+    with pytest.raises(ValueError, match="residual_rows needs a residual"):
+        linear(table, w, x_rows=ids, residual_rows=ids)
+    with pytest.raises(ValueError, match="residual_rows must have shape"):
+        linear(table, w, ln=(None, None, 1e-5), residual=table, x_rows=ids, residual_rows=ids[:1])
+    with pytest.raises(ValueError, match="residual must have shape"):
+        linear(table, w, ln=(None, None, 1e-5), residual=table, x_rows=ids)  # (9, 32), not the input's (2, 32)
+
+
 def test_empty_inputs(device):
     """No rows, no outputs, or no inputs: shapes and values as the unfused ops give them."""
     w, b = torch.randn(5, 8, device=device), torch.randn(5, device=device)
@@ -146,9 +187,10 @@ def test_auto_takes_torch_beyond_the_kernels_rows(device):
     assert_close(out, reference.linear(x, w, b, ln=(g, beta, 1e-5))[0])
 
 
-# The forms GPT.decode launches: (residual + LayerNorm, GELU, bias, k/v cache write).
-_FORMS = {"ln_1 + c_attn": (True, False, True, True), "ln_2 + c_fc + gelu": (True, True, True, False),
-          "c_proj": (False, False, True, False), "ln_f + lm_head": (True, False, False, False)}
+# The forms GPT.decode launches: (residual + LayerNorm, GELU, bias, k/v cache write, embedding gathers).
+_FORMS = {"wte + wpe + ln_1 + c_attn": (True, False, True, True, True), "ln_1 + c_attn": (True, False, True, True, False),
+          "ln_2 + c_fc + gelu": (True, True, True, False, False), "c_proj": (False, False, True, False, False),
+          "ln_f + lm_head": (True, False, False, False, False)}
 
 
 def compile_linear_variants(arch):
@@ -158,16 +200,16 @@ def compile_linear_variants(arch):
     mod = _load_kernel_module("linear")
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp16", "fp32"):
-        ptrs = {name: f"*{dtype}" for name in names} | {"kv_pos_ptr": "*i64"}
-        for (ln, gelu, bias, kv), block_m in ((form, m) for form in _FORMS.values() for m in (16, mod.MAX_ROWS)):
+        ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
+        for (ln, gelu, bias, kv, gather), block_m in ((form, m) for form in _FORMS.values() for m in (16, mod.MAX_ROWS)):
             const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
-                     "KV_CACHE": kv, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
+                     "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
                      "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m,
                      "BLOCK_K": mod.BLOCK_K_FP32 if dtype == "fp32" else mod.BLOCK_K,
                      "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
                                  num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
-            where = (arch, dtype, ln, gelu, bias, kv, block_m)
+            where = (arch, dtype, ln, gelu, bias, kv, gather, block_m)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (*where, kernel.metadata.shared)
             # K a multiple of 16, as every GPT-2 width is (the JIT specialises on it): the weight
             # tiles stream through shared memory with cp.async, several in flight.

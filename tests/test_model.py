@@ -129,7 +129,8 @@ def test_decode_step_launches(fused, device):
     """Launch count is what a batch-1 step costs on a GPU. Unfused, each layer writes its k/v
     pair with one scatter_ into the joint (2, B, H, S, D) cache; fused, the q|k|v projection
     writes them itself and every matmul is one fastgpt.ops.linear (4 a layer, and ln_f +
-    lm_head). Neither copies anything, and both leave the cache a fresh prefill would."""
+    lm_head), the first reading the embeddings too (no gathers). Neither copies anything, and
+    both leave the cache a fresh prefill would."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastgpt.generate import KVCache
@@ -144,6 +145,8 @@ def test_decode_step_launches(fused, device):
             return func(*args, **(kwargs or {}))
 
     model = GPT.from_hf(tiny_hf(64, 4, 3)).to(device)
+    for w in model.parameters():  # the (out, in) order GPT keeps its weights in on a GPU (a CPU's is (in, out))
+        w.data = w.data.contiguous()
     model.backend = "triton"  # the kernels' ops, not the reference's aten ops (the interpreter on a CPU)
     model.fused_decode = fused
     cache = KVCache(model.config, 2, 16, torch.float32, device)
@@ -154,6 +157,7 @@ def test_decode_step_launches(fused, device):
     n_layer = model.config.n_layer
     assert ops.names.count("scatter_") == (0 if fused else n_layer)
     assert ops.names.count("linear") == (4 * n_layer + 1 if fused else 0)
+    assert ops.names.count("embedding") == (0 if fused else 2)
     assert not {"copy_", "cat", "clone", "contiguous", "index_put_"} & set(ops.names)
     assert ops.names.count("decode_attention") == n_layer
     fresh = KVCache(model.config, 2, 6, torch.float32, device)  # the prompt and the token in one prefill

@@ -19,7 +19,7 @@ ACTIVATIONS = (None, "gelu_tanh")
 
 
 def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_cache=None, kv_pos=None,
-           backend: str = "auto"):  # fmt: skip
+           x_rows=None, residual_rows=None, backend: str = "auto"):  # fmt: skip
     """activation(LN(x + residual) @ weight.T + bias), fused.
 
     x: (..., K) fp16, bf16 or fp32; weight: (N, K), x's dtype; bias: (N,) float or None.
@@ -30,9 +30,12 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     into a layer's cache: kv_cache (2, M, H, S, D) in x's dtype with N == 3 H D (M = the rows of
     x), kv_pos (M,) int64 on x's device; out's columns [H D, 2 H D) (k) and [2 H D, 3 H D) (v),
     head-major, also go to kv_cache[0 or 1, m, :, kv_pos[m]]. Slots are not read on the host: a
-    slot outside [0, S) is not written. Returns (out (..., N), h) with h = x + residual (x's
-    shape), or None without a residual. On the triton backend x may hold at most MAX_ROWS rows
-    (auto takes torch beyond that, and off CUDA).
+    slot outside [0, S) is not written. x_rows: None, or (M,) int64 ids: x is then a table (R, K)
+    (an embedding) and the input's row m is x[x_rows[m]], an id outside [0, R) reading zeros;
+    residual_rows likewise makes residual a table (R', K) read at those ids. Returns
+    (out (..., N), h) with h = x + residual (the input's shape: (M, K) when gathered), or None
+    without a residual. On the triton backend the input may hold at most MAX_ROWS rows (auto
+    takes torch beyond that, and off CUDA).
     """
     _checks.tensor("x", x)
     if x.dim() == 0:
@@ -58,37 +61,55 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
                 _checks.shape(name, p, (K,), "(K,), K = x.shape[-1]")
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"ln's eps must be a non-negative float, got {eps!r}")
+    if x_rows is not None:
+        _check_rows("x", x, x_rows, K)
+    shape = tuple(x.shape) if x_rows is None else (x_rows.shape[0], K)  # the input's
     if residual is not None:
         if ln is None:
             raise ValueError("residual needs ln: the sum x + residual is what gets normalised")
         _checks.tensor("residual", residual)
-        _checks.shape("residual", residual, tuple(x.shape), "x.shape")
+        if residual_rows is None:
+            _checks.shape("residual", residual, shape, "the input's shape (x.shape, or (M, K) with x_rows)")
+        else:
+            _check_rows("residual", residual, residual_rows, K)
+            _checks.shape("residual_rows", residual_rows, (math.prod(shape[:-1]),), "(M,), M = the input's rows")
         _checks.same_dtype(x=x, residual=residual)
+    elif residual_rows is not None:
+        raise ValueError("residual_rows needs a residual table to read")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    M = math.prod(x.shape[:-1])  # rows
+    M = math.prod(shape[:-1])  # rows
     _check_kv(kv_cache, kv_pos, x, M, N)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
-                                 kv_cache=kv_cache, kv_pos=kv_pos)  # fmt: skip
+                                 kv_cache=kv_cache, kv_pos=kv_pos, x_rows=x_rows,
+                                 residual_rows=residual_rows)  # fmt: skip
 
     def unsupported(name: str) -> str | None:
         too_many = name == "triton" and M > MAX_ROWS
         return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}" if too_many else None
 
     name = _backends.resolve("linear", backend, device, unsupported, preference=("triton",))
-    lead = x.shape[:-1]
+    lead = shape[:-1]
+    x2 = x if x_rows is not None else x.reshape(M, K)
+    r2 = None if residual is None else residual if residual_rows is not None else residual.reshape(M, K)
     if name == "torch" or M == 0 or N == 0 or K == 0:
-        x2, r2 = x.reshape(M, K), None if residual is None else residual.reshape(M, K)
         out, h = reference.linear(x2, weight, bias, ln=None if ln is None else (ln_weight, ln_bias, float(eps)),
                                   residual=r2, gelu_tanh=activation == "gelu_tanh", kv_cache=kv_cache,
-                                  kv_pos=kv_pos)  # fmt: skip
-        return out.view(*lead, N), None if h is None else h.view(x.shape)
-    x2 = _checks.last_dim_contiguous(x.reshape(M, K))
-    r2 = None if residual is None else _checks.last_dim_contiguous(residual.reshape(M, K))
+                                  kv_pos=kv_pos, x_rows=x_rows, residual_rows=residual_rows)  # fmt: skip
+        return out.view(*lead, N), None if h is None else h.view(shape)
+    x2 = _checks.last_dim_contiguous(x2)
+    r2 = None if r2 is None else _checks.last_dim_contiguous(r2)
     args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", kv_cache,
-            kv_pos, name)  # fmt: skip
+            kv_pos, x_rows, residual_rows, name)  # fmt: skip
     out, h = _dispatch.call(_linear_op, _linear, *args)
-    return out.view(*lead, N), None if residual is None else h.view(x.shape)
+    return out.view(*lead, N), None if residual is None else h.view(shape)
+
+
+def _check_rows(name: str, table, rows, K: int) -> None:
+    """A table (R, K) read at int64 ids rows (M,)."""
+    if table.dim() != 2:
+        raise ValueError(f"{name} must be a table (R, K) when {name}_rows is given, got shape {tuple(table.shape)}")
+    _checks.tensor(f"{name}_rows", rows, ndim=1, dtypes=(torch.int64,))
 
 
 def _check_kv(kv_cache, kv_pos, x, M: int, N: int) -> None:
@@ -111,12 +132,13 @@ def _check_kv(kv_cache, kv_pos, x, M: int, N: int) -> None:
 def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, ln: bool, gelu_tanh: bool,
-    kv_cache: torch.Tensor | None, kv_pos: torch.Tensor | None, backend: str,
+    kv_cache: torch.Tensor | None, kv_pos: torch.Tensor | None, x_rows: torch.Tensor | None,
+    residual_rows: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     norm = (ln_weight, ln_bias, eps) if ln else None
     kernels = reference if backend == "torch" else _backends.launchers(backend, "linear")
     out, h = kernels.linear(x, weight, bias, ln=norm, residual=residual, gelu_tanh=gelu_tanh, kv_cache=kv_cache,
-                            kv_pos=kv_pos)  # fmt: skip
+                            kv_pos=kv_pos, x_rows=x_rows, residual_rows=residual_rows)  # fmt: skip
     return out, x.new_empty(0) if h is None else h  # a custom op returns tensors, not None
 
 
@@ -124,6 +146,8 @@ _linear_op = torch.library.custom_op("fastgpt::linear", _linear, mutates_args=("
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, residual, ln_weight, ln_bias, eps, ln, gelu_tanh, kv_cache, kv_pos, backend):
-    h = x.new_empty(0) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format)
-    return x.new_empty(x.shape[0], weight.shape[0]), h
+def _(x, weight, bias, residual, ln_weight, ln_bias, eps, ln, gelu_tanh, kv_cache, kv_pos, x_rows, residual_rows,
+      backend):  # fmt: skip
+    M = x.shape[0] if x_rows is None else x_rows.shape[0]
+    h = x.new_empty(0) if residual is None else x.new_empty(M, x.shape[1])
+    return x.new_empty(M, weight.shape[0]), h
