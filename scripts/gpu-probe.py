@@ -196,7 +196,9 @@ def decode_batch_section(p: Probe):
 def decode_tiles_section(p: Probe):
     """BLOCK_N, warps, stages and the split factor of the Triton decode kernel."""
     tiles_fn, per_sm = tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM
-    shapes = [(2, 2, 40, 16)] if p.smoke else [(64, 12, 4096, 64), (1, 12, 1024, 64), (8, 32, 4096, 128)]
+    # First the caches of `fastgpt bench generate` (GPT-2, 32 + 256 tokens: 288 slots, B1 and B32).
+    shapes = [(2, 2, 40, 16)] if p.smoke else [(1, 12, 288, 64), (32, 12, 288, 64), (64, 12, 4096, 64),
+                                               (1, 12, 1024, 64), (8, 32, 4096, 128)]  # fmt: skip
     # (BLOCK_N, warps, stages, programs per SM, BLOCK_G): BLOCK_G 16 runs one query head per KV
     # head (these shapes are MHA) through the tl.dot path, padded to 16 rows, whose loads the
     # compiler pipelines (cp.async); the elementwise path (BLOCK_G 1, the default) loads in step.
