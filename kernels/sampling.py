@@ -82,7 +82,7 @@ ROW_BLOCK_V = {4: 4096, 2: 1024}  # by the logits' element size
 ROW_WARPS = {4: 32, 2: 8}
 # The candidate path's tiles: picked by ptxas (no spills on sm_80/sm_90) and instruction counts,
 # not yet timed (gpu-probe's sample_cand sweeps them).
-CAND_MAX_K = SAMPLE_CANDIDATE_MAX_K  # it lists a row's best 16..256 entries: for top_k bounds below
+CAND_MAX_K = SAMPLE_CANDIDATE_MAX_K  # top_k bounds below this take the candidate path (lists of 16..256)
 CAND_BLOCK = 1024  # vocabulary entries per program of its first kernel (at least 4 x cand_k)
 CAND_WARPS = 4  # (4 warps: ~3.3k instructions a thread for tl.topk of 64 out of 1024 int64)
 MERGE_BLOCK = 2048  # candidates per step of its second kernel's merge
@@ -262,19 +262,26 @@ def _kept(s, key, m, t_p, min_p):
 
 
 @triton.jit
+def _gumbel(seed, row, cols, V: tl.constexpr):
+    """Gumbel noise -log(-log(u)) of entries (row, cols), every path's: u = (23 random bits + 0.5)
+    / 2^23 lies strictly inside (0, 1), the bits from Philox at counter row * V + col."""
+    bits = tl.randint(seed, row * V + cols)  # uint32
+    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
 def _gumbel_argmax(row_ptr, begin, end, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
                    V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    """max and first argmax over the kept set in [begin, end) of s + g, g = -log(-log(u)) Gumbel
-    noise: over a whole row, a draw from softmax(s) restricted to the kept set. u = (23 random
-    bits + 0.5) / 2^23 lies strictly inside (0, 1). (-inf, begin) when nothing there is kept."""
+    """max and first argmax over the kept set in [begin, end) of s + g, g the Gumbel noise: over a
+    whole row, a draw from softmax(s) restricted to the kept set. (-inf, begin) when nothing
+    there is kept."""
     best = float("-inf")
     best_i = begin
     for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
-        bits = tl.randint(seed, row * V + cols)  # uint32, Philox counter = (row, col)
-        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-        z = tl.where(_kept(s, key, m, t_p, min_p) & (cols < end), s - tl.log(-tl.log(u)), float("-inf"))
+        z = tl.where(_kept(s, key, m, t_p, min_p) & (cols < end), s + _gumbel(seed, row, cols, V), float("-inf"))
         zmax = tl.max(z, axis=0)
         i = tl.argmax(z, axis=0, tie_break_left=True) + start
         best_i = tl.where(zmax > best, i, best_i)
@@ -746,9 +753,7 @@ def _candidate_draw_kernel(
         else:
             token = tl.where(sampling, 0, tl.max(tl.where(i == 0, col, 0), axis=0))
             if drawable:
-                bits = tl.randint(tl.load(seed_ptr), row * V + col)  # as _gumbel_argmax draws
-                u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-                z = tl.where(kept, s - tl.log(-tl.log(u)), float("-inf"))
+                z = tl.where(kept, s + _gumbel(tl.load(seed_ptr), row, col, V), float("-inf"))
                 zmax = tl.max(z, axis=0)
                 token = tl.min(tl.where(kept & (z == zmax), col, V), axis=0)
             tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
