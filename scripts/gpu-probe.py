@@ -314,21 +314,34 @@ def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callabl
 
 def linear_section(p: Probe):
     """Each matmul of a GPT-2 decode step, fused (one launch) against the ops it replaces: device
-    time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on."""
+    time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on. The
+    wide forms also with 32 and 64 columns a program (kernels/linear.py's BLOCK_N): every program
+    re-reads all B input rows (and their LayerNorm statistics) from L2, which at B32 over
+    lm_head's 3142 programs of 16 columns is ~4x the weight bytes."""
+    from fastgpt.kernels import linear as tri_linear
+
     C = 32 if p.smoke else 768
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
-    for B in (1, 2) if p.smoke else (1, 4, 16):
-        for name, K, N, ln, gelu in forms:
-            w = p.randn(N, K) / K ** 0.5
-            calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
-            weight_bytes = w.numel() * w.element_size()
-            for impl, fn in calls.items():
-                def measure(fn=fn, weight_bytes=weight_bytes):
-                    d = p.device_us(fn)
-                    return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3}
-                p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
+    block_n = tri_linear.BLOCK_N
+    try:
+        for B in (1, 2) if p.smoke else (1, 4, 16, 32):
+            for name, K, N, ln, gelu in forms:
+                w = p.randn(N, K) / K ** 0.5
+                calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
+                weight_bytes = w.numel() * w.element_size()
+                widths = [block_n] + ([32, 64] if N >= 4 * C else [])
+                impls = [(impl, fn, block_n) for impl, fn in calls.items()]
+                impls += [(f"fused (triton), BLOCK_N {n}", calls["fused (triton)"], n) for n in widths[1:]]
+                for impl, fn, n in impls:
+                    def measure(fn=fn, weight_bytes=weight_bytes, n=n):
+                        tri_linear.BLOCK_N = n
+                        d = p.device_us(fn)
+                        return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3}
+                    p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
+    finally:
+        tri_linear.BLOCK_N = block_n
 
 
 def profile_section(p: Probe):
