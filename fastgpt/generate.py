@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import torch
 
 from fastgpt import _backends
+from fastgpt.ops import _checks
 from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
@@ -100,8 +101,12 @@ class Decoder:
         self.graph, self.graph_mode = None, None  # graph_mode: what _mode() bakes into the graph
         self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
         # emit's bookkeeping in one Triton launch where the model's ops run on Triton (auto's on a
-        # GPU): 1 launch a step instead of 4 (8 with eos ids)
+        # GPU): 1 launch a step instead of 4 (8 with eos ids); an all-greedy step's argmax in that
+        # same launch (kernels/advance.py's greedy_advance: 1 instead of 3), which keeps its
+        # running maxima and count here, left ready for the next step by each.
         self.triton_advance = _backends.runs_on_triton("advance", model.backend, device)
+        self.best = torch.full((batch,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
+        self.count = zeros(1, dtype=torch.int32)
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
@@ -140,12 +145,17 @@ class Decoder:
     def emit(self, logits):
         """Sample from logits (B, V), write the tokens to out[:, step] and tok, advance step and
         pos. No host sync."""
+        advance = _backends.launchers("triton", "advance") if self.triton_advance else None
+        if advance and self.all_greedy:  # the argmax and what follows, in one launch
+            advance.greedy_advance(_checks.last_dim_contiguous(logits), self.best, self.count, self.out, self.step,
+                                   self.tok, self.pos, self.finished, self.pad, self.eos, has_eos=self.has_eos)
+            return
         temperature = 0.0 if self.all_greedy else self.temperature
         nxt = draw(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                    generator=self.generator, backend=self.model.backend, top_k_bound=self.top_k_bound)
-        if self.triton_advance:  # what follows, in one launch (kernels/advance.py)
-            _backends.launchers("triton", "advance").advance(
-                nxt, self.out, self.step, self.tok, self.pos, self.finished, self.pad, self.eos, has_eos=self.has_eos)
+        if advance:  # what follows, in one launch (kernels/advance.py)
+            advance.advance(nxt, self.out, self.step, self.tok, self.pos, self.finished, self.pad, self.eos,
+                            has_eos=self.has_eos)  # fmt: skip
             return
         if self.has_eos:
             nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad

@@ -122,6 +122,46 @@ def test_advance_kernel_equals_the_torch_bookkeeping(B, has_eos, device):
         assert torch.equal(theirs[name].cpu(), value), name
 
 
+@pytest.mark.parametrize("B, V", [(1, 7), (9, 2500), (70, 1030)], ids=["B1-V7", "3-row-blocks-3-vocab-blocks", "B70"])
+@pytest.mark.parametrize("has_eos", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_greedy_advance_is_argmax_then_advance(B, V, has_eos, dtype, device):
+    """kernels/advance.py's greedy_advance against reference.greedy + advance, twice in a row (each
+    call leaves its maxima and count ready for the next): ties across vocabulary blocks (the
+    first index), NaN (never the argmax), +inf, rows of -inf and NaN only (0), -0.0 tied with 0."""
+    from fastgpt.kernels.advance import advance, greedy_advance
+
+    from fastgpt import reference
+
+    NO_ENTRY = torch.iinfo(torch.int64).min  # as the decoder fills best
+    g = torch.Generator().manual_seed(B + V)
+    best = torch.full((B,), NO_ENTRY, device=device)
+    count = torch.zeros(1, dtype=torch.int32, device=device)
+    state = {"out": torch.zeros(B, 5, dtype=torch.int64), "step": torch.tensor([1]),
+             "tok": torch.zeros(B, dtype=torch.int64), "pos": torch.randint(0, 50, (B,), generator=g),
+             "finished": torch.rand(B, generator=g) < 0.3}  # fmt: skip
+    mine = {k: v.clone().to(device) for k, v in state.items()}
+    pad, eos = torch.tensor([2]), torch.tensor([3, 5, -1, -1])
+    for call in range(2):
+        logits = (torch.randn(B, V, generator=g) * 2).round().to(dtype)  # many ties
+        logits[0, [V - 1, V // 2]] = 50.0  # tied maxima in two blocks
+        logits[-1, ::3] = float("nan")
+        if B > 2:
+            logits[1] = float("-inf")
+            logits[2, :] = float("nan")
+        if B > 4:
+            logits[3, [5, 1000]] = float("inf")
+            logits[4] = -1.0
+            logits[4, [7, 600]] = torch.tensor([-0.0, 0.0], dtype=dtype)
+        greedy_advance(logits.to(device), best, count, mine["out"], mine["step"], mine["tok"], mine["pos"],
+                       mine["finished"], pad.to(device), eos.to(device), has_eos=has_eos)  # fmt: skip
+        advance(reference.greedy(logits), state["out"], state["step"], state["tok"], state["pos"], state["finished"],
+                pad, eos, has_eos=has_eos)  # fmt: skip
+        for name, value in state.items():
+            assert torch.equal(mine[name].cpu(), value), (call, name)
+        assert (best == NO_ENTRY).all() and count.item() == 0
+
+
 def compile_advance_variants(arch):
     """kernels/advance.py lowered for sm_<arch>, with and without eos ids, at one block and the widest."""
     from tests.test_attention import _load_kernel_module, compile_for
@@ -132,6 +172,14 @@ def compile_advance_variants(arch):
     for has_eos, block in [(False, mod.MIN_BLOCK), (True, 1024)]:
         compile_for(mod._advance_kernel, ptrs, {"HAS_EOS": has_eos, "BLOCK_B": block, "BLOCK_E": 8}, arch=arch,
                     num_warps=1, num_stages=1)  # fmt: skip
+    ptrs |= {"best_ptr": "*i64", "count_ptr": "*i32"}
+    for dtype, has_eos, block in [("bf16", False, 32 * mod.GREEDY_WARPS), ("fp32", True, 1024)]:
+        const = {"HAS_EOS": has_eos, "BLOCK_V": mod.GREEDY_BLOCK_V, "BLOCK_R": mod.GREEDY_BLOCK_R, "BLOCK_B": block,
+                 "BLOCK_E": 8}  # fmt: skip
+        kernel = compile_for(mod._greedy_advance_kernel, ptrs | {"logits_ptr": f"*{dtype}"}, const, arch=arch,
+                             num_warps=mod.GREEDY_WARPS, num_stages=1)  # fmt: skip
+        ptx = kernel.asm["ptx"]
+        assert "atom.global.gpu.acq_rel.add" in ptx or "atom.acq_rel.gpu.global.add" in ptx, "the count's ordering"
 
 
 def test_advance_compiles_for_gpu():
