@@ -162,6 +162,32 @@ def test_greedy_advance_is_argmax_then_advance(B, V, has_eos, dtype, device):
         assert (best == NO_ENTRY).all() and count.item() == 0
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 32, 64])
+def test_gpu_greedy_advance_has_no_race(B):
+    """greedy_advance at GPT-2's vocabulary, 50 steps in a row with fresh bf16 logits (ties
+    across programs, NaN): each step's tokens are reference.greedy's, and best and count are
+    left reset. A lost atomic or an early reader would show as a wrong token now and then."""
+    from fastgpt import reference
+    from fastgpt.kernels.advance import greedy_advance
+
+    V, steps = 50257, 50
+    best = torch.full((B,), torch.iinfo(torch.int64).min, device="cuda")
+    count = torch.zeros(1, dtype=torch.int32, device="cuda")
+    out = torch.zeros(B, steps, dtype=torch.int64, device="cuda")
+    step, tok, pos = (torch.zeros(n, dtype=torch.int64, device="cuda") for n in (1, B, B))
+    finished = torch.zeros(B, dtype=torch.bool, device="cuda")
+    pad, eos = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.full((1,), -1, device="cuda")  # no eos
+    expected = []
+    for i in range(steps):
+        logits = (torch.randn(B, V, device="cuda") * 2).round().to(torch.bfloat16)  # many ties
+        logits[:, i * 997 % V] = float("nan")
+        expected.append(reference.greedy(logits))
+        greedy_advance(logits, best, count, out, step, tok, pos, finished, pad, eos, has_eos=False)
+    assert torch.equal(out, torch.stack(expected, dim=1)) and step.item() == steps and (pos == steps).all()
+    assert (best == torch.iinfo(torch.int64).min).all() and count.item() == 0
+
+
 def compile_advance_variants(arch):
     """kernels/advance.py lowered for sm_<arch>, with and without eos ids, at one block and the widest."""
     from tests.test_attention import _load_kernel_module, compile_for
