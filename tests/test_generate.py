@@ -168,8 +168,9 @@ def test_gpu_greedy_advance_has_no_race(B):
     """greedy_advance at GPT-2's vocabulary, 50 steps in a row with fresh bf16 logits (ties
     across programs, NaN): each step's tokens are reference.greedy's, and best and count are
     left reset. A lost atomic or an early reader would show as a wrong token now and then."""
-    from fastgpt import reference
     from fastgpt.kernels.advance import greedy_advance
+
+    from fastgpt import reference
 
     V, steps = 50257, 50
     best = torch.full((B,), torch.iinfo(torch.int64).min, device="cuda")
