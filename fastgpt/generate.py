@@ -91,6 +91,7 @@ class Decoder:
         self.kv = self.cache  # the positions this call uses: decode attends over all of them
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.tok, self.pos, self.step = zeros(batch), zeros(batch), zeros(1)
+        self.seqlens = zeros(batch, dtype=torch.int32)  # pos + 1, kept with pos: the step's cache lengths
         self.out = zeros(batch, length + WARMUP_STEPS + 1)
         self.finished = zeros(batch, dtype=torch.bool)
         self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
@@ -148,14 +149,15 @@ class Decoder:
         advance = _backends.launchers("triton", "advance") if self.triton_advance else None
         if advance and self.all_greedy:  # the argmax and what follows, in one launch
             advance.greedy_advance(_checks.last_dim_contiguous(logits), self.best, self.count, self.out, self.step,
-                                   self.tok, self.pos, self.finished, self.pad, self.eos, has_eos=self.has_eos)
+                                   self.tok, self.pos, self.seqlens, self.finished, self.pad, self.eos,
+                                   has_eos=self.has_eos)  # fmt: skip
             return
         temperature = 0.0 if self.all_greedy else self.temperature
         nxt = draw(logits, temperature=temperature, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
                    generator=self.generator, backend=self.model.backend, top_k_bound=self.top_k_bound)
         if advance:  # what follows, in one launch (kernels/advance.py)
-            advance.advance(nxt, self.out, self.step, self.tok, self.pos, self.finished, self.pad, self.eos,
-                            has_eos=self.has_eos)  # fmt: skip
+            advance.advance(nxt, self.out, self.step, self.tok, self.pos, self.seqlens, self.finished, self.pad,
+                            self.eos, has_eos=self.has_eos)  # fmt: skip
             return
         if self.has_eos:
             nxt = torch.where(self.finished, self.pad, nxt)  # finished rows emit pad
@@ -164,6 +166,7 @@ class Decoder:
         self.tok.copy_(nxt)
         self.step += 1
         self.pos += 1
+        torch.add(self.pos, 1, out=self.seqlens)
 
     def use_compile(self, options: dict | None):
         """Run the decode forward through torch.compile(fullgraph=True, **options), or plainly
@@ -180,7 +183,7 @@ class Decoder:
 
     def decode_step(self):
         """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""
-        self.emit(self.forward(self.tok, self.pos, self.kv))  # (B, V) logits; emit advances pos
+        self.emit(self.forward(self.tok, self.pos, self.kv, self.seqlens))  # (B, V) logits; emit advances pos
 
     def capture(self) -> str | None:
         """Capture decode_step over the whole cache in a CUDA graph (or keep the one captured).
@@ -191,7 +194,7 @@ class Decoder:
         if self.graph is not None and self.graph_mode == self._mode():
             return None
         self.graph, self.kv = None, self.cache
-        state = (self.tok, self.pos, self.step, self.out, self.finished)
+        state = (self.tok, self.pos, self.seqlens, self.step, self.out, self.finished)
         saved, rng = [t.clone() for t in state], self.generator.get_state()
         try:
             stream = torch.cuda.Stream(self.tok.device)

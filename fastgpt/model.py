@@ -239,13 +239,16 @@ class GPT(nn.Module):
         y = y[torch.arange(B, device=idx.device), last]  # (B, C)
         return self.lm_head(y)  # (B, V)
 
-    def decode(self, tok, pos, kv_cache):
+    def decode(self, tok, pos, kv_cache, seqlens=None):
         """One step: token tok (B,) int64 at position pos (B,) int64 of each row -> logits (B, V).
 
-        Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]].
+        Writes the token's k/v to cache slot pos[b] and attends to slots [0, pos[b]]. seqlens:
+        pos + 1 as int32 (B,), where the caller keeps it (generate's decoder does); else one
+        kernel makes it.
         """
         B, config = tok.shape[0], self.config
-        seqlens = torch.add(pos, 1, out=torch.empty(B, dtype=torch.int32, device=pos.device))  # one kernel
+        if seqlens is None:
+            seqlens = torch.add(pos, 1, out=torch.empty(B, dtype=torch.int32, device=pos.device))
         if self._fused_decode(B, tok.device):
             return self._decode_fused(tok, pos, kv_cache, seqlens)
         slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers

@@ -5,7 +5,7 @@ few microseconds in a step that is launch-bound at small batches.
 Per row b, with nxt the sampled tokens and s = step[0]:
     nxt_b = pad if finished_b else nxt_b          (with eos ids)
     finished_b |= nxt_b in eos                    (with eos ids)
-    out[b, s] = nxt_b;  tok_b = nxt_b;  pos_b += 1
+    out[b, s] = nxt_b;  tok_b = nxt_b;  pos_b += 1;  seqlens_b = pos_b + 1 (int32: the next step's)
 and step[0] = s + 1 once every row has read s.
 
 One program; each row is owned by one thread (blocks of at least 32 rows on one warp, so no
@@ -37,9 +37,9 @@ NO_ENTRY = tl.constexpr(-(2**63))  # best's value between calls, the smallest in
 
 
 @triton.jit
-def _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, finished_ptr, pad_ptr, eos_ptr, E, stride_out,
-                 HAS_EOS: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
-    """One block of rows: pad for finished rows, the eos flags, out's column step, tok and pos."""
+def _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, seqlens_ptr, finished_ptr, pad_ptr, eos_ptr, E,
+                 stride_out, HAS_EOS: tl.constexpr, BLOCK_E: tl.constexpr):  # fmt: skip
+    """One block of rows: pad for finished rows, the eos flags, out's column step, tok, pos and seqlens."""
     if HAS_EOS:
         done = tl.load(finished_ptr + rows, mask=ok, other=0) != 0
         nxt = tl.where(done, tl.load(pad_ptr), nxt)
@@ -48,7 +48,9 @@ def _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, finished_ptr, p
         tl.store(finished_ptr + rows, (done | hit).to(tl.uint8), mask=ok)
     tl.store(out_ptr + rows.to(tl.int64) * stride_out + step, nxt, mask=ok)
     tl.store(tok_ptr + rows, nxt, mask=ok)
-    tl.store(pos_ptr + rows, tl.load(pos_ptr + rows, mask=ok, other=0) + 1, mask=ok)
+    pos = tl.load(pos_ptr + rows, mask=ok, other=0) + 1
+    tl.store(pos_ptr + rows, pos, mask=ok)
+    tl.store(seqlens_ptr + rows, (pos + 1).to(tl.int32), mask=ok)
 
 
 @triton.jit
@@ -58,6 +60,7 @@ def _advance_kernel(
     step_ptr,  # (1,) int64: the column of out to write, then advanced
     tok_ptr,  # (B,) int64: the next step's input
     pos_ptr,  # (B,) int64: positions, advanced
+    seqlens_ptr,  # (B,) int32: the next decode step's cache lengths, pos + 1
     finished_ptr,  # (B,) bool (as uint8): rows that emitted an eos; read and written when HAS_EOS
     pad_ptr,  # (1,) int64: what finished rows emit, when HAS_EOS
     eos_ptr,  # (E,) int64 eos ids (-1 in unused slots), when HAS_EOS
@@ -69,8 +72,8 @@ def _advance_kernel(
         rows = b0 + tl.arange(0, BLOCK_B)
         ok = rows < B
         nxt = tl.load(nxt_ptr + rows, mask=ok, other=0)
-        _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, finished_ptr, pad_ptr, eos_ptr, E, stride_out,
-                     HAS_EOS, BLOCK_E)  # fmt: skip
+        _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, seqlens_ptr, finished_ptr, pad_ptr, eos_ptr, E,
+                     stride_out, HAS_EOS, BLOCK_E)  # fmt: skip
     tl.debug_barrier()  # every thread has read step before it moves on
     tl.store(step_ptr, step + 1)
 
@@ -80,7 +83,7 @@ def _greedy_advance_kernel(
     logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits, unit column stride
     best_ptr,  # (B,) int64: NO_ENTRY between calls; the packed maxima during one
     count_ptr,  # (1,) int32: 0 between calls; the programs done during one
-    out_ptr, step_ptr, tok_ptr, pos_ptr, finished_ptr, pad_ptr, eos_ptr,  # as _advance_kernel's
+    out_ptr, step_ptr, tok_ptr, pos_ptr, seqlens_ptr, finished_ptr, pad_ptr, eos_ptr,  # as _advance_kernel's
     B, V, E, stride_logits, stride_out,
     HAS_EOS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_E: tl.constexpr,
@@ -100,8 +103,8 @@ def _greedy_advance_kernel(
             rows = b0 + tl.arange(0, BLOCK_B)
             ok = rows < B
             nxt = V - 1 - (tl.atomic_xchg(best_ptr + rows, NO_ENTRY, mask=ok) & 0xFFFFFFFF)
-            _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, finished_ptr, pad_ptr, eos_ptr, E,
-                         stride_out, HAS_EOS, BLOCK_E)  # fmt: skip
+            _bookkeeping(nxt, rows, ok, out_ptr, step, tok_ptr, pos_ptr, seqlens_ptr, finished_ptr, pad_ptr, eos_ptr,
+                         E, stride_out, HAS_EOS, BLOCK_E)  # fmt: skip
         tl.atomic_xchg(count_ptr, 0)
         tl.debug_barrier()  # every thread has read step before it moves on
         tl.store(step_ptr, step + 1)
@@ -112,18 +115,18 @@ def _row_block(B: int, num_warps: int = 1) -> int:
     return max(MIN_BLOCK * num_warps, min(1024, triton.next_power_of_2(B)))
 
 
-def advance(nxt, out, step, tok, pos, finished, pad, eos, *, has_eos: bool) -> None:
+def advance(nxt, out, step, tok, pos, seqlens, finished, pad, eos, *, has_eos: bool) -> None:
     """Decoder.emit's bookkeeping in one launch (see the module docstring). All tensors on one
-    device: nxt, tok, pos (B,) int64 contiguous; out (B, W) int64 with unit column stride; step,
-    pad (1,) int64; finished (B,) bool contiguous; eos (E,) int64."""
+    device: nxt, tok, pos (B,) int64 contiguous; seqlens (B,) int32 contiguous; out (B, W) int64
+    with unit column stride; step, pad (1,) int64; finished (B,) bool contiguous; eos (E,) int64."""
     B, E = nxt.shape[0], eos.shape[0]
     _advance_kernel[(1,)](
-        nxt, out, step, tok, pos, finished.view(torch.uint8), pad, eos, B, E, out.stride(0), HAS_EOS=has_eos,
+        nxt, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, E, out.stride(0), HAS_EOS=has_eos,
         BLOCK_B=_row_block(B), BLOCK_E=max(1, triton.next_power_of_2(E)), num_warps=1,
     )  # fmt: skip
 
 
-def greedy_advance(logits, best, count, out, step, tok, pos, finished, pad, eos, *, has_eos: bool) -> None:
+def greedy_advance(logits, best, count, out, step, tok, pos, seqlens, finished, pad, eos, *, has_eos: bool) -> None:
     """advance(first argmax of logits with NaN as -inf, ...) in one launch. logits (B, V) with a
     unit column stride; best (B,) int64 filled with NO_ENTRY and count (1,) int32 zero: the
     caller's, kept for its next calls (each call leaves them so), used by one stream at a time.
@@ -132,7 +135,7 @@ def greedy_advance(logits, best, count, out, step, tok, pos, finished, pad, eos,
     E = eos.shape[0]
     grid = (triton.cdiv(V, GREEDY_BLOCK_V), triton.cdiv(B, GREEDY_BLOCK_R))
     _greedy_advance_kernel[grid](
-        logits, best, count, out, step, tok, pos, finished.view(torch.uint8), pad, eos, B, V, E, logits.stride(0),
-        out.stride(0), HAS_EOS=has_eos, BLOCK_V=GREEDY_BLOCK_V, BLOCK_R=GREEDY_BLOCK_R,
+        logits, best, count, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, V, E,
+        logits.stride(0), out.stride(0), HAS_EOS=has_eos, BLOCK_V=GREEDY_BLOCK_V, BLOCK_R=GREEDY_BLOCK_R,
         BLOCK_B=_row_block(B, GREEDY_WARPS), BLOCK_E=max(1, triton.next_power_of_2(E)), num_warps=GREEDY_WARPS,
     )  # fmt: skip

@@ -101,23 +101,24 @@ def test_eos_every_row_ends_output_early(pair):
 @pytest.mark.parametrize("has_eos", [False, True])
 def test_advance_kernel_equals_the_torch_bookkeeping(B, has_eos, device):
     """kernels/advance.py against Decoder.emit's PyTorch steps: tokens (pad for finished rows),
-    out's column, tok, pos, step, and the finished flags (eos hits, padding slots of -1)."""
+    out's column, tok, pos, seqlens, step, and the finished flags (eos hits, padding slots of -1)."""
     from fastgpt.kernels.advance import advance
 
     g = torch.Generator().manual_seed(B)
     state = {"out": torch.randint(0, 99, (B, 7), generator=g), "step": torch.tensor([3]),
              "tok": torch.randint(0, 99, (B,), generator=g), "pos": torch.randint(0, 50, (B,), generator=g),
-             "finished": torch.rand(B, generator=g) < 0.3}  # fmt: skip
+             "seqlens": torch.zeros(B, dtype=torch.int32), "finished": torch.rand(B, generator=g) < 0.3}  # fmt: skip
     nxt = torch.randint(0, 12, (B,), generator=g)
     pad, eos = torch.tensor([11]), torch.tensor([4, 7, -1, -1, -1, -1, -1, -1])
     theirs = {k: v.clone().to(device) for k, v in state.items()}
-    advance(nxt.to(device), theirs["out"], theirs["step"], theirs["tok"], theirs["pos"], theirs["finished"],
-            pad.to(device), eos.to(device), has_eos=has_eos)  # fmt: skip
+    advance(nxt.to(device), theirs["out"], theirs["step"], theirs["tok"], theirs["pos"], theirs["seqlens"],
+            theirs["finished"], pad.to(device), eos.to(device), has_eos=has_eos)  # fmt: skip
     if has_eos:
         nxt = torch.where(state["finished"], pad, nxt)
         state["finished"] |= (nxt[:, None] == eos).any(dim=1)
     state["out"][:, 3] = nxt
     state["tok"], state["pos"], state["step"] = nxt, state["pos"] + 1, state["step"] + 1
+    state["seqlens"] = (state["pos"] + 1).int()
     for name, value in state.items():
         assert torch.equal(theirs[name].cpu(), value), name
 
@@ -139,7 +140,7 @@ def test_greedy_advance_is_argmax_then_advance(B, V, has_eos, dtype, device):
     count = torch.zeros(1, dtype=torch.int32, device=device)
     state = {"out": torch.zeros(B, 5, dtype=torch.int64), "step": torch.tensor([1]),
              "tok": torch.zeros(B, dtype=torch.int64), "pos": torch.randint(0, 50, (B,), generator=g),
-             "finished": torch.rand(B, generator=g) < 0.3}  # fmt: skip
+             "seqlens": torch.zeros(B, dtype=torch.int32), "finished": torch.rand(B, generator=g) < 0.3}  # fmt: skip
     mine = {k: v.clone().to(device) for k, v in state.items()}
     pad, eos = torch.tensor([2]), torch.tensor([3, 5, -1, -1])
     for call in range(2):
@@ -154,9 +155,9 @@ def test_greedy_advance_is_argmax_then_advance(B, V, has_eos, dtype, device):
             logits[4] = -1.0
             logits[4, [7, 600]] = torch.tensor([-0.0, 0.0], dtype=dtype)
         greedy_advance(logits.to(device), best, count, mine["out"], mine["step"], mine["tok"], mine["pos"],
-                       mine["finished"], pad.to(device), eos.to(device), has_eos=has_eos)  # fmt: skip
-        advance(reference.greedy(logits), state["out"], state["step"], state["tok"], state["pos"], state["finished"],
-                pad, eos, has_eos=has_eos)  # fmt: skip
+                       mine["seqlens"], mine["finished"], pad.to(device), eos.to(device), has_eos=has_eos)  # fmt: skip
+        advance(reference.greedy(logits), state["out"], state["step"], state["tok"], state["pos"], state["seqlens"],
+                state["finished"], pad, eos, has_eos=has_eos)  # fmt: skip
         for name, value in state.items():
             assert torch.equal(mine[name].cpu(), value), (call, name)
         assert (best == NO_ENTRY).all() and count.item() == 0
@@ -177,6 +178,7 @@ def test_gpu_greedy_advance_has_no_race(B):
     count = torch.zeros(1, dtype=torch.int32, device="cuda")
     out = torch.zeros(B, steps, dtype=torch.int64, device="cuda")
     step, tok, pos = (torch.zeros(n, dtype=torch.int64, device="cuda") for n in (1, B, B))
+    seqlens = torch.zeros(B, dtype=torch.int32, device="cuda")
     finished = torch.zeros(B, dtype=torch.bool, device="cuda")
     pad, eos = torch.zeros(1, dtype=torch.int64, device="cuda"), torch.full((1,), -1, device="cuda")  # no eos
     expected = []
@@ -184,8 +186,9 @@ def test_gpu_greedy_advance_has_no_race(B):
         logits = (torch.randn(B, V, device="cuda") * 2).round().to(torch.bfloat16)  # many ties
         logits[:, i * 997 % V] = float("nan")
         expected.append(reference.greedy(logits))
-        greedy_advance(logits, best, count, out, step, tok, pos, finished, pad, eos, has_eos=False)
+        greedy_advance(logits, best, count, out, step, tok, pos, seqlens, finished, pad, eos, has_eos=False)
     assert torch.equal(out, torch.stack(expected, dim=1)) and step.item() == steps and (pos == steps).all()
+    assert (seqlens == steps + 1).all()
     assert (best == torch.iinfo(torch.int64).min).all() and count.item() == 0
 
 
@@ -195,7 +198,7 @@ def compile_advance_variants(arch):
 
     mod = _load_kernel_module("advance")
     ptrs = {"nxt_ptr": "*i64", "out_ptr": "*i64", "step_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64",
-            "finished_ptr": "*u8", "pad_ptr": "*i64", "eos_ptr": "*i64"}  # fmt: skip
+            "seqlens_ptr": "*i32", "finished_ptr": "*u8", "pad_ptr": "*i64", "eos_ptr": "*i64"}  # fmt: skip
     for has_eos, block in [(False, mod.MIN_BLOCK), (True, 1024)]:
         compile_for(mod._advance_kernel, ptrs, {"HAS_EOS": has_eos, "BLOCK_B": block, "BLOCK_E": 8}, arch=arch,
                     num_warps=1, num_stages=1)  # fmt: skip
