@@ -14,7 +14,8 @@ element is replicated across threads and no read-modify-write races with another
 greedy_advance does the same for an all-greedy step straight from the logits, in one launch
 instead of three (NaN-cleaning, argmax, then the above): programs over (vocabulary block, row
 block) each fold their blocks' maxima into best (B,) by atomic max over packed int64 entries
-(order-preserving key of the logit << 32 | V - 1 - col: the first index wins ties, as argmax's),
+(the samplers' order-preserving key of the logit << 32 | V - 1 - col: the first index wins
+ties, as argmax's),
 and the last program to finish (a counter, acquire-release) reads them, resets best and the
 counter for the next call, and does the bookkeeping. The first argmax of the logits with NaN as
 -inf: reference.greedy's token, whatever order the programs run in.
@@ -25,9 +26,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastgpt.kernels.sampling import (
-    _key,  # the samplers' order-preserving int32 key of a float
-)
+from fastgpt.kernels.sampling import _key
 
 MIN_BLOCK = 32  # rows per step: one warp, one row per thread at least
 GREEDY_BLOCK_V = 1024  # greedy_advance: logits per row a program takes
