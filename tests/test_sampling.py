@@ -740,8 +740,7 @@ def test_gpu_split_path(B, V, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("V", [50257, 128256])
-@pytest.mark.parametrize("B", [1, 32, 256])
+@pytest.mark.parametrize("B, V", [(1, 50257), (32, 50257), (256, 50257), (1, 128256), (32, 128256)])
 def test_gpu_candidate_path(B, V, dtype):
     """Real sizes through the candidate path (top_k_bound=50, one row in 8 breaking it) against one
     program per row (kept sets; tokens to the bit wherever they agree) and the reference; then
