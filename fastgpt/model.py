@@ -267,26 +267,23 @@ class GPT(nn.Module):
         after it (c_fc), and the cache write of k and v (c_attn) fused in; the first also reads
         the token and position embeddings (no gathers). tok, pos (B,)."""
         t, backend = self.transformer, self.backend
-        x, h = None, None  # a block's last output (B, 1, C) and the residual stream it is added to
+        # Rows (B, C) throughout. Layer 0 reads the embeddings in place: its input and residual are
+        # the tables wte and wpe at rows tok and pos, whose sum is ln_1's residual add.
+        x, h = t.wte.weight, t.wpe.weight
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             cache = kv_cache.layer(i)  # (2, B, H, S, D)
-            if i == 0:  # the embeddings: wte[tok] + wpe[pos] is ln_1's residual add, read in place
-                qkv, h = linear(t.wte.weight, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1),
-                                residual=t.wpe.weight, kv_cache=cache, kv_pos=pos, x_rows=tok, residual_rows=pos,
-                                backend=backend)  # fmt: skip
-                qkv, h = qkv[:, None], h[:, None]
-            else:
-                qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h,
-                                kv_cache=cache, kv_pos=pos, backend=backend)  # fmt: skip
-            y = attn.attend(qkv, cache, None, seqlens)
+            qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, kv_cache=cache,
+                            kv_pos=pos, x_rows=tok if i == 0 else None, residual_rows=pos if i == 0 else None,
+                            backend=backend)  # fmt: skip
+            y = attn.attend(qkv[:, None], cache, None, seqlens)[:, 0]
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"
             f, h = linear(a, mlp.c_fc.weight, mlp.c_fc.bias, ln=_ln(block.ln_2), residual=h,
                           activation="gelu_tanh" if tanh else None, backend=backend)  # fmt: skip
             x, _ = linear(f if tanh else F.gelu(f), mlp.c_proj.weight, mlp.c_proj.bias, backend=backend)
         logits, _ = linear(x, self.lm_head.weight, self.lm_head.bias, ln=_ln(t.ln_f), residual=h, backend=backend)
-        return logits[:, 0]  # (B, V)
+        return logits  # (B, V)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
