@@ -78,7 +78,7 @@ def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:
     unknown), Triton's candidate path goes first at every B. Not measured yet: predicted from its
     instruction counts (PTX) to take a few tens of us at B <= 32 and about 200 at B256, a clear
     margin under CUDA's measured times; gpu-probe's sample_batch times it beside them."""
-    if 0 < top_k_bound < SAMPLE_CANDIDATE_MAX_K:
+    if sample_candidate_k(top_k_bound):
         return TRITON_FIRST
     return TRITON_FIRST if rows <= SAMPLE_TRITON_MAX_ROWS else CUDA_FIRST
 
