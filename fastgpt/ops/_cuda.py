@@ -221,11 +221,12 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     out = torch.empty(B, device=logits.device, dtype=torch.int64)
     ext = _backends.cuda_extension()
     cand_k = _backends.sample_candidate_k(top_k_bound)
-    chunks = ext.sample_candidate_chunks(V) if cand_k else 0
-    candidates = torch.empty(B * chunks * cand_k, device=logits.device, dtype=torch.int64)  # uint64 entries
+    candidates = None  # the candidate path's workspace (uint64 entries), where it runs
+    if cand_k:
+        candidates = torch.empty(B * ext.sample_candidate_chunks(V) * cand_k, device=logits.device, dtype=torch.int64)
     ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
-        seed.data_ptr(), out.data_ptr(), candidates.data_ptr() if cand_k else 0, cand_k, B, V, logits.stride(0),
-        code, logits.device.index, _stream(logits.device),
+        seed.data_ptr(), out.data_ptr(), 0 if candidates is None else candidates.data_ptr(), cand_k, B, V,
+        logits.stride(0), code, logits.device.index, _stream(logits.device),
     )  # fmt: skip
     return out
