@@ -30,6 +30,7 @@ starting new measurements once passed. Read-only: it changes no GPU setting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -47,6 +48,22 @@ from fastgpt.bench import timing
 from fastgpt.kernels import attention as tri_attn
 from fastgpt.kernels import decode as tri_decode
 from fastgpt.kernels import sampling as tri_sampling
+
+
+@contextlib.contextmanager
+def knobs_kept(module, *names: str):
+    """Put module.<name> (a knob a section sweeps: a constant, a dict, a function) back as it was
+    on the way out, dicts by their contents."""
+    saved = {n: getattr(module, n) for n in names}
+    copies = {n: dict(v) for n, v in saved.items() if isinstance(v, dict)}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if name in copies:
+                value.clear()
+                value.update(copies[name])
+            setattr(module, name, value)
 
 
 class Probe:
@@ -154,9 +171,8 @@ TILES = {64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3),
 
 def tiles_section(p: Probe):
     """Each fixed tile of the Triton kernel, by pointers and by TMA, under graph replay."""
-    fixed, use_tuner = tri_attn._fixed_config, tri_attn._use_autotuner
-    tri_attn._use_autotuner = lambda *a: False
-    try:
+    with knobs_kept(tri_attn, "_fixed_config", "_use_autotuner"):
+        tri_attn._use_autotuner = lambda *a: False
         for B, H, S, D in attn_shapes(p):
             q, k, v = (p.randn(B, H, S, D) for _ in range(3))
             flops = 4 * B * H * S * S * D / 2
@@ -169,8 +185,6 @@ def tiles_section(p: Probe):
                                         per_replay=5, replays=9)
                         return dict(device_us=d, tflops=flops / d / 1e6)
                     p.record("tiles", dict(shape=f"B{B} H{H} S{S} D{D}", tile=tile, tma=tma), measure)
-    finally:
-        tri_attn._fixed_config, tri_attn._use_autotuner = fixed, use_tuner
 
 
 def decode_inputs(p: Probe, B, H, L, D):
@@ -195,7 +209,6 @@ def decode_batch_section(p: Probe):
 
 def decode_tiles_section(p: Probe):
     """BLOCK_N, warps, stages and the split factor of the Triton decode kernel."""
-    tiles_fn, per_sm = tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM
     # First the caches of `fastgpt bench generate` (GPT-2, 32 + 256 tokens: 288 slots, B1 and B32).
     shapes = [(2, 2, 40, 16)] if p.smoke else [(1, 12, 288, 64), (32, 12, 288, 64), (64, 12, 4096, 64),
                                                (1, 12, 1024, 64), (8, 32, 4096, 128)]  # fmt: skip
@@ -207,7 +220,8 @@ def decode_tiles_section(p: Probe):
         (64, 2, 3, 4, 1), (64, 8, 3, 4, 1), (64, 4, 2, 4, 1), (64, 4, 4, 4, 1), (128, 4, 4, 4, 1), (32, 2, 4, 8, 1),
         (64, 4, 3, 4, 16), (64, 4, 4, 4, 16), (128, 4, 3, 4, 16), (32, 4, 4, 8, 16),
         (64, 4, 3, 0, 1), (64, 4, 3, 0, 16)]  # 0 programs per SM: one split, no combine launch
-    try:
+    tiles_fn = tri_decode.gpu_tiles
+    with knobs_kept(tri_decode, "gpu_tiles", "_PROGRAMS_PER_SM"):
         for B, H, L, D in shapes:
             q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
             for block_n, warps, stages, programs_per_sm, block_g in variants:
@@ -222,8 +236,6 @@ def decode_tiles_section(p: Probe):
                 p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", block_n=block_n, warps=warps,
                                               stages=stages, programs_per_sm=programs_per_sm, block_g=block_g),
                          measure)  # fmt: skip
-    finally:
-        tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM = tiles_fn, per_sm
 
 
 def sample_inputs(p: Probe, B, V):
@@ -257,9 +269,8 @@ def sample_batch_section(p: Probe):
 
 def sample_blocks_section(p: Probe):
     """The one-program-per-row path's vocabulary block (x its pivots: registers) and warps."""
-    block, warps = dict(tri_sampling.ROW_BLOCK_V), dict(tri_sampling.ROW_WARPS)
     variants = [(1024, 4)] if p.smoke else [(4096, 32), (1024, 8), (2048, 16), (2048, 8), (4096, 16), (8192, 32)]
-    try:
+    with knobs_kept(tri_sampling, "ROW_BLOCK_V", "ROW_WARPS"):
         for B in (2,) if p.smoke else (1, 256):
             logits, params, seed = sample_inputs(p, B, 3000 if p.smoke else 50257)
             for block_v, num_warps in variants:
@@ -268,20 +279,16 @@ def sample_blocks_section(p: Probe):
                     return dict(device_us=p.device_us(lambda: tri_sampling.sample(logits, *params, seed,
                                                                                   num_chunks=0)))
                 p.record("sample_blocks", dict(B=B, block_v=block_v, warps=num_warps), measure)
-    finally:
-        tri_sampling.ROW_BLOCK_V.update(block)
-        tri_sampling.ROW_WARPS.update(warps)
 
 
 def sample_cand_section(p: Probe):
     """The candidate path's tiles: vocabulary block and warps of its first kernel, merge block
     and warps of its second (kernels/sampling.py's CAND_BLOCK, CAND_WARPS, MERGE_BLOCK, MERGE_WARPS)."""
     names = ("CAND_BLOCK", "CAND_WARPS", "MERGE_BLOCK", "MERGE_WARPS")
-    saved = {n: getattr(tri_sampling, n) for n in names}
     variants = [(1024, 4, 2048, 8)] if p.smoke else [
         (1024, 4, 2048, 8), (2048, 4, 2048, 8), (4096, 8, 2048, 8), (1024, 8, 2048, 8), (1024, 2, 2048, 8),
         (1024, 4, 4096, 8), (1024, 4, 2048, 4), (1024, 4, 1024, 4), (1024, 4, 2048, 16)]  # fmt: skip
-    try:
+    with knobs_kept(tri_sampling, *names):
         for B in (2,) if p.smoke else (1, 32, 256):
             logits, params, seed = sample_inputs(p, B, 3000 if p.smoke else 50257)
             for variant in variants:
@@ -291,9 +298,6 @@ def sample_cand_section(p: Probe):
                     return dict(device_us=p.device_us(lambda: tri_sampling.sample(logits, *params, seed,
                                                                                   top_k_bound=50)))
                 p.record("sample_cand", dict(B=B, **dict(zip(names, variant, strict=True))), measure)
-    finally:
-        for name, value in saved.items():
-            setattr(tri_sampling, name, value)
 
 
 def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callable]:
@@ -325,23 +329,21 @@ def linear_section(p: Probe):
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
     block_n = tri_linear.BLOCK_N
-    try:
+    with knobs_kept(tri_linear, "BLOCK_N"):
         for B in (1, 2) if p.smoke else (1, 4, 16, 32):
             for name, K, N, ln, gelu in forms:
                 w = p.randn(N, K) / K ** 0.5
                 calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
                 weight_bytes = w.numel() * w.element_size()
-                widths = [block_n] + ([32, 64] if N >= 4 * C else [])
+                wider = [32, 64] if N >= 4 * C else []
                 impls = [(impl, fn, block_n) for impl, fn in calls.items()]
-                impls += [(f"fused (triton), BLOCK_N {n}", calls["fused (triton)"], n) for n in widths[1:]]
+                impls += [(f"fused (triton), BLOCK_N {n}", calls["fused (triton)"], n) for n in wider]
                 for impl, fn, n in impls:
                     def measure(fn=fn, weight_bytes=weight_bytes, n=n):
                         tri_linear.BLOCK_N = n
                         d = p.device_us(fn)
                         return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3}
                     p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
-    finally:
-        tri_linear.BLOCK_N = block_n
 
 
 def profile_section(p: Probe):
