@@ -212,30 +212,24 @@ def decode_tiles_section(p: Probe):
     # First the caches of `fastgpt bench generate` (GPT-2, 32 + 256 tokens: 288 slots, B1 and B32).
     shapes = [(2, 2, 40, 16)] if p.smoke else [(1, 12, 288, 64), (32, 12, 288, 64), (64, 12, 4096, 64),
                                                (1, 12, 1024, 64), (8, 32, 4096, 128)]  # fmt: skip
-    # (BLOCK_N, warps, stages, programs per SM, BLOCK_G): BLOCK_G 16 runs one query head per KV
-    # head (these shapes are MHA) through the tl.dot path, padded to 16 rows, whose loads the
-    # compiler pipelines (cp.async); the elementwise path (BLOCK_G 1, the default) loads in step.
-    variants = [(32, 4, 3, 4, 1), (32, 4, 3, 4, 16)] if p.smoke else [
-        (64, 4, 3, 4, 1), (64, 4, 3, 2, 1), (64, 4, 3, 8, 1), (32, 4, 3, 4, 1), (128, 4, 3, 4, 1), (128, 8, 3, 4, 1),
-        (64, 2, 3, 4, 1), (64, 8, 3, 4, 1), (64, 4, 2, 4, 1), (64, 4, 4, 4, 1), (128, 4, 4, 4, 1), (32, 2, 4, 8, 1),
-        (64, 4, 3, 4, 16), (64, 4, 4, 4, 16), (128, 4, 3, 4, 16), (32, 4, 4, 8, 16),
-        (64, 4, 3, 0, 1), (64, 4, 3, 0, 16)]  # 0 programs per SM: one split, no combine launch
+    # (BLOCK_N, warps, stages, programs per SM). 0 programs per SM: one split, no combine launch.
+    variants = [(32, 4, 3, 16), (32, 4, 3, 0)] if p.smoke else [
+        (64, 4, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 3, 32), (64, 4, 3, 0), (64, 4, 2, 16), (64, 4, 4, 16),
+        (64, 4, 5, 16), (32, 4, 4, 16), (32, 4, 6, 16), (128, 4, 3, 16), (128, 8, 3, 16), (64, 2, 3, 16),
+        (64, 8, 3, 16), (32, 2, 4, 32)]
     tiles_fn = tri_decode.gpu_tiles
     with knobs_kept(tri_decode, "gpu_tiles", "_PROGRAMS_PER_SM"):
         for B, H, L, D in shapes:
             q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
-            for block_n, warps, stages, programs_per_sm, block_g in variants:
-                def measure(block_n=block_n, warps=warps, stages=stages, programs_per_sm=programs_per_sm,
-                            block_g=block_g):  # fmt: skip
+            for block_n, warps, stages, programs_per_sm in variants:
+                def measure(block_n=block_n, warps=warps, stages=stages, programs_per_sm=programs_per_sm):
                     base = tiles_fn(1, D, False)
-                    tri_decode.gpu_tiles = lambda *a: base._replace(block_n=block_n, num_warps=warps,
-                                                                    num_stages=stages, block_g=block_g)
+                    tri_decode.gpu_tiles = lambda *a: base._replace(block_n=block_n, num_warps=warps, num_stages=stages)
                     tri_decode._PROGRAMS_PER_SM = programs_per_sm
                     d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D ** -0.5))
                     return dict(device_us=d, gbps=nbytes / d / 1e3)
                 p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", block_n=block_n, warps=warps,
-                                              stages=stages, programs_per_sm=programs_per_sm, block_g=block_g),
-                         measure)  # fmt: skip
+                                              stages=stages, programs_per_sm=programs_per_sm), measure)
 
 
 def sample_inputs(p: Probe, B, V):

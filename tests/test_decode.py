@@ -83,7 +83,7 @@ def test_random_lengths(device, seed):
 
 @pytest.mark.parametrize("Hq,Hkv", [(6, 2), (4, 1), (3, 3), (16, 1), (40, 2)])
 def test_gqa_mqa(device, Hq, Hkv):
-    """Groups 3 and 4 take the 16-row tl.dot path, group 1 the elementwise path, 16 a full tile,
+    """Groups 1, 3 and 4 take a 16-row tile padded with zero rows, 16 a full one,
     and 20 two tiles of query heads (fp32 tiles hold 16) over the same KV head."""
     _check(*_inputs(2, Hq, Hkv, 40, 32, torch.float32, device, seed=Hq), [40, 23])
 
