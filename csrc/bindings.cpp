@@ -137,12 +137,26 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
     check_cuda(decode_attention_forward(p, stream_of(stream)), kernel);
 }
 
-int num_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t sm_count) {
+int num_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t sm_count,
+               int64_t blocks_per_sm) {
     const char* kernel = "decode_num_splits";
     require(batch >= 1 && heads_kv >= 1 && heads_q >= heads_kv && heads_q % heads_kv == 0 && max_seqlen >= 1 &&
                 sm_count >= 1 && batch <= kMaxInt && heads_q <= kMaxInt && max_seqlen <= kMaxInt && sm_count <= 1 << 20,
             kernel, "invalid shapes");
-    return decode_num_splits(int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(sm_count));
+    require(blocks_per_sm >= 1 && blocks_per_sm <= 1024, kernel, "blocks_per_sm must be in [1, 1024], got ",
+            blocks_per_sm);
+    return decode_num_splits(int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(sm_count),
+                             int(blocks_per_sm));
+}
+
+int blocks_per_sm(int dtype, int64_t head_dim, int64_t heads_q, int64_t heads_kv, int device) {
+    const char* kernel = "decode_blocks_per_sm";
+    const DType type = dtype_of(dtype, kernel, false);
+    require_head_layout(kernel, head_dim, 1, heads_q, heads_kv);
+    DeviceGuard guard(device, kernel);
+    int blocks = 0;
+    check_cuda(decode_blocks_per_sm(type, int(head_dim), int(heads_q), int(heads_kv), &blocks), kernel);
+    return blocks;
 }
 
 void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
@@ -220,7 +234,12 @@ PYBIND11_MODULE(_C, m) {
           py::arg("dtype"), py::arg("device"), py::arg("stream"),
           "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq).");
     m.def("decode_num_splits", &num_splits, py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
-          py::arg("max_seqlen"), py::arg("sm_count"), "How many KV splits decode_attention uses for these shapes.");
+          py::arg("max_seqlen"), py::arg("sm_count"), py::arg("blocks_per_sm"),
+          "How many KV splits decode_attention uses for these shapes on a GPU of sm_count SMs holding "
+          "blocks_per_sm split blocks each.");
+    m.def("decode_blocks_per_sm", &blocks_per_sm, py::arg("dtype"), py::arg("head_dim"), py::arg("heads_q"),
+          py::arg("heads_kv"), py::arg("device"),
+          "Split blocks of decode_attention that one SM of the device holds at once (CUDA's occupancy).");
     m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
           py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("cols"), py::arg("stride_x"), py::arg("stride_r"),
           py::arg("stride_y"), py::arg("stride_h"), py::arg("eps"), py::arg("dtype"), py::arg("weight_dtype"),

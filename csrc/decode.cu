@@ -18,6 +18,7 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGroup = 8;   // query heads per block
 constexpr int kMaxSplits = 64;
 constexpr int kMinKeysPerSplit = 256;
+constexpr int64_t kWaveFill[2] = {9, 10};  // decode_num_splits: a last wave at least 9/10 full
 constexpr float kLog2e = 1.4426950408889634f;
 
 // exp2(m - m_new) for an online-softmax rescale, 0 when the running max is still -inf.
@@ -222,17 +223,52 @@ cudaError_t launch_dim(const DecodeParams& p, cudaStream_t stream) {
     return cudaErrorInvalidValue;
 }
 
+// Split-kernel blocks of one configuration that an SM holds at once (registers, shared memory).
+template <typename T, int D>
+cudaError_t resident_blocks(int tile, int* blocks) {
+    switch (tile) {
+        case 1: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 1>, kThreads, 0);
+        case 2: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 2>, kThreads, 0);
+        case 4: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 4>, kThreads, 0);
+        default: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 8>, kThreads, 0);
+    }
+}
+
 }  // namespace
 
-// Enough blocks for about two waves over the SMs, but no split shorter than kMinKeysPerSplit
-// positions of the cache and at most kMaxSplits. Depends on shapes and the SM count only (the
-// lengths live on the device), so a CUDA graph captured once stays valid.
-int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count) {
+// The fewest splits whose grid fills its last wave over the GPU (sm_count * blocks_per_sm blocks
+// run at a time) to kWaveFill or more; where no split count gets there (a grid short of one
+// wave even at the most splits), the split count with the fullest wave. No split is shorter than
+// kMinKeysPerSplit positions of the cache, and there are at most kMaxSplits. A grid of 1.45
+// waves (B64 H12 in one split on an H200: 768 blocks, 4 an SM) leaves a third of the second
+// wave's slots idle while its blocks stream their whole rows. Depends on shapes and the GPU only
+// (the lengths live on the device), so a CUDA graph captured once stays valid.
+int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count, int blocks_per_sm) {
     const int group_size = heads_q / heads_kv;
     const int64_t blocks = int64_t(batch) * heads_kv * ceil_div(group_size, group_tile(group_size));
-    const int64_t wanted = ceil_div<int64_t>(2 * int64_t(sm_count), blocks);
-    const int64_t by_length = ceil_div<int64_t>(max_seqlen, kMinKeysPerSplit);
-    return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>({wanted, by_length, kMaxSplits})));
+    const int64_t slots = int64_t(sm_count) * std::max(blocks_per_sm, 1);
+    const int most = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(max_seqlen, kMinKeysPerSplit), kMaxSplits));
+    int best = 1;
+    int64_t best_num = 0, best_den = 1;  // the best fill so far, best_num / best_den
+    for (int s = 1; s <= most; ++s) {
+        const int64_t grid = blocks * s, waves = ceil_div(grid, slots);
+        if (kWaveFill[1] * grid >= kWaveFill[0] * waves * slots) return s;
+        if (grid * best_den > best_num * waves * slots) best = s, best_num = grid, best_den = waves * slots;
+    }
+    return best;
+}
+
+cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, int* blocks) {
+    const int tile = group_tile(heads_q / heads_kv);
+    *blocks = 0;
+    switch (dtype) {
+        case DType::kFloat16:
+            return head_dim == 64 ? resident_blocks<__half, 64>(tile, blocks) : resident_blocks<__half, 128>(tile, blocks);
+        case DType::kBFloat16:
+            return head_dim == 64 ? resident_blocks<__nv_bfloat16, 64>(tile, blocks)
+                                  : resident_blocks<__nv_bfloat16, 128>(tile, blocks);
+        default: return cudaErrorInvalidValue;
+    }
 }
 
 cudaError_t decode_attention_forward(const DecodeParams& p, cudaStream_t stream) {

@@ -62,7 +62,7 @@ def test_fresh_build_produces_an_importable_elf_extension(tmp_path):
     probe = (
         "import importlib.util, sys; spec = importlib.util.spec_from_file_location('fastgpt._C', sys.argv[1]); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print(m.archs, m.decode_num_splits(1, 8, 8, 4096, 100))"
+        "print(m.archs, m.decode_num_splits(1, 8, 8, 4096, 100, 4))"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(so)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -95,7 +95,7 @@ def test_gencode_flags():
 def test_inplace_extension_is_elf_and_has_the_kernels():
     C = _built_extension()
     assert Path(C.__file__).read_bytes()[:4] == ELF_MAGIC
-    for name in ("attention", "decode_attention", "decode_num_splits", "layer_norm", "sample"):
+    for name in ("attention", "decode_attention", "decode_num_splits", "decode_blocks_per_sm", "layer_norm", "sample"):
         assert callable(getattr(C, name))
     assert C.cuda_version >= 11080
 
@@ -137,13 +137,19 @@ def test_extension_validates_before_touching_the_gpu():
 
 
 @requires_built
-def test_num_splits_depends_on_shapes_and_sm_count_only():
+def test_num_splits_fill_the_last_wave():
+    """The fewest splits whose last wave over the GPU is at least 90% full, else the fullest; no
+    split under 256 positions, at most 64; shapes and the GPU only."""
     C = _built_extension()
-    assert C.decode_num_splits(64, 32, 32, 128, 132) == 1  # plenty of blocks, short cache
-    assert C.decode_num_splits(1, 12, 12, 128, 132) == 1  # no split shorter than 256 positions
-    many = C.decode_num_splits(1, 8, 8, 1 << 20, 132)
-    assert 1 < many <= 64
-    assert C.decode_num_splits(1, 8, 8, 1 << 20, 132) == many
+    assert C.decode_num_splits(64, 12, 12, 4096, 132, 4) == 2  # 768 blocks: 1.45 waves of 528, 2.9 in 2 splits
+    assert C.decode_num_splits(44, 12, 12, 4096, 132, 4) == 1  # 528 blocks: one full wave
+    assert C.decode_num_splits(64, 32, 32, 128, 132, 4) == 1  # short cache: 256 positions a split at least
+    assert C.decode_num_splits(1, 12, 12, 1024, 132, 4) == 4  # short of a wave: as many as the length allows
+    assert C.decode_num_splits(1, 12, 12, 1 << 20, 132, 4) == 40  # 480 of 528 slots: the first 90% fill
+    assert C.decode_num_splits(1, 1, 1, 1 << 20, 132, 4) == 64  # at most 64
+    assert C.decode_num_splits(2, 64, 8, 4096, 132, 4) == 16  # GQA: 8 query heads a block, 16 blocks
+    with pytest.raises(ValueError, match=r"blocks_per_sm must be in \[1, 1024\], got 0"):
+        C.decode_num_splits(1, 12, 12, 1024, 132, 0)
 
 
 # ----------------------------------------------------------------------------- the launchers

@@ -15,6 +15,7 @@ strides in multiples of 8 elements; other layouts are copied to contiguous ones 
 
 from __future__ import annotations
 
+import functools
 
 import torch
 
@@ -125,6 +126,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 # ----------------------------------------------------------------------------- decode
 
 
+@functools.cache
+def _decode_blocks_per_sm(dtype: int, D: int, group: int, device: int) -> int:
+    """The split kernel's blocks an SM holds at once (CUDA's occupancy), once per configuration."""
+    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, device)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> torch.Tensor:
     """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D)."""
     _require_cuda("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
@@ -141,7 +148,9 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _backends.sm_count(q.device.index))
+    device = q.device.index
+    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[q.dtype], D, Hq // Hkv, device)
+    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _backends.sm_count(device), blocks_per_sm)
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     o_partial = lse_partial = None
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
