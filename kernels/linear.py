@@ -21,8 +21,9 @@ import triton.language as tl
 
 MAX_ROWS = 64  # rows of one launch (fastgpt.ops.linear.MAX_ROWS), padded to a power of two >= 16 for tl.dot
 BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
-BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop
+BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop, with a LayerNorm fused
 BLOCK_K_FP32 = 32  # fp32 tiles are twice the bytes, and their ieee dots stage more: 64 rows fit 99 KB
+TILE_ELEMENTS = 8192  # without a LayerNorm: x tiles of BLOCK_M x (8192 / BLOCK_M), BLOCK_K 512 at 16 rows
 STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: BLOCK_M x (8192 / BLOCK_M), 64 a thread
 NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
@@ -142,6 +143,20 @@ def _linear_kernel(
         tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
 
 
+def gpu_block_k(block_m: int, K: int, element_size: int, has_ln: bool) -> int:
+    """The main loop's K step on the GPU. Without a LayerNorm, 16-bit tiles hold TILE_ELEMENTS of x
+    (512 columns at up to 16 rows): GPT-2's narrow matmuls (N = 768: 48 programs of 16 columns)
+    are each program streaming 16 x K weights, bound by the bytes one program keeps in flight
+    (NUM_STAGES - 1 tiles), which a 128-wide step keeps at 8 KB and a 512-wide one at 32 KB
+    (64 KB of shared memory, 94 registers on sm_90). With a LayerNorm the normalisation's
+    registers (168 a thread at 128 wide already) keep it at BLOCK_K; those forms are the wide
+    ones, with programs enough. Never much wider than K."""
+    if element_size != 2:
+        return BLOCK_K_FP32
+    block_k = BLOCK_K if has_ln else TILE_ELEMENTS // block_m
+    return min(block_k, max(16, triton.next_power_of_2(K)))
+
+
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
            x_rows=None, residual_rows=None):  # fmt: skip
     """act(LN(x + residual) @ weight.T + bias) for x (M, K), M <= MAX_ROWS.
@@ -167,7 +182,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     if (K - 1) * weight.stride(1) >= 2**31:  # column offsets within a weight row are 32-bit
         weight = weight.contiguous()  # only for a huge weight stored transposed
     block_m = max(16, triton.next_power_of_2(M))
-    block_k = BLOCK_K if x.element_size() == 2 else BLOCK_K_FP32
+    block_k = gpu_block_k(block_m, K, x.element_size(), ln is not None)
     block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
     has_kv = kv_cache is not None
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)

@@ -315,26 +315,31 @@ def linear_section(p: Probe):
     time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on. The
     wide forms also with 32 and 64 columns a program (kernels/linear.py's BLOCK_N): every program
     re-reads all B input rows (and their LayerNorm statistics) from L2, which at B32 over
-    lm_head's 3142 programs of 16 columns is ~4x the weight bytes."""
+    lm_head's 3142 programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm
+    also with other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it)."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
-    block_n = tri_linear.BLOCK_N
-    with knobs_kept(tri_linear, "BLOCK_N"):
+    defaults = {"BLOCK_N": tri_linear.BLOCK_N, "TILE_ELEMENTS": tri_linear.TILE_ELEMENTS}
+    with knobs_kept(tri_linear, *defaults):
         for B in (1, 2) if p.smoke else (1, 4, 16, 32):
             for name, K, N, ln, gelu in forms:
                 w = p.randn(N, K) / K ** 0.5
                 calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
                 weight_bytes = w.numel() * w.element_size()
-                wider = [32, 64] if N >= 4 * C else []
-                impls = [(impl, fn, block_n) for impl, fn in calls.items()]
-                impls += [(f"fused (triton), BLOCK_N {n}", calls["fused (triton)"], n) for n in wider]
-                for impl, fn, n in impls:
-                    def measure(fn=fn, weight_bytes=weight_bytes, n=n):
-                        tri_linear.BLOCK_N = n
+                fused = calls["fused (triton)"]
+                impls = [(impl, fn, defaults) for impl, fn in calls.items()]
+                impls += [(f"fused (triton), BLOCK_N {n}", fused, {**defaults, "BLOCK_N": n})
+                          for n in ([32, 64] if N >= 4 * C else [])]
+                impls += [(f"fused (triton), TILE_ELEMENTS {t}", fused, {**defaults, "TILE_ELEMENTS": t})
+                          for t in ([] if ln else [2048, 4096, 16384])]
+                for impl, fn, knobs in impls:
+                    def measure(fn=fn, weight_bytes=weight_bytes, knobs=knobs):
+                        for knob, value in knobs.items():
+                            setattr(tri_linear, knob, value)
                         d = p.device_us(fn)
                         return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3}
                     p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)

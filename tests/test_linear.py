@@ -205,7 +205,7 @@ def compile_linear_variants(arch):
             const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
                      "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
                      "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m,
-                     "BLOCK_K": mod.BLOCK_K_FP32 if dtype == "fp32" else mod.BLOCK_K,
+                     "BLOCK_K": mod.gpu_block_k(block_m, 3072, 4 if dtype == "fp32" else 2, ln),
                      "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
                                  num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
