@@ -44,11 +44,14 @@ WARMUP_STEPS = 2  # eager decode steps before a capture: Triton compiles, cuBLAS
 
 class KVCache:
     """k and v of every layer in one tensor, kv (n_layer, 2, B, H, S, D), in the model's dtype:
-    a layer's k and v sit side by side, so one scatter_ writes a decode step's pair."""
+    a layer's k and v sit side by side, so one scatter_ writes a decode step's pair. counters
+    (B * H,) int32 zeros: the decode attention's, so that it merges its KV splits in the same
+    launch (fastgpt.ops.decode.decode_step_attention); every layer's launch leaves them zero."""
 
     def __init__(self, config, batch: int, length: int, dtype, device):
         shape = (config.n_layer, 2, batch, config.n_head, length, config.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
+        self.counters = torch.zeros(batch * config.n_head, dtype=torch.int32, device=device)
 
     @property
     def k(self) -> torch.Tensor:

@@ -25,6 +25,7 @@ from torch import nn
 import fastgpt
 from fastgpt import _backends
 from fastgpt.nn import LayerNorm
+from fastgpt.ops.decode import decode_step_attention
 from fastgpt.ops.linear import MAX_ROWS, linear
 
 # Hugging Face activation names this module implements; gelu_new is GPT-2's (the tanh form).
@@ -81,10 +82,11 @@ class CausalSelfAttention(nn.Module):
         """
         return self.c_proj(self.attend(self.c_attn(x), kv_cache, slot, seqlens))
 
-    def attend(self, qkv, kv_cache=None, slot=None, seqlens=None):
+    def attend(self, qkv, kv_cache=None, slot=None, seqlens=None, counters=None):
         """The attention between the two projections: qkv (B, T, 3C) -> (B, T, C); the rest as
         forward, except that a decode step (seqlens given) with slot None finds its k/v already
-        in the cache (GPT's fused decode writes them there)."""
+        in the cache (GPT's fused decode writes them there). counters: a decode step's, as
+        fastgpt.ops.decode.decode_step_attention takes them (GPT's fused decode passes its cache's)."""
         B, T, C = qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3
         H, D = self.n_head, self.head_dim
         q = qkv[..., :C].view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -96,7 +98,7 @@ class CausalSelfAttention(nn.Module):
         else:
             if slot is not None:
                 kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy
-            y = fastgpt.decode_attention(q, kv_cache[0], kv_cache[1], seqlens, backend=self.backend)  # (B, H, 1, D)
+            y = decode_step_attention(q, kv_cache[0], kv_cache[1], seqlens, counters, backend=self.backend)  # (B, H, 1, D)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -261,11 +263,12 @@ class GPT(nn.Module):
         return self._fused_decode_on and batch <= MAX_ROWS and _backends.runs_on_triton("linear", self.backend, device)
 
     def _decode_fused(self, tok, pos, kv_cache, seqlens):
-        """decode's trunk and lm_head in 5 launches a layer instead of 9 (6 and 10 where decode
+        """decode's trunk and lm_head in 5 launches a layer instead of 9 (or 10 where decode
         attention splits the cache): every matmul is one fastgpt.ops.linear launch, with the
         residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head), GELU
         after it (c_fc), and the cache write of k and v (c_attn) fused in; the first also reads
-        the token and position embeddings (no gathers). tok, pos (B,)."""
+        the token and position embeddings (no gathers). Decode attention merges its splits in its
+        own launch (the cache's counters). tok, pos (B,)."""
         t, backend = self.transformer, self.backend
         # Rows (B, C) throughout. Layer 0 reads the embeddings in place: its input and residual are
         # the tables wte and wpe at rows tok and pos, whose sum is ln_1's residual add.
@@ -276,7 +279,7 @@ class GPT(nn.Module):
             qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, kv_cache=cache,
                             kv_pos=pos, x_rows=tok if i == 0 else None, residual_rows=pos if i == 0 else None,
                             backend=backend)  # fmt: skip
-            y = attn.attend(qkv[:, None], cache, None, seqlens)[:, 0]
+            y = attn.attend(qkv[:, None], cache, None, seqlens, kv_cache.counters)[:, 0]
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"
             f, h = linear(a, mlp.c_fc.weight, mlp.c_fc.bias, ln=_ln(block.ln_2), residual=h,

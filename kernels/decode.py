@@ -40,6 +40,7 @@ _MAX_SPLITS = 128
 _INTERPRETER_SMS = 1  # a pretend SM count on CPU tensors, so the interpreter exercises splits
 _INTERPRETER_BLOCK_N = 16
 _MAX_BLOCK_N = 64  # the largest block of cache positions: positions within it use 32-bit offsets
+_MERGE_TILE = 2048  # the split kernel's own merge: (heads, splits, D) values a step, 16 a thread at 4 warps
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -58,8 +59,10 @@ def _decode_split_kernel(
     k_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     v_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     seqlens_ptr,  # (B,) int32, any stride: valid positions per row, clamped to [0, Smax] here
-    o_ptr,  # SINGLE_SPLIT: (B, Hq, 1, D) output, contiguous; else (B, Hq, num_splits, D) fp32 partials
+    o_ptr,  # (B, Hq, 1, D) output, contiguous: written with SINGLE_SPLIT or MERGE_HERE
+    o_part_ptr,  # (B, Hq, num_splits, D) fp32 partial outputs; unused with SINGLE_SPLIT
     lse_ptr,  # (B, Hq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
+    counters_ptr,  # (programs,) int32, zero between calls: splits done per program row, with MERGE_HERE
     mask_ptr,  # (B, Hq, Smax) uint8, stride(-1) == 1, 0 = hidden (strides 0 broadcast): read when HAS_MASK
     stride_q_b, stride_q_h, stride_seqlens_b, stride_mask_b, stride_mask_h,
     stride_k_b, stride_k_h, stride_k_s,
@@ -67,7 +70,8 @@ def _decode_split_kernel(
     Hkv, Smax, chunk, qk_scale,
     group,  # Hq // Hkv: query heads per KV head, served BLOCK_G at a time
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
-    BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     num_g = tl.cdiv(group, BLOCK_G)
     bkv = tl.program_id(0) // num_g
@@ -128,14 +132,51 @@ def _decode_split_kernel(
                  mask=row_ok & d_ok)
     else:
         part = rows * num_splits + split  # flat (b, h, split) index
-        tl.store(o_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok & d_ok)
+        tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok & d_ok)
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(lse_ptr + part, lse, mask=offs_g < group)
+        if MERGE_HERE:  # the last split of this program row to finish merges them all
+            tl.debug_barrier()  # every thread's partials are stored before the count says so (release)
+            if tl.atomic_add(counters_ptr + tl.program_id(0), 1, sem="acq_rel") == num_splits - 1:
+                _merge_splits(o_part_ptr, lse_ptr, o_ptr, rows, offs_g < group, num_splits,
+                              HEAD_DIM, BLOCK_G, MERGE_SPLITS, BLOCK_D)  # fmt: skip
+                tl.atomic_xchg(counters_ptr + tl.program_id(0), 0)  # zero again for the next call
 
 
-# Per program: one (b, h) row. Merge its splits by their log-sum-exps (base 2):
+# o[rows] = the splits' partial outputs of the (b, h) rows `rows` merged by their log-sum-exps
+# (base 2), online over blocks of BLOCK_S splits:
 #   M = max_s lse_s,  w_s = 2^(lse_s - M),  o = sum_s w_s o_s / sum_s w_s
-# Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0.
+# Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0. The loads
+# go to L2 (.cg): in the split kernel other programs, on other SMs, wrote the partials.
+@triton.jit
+def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, row_ok, num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    first = rows.to(tl.int64) * num_splits  # (BLOCK_R,) flat (b, h, split 0) index
+    m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    w_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        part = first[:, None] + (s0 + offs_s)[None, :]  # (BLOCK_R, BLOCK_S)
+        ok = row_ok[:, None] & (s0 + offs_s < num_splits)[None, :]
+        lse = tl.load(lse_part_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        o_s = tl.load(o_part_ptr + part[:, :, None] * HEAD_DIM + offs_d[None, None, :],
+                      mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")  # fmt: skip
+        m_new = tl.maximum(m, tl.max(lse, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split seen yet with a finite lse
+        alpha = tl.math.exp2(m - m_ref)
+        w = tl.math.exp2(lse - m_ref[:, None])
+        w_sum = w_sum * alpha + tl.sum(w, 1)
+        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_s, 1)
+        m = m_new
+    out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
+    tl.store(o_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+
+
+# Per program: one (b, h) row, its splits merged (_merge_splits).
 @triton.jit
 def _decode_combine_kernel(
     o_part_ptr,  # (B * Hq, num_splits, D) fp32 partial outputs
@@ -144,30 +185,8 @@ def _decode_combine_kernel(
     num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    lse_row = lse_part_ptr + row * num_splits
-    m_vec = tl.full([BLOCK_S], float("-inf"), tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        m_vec = tl.maximum(m_vec, tl.load(lse_row + s0 + offs_s, mask=s0 + offs_s < num_splits,
-                                          other=float("-inf")))
-    m = tl.max(m_vec, 0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-
-    w_sum = tl.zeros([BLOCK_S], tl.float32)
-    acc = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        splits = s0 + offs_s
-        lse = tl.load(lse_row + splits, mask=splits < num_splits, other=float("-inf"))
-        w = tl.math.exp2(lse - m)
-        part_ptrs = o_part_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + offs_d[None, :]
-        part = tl.load(part_ptrs, mask=(splits[:, None] < num_splits) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        w_sum += w
-        acc += w[:, None] * part
-    total = tl.sum(w_sum, 0)
-    out = tl.sum(acc, 0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(o_ptr + row * HEAD_DIM + offs_d, out.to(o_ptr.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    rows = tl.program_id(0) + tl.arange(0, 1)
+    _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, rows >= 0, num_splits, HEAD_DIM, 1, BLOCK_S, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -181,6 +200,12 @@ def split_plan(programs: int, Smax: int, block_n: int, num_sms: int) -> tuple[in
     splits = max(1, min(wanted, most))
     chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n
     return triton.cdiv(Smax, chunk), chunk
+
+
+def merge_splits_block(num_splits: int, block_g: int, block_d: int) -> int:
+    """Splits a step of the split kernel's own merge takes: all of them, up to a tile of
+    _MERGE_TILE values (the merge must not raise the kernel's register count much)."""
+    return max(1, min(triton.next_power_of_2(num_splits), _MERGE_TILE // (block_g * block_d)))
 
 
 class _Tiles(NamedTuple):
@@ -203,18 +228,25 @@ def gpu_tiles(group: int, D: int, fp32: bool) -> _Tiles:
     return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None):
     """Attention of one query token per row over the first cache_seqlens[b] cache positions.
 
     q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
     stride(-1) == 1, any other strides; Hq % Hkv == 0; 1 <= D <= 256. cache_seqlens int32 (B,)
     on the same device (any stride), never read by the host; lengths are clamped to [0, Smax].
     mask: None, or bool (B, Hq, Smax) with stride(-1) == 1 (an expanded view is fine), False
-    hiding position j from query head h too. Returns (B, Hq, 1, D) in q.dtype, contiguous; rows
-    of length 0, and heads that see no position, are zeros.
+    hiding position j from query head h too. counters: None, or an int32 tensor of at least
+    B * Hq zeros on q's device, the caller's, used by one stream at a time and left zero: with it
+    the last split of each program row to finish merges the splits (one launch instead of two).
+    Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0, and heads that see no
+    position, are zeros.
     """
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < B * Hq
+                                 or not counters.is_contiguous() or counters.device != q.device):
+        raise ValueError(f"counters must be a contiguous int32 tensor of at least B * Hq = {B * Hq} elements on "
+                         f"{q.device}, got {counters.dtype} {tuple(counters.shape)} on {counters.device}")
     # A cache view whose in-block position offsets would overflow 32 bits spans > 2^31 elements:
     # copied (its position stride becomes D).
     k_cache, v_cache = (t.contiguous() if t.stride(2) * min(Smax, _MAX_BLOCK_N) >= 2**31 else t
@@ -234,18 +266,22 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     else:
         o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
+    # With counters the split kernel merges its own splits, unless the merge's (heads, D) tile alone
+    # passes _MERGE_TILE (GQA heads of 256: it would spill registers): then the combine kernel does.
+    merge_here = num_splits > 1 and counters is not None and tiles.block_g * tiles.block_d <= _MERGE_TILE
     has_mask = mask is not None
     mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
     mask_strides = mask.stride()[:2] if has_mask else (0, 0)
     _decode_split_kernel[(programs, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, o_part, lse_part, mask,
+        q, k_cache, v_cache, cache_seqlens, out, o_part, lse_part, counters if merge_here else out, mask,
         q.stride(0), q.stride(1), cache_seqlens.stride(0), *mask_strides, *k_cache.stride()[:3],
         *v_cache.stride()[:3], Hkv, Smax, chunk, scale * math.log2(math.e), group,
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
-        SINGLE_SPLIT=num_splits == 1, HAS_MASK=has_mask, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32",
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
-    )
-    if num_splits > 1:
+        SINGLE_SPLIT=num_splits == 1, MERGE_HERE=merge_here,
+        MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d), HAS_MASK=has_mask,
+        DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )  # fmt: skip
+    if num_splits > 1 and not merge_here:
         _decode_combine_kernel[(B * Hq,)](
             o_part, lse_part, out, num_splits,
             HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,

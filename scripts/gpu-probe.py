@@ -230,6 +230,12 @@ def decode_tiles_section(p: Probe):
                     return dict(device_us=d, gbps=nbytes / d / 1e3)
                 p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", block_n=block_n, warps=warps,
                                               stages=stages, programs_per_sm=programs_per_sm), measure)
+            counters = torch.zeros(B * H, dtype=torch.int32, device=p.device)  # the splits merged in the split kernel
+
+            def merged():
+                d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D ** -0.5, counters=counters))
+                return dict(device_us=d, gbps=nbytes / d / 1e3)
+            p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", merge="in the split kernel"), merged)
 
 
 def sample_inputs(p: Probe, B, V):

@@ -50,7 +50,7 @@ def _example_args(name):
     return {
         "attention": (q, k, k.clone(), True, 0.3, "torch"),
         "masked_attention": (q, k, k.clone(), torch.rand(1, 1, 3, 3) > 0.5, 0.3, "torch"),
-        "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), 0.3, "torch"),
+        "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch"),
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
         "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),
         "linear": (x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.ones(8), None, 1e-5, True, True,

@@ -17,6 +17,7 @@ from tests.test_attention import (
     SMEM_LIMIT_SM86,
     _load_kernel_module,
     compile_for,
+    ptxas_spills,
     run_compile_check,
     run_isolated,
 )
@@ -183,6 +184,40 @@ def test_blocks_within_the_offset_bound():
     assert decode._INTERPRETER_BLOCK_N <= decode._MAX_BLOCK_N
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,Smax,D", [(3, 4, 4, 100, 32), (2, 8, 2, 90, 64), (1, 1, 1, 300, 16),
+                                              (2, 40, 2, 70, 32), (2, 4, 2, 20, 32)])
+def test_counters_merge_the_splits_in_the_split_kernel(device, B, Hq, Hkv, Smax, D, poisoned_empty):
+    """With counters (GPT's decode step), the last split of each program row merges them: the
+    output of the combine kernel's merge, the counters zero again, call after call (a single
+    split, the last case, reads none)."""
+    from fastgpt.kernels.decode import decode_attention as triton_decode
+
+    counters = torch.zeros(B * Hq + 3, dtype=torch.int32, device=device)
+    for seed in range(2):
+        q, k, v = _inputs(B, Hq, Hkv, Smax, D, torch.float32, device, seed=seed)
+        lengths = torch.tensor([Smax, Smax // 3 + seed, 0][:B], dtype=torch.int32, device=device)
+        merged = triton_decode(q, k, v, lengths, scale=0.3, counters=counters)
+        assert (counters == 0).all()
+        torch.testing.assert_close(merged, triton_decode(q, k, v, lengths, scale=0.3), atol=1e-6, rtol=1e-6)
+        assert_close(merged, reference.decode_attention(q, k, v, lengths, scale=0.3))
+    assert (merged[-1] == 0).all() == (B == 3)  # the empty row
+    assert device != "cpu" or (_interpreter_plan(B, Hkv, Smax)[0] > 1) == (Smax != 20)
+
+
+@pytest.mark.parametrize("counters, error, match", [
+    (torch.zeros(4, dtype=torch.int64), TypeError, "counters must have dtype"),
+    (torch.zeros(3, dtype=torch.int32), ValueError, r"at least B \* Hq = 4"),
+    (torch.zeros(8, dtype=torch.int32)[::2], ValueError, "contiguous"),
+    (torch.zeros(2, 2, dtype=torch.int32), ValueError, "counters must have 1 dimensions"),
+])  # fmt: skip
+def test_bad_counters(counters, error, match):
+    from fastgpt.ops.decode import decode_step_attention
+
+    q, k, v = _inputs(2, 2, 1, 8, 16, torch.float32, "cpu")
+    with pytest.raises(error, match=match):
+        decode_step_attention(q, k, v, torch.tensor([8, 3], dtype=torch.int32), counters, backend="torch")
+
+
 @pytest.mark.parametrize("Smax", [100, 20], ids=["splits", "one-split"])
 @pytest.mark.parametrize("Hq,Hkv,mask_heads", [(4, 4, 4), (8, 2, 1), (8, 2, 8)], ids=["mha", "gqa-shared", "gqa-per-head"])
 def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads, Smax, poisoned_empty):
@@ -208,14 +243,17 @@ def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads, Smax, poison
 
 
 def compile_decode_variants(arch):
-    """Both split-kernel paths (elementwise for group 1, tl.dot for groups), with and without a
-    mask, and the combine kernel."""
+    """The split kernel at MHA and GQA tiles, with and without a mask, with and without its own
+    merge of the splits (which must not spill: GPT's decode step takes it), and the combine kernel."""
     mod = _load_kernel_module("decode")
-    variants = [("fp16", 64, 1, False), ("bf16", 128, 4, False), ("bf16", 256, 64, False), ("fp32", 80, 2, False),
-                ("fp32", 256, 32, False), ("fp16", 64, 1, True), ("bf16", 128, 8, True)]
-    for dtype, D, group, has_mask in variants:
-        kernel = compile_split(mod, arch, dtype, D, group, has_mask)
+    variants = [("fp16", 64, 1, False, False), ("bf16", 128, 4, False, False), ("bf16", 256, 64, False, False),
+                ("fp32", 80, 2, False, False), ("fp32", 256, 32, False, False), ("fp16", 64, 1, True, False),
+                ("bf16", 128, 8, True, False), ("bf16", 64, 1, False, True), ("fp16", 128, 8, False, True)]
+    for dtype, D, group, has_mask, merge in variants:
+        kernel = compile_split(mod, arch, dtype, D, group, has_mask, merge)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
+        if merge:
+            assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, group)
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16"}
     compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32),
                 arch=arch, num_warps=4, num_stages=1)
@@ -225,13 +263,14 @@ def compile_decode_variants(arch):
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, kernel.metadata.shared)
 
 
-def compile_split(mod, arch, dtype, D, group, has_mask):
+def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8):
     """_decode_split_kernel lowered for sm_<arch> with the launcher's tiles."""
     tiles = mod.gpu_tiles(group, D, dtype == "fp32")
     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
-            "o_ptr": "*fp32", "lse_ptr": "*fp32", "mask_ptr": "*u8"}
+            "o_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_ptr": "*fp32", "counters_ptr": "*i32", "mask_ptr": "*u8"}
     const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
-                 SINGLE_SPLIT=False, HAS_MASK=has_mask, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")
+                 SINGLE_SPLIT=False, MERGE_HERE=merge, MERGE_SPLITS=mod.merge_splits_block(num_splits, tiles.block_g, tiles.block_d),
+                 HAS_MASK=has_mask, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")  # fmt: skip
     return compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)
 
@@ -287,3 +326,21 @@ def test_gpu_cuda_graph_capture_and_replay():
         torch.cuda.synchronize()
         expected = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seqlens)
         assert_close(out, expected, dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,Hq,Hkv,Smax,D", [(1, 12, 12, 288, 64), (32, 12, 12, 288, 64), (2, 32, 8, 32768, 128)])
+def test_gpu_counters_merge_without_races(B, Hq, Hkv, Smax, D):
+    """The split kernel's own merge at GPT-2's generate shapes and a long GQA cache, 50 calls:
+    every output the same (a merge reading a partial before it lands would move it), the
+    combine kernel's within fp32 rounding, the counters zero after each call."""
+    from fastgpt.kernels.decode import decode_attention as triton_decode
+
+    q, k, v = _inputs(B, Hq, Hkv, Smax, D, torch.bfloat16, "cuda")
+    lengths = torch.randint(1, Smax + 1, (B,), generator=torch.Generator().manual_seed(B), dtype=torch.int32).cuda()
+    counters = torch.zeros(B * Hq, dtype=torch.int32, device="cuda")
+    first = triton_decode(q, k, v, lengths, scale=D**-0.5, counters=counters)
+    for _ in range(50):
+        assert torch.equal(triton_decode(q, k, v, lengths, scale=D**-0.5, counters=counters), first)
+    assert (counters == 0).all()
+    torch.testing.assert_close(first, triton_decode(q, k, v, lengths, scale=D**-0.5), atol=1e-2, rtol=0)

@@ -125,15 +125,22 @@ def test_prefill_and_decode_match_forward():
 
 
 @pytest.mark.parametrize("fused", [False, True])
-def test_decode_step_launches(fused, device):
+def test_decode_step_launches(fused, device, monkeypatch):
     """Launch count is what a batch-1 step costs on a GPU. Unfused, each layer writes its k/v
     pair with one scatter_ into the joint (2, B, H, S, D) cache; fused, the q|k|v projection
     writes them itself and every matmul is one fastgpt.ops.linear (4 a layer, and ln_f +
-    lm_head), the first reading the embeddings too (no gathers). Neither copies anything, and
-    both leave the cache a fresh prefill would."""
+    lm_head), the first reading the embeddings too (no gathers), and decode attention, over a
+    cache long enough to split, merges its splits in its own launch (the cache's counters).
+    Neither copies anything, and both leave the cache a fresh prefill would."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     from fastgpt.generate import KVCache
+    from fastgpt.kernels import decode as tri_decode
+
+    combines = []
+    combine = tri_decode._decode_combine_kernel
+    monkeypatch.setattr(tri_decode, "_decode_combine_kernel", type("Counted", (), {
+        "__getitem__": lambda self, grid: combines.append(grid) or combine[grid]})())  # fmt: skip
 
     class Ops(TorchDispatchMode):
         def __init__(self):
@@ -149,7 +156,8 @@ def test_decode_step_launches(fused, device):
         w.data = w.data.contiguous()
     model.backend = "triton"  # the kernels' ops, not the reference's aten ops (the interpreter on a CPU)
     model.fused_decode = fused
-    cache = KVCache(model.config, 2, 16, torch.float32, device)
+    cache = KVCache(model.config, 2, 80, torch.float32, device)
+    assert device != "cpu" or tri_decode.split_plan(2 * 4, 80, tri_decode._INTERPRETER_BLOCK_N, 1)[0] > 1
     idx, pos = torch.randint(0, 384, (2, 6), device=device), torch.tensor([5, 5], device=device)
     model.prefill(idx[:, :5], cache, last=torch.tensor([4, 4], device=device))
     seqlens = (pos + 1).int()  # kept by generate's decoder with pos: no kernel here for it
@@ -162,6 +170,8 @@ def test_decode_step_launches(fused, device):
     assert ops.names.count("embedding") == (0 if fused else 2)
     assert not {"copy_", "cat", "clone", "contiguous", "index_put_"} & set(ops.names)
     assert ops.names.count("decode_attention") == n_layer
+    if device == "cpu":  # the interpreter's blocks split this cache in two (a GPU's 64-position blocks do not)
+        assert len(combines) == (0 if fused else n_layer)
     fresh = KVCache(model.config, 2, 6, torch.float32, device)  # the prompt and the token in one prefill
     model.prefill(idx, fresh, last=torch.tensor([5, 5], device=device))
     assert_close(cache.kv[..., 5, :], fresh.kv[..., 5, :])  # k and v of every layer, both rows

@@ -19,6 +19,15 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     token already written). Lengths are not read by the host (that would sync): kernels clamp
     them to [0, Smax], and a row of length 0 returns zeros. Returns (B, Hq, 1, D) in q's dtype.
     """
+    return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend)
+
+
+def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale: float | None = None,
+                          backend: str = "auto"):  # fmt: skip
+    """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
+    None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq, used by one stream at a
+    time. The Triton kernel then merges its KV splits in the same launch (the last split of each
+    row to finish does), and leaves the counters zero; other backends do not read them."""
     device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
@@ -28,6 +37,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
         raise ValueError(f"q must have shape (B, Hq, 1, D): one query token per row, got {tuple(q.shape)}")
     Smax = k_cache.shape[2]
     _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
+    if counters is not None:
+        _checks.tensor("counters", counters, ndim=1, dtypes=(torch.int32,))
+        _checks.same_device(q=q, counters=counters)
+        if counters.numel() < B * Hq or not counters.is_contiguous():
+            raise ValueError(f"counters must be contiguous with at least B * Hq = {B * Hq} elements, "
+                             f"got shape {tuple(counters.shape)}")  # fmt: skip
     scale = _checks.scale(scale, D)
     name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax),
                              _backends.decode_preference(B * k_cache.shape[1]))
@@ -36,20 +51,26 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
-    return _dispatch.call(_decode_op, _decode, q, k_cache, v_cache, cache_seqlens, scale, name)
+    return _dispatch.call(_decode_op, _decode, q, k_cache, v_cache, cache_seqlens, counters, scale, name)
 
 
 def _decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor, scale: float, backend: str
-) -> torch.Tensor:
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    counters: torch.Tensor | None, scale: float, backend: str,
+) -> torch.Tensor:  # fmt: skip
     if backend == "torch":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
-    return _backends.launchers(backend, "decode").decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    launchers = _backends.launchers(backend, "decode")
+    if backend == "triton":
+        return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters)
+    return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
 
 
+# counters are not declared mutated: the kernel leaves them as it found them (zero), and a
+# functionalised copy of them would cost the launches they save.
 _decode_op = torch.library.custom_op("fastgpt::decode_attention", _decode, mutates_args=())
 
 
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, scale, backend):
+def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend):
     return q.new_empty(q.shape)
