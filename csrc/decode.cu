@@ -226,11 +226,14 @@ cudaError_t launch_dim(const DecodeParams& p, cudaStream_t stream) {
 // Split-kernel blocks of one configuration that an SM holds at once (registers, shared memory).
 template <typename T, int D>
 cudaError_t resident_blocks(int tile, int* blocks) {
+    auto fits = [blocks](auto kernel) {
+        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, 0);
+    };
     switch (tile) {
-        case 1: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 1>, kThreads, 0);
-        case 2: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 2>, kThreads, 0);
-        case 4: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 4>, kThreads, 0);
-        default: return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, decode_split_kernel<T, D, 8>, kThreads, 0);
+        case 1: return fits(decode_split_kernel<T, D, 1>);
+        case 2: return fits(decode_split_kernel<T, D, 2>);
+        case 4: return fits(decode_split_kernel<T, D, 4>);
+        default: return fits(decode_split_kernel<T, D, 8>);
     }
 }
 
@@ -263,7 +266,8 @@ cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int hea
     *blocks = 0;
     switch (dtype) {
         case DType::kFloat16:
-            return head_dim == 64 ? resident_blocks<__half, 64>(tile, blocks) : resident_blocks<__half, 128>(tile, blocks);
+            return head_dim == 64 ? resident_blocks<__half, 64>(tile, blocks)
+                                  : resident_blocks<__half, 128>(tile, blocks);
         case DType::kBFloat16:
             return head_dim == 64 ? resident_blocks<__nv_bfloat16, 64>(tile, blocks)
                                   : resident_blocks<__nv_bfloat16, 128>(tile, blocks);

@@ -8,8 +8,9 @@ log-sum-exp. Scores and weighted values are tl.dot products over a tile of at le
 heads, padded with zero rows where the group is smaller (MHA pads 1 to 16): the padding costs
 tensor-core work a decode step has to spare, and a loop of dots is one whose loads Triton
 pipelines (cp.async, num_stages - 1 blocks ahead), which a loop of elementwise products and
-reductions is not: a bandwidth-bound kernel needs those bytes in flight. A second kernel merges the splits. A single split writes
-the output directly. A row of length 0 gets zeros. An optional boolean mask (B, Hq, Smax) hides
+reductions is not: a bandwidth-bound kernel needs those bytes in flight. A second kernel
+merges the splits, or, given counters the caller keeps, the last split of each row to finish
+does (one launch). A single split writes the output directly. A row of length 0 gets zeros. An optional boolean mask (B, Hq, Smax) hides
 positions per query head as well (transformers' padded decode steps); a query head that sees no
 position gets zeros.
 
@@ -278,7 +279,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
         *v_cache.stride()[:3], Hkv, Smax, chunk, scale * math.log2(math.e), group,
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
         SINGLE_SPLIT=num_splits == 1, MERGE_HERE=merge_here,
-        MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d), HAS_MASK=has_mask,
+        MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d) if merge_here else 1,
+        HAS_MASK=has_mask,
         DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     if num_splits > 1 and not merge_here:
