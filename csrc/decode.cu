@@ -34,8 +34,10 @@ __device__ __forceinline__ float rescale(float m, float m_new) {
 // key's head dim into 16-byte chunks; the block's 4 * 32 / (D / 8) key groups take interleaved
 // keys, and their running (m, l, acc) states are merged by shuffles, then across warps in
 // shared memory.
+// One query head a block (MHA) asks for 5 blocks an SM: 96 registers on sm_90a and no spills,
+// against 105 (4 blocks) unbounded; each block's loads in flight are what the memory system sees.
 template <typename T, int D, int GROUP>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(DecodeParams p) {
+__global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_kernel(DecodeParams p) {
     constexpr int LANES_PER_KEY = D / 8;
     constexpr int KEYS_PER_WARP = 32 / LANES_PER_KEY;
     constexpr int KEYS_PER_STEP = kWarps * KEYS_PER_WARP;  // keys the block covers per unrolled slot

@@ -136,6 +136,21 @@ def test_extension_validates_before_touching_the_gpu():
     assert C.sample_candidate_chunks(50257) == 50 and C.sample_candidate_chunks(1024) == 1
 
 
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_decode_kernels_do_not_spill(arch, tmp_path):
+    """Every decode kernel instance fits its registers (the MHA one under a 5-blocks-an-SM bound)."""
+    import re
+
+    src = Path(__file__).resolve().parents[1] / "csrc" / "decode.cu"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(src),
+                           "-o", str(tmp_path / "decode.o")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
+    assert len(spills) == 2 * 2 * 4 + 2  # (fp16, bf16) x (D 64, 128) x group tiles, and the combine kernels
+    assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
+
+
 @requires_built
 def test_num_splits_fill_the_last_wave():
     """The fewest splits whose last wave over the GPU is at least 90% full, else the fullest; no
