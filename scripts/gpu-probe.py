@@ -323,14 +323,17 @@ def linear_section(p: Probe):
     re-reads all B input rows (and their LayerNorm statistics) from L2, which at B32 over
     lm_head's 3142 programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm
     also with other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it),
-    those with one with a 256-wide step (BLOCK_K; 128 is the default)."""
+    those with one with a 256-wide step (BLOCK_K; 128 is the default) and with LayerNorm
+    statistics over 2048-value tiles (STATS_ELEMENTS; 8192, 64 values a thread, is the default and
+    takes the kernel from 72 to 168 registers at 16 rows: 3 programs an SM instead of 7, which
+    matters to lm_head's 3142 programs)."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
-    defaults = {"BLOCK_N": tri_linear.BLOCK_N, "TILE_ELEMENTS": tri_linear.TILE_ELEMENTS, "BLOCK_K": tri_linear.BLOCK_K}
+    defaults = {knob: getattr(tri_linear, knob) for knob in ("BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "STATS_ELEMENTS")}
     with knobs_kept(tri_linear, *defaults):
         for B in (1, 2) if p.smoke else (1, 4, 16, 32):
             for name, K, N, ln, gelu in forms:
@@ -344,6 +347,8 @@ def linear_section(p: Probe):
                 impls += [(f"fused (triton), TILE_ELEMENTS {t}", fused, {**defaults, "TILE_ELEMENTS": t})
                           for t in ([] if ln else [2048, 4096, 16384])]
                 impls += [(f"fused (triton), BLOCK_K {k}", fused, {**defaults, "BLOCK_K": k}) for k in ([256] if ln else [])]
+                impls += [(f"fused (triton), STATS_ELEMENTS {n}", fused, {**defaults, "STATS_ELEMENTS": n})
+                          for n in ([2048] if ln else [])]
                 for impl, fn, knobs in impls:
                     def measure(fn=fn, weight_bytes=weight_bytes, knobs=knobs):
                         for knob, value in knobs.items():
