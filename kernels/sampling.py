@@ -87,6 +87,15 @@ CAND_BLOCK = 1024  # vocabulary entries per program of its first kernel (at leas
 CAND_WARPS = 4  # (4 warps: ~3.3k instructions a thread for tl.topk of 64 out of 1024 int64)
 MERGE_BLOCK = 2048  # candidates per step of its second kernel's merge
 MERGE_WARPS = 8
+# From this many rows the candidate path first bounds each row's k-th best score from below
+# (by its groups' maxima), so that a chunk keeps the few entries at or above the bound by a
+# prefix sum instead of sorting 1024 (tl.topk: ~410 instructions an entry on 4 warps, which
+# makes the first kernel compute-bound at large B: ~160 us of issue at B256 on an H200, against
+# ~13 us to read the logits). Two launches more (group maxima, per-row bounds): below this many
+# rows, where the sorts run side by side and the launches count, the plain path. A prediction
+# from instruction counts, not measured (gpu-probe's sample_batch times both).
+CAND_BOUND_MIN_ROWS = 16
+CAND_GROUP = 64  # entries per group maximum (a row of 50257 has 786 groups)
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
 MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
 MASS_BLOCK = 256  # the top-p masses' one-hot product stages 2 x 16 x MASS_BLOCK fp32 in shared memory
@@ -659,6 +668,15 @@ def _split_token_kernel(
 # The list is complete when top-k's tie group ends inside it (its last key is below t_k). Rows it
 # does not cover (top_k off or >= cand_k, a score reaching +inf, a tie group running past the
 # list) run _sample_row in the same program: right, and slow. 2 launches, fixed by the shapes.
+# From CAND_BOUND_MIN_ROWS rows, two launches first bound each row's k-th best key from below:
+#   0a. _group_max_kernel over (B, C): the maximum key of each CAND_GROUP entries.
+#   0b. _key_bound_kernel over (B,): the k-th largest of the row's group maxima (k = its top_k;
+#       KEY_MIN where the list will not cover the row anyway). The k groups above it hold k
+#       distinct entries at or above it, so the row's best k all are: nothing below it is needed.
+#   Then in 1. a chunk with at most cand_k entries at or above the bound stores them, in column
+#   order, by a prefix sum (the draw kernel's merge ranks them), and one with more sorts as above.
+# Every tie of the k-th key is at or above the bound (the bound is a key, not an entry), so the
+# list's coverage test stays exact.
 PAD = tl.constexpr(-(2**63))  # a packed entry below every real one (key KEY_MIN)
 
 
@@ -678,22 +696,79 @@ def _unpack(packed, V: tl.constexpr):
 
 
 @triton.jit
+def _group_max_kernel(
+    logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
+    temperature_ptr,  # (B,) fp32
+    gmax_ptr,  # (B, C * BLOCK // GROUP) int32: each group's largest key (KEY_NEG_INF past V)
+    stride_logits_b,
+    V: tl.constexpr,
+    BLOCK: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    t = _temperature(temperature_ptr, row)[0]
+    key = _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
+    GROUPS: tl.constexpr = BLOCK // GROUP
+    gmax = tl.max(tl.reshape(key, [GROUPS, GROUP]), axis=1)
+    tl.store(gmax_ptr + (row * tl.num_programs(1) + c) * GROUPS + tl.arange(0, GROUPS), gmax)
+
+
+@triton.jit
+def _key_bound_kernel(
+    gmax_ptr,  # (B, num_groups) int32 from _group_max_kernel
+    top_k_ptr,  # (B,) int64
+    bound_ptr,  # (B,) int32: a key at or below the row's k-th best, KEY_MIN for no bound
+    num_groups,
+    CAND_K: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    best = tl.full([CAND_K], KEY_MIN, tl.int32)  # the CAND_K largest group maxima so far, descending
+    for start in range(0, num_groups, BLOCK_G):
+        offs = start + tl.arange(0, BLOCK_G)
+        gmax = tl.load(gmax_ptr + row * num_groups + offs, mask=offs < num_groups, other=KEY_MIN)
+        best = tl.topk(tl.reshape(tl.join(best, tl.topk(gmax, CAND_K)), [2 * CAND_K]), CAND_K)
+    k = tl.load(top_k_ptr + row)
+    kth = tl.max(tl.where(tl.arange(0, CAND_K) == k - 1, best, KEY_MIN), axis=0)
+    # No bound where the draw kernel will not use the list (top_k off or >= CAND_K) or where
+    # there are fewer groups than k: every entry is kept, and the chunks sort.
+    bound = tl.where((k > 0) & (k < CAND_K) & (k <= num_groups), kth, KEY_MIN)
+    tl.store(bound_ptr + row, bound)
+
+
+@triton.jit
 def _candidates_kernel(
     logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
     temperature_ptr,  # (B,) fp32
-    cand_ptr,  # (B, C, CAND_K) int64: each chunk's best packed entries, in descending order
+    bound_ptr,  # (B,) int32 from _key_bound_kernel: read when BOUNDED
+    cand_ptr,  # (B, C, CAND_K) int64: candidates of each chunk, PAD in unused slots
     stride_logits_b,
     V: tl.constexpr,
     CAND_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    BOUNDED: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     t = _temperature(temperature_ptr, row)[0]  # 1 on a greedy row: its scores are its logits
     key = _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
-    best = tl.topk(_pack(key, cols, V), CAND_K)
-    tl.store(cand_ptr + (row * tl.num_programs(1) + c) * CAND_K + tl.arange(0, CAND_K), best)
+    packed = _pack(key, cols, V)
+    out = cand_ptr + (row * tl.num_programs(1) + c) * CAND_K
+    slots = tl.arange(0, CAND_K)
+    if BOUNDED:
+        above = (key >= tl.load(bound_ptr + row)) & (cols < V)
+        n = tl.sum(above.to(tl.int32), axis=0)
+        if n <= CAND_K:  # the chunk's entries at or above the bound, in column order, then PAD
+            slot = tl.cumsum(above.to(tl.int32), axis=0) - 1
+            tl.store(out + slot, packed, mask=above)
+            tl.store(out + slots, tl.full([CAND_K], PAD, tl.int64), mask=slots >= n)
+        else:
+            tl.store(out + slots, tl.topk(packed, CAND_K))
+    else:
+        tl.store(out + slots, tl.topk(packed, CAND_K))
 
 
 @triton.jit
@@ -810,15 +885,39 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
     return out
 
 
+def _candidate_block(V: int, cand_k: int) -> int:
+    """Vocabulary entries per chunk on the candidate path."""
+    return max(4 * cand_k, CAND_GROUP, min(CAND_BLOCK, triton.next_power_of_2(V)))
+
+
+def key_bounds(logits, temperature, top_k, cand_k: int) -> torch.Tensor:
+    """(B,) int32: per row the k-th largest of its CAND_GROUP-entry groups' maximum keys, k its
+    top_k, or KEY_MIN where top_k is off, >= cand_k or above the number of groups (2 launches)."""
+    B, V = logits.shape
+    block = _candidate_block(V, cand_k)
+    C = triton.cdiv(V, block)
+    groups = C * (block // CAND_GROUP)
+    gmax = torch.empty((B, groups), dtype=torch.int32, device=logits.device)
+    bound = torch.empty(B, dtype=torch.int32, device=logits.device)
+    _group_max_kernel[(B, C)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP,
+                              num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+    block_g = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(groups)))
+    _key_bound_kernel[(B,)](gmax, top_k, bound, groups, CAND_K=cand_k, BLOCK_G=block_g,
+                            num_warps=_warps(block_g, CAND_WARPS))  # fmt: skip
+    return bound
+
+
 def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, cand_k: int):
     """The candidate path: each chunk's best cand_k entries, then per row the draw from their
-    best: 2 launches."""
+    best: 2 launches; from CAND_BOUND_MIN_ROWS rows, each row's bound first: 4."""
     B, V = logits.shape
-    block = max(4 * cand_k, min(CAND_BLOCK, triton.next_power_of_2(V)))
+    block = _candidate_block(V, cand_k)
     C = triton.cdiv(V, block)
     cands = torch.empty((B, C, cand_k), dtype=torch.int64, device=logits.device)
-    _candidates_kernel[(B, C)](logits, temperature, cands, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
-                               num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+    bounded = B >= CAND_BOUND_MIN_ROWS
+    bound = key_bounds(logits, temperature, top_k, cand_k) if bounded else cands  # unread unless bounded
+    _candidates_kernel[(B, C)](logits, temperature, bound, cands, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
+                               BOUNDED=bounded, num_warps=_warps(block, CAND_WARPS))  # fmt: skip
     if write_mask:
         out.zero_()  # the draw kernel marks the kept entries (or, on uncovered rows, writes all)
     merge = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(C * cand_k)))

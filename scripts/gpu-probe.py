@@ -246,14 +246,23 @@ def sample_inputs(p: Probe, B, V):
 
 
 def sample_batch_section(p: Probe):
-    """The split path (as many chunks as the SM rule asks, no minimum), one program per row and
-    CUDA over B: where _MIN_SPLIT_CHUNKS and SAMPLE_TRITON_MAX_ROWS should sit."""
+    """The split path (as many chunks as the SM rule asks, no minimum), one program per row, the
+    candidate path with its chunks sorted and bounded, and CUDA over B: where _MIN_SPLIT_CHUNKS,
+    SAMPLE_TRITON_MAX_ROWS and CAND_BOUND_MIN_ROWS should sit."""
     V = 3000 if p.smoke else 50257
     sms = 4 if p.smoke else _backends.sm_count(torch.cuda.current_device())
     for B in (1, 3) if p.smoke else (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
         logits, params, seed = sample_inputs(p, B, V)
         chunks = tri_sampling.split_chunks(B, V, sms, min_chunks=2)
-        calls = {"triton candidates (top_k_bound 50)": lambda: tri_sampling.sample(logits, *params, seed, top_k_bound=50),
+        def candidates(min_rows, logits=logits, params=params, seed=seed):
+            def call():
+                with knobs_kept(tri_sampling, "CAND_BOUND_MIN_ROWS"):
+                    tri_sampling.CAND_BOUND_MIN_ROWS = min_rows
+                    return tri_sampling.sample(logits, *params, seed, top_k_bound=50)
+            return call
+
+        calls = {"triton candidates (top_k_bound 50), sorted": candidates(1 << 30),
+                 "triton candidates (top_k_bound 50), bounded": candidates(1),
                  "triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
         if chunks > 1:
             calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,

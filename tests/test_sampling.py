@@ -279,6 +279,16 @@ def test_split_plan():
 # top_k_bound in [1, CAND_MAX_K) takes the candidate path (unless num_chunks forces another).
 
 
+@pytest.fixture(params=["sorted", "bounded"])
+def candidate_variant(request, monkeypatch):
+    """The candidate path's chunks sorted, or first bounded by each row's group maxima (from
+    CAND_BOUND_MIN_ROWS rows: here from 1 or never)."""
+    from fastgpt.kernels import sampling
+
+    monkeypatch.setattr(sampling, "CAND_BOUND_MIN_ROWS", 1 if request.param == "bounded" else 1 << 30)
+    return request.param
+
+
 def test_candidate_list_length():
     """A power of two above the bound (the list must show where the k-th entry's tie group ends),
     16 at least; no candidate path for an unknown or too large a bound."""
@@ -291,7 +301,7 @@ def test_candidate_list_length():
 
 @pytest.mark.parametrize("V, B, bound", [(7, 12, 10), (300, 16, 31), (2500, 8, 50)],
                          ids=["list-longer-than-V", "1-chunk", "3-chunks"])  # fmt: skip
-def test_candidate_kept_set_matches_reference(V, B, bound, device, poisoned_empty):
+def test_candidate_kept_set_matches_reference(V, B, bound, device, candidate_variant, poisoned_empty):
     """The candidate path's kept set is the reference's: top_k from 1 to the bound (at or past V
     when V is short), ties, -inf entries, every filter, and rows that break the bound (0: top-k
     off), which the kernel hands to its slow path."""
@@ -325,7 +335,7 @@ def _candidate_edge_rows():
     return logits, t, k, p, mp
 
 
-def test_candidate_tokens_equal_one_program(device, poisoned_empty):
+def test_candidate_tokens_equal_one_program(device, candidate_variant, poisoned_empty):
     """Same seed, same tokens as one program per row, to the bit (the same noise on the same kept
     sets), and the same kept sets, on rows that stress the candidate lists; rows that break the
     bound or hold +inf go through the kernel's slow path."""
@@ -343,7 +353,32 @@ def test_candidate_tokens_equal_one_program(device, poisoned_empty):
     torch.testing.assert_close(masks[3:], _reference_kept(logits, *params)[3:], atol=0, rtol=0)
 
 
-def test_candidate_device_parameters_are_clamped(device):
+def test_key_bounds(device):
+    """Each row's bound is the k-th largest of its 64-entry groups' maxima, in the order of the
+    scores x / t (NaN as -inf, a greedy row's t as 1); none where top_k is off, at or past the list
+    length, or above the group count."""
+    from fastgpt.kernels.sampling import CAND_GROUP, key_bounds
+
+    V, cand_k = 2500, 16  # 3 chunks of 1024: 40 groups, the last one short
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(7, V, generator=g)
+    logits[1, ::7] = float("nan")
+    logits[2, 64:] = float("-inf")  # two groups hold every finite score: k = 3 finds -inf
+    t = torch.tensor([0.8, 1.0, 1.0, 0.0, 1.3, 1.0, 1.0])
+    k = torch.tensor([1, 5, 3, 15, 10, 0, 16])
+    bound = key_bounds(logits.to(device), t.to(device), k.to(device), cand_k).cpu()
+    s = torch.where(logits.isnan(), float("-inf"), logits) / torch.where(t > 0, t, 1.0)[:, None]
+    s = torch.nn.functional.pad(s, (0, 40 * CAND_GROUP - V), value=float("-inf"))
+    gmax = s.view(7, 40, CAND_GROUP).amax(-1).sort(-1, descending=True).values
+    bits = bound.view(torch.int32)
+    value = torch.where(bits < 0, bits ^ 0x7FFFFFFF, bits).view(torch.float32)
+    for row in range(5):
+        assert value[row] == gmax[row, k[row] - 1], row
+    assert value[2] == float("-inf")
+    assert bound[5:].tolist() == [-(2**31)] * 2  # top_k off; top_k 16, the list's length
+
+
+def test_candidate_device_parameters_are_clamped(device, candidate_variant):
     """Parameters out of range on the device, under a bound they break: the slow path's answers."""
     test_device_parameters_are_clamped(device, top_k_bound=20)
 
@@ -639,9 +674,17 @@ def compile_candidate_variants(arch):
 
     mod = _load_kernel_module("sampling")
     for cand_k, dtype, write_mask in [(64, "bf16", False), (mod.CAND_MAX_K, "fp32", True)]:
-        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "cand_ptr": "*i64"}
-        const = {"V": 128256, "CAND_K": cand_k, "BLOCK": max(4 * cand_k, mod.CAND_BLOCK)}
-        kernel = compile_for(mod._candidates_kernel, ptrs, const, arch=arch, num_warps=4, num_stages=3)
+        block = mod._candidate_block(128256, cand_k)
+        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "bound_ptr": "*i32", "cand_ptr": "*i64"}
+        for bounded in (False, True):
+            const = {"V": 128256, "CAND_K": cand_k, "BLOCK": block, "BOUNDED": bounded}
+            kernel = compile_for(mod._candidates_kernel, ptrs, const, arch=arch, num_warps=4, num_stages=3)
+            assert ptxas_spills(kernel, arch) == 0, (arch, cand_k, bounded)
+        kernel = compile_for(mod._group_max_kernel, ptrs | {"gmax_ptr": "*i32"},
+                             {"V": 128256, "BLOCK": block, "GROUP": mod.CAND_GROUP}, arch=arch, num_warps=4, num_stages=3)
+        assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
+        kernel = compile_for(mod._key_bound_kernel, {"gmax_ptr": "*i32", "top_k_ptr": "*i64", "bound_ptr": "*i32"},
+                             {"CAND_K": cand_k, "BLOCK_G": mod.MERGE_BLOCK}, arch=arch, num_warps=4, num_stages=3)
         assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
         ptrs = _PARAMS | ptrs | {"out_ptr": "*i1" if write_mask else "*i64"}
         const = {"V": 128256, "WRITE_MASK": write_mask, "CAND_K": cand_k, "MERGE_BLOCK": mod.MERGE_BLOCK,
