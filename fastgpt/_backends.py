@@ -77,7 +77,7 @@ def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:
     With every row's top_k bounded on the host below SAMPLE_CANDIDATE_MAX_K (top_k_bound; 0 is
     unknown), Triton's candidate path goes first at every B. Not measured yet: predicted from its
     instruction counts (PTX) to take a few tens of us at B <= 32 and, with its chunks bounded by
-    the rows' group maxima from 16 rows, well under 100 at B256 (sorted, ~200), a clear margin
+    the rows' group maxima from 32 rows, well under 100 at B256 (sorted, ~200), a clear margin
     under CUDA's measured times; gpu-probe's sample_batch times it beside them."""
     if sample_candidate_k(top_k_bound):
         return TRITON_FIRST

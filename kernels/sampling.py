@@ -91,10 +91,11 @@ MERGE_WARPS = 8
 # (by its groups' maxima), so that a chunk keeps the few entries at or above the bound by a
 # prefix sum instead of sorting 1024 (tl.topk: ~410 instructions an entry on 4 warps, which
 # makes the first kernel compute-bound at large B: ~160 us of issue at B256 on an H200, against
-# ~13 us to read the logits). Two launches more (group maxima, per-row bounds): below this many
-# rows, where the sorts run side by side and the launches count, the plain path. A prediction
-# from instruction counts, not measured (gpu-probe's sample_batch times both).
-CAND_BOUND_MIN_ROWS = 16
+# ~13 us to read the logits). Two launches more (group maxima, per-row bounds), and the bounds
+# are one 1024-entry tl.topk a row, a long dependent chain: estimated even with the sorts near
+# B 24, hence 32. A prediction from instruction counts, not measured (gpu-probe's sample_batch
+# times both).
+CAND_BOUND_MIN_ROWS = 32
 CAND_GROUP = 64  # entries per group maximum (a row of 50257 has 786 groups)
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
 MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
