@@ -97,6 +97,7 @@ MERGE_WARPS = 8
 # times both).
 CAND_BOUND_MIN_ROWS = 32
 CAND_GROUP = 64  # entries per group maximum (a row of 50257 has 786 groups)
+CAND_LIST = 512  # a row's entries at or above its bound, appended to one list when they fit (>= cand_k)
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
 MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
 MASS_BLOCK = 256  # the top-p masses' one-hot product stages 2 x 16 x MASS_BLOCK fp32 in shared memory
@@ -675,7 +676,10 @@ def _split_token_kernel(
 #       KEY_MIN where the list will not cover the row anyway). The k groups above it hold k
 #       distinct entries at or above it, so the row's best k all are: nothing below it is needed.
 #   Then in 1. a chunk with at most cand_k entries at or above the bound stores them, in column
-#   order, by a prefix sum (the draw kernel's merge ranks them), and one with more sorts as above.
+#   order, by a prefix sum (the draw kernel's merge ranks them), and one with more sorts as above;
+#   the few entries also go to one list per row (CAND_LIST long, appended at an atomic count that
+#   0b zeroed), which 2. sorts once instead of merging C chunk lists, unless a chunk sorted or the
+#   list overflowed (the count then exceeds it).
 # Every tie of the k-th key is at or above the bound (the bound is a key, not an entry), so the
 # list's coverage test stays exact.
 PAD = tl.constexpr(-(2**63))  # a packed entry below every real one (key KEY_MIN)
@@ -721,6 +725,7 @@ def _key_bound_kernel(
     gmax_ptr,  # (B, num_groups) int32 from _group_max_kernel
     top_k_ptr,  # (B,) int64
     bound_ptr,  # (B,) int32: a key at or below the row's k-th best, KEY_MIN for no bound
+    count_ptr,  # (B,) int32: the row's entries in its list so far, set to 0 here for the next kernel
     num_groups,
     CAND_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -737,6 +742,7 @@ def _key_bound_kernel(
     # there are fewer groups than k: every entry is kept, and the chunks sort.
     bound = tl.where((k > 0) & (k < CAND_K) & (k <= num_groups), kth, KEY_MIN)
     tl.store(bound_ptr + row, bound)
+    tl.store(count_ptr + row, 0)
 
 
 @triton.jit
@@ -745,11 +751,14 @@ def _candidates_kernel(
     temperature_ptr,  # (B,) fp32
     bound_ptr,  # (B,) int32 from _key_bound_kernel: read when BOUNDED
     cand_ptr,  # (B, C, CAND_K) int64: candidates of each chunk, PAD in unused slots
+    count_ptr,  # (B,) int32, zeroed by _key_bound_kernel: entries appended to the row's list (BOUNDED)
+    list_ptr,  # (B, LIST) int64: the row's entries at or above its bound, in no order (BOUNDED)
     stride_logits_b,
     V: tl.constexpr,
     CAND_K: tl.constexpr,
     BLOCK: tl.constexpr,
     BOUNDED: tl.constexpr,
+    LIST: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
@@ -766,8 +775,11 @@ def _candidates_kernel(
             slot = tl.cumsum(above.to(tl.int32), axis=0) - 1
             tl.store(out + slot, packed, mask=above)
             tl.store(out + slots, tl.full([CAND_K], PAD, tl.int64), mask=slots >= n)
-        else:
+            base = tl.atomic_add(count_ptr + row, n, sem="relaxed")  # and appended to the row's list
+            tl.store(list_ptr + row * LIST + base + slot, packed, mask=above & (base + slot < LIST))
+        else:  # sorted; the row's list is left incomplete, which a count past LIST marks
             tl.store(out + slots, tl.topk(packed, CAND_K))
+            tl.atomic_add(count_ptr + row, LIST + 1, sem="relaxed")
     else:
         tl.store(out + slots, tl.topk(packed, CAND_K))
 
@@ -781,6 +793,8 @@ def _candidate_draw_kernel(
     min_p_ptr,  # (B,) fp32
     seed_ptr,  # (1,) int64 (unread when WRITE_MASK)
     cand_ptr,  # (B, num_cands) int64 from _candidates_kernel
+    count_ptr,  # (B,) int32 and (B, LIST) int64 from _candidates_kernel: read when BOUNDED
+    list_ptr,
     out_ptr,  # (B,) int64 token ids, or (B, V) bool kept set, zeroed by the launcher, when WRITE_MASK
     stride_logits_b,
     num_cands,
@@ -788,15 +802,22 @@ def _candidate_draw_kernel(
     WRITE_MASK: tl.constexpr,
     CAND_K: tl.constexpr,
     MERGE_BLOCK: tl.constexpr,
+    BOUNDED: tl.constexpr,
+    LIST: tl.constexpr,
     BLOCK_V: tl.constexpr,  # and NUM_PIVOTS: _sample_row's, for rows the list does not cover
     NUM_PIVOTS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    best = tl.full([CAND_K], PAD, tl.int64)  # the row's best so far, in descending order
-    for start in range(0, num_cands, MERGE_BLOCK):
-        offs = start + tl.arange(0, MERGE_BLOCK)
-        cand = tl.load(cand_ptr + row * num_cands + offs, mask=offs < num_cands, other=PAD)
-        best = tl.topk(tl.reshape(tl.join(best, tl.topk(cand, CAND_K)), [2 * CAND_K]), CAND_K)
+    n = tl.load(count_ptr + row) if BOUNDED else LIST + 1
+    if n <= LIST:  # the row's entries at or above its bound, appended whole: one sort of LIST
+        offs = tl.arange(0, LIST)
+        best = tl.topk(tl.load(list_ptr + row * LIST + offs, mask=offs < n, other=PAD), CAND_K)
+    else:  # the row's best, in descending order, merged from its chunks' lists
+        best = tl.full([CAND_K], PAD, tl.int64)
+        for start in range(0, num_cands, MERGE_BLOCK):
+            offs = start + tl.arange(0, MERGE_BLOCK)
+            cand = tl.load(cand_ptr + row * num_cands + offs, mask=offs < num_cands, other=PAD)
+            best = tl.topk(tl.reshape(tl.join(best, tl.topk(cand, CAND_K)), [2 * CAND_K]), CAND_K)
     key, col, s = _unpack(best, V)
     i = tl.arange(0, CAND_K)
     sampling = _temperature(temperature_ptr, row)[1]
@@ -891,21 +912,22 @@ def _candidate_block(V: int, cand_k: int) -> int:
     return max(4 * cand_k, CAND_GROUP, min(CAND_BLOCK, triton.next_power_of_2(V)))
 
 
-def key_bounds(logits, temperature, top_k, cand_k: int) -> torch.Tensor:
+def key_bounds(logits, temperature, top_k, cand_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B,) int32: per row the k-th largest of its CAND_GROUP-entry groups' maximum keys, k its
-    top_k, or KEY_MIN where top_k is off, >= cand_k or above the number of groups (2 launches)."""
+    top_k, or KEY_MIN where top_k is off, >= cand_k or above the number of groups (2 launches);
+    and (B,) int32 zeros, the counts of the rows' lists."""
     B, V = logits.shape
     block = _candidate_block(V, cand_k)
     C = triton.cdiv(V, block)
     groups = C * (block // CAND_GROUP)
     gmax = torch.empty((B, groups), dtype=torch.int32, device=logits.device)
-    bound = torch.empty(B, dtype=torch.int32, device=logits.device)
+    bound, count = torch.empty((2, B), dtype=torch.int32, device=logits.device)
     _group_max_kernel[(B, C)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP,
                               num_warps=_warps(block, CAND_WARPS))  # fmt: skip
     block_g = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(groups)))
-    _key_bound_kernel[(B,)](gmax, top_k, bound, groups, CAND_K=cand_k, BLOCK_G=block_g,
+    _key_bound_kernel[(B,)](gmax, top_k, bound, count, groups, CAND_K=cand_k, BLOCK_G=block_g,
                             num_warps=_warps(block_g, CAND_WARPS))  # fmt: skip
-    return bound
+    return bound, count
 
 
 def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: bool, cand_k: int):
@@ -916,17 +938,21 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
     C = triton.cdiv(V, block)
     cands = torch.empty((B, C, cand_k), dtype=torch.int64, device=logits.device)
     bounded = B >= CAND_BOUND_MIN_ROWS
-    bound = key_bounds(logits, temperature, top_k, cand_k) if bounded else cands  # unread unless bounded
-    _candidates_kernel[(B, C)](logits, temperature, bound, cands, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
-                               BOUNDED=bounded, num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+    list_len = max(CAND_LIST, cand_k)
+    bound = count = row_list = cands  # unread unless bounded
+    if bounded:
+        bound, count = key_bounds(logits, temperature, top_k, cand_k)
+        row_list = torch.empty((B, list_len), dtype=torch.int64, device=logits.device)
+    _candidates_kernel[(B, C)](logits, temperature, bound, cands, count, row_list, logits.stride(0), V=V, CAND_K=cand_k,
+                               BLOCK=block, BOUNDED=bounded, LIST=list_len, num_warps=_warps(block, CAND_WARPS))  # fmt: skip
     if write_mask:
         out.zero_()  # the draw kernel marks the kept entries (or, on uncovered rows, writes all)
     merge = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(C * cand_k)))
     row_block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
     _candidate_draw_kernel[(B,)](
-        logits, temperature, top_k, top_p, min_p, seed, cands, out, logits.stride(0), C * cand_k, V=V,
-        WRITE_MASK=write_mask, CAND_K=cand_k, MERGE_BLOCK=merge, BLOCK_V=row_block, NUM_PIVOTS=NUM_PIVOTS,
-        num_warps=MERGE_WARPS)  # fmt: skip
+        logits, temperature, top_k, top_p, min_p, seed, cands, count, row_list, out, logits.stride(0), C * cand_k, V=V,
+        WRITE_MASK=write_mask, CAND_K=cand_k, MERGE_BLOCK=merge, BOUNDED=bounded, LIST=list_len, BLOCK_V=row_block,
+        NUM_PIVOTS=NUM_PIVOTS, num_warps=MERGE_WARPS)  # fmt: skip
     return out
 
 

@@ -279,13 +279,16 @@ def test_split_plan():
 # top_k_bound in [1, CAND_MAX_K) takes the candidate path (unless num_chunks forces another).
 
 
-@pytest.fixture(params=["sorted", "bounded"])
+@pytest.fixture(params=["sorted", "bounded", "bounded-short-list"])
 def candidate_variant(request, monkeypatch):
     """The candidate path's chunks sorted, or first bounded by each row's group maxima (from
-    CAND_BOUND_MIN_ROWS rows: here from 1 or never)."""
+    CAND_BOUND_MIN_ROWS rows: here from 1 or never); with a row list of cand_k entries, rows
+    whose entries above their bound overflow it merge their chunks' lists instead."""
     from fastgpt.kernels import sampling
 
-    monkeypatch.setattr(sampling, "CAND_BOUND_MIN_ROWS", 1 if request.param == "bounded" else 1 << 30)
+    monkeypatch.setattr(sampling, "CAND_BOUND_MIN_ROWS", 1 << 30 if request.param == "sorted" else 1)
+    if request.param == "bounded-short-list":
+        monkeypatch.setattr(sampling, "CAND_LIST", 1)
     return request.param
 
 
@@ -366,7 +369,8 @@ def test_key_bounds(device):
     logits[2, 64:] = float("-inf")  # two groups hold every finite score: k = 3 finds -inf
     t = torch.tensor([0.8, 1.0, 1.0, 0.0, 1.3, 1.0, 1.0])
     k = torch.tensor([1, 5, 3, 15, 10, 0, 16])
-    bound = key_bounds(logits.to(device), t.to(device), k.to(device), cand_k).cpu()
+    bound, count = (x.cpu() for x in key_bounds(logits.to(device), t.to(device), k.to(device), cand_k))
+    assert (count == 0).all()
     s = torch.where(logits.isnan(), float("-inf"), logits) / torch.where(t > 0, t, 1.0)[:, None]
     s = torch.nn.functional.pad(s, (0, 40 * CAND_GROUP - V), value=float("-inf"))
     gmax = s.view(7, 40, CAND_GROUP).amax(-1).sort(-1, descending=True).values
@@ -674,23 +678,24 @@ def compile_candidate_variants(arch):
 
     mod = _load_kernel_module("sampling")
     for cand_k, dtype, write_mask in [(64, "bf16", False), (mod.CAND_MAX_K, "fp32", True)]:
-        block = mod._candidate_block(128256, cand_k)
-        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "bound_ptr": "*i32", "cand_ptr": "*i64"}
+        block, list_len = mod._candidate_block(128256, cand_k), max(mod.CAND_LIST, cand_k)
+        ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "bound_ptr": "*i32", "cand_ptr": "*i64",
+                "count_ptr": "*i32", "list_ptr": "*i64", "gmax_ptr": "*i32", "top_k_ptr": "*i64"}
+        kernel = compile_for(mod._group_max_kernel, ptrs, {"V": 128256, "BLOCK": block, "GROUP": mod.CAND_GROUP},
+                             arch=arch, num_warps=4, num_stages=3)  # fmt: skip
+        assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
+        kernel = compile_for(mod._key_bound_kernel, ptrs, {"CAND_K": cand_k, "BLOCK_G": mod.MERGE_BLOCK},
+                             arch=arch, num_warps=4, num_stages=3)  # fmt: skip
+        assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
         for bounded in (False, True):
-            const = {"V": 128256, "CAND_K": cand_k, "BLOCK": block, "BOUNDED": bounded}
+            const = {"V": 128256, "CAND_K": cand_k, "BLOCK": block, "BOUNDED": bounded, "LIST": list_len}
             kernel = compile_for(mod._candidates_kernel, ptrs, const, arch=arch, num_warps=4, num_stages=3)
             assert ptxas_spills(kernel, arch) == 0, (arch, cand_k, bounded)
-        kernel = compile_for(mod._group_max_kernel, ptrs | {"gmax_ptr": "*i32"},
-                             {"V": 128256, "BLOCK": block, "GROUP": mod.CAND_GROUP}, arch=arch, num_warps=4, num_stages=3)
-        assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
-        kernel = compile_for(mod._key_bound_kernel, {"gmax_ptr": "*i32", "top_k_ptr": "*i64", "bound_ptr": "*i32"},
-                             {"CAND_K": cand_k, "BLOCK_G": mod.MERGE_BLOCK}, arch=arch, num_warps=4, num_stages=3)
-        assert ptxas_spills(kernel, arch) == 0, (arch, cand_k)
-        ptrs = _PARAMS | ptrs | {"out_ptr": "*i1" if write_mask else "*i64"}
-        const = {"V": 128256, "WRITE_MASK": write_mask, "CAND_K": cand_k, "MERGE_BLOCK": mod.MERGE_BLOCK,
-                 "BLOCK_V": mod.MAX_BLOCK_V, "NUM_PIVOTS": mod.NUM_PIVOTS}  # fmt: skip
-        kernel = compile_for(mod._candidate_draw_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)
-        assert "lg2.approx" not in kernel.asm["ptx"] and ptxas_spills(kernel, arch) == 0, (arch, cand_k)
+            const = {"V": 128256, "WRITE_MASK": write_mask, "CAND_K": cand_k, "MERGE_BLOCK": mod.MERGE_BLOCK,
+                     "BOUNDED": bounded, "LIST": list_len, "BLOCK_V": mod.MAX_BLOCK_V, "NUM_PIVOTS": mod.NUM_PIVOTS}
+            kernel = compile_for(mod._candidate_draw_kernel, _PARAMS | ptrs | {"out_ptr": "*i1" if write_mask else "*i64"},
+                                 const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)  # fmt: skip
+            assert "lg2.approx" not in kernel.asm["ptx"] and ptxas_spills(kernel, arch) == 0, (arch, cand_k, bounded)
 
 
 def test_compiles_for_gpu():
