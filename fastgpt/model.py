@@ -98,7 +98,8 @@ class CausalSelfAttention(nn.Module):
         else:
             if slot is not None:
                 kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy
-            y = decode_step_attention(q, kv_cache[0], kv_cache[1], seqlens, counters, backend=self.backend)  # (B, H, 1, D)
+            k_cache, v_cache = kv_cache[0], kv_cache[1]
+            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend)  # (B, H, 1, D)
         return y.transpose(1, 2).reshape(B, T, C)
 
 

@@ -10,9 +10,9 @@ tensor-core work a decode step has to spare, and a loop of dots is one whose loa
 pipelines (cp.async, num_stages - 1 blocks ahead), which a loop of elementwise products and
 reductions is not: a bandwidth-bound kernel needs those bytes in flight. A second kernel
 merges the splits, or, given counters the caller keeps, the last split of each row to finish
-does (one launch). A single split writes the output directly. A row of length 0 gets zeros. An optional boolean mask (B, Hq, Smax) hides
-positions per query head as well (transformers' padded decode steps); a query head that sees no
-position gets zeros.
+does (one launch). A single split writes the output directly. A row of length 0 gets zeros.
+An optional boolean mask (B, Hq, Smax) hides positions per query head as well (transformers'
+padded decode steps); a query head that sees no position gets zeros.
 
 The split count is chosen on the host from shapes and the SM count only (never from
 cache_seqlens, which stays on the device), so the op never syncs and can be captured in a CUDA
@@ -150,8 +150,8 @@ def _decode_split_kernel(
 # Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0. The loads
 # go to L2 (.cg): in the split kernel other programs, on other SMs, wrote the partials.
 @triton.jit
-def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, row_ok, num_splits,
-                  HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, row_ok, num_splits, HEAD_DIM: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM

@@ -97,7 +97,7 @@ MERGE_WARPS = 8
 # times both).
 CAND_BOUND_MIN_ROWS = 32
 CAND_GROUP = 64  # entries per group maximum (a row of 50257 has 786 groups)
-CAND_LIST = 512  # a row's entries at or above its bound, appended to one list when they fit (>= cand_k)
+CAND_LIST = 512  # a row's entries at or above its bound, appended to one list when they fit
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)
 MAX_SPLIT_V = 1 << 24  # the split path's fp32 counts are exact up to here; longer rows take one program
 MASS_BLOCK = 256  # the top-p masses' one-hot product stages 2 x 16 x MASS_BLOCK fp32 in shared memory
@@ -938,13 +938,14 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
     C = triton.cdiv(V, block)
     cands = torch.empty((B, C, cand_k), dtype=torch.int64, device=logits.device)
     bounded = B >= CAND_BOUND_MIN_ROWS
-    list_len = max(CAND_LIST, cand_k)
+    list_len = max(cand_k, min(CAND_LIST, triton.next_power_of_2(C * cand_k)))  # no longer than the chunks' lists
     bound = count = row_list = cands  # unread unless bounded
     if bounded:
         bound, count = key_bounds(logits, temperature, top_k, cand_k)
         row_list = torch.empty((B, list_len), dtype=torch.int64, device=logits.device)
-    _candidates_kernel[(B, C)](logits, temperature, bound, cands, count, row_list, logits.stride(0), V=V, CAND_K=cand_k,
-                               BLOCK=block, BOUNDED=bounded, LIST=list_len, num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+    _candidates_kernel[(B, C)](
+        logits, temperature, bound, cands, count, row_list, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
+        BOUNDED=bounded, LIST=list_len, num_warps=_warps(block, CAND_WARPS))  # fmt: skip
     if write_mask:
         out.zero_()  # the draw kernel marks the kept entries (or, on uncovered rows, writes all)
     merge = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(C * cand_k)))

@@ -268,9 +268,10 @@ def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=
     tiles = mod.gpu_tiles(group, D, dtype == "fp32")
     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
             "o_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_ptr": "*fp32", "counters_ptr": "*i32", "mask_ptr": "*u8"}
-    const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
-                 SINGLE_SPLIT=False, MERGE_HERE=merge, MERGE_SPLITS=mod.merge_splits_block(num_splits, tiles.block_g, tiles.block_d),
-                 HAS_MASK=has_mask, DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")  # fmt: skip
+    merge_splits = mod.merge_splits_block(num_splits, tiles.block_g, tiles.block_d)
+    const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n, SINGLE_SPLIT=False,
+                 MERGE_HERE=merge, MERGE_SPLITS=merge_splits, HAS_MASK=has_mask,
+                 DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")  # fmt: skip
     return compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)
 

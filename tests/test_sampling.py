@@ -304,6 +304,7 @@ def test_candidate_list_length():
 
 @pytest.mark.parametrize("V, B, bound", [(7, 12, 10), (300, 16, 31), (2500, 8, 50)],
                          ids=["list-longer-than-V", "1-chunk", "3-chunks"])  # fmt: skip
+@pytest.mark.parametrize("candidate_variant", ["sorted", "bounded"], indirect=True)
 def test_candidate_kept_set_matches_reference(V, B, bound, device, candidate_variant, poisoned_empty):
     """The candidate path's kept set is the reference's: top_k from 1 to the bound (at or past V
     when V is short), ties, -inf entries, every filter, and rows that break the bound (0: top-k
@@ -382,6 +383,7 @@ def test_key_bounds(device):
     assert bound[5:].tolist() == [-(2**31)] * 2  # top_k off; top_k 16, the list's length
 
 
+@pytest.mark.parametrize("candidate_variant", ["sorted", "bounded"], indirect=True)
 def test_candidate_device_parameters_are_clamped(device, candidate_variant):
     """Parameters out of range on the device, under a bound they break: the slow path's answers."""
     test_device_parameters_are_clamped(device, top_k_bound=20)
@@ -678,7 +680,7 @@ def compile_candidate_variants(arch):
 
     mod = _load_kernel_module("sampling")
     for cand_k, dtype, write_mask in [(64, "bf16", False), (mod.CAND_MAX_K, "fp32", True)]:
-        block, list_len = mod._candidate_block(128256, cand_k), max(mod.CAND_LIST, cand_k)
+        block, list_len = mod._candidate_block(128256, cand_k), max(mod.CAND_LIST, cand_k)  # V 128256: the longest
         ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "bound_ptr": "*i32", "cand_ptr": "*i64",
                 "count_ptr": "*i32", "list_ptr": "*i64", "gmax_ptr": "*i32", "top_k_ptr": "*i64"}
         kernel = compile_for(mod._group_max_kernel, ptrs, {"V": 128256, "BLOCK": block, "GROUP": mod.CAND_GROUP},
