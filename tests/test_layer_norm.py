@@ -88,20 +88,22 @@ def test_variance_is_two_pass(N, device, poisoned_empty):
 
 
 def compile_layer_norm_variants(arch):
-    """Both kernels in bf16 with residual, weight and bias: the fused one at the shortest and the
-    longest register-resident rows (16384 takes 16 warps), the chunked one past that."""
-    from tests.test_attention import SMEM_LIMIT, _load_kernel_module, compile_for
+    """Both kernels in bf16 with residual, weight and bias: the fused one at the shortest rows, the
+    longest that load weight and bias first (4096) and the longest register-resident ones (16384
+    takes 16 warps), without spills; the chunked one past that."""
+    from tests.test_attention import SMEM_LIMIT, _load_kernel_module, compile_for, ptxas_spills
 
     mod = _load_kernel_module("layer_norm")
     ptrs = {n: "*bf16" for n in ("x_ptr", "r_ptr", "y_ptr", "h_ptr")} | {"w_ptr": "*fp32", "b_ptr": "*bf16"}
     flags = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True)
-    for N in (768, mod.MAX_FUSED_N):
+    for N in (768, 4096, mod.MAX_FUSED_N):
         block_n = 1 << (N - 1).bit_length()
         block_m = max(1, mod.TILE // block_n)
         kernel = compile_for(mod._layer_norm_fused_kernel, ptrs, dict(**flags, BLOCK_M=block_m, BLOCK_N=block_n),
                              arch=arch, num_warps=mod._num_warps(block_m * block_n), num_stages=3,
                              scalar_types={"eps": "fp32"})
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, N, kernel.metadata.shared)
+        assert ptxas_spills(kernel, arch) == 0, (arch, N)
     compile_for(mod._layer_norm_chunked_kernel, ptrs, dict(N=40000, **flags, BLOCK_N=mod.CHUNK_N), arch=arch,
                 num_warps=mod._num_warps(mod.CHUNK_N), num_stages=3, scalar_types={"eps": "fp32"})
 
