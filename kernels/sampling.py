@@ -701,6 +701,17 @@ def _unpack(packed, V: tl.constexpr):
 
 
 @triton.jit
+def _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (row, c) of a (B, C) grid over BLOCK-wide chunks: row, c, the chunk's columns and
+    the keys of their scores (a greedy row's t is 1: its scores are its logits; -inf past V)."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    cols = c * BLOCK + tl.arange(0, BLOCK)
+    t = _temperature(temperature_ptr, row)[0]
+    return row, c, cols, _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
+
+
+@triton.jit
 def _group_max_kernel(
     logits_ptr,  # (B, V) fp32/bf16/fp16, row stride stride_logits_b, unit column stride
     temperature_ptr,  # (B,) fp32
@@ -710,11 +721,7 @@ def _group_max_kernel(
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    cols = c * BLOCK + tl.arange(0, BLOCK)
-    t = _temperature(temperature_ptr, row)[0]
-    key = _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
+    row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     GROUPS: tl.constexpr = BLOCK // GROUP
     gmax = tl.max(tl.reshape(key, [GROUPS, GROUP]), axis=1)
     tl.store(gmax_ptr + (row * tl.num_programs(1) + c) * GROUPS + tl.arange(0, GROUPS), gmax)
@@ -760,11 +767,7 @@ def _candidates_kernel(
     BOUNDED: tl.constexpr,
     LIST: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    cols = c * BLOCK + tl.arange(0, BLOCK)
-    t = _temperature(temperature_ptr, row)[0]  # 1 on a greedy row: its scores are its logits
-    key = _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
+    row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     packed = _pack(key, cols, V)
     out = cand_ptr + (row * tl.num_programs(1) + c) * CAND_K
     slots = tl.arange(0, CAND_K)
