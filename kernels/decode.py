@@ -237,17 +237,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     on the same device (any stride), never read by the host; lengths are clamped to [0, Smax].
     mask: None, or bool (B, Hq, Smax) with stride(-1) == 1 (an expanded view is fine), False
     hiding position j from query head h too. counters: None, or an int32 tensor of at least
-    B * Hq zeros on q's device, the caller's, used by one stream at a time and left zero: with it
-    the last split of each program row to finish merges the splits (one launch instead of two).
+    B * Hq zeros on q's device (contiguous; checked by fastgpt.ops.decode, as the other
+    arguments), the caller's, used by one stream at a time and left zero: with it the last split
+    of each program row to finish merges the splits (one launch instead of two).
     Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0, and heads that see no
     position, are zeros.
     """
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
-    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < B * Hq
-                                 or not counters.is_contiguous() or counters.device != q.device):
-        raise ValueError(f"counters must be a contiguous int32 tensor of at least B * Hq = {B * Hq} elements on "
-                         f"{q.device}, got {counters.dtype} {tuple(counters.shape)} on {counters.device}")
     # A cache view whose in-block position offsets would overflow 32 bits spans > 2^31 elements:
     # copied (its position stride becomes D).
     k_cache, v_cache = (t.contiguous() if t.stride(2) * min(Smax, _MAX_BLOCK_N) >= 2**31 else t
