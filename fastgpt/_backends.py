@@ -100,6 +100,38 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+# Kernels of a decode step launch as programmatic dependents where the GPU has it (sm_90 on):
+# each may start while the kernel before it finishes, and waits for it before touching memory
+# (kernels/pdl.py, csrc/common.cuh). FASTGPT_PDL=0 launches them plainly (gpu-probe's
+# decode_step section times both).
+PDL_ENV_VAR = "FASTGPT_PDL"
+PDL_MIN_CAPABILITY = 9
+
+
+def launch_pdl(device: torch.device) -> bool:
+    """Whether kernels launched on `device` go as programmatic dependents: the device is a CUDA
+    GPU of compute capability 9.0 or later (never under Triton's interpreter, whose tensors are
+    on the CPU) and FASTGPT_PDL is not 0. Read at each launch (a graph keeps what it captured)."""
+    return (device.type == "cuda" and _capability(device.index) >= PDL_MIN_CAPABILITY
+            and os.environ.get(PDL_ENV_VAR, "1") != "0")  # fmt: skip
+
+
+@functools.cache
+def _capability(device_index: int | None) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def pdl_report() -> str:
+    """launch_pdl's answer for this machine's first GPU, and why, for `fastgpt info`."""
+    if not torch.cuda.is_available():
+        return "off (no GPU)"
+    if _capability(0) < PDL_MIN_CAPABILITY:
+        return "off (programmatic dependent launch needs compute capability 9.0 or later)"
+    if not launch_pdl(torch.device("cuda", 0)):
+        return f"off ({PDL_ENV_VAR}=0)"
+    return f"on: a decode step's kernels launch as programmatic dependents ({PDL_ENV_VAR}=0 turns it off)"
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run these inputs here; the message says why."""
 

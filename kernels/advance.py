@@ -26,6 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from fastgpt._backends import launch_pdl
+from fastgpt.kernels.pdl import _wait_for_previous_grid
 from fastgpt.kernels.sampling import _key
 
 MIN_BLOCK = 32  # rows per step: one warp, one row per thread at least
@@ -64,8 +67,9 @@ def _advance_kernel(
     pad_ptr,  # (1,) int64: what finished rows emit, when HAS_EOS
     eos_ptr,  # (E,) int64 eos ids (-1 in unused slots), when HAS_EOS
     B, E, stride_out,
-    HAS_EOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr,
+    HAS_EOS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _wait_for_previous_grid(PDL)
     step = tl.load(step_ptr)
     for b0 in range(0, B, BLOCK_B):
         rows = b0 + tl.arange(0, BLOCK_B)
@@ -85,8 +89,9 @@ def _greedy_advance_kernel(
     out_ptr, step_ptr, tok_ptr, pos_ptr, seqlens_ptr, finished_ptr, pad_ptr, eos_ptr,  # as _advance_kernel's
     B, V, E, stride_logits, stride_out,
     HAS_EOS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
-    BLOCK_E: tl.constexpr,
+    BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
+    _wait_for_previous_grid(PDL)
     cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
     mine = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's rows
     inside = (mine < B)[:, None] & (cols < V)[None, :]
@@ -119,9 +124,10 @@ def advance(nxt, out, step, tok, pos, seqlens, finished, pad, eos, *, has_eos: b
     device: nxt, tok, pos (B,) int64 contiguous; seqlens (B,) int32 contiguous; out (B, W) int64
     with unit column stride; step, pad (1,) int64; finished (B,) bool contiguous; eos (E,) int64."""
     B, E = nxt.shape[0], eos.shape[0]
+    pdl = launch_pdl(nxt.device)
     _advance_kernel[(1,)](
         nxt, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, E, out.stride(0), HAS_EOS=has_eos,
-        BLOCK_B=_row_block(B), BLOCK_E=max(1, triton.next_power_of_2(E)), num_warps=1,
+        BLOCK_B=_row_block(B), BLOCK_E=max(1, triton.next_power_of_2(E)), PDL=pdl, num_warps=1, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -133,8 +139,10 @@ def greedy_advance(logits, best, count, out, step, tok, pos, seqlens, finished, 
     B, V = logits.shape
     E = eos.shape[0]
     grid = (triton.cdiv(V, GREEDY_BLOCK_V), triton.cdiv(B, GREEDY_BLOCK_R))
+    pdl = launch_pdl(logits.device)
     _greedy_advance_kernel[grid](
         logits, best, count, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, V, E,
         logits.stride(0), out.stride(0), HAS_EOS=has_eos, BLOCK_V=GREEDY_BLOCK_V, BLOCK_R=GREEDY_BLOCK_R,
-        BLOCK_B=_row_block(B, GREEDY_WARPS), BLOCK_E=max(1, triton.next_power_of_2(E)), num_warps=GREEDY_WARPS,
+        BLOCK_B=_row_block(B, GREEDY_WARPS), BLOCK_E=max(1, triton.next_power_of_2(E)), PDL=pdl,
+        num_warps=GREEDY_WARPS, launch_pdl=pdl,
     )  # fmt: skip

@@ -29,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt._backends import sm_count
+from fastgpt._backends import launch_pdl, sm_count
+from fastgpt.kernels.pdl import _wait_for_previous_grid
 
 _FP32_DOT_PRECISION = "tf32x3"
 # Split until the grid has this many programs an SM: about 3 waves of the 4-6 programs that fit
@@ -72,8 +73,9 @@ def _decode_split_kernel(
     group,  # Hq // Hkv: query heads per KV head, served BLOCK_G at a time
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     num_g = tl.cdiv(group, BLOCK_G)
     bkv = tl.program_id(0) // num_g
     split = tl.program_id(1)
@@ -184,8 +186,9 @@ def _decode_combine_kernel(
     lse_part_ptr,  # (B * Hq, num_splits) fp32 partial log2-sum-exps
     o_ptr,  # (B, Hq, 1, D) output, contiguous
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     rows = tl.program_id(0) + tl.arange(0, 1)
     _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, rows >= 0, num_splits, HEAD_DIM, 1, BLOCK_S, BLOCK_D)
 
@@ -267,6 +270,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     # With counters the split kernel merges its own splits, unless the merge's (heads, D) tile alone
     # passes _MERGE_TILE (GQA heads of 256: it would spill registers): then the combine kernel does.
     merge_here = num_splits > 1 and counters is not None and tiles.block_g * tiles.block_d <= _MERGE_TILE
+    pdl = launch_pdl(q.device)
     has_mask = mask is not None
     mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
     mask_strides = mask.stride()[:2] if has_mask else (0, 0)
@@ -277,12 +281,13 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
         SINGLE_SPLIT=num_splits == 1, MERGE_HERE=merge_here,
         MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d) if merge_here else 1,
-        HAS_MASK=has_mask,
-        DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        HAS_MASK=has_mask, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", PDL=pdl,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not merge_here:
         _decode_combine_kernel[(B * Hq,)](
             o_part, lse_part, out, num_splits,
-            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), num_warps=4,
+            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), PDL=pdl,
+            num_warps=4, launch_pdl=pdl,
         )
     return out

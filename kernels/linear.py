@@ -19,6 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
+from fastgpt._backends import launch_pdl
+from fastgpt.kernels.pdl import _prefetch_l2, _wait_for_previous_grid
+
 MAX_ROWS = 64  # rows of one launch (fastgpt.ops.linear.MAX_ROWS), padded to a power of two >= 16 for tl.dot
 BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
 BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop, with a LayerNorm fused
@@ -27,6 +30,7 @@ TILE_ELEMENTS = 8192  # without a LayerNorm: x tiles of BLOCK_M x (8192 / BLOCK_
 STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: BLOCK_M x (8192 / BLOCK_M), 64 a thread
 NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
+PREFETCH_WEIGHTS = True  # as a programmatic dependent, ask L2 for the program's weight rows before waiting
 _INTERPRETER_BLOCK_K = 32
 
 
@@ -75,10 +79,14 @@ def _linear_kernel(
     stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim,
     HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
-    GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    if PREFETCH_W:  # this program's weight rows into L2 while the previous grid finishes (kernels/pdl.py)
+        w_row = w_ptr + tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64) * stride_wn
+        _prefetch_l2(w_row, tl.full([BLOCK_N], K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), tl.int32))
+    _wait_for_previous_grid(PDL)
     row_ok = tl.arange(0, BLOCK_M) < M
     rows = tl.arange(0, BLOCK_M).to(tl.int64)  # row offsets: rows x a row stride may pass 2^31
     offs_k = tl.arange(0, BLOCK_K)
@@ -184,6 +192,11 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     block_m = max(16, triton.next_power_of_2(M))
     block_k = gpu_block_k(block_m, K, x.element_size(), ln is not None)
     block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
+    pdl = launch_pdl(x.device)
+    # The weight rows' prefetch takes 16-byte aligned rows of a multiple of 16 bytes.
+    row_bytes, row_stride_bytes = K * weight.element_size(), weight.stride(0) * weight.element_size()
+    prefetch = (pdl and PREFETCH_WEIGHTS and weight.stride(1) == 1
+                and (weight.data_ptr() | row_stride_bytes | row_bytes) % 16 == 0)  # fmt: skip
     has_kv = kv_cache is not None
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
     kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
@@ -197,7 +210,8 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
         HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
         X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m, BLOCK_N=BLOCK_N,
-        BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, PREFETCH_W=prefetch,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k,
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     return out, h

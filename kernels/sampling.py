@@ -66,7 +66,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, sample_candidate_k, sm_count
+from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, launch_pdl, sample_candidate_k, sm_count
+from fastgpt.kernels.pdl import _wait_for_previous_grid
 
 MAX_BLOCK_V = 1024  # vocabulary block per loop step on the split path
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
@@ -382,7 +383,9 @@ def _sample_kernel(
     WRITE_MASK: tl.constexpr,
     BLOCK_V: tl.constexpr,
     NUM_PIVOTS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, out_ptr,
                 tl.program_id(0).to(tl.int64), stride_logits_b, V, WRITE_MASK, BLOCK_V, NUM_PIVOTS)  # fmt: skip
 
@@ -532,7 +535,9 @@ def _split_search_kernel(
     STAGE: tl.constexpr,
     BLOCK_V: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row, c, row_ptr, begin, end = _chunk_of_row(logits_ptr, stride_logits_b, chunk, V)
     if STAGE == 0:
         best, best_i = _row_max(row_ptr, begin, end, V, BLOCK_V)
@@ -605,7 +610,9 @@ def _split_draw_kernel(
     WRITE_MASK: tl.constexpr,
     BLOCK_V: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row, c, row_ptr, begin, end = _chunk_of_row(logits_ptr, stride_logits_b, chunk, V)
     t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
@@ -644,7 +651,9 @@ def _split_token_kernel(
     num_chunks,
     V: tl.constexpr,
     MAX_CHUNKS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
@@ -720,7 +729,9 @@ def _group_max_kernel(
     V: tl.constexpr,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     GROUPS: tl.constexpr = BLOCK // GROUP
     gmax = tl.max(tl.reshape(key, [GROUPS, GROUP]), axis=1)
@@ -736,7 +747,9 @@ def _key_bound_kernel(
     num_groups,
     CAND_K: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     best = tl.full([CAND_K], KEY_MIN, tl.int32)  # the CAND_K largest group maxima so far, descending
     for start in range(0, num_groups, BLOCK_G):
@@ -766,7 +779,9 @@ def _candidates_kernel(
     BLOCK: tl.constexpr,
     BOUNDED: tl.constexpr,
     LIST: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     packed = _pack(key, cols, V)
     out = cand_ptr + (row * tl.num_programs(1) + c) * CAND_K
@@ -809,7 +824,9 @@ def _candidate_draw_kernel(
     LIST: tl.constexpr,
     BLOCK_V: tl.constexpr,  # and NUM_PIVOTS: _sample_row's, for rows the list does not cover
     NUM_PIVOTS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _wait_for_previous_grid(PDL)
     row = tl.program_id(0).to(tl.int64)
     n = tl.load(count_ptr + row) if BOUNDED else LIST + 1
     if n <= LIST:  # the row's entries at or above its bound, appended whole: one sort of LIST
@@ -894,19 +911,20 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
     part_z, part_zi = scratch(*draws), scratch(*draws, dtype=torch.int32)
     block = min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
     warps = max(4, _warps(block))  # 4 warps at least for the (MAX_CHUNKS, 256) sums
+    pdl = launch_pdl(logits.device)
     for stage in range(8):  # counts by blocks of `block`, masses by blocks of MASS_BLOCK
         counts = stage < 4
         _split_search_kernel[(B, C)](
             logits, temperature, top_k, top_p, part_max, part_idx, hist[1 - stage % 2], hist[stage % 2],
             state, logits.stride(0), chunk, C, V=V, STAGE=stage, BLOCK_V=block if counts else min(MASS_BLOCK, block),
-            MAX_CHUNKS=MAX_CHUNKS, num_warps=warps if counts else 4)  # fmt: skip
+            MAX_CHUNKS=MAX_CHUNKS, PDL=pdl, num_warps=warps if counts else 4, launch_pdl=pdl)  # fmt: skip
     _split_draw_kernel[(B, C)](
         logits, temperature, top_p, min_p, seed, part_max, part_idx, hist[1], state, out, part_z, part_zi,
-        logits.stride(0), chunk, C, V=V, WRITE_MASK=write_mask, BLOCK_V=block, MAX_CHUNKS=MAX_CHUNKS,
-        num_warps=warps)  # fmt: skip
+        logits.stride(0), chunk, C, V=V, WRITE_MASK=write_mask, BLOCK_V=block, MAX_CHUNKS=MAX_CHUNKS, PDL=pdl,
+        num_warps=warps, launch_pdl=pdl)  # fmt: skip
     if not write_mask:
         _split_token_kernel[(B,)](temperature, part_max, part_idx, part_z, part_zi, out, C, V=V,
-                                  MAX_CHUNKS=MAX_CHUNKS, num_warps=1)  # fmt: skip
+                                  MAX_CHUNKS=MAX_CHUNKS, PDL=pdl, num_warps=1, launch_pdl=pdl)  # fmt: skip
     return out
 
 
@@ -925,11 +943,12 @@ def key_bounds(logits, temperature, top_k, cand_k: int) -> tuple[torch.Tensor, t
     groups = C * (block // CAND_GROUP)
     gmax = torch.empty((B, groups), dtype=torch.int32, device=logits.device)
     bound, count = torch.empty((2, B), dtype=torch.int32, device=logits.device)
-    _group_max_kernel[(B, C)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP,
-                              num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+    pdl = launch_pdl(logits.device)
+    _group_max_kernel[(B, C)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP, PDL=pdl,
+                              num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     block_g = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(groups)))
-    _key_bound_kernel[(B,)](gmax, top_k, bound, count, groups, CAND_K=cand_k, BLOCK_G=block_g,
-                            num_warps=_warps(block_g, CAND_WARPS))  # fmt: skip
+    _key_bound_kernel[(B,)](gmax, top_k, bound, count, groups, CAND_K=cand_k, BLOCK_G=block_g, PDL=pdl,
+                            num_warps=_warps(block_g, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     return bound, count
 
 
@@ -943,12 +962,13 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
     bounded = B >= CAND_BOUND_MIN_ROWS
     list_len = max(cand_k, min(CAND_LIST, triton.next_power_of_2(C * cand_k)))  # no longer than the chunks' lists
     bound = count = row_list = cands  # unread unless bounded
+    pdl = launch_pdl(logits.device)
     if bounded:
         bound, count = key_bounds(logits, temperature, top_k, cand_k)
         row_list = torch.empty((B, list_len), dtype=torch.int64, device=logits.device)
     _candidates_kernel[(B, C)](
         logits, temperature, bound, cands, count, row_list, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
-        BOUNDED=bounded, LIST=list_len, num_warps=_warps(block, CAND_WARPS))  # fmt: skip
+        BOUNDED=bounded, LIST=list_len, PDL=pdl, num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     if write_mask:
         out.zero_()  # the draw kernel marks the kept entries (or, on uncovered rows, writes all)
     merge = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(C * cand_k)))
@@ -956,7 +976,7 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
     _candidate_draw_kernel[(B,)](
         logits, temperature, top_k, top_p, min_p, seed, cands, count, row_list, out, logits.stride(0), C * cand_k, V=V,
         WRITE_MASK=write_mask, CAND_K=cand_k, MERGE_BLOCK=merge, BOUNDED=bounded, LIST=list_len, BLOCK_V=row_block,
-        NUM_PIVOTS=NUM_PIVOTS, num_warps=MERGE_WARPS)  # fmt: skip
+        NUM_PIVOTS=NUM_PIVOTS, PDL=pdl, num_warps=MERGE_WARPS, launch_pdl=pdl)  # fmt: skip
     return out
 
 
@@ -973,9 +993,11 @@ def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: boo
         return _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mask, num_chunks)
     size = logits.element_size()
     block_v = min(ROW_BLOCK_V[size], triton.next_power_of_2(V))
+    pdl = launch_pdl(logits.device)
     _sample_kernel[(B,)](
         logits, temperature, top_k, top_p, min_p, seed, out, logits.stride(0), V=V,
-        WRITE_MASK=write_mask, BLOCK_V=block_v, NUM_PIVOTS=NUM_PIVOTS, num_warps=_warps(block_v, ROW_WARPS[size]),
+        WRITE_MASK=write_mask, BLOCK_V=block_v, NUM_PIVOTS=NUM_PIVOTS, PDL=pdl,
+        num_warps=_warps(block_v, ROW_WARPS[size]), launch_pdl=pdl,
     )  # fmt: skip
     return out
 

@@ -8,6 +8,7 @@ diagonal. `gpu` tests run bf16/fp16 at real sizes.
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -477,15 +478,39 @@ def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages, s
             signature[name] = (scalar_types or {}).get(name, "fp32" if "scale" in name else "i32")
         if signature[name].startswith("*") or name.startswith("stride") or name in divisible:
             attrs[(i,)] = [["tt.divisibility", 16]]
+    if "PDL" in fn.arg_names and "PDL" not in constexprs:  # as the launchers set it (kernels/pdl.py)
+        constexprs = constexprs | {"PDL": arch >= 90}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+    kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": num_warps, "num_stages": num_stages})
+    if constexprs.get("PDL"):
+        assert_waits_first(kernel.asm["ptx"])
+    return kernel
+
+
+# Memory instructions that may not run before griddepcontrol.wait: loads, stores, atomics, async
+# copies (an L2 prefetch, cp.async.bulk.prefetch, reads no value and may).
+_MEMORY_OP = re.compile(r"\b(ld|st|atom|red)(\.[a-z0-9]+)*\.global\b|\bld\.global|\bcp\.async\.(?!bulk\.prefetch)"
+                        r"|\bcp\.reduce\.async")  # fmt: skip
+
+
+def assert_waits_first(ptx: str):
+    """A kernel launched as a programmatic dependent (kernels/pdl.py) must wait for the previous
+    grid before it touches global memory: in its PTX griddepcontrol.wait comes before every load,
+    store, atomic and async copy, and before any branch (so every thread runs it), and it signals
+    its dependents only after it."""
+    body = [line.split("//")[0].strip() for line in ptx.splitlines()]
+    body = body[next(i for i, line in enumerate(body) if line.startswith(".visible .entry")):]
+    wait = next((i for i, line in enumerate(body) if line.startswith("griddepcontrol.wait")), None)
+    assert wait is not None, "no griddepcontrol.wait"
+    early = [line for line in body[:wait] if _MEMORY_OP.search(line) or re.search(r"\bbra\b", line)]
+    assert not early, f"before griddepcontrol.wait: {early[:5]}"
+    signal = next(i for i, line in enumerate(body) if line.startswith("griddepcontrol.launch_dependents"))
+    assert signal > wait
 
 
 def ptxas_spills(kernel, arch: int) -> int:
     """Bytes of register spill stores in `kernel` for sm_<arch>, by Triton's bundled ptxas -v."""
-    import re
-
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

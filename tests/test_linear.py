@@ -206,7 +206,7 @@ def compile_linear_variants(arch):
                      "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
                      "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m,
                      "BLOCK_K": mod.gpu_block_k(block_m, 3072, 4 if dtype == "fp32" else 2, ln),
-                     "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
+                     "PREFETCH_W": arch >= 90, "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
                                  num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
             where = (arch, dtype, ln, gelu, bias, kv, gather, block_m)
@@ -214,6 +214,8 @@ def compile_linear_variants(arch):
             # K a multiple of 16, as every GPT-2 width is (the JIT specialises on it): the weight
             # tiles stream through shared memory with cp.async, several in flight.
             assert "cp.async" in kernel.asm["ptx"], where
+            # sm_90: a programmatic dependent, prefetching its weight rows before it waits (kernels/pdl.py).
+            assert ("cp.async.bulk.prefetch.L2" in kernel.asm["ptx"]) == (arch >= 90), where
     assert mod.MAX_ROWS == MAX_ROWS  # the ops layer's copy
 
 
