@@ -112,7 +112,8 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch
 void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens, uintptr_t o,
                       uintptr_t o_partial, uintptr_t lse_partial, int64_t batch, int64_t heads_q, int64_t heads_kv,
                       int64_t max_seqlen, int64_t head_dim, int64_t num_splits, Strides2 stride_q, Strides3 stride_k,
-                      Strides3 stride_v, Strides2 stride_o, double scale, int dtype, int device, uintptr_t stream) {
+                      Strides3 stride_v, Strides2 stride_o, double scale, int dtype, int device, uintptr_t stream,
+                      bool pdl) {
     const char* kernel = "decode_attention";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
@@ -132,7 +133,7 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
                    stride_q[0], stride_q[1], stride_k[0], stride_k[1], stride_k[2], stride_v[0], stride_v[1],
                    stride_v[2], stride_o[0], stride_o[1],
                    int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim), int(num_splits),
-                   float(scale), type};
+                   float(scale), type, pdl};
     DeviceGuard guard(device, kernel);
     check_cuda(decode_attention_forward(p, stream_of(stream)), kernel);
 }
@@ -231,8 +232,9 @@ PYBIND11_MODULE(_C, m) {
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("batch"),
           py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"), py::arg("head_dim"), py::arg("num_splits"),
           py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("scale"),
-          py::arg("dtype"), py::arg("device"), py::arg("stream"),
-          "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq).");
+          py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq); "
+          "pdl: launch as programmatic dependents (sm_90 code).");
     m.def("decode_num_splits", &num_splits, py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
           py::arg("max_seqlen"), py::arg("sm_count"), py::arg("blocks_per_sm"),
           "How many KV splits decode_attention uses for these shapes on a GPU of sm_count SMs holding "

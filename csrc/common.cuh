@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "launchers.h"
 
@@ -157,6 +158,49 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
 template <typename I>
 __host__ __device__ __forceinline__ I ceil_div(I a, I b) {
     return (a + b - 1) / b;
+}
+
+// ----------------------------------------------------------------------------- programmatic dependent launch
+
+// A kernel launched as a programmatic dependent (launch_kernel with pdl) may start while the
+// kernel before it in the stream still runs, so it calls this before its first global load or
+// store: wait until that kernel has completed and its writes are visible, then let the next one
+// launch (kernels/pdl.py has the whole scheme). Compiled in for sm_90 and later only.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether the code that runs for `kernel` on the current device has wait_for_previous_grid's
+// wait compiled in: its PTX targets sm_90 or later (code JIT-compiled from older PTX does not).
+template <typename... Params>
+bool waits_for_previous_grid(void (*kernel)(Params...)) {
+    cudaFuncAttributes attributes;
+    if (cudaFuncGetAttributes(&attributes, kernel) != cudaSuccess) {
+        (void)cudaGetLastError();  // not sticky: clear it, and launch plainly
+        return false;
+    }
+    return attributes.ptxVersion >= 90;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), as a programmatic dependent when pdl asks and
+// the kernel's code waits (a dependent launch of code without the wait would race).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, bool pdl,
+                          Args&&... args) {
+    cudaLaunchAttribute dependent[1];
+    dependent[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    dependent[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t config = {};
+    config.gridDim = grid;
+    config.blockDim = block;
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = dependent;
+    config.numAttrs = pdl && waits_for_previous_grid(kernel) ? 1 : 0;
+    return cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 }  // namespace fastgpt

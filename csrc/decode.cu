@@ -5,6 +5,8 @@
 // [0, len). With one split it writes the output directly; otherwise it writes a normalised
 // partial output and its log-sum-exp, and decode_combine_kernel merges the splits.
 // The lengths are read on the device (clamped to [0, Smax]) so nothing syncs the host.
+// Both kernels wait for the previous grid before touching memory, so that on sm_90 and later they
+// launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
 #include "common.cuh"
 
 #include <algorithm>
@@ -46,6 +48,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
     __shared__ float s_m[kWarps][GROUP], s_l[kWarps][GROUP];
     __shared__ float s_acc[kWarps][GROUP][D];
 
+    wait_for_previous_grid();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int key_in_warp = lane / LANES_PER_KEY, d0 = (lane % LANES_PER_KEY) * 8;
     const int split = blockIdx.x, b = blockIdx.z;
@@ -172,6 +175,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
 // every split was empty (M = -inf) gets zeros. One block per (row, head).
 template <typename T>
 __global__ void decode_combine_kernel(DecodeParams p) {
+    wait_for_previous_grid();
     const int b = blockIdx.x / p.heads_q, h = blockIdx.x % p.heads_q;
     const int64_t row0 = int64_t(blockIdx.x) * p.num_splits;  // (b * Hq + h) * num_splits
     const float* lse = p.lse_partial + row0;                   // (num_splits,)
@@ -201,19 +205,23 @@ int group_tile(int group_size) {
 }
 
 template <typename T, int D>
+auto split_kernel(int tile) {
+    switch (tile) {
+        case 1: return decode_split_kernel<T, D, 1>;
+        case 2: return decode_split_kernel<T, D, 2>;
+        case 4: return decode_split_kernel<T, D, 4>;
+        default: return decode_split_kernel<T, D, 8>;
+    }
+}
+
+template <typename T, int D>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
     const int group_size = p.heads_q / p.heads_kv, tile = group_tile(group_size);
     const dim3 grid(p.num_splits, p.heads_kv * ceil_div(group_size, tile), p.batch);
-    switch (tile) {
-        case 1: decode_split_kernel<T, D, 1><<<grid, kThreads, 0, stream>>>(p); break;
-        case 2: decode_split_kernel<T, D, 2><<<grid, kThreads, 0, stream>>>(p); break;
-        case 4: decode_split_kernel<T, D, 4><<<grid, kThreads, 0, stream>>>(p); break;
-        default: decode_split_kernel<T, D, 8><<<grid, kThreads, 0, stream>>>(p); break;
-    }
-    cudaError_t err = cudaGetLastError();
+    cudaError_t err = launch_kernel(split_kernel<T, D>(tile), grid, kThreads, 0, stream, p.pdl, p);
     if (err != cudaSuccess || p.num_splits == 1) return err;
-    decode_combine_kernel<T><<<p.batch * p.heads_q, std::min(p.head_dim, 128), 0, stream>>>(p);
-    return cudaGetLastError();
+    const dim3 rows(p.batch * p.heads_q), threads(std::min(p.head_dim, 128));
+    return launch_kernel(decode_combine_kernel<T>, rows, threads, 0, stream, p.pdl, p);
 }
 
 template <typename T>
@@ -228,15 +236,7 @@ cudaError_t launch_dim(const DecodeParams& p, cudaStream_t stream) {
 // Split-kernel blocks of one configuration that an SM holds at once (registers, shared memory).
 template <typename T, int D>
 cudaError_t resident_blocks(int tile, int* blocks) {
-    auto fits = [blocks](auto kernel) {
-        return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, 0);
-    };
-    switch (tile) {
-        case 1: return fits(decode_split_kernel<T, D, 1>);
-        case 2: return fits(decode_split_kernel<T, D, 2>);
-        case 4: return fits(decode_split_kernel<T, D, 4>);
-        default: return fits(decode_split_kernel<T, D, 8>);
-    }
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, split_kernel<T, D>(tile), kThreads, 0);
 }
 
 }  // namespace

@@ -44,6 +44,7 @@ struct DecodeParams {
     int batch, heads_q, heads_kv, max_seqlen, head_dim, num_splits;
     float scale;
     DType dtype;  // fp16 or bf16
+    bool pdl;     // launch as programmatic dependents (csrc/common.cuh's launch_kernel)
 };
 cudaError_t decode_attention_forward(const DecodeParams& p, cudaStream_t stream);
 // Blocks of decode_attention_forward's split kernel for these settings that one SM of the current

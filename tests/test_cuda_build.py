@@ -120,7 +120,7 @@ def test_extension_validates_before_touching_the_gpu():
     with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, 2\^30\]"):
         C.attention(16, 16, 16, 16, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0, 1, 0, 0)
     with pytest.raises(ValueError, match="num_splits > 1 needs"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0)
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0, False)
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
@@ -149,6 +149,27 @@ def test_decode_kernels_do_not_spill(arch, tmp_path):
     spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
     assert len(spills) == 2 * 2 * 4 + 2  # (fp16, bf16) x (D 64, 128) x group tiles, and the combine kernels
     assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+def test_decode_kernels_wait_for_the_previous_grid(arch, tmp_path):
+    """On sm_90a every decode kernel waits for the kernel before it ahead of any memory access, as
+    a programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80 code has no wait (and
+    is never launched as a dependent)."""
+    from tests.test_attention import assert_waits_first
+
+    src = Path(__file__).resolve().parents[1] / "csrc" / "decode.cu"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-ptx", str(src),
+                           "-o", str(tmp_path / "decode.ptx")], capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    entries = (tmp_path / "decode.ptx").read_text().split(".visible .entry")[1:]
+    assert len(entries) == 2 * 2 * 4 + 2
+    for entry in entries:
+        if arch == "sm_80":
+            assert "griddepcontrol" not in entry
+        else:
+            assert_waits_first(".visible .entry" + entry)
 
 
 @requires_built

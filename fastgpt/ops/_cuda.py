@@ -160,7 +160,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
         _ptr(o_partial), _ptr(lse_partial), B, Hq, Hkv, Smax, D, num_splits,
         _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
-        float(scale), DTYPE_CODES[q.dtype], q.device.index, _stream(q.device),
+        float(scale), DTYPE_CODES[q.dtype], q.device.index, _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip
     return o
 
