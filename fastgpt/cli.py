@@ -32,6 +32,7 @@ def info(args: argparse.Namespace) -> int:
     print(f"default       backend={_backends.default_backend()} ({_backends.ENV_VAR})")
     for name, status in _backends.report().items():
         print(f"backend       {name:<7} {status}")
+    print(f"pdl           {_backends.pdl_report()}")
     return 0
 
 

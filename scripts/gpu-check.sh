@@ -4,7 +4,8 @@
 #   2. run the GPU tests (pytest -m gpu),
 #   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
 #   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel),
-#   5. run scripts/gpu-probe.py's sampler sweep over B (auto's order: every path and backend),
+#   5. run scripts/gpu-probe.py's GPT-2 decode step with and without programmatic dependent
+#      launch (kernels/pdl.py's default), its sampler sweep over B (auto's order: every path and backend),
 #      its fused-linear comparison (GPT.fused_decode's default), the candidate path's tiles and
 #      the decode batch sweep, with the time left,
 #   6. print a short summary table last.
@@ -106,12 +107,12 @@ else
     elif [ "$RC" -ne 0 ]; then echo "MEMCHECK FOUND ERRORS (exit $RC)"; STATUS=1; fi
 fi
 
-step "probe (scripts/gpu-probe.py: sampling over the batch; fused linear; candidate tiles; decode over the batch)"
+step "probe (scripts/gpu-probe.py: the decode step with and without PDL; sampling over the batch; fused linear; candidate tiles; decode over the batch)"
 PROBE_LEFT=$(( $(left) - 10 ))
 if [ "$PROBE_LEFT" -lt 20 ]; then
     echo "probe not run: $PROBE_LEFT s left" | tee "$OUT/probe.log"
 else
-    OUT="$OUT" timeout --kill-after=5 $(( PROBE_LEFT + 5 )) $PY scripts/gpu-probe.py --sections sample_batch,linear,sample_cand,decode_batch \
+    OUT="$OUT" timeout --kill-after=5 $(( PROBE_LEFT + 5 )) $PY scripts/gpu-probe.py --sections decode_step,sample_batch,linear,sample_cand,decode_batch \
         --time-limit "$PROBE_LEFT" >"$OUT/probe.log" 2>&1 || echo "probe exit $? (see probe.log; not a verdict)"
     grep -c "device_us" "$OUT/probe.log" | xargs echo "probe measurements:"
 fi

@@ -18,6 +18,8 @@ were set from (or guessed at):
   sample_cand    the candidate path's tiles (both kernels' blocks and warps).
   linear         GPT.decode's fused matmuls (fastgpt.ops.linear, kernels/linear.py) against the
                  unfused ops they replace (the LayerNorm op, F.linear, F.gelu), per GPT-2 shape.
+  decode_step    GPT-2's whole decode step at B1 and B32, its kernels launched as programmatic
+                 dependents (kernels/pdl.py) and not.
   profile        cProfile of the Python side of one Triton attention call.
 
 Printed as it goes and written to $OUT/probe.json after each section. --time-limit stops
@@ -64,6 +66,19 @@ def knobs_kept(module, *names: str):
                 value.clear()
                 value.update(copies[name])
             setattr(module, name, value)
+
+
+@contextlib.contextmanager
+def env_kept(name: str):
+    """Put the environment variable `name` (a switch a section flips) back as it was on the way out."""
+    saved = os.environ.get(name)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
 
 
 class Probe:
@@ -365,6 +380,39 @@ def linear_section(p: Probe):
                     p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
 
 
+def decode_step_section(p: Probe):
+    """GPT-2 124M's decode step at B1 and B32 (GPT.decode, fused: 61 launches) under graph
+    replay, its kernels launched as programmatic dependents whose matmuls prefetch their weights
+    into L2 before they wait (the default from sm_90; kernels/pdl.py), as dependents without the
+    prefetch (kernels/linear.py's PREFETCH_WEIGHTS), and as plain launches (FASTGPT_PDL=0): what
+    the overlap at the ~60 kernel boundaries saves a step. Random weights, bf16, a 288-slot cache
+    (the generate benchmark's 32 + 256) at position 160."""
+    from fastgpt.generate import KVCache
+    from fastgpt.kernels import linear as tri_linear
+    from fastgpt.model import GPT, GPTConfig
+
+    small = {"vocab_size": 96, "n_positions": 64, "n_embd": 64, "n_layer": 1, "n_head": 2}
+    config = GPTConfig(**small) if p.smoke else GPTConfig()
+    dtype = torch.float16 if p.smoke else torch.bfloat16
+    model = GPT(config).to(p.device, dtype).eval()
+    model.backend = "triton" if p.smoke else "auto"  # the interpreter's kernels on the CPU
+    length = 32 if p.smoke else 288
+    with env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS"), torch.inference_mode():
+        for B in (1,) if p.smoke else (1, 32):  # the generate targets' batches
+            cache = KVCache(config, B, length, dtype, p.device)
+            cache.kv.normal_()
+            tok = torch.randint(0, config.vocab_size, (B,), device=p.device)
+            pos = torch.full((B,), length * 5 // 9, device=p.device)
+            seqlens = (pos + 1).int()
+            for on, prefetch in ((True, True), (True, False), (False, False)):
+                def measure(on=on, prefetch=prefetch, cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
+                    os.environ[_backends.PDL_ENV_VAR] = "1" if on else "0"
+                    tri_linear.PREFETCH_WEIGHTS = prefetch
+                    d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
+                    return {"device_us": d, "tok_per_s": B * 1e6 / d}
+                p.record("decode_step", {"B": B, "pdl": on, "prefetch": prefetch}, measure)
+
+
 def profile_section(p: Probe):
     B, H, S, D = attn_shapes(p)[0]
     q, k, v = (p.randn(B, H, S, D) for _ in range(3))
@@ -386,7 +434,7 @@ SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
             "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,
-            "linear": linear_section, "profile": profile_section}
+            "linear": linear_section, "decode_step": decode_step_section, "profile": profile_section}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ def test_info_reports_versions_and_each_backend(capsys):
     assert "torch" in out and "triton" in out
     for backend in ("cuda", "triton", "torch"):
         assert f"backend       {backend}" in out
+    assert "pdl           o" in out  # on, or off and why
 
 
 @pytest.fixture(scope="module")
