@@ -193,9 +193,9 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     block_k = gpu_block_k(block_m, K, x.element_size(), ln is not None)
     block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
     pdl = launch_pdl(x.device)
-    # The weight rows' prefetch takes 16-byte aligned rows of a multiple of 16 bytes.
+    # The weight rows' prefetch takes 16-byte aligned rows of a multiple of 16 bytes (an int32 count).
     row_bytes, row_stride_bytes = K * weight.element_size(), weight.stride(0) * weight.element_size()
-    prefetch = (pdl and PREFETCH_WEIGHTS and weight.stride(1) == 1
+    prefetch = (pdl and PREFETCH_WEIGHTS and weight.stride(1) == 1 and row_bytes < 2**31
                 and (weight.data_ptr() | row_stride_bytes | row_bytes) % 16 == 0)  # fmt: skip
     has_kv = kv_cache is not None
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
