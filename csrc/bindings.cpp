@@ -180,7 +180,7 @@ void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bia
 
 void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p,
             uintptr_t seed, uintptr_t out, uintptr_t candidates, int64_t cand_k, int64_t batch, int64_t vocab,
-            int64_t stride_logits, int dtype, int device, uintptr_t stream) {
+            int64_t stride_logits, int dtype, int device, uintptr_t stream, bool pdl) {
     const char* kernel = "sample";
     const DType type = dtype_of(dtype, kernel, true);
     require(batch >= 1 && batch <= kMaxInt, kernel, "batch must be in [1, 2^31), got ", batch);
@@ -206,7 +206,8 @@ void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t 
                    stride_logits,
                    int(batch),
                    int(vocab),
-                   type};
+                   type,
+                   pdl};
     DeviceGuard guard(device, kernel);
     check_cuda(sample_forward(p, stream_of(stream)), kernel);
 }
@@ -250,9 +251,10 @@ PYBIND11_MODULE(_C, m) {
     m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
           py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("candidates"), py::arg("cand_k"),
           py::arg("batch"), py::arg("vocab"), py::arg("stride_logits"), py::arg("dtype"), py::arg("device"),
-          py::arg("stream"),
+          py::arg("stream"), py::arg("pdl"),
           "Fused temperature/top-k/top-p/min-p sampling, greedy where temperature <= 0; cand_k > 0: the "
-          "candidate path, with a workspace of batch x sample_candidate_chunks(vocab) x cand_k uint64.");
+          "candidate path, with a workspace of batch x sample_candidate_chunks(vocab) x cand_k uint64; "
+          "pdl: launch as programmatic dependents (sm_90 code).");
     m.def("sample_candidate_chunks", &sample_candidate_chunks, py::arg("vocab"),
           "Vocabulary chunks per row on the sampler's candidate path.");
 }

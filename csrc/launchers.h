@@ -83,6 +83,7 @@ struct SampleParams {
     int64_t stride_logits;
     int batch, vocab;
     DType dtype;
+    bool pdl;  // launch as programmatic dependents (csrc/common.cuh's launch_kernel)
 };
 cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream);
 // Vocabulary chunks per row on the candidate path.

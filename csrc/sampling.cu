@@ -24,6 +24,8 @@
 // fixed-point weights and the same Philox counters: the same tokens as one block per row. Rows
 // the list does not cover (top-k off, or at or above cand_k, a tie group running past the list,
 // +inf scores) run the one-block-per-row code in the same block.
+// Every kernel waits for the previous grid before touching memory, so that on sm_90 and later they
+// launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
 #include "common.cuh"
 
 namespace fastgpt {
@@ -309,6 +311,7 @@ __device__ __forceinline__ float gumbel_noise(uint64_t seed, int i, int b) {
 template <typename T>
 __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
     __shared__ Shared sh;
+    wait_for_previous_grid();
     sample_row<T>(p, blockIdx.x, sh);
 }
 
@@ -352,6 +355,7 @@ __device__ void bitonic_sort_descending(uint64_t* a, int n) {
 template <typename T>
 __global__ void __launch_bounds__(kCandThreads) candidates_kernel(SampleParams p, int chunks) {
     __shared__ uint64_t entries[kCandBlock];
+    wait_for_previous_grid();
     const int b = blockIdx.x / chunks, c = blockIdx.x % chunks, V = p.vocab;
     const T* logits = static_cast<const T*>(p.logits) + b * p.stride_logits;
     const float t = p.temperature[b];
@@ -378,6 +382,7 @@ template <typename T>
 __global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p, int chunks) {
     __shared__ uint64_t best[kMergeBlock];  // [0, K): the best so far, in order; then the next candidates
     __shared__ Shared sh;
+    wait_for_previous_grid();
     const int b = blockIdx.x, V = p.vocab, K = p.cand_k, tid = threadIdx.x;
     const int64_t num = int64_t(chunks) * K;
     const uint64_t* cand = p.candidates + b * num;
@@ -447,16 +452,13 @@ int sample_candidate_chunks(int vocab) { return (vocab + kCandBlock - 1) / kCand
 
 template <typename T>
 cudaError_t sample_launch(const SampleParams& p, cudaStream_t stream) {
-    if (p.cand_k == 0) {
-        sample_kernel<T><<<p.batch, kThreads, 0, stream>>>(p);
-        return cudaGetLastError();
-    }
+    const dim3 rows(p.batch);
+    if (p.cand_k == 0) return launch_kernel(sample_kernel<T>, rows, kThreads, 0, stream, p.pdl, p);
     const int chunks = sample_candidate_chunks(p.vocab);
-    candidates_kernel<T><<<p.batch * chunks, kCandThreads, 0, stream>>>(p, chunks);
-    const cudaError_t err = cudaGetLastError();
+    const dim3 row_chunks(p.batch * chunks);
+    const cudaError_t err = launch_kernel(candidates_kernel<T>, row_chunks, kCandThreads, 0, stream, p.pdl, p, chunks);
     if (err != cudaSuccess) return err;
-    candidate_draw_kernel<T><<<p.batch, kThreads, 0, stream>>>(p, chunks);
-    return cudaGetLastError();
+    return launch_kernel(candidate_draw_kernel<T>, rows, kThreads, 0, stream, p.pdl, p, chunks);
 }
 
 cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream) {

@@ -124,15 +124,15 @@ def test_extension_validates_before_touching_the_gpu():
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 0, 1, 1 << 24, 1 << 24, 0, 0, 0)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 0, 1, 1 << 24, 1 << 24, 0, 0, 0, False)
     with pytest.raises(ValueError, match="null pointer"):
-        C.sample(16, 0, 16, 16, 16, 16, 16, 0, 0, 1, 10, 10, 0, 0, 0)
+        C.sample(16, 0, 16, 16, 16, 16, 16, 0, 0, 1, 10, 10, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"cand_k must be 0 or a power of two in \[16, 256\], got 48"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 48, 1, 10, 10, 0, 0, 0)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 48, 1, 10, 10, 0, 0, 0, False)
     with pytest.raises(ValueError, match="needs its workspace"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 64, 1, 10, 10, 0, 0, 0)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 64, 1, 10, 10, 0, 0, 0, False)
     with pytest.raises(ValueError, match="batch x vocabulary chunks must be < 2\\^31"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 64, 2**31 - 1, 5000, 5000, 0, 0, 0)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 64, 2**31 - 1, 5000, 5000, 0, 0, 0, False)
     assert C.sample_candidate_chunks(50257) == 50 and C.sample_candidate_chunks(1024) == 1
 
 
@@ -153,18 +153,19 @@ def test_decode_kernels_do_not_spill(arch, tmp_path):
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_decode_kernels_wait_for_the_previous_grid(arch, tmp_path):
-    """On sm_90a every decode kernel waits for the kernel before it ahead of any memory access, as
-    a programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80 code has no wait (and
-    is never launched as a dependent)."""
+@pytest.mark.parametrize("source, kernels", [("decode", 2 * 2 * 4 + 2), ("sampling", 3 * 3)])
+def test_decode_step_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
+    """On sm_90a every decode attention and sampling kernel waits for the kernel before it ahead
+    of any memory access, as a programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80
+    code has no wait (and is never launched as a dependent)."""
     from tests.test_attention import assert_waits_first
 
-    src = Path(__file__).resolve().parents[1] / "csrc" / "decode.cu"
+    src = Path(__file__).resolve().parents[1] / "csrc" / f"{source}.cu"
     proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-ptx", str(src),
-                           "-o", str(tmp_path / "decode.ptx")], capture_output=True, text=True)  # fmt: skip
+                           "-o", str(tmp_path / "kernels.ptx")], capture_output=True, text=True)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    entries = (tmp_path / "decode.ptx").read_text().split(".visible .entry")[1:]
-    assert len(entries) == 2 * 2 * 4 + 2
+    entries = (tmp_path / "kernels.ptx").read_text().split(".visible .entry")[1:]
+    assert len(entries) == kernels
     for entry in entries:
         if arch == "sm_80":
             assert "griddepcontrol" not in entry

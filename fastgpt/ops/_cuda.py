@@ -236,6 +236,6 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
         seed.data_ptr(), out.data_ptr(), 0 if candidates is None else candidates.data_ptr(), cand_k, B, V,
-        logits.stride(0), code, logits.device.index, _stream(logits.device),
+        logits.stride(0), code, logits.device.index, _stream(logits.device), _backends.launch_pdl(logits.device),
     )  # fmt: skip
     return out
