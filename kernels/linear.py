@@ -27,7 +27,7 @@ BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768)
 BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop, with a LayerNorm fused
 BLOCK_K_FP32 = 32  # fp32 tiles are twice the bytes, and their ieee dots stage more: 64 rows fit 99 KB
 TILE_ELEMENTS = 8192  # without a LayerNorm: x tiles of BLOCK_M x (8192 / BLOCK_M), BLOCK_K 512 at 16 rows
-STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: BLOCK_M x (8192 / BLOCK_M), 64 a thread
+STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: M' x (8192 / M'), M' = M rounded up to a power of two
 NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
 PREFETCH_WEIGHTS = True  # as a programmatic dependent, ask L2 for the program's weight rows before waiting
@@ -56,11 +56,49 @@ def _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, cols, col_ok, stride_
     return h
 
 
-# Program p: columns [p * BLOCK_N, (p + 1) * BLOCK_N) of out, all M rows. With HAS_LN, first the
-# rows' statistics in one pass over K blocks, merging each block's (count n_b, mean m_b, centred
-# sum of squares M2_b) into the running (n_a, m_a, M2_a) as Chan et al. (never E[h^2] - E[h]^2):
+# The LayerNorm statistics of the M input rows h = x (+ residual), in one pass over K blocks,
+# merging each block's (count n_b, mean m_b, centred sum of squares M2_b) into the running
+# (n_a, m_a, M2_a) as Chan et al. (never E[h^2] - E[h]^2):
 #   n = n_a + n_b,  delta = m_b - m_a,  m = m_a + delta n_b / n,  M2 = M2_a + M2_b + delta^2 n_a n_b / n
-# then per K block a = (h - m) * rsqrt(M2 / K + eps) * ln_weight + ln_bias, rounded to x's dtype.
+@triton.jit
+def _ln_stats(x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, write_h, M, K, stride_x, stride_r, eps, x_table_rows,
+              r_table_rows, HAS_RESIDUAL: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
+              STATS_M: tl.constexpr, STATS_BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
+    """(mean, rstd), each (BLOCK_M,) fp32 (0 past row M), from (STATS_M, STATS_BLOCK_K) tiles:
+    STATS_M is M rounded up to a power of two, not the dot's BLOCK_M, so that one row's statistics
+    do not hold 15 padded rows' registers. With write_h, stores h (M, K) too."""
+    rows = tl.arange(0, STATS_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    x_rows, x_ok = _table_rows(x_idx_ptr, rows, row_ok, x_table_rows, X_GATHER)
+    r_rows, r_ok = _table_rows(r_idx_ptr, rows, row_ok, r_table_rows, R_GATHER)
+    mean = tl.zeros([STATS_M], tl.float32)
+    m2 = tl.zeros([STATS_M], tl.float32)
+    for k0 in range(0, K, STATS_BLOCK_K):
+        ks = k0 + tl.arange(0, STATS_BLOCK_K)
+        mask = row_ok[:, None] & (ks < K)[None, :]
+        h = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, ks, ks < K, stride_x, stride_r, HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
+            if write_h:
+                tl.store(h_ptr + rows[:, None] * K + ks[None, :], h, mask=mask)
+        n_a = k0 * 1.0
+        n_b = tl.minimum(K - k0, STATS_BLOCK_K) * 1.0
+        mean_b = tl.sum(h.to(tl.float32), axis=1) / n_b
+        d = tl.where(mask, h.to(tl.float32) - mean_b[:, None], 0.0)
+        delta = mean_b - mean
+        mean += delta * (n_b / (n_a + n_b))
+        m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+    rstd = 1.0 / tl.sqrt(m2 / K + eps)
+    if STATS_M < BLOCK_M:  # widen to the dot's rows (a (BLOCK_M, STATS_M) selection, no shuffles)
+        widen = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, STATS_M)[None, :]
+        mean = tl.sum(tl.where(widen, mean[None, :], 0.0), axis=1)
+        rstd = tl.sum(tl.where(widen, rstd[None, :], 0.0), axis=1)
+    return mean, rstd
+
+
+# Program p: columns [p * BLOCK_N, (p + 1) * BLOCK_N) of out, all M rows. With HAS_LN, first the
+# rows' statistics (_ln_stats), then per K block a = (h - m) * rsqrt(M2 / K + eps) * ln_weight +
+# ln_bias, rounded to x's dtype.
 @triton.jit
 def _linear_kernel(
     x_ptr,  # (M, K) row stride stride_x, unit column stride; with X_GATHER a table whose rows x_idx picks
@@ -80,7 +118,8 @@ def _linear_kernel(
     HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
     GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_M: tl.constexpr,
+    STATS_BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     if PREFETCH_W:  # this program's weight rows into L2 while the previous grid finishes (kernels/pdl.py)
@@ -98,22 +137,9 @@ def _linear_kernel(
     mean = tl.zeros([BLOCK_M], tl.float32)
     rstd = tl.zeros([BLOCK_M], tl.float32)
     if HAS_LN:
-        m2 = tl.zeros([BLOCK_M], tl.float32)
-        for k0 in range(0, K, STATS_BLOCK_K):
-            ks = k0 + tl.arange(0, STATS_BLOCK_K)
-            mask = row_ok[:, None] & (ks < K)[None, :]
-            h = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, ks, ks < K, stride_x, stride_r, HAS_RESIDUAL)
-            if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
-                if pid == 0:
-                    tl.store(h_ptr + rows[:, None] * K + ks[None, :], h, mask=mask)
-            n_a = k0 * 1.0
-            n_b = tl.minimum(K - k0, STATS_BLOCK_K) * 1.0
-            mean_b = tl.sum(h.to(tl.float32), axis=1) / n_b
-            d = tl.where(mask, h.to(tl.float32) - mean_b[:, None], 0.0)
-            delta = mean_b - mean
-            mean += delta * (n_b / (n_a + n_b))
-            m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
-        rstd = 1.0 / tl.sqrt(m2 / K + eps)
+        mean, rstd = _ln_stats(x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, pid == 0, M, K, stride_x, stride_r, eps,
+                               x_table_rows, r_table_rows, HAS_RESIDUAL, X_GATHER, R_GATHER, STATS_M, STATS_BLOCK_K,
+                               BLOCK_M)  # fmt: skip
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1): N * K may pass 2^31
@@ -157,8 +183,8 @@ def gpu_block_k(block_m: int, K: int, element_size: int, has_ln: bool) -> int:
     are each program streaming 16 x K weights, bound by the bytes one program keeps in flight
     (NUM_STAGES - 1 tiles), which a 128-wide step keeps at 8 KB and a 512-wide one at 32 KB
     (64 KB of shared memory, 94 registers on sm_90). With a LayerNorm the normalisation's
-    registers (168 a thread at 128 wide already) keep it at BLOCK_K; those forms are the wide
-    ones, with programs enough. Never much wider than K."""
+    registers (168 a thread at 16 rows and 128 wide already) keep it at BLOCK_K; those forms are
+    the wide ones, with programs enough. Never much wider than K."""
     if element_size != 2:
         return BLOCK_K_FP32
     block_k = BLOCK_K if has_ln else TILE_ELEMENTS // block_m
@@ -191,7 +217,9 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
         weight = weight.contiguous()  # only for a huge weight stored transposed
     block_m = max(16, triton.next_power_of_2(M))
     block_k = gpu_block_k(block_m, K, x.element_size(), ln is not None)
-    block_k, stats_block_k = (block_k, STATS_ELEMENTS // block_m) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
+    stats_m = triton.next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
+    stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, triton.next_power_of_2(K)))
+    block_k, stats_block_k = (block_k, stats_block_k) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
     pdl = launch_pdl(x.device)
     # The weight rows' prefetch takes 16-byte aligned rows of a multiple of 16 bytes (an int32 count).
     row_bytes, row_stride_bytes = K * weight.element_size(), weight.stride(0) * weight.element_size()
@@ -211,7 +239,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
         X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, PREFETCH_W=prefetch,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_BLOCK_K=stats_block_k,
+        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_M=stats_m, STATS_BLOCK_K=stats_block_k,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     return out, h

@@ -348,9 +348,10 @@ def linear_section(p: Probe):
     lm_head's 3142 programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm
     also with other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it),
     those with one with a 256-wide step (BLOCK_K; 128 is the default) and with LayerNorm
-    statistics over 2048-value tiles (STATS_ELEMENTS; 8192, 64 values a thread, is the default and
-    takes the kernel from 72 to 168 registers at 16 rows: 3 programs an SM instead of 7, which
-    matters to lm_head's 3142 programs)."""
+    statistics over 2048-value tiles (STATS_ELEMENTS; 8192 is the default: 64 values a thread from
+    8 rows on, which takes the kernel from 72 to 128-168 registers: 3 programs an SM instead of 7
+    at 16 rows, which matters to lm_head's 3142 programs; at B1 the tile is one row, 77
+    registers, either way)."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768

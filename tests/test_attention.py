@@ -509,8 +509,9 @@ def assert_waits_first(ptx: str):
     assert signal > wait
 
 
-def ptxas_spills(kernel, arch: int) -> int:
-    """Bytes of register spill stores in `kernel` for sm_<arch>, by Triton's bundled ptxas -v."""
+def ptxas_usage(kernel, arch: int) -> tuple[int, int]:
+    """(registers a thread, bytes of register spill stores) of `kernel` for sm_<arch>, by Triton's
+    bundled ptxas -v."""
     import triton
 
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -521,7 +522,13 @@ def ptxas_spills(kernel, arch: int) -> int:
         gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
         proc = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", path, "-o", os.devnull], capture_output=True,
                               text=True, check=True)  # fmt: skip
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", proc.stderr))
+    registers = int(re.search(r"Used (\d+) registers", proc.stderr).group(1))
+    return registers, sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", proc.stderr))
+
+
+def ptxas_spills(kernel, arch: int) -> int:
+    """Bytes of register spill stores in `kernel` for sm_<arch>."""
+    return ptxas_usage(kernel, arch)[1]
 
 
 SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block (A100, H100/H200)

@@ -194,23 +194,29 @@ _FORMS = {"wte + wpe + ln_1 + c_attn": (True, False, True, True, True), "ln_1 + 
 
 
 def compile_linear_variants(arch):
-    """Every form GPT.decode launches, per dtype, at 16 and 64 rows, lowered for sm_<arch>: no
-    autotuner stands between these launches and the GPU, so each must fit even an sm_86/sm_89
-    block, and its weight loads must be pipelined."""
+    """Every form GPT.decode launches, per dtype, at 1, 16 and 64 rows (K 3072), lowered for
+    sm_<arch>: no autotuner stands between these launches and the GPU, so each must fit even an
+    sm_86/sm_89 block, and its weight loads must be pipelined. One row's LayerNorm statistics hold
+    no padded rows: under 96 registers (they were 168 with 16 rows' tiles, 3 programs an SM)."""
+    from tests.test_attention import ptxas_usage
+
     mod = _load_kernel_module("linear")
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp16", "fp32"):
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
-        for (ln, gelu, bias, kv, gather), block_m in ((form, m) for form in _FORMS.values() for m in (16, mod.MAX_ROWS)):
+        for (ln, gelu, bias, kv, gather), rows in ((form, m) for form in _FORMS.values() for m in (1, 16, mod.MAX_ROWS)):
+            block_m = max(16, rows)
             const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
                      "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                     "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N, "STATS_BLOCK_K": mod.STATS_ELEMENTS // block_m,
+                     "BLOCK_M": block_m, "BLOCK_N": mod.BLOCK_N, "STATS_M": rows, "STATS_BLOCK_K": min(mod.STATS_ELEMENTS // rows, 4096),
                      "BLOCK_K": mod.gpu_block_k(block_m, 3072, 4 if dtype == "fp32" else 2, ln),
                      "PREFETCH_W": arch >= 90, "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
                                  num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
-            where = (arch, dtype, ln, gelu, bias, kv, gather, block_m)
+            where = (arch, dtype, ln, gelu, bias, kv, gather, rows)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (*where, kernel.metadata.shared)
+            if rows == 1 and ln and dtype == "bf16":
+                assert ptxas_usage(kernel, arch)[0] < 96, (*where, ptxas_usage(kernel, arch))
             # K a multiple of 16, as every GPT-2 width is (the JIT specialises on it): the weight
             # tiles stream through shared memory with cp.async, several in flight.
             assert "cp.async" in kernel.asm["ptx"], where
