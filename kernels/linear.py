@@ -64,7 +64,7 @@ def _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, cols, col_ok, stride_
 def _ln_stats(x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, write_h, M, K, stride_x, stride_r, eps, x_table_rows,
               r_table_rows, HAS_RESIDUAL: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
               STATS_M: tl.constexpr, STATS_BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
-    """(mean, rstd), each (BLOCK_M,) fp32 (0 past row M), from (STATS_M, STATS_BLOCK_K) tiles:
+    """(mean, rstd), each (BLOCK_M,) fp32 (rows past M: padding), from (STATS_M, STATS_BLOCK_K) tiles:
     STATS_M is M rounded up to a power of two, not the dot's BLOCK_M, so that one row's statistics
     do not hold 15 padded rows' registers. With write_h, stores h (M, K) too."""
     rows = tl.arange(0, STATS_M)

@@ -17,7 +17,8 @@ next matmul stream into L2 while the previous kernel finishes.
 
 Each program signals right after its wait, so the grid after it launches once every program of
 this one is past its wait: one grid ahead, not a cascade of idle programs holding the SMs.
-Graph capture records the same dependencies (CUDA 12.3 and later). Whether a launch goes as a
+CUDA graph capture keeps them as programmatic edges (CUDA 12.3 and later; tests/test_pdl.py
+replays a captured step on the GPU). Whether a launch goes as a
 dependent is fastgpt._backends.launch_pdl's call (sm_90 and later); the kernel's PDL constexpr
 must say the same, since the wait is compiled in only with it.
 """
