@@ -348,10 +348,10 @@ def linear_section(p: Probe):
     lm_head's 3142 programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm
     also with other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it),
     those with one with a 256-wide step (BLOCK_K; 128 is the default) and with LayerNorm
-    statistics over 2048-value tiles (STATS_ELEMENTS; 8192 is the default: 64 values a thread from
-    8 rows on, which takes the kernel from 72 to 128-168 registers: 3 programs an SM instead of 7
-    at 16 rows, which matters to lm_head's 3142 programs; at B1 the tile is one row, 77
-    registers, either way)."""
+    statistics over 2048- and 4096-value tiles (STATS_ELEMENTS; 8192 is the default: 64 values a
+    thread from 8 rows on, which takes the kernel from 72 to 128-168 registers: 3 programs an SM
+    instead of 7 at 16 rows, which matters to lm_head's 3142 programs; at B1 the tile is one
+    row, 77 registers, either way)."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
@@ -368,7 +368,7 @@ def linear_section(p: Probe):
                 fused = calls["fused (triton)"]
                 impls = [(impl, fn, defaults) for impl, fn in calls.items()]
                 sweeps = {"BLOCK_N": [32, 64] if N >= 4 * C else [], "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384],
-                          "BLOCK_K": [256] if ln else [], "STATS_ELEMENTS": [2048] if ln else []}
+                          "BLOCK_K": [256] if ln else [], "STATS_ELEMENTS": [2048, 4096] if ln else []}
                 for knob, values in sweeps.items():  # the smoke run tries each knob once, at B1
                     values = values[:1] if p.smoke and B == 1 else [] if p.smoke else values
                     impls += [(f"fused (triton), {knob} {v}", fused, {**defaults, knob: v}) for v in values]
