@@ -194,17 +194,19 @@ _FORMS = {"wte + wpe + ln_1 + c_attn": (True, False, True, True, True), "ln_1 + 
 
 
 def compile_linear_variants(arch):
-    """Every form GPT.decode launches, per dtype, at 1, 16 and 64 rows (K 3072), lowered for
-    sm_<arch>: no autotuner stands between these launches and the GPU, so each must fit even an
-    sm_86/sm_89 block, and its weight loads must be pipelined. One row's LayerNorm statistics hold
-    no padded rows: under 96 registers (they were 168 with 16 rows' tiles, 3 programs an SM)."""
+    """Every form GPT.decode launches, per dtype, at 16 and 64 rows (K 3072; those with a LayerNorm
+    also at 1, whose statistics tiles differ), lowered for sm_<arch>: no autotuner stands between
+    these launches and the GPU, so each must fit even an sm_86/sm_89 block, and its weight loads
+    must be pipelined. One row's LayerNorm statistics hold no padded rows: under 96 registers
+    (they were 168 with 16 rows' tiles, 3 programs an SM)."""
     from tests.test_attention import ptxas_usage
 
     mod = _load_kernel_module("linear")
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp16", "fp32"):
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
-        for (ln, gelu, bias, kv, gather), rows in ((form, m) for form in _FORMS.values() for m in (1, 16, mod.MAX_ROWS)):
+        for (ln, gelu, bias, kv, gather), rows in ((form, m) for form in _FORMS.values()
+                                                    for m in ((1,) if form[0] else ()) + (16, mod.MAX_ROWS)):
             block_m = max(16, rows)
             const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
                      "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
