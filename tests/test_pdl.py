@@ -2,6 +2,9 @@
 check that every such kernel waits for the previous grid before it touches memory (which the
 compile checks of each kernel apply to its sm_90 PTX: tests/test_attention.py's compile_for)."""
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -126,3 +129,29 @@ def test_gpu_decode_step_is_the_same_launched_as_dependents(monkeypatch, B):
             graph.replay()
             assert torch.equal(logits["step"], expected)
         assert torch.equal(cache.kv, expected_kv)
+
+
+def _launches(tree):
+    """(kernel name, call) of each kernel launch, kernel[grid](...), in a module's syntax tree."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
+            yield node.func.value.id, node
+
+
+def test_every_dependent_launch_compiles_the_wait():
+    """A launch as a programmatic dependent (launch_pdl=...) of a kernel compiled without the wait
+    would race, and a kernel compiled with it but launched plainly gains nothing: in kernels/,
+    every launch that passes launch_pdl or PDL passes both, as the same expression, and those
+    launches are exactly the kernels that take PDL."""
+    takes_pdl, launched = set(), set()
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        takes_pdl |= {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.endswith("_kernel")
+                      and "PDL" in [a.arg for a in f.args.args]}  # fmt: skip
+        for kernel, call in _launches(tree):
+            keywords = {k.arg: ast.dump(k.value) for k in call.keywords}
+            if "launch_pdl" in keywords or "PDL" in keywords:
+                assert keywords.get("launch_pdl") == keywords.get("PDL"), (path.name, kernel)
+                launched.add(kernel)
+    assert launched == takes_pdl
+    assert {"_linear_kernel", "_decode_split_kernel", "_greedy_advance_kernel", "_candidate_draw_kernel"} <= launched
