@@ -134,7 +134,8 @@ def test_gpu_decode_step_is_the_same_launched_as_dependents(monkeypatch, B):
 def _launches(tree):
     """(kernel name, call) of each kernel launch, kernel[grid](...), in a module's syntax tree."""
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and isinstance(node.func.value, ast.Name):
+        launch = isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript)
+        if launch and isinstance(node.func.value, ast.Name):
             yield node.func.value.id, node
 
 
