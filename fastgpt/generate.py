@@ -219,8 +219,10 @@ class Decoder:
 
     def _mode(self):
         """What a captured graph holds of one call's settings: whether every row is greedy, whether
-        eos ids end rows, and the sampler's path (by top_k_bound)."""
-        return self.all_greedy, self.has_eos, self.top_k_bound
+        eos ids end rows, and the sampler's path: its candidate list length for top_k_bound (0: no
+        candidate path), which bounds in one power-of-two bucket share (the rows' top_k are device
+        tensors the graph reads)."""
+        return self.all_greedy, self.has_eos, _backends.sample_candidate_k(self.top_k_bound)
 
     def _restore(self, state, saved, rng):
         """Undo the warm-up steps: the state tensors and the random stream are as before them."""

@@ -305,6 +305,24 @@ def test_call_inside_a_stream_does_not_take_its_decoder(pair):
     assert len(model._decoders) == 1
 
 
+def test_graph_mode_keys_the_sampler_path_not_the_bound():
+    """A captured step is replayed for another call's top_k bound when the sampler takes the same
+    path for it (the same candidate list length), and captured again when not."""
+    from fastgpt import generate as gen
+    from fastgpt.model import GPTConfig
+
+    model = GPT(GPTConfig(vocab_size=V, n_positions=64, n_embd=16, n_layer=1, n_head=2))
+    decoder = gen._decoder(model, 2, 16, 8, use_graph=False)
+
+    def mode(bound):
+        with torch.inference_mode():
+            decoder.reset(gen._sampling(2, "cpu", 0.8, bound, 1.0, 0.0), [], 0, top_k_bound=bound)
+        return decoder._mode()
+
+    assert mode(40) == mode(50) == mode(63)  # lists of 64
+    assert len({mode(0), mode(50), mode(64), mode(200)}) == 4  # none, 64, 128, 256
+
+
 def test_decoders_kept_are_bounded():
     """Eager: one decoder per model, reused while it is big enough; CUDA graphs: an LRU by (batch, bucket)."""
     from fastgpt import generate as gen
