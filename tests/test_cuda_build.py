@@ -136,16 +136,22 @@ def test_extension_validates_before_touching_the_gpu():
     assert C.sample_candidate_chunks(50257) == 50 and C.sample_candidate_chunks(1024) == 1
 
 
+def _nvcc(source: str, arch: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """csrc/<source>.cu compiled alone for `arch` into `out` (-c, -ptx, ... in flags); fails the test on an error."""
+    src = Path(__file__).resolve().parents[1] / "csrc" / f"{source}.cu"
+    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", *flags, str(src), "-o", str(out)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 def test_decode_kernels_do_not_spill(arch, tmp_path):
     """Every decode kernel instance fits its registers (the MHA one under a 5-blocks-an-SM bound)."""
     import re
 
-    src = Path(__file__).resolve().parents[1] / "csrc" / "decode.cu"
-    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-Xptxas", "-v", "-c", str(src),
-                           "-o", str(tmp_path / "decode.o")], capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = _nvcc("decode", arch, tmp_path / "decode.o", "-Xptxas", "-v", "-c")
     spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
     assert len(spills) == 2 * 2 * 4 + 2  # (fp16, bf16) x (D 64, 128) x group tiles, and the combine kernels
     assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
@@ -160,10 +166,7 @@ def test_decode_step_kernels_wait_for_the_previous_grid(source, kernels, arch, t
     code has no wait (and is never launched as a dependent)."""
     from tests.test_attention import assert_waits_first
 
-    src = Path(__file__).resolve().parents[1] / "csrc" / f"{source}.cu"
-    proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", "-ptx", str(src),
-                           "-o", str(tmp_path / "kernels.ptx")], capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _nvcc(source, arch, tmp_path / "kernels.ptx", "-ptx")
     entries = (tmp_path / "kernels.ptx").read_text().split(".visible .entry")[1:]
     assert len(entries) == kernels
     for entry in entries:
