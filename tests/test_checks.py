@@ -212,3 +212,16 @@ def test_fuzz_sample_checks(B, V, t, k, p, m):
     ids = fastgpt.sample(logits, temperature=t, top_k=k, top_p=p, min_p=m)
     assert ids.shape == (B,) and ids.dtype == torch.int64
     assert ((ids >= 0) & (ids < V)).all()
+
+
+# ----------------------------------------------------------------------------- awkward input
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_head_dim_zero_is_rejected(backend):
+    """D = 0 has no default scale (1/sqrt(0)): a clear error, not a ZeroDivisionError."""
+    q, k, v = qkv(D=0)
+    with pytest.raises(ValueError, match="head dim D must be >= 1"):
+        fastgpt.attention(q, k, v, backend=backend)
+    with pytest.raises(ValueError, match="head dim D must be >= 1"):
+        fastgpt.decode_attention(q[:, :, :1], k, v, torch.full((2,), 5, dtype=torch.int32), backend=backend)

@@ -49,6 +49,8 @@ def check_qkv(q, k, v, *, kv_names=("k", "v"), layout="(B, Hkv, Sk, D)", kv_head
     Hkv, Sk = k.shape[1], k.shape[2]
     _checks.shape(k_name, k, (B, Hkv, Sk, D), layout)
     _checks.shape(v_name, v, (B, Hkv, Sk, D), layout)
+    if D == 0:  # the default scale is 1/sqrt(D)
+        raise ValueError(f"q's head dim D must be >= 1, got shape {tuple(q.shape)}")
     if Hkv == 0 or Hq % Hkv != 0:
         raise ValueError(f"q's head count ({Hq}) must be a multiple of {kv_heads} ({Hkv})")
     return device
