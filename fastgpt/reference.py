@@ -27,7 +27,8 @@ def masked_attention(q, k, v, visible, scale):
     kf, vf = k.to(compute)[:, :, None], v.to(compute)[:, :, None]  # (B, Hkv, 1, Sk, D)
     scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, group, Sq, Sk)
     scores = scores.masked_fill(~visible, float("-inf"))
-    probs = torch.nan_to_num(torch.softmax(scores, dim=-1), nan=0.0)  # no visible key: 0, not NaN
+    # No visible key: 0, not the softmax's NaN. Only there: a NaN or inf in q or k stays NaN, as in SDPA.
+    probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
     return (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
 
 

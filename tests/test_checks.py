@@ -225,3 +225,19 @@ def test_head_dim_zero_is_rejected(backend):
         fastgpt.attention(q, k, v, backend=backend)
     with pytest.raises(ValueError, match="head dim D must be >= 1"):
         fastgpt.decode_attention(q[:, :, :1], k, v, torch.full((2,), 5, dtype=torch.int32), backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_nan_and_inf_inputs_reach_the_output(backend):
+    """A NaN query or an inf key poisons the outputs that read it, as softmax(q k^T) v does
+    (SDPA's math backend): neither backend may turn them into zeros (the value a query with no
+    visible key gets)."""
+    q, k, v = qkv(Hq=2, Hkv=2)
+    q[0, 0, 2] = float("nan")
+    k[1, 1, 3] = float("inf")
+    scores = (q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5).masked_fill(torch.ones(5, 5).triu(1).bool(), -torch.inf)
+    expected = scores.softmax(dim=-1) @ v
+    out = fastgpt.attention(q, k, v, causal=True, backend=backend)
+    assert expected.isnan().any()
+    assert torch.equal(out.isnan(), expected.isnan())
+    torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
