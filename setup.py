@@ -30,8 +30,10 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).parent.resolve()
 CSRC = Path("csrc")  # relative: setuptools wants relative source paths
-# Every package under fastgpt/ (subpackages such as fastgpt.bench.cases included), plus kernels/.
-PACKAGES = find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels"]
+# Every package under fastgpt/ (subpackages such as fastgpt.bench.cases included), plus kernels/
+# and its subpackages (fastgpt.kernels.sampling).
+PACKAGES = (find_packages(include=["fastgpt", "fastgpt.*"]) + ["fastgpt.kernels"]
+            + [f"fastgpt.kernels.{name}" for name in find_packages(where="kernels")])
 DEFAULT_ARCHS = "80;90a"
 # Kernels whose math tolerates approximate exp2/division; sampling (exact division by the
 # temperature, logs) and LayerNorm (statistics) are built without it.

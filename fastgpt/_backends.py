@@ -88,7 +88,7 @@ def sample_candidate_k(top_k_bound: int) -> int:
     """Entries the samplers' candidate paths list per vocabulary chunk and row, for a bound on
     every row's top_k: a power of two above the bound (the list must reach past the k-th entry
     to show where its tie group ends), at least 16; 0 (no candidate path) for an unknown (0) or
-    too large a bound. One rule for both backends (kernels/sampling.py, csrc/sampling.cu)."""
+    too large a bound. One rule for both backends (kernels/sampling/, csrc/sampling.cu)."""
     if not 0 < top_k_bound < SAMPLE_CANDIDATE_MAX_K:
         return 0
     return max(16, 1 << top_k_bound.bit_length())

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from fastgpt._backends import launch_pdl
 from fastgpt.kernels.pdl import _wait_for_previous_grid
-from fastgpt.kernels.sampling import _key
+from fastgpt.kernels.sampling.common import _key
 
 MIN_BLOCK = 32  # rows per step: one warp, one row per thread at least
 GREEDY_BLOCK_V = 1024  # greedy_advance: logits per row a program takes

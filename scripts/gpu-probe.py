@@ -13,7 +13,7 @@ were set from (or guessed at):
   decode_tiles   the Triton decode kernel's BLOCK_N / warps / stages and split factor.
   sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA's
                  candidate and one-block-per-row paths
-                 (SAMPLE_TRITON_MAX_ROWS, kernels/sampling.py's _MIN_SPLIT_CHUNKS).
+                 (SAMPLE_TRITON_MAX_ROWS, kernels/sampling/__init__.py's _MIN_SPLIT_CHUNKS).
   sample_blocks  the one-program-per-row path's vocabulary block and warps.
   sample_cand    the candidate path's tiles (both kernels' blocks and warps).
   linear         GPT.decode's fused matmuls (fastgpt.ops.linear, kernels/linear.py) against the
@@ -307,7 +307,7 @@ def sample_blocks_section(p: Probe):
 
 def sample_cand_section(p: Probe):
     """The candidate path's tiles: vocabulary block and warps of its first kernel, merge block
-    and warps of its second (kernels/sampling.py's CAND_BLOCK, CAND_WARPS, MERGE_BLOCK, MERGE_WARPS)."""
+    and warps of its second (kernels/sampling/__init__.py's CAND_BLOCK, CAND_WARPS, MERGE_BLOCK, MERGE_WARPS)."""
     names = ("CAND_BLOCK", "CAND_WARPS", "MERGE_BLOCK", "MERGE_WARPS")
     variants = [(1024, 4, 2048, 8)] if p.smoke else [
         (1024, 4, 2048, 8), (2048, 4, 2048, 8), (4096, 8, 2048, 8), (1024, 8, 2048, 8), (1024, 2, 2048, 8),

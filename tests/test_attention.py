@@ -6,7 +6,7 @@ the interpreter's tiles are 16x16, so lengths of 17, 33 and 100 cross block edge
 diagonal. `gpu` tests run bf16/fp16 at real sizes.
 """
 
-import importlib.util
+import importlib
 import os
 import re
 import subprocess
@@ -451,12 +451,8 @@ def test_no_autotuning_during_graph_capture(monkeypatch):
 
 
 def _load_kernel_module(name):
-    """kernels/<name>.py imported by path, so the check needs no installed package."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"_compile_check_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """fastgpt.kernels.<name>: kernels/<name>.py, or the package kernels/<name>/."""
+    return importlib.import_module(f"fastgpt.kernels.{name}")
 
 
 def compile_for(fn, pointer_types, constexprs, *, arch, num_warps, num_stages, scalar_types=None, divisible=()):

@@ -145,7 +145,7 @@ def test_every_dependent_launch_compiles_the_wait():
     every launch that passes launch_pdl or PDL passes both, as the same expression, and those
     launches are exactly the kernels that take PDL."""
     takes_pdl, launched = set(), set()
-    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").glob("*.py")):
+    for path in sorted((Path(__file__).resolve().parents[1] / "kernels").rglob("*.py")):
         tree = ast.parse(path.read_text())
         takes_pdl |= {f.name for f in ast.walk(tree) if isinstance(f, ast.FunctionDef) and f.name.endswith("_kernel")
                       and "PDL" in [a.arg for a in f.args.args]}  # fmt: skip

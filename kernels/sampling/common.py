@@ -1,0 +1,126 @@
+"""What every sampling path shares: the scores and their order-preserving keys, the rows'
+parameters, the kept set and the Gumbel noise, so that all paths draw the same token from the
+same kept set and seed. The math is in the package's docstring (kernels/sampling/__init__.py)."""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+KEY_NEG_INF = tl.constexpr(-2139095041)  # _key(-inf): the smallest key of a non-NaN float
+KEY_MIN = tl.constexpr(-2147483648)  # the smallest int32: 0 as an unsigned key + 2^31
+
+
+@triton.jit
+def _key(s):
+    """Order-preserving int32 key of fp32 values; -0.0 and +0.0 share a key, as they compare equal."""
+    bits = tl.where(s == 0.0, 0.0, s).to(tl.int32, bitcast=True)
+    return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+
+
+@triton.jit
+def _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V: tl.constexpr):
+    """Scores of one block, fp32: clean(x) / t, and -inf past the end of the row.
+
+    pinf_x: the row holds +inf logits (only they survive, as 0). pinf_s: no +inf logit, but some
+    finite x / t overflowed to +inf (the same rule, applied to the scores).
+    """
+    x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+    x = tl.where(x != x, float("-inf"), x)
+    x = tl.where(pinf_x, tl.where(x == float("inf"), 0.0, float("-inf")), x)
+    s = tl.math.div_rn(x, t)
+    s = tl.where(s != s, float("-inf"), s)  # -inf / inf
+    s = tl.where(pinf_s, tl.where(s == float("inf"), 0.0, float("-inf")), s)
+    return s, _key(s)
+
+
+@triton.jit
+def _row_max(row_ptr, begin, end, V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """The maximum of the row's logits in [begin, min(end, V)) (NaN as -inf) and its first index
+    (begin when all are -inf)."""
+    best = float("-inf")
+    best_i = begin
+    for start in range(begin, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        x = tl.load(row_ptr + cols, mask=(cols < end) & (cols < V), other=float("-inf")).to(tl.float32)
+        x = tl.where(x != x, float("-inf"), x)
+        m = tl.max(x, axis=0)
+        i = tl.argmax(x, axis=0, tie_break_left=True) + start
+        best_i = tl.where(m > best, i, best_i)  # strict: the earlier block wins ties
+        best = tl.maximum(best, m)
+    return best, best_i
+
+
+@triton.jit
+def _temperature(temperature_ptr, row):
+    """Row's temperature t and whether it samples (t > 0; <= 0 or NaN is greedy). A greedy row's
+    t becomes 1: its scores are its logits."""
+    t = tl.load(temperature_ptr + row)
+    sampling = t > 0.0
+    return tl.where(sampling, t, 1.0), sampling
+
+
+@triton.jit
+def _min_p(min_p_ptr, row):
+    """Row's min-p clamped to [0, 1]: NaN or <= 0 is off (0), > 1 acts as 1."""
+    min_p = tl.load(min_p_ptr + row)
+    return tl.where(min_p > 0.0, tl.minimum(min_p, 1.0), 0.0)
+
+
+@triton.jit
+def _kept(s, key, m, t_p, min_p):
+    """The kept set of one block: finite, at or above the top-k/top-p key (t_p >= t_k), and
+    passing min-p, p / p_max = exp(s - m) >= min_p (min_p already clamped to [0, 1])."""
+    return (s > float("-inf")) & (key >= t_p) & (tl.exp(s - m) >= min_p)
+
+
+@triton.jit
+def _gumbel(seed, row, cols, V: tl.constexpr):
+    """Gumbel noise -log(-log(u)) of entries (row, cols), every path's: u = (23 random bits + 0.5)
+    / 2^23 lies strictly inside (0, 1), the bits from Philox at counter row * V + col."""
+    bits = tl.randint(seed, row * V + cols)  # uint32
+    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    return -tl.log(-tl.log(u))
+
+
+@triton.jit
+def _gumbel_argmax(row_ptr, begin, end, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
+                   V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """max and first argmax over the kept set in [begin, end) of s + g, g the Gumbel noise: over a
+    whole row, a draw from softmax(s) restricted to the kept set. (-inf, begin) when nothing
+    there is kept."""
+    best = float("-inf")
+    best_i = begin
+    for start in range(begin, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+        z = tl.where(_kept(s, key, m, t_p, min_p) & (cols < end), s + _gumbel(seed, row, cols, V), float("-inf"))
+        zmax = tl.max(z, axis=0)
+        i = tl.argmax(z, axis=0, tie_break_left=True) + start
+        best_i = tl.where(zmax > best, i, best_i)
+        best = tl.maximum(best, zmax)
+    return best, best_i
+
+
+@triton.jit
+def _store_mask(mask_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling,
+                drawable, imax, V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
+    """Write a row's kept set in [begin, end): the filter's survivors; the greedy token on a
+    greedy row; nothing on a row with nothing to draw."""
+    for start in range(begin, end, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+        keep = tl.where(drawable, _kept(s, key, m, t_p, min_p), False)
+        keep = tl.where(sampling, keep, cols == imax)
+        tl.store(mask_ptr + row * V + cols, keep, mask=cols < end)
+
+
+@triton.jit
+def _top(xmax, t):
+    """The top score m = max(x) / t (x / t is monotone in x) and _load_scores' +inf flags: pinf_x,
+    the row holds +inf; pinf_s, some finite x / t overflowed. m is 0 on such rows (their
+    survivors score 0)."""
+    pinf_x = xmax == float("inf")
+    m = tl.math.div_rn(tl.where(pinf_x, 0.0, xmax), t)
+    pinf_s = m == float("inf")
+    return tl.where(pinf_s, 0.0, m), pinf_x, pinf_s
