@@ -241,3 +241,19 @@ def test_nan_and_inf_inputs_reach_the_output(backend):
     assert expected.isnan().any()
     assert torch.equal(out.isnan(), expected.isnan())
     torch.testing.assert_close(out.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda sp: fastgpt.attention(sp(torch.randn(2, 4, 5, 16)), *qkv()[1:]), "q"),
+    (lambda sp: fastgpt.decode_attention(torch.randn(2, 4, 1, 16), *qkv()[1:], sp(torch.ones(2, dtype=torch.int32))),
+     "cache_seqlens"),
+    (lambda sp: fastgpt.layer_norm(torch.randn(3, 8), sp(torch.ones(8)), None), "weight"),
+    (lambda sp: fastgpt.sample(sp(torch.randn(3, 8))), "logits"),
+    (lambda sp: fastgpt.sample(torch.randn(3, 8), temperature=sp(torch.ones(3))), "temperature"),
+])  # fmt: skip
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sparse_tensors_are_rejected(call, name, backend, monkeypatch):
+    """Kernels take data pointers and strides: a sparse tensor has neither."""
+    monkeypatch.setenv("FASTGPT_BACKEND", backend)
+    with pytest.raises(TypeError, match=f"{name} must be a dense"):
+        call(lambda t: t.to_sparse())

@@ -15,12 +15,19 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> tor
     """Check that `t` is a tensor of rank `ndim` with a dtype in `dtypes`."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    dense(name, t)
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise TypeError(f"{name} must have dtype in ({names}), got {t.dtype}")
     return t
+
+
+def dense(name: str, t: torch.Tensor) -> None:
+    """Kernels read data pointers and strides, which sparse and other layouts do not have."""
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:

@@ -36,6 +36,7 @@ def _row_param(name, value, B, device, dtype, valid, expected):
         listed = torch.tensor(value)
         value = listed if integral or listed.dtype == torch.bool else torch.tensor(value, dtype=torch.float64)
     if isinstance(value, torch.Tensor):
+        _checks.dense(name, value)
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != B):
             raise ValueError(f"{name} must be a number or a tensor of shape (B,) = ({B},), got {tuple(value.shape)}")
         if integral and value.dtype not in _INT_DTYPES:
