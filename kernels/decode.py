@@ -232,6 +232,16 @@ def gpu_tiles(group: int, D: int, fp32: bool) -> _Tiles:
     return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
 
+def _plan(device, B: int, Hkv: int, Smax: int, group: int, D: int, fp32: bool) -> tuple[_Tiles, int, int, int]:
+    """(tiles, programs per split, num_splits, chunk) of a call."""
+    tiles = gpu_tiles(group, D, fp32)
+    num_sms = sm_count(device.index) if device.type == "cuda" else _INTERPRETER_SMS
+    if device.type != "cuda":  # Triton's interpreter: short blocks, so small caches take several splits
+        tiles = tiles._replace(block_n=_INTERPRETER_BLOCK_N, num_stages=1)
+    programs = B * Hkv * triton.cdiv(group, tiles.block_g)
+    return (tiles, programs, *split_plan(programs, Smax, tiles.block_n, num_sms))
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None):
     """Attention of one query token per row over the first cache_seqlens[b] cache positions.
 
@@ -254,12 +264,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
                         for t in (k_cache, v_cache))
     group = Hq // Hkv
     fp32 = q.dtype == torch.float32
-    tiles = gpu_tiles(group, D, fp32)
-    num_sms = sm_count(q.device.index) if q.is_cuda else _INTERPRETER_SMS
-    if not q.is_cuda:  # Triton's interpreter: short blocks, so small caches take several splits
-        tiles = tiles._replace(block_n=_INTERPRETER_BLOCK_N, num_stages=1)
-    programs = B * Hkv * triton.cdiv(group, tiles.block_g)  # per split
-    num_splits, chunk = split_plan(programs, Smax, tiles.block_n, num_sms)
+    tiles, programs, num_splits, chunk = _plan(q.device, B, Hkv, Smax, group, D, fp32)
 
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
     if num_splits == 1:
