@@ -257,3 +257,33 @@ def test_sparse_tensors_are_rejected(call, name, backend, monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", backend)
     with pytest.raises(TypeError, match=f"{name} must be a dense"):
         call(lambda t: t.to_sparse())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"top_k": [1, None, 2]}, TypeError, r"top_k must be an int or a list of ints.*got \[1, None, 2\]"),
+    ({"temperature": ["a", "b", "c"]}, TypeError, "temperature must be a float or a list of floats"),
+    ({"temperature": [1j, 1.0, 1.0]}, TypeError, "temperature must be a float or a list of floats"),
+    ({"top_p": [torch.tensor(0.5)] * 3}, TypeError, r"top_p must be a float or a list of floats.*tensor of shape \(B,\)"),
+    ({"temperature": 1e300}, ValueError, "temperature must be >= 0 and finite in float32"),
+    ({"temperature": torch.tensor([1e300, 1.0, 1.0], dtype=torch.float64)}, ValueError, "temperature must be >= 0"),
+])  # fmt: skip
+def test_sample_rejects_parameters_that_do_not_convert(kwargs, error, match):
+    """Lists of non-numbers and values beyond float32 used to fail inside torch.tensor/torch.full
+    (RuntimeError, or a message naming no argument)."""
+    with pytest.raises(error, match=match):
+        fastgpt.sample(torch.randn(3, 10), **kwargs)
+
+
+def test_sampling_parameters_take_any_python_number():
+    """A top_k beyond int64 keeps every token (as any top_k >= V does), and any numbers.Real or
+    numbers.Integral (Fraction, numpy scalars) is a number."""
+    from fractions import Fraction
+
+    logits = torch.randn(3, 10)
+    assert torch.equal(fastgpt.filter_logits(logits, top_k=2**63), logits)
+    assert torch.equal(fastgpt.filter_logits(logits, top_k=[2**64, 0, 10]), logits)
+    halved = fastgpt.filter_logits(logits, temperature=0.5, top_p=0.75)
+    assert torch.equal(fastgpt.filter_logits(logits, temperature=Fraction(1, 2), top_p=Fraction(3, 4)), halved)
+    assert torch.equal(fastgpt.sample(logits, temperature=0.0, top_k=2**63), logits.argmax(dim=-1))
+    grad = logits.clone().requires_grad_()  # through torch's dispatcher, whose ints are int64
+    assert fastgpt.sample(grad, top_k=[2**63, 1, 1], backend="triton").shape == (3,)

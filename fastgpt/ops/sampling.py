@@ -15,6 +15,7 @@ from fastgpt import _backends, reference
 from fastgpt.ops import _checks, _cuda, _dispatch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_FP32_MAX = torch.finfo(torch.float32).max
 
 
 def _unsupported(logits):
@@ -32,9 +33,13 @@ def _row_param(name, value, B, device, dtype, valid, expected):
     `valid` maps a float or a float64 tensor to whether each value is in range.
     """
     integral = dtype == torch.int64
-    if isinstance(value, (list, tuple)):  # float64 keeps a top_p such as 0.95 exact; bools stay bool
-        listed = torch.tensor(value)
-        value = listed if integral or listed.dtype == torch.bool else torch.tensor(value, dtype=torch.float64)
+    kind = "an int" if integral else "a float"
+    if isinstance(value, (list, tuple)):
+        listed = [_number(v, integral) for v in value]
+        if any(v is None for v in listed):
+            raise TypeError(f"{name} must be {kind} or a list of {kind.split()[-1]}s, one a row (or a tensor of shape "
+                            f"(B,)), got {value!r}")  # fmt: skip
+        value = torch.tensor(listed, dtype=torch.int64 if integral else torch.float64)  # fp64: top_p 0.95 stays exact
     if isinstance(value, torch.Tensor):
         _checks.dense(name, value)
         if value.dim() > 1 or (value.dim() == 1 and value.shape[0] != B):
@@ -47,13 +52,29 @@ def _row_param(name, value, B, device, dtype, valid, expected):
         if checkable and value.numel() and not bool(valid(value.double()).all()):
             raise ValueError(f"{name} must be {expected}, got values {value.tolist()}")
         return value.to(device=device, dtype=dtype, non_blocking=True).expand(B).contiguous()
-    ok_type = numbers.Integral if integral else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, ok_type):
-        kind = "an int" if integral else "a float"
+    number = _number(value, integral)
+    if number is None:
         raise TypeError(f"{name} must be {kind} or a tensor of shape (B,), got {type(value).__name__}")
-    if not valid(float(value)):
+    if not valid(float(number)):
         raise ValueError(f"{name} must be {expected}, got {value}")
-    return _constant_row(value, B, device, dtype)
+    return _constant_row(number, B, device, dtype)
+
+
+_INT64_MAX = 2**63 - 1
+
+
+def _number(value, integral: bool) -> int | float | None:
+    """A Python number (numpy scalars and Fractions too) as the int or float torch takes; None
+    for anything else, bools included. A top_k beyond int64 is clamped: it keeps every token,
+    as any top_k >= V does."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
+        return None
+    if integral:
+        return min(int(value), _INT64_MAX)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float64: out of range, as the checks then say
+        return float("inf")
 
 
 _CONSTANT_ROWS: dict = {}  # (value, B, dtype, device) -> a (B,) tensor of that value, never written
@@ -84,12 +105,12 @@ def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy
     """
     t_ok = (lambda t: t >= 0) if allow_greedy else (lambda t: t > 0)
 
-    def finite(x):  # for floats and tensors alike
-        return (x == x) & (abs(x) < float("inf"))
+    def fp32_finite(x):  # for floats and tensors alike; False for NaN. A larger one would become inf
+        return abs(x) <= _FP32_MAX
 
     return (
-        _row_param("temperature", temperature, B, device, torch.float32,
-                   lambda t: finite(t) & t_ok(t), ">= 0 and finite" if allow_greedy else "> 0 and finite"),
+        _row_param("temperature", temperature, B, device, torch.float32, lambda t: fp32_finite(t) & t_ok(t),
+                   f"{'>= 0' if allow_greedy else '> 0'} and finite in float32 (at most {_FP32_MAX:.4g})"),
         _row_param("top_k", top_k, B, device, torch.int64, lambda k: k >= 0, ">= 0 (0 means off)"),
         _row_param("top_p", top_p, B, device, torch.float64, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 means off)"),
         _row_param("min_p", min_p, B, device, torch.float32, lambda m: (m >= 0) & (m <= 1), "in [0, 1] (0 means off)"),
@@ -146,7 +167,7 @@ def top_k_bound(top_k) -> int:
     values = list(top_k) if isinstance(top_k, (list, tuple)) else [top_k]
     if not values or not all(isinstance(k, numbers.Integral) and not isinstance(k, bool) and k > 0 for k in values):
         return 0
-    return int(max(values))
+    return min(int(max(values)), _INT64_MAX)  # the custom op takes an int64
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, backend="auto"):
