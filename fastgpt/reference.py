@@ -114,7 +114,7 @@ def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, 
     if gelu_tanh:
         out = F.gelu(out, approximate="tanh")
     out = out.to(x.dtype)
-    if kv_cache is not None:
+    if kv_cache is not None and kv_cache.shape[3] > 0:  # no slots: nothing to write
         _, M, H, S, D = kv_cache.shape
         kv = out[:, H * D:].view(M, 2, H, 1, D).transpose(0, 1)  # (2, M, H, 1, D)
         slot = kv_pos.clamp(0, S - 1).view(1, M, 1, 1, 1).expand(2, M, H, 1, D)

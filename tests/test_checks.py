@@ -287,3 +287,31 @@ def test_sampling_parameters_take_any_python_number():
     assert torch.equal(fastgpt.sample(logits, temperature=0.0, top_k=2**63), logits.argmax(dim=-1))
     grad = logits.clone().requires_grad_()  # through torch's dispatcher, whose ints are int64
     assert fastgpt.sample(grad, top_k=[2**63, 1, 1], backend="triton").shape == (3,)
+
+
+def test_linear_rejects_a_residual_table_of_another_width():
+    """The kernel reads K values of each residual row: a narrower table was read out of bounds."""
+    from fastgpt.ops.linear import linear
+
+    with pytest.raises(ValueError, match=r"residual must be a table \(R, K\) when residual_rows is given, K = x.shape\[-1\] = 8"):
+        linear(torch.randn(5, 8), torch.randn(6, 8), ln=(None, None, 1e-5), residual=torch.randn(4, 7),
+               x_rows=torch.tensor([0, 1]), residual_rows=torch.tensor([0, 1]), backend="torch")  # fmt: skip
+
+
+def test_linear_rejects_a_kv_cache_that_overlaps_itself():
+    """An expanded cache (stride 0) maps several slots to one address: the kernel's writes would race."""
+    from fastgpt.ops.linear import linear
+
+    cache = torch.zeros(2, 1, 2, 4, 2).expand(2, 2, 2, 4, 2)
+    with pytest.raises(ValueError, match="kv_cache must not overlap itself"):
+        linear(torch.randn(2, 12), torch.randn(12, 12), kv_cache=cache, kv_pos=torch.tensor([0, 1]), backend="torch")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_with_an_empty_kv_cache_writes_nothing(backend):
+    """Every slot is outside [0, S) when S == 0: the output only (the reference indexed slot -1)."""
+    from fastgpt.ops.linear import linear
+
+    x, w = torch.randn(2, 12), torch.randn(12, 12)
+    out, _ = linear(x, w, kv_cache=torch.zeros(2, 2, 2, 0, 2), kv_pos=torch.tensor([0, 1]), backend=backend)
+    torch.testing.assert_close(out, linear(x, w, backend=backend)[0])

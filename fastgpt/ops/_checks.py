@@ -69,3 +69,10 @@ def scale(value, head_dim: int) -> float:
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Kernels index the last dim with unit stride; copy only the rare views that break that."""
     return t if t.stride(-1) == 1 or t.size(-1) == 1 else t.contiguous()
+
+
+def writable(name: str, t: torch.Tensor) -> None:
+    """An output a kernel writes: no stride-0 dims (an expanded view), whose elements share an
+    address and whose writes would race."""
+    if any(stride == 0 and size > 1 for size, stride in zip(t.shape, t.stride())):
+        raise ValueError(f"{name} must not overlap itself (an expanded view, strides {t.stride()}): pass a real tensor")

@@ -107,8 +107,9 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
 
 def _check_rows(name: str, table, rows, K: int) -> None:
     """A table (R, K) read at int64 ids rows (M,)."""
-    if table.dim() != 2:
-        raise ValueError(f"{name} must be a table (R, K) when {name}_rows is given, got shape {tuple(table.shape)}")
+    if table.dim() != 2 or table.shape[1] != K:
+        raise ValueError(f"{name} must be a table (R, K) when {name}_rows is given, K = x.shape[-1] = {K}, "
+                         f"got shape {tuple(table.shape)}")  # fmt: skip
     _checks.tensor(f"{name}_rows", rows, ndim=1, dtypes=(torch.int64,))
 
 
@@ -125,6 +126,7 @@ def _check_kv(kv_cache, kv_pos, x, M: int, N: int) -> None:
                          f"got {tuple(kv_cache.shape)}")
     if kv_cache.stride(-1) != 1:
         raise ValueError(f"kv_cache must have a unit stride in its last dim, got strides {kv_cache.stride()}")
+    _checks.writable("kv_cache", kv_cache)
     _checks.tensor("kv_pos", kv_pos, ndim=1, dtypes=(torch.int64,))
     _checks.shape("kv_pos", kv_pos, (M,), "(M,), M = the rows of x")
 
