@@ -27,7 +27,7 @@ import copy
 import math
 import numbers
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
@@ -280,9 +280,13 @@ def _check_mask(attention_mask, idx):
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(idx.shape):
         raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, "
                          f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
-    mask = attention_mask.to(device=idx.device, dtype=torch.int64)
+    if attention_mask.is_complex():
+        raise TypeError(f"attention_mask must hold integers (or bools, or floats 0 and 1), got {attention_mask.dtype}")
+    mask = attention_mask.to(device=idx.device)
+    binary = ((mask == 0) | (mask == 1)).all()  # before the cast to int64, which would make 0.5 a 0
+    mask = mask.to(torch.int64)
     lengths = mask.sum(dim=1)
-    checks = torch.stack([((mask == 0) | (mask == 1)).all(), (mask[:, 1:] >= mask[:, :-1]).all(), (lengths > 0).all()])
+    checks = torch.stack([binary, (mask[:, 1:] >= mask[:, :-1]).all(), (lengths > 0).all()])
     binary, left_padded, no_empty_row = checks.tolist()  # one read of the device for the three
     if not binary:
         raise ValueError("attention_mask must hold only 0 (padding) and 1 (tokens)")
@@ -315,10 +319,24 @@ def _eos_ids(eos_token_id) -> list[int]:
     if eos_token_id is None:
         return []
     ids = eos_token_id.tolist() if isinstance(eos_token_id, torch.Tensor) else eos_token_id
-    ids = [ids] if isinstance(ids, numbers.Integral) else list(ids)
-    if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in ids):
+    ids = list(ids) if isinstance(ids, Iterable) else [ids]
+    if not all(_is_token_id(i) for i in ids):
         raise ValueError(f"eos_token_id must be an int >= 0 or a list of them, got {eos_token_id!r}")
     return [int(i) for i in ids]
+
+
+def _is_token_id(value) -> bool:
+    """An int in [0, 2^63): what an int64 buffer of token ids can hold."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _pad_id(pad_token_id, eos_ids: list[int]) -> int:
+    """What finished rows emit: pad_token_id, else the first eos id, else 0."""
+    if pad_token_id is None:
+        return eos_ids[0] if eos_ids else 0
+    if not _is_token_id(pad_token_id):  # the output would hold it as a token id
+        raise ValueError(f"pad_token_id must be an int >= 0 (a token id), got {pad_token_id!r}")
+    return int(pad_token_id)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -369,7 +387,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
     sampling = _sampling(B, idx.device, temperature, top_k, top_p, min_p)
     eos_ids = _eos_ids(eos_token_id)
     check_generator(generator, idx.device)
-    pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    pad_id = _pad_id(pad_token_id, eos_ids)
     if B == 0 or max_new_tokens == 0:
         return
     use_graph = idx.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
@@ -425,6 +443,8 @@ def _options(kwargs):
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
     options = {**known, **kwargs}
+    if options["cuda_graph"] is not None and not isinstance(options["cuda_graph"], bool):
+        raise TypeError(f"cuda_graph must be None or a bool, got {options['cuda_graph']!r}")
     every = options["check_every"]
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {every!r}")
