@@ -315,3 +315,14 @@ def test_linear_with_an_empty_kv_cache_writes_nothing(backend):
     x, w = torch.randn(2, 12), torch.randn(12, 12)
     out, _ = linear(x, w, kv_cache=torch.zeros(2, 2, 2, 0, 2), kv_pos=torch.tensor([0, 1]), backend=backend)
     torch.testing.assert_close(out, linear(x, w, backend=backend)[0])
+
+
+def test_scale_and_eps_take_any_real_number():
+    """numpy scalars are numbers (np.float32 was refused as 'not a float'); a non-number is a TypeError."""
+    np = pytest.importorskip("numpy")
+    x = torch.randn(3, 8)
+    assert torch.equal(fastgpt.layer_norm(x, None, None, eps=np.float32(1e-3)), fastgpt.layer_norm(x, None, None, eps=1e-3))
+    q, k, v = qkv()
+    assert torch.equal(fastgpt.attention(q, k, v, scale=np.float32(0.5)), fastgpt.attention(q, k, v, scale=0.5))
+    with pytest.raises(TypeError, match="eps must be a float"):
+        fastgpt.layer_norm(x, None, None, eps=torch.tensor(1e-5))

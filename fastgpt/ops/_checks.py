@@ -6,6 +6,8 @@ live on a GPU, which would need a host sync).
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -58,12 +60,21 @@ def scale(value, head_dim: int) -> float:
     """The softmax scale: 1/sqrt(D) when None, else a finite positive-or-negative float."""
     if value is None:
         return head_dim**-0.5
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
         raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {value}")
     return value
+
+
+def eps(name: str, value) -> float:
+    """LayerNorm's epsilon: a real number >= 0 (0 is F.layer_norm's too: a constant row is then NaN)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    if not value >= 0:  # NaN too
+        raise ValueError(f"{name} must be a non-negative float, got {value!r}")
+    return float(value)
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

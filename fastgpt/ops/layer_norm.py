@@ -29,8 +29,7 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: st
         _checks.shape("residual", residual, tuple(x.shape), "x.shape")
         _checks.same_dtype(x=x, residual=residual)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    eps = _checks.eps("eps", eps)
     name = _backends.resolve("layer_norm", backend, device, preference=_backends.TRITON_FIRST)
     if x.numel() == 0:
         y = torch.empty_like(x)

@@ -59,8 +59,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
             if p is not None:
                 _checks.tensor(name, p, ndim=1)
                 _checks.shape(name, p, (K,), "(K,), K = x.shape[-1]")
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-            raise ValueError(f"ln's eps must be a non-negative float, got {eps!r}")
+        eps = _checks.eps("ln's eps", eps)
     if x_rows is not None:
         _check_rows("x", x, x_rows, K)
     shape = tuple(x.shape) if x_rows is None else (x_rows.shape[0], K)  # the input's
