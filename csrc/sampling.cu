@@ -79,18 +79,21 @@ __device__ __forceinline__ uint32_t order_key(float s) {
 }
 
 // One row of logits with reference.clean_logits applied and divided by the temperature:
-// NaN -> -inf; in a row holding +inf, +inf -> 0 and everything else -inf.
+// NaN -> -inf. On a row whose top score is +inf (ties_only: it holds +inf logits, or its largest
+// x / t overflows), the entries equal to its largest logit max_x -> 0 and everything else -inf:
+// softmax's limit, exact under an overflow (reference.top_ties_if_overflow).
 template <typename T>
 struct Row {
     const T* logits;  // (V,)
     int vocab;
-    bool has_pos_inf;
+    bool ties_only;
+    float max_x;
     float temperature;
 
     __device__ __forceinline__ float clean(int i) const {
         float x = to_float(logits[i]);
         if (x != x) return -INFINITY;
-        if (has_pos_inf) return x == INFINITY ? 0.0f : -INFINITY;
+        if (ties_only) return x == max_x ? 0.0f : -INFINITY;
         return x;
     }
     __device__ __forceinline__ float score(int i) const {
@@ -235,11 +238,12 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
     bool has_pos_inf;
     row_max(logits, V, max_x, argmax, has_pos_inf, sh);
     const float temperature = p.temperature[b];
-    const Row<T> row{logits, V, has_pos_inf, temperature};
-    const float m = has_pos_inf ? 0.0f : max_x / temperature;  // the largest score
-    // Greedy (temperature <= 0 or NaN), or a degenerate row: nothing finite to draw from, or
-    // scores overflowing to +inf (softmax undefined) -> the argmax (0 for an all -inf row).
-    if (!(temperature > 0.0f) || !(m > -INFINITY && m < INFINITY)) {
+    const bool ties_only = has_pos_inf || max_x / temperature == INFINITY;
+    const Row<T> row{logits, V, ties_only, max_x, temperature};
+    const float m = ties_only ? 0.0f : max_x / temperature;  // the largest score
+    // Greedy (temperature <= 0 or NaN), or nothing finite to draw from -> the argmax (0 for an
+    // all -inf row).
+    if (!(temperature > 0.0f) || !(m > -INFINITY)) {
         if (threadIdx.x == 0) p.out[b] = argmax;  // the first index, 0, for an all -inf row
         return;
     }

@@ -169,6 +169,18 @@ def clean_logits(logits):
     return torch.where(has_pos_inf, only_inf, x)
 
 
+def top_ties_if_overflow(x, temperature):
+    """Rows of clean logits x (B, V) whose largest score x / t overflows to +inf: only the entries
+    equal to the row's maximum stay, as equal logits (0; the rest -inf), so the draw is uniform
+    among them, as for +inf logits. That is softmax(x / t) exactly, not a convention: any x below
+    the maximum differs from it by at least max * 2^-24, so once max / t overflows, (max - x) / t
+    >= 2^-24 * 3.4e38 and exp of its negative is 0. Other rows are returned as they are."""
+    top = x.amax(dim=-1, keepdim=True)
+    overflow = top / temperature[:, None] == float("inf")
+    ties = torch.where(x == top, 0.0, float("-inf"))
+    return torch.where(overflow, ties, x)
+
+
 _MASK32 = 0xFFFFFFFF
 
 
@@ -221,7 +233,7 @@ def sample(logits, temperature, top_k, top_p, min_p, seed):
     x = clean_logits(logits)
     is_greedy = temperature <= 0
     safe_t = torch.where(is_greedy, torch.ones_like(temperature), temperature)
-    scores = filter_logits(x, safe_t, top_k, top_p, min_p)
+    scores = filter_logits(top_ties_if_overflow(x, safe_t), safe_t, top_k, top_p, min_p)
     gumbel = -torch.log(-torch.log(uniform(seed, scores.shape, scores.device)))
     drawn = torch.argmax(scores + gumbel, dim=-1)
     return torch.where(is_greedy, torch.argmax(x, dim=-1), drawn)

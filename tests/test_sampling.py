@@ -405,6 +405,46 @@ def test_gpu_chi_square_large_batch():
     _chi_square("triton", "cuda", logits, 200000, temperature=1.0, top_k=30)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point: x / t overflows
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("top_k", [[50, 50, 50, 1], [0, 50, 0, 1]], ids=["candidates", "searches"])
+def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k):
+    """Where a row's largest x / t overflows (a tiny temperature, or huge logits), every entry below
+    the row's maximum has probability exactly 0: each backend draws uniformly among the entries
+    tied at the maximum, with top-k, top-p (too loose to split the tie group, where Hugging Face's
+    unstable sort would keep part of it) and min-p on. (A top_k known below 256 for every row
+    takes the kernels' candidate path, which hands such rows to the searching code.)"""
+    _skip_unavailable(backend, device)
+    g = torch.Generator().manual_seed(3)
+    V = 128
+    n = 4 if backend == "triton" and device == "cpu" else 40  # draws a row (40: missing a tie ~3e-7)
+    logits = torch.randn(4, V, generator=g)
+    logits[1] *= 1e37
+    logits[2:] = 2.9e38 * logits[2:].sign() * (1 - torch.rand(2, V, generator=g) * 1e-3)  # one ulp is ~2e31
+    ties = [[17, 127], [5, 6, 7], [0, 99], [40, 41, 42]]
+    for row, cols in enumerate(ties):
+        logits[row, cols] = 3e38 if row >= 2 else logits[row].max() * 1.5
+    t = torch.tensor([1e-40, 1e-2, 0.5, 0.75])  # every row's max / t overflows
+    assert (logits.amax(-1) / t == float("inf")).all()
+    params = dict(temperature=t.repeat_interleave(n).to(device), top_k=[k for k in top_k for _ in range(n)],
+                  top_p=torch.tensor([1.0, 0.9, 0.95, 0.99], dtype=torch.float64).repeat_interleave(n).to(device),
+                  min_p=torch.tensor([0.0, 0.0, 0.2, 0.5]).repeat_interleave(n).to(device))  # fmt: skip
+    draws = fastgpt.sample(logits.repeat_interleave(n, 0).to(device), generator=torch.Generator(device).manual_seed(0),
+                           backend=backend, **params).view(4, n).cpu()  # fmt: skip
+    for row, cols in enumerate(ties):
+        drawn = set(draws[row].tolist())
+        assert drawn == set(cols) if n == 40 else drawn <= set(cols), (row, sorted(drawn))
+    if backend == "triton":  # the kept sets themselves, on every path
+        expected = torch.zeros(4, V, dtype=torch.bool)
+        for row, cols in enumerate(ties):
+            expected[row, cols] = True
+        args = (logits.to(device), t.to(device), torch.tensor(top_k, device=device), params["top_p"][::n],
+                params["min_p"][::n])  # fmt: skip
+        paths = [dict(num_chunks=0), dict(num_chunks=2)] if 0 in top_k else [dict(top_k_bound=max(top_k))]
+        for path in paths:
+            assert torch.equal(kept_mask(*args, **path).cpu(), expected), path
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reproducible_under_a_seed(backend, device):
     _skip_unavailable(backend, device)

@@ -6,6 +6,8 @@ Per row, over the vocabulary in blocks (the row is re-read from L2 on every pass
    its +inf entries, as equal logits). Greedy rows (temperature <= 0, or NaN) return the first
    index of the maximum and stop here.
 2. Scores s = x / t, divided with IEEE rounding exactly as torch does, so ties and order match.
+   Where the largest score overflows to +inf, only the entries equal to the row's largest logit
+   keep any probability (reference.top_ties_if_overflow): they score 0, the rest -inf.
 3. Top-k: the k-th largest score t_k, searched over the order-preserving int32 keys of the
    scores as the largest key T with count(key >= T) >= k; ties with the k-th value are kept.
 4. Top-p: Hugging Face sorts the survivors ascending and removes those whose cumulative

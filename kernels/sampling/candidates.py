@@ -63,7 +63,7 @@ def _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V: tl.constexpr, B
     c = tl.program_id(1)
     cols = c * BLOCK + tl.arange(0, BLOCK)
     t = _temperature(temperature_ptr, row)[0]
-    return row, c, cols, _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, False, V)[1]
+    return row, c, cols, _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, 0.0, V)[1]
 
 
 @triton.jit

@@ -19,18 +19,20 @@ def _key(s):
 
 
 @triton.jit
-def _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V: tl.constexpr):
+def _load_scores(row_ptr, cols, t, ties_only, xmax, V: tl.constexpr):
     """Scores of one block, fp32: clean(x) / t, and -inf past the end of the row.
 
-    pinf_x: the row holds +inf logits (only they survive, as 0). pinf_s: no +inf logit, but some
-    finite x / t overflowed to +inf (the same rule, applied to the scores).
+    ties_only (from _top): the row's top score is +inf, because the row holds +inf logits or its
+    largest x / t overflows. Softmax's limit then keeps just the entries equal to the row's
+    largest logit xmax, as equal scores (0); the rest get -inf. With an overflow that is exact,
+    not a convention: x < xmax differ by at least xmax * 2^-24, so (xmax - x) / t >= 2^-24 *
+    3.4e38 and their probability exp(-(xmax - x) / t) is 0.
     """
     x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
     x = tl.where(x != x, float("-inf"), x)
-    x = tl.where(pinf_x, tl.where(x == float("inf"), 0.0, float("-inf")), x)
     s = tl.math.div_rn(x, t)
     s = tl.where(s != s, float("-inf"), s)  # -inf / inf
-    s = tl.where(pinf_s, tl.where(s == float("inf"), 0.0, float("-inf")), s)
+    s = tl.where(ties_only, tl.where(x == xmax, 0.0, float("-inf")), s)
     return s, _key(s)
 
 
@@ -84,7 +86,7 @@ def _gumbel(seed, row, cols, V: tl.constexpr):
 
 
 @triton.jit
-def _gumbel_argmax(row_ptr, begin, end, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
+def _gumbel_argmax(row_ptr, begin, end, seed, row, t, ties_only, xmax, m, t_p, min_p,
                    V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """max and first argmax over the kept set in [begin, end) of s + g, g the Gumbel noise: over a
     whole row, a draw from softmax(s) restricted to the kept set. (-inf, begin) when nothing
@@ -93,7 +95,7 @@ def _gumbel_argmax(row_ptr, begin, end, seed, row, t, pinf_x, pinf_s, m, t_p, mi
     best_i = begin
     for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+        s, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
         z = tl.where(_kept(s, key, m, t_p, min_p) & (cols < end), s + _gumbel(seed, row, cols, V), float("-inf"))
         zmax = tl.max(z, axis=0)
         i = tl.argmax(z, axis=0, tie_break_left=True) + start
@@ -103,13 +105,13 @@ def _gumbel_argmax(row_ptr, begin, end, seed, row, t, pinf_x, pinf_s, m, t_p, mi
 
 
 @triton.jit
-def _store_mask(mask_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling,
+def _store_mask(mask_ptr, row_ptr, begin, end, row, t, ties_only, xmax, m, t_p, min_p, sampling,
                 drawable, imax, V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
     """Write a row's kept set in [begin, end): the filter's survivors; the greedy token on a
     greedy row; nothing on a row with nothing to draw."""
     for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+        s, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
         keep = tl.where(drawable, _kept(s, key, m, t_p, min_p), False)
         keep = tl.where(sampling, keep, cols == imax)
         tl.store(mask_ptr + row * V + cols, keep, mask=cols < end)
@@ -117,10 +119,9 @@ def _store_mask(mask_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, m
 
 @triton.jit
 def _top(xmax, t):
-    """The top score m = max(x) / t (x / t is monotone in x) and _load_scores' +inf flags: pinf_x,
-    the row holds +inf; pinf_s, some finite x / t overflowed. m is 0 on such rows (their
-    survivors score 0)."""
-    pinf_x = xmax == float("inf")
-    m = tl.math.div_rn(tl.where(pinf_x, 0.0, xmax), t)
-    pinf_s = m == float("inf")
-    return tl.where(pinf_s, 0.0, m), pinf_x, pinf_s
+    """The top score m = xmax / t (x / t is monotone in x), xmax the row's largest clean logit,
+    and whether it is +inf (ties_only: see _load_scores; m is then 0, the score of the entries
+    that stay)."""
+    m = tl.math.div_rn(xmax, t)
+    ties_only = (xmax == float("inf")) | (m == float("inf"))
+    return tl.where(ties_only, 0.0, m), ties_only

@@ -35,7 +35,7 @@ def _narrow(lo, hi, c_lo, c_hi, piv, good, cnt):
 
 
 @triton.jit
-def _topk_threshold(row_ptr, t, pinf_x, pinf_s, k, lo, hi,
+def _topk_threshold(row_ptr, t, ties_only, xmax, k, lo, hi,
                     V: tl.constexpr, BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):  # fmt: skip
     """The k-th largest key (ties counted), searched in [lo, hi]: the largest T with
     count(key >= T) >= k. Invariant: count(key >= lo) >= k > count(key >= hi + 1).
@@ -51,7 +51,7 @@ def _topk_threshold(row_ptr, t, pinf_x, pinf_s, k, lo, hi,
         cnt = tl.zeros([NUM_PIVOTS], dtype=tl.int32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            _, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+            _, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
             cnt += tl.sum((key[:, None] >= piv32[None, :]).to(tl.int32), axis=0)
         cnt = cnt.to(tl.int64)
         lo, hi, c_lo, c_hi = _narrow(lo, hi, c_lo, c_hi, piv, cnt >= k, cnt)
@@ -59,19 +59,19 @@ def _topk_threshold(row_ptr, t, pinf_x, pinf_s, k, lo, hi,
 
 
 @triton.jit
-def _survivor_mass(row_ptr, t, pinf_x, pinf_s, m, t_k, V: tl.constexpr, BLOCK_V: tl.constexpr):
+def _survivor_mass(row_ptr, t, ties_only, xmax, m, t_k, V: tl.constexpr, BLOCK_V: tl.constexpr):
     """Z = sum of exp(s - m) over the top-k survivors (key >= t_k)."""
     t_k = t_k.to(tl.int32)
     z = tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+        s, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
         z += tl.where(key >= t_k, tl.exp(s - m), 0.0)
     return tl.sum(z, axis=0)
 
 
 @triton.jit
-def _topp_threshold(row_ptr, t, pinf_x, pinf_s, m, t_k, budget, lo, hi,
+def _topp_threshold(row_ptr, t, ties_only, xmax, m, t_k, budget, lo, hi,
                     V: tl.constexpr, BLOCK_V: tl.constexpr, NUM_PIVOTS: tl.constexpr):  # fmt: skip
     """The largest key T in [lo, hi] with mass(key < T) <= budget, mass summing exp(s - m) over
     the top-k survivors (key >= t_k). Tokens with key < T are removed by top-p.
@@ -89,7 +89,7 @@ def _topp_threshold(row_ptr, t, pinf_x, pinf_s, m, t_k, budget, lo, hi,
         mass = tl.zeros([NUM_PIVOTS], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
-            s, key = _load_scores(row_ptr, cols, t, pinf_x, pinf_s, V)
+            s, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
             e = tl.where(key >= t_k, tl.exp(s - m), 0.0)
             above = key[:, None] >= piv32[None, :]
             cnt += tl.sum(above.to(tl.int32), axis=0)
@@ -110,35 +110,35 @@ def _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, se
     row_ptr = logits_ptr + row * stride_logits_b
     t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _row_max(row_ptr, 0, V, V, BLOCK_V)
-    m, pinf_x, pinf_s = _top(xmax, t)
+    m, ties_only = _top(xmax, t)
     drawable = sampling & (m > float("-inf"))
     top = _key(m).to(tl.int64)
     lo = top * 0 + KEY_NEG_INF
 
     k = tl.load(top_k_ptr + row)
     topk_on = drawable & (k > 0) & (k < V)
-    t_k = _topk_threshold(row_ptr, t, pinf_x, pinf_s, k, lo, tl.where(topk_on, top, lo),
+    t_k = _topk_threshold(row_ptr, t, ties_only, xmax, k, lo, tl.where(topk_on, top, lo),
                           V, BLOCK_V, NUM_PIVOTS)  # fmt: skip
 
     top_p = tl.load(top_p_ptr + row)
     topp_on = drawable & (top_p < 1.0)
     budget = t * 0.0
     if topp_on:
-        z = _survivor_mass(row_ptr, t, pinf_x, pinf_s, m, t_k, V, BLOCK_V)
+        z = _survivor_mass(row_ptr, t, ties_only, xmax, m, t_k, V, BLOCK_V)
         budget = (1.0 - top_p).to(tl.float32) * z  # HF: 1 - top_p in fp64, rounded to fp32
-    t_p = _topp_threshold(row_ptr, t, pinf_x, pinf_s, m, t_k, budget, t_k,
+    t_p = _topp_threshold(row_ptr, t, ties_only, xmax, m, t_k, budget, t_k,
                           tl.where(topp_on, top, t_k), V, BLOCK_V, NUM_PIVOTS)  # fmt: skip
     t_p = t_p.to(tl.int32)  # t_p >= t_k: one key threshold for both filters
 
     min_p = _min_p(min_p_ptr, row)
     if WRITE_MASK:
-        _store_mask(out_ptr, row_ptr, 0, V, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling, drawable,
+        _store_mask(out_ptr, row_ptr, 0, V, row, t, ties_only, xmax, m, t_p, min_p, sampling, drawable,
                     imax, V, BLOCK_V)  # fmt: skip
     else:
         token = tl.where(sampling, 0, imax)  # a row with nothing to draw returns 0
         if drawable:
             seed = tl.load(seed_ptr)
-            token = _gumbel_argmax(row_ptr, 0, V, seed, row, t, pinf_x, pinf_s, m, t_p, min_p,
+            token = _gumbel_argmax(row_ptr, 0, V, seed, row, t, ties_only, xmax, m, t_p, min_p,
                                    V, BLOCK_V)[1]  # fmt: skip
         tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 

@@ -80,7 +80,7 @@ def _count_hist(row_ptr, begin, end, t, prefix, DIGIT: tl.constexpr, V: tl.const
     hist = tl.zeros([256], dtype=tl.int32)
     for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        _, key = _load_scores(row_ptr, cols, t, False, False, V)
+        _, key = _load_scores(row_ptr, cols, t, False, 0.0, V)
         d, same = _byte(key, prefix, DIGIT)
         hist += tl.histogram(d, 256, mask=(cols < end) & same)
     return hist
@@ -100,7 +100,7 @@ def _mass_hist(row_ptr, begin, end, t, m, t_k, prefix, DIGIT: tl.constexpr, V: t
     t_k = t_k.to(tl.int32)
     for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
-        s, key = _load_scores(row_ptr, cols, t, False, False, V)
+        s, key = _load_scores(row_ptr, cols, t, False, 0.0, V)
         d, same = _byte(key, prefix, DIGIT)
         ok = (cols < end) & (key >= t_k) & same
         if tl.max(ok.to(tl.int32), axis=0) > 0:
@@ -189,9 +189,9 @@ def _split_search_kernel(
         on = topk
     else:
         xmax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)[0]
-        m, pinf_x, pinf_s = _top(xmax, t)
+        m, ties_only = _top(xmax, t)
         top_p = tl.load(top_p_ptr + row)
-        on = sampling & (m > float("-inf")) & ~pinf_x & ~pinf_s & (top_p < 1.0)
+        on = sampling & (m > float("-inf")) & ~ties_only & (top_p < 1.0)
         if STAGE == 4:
             t_k = k * 0 + KEY_NEG_INF  # top-k off
             if topk:
@@ -246,22 +246,22 @@ def _split_draw_kernel(
     row, c, row_ptr, begin, end = _chunk_of_row(logits_ptr, stride_logits_b, chunk, V)
     t, sampling = _temperature(temperature_ptr, row)
     xmax, imax = _reduce_chunks(part_max_ptr, part_idx_ptr, row, num_chunks, MAX_CHUNKS)
-    m, pinf_x, pinf_s = _top(xmax, t)
+    m, ties_only = _top(xmax, t)
     drawable = sampling & (m > float("-inf"))
     top_p = tl.load(top_p_ptr + row)
     prefix, t_p, below, budget = _load_state(state_ptr, row, 7)
     t_p = t_p.to(tl.int64)  # t_k
-    if drawable & ~pinf_x & ~pinf_s & (top_p < 1.0):
+    if drawable & ~ties_only & (top_p < 1.0):
         mass = _sum_chunks(hist_in_ptr, row, num_chunks, MAX_CHUNKS)
         t_p, below = _mass_select(mass, budget, prefix, below, 3)
         t_p = tl.minimum(t_p, _key(m).to(tl.int64))  # the top token always stays
-    t_p = tl.where(pinf_x | pinf_s, 0, t_p).to(tl.int32)
+    t_p = tl.where(ties_only, 0, t_p).to(tl.int32)
     min_p = _min_p(min_p_ptr, row)
     if WRITE_MASK:
-        _store_mask(out_ptr, row_ptr, begin, end, row, t, pinf_x, pinf_s, m, t_p, min_p, sampling,
+        _store_mask(out_ptr, row_ptr, begin, end, row, t, ties_only, xmax, m, t_p, min_p, sampling,
                     drawable, imax, V, BLOCK_V)  # fmt: skip
     elif drawable:
-        best, best_i = _gumbel_argmax(row_ptr, begin, end, tl.load(seed_ptr), row, t, pinf_x, pinf_s,
+        best, best_i = _gumbel_argmax(row_ptr, begin, end, tl.load(seed_ptr), row, t, ties_only, xmax,
                                       m, t_p, min_p, V, BLOCK_V)  # fmt: skip
         tl.store(part_z_ptr + row * num_chunks + c, best)
         tl.store(part_zi_ptr + row * num_chunks + c, best_i)
