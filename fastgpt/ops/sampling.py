@@ -16,6 +16,7 @@ from fastgpt.ops import _checks, _cuda, _dispatch
 
 _INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 _FP32_MAX = torch.finfo(torch.float32).max
+_INT64_MAX = 2**63 - 1
 
 
 def _unsupported(logits):
@@ -58,9 +59,6 @@ def _row_param(name, value, B, device, dtype, valid, expected):
     if not valid(float(number)):
         raise ValueError(f"{name} must be {expected}, got {value}")
     return _constant_row(number, B, device, dtype)
-
-
-_INT64_MAX = 2**63 - 1
 
 
 def _number(value, integral: bool) -> int | float | None:
