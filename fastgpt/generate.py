@@ -280,6 +280,8 @@ def _check_mask(attention_mask, idx):
     if not isinstance(attention_mask, torch.Tensor) or tuple(attention_mask.shape) != tuple(idx.shape):
         raise ValueError(f"attention_mask must be a tensor of idx's shape {tuple(idx.shape)}, "
                          f"got {getattr(attention_mask, 'shape', type(attention_mask).__name__)}")
+    if attention_mask.is_meta:  # no values to check
+        raise ValueError(f"attention_mask must hold values (on the CPU or idx's device), got {attention_mask.device}")
     if attention_mask.is_complex():
         raise TypeError(f"attention_mask must hold integers (or bools, or floats 0 and 1), got {attention_mask.dtype}")
     mask = attention_mask.to(device=idx.device)

@@ -266,6 +266,7 @@ def test_sparse_tensors_are_rejected(call, name, backend, monkeypatch):
     ({"top_p": [torch.tensor(0.5)] * 3}, TypeError, r"top_p must be a float or a list of floats.*tensor of shape \(B,\)"),
     ({"temperature": 1e300}, ValueError, "temperature must be >= 0 and finite in float32"),
     ({"temperature": torch.tensor([1e300, 1.0, 1.0], dtype=torch.float64)}, ValueError, "temperature must be >= 0"),
+    ({"top_k": torch.ones(3, dtype=torch.int64, device="meta")}, ValueError, r"top_k must be on the CPU or .* got meta"),
 ])  # fmt: skip
 def test_sample_rejects_parameters_that_do_not_convert(kwargs, error, match):
     """Lists of non-numbers and values beyond float32 used to fail inside torch.tensor/torch.full

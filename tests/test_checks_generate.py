@@ -20,6 +20,7 @@ def model():
     (dict(attention_mask=torch.tensor([[0.0, 0.5, 1.0], [1.0, 1.0, 1.0]])), ValueError, "only 0 .* and 1"),
     (dict(attention_mask=torch.tensor([[1.5, 1.0, 1.0], [1.0, 1.0, 1.0]])), ValueError, "only 0 .* and 1"),
     (dict(attention_mask=torch.ones(2, 3, dtype=torch.complex64)), TypeError, "attention_mask must hold integers"),
+    (dict(attention_mask=torch.ones(2, 3, device="meta")), ValueError, "attention_mask must hold values"),
     (dict(eos_token_id=1.0), ValueError, "eos_token_id must be an int >= 0"),  # was: 'float' object is not iterable
     (dict(eos_token_id=2**70), ValueError, "eos_token_id must be an int >= 0"),  # was: int64 overflow
     (dict(eos_token_id=1, pad_token_id="x"), ValueError, "pad_token_id must be an int >= 0"),

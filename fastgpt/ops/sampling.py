@@ -49,6 +49,8 @@ def _row_param(name, value, B, device, dtype, valid, expected):
             raise TypeError(f"{name} must be an integer tensor, got {value.dtype}")
         if not integral and not value.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if value.is_meta:  # no values to copy
+            raise ValueError(f"{name} must be on the CPU or the logits' device ({device}), got {value.device}")
         checkable = value.device.type == "cpu" and not torch.compiler.is_compiling()  # values: eager CPU only
         if checkable and value.numel() and not bool(valid(value.double()).all()):
             raise ValueError(f"{name} must be {expected}, got values {value.tolist()}")
