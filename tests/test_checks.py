@@ -1,5 +1,6 @@
 """Bad input raises a clear error naming the argument, before any kernel runs."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -34,8 +35,10 @@ def test_attention_rejects(mutate, error, match):
 def test_attention_rejects_bad_scale_and_causal():
     with pytest.raises(ValueError, match="scale must be finite"):
         fastgpt.attention(*qkv(), scale=float("nan"))
-    with pytest.raises(TypeError, match="causal must be a bool"):
+    with pytest.raises(TypeError, match="causal must be a Python bool, got 1 of type builtins.int"):
         fastgpt.attention(*qkv(), causal=1)
+    with pytest.raises(TypeError, match="of type numpy.bool"):
+        fastgpt.attention(*qkv(), causal=np.bool_(True))
 
 
 def test_decode_rejects():

@@ -69,7 +69,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+        kind = type(causal)  # qualified: numpy's bool is also named "bool"
+        raise TypeError(f"causal must be a Python bool, got {causal!r} of type {kind.__module__}.{kind.__qualname__}")
     scale = _checks.scale(scale, D)
     flops = 4 * B * Hq * Sq * Sk * D / (2 if causal else 1)
     name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
