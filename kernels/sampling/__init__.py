@@ -28,17 +28,17 @@ ulp of min_p * p_max, may be kept here and removed by the reference, or the reve
 Three paths, chosen by the launcher from what the host knows: the caller's bound on top_k, B, V
 and the SM count (no device value is read, so every choice is capturable):
 
-- The candidate path (2 launches, see its section) when every row's top_k is bounded below
+- The candidate path (2 launches; candidates.py) when every row's top_k is bounded below
   CAND_MAX_K by the caller (top_k_bound): sorting networks over each chunk's best entries, no
   search over the row. Not yet measured on a GPU.
 
 Otherwise:
 
-- One program per row (_sample_kernel, 1 launch) unless a row would split into at least
+- One program per row (row.py, 1 launch) unless a row would split into at least
   _MIN_SPLIT_CHUNKS chunks (B below ~1/4 of the SM count on 1024-entry chunks), or when
   V <= 1024 or V > 2^24. Its searches test NUM_PIVOTS pivot keys per pass over the row until
   the answer is pinned down: a data-dependent number of passes inside one program.
-- Split, for smaller batches: every pass runs over a (B, C) grid, program (b, c) on chunk c of
+- Split (split.py), for smaller batches: every pass runs over a (B, C) grid, program (b, c) on chunk c of
   row b (C <= MAX_CHUNKS, and as the launcher picks it <= V / 1024 rounded up; the tests'
   num_chunks hook may cut shorter chunks), so one row spreads over the GPU. The
   searches are radix selects, one key byte per launch: 8 launches of _split_search_kernel (4
