@@ -38,21 +38,21 @@ Otherwise:
   _MIN_SPLIT_CHUNKS chunks (B below ~1/4 of the SM count on 1024-entry chunks), or when
   V <= 1024 or V > 2^24. Its searches test NUM_PIVOTS pivot keys per pass over the row until
   the answer is pinned down: a data-dependent number of passes inside one program.
-- Split (split.py), for smaller batches: every pass runs over a (B, C) grid, program (b, c) on chunk c of
-  row b (C <= MAX_CHUNKS, and as the launcher picks it <= V / 1024 rounded up; the tests'
-  num_chunks hook may cut shorter chunks), so one row spreads over the GPU. The
-  searches are radix selects, one key byte per launch: 8 launches of _split_search_kernel (4
-  count for top-k, 4 sum top-p's masses), then _split_draw_kernel (each chunk's max of s + g and
-  its first index) and _split_token_kernel over (B,) (the first chunk holding the row's max):
-  10 launches, 9 for kept_mask, fixed by the shapes, so capturable. Bytes, not pivots: 4 fixed
-  passes pin a 32-bit key exactly (16 pivots would need 8) and tl.histogram counts 256 bins
-  cheaply. Each launch sums the previous one's per-chunk histograms in every program, in one
-  fixed order: no grid-wide sync, no float atomics, the same tokens for the same seed run after
-  run. Counts are exact (fp32 integers, V <= 2^24); masses are fp32 sums in another order than
-  the one-program path's, so at a top-p rounding boundary (as against torch above) the paths
-  may keep different sets; wherever the kept sets agree the tokens agree to the bit (same
-  scores, noise and first-index tie break). A row holding +inf skips the top-p search and its
-  top-k result is ignored: its kept set is its +inf entries whatever k, p and min-p.
+- Split (split.py), for smaller batches: every pass runs over a (B, C) grid, program (b, c) on
+  chunk c of row b (C <= MAX_CHUNKS, and as the launcher picks it <= V / 1024 rounded up; the
+  tests' num_chunks hook may cut shorter chunks), so one row spreads over the GPU. The searches
+  are radix selects, one key byte per launch: 8 launches of _split_search_kernel (4 count for
+  top-k, 4 sum top-p's masses), then _split_draw_kernel (each chunk's max of s + g and its first
+  index) and _split_token_kernel over (B,) (the first chunk holding the row's max): 10 launches,
+  9 for kept_mask, fixed by the shapes, so capturable. Bytes, not pivots: 4 fixed passes pin a
+  32-bit key exactly (16 pivots would need 8) and tl.histogram counts 256 bins cheaply. Each
+  launch sums the previous one's per-chunk histograms in every program, in one fixed order: no
+  grid-wide sync, no float atomics, the same tokens for the same seed run after run. Counts are
+  exact (fp32 integers, V <= 2^24); masses are fp32 sums in another order than the one-program
+  path's, so at a top-p rounding boundary (as against torch above) the paths may keep different
+  sets; wherever the kept sets agree the tokens agree to the bit (same scores, noise and
+  first-index tie break). A row holding +inf skips the top-p search and its top-k result is
+  ignored: its kept set is its +inf entries whatever k, p and min-p.
 
 Measured on an H200 (fp32 logits, V 50257, t 0.8, top-k 50, top-p 0.9, device time under CUDA-graph
 replay, scripts/gpu-probe.py, 2026-11-28): B1 split (32 chunks) 182 us vs one program per row
