@@ -51,8 +51,9 @@ Otherwise:
   exact (fp32 integers, V <= 2^24); masses are fp32 sums in another order than the one-program
   path's, so at a top-p rounding boundary (as against torch above) the paths may keep different
   sets; wherever the kept sets agree the tokens agree to the bit (same scores, noise and
-  first-index tie break). A row holding +inf skips the top-p search and its top-k result is
-  ignored: its kept set is its +inf entries whatever k, p and min-p.
+  first-index tie break). A row whose top score is +inf (+inf logits, or an overflowing x / t)
+  skips the top-p search and its top-k result is ignored: its kept set is the entries tied at
+  its largest logit whatever k, p and min-p.
 
 Measured on an H200 (fp32 logits, V 50257, t 0.8, top-k 50, top-p 0.9, device time under CUDA-graph
 replay, scripts/gpu-probe.py, 2026-11-28): B1 split (32 chunks) 182 us vs one program per row
