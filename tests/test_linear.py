@@ -67,6 +67,20 @@ def test_plain_and_partial_forms(dtype, device, poisoned_empty):
     _check(x, w, ln=(None, None, 1e-5))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_strided_and_expanded_vectors(dtype, device, poisoned_empty):
+    """bias, ln_weight and ln_bias as strided views and as expanded ones (stride 0, a single
+    element in memory): the kernel reads them with a unit stride, so they must be read as given,
+    never past their elements."""
+    x, r, w, b = _inputs(5, 72, 40, dtype, device)[:4]
+    _check(x, w, torch.randn(80, device=device).to(dtype)[::2])
+    _check(x, w, torch.randn(1, device=device).to(dtype).expand(40))
+    strided = (torch.randn(144, device=device).to(dtype)[::2], torch.randn(72, 2, device=device).to(dtype)[:, 0])
+    _check(x, w, b, ln=(*strided, 1e-5), residual=r)
+    _check(x, w, b, ln=(torch.randn(1, device=device).to(dtype).expand(72),
+                        torch.randn(1, device=device).to(dtype).expand(72), 1e-5))
+
+
 def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty):
     """(B, 1, K) as the model passes it; GELU far out on both sides (no inf / NaN)."""
     x = torch.randn(2, 1, 48, device=device)

@@ -98,6 +98,9 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
         return out.view(*lead, N), None if h is None else h.view(shape)
     x2 = _checks.last_dim_contiguous(x2)
     r2 = None if r2 is None else _checks.last_dim_contiguous(r2)
+    # The kernel reads bias and the LayerNorm's weight and bias with a unit stride: a strided or
+    # expanded view (stride 0: one element in memory) would be read past its elements.
+    bias, ln_weight, ln_bias = (None if p is None else p.contiguous() for p in (bias, ln_weight, ln_bias))
     args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", kv_cache,
             kv_pos, x_rows, residual_rows, name)  # fmt: skip
     out, h = _dispatch.call(_linear_op, _linear, *args)
