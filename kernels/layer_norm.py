@@ -53,11 +53,13 @@ def _layer_norm_fused_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    # 64-bit rows: M * N may exceed 2^31, and so may the first row's index pid * BLOCK_M (M >= 2^31
+    # rows of a few elements), which in 32 bits would wrap to a negative row that passes rows < M.
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
-    rows = rows.to(tl.int64)[:, None]  # M * N may exceed 2^31
+    rows = rows[:, None]
     # Rows up to 4096 load weight and bias first: after the statistics' reductions (barriers) they
     # are a second round trip to memory, most of a short row's time. Longer rows load them last:
     # held from the start they spill (ptxas: ~130 bytes at 16384 on 16 warps).

@@ -4,6 +4,8 @@ On CPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_IN
 these cases use fp32/fp16 and modest sizes; the `gpu` cases add bf16 and real GPT shapes.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -84,6 +86,32 @@ def test_variance_is_two_pass(N, device, poisoned_empty):
     torch.testing.assert_close(y.double(), y_exact, atol=2e-3, rtol=0)
 
 
+def check_rows_past_int32(device):
+    """2^31 + 2^20 rows of one element (x an expanded view): the fused kernel's first row,
+    pid * BLOCK_M, passes 2^31 in the last programs, where 32 bits would wrap it to a negative row
+    (which passes rows < M: a store before y). In the interpreter TILE is raised to its largest
+    block, 2^20 rows a program, so that 2049 programs get there."""
+    import fastgpt.kernels.layer_norm as kernels
+
+    if device == "cpu":
+        kernels.TILE = 2**20
+    M = 2**31 + 2**20
+    x = torch.ones(1, 1, dtype=torch.float16, device=device).expand(M, 1)
+    y = fastgpt.layer_norm(x, None, torch.full((1,), 3.0, device=device), backend="triton")
+    assert bool((y == 3).all())
+
+
+@pytest.mark.slow
+def test_rows_past_int32():
+    """check_rows_past_int32 in the interpreter (~4 minutes, ~7 GB), in a process of its own: the
+    overflowing store crashes the process it runs in."""
+    from tests.test_attention import run_isolated
+
+    if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 16 * 2**30:
+        pytest.skip("needs 16 GB of memory")
+    run_isolated("tests.test_layer_norm.check_rows_past_int32('cpu')")
+
+
 # ----------------------------------------------------------------------------- compile for the GPU
 
 
@@ -129,6 +157,11 @@ GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def test_gpu_shapes(dtype, M, N, poisoned_empty):
     for residual in (True, False):
         _check(*_inputs(M, N, dtype, "cuda", residual=residual, row_pad=8))
+
+
+@pytest.mark.gpu
+def test_gpu_rows_past_int32():
+    check_rows_past_int32("cuda")
 
 
 @pytest.mark.gpu
