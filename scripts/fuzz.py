@@ -1,0 +1,196 @@
+"""Random cases for every kernel op against fastgpt.reference, until a time limit.
+
+The tests pin chosen awkward shapes; this draws them: random batch, head counts and GQA groups,
+sequence and cache lengths, head dims, hidden sizes, strides (transposed and padded views),
+parameters and dtypes, each case from one seed so a failure reproduces with --seed. Outputs are
+compared with the fp32 reference under the project's tolerance table (fastgpt.bench.checks), and
+sampled tokens must lie in the reference's kept set (widened by a hair of top-p and min-p: the
+kernels may keep a boundary token the reference's fp32 cumsum drops, see kernels/sampling/).
+
+    TRITON_INTERPRET=1 python scripts/fuzz.py --seconds 600          # CPU: Triton's interpreter
+    python scripts/fuzz.py --seconds 120 --backends triton,cuda      # on a GPU (bf16 too)
+    python scripts/fuzz.py --ops attention --seed 1234 --cases 1     # replay one case
+
+Exits 1 when a case fails, after printing each failure with its seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import sys
+import time
+
+import torch
+
+import fastgpt
+from fastgpt import reference
+from fastgpt.bench.checks import compare, ids_in_kept_set
+from fastgpt.ops.linear import linear
+
+
+def _dtypes(device: str) -> list[torch.dtype]:
+    # Triton's interpreter has no bf16 arithmetic
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+
+
+def _tensor(rng: random.Random, shape, dtype, device, *, scale=1.0, layout=True):
+    """Fresh normal data of `shape`, as a contiguous tensor or (layout) a transposed or
+    row-padded view of a larger one."""
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    kind = rng.choice(["contiguous", "padded", "transposed"]) if layout and len(shape) >= 3 else "contiguous"
+    if kind == "padded":  # the last dim padded: every other stride grows
+        return (torch.randn(*shape[:-1], shape[-1] + 8, generator=g) * scale).to(device, dtype)[..., : shape[-1]]
+    if kind == "transposed":  # (B, S, H, D) storage seen as (B, H, S, D)
+        swapped = (shape[0], shape[2], shape[1], *shape[3:])
+        return (torch.randn(*swapped, generator=g) * scale).to(device, dtype).transpose(1, 2)
+    return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+
+
+def up(t):
+    """t in fp32, for the reference; None stays None."""
+    return None if t is None else t.float()
+
+
+def _head_dim(rng: random.Random, device: str) -> int:
+    return rng.choice([16, 32, 40, 64, 80, 96, 128] + ([8, 256] if device == "cuda" else []))
+
+
+def attention_case(rng, device, backend):
+    dtype = rng.choice(_dtypes(device))
+    if backend == "cuda" and dtype == torch.float32:
+        dtype = torch.float16
+    B, Hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2, 3, 4])
+    D = rng.choice([64, 128]) if backend == "cuda" else _head_dim(rng, device)
+    most = 300 if device == "cuda" else 90
+    Sq = rng.choice([1, rng.randint(1, most)])
+    Sk = Sq if rng.random() < 0.5 else rng.randint(1, most)
+    causal = rng.random() < 0.6
+    q = _tensor(rng, (B, Hkv * group, Sq, D), dtype, device)
+    k, v = (_tensor(rng, (B, Hkv, Sk, D), dtype, device) for _ in range(2))
+    scale = rng.choice([None, 0.3])
+    out = fastgpt.attention(q, k, v, causal=causal, scale=scale, backend=backend)
+    ref = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale)
+    return compare(out, ref.to(dtype)), f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} causal={causal} {dtype}"
+
+
+def decode_case(rng, device, backend):
+    dtype = rng.choice(_dtypes(device))
+    if backend == "cuda" and dtype == torch.float32:
+        dtype = torch.float16
+    B, Hkv, group = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 1, 2, 4, 8])
+    D = rng.choice([64, 128]) if backend == "cuda" else _head_dim(rng, device)
+    Smax = rng.randint(1, 2000 if device == "cuda" else 300)
+    q = _tensor(rng, (B, Hkv * group, 1, D), dtype, device, layout=False)
+    k, v = (_tensor(rng, (B, Hkv, Smax, D), dtype, device) for _ in range(2))
+    lengths = torch.tensor([rng.choice([1, Smax, rng.randint(1, Smax)]) for _ in range(B)], dtype=torch.int32)
+    out = fastgpt.decode_attention(q, k, v, lengths.to(device), backend=backend)
+    ref = reference.decode_attention(q.float(), k.float(), v.float(), lengths.to(device))
+    return compare(out, ref.to(dtype)), f"B{B} Hkv{Hkv} g{group} Smax{Smax} D{D} lengths={lengths.tolist()} {dtype}"
+
+
+def layer_norm_case(rng, device, backend):
+    dtype = rng.choice(_dtypes(device))
+    M = rng.choice([1, rng.randint(1, 70)])
+    N = rng.choice([rng.randint(1, 3000), rng.choice([768, 1024, 1600, 4096])])
+    x = _tensor(rng, (M, N), dtype, device, scale=3.0)
+    weight = None if rng.random() < 0.2 else _tensor(rng, (N,), dtype, device)
+    bias = None if rng.random() < 0.2 else _tensor(rng, (N,), dtype, device)
+    residual = _tensor(rng, (M, N), dtype, device) if rng.random() < 0.6 else None
+    eps = rng.choice([1e-5, 1e-6, 0.1])
+    got = fastgpt.layer_norm(x, weight, bias, eps, residual=residual, backend=backend)
+    ref = reference.layer_norm(x.float(), up(weight), up(bias), eps, residual=up(residual))
+    ref = tuple(r.to(dtype) for r in ref) if residual is not None else ref.to(dtype)
+    return compare(got, ref), f"M{M} N{N} residual={residual is not None} weight={weight is not None} " \
+                              f"bias={bias is not None} eps={eps} {dtype}"
+
+
+def linear_case(rng, device, backend):
+    dtype = rng.choice(_dtypes(device))
+    M, K, N = rng.randint(1, 20), rng.randint(1, 300), rng.randint(1, 300)
+    x = _tensor(rng, (M, K), dtype, device, scale=2.0)
+    weight = _tensor(rng, (N, K), dtype, device, scale=1 / math.sqrt(K))
+    bias = None if rng.random() < 0.3 else _tensor(rng, (N,), dtype, device)
+    ln = (_tensor(rng, (K,), dtype, device), _tensor(rng, (K,), dtype, device), 1e-5) if rng.random() < 0.5 else None
+    residual = _tensor(rng, (M, K), dtype, device) if ln is not None and rng.random() < 0.5 else None
+    activation = rng.choice([None, "gelu_tanh"])
+    out, h = linear(x, weight, bias, ln=ln, residual=residual, activation=activation, backend=backend)
+    ln_ref = None if ln is None else (up(ln[0]), up(ln[1]), ln[2])
+    ref, h_ref = reference.linear(x.float(), weight.float(), up(bias), ln=ln_ref, residual=up(residual),
+                                  gelu_tanh=activation == "gelu_tanh")  # fmt: skip
+    problem = compare(out, ref.to(dtype)) or (compare(h, h_ref.to(dtype)) if residual is not None else None)
+    return problem, f"M{M} K{K} N{N} bias={bias is not None} ln={ln is not None} " \
+                               f"residual={residual is not None} {activation} {dtype}"
+
+
+def sample_case(rng, device, backend):
+    dtype = rng.choice(_dtypes(device))
+    B = rng.choice([1, rng.randint(1, 40)])
+    V = rng.choice([rng.randint(2, 5000), 50257] if device == "cuda" else [rng.randint(2, 3000)])
+    logits = _tensor(rng, (B, V), dtype, device, scale=rng.choice([1.0, 4.0]))
+    if rng.random() < 0.3:  # ties, NaN and infinities
+        logits[:, : V // 3] = logits[:, :1]
+        logits[0, rng.randrange(V)] = float("nan")
+        logits[-1, rng.randrange(V)] = rng.choice([float("inf"), float("-inf")])
+    temperature = rng.choice([0.0, 0.7, 1.0, 1.5])
+    top_k = rng.choice([0, 1, 5, 50, 300, V])
+    top_p = rng.choice([1.0, 0.9, 0.5])
+    min_p = rng.choice([0.0, 0.05])
+    seed = rng.randrange(2**31)
+    g = torch.Generator(device=device).manual_seed(seed)
+    ids = fastgpt.sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, generator=g,
+                         backend=backend)  # fmt: skip
+    clean = reference.clean_logits(logits.float())
+    if temperature == 0.0:
+        kept = reference.greedy(logits.float())[:, None] == torch.arange(V, device=device)
+    else:  # widened by a hair: a token at the top-p or min-p boundary may go either way
+        def full(p):
+            return torch.full((B,), p, device=device)
+
+        clean = reference.top_ties_if_overflow(clean, full(temperature))
+        kept = reference.filter_logits(clean, full(temperature), full(top_k).long(),
+                                       full(min(1.0, top_p + 1e-3)).double(), full(max(0.0, min_p - 1e-4)))
+        # and closed under ties: the kernels keep a whole tie group at the top-p boundary
+        lowest = torch.where(kept != float("-inf"), kept, float("inf")).amin(dim=-1, keepdim=True)
+        scores = clean / temperature
+        kept = (scores >= lowest) & (scores > float("-inf"))
+        kept |= ~kept.any(dim=-1, keepdim=True) & (torch.arange(V, device=device) == 0)  # nothing to draw: 0
+    return ids_in_kept_set(ids, kept), f"B{B} V{V} t{temperature} k{top_k} p{top_p} min_p{min_p} {dtype}"
+
+
+OPS = {"attention": attention_case, "decode": decode_case, "layer_norm": layer_norm_case, "linear": linear_case,
+       "sample": sample_case}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--cases", type=int, default=0, help="stop after this many cases (0: the time limit)")
+    parser.add_argument("--ops", default=",".join(OPS), help=f"comma-separated, of {list(OPS)}")
+    parser.add_argument("--backends", default="triton", help="comma-separated: triton, cuda")
+    parser.add_argument("--seed", type=int, default=None, help="the first case's seed (then seed + 1, ...)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ops, backends = args.ops.split(","), args.backends.split(",")
+    seed = args.seed if args.seed is not None else random.randrange(2**31)
+    deadline, cases, failures = time.monotonic() + args.seconds, 0, []
+    while time.monotonic() < deadline and (args.cases == 0 or cases < args.cases):
+        op, backend = ops[cases % len(ops)], backends[(cases // len(ops)) % len(backends)]
+        if op == "linear" and backend == "cuda":  # the fused linear has no cuda kernel
+            backend = "triton"
+        try:
+            problem, case = OPS[op](random.Random(seed), device, backend)
+        except Exception as e:  # noqa: BLE001 (a crash is a failure to report, with its seed)
+            problem, case = f"{type(e).__name__}: {e}", "(crashed)"
+        if problem:
+            replay = f"--ops {op} --backends {backend} --seed {seed} --cases 1"
+            failures.append(f"{op} {case}: {problem}\n  replay: {replay}")
+            print("FAIL", failures[-1], flush=True)
+        cases, seed = cases + 1, seed + 1
+    print(f"{cases} cases on {device}, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
