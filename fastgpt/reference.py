@@ -172,9 +172,9 @@ def clean_logits(logits):
 def top_ties_if_overflow(x, temperature):
     """Rows of clean logits x (B, V) whose largest score x / t overflows to +inf: only the entries
     equal to the row's maximum stay, as equal logits (0; the rest -inf), so the draw is uniform
-    among them, as for +inf logits. That is softmax(x / t) exactly, not a convention: any x below
-    the maximum differs from it by at least max * 2^-24, so once max / t overflows, (max - x) / t
-    >= 2^-24 * 3.4e38 and exp of its negative is 0. Other rows are returned as they are."""
+    among them, as for +inf logits. That is softmax(x / t) exactly, not a convention: an x below
+    the maximum is at least one ulp, max * 2^-25, below it, so once max / t overflows, (max - x) /
+    t >= 2^-25 * 3.4e38 and exp of its negative is 0. Other rows are returned as they are."""
     top = x.amax(dim=-1, keepdim=True)
     overflow = top / temperature[:, None] == float("inf")
     ties = torch.where(x == top, 0.0, float("-inf"))

@@ -25,8 +25,8 @@ def _load_scores(row_ptr, cols, t, ties_only, xmax, V: tl.constexpr):
     ties_only (from _top): the row's top score is +inf, because the row holds +inf logits or its
     largest x / t overflows. Softmax's limit then keeps just the entries equal to the row's
     largest logit xmax, as equal scores (0); the rest get -inf. With an overflow that is exact,
-    not a convention: x < xmax differ by at least xmax * 2^-24, so (xmax - x) / t >= 2^-24 *
-    3.4e38 and their probability exp(-(xmax - x) / t) is 0.
+    not a convention: an x < xmax is at least one ulp, xmax * 2^-25, below it, so (xmax - x) / t
+    >= 2^-25 * 3.4e38 and its probability exp(-(xmax - x) / t) is 0.
     """
     x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
     x = tl.where(x != x, float("-inf"), x)
