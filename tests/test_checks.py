@@ -128,6 +128,34 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         fastgpt.layer_norm(torch.randn(2, 8), None, None, backend="triton")
 
 
+def test_triton_refuses_lengths_near_int32():
+    """Lengths past 2^30 (expanded views: no memory) are refused for the triton backend before a
+    kernel runs: its blocked loops count in 32 bits, and a length within a block of 2^31 wraps
+    the last step to a negative index that passes the length masks (a hang, or loads and stores
+    before the tensor; an expanded k of 2^31 - 1 keys, or 4 GB of fp16 logits on one row)."""
+    pytest.importorskip("triton")
+    from fastgpt.ops.linear import linear
+
+    long = 2**31 - 1
+    q, k, v = qkv(B=1, Hq=1, Hkv=1, Sq=1, Sk=1, D=16)
+    k_long, v_long = k.expand(1, 1, long, 16), v.expand(1, 1, long, 16)
+    seqlens = torch.full((1,), long, dtype=torch.int32)
+    calls = {
+        "sequence lengths": [lambda: fastgpt.attention(q, k_long, v_long, backend="triton"),
+                             lambda: fastgpt.attention(q.expand(1, 1, long, 16), k, v, backend="triton"),
+                             lambda: fastgpt.decode_attention(q, k_long, v_long, seqlens, backend="triton")],
+        "vocab sizes": [lambda: fastgpt.sample(torch.randn(1, 1).expand(1, long), backend="triton")],
+        "rows of N": [lambda: fastgpt.layer_norm(torch.randn(1, 1).expand(1, long), None, None, backend="triton")],
+        "N and K": [lambda: linear(torch.randn(1, 1).expand(1, long), torch.randn(1, 1).expand(8, long),
+                                   backend="triton"),
+                    lambda: linear(torch.randn(1, 8), torch.randn(1, 1).expand(2**30 + 1, 8), backend="triton")],
+    }
+    for what, fns in calls.items():
+        for fn in fns:
+            with pytest.raises(fastgpt.BackendUnavailableError, match=f"triton kernels support {what} <= 2\\^30"):
+                fn()
+
+
 def test_environment_variable_sets_the_default(monkeypatch):
     monkeypatch.setenv("FASTGPT_BACKEND", "cuda")
     with pytest.raises(fastgpt.BackendUnavailableError):

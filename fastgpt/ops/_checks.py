@@ -56,6 +56,18 @@ def shape(name: str, t: torch.Tensor, expected: tuple, description: str) -> None
         raise ValueError(f"{name} must have shape {description} = {tuple(expected)}, got {tuple(t.shape)}")
 
 
+# The Triton kernels walk sequences, rows and the vocabulary in blocks whose index is a 32-bit
+# loop counter (a constexpr or scalar argument below 2^31 is int32): a length within a block of
+# 2^31 wraps the last step to a negative index, which passes the `< length` masks (an endless
+# loop, and loads and stores before the tensor). Lengths up to 2^30 leave every such sum in range.
+TRITON_MAX_LEN = 2**30
+
+
+def triton_length(what: str, n: int) -> str | None:
+    """Why the Triton kernels cannot take `what` (e.g. "sequence lengths") of n, or None."""
+    return f"the triton kernels support {what} <= 2^30, got {n}" if n > TRITON_MAX_LEN else None
+
+
 def scale(value, head_dim: int) -> float:
     """The softmax scale: 1/sqrt(D) when None, else a finite positive-or-negative float."""
     if value is None:

@@ -30,7 +30,8 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: st
         _checks.same_dtype(x=x, residual=residual)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual)
     eps = _checks.eps("eps", eps)
-    name = _backends.resolve("layer_norm", backend, device, preference=_backends.TRITON_FIRST)
+    unsupported = lambda name: _checks.triton_length("rows of N", N) if name == "triton" else None  # noqa: E731
+    name = _backends.resolve("layer_norm", backend, device, unsupported, preference=_backends.TRITON_FIRST)
     if x.numel() == 0:
         y = torch.empty_like(x)
         return y if residual is None else (y, torch.empty_like(x))

@@ -84,8 +84,11 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
                                  residual_rows=residual_rows)  # fmt: skip
 
     def unsupported(name: str) -> str | None:
-        too_many = name == "triton" and M > MAX_ROWS
-        return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}" if too_many else None
+        if name != "triton":
+            return None
+        if M > MAX_ROWS:
+            return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}"
+        return _checks.triton_length("N and K", max(N, K))
 
     name = _backends.resolve("linear", backend, device, unsupported, preference=("triton",))
     lead = shape[:-1]

@@ -21,6 +21,8 @@ _INT64_MAX = 2**63 - 1
 
 def _unsupported(logits):
     def reason(backend):
+        if backend == "triton":
+            return _checks.triton_length("vocab sizes", logits.shape[1])
         if backend == "cuda" and logits.shape[1] >= _cuda.MAX_VOCAB:
             return f"the cuda sampler supports V < 2^24, got V={logits.shape[1]}"
         return None
