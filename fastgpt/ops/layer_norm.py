@@ -30,7 +30,9 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: st
         _checks.same_dtype(x=x, residual=residual)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual)
     eps = _checks.eps("eps", eps)
-    unsupported = lambda name: _checks.triton_length("rows of N", N) if name == "triton" else None  # noqa: E731
+    def unsupported(name: str) -> str | None:
+        return _checks.triton_length("rows of N", N) if name == "triton" else None
+
     name = _backends.resolve("layer_norm", backend, device, unsupported, preference=_backends.TRITON_FIRST)
     if x.numel() == 0:
         y = torch.empty_like(x)
