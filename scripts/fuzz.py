@@ -1,11 +1,12 @@
 """Random cases for every kernel op against fastgpt.reference, until a time limit.
 
 The tests pin chosen awkward shapes; this draws them: random batch, head counts and GQA groups,
-sequence and cache lengths, head dims, hidden sizes, strides (transposed and padded views),
-parameters and dtypes, each case from one seed so a failure reproduces with --seed. Outputs are
-compared with the fp32 reference under the project's tolerance table (fastgpt.bench.checks), and
-sampled tokens must lie in the reference's kept set (widened by a hair of top-p and min-p: the
-kernels may keep a boundary token the reference's fp32 cumsum drops, see kernels/sampling/).
+sequence and cache lengths, head dims, hidden sizes, layouts (transposed, padded, strided and
+expanded views), parameters and dtypes, each case from one seed so a failure reproduces with
+--seed. Outputs are compared with the fp32 reference under the project's tolerance table
+(fastgpt.bench.checks), and sampled tokens must lie in the reference's kept set (widened by a
+hair of top-p and min-p: the kernels may keep a boundary token the reference's fp32 cumsum
+drops, see kernels/sampling/).
 
     TRITON_INTERPRET=1 python scripts/fuzz.py --seconds 600          # CPU: Triton's interpreter
     python scripts/fuzz.py --seconds 120 --backends triton,cuda      # on a GPU (bf16 too)
@@ -36,16 +37,25 @@ def _dtypes(device: str) -> list[torch.dtype]:
 
 
 def _tensor(rng: random.Random, shape, dtype, device, *, scale=1.0, layout=True):
-    """Fresh normal data of `shape`, as a contiguous tensor or (layout) a transposed or
-    row-padded view of a larger one."""
+    """Fresh normal data of `shape`: a contiguous tensor or (layout) a view of another layout:
+    last dim padded (every other stride grows), (B, S, H, D) storage seen as (B, H, S, D), or
+    for vectors every other element of a longer one, or one element expanded (stride 0)."""
     g = torch.Generator().manual_seed(rng.randrange(2**31))
-    kind = rng.choice(["contiguous", "padded", "transposed"]) if layout and len(shape) >= 3 else "contiguous"
-    if kind == "padded":  # the last dim padded: every other stride grows
-        return (torch.randn(*shape[:-1], shape[-1] + 8, generator=g) * scale).to(device, dtype)[..., : shape[-1]]
-    if kind == "transposed":  # (B, S, H, D) storage seen as (B, H, S, D)
-        swapped = (shape[0], shape[2], shape[1], *shape[3:])
-        return (torch.randn(*swapped, generator=g) * scale).to(device, dtype).transpose(1, 2)
-    return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
+    kinds = ["contiguous"] + (["padded"] if len(shape) >= 2 else ["strided", "expanded"])
+    kind = rng.choice(kinds + (["transposed"] if len(shape) >= 3 else [])) if layout else "contiguous"
+
+    def randn(*size):
+        return (torch.randn(*size, generator=g) * scale).to(device, dtype)
+
+    if kind == "padded":
+        return randn(*shape[:-1], shape[-1] + 8)[..., : shape[-1]]
+    if kind == "transposed":
+        return randn(shape[0], shape[2], shape[1], *shape[3:]).transpose(1, 2)
+    if kind == "strided":
+        return randn(2 * shape[0])[::2]
+    if kind == "expanded":
+        return randn(1).expand(shape)
+    return randn(*shape)
 
 
 def up(t):
