@@ -58,21 +58,22 @@ def _tensor(rng: random.Random, shape, dtype, device, *, scale=1.0, layout=True)
     return randn(*shape)
 
 
-def up(t):
+def _up(t):
     """t in fp32, for the reference; None stays None."""
     return None if t is None else t.float()
 
 
-def _head_dim(rng: random.Random, device: str) -> int:
-    return rng.choice([16, 32, 40, 64, 80, 96, 128] + ([8, 256] if device == "cuda" else []))
+def _dtype_and_head_dim(rng: random.Random, device: str, backend: str) -> tuple[torch.dtype, int]:
+    """For attention: the cuda kernels take fp16/bf16 and head dims 64 and 128."""
+    dtype = rng.choice(_dtypes(device))
+    if backend == "cuda":
+        return (torch.float16 if dtype == torch.float32 else dtype), rng.choice([64, 128])
+    return dtype, rng.choice([16, 32, 40, 64, 80, 96, 128] + ([8, 256] if device == "cuda" else []))
 
 
 def attention_case(rng, device, backend):
-    dtype = rng.choice(_dtypes(device))
-    if backend == "cuda" and dtype == torch.float32:
-        dtype = torch.float16
+    dtype, D = _dtype_and_head_dim(rng, device, backend)
     B, Hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2, 3, 4])
-    D = rng.choice([64, 128]) if backend == "cuda" else _head_dim(rng, device)
     most = 300 if device == "cuda" else 90
     Sq = rng.choice([1, rng.randint(1, most)])
     Sk = Sq if rng.random() < 0.5 else rng.randint(1, most)
@@ -86,11 +87,8 @@ def attention_case(rng, device, backend):
 
 
 def decode_case(rng, device, backend):
-    dtype = rng.choice(_dtypes(device))
-    if backend == "cuda" and dtype == torch.float32:
-        dtype = torch.float16
+    dtype, D = _dtype_and_head_dim(rng, device, backend)
     B, Hkv, group = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 1, 2, 4, 8])
-    D = rng.choice([64, 128]) if backend == "cuda" else _head_dim(rng, device)
     Smax = rng.randint(1, 2000 if device == "cuda" else 300)
     q = _tensor(rng, (B, Hkv * group, 1, D), dtype, device, layout=False)
     k, v = (_tensor(rng, (B, Hkv, Smax, D), dtype, device) for _ in range(2))
@@ -110,7 +108,7 @@ def layer_norm_case(rng, device, backend):
     residual = _tensor(rng, (M, N), dtype, device) if rng.random() < 0.6 else None
     eps = rng.choice([1e-5, 1e-6, 0.1])
     got = fastgpt.layer_norm(x, weight, bias, eps, residual=residual, backend=backend)
-    ref = reference.layer_norm(x.float(), up(weight), up(bias), eps, residual=up(residual))
+    ref = reference.layer_norm(x.float(), _up(weight), _up(bias), eps, residual=_up(residual))
     ref = tuple(r.to(dtype) for r in ref) if residual is not None else ref.to(dtype)
     return compare(got, ref), f"M{M} N{N} residual={residual is not None} weight={weight is not None} " \
                               f"bias={bias is not None} eps={eps} {dtype}"
@@ -126,8 +124,8 @@ def linear_case(rng, device, backend):
     residual = _tensor(rng, (M, K), dtype, device) if ln is not None and rng.random() < 0.5 else None
     activation = rng.choice([None, "gelu_tanh"])
     out, h = linear(x, weight, bias, ln=ln, residual=residual, activation=activation, backend=backend)
-    ln_ref = None if ln is None else (up(ln[0]), up(ln[1]), ln[2])
-    ref, h_ref = reference.linear(x.float(), weight.float(), up(bias), ln=ln_ref, residual=up(residual),
+    ln_ref = None if ln is None else (_up(ln[0]), _up(ln[1]), ln[2])
+    ref, h_ref = reference.linear(x.float(), weight.float(), _up(bias), ln=ln_ref, residual=_up(residual),
                                   gelu_tanh=activation == "gelu_tanh")  # fmt: skip
     problem = compare(out, ref.to(dtype)) or (compare(h, h_ref.to(dtype)) if residual is not None else None)
     return problem, f"M{M} K{K} N{N} bias={bias is not None} ln={ln is not None} " \
