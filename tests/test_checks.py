@@ -351,7 +351,6 @@ def test_linear_with_an_empty_kv_cache_writes_nothing(backend):
 
 def test_scale_and_eps_take_any_real_number():
     """numpy scalars are numbers (np.float32 was refused as 'not a float'); a non-number is a TypeError."""
-    np = pytest.importorskip("numpy")
     x = torch.randn(3, 8)
     assert torch.equal(fastgpt.layer_norm(x, None, None, eps=np.float32(1e-3)), fastgpt.layer_norm(x, None, None, eps=1e-3))
     q, k, v = qkv()
