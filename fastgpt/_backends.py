@@ -6,7 +6,9 @@ This is the only module that imports the compiled extension `fastgpt._C`. Every 
 - "torch": the plain-PyTorch reference; always available.
 - "triton": needs `triton` importable and CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`
   (Triton's interpreter, which is how CPU CI reaches the kernels).
-- "cuda": needs the compiled extension and CUDA tensors.
+- "cuda": needs the compiled extension and CUDA tensors, or CPU tensors under
+  `FASTGPT_CUDA_EMULATOR=<path>`: the same kernels compiled for the host by tests/simt/ (a SIMT
+  emulator; slow, for tests), which is how CPU CI runs csrc/'s kernels.
 - "auto": on a CUDA device, the compiled backends in the op's order of preference (the
   measured one, below); else torch.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -26,6 +29,8 @@ import torch
 
 BACKENDS = ("auto", "cuda", "triton", "torch")
 ENV_VAR = "FASTGPT_BACKEND"
+EMULATOR_ENV_VAR = "FASTGPT_CUDA_EMULATOR"  # the path of a host build of fastgpt._C (tests/simt/build.py)
+EMULATOR_SMS = 4  # the emulator's pretend SM count: few, so that small test caches split
 
 
 class LayerNormOutput(NamedTuple):
@@ -158,9 +163,25 @@ def _triton_missing() -> str | None:
     return _import_triton()
 
 
+def emulating_cuda() -> bool:
+    """True when the cuda backend runs the host build of its kernels (FASTGPT_CUDA_EMULATOR)."""
+    return bool(os.environ.get(EMULATOR_ENV_VAR))
+
+
 @functools.cache
-def _import_cuda_extension():
-    """(module, None) when fastgpt._C imports, else (None, reason)."""
+def _import_cuda_extension(emulator: str | None):
+    """(module, None) when fastgpt._C (or the emulator's host build at path `emulator`) imports,
+    else (None, reason)."""
+    if emulator:
+        try:
+            spec = importlib.util.spec_from_file_location("fastgpt._C", emulator)
+            if spec is None:
+                raise ImportError(f"not an extension module: {emulator}")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module, None
+        except ImportError as exc:
+            return None, f"{EMULATOR_ENV_VAR}={emulator} does not load (build it: python -m tests.simt.build): {exc}"
     try:
         return importlib.import_module("fastgpt._C"), None
     except ImportError as exc:
@@ -173,12 +194,13 @@ def _import_cuda_extension():
 @torch.compiler.assume_constant_result
 def _cuda_extension_missing() -> str | None:
     """None when fastgpt._C imports, else why not."""
-    return _import_cuda_extension()[1]
+    return _import_cuda_extension(os.environ.get(EMULATOR_ENV_VAR) or None)[1]
 
 
 def cuda_extension():
-    """The compiled module `fastgpt._C`; raises BackendUnavailableError if it is not built."""
-    module, reason = _import_cuda_extension()
+    """The compiled module `fastgpt._C` (its host build under FASTGPT_CUDA_EMULATOR); raises
+    BackendUnavailableError if it is not built."""
+    module, reason = _import_cuda_extension(os.environ.get(EMULATOR_ENV_VAR) or None)
     if module is None:
         raise BackendUnavailableError(reason)
     return module
@@ -199,6 +221,8 @@ def why_not(backend: str, device: torch.device) -> str | None:
         reason = _cuda_extension_missing()
         if reason:
             return reason
+        if emulating_cuda():
+            return None if device.type == "cpu" else f"{EMULATOR_ENV_VAR} is set: the cuda backend takes CPU tensors"
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors (got {device.type})"
         return None

@@ -36,13 +36,15 @@ MAX_SEQLEN = 1 << 30  # bindings.cpp kMaxSeqlen: tile counts stay within 32-bit 
 
 
 def _require_cuda(op: str, **tensors: torch.Tensor | None) -> None:
-    """Every tensor on one CUDA device: the kernels dereference all pointers on the first one's."""
+    """Every tensor on one CUDA device (on the CPU under the emulator, FASTGPT_CUDA_EMULATOR):
+    the kernels dereference all pointers on the first one's."""
     first = None
+    home = "cpu" if _backends.emulating_cuda() else "cuda"
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device.type != "cuda":
-            raise ValueError(f"{op} (cuda backend): {name} must be a CUDA tensor, got {t.device}")
+        if t.device.type != home:
+            raise ValueError(f"{op} (cuda backend): {name} must be a {home.upper()} tensor, got {t.device}")
         if first is None:
             first = (name, t.device)
         elif t.device != first[1]:
@@ -94,7 +96,13 @@ def _vector_ready(t: torch.Tensor) -> torch.Tensor:
 
 
 def _stream(device: torch.device) -> int:
-    return torch.cuda.current_stream(device).cuda_stream
+    """The current CUDA stream's handle; 0 for the emulator's CPU tensors."""
+    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+
+
+def _index(device: torch.device) -> int:
+    """The device the extension launches on; 0 for the emulator's CPU tensors."""
+    return device.index if device.type == "cuda" else 0
 
 
 def _ptr(t: torch.Tensor | None) -> int:
@@ -118,7 +126,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _backends.cuda_extension().attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Hq, Hkv, Sq, Sk, D,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
-        bool(causal), float(scale), DTYPE_CODES[q.dtype], q.device.index, _stream(q.device),
+        bool(causal), float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device),
     )  # fmt: skip
     return o
 
@@ -127,9 +135,13 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 @functools.cache
-def _decode_blocks_per_sm(dtype: int, D: int, group: int, device: int) -> int:
+def _decode_blocks_per_sm(dtype: int, D: int, group: int, device: torch.device) -> int:
     """The split kernel's blocks an SM holds at once (CUDA's occupancy), once per configuration."""
-    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, device)
+    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, _index(device))
+
+
+def _sm_count(device: torch.device) -> int:
+    return _backends.sm_count(device.index) if device.type == "cuda" else _backends.EMULATOR_SMS
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> torch.Tensor:
@@ -148,9 +160,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    device = q.device.index
-    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[q.dtype], D, Hq // Hkv, device)
-    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _backends.sm_count(device), blocks_per_sm)
+    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[q.dtype], D, Hq // Hkv, q.device)
+    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _sm_count(q.device), blocks_per_sm)
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     o_partial = lse_partial = None
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
@@ -160,7 +171,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
         _ptr(o_partial), _ptr(lse_partial), B, Hq, Hkv, Smax, D, num_splits,
         _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
-        float(scale), DTYPE_CODES[q.dtype], q.device.index, _stream(q.device), _backends.launch_pdl(q.device),
+        float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip
     return o
 
@@ -197,7 +208,7 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
         x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), y.data_ptr(), _ptr(h), M, N,
         x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), 0 if h is None else h.stride(0),
         float(eps), code, DTYPE_CODES[weight.dtype] if weight is not None else 0,
-        DTYPE_CODES[bias.dtype] if bias is not None else 0, x.device.index, _stream(x.device),
+        DTYPE_CODES[bias.dtype] if bias is not None else 0, _index(x.device), _stream(x.device),
     )  # fmt: skip
     return LayerNormOutput(y, h)
 
@@ -236,6 +247,6 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
         seed.data_ptr(), out.data_ptr(), 0 if candidates is None else candidates.data_ptr(), cand_k, B, V,
-        logits.stride(0), code, logits.device.index, _stream(logits.device), _backends.launch_pdl(logits.device),
+        logits.stride(0), code, _index(logits.device), _stream(logits.device), _backends.launch_pdl(logits.device),
     )  # fmt: skip
     return out
