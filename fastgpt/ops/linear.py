@@ -49,32 +49,11 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     if bias is not None:
         _checks.tensor("bias", bias, ndim=1)
         _checks.shape("bias", bias, (N,), "(N,), N = weight.shape[0]")
-    ln_weight = ln_bias = None
-    eps = 0.0
-    if ln is not None:
-        if not isinstance(ln, tuple) or len(ln) != 3:
-            raise TypeError(f"ln must be None or a tuple (ln_weight, ln_bias, eps), got {type(ln).__name__}")
-        ln_weight, ln_bias, eps = ln
-        for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
-            if p is not None:
-                _checks.tensor(name, p, ndim=1)
-                _checks.shape(name, p, (K,), "(K,), K = x.shape[-1]")
-        eps = _checks.eps("ln's eps", eps)
+    ln_weight, ln_bias, eps = _check_ln(ln, K)
     if x_rows is not None:
         _check_rows("x", x, x_rows, K)
     shape = tuple(x.shape) if x_rows is None else (x_rows.shape[0], K)  # the input's
-    if residual is not None:
-        if ln is None:
-            raise ValueError("residual needs ln: the sum x + residual is what gets normalised")
-        _checks.tensor("residual", residual)
-        if residual_rows is None:
-            _checks.shape("residual", residual, shape, "the input's shape (x.shape, or (M, K) with x_rows)")
-        else:
-            _check_rows("residual", residual, residual_rows, K)
-            _checks.shape("residual_rows", residual_rows, (math.prod(shape[:-1]),), "(M,), M = the input's rows")
-        _checks.same_dtype(x=x, residual=residual)
-    elif residual_rows is not None:
-        raise ValueError("residual_rows needs a residual table to read")
+    _check_residual(residual, residual_rows, x, shape, ln is not None)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     M = math.prod(shape[:-1])  # rows
@@ -108,6 +87,37 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
             kv_pos, x_rows, residual_rows, name)  # fmt: skip
     out, h = _dispatch.call(_linear_op, _linear, *args)
     return out.view(*lead, N), None if residual is None else h.view(shape)
+
+
+def _check_ln(ln, K: int) -> tuple:
+    """(ln_weight, ln_bias, eps) from ln, checked; (None, None, 0.0) without a LayerNorm."""
+    if ln is None:
+        return None, None, 0.0
+    if not isinstance(ln, tuple) or len(ln) != 3:
+        raise TypeError(f"ln must be None or a tuple (ln_weight, ln_bias, eps), got {type(ln).__name__}")
+    ln_weight, ln_bias, eps = ln
+    for name, p in (("ln_weight", ln_weight), ("ln_bias", ln_bias)):
+        if p is not None:
+            _checks.tensor(name, p, ndim=1)
+            _checks.shape(name, p, (K,), "(K,), K = x.shape[-1]")
+    return ln_weight, ln_bias, _checks.eps("ln's eps", eps)
+
+
+def _check_residual(residual, residual_rows, x, shape: tuple, has_ln: bool) -> None:
+    """residual: None, like the input (`shape`), or a table read at residual_rows."""
+    if residual is None:
+        if residual_rows is not None:
+            raise ValueError("residual_rows needs a residual table to read")
+        return
+    if not has_ln:
+        raise ValueError("residual needs ln: the sum x + residual is what gets normalised")
+    _checks.tensor("residual", residual)
+    if residual_rows is None:
+        _checks.shape("residual", residual, shape, "the input's shape (x.shape, or (M, K) with x_rows)")
+    else:
+        _check_rows("residual", residual, residual_rows, x.shape[-1])
+        _checks.shape("residual_rows", residual_rows, (math.prod(shape[:-1]),), "(M,), M = the input's rows")
+    _checks.same_dtype(x=x, residual=residual)
 
 
 def _check_rows(name: str, table, rows, K: int) -> None:
