@@ -21,6 +21,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(autouse=True)
 def calls(monkeypatch):
+    """fastgpt's attention calls in this test, counted (count_calls)."""
+    return count_calls(monkeypatch)
+
+
+def count_calls(monkeypatch):
     """Counts of the fused path (fastgpt.attention) and the masked fallback, per test."""
     counter = collections.Counter()
     fused, masked = fastgpt.attention, fastgpt.hf.masked_attention
@@ -75,27 +80,37 @@ def greedy(model, idx, mask=None, max_new_tokens=32, **kwargs):
                               pad_token_id=0, **kwargs)
 
 
-@pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
-def test_same_logits(make_config, tmp_path, calls):
-    reference, ours = pair(make_config(), tmp_path)
+def check_same_logits(config, tmp_path, calls):
+    """Logits as SDPA's, unpadded (the fused kernel in both layers) and left-padded (the masked path)."""
+    reference, ours = pair(config, tmp_path)
     idx, mask = padded_batch()
     with torch.no_grad():
         assert_close(ours(idx).logits, reference(idx).logits)
-        assert calls["fused"] == 2 and calls["masked"] == 0  # no padding: the fused kernel, every layer
+        assert calls == {"fused": 2}  # no padding: the fused kernel, every layer
         real = mask.bool()
         assert_close(ours(idx, attention_mask=mask).logits[real], reference(idx, attention_mask=mask).logits[real])
-        assert calls["masked"] == 2  # padding: the masked fallback
+        assert calls == {"fused": 2, "masked": 2}  # padding: the masked fallback
+
+
+def check_same_greedy_generations(config, tmp_path, calls):
+    """Greedy tokens as SDPA's: one prompt, a left-padded batch, and that batch on a static cache."""
+    reference, ours = pair(config, tmp_path)
+    idx, mask = padded_batch()
+    assert torch.equal(greedy(ours, idx[:1]), greedy(reference, idx[:1]))
+    assert calls == {"fused": 2 * 32}  # prefill and decode steps, both layers
+    assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
+    static = {"cache_implementation": "static"}
+    assert torch.equal(greedy(ours, idx, mask, **static), greedy(reference, idx, mask, **static))
+
+
+@pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
+def test_same_logits(make_config, tmp_path, calls):
+    check_same_logits(make_config(), tmp_path, calls)
 
 
 @pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
 def test_same_greedy_generations(make_config, tmp_path, calls):
-    reference, ours = pair(make_config(), tmp_path)
-    idx, mask = padded_batch()
-    assert torch.equal(greedy(ours, idx[:1]), greedy(reference, idx[:1]))
-    assert calls["fused"] == 2 * 32 and calls["masked"] == 0  # prefill and decode steps, both layers
-    assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
-    static = dict(cache_implementation="static")
-    assert torch.equal(greedy(ours, idx, mask, **static), greedy(reference, idx, mask, **static))
+    check_same_greedy_generations(make_config(), tmp_path, calls)
 
 
 @pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])

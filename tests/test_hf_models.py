@@ -1,0 +1,77 @@
+"""attn_implementation="fastgpt" across the model families that route attention through transformers'
+AttentionInterface: tiny random models (2 layers, vocab 256, fp32, CPU) give SDPA's logits and greedy
+generations; models it cannot run are refused with an error that says so."""
+
+import pytest
+import torch
+
+import fastgpt.hf
+import fastgpt.nn
+from tests.helpers import assert_close
+from tests.test_hf import V, check_same_greedy_generations, check_same_logits, count_calls, greedy, padded_batch, pair
+
+transformers = pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(autouse=True)
+def calls(monkeypatch):
+    """fastgpt's attention calls in this test, counted (count_calls)."""
+    return count_calls(monkeypatch)
+
+
+def tiny(**sizes):
+    """What every config shares: initializer_range 0.2 keeps attention far from uniform; no special tokens."""
+    return dict(vocab_size=V, initializer_range=0.2, bos_token_id=None, eos_token_id=None, pad_token_id=None, **sizes)
+
+
+# Llama-style sizes: 4 query heads of dim 16, over 2 key/value heads with GQA.
+MHA = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+       "max_position_embeddings": 128}
+GQA = {**MHA, "num_key_value_heads": 2}
+
+# Each family with what its attention brings that Llama's does not.
+FAMILIES = {
+    "mistral": lambda: transformers.MistralConfig(**tiny(**GQA), sliding_window=None),
+    "qwen2": lambda: transformers.Qwen2Config(**tiny(**GQA)),  # q/k/v biases
+    "qwen3": lambda: transformers.Qwen3Config(**tiny(**GQA), head_dim=32),  # q/k RMSNorm; head dim != hidden/heads
+    "phi3": lambda: transformers.Phi3Config(**tiny(**GQA)),  # fused qkv projection
+    "gemma": lambda: transformers.GemmaConfig(**tiny(**GQA), head_dim=16),
+    "olmo2": lambda: transformers.Olmo2Config(**tiny(**GQA)),  # q/k RMSNorm across heads
+    "smollm3": lambda: transformers.SmolLM3Config(**tiny(**GQA)),  # layers without rotary embeddings
+    "granite": lambda: transformers.GraniteConfig(**tiny(**GQA), attention_multiplier=0.3),  # scale != D**-0.5
+    "starcoder2": lambda: transformers.Starcoder2Config(**tiny(**GQA), sliding_window=None),  # nn.LayerNorm, biases
+    "stablelm": lambda: transformers.StableLmConfig(**tiny(**GQA)),  # partial rotary
+    "phi": lambda: transformers.PhiConfig(**tiny(**GQA), partial_rotary_factor=0.5),  # partial rotary
+    "gpt-neox": lambda: transformers.GPTNeoXConfig(**tiny(**MHA), rotary_pct=0.25),  # partial rotary; MHA
+    "gpt-j": lambda: transformers.GPTJConfig(**tiny(n_layer=2, n_embd=64, n_head=4, n_positions=128),
+                                             rotary_dim=8),  # interleaved rotary
+    "gpt-bigcode": lambda: transformers.GPTBigCodeConfig(**tiny(n_layer=2, n_embd=64, n_head=4, n_positions=128),
+                                                         multi_query=True),  # MQA: one key/value head
+    "opt": lambda: transformers.OPTConfig(**tiny(num_hidden_layers=2, hidden_size=64, ffn_dim=128, num_attention_heads=4,
+                                                 max_position_embeddings=128), init_std=0.2),  # scaling=1.0
+}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_logits(family, tmp_path, calls):
+    check_same_logits(FAMILIES[family](), tmp_path, calls)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_same_greedy_generations(family, tmp_path, calls):
+    check_same_greedy_generations(FAMILIES[family](), tmp_path, calls)
+
+
+def test_patch_swaps_layer_norms(tmp_path):
+    """GPT-NeoX, OPT and Phi use nn.LayerNorm: patch() swaps them without changing the logits."""
+    idx, mask = padded_batch()
+    for family, swapped in [("gpt-neox", 2 * 2 + 1), ("opt", 2 * 2 + 1), ("phi", 2 + 1)]:
+        reference, ours = pair(FAMILIES[family](), tmp_path / family)
+        assert fastgpt.hf.patch(ours) == swapped
+        assert not any(type(m) is torch.nn.LayerNorm for m in ours.modules())
+        assert any(isinstance(m, fastgpt.nn.LayerNorm) for m in ours.modules())
+        with torch.no_grad():
+            assert_close(ours(idx).logits, reference(idx).logits)
+        assert torch.equal(greedy(ours, idx, mask, max_new_tokens=8), greedy(reference, idx, mask, max_new_tokens=8))
