@@ -23,7 +23,7 @@ import fastgpt
 from fastgpt.ops import attention as ops_attention
 
 NAME = "fastgpt"
-UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux")
+UNSUPPORTED_KWARGS = ("softcap", "s_aux")
 
 
 def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
@@ -40,15 +40,27 @@ def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
     return ops_attention.masked_attention(q, k, v, mask, scale=scale, backend=backend)
 
 
+def check_kwargs(kwargs, mask, Sk: int) -> None:
+    """Refuse the attention variants fastgpt would otherwise silently compute as plain attention."""
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise ValueError(f"attn_implementation='fastgpt' does not support {name}; use 'sdpa' or 'eager'")
+    # transformers puts a sliding window into the mask it builds (sdpa_mask, registered with this
+    # attention) and leaves the mask out only when the window spans every key: then, as for SDPA,
+    # the mask is all there is to it. Without a mask a window shorter than the keys would be lost.
+    window = kwargs.get("sliding_window")
+    if window is not None and mask is None and Sk > window:
+        raise ValueError(f"attn_implementation='fastgpt' got sliding_window={window} over {Sk} keys without a mask "
+                         "to apply it; build the mask with transformers' sdpa_mask (fastgpt.hf.register does)")
+
+
 def make_attention_forward(backend: str = "auto"):
     """The function transformers calls in place of SDPA (same signature and return)."""
 
     def fastgpt_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                   is_causal=None, **kwargs):
         """query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) -> ((B, Sq, Hq, D), None)."""
-        for name in UNSUPPORTED_KWARGS:
-            if kwargs.get(name) is not None:
-                raise ValueError(f"attn_implementation='fastgpt' does not support {name}; use 'sdpa' or 'eager'")
+        check_kwargs(kwargs, attention_mask, key.shape[2])
         if dropout and module.training:
             raise ValueError("attn_implementation='fastgpt' is for inference: no attention dropout (call model.eval())")
         Sq, Sk = query.shape[2], key.shape[2]

@@ -184,6 +184,18 @@ def test_unsupported_kwargs_refused():
         forward(module, q, q, q, None, softcap=30.0)
 
 
+
+
+def test_sliding_window_without_a_mask():
+    """A window over more keys than it spans needs a mask: refused without one (transformers always builds it)."""
+    forward = fastgpt.hf.make_attention_forward(backend="torch")
+    q = torch.randn(1, 2, 5, 8)
+    out, _ = forward(torch.nn.Module(), q, q, q, None, sliding_window=5)  # the window spans every key: causal
+    assert_close(out, F.scaled_dot_product_attention(q, q, q, is_causal=True).transpose(1, 2))
+    with pytest.raises(ValueError, match="sliding_window=4 over 5 keys without a mask"):
+        forward(torch.nn.Module(), q, q, q, None, sliding_window=4)
+
+
 @pytest.mark.parametrize("mask_heads", [1, 4])
 def test_masked_attention_matches_sdpa(mask_heads):
     torch.manual_seed(0)

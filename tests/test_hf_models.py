@@ -64,6 +64,34 @@ def test_same_greedy_generations(family, tmp_path, calls):
     check_same_greedy_generations(FAMILIES[family](), tmp_path, calls)
 
 
+# Windows of 6 keys, under the 14 tokens of padded_batch: Mistral's in every layer, Qwen2's in the
+# first layer only (max_window_layers), Gemma 3's in its sliding layer, beside a full one.
+SLIDING = {
+    "mistral": lambda: transformers.MistralConfig(**tiny(**GQA), sliding_window=6),
+    "qwen2": lambda: transformers.Qwen2Config(**tiny(**GQA), use_sliding_window=True, sliding_window=6,
+                                              max_window_layers=1),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**tiny(**GQA), head_dim=16, sliding_window=6,
+                                                    layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("family", SLIDING)
+def test_sliding_windows(family, tmp_path, calls):
+    """transformers puts a sliding window into the mask (sdpa_mask, as registered), which fastgpt applies."""
+    reference, ours = pair(SLIDING[family](), tmp_path)
+    unwindowed = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="sdpa",
+                                                                   sliding_window=128).eval()
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        expected = reference(idx).logits
+        assert_close(ours(idx).logits, expected)
+        assert calls["masked"] > 0  # a window shorter than the keys comes as a mask, padding or not
+        assert (expected - unwindowed(idx).logits).abs().max() > 0.1  # and the window matters
+    assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
+    static = {"cache_implementation": "static"}  # sliding layers get a cache of the window's size
+    assert torch.equal(greedy(ours, idx, mask, **static), greedy(reference, idx, mask, **static))
+
+
 def test_patch_swaps_layer_norms(tmp_path):
     """GPT-NeoX, OPT and Phi use nn.LayerNorm: patch() swaps them without changing the logits."""
     idx, mask = padded_batch()
