@@ -23,7 +23,19 @@ import fastgpt
 from fastgpt.ops import attention as ops_attention
 
 NAME = "fastgpt"
-UNSUPPORTED_KWARGS = ("softcap", "s_aux")
+INSTEAD = "use attn_implementation='eager' (or 'sdpa' where the model supports it)"
+# Keyword arguments that change attention's math beyond what the kernels compute, and what they are:
+# Gemma 2's soft-capping, gpt-oss's sinks, T5-style relative position biases, and the sparse
+# attention of DeepSeek-V3.2-style indexers, whose key indices transformers folds into the mask
+# only for "eager" and "sdpa".
+UNSUPPORTED_KWARGS = {
+    "softcap": "attention logit soft-capping",
+    "s_aux": "attention sinks",
+    "sinks": "attention sinks",
+    "position_bias": "an additive position bias",
+    "indices": "sparse attention over selected keys",
+    "block_indices": "block-sparse attention",
+}
 
 
 def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
@@ -33,7 +45,9 @@ def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
     attend to nothing returns zeros.
     """
     if mask.dtype != torch.bool:
-        raise ValueError(f"attn_implementation='fastgpt' expects a boolean attention mask, got {mask.dtype}")
+        raise ValueError(f"attn_implementation='fastgpt' expects a boolean attention mask (True = attend, as "
+                         f"transformers' sdpa_mask builds it), got {mask.dtype}: additive masks and biases (ALiBi, "
+                         f"relative positions) are not supported; {INSTEAD}")
     # The cuda kernels take no mask: a model registered with backend="cuda" runs its masked calls
     # as "auto" does, on the Triton kernel where it can run, else on PyTorch (register's docstring).
     backend = "auto" if backend == "cuda" else backend
@@ -42,9 +56,10 @@ def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
 
 def check_kwargs(kwargs, mask, Sk: int) -> None:
     """Refuse the attention variants fastgpt would otherwise silently compute as plain attention."""
-    for name in UNSUPPORTED_KWARGS:
+    for name, what in UNSUPPORTED_KWARGS.items():
         if kwargs.get(name) is not None:
-            raise ValueError(f"attn_implementation='fastgpt' does not support {name}; use 'sdpa' or 'eager'")
+            raise ValueError(f"attn_implementation='fastgpt' does not support {what} (the model passes {name}); "
+                             f"{INSTEAD}")
     # transformers puts a sliding window into the mask it builds (sdpa_mask, registered with this
     # attention) and leaves the mask out only when the window spans every key: then, as for SDPA,
     # the mask is all there is to it. Without a mask a window shorter than the keys would be lost.

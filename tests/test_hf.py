@@ -176,14 +176,13 @@ def test_training_with_dropout_is_refused(tmp_path):
         ours(torch.randint(0, V, (1, 4)))
 
 
-def test_unsupported_kwargs_refused():
+@pytest.mark.parametrize("name", fastgpt.hf.UNSUPPORTED_KWARGS)
+def test_unsupported_kwargs_refused(name):
     forward = fastgpt.hf.make_attention_forward()
-    module = torch.nn.Module()
     q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="softcap"):
-        forward(module, q, q, q, None, softcap=30.0)
-
-
+    forward(torch.nn.Module(), q, q, q, None, **{name: None})  # what models pass when the feature is off
+    with pytest.raises(ValueError, match=f"does not support .*{name}.*'eager'"):
+        forward(torch.nn.Module(), q, q, q, None, **{name: torch.zeros(1)})
 
 
 def test_sliding_window_without_a_mask():
@@ -224,5 +223,5 @@ def test_mask_longer_than_the_keys_is_cut():
 
 def test_masked_attention_refuses_additive_masks():
     q = torch.randn(1, 2, 3, 8)
-    with pytest.raises(ValueError, match="boolean attention mask"):
+    with pytest.raises(ValueError, match="boolean attention mask.*ALiBi.*'eager'"):
         fastgpt.hf.masked_attention(q, q, q, torch.zeros(1, 1, 3, 3), 0.5)

@@ -103,3 +103,21 @@ def test_patch_swaps_layer_norms(tmp_path):
         with torch.no_grad():
             assert_close(ours(idx).logits, reference(idx).logits)
         assert torch.equal(greedy(ours, idx, mask, max_new_tokens=8), greedy(reference, idx, mask, max_new_tokens=8))
+
+
+# Models fastgpt cannot run: each one raises, naming what is unsupported, on its first forward.
+REFUSED = {
+    "gemma2-softcap": (lambda: transformers.Gemma2Config(**tiny(**GQA), head_dim=16, attn_logit_softcapping=50.0),
+                       "soft-capping"),
+    "gpt-oss-sinks": (lambda: transformers.GptOssConfig(**tiny(**GQA), head_dim=16, num_local_experts=2,
+                                                        num_experts_per_tok=1), "attention sinks"),
+}
+
+
+@pytest.mark.parametrize("family", REFUSED)
+def test_refused(family):
+    make_config, what = REFUSED[family]
+    fastgpt.hf.register()
+    model = transformers.AutoModelForCausalLM.from_config(make_config(), attn_implementation="fastgpt").eval()
+    with pytest.raises(ValueError, match=f"fastgpt.*{what}.*use attn_implementation='eager'"), torch.no_grad():
+        model(torch.randint(0, V, (1, 5)))
