@@ -16,6 +16,8 @@ on a GPU, plain PyTorch on CPU).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -103,10 +105,35 @@ def register(name: str = NAME, backend: str = "auto") -> None:
     kernels take no mask.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(name, make_attention_forward(backend))
-    AttentionMaskInterface.register(name, sdpa_mask)
+    AttentionMaskInterface.register(name, make_mask_builder())
+
+
+def make_mask_builder():
+    """transformers' SDPA mask builder, refusing models it would give the wrong attention."""
+    from transformers.masking_utils import sdpa_mask
+
+    def fastgpt_mask(*, config=None, **kwargs):
+        """(B, 1, q_length, kv_length) bool, True = attend; None when causal attention is right."""
+        if config is not None:
+            check_model(config)
+        return sdpa_mask(config=config, **kwargs)
+
+    return fastgpt_mask
+
+
+def check_model(config) -> None:
+    """Refuse models that compute attention themselves instead of calling the AttentionInterface.
+
+    transformers accepts any registered attn_implementation for any model. BLOOM and MPT (ALiBi)
+    would then take fastgpt's boolean mask, or None for causal, as their own additive mask and
+    attend to the wrong keys; their modeling modules never import the interface.
+    """
+    modeling = sys.modules.get(type(config).__module__.replace(".configuration_", ".modeling_"))
+    if modeling is not None and not hasattr(modeling, "ALL_ATTENTION_FUNCTIONS"):
+        raise ValueError(f"attn_implementation='fastgpt' cannot run model type {config.model_type!r}: it computes "
+                         f"attention itself (with ALiBi, say), not through transformers' AttentionInterface; {INSTEAD}")
 
 
 def patch(model: nn.Module, backend: str = "auto") -> int:

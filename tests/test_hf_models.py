@@ -111,6 +111,10 @@ REFUSED = {
                        "soft-capping"),
     "gpt-oss-sinks": (lambda: transformers.GptOssConfig(**tiny(**GQA), head_dim=16, num_local_experts=2,
                                                         num_experts_per_tok=1), "attention sinks"),
+    "bloom-alibi": (lambda: transformers.BloomConfig(**tiny(n_layer=2, hidden_size=64, n_head=4)),
+                    "computes attention itself"),
+    "mpt-alibi": (lambda: transformers.MptConfig(**tiny(n_layers=2, d_model=64, n_heads=4, max_seq_len=128)),
+                  "computes attention itself"),
 }
 
 
