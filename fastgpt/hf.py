@@ -6,12 +6,14 @@
     fastgpt.hf.patch(model)                   # optional: nn.LayerNorm -> fastgpt.nn.LayerNorm
 
 register() adds fastgpt's attention to transformers' AttentionInterface, so every model that
-dispatches attention through that interface (GPT-2, Llama-style GQA models, ...) can use it. It
-also registers the name in the AttentionMaskInterface with transformers' SDPA mask builder, so the
-model hands over a mask exactly when SDPA would get one: None when plain causal attention is
-right (then fastgpt.attention runs), a boolean (B, 1, Sq, Sk) mask when there is padding or a
-static cache (then fastgpt.ops.attention.masked_attention runs: the Triton kernel reading the mask
-on a GPU, plain PyTorch on CPU).
+dispatches attention through that interface (GPT-2, Llama, Mistral, Qwen, Gemma, Phi, GPT-NeoX,
+OPT, ...) can use it. It also registers the name in the AttentionMaskInterface with transformers'
+SDPA mask builder (make_mask_builder), so the model hands over a mask when plain causal attention is
+not right: None for causal attention (then fastgpt.attention runs), a boolean (B, 1, Sq, Sk) mask
+for padding, a static cache or a sliding window (then fastgpt.ops.attention.masked_attention runs:
+the Triton kernel reading the mask on a GPU, plain PyTorch on CPU). What the kernels do not compute
+(soft-capping, attention sinks, position biases, sparse attention, models such as BLOOM that
+compute attention themselves) raises a ValueError rather than giving other numbers.
 """
 
 from __future__ import annotations
@@ -85,12 +87,8 @@ def make_attention_forward(backend: str = "auto"):
             # As transformers' SDPA path: a mask built for a longer cache is cut to the keys given.
             out = masked_attention(query, key, value, attention_mask[..., :Sk], scaling, backend)
         else:
+            # Without a mask (fastgpt_mask's contract) causal attention is aligned bottom-right.
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True)) and Sq > 1
-            if causal and Sk > Sq:
-                # transformers drops the mask for a prefill into an empty static cache and relies on
-                # top-left aligned is_causal; the keys past Sq are unwritten. Bottom-right alignment
-                # (fastgpt's) then needs those keys cut off, as transformers' SDPA path does.
-                key, value = key[:, :, :Sq], value[:, :, :Sq]
             out = fastgpt.attention(query, key, value, causal=causal, scale=scaling, backend=backend)
         return out.transpose(1, 2).contiguous(), None
 
@@ -111,14 +109,20 @@ def register(name: str = NAME, backend: str = "auto") -> None:
 
 
 def make_mask_builder():
-    """transformers' SDPA mask builder, refusing models it would give the wrong attention."""
+    """transformers' SDPA mask builder, with the two differences fastgpt needs (see the comments)."""
     from transformers.masking_utils import sdpa_mask
 
-    def fastgpt_mask(*, config=None, **kwargs):
+    def fastgpt_mask(*, q_length: int, kv_length: int, allow_is_causal_skip: bool = True, config=None, **kwargs):
         """(B, 1, q_length, kv_length) bool, True = attend; None when causal attention is right."""
         if config is not None:
             check_model(config)
-        return sdpa_mask(config=config, **kwargs)
+        # No mask means causal attention aligned bottom-right (as in FlashAttention). sdpa_mask also
+        # leaves the mask out for a prefill into an empty static cache (keys past the queries are
+        # unwritten), counting on SDPA's top-left alignment; so the mask is built there. A model may
+        # then drop leading queries (Gemma 4's KV-shared layers keep the last): bottom-right is right.
+        allow_is_causal_skip = allow_is_causal_skip and q_length in (1, kv_length)
+        return sdpa_mask(q_length=q_length, kv_length=kv_length, allow_is_causal_skip=allow_is_causal_skip,
+                         config=config, **kwargs)
 
     return fastgpt_mask
 

@@ -145,13 +145,32 @@ def test_padded_batches_on_the_triton_kernel(make_config, tmp_path, monkeypatch)
     assert masked_launches == {"attention": 2 + 2, "decode_attention": 2 * 7}  # the prefill, then 7 decode steps
 
 
-def test_static_cache_prefill_without_mask(tmp_path, calls):
-    """transformers drops the mask for a prefill into an empty static cache: the unwritten keys must be cut."""
+def test_static_cache_prefill_gets_a_mask(tmp_path, calls):
+    """sdpa_mask leaves the mask out of a prefill into an empty static cache, for SDPA's top-left causal
+    alignment over the unwritten keys; fastgpt's mask builder builds it."""
     reference, ours = pair(gpt2_config(), tmp_path)
     idx = torch.randint(0, V, (2, 9))
-    kwargs = dict(cache_implementation="static")
-    assert torch.equal(greedy(ours, idx, **kwargs), greedy(reference, idx, **kwargs))
-    assert calls["fused"] >= 2
+    static = {"cache_implementation": "static"}
+    assert torch.equal(greedy(ours, idx, **static), greedy(reference, idx, **static))
+    assert calls == {"masked": 2 * 32}  # the prefill and every decode step, both layers
+
+
+def test_mask_builder():
+    """None (the fused kernel) exactly when bottom-right causal attention is right."""
+    build = fastgpt.hf.make_mask_builder()
+    assert build(batch_size=2, q_length=4, kv_length=4) is None
+    assert build(batch_size=2, q_length=1, kv_length=6) is None  # one query sees every key
+    top_left = torch.ones(4, 6, dtype=torch.bool).tril()  # a prefill of 4 into an empty cache of 6
+    assert torch.equal(build(batch_size=2, q_length=4, kv_length=6), top_left.expand(2, 1, 4, 6))
+
+
+def test_no_mask_is_causal_aligned_bottom_right():
+    """Queries dropped after the mask was left out (Gemma 4's KV-shared layers keep the last ones)."""
+    forward = fastgpt.hf.make_attention_forward(backend="torch")
+    q, k = torch.randn(1, 2, 3, 8), torch.randn(1, 2, 5, 8)
+    out, _ = forward(torch.nn.Module(), q, k, k, None)
+    bottom_right = torch.ones(3, 5, dtype=torch.bool).tril(5 - 3)
+    assert_close(out, F.scaled_dot_product_attention(q, k, k, attn_mask=bottom_right).transpose(1, 2))
 
 
 def test_patch_swaps_layer_norms(tmp_path):

@@ -92,6 +92,25 @@ def test_sliding_windows(family, tmp_path, calls):
     assert torch.equal(greedy(ours, idx, mask, **static), greedy(reference, idx, mask, **static))
 
 
+def gemma4_config():
+    """Gemma 4's last two layers reuse earlier layers' keys and values (KV-shared)."""
+    return transformers.Gemma4TextConfig(**tiny(**{**GQA, "num_hidden_layers": 4}), vocab_size_per_layer_input=V,
+                                         hidden_size_per_layer_input=8, head_dim=16, global_head_dim=16,
+                                         sliding_window=64, num_kv_shared_layers=2,
+                                         layer_types=["sliding_attention", "full_attention"] * 2)
+
+
+def test_gemma4_kv_shared_layers_on_the_last_queries(tmp_path, calls):
+    """With a model other than SDPA, Gemma 4 runs its KV-shared layers on the logits_to_keep last queries
+    only, with the mask built (None: causal) for all of them; causal must then be aligned bottom-right."""
+    reference, ours = pair(gemma4_config(), tmp_path)
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        assert_close(ours(idx, logits_to_keep=4).logits, reference(idx, logits_to_keep=4).logits)
+    assert calls == {"fused": 4}
+    assert torch.equal(greedy(ours, idx, mask), greedy(reference, idx, mask))
+
+
 def test_patch_swaps_layer_norms(tmp_path):
     """GPT-NeoX, OPT and Phi use nn.LayerNorm: patch() swaps them without changing the logits."""
     idx, mask = padded_batch()
