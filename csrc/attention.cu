@@ -255,8 +255,7 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
     cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(ceil_div(p.seqlen_q, BLOCK_M), p.heads_q, p.batch);
-    attention_kernel<T, D><<<grid, kThreads, bytes, stream>>>(p);
-    return cudaGetLastError();
+    return launch_kernel(attention_kernel<T, D>, grid, kThreads, bytes, stream, /*pdl=*/false, p);
 }
 
 template <typename T>

@@ -151,19 +151,20 @@ cudaError_t launch_rows(const LayerNormParams& p, cudaStream_t stream) {
         const dim3 block(32 * kWarpRowsPerBlock);
         const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.rows, kWarpRowsPerBlock)));
         if (vectors <= 32) {
-            layer_norm_kernel<T, VEC, 1, true><<<grid, block, 0, stream>>>(p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 1, true>, grid, block, 0, stream, /*pdl=*/false, p);
         } else if (vectors <= 64) {
-            layer_norm_kernel<T, VEC, 2, true><<<grid, block, 0, stream>>>(p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 2, true>, grid, block, 0, stream, /*pdl=*/false, p);
         } else {
-            layer_norm_kernel<T, VEC, 4, true><<<grid, block, 0, stream>>>(p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 4, true>, grid, block, 0, stream, /*pdl=*/false, p);
         }
     } else if (vectors <= int64_t(kMaxThreads) * kMaxChunks) {
         const int threads = static_cast<int>(ceil_div<int64_t>(ceil_div<int64_t>(vectors, kMaxChunks), 32) * 32);
-        layer_norm_kernel<T, VEC, kMaxChunks, false><<<static_cast<unsigned>(p.rows), threads, 0, stream>>>(p);
+        return launch_kernel(layer_norm_kernel<T, VEC, kMaxChunks, false>, dim3(static_cast<unsigned>(p.rows)),
+                             dim3(threads), 0, stream, /*pdl=*/false, p);
     } else {
-        layer_norm_looped_kernel<T><<<static_cast<unsigned>(p.rows), kMaxThreads, 0, stream>>>(p);
+        return launch_kernel(layer_norm_looped_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(kMaxThreads), 0,
+                             stream, /*pdl=*/false, p);
     }
-    return cudaGetLastError();
 }
 
 template <typename T>
