@@ -84,6 +84,9 @@ __device__ __forceinline__ T block_sum(T x, T* scratch) {
 
 // ----------------------------------------------------------------------------- sm_80 primitives
 
+#if defined(FASTGPT_SIMT)
+#include "simt_ptx.h"  // tests/simt: the host emulator's versions of the same functions
+#else
 // 16-byte asynchronous global -> shared copy; src_bytes == 0 zero-fills the destination without
 // reading global memory (used for rows past the end of a sequence).
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
@@ -137,6 +140,7 @@ __device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const ui
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
+#endif  // FASTGPT_SIMT
 
 // Two floats rounded to T and packed into one 32-bit register (low half = first).
 template <typename T>

@@ -1,0 +1,1 @@
+"""A SIMT emulator that runs csrc/'s CUDA kernels on the CPU for tests (include/simt.h)."""
