@@ -21,6 +21,9 @@
 //     there). Dynamic shared memory is one 227 KB thread_local array (csrc's smem_raw); it is
 //     filled with 0xFF bytes (NaN in fp32/fp16/bf16) before each block, so a read of shared
 //     memory that was never written shows. cp.async copies at once; commit and wait are no-ops.
+//     Uninitialised locals (registers) start as 0xFE bytes (build.py's -ftrivial-auto-var-init).
+//   - mma.sync adds the exact fp32 products to C one k at a time, in fp32 (the tensor cores'
+//     internal order and width differ: results agree to fp32 rounding, not bit for bit).
 //   - A fault (a collective with a partial mask, lanes meeting at different operations, a lane
 //     that returns while its warp waits for it, a misaligned cp.async or ldmatrix, a deadlock:
 //     no fiber can run but some have not returned) ends the launch: the message goes to stderr

@@ -249,7 +249,8 @@ cudaError_t validate(const cudaLaunchConfig_t& c, const void* kernel) {
     if (c.numAttrs > 0 && c.attrs == nullptr) return cudaErrorInvalidValue;
     const dim3 b = c.blockDim, g = c.gridDim;
     const uint64_t threads = uint64_t(b.x) * b.y * b.z;
-    const bool block_ok = b.x >= 1 && b.y >= 1 && b.z >= 1 && b.x <= 1024 && b.y <= 1024 && b.z <= 64 && threads <= 1024;
+    const bool block_ok =
+        b.x >= 1 && b.y >= 1 && b.z >= 1 && b.x <= 1024 && b.y <= 1024 && b.z <= 64 && threads <= 1024;
     const bool grid_ok = g.x >= 1 && g.x <= 0x7FFFFFFFu && g.y >= 1 && g.y <= 65535 && g.z >= 1 && g.z <= 65535;
     const bool smem_ok = c.dynamicSmemBytes <= size_t(max_dynamic_smem(kernel));
     return block_ok && grid_ok && smem_ok ? cudaSuccess : cudaErrorInvalidConfiguration;
@@ -287,7 +288,8 @@ void warp_exchange(const char* op, unsigned mask, Combine combine, const Slot& i
     Block& b = running_block(op);
     Thread& t = *b.current;
     Warp& w = b.warps[t.warp];
-    if (mask != kFullMask) fault(cudaErrorLaunchFailure, "%s with mask 0x%08x: only the full mask is emulated", op, mask);
+    if (mask != kFullMask)
+        fault(cudaErrorLaunchFailure, "%s with mask 0x%08x: only the full mask is emulated", op, mask);
     if (w.lanes != kWarpSize) fault(cudaErrorLaunchFailure, "%s in a warp of %d threads, not 32", op, w.lanes);
     if (w.exited > 0) fault(cudaErrorLaunchFailure, "%s while %d lane(s) of the warp have returned", op, w.exited);
     if (w.arrived == 0) {

@@ -26,7 +26,8 @@ template <bool TRANS>
 void ldmatrix_combine(const Slot (&in)[kWarpSize], Slot (&out)[kWarpSize]) {
     for (int lane = 0; lane < kWarpSize; ++lane) {
         const void* row = from_slot<const void*>(in[lane]);
-        if (!aligned16(row)) fault(cudaErrorMisalignedAddress, "ldmatrix: lane %d's row address %p is not 16-byte aligned", lane, row);
+        if (!aligned16(row))
+            fault(cudaErrorMisalignedAddress, "ldmatrix: lane %d's row address %p is not 16-byte aligned", lane, row);
         check_shared(row, 16, "ldmatrix");
     }
     for (int lane = 0; lane < kWarpSize; ++lane) {
@@ -93,25 +94,29 @@ void mma_combine(const Slot (&in)[kWarpSize], Slot (&out)[kWarpSize]) {
 }  // namespace
 
 void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-    if (src_bytes < 0 || src_bytes > 16) fault(cudaErrorLaunchFailure, "cp.async: src-size %d outside [0, 16]", src_bytes);
+    if (src_bytes < 0 || src_bytes > 16)
+        fault(cudaErrorLaunchFailure, "cp.async: src-size %d outside [0, 16]", src_bytes);
     if (!aligned16(smem) || !aligned16(gmem))
-        fault(cudaErrorMisalignedAddress, "cp.async of 16 bytes from %p to %p: both must be 16-byte aligned", gmem, smem);
+        fault(cudaErrorMisalignedAddress, "cp.async of 16 bytes from %p to %p: both must be 16-byte aligned", gmem,
+              smem);
     check_shared(smem, 16, "cp.async");
     std::memcpy(smem, gmem, size_t(src_bytes));
     std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, size_t(16 - src_bytes));
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
-    const auto words = trans ? collective<std::array<uint32_t, 4>>("ldmatrix.x4.trans", kFullMask, smem, ldmatrix_combine<true>)
-                             : collective<std::array<uint32_t, 4>>("ldmatrix.x4", kFullMask, smem, ldmatrix_combine<false>);
+    using Words = std::array<uint32_t, 4>;
+    const Words words = trans ? collective<Words>("ldmatrix.x4.trans", kFullMask, smem, ldmatrix_combine<true>)
+                              : collective<Words>("ldmatrix.x4", kFullMask, smem, ldmatrix_combine<false>);
     for (int i = 0; i < 4; ++i) r[i] = words[i];
 }
 
 void mma_m16n8k16(MmaType type, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
     const MmaIn in{{a[0], a[1], a[2], a[3]}, {b[0], b[1]}, {d[0], d[1], d[2], d[3]}};
-    const auto out = type == MmaType::kF16
-                         ? collective<std::array<float, 4>>("mma.m16n8k16.f16", kFullMask, in, mma_combine<MmaType::kF16>)
-                         : collective<std::array<float, 4>>("mma.m16n8k16.bf16", kFullMask, in, mma_combine<MmaType::kBF16>);
+    using Floats = std::array<float, 4>;
+    const Floats out = type == MmaType::kF16
+                           ? collective<Floats>("mma.m16n8k16.f16", kFullMask, in, mma_combine<MmaType::kF16>)
+                           : collective<Floats>("mma.m16n8k16.bf16", kFullMask, in, mma_combine<MmaType::kBF16>);
     for (int i = 0; i < 4; ++i) d[i] = out[i];
 }
 
