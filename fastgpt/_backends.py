@@ -174,7 +174,8 @@ def _import_cuda_extension(emulator: str | None):
     else (None, reason)."""
     if emulator:
         try:
-            spec = importlib.util.spec_from_file_location("fastgpt._C", emulator)
+            # Its own module name: CPython hands back a loaded fastgpt._C for a second file of that name.
+            spec = importlib.util.spec_from_file_location("fastgpt_simt._C", emulator)
             if spec is None:
                 raise ImportError(f"not an extension module: {emulator}")
             module = importlib.util.module_from_spec(spec)

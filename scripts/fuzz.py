@@ -10,6 +10,8 @@ drops, see kernels/sampling/).
 
     TRITON_INTERPRET=1 python scripts/fuzz.py --seconds 600          # CPU: Triton's interpreter
     python scripts/fuzz.py --seconds 120 --backends triton,cuda      # on a GPU (bf16 too)
+    FASTGPT_CUDA_EMULATOR=$(python -m tests.simt.build) python scripts/fuzz.py --backends cuda
+                                                      # CPU: the CUDA kernels on tests/simt's emulator
     python scripts/fuzz.py --ops attention --seed 1234 --cases 1     # replay one case
 
 Exits 1 when a case fails, after printing each failure with its seed.
@@ -31,9 +33,9 @@ from fastgpt.bench.checks import compare, ids_in_kept_set
 from fastgpt.ops.linear import linear
 
 
-def _dtypes(device: str) -> list[torch.dtype]:
-    # Triton's interpreter has no bf16 arithmetic
-    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" else [])
+def _dtypes(device: str, backend: str) -> list[torch.dtype]:
+    # Triton's interpreter has no bf16 arithmetic (the CUDA kernels' emulator has)
+    return [torch.float32, torch.float16] + ([torch.bfloat16] if device == "cuda" or backend == "cuda" else [])
 
 
 def _tensor(rng: random.Random, shape, dtype, device, *, scale=1.0, layout=True):
@@ -65,7 +67,7 @@ def _up(t):
 
 def _dtype_and_head_dim(rng: random.Random, device: str, backend: str) -> tuple[torch.dtype, int]:
     """For attention: the cuda kernels take fp16/bf16 and head dims 64 and 128."""
-    dtype = rng.choice(_dtypes(device))
+    dtype = rng.choice(_dtypes(device, backend))
     if backend == "cuda":
         return (torch.float16 if dtype == torch.float32 else dtype), rng.choice([64, 128])
     return dtype, rng.choice([16, 32, 40, 64, 80, 96, 128] + ([8, 256] if device == "cuda" else []))
@@ -99,7 +101,7 @@ def decode_case(rng, device, backend):
 
 
 def layer_norm_case(rng, device, backend):
-    dtype = rng.choice(_dtypes(device))
+    dtype = rng.choice(_dtypes(device, backend))
     M = rng.choice([1, rng.randint(1, 70)])
     N = rng.choice([rng.randint(1, 3000), rng.choice([768, 1024, 1600, 4096])])
     x = _tensor(rng, (M, N), dtype, device, scale=3.0)
@@ -115,7 +117,7 @@ def layer_norm_case(rng, device, backend):
 
 
 def linear_case(rng, device, backend):
-    dtype = rng.choice(_dtypes(device))
+    dtype = rng.choice(_dtypes(device, backend))
     M, K, N = rng.randint(1, 20), rng.randint(1, 300), rng.randint(1, 300)
     x = _tensor(rng, (M, K), dtype, device, scale=2.0)
     weight = _tensor(rng, (N, K), dtype, device, scale=1 / math.sqrt(K))
@@ -133,7 +135,7 @@ def linear_case(rng, device, backend):
 
 
 def sample_case(rng, device, backend):
-    dtype = rng.choice(_dtypes(device))
+    dtype = rng.choice(_dtypes(device, backend))
     B = rng.choice([1, rng.randint(1, 40)])
     V = rng.choice([rng.randint(2, 5000), 50257] if device == "cuda" else [rng.randint(2, 3000)])
     logits = _tensor(rng, (B, V), dtype, device, scale=rng.choice([1.0, 4.0]))
