@@ -7,6 +7,8 @@ poisoned, and once more with the fibers of each block run in reverse order: a re
 depends on that order is a race between two barriers.
 """
 
+import collections
+import importlib
 import shutil
 
 import pytest
@@ -40,7 +42,7 @@ def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 def test_the_backend_takes_cpu_tensors_only_under_the_emulator(monkeypatch):
     try:  # a process that loaded the installed extension first (CPython caches it by name)
-        import fastgpt._C  # noqa: F401
+        importlib.import_module("fastgpt._C")
     except ImportError:
         pass
     assert _backends.cuda_extension().archs == "simt"
@@ -197,7 +199,7 @@ def test_draws_follow_the_filtered_distribution():
     scipy_stats = pytest.importorskip("scipy.stats")
     V, n = 12, 2500
     row = _randn(1, V, scale=1.5)
-    params = dict(temperature=0.8, top_k=9, top_p=0.95)
+    params = {"temperature": 0.8, "top_k": 9, "top_p": 0.95}
     probs = torch.softmax(reference.filter_logits(row, *_row_params(1, **params)), dim=-1)[0].double()
     draws = fastgpt.sample(row.expand(n, V), generator=torch.Generator().manual_seed(1), backend="cuda", **params)
     counts = torch.bincount(draws, minlength=V).double()
@@ -288,3 +290,39 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
     monkeypatch.setenv("FASTGPT_SIMT_SCHEDULE", "reverse")
     for got, want in zip(run(), forward, strict=True):
         assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- GPT-2
+
+
+def test_gpt2_generates_on_the_cuda_kernels(monkeypatch):
+    """GPT-2 (fp16, left-padded batch) with every op on the cuda backend (its matmuls stay
+    PyTorch's): prefill attention, decode attention over the static cache, the LayerNorms and the
+    sampler all run on the extension, and greedy decoding gives the torch backend's tokens."""
+    from fastgpt.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=2))  # head dim 64
+    for p in model.parameters():
+        p.data.normal_(0, 0.08 if p.dim() > 1 else 0.3)
+    model = model.half().eval()
+    idx = torch.randint(0, 256, (3, 9))
+    mask = torch.ones_like(idx)
+    mask[1, :3] = mask[2, :8] = 0
+    model.backend = "torch"
+    want = model.generate(idx, 12, attention_mask=mask)
+
+    calls, ext = collections.Counter(), _backends.cuda_extension()
+
+    class Counted:  # the extension, counting its calls
+        def __getattr__(self, name):
+            calls[name] += 1
+            return getattr(ext, name)
+
+    monkeypatch.setattr(_backends, "cuda_extension", Counted)
+    model.backend = "cuda"
+    assert torch.equal(model.generate(idx, 12, attention_mask=mask), want)
+    # 2 layers: the prefill's attention and 11 decode steps' (the 12th token needs no forward), and
+    # 2 LayerNorms a layer plus ln_f a forward; one draw a token
+    ops = {name: calls[name] for name in ("attention", "decode_attention", "layer_norm", "sample")}
+    assert ops == {"attention": 2, "decode_attention": 2 * 11, "layer_norm": 5 * 12, "sample": 12}
