@@ -12,6 +12,10 @@
 #include "fiber.h"
 #include "runtime.h"
 
+#if defined(SIMT_ASAN)
+#include <sanitizer/asan_interface.h>
+#endif
+
 // csrc's kernels declare their dynamic shared memory as `extern __shared__ unsigned char
 // smem_raw[]` in namespace fastgpt; with __shared__ = thread_local, that names this array.
 namespace fastgpt {
@@ -161,6 +165,9 @@ Block& running_block(const char* op) {
 // The running thread gives the OS thread back to the scheduler until resumed.
 void yield(Block& b, Thread& t) { switch_context(t.context, b.scheduler); }
 
+// The running thread gives the OS thread back to the scheduler for good (it returned or faulted).
+[[noreturn]] void leave(Block& b, Thread& t) { exit_context(t.context, b.scheduler); }
+
 void open_barrier(Block& b) {
     for (Thread& t : b.threads) {
         if (t.state != State::kBarrier) continue;
@@ -180,8 +187,7 @@ void open_barrier(Block& b) {
     --b.live;
     ++w.exited;
     if (b.at_barrier > 0 && b.at_barrier == b.live) open_barrier(b);  // it no longer counts
-    yield(b, t);
-    __builtin_unreachable();  // a returned thread is never resumed
+    leave(b, t);
 }
 
 // Every fiber starts here.
@@ -243,6 +249,17 @@ bool run_block(Block& b, Schedule& schedule, uint64_t block_index) {
     }
 }
 
+// In the memcheck build, smem_raw past the launch's dynamic shared memory is poisoned: a kernel
+// that reads or writes beyond what it was launched with gets an AddressSanitizer report.
+void fence_dynamic_smem(size_t bytes) {
+#if defined(SIMT_ASAN)
+    ASAN_UNPOISON_MEMORY_REGION(fastgpt::smem_raw, bytes);
+    ASAN_POISON_MEMORY_REGION(fastgpt::smem_raw + bytes, kMaxDynamicSmem - bytes);
+#else
+    (void)bytes;
+#endif
+}
+
 // cudaErrorInvalidConfiguration for what CUDA refuses to launch; cudaSuccess otherwise.
 cudaError_t validate(const cudaLaunchConfig_t& c, const void* kernel) {
     if (kernel == nullptr) return cudaErrorInvalidDeviceFunction;
@@ -261,16 +278,17 @@ cudaError_t validate(const cudaLaunchConfig_t& c, const void* kernel) {
 // ----------------------------------------------------------------------------- simt.h
 
 void fault(int error, const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    const std::string message = format(fmt, args);
-    va_end(args);
     Block& b = running_block("simt::fault");
+    {  // the strings are freed before the thread leaves: its frames are never unwound
+        va_list args;
+        va_start(args, fmt);
+        const std::string message = format(fmt, args);
+        va_end(args);
+        b.fault_message = where(b, b.current) + message;
+    }
     b.faulted = true;
     b.fault_error = static_cast<cudaError_t>(error);
-    b.fault_message = where(b, b.current) + message;
-    yield(b, *b.current);
-    __builtin_unreachable();  // a faulted launch never resumes its threads
+    leave(b, *b.current);  // a faulted launch never resumes its threads
 }
 
 int sync_block(int predicate, const char* op) {
@@ -332,6 +350,7 @@ cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, KernelB
     b.body = body;
     b.kernel = kernel;
     b.dynamic_smem = config.dynamicSmemBytes;
+    fence_dynamic_smem(b.dynamic_smem);
     gridDim = config.gridDim;
     blockDim = config.blockDim;
     t_running = &b;
