@@ -32,9 +32,16 @@
 //
 // Limits
 //   - Races show up only as order dependence: nothing records which thread touched what.
-//   - No memory checking: out-of-bounds global accesses read or corrupt host memory (or
-//     segfault); shared memory is bounds-checked only for cp.async and ldmatrix into the dynamic
-//     window. Static __shared__ variables keep their contents from the block before.
+//   - Memory is checked only in the memcheck build (build.py's sanitize=True, AddressSanitizer;
+//     README.md). There, a global access past the end (or before the start) of a tensor that
+//     lands in its allocation's redzone is reported, and so is an access to dynamic shared
+//     memory past the launch's dynamicSmemBytes (the rest of smem_raw is poisoned). Not caught:
+//     an access that jumps the redzone into another live allocation, one past the valid part of
+//     a tensor but inside it, and overruns of static __shared__ arrays (thread_locals, which ASan
+//     gives no redzones). In the default build, out-of-bounds global accesses read or corrupt
+//     host memory (or segfault); shared memory is bounds-checked only for cp.async and ldmatrix
+//     into the dynamic window. Static __shared__ variables keep their contents from the block
+//     before.
 //   - Warp collectives are matched by kind, not by call site: divergent lanes that reach two
 //     different __shfl_xor_sync calls are not told apart. Only full masks (0xffffffff) and warps
 //     of 32 threads are supported.
