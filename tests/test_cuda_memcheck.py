@@ -12,15 +12,18 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
-from tests.simt import build
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def memcheck_env():
     """The environment of a child process that runs the memcheck build (built once, then cached)."""
+    from tests.simt import build
+
     if shutil.which(build.CXX) is None:
         pytest.skip(f"the memcheck build needs a C++ compiler ({build.CXX} is not on the PATH)")
     runtime = build.asan_runtime()
@@ -33,7 +36,7 @@ def _cases(env, *args: str) -> subprocess.CompletedProcess:
     # sys.executable, not a `python` on the PATH: that may be a shell script (pyenv), whose shell
     # would run under libasan too.
     cmd = [sys.executable, "-m", "tests.simt.memcheck_cases", *args]
-    return subprocess.run(cmd, cwd=build.ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
 
 
 def test_every_kernel_stays_within_its_tensors(memcheck_env):
