@@ -5,6 +5,7 @@ set here, before any test module imports a kernel (Triton reads it when a kernel
 """
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -47,3 +48,22 @@ def poisoned_empty(monkeypatch):
 
     empty = torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+
+
+@pytest.fixture(scope="session")
+def simt_module():
+    """The host build of fastgpt._C on the SIMT emulator (tests/simt/), built once a session
+    (and cached under build/ between sessions)."""
+    if shutil.which("g++") is None:
+        pytest.skip("the SIMT emulator needs g++")
+    from tests.simt import build
+
+    return build.build()
+
+
+@pytest.fixture
+def cuda_emulator(simt_module, monkeypatch):
+    """backend="cuda" takes CPU tensors in this test: csrc's kernels on the SIMT emulator."""
+    from fastgpt import _backends
+
+    monkeypatch.setenv(_backends.EMULATOR_ENV_VAR, str(simt_module))

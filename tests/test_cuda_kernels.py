@@ -14,7 +14,6 @@ to write fails.
 import collections
 import importlib
 import importlib.util
-import shutil
 
 import pytest
 import torch
@@ -37,22 +36,14 @@ def on_gpu(*cases):
     return list(cases) if HAS_CUDA else []
 
 
-@pytest.fixture(scope="module", autouse=True)
-def extension():
-    """The built fastgpt._C on a GPU; on a CPU, the emulator's host build of it (built once, then
-    cached under build/), made current for this module."""
+@pytest.fixture(autouse=True)
+def extension(request):
+    """The built fastgpt._C on a GPU; on a CPU, the emulator's host build of it (conftest.py)."""
     if HAS_CUDA:
         if importlib.util.find_spec("fastgpt._C") is None:
             pytest.skip("fastgpt._C is not built")
-        yield
-        return
-    if shutil.which("g++") is None:
-        pytest.skip("the SIMT emulator needs g++")
-    from tests.simt import build
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(_backends.EMULATOR_ENV_VAR, str(build.build()))
-        yield
+    else:
+        request.getfixturevalue("cuda_emulator")
 
 
 @pytest.fixture(autouse=True)

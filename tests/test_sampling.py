@@ -352,7 +352,10 @@ def test_gpu_sample_batches(B):
 BACKENDS = ["torch", "triton", "cuda"]
 
 
-def _skip_unavailable(backend, device):
+def _skip_unavailable(backend, device, request):
+    """Skip where `backend` cannot run on `device`; the cuda backend on a CPU runs on the emulator."""
+    if backend == "cuda" and device == "cpu":
+        request.getfixturevalue("cuda_emulator")
     reason = _backends.why_not(backend, torch.device(device))
     if reason:
         pytest.skip(reason)
@@ -384,17 +387,17 @@ LOGITS = torch.tensor([[2.0, 1.5, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -2.0, NEG_INF]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chi_square_filtered(backend, device):
+def test_chi_square_filtered(backend, device, request):
     """Every filter bites: top-k cuts the two lowest finite logits, top-p two more, min-p one."""
-    _skip_unavailable(backend, device)
-    draws = 300 if backend == "triton" and device == "cpu" else 20000
+    _skip_unavailable(backend, device, request)
+    draws = 20000 if device == "cuda" or backend == "torch" else 300  # the interpreter, the emulator: fewer
     _chi_square(backend, device, LOGITS, draws, temperature=0.8, top_k=7, top_p=0.95, min_p=0.2)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_chi_square_temperature_only(backend, device):
-    _skip_unavailable(backend, device)
-    draws = 400 if backend == "triton" and device == "cpu" else 20000
+def test_chi_square_temperature_only(backend, device, request):
+    _skip_unavailable(backend, device, request)
+    draws = 20000 if device == "cuda" or backend == "torch" else 400
     _chi_square(backend, device, LOGITS[:, :8], draws, temperature=1.7)
 
 
@@ -408,13 +411,13 @@ def test_gpu_chi_square_large_batch():
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point: x / t overflows
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("top_k", [[50, 50, 50, 1], [0, 50, 0, 1]], ids=["candidates", "searches"])
-def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k):
+def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k, request):
     """Where a row's largest x / t overflows (a tiny temperature, or huge logits), every entry below
     the row's maximum has probability exactly 0: each backend draws uniformly among the entries
     tied at the maximum, with top-k, top-p (too loose to split the tie group, where Hugging Face's
     unstable sort would keep part of it) and min-p on. (A top_k known below 256 for every row
     takes the kernels' candidate path, which hands such rows to the searching code.)"""
-    _skip_unavailable(backend, device)
+    _skip_unavailable(backend, device, request)
     g = torch.Generator().manual_seed(3)
     V = 128
     n = 4 if backend == "triton" and device == "cpu" else 40  # draws a row (40: missing a tie ~3e-7)
@@ -446,8 +449,8 @@ def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_reproducible_under_a_seed(backend, device):
-    _skip_unavailable(backend, device)
+def test_reproducible_under_a_seed(backend, device, request):
+    _skip_unavailable(backend, device, request)
     logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(0)).to(device)
 
     def draw(seed):
