@@ -133,3 +133,34 @@ def test_compiled_graph_holds_the_registered_ops():
     torch.testing.assert_close(a, fastgpt.attention(q, q, q, causal=True, backend="triton"))
     torch.testing.assert_close(y, fastgpt.layer_norm(x, w, None, residual=r, backend="triton")[0])
     torch._dynamo.reset()
+
+
+def test_compile_fullgraph_through_the_cuda_backend(device, request):
+    """The cuda backend's ops trace as registered ops too (on a CPU: csrc's kernels on the emulator)."""
+    if device == "cpu":
+        request.getfixturevalue("cuda_emulator")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(fullgraph=True, backend=counter)
+    def step(q, k, lens, x, r, logits):
+        return (fastgpt.attention(q, k, k, causal=True, backend="cuda"),
+                fastgpt.decode_attention(q[:, :, :1], k, k, lens, backend="cuda"),
+                fastgpt.layer_norm(x, None, None, residual=r, backend="cuda")[0],
+                fastgpt.sample(logits, temperature=0.0, backend="cuda"))  # fmt: skip
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, H, 9, 64, generator=g).half().to(device) for H in (4, 2))
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=device)
+    x, r, logits = (torch.randn(3, n, generator=g).to(device) for n in (96, 96, 300))
+    outs = step(q, k, lens, x, r, logits)
+    code = counter.graphs[0].code
+    assert all(f"torch.ops.fastgpt.{op}" in code for op in ("attention", "decode_attention", "add_layer_norm"))
+    eager = (fastgpt.attention(q, k, k, causal=True, backend="cuda"),
+             fastgpt.decode_attention(q[:, :, :1], k, k, lens, backend="cuda"),
+             fastgpt.layer_norm(x, None, None, residual=r, backend="cuda")[0],
+             fastgpt.sample(logits, temperature=0.0, backend="cuda"))  # fmt: skip
+    for got, want in zip(outs, eager, strict=True):
+        assert torch.equal(got, want)
+    torch._dynamo.reset()
