@@ -279,8 +279,12 @@ def runs_on_triton(op: str, backend: str, device: torch.device) -> bool:
 
 def report() -> dict[str, str]:
     """Backend name -> "available" or the reason it is not, for `fastgpt info`."""
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return {name: why_not(name, device) or f"available ({device.type})" for name in BACKENDS[1:]}
+    emulating = emulating_cuda()
+    device = torch.device("cuda" if torch.cuda.is_available() and not emulating else "cpu")
+    report = {name: why_not(name, device) or f"available ({device.type})" for name in BACKENDS[1:]}
+    if emulating and why_not("cuda", device) is None:
+        report["cuda"] = f"available (cpu: csrc's kernels on the SIMT emulator, {EMULATOR_ENV_VAR})"
+    return report
 
 
 @functools.cache

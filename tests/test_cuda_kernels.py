@@ -73,6 +73,7 @@ def test_the_backend_takes_cpu_tensors_only_under_the_emulator(monkeypatch):
         pass
     assert _backends.cuda_extension().archs == "simt"
     assert _backends.why_not("cuda", torch.device("cpu")) is None
+    assert "SIMT emulator" in _backends.report()["cuda"]  # fastgpt info
     monkeypatch.delenv(_backends.EMULATOR_ENV_VAR)
     assert _backends.why_not("cuda", torch.device("cpu"))  # CUDA tensors needed, or _C not built
     with pytest.raises(fastgpt.BackendUnavailableError, match="cuda"):
