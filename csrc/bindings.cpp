@@ -34,6 +34,8 @@ void require(bool ok, const char* kernel, Args&&... message) {
 
 void check_cuda(cudaError_t err, const char* kernel) {
     if (err == cudaSuccess) return;
+    // Clear it too: torch checks cudaGetLastError after its own launches and would raise it there.
+    (void)cudaGetLastError();
     throw std::runtime_error(std::string("fastgpt._C.") + kernel + ": CUDA error " + cudaGetErrorName(err) + ": " +
                              cudaGetErrorString(err));
 }
