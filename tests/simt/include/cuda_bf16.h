@@ -2,8 +2,8 @@
 // an fp32) and exact round-to-nearest-even conversions from float.
 #pragma once
 
+#include <bit>
 #include <cstdint>
-#include <cstring>
 
 struct __nv_bfloat16 {
     unsigned short __x;
@@ -15,16 +15,10 @@ struct alignas(4) __nv_bfloat162 {
 
 static_assert(sizeof(__nv_bfloat16) == 2 && sizeof(__nv_bfloat162) == 4);
 
-inline float __bfloat162float(__nv_bfloat16 h) {
-    const uint32_t bits = uint32_t(h.__x) << 16;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
+inline float __bfloat162float(__nv_bfloat16 h) { return std::bit_cast<float>(uint32_t(h.__x) << 16); }
 
 inline __nv_bfloat16 __float2bfloat16_rn(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
+    uint32_t bits = std::bit_cast<uint32_t>(f);
     if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return __nv_bfloat16{0x7FFFu};  // NaN: CUDA's canonical NaN
     // Adding 0x7FFF plus the lowest kept bit rounds the dropped half to nearest, ties to even;
     // a carry runs into the exponent (up to inf) as it should.

@@ -2,8 +2,8 @@
 // in __x) and exact round-to-nearest-even conversions from float.
 #pragma once
 
+#include <bit>
 #include <cstdint>
-#include <cstring>
 
 struct __half {
     unsigned short __x;
@@ -26,9 +26,7 @@ inline float __half2float(__half h) {
         const float magnitude = float(mantissa) * 5.9604644775390625e-08f;
         return sign ? -magnitude : magnitude;
     }
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
+    return std::bit_cast<float>(bits);
 }
 
 // Rounds `value` >> shift to nearest, ties to even (shift >= 1).
@@ -38,8 +36,7 @@ inline uint32_t __simt_shift_rne(uint32_t value, int shift) {
 }
 
 inline __half __float2half_rn(float f) {
-    uint32_t bits;
-    std::memcpy(&bits, &f, 4);
+    const uint32_t bits = std::bit_cast<uint32_t>(f);
     const unsigned short sign = (bits >> 16) & 0x8000u;
     const uint32_t a = bits & 0x7FFFFFFFu;
     uint32_t h;

@@ -4,8 +4,8 @@
 
 #include <math.h>
 
+#include <bit>
 #include <cstdint>
-#include <cstring>
 
 #include "cuda_runtime_api.h"
 #include "simt.h"
@@ -157,16 +157,8 @@ inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) 
 inline int __ffs(int x) { return __builtin_ffs(x); }
 inline int __popc(unsigned x) { return __builtin_popcount(x); }
 
-inline unsigned __float_as_uint(float x) {
-    unsigned u;
-    std::memcpy(&u, &x, 4);
-    return u;
-}
-inline float __uint_as_float(unsigned u) {
-    float x;
-    std::memcpy(&x, &u, 4);
-    return x;
-}
+inline unsigned __float_as_uint(float x) { return std::bit_cast<unsigned>(x); }
+inline float __uint_as_float(unsigned u) { return std::bit_cast<float>(u); }
 
 // cvt.rni.u64.f32: nearest, ties to even; NaN and negatives give 0, too large saturates.
 inline unsigned long long __float2ull_rn(float x) {
