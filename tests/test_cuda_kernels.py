@@ -32,7 +32,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 
 def on_gpu(*cases):
-    """Cases for the GPU only: the emulator runs a block per fiber scheduler turn, far slower."""
+    """Cases for the GPU only: the emulator runs one thread at a time, thousands of times slower."""
     return list(cases) if HAS_CUDA else []
 
 
@@ -58,7 +58,6 @@ def _randn(*shape, dtype=torch.float32, seed=0, scale=1.0):
 
 def _gen(seed):
     return torch.Generator(DEVICE).manual_seed(seed)
-
 
 
 def _tensor(values, dtype=None):
