@@ -105,7 +105,8 @@ def test_attention_matches_reference(shape, causal, D, dtype):
 
 @pytest.mark.parametrize("dtype", HALF)
 def test_attention_rows_that_see_no_key_are_zero(dtype):
-    q, k, v = _randn(1, 2, 90, 64, dtype=dtype), _randn(1, 2, 20, 64, dtype=dtype, seed=1), _randn(1, 2, 20, 64, dtype=dtype, seed=2)
+    q = _randn(1, 2, 90, 64, dtype=dtype)
+    k, v = _randn(1, 2, 20, 64, dtype=dtype, seed=1), _randn(1, 2, 20, 64, dtype=dtype, seed=2)
     out = fastgpt.attention(q, k, v, causal=True, backend="cuda")
     assert torch.equal(out[:, :, :70], torch.zeros_like(out[:, :, :70]))  # row i sees keys j <= i - 70
 
@@ -158,7 +159,8 @@ def test_decode_splits_the_long_cache_on_the_emulator():
 
 @pytest.mark.parametrize("Smax", [50, 4096])
 def test_decode_lengths_are_clamped_on_the_device(Smax):
-    q, k, v = _randn(5, 4, 1, 128, dtype=torch.bfloat16), _randn(5, 2, Smax, 128, dtype=torch.bfloat16, seed=1), _randn(5, 2, Smax, 128, dtype=torch.bfloat16, seed=2)
+    q = _randn(5, 4, 1, 128, dtype=torch.bfloat16)
+    k, v = (_randn(5, 2, Smax, 128, dtype=torch.bfloat16, seed=s) for s in (1, 2))
     lens = _tensor([0, -7, Smax + 100, 1, Smax], torch.int32)
     out = fastgpt.decode_attention(q, k, v, lens, backend="cuda")
     expected = reference.decode_attention(q.float(), k.float(), v.float(), lens)
@@ -385,10 +387,12 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
 def test_all_ops_capture_and_replay_in_a_cuda_graph():
-    q, k, v = _randn(2, 4, 70, 64, dtype=torch.bfloat16), _randn(2, 2, 70, 64, dtype=torch.bfloat16, seed=1), _randn(2, 2, 70, 64, dtype=torch.bfloat16, seed=2)
+    q = _randn(2, 4, 70, 64, dtype=torch.bfloat16)
+    k, v = (_randn(2, 2, 70, 64, dtype=torch.bfloat16, seed=s) for s in (1, 2))
     kc, vc = _randn(2, 2, 4096, 64, dtype=torch.bfloat16, seed=3), _randn(2, 2, 4096, 64, dtype=torch.bfloat16, seed=4)
     lens = torch.tensor([10, 4000], dtype=torch.int32, device="cuda")
-    x, r, w = _randn(8, 768, dtype=torch.bfloat16, seed=5), _randn(8, 768, dtype=torch.bfloat16, seed=6), _randn(768, seed=7)
+    x, r = (_randn(8, 768, dtype=torch.bfloat16, seed=s) for s in (5, 6))
+    w = _randn(768, seed=7)
     logits = _randn(4, 5000, seed=8)
 
     def step():
