@@ -1,5 +1,6 @@
 """scripts/fuzz.py, the random-case check of every kernel op against the reference: a few cases
-here (Triton's interpreter on CPU); run it for minutes by hand (its docstring says how)."""
+here (on CPU: Triton's interpreter, and the CUDA kernels on tests/simt's emulator); run it for
+minutes by hand (its docstring says how)."""
 
 import os
 import subprocess
@@ -8,8 +9,8 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
 
-def _fuzz(*args):
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+def _fuzz(*args, **env_vars):
+    env = {**os.environ, "TRITON_INTERPRET": "1", **env_vars}
     return subprocess.run([sys.executable, "scripts/fuzz.py", *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
 
@@ -18,6 +19,13 @@ def test_fuzz_cases_pass():
     proc = _fuzz("--cases", "5", "--seed", "0")  # one case of each op
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "5 cases on cpu, 0 failed" in proc.stdout
+
+
+def test_fuzz_cases_pass_on_the_cuda_kernels(simt_module):
+    proc = _fuzz("--cases", "40", "--seed", "0", "--backends", "cuda", "--ops", "attention,decode,layer_norm,sample",
+                 FASTGPT_CUDA_EMULATOR=str(simt_module))  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "40 cases on cpu, 0 failed" in proc.stdout
 
 
 def test_fuzz_reports_a_failure_with_its_replay():
