@@ -11,9 +11,16 @@ malloc for those bytes, and ASan's redzone starts right after them), or a stride
 element is the last of its storage. A case also checks that the kernel was handed those tensors
 themselves, not copies the ops layer made of them.
 
+`--backend triton` runs the Triton kernels instead, in Triton's interpreter (TRITON_INTERPRET=1,
+whose loads and stores are memcpy calls that ASan checks; no sanitized build, only the preload):
+fp32 and fp16, more head dims, and the Triton-only ops (masked_attention, fastgpt.ops.linear,
+kernels/advance.py's launchers, each sampling path), at lengths the interpreter runs in about a
+minute. tests/test_triton_memcheck.py runs that.
+
 `--oob layer_norm|sample` instead calls the raw binding (fastgpt_simt._C) with a shape larger than
-the tensor it points at, which the ops layer would refuse: the kernel reads past the end, and
-ASan must say so (the test of the checker itself).
+the tensor it points at, which the ops layer would refuse (with --backend triton: launches the
+Triton kernel itself so): the kernel reads past the end, and ASan must say so (the test of the
+checker itself).
 """
 
 from __future__ import annotations
@@ -24,17 +31,48 @@ import itertools
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import fastgpt
 from fastgpt import _backends
-from fastgpt.ops import _cuda
+from fastgpt.ops.attention import masked_attention
+from fastgpt.ops.decode import decode_step_attention
+from fastgpt.ops.linear import linear
 
 HALF = (torch.float16, torch.bfloat16)
 FLOATS = (torch.float32, *HALF)
 KERNEL_ENTRIES = ("attention", "decode_attention", "layer_norm", "sample")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A backend's share of the cases: its dtypes (the interpreter has no bf16 arithmetic) and
+    head dims, and, the interpreter being slow, its longer lengths cut short."""
+
+    backend: str
+    floats: tuple  # layer_norm's and sample's dtypes; the last one also takes the strided views
+    attention_dtypes: tuple
+    head_dims: tuple
+    decode_max: int  # decode cases of longer caches are left out
+    layer_norm_n: tuple
+    vocabs: tuple
+    dims_per_case: int  # head dims each attention and decode shape takes (in turn)
+
+    def dims(self, i: int) -> tuple:
+        """The head dims of the i-th shape."""
+        n = len(self.head_dims)
+        return tuple(self.head_dims[(i * self.dims_per_case + j) % n] for j in range(self.dims_per_case))
+
+
+# layer_norm's N: cuda's warp per row up to 128 vectors, block per row up to 4096, then its looped
+# kernel; triton's rows in registers up to 16384 (MAX_FUSED_N), then its chunked kernel.
+CUDA = Target("cuda", FLOATS, HALF, (64, 128), 1 << 30, (1, 7, 768, 1024, 1025, 5000, 32768, 40000),
+              (1, 3, 1023, 1025, 50257), 2)  # fmt: skip
+TRITON = Target("triton", (torch.float32, torch.float16), (torch.float32, torch.float16), (16, 40, 80, 256), 700,
+                (1, 7, 768, 1025, 16384, 16385, 40000), (1, 3, 1025), 2)  # fmt: skip
 
 
 def exact(*shape, dtype=torch.float32, seed=0, scale=1.0) -> torch.Tensor:
@@ -51,14 +89,17 @@ def ending_view(shape, strides, *, offset=0, dtype=torch.float32, seed=0) -> tor
 
 
 class Checker:
-    """Runs the cases: wraps the extension's kernel entry points (in this process's module) to
-    record the integers they are called with, so that each case can check that its inputs
-    reached a kernel themselves."""
+    """Runs the cases for one target: records what its kernels are called with (the cuda
+    extension's entry points in this process's module, wrapped; or every interpreted Triton
+    launch), so that each case can check that its inputs reached a kernel themselves."""
 
-    def __init__(self, ext, verbose: bool):
+    def __init__(self, target: Target, ext, verbose: bool):
+        self.target, self.backend = target, target.backend
         self.args: list[int] = []
         self.count, self.verbose = 0, verbose
-        for name in KERNEL_ENTRIES:
+        if ext is None:
+            self._record_triton_launches()
+        for name in KERNEL_ENTRIES if ext is not None else ():
             setattr(ext, name, self._recording(getattr(ext, name)))
 
     def _recording(self, entry):
@@ -67,6 +108,18 @@ class Checker:
             return entry(*args)
 
         return call
+
+    def _record_triton_launches(self) -> None:
+        """Patches the interpreter's launch (in this process only) to record its tensors' data pointers."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        run = InterpretedFunction.run
+
+        def recording_run(fn, *args, **kwargs):
+            self.args += [a.data_ptr() for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            return run(fn, *args, **kwargs)
+
+        InterpretedFunction.run = recording_run
 
     @contextlib.contextmanager
     def case(self, name: str, *inputs: torch.Tensor):
@@ -95,22 +148,44 @@ ATTENTION_SHAPES = [  # B, Hq, Hkv, Sq, Sk: lengths off the 64-row tiles, Sq != 
 
 
 def attention_cases(check: Checker):
-    for B, Hq, Hkv, Sq, Sk in ATTENTION_SHAPES:
-        for dtype, D, causal in itertools.product(HALF, (64, 128), (False, True)):
+    backend, view_dtype = check.backend, check.target.attention_dtypes[-1]
+    for i, (B, Hq, Hkv, Sq, Sk) in enumerate(ATTENTION_SHAPES):
+        for dtype, D, causal in itertools.product(check.target.attention_dtypes, check.target.dims(i), (False, True)):
             q = exact(B, Hq, Sq, D, dtype=dtype)
             k, v = exact(B, Hkv, Sk, D, dtype=dtype, seed=1), exact(B, Hkv, Sk, D, dtype=dtype, seed=2)
             with check.case(f"attention B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} D{D} {dtype} causal={causal}", q, k, v):
-                _finite(fastgpt.attention(q, k, v, causal=causal, backend="cuda"))
+                _finite(fastgpt.attention(q, k, v, causal=causal, backend=backend))
     for S, D in ((17, 128), (65, 64)):  # (B, S, 3, H, D) from a fused projection: v ends its storage
         H = 2
-        qkv = ending_view((1, S, 3, H, D), (S * 3 * H * D, 3 * H * D, H * D, D, 1), dtype=torch.bfloat16)
+        qkv = ending_view((1, S, 3, H, D), (S * 3 * H * D, 3 * H * D, H * D, D, 1), dtype=view_dtype)
         q, k, v = (qkv[:, :, i].transpose(1, 2) for i in range(3))
         with check.case(f"attention fused-qkv views S{S} D{D}", q, k, v):
-            _finite(fastgpt.attention(q, k, v, causal=True, backend="cuda"))
+            _finite(fastgpt.attention(q, k, v, causal=True, backend=backend))
     q, kv = exact(3, 4, 33, 64, dtype=torch.float16), exact(1, 2, 70, 64, dtype=torch.float16, seed=1)
     k = kv.expand(3, 2, 70, 64)  # batch stride 0: every row reads the one cache
     with check.case("attention k = v expanded over the batch", q, kv):
-        _finite(fastgpt.attention(q, k, k, causal=True, backend="cuda"))
+        _finite(fastgpt.attention(q, k, k, causal=True, backend=backend))
+
+
+MASKED_SHAPES = [  # B, Hq, Hkv, Sq, Sk, the mask's (B, Hq) (1: broadcast); Sq 1 takes the decode kernels
+    (2, 2, 1, 17, 33, 2, 2),
+    (1, 4, 2, 65, 17, 1, 4),
+    (2, 3, 3, 1, 70, 2, 3),
+    (2, 4, 2, 1, 129, 1, 1),
+]
+
+
+def masked_attention_cases(check: Checker):
+    """The Triton kernels' boolean mask (the cuda kernels take none): some rows see no key."""
+    for (B, Hq, Hkv, Sq, Sk, mB, mH), dtype in itertools.product(MASKED_SHAPES, check.target.attention_dtypes):
+        D = check.target.head_dims[(Sq + Sk) % len(check.target.head_dims)]
+        q = exact(B, Hq, Sq, D, dtype=dtype)
+        k, v = exact(B, Hkv, Sk, D, dtype=dtype, seed=1), exact(B, Hkv, Sk, D, dtype=dtype, seed=2)
+        mask = exact(mB, mH, Sq, Sk, seed=3) > 0
+        mask[..., 0, :] = False
+        with check.case(f"masked_attention B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} D{D} mask {tuple(mask.shape)} {dtype}",
+                        q, k, v, mask):  # fmt: skip
+            _finite(masked_attention(q, k, v, mask, backend=check.backend))
 
 
 DECODE_CASES = [  # B, Hq, Hkv, Smax, cache_seqlens: past Smax, negative, 0; split-KV from 257 keys
@@ -125,79 +200,140 @@ DECODE_CASES = [  # B, Hq, Hkv, Smax, cache_seqlens: past Smax, negative, 0; spl
 
 
 def decode_cases(check: Checker):
-    for (B, Hq, Hkv, Smax, lens), dtype, D in itertools.product(DECODE_CASES, HALF, (64, 128)):
+    backend, target = check.backend, check.target
+    cases = [(c, D) for i, c in enumerate(DECODE_CASES) if c[3] <= target.decode_max for D in target.dims(i)]
+    for ((B, Hq, Hkv, Smax, lens), D), dtype in itertools.product(cases, target.attention_dtypes):
         q = exact(B, Hq, 1, D, dtype=dtype)
         k, v = exact(B, Hkv, Smax, D, dtype=dtype, seed=1), exact(B, Hkv, Smax, D, dtype=dtype, seed=2)
         seqlens = torch.tensor(lens, dtype=torch.int32)
         with check.case(f"decode B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
-            _finite(fastgpt.decode_attention(q, k, v, seqlens, backend="cuda"))
+            _finite(fastgpt.decode_attention(q, k, v, seqlens, backend=backend))
+        if backend == "triton":  # the splits merged in the same launch, by the last one to finish
+            counters = torch.zeros(B * Hq, dtype=torch.int32)
+            with check.case(f"decode step B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
+                _finite(decode_step_attention(q, k, v, seqlens, counters, backend=backend))
+            assert not counters.any(), "the counters were not left zero"
     for B, S, Hkv, D, lens in ((2, 70, 2, 64, [70, 500]), (1, 300, 1, 128, [300])):
         # (B, S, Hkv, D) caches read as (B, Hkv, S, D): the view's last element ends the storage
         k = exact(B, S, Hkv, D, dtype=torch.float16, seed=1).transpose(1, 2)
         v = exact(B, S, Hkv, D, dtype=torch.float16, seed=2).transpose(1, 2)
         q, seqlens = exact(B, 2 * Hkv, 1, D, dtype=torch.float16), torch.tensor(lens, dtype=torch.int32)
         with check.case(f"decode transposed caches B{B} S{S} D{D} lens={lens}", q, k, v, seqlens):
-            _finite(fastgpt.decode_attention(q, k, v, seqlens, backend="cuda"))
-
-
-# N up to 128 vectors: a warp per row; to 4096: a block per row; beyond: the looped kernel.
-LAYER_NORM_N = [1, 7, 768, 1024, 1025, 5000, 32768, 40000]
+            _finite(fastgpt.decode_attention(q, k, v, seqlens, backend=backend))
 
 
 def layer_norm_cases(check: Checker):
-    for N in LAYER_NORM_N:
+    backend, floats = check.backend, check.target.floats
+    for N in check.target.layer_norm_n:
         M = 2 if N > 5000 else 3
-        for i, dtype in enumerate(FLOATS):
+        for i, dtype in enumerate(floats):
             x, r = exact(M, N, dtype=dtype, scale=3.0), exact(M, N, dtype=dtype, seed=1)
-            w, b = exact(N, dtype=FLOATS[(i + 1) % 3], seed=2), exact(N, seed=3)
+            w, b = exact(N, dtype=floats[(i + 1) % len(floats)], seed=2), exact(N, seed=3)
             with check.case(f"layer_norm N{N} {dtype}", x, w, b):
-                _finite(fastgpt.layer_norm(x, w, b, backend="cuda"))
+                _finite(fastgpt.layer_norm(x, w, b, backend=backend))
             with check.case(f"layer_norm N{N} {dtype} + residual", x, r, b):
-                _finite(*fastgpt.layer_norm(x, None, b, residual=r, backend="cuda"))
+                _finite(*fastgpt.layer_norm(x, None, b, residual=r, backend=backend))
     for N in (7, 768, 1025, 5000):  # rows 3 elements into storage, stride N + 3: the scalar path
-        x = ending_view((3, N), (N + 3, 1), offset=3, dtype=torch.bfloat16)
-        r = ending_view((3, N), (N + 3, 1), offset=3, dtype=torch.bfloat16, seed=1)
-        w = exact(N, dtype=torch.bfloat16, seed=2)
+        x = ending_view((3, N), (N + 3, 1), offset=3, dtype=floats[-1])
+        r = ending_view((3, N), (N + 3, 1), offset=3, dtype=floats[-1], seed=1)
+        w = exact(N, dtype=floats[-1], seed=2)
         with check.case(f"layer_norm unaligned rows N{N}", x, r, w):
-            _finite(*fastgpt.layer_norm(x, w, None, residual=r, backend="cuda"))
+            _finite(*fastgpt.layer_norm(x, w, None, residual=r, backend=backend))
     x = exact(2, 3, 768, dtype=torch.float16)
     with check.case("layer_norm (2, 3, 768)", x):
-        _finite(fastgpt.layer_norm(x, None, None, backend="cuda"))
-
-
-SAMPLE_VOCABS = [1, 3, 1023, 1025, 50257]
+        _finite(fastgpt.layer_norm(x, None, None, backend=backend))
 
 
 def sample_cases(check: Checker):
+    backend, floats, vocabs = check.backend, check.target.floats, check.target.vocabs
+    launchers = _backends.launchers(backend, "sampling")
+    # cuda: the candidate path, or not; triton: also the split path (2 chunks) and one program per row
+    paths = [{"top_k_bound": 50}, {"top_k_bound": 0}]
+    public = [{"temperature": 0.8, "top_p": 0.9}, {"top_k": 50, "top_p": 0.9, "min_p": 0.01}, {"top_k": 1},
+              {"temperature": 0}]  # fmt: skip
+    if backend == "triton":  # the interpreter's candidate path is slow: top_k reaches it through `paths`
+        paths = [{"top_k_bound": 50}, {"num_chunks": 0}, {"num_chunks": 2}]
+        public = [public[0], public[3]]
     # fp16 and bf16 rows are read alike: the largest vocabulary takes one of them only
-    vocab_dtypes = [(V, dtype) for V in SAMPLE_VOCABS for dtype in FLOATS if V < 5000 or dtype != torch.float16]
+    vocab_dtypes = [(V, dtype) for V in vocabs for dtype in floats if V < 5000 or dtype != torch.float16]
     for i, (V, dtype) in enumerate(vocab_dtypes):
         B = 2 if V > 5000 else 3
         logits = exact(B, V, dtype=dtype, scale=3.0)
         gen = torch.Generator().manual_seed(i)
-        for params in (dict(temperature=0.8, top_p=0.9), dict(top_k=50, top_p=0.9, min_p=0.01), dict(top_k=1),
-                       dict(temperature=0)):  # fmt: skip
+        for params in public:
             with check.case(f"sample V{V} {dtype} {params}", logits):
-                _ids(fastgpt.sample(logits, generator=gen, backend="cuda", **params), V)
-        # per-row parameters, the candidate path forced (top_k_bound): rows greedy, top-k off, k > V
+                _ids(fastgpt.sample(logits, generator=gen, backend=backend, **params), V)
+        # per-row parameters on each path: rows greedy, top-k off, k > V (past the candidate bound)
         rows = [torch.tensor([0.8, 0.0, 1.5][:B]), torch.tensor([50, 0, V + 7][:B]),
                 torch.full((B,), 0.9, dtype=torch.float64), torch.full((B,), 0.01)]  # fmt: skip
         seed = torch.tensor([i], dtype=torch.int64)
-        for bound in (50, 0):
-            with check.case(f"sample V{V} {dtype} per-row top_k_bound={bound}", logits, *rows, seed):
-                _ids(_cuda.sample(logits, *rows, seed, top_k_bound=bound), V)
-    for V, bound in ((1025, 50), (50257, 0)):  # rows 5 elements into storage, stride V + 5
+        for path in paths:
+            with check.case(f"sample V{V} {dtype} per-row {path}", logits, *rows, seed):
+                _ids(launchers.sample(logits, *rows, seed, **path), V)
+            if backend == "triton" and V > 1000 and dtype == floats[-1]:  # the kept set: a (B, V) mask
+                with check.case(f"kept_mask V{V} {dtype} per-row {path}", logits, *rows):
+                    assert launchers.kept_mask(logits, *rows, **path).any(dim=1).all(), "a row kept nothing"
+    for V, bound in ((1025, 50), (max(vocabs), 0)):  # rows 5 elements into storage, stride V + 5
         logits = ending_view((2, V), (V + 5, 1), offset=5, seed=7)
         with check.case(f"sample strided rows V{V} top_k={bound}", logits):
-            _ids(fastgpt.sample(logits, top_k=bound, backend="cuda"), V)
-    row = exact(1, 3000, dtype=torch.bfloat16, seed=8)
+            _ids(fastgpt.sample(logits, top_k=bound, backend=backend), V)
+    V = 3000 if backend == "cuda" else 100
+    row = exact(1, V, dtype=floats[-1], seed=8)
     for bound in (50, 0):  # row stride 0
         with check.case(f"sample one row expanded top_k={bound}", row):
-            _ids(fastgpt.sample(row.expand(4, 3000), top_k=bound, backend="cuda"), 3000)
+            _ids(fastgpt.sample(row.expand(4, V), top_k=bound, backend=backend), V)
+    if backend == "triton":  # from CAND_BOUND_MIN_ROWS rows the candidate path bounds each row first
+        logits = exact(32, 70, scale=3.0, seed=9)
+        with check.case("sample B32 V70 top_k=4 (row bounds)", logits):
+            _ids(fastgpt.sample(logits, top_k=4, backend=backend), 70)
+
+
+def linear_cases(check: Checker):
+    """fastgpt.ops.linear (triton only): bias, LayerNorm, residual, GELU; the k/v cache write at
+    slots in and out of [0, S); rows gathered from tables at ids in and out of [0, R)."""
+    for dtype, (M, K, H, D) in itertools.product(check.target.floats, ((1, 7, 1, 2), (4, 100, 2, 8), (3, 64, 1, 16))):
+        N = 3 * H * D
+        x, w, b = exact(M, K, dtype=dtype), exact(N, K, dtype=dtype, seed=1, scale=0.1), exact(N, seed=2)
+        ln = (exact(K, seed=3), exact(K, dtype=dtype, seed=4), 1e-5)
+        r = exact(M, K, dtype=dtype, seed=5)
+        name = f"linear M{M} K{K} N{N} {dtype}"
+        with check.case(name, x, w, b):
+            _finite(linear(x, w, b, backend="triton")[0])
+        with check.case(f"{name} ln residual gelu", x, w, b, r, *ln[:2]):
+            _finite(*linear(x, w, b, ln=ln, residual=r, activation="gelu_tanh", backend="triton"))
+        S = 5
+        kv_cache, kv_pos = exact(2, M, H, S, D, dtype=dtype, seed=6), torch.tensor([4, 5, -1, 0][:M])
+        with check.case(f"{name} kv_cache slots {kv_pos.tolist()}", x, w, kv_cache, kv_pos):
+            _finite(linear(x, w, None, ln=(None, None, 1e-5), kv_cache=kv_cache, kv_pos=kv_pos, backend="triton")[0])
+        table, rtable = exact(6, K, dtype=dtype, seed=7), exact(3, K, dtype=dtype, seed=8)
+        ids, rids = torch.tensor([5, 6, -1, 0][:M]), torch.tensor([2, 3, -2, 0][:M])
+        with check.case(f"{name} rows {ids.tolist()} / {rids.tolist()}", table, w, rtable, ids, rids):
+            _finite(*linear(table, w, b, ln=ln, residual=rtable, x_rows=ids, residual_rows=rids, backend="triton"))
+
+
+def advance_cases(check: Checker):
+    """kernels/advance.py's launchers called directly (no op wraps them): with eos ids or not."""
+    from fastgpt.kernels import advance
+
+    for B, V, E in ((1, 1, 1), (3, 1025, 2), (40, 70, 0)):
+        logits = exact(B, V, seed=B)
+        nxt, tok, pos = (torch.randint(0, V, (B,)) for _ in range(3))
+        seqlens, finished = torch.zeros(B, dtype=torch.int32), torch.arange(B) % 2 == 0
+        out, step, pad = torch.zeros(B, 3, dtype=torch.int64), torch.tensor([1]), torch.tensor([0])
+        eos = torch.arange(E, dtype=torch.int64)
+        state = (out, step, tok, pos, seqlens, finished, pad, eos)
+        with check.case(f"advance B{B} E{E}", nxt, *state):
+            advance.advance(nxt, *state, has_eos=E > 0)
+        best, count = torch.full((B,), -(2**63), dtype=torch.int64), torch.zeros(1, dtype=torch.int32)
+        with check.case(f"greedy_advance B{B} V{V} E{E}", logits, best, count, *state):
+            advance.greedy_advance(logits, best, count, *state, has_eos=E > 0)
+        assert step.item() == 3 and not count.item(), "the step and the counter were not advanced and reset"
 
 
 CASES = {"attention": attention_cases, "decode": decode_cases, "layer_norm": layer_norm_cases,
          "sample": sample_cases}  # fmt: skip
+TRITON_CASES = {**CASES, "masked_attention": masked_attention_cases, "linear": linear_cases,
+                "advance": advance_cases}  # fmt: skip
 
 
 def _finite(*outs: torch.Tensor) -> None:
@@ -227,31 +363,66 @@ def out_of_bounds(ext, op: str) -> None:
                    out.data_ptr(), 0, 0, B, V + 1, V, 0, 0, 0, False)  # fmt: skip
 
 
+def triton_out_of_bounds(op: str) -> None:
+    """Launches a Triton kernel itself, told one row (layer_norm) or one vocabulary entry
+    (sample) more than the fp32 input holds: the interpreter's first load past it is reported."""
+    if op == "layer_norm":
+        from fastgpt.kernels.layer_norm import _layer_norm_fused_kernel
+
+        x, y = exact(3, 768), torch.empty(4, 768)
+        _layer_norm_fused_kernel[(1,)](x, x, x, x, y, y, 4, 768, 768, 0, 1e-5, HAS_RESIDUAL=False, HAS_WEIGHT=False,
+                                       HAS_BIAS=False, BLOCK_M=4, BLOCK_N=1024)  # fmt: skip
+    elif op == "sample":
+        from fastgpt.kernels.sampling.row import _sample_kernel
+
+        B, V = 2, 1000
+        logits, out = exact(B, V), torch.empty(B, dtype=torch.int64)
+        t, k, mp, seed = torch.ones(B), torch.zeros(B, dtype=torch.int64), torch.zeros(B), torch.tensor([1])
+        p = torch.ones(B, dtype=torch.float64)
+        _sample_kernel[(B,)](logits, t, k, p, mp, seed, out, V, V=V + 1, WRITE_MASK=False, BLOCK_V=1024,
+                             NUM_PIVOTS=16, PDL=False)  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--only", choices=sorted(CASES), action="append", help="these ops only")
+    parser.add_argument("--backend", choices=("cuda", "triton"), default="cuda",
+                        help="cuda: the memcheck build of the emulator; triton: Triton's interpreter")  # fmt: skip
+    parser.add_argument("--only", choices=sorted(TRITON_CASES), action="append", help="these ops only")
     parser.add_argument("--oob", choices=("layer_norm", "sample"), help="make this op's kernel read out of bounds")
     parser.add_argument("-v", "--verbose", action="store_true", help="print each case and its time")
     args = parser.parse_args(argv)
-    if not _backends.emulating_cuda():
-        parser.error(f"set {_backends.EMULATOR_ENV_VAR} to the memcheck build: python -m tests.simt.build --asan")
-    # Else nothing would be checked: the default build, or no runtime (which the memcheck build
-    # needs to load at all).
-    if b"libasan.so" not in Path(os.environ[_backends.EMULATOR_ENV_VAR]).read_bytes():
-        parser.error(f"{_backends.EMULATOR_ENV_VAR} is not the memcheck build: python -m tests.simt.build --asan")
+    # Else nothing would be checked.
     if "libasan" not in Path("/proc/self/maps").read_text():
         parser.error("AddressSanitizer is not loaded: LD_PRELOAD=$(g++ -print-file-name=libasan.so)")
-    ext = _backends.cuda_extension()
+    if args.backend == "triton":
+        if os.environ.get("TRITON_INTERPRET") != "1":  # compiled kernels on a GPU: ASan sees none of it
+            parser.error("the triton cases run in Triton's interpreter: set TRITON_INTERPRET=1")
+        target, cases, ext = TRITON, TRITON_CASES, None
+    else:
+        target, cases, ext = CUDA, CASES, _cuda_memcheck_extension(parser)
     if args.oob:
-        out_of_bounds(ext, args.oob)
+        out_of_bounds(ext, args.oob) if ext is not None else triton_out_of_bounds(args.oob)
         print(f"{args.oob}: the out-of-bounds call returned", file=sys.stderr)
         return 0
-    check = Checker(ext, args.verbose)
+    unknown = set(args.only or ()) - set(cases)
+    if unknown:
+        parser.error(f"no {args.backend} cases for {sorted(unknown)}")
+    check = Checker(target, ext, args.verbose)
     start = time.perf_counter()
-    for op in args.only or CASES:
-        CASES[op](check)
+    for op in args.only or cases:
+        cases[op](check)
     print(f"{check.count} cases in {time.perf_counter() - start:.1f} s")
     return 0
+
+
+def _cuda_memcheck_extension(parser):
+    """The emulator's extension, once FASTGPT_CUDA_EMULATOR is checked to be the memcheck build
+    (the default build, or none, would check nothing)."""
+    if not _backends.emulating_cuda():
+        parser.error(f"set {_backends.EMULATOR_ENV_VAR} to the memcheck build: python -m tests.simt.build --asan")
+    if b"libasan.so" not in Path(os.environ[_backends.EMULATOR_ENV_VAR]).read_bytes():
+        parser.error(f"{_backends.EMULATOR_ENV_VAR} is not the memcheck build: python -m tests.simt.build --asan")
+    return _backends.cuda_extension()
 
 
 if __name__ == "__main__":
