@@ -365,8 +365,9 @@ def test_top_k_keeps_ties_with_the_kth_value():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's schedules")
 def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
-    """Each kernel with each block's fibers run in order, then in reverse order between barriers
-    (FASTGPT_SIMT_SCHEDULE): the same bits, or two threads race between barriers."""
+    """Each kernel with each block's fibers run in order, then in reverse order and in a random
+    order each sweep between barriers (FASTGPT_SIMT_SCHEDULE): the same bits, or two threads race
+    between barriers."""
     q, k = _randn(1, 4, 70, 64, dtype=torch.float16), _randn(1, 2, 90, 64, dtype=torch.float16, seed=1)
     kc = _randn(1, 4, 3000, 64, dtype=torch.float16, seed=2)
     x, r = _randn(3, 5000, dtype=torch.bfloat16, seed=3), _randn(3, 5000, dtype=torch.bfloat16, seed=4)
@@ -380,9 +381,10 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
                 _cuda.sample(logits, *params, top_k_bound=50), _cuda.sample(logits, *params)]  # fmt: skip
 
     forward = run()
-    monkeypatch.setenv("FASTGPT_SIMT_SCHEDULE", "reverse")
-    for got, want in zip(run(), forward, strict=True):
-        assert torch.equal(got, want)
+    for schedule in ("reverse", "random:1"):
+        monkeypatch.setenv("FASTGPT_SIMT_SCHEDULE", schedule)
+        for got, want in zip(run(), forward, strict=True):
+            assert torch.equal(got, want), schedule
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a GPU")
