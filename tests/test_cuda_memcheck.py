@@ -11,12 +11,8 @@ read, through the raw binding told a shape larger than its tensor.
 import re
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +29,9 @@ def memcheck_env():
 
 
 def _cases(env, *args: str) -> subprocess.CompletedProcess:
-    # sys.executable, not a `python` on the PATH: that may be a shell script (pyenv), whose shell
-    # would run under libasan too.
-    cmd = [sys.executable, "-m", "tests.simt.memcheck_cases", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600, check=False)
+    from tests.simt import build
+
+    return build.run_memcheck_cases(env, *args)
 
 
 def test_every_kernel_stays_within_its_tensors(memcheck_env):

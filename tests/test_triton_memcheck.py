@@ -11,12 +11,8 @@ read, through a kernel launched with a length one larger than its tensor.
 import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -27,17 +23,13 @@ def interpreter_asan_env():
     runtime = build.asan_runtime()
     if runtime is None:
         pytest.skip(f"no AddressSanitizer runtime: {build.CXX} is missing or has no libasan.so")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env.pop("FASTGPT_CUDA_EMULATOR", None)
-    env["LD_PRELOAD"] = " ".join(filter(None, [str(runtime), env.get("LD_PRELOAD")]))
-    env["ASAN_OPTIONS"] = ":".join(filter(None, [build.ASAN_OPTIONS, env.get("ASAN_OPTIONS")]))
-    return env
+    return build.asan_env(None, runtime, {**os.environ, "TRITON_INTERPRET": "1"})
 
 
 def _cases(env, *args: str) -> subprocess.CompletedProcess:
-    # sys.executable, not a `python` on the PATH (a pyenv shim's shell would run under libasan too)
-    cmd = [sys.executable, "-m", "tests.simt.memcheck_cases", "--backend", "triton", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
+    from tests.simt import build
+
+    return build.run_memcheck_cases(env, "--backend", "triton", *args)
 
 
 def test_every_triton_kernel_stays_within_its_tensors(interpreter_asan_env):

@@ -5,11 +5,11 @@ headers (include/) and runtime (runtime/), so that its kernels run on CPU tensor
     python -m tests.simt.build --asan # the same under AddressSanitizer (README.md: memcheck)
 
 The module lands in build/simt-<hash>/, the hash taken over every source, header and flag, so an
-unchanged tree reuses it (g++ 12 or later: -ftrivial-auto-var-init). Two processes may build at once: each compiles into its own temporary
-directory and renames the finished module into place. With sanitize=True it is compiled and
-linked with -fsanitize=address into build/simt-asan-<hash>/: a process loading it must have
-libasan preloaded (asan_env() gives the environment), and every out-of-bounds access its
-kernels make into a heap block's redzone is reported.
+unchanged tree reuses it (g++ 12 or later: -ftrivial-auto-var-init). Two processes may build at
+once: each compiles into its own temporary directory and renames the finished module into place.
+With sanitize=True it is compiled and linked with -fsanitize=address into build/simt-asan-<hash>/:
+a process loading it must have libasan preloaded (asan_env() gives the environment), and every
+out-of-bounds access its kernels make into a heap block's redzone is reported.
 """
 
 from __future__ import annotations
@@ -126,17 +126,28 @@ def asan_runtime() -> Path | None:
     return path.resolve() if path.is_absolute() and path.exists() else None  # else g++ echoes the bare name
 
 
-def asan_env(module: Path, runtime: Path, env: dict[str, str] | None = None) -> dict[str, str]:
-    """`env` (default os.environ) for a Python process that runs the memcheck build `module`:
-    libasan preloaded (it must come before every other library, and python is not linked with
-    it), ASAN_OPTIONS (then any the caller had: later ones win), and FASTGPT_CUDA_EMULATOR so
-    that backend="cuda" takes CPU tensors."""
+def asan_env(module: Path | None, runtime: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """`env` (default os.environ) for a Python process under AddressSanitizer: libasan preloaded
+    (it must come before every other library, and python is not linked with it), ASAN_OPTIONS
+    (then any the caller had: later ones win), and FASTGPT_CUDA_EMULATOR set to the memcheck build
+    `module` so that backend="cuda" takes CPU tensors; `module` None (the Triton interpreter's
+    check, which needs no sanitized build) leaves the emulator out."""
     env = dict(os.environ if env is None else env)
     env["LD_PRELOAD"] = " ".join(filter(None, [str(runtime), env.get("LD_PRELOAD")]))
     env["ASAN_OPTIONS"] = ":".join(filter(None, [ASAN_OPTIONS, env.get("ASAN_OPTIONS")]))
-    env["FASTGPT_CUDA_EMULATOR"] = str(module)
+    if module is None:
+        env.pop("FASTGPT_CUDA_EMULATOR", None)
+    else:
+        env["FASTGPT_CUDA_EMULATOR"] = str(module)
     return env
 
+
+def run_memcheck_cases(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    """`python -m tests.simt.memcheck_cases *args` in a child with `env` (asan_env), output captured."""
+    # sys.executable, not a `python` on the PATH: that may be a shell script (pyenv), whose shell
+    # would run under libasan too.
+    cmd = [sys.executable, "-m", "tests.simt.memcheck_cases", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900, check=False)
 
 if __name__ == "__main__":
     args = sys.argv[1:]
