@@ -3,7 +3,8 @@
 // decode_split_kernel: block (split, kv head and query-head tile, row) attends its GROUP query
 // heads (sharing one read of the kv head, GQA) to its share of the row's valid positions
 // [0, len). With one split it writes the output directly; otherwise it writes a normalised
-// partial output and its log-sum-exp, and decode_combine_kernel merges the splits.
+// partial output and its log-sum-exp, and the splits are merged: given the caller's counters,
+// by the last block of each (row, tile) to finish (one launch), else by decode_combine_kernel.
 // The lengths are read on the device (clamped to [0, Smax]) so nothing syncs the host.
 // Both kernels wait for the previous grid before touching memory, so that on sm_90 and later they
 // launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
@@ -26,6 +27,66 @@ constexpr float kLog2e = 1.4426950408889634f;
 // exp2(m - m_new) for an online-softmax rescale, 0 when the running max is still -inf.
 __device__ __forceinline__ float rescale(float m, float m_new) {
     return m == -INFINITY ? 0.0f : exp2f(m - m_new);
+}
+
+// Merges GROUP running states (m, l, acc) over the lanes of a warp that differ in the key-group
+// bits (lane / LANES_PER_KEY): afterwards every key group of the warp holds the warp's state.
+template <int GROUP, int LANES_PER_KEY>
+__device__ __forceinline__ void merge_key_groups(float (&m)[GROUP], float (&l)[GROUP], float (&acc)[GROUP][8]) {
+#pragma unroll
+    for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1) {
+            const float m_o = __shfl_xor_sync(FULL_MASK, m[g], offset);
+            const float l_o = __shfl_xor_sync(FULL_MASK, l[g], offset);
+            const float m_new = fmaxf(m[g], m_o);
+            const float a = rescale(m[g], m_new), c = rescale(m_o, m_new);
+            l[g] = l[g] * a + l_o * c;
+#pragma unroll
+            for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * a + __shfl_xor_sync(FULL_MASK, acc[g][j], offset) * c;
+            m[g] = m_new;
+        }
+    }
+}
+
+// Element d of (row, head) `bh` = b * Hq + h merged from its splits' partial outputs:
+//   o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s  (log2 domain)
+// 0 where every split was empty (M = -inf). The loads go to L2 (.cg): other blocks, on other
+// SMs, may have written the partials in this same launch.
+__device__ __forceinline__ float merged_split_output(const DecodeParams& p, int64_t bh, int d) {
+    const float* lse = p.lse_partial + bh * p.num_splits;                  // (num_splits,)
+    const float* o = p.o_partial + bh * p.num_splits * p.head_dim + d;  // (num_splits,) at stride D
+    float m = -INFINITY;
+    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, __ldcg(lse + s));
+    if (m == -INFINITY) return 0.0f;
+    float num = 0.0f, den = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) {
+        const float w = exp2f(__ldcg(lse + s) - m);
+        num += w * __ldcg(o + int64_t(s) * p.head_dim);
+        den += w;
+    }
+    return num / den;
+}
+
+// With the caller's counters (zero between launches; a tile counts at its first head, b * Hq + h0):
+// the block whose split finishes last among its tile's splits merges them into o for the tile's
+// `heads` query heads from h0, and zeroes the counter again for the next launch.
+template <typename T>
+__device__ void merge_splits_if_last(const DecodeParams& p, int b, int h0, int heads, int64_t counter) {
+    __threadfence();  // this thread's partials are visible device-wide before the count says so
+    __syncthreads();
+    int last = 0;
+    if (threadIdx.x == 0) {
+        last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
+        if (last) p.counters[counter] = 0;  // every other split of the tile has counted already
+    }
+    if (!__syncthreads_or(last)) return;
+    __threadfence();  // and the other blocks' partials are seen after it
+    for (int i = threadIdx.x; i < heads * p.head_dim; i += blockDim.x) {
+        const int h = h0 + i / p.head_dim, d = i % p.head_dim;
+        const float o = merged_split_output(p, int64_t(b) * p.heads_q + h, d);
+        static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
+    }
 }
 
 }  // namespace
@@ -121,21 +182,10 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
         }
     }
 
-    // Merge the key groups of each warp (lanes that differ in the key-group bits).
+    merge_key_groups<GROUP, LANES_PER_KEY>(m, l, acc);
+    if (key_in_warp == 0) {
 #pragma unroll
-    for (int g = 0; g < GROUP; ++g) {
-#pragma unroll
-        for (int offset = LANES_PER_KEY; offset < 32; offset <<= 1) {
-            const float m_o = __shfl_xor_sync(FULL_MASK, m[g], offset);
-            const float l_o = __shfl_xor_sync(FULL_MASK, l[g], offset);
-            const float m_new = fmaxf(m[g], m_o);
-            const float a = rescale(m[g], m_new), c = rescale(m_o, m_new);
-            l[g] = l[g] * a + l_o * c;
-#pragma unroll
-            for (int j = 0; j < 8; ++j) acc[g][j] = acc[g][j] * a + __shfl_xor_sync(FULL_MASK, acc[g][j], offset) * c;
-            m[g] = m_new;
-        }
-        if (key_in_warp == 0) {
+        for (int g = 0; g < GROUP; ++g) {
 #pragma unroll
             for (int j = 0; j < 8; ++j) s_acc[warp][g][d0 + j] = acc[g][j];
             if (d0 == 0) {
@@ -169,29 +219,19 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
             if (d == 0) p.lse_partial[row] = l_all > 0.0f ? m_all + log2f(l_all) : -INFINITY;
         }
     }
+    // The counter's index from values live here: blockIdx.y kept to this point spilled at 96 registers.
+    if (p.num_splits > 1 && p.counters != nullptr)
+        merge_splits_if_last<T>(p, b, h0, heads, int64_t(b) * p.heads_q + h0);
 }
 
-// o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M), M = max_s lse_s (log2 domain); a head whose
-// every split was empty (M = -inf) gets zeros. One block per (row, head).
+// Merges the splits of each (row, query head): one block per (row, head), a thread per element.
 template <typename T>
 __global__ void decode_combine_kernel(DecodeParams p) {
     wait_for_previous_grid();
     const int b = blockIdx.x / p.heads_q, h = blockIdx.x % p.heads_q;
-    const int64_t row0 = int64_t(blockIdx.x) * p.num_splits;  // (b * Hq + h) * num_splits
-    const float* lse = p.lse_partial + row0;                   // (num_splits,)
-    float m = -INFINITY;
-    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, lse[s]);
-    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
-        float num = 0.0f, den = 0.0f;
-        if (m != -INFINITY) {
-            for (int s = 0; s < p.num_splits; ++s) {
-                const float w = exp2f(lse[s] - m);
-                num += w * p.o_partial[(row0 + s) * p.head_dim + d];
-                den += w;
-            }
-        }
-        static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(den > 0.0f ? num / den : 0.0f);
-    }
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x)
+        static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] =
+            from_float<T>(merged_split_output(p, blockIdx.x, d));
 }
 
 // ----------------------------------------------------------------------------- host dispatch
@@ -219,7 +259,7 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
     const int group_size = p.heads_q / p.heads_kv, tile = group_tile(group_size);
     const dim3 grid(p.num_splits, p.heads_kv * ceil_div(group_size, tile), p.batch);
     cudaError_t err = launch_kernel(split_kernel<T, D>(tile), grid, kThreads, 0, stream, p.pdl, p);
-    if (err != cudaSuccess || p.num_splits == 1) return err;
+    if (err != cudaSuccess || p.num_splits == 1 || p.counters != nullptr) return err;
     const dim3 rows(p.batch * p.heads_q), threads(std::min(p.head_dim, 128));
     return launch_kernel(decode_combine_kernel<T>, rows, threads, 0, stream, p.pdl, p);
 }

@@ -37,6 +37,9 @@ struct DecodeParams {
     void* o;                  // (B, Hq, 1, D)
     float* o_partial;         // (B, Hq, num_splits, D) fp32 workspace; unused when num_splits == 1
     float* lse_partial;       // (B, Hq, num_splits) fp32 workspace; unused when num_splits == 1
+    // nullptr, or B * Hq zeros (a tile of query heads counts at its first head): the last split of
+    // a tile to finish merges the tile's splits (no combine kernel) and zeroes its counter again.
+    int32_t* counters;
     int64_t stride_q_b, stride_q_h;
     int64_t stride_k_b, stride_k_h, stride_k_s;
     int64_t stride_v_b, stride_v_h, stride_v_s;

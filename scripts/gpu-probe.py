@@ -50,6 +50,7 @@ from fastgpt.bench import timing
 from fastgpt.kernels import attention as tri_attn
 from fastgpt.kernels import decode as tri_decode
 from fastgpt.kernels import sampling as tri_sampling
+from fastgpt.ops.decode import decode_step_attention
 
 
 @contextlib.contextmanager
@@ -214,6 +215,9 @@ def decode_batch_section(p: Probe):
     for B in (1, 2) if p.smoke else (1, 2, 4, 8, 11, 16, 32, 64):
         q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
         calls = {b: (lambda b=b: fastgpt.decode_attention(q, kc, vc, lens, backend=b)) for b in p.backends}
+        counters = torch.zeros(B * H, dtype=torch.int32, device=p.device)  # GPT's decode step: one launch
+        for b in p.backends:
+            calls[f"{b}, merged in-kernel"] = lambda b=b: decode_step_attention(q, kc, vc, lens, counters, backend=b)
         calls["sdpa (full cache)"] = lambda: F.scaled_dot_product_attention(q, kc, vc)
         for name, fn in calls.items():
             def measure(fn=fn):

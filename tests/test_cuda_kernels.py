@@ -177,6 +177,30 @@ def test_decode_strided_cache_view():
     assert_close(out, reference.decode_attention(q.float(), k.float(), v.float(), lens), torch.float16)
 
 
+@pytest.mark.parametrize("shape", [(1, 4, 4, 3000), (2, 16, 1, 1500), (3, 6, 2, 2000),
+                                   *on_gpu((1, 12, 12, 1024), (8, 32, 8, 8192))])
+def test_decode_merges_its_splits_in_one_launch_given_counters(shape):
+    """With a decode step's counters the last split of each (row, head tile) to finish merges the
+    tile's splits, and no combine kernel runs (the poisoned output proves the merge wrote it all):
+    the combine kernel's bits, every counter zero again, twice in a row."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    B, Hq, Hkv, Smax = shape
+    blocks = _cuda._decode_blocks_per_sm(2, 64, Hq // Hkv, torch.device(DEVICE))
+    assert _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _cuda._sm_count(torch.device(DEVICE)),
+                                                        blocks) > 1  # fmt: skip
+    counters = torch.zeros(B * Hq + 3, dtype=torch.int32, device=DEVICE)
+    for seed in range(2):
+        q = _randn(B, Hq, 1, 64, dtype=torch.bfloat16, seed=seed)
+        k, v = (_randn(B, Hkv, Smax, 64, dtype=torch.bfloat16, seed=seed + s) for s in (10, 20))
+        lens = torch.randint(0, Smax + 1, (B,), generator=torch.Generator().manual_seed(seed), dtype=torch.int32)
+        lens = lens.to(DEVICE)
+        merged = decode_step_attention(q, k, v, lens, counters, backend="cuda")
+        assert torch.equal(merged, decode_step_attention(q, k, v, lens, None, backend="cuda"))
+        assert not counters.any()
+        assert_close(merged, reference.decode_attention(q.float(), k.float(), v.float(), lens), torch.bfloat16)
+
+
 # ----------------------------------------------------------------------------- layer norm
 
 
@@ -368,15 +392,19 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
     """Each kernel with each block's fibers run in order, then in reverse order and in a random
     order each sweep between barriers (FASTGPT_SIMT_SCHEDULE): the same bits, or two threads race
     between barriers."""
+    from fastgpt.ops.decode import decode_step_attention
+
     q, k = _randn(1, 4, 70, 64, dtype=torch.float16), _randn(1, 2, 90, 64, dtype=torch.float16, seed=1)
     kc = _randn(1, 4, 3000, 64, dtype=torch.float16, seed=2)
     x, r = _randn(3, 5000, dtype=torch.bfloat16, seed=3), _randn(3, 5000, dtype=torch.bfloat16, seed=4)
     logits = _randn(12, 3000, seed=5, scale=3)
     params = (*_params(12, 0.9, 50, 0.9, 0.01), _tensor([7]))
+    counters = torch.zeros(4, dtype=torch.int32)
 
     def run():
         return [fastgpt.attention(q, k, k, causal=True, backend="cuda"),
                 fastgpt.decode_attention(q[:, :, :1], kc, kc, _tensor([2999], torch.int32), backend="cuda"),
+                decode_step_attention(q[:, :, :1], kc, kc, _tensor([2999], torch.int32), counters, backend="cuda"),
                 *fastgpt.layer_norm(x, None, None, residual=r, backend="cuda"),
                 _cuda.sample(logits, *params, top_k_bound=50), _cuda.sample(logits, *params)]  # fmt: skip
 

@@ -144,8 +144,11 @@ def _sm_count(device: torch.device) -> int:
     return _backends.sm_count(device.index) if device.type == "cuda" else _backends.EMULATOR_SMS
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> torch.Tensor:
-    """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D)."""
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counters=None) -> torch.Tensor:
+    """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D).
+    counters: None, or int32 zeros (N,), N >= B * Hq, contiguous on q's device, used by one stream
+    at a time: the last split of each (row, head tile) merges the splits (no second launch) and
+    leaves its counter zero."""
     _require_cuda("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
     _head_dim_supported("decode_attention", q)
     if cache_seqlens.dtype != torch.int32:
@@ -156,6 +159,10 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
     _require_shape("decode_attention", "k_cache", k_cache, (B, Hkv, Smax, D), q.dtype)
     _require_shape("decode_attention", "v_cache", v_cache, (B, Hkv, Smax, D), q.dtype)
     _require_shape("decode_attention", "cache_seqlens", cache_seqlens, (B,))
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < B * Hq
+                                 or not counters.is_contiguous() or counters.device != q.device):
+        raise ValueError(f"decode_attention (cuda backend): counters must be contiguous int32 on {q.device} "
+                         f"with at least B * Hq = {B * Hq} elements")  # fmt: skip
     _grid_fits("decode_attention", B, Hq)
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
@@ -169,7 +176,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float) -> tor
         lse_partial = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
     C.decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
-        _ptr(o_partial), _ptr(lse_partial), B, Hq, Hkv, Smax, D, num_splits,
+        _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(),
+        B, Hq, Hkv, Smax, D, num_splits,
         _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
         float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip

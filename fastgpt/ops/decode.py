@@ -26,8 +26,9 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
                           backend: str = "auto"):  # fmt: skip
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
     None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq, used by one stream at a
-    time. The Triton kernel then merges its KV splits in the same launch (the last split of each
-    row to finish does), and leaves the counters zero; other backends do not read them."""
+    time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
+    split of each row to finish does) and leave the counters zero; the torch backend does not
+    read them."""
     device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
@@ -61,9 +62,7 @@ def _decode(
     if backend == "torch":
         return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
     launchers = _backends.launchers(backend, "decode")
-    if backend == "triton":
-        return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters)
-    return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+    return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters)
 
 
 # counters are not declared mutated: the kernel leaves them as it found them (zero), and a

@@ -208,11 +208,11 @@ def decode_cases(check: Checker):
         seqlens = torch.tensor(lens, dtype=torch.int32)
         with check.case(f"decode B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
             _finite(fastgpt.decode_attention(q, k, v, seqlens, backend=backend))
-        if backend == "triton":  # the splits merged in the same launch, by the last one to finish
-            counters = torch.zeros(B * Hq, dtype=torch.int32)
-            with check.case(f"decode step B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
-                _finite(decode_step_attention(q, k, v, seqlens, counters, backend=backend))
-            assert not counters.any(), "the counters were not left zero"
+        # the splits merged in the same launch, by the last one to finish
+        counters = torch.zeros(B * Hq, dtype=torch.int32)
+        with check.case(f"decode step B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
+            _finite(decode_step_attention(q, k, v, seqlens, counters, backend=backend))
+        assert not counters.any(), "the counters were not left zero"
     for B, S, Hkv, D, lens in ((2, 70, 2, 64, [70, 500]), (1, 300, 1, 128, [300])):
         # (B, S, Hkv, D) caches read as (B, Hkv, S, D): the view's last element ends the storage
         k = exact(B, S, Hkv, D, dtype=torch.float16, seed=1).transpose(1, 2)

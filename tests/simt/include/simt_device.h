@@ -151,6 +151,14 @@ inline unsigned long long atomicAdd(unsigned long long* address, unsigned long l
 }
 inline float atomicAdd(float* address, float value) { return simt_atomic_add(address, value); }
 
+// One launch's memory is host memory, coherent for every fiber: fences order nothing more, and
+// a load through L2 only (.cg) is a load.
+inline void __threadfence() {}
+template <typename T>
+T __ldcg(const T* address) {
+    return *address;
+}
+
 // ----------------------------------------------------------------------------- integer and bit intrinsics
 
 inline unsigned __umulhi(unsigned a, unsigned b) { return unsigned((uint64_t(a) * b) >> 32); }
