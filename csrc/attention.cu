@@ -187,6 +187,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     T* sK = sQ + BLOCK_M * SMEM_STRIDE<D>;                      // (BLOCK_N, D + 8)
     T* sV = sK + BLOCK_N * SMEM_STRIDE<D>;                      // (BLOCK_N, D + 8)
 
+    wait_for_previous_grid();  // a programmatic dependent (common.cuh's launch_kernel) waits here
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     // Causal blocks near the end of the sequence have the most keys: start them first.
     const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
@@ -255,7 +256,7 @@ cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
     cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(ceil_div(p.seqlen_q, BLOCK_M), p.heads_q, p.batch);
-    return launch_kernel(attention_kernel<T, D>, grid, kThreads, bytes, stream, /*pdl=*/false, p);
+    return launch_kernel(attention_kernel<T, D>, grid, kThreads, bytes, stream, p.pdl, p);
 }
 
 template <typename T>

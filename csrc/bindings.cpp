@@ -90,7 +90,7 @@ void require_head_layout(const char* kernel, int64_t head_dim, int64_t batch, in
 void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch, int64_t heads_q, int64_t heads_kv,
                int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, Strides3 stride_q, Strides3 stride_k,
                Strides3 stride_v, Strides3 stride_o, bool causal, double scale, int dtype, int device,
-               uintptr_t stream) {
+               uintptr_t stream, bool pdl) {
     const char* kernel = "attention";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
@@ -106,7 +106,7 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch
                       stride_q[0], stride_q[1], stride_q[2], stride_k[0], stride_k[1], stride_k[2],
                       stride_v[0], stride_v[1], stride_v[2], stride_o[0], stride_o[1], stride_o[2],
                       int(batch), int(heads_q), int(heads_kv), int(seqlen_q), int(seqlen_k), int(head_dim),
-                      float(scale), causal, type};
+                      float(scale), causal, type, pdl};
     DeviceGuard guard(device, kernel);
     check_cuda(attention_forward(p, stream_of(stream)), kernel);
 }
@@ -168,7 +168,7 @@ int blocks_per_sm(int dtype, int64_t head_dim, int64_t heads_q, int64_t heads_kv
 
 void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bias, uintptr_t y, uintptr_t h,
                 int64_t rows, int64_t cols, int64_t stride_x, int64_t stride_r, int64_t stride_y, int64_t stride_h,
-                double eps, int dtype, int weight_dtype, int bias_dtype, int device, uintptr_t stream) {
+                double eps, int dtype, int weight_dtype, int bias_dtype, int device, uintptr_t stream, bool pdl) {
     const char* kernel = "layer_norm";
     const DType type = dtype_of(dtype, kernel, true);
     const DType wtype = dtype_of(weight_dtype, kernel, true), btype = dtype_of(bias_dtype, kernel, true);
@@ -179,7 +179,7 @@ void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bia
     require(stride_x >= 0 && stride_r >= 0 && stride_y >= 0 && stride_h >= 0, kernel, "strides must be >= 0");
     require(eps >= 0, kernel, "eps must be >= 0, got ", eps);
     LayerNormParams p{ptr(x), ptr(residual), ptr(weight), ptr(bias), mut_ptr(y), mut_ptr(h),
-                      stride_x, stride_r, stride_y, stride_h, rows, cols, float(eps), type, wtype, btype};
+                      stride_x, stride_r, stride_y, stride_h, rows, cols, float(eps), type, wtype, btype, pdl};
     DeviceGuard guard(device, kernel);
     check_cuda(layer_norm_forward(p, stream_of(stream)), kernel);
 }
@@ -233,8 +233,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("batch"),
           py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
           py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("causal"),
-          py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"),
-          "Prefill attention (FlashAttention-2 style); strides are (batch, head, seq) in elements.");
+          py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          "Prefill attention (FlashAttention-2 style); strides are (batch, head, seq) in elements; "
+          "pdl: launch as a programmatic dependent (sm_90 code).");
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("counters"),
           py::arg("num_counters"), py::arg("batch"),
@@ -254,8 +255,9 @@ PYBIND11_MODULE(_C, m) {
     m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
           py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("cols"), py::arg("stride_x"), py::arg("stride_r"),
           py::arg("stride_y"), py::arg("stride_h"), py::arg("eps"), py::arg("dtype"), py::arg("weight_dtype"),
-          py::arg("bias_dtype"), py::arg("device"), py::arg("stream"),
-          "Residual add + LayerNorm; residual/h/weight/bias may be 0 (absent); strides are row strides.");
+          py::arg("bias_dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          "Residual add + LayerNorm; residual/h/weight/bias may be 0 (absent); strides are row strides; "
+          "pdl: launch as a programmatic dependent (sm_90 code).");
     m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
           py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("candidates"), py::arg("cand_k"),
           py::arg("batch"), py::arg("vocab"), py::arg("stride_logits"), py::arg("dtype"), py::arg("device"),

@@ -26,6 +26,7 @@ struct AttentionParams {
     float scale;
     bool causal;
     DType dtype;  // fp16 or bf16
+    bool pdl;     // launch as a programmatic dependent (csrc/common.cuh's launch_kernel)
 };
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
 
@@ -68,6 +69,7 @@ struct LayerNormParams {
     int64_t rows, cols;
     float eps;
     DType dtype, weight_dtype, bias_dtype;
+    bool pdl;  // launch as a programmatic dependent (csrc/common.cuh's launch_kernel)
 };
 cudaError_t layer_norm_forward(const LayerNormParams& p, cudaStream_t stream);
 

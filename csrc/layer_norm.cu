@@ -5,6 +5,8 @@
 //   - block per row (N up to 1024 * 4 vectors): the row lives in one block's registers;
 //   - looped (any N): block per row, three passes over memory (only for very long rows).
 // A "vector" is 16 bytes when every pointer, stride and N allow it, else one element.
+// Each kernel waits for the previous grid before touching memory, so that on sm_90 and later it
+// may launch as a programmatic dependent (common.cuh's launch_kernel).
 #include "common.cuh"
 
 namespace fastgpt {
@@ -39,6 +41,7 @@ __device__ __forceinline__ float row_sum(float x, float* scratch) {
 template <typename T, int VEC, int CHUNKS, bool WARP_PER_ROW>
 __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxThreads) layer_norm_kernel(LayerNormParams p) {
     __shared__ float scratch[32];
+    wait_for_previous_grid();
     const int row_threads = WARP_PER_ROW ? 32 : blockDim.x;
     const int t = WARP_PER_ROW ? (threadIdx.x & 31) : threadIdx.x;
     const int64_t row = WARP_PER_ROW ? int64_t(blockIdx.x) * (blockDim.x >> 5) + (threadIdx.x >> 5) : blockIdx.x;
@@ -105,6 +108,7 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
 template <typename T>
 __global__ void __launch_bounds__(kMaxThreads) layer_norm_looped_kernel(LayerNormParams p) {
     __shared__ float scratch[32];
+    wait_for_previous_grid();
     const int64_t row = blockIdx.x, N = p.cols;
     const T* x = static_cast<const T*>(p.x) + row * p.stride_x;         // (N,)
     const T* r = static_cast<const T*>(p.residual) + row * p.stride_r;  // (N,) if residual
@@ -151,19 +155,19 @@ cudaError_t launch_rows(const LayerNormParams& p, cudaStream_t stream) {
         const dim3 block(32 * kWarpRowsPerBlock);
         const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.rows, kWarpRowsPerBlock)));
         if (vectors <= 32) {
-            return launch_kernel(layer_norm_kernel<T, VEC, 1, true>, grid, block, 0, stream, /*pdl=*/false, p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 1, true>, grid, block, 0, stream, p.pdl, p);
         } else if (vectors <= 64) {
-            return launch_kernel(layer_norm_kernel<T, VEC, 2, true>, grid, block, 0, stream, /*pdl=*/false, p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 2, true>, grid, block, 0, stream, p.pdl, p);
         } else {
-            return launch_kernel(layer_norm_kernel<T, VEC, 4, true>, grid, block, 0, stream, /*pdl=*/false, p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 4, true>, grid, block, 0, stream, p.pdl, p);
         }
     } else if (vectors <= int64_t(kMaxThreads) * kMaxChunks) {
         const int threads = static_cast<int>(ceil_div<int64_t>(ceil_div<int64_t>(vectors, kMaxChunks), 32) * 32);
         return launch_kernel(layer_norm_kernel<T, VEC, kMaxChunks, false>, dim3(static_cast<unsigned>(p.rows)),
-                             dim3(threads), 0, stream, /*pdl=*/false, p);
+                             dim3(threads), 0, stream, p.pdl, p);
     } else {
         return launch_kernel(layer_norm_looped_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(kMaxThreads), 0,
-                             stream, /*pdl=*/false, p);
+                             stream, p.pdl, p);
     }
 }
 

@@ -105,10 +105,10 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-# Kernels of a decode step launch as programmatic dependents where the GPU has it (sm_90 on):
-# each may start while the kernel before it finishes, and waits for it before touching memory
-# (kernels/pdl.py, csrc/common.cuh). FASTGPT_PDL=0 launches them plainly (gpu-probe's
-# decode_step section times both).
+# Kernels of a decode step, and every CUDA-backend kernel, launch as programmatic dependents where
+# the GPU has it (sm_90 on): each may start while the kernel before it finishes, and waits for it
+# before touching memory (kernels/pdl.py, csrc/common.cuh). FASTGPT_PDL=0 launches them plainly
+# (gpu-probe's decode_step section times both).
 PDL_ENV_VAR = "FASTGPT_PDL"
 PDL_MIN_CAPABILITY = 9
 

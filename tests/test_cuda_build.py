@@ -108,17 +108,18 @@ def test_extension_validates_before_touching_the_gpu():
     C = _built_extension()
     s3 = (8192, 1024, 64)
     with pytest.raises(ValueError, match=r"fastgpt\._C\.attention: head dim must be 64 or 128, got 96"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="unsupported dtype code 0"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0)
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0, False)
     with pytest.raises(ValueError, match="must be a multiple of heads_kv"):
-        C.attention(16, 16, 16, 16, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
+        C.attention(16, 16, 16, 16, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="q must be 16-byte aligned"):
-        C.attention(18, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0)
+        C.attention(18, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="strides must be multiples of 8"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0)
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, 2\^30\]"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0, 1, 0, 0)
+        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0, 1,
+                    0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match="num_splits > 1 needs"):
         C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0,
                            False)  # fmt: skip
@@ -126,7 +127,7 @@ def test_extension_validates_before_touching_the_gpu():
         C.decode_attention(16, 16, 16, 16, 16, 16, 16, 16, 5, 2, 3, 1, 8, 64, 2, (192, 64), s3, s3, (192, 64), 1.0, 2,
                            0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match="residual and h must be given together"):
-        C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0)
+        C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
         C.sample(16, 16, 16, 16, 16, 16, 16, 0, 0, 1, 1 << 24, 1 << 24, 0, 0, 0, False)
     with pytest.raises(ValueError, match="null pointer"):
@@ -163,11 +164,16 @@ def test_decode_kernels_do_not_spill(arch, tmp_path):
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize("source, kernels", [("decode", 2 * 2 * 4 + 2), ("sampling", 3 * 3)])
-def test_decode_step_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
-    """On sm_90a every decode attention and sampling kernel waits for the kernel before it ahead
-    of any memory access, as a programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80
-    code has no wait (and is never launched as a dependent)."""
+@pytest.mark.parametrize("source, kernels", [
+    ("attention", 2 * 2),            # (fp16, bf16) x (D 64, 128)
+    ("decode", 2 * 2 * 4 + 2),       # ... x group tiles, and the combine kernels
+    ("layer_norm", 3 * 2 * 4 + 3),   # (fp32, fp16, bf16) x (16-byte, scalar) x (3 warp, 1 block), and looped
+    ("sampling", 3 * 3),
+])  # fmt: skip
+def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
+    """On sm_90a every kernel waits for the kernel before it ahead of any memory access, as a
+    programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80 code has no wait (and is
+    never launched as a dependent)."""
     from tests.test_attention import assert_waits_first
 
     _nvcc(source, arch, tmp_path / "kernels.ptx", "-ptx")

@@ -127,6 +127,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Hq, Hkv, Sq, Sk, D,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
         bool(causal), float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device),
+        _backends.launch_pdl(q.device),
     )  # fmt: skip
     return o
 
@@ -217,6 +218,7 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
         x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), 0 if h is None else h.stride(0),
         float(eps), code, DTYPE_CODES[weight.dtype] if weight is not None else 0,
         DTYPE_CODES[bias.dtype] if bias is not None else 0, _index(x.device), _stream(x.device),
+        _backends.launch_pdl(x.device),
     )  # fmt: skip
     return LayerNormOutput(y, h)
 

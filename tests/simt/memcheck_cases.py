@@ -353,7 +353,7 @@ def out_of_bounds(ext, op: str) -> None:
     the tensor holds: the kernel reads the bytes right after it."""
     if op == "layer_norm":
         x, y = exact(3, 768), torch.empty(4, 768)
-        ext.layer_norm(x.data_ptr(), 0, 0, 0, y.data_ptr(), 0, 4, 768, 768, 0, 768, 0, 1e-5, 0, 0, 0, 0, 0)
+        ext.layer_norm(x.data_ptr(), 0, 0, 0, y.data_ptr(), 0, 4, 768, 768, 0, 768, 0, 1e-5, 0, 0, 0, 0, 0, False)
     elif op == "sample":
         B, V = 2, 1000
         logits, out = exact(B, V), torch.empty(B, dtype=torch.int64)
