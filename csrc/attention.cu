@@ -21,6 +21,7 @@ constexpr int BLOCK_N = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
 
 // Shared-memory row stride in elements: one 16-byte pad per row puts the 8 rows that an ldmatrix
 // reads in 8 different 16-byte bank groups.
@@ -175,11 +176,26 @@ __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const f
     }
 }
 
+// Writes the log-sum-exp of the thread's two rows, ln sum_j exp(s_j) = (m + log2 l) ln 2 in the
+// scores' log2 units, -inf for a row that saw no key; lse points at this (batch, head)'s (Sq,).
+__device__ __forceinline__ void store_lse(const float (&m)[2], const float (&l)[2], float* lse, int row0,
+                                          int seqlen_q) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        float total = l[half];
+        total += __shfl_xor_sync(FULL_MASK, total, 1);
+        total += __shfl_xor_sync(FULL_MASK, total, 2);
+        const int row = row0 + half * 8;
+        if ((threadIdx.x & 3) == 0 && row < seqlen_q)
+            lse[row] = total > 0.0f ? (m[half] + log2f(total)) * kLn2 : -INFINITY;
+    }
+}
+
 }  // namespace
 
 // O = softmax(Q K^T * scale + mask) V for one (query block, head, batch), mask = -inf where key
 // >= Sk or, when causal, key > query + Sk - Sq (bottom-right alignment); GQA: query head h reads
-// kv head h / (Hq / Hkv). Rows that see no key get O = 0.
+// kv head h / (Hq / Hkv). Rows that see no key get O = 0. With p.lse, each row's log-sum-exp too.
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -244,6 +260,7 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     cp_async_wait<0>();  // with no visible key, the Q tile was still in flight
     __syncthreads();
     store_output<T, D>(o, l, sQ, out, p.stride_o_s, m0, p.seqlen_q, warp, lane);
+    if (p.lse != nullptr) store_lse(m, l, p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q, row0, p.seqlen_q);
 }
 
 // ----------------------------------------------------------------------------- host dispatch

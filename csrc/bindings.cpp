@@ -87,10 +87,10 @@ void require_head_layout(const char* kernel, int64_t head_dim, int64_t batch, in
             heads_kv, ")");
 }
 
-void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch, int64_t heads_q, int64_t heads_kv,
-               int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, Strides3 stride_q, Strides3 stride_k,
-               Strides3 stride_v, Strides3 stride_o, bool causal, double scale, int dtype, int device,
-               uintptr_t stream, bool pdl) {
+void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, int64_t batch, int64_t heads_q,
+               int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, Strides3 stride_q,
+               Strides3 stride_k, Strides3 stride_v, Strides3 stride_o, bool causal, double scale, int dtype,
+               int device, uintptr_t stream, bool pdl) {
     const char* kernel = "attention";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
@@ -102,7 +102,8 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, int64_t batch
     require_vector_ready(k, stride_k, kernel, "k");
     require_vector_ready(v, stride_v, kernel, "v");
     require_vector_ready(o, stride_o, kernel, "o");
-    AttentionParams p{ptr(q), ptr(k), ptr(v), mut_ptr(o),
+    require(lse % 4 == 0, kernel, "lse must be null or an aligned fp32 pointer");
+    AttentionParams p{ptr(q), ptr(k), ptr(v), mut_ptr(o), static_cast<float*>(mut_ptr(lse)),
                       stride_q[0], stride_q[1], stride_q[2], stride_k[0], stride_k[1], stride_k[2],
                       stride_v[0], stride_v[1], stride_v[2], stride_o[0], stride_o[1], stride_o[2],
                       int(batch), int(heads_q), int(heads_kv), int(seqlen_q), int(seqlen_k), int(head_dim),
@@ -230,12 +231,13 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "fastgpt CUDA kernels (pointer-level API; call through fastgpt.ops, not directly)";
     m.attr("cuda_version") = CUDART_VERSION;
     m.attr("archs") = FASTGPT_CUDA_ARCHS;
-    m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("batch"),
-          py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"),
-          py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("causal"),
-          py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
-          "Prefill attention (FlashAttention-2 style); strides are (batch, head, seq) in elements; "
-          "pdl: launch as a programmatic dependent (sm_90 code).");
+    m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
+          py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"),
+          py::arg("head_dim"), py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"),
+          py::arg("causal"), py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          "Prefill attention (FlashAttention-2 style); strides are (batch, head, seq) in elements; lse: 0, or "
+          "(batch, heads_q, seqlen_q) fp32 contiguous for each row's log-sum-exp (natural log); pdl: launch as a "
+          "programmatic dependent (sm_90 code).");
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("counters"),
           py::arg("num_counters"), py::arg("batch"),

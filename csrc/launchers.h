@@ -18,6 +18,7 @@ struct AttentionParams {
     const void* k;  // (B, Hkv, Sk, D)
     const void* v;  // (B, Hkv, Sk, D)
     void* o;        // (B, Hq, Sq, D)
+    float* lse;     // (B, Hq, Sq) contiguous: each row's log-sum-exp (natural log), or nullptr
     int64_t stride_q_b, stride_q_h, stride_q_s;
     int64_t stride_k_b, stride_k_h, stride_k_s;
     int64_t stride_v_b, stride_v_h, stride_v_s;

@@ -1,6 +1,7 @@
 """fastgpt: fused GPU kernels for GPT inference, behind one PyTorch API.
 
     fastgpt.attention(q, k, v, causal=True)              prefill attention (GQA, bottom-right causal)
+    fastgpt.attention(q, k, v, return_lse=True)          ... and each query's log-sum-exp (AttentionOutput)
     fastgpt.decode_attention(q, k_cache, v_cache, lens)  one token over a static KV cache
     fastgpt.layer_norm(x, w, b, residual=r)              fused residual add + LayerNorm
     fastgpt.filter_logits / fastgpt.sample               Hugging Face sampling semantics, fused
@@ -9,7 +10,7 @@
 Every kernel op takes backend="auto" | "cuda" | "triton" | "torch" (default: FASTGPT_BACKEND).
 """
 
-from fastgpt._backends import BackendUnavailableError
+from fastgpt._backends import AttentionOutput, BackendUnavailableError
 from fastgpt.ops import linear as _linear  # noqa: F401 (registers torch.ops.fastgpt.linear, GPT.decode's op)
 from fastgpt.ops.attention import attention
 from fastgpt.ops.decode import decode_attention
@@ -19,6 +20,7 @@ from fastgpt.ops.sampling import filter_logits, sample
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionOutput",
     "BackendUnavailableError",
     "GPT",
     "attention",

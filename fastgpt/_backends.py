@@ -33,6 +33,13 @@ EMULATOR_ENV_VAR = "FASTGPT_CUDA_EMULATOR"  # the path of a host build of fastgp
 EMULATOR_SMS = 4  # the emulator's pretend SM count: few, so that small test caches split
 
 
+class AttentionOutput(NamedTuple):
+    """fastgpt.attention's result with return_lse, and every backend's attention launcher's."""
+
+    out: torch.Tensor  # (B, Hq, Sq, D) in q's dtype, contiguous
+    lse: torch.Tensor  # (B, Hq, Sq) fp32: ln sum_j exp(scores) over the keys a query sees; -inf where none
+
+
 class LayerNormOutput(NamedTuple):
     """What every backend's layer_norm launcher returns."""
 

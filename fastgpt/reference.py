@@ -13,12 +13,13 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------- attention
 
 
-def masked_attention(q, k, v, visible, scale):
+def masked_attention(q, k, v, visible, scale, *, return_lse: bool = False):
     """softmax(q k^T * scale, keys where `visible`) v, with q's heads grouped over k/v's heads.
 
     q (B, Hq, Sq, D); k/v (B, Hkv, Sk, D); visible bool, broadcastable to (B, 1, 1, Sq, Sk).
     GQA by broadcasting q as (B, Hkv, group, Sq, D) against k/v as (B, Hkv, 1, Sk, D): no copies
-    of k/v. A query with no visible key gets zeros.
+    of k/v. A query with no visible key gets zeros. With return_lse, (out, lse): lse (B, Hq, Sq)
+    fp32, ln sum_j exp(q k_j^T * scale) over the visible keys, -inf where there is none.
     """
     B, Hq, Sq, D = q.shape
     Hkv = k.shape[1]
@@ -29,15 +30,18 @@ def masked_attention(q, k, v, visible, scale):
     scores = scores.masked_fill(~visible, float("-inf"))
     # No visible key: 0, not the softmax's NaN. Only there: a NaN or inf in q or k stays NaN, as in SDPA.
     probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
-    return (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
+    out = (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
+    if not return_lse:
+        return out
+    return out, torch.logsumexp(scores, dim=-1).view(B, Hq, Sq).float()
 
 
-def attention(q, k, v, *, causal: bool = False, scale: float | None = None):
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):
     """softmax(q k^T * scale [+ causal mask]) v, with GQA and bottom-right causal alignment.
 
     q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), Hq % Hkv == 0. Query i sees keys j <= i + Sk - Sq when
     causal; a query that sees no key (Sq > Sk) gets a zero output, as in FlashAttention.
-    Returns (B, Hq, Sq, D) in q's dtype.
+    Returns (B, Hq, Sq, D) in q's dtype; with return_lse, (out, lse) as masked_attention.
     """
     Sq, D = q.shape[2], q.shape[3]
     Sk = k.shape[2]
@@ -45,7 +49,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None):
     i = torch.arange(Sq, device=q.device)[:, None]
     j = torch.arange(Sk, device=q.device)[None, :]
     visible = j <= i + (Sk - Sq) if causal else torch.ones(Sq, Sk, dtype=torch.bool, device=q.device)
-    return masked_attention(q, k, v, visible, scale)
+    return masked_attention(q, k, v, visible, scale, return_lse=return_lse)
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None):

@@ -36,15 +36,12 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fastgpt._backends import AttentionOutput
+
 _FP32_DOT_PRECISION = "tf32x3"
 _INTERPRETER_CONFIG = (16, 16, 4, 1)  # (BLOCK_M, BLOCK_N, warps, stages) on CPU tensors: small and fast
 _TUNE_MIN_LEN = 256  # shorter problems are launch-bound: a fixed config, no autotuning
 _MAX_BLOCK_N = 128  # the largest BLOCK_N of any config: K/V rows within a block use 32-bit offsets
-
-
-class AttentionOutput(NamedTuple):
-    out: torch.Tensor  # (B, Hq, Sq, D) in q.dtype, contiguous
-    lse: torch.Tensor  # (B, Hq, Sq) fp32: natural-log sum of exp(scores); -inf for rows seeing no key
 
 
 # ----------------------------------------------------------------------------- kernel

@@ -115,19 +115,37 @@ def test_scale_and_large_logits(device, scale):
     _check(q * 3, k, v, causal=True, scale=scale)
 
 
-def test_log_sum_exp(device):
-    """The launcher's optional LSE: natural-log sum of exp(scores), -inf for rows seeing no key."""
-    from fastgpt.kernels.attention import attention as triton_attention
-
-    q, k, v = _qkv(1, 2, 1, 24, 19, 32, torch.float32, device)
-    res = triton_attention(q, k, v, causal=True, scale=0.2, return_lse=True)
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("Sq, Sk", [(24, 19), (1, 40), (17, 17)])
+def test_log_sum_exp(device, backend, Sq, Sk):
+    """return_lse: each query's natural-log sum of exp(scores) over the keys it sees, -inf where it
+    sees none (Sq > Sk, causal), beside the output it gives without. A single query takes the
+    prefill kernel then (the split-KV decode kernels keep no log-sum-exp)."""
+    q, k, v = _qkv(1, 4, 2, Sq, Sk, 32, torch.float32, device)
+    res = fastgpt.attention(q, k, v, causal=True, scale=0.2, backend=backend, return_lse=True)
     scores = (q @ k.transpose(-1, -2).repeat_interleave(2, dim=1)) * 0.2
-    i, j = torch.arange(24, device=device)[:, None], torch.arange(19, device=device)[None, :]
-    expected = scores.masked_fill(j > i + (19 - 24), float("-inf")).logsumexp(-1)
-    assert res.lse.shape == (1, 2, 24) and res.lse.dtype == torch.float32
-    assert torch.isneginf(res.lse[:, :, :5]).all()
+    i, j = torch.arange(Sq, device=device)[:, None], torch.arange(Sk, device=device)[None, :]
+    expected = scores.masked_fill(j > i + (Sk - Sq), float("-inf")).logsumexp(-1)
+    assert isinstance(res, fastgpt.AttentionOutput)
+    assert res.lse.shape == (1, 4, Sq) and res.lse.dtype == torch.float32 and res.lse.is_contiguous()
+    assert torch.equal(torch.isneginf(res.lse), torch.isneginf(expected)) and torch.isfinite(expected).any()
     torch.testing.assert_close(res.lse, expected, atol=2e-5, rtol=2e-5)
     assert_close(res.out, _reference(q, k, v, True, 0.2))
+    with pytest.raises(TypeError, match="return_lse must be a Python bool"):
+        fastgpt.attention(q, k, v, backend=backend, return_lse=1)
+
+
+def test_log_sum_exp_merges_attention_over_two_sets_of_keys(device):
+    """What the log-sum-exp is for: attention over keys [0, 20) and over [20, 50) apart, weighted
+    by exp(lse_part - lse), is attention over all 50 (a cached prefix and new keys, say)."""
+    q, k, v = _qkv(2, 4, 2, 33, 50, 32, torch.float32, device)
+    a, b = (fastgpt.attention(q, k[:, :, s], v[:, :, s], backend="triton", return_lse=True)
+            for s in (slice(0, 20), slice(20, 50)))  # fmt: skip
+    lse = torch.logaddexp(a.lse, b.lse)
+    merged = a.out * (a.lse - lse).exp()[..., None] + b.out * (b.lse - lse).exp()[..., None]
+    whole = fastgpt.attention(q, k, v, backend="triton", return_lse=True)
+    assert_close(merged, whole.out)
+    torch.testing.assert_close(lse, whole.lse, atol=2e-5, rtol=2e-5)
 
 
 # ----------------------------------------------------------------------------- under a boolean mask

@@ -34,7 +34,8 @@ def test_compile_fullgraph_through_every_op():
 
 
 def test_ops_are_registered_with_fake_impls():
-    for name in ("attention", "masked_attention", "decode_attention", "layer_norm", "add_layer_norm", "sample", "linear"):
+    for name in ("attention", "attention_lse", "masked_attention", "decode_attention", "layer_norm", "add_layer_norm",
+                 "sample", "linear"):
         op = getattr(torch.ops.fastgpt, name)
         torch.library.opcheck(op.default, _example_args(name), test_utils=("test_schema", "test_faketensor"))
     table, ids = torch.randn(5, 8), torch.tensor([4, 0, 2])  # linear reading its rows from tables (embeddings)
@@ -49,6 +50,7 @@ def _example_args(name):
     B = torch.ones(2)
     return {
         "attention": (q, k, k.clone(), True, 0.3, "torch"),
+        "attention_lse": (q, k, k.clone(), True, 0.3, "torch"),
         "masked_attention": (q, k, k.clone(), torch.rand(1, 1, 3, 3) > 0.5, 0.3, "torch"),
         "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch"),
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
@@ -123,14 +125,16 @@ def test_compiled_graph_holds_the_registered_ops():
 
     @torch.compile(fullgraph=True, backend=counter)
     def step(q, x, w, r):
-        return fastgpt.attention(q, q, q, causal=True, backend="triton"), fastgpt.layer_norm(
-            x, w, None, residual=r, backend="triton")
+        return (fastgpt.attention(q, q, q, causal=True, backend="triton"),
+                fastgpt.attention(q, q, q, backend="triton", return_lse=True).lse,
+                fastgpt.layer_norm(x, w, None, residual=r, backend="triton"))
 
     q, x, w, r = torch.randn(1, 2, 5, 16), torch.randn(3, 64), torch.randn(64), torch.randn(3, 64)
-    a, (y, _) = step(q, x, w, r)
+    a, lse, (y, _) = step(q, x, w, r)
     code = counter.graphs[0].code
-    assert "torch.ops.fastgpt.attention" in code and "torch.ops.fastgpt.add_layer_norm" in code
+    assert all(f"torch.ops.fastgpt.{op}." in code for op in ("attention", "attention_lse", "add_layer_norm"))
     torch.testing.assert_close(a, fastgpt.attention(q, q, q, causal=True, backend="triton"))
+    torch.testing.assert_close(lse, fastgpt.attention(q, q, q, backend="triton", return_lse=True).lse)
     torch.testing.assert_close(y, fastgpt.layer_norm(x, w, None, residual=r, backend="triton")[0])
     torch._dynamo.reset()
 

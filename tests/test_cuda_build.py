@@ -108,18 +108,20 @@ def test_extension_validates_before_touching_the_gpu():
     C = _built_extension()
     s3 = (8192, 1024, 64)
     with pytest.raises(ValueError, match=r"fastgpt\._C\.attention: head dim must be 64 or 128, got 96"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="unsupported dtype code 0"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0, False)
     with pytest.raises(ValueError, match="must be a multiple of heads_kv"):
-        C.attention(16, 16, 16, 16, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="q must be 16-byte aligned"):
-        C.attention(18, 16, 16, 16, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(18, 16, 16, 16, 0, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="strides must be multiples of 8"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, 2\^30\]"):
-        C.attention(16, 16, 16, 16, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0, 1,
-                    0, 0, False)  # fmt: skip
+        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0,
+                    1, 0, 0, False)  # fmt: skip
+    with pytest.raises(ValueError, match="lse must be null or an aligned fp32 pointer"):
+        C.attention(16, 16, 16, 16, 18, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="num_splits > 1 needs"):
         C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0,
                            False)  # fmt: skip

@@ -123,6 +123,25 @@ def test_attention_non_contiguous_layouts(D):
     assert_close(out, reference.attention(odd.float(), odd.float(), odd.float()), torch.float16)
 
 
+@pytest.mark.parametrize("shape", [(1, 2, 1, 130, 47), (2, 4, 2, 33, 129), (1, 3, 3, 1, 70),
+                                   *on_gpu((2, 8, 2, 1000, 1000))])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_log_sum_exp(shape, D):
+    """return_lse: each row's log-sum-exp (natural log) beside the output it gives without; -inf for
+    rows that see no key (Sq > Sk, causal). One query takes the prefill kernel here too."""
+    B, Hq, Hkv, Sq, Sk = shape
+    q, k, v = (_randn(B, H, S, D, dtype=torch.bfloat16, seed=i)
+               for i, (H, S) in enumerate([(Hq, Sq), (Hkv, Sk), (Hkv, Sk)]))  # fmt: skip
+    res = fastgpt.attention(q, k, v, causal=True, backend="cuda", return_lse=True)
+    out, lse = reference.attention(q.float(), k.float(), v.float(), causal=True, return_lse=True)
+    assert res.lse.shape == (B, Hq, Sq) and res.lse.dtype == torch.float32
+    assert torch.equal(torch.isneginf(res.lse), torch.isneginf(lse))
+    torch.testing.assert_close(res.lse, lse, atol=1e-4, rtol=1e-4)
+    assert_close(res.out, out, torch.bfloat16)
+    if Sq > 1:  # the same kernel: the same bits
+        assert torch.equal(res.out, fastgpt.attention(q, k, v, causal=True, backend="cuda"))
+
+
 # ----------------------------------------------------------------------------- decode
 
 

@@ -20,7 +20,7 @@ import functools
 import torch
 
 from fastgpt import _backends
-from fastgpt._backends import LayerNormOutput
+from fastgpt._backends import AttentionOutput, LayerNormOutput
 from fastgpt.ops import _checks
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -112,8 +112,10 @@ def _ptr(t: torch.Tensor | None) -> int:
 # ----------------------------------------------------------------------------- attention
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float) -> torch.Tensor:
-    """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), fp16/bf16, D in (64, 128) -> (B, Hq, Sq, D)."""
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
+              return_lse: bool = False):  # fmt: skip
+    """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), fp16/bf16, D in (64, 128) -> o (B, Hq, Sq, D), or
+    with return_lse AttentionOutput(o, lse (B, Hq, Sq) fp32: natural log, -inf where no key is seen)."""
     _require_cuda("attention", q=q, k=k, v=v)
     _head_dim_supported("attention", q)
     B, Hq, Sq, D = q.shape
@@ -123,13 +125,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _grid_fits("attention", B, Hq)
     q, k, v = (_vector_ready(t) for t in (q, k, v))
     o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32) if return_lse else None
     _backends.cuda_extension().attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), B, Hq, Hkv, Sq, Sk, D,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), _ptr(lse), B, Hq, Hkv, Sq, Sk, D,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
         bool(causal), float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device),
         _backends.launch_pdl(q.device),
     )  # fmt: skip
-    return o
+    return AttentionOutput(o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------- decode

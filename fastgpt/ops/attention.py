@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 
 from fastgpt import _backends, reference
+from fastgpt._backends import AttentionOutput
 from fastgpt.ops import _checks, _cuda, _dispatch
 
 TRITON_MAX_HEAD_DIM = 256
@@ -58,7 +59,8 @@ def check_qkv(q, k, v, *, kv_names=("k", "v"), layout="(B, Hkv, Sk, D)", kv_head
     return device
 
 
-def attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "auto"):
+def attention(q, k, v, *, causal: bool = False, scale: float | None = None, backend: str = "auto",
+              return_lse: bool = False):  # fmt: skip
     """Scaled dot-product attention: softmax(q k^T * scale) v, fused.
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D) with Hq % Hkv == 0 (GQA/MQA); fp16, bf16 or fp32,
@@ -66,21 +68,29 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     j <= i + Sk - Sq (bottom-right aligned, as FlashAttention; equal to SDPA's is_causal when
     Sq == Sk); a query that sees no key returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
     A single query (Sq == 1) runs the decode kernels (split-KV) of fastgpt.decode_attention.
+    With return_lse, returns AttentionOutput(out, lse), lse (B, Hq, Sq) fp32: each query's
+    ln sum_j exp(q k_j^T * scale) over the keys it sees, -inf where it sees none (what merging
+    attention over two sets of keys takes: softmax weights exp(lse_a - lse) and exp(lse_b - lse)).
     """
     device = check_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
-    if not isinstance(causal, bool):
-        kind = type(causal)  # qualified: numpy's bool is also named "bool"
-        raise TypeError(f"causal must be a Python bool, got {causal!r} of type {kind.__module__}.{kind.__qualname__}")
+    for flag, value in (("causal", causal), ("return_lse", return_lse)):
+        if not isinstance(value, bool):
+            kind = type(value)  # qualified: numpy's bool is also named "bool"
+            raise TypeError(f"{flag} must be a Python bool, got {value!r} of type {kind.__module__}.{kind.__qualname__}")
     scale = _checks.scale(scale, D)
     flops = 4 * B * Hq * Sq * Sk * D / (2 if causal else 1)
     name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
     if q.numel() == 0 or Sk == 0:
-        return q.new_zeros(B, Hq, Sq, D)
+        out = q.new_zeros(B, Hq, Sq, D)
+        return AttentionOutput(out, torch.full((B, Hq, Sq), float("-inf"), device=device)) if return_lse else out
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
-        return reference.attention(q, k, v, causal=causal, scale=scale)
+        result = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
+        return AttentionOutput(*result) if return_lse else result
     q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
+    if return_lse:
+        return AttentionOutput(*_dispatch.call(_attention_lse_op, _attention_lse, q, k, v, causal, scale, name))
     return _dispatch.call(_attention_op, _attention, q, k, v, causal, scale, name)
 
 
@@ -107,6 +117,24 @@ _attention_op = torch.library.custom_op("fastgpt::attention", _attention, mutate
 @_attention_op.register_fake
 def _(q, k, v, causal, scale, backend):
     return q.new_empty(q.shape)
+
+
+def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """_attention with each query's log-sum-exp: the prefill kernels at every Sq (the split-KV
+    decode kernels merge their splits' log-sum-exps but keep none)."""
+    if backend == "torch":
+        return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    return tuple(_backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale,
+                                                                      return_lse=True))  # fmt: skip
+
+
+_attention_lse_op = torch.library.custom_op("fastgpt::attention_lse", _attention_lse, mutates_args=())
+
+
+@_attention_lse_op.register_fake
+def _(q, k, v, causal, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str = "auto"):

@@ -155,6 +155,9 @@ def attention_cases(check: Checker):
             k, v = exact(B, Hkv, Sk, D, dtype=dtype, seed=1), exact(B, Hkv, Sk, D, dtype=dtype, seed=2)
             with check.case(f"attention B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} D{D} {dtype} causal={causal}", q, k, v):
                 _finite(fastgpt.attention(q, k, v, causal=causal, backend=backend))
+            if not causal and dtype == check.target.attention_dtypes[0]:  # every row sees a key: a finite lse
+                with check.case(f"attention lse B{B} H{Hq}/{Hkv} Sq{Sq} Sk{Sk} D{D} {dtype}", q, k, v):
+                    _finite(*fastgpt.attention(q, k, v, backend=backend, return_lse=True))
     for S, D in ((17, 128), (65, 64)):  # (B, S, 3, H, D) from a fused projection: v ends its storage
         H = 2
         qkv = ending_view((1, S, 3, H, D), (S * 3 * H * D, 3 * H * D, H * D, D, 1), dtype=view_dtype)
