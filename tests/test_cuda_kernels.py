@@ -474,15 +474,19 @@ def test_all_ops_capture_and_replay_in_a_cuda_graph():
 def test_gpt2_generates_on_the_cuda_kernels(monkeypatch):
     """GPT-2 (fp16, left-padded batch) with every op on the cuda backend (its matmuls stay
     PyTorch's): prefill attention, decode attention over the static cache, the LayerNorms and the
-    sampler all run on the extension, and greedy decoding gives the torch backend's tokens."""
+    sampler all run on the extension, and greedy decoding gives the torch backend's tokens. The
+    prompt fills the cache past 256 positions, so that decode attention splits it (on the
+    emulator's 4 SMs) and merges the splits in its one launch, by the cache's counters."""
     from fastgpt.model import GPT, GPTConfig
 
     torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=256, n_positions=64, n_embd=128, n_layer=2, n_head=2))  # head dim 64
+    model = GPT(GPTConfig(vocab_size=256, n_positions=512, n_embd=128, n_layer=2, n_head=2))  # head dim 64
     for p in model.parameters():
         p.data.normal_(0, 0.08 if p.dim() > 1 else 0.3)
     model = model.half().to(DEVICE).eval()
-    idx = torch.randint(0, 256, (3, 9), device=DEVICE)
+    blocks = _cuda._decode_blocks_per_sm(1, 64, 1, torch.device(DEVICE))
+    assert _backends.cuda_extension().decode_num_splits(3, 2, 2, 512, _cuda._sm_count(torch.device(DEVICE)), blocks) > 1
+    idx = torch.randint(0, 256, (3, 260), device=DEVICE)
     mask = torch.ones_like(idx)
     mask[1, :3] = mask[2, :8] = 0
     model.backend = "torch"
