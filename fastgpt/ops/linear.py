@@ -37,6 +37,32 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     without a residual. On the triton backend the input may hold at most MAX_ROWS rows (auto
     takes torch beyond that, and off CUDA).
     """
+    shape, device, (ln_weight, ln_bias, eps) = _check_args(x, weight, bias, ln, residual, activation, kv_cache,
+                                                           kv_pos, x_rows, residual_rows)  # fmt: skip
+    N, K = weight.shape
+    M = math.prod(shape[:-1])  # rows
+    name = _backends.resolve("linear", backend, device, _limits(M, N, K), preference=("triton",))
+    lead = shape[:-1]
+    x2 = x if x_rows is not None else x.reshape(M, K)
+    r2 = None if residual is None else residual if residual_rows is not None else residual.reshape(M, K)
+    if name == "torch" or M == 0 or N == 0 or K == 0:
+        out, h = reference.linear(x2, weight, bias, ln=None if ln is None else (ln_weight, ln_bias, float(eps)),
+                                  residual=r2, gelu_tanh=activation == "gelu_tanh", kv_cache=kv_cache,
+                                  kv_pos=kv_pos, x_rows=x_rows, residual_rows=residual_rows)  # fmt: skip
+        return out.view(*lead, N), None if h is None else h.view(shape)
+    x2 = _checks.last_dim_contiguous(x2)
+    r2 = None if r2 is None else _checks.last_dim_contiguous(r2)
+    # The kernel reads bias and the LayerNorm's weight and bias with a unit stride: a strided or
+    # expanded view (stride 0: one element in memory) would be read past its elements.
+    bias, ln_weight, ln_bias = (None if p is None else p.contiguous() for p in (bias, ln_weight, ln_bias))
+    args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", kv_cache,
+            kv_pos, x_rows, residual_rows, name)  # fmt: skip
+    out, h = _dispatch.call(_linear_op, _linear, *args)
+    return out.view(*lead, N), None if residual is None else h.view(shape)
+
+
+def _check_args(x, weight, bias, ln, residual, activation, kv_cache, kv_pos, x_rows, residual_rows) -> tuple:
+    """linear's arguments, checked: (the input's shape (..., K), the device, (ln_weight, ln_bias, eps))."""
     _checks.tensor("x", x)
     if x.dim() == 0:
         raise ValueError("x must have at least one dimension (the input features), got a scalar")
@@ -56,11 +82,15 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     _check_residual(residual, residual_rows, x, shape, ln is not None)
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-    M = math.prod(shape[:-1])  # rows
-    _check_kv(kv_cache, kv_pos, x, M, N)
+    _check_kv(kv_cache, kv_pos, x, math.prod(shape[:-1]), N)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
                                  kv_cache=kv_cache, kv_pos=kv_pos, x_rows=x_rows,
                                  residual_rows=residual_rows)  # fmt: skip
+    return shape, device, (ln_weight, ln_bias, eps)
+
+
+def _limits(M: int, N: int, K: int):
+    """Why a backend cannot run an (M, K) x (K, N) linear, or None (for _backends.resolve)."""
 
     def unsupported(name: str) -> str | None:
         if name != "triton":
@@ -69,24 +99,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
             return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}"
         return _checks.triton_length("N and K", max(N, K))
 
-    name = _backends.resolve("linear", backend, device, unsupported, preference=("triton",))
-    lead = shape[:-1]
-    x2 = x if x_rows is not None else x.reshape(M, K)
-    r2 = None if residual is None else residual if residual_rows is not None else residual.reshape(M, K)
-    if name == "torch" or M == 0 or N == 0 or K == 0:
-        out, h = reference.linear(x2, weight, bias, ln=None if ln is None else (ln_weight, ln_bias, float(eps)),
-                                  residual=r2, gelu_tanh=activation == "gelu_tanh", kv_cache=kv_cache,
-                                  kv_pos=kv_pos, x_rows=x_rows, residual_rows=residual_rows)  # fmt: skip
-        return out.view(*lead, N), None if h is None else h.view(shape)
-    x2 = _checks.last_dim_contiguous(x2)
-    r2 = None if r2 is None else _checks.last_dim_contiguous(r2)
-    # The kernel reads bias and the LayerNorm's weight and bias with a unit stride: a strided or
-    # expanded view (stride 0: one element in memory) would be read past its elements.
-    bias, ln_weight, ln_bias = (None if p is None else p.contiguous() for p in (bias, ln_weight, ln_bias))
-    args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", kv_cache,
-            kv_pos, x_rows, residual_rows, name)  # fmt: skip
-    out, h = _dispatch.call(_linear_op, _linear, *args)
-    return out.view(*lead, N), None if residual is None else h.view(shape)
+    return unsupported
 
 
 def _check_ln(ln, K: int) -> tuple:
