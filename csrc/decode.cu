@@ -68,6 +68,36 @@ __device__ __forceinline__ float merged_split_output(const DecodeParams& p, int6
     return num / den;
 }
 
+// Merges the kWarps states of each of the tile's `heads` query heads from h0 (one thread per
+// (head, d)) and writes its output, or with several splits its partial output and log-sum-exp.
+template <typename T, int D, int GROUP>
+__device__ __forceinline__ void write_heads(const DecodeParams& p, const float (&s_m)[kWarps][GROUP],
+                                            const float (&s_l)[kWarps][GROUP], const float (&s_acc)[kWarps][GROUP][D],
+                                            int b, int h0, int heads, int split) {
+    for (int i = threadIdx.x; i < heads * D; i += kThreads) {
+        const int g = i / D, d = i % D;
+        float m_all = -INFINITY;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
+        float l_all = 0.0f, o = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kWarps; ++w) {
+            const float c = rescale(s_m[w][g], m_all);
+            l_all += s_l[w][g] * c;
+            o += s_acc[w][g][d] * c;
+        }
+        o = l_all > 0.0f ? o / l_all : 0.0f;
+        const int h = h0 + g;
+        if (p.num_splits == 1) {
+            static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
+        } else {
+            const int64_t row = (int64_t(b) * p.heads_q + h) * p.num_splits + split;
+            p.o_partial[row * D + d] = o;
+            if (d == 0) p.lse_partial[row] = l_all > 0.0f ? m_all + log2f(l_all) : -INFINITY;
+        }
+    }
+}
+
 // With the caller's counters (zero between launches; a tile counts at its first head, b * Hq + h0):
 // the block whose split finishes last among its tile's splits merges them into o for the tile's
 // `heads` query heads from h0, and zeroes the counter again for the next launch.
@@ -196,29 +226,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
     }
     __syncthreads();
 
-    // Merge the warps; one thread per (head, d).
-    for (int i = threadIdx.x; i < heads * D; i += kThreads) {
-        const int g = i / D, d = i % D;
-        float m_all = -INFINITY;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w][g]);
-        float l_all = 0.0f, o = 0.0f;
-#pragma unroll
-        for (int w = 0; w < kWarps; ++w) {
-            const float c = rescale(s_m[w][g], m_all);
-            l_all += s_l[w][g] * c;
-            o += s_acc[w][g][d] * c;
-        }
-        o = l_all > 0.0f ? o / l_all : 0.0f;
-        const int h = h0 + g;
-        if (p.num_splits == 1) {
-            static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
-        } else {
-            const int64_t row = (int64_t(b) * p.heads_q + h) * p.num_splits + split;
-            p.o_partial[row * D + d] = o;
-            if (d == 0) p.lse_partial[row] = l_all > 0.0f ? m_all + log2f(l_all) : -INFINITY;
-        }
-    }
+    write_heads<T, D, GROUP>(p, s_m, s_l, s_acc, b, h0, heads, split);
     // The counter's index from values live here: blockIdx.y kept to this point spilled at 96 registers.
     if (p.num_splits > 1 && p.counters != nullptr)
         merge_splits_if_last<T>(p, b, h0, heads, int64_t(b) * p.heads_q + h0);
