@@ -114,10 +114,9 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse
 
 void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens, uintptr_t o,
                       uintptr_t o_partial, uintptr_t lse_partial, uintptr_t counters, int64_t num_counters,
-                      int64_t batch, int64_t heads_q, int64_t heads_kv,
-                      int64_t max_seqlen, int64_t head_dim, int64_t num_splits, Strides2 stride_q, Strides3 stride_k,
-                      Strides3 stride_v, Strides2 stride_o, double scale, int dtype, int device, uintptr_t stream,
-                      bool pdl) {
+                      int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t head_dim,
+                      int64_t num_splits, Strides2 stride_q, Strides3 stride_k, Strides3 stride_v, Strides2 stride_o,
+                      double scale, int dtype, int device, uintptr_t stream, bool pdl) {
     const char* kernel = "decode_attention";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
@@ -137,8 +136,8 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
             " zeros, got ", num_counters);
     DecodeParams p{ptr(q), ptr(k_cache), ptr(v_cache), static_cast<const int32_t*>(ptr(seqlens)), mut_ptr(o),
                    static_cast<float*>(mut_ptr(o_partial)), static_cast<float*>(mut_ptr(lse_partial)),
-                   static_cast<int32_t*>(mut_ptr(counters)), stride_q[0], stride_q[1], stride_k[0], stride_k[1], stride_k[2], stride_v[0], stride_v[1],
-                   stride_v[2], stride_o[0], stride_o[1],
+                   static_cast<int32_t*>(mut_ptr(counters)), stride_q[0], stride_q[1], stride_k[0], stride_k[1],
+                   stride_k[2], stride_v[0], stride_v[1], stride_v[2], stride_o[0], stride_o[1],
                    int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim), int(num_splits),
                    float(scale), type, pdl};
     DeviceGuard guard(device, kernel);
@@ -240,10 +239,9 @@ PYBIND11_MODULE(_C, m) {
           "programmatic dependent (sm_90 code).");
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("counters"),
-          py::arg("num_counters"), py::arg("batch"),
-          py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"), py::arg("head_dim"), py::arg("num_splits"),
-          py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("scale"),
-          py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          py::arg("num_counters"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"),
+          py::arg("head_dim"), py::arg("num_splits"), py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"),
+          py::arg("stride_o"), py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
           "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq); "
           "counters (0 or num_counters int32 zeros): the last split to finish merges (one launch); "
           "pdl: launch as programmatic dependents (sm_90 code).");
@@ -266,7 +264,6 @@ PYBIND11_MODULE(_C, m) {
           py::arg("stream"), py::arg("pdl"),
           "Fused temperature/top-k/top-p/min-p sampling, greedy where temperature <= 0; cand_k > 0: the "
           "candidate path, with a workspace of batch x sample_candidate_chunks(vocab) x cand_k uint64; "
-          "counters (0 or num_counters int32 zeros): the last split to finish merges (one launch); "
           "pdl: launch as programmatic dependents (sm_90 code).");
     m.def("sample_candidate_chunks", &sample_candidate_chunks, py::arg("vocab"),
           "Vocabulary chunks per row on the sampler's candidate path.");
