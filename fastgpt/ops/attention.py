@@ -78,7 +78,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     for flag, value in (("causal", causal), ("return_lse", return_lse)):
         if not isinstance(value, bool):
             kind = type(value)  # qualified: numpy's bool is also named "bool"
-            raise TypeError(f"{flag} must be a Python bool, got {value!r} of type {kind.__module__}.{kind.__qualname__}")
+            raise TypeError(f"{flag} must be a Python bool, got {value!r} of type "
+                            f"{kind.__module__}.{kind.__qualname__}")  # fmt: skip
     scale = _checks.scale(scale, D)
     flops = 4 * B * Hq * Sq * Sk * D / (2 if causal else 1)
     name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
