@@ -4,10 +4,10 @@ On a GPU every test here is `gpu` and runs the built extension at real sizes. On
 tests run the same kernels compiled for the host by tests/simt/ (a SIMT emulator: each CUDA thread
 a fiber, blocks one after another, warp collectives and the PTX wrappers emulated), reached
 through backend="cuda" on CPU tensors (FASTGPT_CUDA_EMULATOR), at small sizes; there, one more
-test runs each kernel with each block's fibers in reverse order (a result that depends on that
-order is a race between two barriers). Shapes are the awkward ones: lengths that are not multiples
-of the tiles, 1, Sq != Sk both ways, odd head counts, GQA/MQA, non-contiguous views, rows longer
-than registers. Outputs the launchers allocate start poisoned (NaN): an element a kernel forgets
+test runs each kernel with its blocks and each block's fibers in reverse and random orders (a
+result that depends on the order is a race). Shapes are the awkward ones: lengths that are not
+multiples of the tiles, 1, Sq != Sk both ways, odd head counts, GQA/MQA, non-contiguous views,
+rows longer than registers. Outputs the launchers allocate start poisoned (NaN): an element a kernel forgets
 to write fails.
 """
 
@@ -408,9 +408,10 @@ def test_top_k_keeps_ties_with_the_kth_value():
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's schedules")
 def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
-    """Each kernel with each block's fibers run in order, then in reverse order and in a random
-    order each sweep between barriers (FASTGPT_SIMT_SCHEDULE): the same bits, or two threads race
-    between barriers."""
+    """Each kernel with its blocks, and each block's fibers, run in order, then in reverse order
+    and in random orders (a fresh one each sweep between barriers; FASTGPT_SIMT_SCHEDULE): the same
+    bits, or two threads race between barriers, or the result depends on which block runs last
+    (the decode step's merge by the last split to finish)."""
     from fastgpt.ops.decode import decode_step_attention
 
     q, k = _randn(1, 4, 70, 64, dtype=torch.float16), _randn(1, 2, 90, 64, dtype=torch.float16, seed=1)

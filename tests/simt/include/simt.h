@@ -2,8 +2,10 @@
 // (what TRITON_INTERPRET is to the Triton kernels). tests/simt/build.py builds the host module.
 //
 // Execution model
-//   - A launch runs synchronously on the calling OS thread. Its blocks run one after another,
-//     x fastest, then y, then z: deterministic.
+//   - A launch runs synchronously on the calling OS thread. Its blocks run one after another, in
+//     an order set by FASTGPT_SIMT_SCHEDULE (below): forward, x fastest, then y, then z;
+//     reverse, the last block first; random:<seed>, a permutation of the blocks drawn from the
+//     seed (affine: i -> (a i + c) mod n). Deterministic for a given schedule.
 //   - Within a block every CUDA thread is a fiber (its own 256 KB stack, a cooperative context
 //     switch; runtime/fiber.cpp) on that same OS thread. A fiber runs until it waits: at
 //     __syncthreads, at a warp collective, or by returning. The scheduler then resumes the next
@@ -11,7 +13,9 @@
 //       forward (default): thread 0, 1, ...;  reverse: the last thread first;
 //       random:<seed>: a fresh permutation each sweep, from the seed and the block index.
 //     Running one kernel under two orders and comparing is how a test finds a data race
-//     between two barriers: the race becomes a difference in the results.
+//     between two barriers, or a result that depends on which block runs first or last (a
+//     grid's last block to finish merging the others' work, float atomics): the race becomes
+//     a difference in the results.
 //   - __syncthreads waits for every thread of the block that has not returned (exited threads
 //     no longer count, as on the GPU). Warp collectives (shuffles, votes, __match_any_sync,
 //     __syncwarp, ldmatrix, mma) wait for all 32 lanes of the warp, which must name the full

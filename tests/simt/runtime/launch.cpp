@@ -5,6 +5,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <numeric>
 #include <string>
 #include <vector>
 
@@ -103,6 +104,28 @@ struct Schedule {
     void next_sweep(std::vector<int>& order) {
         if (kind != kRandom) return;
         for (size_t i = order.size() - 1; i > 0; --i) std::swap(order[i], order[next() % (i + 1)]);
+    }
+
+    // The blocks' order: the linear index (x fastest, then y, then z) of the i-th of n blocks to run.
+    // Random is an affine permutation, i -> (a i + c) mod n with a prime to n, drawn from the seed:
+    // no table, for grids of any size.
+    struct BlockOrder {
+        uint64_t n, a = 1, c = 0;
+        bool reverse = false;
+        uint64_t operator[](uint64_t i) const {
+            return reverse ? n - 1 - i : uint64_t((unsigned __int128)a * i % n + c) % n;
+        }
+    };
+    BlockOrder blocks(uint64_t n) {
+        BlockOrder order{n};
+        order.reverse = kind == kReverse;
+        if (kind == kRandom && n > 1) {
+            state = seed ^ 0x6A09E667F3BCC909ull;
+            order.c = next() % n;
+            order.a = next() % n | 1;
+            while (std::gcd(order.a, n) != 1) order.a = (order.a + 2) % n;
+        }
+        return order;
     }
 };
 
@@ -354,16 +377,14 @@ cudaError_t launch(const cudaLaunchConfig_t& config, const void* kernel, KernelB
     gridDim = config.gridDim;
     blockDim = config.blockDim;
     t_running = &b;
-    uint64_t index = 0;
-    for (unsigned z = 0; z < gridDim.z; ++z) {
-        for (unsigned y = 0; y < gridDim.y; ++y) {
-            for (unsigned x = 0; x < gridDim.x; ++x, ++index) {
-                blockIdx = uint3{x, y, z};
-                if (!run_block(b, schedule, index)) {
-                    t_running = nullptr;
-                    return report(b.fault_error, b.fault_message);
-                }
-            }
+    const uint64_t plane = uint64_t(gridDim.x) * gridDim.y, n = plane * gridDim.z;
+    const Schedule::BlockOrder order = schedule.blocks(n);
+    for (uint64_t i = 0; i < n; ++i) {
+        const uint64_t index = order[i];
+        blockIdx = uint3{unsigned(index % gridDim.x), unsigned(index % plane / gridDim.x), unsigned(index / plane)};
+        if (!run_block(b, schedule, index)) {
+            t_running = nullptr;
+            return report(b.fault_error, b.fault_message);
         }
     }
     t_running = nullptr;
