@@ -236,7 +236,7 @@ def decode_tiles_section(p: Probe):
         (64, 4, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 3, 32), (64, 4, 3, 0), (64, 4, 2, 16), (64, 4, 4, 16),
         (64, 4, 5, 16), (32, 4, 4, 16), (32, 4, 6, 16), (128, 4, 3, 16), (128, 8, 3, 16), (64, 2, 3, 16),
         (64, 8, 3, 16), (32, 2, 4, 32)]
-    tiles_fn = tri_decode.gpu_tiles
+    tiles_fn, programs_per_sm_default = tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM
     with knobs_kept(tri_decode, "gpu_tiles", "_PROGRAMS_PER_SM"):
         for B, H, L, D in shapes:
             q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
@@ -251,8 +251,9 @@ def decode_tiles_section(p: Probe):
                                               stages=stages, programs_per_sm=programs_per_sm), measure)
             counters = torch.zeros(B * H, dtype=torch.int32, device=p.device)  # the splits merged in the split kernel
 
-            def merged():
-                d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D ** -0.5, counters=counters))
+            def merged():  # at the default tiles and splits, not the last variant's
+                tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM = tiles_fn, programs_per_sm_default
+                d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D**-0.5, counters=counters))
                 return dict(device_us=d, gbps=nbytes / d / 1e3)
             p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", merge="in the split kernel"), merged)
 

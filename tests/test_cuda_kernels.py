@@ -64,6 +64,13 @@ def _tensor(values, dtype=None):
     return torch.tensor(values, dtype=dtype, device=DEVICE)
 
 
+def _num_splits(B, Hq, Hkv, Smax, group, dtype_code=2, D=64) -> int:
+    """The KV splits the cuda decode kernel takes for these shapes here (bf16, D 64 by default)."""
+    device = torch.empty(0, device=DEVICE).device  # with its index, which the extension needs
+    blocks = _cuda._decode_blocks_per_sm(dtype_code, D, group, device)
+    return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _cuda._sm_count(device), blocks)
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's own test")
 def test_the_backend_takes_cpu_tensors_only_under_the_emulator(monkeypatch):
     try:  # a process that loaded the installed extension first (CPython caches it by name)
@@ -172,8 +179,7 @@ def test_decode_matches_reference(shape, D, dtype):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's SM count")
 def test_decode_splits_the_long_cache_on_the_emulator():
-    blocks = _cuda._decode_blocks_per_sm(1, 64, 1, torch.device("cpu"))
-    assert _backends.cuda_extension().decode_num_splits(1, 4, 4, 3000, _backends.EMULATOR_SMS, blocks) > 1
+    assert _num_splits(1, 4, 4, 3000, 1, dtype_code=1) > 1  # on EMULATOR_SMS = 4 SMs
 
 
 @pytest.mark.parametrize("Smax", [50, 4096])
@@ -205,9 +211,7 @@ def test_decode_merges_its_splits_in_one_launch_given_counters(shape):
     from fastgpt.ops.decode import decode_step_attention
 
     B, Hq, Hkv, Smax = shape
-    blocks = _cuda._decode_blocks_per_sm(2, 64, Hq // Hkv, torch.device(DEVICE))
-    assert _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _cuda._sm_count(torch.device(DEVICE)),
-                                                        blocks) > 1  # fmt: skip
+    assert _num_splits(B, Hq, Hkv, Smax, Hq // Hkv) > 1
     counters = torch.zeros(B * Hq + 3, dtype=torch.int32, device=DEVICE)
     for seed in range(2):
         q = _randn(B, Hq, 1, 64, dtype=torch.bfloat16, seed=seed)
@@ -485,8 +489,7 @@ def test_gpt2_generates_on_the_cuda_kernels(monkeypatch):
     for p in model.parameters():
         p.data.normal_(0, 0.08 if p.dim() > 1 else 0.3)
     model = model.half().to(DEVICE).eval()
-    blocks = _cuda._decode_blocks_per_sm(1, 64, 1, torch.device(DEVICE))
-    assert _backends.cuda_extension().decode_num_splits(3, 2, 2, 512, _cuda._sm_count(torch.device(DEVICE)), blocks) > 1
+    assert _num_splits(3, 2, 2, 512, 1, dtype_code=1) > 1
     idx = torch.randint(0, 256, (3, 260), device=DEVICE)
     mask = torch.ones_like(idx)
     mask[1, :3] = mask[2, :8] = 0

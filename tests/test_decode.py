@@ -344,4 +344,5 @@ def test_gpu_counters_merge_without_races(B, Hq, Hkv, Smax, D):
     for _ in range(50):
         assert torch.equal(triton_decode(q, k, v, lengths, scale=D**-0.5, counters=counters), first)
     assert (counters == 0).all()
-    torch.testing.assert_close(first, triton_decode(q, k, v, lengths, scale=D**-0.5), atol=1e-2, rtol=0)
+    # The two merges sum in different groups: fp32 rounding, then at most a bf16 step apart.
+    torch.testing.assert_close(first, triton_decode(q, k, v, lengths, scale=D**-0.5), atol=1e-2, rtol=2**-7)
