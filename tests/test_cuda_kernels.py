@@ -506,8 +506,9 @@ def test_gpt2_generates_on_the_cuda_kernels(monkeypatch):
     monkeypatch.setattr(_backends, "cuda_extension", Counted)
     model.backend = "cuda"
     got = model.generate(idx, 12, attention_mask=mask, cuda_graph=False)
-    if HAS_CUDA:  # fp16 on two paths of GPU math: a near-tie may flip one argmax, and its row's tail with it
-        assert torch.equal(got[:, :-11], want[:, :-11]) and (got == want).float().mean() >= 0.9
+    if HAS_CUDA:  # fp16 on two paths of GPU math: a near-tie may flip an argmax, and its row's tail with it
+        assert torch.equal(got[:, :-11], want[:, :-11])  # the prompt's next token
+        assert (got == want).all(dim=1).sum() >= 2  # and all but at most one row throughout
     else:  # the emulator: fp32 arithmetic, libm
         assert torch.equal(got, want)
     # 2 layers: the prefill's attention and 11 decode steps' (the 12th token needs no forward), and
