@@ -156,7 +156,7 @@ __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const f
         float total = l[half];
         total += __shfl_xor_sync(FULL_MASK, total, 1);
         total += __shfl_xor_sync(FULL_MASK, total, 2);
-        inv[half] = total > 0.0f ? 1.0f / total : 0.0f;
+        inv[half] = total != 0.0f ? 1.0f / total : 0.0f;  // NaN stays NaN
     }
     T* stage = sQ + warp * 16 * SMEM_STRIDE<D>;
 #pragma unroll
@@ -187,7 +187,7 @@ __device__ __forceinline__ void store_lse(const float (&m)[2], const float (&l)[
         total += __shfl_xor_sync(FULL_MASK, total, 2);
         const int row = row0 + half * 8;
         if ((threadIdx.x & 3) == 0 && row < seqlen_q)
-            lse[row] = total > 0.0f ? (m[half] + log2f(total)) * kLn2 : -INFINITY;
+            lse[row] = total != 0.0f ? (m[half] + log2f(total)) * kLn2 : -INFINITY;  // NaN stays NaN
     }
 }
 

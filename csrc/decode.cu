@@ -51,13 +51,16 @@ __device__ __forceinline__ void merge_key_groups(float (&m)[GROUP], float (&l)[G
 
 // Element d of (row, head) `bh` = b * Hq + h merged from its splits' partial outputs:
 //   o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s  (log2 domain)
-// 0 where every split was empty (M = -inf). The loads go to L2 (.cg): other blocks, on other
-// SMs, may have written the partials in this same launch.
+// 0 where every split was empty (M = -inf), NaN where a split's is (M is then NaN). The loads go
+// to L2 (.cg): other blocks, on other SMs, may have written the partials in this same launch.
 __device__ __forceinline__ float merged_split_output(const DecodeParams& p, int64_t bh, int d) {
     const float* lse = p.lse_partial + bh * p.num_splits;                  // (num_splits,)
     const float* o = p.o_partial + bh * p.num_splits * p.head_dim + d;  // (num_splits,) at stride D
     float m = -INFINITY;
-    for (int s = 0; s < p.num_splits; ++s) m = fmaxf(m, __ldcg(lse + s));
+    for (int s = 0; s < p.num_splits; ++s) {
+        const float x = __ldcg(lse + s);
+        m = x > m || x != x ? x : m;  // fmaxf would drop a NaN
+    }
     if (m == -INFINITY) return 0.0f;
     float num = 0.0f, den = 0.0f;
     for (int s = 0; s < p.num_splits; ++s) {
@@ -86,14 +89,14 @@ __device__ __forceinline__ void write_heads(const DecodeParams& p, const float (
             l_all += s_l[w][g] * c;
             o += s_acc[w][g][d] * c;
         }
-        o = l_all > 0.0f ? o / l_all : 0.0f;
+        o = l_all != 0.0f ? o / l_all : 0.0f;  // a NaN score (a NaN in the cache) gives NaN, as SDPA
         const int h = h0 + g;
         if (p.num_splits == 1) {
             static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
         } else {
             const int64_t row = (int64_t(b) * p.heads_q + h) * p.num_splits + split;
             p.o_partial[row * D + d] = o;
-            if (d == 0) p.lse_partial[row] = l_all > 0.0f ? m_all + log2f(l_all) : -INFINITY;
+            if (d == 0) p.lse_partial[row] = l_all != 0.0f ? m_all + log2f(l_all) : -INFINITY;
         }
     }
 }

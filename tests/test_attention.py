@@ -135,6 +135,19 @@ def test_log_sum_exp(device, backend, Sq, Sk):
         fastgpt.attention(q, k, v, backend=backend, return_lse=1)
 
 
+def test_log_sum_exp_without_keys():
+    """No key at all (Sk = 0): zeros and an fp32 lse of -inf, whatever torch's default dtype."""
+    q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 0, 16)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        res = fastgpt.attention(q, k, k, return_lse=True)
+    finally:
+        torch.set_default_dtype(default)
+    assert res.lse.dtype == torch.float32 and res.lse.shape == (1, 2, 3) and res.lse.isneginf().all()
+    assert res.out.shape == q.shape and not res.out.any()
+
+
 def test_log_sum_exp_merges_attention_over_two_sets_of_keys(device):
     """What the log-sum-exp is for: attention over keys [0, 20) and over [20, 50) apart, weighted
     by exp(lse_part - lse), is attention over all 50 (a cached prefix and new keys, say)."""

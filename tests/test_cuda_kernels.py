@@ -224,6 +224,38 @@ def test_decode_merges_its_splits_in_one_launch_given_counters(shape):
         assert_close(merged, reference.decode_attention(q.float(), k.float(), v.float(), lens), torch.bfloat16)
 
 
+@pytest.mark.parametrize("Smax", [8, 3000])  # one split; several, merged by a kernel or by the last split
+def test_decode_a_nan_in_the_cache_gives_nan(Smax):
+    """A NaN in a key a row sees makes its heads' outputs NaN, as SDPA's (they were zeros: a NaN
+    softmax sum was taken for an empty one); a NaN past a row's length is never read."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    q = _randn(2, 4, 1, 64, dtype=torch.float16)
+    k, v = (_randn(2, 2, Smax, 64, dtype=torch.float16, seed=s) for s in (1, 2))
+    k[0, 1, Smax // 2, 3] = float("nan")  # row 0, kv head 1 (query heads 2 and 3): seen
+    k[1, 0, Smax - 1, 0] = float("nan")  # row 1: past its length
+    lens = _tensor([Smax, Smax - 1], torch.int32)
+    expected = reference.decode_attention(q.float(), k.float(), v.float(), lens)
+    assert expected[0, 2:].isnan().all() and expected.isnan().sum() == 2 * 64
+    counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
+    for out in (fastgpt.decode_attention(q, k, v, lens, backend="cuda"),
+                decode_step_attention(q, k, v, lens, counters, backend="cuda")):  # fmt: skip
+        assert torch.equal(out.isnan(), expected.isnan())
+        assert_close(out.nan_to_num(), expected.nan_to_num(), torch.float16)
+
+
+def test_attention_a_nan_score_gives_nan_lse():
+    """A query whose scores hold a NaN gets a NaN log-sum-exp beside its NaN output, not the -inf
+    of a query that sees no key (the prefill kernel; a single query takes it with return_lse)."""
+    q, k, v = (_randn(1, 2, S, 64, dtype=torch.float16, seed=i) for i, S in enumerate((70, 40, 40)))
+    k[0, 1, 7, 0] = float("nan")
+    for rows in (slice(None), slice(69, 70)):
+        res = fastgpt.attention(q[:, :, rows], k, v, causal=True, backend="cuda", return_lse=True)
+        out, lse = reference.attention(q[:, :, rows].float(), k.float(), v.float(), causal=True, return_lse=True)
+        assert torch.equal(res.lse.isnan(), lse.isnan()) and torch.equal(res.lse.isneginf(), lse.isneginf())
+        assert lse.isnan().any() and torch.equal(res.out.isnan(), out.isnan())
+
+
 # ----------------------------------------------------------------------------- layer norm
 
 

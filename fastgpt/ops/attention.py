@@ -85,7 +85,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
     if q.numel() == 0 or Sk == 0:
         out = q.new_zeros(B, Hq, Sq, D)
-        return AttentionOutput(out, torch.full((B, Hq, Sq), float("-inf"), device=device)) if return_lse else out
+        lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=device)
+        return AttentionOutput(out, lse) if return_lse else out
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         result = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
         return AttentionOutput(*result) if return_lse else result
