@@ -319,6 +319,9 @@ def test_sampling_parameters_take_any_python_number():
     assert torch.equal(fastgpt.sample(logits, temperature=0.0, top_k=2**63), logits.argmax(dim=-1))
     grad = logits.clone().requires_grad_()  # through torch's dispatcher, whose ints are int64
     assert fastgpt.sample(grad, top_k=[2**63, 1, 1], backend="triton").shape == (3,)
+    for top_k in (-(2**64), [1, 2, -(10**30)]):  # below int64: refused by the range check, named
+        with pytest.raises(ValueError, match="top_k must be >= 0"):
+            fastgpt.filter_logits(logits, top_k=top_k)
 
 
 def test_linear_rejects_a_residual_table_of_another_width():

@@ -67,12 +67,12 @@ def _row_param(name, value, B, device, dtype, valid, expected):
 
 def _number(value, integral: bool) -> int | float | None:
     """A Python number (numpy scalars and Fractions too) as the int or float torch takes; None
-    for anything else, bools included. A top_k beyond int64 is clamped: it keeps every token,
-    as any top_k >= V does."""
+    for anything else, bools included. A top_k beyond int64 is clamped: above, it keeps every
+    token, as any top_k >= V does; below, it stays negative, for the range check to refuse."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral if integral else numbers.Real):
         return None
     if integral:
-        return min(int(value), _INT64_MAX)
+        return max(min(int(value), _INT64_MAX), -_INT64_MAX - 1)
     try:
         return float(value)
     except OverflowError:  # an int beyond float64: out of range, as the checks then say
