@@ -230,12 +230,14 @@ def greedy(logits):
 def sample(logits, temperature, top_k, top_p, min_p, seed):
     """Draw one token per row: greedy where temperature == 0, else from softmax(filter_logits).
 
-    logits (B, V); per-row parameters as in `filter_logits` (temperature may be 0); seed int64
+    logits (B, V); per-row parameters as in `filter_logits` (temperature may be 0, and a value
+    the ops layer could not check, on a GPU or under torch.compile, <= 0 or NaN is greedy, as in
+    the kernels); seed int64
     (1,). Non-finite logits follow `clean_logits`. The draw is Gumbel-max with `uniform` noise;
     a row with nothing left to draw returns 0. Returns int64 (B,).
     """
     x = clean_logits(logits)
-    is_greedy = temperature <= 0
+    is_greedy = ~(temperature > 0)  # NaN too
     safe_t = torch.where(is_greedy, torch.ones_like(temperature), temperature)
     scores = filter_logits(top_ties_if_overflow(x, safe_t), safe_t, top_k, top_p, min_p)
     gumbel = -torch.log(-torch.log(uniform(seed, scores.shape, scores.device)))

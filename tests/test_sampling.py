@@ -449,6 +449,20 @@ def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k, requ
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_temperatures_at_or_below_zero_or_nan_are_greedy(backend, device, request):
+    """Values the ops layer cannot check (a GPU tensor's, or under torch.compile) reach the
+    launchers as they are: a temperature <= 0 or NaN makes its row greedy on every backend (the
+    reference drew token 0 for NaN: its every score was NaN)."""
+    _skip_unavailable(backend, device, request)
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)).to(device)
+    temperature, *params = _params(4, device, top_k=40)
+    temperature = torch.tensor([0.0, -1.0, float("nan"), 1.0], device=device)
+    launch = reference.sample if backend == "torch" else _backends.launchers(backend, "sampling").sample
+    ids = launch(logits, temperature, *params, torch.tensor([3], device=device)).cpu()
+    assert torch.equal(ids[:3], logits[:3].argmax(-1).cpu()) and 0 <= ids[3] < 300
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_reproducible_under_a_seed(backend, device, request):
     _skip_unavailable(backend, device, request)
     logits = torch.randn(8, 500, generator=torch.Generator().manual_seed(0)).to(device)
