@@ -30,6 +30,7 @@ import torch
 import fastgpt
 from fastgpt import reference
 from fastgpt.bench.checks import compare, ids_in_kept_set
+from fastgpt.ops.decode import decode_step_attention
 from fastgpt.ops.linear import linear
 
 
@@ -83,9 +84,11 @@ def attention_case(rng, device, backend):
     q = _tensor(rng, (B, Hkv * group, Sq, D), dtype, device)
     k, v = (_tensor(rng, (B, Hkv, Sk, D), dtype, device) for _ in range(2))
     scale = rng.choice([None, 0.3])
-    out = fastgpt.attention(q, k, v, causal=causal, scale=scale, backend=backend)
-    ref = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale)
-    return compare(out, ref.to(dtype)), f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} causal={causal} {dtype}"
+    lse = rng.random() < 0.3  # the log-sum-exp too: the prefill kernels at every Sq
+    out = fastgpt.attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=lse)
+    ref = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale, return_lse=lse)
+    problem = compare(tuple(out), (ref[0].to(dtype), ref[1])) if lse else compare(out, ref.to(dtype))
+    return problem, f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} causal={causal} lse={lse} {dtype}"
 
 
 def decode_case(rng, device, backend):
@@ -95,9 +98,13 @@ def decode_case(rng, device, backend):
     q = _tensor(rng, (B, Hkv * group, 1, D), dtype, device, layout=False)
     k, v = (_tensor(rng, (B, Hkv, Smax, D), dtype, device) for _ in range(2))
     lengths = torch.tensor([rng.choice([1, Smax, rng.randint(1, Smax)]) for _ in range(B)], dtype=torch.int32)
-    out = fastgpt.decode_attention(q, k, v, lengths.to(device), backend=backend)
+    # With a decode step's counters the kernels merge their splits in the split launch.
+    counters = torch.zeros(B * Hkv * group, dtype=torch.int32, device=device) if rng.random() < 0.5 else None
+    out = decode_step_attention(q, k, v, lengths.to(device), counters, backend=backend)
     ref = reference.decode_attention(q.float(), k.float(), v.float(), lengths.to(device))
-    return compare(out, ref.to(dtype)), f"B{B} Hkv{Hkv} g{group} Smax{Smax} D{D} lengths={lengths.tolist()} {dtype}"
+    problem = compare(out, ref.to(dtype)) or (None if counters is None or not counters.any() else "counters left set")
+    merged = counters is not None
+    return problem, f"B{B} Hkv{Hkv} g{group} Smax{Smax} D{D} lengths={lengths.tolist()} merged={merged} {dtype}"
 
 
 def layer_norm_case(rng, device, backend):
