@@ -40,6 +40,9 @@ BUCKET = 256  # cache lengths round up to a multiple of this (capped by n_positi
 EOS_SLOTS = 8  # eos ids held by a decoder; more ids make a decoder with more slots
 MAX_GRAPH_DECODERS = 2  # decoders kept per model with CUDA graphs (one without), least recently used dropped
 WARMUP_STEPS = 2  # eager decode steps before a capture: Triton compiles, cuBLAS plans
+# torch.compile's error when a function passes Dynamo's recompile limit under fullgraph (the older name too).
+_RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
+                         if hasattr(torch._dynamo.exc, name))  # fmt: skip
 
 
 class KVCache:
@@ -180,9 +183,26 @@ class Decoder:
         at a fifth of the uncompiled speed; not re-measured since."""
         if options == self.compiled_with:
             return
-        self.forward = self.model.decode if options is None else torch.compile(
-            self.model.decode, fullgraph=True, **{"dynamic": False, **options})
+        self.forward = self.model.decode if options is None else self._compiled(options)
         self.compiled_with, self.graph = options, None
+
+    def _compiled(self, options: dict):
+        """model.decode through torch.compile. Every decoder compiles the same function, so each
+        new (batch, cache length) is a recompile of it, and past Dynamo's recompile limit (8 by
+        default) fullgraph makes that an error: this decoder then decodes eagerly, saying why."""
+        compiled = torch.compile(self.model.decode, fullgraph=True, **{"dynamic": False, **options})
+
+        def forward(*args):
+            try:
+                return compiled(*args)
+            except _RECOMPILE_LIMIT as err:
+                warnings.warn(f"fastgpt: compile=True, but torch.compile's recompile limit was reached (raise "
+                              f"torch._dynamo.config.recompile_limit to compile more batch sizes and cache lengths); "
+                              f"decoding eagerly ({type(err).__name__})", stacklevel=2)  # fmt: skip
+                self.forward = self.model.decode
+                return self.forward(*args)
+
+        return forward
 
     def decode_step(self):
         """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""

@@ -550,6 +550,23 @@ def test_compiled_step_keeps_static_shapes():
     torch._dynamo.reset()
 
 
+def test_compile_past_the_recompile_limit_decodes_eagerly():
+    """Each new batch size recompiles the one decode forward; past Dynamo's recompile limit (8 by
+    default; 1 here) fullgraph made that an error. That decoder now decodes eagerly, with a warning
+    that says why, and gives the same tokens."""
+    _, model = tiny(seed=4)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for B, warns in ((1, False), (2, True)):
+            idx = torch.randint(0, V, (B, 5))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = model.generate(idx, 4, compile={"backend": "aot_eager"})
+            assert torch.equal(out, model.generate(idx, 4))
+            assert any("recompile limit" in str(w.message) for w in caught) == warns
+    torch._dynamo.reset()
+
+
 def test_compile_option_checks(pair):
     _, model = pair
     idx = torch.randint(0, V, (1, 3))
