@@ -42,13 +42,14 @@ def generate(args: argparse.Namespace) -> int:
     from fastgpt.loading import load_tokenizer
     from fastgpt.model import GPT
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     model = GPT.from_pretrained(args.model, dtype=args.dtype, device=device)  # the loader maps dtype names
     tokenizer = load_tokenizer(args.model)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     idx = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long, device=device)
 
-    eos = None if args.ignore_eos else model.eos_token_id
+    eos = None if args.ignore_eos else model.eos_token_id  # an int, a list of ints, or None
+    stop = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
     print(args.prompt, end="", flush=True)
     new_ids: list[int] = []
     shown = ""
@@ -57,7 +58,7 @@ def generate(args: argparse.Namespace) -> int:
                         top_p=args.top_p, min_p=args.min_p, eos_token_id=eos, generator=generator,
                         compile=args.compile):
         token_id = int(token[0])
-        if token_id == eos:
+        if token_id in stop:
             break
         new_ids.append(token_id)
         text = tokenizer.decode(new_ids)
@@ -70,6 +71,21 @@ def generate(args: argparse.Namespace) -> int:
         print(f"[{len(new_ids)} tokens in {elapsed:.2f} s: {len(new_ids) / elapsed:.1f} tok/s on {device}]",
               file=sys.stderr)
     return 0
+
+
+def _device(name: str | None) -> torch.device:
+    """--device, checked: cpu, or cuda[:index] where torch has CUDA; None picks cuda when it can."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:index], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available to torch")
+    return device
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,6 +12,7 @@ huggingface_hub downloads (or finds in its cache). The conversion:
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ def config_from_hf(hf: dict) -> GPTConfig:
             raise ValueError(f"GPT-2 config has {key}={value}; fastgpt's GPT supports only {key}={supported}")
     if hf.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"expected a GPT-2 checkpoint (model_type 'gpt2'), got model_type {hf['model_type']!r}")
+    absent = [key for key in ("vocab_size", "n_embd", "n_layer", "n_head") if key not in hf]
+    if absent:
+        raise ValueError(f"GPT-2 config.json lacks {absent}")
     return GPTConfig(
         vocab_size=hf["vocab_size"],
         n_positions=hf.get("n_positions", 1024),
@@ -94,7 +98,8 @@ def _read_weights(file: Path) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(file), device="cpu")
-    return torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    # Mapped, not read, where the file allows: only torch's zip format does (not the legacy one).
+    return torch.load(file, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(file))
 
 
 def resolve(name_or_path, patterns) -> Path:
@@ -128,7 +133,10 @@ def build(cls, config: GPTConfig, state_dict: dict, source: str):
     """`cls(config)` holding the tensors of a converted state dict (no copy), lm_head tied to wte."""
     with torch.device("meta"):  # no memory for weights that are replaced right away
         model = cls(config)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    except RuntimeError as exc:  # a tensor of another shape than the config gives
+        raise ValueError(f"{source} does not match its config: {exc}") from None
     missing = [k for k in missing if k != "lm_head.weight"]
     if missing or unexpected:
         raise ValueError(f"{source} does not match its config: missing {missing}, unexpected {unexpected}")
@@ -138,12 +146,17 @@ def build(cls, config: GPTConfig, state_dict: dict, source: str):
 
 def load_gpt(cls, name_or_path, *, dtype=None, device=None):
     """Build `cls` (fastgpt.GPT) from a checkpoint; dtype None keeps the checkpoint's, device None is CPU."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be None, a torch dtype or one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    if dtype is not None and dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be float32, float16 or bfloat16 (the kernels' dtypes), got {dtype!r}")
     directory = resolve_checkpoint(name_or_path)
     hf_config = json.loads((directory / "config.json").read_text())
     state_dict = convert_state_dict(read_state_dict(directory))
     model = build(cls, config_from_hf(hf_config), state_dict, str(directory))
     model.eos_token_id = hf_config.get("eos_token_id")
-    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     return model.to(device=device or "cpu", dtype=dtype or state_dict["transformer.wte.weight"].dtype).eval()
 
 

@@ -1,5 +1,7 @@
 """The `fastgpt` command: info, and generate from a local checkpoint with its tokenizer."""
 
+import json
+
 import pytest
 import torch
 
@@ -62,12 +64,42 @@ def test_generate_compiled_prints_the_same_text(checkpoint, capsys):
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("extra, message", [(["--top-p", "0"], "top_p"), (["--max-new-tokens", "500"], "n_positions")])
+@pytest.mark.parametrize("extra, message", [(["--top-p", "0"], "top_p"), (["--max-new-tokens", "500"], "n_positions"),
+                                            (["--device", "foo"], "--device must be cpu or cuda"),
+                                            (["--device", "meta"], "--device must be cpu or cuda")])
 def test_generate_reports_bad_arguments_in_one_line(checkpoint, capsys, extra, message):
     args = ["generate", "--model", str(checkpoint), "--prompt", "Hi", "--device", "cpu", "--max-new-tokens", "4"]
     assert cli.main(args + extra) == 2
     err = capsys.readouterr().err
     assert "fastgpt generate: error:" in err and message in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_generate_refuses_cuda_without_it(checkpoint, capsys):
+    args = ["generate", "--model", str(checkpoint), "--prompt", "Hi", "--device", "cuda", "--max-new-tokens", "4"]
+    assert cli.main(args) == 2
+    assert "--device cuda: CUDA is not available" in capsys.readouterr().err
+
+
+def test_generate_stops_at_any_of_a_list_of_eos_ids(checkpoint, tmp_path, capsys):
+    """config.json's eos_token_id may be a list: the text stops before whichever comes first (the
+    CLI compared each token with the list itself, and printed the end-of-text token)."""
+    import shutil
+
+    from fastgpt.loading import load_tokenizer
+    from fastgpt.model import GPT
+
+    prompt, tokenizer = "The quick brown fox", load_tokenizer(str(checkpoint))
+    prompt_ids = tokenizer.encode(prompt).ids
+    greedy = GPT.from_pretrained(checkpoint).generate(torch.tensor([prompt_ids]), 8)[0, len(prompt_ids):].tolist()
+    unused = next(i for i in range(tokenizer.get_vocab_size()) if i not in greedy)
+    model_dir = tmp_path / "eos-list"
+    shutil.copytree(checkpoint, model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "eos_token_id": [unused, greedy[3]]}))
+    args = ["generate", "--model", str(model_dir), "--prompt", prompt, "--max-new-tokens", "8", "--device", "cpu"]
+    assert cli.main(args) == 0
+    assert capsys.readouterr().out == prompt + tokenizer.decode(greedy[:greedy.index(greedy[3])]) + "\n"
 
 
 def test_generate_reports_a_missing_checkpoint(tmp_path, capsys):

@@ -142,6 +142,31 @@ def test_mismatched_checkpoint(tmp_path):
         GPT.from_pretrained(tmp_path)
 
 
+def test_legacy_bin_format(tmp_path):
+    """A pytorch_model.bin in torch's pre-zip format (older checkpoints) loads: it cannot be
+    memory-mapped, so it is read."""
+    hf = tiny_hf()
+    hf.config.to_json_file(tmp_path / "config.json")
+    torch.save(hf.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    check_same(GPT.from_pretrained(tmp_path), hf)
+
+
+def test_bad_dtypes_and_configs_are_value_errors(tmp_path):
+    """A dtype the kernels lack, a config without a size, a tensor of another shape than the
+    config's: ValueErrors that say what, not KeyError / RuntimeError."""
+    hf = tiny_hf()
+    hf.save_pretrained(tmp_path)
+    for dtype, match in (("half", "dtype must be None, a torch dtype or one of"), (torch.float64, "float64")):
+        with pytest.raises(ValueError, match=match):
+            GPT.from_pretrained(tmp_path, dtype=dtype)
+    with pytest.raises(ValueError, match="lacks \\['vocab_size'\\]"):
+        loading.config_from_hf({"n_embd": 8, "n_layer": 1, "n_head": 2})
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 1}))
+    with pytest.raises(ValueError, match="(?s)does not match its config.*size mismatch"):
+        GPT.from_pretrained(tmp_path)
+
+
 def test_not_a_directory(tmp_path):
     with pytest.raises(FileNotFoundError):
         GPT.from_pretrained(tmp_path / "nope")
