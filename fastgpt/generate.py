@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from fastgpt import _backends
+from fastgpt.model import check_idx
 from fastgpt.ops import _checks
 from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
 
@@ -270,27 +271,16 @@ def _set_rng(generator, device, state):
 
 
 def _check_prompt(model, idx, max_new_tokens):
-    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
-        raise ValueError(f"idx must be a (B, T) tensor of token ids, got {getattr(idx, 'shape', type(idx).__name__)}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"idx must hold int64 token ids, got {idx.dtype}")
-    device = model.transformer.wte.weight.device
-    if idx.device != device:
-        raise ValueError(f"idx is on {idx.device} but the model is on {device}")
+    check_idx(model, idx)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
     B, T = idx.shape
     context = model.config.n_positions
-    if T > context:
-        raise ValueError(f"the prompt has {T} tokens, more than the model's context n_positions = {context}")
     if T + max_new_tokens > context:
         raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's context "
                          f"n_positions = {context}: ask for at most {context - T} new tokens")
     if T == 0 and B > 0:
         raise ValueError("the prompt is empty (T = 0): generation needs at least one token per row")
-    V = model.config.vocab_size
-    if B and not bool(((idx >= 0) & (idx < V)).all()):
-        raise ValueError(f"idx holds token ids outside [0, vocab_size = {V})")
 
 
 def _check_mask(attention_mask, idx):

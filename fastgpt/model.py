@@ -133,6 +133,27 @@ class Block(nn.Module):
         return self.mlp(y), h
 
 
+def check_idx(model, idx) -> None:
+    """idx must be a (B, T) int64 (or int32) tensor of ids in [0, vocab_size) on the model's
+    device, T <= n_positions. The ids' range costs a sync: checked eagerly only (not while
+    torch.compile traces, nor on the meta device), since an id past the table would fault the GPU."""
+    if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
+        raise ValueError(f"idx must be a (B, T) tensor of token ids, got {getattr(idx, 'shape', type(idx).__name__)}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"idx must hold int64 token ids, got {idx.dtype}")
+    device = model.transformer.wte.weight.device
+    if idx.device != device:
+        raise ValueError(f"idx is on {idx.device} but the model is on {device}")
+    B, T = idx.shape
+    context = model.config.n_positions
+    if T > context:
+        raise ValueError(f"idx has {T} tokens, more than the model's context n_positions = {context}")
+    V = model.config.vocab_size
+    checkable = B and T and not idx.is_meta and not torch.compiler.is_compiling()
+    if checkable and not bool(((idx >= 0) & (idx < V)).all()):
+        raise ValueError(f"idx holds token ids outside [0, vocab_size = {V})")
+
+
 class GPT(nn.Module):
     """GPT-2 on fastgpt's ops: forward(idx (B, T) int64) -> logits (B, T, vocab_size), and generate.
 
@@ -225,10 +246,8 @@ class GPT(nn.Module):
 
     def forward(self, idx):
         """idx (B, T) int64 token ids, T <= n_positions -> logits (B, T, vocab_size). No cache."""
-        B, T = idx.shape
-        if T > self.config.n_positions:
-            raise ValueError(f"sequence length {T} exceeds the model's context n_positions = {self.config.n_positions}")
-        pos = torch.arange(T, device=idx.device)
+        check_idx(self, idx)
+        pos = torch.arange(idx.shape[1], device=idx.device)
         return self.lm_head(self._trunk(idx, pos))  # (B, T, V)
 
     def prefill(self, idx, kv_cache, last):
@@ -318,6 +337,10 @@ class GPT(nn.Module):
     def from_hf(cls, hf_model) -> GPT:
         """Convert an in-memory transformers GPT2LMHeadModel (same device and dtype; weights copied)."""
         from fastgpt.loading import build, config_from_hf, convert_state_dict
+
+        if not (isinstance(hf_model, nn.Module) and hasattr(hf_model, "transformer") and hasattr(hf_model, "config")):
+            raise TypeError(f"from_hf takes a transformers GPT2LMHeadModel, got {type(hf_model).__name__} "
+                            "(for a hub id or a directory: GPT.from_pretrained)")  # fmt: skip
 
         config = config_from_hf(hf_model.config.to_dict())
         weight = hf_model.transformer.wte.weight

@@ -91,6 +91,24 @@ def test_prompt_longer_than_context():
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
+@pytest.mark.parametrize("idx, error, match", [
+    (torch.zeros(1, 3), TypeError, "idx must hold int64 token ids"),
+    (torch.full((1, 3), 10), ValueError, "outside \\[0, vocab_size = 10\\)"),
+    (torch.tensor([[-1, 0, 1]]), ValueError, "outside"),
+    (torch.zeros(3, dtype=torch.long), ValueError, "idx must be a \\(B, T\\) tensor"),
+])  # fmt: skip
+def test_forward_checks_its_input(idx, error, match):
+    """GPT.forward checks idx as generate does (it raised torch's embedding errors, or an IndexError)."""
+    model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
+    with pytest.raises(error, match=match):
+        model(idx)
+
+
+def test_from_hf_takes_a_gpt2_lm_head_model():
+    with pytest.raises(TypeError, match="from_hf takes a transformers GPT2LMHeadModel, got str"):
+        GPT.from_hf("gpt2")
+
+
 def test_empty_batch():
     model = GPT(GPTConfig(vocab_size=10, n_positions=8, n_embd=8, n_layer=1, n_head=2))
     assert model(torch.zeros(0, 5, dtype=torch.long)).shape == (0, 5, 10)
