@@ -85,6 +85,8 @@ def _device(name: str | None) -> torch.device:
         raise ValueError(f"--device must be cpu or cuda[:index], got {name!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: CUDA is not available to torch")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

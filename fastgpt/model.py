@@ -136,7 +136,8 @@ class Block(nn.Module):
 def check_idx(model, idx) -> None:
     """idx must be a (B, T) int64 (or int32) tensor of ids in [0, vocab_size) on the model's
     device, T <= n_positions. The ids' range costs a sync: checked eagerly only (not while
-    torch.compile traces, nor on the meta device), since an id past the table would fault the GPU."""
+    torch.compile traces or a CUDA graph captures, nor on the meta device), since an id past the
+    table would fault the GPU."""
     if not isinstance(idx, torch.Tensor) or idx.dim() != 2:
         raise ValueError(f"idx must be a (B, T) tensor of token ids, got {getattr(idx, 'shape', type(idx).__name__)}")
     if idx.dtype not in (torch.int64, torch.int32):
@@ -149,7 +150,8 @@ def check_idx(model, idx) -> None:
     if T > context:
         raise ValueError(f"idx has {T} tokens, more than the model's context n_positions = {context}")
     V = model.config.vocab_size
-    checkable = B and T and not idx.is_meta and not torch.compiler.is_compiling()
+    capturing = idx.is_cuda and torch.cuda.is_current_stream_capturing()  # a sync would end the capture
+    checkable = B and T and not idx.is_meta and not torch.compiler.is_compiling() and not capturing
     if checkable and not bool(((idx >= 0) & (idx < V)).all()):
         raise ValueError(f"idx holds token ids outside [0, vocab_size = {V})")
 

@@ -33,7 +33,9 @@ def masked_attention(q, k, v, visible, scale, *, return_lse: bool = False):
     out = (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
     if not return_lse:
         return out
-    return out, torch.logsumexp(scores, dim=-1).view(B, Hq, Sq).float()
+    # Where the softmax is NaN (a NaN score, or +inf ones) the lse is NaN too, as the kernels' m + log l.
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(probs.isnan().any(dim=-1), float("nan"))
+    return out, lse.view(B, Hq, Sq).float()
 
 
 def attention(q, k, v, *, causal: bool = False, scale: float | None = None, return_lse: bool = False):

@@ -135,6 +135,18 @@ def test_log_sum_exp(device, backend, Sq, Sk):
         fastgpt.attention(q, k, v, backend=backend, return_lse=1)
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_log_sum_exp_is_nan_where_the_softmax_is(device, backend):
+    """An inf in q makes a row's scores +-inf, its softmax NaN: its lse is NaN on every backend (the
+    reference's logsumexp said +inf), the other rows' as before."""
+    q, k, v = _qkv(1, 2, 1, 3, 5, 16, torch.float32, device)
+    q[0, 0, 1, 0] = float("inf")
+    res = fastgpt.attention(q, k, v, backend=backend, return_lse=True)
+    nan = torch.zeros(1, 2, 3, dtype=torch.bool, device=device)
+    nan[0, 0, 1] = True
+    assert torch.equal(res.lse.isnan(), nan) and torch.equal(res.out.isnan().any(-1), nan)
+
+
 def test_log_sum_exp_without_keys():
     """No key at all (Sk = 0): zeros and an fp32 lse of -inf, whatever torch's default dtype."""
     q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 0, 16)

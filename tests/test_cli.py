@@ -81,6 +81,14 @@ def test_generate_refuses_cuda_without_it(checkpoint, capsys):
     assert "--device cuda: CUDA is not available" in capsys.readouterr().err
 
 
+def test_device_index_past_the_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert cli._device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="--device cuda:2: torch sees 2 CUDA device"):
+        cli._device("cuda:2")
+
+
 def test_generate_stops_at_any_of_a_list_of_eos_ids(checkpoint, tmp_path, capsys):
     """config.json's eos_token_id may be a list: the text stops before whichever comes first (the
     CLI compared each token with the list itself, and printed the end-of-text token)."""

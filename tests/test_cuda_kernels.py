@@ -235,6 +235,7 @@ def test_decode_a_nan_in_the_cache_gives_nan(Smax):
     k[0, 1, Smax // 2, 3] = float("nan")  # row 0, kv head 1 (query heads 2 and 3): seen
     k[1, 0, Smax - 1, 0] = float("nan")  # row 1: past its length
     lens = _tensor([Smax, Smax - 1], torch.int32)
+    assert (_num_splits(2, 4, 2, Smax, 2, dtype_code=1) > 1) == (Smax > 256)
     expected = reference.decode_attention(q.float(), k.float(), v.float(), lens)
     assert expected[0, 2:].isnan().all() and expected.isnan().sum() == 2 * 64
     counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
@@ -455,12 +456,16 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
     x, r = _randn(3, 5000, dtype=torch.bfloat16, seed=3), _randn(3, 5000, dtype=torch.bfloat16, seed=4)
     logits = _randn(12, 3000, seed=5, scale=3)
     params = (*_params(12, 0.9, 50, 0.9, 0.01), _tensor([7]))
-    counters = torch.zeros(4, dtype=torch.int32)
+    counters = torch.zeros(32, dtype=torch.int32)
+    # GQA over two rows, two tiles of 8 query heads a kv head: each tile's counter apart.
+    qg, kg = _randn(2, 16, 1, 64, dtype=torch.bfloat16, seed=6), _randn(2, 1, 1500, 64, dtype=torch.bfloat16, seed=7)
+    assert _num_splits(2, 16, 1, 1500, 16) > 1
 
     def run():
         return [fastgpt.attention(q, k, k, causal=True, backend="cuda"),
                 fastgpt.decode_attention(q[:, :, :1], kc, kc, _tensor([2999], torch.int32), backend="cuda"),
                 decode_step_attention(q[:, :, :1], kc, kc, _tensor([2999], torch.int32), counters, backend="cuda"),
+                decode_step_attention(qg, kg, kg, _tensor([1500, 777], torch.int32), counters, backend="cuda"),
                 *fastgpt.layer_norm(x, None, None, residual=r, backend="cuda"),
                 _cuda.sample(logits, *params, top_k_bound=50), _cuda.sample(logits, *params)]  # fmt: skip
 

@@ -27,8 +27,9 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
     None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq, used by one stream at a
     time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
-    split of each row to finish does) and leave the counters zero; the torch backend does not
-    read them."""
+    split of each row's query-head tile to finish does) and leave the counters zero; the torch
+    backend does not read them. Counters that are not zero give wrong outputs: nothing can check
+    them without a sync."""
     device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
