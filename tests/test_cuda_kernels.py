@@ -207,7 +207,8 @@ def test_decode_strided_cache_view():
 def test_decode_merges_its_splits_in_one_launch_given_counters(shape):
     """With a decode step's counters the last split of each (row, head tile) to finish merges the
     tile's splits, and no combine kernel runs (the poisoned output proves the merge wrote it all):
-    the combine kernel's bits, every counter zero again, twice in a row."""
+    the combine kernel's bits, every counter zero again, twice in a row. On a GPU, 50 launches a
+    case more, each the same bits (a merge reading a partial before it lands would move one)."""
     from fastgpt.ops.decode import decode_step_attention
 
     B, Hq, Hkv, Smax = shape
@@ -220,6 +221,8 @@ def test_decode_merges_its_splits_in_one_launch_given_counters(shape):
         lens = lens.to(DEVICE)
         merged = decode_step_attention(q, k, v, lens, counters, backend="cuda")
         assert torch.equal(merged, decode_step_attention(q, k, v, lens, None, backend="cuda"))
+        for _ in range(50 if HAS_CUDA else 0):
+            assert torch.equal(decode_step_attention(q, k, v, lens, counters, backend="cuda"), merged)
         assert not counters.any()
         assert_close(merged, reference.decode_attention(q.float(), k.float(), v.float(), lens), torch.bfloat16)
 
