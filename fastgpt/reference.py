@@ -234,9 +234,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seed):
 
     logits (B, V); per-row parameters as in `filter_logits` (temperature may be 0, and a value
     the ops layer could not check, on a GPU or under torch.compile, <= 0 or NaN is greedy, as in
-    the kernels); seed int64
-    (1,). Non-finite logits follow `clean_logits`. The draw is Gumbel-max with `uniform` noise;
-    a row with nothing left to draw returns 0. Returns int64 (B,).
+    the kernels); seed int64 (1,). Non-finite logits follow `clean_logits`. The draw is Gumbel-max
+    with `uniform` noise; a row with nothing left to draw returns 0. Returns int64 (B,).
     """
     x = clean_logits(logits)
     is_greedy = ~(temperature > 0)  # NaN too
