@@ -144,20 +144,23 @@ __device__ __forceinline__ void softmax_update(float (&s)[BLOCK_N / 8][4], float
     }
 }
 
-// Writes the warp's 16 rows of O / l (0 where l == 0): staged through the warp's own rows of the
-// Q tile (free once Q is in registers) so that global stores are 16 bytes wide.
+// The softmax sums of the thread's two rows: each of the 4 threads of a row holds a part of it.
+__device__ __forceinline__ void row_sums(const float (&l)[2], float (&total)[2]) {
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+        total[half] = l[half];
+        total[half] += __shfl_xor_sync(FULL_MASK, total[half], 1);
+        total[half] += __shfl_xor_sync(FULL_MASK, total[half], 2);
+    }
+}
+
+// Writes the warp's 16 rows of O / l (0 where l == 0; l the row_sums): staged through the warp's
+// own rows of the Q tile (free once Q is in registers) so that global stores are 16 bytes wide.
 template <typename T, int D>
 __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const float (&l)[2], T* sQ, T* out,
                                              int64_t stride_o, int row_base, int seqlen_q, int warp, int lane) {
     const int g = lane >> 2, t = lane & 3;
-    float inv[2];
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-        float total = l[half];
-        total += __shfl_xor_sync(FULL_MASK, total, 1);
-        total += __shfl_xor_sync(FULL_MASK, total, 2);
-        inv[half] = total != 0.0f ? 1.0f / total : 0.0f;  // NaN stays NaN
-    }
+    const float inv[2] = {l[0] != 0.0f ? 1.0f / l[0] : 0.0f, l[1] != 0.0f ? 1.0f / l[1] : 0.0f};  // NaN stays
     T* stage = sQ + warp * 16 * SMEM_STRIDE<D>;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
@@ -177,17 +180,15 @@ __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const f
 }
 
 // Writes the log-sum-exp of the thread's two rows, ln sum_j exp(s_j) = (m + log2 l) ln 2 in the
-// scores' log2 units, -inf for a row that saw no key; lse points at this (batch, head)'s (Sq,).
+// scores' log2 units (l the row_sums), -inf for a row that saw no key; lse points at this
+// (batch, head)'s (Sq,).
 __device__ __forceinline__ void store_lse(const float (&m)[2], const float (&l)[2], float* lse, int row0,
                                           int seqlen_q) {
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
-        float total = l[half];
-        total += __shfl_xor_sync(FULL_MASK, total, 1);
-        total += __shfl_xor_sync(FULL_MASK, total, 2);
         const int row = row0 + half * 8;
         if ((threadIdx.x & 3) == 0 && row < seqlen_q)
-            lse[row] = total != 0.0f ? (m[half] + log2f(total)) * kLn2 : -INFINITY;  // NaN stays NaN
+            lse[row] = l[half] != 0.0f ? (m[half] + log2f(l[half])) * kLn2 : -INFINITY;  // NaN stays NaN
     }
 }
 
@@ -259,8 +260,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     }
     cp_async_wait<0>();  // with no visible key, the Q tile was still in flight
     __syncthreads();
-    store_output<T, D>(o, l, sQ, out, p.stride_o_s, m0, p.seqlen_q, warp, lane);
-    if (p.lse != nullptr) store_lse(m, l, p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q, row0, p.seqlen_q);
+    float total[2];
+    row_sums(l, total);
+    store_output<T, D>(o, total, sQ, out, p.stride_o_s, m0, p.seqlen_q, warp, lane);
+    if (p.lse != nullptr) store_lse(m, total, p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q, row0, p.seqlen_q);
 }
 
 // ----------------------------------------------------------------------------- host dispatch
