@@ -50,6 +50,9 @@
 //     different __shfl_xor_sync calls are not told apart. Only full masks (0xffffffff) and warps
 //     of 32 threads are supported.
 //   - No preemption: a thread that spins waiting for another thread's write hangs the launch.
+//   - Blocks never overlap, so ordering between them is not tested: __threadfence does nothing and
+//     __ldcg is a plain load. A grid's "last block to finish" pattern is checked for its logic
+//     (under the block orders above), not for its fences; that takes a GPU.
 //   - Math functions are the host's (glibc expf, logf, ...), correctly rounded or nearly, where
 //     CUDA's have up to 2 ulp error; rsqrtf is 1 / sqrtf. Conversions to fp16/bf16 are exact.
 //   - __launch_bounds__ is ignored, so a block larger than a kernel's bound still runs; register
