@@ -7,8 +7,8 @@ through backend="cuda" on CPU tensors (FASTGPT_CUDA_EMULATOR), at small sizes; t
 test runs each kernel with its blocks and each block's fibers in reverse and random orders (a
 result that depends on the order is a race). Shapes are the awkward ones: lengths that are not
 multiples of the tiles, 1, Sq != Sk both ways, odd head counts, GQA/MQA, non-contiguous views,
-rows longer than registers. Outputs the launchers allocate start poisoned (NaN): an element a kernel forgets
-to write fails.
+rows longer than registers. Outputs the launchers allocate start poisoned (NaN): an element a
+kernel forgets to write fails.
 """
 
 import collections
