@@ -64,11 +64,10 @@ def _tensor(values, dtype=None):
     return torch.tensor(values, dtype=dtype, device=DEVICE)
 
 
-def _num_splits(B, Hq, Hkv, Smax, group, dtype_code=2, D=64) -> int:
+def _num_splits(B, Hq, Hkv, Smax, dtype=torch.bfloat16, D=64) -> int:
     """The KV splits the cuda decode kernel takes for these shapes here (bf16, D 64 by default)."""
     device = torch.empty(0, device=DEVICE).device  # with its index, which the extension needs
-    blocks = _cuda._decode_blocks_per_sm(dtype_code, D, group, device)
-    return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _cuda._sm_count(device), blocks)
+    return _cuda.decode_num_splits(B, Hq, Hkv, Smax, D, dtype, device)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's own test")
@@ -179,7 +178,7 @@ def test_decode_matches_reference(shape, D, dtype):
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's SM count")
 def test_decode_splits_the_long_cache_on_the_emulator():
-    assert _num_splits(1, 4, 4, 3000, 1, dtype_code=1) > 1  # on EMULATOR_SMS = 4 SMs
+    assert _num_splits(1, 4, 4, 3000, torch.float16) > 1  # on EMULATOR_SMS = 4 SMs
 
 
 @pytest.mark.parametrize("Smax", [50, 4096])
@@ -212,7 +211,7 @@ def test_decode_merges_its_splits_in_one_launch_given_counters(shape):
     from fastgpt.ops.decode import decode_step_attention
 
     B, Hq, Hkv, Smax = shape
-    assert _num_splits(B, Hq, Hkv, Smax, Hq // Hkv) > 1
+    assert _num_splits(B, Hq, Hkv, Smax) > 1
     counters = torch.zeros(B * Hq + 3, dtype=torch.int32, device=DEVICE)
     for seed in range(2):
         q = _randn(B, Hq, 1, 64, dtype=torch.bfloat16, seed=seed)
@@ -238,7 +237,7 @@ def test_decode_a_nan_in_the_cache_gives_nan(Smax):
     k[0, 1, Smax // 2, 3] = float("nan")  # row 0, kv head 1 (query heads 2 and 3): seen
     k[1, 0, Smax - 1, 0] = float("nan")  # row 1: past its length
     lens = _tensor([Smax, Smax - 1], torch.int32)
-    assert (_num_splits(2, 4, 2, Smax, 2, dtype_code=1) > 1) == (Smax > 256)
+    assert (_num_splits(2, 4, 2, Smax, torch.float16) > 1) == (Smax > 256)
     expected = reference.decode_attention(q.float(), k.float(), v.float(), lens)
     assert expected[0, 2:].isnan().all() and expected.isnan().sum() == 2 * 64
     counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
@@ -462,7 +461,7 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
     counters = torch.zeros(32, dtype=torch.int32)
     # GQA over two rows, two tiles of 8 query heads a kv head: each tile's counter apart.
     qg, kg = _randn(2, 16, 1, 64, dtype=torch.bfloat16, seed=6), _randn(2, 1, 1500, 64, dtype=torch.bfloat16, seed=7)
-    assert _num_splits(2, 16, 1, 1500, 16) > 1
+    assert _num_splits(2, 16, 1, 1500) > 1
 
     def run():
         return [fastgpt.attention(q, k, k, causal=True, backend="cuda"),
@@ -529,7 +528,7 @@ def test_gpt2_generates_on_the_cuda_kernels(monkeypatch):
     for p in model.parameters():
         p.data.normal_(0, 0.08 if p.dim() > 1 else 0.3)
     model = model.half().to(DEVICE).eval()
-    assert _num_splits(3, 2, 2, 512, 1, dtype_code=1) > 1
+    assert _num_splits(3, 2, 2, 512, torch.float16) > 1
     idx = torch.randint(0, 256, (3, 260), device=DEVICE)
     mask = torch.ones_like(idx)
     mask[1, :3] = mask[2, :8] = 0

@@ -148,6 +148,12 @@ def _sm_count(device: torch.device) -> int:
     return _backends.sm_count(device.index) if device.type == "cuda" else _backends.EMULATOR_SMS
 
 
+def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The KV splits decode_attention takes for these shapes on `device` (one with its index)."""
+    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[dtype], D, Hq // Hkv, device)
+    return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _sm_count(device), blocks_per_sm)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counters=None) -> torch.Tensor:
     """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D).
     counters: None, or int32 zeros (N,), N >= B * Hq, contiguous on q's device, used by one stream
@@ -171,8 +177,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counte
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[q.dtype], D, Hq // Hkv, q.device)
-    num_splits = C.decode_num_splits(B, Hq, Hkv, Smax, _sm_count(q.device), blocks_per_sm)
+    num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device)
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     o_partial = lse_partial = None
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
