@@ -1,6 +1,7 @@
 """Checkpoint loading: HF directories (safetensors, .bin, sharded, old key layout), hub ids, tokenizers."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -230,4 +231,128 @@ def test_tokenizer_vocab_and_merges(tmp_path, trained_tokenizer):
 
 def test_no_tokenizer(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer"):
+        loading.load_tokenizer(tmp_path)
+
+
+def truncate(path, size):
+    path.write_bytes(path.read_bytes()[:size])
+
+
+def flip_header(path):
+    """Overwrite part of a safetensors file's JSON header (after its 8-byte length)."""
+    data = bytearray(path.read_bytes())
+    data[12:40] = b"#" * 28
+    path.write_bytes(bytes(data))
+
+
+def to_bin(directory, mutate=lambda path: None, **save_kwargs):
+    """The safetensors checkpoint in `directory` as a pytorch_model.bin instead, then mutated."""
+    from safetensors.torch import load_file
+
+    state = load_file(directory / "model.safetensors")
+    (directory / "model.safetensors").unlink()
+    torch.save(state, directory / "pytorch_model.bin", **save_kwargs)
+    mutate(directory / "pytorch_model.bin")
+
+
+def retype(directory, convert):
+    """Rewrite model.safetensors with convert(name, tensor) for every tensor."""
+    from safetensors.torch import load_file, save_file
+
+    path = directory / "model.safetensors"
+    save_file({name: convert(name, t) for name, t in load_file(path).items()}, path)
+
+
+def shard_index(directory, index):
+    """model.safetensors renamed as a shard, with `index` as model.safetensors.index.json."""
+    (directory / "model.safetensors").rename(directory / "model-00001-of-00001.safetensors")
+    (directory / "model.safetensors.index.json").write_text(index)
+
+
+ST, BIN, CONFIG, INDEX = "model.safetensors", "pytorch_model.bin", "config.json", "model.safetensors.index.json"
+SAFETENSORS, TORCH_SAVE = "weights as a safetensors file", "weights as a state dict saved by torch.save"
+MALFORMED = {  # name: (mutate the directory, the file named, what the message says is expected, the cause's type)
+    "safetensors truncated data": (lambda d: truncate(d / ST, (d / ST).stat().st_size - 64), ST, SAFETENSORS,
+                                   "SafetensorError"),
+    "safetensors truncated header": (lambda d: truncate(d / ST, 20), ST, SAFETENSORS, "SafetensorError"),
+    "safetensors empty": (lambda d: truncate(d / ST, 0), ST, SAFETENSORS, "SafetensorError"),
+    "safetensors corrupt header": (lambda d: flip_header(d / ST), ST, SAFETENSORS, "SafetensorError"),
+    "safetensors garbage": (lambda d: (d / ST).write_bytes(b"not a checkpoint " * 8), ST, SAFETENSORS,
+                            "SafetensorError"),
+    "safetensors int weights": (lambda d: retype(d, lambda n, t: (t * 100).to(torch.int32)), ST,
+                                "floating-point weights", "TypeError"),
+    "safetensors one bool tensor": (lambda d: retype(d, lambda n, t: t > 0 if n.endswith("wte.weight") else t), ST,
+                                    "floating-point", "TypeError"),
+    "bin truncated": (lambda d: to_bin(d, lambda p: truncate(p, p.stat().st_size // 2)), BIN, TORCH_SAVE, "OSError"),
+    "bin truncated legacy format": (lambda d: to_bin(d, lambda p: truncate(p, p.stat().st_size // 2),
+                                                     _use_new_zipfile_serialization=False), BIN, TORCH_SAVE,
+                                    "RuntimeError"),
+    "bin garbage": (lambda d: to_bin(d, lambda p: p.write_bytes(b"garbage" * 64)), BIN, TORCH_SAVE,
+                    "UnpicklingError"),
+    "bin empty": (lambda d: to_bin(d, lambda p: truncate(p, 0)), BIN, TORCH_SAVE, "EOFError"),
+    "bin a list": (lambda d: to_bin(d, lambda p: torch.save([torch.zeros(2)], p)), BIN, TORCH_SAVE, "TypeError"),
+    "config not JSON": (lambda d: (d / CONFIG).write_text("{not json"), CONFIG, "config as a JSON object",
+                        "JSONDecodeError"),
+    "config not UTF-8": (lambda d: (d / CONFIG).write_bytes(b"\xff\xfe{}"), CONFIG, "config as a JSON object",
+                         "UnicodeDecodeError"),
+    "config a list": (lambda d: (d / CONFIG).write_text("[1, 2]"), CONFIG, "config as a JSON object", "TypeError"),
+    "index not JSON": (lambda d: shard_index(d, "nope"), INDEX, "weight_map", "JSONDecodeError"),
+    "index without weight_map": (lambda d: shard_index(d, "{}"), INDEX, "weight_map", "TypeError"),
+    "index weight_map a list": (lambda d: shard_index(d, '{"weight_map": ["a"]}'), INDEX, "weight_map", "TypeError"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED)
+def test_malformed_checkpoint_is_a_clear_value_error(tmp_path, case):
+    """A corrupt, truncated or mistyped file: a ValueError that names it and says what it should
+    hold, the library's own error (safetensors', torch's, json's) chained, not raised as is."""
+    mutate, file, expected, cause = MALFORMED[case]
+    tiny_hf(n_embd=32, n_layer=1).save_pretrained(tmp_path)
+    mutate(tmp_path)
+    message = f"could not load {re.escape(str(tmp_path / file))}: expected .*{expected}"
+    with pytest.raises(ValueError, match=message) as info:
+        GPT.from_pretrained(tmp_path)
+    assert type(info.value.__cause__).__name__ == cause
+
+
+@pytest.mark.parametrize("missing", ["config.json", "shard", "weights a directory"])
+def test_missing_checkpoint_file_is_named(tmp_path, missing):
+    tiny_hf(n_embd=32, n_layer=1).save_pretrained(tmp_path)
+    if missing == "config.json":
+        (tmp_path / CONFIG).unlink()
+        named = tmp_path / CONFIG
+    elif missing == "shard":
+        named = tmp_path / "model-00002-of-00002.safetensors"
+        shard_index(tmp_path, json.dumps({"weight_map": {"transformer.wte.weight": named.name}}))
+    else:
+        (tmp_path / ST).unlink()
+        (tmp_path / ST).mkdir()
+        named = tmp_path / ST
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(str(named))} is missing or not a file: expected"):
+        GPT.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("key,value", [("n_layer", "2"), ("n_embd", 32.5), ("n_head", 0), ("vocab_size", -1),
+                                       ("n_inner", True)])
+def test_config_sizes_must_be_positive_integers(key, value):
+    hf_config = {"vocab_size": 10, "n_embd": 8, "n_layer": 1, "n_head": 2, key: value}
+    with pytest.raises(ValueError, match=re.escape(f"sizes must be positive integers, got {({key: value})}")):
+        loading.config_from_hf(hf_config)
+
+
+def test_float64_checkpoint_needs_a_dtype(tmp_path):
+    """The kernels lack float64: dtype None (keep the checkpoint's) says to pass one; float32 loads."""
+    hf = tiny_hf(n_embd=32, n_layer=1)
+    hf.save_pretrained(tmp_path)
+    retype(tmp_path, lambda n, t: t.double())
+    with pytest.raises(ValueError, match="holds torch.float64 weights, which the kernels lack: pass dtype="):
+        GPT.from_pretrained(tmp_path)
+    check_same(GPT.from_pretrained(tmp_path, dtype="float32"), hf)
+
+
+@pytest.mark.parametrize("files", [{"tokenizer.json": "{garbage"}, {"vocab.json": "nope", "merges.txt": "x"}])
+def test_corrupt_tokenizer_is_a_clear_value_error(tmp_path, files):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=f"could not load {re.escape(str(tmp_path / next(iter(files))))}: expected"):
         loading.load_tokenizer(tmp_path)
