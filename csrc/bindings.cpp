@@ -114,6 +114,7 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse
 
 void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens, uintptr_t o,
                       uintptr_t o_partial, uintptr_t lse_partial, uintptr_t counters, int64_t num_counters,
+                      uintptr_t lse,
                       int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t head_dim,
                       int64_t num_splits, Strides2 stride_q, Strides3 stride_k, Strides3 stride_v, Strides2 stride_o,
                       double scale, int dtype, int device, uintptr_t stream, bool pdl) {
@@ -134,9 +135,10 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
     require(counters == 0 || (counters % 4 == 0 && num_counters >= batch * heads_q), kernel,
             "counters must be null or an aligned int32 array of at least batch * heads_q = ", batch * heads_q,
             " zeros, got ", num_counters);
+    require(lse % 4 == 0, kernel, "lse must be null or an aligned fp32 pointer");
     DecodeParams p{ptr(q), ptr(k_cache), ptr(v_cache), static_cast<const int32_t*>(ptr(seqlens)), mut_ptr(o),
                    static_cast<float*>(mut_ptr(o_partial)), static_cast<float*>(mut_ptr(lse_partial)),
-                   static_cast<int32_t*>(mut_ptr(counters)), stride_q[0], stride_q[1], stride_k[0], stride_k[1],
+                   static_cast<int32_t*>(mut_ptr(counters)), static_cast<float*>(mut_ptr(lse)), stride_q[0], stride_q[1], stride_k[0], stride_k[1],
                    stride_k[2], stride_v[0], stride_v[1], stride_v[2], stride_o[0], stride_o[1],
                    int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim), int(num_splits),
                    float(scale), type, pdl};
@@ -239,11 +241,12 @@ PYBIND11_MODULE(_C, m) {
           "programmatic dependent (sm_90 code).");
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("counters"),
-          py::arg("num_counters"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"),
+          py::arg("num_counters"), py::arg("lse"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"),
           py::arg("head_dim"), py::arg("num_splits"), py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"),
           py::arg("stride_o"), py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
           "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq); "
-          "counters (0 or num_counters int32 zeros): the last split to finish merges (one launch); "
+          "counters (0 or num_counters int32 zeros): the last split to finish merges (one launch); lse: 0, or "
+          "(batch, heads_q) fp32 contiguous for each row's log-sum-exp (natural log); "
           "pdl: launch as programmatic dependents (sm_90 code).");
     m.def("decode_num_splits", &num_splits, py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
           py::arg("max_seqlen"), py::arg("sm_count"), py::arg("blocks_per_sm"),

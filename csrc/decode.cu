@@ -5,6 +5,7 @@
 // [0, len). With one split it writes the output directly; otherwise it writes a normalised
 // partial output and its log-sum-exp, and the splits are merged: given the caller's counters,
 // by the last block of each (row, tile) to finish (one launch), else by decode_combine_kernel.
+// Given p.lse, each (row, head)'s log-sum-exp is stored beside its output (natural log).
 // The lengths are read on the device (clamped to [0, Smax]) so nothing syncs the host.
 // Both kernels wait for the previous grid before touching memory, so that on sm_90 and later they
 // launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
@@ -23,6 +24,7 @@ constexpr int kMaxSplits = 64;
 constexpr int kMinKeysPerSplit = 256;
 constexpr int64_t kWaveFill[2] = {9, 10};  // decode_num_splits: a last wave at least 9/10 full
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;  // a base-2 log-sum-exp times this is the natural-log one
 
 // exp2(m - m_new) for an online-softmax rescale, 0 when the running max is still -inf.
 __device__ __forceinline__ float rescale(float m, float m_new) {
@@ -71,6 +73,29 @@ __device__ __forceinline__ float merged_split_output(const DecodeParams& p, int6
     return num / den;
 }
 
+// The natural-log log-sum-exp of (row, head) `bh` from its splits' (log2 domain):
+//   lse = (M + log2 sum_s 2^(lse_s - M)) ln 2,  -inf where every split was empty, NaN where one's is.
+__device__ __forceinline__ float merged_split_lse(const DecodeParams& p, int64_t bh) {
+    const float* lse = p.lse_partial + bh * p.num_splits;
+    float m = -INFINITY;
+    for (int s = 0; s < p.num_splits; ++s) {
+        const float x = __ldcg(lse + s);
+        m = x > m || x != x ? x : m;
+    }
+    if (m == -INFINITY) return -INFINITY;
+    float den = 0.0f;
+    for (int s = 0; s < p.num_splits; ++s) den += exp2f(__ldcg(lse + s) - m);
+    return (m + log2f(den)) * kLn2;
+}
+
+// Writes element d of (row, head) bh merged from its splits (output at element offset `o_at`),
+// and with p.lse its log-sum-exp once (d == 0).
+template <typename T>
+__device__ __forceinline__ void write_merged(const DecodeParams& p, int64_t bh, int d, int64_t o_at) {
+    static_cast<T*>(p.o)[o_at] = from_float<T>(merged_split_output(p, bh, d));
+    if (p.lse != nullptr && d == 0) p.lse[bh] = merged_split_lse(p, bh);
+}
+
 // Merges the kWarps states of each of the tile's `heads` query heads from h0 (one thread per
 // (head, d)) and writes its output, or with several splits its partial output and log-sum-exp.
 template <typename T, int D, int GROUP>
@@ -90,13 +115,16 @@ __device__ __forceinline__ void write_heads(const DecodeParams& p, const float (
             o += s_acc[w][g][d] * c;
         }
         o = l_all != 0.0f ? o / l_all : 0.0f;  // a NaN score (a NaN in the cache) gives NaN, as SDPA
+        const float lse = l_all != 0.0f ? m_all + log2f(l_all) : -INFINITY;  // log2 domain
         const int h = h0 + g;
+        const int64_t bh = int64_t(b) * p.heads_q + h;
         if (p.num_splits == 1) {
             static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
+            if (p.lse != nullptr && d == 0) p.lse[bh] = lse * kLn2;
         } else {
-            const int64_t row = (int64_t(b) * p.heads_q + h) * p.num_splits + split;
+            const int64_t row = bh * p.num_splits + split;
             p.o_partial[row * D + d] = o;
-            if (d == 0) p.lse_partial[row] = l_all != 0.0f ? m_all + log2f(l_all) : -INFINITY;
+            if (d == 0) p.lse_partial[row] = lse;
         }
     }
 }
@@ -117,8 +145,7 @@ __device__ void merge_splits_if_last(const DecodeParams& p, int b, int h0, int h
     __threadfence();  // and the other blocks' partials are seen after it
     for (int i = threadIdx.x; i < heads * p.head_dim; i += blockDim.x) {
         const int h = h0 + i / p.head_dim, d = i % p.head_dim;
-        const float o = merged_split_output(p, int64_t(b) * p.heads_q + h, d);
-        static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
+        write_merged<T>(p, int64_t(b) * p.heads_q + h, d, b * p.stride_o_b + h * p.stride_o_h + d);
     }
 }
 
@@ -241,8 +268,7 @@ __global__ void decode_combine_kernel(DecodeParams p) {
     wait_for_previous_grid();
     const int b = blockIdx.x / p.heads_q, h = blockIdx.x % p.heads_q;
     for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x)
-        static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] =
-            from_float<T>(merged_split_output(p, blockIdx.x, d));
+        write_merged<T>(p, blockIdx.x, d, b * p.stride_o_b + h * p.stride_o_h + d);
 }
 
 // ----------------------------------------------------------------------------- host dispatch

@@ -42,6 +42,7 @@ struct DecodeParams {
     // nullptr, or B * Hq zeros (a tile of query heads counts at its first head): the last split of
     // a tile to finish merges the tile's splits (no combine kernel) and zeroes its counter again.
     int32_t* counters;
+    float* lse;  // nullptr, or (B, Hq) fp32 contiguous: each (row, head)'s natural-log log-sum-exp, -inf if empty
     int64_t stride_q_b, stride_q_h;
     int64_t stride_k_b, stride_k_h, stride_k_s;
     int64_t stride_v_b, stride_v_h, stride_v_s;

@@ -54,11 +54,12 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, retu
     return masked_attention(q, k, v, visible, scale, return_lse=return_lse)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, return_lse: bool = False):
     """One query token per row over a KV cache: row b attends to cache positions [0, len_b).
 
     q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); cache_seqlens int (B,). Lengths are
-    clamped to [0, Smax]; a row of length 0 gets a zero output. Returns (B, Hq, 1, D).
+    clamped to [0, Smax]; a row of length 0 gets a zero output. Returns (B, Hq, 1, D); with
+    return_lse, (out, lse) as masked_attention (lse (B, Hq, 1), -inf for a row of length 0).
     """
     B, D = q.shape[0], q.shape[3]
     Smax = k_cache.shape[2]
@@ -68,7 +69,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     # Slots past a row's length may hold anything (an uninitialised cache): a zero weight times a
     # NaN there would still poison the output, so they are zeroed, as the kernels never load them.
     v_cache = v_cache.masked_fill(~visible.view(B, 1, Smax, 1), 0)
-    return masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale)
+    return masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale, return_lse=return_lse)
 
 
 # ----------------------------------------------------------------------------- layer norm

@@ -11,6 +11,8 @@ pipelines (cp.async, num_stages - 1 blocks ahead), which a loop of elementwise p
 reductions is not: a bandwidth-bound kernel needs those bytes in flight. A second kernel
 merges the splits, or, given counters the caller keeps, the last split of each row to finish
 does (one launch). A single split writes the output directly. A row of length 0 gets zeros.
+Optionally each (row, head)'s log-sum-exp is stored beside its output (natural log; -inf where no
+position is seen): what merging this attention with attention over other keys takes.
 An optional boolean mask (B, Hq, Smax) hides positions per query head as well (transformers'
 padded decode steps); a query head that sees no position gets zeros.
 
@@ -29,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt._backends import launch_pdl, sm_count
+from fastgpt._backends import AttentionOutput, launch_pdl, sm_count
 from fastgpt.kernels.pdl import _wait_for_previous_grid
 
 _FP32_DOT_PRECISION = "tf32x3"
@@ -42,6 +44,7 @@ _MAX_SPLITS = 128
 _INTERPRETER_SMS = 1  # a pretend SM count on CPU tensors, so the interpreter exercises splits
 _INTERPRETER_BLOCK_N = 16
 _MAX_BLOCK_N = 64  # the largest block of cache positions: positions within it use 32-bit offsets
+_LN2 = tl.constexpr(math.log(2))  # a base-2 log-sum-exp times this is the natural-log one
 _MERGE_TILE = 2048  # the split kernel's own merge: (heads, splits, D) values a step, 16 a thread at 4 warps
 
 
@@ -62,6 +65,7 @@ def _decode_split_kernel(
     v_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     seqlens_ptr,  # (B,) int32, any stride: valid positions per row, clamped to [0, Smax] here
     o_ptr,  # (B, Hq, 1, D) output, contiguous: written with SINGLE_SPLIT or MERGE_HERE
+    o_lse_ptr,  # (B, Hq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE, as o
     o_part_ptr,  # (B, Hq, num_splits, D) fp32 partial outputs; unused with SINGLE_SPLIT
     lse_ptr,  # (B, Hq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
     counters_ptr,  # (programs,) int32, zero between calls: splits done per program row, with MERGE_HERE
@@ -73,7 +77,7 @@ def _decode_split_kernel(
     group,  # Hq // Hkv: query heads per KV head, served BLOCK_G at a time
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
-    HAS_MASK: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    HAS_MASK: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
     num_g = tl.cdiv(group, BLOCK_G)
@@ -130,30 +134,33 @@ def _decode_split_kernel(
     out = acc / l_safe[:, None]
     rows = b * Hkv * group + heads  # flat (b, h) index
     row_ok = offs_g[:, None] < group
+    lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
     if SINGLE_SPLIT:
         tl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok & d_ok)
+        if STORE_LSE:
+            tl.store(o_lse_ptr + rows, lse * _LN2, mask=offs_g < group)
     else:
         part = rows * num_splits + split  # flat (b, h, split) index
         tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok & d_ok)
-        lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))
         tl.store(lse_ptr + part, lse, mask=offs_g < group)
         if MERGE_HERE:  # the last split of this program row to finish merges them all
             tl.debug_barrier()  # every thread's partials are stored before the count says so (release)
             if tl.atomic_add(counters_ptr + tl.program_id(0), 1, sem="acq_rel") == num_splits - 1:
-                _merge_splits(o_part_ptr, lse_ptr, o_ptr, rows, offs_g < group, num_splits,
-                              HEAD_DIM, BLOCK_G, MERGE_SPLITS, BLOCK_D)  # fmt: skip
+                _merge_splits(o_part_ptr, lse_ptr, o_ptr, o_lse_ptr, rows, offs_g < group, num_splits,
+                              HEAD_DIM, BLOCK_G, MERGE_SPLITS, BLOCK_D, STORE_LSE)  # fmt: skip
                 tl.atomic_xchg(counters_ptr + tl.program_id(0), 0)  # zero again for the next call
 
 
 # o[rows] = the splits' partial outputs of the (b, h) rows `rows` merged by their log-sum-exps
-# (base 2), online over blocks of BLOCK_S splits:
-#   M = max_s lse_s,  w_s = 2^(lse_s - M),  o = sum_s w_s o_s / sum_s w_s
-# Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0. The loads
-# go to L2 (.cg): in the split kernel other programs, on other SMs, wrote the partials.
+# (base 2), online over blocks of BLOCK_S splits, and with STORE_LSE the rows' log-sum-exps:
+#   M = max_s lse_s,  w_s = 2^(lse_s - M),  o = sum_s w_s o_s / sum_s w_s,  lse = M + log2(sum_s w_s)
+# Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0 (lse -inf).
+# The loads go to L2 (.cg): in the split kernel other programs, on other SMs, wrote the partials.
 @triton.jit
-def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, row_ok, num_splits, HEAD_DIM: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_splits, HEAD_DIM: tl.constexpr,
+                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+                  STORE_LSE: tl.constexpr):  # fmt: skip
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -174,9 +181,12 @@ def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, row_ok, num_splits, HEA
         w_sum = w_sum * alpha + tl.sum(w, 1)
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_s, 1)
         m = m_new
-    out = acc / tl.where(w_sum == 0.0, 1.0, w_sum)[:, None]
-    tl.store(o_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    w_safe = tl.where(w_sum == 0.0, 1.0, w_sum)
+    tl.store(o_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], (acc / w_safe[:, None]).to(
+             o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    if STORE_LSE:
+        lse = tl.where(w_sum == 0.0, float("-inf"), m + tl.math.log2(w_safe))
+        tl.store(o_lse_ptr + rows, lse * _LN2, mask=row_ok)
 
 
 # Per program: one (b, h) row, its splits merged (_merge_splits).
@@ -185,12 +195,15 @@ def _decode_combine_kernel(
     o_part_ptr,  # (B * Hq, num_splits, D) fp32 partial outputs
     lse_part_ptr,  # (B * Hq, num_splits) fp32 partial log2-sum-exps
     o_ptr,  # (B, Hq, 1, D) output, contiguous
+    o_lse_ptr,  # (B, Hq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE
     num_splits,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
     rows = tl.program_id(0) + tl.arange(0, 1)
-    _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, rows, rows >= 0, num_splits, HEAD_DIM, 1, BLOCK_S, BLOCK_D)
+    _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, rows >= 0, num_splits, HEAD_DIM, 1, BLOCK_S,
+                  BLOCK_D, STORE_LSE)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -242,7 +255,8 @@ def _plan(device, B: int, Hkv: int, Smax: int, group: int, D: int, fp32: bool) -
     return (tiles, programs, *split_plan(programs, Smax, tiles.block_n, num_sms))
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None,
+                     return_lse: bool = False):  # fmt: skip
     """Attention of one query token per row over the first cache_seqlens[b] cache positions.
 
     q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
@@ -254,7 +268,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     arguments), the caller's, used by one stream at a time and left zero: with it the last split
     of each program row to finish merges the splits (one launch instead of two).
     Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0, and heads that see no
-    position, are zeros.
+    position, are zeros. With return_lse, AttentionOutput(out, lse): lse (B, Hq, 1) fp32, each
+    head's natural-log sum of exp(scores) over the positions it sees, -inf where none.
     """
     B, Hq, _, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
@@ -267,6 +282,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     tiles, programs, num_splits, chunk = _plan(q.device, B, Hkv, Smax, group, D, fp32)
 
     out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device) if return_lse else out  # unwritten without
     if num_splits == 1:
         o_part = lse_part = out
     else:
@@ -280,19 +296,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
     mask_strides = mask.stride()[:2] if has_mask else (0, 0)
     _decode_split_kernel[(programs, num_splits)](
-        q, k_cache, v_cache, cache_seqlens, out, o_part, lse_part, counters if merge_here else out, mask,
+        q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, counters if merge_here else out, mask,
         q.stride(0), q.stride(1), cache_seqlens.stride(0), *mask_strides, *k_cache.stride()[:3],
         *v_cache.stride()[:3], Hkv, Smax, chunk, scale * math.log2(math.e), group,
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
         SINGLE_SPLIT=num_splits == 1, MERGE_HERE=merge_here,
         MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d) if merge_here else 1,
-        HAS_MASK=has_mask, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", PDL=pdl,
+        HAS_MASK=has_mask, STORE_LSE=return_lse, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", PDL=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not merge_here:
         _decode_combine_kernel[(B * Hq,)](
-            o_part, lse_part, out, num_splits,
-            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), PDL=pdl,
-            num_warps=4, launch_pdl=pdl,
-        )
-    return out
+            o_part, lse_part, out, lse, num_splits,
+            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
+            STORE_LSE=return_lse, PDL=pdl, num_warps=4, launch_pdl=pdl,
+        )  # fmt: skip
+    return AttentionOutput(out, lse) if return_lse else out

@@ -84,7 +84,7 @@ def attention_case(rng, device, backend):
     q = _tensor(rng, (B, Hkv * group, Sq, D), dtype, device)
     k, v = (_tensor(rng, (B, Hkv, Sk, D), dtype, device) for _ in range(2))
     scale = rng.choice([None, 0.3])
-    lse = rng.random() < 0.3  # the log-sum-exp too: the prefill kernels at every Sq
+    lse = rng.random() < 0.3  # the log-sum-exp too
     out = fastgpt.attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=lse)
     ref = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale, return_lse=lse)
     problem = compare(tuple(out), (ref[0].to(dtype), ref[1])) if lse else compare(out, ref.to(dtype))
@@ -100,11 +100,14 @@ def decode_case(rng, device, backend):
     lengths = torch.tensor([rng.choice([1, Smax, rng.randint(1, Smax)]) for _ in range(B)], dtype=torch.int32)
     # With a decode step's counters the kernels merge their splits in the split launch.
     counters = torch.zeros(B * Hkv * group, dtype=torch.int32, device=device) if rng.random() < 0.5 else None
-    out = decode_step_attention(q, k, v, lengths.to(device), counters, backend=backend)
-    ref = reference.decode_attention(q.float(), k.float(), v.float(), lengths.to(device))
-    problem = compare(out, ref.to(dtype)) or (None if counters is None or not counters.any() else "counters left set")
+    lse = rng.random() < 0.3  # the log-sum-exp too
+    out = decode_step_attention(q, k, v, lengths.to(device), counters, backend=backend, return_lse=lse)
+    ref = reference.decode_attention(q.float(), k.float(), v.float(), lengths.to(device), return_lse=lse)
+    problem = compare(tuple(out), (ref[0].to(dtype), ref[1])) if lse else compare(out, ref.to(dtype))
+    problem = problem or (None if counters is None or not counters.any() else "counters left set")
     merged = counters is not None
-    return problem, f"B{B} Hkv{Hkv} g{group} Smax{Smax} D{D} lengths={lengths.tolist()} merged={merged} {dtype}"
+    return problem, f"B{B} Hkv{Hkv} g{group} Smax{Smax} D{D} lengths={lengths.tolist()} merged={merged} " \
+                    f"lse={lse} {dtype}"
 
 
 def layer_norm_case(rng, device, backend):

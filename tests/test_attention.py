@@ -119,8 +119,8 @@ def test_scale_and_large_logits(device, scale):
 @pytest.mark.parametrize("Sq, Sk", [(24, 19), (1, 40), (17, 17)])
 def test_log_sum_exp(device, backend, Sq, Sk):
     """return_lse: each query's natural-log sum of exp(scores) over the keys it sees, -inf where it
-    sees none (Sq > Sk, causal), beside the output it gives without. A single query takes the
-    prefill kernel then (the split-KV decode kernels keep no log-sum-exp)."""
+    sees none (Sq > Sk, causal), beside the output it gives without (a single query: the split-KV
+    decode kernels')."""
     q, k, v = _qkv(1, 4, 2, Sq, Sk, 32, torch.float32, device)
     res = fastgpt.attention(q, k, v, causal=True, scale=0.2, backend=backend, return_lse=True)
     scores = (q @ k.transpose(-1, -2).repeat_interleave(2, dim=1)) * 0.2

@@ -34,8 +34,8 @@ def test_compile_fullgraph_through_every_op():
 
 
 def test_ops_are_registered_with_fake_impls():
-    for name in ("attention", "attention_lse", "masked_attention", "decode_attention", "layer_norm", "add_layer_norm",
-                 "sample", "linear"):
+    for name in ("attention", "attention_lse", "masked_attention", "decode_attention", "decode_attention_lse",
+                 "layer_norm", "add_layer_norm", "sample", "linear"):
         op = getattr(torch.ops.fastgpt, name)
         torch.library.opcheck(op.default, _example_args(name), test_utils=("test_schema", "test_faketensor"))
     table, ids = torch.randn(5, 8), torch.tensor([4, 0, 2])  # linear reading its rows from tables (embeddings)
@@ -53,6 +53,7 @@ def _example_args(name):
         "attention_lse": (q, k, k.clone(), True, 0.3, "torch"),
         "masked_attention": (q, k, k.clone(), torch.rand(1, 1, 3, 3) > 0.5, 0.3, "torch"),
         "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch"),
+        "decode_attention_lse": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch"),
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
         "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),
         "linear": (x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.ones(8), None, 1e-5, True, True,
@@ -124,17 +125,22 @@ def test_compiled_graph_holds_the_registered_ops():
     counter = CompileCounterWithBackend("aot_eager")
 
     @torch.compile(fullgraph=True, backend=counter)
-    def step(q, x, w, r):
+    def step(q, x, w, r, lens):
         return (fastgpt.attention(q, q, q, causal=True, backend="triton"),
                 fastgpt.attention(q, q, q, backend="triton", return_lse=True).lse,
+                fastgpt.decode_attention(q[:, :, :1], q, q, lens, backend="triton", return_lse=True).lse,
                 fastgpt.layer_norm(x, w, None, residual=r, backend="triton"))
 
     q, x, w, r = torch.randn(1, 2, 5, 16), torch.randn(3, 64), torch.randn(64), torch.randn(3, 64)
-    a, lse, (y, _) = step(q, x, w, r)
+    lens = torch.tensor([4], dtype=torch.int32)
+    a, lse, decode_lse, (y, _) = step(q, x, w, r, lens)
     code = counter.graphs[0].code
-    assert all(f"torch.ops.fastgpt.{op}." in code for op in ("attention", "attention_lse", "add_layer_norm"))
+    ops = ("attention", "attention_lse", "decode_attention_lse", "add_layer_norm")
+    assert all(f"torch.ops.fastgpt.{op}." in code for op in ops)
     torch.testing.assert_close(a, fastgpt.attention(q, q, q, causal=True, backend="triton"))
     torch.testing.assert_close(lse, fastgpt.attention(q, q, q, backend="triton", return_lse=True).lse)
+    torch.testing.assert_close(decode_lse, fastgpt.decode_attention(q[:, :, :1], q, q, lens, backend="triton",
+                                                                    return_lse=True).lse)  # fmt: skip
     torch.testing.assert_close(y, fastgpt.layer_norm(x, w, None, residual=r, backend="triton")[0])
     torch._dynamo.reset()
 

@@ -123,11 +123,14 @@ def test_extension_validates_before_touching_the_gpu():
     with pytest.raises(ValueError, match="lse must be null or an aligned fp32 pointer"):
         C.attention(16, 16, 16, 16, 18, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="num_splits > 1 needs"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0, 0,
-                           False)  # fmt: skip
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0,
+                           0, False)  # fmt: skip
     with pytest.raises(ValueError, match=r"counters must be null or .* at least batch \* heads_q = 6 zeros, got 5"):
-        C.decode_attention(16, 16, 16, 16, 16, 16, 16, 16, 5, 2, 3, 1, 8, 64, 2, (192, 64), s3, s3, (192, 64), 1.0, 2,
-                           0, 0, False)  # fmt: skip
+        C.decode_attention(16, 16, 16, 16, 16, 16, 16, 16, 5, 0, 2, 3, 1, 8, 64, 2, (192, 64), s3, s3, (192, 64), 1.0,
+                           2, 0, 0, False)  # fmt: skip
+    with pytest.raises(ValueError, match="lse must be null or an aligned fp32 pointer"):
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 18, 1, 1, 1, 8, 64, 1, (64, 64), s3, s3, (64, 64), 1.0, 2, 0,
+                           0, False)  # fmt: skip
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):

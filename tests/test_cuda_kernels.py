@@ -241,15 +241,42 @@ def test_decode_a_nan_in_the_cache_gives_nan(Smax):
     expected = reference.decode_attention(q.float(), k.float(), v.float(), lens)
     assert expected[0, 2:].isnan().all() and expected.isnan().sum() == 2 * 64
     counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
-    for out in (fastgpt.decode_attention(q, k, v, lens, backend="cuda"),
-                decode_step_attention(q, k, v, lens, counters, backend="cuda")):  # fmt: skip
+    for out, lse in (fastgpt.decode_attention(q, k, v, lens, backend="cuda", return_lse=True),
+                     decode_step_attention(q, k, v, lens, counters, backend="cuda", return_lse=True)):  # fmt: skip
         assert torch.equal(out.isnan(), expected.isnan())
         assert_close(out.nan_to_num(), expected.nan_to_num(), torch.float16)
+        assert torch.equal(lse.isnan(), expected.isnan().any(-1)) and lse.isfinite().sum() == 6
+
+
+@pytest.mark.parametrize("shape, merged", [((1, 1, 1, 1), False), ((3, 12, 12, 100), False),
+                                           ((1, 4, 4, 3000), False), ((2, 16, 1, 1500), True),
+                                           ((3, 6, 2, 2000), True), *on_gpu(((8, 32, 8, 8192), True))])
+def test_decode_log_sum_exp(shape, merged):
+    """return_lse: each head's natural-log sum of exp(scores) over its row's positions (-inf for a
+    row of length 0), from one split, the combine kernel, or the last split to finish (counters,
+    bit-equal to the combine kernel's); the output is the one without."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    B, Hq, Hkv, Smax = shape
+    q = _randn(B, Hq, 1, 128, dtype=torch.bfloat16)
+    k, v = (_randn(B, Hkv, Smax, 128, dtype=torch.bfloat16, seed=s) for s in (1, 2))
+    lens = _tensor([Smax, 0, Smax // 3][:B], torch.int32)
+    counters = torch.zeros(B * Hq, dtype=torch.int32, device=DEVICE) if merged else None
+    out, lse = decode_step_attention(q, k, v, lens, counters, scale=0.1, backend="cuda", return_lse=True)
+    _, expected = reference.decode_attention(q.double(), k.double(), v.double(), lens, scale=0.1, return_lse=True)
+    assert lse.shape == (B, Hq, 1) and lse.dtype == torch.float32
+    assert torch.equal(lse.isneginf(), expected.isneginf()) and (B == 1 or lse[1].isneginf().all())
+    torch.testing.assert_close(lse, expected.float(), atol=2e-5, rtol=2e-5)
+    assert torch.equal(out, fastgpt.decode_attention(q, k, v, lens, scale=0.1, backend="cuda"))
+    if merged:
+        assert not counters.any()
+        assert torch.equal(lse, fastgpt.decode_attention(q, k, v, lens, scale=0.1, backend="cuda", return_lse=True).lse)
+    assert (_num_splits(B, Hq, Hkv, Smax, D=128) > 1) == (Smax > 256)
 
 
 def test_attention_a_nan_score_gives_nan_lse():
     """A query whose scores hold a NaN gets a NaN log-sum-exp beside its NaN output, not the -inf
-    of a query that sees no key (the prefill kernel; a single query takes it with return_lse)."""
+    of a query that sees no key (the prefill kernel; a single query, the decode kernels)."""
     q, k, v = (_randn(1, 2, S, 64, dtype=torch.float16, seed=i) for i, S in enumerate((70, 40, 40)))
     k[0, 1, 7, 0] = float("nan")
     for rows in (slice(None), slice(69, 70)):

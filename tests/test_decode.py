@@ -239,38 +239,118 @@ def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads, Smax, poison
     assert (out[2, 0] == 0).all()
 
 
+def _expected_lse(q, k_cache, lengths, scale):
+    """ln sum_j exp(q k_j * scale) over each row's first lengths[b] positions, in fp64: (B, Hq, 1)."""
+    B, Hq, _, D = q.shape
+    k = k_cache.double().repeat_interleave(Hq // k_cache.shape[1], dim=1)
+    scores = (q.double() @ k.transpose(-1, -2)) * scale  # (B, Hq, 1, Smax)
+    past = torch.arange(k.shape[2], device=q.device) >= lengths.clamp(0, k.shape[2])[:, None, None, None]
+    return scores.masked_fill(past, float("-inf")).logsumexp(-1).float()
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("B,Hq,Hkv,Smax,counters", [(4, 4, 4, 48, False), (3, 8, 2, 100, False),
+                                                     (3, 8, 2, 100, True), (2, 40, 2, 70, True)],
+                         ids=["one-split", "combine-kernel", "merged-here", "gqa-two-tiles-merged"])  # fmt: skip
+def test_log_sum_exp(device, backend, B, Hq, Hkv, Smax, counters, poisoned_empty):
+    """return_lse: each head's natural-log sum of exp(scores) over its row's positions, -inf for a
+    row of length 0, beside the output it gives without; from one split, the combine kernel and the
+    split kernel's own merge (counters), which stays bit-equal to the combine kernel's."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    q, k, v = _inputs(B, Hq, Hkv, Smax, 32, torch.float32, device, seed=Hq + Smax)
+    lengths = torch.tensor([Smax, 0, Smax // 3, 1][:B], dtype=torch.int32, device=device)
+    if backend == "triton" and device == "cpu":
+        assert (_interpreter_plan(B, Hkv, Smax)[0] > 1) == (Smax != 48)
+    zeros = torch.zeros(B * Hq, dtype=torch.int32, device=device) if counters else None
+    res = decode_step_attention(q, k, v, lengths, zeros, scale=0.3, backend=backend, return_lse=True)
+    assert isinstance(res, fastgpt.AttentionOutput)
+    assert res.lse.shape == (B, Hq, 1) and res.lse.dtype == torch.float32 and res.lse.is_contiguous()
+    expected = _expected_lse(q, k, lengths, 0.3)
+    assert torch.equal(res.lse.isneginf(), expected.isneginf()) and res.lse[1].isneginf().all()
+    torch.testing.assert_close(res.lse, expected, atol=2e-5, rtol=2e-5)
+    assert torch.equal(res.out, fastgpt.decode_attention(q, k, v, lengths, scale=0.3, backend=backend))
+    if counters:
+        assert (zeros == 0).all()
+        unmerged = fastgpt.decode_attention(q, k, v, lengths, scale=0.3, backend=backend, return_lse=True)
+        assert torch.equal(res.lse, unmerged.lse)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the point: inf - inf
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the interpreter's max of it
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("Smax", [100, 48], ids=["splits", "one-split"])
+def test_log_sum_exp_is_nan_where_the_softmax_is(device, backend, Smax):
+    """An inf in a row's q (scores +-inf, a NaN softmax) gives that head a NaN output and lse on
+    every backend, over one split or several; the other heads are untouched."""
+    q, k, v = _inputs(2, 4, 2, Smax, 32, torch.float32, device, seed=3)
+    q[1, 2, 0, 5] = float("inf")
+    lengths = torch.tensor([Smax, Smax - 7], dtype=torch.int32, device=device)
+    res = fastgpt.decode_attention(q, k, v, lengths, backend=backend, return_lse=True)
+    nan = torch.zeros(2, 4, 1, dtype=torch.bool, device=device)
+    nan[1, 2] = True
+    assert torch.equal(res.lse.isnan(), nan) and torch.equal(res.out.isnan().any(-1), nan)
+    with pytest.raises(TypeError, match="return_lse must be a Python bool"):
+        fastgpt.decode_attention(q, k, v, lengths, backend=backend, return_lse=None)
+
+
+def test_log_sum_exp_merges_a_shared_prefix_with_each_row(device):
+    """What the lse is for: attention over a prompt prefix every row shares (computed once, by
+    fastgpt.attention) merged with each row's own decode attention by their log-sum-exps equals
+    decode attention over the prefix and the row's cache together."""
+    B, Hq, Hkv, P, Smax, D = 3, 4, 2, 20, 40, 32
+    q, k, v = _inputs(B, Hq, Hkv, Smax, D, torch.float32, device, seed=11)
+    _, k_prefix, v_prefix = _inputs(1, Hq, Hkv, P, D, torch.float32, device, seed=12)
+    lengths = torch.tensor([Smax, 9, 0], dtype=torch.int32, device=device)
+    shared = fastgpt.attention(q.transpose(0, 2), k_prefix, v_prefix, backend="triton", return_lse=True)
+    own = fastgpt.decode_attention(q, k, v, lengths, backend="triton", return_lse=True)
+    prefix_out, prefix_lse = shared.out.transpose(0, 2), shared.lse.transpose(0, 2)  # (B, Hq, 1, D), (B, Hq, 1)
+    lse = torch.logaddexp(prefix_lse, own.lse)
+    merged = prefix_out * (prefix_lse - lse).exp()[..., None] + own.out * (own.lse - lse).exp()[..., None]
+    whole_k = torch.cat([k_prefix.expand(B, -1, -1, -1), k], dim=2)
+    whole_v = torch.cat([v_prefix.expand(B, -1, -1, -1), v], dim=2)
+    whole = fastgpt.decode_attention(q, whole_k, whole_v, lengths + P, backend="triton", return_lse=True)
+    assert_close(merged, whole.out)
+    torch.testing.assert_close(lse, whole.lse, atol=2e-5, rtol=2e-5)
+
+
 # ----------------------------------------------------------------------------- compile for the GPU
 
 
 def compile_decode_variants(arch):
     """The split kernel at MHA and GQA tiles, with and without a mask, with and without its own
-    merge of the splits (which must not spill: GPT's decode step takes it), and the combine kernel."""
+    merge of the splits (which must not spill: GPT's decode step takes it), with and without the
+    log-sum-exp, and the combine kernel."""
     mod = _load_kernel_module("decode")
-    variants = [("fp16", 64, 1, False, False), ("bf16", 128, 4, False, False), ("bf16", 256, 64, False, False),
-                ("fp32", 80, 2, False, False), ("fp32", 256, 32, False, False), ("fp16", 64, 1, True, False),
-                ("bf16", 128, 8, True, False), ("bf16", 64, 1, False, True), ("fp16", 128, 8, False, True)]
-    for dtype, D, group, has_mask, merge in variants:
-        kernel = compile_split(mod, arch, dtype, D, group, has_mask, merge)
+    variants = [("fp16", 64, 1, False, False, False), ("bf16", 128, 4, False, False, True),
+                ("bf16", 256, 64, False, False, False), ("fp32", 80, 2, False, False, True),
+                ("fp32", 256, 32, False, False, False), ("fp16", 64, 1, True, False, False),
+                ("bf16", 128, 8, True, False, False), ("bf16", 64, 1, False, True, False),
+                ("fp16", 128, 8, False, True, False), ("bf16", 64, 1, False, True, True)]
+    for dtype, D, group, has_mask, merge, lse in variants:
+        kernel = compile_split(mod, arch, dtype, D, group, has_mask, merge, store_lse=lse)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
         if merge:
             assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, group)
-    ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16"}
-    compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32),
-                arch=arch, num_warps=4, num_stages=1)
+    ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16", "o_lse_ptr": "*fp32"}
+    for lse in (False, True):
+        compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32, STORE_LSE=lse),
+                    arch=arch, num_warps=4, num_stages=1)
     if arch == 80:  # no autotuner skips a tile too large for an sm_86/sm_89 block: the widest fit
         for dtype, D, group in [("bf16", 128, 64), ("bf16", 256, 64), ("fp32", 128, 64), ("fp32", 256, 64)]:
             kernel = compile_split(mod, 80, dtype, D, group, False)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, kernel.metadata.shared)
 
 
-def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8):
+def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8, store_lse=False):
     """_decode_split_kernel lowered for sm_<arch> with the launcher's tiles."""
     tiles = mod.gpu_tiles(group, D, dtype == "fp32")
     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
-            "o_ptr": f"*{dtype}", "o_part_ptr": "*fp32", "lse_ptr": "*fp32", "counters_ptr": "*i32", "mask_ptr": "*u8"}
+            "o_ptr": f"*{dtype}", "o_lse_ptr": "*fp32", "o_part_ptr": "*fp32", "lse_ptr": "*fp32",
+            "counters_ptr": "*i32", "mask_ptr": "*u8"}  # fmt: skip
     merge_splits = mod.merge_splits_block(num_splits, tiles.block_g, tiles.block_d)
     const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n, SINGLE_SPLIT=False,
-                 MERGE_HERE=merge, MERGE_SPLITS=merge_splits, HAS_MASK=has_mask,
+                 MERGE_HERE=merge, MERGE_SPLITS=merge_splits, HAS_MASK=has_mask, STORE_LSE=store_lse,
                  DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")  # fmt: skip
     return compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)
@@ -298,7 +378,12 @@ def test_gpu_real_sizes(B, Hq, Hkv, Smax, D, dtype):
     lengths[0] = Smax
     if B > 2:
         lengths[1], lengths[2] = 1, 0
-    _check(*_inputs(B, Hq, Hkv, Smax, D, dtype, "cuda"), lengths.tolist())
+    q, k_cache, v_cache = _inputs(B, Hq, Hkv, Smax, D, dtype, "cuda")
+    out = _check(q, k_cache, v_cache, lengths.tolist())
+    seqlens = lengths.to(device="cuda", dtype=torch.int32)
+    res = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend="triton", return_lse=True)
+    assert torch.equal(res.out, out)
+    torch.testing.assert_close(res.lse, _expected_lse(q, k_cache, seqlens, D**-0.5), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu

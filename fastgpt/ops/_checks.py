@@ -80,6 +80,14 @@ def scale(value, head_dim: int) -> float:
     return value
 
 
+def flag(name: str, value) -> bool:
+    """A keyword that switches behaviour (causal, return_lse): a Python bool, not a truthy value."""
+    if not isinstance(value, bool):
+        kind = type(value)  # qualified: numpy's bool is also named "bool"
+        raise TypeError(f"{name} must be a Python bool, got {value!r} of type {kind.__module__}.{kind.__qualname__}")
+    return value
+
+
 def eps(name: str, value) -> float:
     """LayerNorm's epsilon: a real number >= 0 (0 is F.layer_norm's too: a constant row is then NaN)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -154,8 +154,9 @@ def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch
     return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _sm_count(device), blocks_per_sm)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counters=None) -> torch.Tensor:
-    """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D).
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counters=None, return_lse: bool = False):
+    """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D), or
+    with return_lse AttentionOutput(o, lse (B, Hq, 1) fp32: natural log, -inf for a row of length 0).
     counters: None, or int32 zeros (N,), N >= B * Hq, contiguous on q's device, used by one stream
     at a time: the last split of each (row, head tile) merges the splits (no second launch) and
     leaves its counter zero."""
@@ -179,18 +180,19 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counte
     seqlens = cache_seqlens.contiguous()
     num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device)
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, 1, device=q.device, dtype=torch.float32) if return_lse else None
     o_partial = lse_partial = None
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
         o_partial = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
         lse_partial = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
     C.decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
-        _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(),
+        _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(), _ptr(lse),
         B, Hq, Hkv, Smax, D, num_splits,
         _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
         float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip
-    return o
+    return AttentionOutput(o, lse) if return_lse else o
 
 
 # ----------------------------------------------------------------------------- layer norm

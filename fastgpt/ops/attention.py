@@ -75,11 +75,8 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     device = check_qkv(q, k, v)
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
-    for flag, value in (("causal", causal), ("return_lse", return_lse)):
-        if not isinstance(value, bool):
-            kind = type(value)  # qualified: numpy's bool is also named "bool"
-            raise TypeError(f"{flag} must be a Python bool, got {value!r} of type "
-                            f"{kind.__module__}.{kind.__qualname__}")  # fmt: skip
+    _checks.flag("causal", causal)
+    _checks.flag("return_lse", return_lse)
     scale = _checks.scale(scale, D)
     flops = 4 * B * Hq * Sq * Sk * D / (2 if causal else 1)
     name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
@@ -96,13 +93,14 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     return _dispatch.call(_attention_op, _attention, q, k, v, causal, scale, name)
 
 
-def _single_query(q, k, v, scale: float, backend: str, mask=None):
+def _single_query(q, k, v, scale: float, backend: str, mask=None, return_lse: bool = False):
     """One query per row sees every key (causal or not): the split-KV decode kernels, which
     spread the keys over the whole GPU where the prefill kernel runs one program per (row, head).
     mask (B, Hq, Sk) bool, or None; only the Triton kernel takes one."""
     lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     extra = {} if mask is None else {"mask": mask}
-    return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale, **extra)
+    return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale,
+                                                                   return_lse=return_lse, **extra)  # fmt: skip
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str) -> torch.Tensor:
@@ -123,10 +121,11 @@ def _(q, k, v, causal, scale, backend):
 
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """_attention with each query's log-sum-exp: the prefill kernels at every Sq (the split-KV
-    decode kernels merge their splits' log-sum-exps but keep none)."""
+    """_attention with each query's log-sum-exp, (out, lse)."""
     if backend == "torch":
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    if q.shape[2] == 1:
+        return tuple(_single_query(q, k, v, scale, backend, return_lse=True))
     return tuple(_backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale,
                                                                       return_lse=True))  # fmt: skip
 

@@ -5,25 +5,31 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backends, reference
+from fastgpt._backends import AttentionOutput
 from fastgpt.ops import _checks, _dispatch
 from fastgpt.ops.attention import backend_limits, check_qkv
 
 SEQLEN_DTYPES = (torch.int32,)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, backend: str = "auto"):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, backend: str = "auto",
+                     return_lse: bool = False):  # fmt: skip
     """Attention of one query token per row over the first cache_seqlens[b] cache positions.
 
     q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, Smax, D), Hq % Hkv == 0; fp16, bf16 or fp32.
     cache_seqlens: int32 (B,) on q's device: how many positions of row b are valid (the current
     token already written). Lengths are not read by the host (that would sync): kernels clamp
     them to [0, Smax], and a row of length 0 returns zeros. Returns (B, Hq, 1, D) in q's dtype.
+    With return_lse, returns AttentionOutput(out, lse), lse (B, Hq, 1) fp32: each head's
+    ln sum_j exp(q k_j^T * scale) over the row's positions, -inf for a row of length 0 (what
+    merging this with attention over other keys takes, as fastgpt.attention's).
     """
-    return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend)
+    return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend,
+                                 return_lse=return_lse)  # fmt: skip
 
 
 def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale: float | None = None,
-                          backend: str = "auto"):  # fmt: skip
+                          backend: str = "auto", return_lse: bool = False):  # fmt: skip
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
     None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq, used by one stream at a
     time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
@@ -39,6 +45,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
         raise ValueError(f"q must have shape (B, Hq, 1, D): one query token per row, got {tuple(q.shape)}")
     Smax = k_cache.shape[2]
     _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
+    _checks.flag("return_lse", return_lse)
     if counters is not None:
         _checks.tensor("counters", counters, ndim=1, dtypes=(torch.int32,))
         _checks.same_device(q=q, counters=counters)
@@ -49,11 +56,16 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax),
                              _backends.decode_preference(B * k_cache.shape[1]))
     if q.numel() == 0 or Smax == 0:
-        return q.new_zeros(B, Hq, 1, D)
+        out = q.new_zeros(B, Hq, 1, D)
+        return AttentionOutput(out, q.new_full((B, Hq, 1), float("-inf"), dtype=torch.float32)) if return_lse else out
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
+        result = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=return_lse)
+        return AttentionOutput(*result) if return_lse else result
     q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
-    return _dispatch.call(_decode_op, _decode, q, k_cache, v_cache, cache_seqlens, counters, scale, name)
+    args = (q, k_cache, v_cache, cache_seqlens, counters, scale, name)
+    if return_lse:
+        return AttentionOutput(*_dispatch.call(_decode_lse_op, _decode_lse, *args))
+    return _dispatch.call(_decode_op, _decode, *args)
 
 
 def _decode(
@@ -66,6 +78,18 @@ def _decode(
     return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters)
 
 
+def _decode_lse(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
+    counters: torch.Tensor | None, scale: float, backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """_decode with each head's log-sum-exp, (out, lse)."""
+    if backend == "torch":
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=True)
+    launchers = _backends.launchers(backend, "decode")
+    return tuple(launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters,
+                                            return_lse=True))  # fmt: skip
+
+
 # counters are not declared mutated: the kernel leaves them as it found them (zero), and a
 # functionalised copy of them would cost the launches they save.
 _decode_op = torch.library.custom_op("fastgpt::decode_attention", _decode, mutates_args=())
@@ -74,3 +98,11 @@ _decode_op = torch.library.custom_op("fastgpt::decode_attention", _decode, mutat
 @_decode_op.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend):
     return q.new_empty(q.shape)
+
+
+_decode_lse_op = torch.library.custom_op("fastgpt::decode_attention_lse", _decode_lse, mutates_args=())
+
+
+@_decode_lse_op.register_fake
+def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
