@@ -211,10 +211,14 @@ def decode_cases(check: Checker):
         seqlens = torch.tensor(lens, dtype=torch.int32)
         with check.case(f"decode B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
             _finite(fastgpt.decode_attention(q, k, v, seqlens, backend=backend))
-        # the splits merged in the same launch, by the last one to finish
+        if dtype == target.attention_dtypes[0]:  # with the log-sum-exp (-inf for the rows of length <= 0)
+            with check.case(f"decode lse B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
+                _finite_lse(*fastgpt.decode_attention(q, k, v, seqlens, backend=backend, return_lse=True))
+        # the splits merged in the same launch, by the last one to finish (and their log-sum-exp)
         counters = torch.zeros(B * Hq, dtype=torch.int32)
         with check.case(f"decode step B{B} H{Hq}/{Hkv} Smax{Smax} D{D} lens={lens} {dtype}", q, k, v, seqlens):
             _finite(decode_step_attention(q, k, v, seqlens, counters, backend=backend))
+            _finite_lse(*decode_step_attention(q, k, v, seqlens, counters, backend=backend, return_lse=True))
         assert not counters.any(), "the counters were not left zero"
     for B, S, Hkv, D, lens in ((2, 70, 2, 64, [70, 500]), (1, 300, 1, 128, [300])):
         # (B, S, Hkv, D) caches read as (B, Hkv, S, D): the view's last element ends the storage
@@ -342,6 +346,12 @@ TRITON_CASES = {**CASES, "masked_attention": masked_attention_cases, "linear": l
 def _finite(*outs: torch.Tensor) -> None:
     for out in outs:
         assert torch.isfinite(out).all(), "non-finite output"
+
+
+def _finite_lse(out: torch.Tensor, lse: torch.Tensor) -> None:
+    """An output and its log-sum-exp: -inf where a row sees no position, never NaN or +inf."""
+    _finite(out)
+    assert not (lse.isnan() | lse.isposinf()).any(), "a NaN or +inf log-sum-exp"
 
 
 def _ids(ids: torch.Tensor, V: int) -> None:
