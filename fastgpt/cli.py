@@ -42,6 +42,7 @@ def generate(args: argparse.Namespace) -> int:
     from fastgpt.loading import load_tokenizer
     from fastgpt.model import GPT
 
+    _check_generate_args(args)
     device = _device(args.device)
     model = GPT.from_pretrained(args.model, dtype=args.dtype, device=device)  # the loader maps dtype names
     tokenizer = load_tokenizer(args.model)
@@ -71,6 +72,17 @@ def generate(args: argparse.Namespace) -> int:
         print(f"[{len(new_ids)} tokens in {elapsed:.2f} s: {len(new_ids) / elapsed:.1f} tok/s on {device}]",
               file=sys.stderr)
     return 0
+
+
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """What can be checked before the model loads (perhaps downloads), by generate's own rules."""
+    from fastgpt.ops.sampling import row_params
+
+    row_params(1, "cpu", args.temperature, args.top_k, args.top_p, args.min_p)
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.seed is not None and not -2**63 <= args.seed < 2**64:  # torch.Generator's range
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
 
 
 def _device(name: str | None) -> torch.device:

@@ -55,7 +55,8 @@ def test_generate_is_reproducible_with_a_seed(checkpoint, capsys):
 
 
 def test_generate_compiled_prints_the_same_text(checkpoint, capsys):
-    args = ["generate", "--model", str(checkpoint), "--prompt", "Hello there", "--max-new-tokens", "6", "--device", "cpu"]
+    args = ["generate", "--model", str(checkpoint), "--prompt", "Hello there", "--max-new-tokens", "6",
+            "--device", "cpu"]
     cli.main(args)
     plain = capsys.readouterr().out
     torch._dynamo.reset()
@@ -113,3 +114,21 @@ def test_generate_stops_at_any_of_a_list_of_eos_ids(checkpoint, tmp_path, capsys
 def test_generate_reports_a_missing_checkpoint(tmp_path, capsys):
     assert cli.main(["generate", "--model", str(tmp_path / "nowhere"), "--prompt", "Hi", "--device", "cpu"]) == 2
     assert "fastgpt generate: error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [(["--top-p", "1.5"], "top_p must be in (0, 1]"),
+                                            (["--temperature", "nan"], "temperature must be >= 0"),
+                                            (["--top-k", "-1"], "top_k must be >= 0"),
+                                            (["--min-p", "2"], "min_p must be in [0, 1]"),
+                                            (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
+                                            (["--seed", str(2**64)], "--seed must be in [-2**63, 2**64)")])
+def test_generate_checks_its_arguments_before_loading(tmp_path, capsys, extra, message):
+    """A bad sampling argument or seed is reported before the model loads (a hub id downloads
+    first) and before the prompt is printed; a seed past torch.Generator's range said only
+    "Overflow when unpacking long long"."""
+    args = ["generate", "--model", str(tmp_path / "not-there"), "--prompt", "Hi", "--device", "cpu"]
+    assert cli.main(args + extra) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("fastgpt generate: error: ") and message in line
