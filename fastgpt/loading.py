@@ -155,6 +155,8 @@ def _read_weights(file: Path) -> dict:
 
 def resolve(name_or_path, patterns) -> Path:
     """A local directory as is; otherwise a hub id, downloaded (only files matching `patterns`)."""
+    if not str(name_or_path).strip():  # Path("") is the working directory
+        raise ValueError(f"the checkpoint is {name_or_path!r}: expected a directory or a hub id such as 'gpt2'")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path

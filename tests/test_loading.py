@@ -173,6 +173,16 @@ def test_not_a_directory(tmp_path):
         GPT.from_pretrained(tmp_path / "nope")
 
 
+@pytest.mark.parametrize("name", ["", " "])
+def test_empty_name_is_refused(tmp_path, monkeypatch, name):
+    """An empty --model was Path(""), the working directory, and failed as "config.json is missing"."""
+    monkeypatch.chdir(tmp_path)
+    tiny_hf(n_embd=32, n_layer=1).save_pretrained(tmp_path)  # not loaded from the working directory either
+    for load in (GPT.from_pretrained, loading.load_tokenizer):
+        with pytest.raises(ValueError, match="expected a directory or a hub id"):
+            load(name)
+
+
 def test_hub_failure_is_explained(monkeypatch):
     import huggingface_hub
 
