@@ -6,6 +6,9 @@
 // load overlaps compute: V_j streams in while S = Q K_j^T and the softmax run, K_{j+1} while
 // O += P V_j runs. Rows past the end of a sequence are zero-filled by cp.async and masked.
 //
+// With a boolean mask (transformers' padding masks) every key block is masked, and a key the mask
+// hides from a row is one it does not see; a row that sees no key gets zeros, as everywhere.
+//
 // mma.sync fragment layouts used below (g = lane / 4, t = lane % 4; from the PTX ISA):
 //   A 16x16 row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 8+2t..), a3 (g+8, 8+2t..)
 //   B 16x8 "col":      b0 (k = 2t..2t+1, n = g), b1 (k = 8+2t.., n = g)
@@ -95,14 +98,16 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
 }
 
 // Online softmax over one key block for the thread's two rows (g and g + 8 of its warp):
-//   s <- s * scale * log2(e), masked to -inf where key >= Sk or (causal) key > row + Sk - Sq;
+//   s <- s * scale * log2(e), masked to -inf where key >= Sk or (causal) key > row + Sk - Sq or
+//        (MASKED) the row's mask hides the key (mask_rows: the two rows' masks, null past Sq);
 //   m' = max(m, max_j s_j); o <- o * 2^(m - m'); l <- l * 2^(m - m') + sum_j 2^(s_j - m'); s <- 2^(s - m').
 // While a row has seen no key, m' = -inf and the reference point 0 is used instead (no NaN).
 // l holds this thread's partial row sum; the four threads of a row add theirs at the end.
-template <int D>
+template <int D, bool MASKED>
 __device__ __forceinline__ void softmax_update(float (&s)[BLOCK_N / 8][4], float (&o)[D / 8][4], float (&m)[2],
                                                float (&l)[2], float scale_log2, bool need_mask, int row0, int key0,
-                                               int seqlen_k, int causal_offset, bool causal) {
+                                               int seqlen_k, int causal_offset, bool causal,
+                                               const uint8_t* const (&mask_rows)[2]) {
     const int t = threadIdx.x & 3;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // row g, then row g + 8
@@ -116,6 +121,8 @@ __device__ __forceinline__ void softmax_update(float (&s)[BLOCK_N / 8][4], float
                 x *= scale_log2;
                 const int key = key0 + nt * 8 + 2 * t + e;
                 if (need_mask && (key >= seqlen_k || (causal && key > row + causal_offset))) x = -INFINITY;
+                if (MASKED && (mask_rows[half] == nullptr || (key < seqlen_k && mask_rows[half][key] == 0)))
+                    x = -INFINITY;
                 row_max = fmaxf(row_max, x);
             }
         }
@@ -195,9 +202,10 @@ __device__ __forceinline__ void store_lse(const float (&m)[2], const float (&l)[
 }  // namespace
 
 // O = softmax(Q K^T * scale + mask) V for one (query block, head, batch), mask = -inf where key
-// >= Sk or, when causal, key > query + Sk - Sq (bottom-right alignment); GQA: query head h reads
-// kv head h / (Hq / Hkv). Rows that see no key get O = 0. With p.lse, each row's log-sum-exp too.
-template <typename T, int D>
+// >= Sk or, when causal, key > query + Sk - Sq (bottom-right alignment), or (MASKED) p.mask hides
+// the key; GQA: query head h reads kv head h / (Hq / Hkv). Rows that see no key get O = 0. With
+// p.lse, each row's log-sum-exp too.
+template <typename T, int D, bool MASKED>
 __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);                      // (BLOCK_M, D + 8)
@@ -235,6 +243,12 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 
     const float scale_log2 = p.scale * kLog2e;
     const int row0 = m0 + warp * 16 + (lane >> 2);  // the thread's first row; the second is row0 + 8
+    const uint8_t* mask_rows[2] = {nullptr, nullptr};  // rows past Sq have none (and are never stored)
+    if (MASKED) {
+        const uint8_t* mask = p.mask + b * p.stride_mask_b + h * p.stride_mask_h;
+        for (int half = 0; half < 2; ++half)
+            if (row0 + half * 8 < p.seqlen_q) mask_rows[half] = mask + int64_t(row0 + half * 8) * p.stride_mask_s;
+    }
     for (int j = 0; j < n_blocks; ++j) {
         const int n0 = j * BLOCK_N;
         cp_async_wait<0>();  // K_j (and Q) have landed
@@ -251,7 +265,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
         float s[BLOCK_N / 8][4];
         compute_scores<T, D>(s, qf, sK, lane);
         const bool need_mask = n0 + BLOCK_N > p.seqlen_k || (p.causal && n0 + BLOCK_N - 1 > m0 + causal_offset);
-        softmax_update<D>(s, o, m, l, scale_log2, need_mask, row0, n0, p.seqlen_k, causal_offset, p.causal);
+        softmax_update<D, MASKED>(s, o, m, l, scale_log2, need_mask, row0, n0, p.seqlen_k, causal_offset, p.causal,
+                                  mask_rows);
         cp_async_wait<0>();  // V_j has landed
         __syncthreads();     // ... for every thread; and everyone is done with K_j
         if (j + 1 < n_blocks) load_tile<T, D, BLOCK_N>(sK, k, p.stride_k_s, n0 + BLOCK_N, p.seqlen_k);
@@ -270,13 +285,19 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
 
 namespace {
 
-template <typename T, int D>
-cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
+template <typename T, int D, bool MASKED>
+cudaError_t launch_masked(const AttentionParams& p, cudaStream_t stream) {
     constexpr int bytes = smem_bytes<D>();
-    cudaError_t err = cudaFuncSetAttribute(attention_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    const auto kernel = attention_kernel<T, D, MASKED>;
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
     const dim3 grid(ceil_div(p.seqlen_q, BLOCK_M), p.heads_q, p.batch);
-    return launch_kernel(attention_kernel<T, D>, grid, kThreads, bytes, stream, p.pdl, p);
+    return launch_kernel(kernel, grid, kThreads, bytes, stream, p.pdl, p);
+}
+
+template <typename T, int D>
+cudaError_t launch(const AttentionParams& p, cudaStream_t stream) {
+    return p.mask != nullptr ? launch_masked<T, D, true>(p, stream) : launch_masked<T, D, false>(p, stream);
 }
 
 template <typename T>

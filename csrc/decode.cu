@@ -5,7 +5,9 @@
 // [0, len). With one split it writes the output directly; otherwise it writes a normalised
 // partial output and its log-sum-exp, and the splits are merged: given the caller's counters,
 // by the last block of each (row, tile) to finish (one launch), else by decode_combine_kernel.
-// Given p.lse, each (row, head)'s log-sum-exp is stored beside its output (natural log).
+// Given p.lse, each (row, head)'s log-sum-exp is stored beside its output (natural log). Given
+// p.mask (transformers' padded decode steps), a position it hides from a query head is one that
+// head does not see; a head that sees none gets zeros.
 // The lengths are read on the device (clamped to [0, Smax]) so nothing syncs the host.
 // Both kernels wait for the previous grid before touching memory, so that on sm_90 and later they
 // launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
@@ -51,11 +53,17 @@ __device__ __forceinline__ void merge_key_groups(float (&m)[GROUP], float (&l)[G
     }
 }
 
-// Element d of (row, head) `bh` = b * Hq + h merged from its splits' partial outputs:
-//   o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  M = max_s lse_s  (log2 domain)
-// 0 where every split was empty (M = -inf), NaN where a split's is (M is then NaN). The loads go
-// to L2 (.cg): other blocks, on other SMs, may have written the partials in this same launch.
-__device__ __forceinline__ float merged_split_output(const DecodeParams& p, int64_t bh, int d) {
+// Element d of (row, head) `bh` = b * Hq + h merged from its splits' partial outputs, and the
+// row's log-sum-exp over them (log2 domain):
+//   o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  lse = M + log2 sum_s 2^(lse_s - M),  M = max_s lse_s
+// o = 0 and lse = -inf where every split was empty (M = -inf), NaN where a split's is (M is then
+// NaN). The loads go to L2 (.cg): other blocks, on other SMs, may have written the partials in
+// this same launch.
+struct Merged {
+    float o, lse;
+};
+
+__device__ __forceinline__ Merged merged_split_output(const DecodeParams& p, int64_t bh, int d) {
     const float* lse = p.lse_partial + bh * p.num_splits;                  // (num_splits,)
     const float* o = p.o_partial + bh * p.num_splits * p.head_dim + d;  // (num_splits,) at stride D
     float m = -INFINITY;
@@ -63,37 +71,23 @@ __device__ __forceinline__ float merged_split_output(const DecodeParams& p, int6
         const float x = __ldcg(lse + s);
         m = x > m || x != x ? x : m;  // fmaxf would drop a NaN
     }
-    if (m == -INFINITY) return 0.0f;
+    if (m == -INFINITY) return {0.0f, -INFINITY};
     float num = 0.0f, den = 0.0f;
     for (int s = 0; s < p.num_splits; ++s) {
         const float w = exp2f(__ldcg(lse + s) - m);
         num += w * __ldcg(o + int64_t(s) * p.head_dim);
         den += w;
     }
-    return num / den;
-}
-
-// The natural-log log-sum-exp of (row, head) `bh` from its splits' (log2 domain):
-//   lse = (M + log2 sum_s 2^(lse_s - M)) ln 2,  -inf where every split was empty, NaN where one's is.
-__device__ __forceinline__ float merged_split_lse(const DecodeParams& p, int64_t bh) {
-    const float* lse = p.lse_partial + bh * p.num_splits;
-    float m = -INFINITY;
-    for (int s = 0; s < p.num_splits; ++s) {
-        const float x = __ldcg(lse + s);
-        m = x > m || x != x ? x : m;
-    }
-    if (m == -INFINITY) return -INFINITY;
-    float den = 0.0f;
-    for (int s = 0; s < p.num_splits; ++s) den += exp2f(__ldcg(lse + s) - m);
-    return (m + log2f(den)) * kLn2;
+    return {num / den, m + log2f(den)};
 }
 
 // Writes element d of (row, head) bh merged from its splits (output at element offset `o_at`),
-// and with p.lse its log-sum-exp once (d == 0).
+// and with p.lse its log-sum-exp (natural log) once (d == 0).
 template <typename T>
 __device__ __forceinline__ void write_merged(const DecodeParams& p, int64_t bh, int d, int64_t o_at) {
-    static_cast<T*>(p.o)[o_at] = from_float<T>(merged_split_output(p, bh, d));
-    if (p.lse != nullptr && d == 0) p.lse[bh] = merged_split_lse(p, bh);
+    const Merged merged = merged_split_output(p, bh, d);
+    static_cast<T*>(p.o)[o_at] = from_float<T>(merged.o);
+    if (p.lse != nullptr && d == 0) p.lse[bh] = merged.lse * kLn2;
 }
 
 // Merges the kWarps states of each of the tile's `heads` query heads from h0 (one thread per
@@ -159,8 +153,9 @@ __device__ void merge_splits_if_last(const DecodeParams& p, int b, int h0, int h
 // shared memory.
 // One query head a block (MHA) asks for 5 blocks an SM: 96 registers on sm_90a and no spills,
 // against 105 (4 blocks) unbounded; each block's loads in flight are what the memory system sees.
-template <typename T, int D, int GROUP>
-__global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_kernel(DecodeParams p) {
+// MASKED reads each position's mask byte of every head beside its key.
+template <typename T, int D, int GROUP, bool MASKED>
+__global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decode_split_kernel(DecodeParams p) {
     constexpr int LANES_PER_KEY = D / 8;
     constexpr int KEYS_PER_WARP = 32 / LANES_PER_KEY;
     constexpr int KEYS_PER_STEP = kWarps * KEYS_PER_WARP;  // keys the block covers per unrolled slot
@@ -185,6 +180,9 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
     const T* k = static_cast<const T*>(p.k_cache) + b * p.stride_k_b + kvh * p.stride_k_h + d0;  // (Smax, D)
     const T* v = static_cast<const T*>(p.v_cache) + b * p.stride_v_b + kvh * p.stride_v_h + d0;  // (Smax, D)
 
+    // The mask of the tile's heads; padding heads read the last one's, as their queries.
+    const uint8_t* mask = MASKED ? p.mask + b * p.stride_mask_b + h0 * p.stride_mask_h : nullptr;
+
     float q[GROUP][8], m[GROUP], l[GROUP], acc[GROUP][8];
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
@@ -201,6 +199,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
     // The loop bound depends only on the warp, so shuffles below see the whole warp.
     for (int base = start + warp * KEYS_PER_WARP; base < end; base += UNROLL * KEYS_PER_STEP) {
         Vec<T, 8> kv[UNROLL], vv[UNROLL];
+        [[maybe_unused]] bool hidden[GROUP][UNROLL];  // MASKED: the position is past `end` or hidden from head g
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int key = base + u * KEYS_PER_STEP + key_in_warp;
@@ -210,6 +209,11 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
             } else {
 #pragma unroll
                 for (int j = 0; j < 8; ++j) kv[u].v[j] = vv[u].v[j] = from_float<T>(0.0f);
+            }
+            if constexpr (MASKED) {
+#pragma unroll
+                for (int g = 0; g < GROUP; ++g)
+                    hidden[g][u] = key >= end || mask[min(g, heads - 1) * p.stride_mask_h + key] == 0;
             }
         }
 #pragma unroll
@@ -223,7 +227,9 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 ? 5 : 1) decode_split_ker
 #pragma unroll
                 for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)
                     s[u] += __shfl_xor_sync(FULL_MASK, s[u], offset);
-                if (base + u * KEYS_PER_STEP + key_in_warp >= end) s[u] = -INFINITY;
+                bool unseen = base + u * KEYS_PER_STEP + key_in_warp >= end;
+                if constexpr (MASKED) unseen = hidden[g][u];
+                if (unseen) s[u] = -INFINITY;
                 m_new = fmaxf(m_new, s[u]);
             }
             const float m_use = m_new == -INFINITY ? 0.0f : m_new;
@@ -281,13 +287,13 @@ int group_tile(int group_size) {
     return g;
 }
 
-template <typename T, int D>
+template <typename T, int D, bool MASKED = false>
 auto split_kernel(int tile) {
     switch (tile) {
-        case 1: return decode_split_kernel<T, D, 1>;
-        case 2: return decode_split_kernel<T, D, 2>;
-        case 4: return decode_split_kernel<T, D, 4>;
-        default: return decode_split_kernel<T, D, 8>;
+        case 1: return decode_split_kernel<T, D, 1, MASKED>;
+        case 2: return decode_split_kernel<T, D, 2, MASKED>;
+        case 4: return decode_split_kernel<T, D, 4, MASKED>;
+        default: return decode_split_kernel<T, D, 8, MASKED>;
     }
 }
 
@@ -295,7 +301,8 @@ template <typename T, int D>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
     const int group_size = p.heads_q / p.heads_kv, tile = group_tile(group_size);
     const dim3 grid(p.num_splits, p.heads_kv * ceil_div(group_size, tile), p.batch);
-    cudaError_t err = launch_kernel(split_kernel<T, D>(tile), grid, kThreads, 0, stream, p.pdl, p);
+    const auto kernel = p.mask != nullptr ? split_kernel<T, D, true>(tile) : split_kernel<T, D>(tile);
+    cudaError_t err = launch_kernel(kernel, grid, kThreads, 0, stream, p.pdl, p);
     if (err != cudaSuccess || p.num_splits == 1 || p.counters != nullptr) return err;
     const dim3 rows(p.batch * p.heads_q), threads(std::min(p.head_dim, 128));
     return launch_kernel(decode_combine_kernel<T>, rows, threads, 0, stream, p.pdl, p);

@@ -19,6 +19,9 @@ struct AttentionParams {
     const void* v;  // (B, Hkv, Sk, D)
     void* o;        // (B, Hq, Sq, D)
     float* lse;     // (B, Hq, Sq) contiguous: each row's log-sum-exp (natural log), or nullptr
+    // nullptr, or bool (B, Hq, Sq, Sk) with unit key stride (strides 0 broadcast): 0 hides key j from query i
+    const uint8_t* mask;
+    int64_t stride_mask_b, stride_mask_h, stride_mask_s;
     int64_t stride_q_b, stride_q_h, stride_q_s;
     int64_t stride_k_b, stride_k_h, stride_k_s;
     int64_t stride_v_b, stride_v_h, stride_v_s;
@@ -43,6 +46,9 @@ struct DecodeParams {
     // a tile to finish merges the tile's splits (no combine kernel) and zeroes its counter again.
     int32_t* counters;
     float* lse;  // nullptr, or (B, Hq) fp32 contiguous: each (row, head)'s natural-log log-sum-exp, -inf if empty
+    // nullptr, or bool (B, Hq, Smax) with unit position stride (strides 0 broadcast): 0 hides a position
+    const uint8_t* mask;
+    int64_t stride_mask_b, stride_mask_h;
     int64_t stride_q_b, stride_q_h;
     int64_t stride_k_b, stride_k_h, stride_k_s;
     int64_t stride_v_b, stride_v_h, stride_v_s;

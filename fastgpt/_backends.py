@@ -257,7 +257,7 @@ def resolve(
     `unsupported(name)` returns why backend `name` cannot handle these particular inputs (dtype,
     head dim, ...), or None. `preference` orders the compiled backends for "auto" on a CUDA
     device: those `op` has. A FASTGPT_BACKEND default naming a backend `op` does not have (cuda
-    for masked attention) leaves "auto" as it is; asked for by name, it raises.
+    for GPT's fused matmuls) leaves "auto" as it is; asked for by name, it raises.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")

@@ -52,9 +52,6 @@ def masked_attention(q, k, v, mask, scale, backend: str = "auto"):
         raise ValueError(f"attn_implementation='fastgpt' expects a boolean attention mask (True = attend, as "
                          f"transformers' sdpa_mask builds it), got {mask.dtype}: additive masks and biases (ALiBi, "
                          f"relative positions) are not supported; {INSTEAD}")
-    # The cuda kernels take no mask: a model registered with backend="cuda" runs its masked calls
-    # as "auto" does, on the Triton kernel where it can run, else on PyTorch (register's docstring).
-    backend = "auto" if backend == "cuda" else backend
     return ops_attention.masked_attention(q, k, v, mask, scale=scale, backend=backend)
 
 
@@ -98,9 +95,8 @@ def make_attention_forward(backend: str = "auto"):
 def register(name: str = NAME, backend: str = "auto") -> None:
     """Make attn_implementation=name (default "fastgpt") available in transformers.
 
-    `backend` is fastgpt's backend for the model's attention calls; with "cuda", calls that carry
-    a mask (padding, static cache) take "auto"'s choice (the Triton kernel on a GPU), as the cuda
-    kernels take no mask.
+    `backend` is fastgpt's backend for the model's attention calls, those that carry a mask
+    (padding, static caches, sliding windows) included.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
 

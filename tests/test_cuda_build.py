@@ -107,30 +107,37 @@ def test_inplace_extension_is_elf_and_has_the_kernels():
 def test_extension_validates_before_touching_the_gpu():
     C = _built_extension()
     s3 = (8192, 1024, 64)
+    no_mask, no_mask2 = (0, (0, 0, 0)), (0, (0, 0))  # the mask pointer and its strides
     with pytest.raises(ValueError, match=r"fastgpt\._C\.attention: head dim must be 64 or 128, got 96"):
-        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, *no_mask, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="unsupported dtype code 0"):
-        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, *no_mask, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 0, 0, 0, False)
     with pytest.raises(ValueError, match="must be a multiple of heads_kv"):
-        C.attention(16, 16, 16, 16, 0, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, *no_mask, 1, 3, 2, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="q must be 16-byte aligned"):
-        C.attention(18, 16, 16, 16, 0, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(18, 16, 16, 16, 0, *no_mask, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="strides must be multiples of 8"):
-        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 0, *no_mask, 1, 1, 1, 1, 1, 64, (8192, 1024, 65), s3, s3, s3, False, 1.0, 1, 0,
+                    0, False)  # fmt: skip
     with pytest.raises(ValueError, match=r"sequence lengths must be in \[1, 2\^30\]"):
-        C.attention(16, 16, 16, 16, 0, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3, False, 1.0,
-                    1, 0, 0, False)  # fmt: skip
+        C.attention(16, 16, 16, 16, 0, *no_mask, 1, 1, 1, 1, 2**31 - 1, 64, s3, (8192, 1024, 0), (8192, 1024, 0), s3,
+                    False, 1.0, 1, 0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match="lse must be null or an aligned fp32 pointer"):
-        C.attention(16, 16, 16, 16, 18, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+        C.attention(16, 16, 16, 16, 18, *no_mask, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
+    with pytest.raises(ValueError, match="mask strides must be >= 0"):
+        C.attention(16, 16, 16, 16, 0, 16, (0, -1, 1), 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="num_splits > 1 needs"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64), 1.0, 2, 0,
-                           0, False)  # fmt: skip
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 0, *no_mask2, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64),
+                           1.0, 2, 0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match=r"counters must be null or .* at least batch \* heads_q = 6 zeros, got 5"):
-        C.decode_attention(16, 16, 16, 16, 16, 16, 16, 16, 5, 0, 2, 3, 1, 8, 64, 2, (192, 64), s3, s3, (192, 64), 1.0,
-                           2, 0, 0, False)  # fmt: skip
+        C.decode_attention(16, 16, 16, 16, 16, 16, 16, 16, 5, 0, *no_mask2, 2, 3, 1, 8, 64, 2, (192, 64), s3, s3,
+                           (192, 64), 1.0, 2, 0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match="lse must be null or an aligned fp32 pointer"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 18, 1, 1, 1, 8, 64, 1, (64, 64), s3, s3, (64, 64), 1.0, 2, 0,
-                           0, False)  # fmt: skip
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 18, *no_mask2, 1, 1, 1, 8, 64, 1, (64, 64), s3, s3, (64, 64),
+                           1.0, 2, 0, 0, False)  # fmt: skip
+    with pytest.raises(ValueError, match="mask strides must be >= 0"):
+        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 16, (-8, 8), 1, 1, 1, 8, 64, 1, (64, 64), s3, s3,
+                           (64, 64), 1.0, 2, 0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
@@ -157,21 +164,27 @@ def _nvcc(source: str, arch: str, out: Path, *flags: str) -> subprocess.Complete
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-def test_decode_kernels_do_not_spill(arch, tmp_path):
-    """Every decode kernel instance fits its registers (the MHA one under a 5-blocks-an-SM bound)."""
+@pytest.mark.parametrize("source, kernels", [("attention", 2 * 2 * 2), ("decode", 2 * 2 * 4 * 2 + 2)])
+def test_attention_kernels_do_not_spill(source, kernels, arch, tmp_path):
+    """Every attention and decode kernel instance fits its registers (the unmasked MHA decode one
+    under a 5-blocks-an-SM bound)."""
     import re
 
-    proc = _nvcc("decode", arch, tmp_path / "decode.o", "-Xptxas", "-v", "-c")
+    proc = _nvcc(source, arch, tmp_path / "kernels.o", "-Xptxas", "-v", "-c")
     spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
-    assert len(spills) == 2 * 2 * 4 + 2  # (fp16, bf16) x (D 64, 128) x group tiles, and the combine kernels
+    assert len(spills) == kernels
     assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
+    if source == "decode":  # the unmasked GQA tile of 2 heads (Hq = 2 Hkv) at 4 blocks an SM: <= 128 registers
+        used = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", proc.stderr, re.S)
+        pairs = [int(n) for name, n in used if "decode_split_kernel" in name and "Li2ELb0E" in name]
+        assert len(pairs) == 4 and max(pairs) <= 128, pairs
 
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize("source, kernels", [
-    ("attention", 2 * 2),            # (fp16, bf16) x (D 64, 128)
-    ("decode", 2 * 2 * 4 + 2),       # ... x group tiles, and the combine kernels
+    ("attention", 2 * 2 * 2),        # (fp16, bf16) x (D 64, 128) x (masked or not)
+    ("decode", 2 * 2 * 4 * 2 + 2),   # ... x group tiles x (masked or not), and the combine kernels
     ("layer_norm", 3 * 2 * 4 + 3),   # (fp32, fp16, bf16) x (16-byte, scalar) x (3 warp, 1 block), and looped
     ("sampling", 3 * 3),
 ])  # fmt: skip

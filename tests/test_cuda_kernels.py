@@ -274,6 +274,94 @@ def test_decode_log_sum_exp(shape, merged):
     assert (_num_splits(B, Hq, Hkv, Smax, D=128) > 1) == (Smax > 256)
 
 
+# ----------------------------------------------------------------------------- masked attention
+
+
+def _masked(q, k, v, mask, dtype, scale=None):
+    """masked_attention on the cuda kernels against the reference in fp32; returns the output."""
+    from fastgpt.ops.attention import masked_attention
+
+    out = masked_attention(q, k, v, mask, scale=scale, backend="cuda")
+    assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
+    assert_close(out, masked_attention(q.float(), k.float(), v.float(), mask, scale=scale, backend="torch"), dtype)
+    return out
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("shape", [(2, 4, 2, 70, 90, 1), (2, 4, 2, 33, 17, 4), (1, 8, 1, 1, 300, 8),
+                                   (2, 6, 2, 1, 3000, 1), *on_gpu((4, 16, 4, 1000, 1500, 16), (8, 32, 8, 1, 9000, 1))])
+def test_masked_attention_random_masks(shape, D, dtype):
+    """Random masks, per head or broadcast (stride 0 over heads), over GQA heads, in the prefill
+    kernel (Sq > 1, lengths past its 64-row tiles) and the split-KV decode kernel (Sq == 1, one
+    split or several); a query the mask hides every key from returns zeros."""
+    B, Hq, Hkv, Sq, Sk, mask_heads = shape
+    q = _randn(B, Hq, Sq, D, dtype=dtype)
+    k, v = (_randn(B, Hkv, Sk, D, dtype=dtype, seed=s) for s in (1, 2))
+    mask = torch.rand(B, mask_heads, Sq, Sk, generator=torch.Generator().manual_seed(Sq + Sk)).to(DEVICE) > 0.4
+    mask[-1, 0, Sq // 2] = False  # sees nothing: the query of each head that reads mask head 0
+    out = _masked(q, k, v, mask, dtype)
+    hidden = out[-1, : Hq // mask_heads, Sq // 2]
+    assert torch.equal(hidden, torch.zeros_like(hidden))
+
+
+@pytest.mark.parametrize("Sq, Sk", [(21, 21), (9, 130), (1, 37), (1, 2000)])
+def test_masked_attention_padding(Sq, Sk):
+    """Left padding as transformers masks it (causal bottom-right, each row's padding hidden), the
+    mask broadcast over heads and rows; a row that is all padding returns zeros."""
+    i, j = torch.arange(Sq, device=DEVICE)[:, None], torch.arange(Sk, device=DEVICE)[None, :]
+    pad = _tensor([0, Sk - 5, Sk])[:, None, None, None]
+    mask = ((j <= i + Sk - Sq) & (j >= pad)).expand(3, 1, Sq, Sk)
+    q, k, v = _randn(3, 4, Sq, 64, dtype=torch.float16), *(_randn(3, 2, Sk, 64, dtype=torch.float16, seed=s)
+                                                           for s in (1, 2))  # fmt: skip
+    out = _masked(q, k, v, mask, torch.float16, scale=0.3)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    _masked(q, k, v, mask[:1], torch.float16)  # one row's mask for all
+
+
+def test_masked_attention_transposed_mask_and_lse():
+    """A transposed mask (no unit last stride: copied) gives the expanded one's bits; the launchers
+    also keep the log-sum-exp under a mask (-inf where it hides every key)."""
+    q, k, v = _randn(2, 4, 19, 64, dtype=torch.bfloat16), *(_randn(2, 2, 23, 64, dtype=torch.bfloat16, seed=s)
+                                                             for s in (1, 2))  # fmt: skip
+    mask = torch.rand(2, 1, 23, 19, generator=torch.Generator().manual_seed(3)).to(DEVICE) > 0.5
+    mask[1, 0, :, 4] = False
+    transposed = mask.transpose(2, 3)
+    out = _masked(q, k, v, transposed, torch.bfloat16)
+    assert torch.equal(_masked(q, k, v, transposed.contiguous().expand(2, 4, 19, 23), torch.bfloat16), out)
+    scores = (q.float() @ k.float().repeat_interleave(2, dim=1).transpose(-1, -2)) * 0.125
+    expected = scores.masked_fill(~transposed, float("-inf")).logsumexp(-1)
+    res = _cuda.attention(q, k, v, causal=False, scale=0.125, return_lse=True, mask=transposed.expand(2, 4, 19, 23))
+    assert torch.equal(res.out, out) and res.lse[1, :, 4].isneginf().all()
+    torch.testing.assert_close(res.lse, expected, atol=2e-5, rtol=2e-5)
+    lens = _tensor([23, 23], torch.int32)
+    dec = _cuda.decode_attention(q[:, :, 4:5], k, v, lens, scale=0.125, return_lse=True,
+                                 mask=transposed[:, :, 4].expand(2, 4, 23))  # fmt: skip
+    assert torch.equal(dec.out.isnan(), torch.zeros_like(dec.out, dtype=torch.bool))
+    torch.testing.assert_close(dec.lse, expected[:, :, 4:5], atol=2e-5, rtol=2e-5)
+
+
+def test_masked_decode_step_merges_in_one_launch():
+    """A masked decode with the step's counters: the split kernel's own merge, the combine kernel's bits."""
+    from fastgpt.ops.decode import decode_step_attention  # noqa: F401 (the op takes no mask: the launcher does)
+
+    B, Hq, Hkv, Smax = 2, 16, 1, 1500
+    assert _num_splits(B, Hq, Hkv, Smax) > 1
+    q, k, v = _randn(B, Hq, 1, 64, dtype=torch.bfloat16), *(_randn(B, Hkv, Smax, 64, dtype=torch.bfloat16, seed=s)
+                                                             for s in (1, 2))  # fmt: skip
+    mask = torch.rand(B, Hq, Smax, generator=torch.Generator().manual_seed(5)).to(DEVICE) > 0.3
+    mask[1, 3] = False
+    lens = _tensor([Smax, 700], torch.int32)
+    counters = torch.zeros(B * Hq, dtype=torch.int32, device=DEVICE)
+    merged = _cuda.decode_attention(q, k, v, lens, scale=0.125, mask=mask, counters=counters)
+    assert not counters.any()
+    assert torch.equal(merged, _cuda.decode_attention(q, k, v, lens, scale=0.125, mask=mask))
+    visible = mask & (torch.arange(Smax, device=DEVICE) < lens[:, None, None])
+    expected = reference.masked_attention(q.float(), k.float(), v.float(), visible.view(B, 1, Hq, 1, Smax), 0.125)
+    assert_close(merged, expected, torch.bfloat16)
+    assert torch.equal(merged[1, 3], torch.zeros_like(merged[1, 3]))
+
+
 def test_attention_a_nan_score_gives_nan_lse():
     """A query whose scores hold a NaN gets a NaN log-sum-exp beside its NaN output, not the -inf
     of a query that sees no key (the prefill kernel; a single query, the decode kernels)."""

@@ -145,6 +145,38 @@ def test_padded_batches_on_the_triton_kernel(make_config, tmp_path, monkeypatch)
     assert masked_launches == {"attention": 2 + 2, "decode_attention": 2 * 7}  # the prefill, then 7 decode steps
 
 
+@pytest.mark.usefixtures("cuda_emulator")
+def test_padded_batches_on_the_cuda_kernels(tmp_path, monkeypatch):
+    """Padding masks reach the CUDA kernels too (csrc's, on the SIMT emulator): a Llama-style GQA
+    model of head dim 64 in fp16, registered with backend="cuda", gives SDPA's fp32 logits (to fp16's
+    precision) on the real positions and its greedy tokens, through the masked prefill and split-KV
+    decode kernels."""
+    from fastgpt.ops import _cuda
+
+    masked_launches = collections.Counter()
+    for name in ("attention", "decode_attention"):
+        def wrapper(*args, _launch=getattr(_cuda, name), _name=name, mask=None, **kwargs):
+            masked_launches[_name] += mask is not None
+            return _launch(*args, mask=mask, **kwargs)
+
+        monkeypatch.setattr(_cuda, name, wrapper)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                      initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    reference, _ = pair(config, tmp_path)  # SDPA in fp32
+    fastgpt.hf.register("fastgpt-cuda", backend="cuda")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-cuda",
+                                                             dtype=torch.float16).eval()  # fmt: skip
+    idx, mask = padded_batch()
+    with torch.no_grad():
+        real = mask.bool()
+        expected = reference(idx, attention_mask=mask).logits[real]
+        torch.testing.assert_close(ours(idx, attention_mask=mask).logits[real].float(), expected, atol=1e-2, rtol=1e-2)
+    assert masked_launches == {"attention": 2}  # both layers
+    assert torch.equal(greedy(ours, idx, mask, max_new_tokens=4), greedy(reference, idx, mask, max_new_tokens=4))
+    assert masked_launches == {"attention": 2 + 2, "decode_attention": 2 * 3}  # the prefill, then 3 decode steps
+
+
 def test_static_cache_prefill_gets_a_mask(tmp_path, calls):
     """sdpa_mask leaves the mask out of a prefill into an empty static cache, for SDPA's top-left causal
     alignment over the unwritten keys; fastgpt's mask builder builds it."""

@@ -6,7 +6,8 @@ no libtorch. No launcher reads a device value on the host: all are CUDA-graph ca
 
 Supported inputs (fastgpt/ops checks them first; the launchers check again and raise
 ValueError/TypeError otherwise):
-- attention, decode_attention: head dim 64 or 128, fp16 or bf16; batch and query heads <= 65535.
+- attention, decode_attention: head dim 64 or 128, fp16 or bf16; batch and query heads <= 65535;
+  an optional bool mask (expanded views read as they are).
 - layer_norm: fp16, bf16 or fp32, any N; weight/bias of any float dtype (fp64 is cast to fp32).
 - sample: logits fp16, bf16 or fp32 with V < 2^24.
 Tensors the kernels read 16 bytes at a time (q, k, v, the caches) must be 16-byte aligned with
@@ -109,25 +110,40 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def _mask(op: str, mask: torch.Tensor | None, shape: tuple) -> tuple[torch.Tensor | None, tuple[int, ...]]:
+    """A bool mask of `shape` (expanded views welcome: stride 0 broadcasts) as the kernels read it:
+    bytes with a unit-stride last dim (copied where it has none), and its other dims' strides."""
+    if mask is None:
+        return None, (0,) * (len(shape) - 1)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{op} (cuda backend): mask must be torch.bool, got {mask.dtype}")
+    _require_shape(op, "mask", mask, shape)
+    mask = _checks.last_dim_contiguous(mask).view(torch.uint8)
+    return mask, _strides(mask, range(len(shape) - 1))
+
+
 # ----------------------------------------------------------------------------- attention
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float,
-              return_lse: bool = False):  # fmt: skip
+              return_lse: bool = False, mask: torch.Tensor | None = None):  # fmt: skip
     """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), fp16/bf16, D in (64, 128) -> o (B, Hq, Sq, D), or
-    with return_lse AttentionOutput(o, lse (B, Hq, Sq) fp32: natural log, -inf where no key is seen)."""
-    _require_cuda("attention", q=q, k=k, v=v)
+    with return_lse AttentionOutput(o, lse (B, Hq, Sq) fp32: natural log, -inf where no key is seen).
+    mask: None, or bool (B, Hq, Sq, Sk), False hiding key j from query i too (an expanded view is fine)."""
+    _require_cuda("attention", q=q, k=k, v=v, mask=mask)
     _head_dim_supported("attention", q)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
     _require_shape("attention", "k", k, (B, Hkv, Sk, D), q.dtype)
     _require_shape("attention", "v", v, (B, Hkv, Sk, D), q.dtype)
     _grid_fits("attention", B, Hq)
+    mask, mask_strides = _mask("attention", mask, (B, Hq, Sq, Sk))
     q, k, v = (_vector_ready(t) for t in (q, k, v))
     o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32) if return_lse else None
     _backends.cuda_extension().attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), _ptr(lse), B, Hq, Hkv, Sq, Sk, D,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), _ptr(lse), _ptr(mask), mask_strides,
+        B, Hq, Hkv, Sq, Sk, D,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
         bool(causal), float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device),
         _backends.launch_pdl(q.device),
@@ -154,13 +170,15 @@ def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch
     return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _sm_count(device), blocks_per_sm)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counters=None, return_lse: bool = False):
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None,
+                     return_lse: bool = False):  # fmt: skip
     """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D), or
-    with return_lse AttentionOutput(o, lse (B, Hq, 1) fp32: natural log, -inf for a row of length 0).
+    with return_lse AttentionOutput(o, lse (B, Hq, 1) fp32: natural log, -inf for a head that sees
+    no position). mask: None, or bool (B, Hq, Smax), False hiding a position from a head too.
     counters: None, or int32 zeros (N,), N >= B * Hq, contiguous on q's device, used by one stream
     at a time: the last split of each (row, head tile) merges the splits (no second launch) and
     leaves its counter zero."""
-    _require_cuda("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens)
+    _require_cuda("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, mask=mask)
     _head_dim_supported("decode_attention", q)
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"decode_attention (cuda backend): cache_seqlens must be int32, got {cache_seqlens.dtype}")
@@ -175,6 +193,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counte
         raise ValueError(f"decode_attention (cuda backend): counters must be contiguous int32 on {q.device} "
                          f"with at least B * Hq = {B * Hq} elements")  # fmt: skip
     _grid_fits("decode_attention", B, Hq)
+    mask, mask_strides = _mask("decode_attention", mask, (B, Hq, Smax))
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
@@ -188,7 +207,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, counte
     C.decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
         _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(), _ptr(lse),
-        B, Hq, Hkv, Smax, D, num_splits,
+        _ptr(mask), mask_strides, B, Hq, Hkv, Smax, D, num_splits,
         _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
         float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip

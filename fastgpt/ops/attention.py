@@ -96,7 +96,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
 def _single_query(q, k, v, scale: float, backend: str, mask=None, return_lse: bool = False):
     """One query per row sees every key (causal or not): the split-KV decode kernels, which
     spread the keys over the whole GPU where the prefill kernel runs one program per (row, head).
-    mask (B, Hq, Sk) bool, or None; only the Triton kernel takes one."""
+    mask (B, Hq, Sk) bool, or None."""
     lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     extra = {} if mask is None else {"mask": mask}
     return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale,
@@ -143,9 +143,9 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
 
     q: (B, Hq, Sq, D); k, v: (B, Hkv, Sk, D), Hq % Hkv == 0; fp16, bf16 or fp32. mask: bool
     (B or 1, Hq or 1, Sq, Sk), True where query i may attend to key j (transformers' SDPA mask;
-    no causal mask is added). A query that may attend to no key returns zeros. Backends: triton
-    (auto's choice on a CUDA device) and torch; the cuda kernels take no mask (FASTGPT_BACKEND=cuda
-    leaves this op to auto; backend="cuda" raises). Returns (B, Hq, Sq, D) in q's dtype.
+    no causal mask is added). A query that may attend to no key returns zeros. On a CUDA device
+    auto takes the Triton kernels first (the masked kernels of neither backend have been timed),
+    then the CUDA ones. Returns (B, Hq, Sq, D) in q's dtype.
     """
     device = check_qkv(q, k, v)
     _checks.tensor("mask", mask, ndim=4, dtypes=(torch.bool,))
@@ -157,18 +157,13 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
         raise ValueError(f"mask must have shape (B or 1, Hq or 1, Sq, Sk) = ({B} or 1, {Hq} or 1, {Sq}, {Sk}), "
                          f"got {tuple(mask.shape)}")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("masked_attention", backend, device, _masked_limits(q, Sk), preference=("triton",))
+    name = _backends.resolve("masked_attention", backend, device, backend_limits(q, Sk), preference=("triton", "cuda"))
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":
         return _masked_reference(q, k, v, mask, scale)
     q, k, v, mask = (_checks.last_dim_contiguous(t) for t in (q, k, v, mask))
     return _dispatch.call(_masked_attention_op, _masked_attention, q, k, v, mask, scale, name)
-
-
-def _masked_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]:
-    limits = backend_limits(q, seq_len)
-    return lambda name: "the cuda kernels take no mask (backend='triton' does)" if name == "cuda" else limits(name)
 
 
 def _masked_reference(q, k, v, mask, scale):

@@ -13,8 +13,8 @@ themselves, not copies the ops layer made of them.
 
 `--backend triton` runs the Triton kernels instead, in Triton's interpreter (TRITON_INTERPRET=1,
 whose loads and stores are memcpy calls that ASan checks; no sanitized build, only the preload):
-fp32 and fp16, more head dims, and the Triton-only ops (masked_attention, fastgpt.ops.linear,
-kernels/advance.py's launchers, each sampling path), at lengths the interpreter runs in about a
+fp32 and fp16, more head dims, and the Triton-only ops (fastgpt.ops.linear, kernels/advance.py's
+launchers, each sampling path), at lengths the interpreter runs in about a
 minute. tests/test_triton_memcheck.py runs that.
 
 `--oob layer_norm|sample` instead calls the raw binding (fastgpt_simt._C) with a shape larger than
@@ -173,13 +173,14 @@ def attention_cases(check: Checker):
 MASKED_SHAPES = [  # B, Hq, Hkv, Sq, Sk, the mask's (B, Hq) (1: broadcast); Sq 1 takes the decode kernels
     (2, 2, 1, 17, 33, 2, 2),
     (1, 4, 2, 65, 17, 1, 4),
-    (2, 3, 3, 1, 70, 2, 3),
+    (2, 6, 2, 1, 70, 2, 6),  # GQA groups of 3 in tiles of 4: the padding head reads the last one's mask
     (2, 4, 2, 1, 129, 1, 1),
+    (1, 8, 1, 1, 600, 1, 8),  # a GQA tile of 8 heads, each with its own mask, over KV splits
 ]
 
 
 def masked_attention_cases(check: Checker):
-    """The Triton kernels' boolean mask (the cuda kernels take none): some rows see no key."""
+    """The kernels' boolean mask, per head or broadcast: some rows see no key."""
     for (B, Hq, Hkv, Sq, Sk, mB, mH), dtype in itertools.product(MASKED_SHAPES, check.target.attention_dtypes):
         D = check.target.head_dims[(Sq + Sk) % len(check.target.head_dims)]
         q = exact(B, Hq, Sq, D, dtype=dtype)
@@ -337,10 +338,9 @@ def advance_cases(check: Checker):
         assert step.item() == 3 and not count.item(), "the step and the counter were not advanced and reset"
 
 
-CASES = {"attention": attention_cases, "decode": decode_cases, "layer_norm": layer_norm_cases,
-         "sample": sample_cases}  # fmt: skip
-TRITON_CASES = {**CASES, "masked_attention": masked_attention_cases, "linear": linear_cases,
-                "advance": advance_cases}  # fmt: skip
+CASES = {"attention": attention_cases, "decode": decode_cases, "masked_attention": masked_attention_cases,
+         "layer_norm": layer_norm_cases, "sample": sample_cases}  # fmt: skip
+TRITON_CASES = {**CASES, "linear": linear_cases, "advance": advance_cases}
 
 
 def _finite(*outs: torch.Tensor) -> None:
