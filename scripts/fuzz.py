@@ -30,6 +30,7 @@ import torch
 import fastgpt
 from fastgpt import reference
 from fastgpt.bench.checks import compare, ids_in_kept_set
+from fastgpt.ops.attention import masked_attention
 from fastgpt.ops.decode import decode_step_attention
 from fastgpt.ops.linear import linear
 
@@ -89,6 +90,23 @@ def attention_case(rng, device, backend):
     ref = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale, return_lse=lse)
     problem = compare(tuple(out), (ref[0].to(dtype), ref[1])) if lse else compare(out, ref.to(dtype))
     return problem, f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} causal={causal} lse={lse} {dtype}"
+
+
+def masked_attention_case(rng, device, backend):
+    dtype, D = _dtype_and_head_dim(rng, device, backend)
+    B, Hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2, 3, 4])
+    Hq, most = Hkv * group, 300 if device == "cuda" else 90
+    Sq, Sk = rng.choice([1, rng.randint(1, most)]), rng.randint(1, 2000 if device == "cuda" else most)
+    q = _tensor(rng, (B, Hq, Sq, D), dtype, device)
+    k, v = (_tensor(rng, (B, Hkv, Sk, D), dtype, device) for _ in range(2))
+    shape = (rng.choice([1, B]), rng.choice([1, Hq]), Sq, Sk)  # broadcast over rows or heads, or not
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    mask = torch.rand(shape, generator=g) < rng.choice([0.1, 0.5, 0.95])  # some queries see no key
+    mask = mask.to(device)
+    out = masked_attention(q, k, v, mask, backend=backend)
+    grouped = mask[:, :, None] if shape[1] == 1 else mask.unflatten(1, (Hkv, group))
+    ref = reference.masked_attention(q.float(), k.float(), v.float(), grouped, D**-0.5)
+    return compare(out, ref.to(dtype)), f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} mask {shape} {dtype}"
 
 
 def decode_case(rng, device, backend):
@@ -179,8 +197,8 @@ def sample_case(rng, device, backend):
     return ids_in_kept_set(ids, kept), f"B{B} V{V} t{temperature} k{top_k} p{top_p} min_p{min_p} {dtype}"
 
 
-OPS = {"attention": attention_case, "decode": decode_case, "layer_norm": layer_norm_case, "linear": linear_case,
-       "sample": sample_case}
+OPS = {"attention": attention_case, "masked_attention": masked_attention_case, "decode": decode_case,
+       "layer_norm": layer_norm_case, "linear": linear_case, "sample": sample_case}
 
 
 def main() -> int:

@@ -16,14 +16,14 @@ def _fuzz(*args, **env_vars):
 
 
 def test_fuzz_cases_pass():
-    proc = _fuzz("--cases", "5", "--seed", "0")  # one case of each op
+    proc = _fuzz("--cases", "6", "--seed", "0")  # one case of each op
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "5 cases on cpu, 0 failed" in proc.stdout
+    assert "6 cases on cpu, 0 failed" in proc.stdout
 
 
 def test_fuzz_cases_pass_on_the_cuda_kernels(simt_module):
-    proc = _fuzz("--cases", "40", "--seed", "0", "--backends", "cuda", "--ops", "attention,decode,layer_norm,sample",
-                 FASTGPT_CUDA_EMULATOR=str(simt_module))  # fmt: skip
+    proc = _fuzz("--cases", "40", "--seed", "0", "--backends", "cuda", "--ops",
+                 "attention,masked_attention,decode,layer_norm,sample", FASTGPT_CUDA_EMULATOR=str(simt_module))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "40 cases on cpu, 0 failed" in proc.stdout
 
