@@ -6,7 +6,8 @@ This is the only module that imports the compiled extension `fastgpt._C`. Every 
 - "torch": the plain-PyTorch reference; always available.
 - "triton": needs `triton` importable and CUDA tensors, or CPU tensors under `TRITON_INTERPRET=1`
   (Triton's interpreter, which is how CPU CI reaches the kernels).
-- "cuda": needs the compiled extension and CUDA tensors, or CPU tensors under
+- "cuda": needs the compiled extension, built for an architecture the GPU runs (FASTGPT_CUDA_ARCHS;
+  sm_80 and sm_90a by default), and CUDA tensors, or CPU tensors under
   `FASTGPT_CUDA_EMULATOR=<path>`: the same kernels compiled for the host by tests/simt/ (a SIMT
   emulator; slow, for tests), which is how CPU CI runs csrc/'s kernels.
 - "auto": on a CUDA device, the compiled backends in the op's order of preference (the
@@ -22,6 +23,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -148,6 +150,46 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run these inputs here; the message says why."""
 
 
+def cuda_launch_pdl(device: torch.device) -> bool:
+    """launch_pdl for the CUDA extension's kernels: only where the code the GPU runs was compiled
+    for sm_90 or later (PTX of an older architecture, JIT-compiled for a newer GPU, has no wait
+    for the previous grid: launched as a dependent it would race the kernel before it)."""
+    return launch_pdl(device) and (_cuda_code_arch(device.index) or 0) >= 90
+
+
+def code_arch(archs: str, capability: tuple[int, int]) -> int | None:
+    """The SM version (major * 10 + minor) of the code a GPU of compute `capability` runs from an
+    extension built for `archs` (FASTGPT_CUDA_ARCHS, e.g. "80;90a;100+PTX"), picked as CUDA picks
+    it: a cubin of the GPU's major version and no higher minor (an "a" one, sm_90a, only at its
+    exact version), else the newest PTX no newer than the GPU (JIT-compiled); None when none runs."""
+    version = capability[0] * 10 + capability[1]
+    cubins, ptx = [], []
+    for arch in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
+        match = re.fullmatch(r"(\d+)([a-z]?)(\+PTX)?", arch)
+        if match is None:  # not a target setup.py accepts
+            continue
+        sm, specific, with_ptx = int(match.group(1)), match.group(2), match.group(3)
+        if sm > version or (specific and sm != version):
+            continue
+        if sm // 10 == capability[0]:
+            cubins.append(sm)
+        if with_ptx:
+            ptx.append(sm)
+    return max(cubins or ptx, default=None)
+
+
+@torch.compiler.assume_constant_result
+def _cuda_code_arch(device_index: int | None) -> int | None:
+    """code_arch of the built extension on CUDA device `device_index` (a constant of the process)."""
+    return _code_arch_of(device_index)
+
+
+@functools.cache
+def _code_arch_of(device_index: int | None) -> int | None:
+    module = _import_cuda_extension(None)[0]
+    return None if module is None else code_arch(module.archs, torch.cuda.get_device_capability(device_index))
+
+
 def interpreting() -> bool:
     """True when Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -233,6 +275,11 @@ def why_not(backend: str, device: torch.device) -> str | None:
             return None if device.type == "cpu" else f"{EMULATOR_ENV_VAR} is set: the cuda backend takes CPU tensors"
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors (got {device.type})"
+        if _cuda_code_arch(device.index) is None:
+            major, minor = torch.cuda.get_device_capability(device.index)
+            return (f"fastgpt._C was built for {cuda_extension().archs} (FASTGPT_CUDA_ARCHS), none of which runs on "
+                    f"this GPU (compute capability {major}.{minor}): rebuild with FASTGPT_CUDA_ARCHS naming it, "
+                    f"e.g. '{major}{minor}'")  # fmt: skip
         return None
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 

@@ -30,6 +30,16 @@ def device():
     return "cuda" if HAS_CUDA else "cpu"
 
 
+@pytest.fixture(autouse=True)
+def _cuda_device_objects(monkeypatch):
+    """Without a GPU, tests that resolve backends for a torch.device("cuda") object (no tensors)
+    meet the extension's question of which of its code that GPU would run: sm_90's, say."""
+    if not HAS_CUDA:
+        from fastgpt import _backends
+
+        monkeypatch.setattr(_backends, "_code_arch_of", lambda index: 90)
+
+
 
 @pytest.fixture(scope="module")
 def one_thread():

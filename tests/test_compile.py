@@ -64,8 +64,9 @@ def _example_args(name):
 
 
 def test_backend_resolution_traces_for_a_cuda_device():
-    """On a GPU, auto asks which compiled backends exist (imports, done once per process):
-    Dynamo must trace that without a graph break. Only a device object is needed here."""
+    """On a GPU, auto asks which compiled backends exist (imports, done once per process) and
+    whether the extension's code runs on the GPU: Dynamo must trace that without a graph break.
+    Only a device object is needed here (conftest.py answers the second question without a GPU)."""
     from fastgpt import _backends
 
     cuda = torch.device("cuda")

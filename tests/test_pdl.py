@@ -48,6 +48,44 @@ def test_launch_pdl_by_capability(monkeypatch, major, expected):
     assert _backends.launch_pdl(torch.device("cuda", 0)) is expected
 
 
+@pytest.mark.parametrize("archs, capability, expected", [
+    ("80;90a", (8, 0), 80), ("80;90a", (8, 6), 80), ("80;90a", (8, 9), 80),  # an sm_80 cubin on any 8.x
+    ("80;90a", (9, 0), 90), ("80;90a", (10, 0), None), ("80;90a", (12, 0), None), ("80;90a", (7, 5), None),
+    ("80;90a+PTX", (10, 0), None),  # sm_90a PTX is for 9.0 only
+    ("80+PTX;90a", (9, 0), 90), ("80+PTX;90a", (10, 0), 80), ("80+PTX;90+PTX", (12, 0), 90),
+    ("86", (8, 0), None), ("80;86", (8, 9), 86), ("80,100", (10, 3), 100), ("unknown", (9, 0), None),
+])  # fmt: skip
+def test_code_arch_picks_the_code_cuda_runs(archs, capability, expected):
+    assert _backends.code_arch(archs, capability) == expected
+
+
+@pytest.mark.parametrize("code, major, expected", [(90, 9, True), (80, 10, False), (None, 10, False), (80, 8, False)])
+def test_cuda_kernels_launch_as_dependents_only_with_sm90_code(monkeypatch, code, major, expected):
+    """PTX of sm_80, JIT-compiled on a newer GPU, has no griddepcontrol.wait: not a dependent there."""
+    monkeypatch.delenv("FASTGPT_PDL", raising=False)
+    monkeypatch.setattr(_backends, "_capability", lambda index: major)
+    monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: code)
+    assert _backends.cuda_launch_pdl(torch.device("cuda", 0)) is expected
+
+
+def test_a_gpu_the_extension_was_not_built_for_leaves_auto_to_triton(monkeypatch):
+    """A Blackwell GPU (10.0) and the default build (sm_80, sm_90a): the cuda backend is unavailable,
+    saying why, and auto takes Triton instead of failing at the first launch."""
+    pytest.importorskip("fastgpt._C")
+    monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
+    monkeypatch.delenv(_backends.EMULATOR_ENV_VAR, raising=False)
+    monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (10, 0))
+    cuda = torch.device("cuda", 0)
+    reason = _backends.why_not("cuda", cuda)
+    assert "none of which runs on this GPU (compute capability 10.0)" in reason and "FASTGPT_CUDA_ARCHS" in reason
+    assert _backends.resolve("attention", "auto", cuda) == "triton"
+    with pytest.raises(_backends.BackendUnavailableError, match="compute capability 10.0"):
+        _backends.resolve("attention", "cuda", cuda)
+    monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: 90)
+    assert _backends.why_not("cuda", cuda) is None and _backends.resolve("attention", "cuda", cuda) == "cuda"
+
+
 def test_waits_first_accepts_a_prefetch_before_the_wait():
     assert_waits_first(_ptx("cp.async.bulk.prefetch.L2.global [%rd1], %r1;", "griddepcontrol.wait;",
                             "griddepcontrol.launch_dependents;", "ld.global.b32 %r2, [%rd1];"))  # fmt: skip
