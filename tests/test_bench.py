@@ -458,6 +458,67 @@ def test_bad_options_exit_2(capsys):
     assert main(["generate", "--impl", "("]) == 2
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["[/red]"], "unknown op(s) ['[/red]']"),  # rich read the message as markup and raised MarkupError
+    (["attention", "--shapes", "B=x"], "--shapes: bad value in shape item 'B=x'"),  # unchecked without a GPU
+    (["generate", "--shapes", "Q=1"], "--shapes: bad shape item 'Q=1'"),
+    (["generate", "--shapes", "B=2;N=-1"], "generate's B, T and N must be >= 1, got {'N': -1}"),
+    (["generate", "--model-config", "tiny", "--shapes", "T=600"], "T + N = 856 is past the tiny model's context"),
+    (["generate", "--shapes", ";"], "--shapes ';' holds no spec"),
+    (["generate", "--csv", "{tmp}"], "--csv {tmp} is a directory: expected a file"),
+    (["generate", "--json", "{tmp}/file/b.json"], "--json {tmp}/file/b.json: {tmp}/file is a file, not a directory"),
+    (["generate", "--plot", "{tmp}/file"], "--plot {tmp}/file is a file: expected a directory"),
+])
+def test_bad_options_exit_2_before_measuring(tmp_path, monkeypatch, capsys, argv, message):
+    """Reported in one line before the ceilings are measured (the shapes were parsed after them,
+    or never without a GPU; a bad value of generate's ran and was blamed on fastgpt; an output path
+    failed after the measurements)."""
+    from fastgpt.bench import ceilings, main
+    from fastgpt.bench.session import Session
+
+    measured = []
+    monkeypatch.setattr(ceilings, "measure", lambda *args: measured.append(args))
+    monkeypatch.setattr(Session, "run_kernels", _must_not_run)
+    monkeypatch.setattr(Session, "run_generate", _must_not_run)
+    (tmp_path / "file").write_text("")
+    assert main([arg.replace("{tmp}", str(tmp_path)) for arg in argv] + ["--device", "cpu"]) == 2
+    [line] = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith("fastgpt bench: error: ") and message.replace("{tmp}", str(tmp_path)) in line
+    assert measured == []
+
+
+def _must_not_run(*args):
+    raise AssertionError("a bad option was not refused before the run")
+
+
+@pytest.mark.parametrize("option", ["--budget", "--time-limit"])
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf"])
+def test_seconds_must_be_positive(monkeypatch, capsys, option, value):
+    """A negative --time-limit skipped every case and exited 0; a NaN one, or any --budget, was taken."""
+    from fastgpt.bench import main
+    from fastgpt.bench.session import Session
+
+    monkeypatch.setattr(Session, "start", _must_not_run)
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", option, value])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected a number of seconds > 0, got '{value}'" in capsys.readouterr().err
+
+
+def test_python_m_fastgpt_bench_reports_errors_as_the_cli_does(monkeypatch, capsys):
+    """`python -m fastgpt.bench` (fastgpt.bench.main) printed a traceback where `fastgpt bench`
+    printed one line and exited 2: an OSError or ValueError raised during the run."""
+    from fastgpt.bench import main
+    from fastgpt.bench.session import Session
+
+    def full_disk(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Session, "start", full_disk)
+    assert main(["generate", "--device", "cpu"]) == 2
+    assert "fastgpt bench: error: No space left on device" in capsys.readouterr().err
+
+
 # ----------------------------------------------------------------------------- outputs
 
 

@@ -32,9 +32,9 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse `argv` (default: sys.argv[1:]) and run."""
-    import argparse
+    """`fastgpt bench` with `argv` (default: sys.argv[1:]): the CLI's parser, and its one-line errors."""
+    import sys
 
-    parser = argparse.ArgumentParser(prog="fastgpt bench", description=__doc__.split("\n\n")[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from fastgpt.cli import main as cli_main
+
+    return cli_main(["bench", *(sys.argv[1:] if argv is None else argv)])

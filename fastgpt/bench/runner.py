@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
+from pathlib import Path
 
 OPS = ("attention", "decode", "layernorm", "sampling", "generate")
 MODEL_CONFIGS = ("gpt2", "tiny")  # fastgpt.bench.cases.generate.MODEL_CONFIGS (kept light to import)
@@ -33,14 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-config", choices=MODEL_CONFIGS, default="gpt2",
                         help="generate: gpt2 (GPT-2 124M architecture, random weights; default) or tiny")
     parser.add_argument("--impl", metavar="REGEX", help="only the implementations whose label matches REGEX")
-    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+    parser.add_argument("--time-limit", type=seconds, metavar="SECONDS",
                         help="stop starting new cases after this long; the rest is reported as skipped")
-    parser.add_argument("--budget", type=float, metavar="SECONDS",
+    parser.add_argument("--budget", type=seconds, metavar="SECONDS",
                         help="timing budget per candidate (default: 1 s, 0.25 s with --quick; generate x5)")
 
 
 class UsageError(ValueError):
     """A bad combination of options: reported, exit status 2."""
+
+
+def seconds(text: str) -> float:
+    """The argparse type of --budget and --time-limit: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
 
 
 def selected_ops(args) -> list[str]:
@@ -59,7 +72,40 @@ def shape_specs(args, ops: list[str]) -> list[str] | None:
     specs = [s.strip() for item in args.shapes for s in item.split(";") if s.strip()]
     if len(ops) != 1:
         raise UsageError("--shapes applies to exactly one op (e.g. `fastgpt bench attention --shapes ...`)")
+    if not specs:
+        raise UsageError(f"--shapes {';'.join(args.shapes)!r} holds no spec (e.g. 'B=16,H=12,S=1024,D=64')")
+    check_specs(ops[0], specs, args.model_config)
     return specs
+
+
+def check_specs(op: str, specs: list[str], model_config: str) -> None:
+    """Parse the specs now, not after the ceilings (or, without a GPU, never): keys and value types
+    for every op; for generate, sizes >= 1 within the model's context."""
+    from fastgpt.bench.cases import generate as gen
+    from fastgpt.bench.cases import op_module, parse_spec
+
+    try:
+        for spec in specs:
+            params = parse_spec(spec, gen.KEYS if op == "generate" else op_module(op).KEYS)
+            if op == "generate":
+                gen.check_params(params, model_config)
+    except ValueError as exc:
+        raise UsageError(f"--shapes: {exc}") from exc
+
+
+def check_outputs(args) -> None:
+    """--json, --csv and --plot paths that could not be written, refused before anything is measured."""
+    for option, value in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if not value:
+            continue
+        path = Path(value)
+        wants_dir = option == "--plot" and path.suffix.lower() != ".png"  # plots: a .png file or a directory
+        if path.exists() and path.is_dir() != wants_dir:
+            raise UsageError(f"{option} {value} is a {'file' if wants_dir else 'directory'}: "
+                             f"expected a {'directory' if wants_dir else 'file'}")
+        blocking = next(parent for parent in path.parents if parent.exists())
+        if not blocking.is_dir():
+            raise UsageError(f"{option} {value}: {blocking} is a file, not a directory")
 
 
 def settings_for(args, ceilings: dict, deadline: float | None = None):
@@ -99,10 +145,11 @@ def run(args) -> int:
         ops = selected_ops(args)
         specs = shape_specs(args, ops)
         device = pick_device(args.device)
+        check_outputs(args)
         if args.impl:
             re.compile(args.impl)
     except (UsageError, re.error) as exc:
-        console.print(f"[red]fastgpt bench: {exc}[/]")
+        console.print(f"fastgpt bench: error: {exc}", style="red", markup=False, highlight=False, soft_wrap=True)
         return 2
     from fastgpt.bench.session import Session
 

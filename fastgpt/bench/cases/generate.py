@@ -47,6 +47,16 @@ def shapes(quick: bool, device: torch.device) -> list[dict]:
     return [dict(KEYS, B=1, N=64), dict(KEYS, B=4, N=64)]
 
 
+def check_params(params: dict, config_name: str) -> None:
+    """A --shapes spec's B, T, N: each >= 1, and T + N within the model's context (ValueError)."""
+    small = {key: value for key, value in params.items() if value < 1}
+    if small:
+        raise ValueError(f"generate's B, T and N must be >= 1, got {small}")
+    context = MODEL_CONFIGS[config_name]["n_positions"]
+    if params["T"] + params["N"] > context:
+        raise ValueError(f"T + N = {params['T'] + params['N']} is past the {config_name} model's context of {context}")
+
+
 def build_hf(config_name: str, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
     """A GPT2LMHeadModel with random weights (seeded, without touching the global RNG)."""
     transformers, reason = optional_module("transformers")
