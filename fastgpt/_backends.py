@@ -150,28 +150,23 @@ class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run these inputs here; the message says why."""
 
 
-def cuda_launch_pdl(device: torch.device) -> bool:
-    """launch_pdl for the CUDA extension's kernels: only where the code the GPU runs was compiled
-    for sm_90 or later (PTX of an older architecture, JIT-compiled for a newer GPU, has no wait
-    for the previous grid: launched as a dependent it would race the kernel before it)."""
-    return launch_pdl(device) and (_cuda_code_arch(device.index) or 0) >= 90
-
-
 def code_arch(archs: str, capability: tuple[int, int]) -> int | None:
     """The SM version (major * 10 + minor) of the code a GPU of compute `capability` runs from an
-    extension built for `archs` (FASTGPT_CUDA_ARCHS, e.g. "80;90a;100+PTX"), picked as CUDA picks
-    it: a cubin of the GPU's major version and no higher minor (an "a" one, sm_90a, only at its
-    exact version), else the newest PTX no newer than the GPU (JIT-compiled); None when none runs."""
+    extension built for `archs` (FASTGPT_CUDA_ARCHS, e.g. "80;90a;100f;120+PTX"), picked as CUDA
+    picks it: a cubin of the GPU's major version and no higher minor, else the newest PTX no newer
+    than the GPU (JIT-compiled); None when none runs. An "a" target (sm_90a) runs at its exact
+    version only, cubin or PTX; an "f" one (sm_100f) within its family (its major version)."""
     version = capability[0] * 10 + capability[1]
     cubins, ptx = [], []
     for arch in filter(None, (a.strip() for a in archs.replace(",", ";").split(";"))):
-        match = re.fullmatch(r"(\d+)([a-z]?)(\+PTX)?", arch)
-        if match is None:  # not a target setup.py accepts
+        match = re.fullmatch(r"(\d+)([af]?)(\+PTX)?", arch)
+        if match is None:  # not a target this rule knows
             continue
-        sm, specific, with_ptx = int(match.group(1)), match.group(2), match.group(3)
-        if sm > version or (specific and sm != version):
+        sm, suffix, with_ptx = int(match.group(1)), match.group(2), match.group(3)
+        same_major = sm // 10 == capability[0]
+        if sm > version or (suffix == "a" and sm != version) or (suffix == "f" and not same_major):
             continue
-        if sm // 10 == capability[0]:
+        if same_major:
             cubins.append(sm)
         if with_ptx:
             ptx.append(sm)

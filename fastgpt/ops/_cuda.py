@@ -146,7 +146,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         B, Hq, Hkv, Sq, Sk, D,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
         bool(causal), float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device),
-        _backends.cuda_launch_pdl(q.device),
+        _backends.launch_pdl(q.device),
     )  # fmt: skip
     return AttentionOutput(o, lse) if return_lse else o
 
@@ -209,7 +209,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
         _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(), _ptr(lse),
         _ptr(mask), mask_strides, B, Hq, Hkv, Smax, D, num_splits,
         _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
-        float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.cuda_launch_pdl(q.device),
+        float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip
     return AttentionOutput(o, lse) if return_lse else o
 
@@ -247,7 +247,7 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
         x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), 0 if h is None else h.stride(0),
         float(eps), code, DTYPE_CODES[weight.dtype] if weight is not None else 0,
         DTYPE_CODES[bias.dtype] if bias is not None else 0, _index(x.device), _stream(x.device),
-        _backends.cuda_launch_pdl(x.device),
+        _backends.launch_pdl(x.device),
     )  # fmt: skip
     return LayerNormOutput(y, h)
 
@@ -286,6 +286,6 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
         seed.data_ptr(), out.data_ptr(), 0 if candidates is None else candidates.data_ptr(), cand_k, B, V,
-        logits.stride(0), code, _index(logits.device), _stream(logits.device), _backends.cuda_launch_pdl(logits.device),
+        logits.stride(0), code, _index(logits.device), _stream(logits.device), _backends.launch_pdl(logits.device),
     )  # fmt: skip
     return out
