@@ -168,13 +168,13 @@ int num_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seq
                              int(blocks_per_sm));
 }
 
-int blocks_per_sm(int dtype, int64_t head_dim, int64_t heads_q, int64_t heads_kv, int device) {
+int blocks_per_sm(int dtype, int64_t head_dim, int64_t heads_q, int64_t heads_kv, bool masked, int device) {
     const char* kernel = "decode_blocks_per_sm";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, 1, heads_q, heads_kv);
     DeviceGuard guard(device, kernel);
     int blocks = 0;
-    check_cuda(decode_blocks_per_sm(type, int(head_dim), int(heads_q), int(heads_kv), &blocks), kernel);
+    check_cuda(decode_blocks_per_sm(type, int(head_dim), int(heads_q), int(heads_kv), masked, &blocks), kernel);
     return blocks;
 }
 
@@ -266,8 +266,9 @@ PYBIND11_MODULE(_C, m) {
           "How many KV splits decode_attention uses for these shapes on a GPU of sm_count SMs holding "
           "blocks_per_sm split blocks each.");
     m.def("decode_blocks_per_sm", &blocks_per_sm, py::arg("dtype"), py::arg("head_dim"), py::arg("heads_q"),
-          py::arg("heads_kv"), py::arg("device"),
-          "Split blocks of decode_attention that one SM of the device holds at once (CUDA's occupancy).");
+          py::arg("heads_kv"), py::arg("masked"), py::arg("device"),
+          "Split blocks of decode_attention (with a mask, or without) that one SM of the device holds at once "
+          "(CUDA's occupancy).");
     m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"),
           py::arg("y"), py::arg("h"), py::arg("rows"), py::arg("cols"), py::arg("stride_x"), py::arg("stride_r"),
           py::arg("stride_y"), py::arg("stride_h"), py::arg("eps"), py::arg("dtype"), py::arg("weight_dtype"),

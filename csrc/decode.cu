@@ -319,8 +319,9 @@ cudaError_t launch_dim(const DecodeParams& p, cudaStream_t stream) {
 
 // Split-kernel blocks of one configuration that an SM holds at once (registers, shared memory).
 template <typename T, int D>
-cudaError_t resident_blocks(int tile, int* blocks) {
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, split_kernel<T, D>(tile), kThreads, 0);
+cudaError_t resident_blocks(int tile, bool masked, int* blocks) {
+    const auto kernel = masked ? split_kernel<T, D, true>(tile) : split_kernel<T, D>(tile);
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, 0);
 }
 
 }  // namespace
@@ -347,16 +348,16 @@ int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int 
     return best;
 }
 
-cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, int* blocks) {
+cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, bool masked, int* blocks) {
     const int tile = group_tile(heads_q / heads_kv);
     *blocks = 0;
     switch (dtype) {
         case DType::kFloat16:
-            return head_dim == 64 ? resident_blocks<__half, 64>(tile, blocks)
-                                  : resident_blocks<__half, 128>(tile, blocks);
+            return head_dim == 64 ? resident_blocks<__half, 64>(tile, masked, blocks)
+                                  : resident_blocks<__half, 128>(tile, masked, blocks);
         case DType::kBFloat16:
-            return head_dim == 64 ? resident_blocks<__nv_bfloat16, 64>(tile, blocks)
-                                  : resident_blocks<__nv_bfloat16, 128>(tile, blocks);
+            return head_dim == 64 ? resident_blocks<__nv_bfloat16, 64>(tile, masked, blocks)
+                                  : resident_blocks<__nv_bfloat16, 128>(tile, masked, blocks);
         default: return cudaErrorInvalidValue;
     }
 }

@@ -61,7 +61,7 @@ struct DecodeParams {
 cudaError_t decode_attention_forward(const DecodeParams& p, cudaStream_t stream);
 // Blocks of decode_attention_forward's split kernel for these settings that one SM of the current
 // device holds at once.
-cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, int* blocks);
+cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, bool masked, int* blocks);
 // The num_splits decode_attention_forward expects for these shapes on a GPU of sm_count SMs that
 // hold blocks_per_sm split blocks each (decode_blocks_per_sm).
 int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count, int blocks_per_sm);

@@ -155,18 +155,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 @functools.cache
-def _decode_blocks_per_sm(dtype: int, D: int, group: int, device: torch.device) -> int:
+def _decode_blocks_per_sm(dtype: int, D: int, group: int, masked: bool, device: torch.device) -> int:
     """The split kernel's blocks an SM holds at once (CUDA's occupancy), once per configuration."""
-    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, _index(device))
+    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, masked, _index(device))
 
 
 def _sm_count(device: torch.device) -> int:
     return _backends.sm_count(device.index) if device.type == "cuda" else _backends.EMULATOR_SMS
 
 
-def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The KV splits decode_attention takes for these shapes on `device` (one with its index)."""
-    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[dtype], D, Hq // Hkv, device)
+def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch.dtype, device: torch.device,
+                      masked: bool = False) -> int:  # fmt: skip
+    """The KV splits decode_attention takes for these shapes (with a mask, or without) on `device`
+    (one with its index)."""
+    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[dtype], D, Hq // Hkv, masked, device)
     return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _sm_count(device), blocks_per_sm)
 
 
@@ -197,7 +199,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device)
+    num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device, masked=mask is not None)
     o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, 1, device=q.device, dtype=torch.float32) if return_lse else None
     o_partial = lse_partial = None
