@@ -94,9 +94,9 @@ void require_mask_strides(const char* kernel, uintptr_t mask, const std::array<i
 }
 
 void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse, uintptr_t mask,
-               Strides3 stride_mask, int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t seqlen_k, int64_t head_dim, Strides3 stride_q,
-               Strides3 stride_k, Strides3 stride_v, Strides3 stride_o, bool causal, double scale, int dtype,
-               int device, uintptr_t stream, bool pdl) {
+               Strides3 stride_mask, int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q,
+               int64_t seqlen_k, int64_t head_dim, Strides3 stride_q, Strides3 stride_k, Strides3 stride_v,
+               Strides3 stride_o, bool causal, double scale, int dtype, int device, uintptr_t stream, bool pdl) {
     const char* kernel = "attention";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
@@ -148,10 +148,10 @@ void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr
     DecodeParams p{ptr(q), ptr(k_cache), ptr(v_cache), static_cast<const int32_t*>(ptr(seqlens)), mut_ptr(o),
                    static_cast<float*>(mut_ptr(o_partial)), static_cast<float*>(mut_ptr(lse_partial)),
                    static_cast<int32_t*>(mut_ptr(counters)), static_cast<float*>(mut_ptr(lse)),
-                   static_cast<const uint8_t*>(ptr(mask)), stride_mask[0], stride_mask[1], stride_q[0], stride_q[1], stride_k[0], stride_k[1],
-                   stride_k[2], stride_v[0], stride_v[1], stride_v[2], stride_o[0], stride_o[1],
-                   int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim), int(num_splits),
-                   float(scale), type, pdl};
+                   static_cast<const uint8_t*>(ptr(mask)), stride_mask[0], stride_mask[1], stride_q[0], stride_q[1],
+                   stride_k[0], stride_k[1], stride_k[2], stride_v[0], stride_v[1], stride_v[2], stride_o[0],
+                   stride_o[1], int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim),
+                   int(num_splits), float(scale), type, pdl};
     DeviceGuard guard(device, kernel);
     check_cuda(decode_attention_forward(p, stream_of(stream)), kernel);
 }
@@ -243,19 +243,20 @@ PYBIND11_MODULE(_C, m) {
     m.attr("cuda_version") = CUDART_VERSION;
     m.attr("archs") = FASTGPT_CUDA_ARCHS;
     m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"), py::arg("lse"),
-          py::arg("mask"), py::arg("stride_mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("seqlen_k"),
-          py::arg("head_dim"), py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"),
-          py::arg("causal"), py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          py::arg("mask"), py::arg("stride_mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
+          py::arg("seqlen_q"), py::arg("seqlen_k"), py::arg("head_dim"), py::arg("stride_q"), py::arg("stride_k"),
+          py::arg("stride_v"), py::arg("stride_o"), py::arg("causal"), py::arg("scale"), py::arg("dtype"),
+          py::arg("device"), py::arg("stream"), py::arg("pdl"),
           "Prefill attention (FlashAttention-2 style); strides are (batch, head, seq) in elements; lse: 0, or "
           "(batch, heads_q, seqlen_q) fp32 contiguous for each row's log-sum-exp (natural log); mask: 0, or bool "
-          "(batch, heads_q, seqlen_q, seqlen_k) at stride_mask (batch, head, query; keys at stride 1), 0 hiding a key "
-          "from a query; pdl: launch as a "
-          "programmatic dependent (sm_90 code).");
+          "(batch, heads_q, seqlen_q, seqlen_k) at stride_mask (batch, head, query; keys at stride 1), 0 hiding a "
+          "key from a query; pdl: launch as a programmatic dependent (sm_90 code).");
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("counters"),
-          py::arg("num_counters"), py::arg("lse"), py::arg("mask"), py::arg("stride_mask"), py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"),
-          py::arg("head_dim"), py::arg("num_splits"), py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"),
-          py::arg("stride_o"), py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          py::arg("num_counters"), py::arg("lse"), py::arg("mask"), py::arg("stride_mask"), py::arg("batch"),
+          py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"), py::arg("head_dim"), py::arg("num_splits"),
+          py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("scale"),
+          py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
           "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq); "
           "counters (0 or num_counters int32 zeros): the last split to finish merges (one launch); lse: 0, or "
           "(batch, heads_q) fp32 contiguous for each row's log-sum-exp (natural log); mask: 0, or bool "
