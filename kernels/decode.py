@@ -182,8 +182,9 @@ def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_
         acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o_s, 1)
         m = m_new
     w_safe = tl.where(w_sum == 0.0, 1.0, w_sum)
-    tl.store(o_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], (acc / w_safe[:, None]).to(
-             o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
+    out = acc / w_safe[:, None]
+    tl.store(o_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
     if STORE_LSE:
         lse = tl.where(w_sum == 0.0, float("-inf"), m + tl.math.log2(w_safe))
         tl.store(o_lse_ptr + rows, lse * _LN2, mask=row_ok)

@@ -98,9 +98,8 @@ def _single_query(q, k, v, scale: float, backend: str, mask=None, return_lse: bo
     spread the keys over the whole GPU where the prefill kernel runs one program per (row, head).
     mask (B, Hq, Sk) bool, or None."""
     lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
-    extra = {} if mask is None else {"mask": mask}
-    return _backends.launchers(backend, "decode").decode_attention(q, k, v, lengths, scale=scale,
-                                                                   return_lse=return_lse, **extra)  # fmt: skip
+    launch = _backends.launchers(backend, "decode").decode_attention
+    return launch(q, k, v, lengths, scale=scale, mask=mask, return_lse=return_lse)
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str) -> torch.Tensor:
