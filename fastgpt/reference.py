@@ -28,8 +28,9 @@ def masked_attention(q, k, v, visible, scale, *, return_lse: bool = False):
     kf, vf = k.to(compute)[:, :, None], v.to(compute)[:, :, None]  # (B, Hkv, 1, Sk, D)
     scores = (qf @ kf.transpose(-1, -2)) * scale  # (B, Hkv, group, Sq, Sk)
     scores = scores.masked_fill(~visible, float("-inf"))
-    # No visible key: 0, not the softmax's NaN. Only there: a NaN or inf in q or k stays NaN, as in SDPA.
-    probs = torch.softmax(scores, dim=-1).masked_fill(~visible.any(dim=-1, keepdim=True), 0.0)
+    # No visible key, or only scores of -inf (past the float range): 0, not the softmax's NaN, as in
+    # FlashAttention and every kernel here. Only there: a NaN or +inf score stays NaN, as in SDPA.
+    probs = torch.softmax(scores, dim=-1).masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
     out = (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
     if not return_lse:
         return out

@@ -92,8 +92,9 @@ def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_r
 
     MASKED applies the key-length, causal and (HAS_MASK) user masks; the caller only passes
     unmasked ranges that every row of the tile sees in full. mask_rows: (BLOCK_M, 1) pointers to
-    the tile's mask rows. A row may be fully masked in a block (or in all of them): its max stays
-    -inf and exponentials are then taken relative to 0, giving 0, never NaN.
+    the tile's mask rows. A row may be fully masked in a block (or in all of them), or see only
+    scores past fp32's range (-inf): its max stays -inf and exponentials are then taken relative
+    to 0, giving 0, never NaN.
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -109,9 +110,7 @@ def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_r
                 keep = keep & (tl.load(mask_rows + cols[None, :], mask=in_bounds, other=0) != 0)
             s = tl.where(keep, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = m_new
-        if MASKED:
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)

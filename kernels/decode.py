@@ -119,9 +119,9 @@ def _decode_split_kernel(
             visible = visible & (seen != 0)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # Every block holds a valid position, so m_new is finite, unless a mask hides them all
-        # from a head: exponentials are then taken relative to 0, giving 0, never NaN.
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) if HAS_MASK else m_new
+        # m_new is -inf while a head has seen no position (a mask hides them all) or only scores
+        # past fp32's range: exponentials are then taken relative to 0, giving 0, never NaN.
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)

@@ -148,6 +148,22 @@ def test_log_sum_exp_is_nan_where_the_softmax_is(device, backend):
     assert torch.equal(res.lse.isnan(), nan) and torch.equal(res.out.isnan().any(-1), nan)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the point: the interpreter's too
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("Sq", [3, 1], ids=["prefill", "single-query"])
+def test_scores_past_the_float_range_see_nothing(device, backend, Sq):
+    """Finite inputs whose scores all overflow to -inf (a huge scale): the query sees no key, zeros
+    and an lse of -inf on every backend, as when a mask hides every key (the reference's softmax
+    said NaN, the Triton decode kernel too; the CUDA kernels, the Triton prefill and SDPA said 0)."""
+    q = torch.ones(1, 2, Sq, 32, device=device)
+    k, v = torch.full((1, 1, 8, 32), -100.0, device=device), torch.randn(1, 1, 8, 32, device=device)
+    res = fastgpt.attention(q, k, v, scale=1e36, backend=backend, return_lse=True)
+    assert torch.equal(res.out, torch.zeros_like(res.out)) and res.lse.isneginf().all()
+    lens = torch.tensor([8], dtype=torch.int32, device=device)
+    res = fastgpt.decode_attention(q[:, :, :1], k, v, lens, scale=1e36, backend=backend, return_lse=True)
+    assert torch.equal(res.out, torch.zeros_like(res.out)) and res.lse.isneginf().all()
+
+
 def test_log_sum_exp_without_keys():
     """No key at all (Sk = 0): zeros and an fp32 lse of -inf, whatever torch's default dtype."""
     q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 0, 16)

@@ -372,6 +372,17 @@ def test_masked_decode_step_merges_in_one_launch():
     assert torch.equal(merged[1, 3], torch.zeros_like(merged[1, 3]))
 
 
+@pytest.mark.parametrize("Sq", [70, 1])
+def test_attention_scores_past_the_float_range_see_nothing(Sq):
+    """Finite inputs whose scores all overflow to -inf: zeros and an lse of -inf, as the reference."""
+    q, v = torch.ones(1, 2, Sq, 64, dtype=torch.float16, device=DEVICE), _randn(1, 1, 40, 64, dtype=torch.float16)
+    k = torch.full((1, 1, 40, 64), -100.0, dtype=torch.float16, device=DEVICE)
+    res = fastgpt.attention(q, k, v, scale=1e36, backend="cuda", return_lse=True)
+    assert torch.equal(res.out, torch.zeros_like(res.out)) and res.lse.isneginf().all()
+    _, lse = reference.attention(q.float(), k.float(), v.float(), scale=1e36, return_lse=True)
+    assert lse.isneginf().all()
+
+
 def test_attention_a_nan_score_gives_nan_lse():
     """A query whose scores hold a NaN gets a NaN log-sum-exp beside its NaN output, not the -inf
     of a query that sees no key (the prefill kernel; a single query, the decode kernels)."""
