@@ -134,7 +134,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one subcommand; a bad argument or an unavailable backend prints one line and exits 2."""
+    """Run one subcommand; a bad argument or an unavailable backend prints one line and exits 2,
+    Ctrl-C one line and 130."""
     from fastgpt import BackendUnavailableError
 
     args = _parser().parse_args(argv)
@@ -143,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, OSError, BackendUnavailableError) as exc:
         print(f"\nfastgpt {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly, with the shell's status for SIGINT
+        print(f"\nfastgpt {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -132,3 +132,13 @@ def test_generate_checks_its_arguments_before_loading(tmp_path, capsys, extra, m
     assert captured.out == ""
     [line] = captured.err.strip().splitlines()
     assert line.startswith("fastgpt generate: error: ") and message in line
+
+
+def test_ctrl_c_stops_quietly(monkeypatch, capsys):
+    """Ctrl-C during a subcommand (a long generation, say) prints one line, no traceback, and exits 130."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "info", interrupted)
+    assert cli.main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "fastgpt info: interrupted"
