@@ -445,9 +445,12 @@ def test_parse_spec():
     keys = {"B": 16, "S": 1024, "causal": True, "T": 0.8}
     assert parse_spec("b=2, S=8,causal=0,t=0.5", keys) == {"B": 2, "S": 8, "causal": False, "T": 0.5}
     assert parse_spec("", keys) == keys
-    for bad in ("X=1", "B", "B=two", "causal=maybe"):
+    assert parse_spec("B=0,S=0", keys)["B"] == 0 and parse_spec("T=-1", keys, ("B",))["T"] == -1  # floats: the op's
+    for bad in ("X=1", "B", "B=two", "causal=maybe", "S=-1"):
         with pytest.raises(ValueError):
             parse_spec(bad, keys)
+    with pytest.raises(ValueError, match="B must be >= 1"):
+        parse_spec("B=0", keys, positive=("B",))
 
 
 def test_bad_options_exit_2(capsys):
@@ -462,7 +465,11 @@ def test_bad_options_exit_2(capsys):
     (["[/red]"], "unknown op(s) ['[/red]']"),  # rich read the message as markup and raised MarkupError
     (["attention", "--shapes", "B=x"], "--shapes: bad value in shape item 'B=x'"),  # unchecked without a GPU
     (["generate", "--shapes", "Q=1"], "--shapes: bad shape item 'Q=1'"),
-    (["generate", "--shapes", "B=2;N=-1"], "generate's B, T and N must be >= 1, got {'N': -1}"),
+    (["generate", "--shapes", "B=2;N=-1"], "--shapes: bad value in shape item 'N=-1': N must be >= 1"),
+    (["attention", "--shapes", "B=0"], "--shapes: bad value in shape item 'B=0': B must be >= 1"),
+    (["decode", "--shapes", "HKV=-2"], "--shapes: bad value in shape item 'HKV=-2': HKV must be >= 0"),
+    (["sampling", "--shapes", "V=0,K=0"], "--shapes: bad value in shape item 'V=0': V must be >= 1"),
+    (["layernorm", "--shapes", "N=-8"], "--shapes: bad value in shape item 'N=-8': N must be >= 1"),
     (["generate", "--model-config", "tiny", "--shapes", "T=600"], "T + N = 856 is past the tiny model's context"),
     (["generate", "--shapes", ";"], "--shapes ';' holds no spec"),
     (["generate", "--csv", "{tmp}"], "--csv {tmp} is a directory: expected a file"),

@@ -86,7 +86,8 @@ def check_specs(op: str, specs: list[str], model_config: str) -> None:
 
     try:
         for spec in specs:
-            params = parse_spec(spec, gen.KEYS if op == "generate" else op_module(op).KEYS)
+            module = gen if op == "generate" else op_module(op)
+            params = parse_spec(spec, module.KEYS, module.POSITIVE)
             if op == "generate":
                 gen.check_params(params, model_config)
     except ValueError as exc:

@@ -102,7 +102,8 @@ class Session:
         from fastgpt.bench.cases import generate as gen
 
         dtype = DTYPES[self.args.dtype] if self.args.dtype else gen.default_dtype(self.device)
-        plan = [parse_spec(s, gen.KEYS) for s in self.specs] if self.specs else gen.shapes(self.quick, self.device)
+        plan = ([parse_spec(s, gen.KEYS, gen.POSITIVE) for s in self.specs] if self.specs
+                else gen.shapes(self.quick, self.device))  # fmt: skip
         config = self.args.model_config
         try:
             with self.console.status(f"building {config} with random weights on {self.device.type}"):

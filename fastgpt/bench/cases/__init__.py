@@ -27,10 +27,11 @@ def op_module(op: str):
     return importlib.import_module(f"fastgpt.bench.cases.{_MODULES[op]}")
 
 
-def parse_spec(spec: str, keys: dict) -> dict:
+def parse_spec(spec: str, keys: dict, positive: tuple[str, ...] = ()) -> dict:
     """"B=16,H=12,S=1024" -> params: `keys`' defaults updated by the spec (keys case-insensitive).
 
-    Values are ints, floats, or booleans (1/0, true/false for boolean keys).
+    Values are ints, floats, or booleans (1/0, true/false for boolean keys). Integers are never
+    negative, and the sizes named in `positive` (a module's POSITIVE) are at least 1.
     """
     params = dict(keys)
     canonical = {k.lower(): k for k in keys}
@@ -40,6 +41,9 @@ def parse_spec(spec: str, keys: dict) -> dict:
         if not sep or key is None:
             raise ValueError(f"bad shape item {item!r}: expected KEY=VALUE with KEY in {', '.join(keys)}")
         params[key] = _parse_value(value.strip(), keys[key], item)
+        least = 1 if key in positive else 0
+        if type(params[key]) is int and params[key] < least:
+            raise ValueError(f"bad value in shape item {item!r}: {key} must be >= {least}")
     return params
 
 
@@ -62,7 +66,7 @@ def build_cases(op: str, device: torch.device, dtype: torch.dtype | None, quick:
     module = op_module(op)
     dtype = dtype or module.DEFAULT_DTYPE
     if specs:
-        plan = [(parse_spec(spec, module.KEYS), None, None) for spec in specs]
+        plan = [(parse_spec(spec, module.KEYS, module.POSITIVE), None, None) for spec in specs]
     else:
         plan = module.shapes(quick)
     return [module.make_case(params, device, dtype, sweep, x_key) for params, sweep, x_key in plan]

@@ -19,6 +19,7 @@ from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"B": 16, "H": 12, "HKV": 0, "S": 1024, "SK": 0, "D": 64, "causal": True, "PAD": 0}  # 0: same as H / S
+POSITIVE = ("B", "H", "S", "D")  # sizes of at least 1 (parse_spec)
 DEFAULT_DTYPE = torch.bfloat16
 TOKENS = 16384  # B * S of the sequence-length sweeps: the work per case stays comparable
 # Bytes of one fp32 (B, H, rows, Sk) score temporary of the oracle (it makes about four): the

@@ -19,6 +19,7 @@ from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"B": 64, "H": 12, "HKV": 0, "L": 4096, "D": 64}  # HKV 0: same as H
+POSITIVE = ("B", "H", "L", "D")  # sizes of at least 1 (parse_spec)
 DEFAULT_DTYPE = torch.bfloat16
 
 

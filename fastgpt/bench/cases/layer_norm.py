@@ -16,6 +16,7 @@ from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"M": 65536, "N": 1024, "residual": True}
+POSITIVE = ("M", "N")  # sizes of at least 1 (parse_spec)
 DEFAULT_DTYPE = torch.bfloat16
 EPS = 1e-5
 ELEMENTS = 2**26  # M * N of the hidden-size sweep (64 Mi elements: 128 MB per bf16 tensor)

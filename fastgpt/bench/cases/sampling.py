@@ -19,6 +19,7 @@ from fastgpt.bench.core import REFERENCE, Candidate, Case, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
 KEYS = {"B": 32, "V": 50257, "T": 0.8, "K": 50, "P": 0.9, "MINP": 0.0}
+POSITIVE = ("B", "V")  # sizes of at least 1 (parse_spec); K 0 keeps every token
 DEFAULT_DTYPE = torch.float32
 LOGIT_SCALE = 3.0  # spread of the random logits: a few dozen tokens survive top-k 50 / top-p 0.9
 
