@@ -255,7 +255,7 @@ def _expected_lse(q, k_cache, lengths, scale):
 def test_log_sum_exp(device, backend, B, Hq, Hkv, Smax, counters, poisoned_empty):
     """return_lse: each head's natural-log sum of exp(scores) over its row's positions, -inf for a
     row of length 0, beside the output it gives without; from one split, the combine kernel and the
-    split kernel's own merge (counters), which stays bit-equal to the combine kernel's."""
+    split kernel's own merge (counters), which agrees with the combine kernel's."""
     from fastgpt.ops.decode import decode_step_attention
 
     q, k, v = _inputs(B, Hq, Hkv, Smax, 32, torch.float32, device, seed=Hq + Smax)
@@ -269,11 +269,14 @@ def test_log_sum_exp(device, backend, B, Hq, Hkv, Smax, counters, poisoned_empty
     expected = _expected_lse(q, k, lengths, 0.3)
     assert torch.equal(res.lse.isneginf(), expected.isneginf()) and res.lse[1].isneginf().all()
     torch.testing.assert_close(res.lse, expected, atol=2e-5, rtol=2e-5)
-    assert torch.equal(res.out, fastgpt.decode_attention(q, k, v, lengths, scale=0.3, backend=backend))
+    # On a GPU the variant that stores the lse is another compile, and the split kernel's merge
+    # steps over the splits in other blocks than the combine kernel: equal up to rounding there.
+    plain = fastgpt.decode_attention(q, k, v, lengths, scale=0.3, backend=backend)
+    torch.testing.assert_close(res.out, plain, atol=1e-6, rtol=1e-5)
     if counters:
         assert (zeros == 0).all()
         unmerged = fastgpt.decode_attention(q, k, v, lengths, scale=0.3, backend=backend, return_lse=True)
-        assert torch.equal(res.lse, unmerged.lse)
+        torch.testing.assert_close(res.lse, unmerged.lse, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the point: inf - inf
@@ -382,7 +385,7 @@ def test_gpu_real_sizes(B, Hq, Hkv, Smax, D, dtype):
     out = _check(q, k_cache, v_cache, lengths.tolist())
     seqlens = lengths.to(device="cuda", dtype=torch.int32)
     res = fastgpt.decode_attention(q, k_cache, v_cache, seqlens, backend="triton", return_lse=True)
-    assert torch.equal(res.out, out)
+    assert_close(res.out, out, dtype=dtype)  # another compile of the kernel (it stores the lse too)
     torch.testing.assert_close(res.lse, _expected_lse(q, k_cache, seqlens, D**-0.5), atol=1e-4, rtol=1e-4)
 
 
