@@ -79,8 +79,8 @@ def shape_specs(args, ops: list[str]) -> list[str] | None:
 
 
 def check_specs(op: str, specs: list[str], model_config: str) -> None:
-    """Parse the specs now, not after the ceilings (or, without a GPU, never): keys and value types
-    for every op; for generate, sizes >= 1 within the model's context."""
+    """Parse the specs now, not after the ceilings (or, without a GPU, never): keys, value types and
+    sizes (parse_spec) for every op; for generate, T + N within the model's context."""
     from fastgpt.bench.cases import generate as gen
     from fastgpt.bench.cases import op_module, parse_spec
 
