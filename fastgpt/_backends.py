@@ -143,7 +143,11 @@ def pdl_report() -> str:
         return "off (programmatic dependent launch needs compute capability 9.0 or later)"
     if not launch_pdl(torch.device("cuda", 0)):
         return f"off ({PDL_ENV_VAR}=0)"
-    return f"on: a decode step's kernels launch as programmatic dependents ({PDL_ENV_VAR}=0 turns it off)"
+    report = f"on: a decode step's kernels launch as programmatic dependents ({PDL_ENV_VAR}=0 turns it off)"
+    code = _cuda_code_arch(0)
+    if code is not None and code < 90:  # csrc's launch_kernel launches code without the wait plainly
+        report += f"; the CUDA kernels' code for this GPU is sm_{code}'s, without the wait: they launch plainly"
+    return report
 
 
 class BackendUnavailableError(RuntimeError):

@@ -36,7 +36,11 @@ def test_pdl_report_says_why(monkeypatch):
     monkeypatch.setattr(_backends, "_capability", lambda index: 8)
     assert "needs compute capability 9.0" in _backends.pdl_report()
     monkeypatch.setattr(_backends, "_capability", lambda index: 9)
-    assert _backends.pdl_report().startswith("on")
+    monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: 90)
+    assert _backends.pdl_report().startswith("on") and "plainly" not in _backends.pdl_report()
+    monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: 80)  # sm_80 PTX JIT-compiled for a newer GPU
+    assert _backends.pdl_report().endswith("the CUDA kernels' code for this GPU is sm_80's, without the wait: "
+                                           "they launch plainly")
     monkeypatch.setenv("FASTGPT_PDL", "0")
     assert _backends.pdl_report() == "off (FASTGPT_PDL=0)"
 
