@@ -265,7 +265,8 @@ def why_not(backend: str, device: torch.device) -> str | None:
             return reason
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return None
-        return f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run Triton's interpreter on CPU tensors)"
+        return (f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run "
+                f"Triton's interpreter on CPU tensors)")
     if backend == "cuda":
         reason = _cuda_extension_missing()
         if reason:
