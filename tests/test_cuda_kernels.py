@@ -337,7 +337,7 @@ def test_masked_attention_transposed_mask_and_lse():
     lens = _tensor([23, 23], torch.int32)
     dec = _cuda.decode_attention(q[:, :, 4:5], k, v, lens, scale=0.125, return_lse=True,
                                  mask=transposed[:, :, 4].expand(2, 4, 23))  # fmt: skip
-    assert torch.equal(dec.out.isnan(), torch.zeros_like(dec.out, dtype=torch.bool))
+    assert_close(dec.out, out[:, :, 4:5], torch.bfloat16)  # query 4 alone, on the split-KV kernel
     torch.testing.assert_close(dec.lse, expected[:, :, 4:5], atol=2e-5, rtol=2e-5)
 
 
