@@ -102,12 +102,19 @@ def _single_query(q, k, v, scale: float, backend: str, mask=None, return_lse: bo
     return launch(q, k, v, lengths, scale=scale, mask=mask, return_lse=return_lse)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float, backend: str) -> torch.Tensor:
+def _run(q, k, v, causal: bool, scale: float, backend: str, return_lse: bool):
+    """The backend's attention: out, or with return_lse (out, lse)."""
     if backend == "torch":
-        return reference.attention(q, k, v, causal=causal, scale=scale)
+        return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
     if q.shape[2] == 1:
-        return _single_query(q, k, v, scale, backend)
-    return _backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale)
+        return _single_query(q, k, v, scale, backend, return_lse=return_lse)
+    return _backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale,
+                                                               return_lse=return_lse)  # fmt: skip
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+               backend: str) -> torch.Tensor:  # fmt: skip
+    return _run(q, k, v, causal, scale, backend, return_lse=False)
 
 
 _attention_op = torch.library.custom_op("fastgpt::attention", _attention, mutates_args=())
@@ -121,12 +128,7 @@ def _(q, k, v, causal, scale, backend):
 def _attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """_attention with each query's log-sum-exp, (out, lse)."""
-    if backend == "torch":
-        return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=True)
-    if q.shape[2] == 1:
-        return tuple(_single_query(q, k, v, scale, backend, return_lse=True))
-    return tuple(_backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale,
-                                                                      return_lse=True))  # fmt: skip
+    return tuple(_run(q, k, v, causal, scale, backend, return_lse=True))
 
 
 _attention_lse_op = torch.library.custom_op("fastgpt::attention_lse", _attention_lse, mutates_args=())

@@ -68,14 +68,20 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     return _dispatch.call(_decode_op, _decode, *args)
 
 
+def _run(q, k_cache, v_cache, cache_seqlens, counters, scale: float, backend: str, return_lse: bool):
+    """The backend's decode attention: out, or with return_lse (out, lse)."""
+    if backend == "torch":
+        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=return_lse)
+    launchers = _backends.launchers(backend, "decode")
+    return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters,
+                                      return_lse=return_lse)  # fmt: skip
+
+
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
     counters: torch.Tensor | None, scale: float, backend: str,
 ) -> torch.Tensor:  # fmt: skip
-    if backend == "torch":
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale)
-    launchers = _backends.launchers(backend, "decode")
-    return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters)
+    return _run(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, return_lse=False)
 
 
 def _decode_lse(
@@ -83,11 +89,7 @@ def _decode_lse(
     counters: torch.Tensor | None, scale: float, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """_decode with each head's log-sum-exp, (out, lse)."""
-    if backend == "torch":
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=True)
-    launchers = _backends.launchers(backend, "decode")
-    return tuple(launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters,
-                                            return_lse=True))  # fmt: skip
+    return tuple(_run(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, return_lse=True))
 
 
 # counters are not declared mutated: the kernel leaves them as it found them (zero), and a
