@@ -56,21 +56,24 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, retu
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, return_lse: bool = False):
-    """One query token per row over a KV cache: row b attends to cache positions [0, len_b).
+    """Sq new query tokens per row over a KV cache, causal: with len_b = clamp(cache_seqlens[b], 0, Smax),
+    query i of row b stands at position len_b - Sq + i and sees cache positions [0, len_b - Sq + i].
 
-    q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); cache_seqlens int (B,). Lengths are
-    clamped to [0, Smax]; a row of length 0 gets a zero output. Returns (B, Hq, 1, D); with
-    return_lse, (out, lse) as masked_attention (lse (B, Hq, 1), -inf for a row of length 0).
+    q (B, Hq, Sq, D); k_cache/v_cache (B, Hkv, Smax, D); cache_seqlens int (B,). A query that sees
+    no position (a row of length 0, or len_b < Sq - i) gets a zero output. Returns (B, Hq, Sq, D);
+    with return_lse, (out, lse) as masked_attention (lse (B, Hq, Sq), -inf where nothing is seen).
     """
-    B, D = q.shape[0], q.shape[3]
+    B, Sq, D = q.shape[0], q.shape[2], q.shape[3]
     Smax = k_cache.shape[2]
     scale = D**-0.5 if scale is None else scale
     lengths = cache_seqlens.to(device=q.device, dtype=torch.int64).clamp(0, Smax)
-    visible = torch.arange(Smax, device=q.device)[None, :] < lengths[:, None]  # (B, Smax)
+    positions = torch.arange(Smax, device=q.device)
     # Slots past a row's length may hold anything (an uninitialised cache): a zero weight times a
     # NaN there would still poison the output, so they are zeroed, as the kernels never load them.
-    v_cache = v_cache.masked_fill(~visible.view(B, 1, Smax, 1), 0)
-    return masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, 1, Smax), scale, return_lse=return_lse)
+    v_cache = v_cache.masked_fill((positions[None, :] >= lengths[:, None]).view(B, 1, Smax, 1), 0)
+    last_seen = lengths[:, None] - Sq + torch.arange(Sq, device=q.device)[None, :]  # (B, Sq), < len_b
+    visible = positions[None, None, :] <= last_seen[:, :, None]  # (B, Sq, Smax)
+    return masked_attention(q, k_cache, v_cache, visible.view(B, 1, 1, Sq, Smax), scale, return_lse=return_lse)
 
 
 # ----------------------------------------------------------------------------- layer norm

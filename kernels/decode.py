@@ -1,11 +1,13 @@
-"""Decode attention in Triton: Flash-Decoding (split-KV) for one query token per row.
+"""Decode attention in Triton: Flash-Decoding (split-KV) for a few new query tokens per row.
 
 Row b attends to the first len_b = clamp(cache_seqlens[b], 0, Smax) positions of a static KV
-cache. The cache of each (row, KV head) is cut into `num_splits` chunks; one program reads one
-chunk of one KV head once and serves the Hq // Hkv query heads that share it (GQA; groups wider
-than a tile of BLOCK_G heads take several programs), writing a partial output and its
-log-sum-exp. Scores and weighted values are tl.dot products over a tile of at least 16 query
-heads, padded with zero rows where the group is smaller (MHA pads 1 to 16): the padding costs
+cache; its Sq queries are the row's last Sq positions (query i at len_b - Sq + i) and, causal,
+see the positions up to their own (one query per row, a decode step, sees them all).
+The cache of each (row, KV head) is cut into `num_splits` chunks; one program reads one
+chunk of one KV head once and serves the (query head, query) pairs of the Hq // Hkv heads that
+share it (GQA; more pairs than a tile of BLOCK_G rows take several programs), writing a partial
+output and its log-sum-exp. Scores and weighted values are tl.dot products over a tile of at
+least 16 rows, padded with zero rows where there are fewer pairs (MHA's decode step pads 1 to 16): the padding costs
 tensor-core work a decode step has to spare, and a loop of dots is one whose loads Triton
 pipelines (cp.async, num_stages - 1 blocks ahead), which a loop of elementwise products and
 reductions is not: a bandwidth-bound kernel needs those bytes in flight. A second kernel
@@ -13,8 +15,8 @@ merges the splits, or, given counters the caller keeps, the last split of each r
 does (one launch). A single split writes the output directly. A row of length 0 gets zeros.
 Optionally each (row, head)'s log-sum-exp is stored beside its output (natural log; -inf where no
 position is seen): what merging this attention with attention over other keys takes.
-An optional boolean mask (B, Hq, Smax) hides positions per query head as well (transformers'
-padded decode steps); a query head that sees no position gets zeros.
+An optional boolean mask (B, Hq, Sq, Smax) hides positions per query as well (transformers'
+padded decode steps); a query that sees no position gets zeros.
 
 The split count is chosen on the host from shapes and the SM count only (never from
 cache_seqlens, which stays on the device), so the op never syncs and can be captured in a CUDA
@@ -52,54 +54,62 @@ _MERGE_TILE = 2048  # the split kernel's own merge: (heads, splits, D) values a 
 
 
 # Per program: one (row b, KV head), one split = cache positions [start, end) of that row, for
-# up to BLOCK_G of the `group` query heads h = kv_head * group + g that read this KV head.
-# In base-2 units:
-#   s_gj = (q_g . k_j) * scale * log2(e),  m_g = max_j s_gj,  l_g = sum_j 2^(s_gj - m_g)
-#   o_g  = sum_j 2^(s_gj - m_g) v_j / l_g,  lse_g = m_g + log2(l_g)     (online over BLOCK_N blocks)
-# An empty split (start >= len_b, or every position hidden by the mask) writes o = 0 and
-# lse = -inf. With SINGLE_SPLIT the program covers the whole row and writes o in the output dtype.
+# up to BLOCK_G of the group * Sq pairs r = g * Sq + i of query head h = kv_head * group + g and
+# query i that read this KV head. Pair r sees positions j < limit_r: limit_r = len_b - Sq + 1 + i
+# when CAUSAL, else len_b. In base-2 units:
+#   s_rj = (q_r . k_j) * scale * log2(e),  m_r = max_j s_rj,  l_r = sum_j 2^(s_rj - m_r)
+#   o_r  = sum_j 2^(s_rj - m_r) v_j / l_r,  lse_r = m_r + log2(l_r)     (online over BLOCK_N blocks)
+# A pair that sees no position of its split (start >= limit_r, or every position hidden by the
+# mask) writes o = 0 and lse = -inf. With SINGLE_SPLIT the program covers the whole row and
+# writes o in the output dtype.
 @triton.jit
 def _decode_split_kernel(
-    q_ptr,  # (B, Hq, 1, D), stride(-1) == 1
+    q_ptr,  # (B, Hq, Sq, D), stride(-1) == 1
     k_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     v_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     seqlens_ptr,  # (B,) int32, any stride: valid positions per row, clamped to [0, Smax] here
-    o_ptr,  # (B, Hq, 1, D) output, contiguous: written with SINGLE_SPLIT or MERGE_HERE
-    o_lse_ptr,  # (B, Hq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE, as o
-    o_part_ptr,  # (B, Hq, num_splits, D) fp32 partial outputs; unused with SINGLE_SPLIT
-    lse_ptr,  # (B, Hq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
+    o_ptr,  # (B, Hq, Sq, D) output, contiguous: written with SINGLE_SPLIT or MERGE_HERE
+    o_lse_ptr,  # (B, Hq, Sq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE, as o
+    o_part_ptr,  # (B, Hq, Sq, num_splits, D) fp32 partial outputs; unused with SINGLE_SPLIT
+    lse_ptr,  # (B, Hq, Sq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
     counters_ptr,  # (programs,) int32, zero between calls: splits done per program row, with MERGE_HERE
-    mask_ptr,  # (B, Hq, Smax) uint8, stride(-1) == 1, 0 = hidden (strides 0 broadcast): read when HAS_MASK
-    stride_q_b, stride_q_h, stride_seqlens_b, stride_mask_b, stride_mask_h,
+    mask_ptr,  # (B, Hq, Sq, Smax) uint8, stride(-1) == 1, 0 = hidden (strides 0 broadcast): read when HAS_MASK
+    stride_q_b, stride_q_h, stride_q_s, stride_seqlens_b, stride_mask_b, stride_mask_h, stride_mask_s,
     stride_k_b, stride_k_h, stride_k_s,
     stride_v_b, stride_v_h, stride_v_s,
     Hkv, Smax, chunk, qk_scale,
-    group,  # Hq // Hkv: query heads per KV head, served BLOCK_G at a time
+    group,  # Hq // Hkv: query heads per KV head; their group * Sq pairs are served BLOCK_G at a time
+    Sq,  # queries per row
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
-    HAS_MASK: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
-    num_g = tl.cdiv(group, BLOCK_G)
+    pairs = group * Sq
+    num_g = tl.cdiv(pairs, BLOCK_G)
     bkv = tl.program_id(0) // num_g
     split = tl.program_id(1)
     num_splits = tl.num_programs(1)
     b = (bkv // Hkv).to(tl.int64)
     kvh = (bkv % Hkv).to(tl.int64)
-    offs_g = (tl.program_id(0) % num_g) * BLOCK_G + tl.arange(0, BLOCK_G)  # index within the group
+    offs_g = (tl.program_id(0) % num_g) * BLOCK_G + tl.arange(0, BLOCK_G)  # pair index within the group
+    pair_ok = offs_g < pairs
     length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b * stride_seqlens_b), 0), Smax)
     start = split * chunk
     end = tl.minimum(start + chunk, length)
 
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    heads = kvh * group + offs_g  # (BLOCK_G,) query heads served by this KV head
+    heads = kvh * group + offs_g // Sq  # (BLOCK_G,) the pairs' query heads and queries
+    queries = offs_g % Sq
     d_ok = offs_d[None, :] < HEAD_DIM
-    q_ptrs = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=(offs_g[:, None] < group) & d_ok, other=0.0)
+    q_ptrs = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + queries[:, None] * stride_q_s + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=pair_ok[:, None] & d_ok, other=0.0)
     k_base = k_ptr + b * stride_k_b + kvh * stride_k_h
     v_base = v_ptr + b * stride_v_b + kvh * stride_v_h
-    mask_rows = mask_ptr + b * stride_mask_b + heads[:, None] * stride_mask_h  # (BLOCK_G, 1)
+    mask_rows = mask_ptr + b * stride_mask_b + heads[:, None] * stride_mask_h + queries[:, None] * stride_mask_s
+    limit = length - Sq + 1 + queries  # (BLOCK_G,) CAUSAL: the pairs see positions below their limit
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -114,8 +124,10 @@ def _decode_split_kernel(
         k = tl.load(k_blk + offs_d[None, :], mask=keep, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = cols[None, :] < end
+        if CAUSAL:
+            visible = visible & (cols[None, :] < limit[:, None])
         if HAS_MASK:
-            seen = tl.load(mask_rows + cols[None, :], mask=(offs_g[:, None] < group) & visible, other=0)
+            seen = tl.load(mask_rows + cols[None, :], mask=pair_ok[:, None] & visible, other=0)
             visible = visible & (seen != 0)
         s = tl.where(visible, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -132,27 +144,27 @@ def _decode_split_kernel(
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
-    rows = b * Hkv * group + heads  # flat (b, h) index
-    row_ok = offs_g[:, None] < group
+    rows = (b * Hkv * group + heads) * Sq + queries  # flat (b, h, i) index
+    row_ok = pair_ok[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
     if SINGLE_SPLIT:
         tl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok & d_ok)
         if STORE_LSE:
-            tl.store(o_lse_ptr + rows, lse * _LN2, mask=offs_g < group)
+            tl.store(o_lse_ptr + rows, lse * _LN2, mask=pair_ok)
     else:
-        part = rows * num_splits + split  # flat (b, h, split) index
+        part = rows * num_splits + split  # flat (b, h, i, split) index
         tl.store(o_part_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok & d_ok)
-        tl.store(lse_ptr + part, lse, mask=offs_g < group)
+        tl.store(lse_ptr + part, lse, mask=pair_ok)
         if MERGE_HERE:  # the last split of this program row to finish merges them all
             tl.debug_barrier()  # every thread's partials are stored before the count says so (release)
             if tl.atomic_add(counters_ptr + tl.program_id(0), 1, sem="acq_rel") == num_splits - 1:
-                _merge_splits(o_part_ptr, lse_ptr, o_ptr, o_lse_ptr, rows, offs_g < group, num_splits,
+                _merge_splits(o_part_ptr, lse_ptr, o_ptr, o_lse_ptr, rows, pair_ok, num_splits,
                               HEAD_DIM, BLOCK_G, MERGE_SPLITS, BLOCK_D, STORE_LSE)  # fmt: skip
                 tl.atomic_xchg(counters_ptr + tl.program_id(0), 0)  # zero again for the next call
 
 
-# o[rows] = the splits' partial outputs of the (b, h) rows `rows` merged by their log-sum-exps
+# o[rows] = the splits' partial outputs of the (b, h, i) rows `rows` merged by their log-sum-exps
 # (base 2), online over blocks of BLOCK_S splits, and with STORE_LSE the rows' log-sum-exps:
 #   M = max_s lse_s,  w_s = 2^(lse_s - M),  o = sum_s w_s o_s / sum_s w_s,  lse = M + log2(sum_s w_s)
 # Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0 (lse -inf).
@@ -164,7 +176,7 @@ def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
-    first = rows.to(tl.int64) * num_splits  # (BLOCK_R,) flat (b, h, split 0) index
+    first = rows.to(tl.int64) * num_splits  # (BLOCK_R,) flat (b, h, i, split 0) index
     m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     w_sum = tl.zeros([BLOCK_R], tl.float32)
     acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
@@ -190,13 +202,13 @@ def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_
         tl.store(o_lse_ptr + rows, lse * _LN2, mask=row_ok)
 
 
-# Per program: one (b, h) row, its splits merged (_merge_splits).
+# Per program: one (b, h, i) row, its splits merged (_merge_splits).
 @triton.jit
 def _decode_combine_kernel(
-    o_part_ptr,  # (B * Hq, num_splits, D) fp32 partial outputs
-    lse_part_ptr,  # (B * Hq, num_splits) fp32 partial log2-sum-exps
-    o_ptr,  # (B, Hq, 1, D) output, contiguous
-    o_lse_ptr,  # (B, Hq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE
+    o_part_ptr,  # (B * Hq * Sq, num_splits, D) fp32 partial outputs
+    lse_part_ptr,  # (B * Hq * Sq, num_splits) fp32 partial log2-sum-exps
+    o_ptr,  # (B, Hq, Sq, D) output, contiguous
+    o_lse_ptr,  # (B, Hq, Sq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE
     num_splits,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
     PDL: tl.constexpr,
@@ -234,45 +246,47 @@ class _Tiles(NamedTuple):
     num_stages: int
 
 
-def gpu_tiles(group: int, D: int, fp32: bool) -> _Tiles:
+def gpu_tiles(pairs: int, D: int, fp32: bool) -> _Tiles:
     """Tile sizes on the GPU, checked offline (tests/test_decode.py) for shared memory on sm_80 and
     sm_90, and within the 99 KB of an sm_86/sm_89 block (no autotuner here to skip a tile that does
     not fit): fp32 operands double the bytes and tf32x3 dots triple them, so fp32 takes smaller
-    tiles, and 256-wide heads take at most 32 query heads (bf16) or 16 positions (fp32) a step."""
+    tiles, and 256-wide heads take at most 32 rows (bf16) or 16 positions (fp32) a step. `pairs`:
+    the (query head, query) pairs that read one KV head, group * Sq."""
     block_d = max(16, triton.next_power_of_2(D))
     widest = 16 if fp32 else 32 if block_d == 256 else 64
-    block_g = min(widest, max(16, triton.next_power_of_2(group)))
+    block_g = min(widest, max(16, triton.next_power_of_2(pairs)))
     block_n = 64 if block_d <= 128 and not fp32 else 16 if fp32 and block_d == 256 else 32
     return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
 
-def _plan(device, B: int, Hkv: int, Smax: int, group: int, D: int, fp32: bool) -> tuple[_Tiles, int, int, int]:
+def _plan(device, B: int, Hkv: int, Smax: int, pairs: int, D: int, fp32: bool) -> tuple[_Tiles, int, int, int]:
     """(tiles, programs per split, num_splits, chunk) of a call."""
-    tiles = gpu_tiles(group, D, fp32)
+    tiles = gpu_tiles(pairs, D, fp32)
     num_sms = sm_count(device.index) if device.type == "cuda" else _INTERPRETER_SMS
     if device.type != "cuda":  # Triton's interpreter: short blocks, so small caches take several splits
         tiles = tiles._replace(block_n=_INTERPRETER_BLOCK_N, num_stages=1)
-    programs = B * Hkv * triton.cdiv(group, tiles.block_g)
+    programs = B * Hkv * triton.cdiv(pairs, tiles.block_g)
     return (tiles, programs, *split_plan(programs, Smax, tiles.block_n, num_sms))
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None,
-                     return_lse: bool = False):  # fmt: skip
-    """Attention of one query token per row over the first cache_seqlens[b] cache positions.
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal: bool = True, mask=None,
+                     counters=None, return_lse: bool = False):  # fmt: skip
+    """Attention of Sq new query tokens per row over the first cache_seqlens[b] cache positions.
 
-    q (B, Hq, 1, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
+    q (B, Hq, Sq, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
     stride(-1) == 1, any other strides; Hq % Hkv == 0; 1 <= D <= 256. cache_seqlens int32 (B,)
     on the same device (any stride), never read by the host; lengths are clamped to [0, Smax].
-    mask: None, or bool (B, Hq, Smax) with stride(-1) == 1 (an expanded view is fine), False
-    hiding position j from query head h too. counters: None, or an int32 tensor of at least
-    B * Hq zeros on q's device (contiguous; checked by fastgpt.ops.decode, as the other
-    arguments), the caller's, used by one stream at a time and left zero: with it the last split
-    of each program row to finish merges the splits (one launch instead of two).
-    Returns (B, Hq, 1, D) in q.dtype, contiguous; rows of length 0, and heads that see no
-    position, are zeros. With return_lse, AttentionOutput(out, lse): lse (B, Hq, 1) fp32, each
-    head's natural-log sum of exp(scores) over the positions it sees, -inf where none.
+    Query i of row b stands at position len_b - Sq + i: causal, it sees positions [0, len_b - Sq + i];
+    not causal, all of [0, len_b). mask: None, or bool (B, Hq, Sq, Smax) with stride(-1) == 1 (an
+    expanded view is fine), False hiding position j from (head h, query i) too. counters: None, or
+    an int32 tensor of at least B * Hq * Sq zeros on q's device (contiguous; checked by
+    fastgpt.ops.decode, as the other arguments), the caller's, used by one stream at a time and
+    left zero: with it the last split of each program row to finish merges the splits (one launch
+    instead of two). Returns (B, Hq, Sq, D) in q.dtype, contiguous; queries that see no position
+    are zeros. With return_lse, AttentionOutput(out, lse): lse (B, Hq, Sq) fp32, each query's
+    natural-log sum of exp(scores) over the positions it sees, -inf where none.
     """
-    B, Hq, _, D = q.shape
+    B, Hq, Sq, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
     # A cache view whose in-block position offsets would overflow 32 bits spans > 2^31 elements:
     # copied (its position stride becomes D).
@@ -280,34 +294,35 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=N
                         for t in (k_cache, v_cache))
     group = Hq // Hkv
     fp32 = q.dtype == torch.float32
-    tiles, programs, num_splits, chunk = _plan(q.device, B, Hkv, Smax, group, D, fp32)
+    tiles, programs, num_splits, chunk = _plan(q.device, B, Hkv, Smax, group * Sq, D, fp32)
 
-    out = torch.empty((B, Hq, 1, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, 1), dtype=torch.float32, device=q.device) if return_lse else out  # unwritten without
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out  # unwritten without
     if num_splits == 1:
         o_part = lse_part = out
     else:
-        o_part = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)
-    # With counters the split kernel merges its own splits, unless the merge's (heads, D) tile alone
+        o_part = torch.empty((B, Hq, Sq, num_splits, D), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((B, Hq, Sq, num_splits), dtype=torch.float32, device=q.device)
+    # With counters the split kernel merges its own splits, unless the merge's (rows, D) tile alone
     # passes _MERGE_TILE (GQA heads of 256: it would spill registers): then the combine kernel does.
     merge_here = num_splits > 1 and counters is not None and tiles.block_g * tiles.block_d <= _MERGE_TILE
     pdl = launch_pdl(q.device)
     has_mask = mask is not None
     mask = mask.view(torch.uint8) if has_mask else out  # unread without a mask
-    mask_strides = mask.stride()[:2] if has_mask else (0, 0)
+    mask_strides = mask.stride()[:3] if has_mask else (0, 0, 0)
     _decode_split_kernel[(programs, num_splits)](
         q, k_cache, v_cache, cache_seqlens, out, lse, o_part, lse_part, counters if merge_here else out, mask,
-        q.stride(0), q.stride(1), cache_seqlens.stride(0), *mask_strides, *k_cache.stride()[:3],
-        *v_cache.stride()[:3], Hkv, Smax, chunk, scale * math.log2(math.e), group,
+        *q.stride()[:3], cache_seqlens.stride(0), *mask_strides, *k_cache.stride()[:3],
+        *v_cache.stride()[:3], Hkv, Smax, chunk, scale * math.log2(math.e), group, Sq,
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
         SINGLE_SPLIT=num_splits == 1, MERGE_HERE=merge_here,
         MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d) if merge_here else 1,
-        HAS_MASK=has_mask, STORE_LSE=return_lse, DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", PDL=pdl,
+        CAUSAL=causal and Sq > 1, HAS_MASK=has_mask, STORE_LSE=return_lse,
+        DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", PDL=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not merge_here:
-        _decode_combine_kernel[(B * Hq,)](
+        _decode_combine_kernel[(B * Hq * Sq,)](
             o_part, lse_part, out, lse, num_splits,
             HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
             STORE_LSE=return_lse, PDL=pdl, num_warps=4, launch_pdl=pdl,

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import fastgpt
 from fastgpt import _backends
+from fastgpt.ops.decode import decode_step_attention
 
 
 def qkv(B=2, Hq=4, Hkv=2, Sq=5, Sk=5, D=16, dtype=torch.float32):
@@ -45,8 +46,8 @@ def test_decode_rejects():
     q = torch.randn(2, 4, 1, 16)
     kc, vc = torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
     lens = torch.tensor([3, 8], dtype=torch.int32)
-    with pytest.raises(ValueError, match="one query token per row"):
-        fastgpt.decode_attention(torch.randn(2, 4, 2, 16), kc, vc, lens)
+    with pytest.raises(ValueError, match=r"at least B \* Hq \* Sq = 16"):
+        decode_step_attention(torch.randn(2, 4, 2, 16), kc, vc, lens, torch.zeros(8, dtype=torch.int32))
     with pytest.raises(TypeError, match="cache_seqlens must have dtype"):
         fastgpt.decode_attention(q, kc, vc, lens.long())
     with pytest.raises(ValueError, match=r"cache_seqlens must have shape \(B,\)"):

@@ -31,13 +31,13 @@ def _interpreter_plan(B, Hkv, Smax):
     return decode.split_plan(B * Hkv, Smax, decode._INTERPRETER_BLOCK_N, decode._INTERPRETER_SMS)
 
 
-def _inputs(B, Hq, Hkv, Smax, D, dtype, device, seed=0):
+def _inputs(B, Hq, Hkv, Smax, D, dtype, device, seed=0, Sq=1):
     gen = torch.Generator().manual_seed(seed)
 
     def randn(*shape):
         return torch.randn(shape, generator=gen).to(device=device, dtype=dtype)
 
-    return randn(B, Hq, 1, D), randn(B, Hkv, Smax, D), randn(B, Hkv, Smax, D)
+    return randn(B, Hq, Sq, D), randn(B, Hkv, Smax, D), randn(B, Hkv, Smax, D)
 
 
 def _check(q, k_cache, v_cache, lengths, *, scale=None):
@@ -48,9 +48,10 @@ def _check(q, k_cache, v_cache, lengths, *, scale=None):
     assert not out.isnan().any()
     expected = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), seqlens, scale=scale)
     assert_close(out, expected, dtype=q.dtype)
-    Smax = k_cache.shape[2]
-    empty = torch.tensor([min(max(n, 0), Smax) == 0 for n in lengths], device=q.device)
-    assert (out[empty] == 0).all()  # clamped length 0: exactly zero
+    Smax, Sq = k_cache.shape[2], q.shape[2]
+    # Query i of row b sees positions up to len_b - Sq + i (clamped length): none below 0, exactly zero.
+    blind = torch.tensor([[min(max(n, 0), Smax) - Sq + i < 0 for i in range(Sq)] for n in lengths], device=q.device)
+    assert (out.transpose(1, 2)[blind] == 0).all()
     return out
 
 
@@ -206,7 +207,7 @@ def test_counters_merge_the_splits_in_the_split_kernel(device, B, Hq, Hkv, Smax,
 
 @pytest.mark.parametrize("counters, error, match", [
     (torch.zeros(4, dtype=torch.int64), TypeError, "counters must have dtype"),
-    (torch.zeros(3, dtype=torch.int32), ValueError, r"at least B \* Hq = 4"),
+    (torch.zeros(3, dtype=torch.int32), ValueError, r"at least B \* Hq \* Sq = 4"),
     (torch.zeros(8, dtype=torch.int32)[::2], ValueError, "contiguous"),
     (torch.zeros(2, 2, dtype=torch.int32), ValueError, "counters must have 1 dimensions"),
 ])  # fmt: skip
@@ -232,11 +233,80 @@ def test_mask_hides_positions_per_head(device, Hq, Hkv, mask_heads, Smax, poison
     mask[:, :, : Smax // 3] = False  # left padding
     mask[2, 0] = False  # head 0 of row 2 (all heads when the mask is shared) sees nothing
     lengths = torch.tensor([Smax, Smax * 7 // 10, Smax], dtype=torch.int32, device=device)
-    out = triton_decode(q, k, v, lengths, scale=0.3, mask=mask.expand(B, Hq, Smax))
+    out = triton_decode(q, k, v, lengths, scale=0.3, mask=mask[:, :, None].expand(B, Hq, 1, Smax))
     visible = mask & (torch.arange(Smax, device=device) < lengths[:, None, None])  # (B, 1|Hq, Smax)
     grouped = visible[:, :, None, None] if mask_heads == 1 else visible.view(B, Hkv, Hq // Hkv, 1, Smax)
     assert_close(out, reference.masked_attention(q, k, v, grouped, 0.3))
     assert (out[2, 0] == 0).all()
+
+
+# ----------------------------------------------------------------------------- several queries a row
+
+
+@pytest.mark.parametrize("Sq", [2, 3, 5, 16])
+@pytest.mark.parametrize("Hq,Hkv", [(4, 4), (6, 2), (8, 1)], ids=["mha", "gqa-3", "mqa-8"])
+def test_several_queries_a_row_are_causal(device, Sq, Hq, Hkv, poisoned_empty):
+    """Speculative decoding's drafts: a row's Sq new tokens are its last Sq positions, each seeing
+    the cache up to its own; (head, query) pairs of a KV head share its tile (MQA-8 at Sq 16:
+    128 pairs, several tiles), lengths below Sq leave the first queries blind (zeros), over
+    several splits (Smax 70) and one (Smax 20)."""
+    for Smax, lengths in [(70, [70, Sq + 1, Sq - 1, 0, 90]), (20, [20, 1, Sq, 11, -3])]:
+        _check(*_inputs(len(lengths), Hq, Hkv, Smax, 32, torch.float32, device, seed=Sq * Hq + Smax, Sq=Sq), lengths)
+
+
+def test_several_queries_fp16_head_dims_and_strided_q(device):
+    """fp16 at head dims 64 and 80, and q as the (B, Sq, Hq, D) layout a model's projection gives."""
+    for D in (64, 80):
+        q, k, v = _inputs(2, 4, 2, 45, D, torch.float16, device, seed=D, Sq=4)
+        _check(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, [45, 9])
+
+
+def test_several_queries_equal_causal_attention_over_the_valid_cache(device):
+    """Over a full row, decode attention of Sq queries is fastgpt.attention's causal (bottom-right)
+    attention of those queries over the cache."""
+    q, k, v = _inputs(2, 6, 3, 40, 32, torch.float32, device, seed=3, Sq=7)
+    lengths = torch.tensor([40, 25], dtype=torch.int32, device=device)
+    out = fastgpt.decode_attention(q, k, v, lengths, backend="triton")
+    for b, n in enumerate(lengths.tolist()):
+        row = reference.attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], causal=True)
+        assert_close(out[b : b + 1], row)
+
+
+@pytest.mark.parametrize("counters", [False, True], ids=["combine-kernel", "merged-here"])
+def test_several_queries_log_sum_exp_and_counters(device, counters, poisoned_empty):
+    """return_lse per (head, query), -inf for a blind query; with counters the split kernel's own
+    merge (counters for B * Hq * Sq rows, zero again afterwards)."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    B, Hq, Hkv, Smax, Sq = 3, 8, 2, 100, 3
+    q, k, v = _inputs(B, Hq, Hkv, Smax, 32, torch.float32, device, seed=21, Sq=Sq)
+    lengths = torch.tensor([Smax, 2, 50], dtype=torch.int32, device=device)
+    state = torch.zeros(B * Hq * Sq, dtype=torch.int32, device=device) if counters else None
+    res = decode_step_attention(q, k, v, lengths, state, scale=0.3, backend="triton", return_lse=True)
+    out, lse = reference.decode_attention(q.double(), k.double(), v.double(), lengths, scale=0.3, return_lse=True)
+    assert_close(res.out, out.float())
+    torch.testing.assert_close(res.lse, lse.float(), atol=2e-5, rtol=2e-5)
+    assert (res.lse[1, :, 0] == float("-inf")).all() and (res.out[1, :, 0] == 0).all()  # row 1's first query
+    assert not counters or (state == 0).all()
+
+
+@pytest.mark.parametrize("Sq", [1, 4])
+def test_several_queries_under_a_mask(device, Sq, poisoned_empty):
+    """A mask (B, Hq, Sq, Smax), per (head, query) and broadcast, on top of the causal limit."""
+    from fastgpt.kernels.decode import decode_attention as triton_decode
+
+    B, Hq, Hkv, Smax = 2, 4, 2, 60
+    q, k, v = _inputs(B, Hq, Hkv, Smax, 32, torch.float32, device, seed=Sq, Sq=Sq)
+    lengths = torch.tensor([Smax, 33], dtype=torch.int32, device=device)
+    gen = torch.Generator().manual_seed(7)
+    for mask in (torch.rand(B, Hq, Sq, Smax, generator=gen) > 0.4, torch.rand(1, 1, 1, Smax, generator=gen) > 0.4):
+        mask = mask.to(device)
+        mask[..., :5] = False
+        out = triton_decode(q, k, v, lengths, scale=0.3, mask=mask.expand(B, Hq, Sq, Smax))
+        last_seen = lengths[:, None] - Sq + torch.arange(Sq, device=device)  # (B, Sq)
+        visible = mask & (torch.arange(Smax, device=device) <= last_seen[:, None, :, None])  # (B, Hq, Sq, Smax)
+        grouped = visible.expand(B, Hq, Sq, Smax).view(B, Hkv, Hq // Hkv, Sq, Smax)
+        assert_close(out, reference.masked_attention(q, k, v, grouped, 0.3))
 
 
 def _expected_lse(q, k_cache, lengths, scale):
@@ -335,6 +405,12 @@ def compile_decode_variants(arch):
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
         if merge:
             assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, group)
+    # A few causal queries a row. Only a decode_step_attention caller merges them in the split kernel
+    # (GPT's step has one query): ptxas spills 8 bytes there on sm_90 (96 registers), allowed.
+    for dtype, D, pairs, merge in [("bf16", 64, 16, False), ("fp16", 128, 32, False), ("bf16", 64, 16, True)]:
+        kernel = compile_split(mod, arch, dtype, D, pairs, False, merge, causal=True)
+        assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, pairs, kernel.metadata.shared)
+        assert merge or ptxas_spills(kernel, arch) == 0, (arch, dtype, D, pairs)
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16", "o_lse_ptr": "*fp32"}
     for lse in (False, True):
         compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32, STORE_LSE=lse),
@@ -345,15 +421,15 @@ def compile_decode_variants(arch):
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, kernel.metadata.shared)
 
 
-def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8, store_lse=False):
-    """_decode_split_kernel lowered for sm_<arch> with the launcher's tiles."""
+def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8, store_lse=False, causal=False):
+    """_decode_split_kernel lowered for sm_<arch> with the launcher's tiles (group: pairs, group * Sq)."""
     tiles = mod.gpu_tiles(group, D, dtype == "fp32")
     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
             "o_ptr": f"*{dtype}", "o_lse_ptr": "*fp32", "o_part_ptr": "*fp32", "lse_ptr": "*fp32",
             "counters_ptr": "*i32", "mask_ptr": "*u8"}  # fmt: skip
     merge_splits = mod.merge_splits_block(num_splits, tiles.block_g, tiles.block_d)
     const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n, SINGLE_SPLIT=False,
-                 MERGE_HERE=merge, MERGE_SPLITS=merge_splits, HAS_MASK=has_mask, STORE_LSE=store_lse,
+                 MERGE_HERE=merge, MERGE_SPLITS=merge_splits, CAUSAL=causal, HAS_MASK=has_mask, STORE_LSE=store_lse,
                  DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")  # fmt: skip
     return compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)

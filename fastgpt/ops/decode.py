@@ -1,4 +1,4 @@
-"""fastgpt.decode_attention: one new query token per row over a static KV cache (split-KV)."""
+"""fastgpt.decode_attention: a row's new query tokens (one a decode step) over a static KV cache (split-KV)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,21 @@ SEQLEN_DTYPES = (torch.int32,)
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, backend: str = "auto",
                      return_lse: bool = False):  # fmt: skip
-    """Attention of one query token per row over the first cache_seqlens[b] cache positions.
+    """Attention of each row's new query tokens over the first cache_seqlens[b] cache positions.
 
-    q: (B, Hq, 1, D); k_cache, v_cache: (B, Hkv, Smax, D), Hq % Hkv == 0; fp16, bf16 or fp32.
+    q: (B, Hq, Sq, D); k_cache, v_cache: (B, Hkv, Smax, D), Hq % Hkv == 0; fp16, bf16 or fp32.
     cache_seqlens: int32 (B,) on q's device: how many positions of row b are valid (the current
-    token already written). Lengths are not read by the host (that would sync): kernels clamp
-    them to [0, Smax], and a row of length 0 returns zeros. Returns (B, Hq, 1, D) in q's dtype.
-    With return_lse, returns AttentionOutput(out, lse), lse (B, Hq, 1) fp32: each head's
-    ln sum_j exp(q k_j^T * scale) over the row's positions, -inf for a row of length 0 (what
-    merging this with attention over other keys takes, as fastgpt.attention's).
+    tokens already written). Lengths are not read by the host (that would sync): kernels clamp
+    them to [0, Smax]. Sq is 1 in a decode step; with more (speculative decoding's drafts, a
+    prompt's chunk) the queries are the row's last Sq positions and causal: with len_b the
+    clamped length, query i sees positions [0, len_b - Sq + i]. A query that sees no position
+    (a row of length 0, len_b < Sq - i) returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
+    The kernels read the cache once for all of a KV head's queries and split it over the GPU,
+    but do not skip the causal triangle: for long chunks, fastgpt.attention on the cache's
+    valid slice does half the work. With return_lse, returns AttentionOutput(out, lse), lse
+    (B, Hq, Sq) fp32: each query's ln sum_j exp(q k_j^T * scale) over the positions it sees,
+    -inf where none (what merging this with attention over other keys takes, as
+    fastgpt.attention's).
     """
     return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend,
                                  return_lse=return_lse)  # fmt: skip
@@ -31,7 +37,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
 def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale: float | None = None,
                           backend: str = "auto", return_lse: bool = False):  # fmt: skip
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
-    None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq, used by one stream at a
+    None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq * Sq, used by one stream at a
     time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
     split of each row's query-head tile to finish does) and leave the counters zero; the torch
     backend does not read them. Counters that are not zero give wrong outputs: nothing can check
@@ -40,24 +46,22 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
     _checks.same_device(q=q, cache_seqlens=cache_seqlens)
-    B, Hq, one, D = q.shape
-    if one != 1:
-        raise ValueError(f"q must have shape (B, Hq, 1, D): one query token per row, got {tuple(q.shape)}")
+    B, Hq, Sq, D = q.shape
     Smax = k_cache.shape[2]
     _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
     _checks.flag("return_lse", return_lse)
     if counters is not None:
         _checks.tensor("counters", counters, ndim=1, dtypes=(torch.int32,))
         _checks.same_device(q=q, counters=counters)
-        if counters.numel() < B * Hq or not counters.is_contiguous():
-            raise ValueError(f"counters must be contiguous with at least B * Hq = {B * Hq} elements, "
+        if counters.numel() < B * Hq * Sq or not counters.is_contiguous():
+            raise ValueError(f"counters must be contiguous with at least B * Hq * Sq = {B * Hq * Sq} elements, "
                              f"got shape {tuple(counters.shape)}")  # fmt: skip
     scale = _checks.scale(scale, D)
     name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax),
                              _backends.decode_preference(B * k_cache.shape[1]))
     if q.numel() == 0 or Smax == 0:
-        out = q.new_zeros(B, Hq, 1, D)
-        return AttentionOutput(out, q.new_full((B, Hq, 1), float("-inf"), dtype=torch.float32)) if return_lse else out
+        out = q.new_zeros(B, Hq, Sq, D)
+        return AttentionOutput(out, q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)) if return_lse else out
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         result = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=return_lse)
         return AttentionOutput(*result) if return_lse else result
