@@ -79,7 +79,7 @@ def attention_case(rng, device, backend):
     dtype, D = _dtype_and_head_dim(rng, device, backend)
     B, Hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2, 3, 4])
     most = 300 if device == "cuda" else 90
-    Sq = rng.choice([1, rng.randint(1, most)])
+    Sq = rng.choice([1, rng.randint(2, 16), rng.randint(1, most)])  # up to 16: the split-KV kernels
     Sk = Sq if rng.random() < 0.5 else rng.randint(1, most)
     causal = rng.random() < 0.6
     q = _tensor(rng, (B, Hkv * group, Sq, D), dtype, device)
@@ -96,7 +96,8 @@ def masked_attention_case(rng, device, backend):
     dtype, D = _dtype_and_head_dim(rng, device, backend)
     B, Hkv, group = rng.randint(1, 3), rng.randint(1, 3), rng.choice([1, 1, 2, 3, 4])
     Hq, most = Hkv * group, 300 if device == "cuda" else 90
-    Sq, Sk = rng.choice([1, rng.randint(1, most)]), rng.randint(1, 2000 if device == "cuda" else most)
+    Sq = rng.choice([1, rng.randint(2, 16), rng.randint(1, most)])
+    Sk = rng.randint(1, 2000 if device == "cuda" else most)
     q = _tensor(rng, (B, Hq, Sq, D), dtype, device)
     k, v = (_tensor(rng, (B, Hkv, Sk, D), dtype, device) for _ in range(2))
     shape = (rng.choice([1, B]), rng.choice([1, Hq]), Sq, Sk)  # broadcast over rows or heads, or not
@@ -113,18 +114,19 @@ def decode_case(rng, device, backend):
     dtype, D = _dtype_and_head_dim(rng, device, backend)
     B, Hkv, group = rng.randint(1, 4), rng.randint(1, 3), rng.choice([1, 1, 2, 4, 8])
     Smax = rng.randint(1, 2000 if device == "cuda" else 300)
-    q = _tensor(rng, (B, Hkv * group, 1, D), dtype, device, layout=False)
+    Sq = rng.choice([1, 1, rng.randint(2, 8)])  # several: speculative decoding's drafts, causal
+    q = _tensor(rng, (B, Hkv * group, Sq, D), dtype, device, layout=False)
     k, v = (_tensor(rng, (B, Hkv, Smax, D), dtype, device) for _ in range(2))
     lengths = torch.tensor([rng.choice([1, Smax, rng.randint(1, Smax)]) for _ in range(B)], dtype=torch.int32)
     # With a decode step's counters the kernels merge their splits in the split launch.
-    counters = torch.zeros(B * Hkv * group, dtype=torch.int32, device=device) if rng.random() < 0.5 else None
+    counters = torch.zeros(B * Hkv * group * Sq, dtype=torch.int32, device=device) if rng.random() < 0.5 else None
     lse = rng.random() < 0.3  # the log-sum-exp too
     out = decode_step_attention(q, k, v, lengths.to(device), counters, backend=backend, return_lse=lse)
     ref = reference.decode_attention(q.float(), k.float(), v.float(), lengths.to(device), return_lse=lse)
     problem = compare(tuple(out), (ref[0].to(dtype), ref[1])) if lse else compare(out, ref.to(dtype))
     problem = problem or (None if counters is None or not counters.any() else "counters left set")
     merged = counters is not None
-    return problem, f"B{B} Hkv{Hkv} g{group} Smax{Smax} D{D} lengths={lengths.tolist()} merged={merged} " \
+    return problem, f"B{B} Hkv{Hkv} g{group} Sq{Sq} Smax{Smax} D{D} lengths={lengths.tolist()} merged={merged} " \
                     f"lse={lse} {dtype}"
 
 

@@ -57,17 +57,26 @@ def test_lengths(device, S, causal):
     _check(*_qkv(1, 2, 2, S, S, 32, torch.float32, device), causal=causal)
 
 
-@pytest.mark.parametrize("Sk", [1, 17, 100])
-def test_single_query_runs_the_decode_kernel(device, Sk, monkeypatch):
-    """Sq == 1 goes to the split-KV decode kernel (every key visible, causal or not)."""
+@pytest.mark.parametrize("Sq,Sk", [(1, 1), (1, 100), (5, 17), (16, 40), (16, 9)])
+def test_few_queries_run_the_decode_kernel(device, Sq, Sk, monkeypatch):
+    """Sq <= SPLIT_KV_MAX_QUERIES goes to the split-KV decode kernel, causal bottom-right or not,
+    the lse too; Sq = 17 to the prefill kernel."""
     from fastgpt.kernels import decode
+
+    from fastgpt.ops.attention import SPLIT_KV_MAX_QUERIES
 
     calls = []
     launch = decode.decode_attention
     monkeypatch.setattr(decode, "decode_attention", lambda *a, **kw: calls.append(1) or launch(*a, **kw))
     for causal in (False, True):
-        _check(*_qkv(2, 4, 2, 1, Sk, 64, torch.float32, device, seed=Sk), causal=causal)
-    assert len(calls) == 2
+        _check(*_qkv(2, 4, 2, Sq, Sk, 64, torch.float32, device, seed=Sk), causal=causal)
+    q, k, v = _qkv(1, 2, 1, Sq, Sk, 32, torch.float32, device, seed=Sq)
+    res = fastgpt.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    _, lse = reference.attention(q.double(), k.double(), v.double(), causal=True, return_lse=True)
+    torch.testing.assert_close(res.lse, lse.float(), atol=2e-5, rtol=2e-5)
+    assert len(calls) == 3
+    fastgpt.attention(*_qkv(1, 2, 1, SPLIT_KV_MAX_QUERIES + 1, Sk, 32, torch.float32, device), backend="triton")
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("Sq,Sk", [(17, 33), (33, 17), (1, 40), (40, 1), (16, 48), (48, 16)])

@@ -12,6 +12,8 @@ from fastgpt._backends import AttentionOutput
 from fastgpt.ops import _checks, _cuda, _dispatch
 
 TRITON_MAX_HEAD_DIM = 256
+# Calls with at most this many queries a row run the split-KV decode kernels (see _few_queries).
+SPLIT_KV_MAX_QUERIES = 16
 
 
 def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]:
@@ -67,7 +69,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     one dtype, one device. `scale` defaults to 1/sqrt(D). With `causal`, query i sees keys
     j <= i + Sk - Sq (bottom-right aligned, as FlashAttention; equal to SDPA's is_causal when
     Sq == Sk); a query that sees no key returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
-    A single query (Sq == 1) runs the decode kernels (split-KV) of fastgpt.decode_attention.
+    A few queries (Sq <= SPLIT_KV_MAX_QUERIES) run the split-KV kernels of fastgpt.decode_attention.
     With return_lse, returns AttentionOutput(out, lse), lse (B, Hq, Sq) fp32: each query's
     ln sum_j exp(q k_j^T * scale) over the keys it sees, -inf where it sees none (what merging
     attention over two sets of keys takes: softmax weights exp(lse_a - lse) and exp(lse_b - lse)).
@@ -93,21 +95,24 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     return _dispatch.call(_attention_op, _attention, q, k, v, causal, scale, name)
 
 
-def _single_query(q, k, v, scale: float, backend: str, mask=None, return_lse: bool = False):
-    """One query per row sees every key (causal or not): the split-KV decode kernels, which
-    spread the keys over the whole GPU where the prefill kernel runs one program per (row, head).
-    mask (B, Hq, Sk) bool, or None."""
+def _few_queries(q, k, v, causal: bool, scale: float, backend: str, mask=None, return_lse: bool = False):
+    """A few queries a row (a decode step's one, speculative decoding's drafts): the split-KV
+    decode kernels over keys of length Sk, the queries at their end (causal is bottom-right).
+    The prefill kernel runs one program per (row, head, 64 queries), which leaves most of a GPU
+    idle where B * Hq is small and reads k/v once per query head; the decode kernels serve a KV
+    head's queries from one read and split the keys until the GPU is full. mask (B, Hq, Sq, Sk)
+    bool, or None."""
     lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     launch = _backends.launchers(backend, "decode").decode_attention
-    return launch(q, k, v, lengths, scale=scale, mask=mask, return_lse=return_lse)
+    return launch(q, k, v, lengths, scale=scale, causal=causal, mask=mask, return_lse=return_lse)
 
 
 def _run(q, k, v, causal: bool, scale: float, backend: str, return_lse: bool):
     """The backend's attention: out, or with return_lse (out, lse)."""
     if backend == "torch":
         return reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
-    if q.shape[2] == 1:
-        return _single_query(q, k, v, scale, backend, return_lse=return_lse)
+    if q.shape[2] <= SPLIT_KV_MAX_QUERIES:
+        return _few_queries(q, k, v, causal, scale, backend, return_lse=return_lse)
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=causal, scale=scale,
                                                                return_lse=return_lse)  # fmt: skip
 
@@ -182,8 +187,8 @@ def _masked_attention(
     B, Hq, Sq, _ = q.shape
     Sk = k.shape[2]
     mask = mask.expand(B, Hq, Sq, Sk)  # broadcast dims get stride 0
-    if Sq == 1:  # a decode step (transformers' padded batches)
-        return _single_query(q, k, v, scale, backend, mask=mask[:, :, 0])
+    if Sq <= SPLIT_KV_MAX_QUERIES:  # decode steps (transformers' padded batches)
+        return _few_queries(q, k, v, False, scale, backend, mask=mask)
     return _backends.launchers(backend, "attention").attention(q, k, v, causal=False, scale=scale, mask=mask)
 
 
