@@ -11,6 +11,9 @@ were set from (or guessed at):
                  pointers and by TMA (kernels/attention.py's _TUNING order).
   decode_batch   Triton against CUDA decode over B (fastgpt/_backends.py's DECODE_TRITON_MAX_ROWS).
   decode_tiles   the Triton decode kernel's BLOCK_N / warps / stages and split factor.
+  few_queries    attention of 1 to 32 causal queries a row over a long context: each backend's
+                 prefill kernel against its split-KV decode kernel (fastgpt/ops/attention.py's
+                 SPLIT_KV_MAX_QUERIES), and SDPA.
   sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA's
                  candidate and one-block-per-row paths
                  (SAMPLE_TRITON_MAX_ROWS, kernels/sampling/__init__.py's _MIN_SPLIT_CHUNKS).
@@ -258,6 +261,34 @@ def decode_tiles_section(p: Probe):
             p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", merge="in the split kernel"), merged)
 
 
+def few_queries_section(p: Probe):
+    """Speculative decoding's drafts, chunked prefill: Sq causal queries at the end of L keys, through
+    each backend's prefill kernel and its split-KV decode kernel. Where does the split-KV one stop
+    winning?"""
+    from torch.nn.attention.bias import causal_lower_right
+
+    shapes = [(1, 2, 1, 40, 16)] if p.smoke else [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128),
+                                                 (8, 32, 8, 8192, 128), (1, 12, 12, 1024, 64), (16, 12, 12, 1024, 64)]
+    for B, Hq, Hkv, L, D in shapes:
+        kc, vc = p.randn(B, Hkv, L, D), p.randn(B, Hkv, L, D)
+        lens = torch.full((B,), L, dtype=torch.int32, device=p.device)
+        for Sq in (2, 4) if p.smoke else (1, 2, 4, 8, 16, 32):
+            q = p.randn(B, Hq, Sq, D)
+            calls = {}
+            for b in p.backends:
+                prefill, split = _backends.launchers(b, "attention"), _backends.launchers(b, "decode")
+                calls[f"{b} prefill kernel"] = lambda pf=prefill: pf.attention(q, kc, vc, causal=True, scale=D**-0.5)
+                calls[f"{b} split-KV kernel"] = lambda sp=split: sp.decode_attention(q, kc, vc, lens, scale=D**-0.5)
+            mask = causal_lower_right(Sq, L)
+            calls["sdpa (lower-right causal)"] = lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
+                                                                                        enable_gqa=Hq != Hkv)
+            for name, fn in calls.items():
+                def measure(fn=fn):
+                    d = p.device_us(fn)
+                    return dict(device_us=d, gbps=2 * kc.numel() * kc.element_size() / d / 1e3)
+                p.record("few_queries", dict(shape=f"B{B} H{Hq}/{Hkv} L{L} D{D}", Sq=Sq, impl=name), measure)
+
+
 def sample_inputs(p: Probe, B, V):
     logits = torch.randn(B, V, device=p.device) * 3
     params = [torch.full((B,), 0.8, device=p.device), torch.full((B,), 50, dtype=torch.int64, device=p.device),
@@ -438,6 +469,7 @@ def profile_section(p: Probe):
 
 
 SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles": tiles_section,
+            "few_queries": few_queries_section,
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
             "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,

@@ -37,6 +37,8 @@ def test_decode_bytes_read_once_write_once():
     assert formulas.decode_bytes(B, Hq, Hkv, D, B * L, torch.bfloat16) == cache + q_and_out + 4 * B
     # GQA reads each KV head once, whatever the number of query heads sharing it.
     assert formulas.decode_bytes(2, 32, 8, 128, 100, torch.float16) == 2 * (2 * 2 * 32 * 128 + 2 * 8 * 128 * 100) + 8
+    # Q queries a row: q and the output Q times over, the cache still once.
+    assert formulas.decode_bytes(B, Hq, Hkv, D, B * L, torch.bfloat16, 4) == cache + 4 * q_and_out + 4 * B
 
 
 def test_layer_norm_bytes():
@@ -373,6 +375,7 @@ def test_sampler_ignoring_top_k_is_failed():
 @pytest.mark.parametrize("op,spec", [
     ("attention", "B=1,H=4,HKV=2,S=24,SK=40,D=32"),
     ("decode", "B=2,H=4,HKV=2,L=50,D=32"),
+    ("decode", "B=2,H=4,HKV=2,L=50,D=32,Q=3"),
     ("layernorm", "M=7,N=96"),
 ])
 def test_kernel_cases_check_references_on_cpu(op, spec):
@@ -674,8 +677,8 @@ def test_gpu_probe_runs_every_section_on_tiny_shapes(tmp_path):
     proc = _probe(tmp_path, "--smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "probe.json").read_text())
-    sections = ["attention", "overhead", "tiles", "decode_batch", "decode_tiles", "sample_batch", "sample_blocks",
-                "sample_cand", "linear"]
+    sections = ["attention", "overhead", "tiles", "few_queries", "decode_batch", "decode_tiles", "sample_batch",
+                "sample_blocks", "sample_cand", "linear"]
     assert [s for s in sections if not results.get(s)] == []
     errors = [row for s in sections for row in results[s] if "error" in row]
     assert errors == []

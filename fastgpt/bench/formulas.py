@@ -31,15 +31,15 @@ def attention_bytes(B: int, Hq: int, Hkv: int, Sq: int, Sk: int, D: int, dtype: 
     return element_size(dtype) * (2 * B * Hq * Sq * D + 2 * B * Hkv * Sk * D)
 
 
-def decode_bytes(B: int, Hq: int, Hkv: int, D: int, seqlens_total: int, dtype: torch.dtype) -> int:
+def decode_bytes(B: int, Hq: int, Hkv: int, D: int, seqlens_total: int, dtype: torch.dtype, Sq: int = 1) -> int:
     """Bytes of one decode-attention call: q, the valid part of the cache, cache_seqlens, out.
 
     seqlens_total is sum(cache_seqlens): row b reads K and V over its first len_b positions,
-    (Hkv, len_b, D) each. q (B, Hq, 1, D) is read and the output (B, Hq, 1, D) written once;
+    (Hkv, len_b, D) each. q (B, Hq, Sq, D) is read and the output (B, Hq, Sq, D) written once;
     cache_seqlens is int32 (B,).
     """
     size = element_size(dtype)
-    return size * (2 * B * Hq * D + 2 * Hkv * D * seqlens_total) + 4 * B
+    return size * (2 * B * Hq * Sq * D + 2 * Hkv * D * seqlens_total) + 4 * B
 
 
 def layer_norm_bytes(M: int, N: int, dtype: torch.dtype, *, residual: bool, weight_dtype=None,
