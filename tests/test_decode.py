@@ -510,3 +510,25 @@ def test_gpu_counters_merge_without_races(B, Hq, Hkv, Smax, D):
     assert (counters == 0).all()
     # The two merges sum in different groups: fp32 rounding, then at most a bf16 step apart.
     torch.testing.assert_close(first, triton_decode(q, k, v, lengths, scale=D**-0.5), atol=1e-2, rtol=2**-7)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,Hq,Hkv,Smax,D,Sq", [(1, 32, 8, 32768, 128, 4), (1, 32, 8, 4096, 128, 16),
+                                                 (16, 32, 8, 4096, 128, 8), (8, 12, 12, 1024, 64, 5)])
+def test_gpu_several_queries_a_row(B, Hq, Hkv, Smax, D, Sq, dtype):
+    """Drafts verified over real caches (128 pairs of a KV head at Sq 16: two tiles), a row
+    shorter than its drafts, through the merge of a decode step's counters too."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    lengths = torch.randint(Sq, Smax + 1, (B,), generator=torch.Generator().manual_seed(Sq * B))
+    lengths[0] = Smax
+    if B > 1:
+        lengths[1] = Sq // 2
+    q, k_cache, v_cache = _inputs(B, Hq, Hkv, Smax, D, dtype, "cuda", Sq=Sq)
+    out = _check(q, k_cache, v_cache, lengths.tolist())
+    counters = torch.zeros(B * Hq * Sq, dtype=torch.int32, device="cuda")
+    seqlens = lengths.to(device="cuda", dtype=torch.int32)
+    merged = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend="triton")
+    assert (counters == 0).all()
+    torch.testing.assert_close(merged, out, atol=1e-2, rtol=2**-7)  # two merges: fp32 rounding, a bf16 step apart
