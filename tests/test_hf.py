@@ -64,11 +64,13 @@ def pair(config, tmp_path):
 
 
 def padded_batch():
+    """Prompts of 20 positions, past fastgpt.ops.attention.SPLIT_KV_MAX_QUERIES (the prefill
+    kernel, not the decode one), left-padded by 0, 5 and 19."""
     torch.manual_seed(1)
-    idx = torch.randint(1, V, (3, 14))
+    idx = torch.randint(1, V, (3, 20))
     mask = torch.ones_like(idx)
     mask[1, :5] = 0
-    mask[2, :13] = 0
+    mask[2, :19] = 0
     idx[mask == 0] = 0
     return idx, mask
 
