@@ -2,12 +2,12 @@
 
 Row b attends to the first len_b = clamp(cache_seqlens[b], 0, Smax) positions of a static KV
 cache; its Sq queries are the row's last Sq positions (query i at len_b - Sq + i) and, causal,
-see the positions up to their own (one query per row, a decode step, sees them all).
-The cache of each (row, KV head) is cut into `num_splits` chunks; one program reads one
-chunk of one KV head once and serves the (query head, query) pairs of the Hq // Hkv heads that
-share it (GQA; more pairs than a tile of BLOCK_G rows take several programs), writing a partial
-output and its log-sum-exp. Scores and weighted values are tl.dot products over a tile of at
-least 16 rows, padded with zero rows where there are fewer pairs (MHA's decode step pads 1 to 16): the padding costs
+see the positions up to their own (one query per row, a decode step, sees them all). The cache
+of each (row, KV head) is cut into `num_splits` chunks; one program reads one chunk of one KV
+head once and serves the (query head, query) pairs of the Hq // Hkv heads that share it (GQA;
+more pairs than a tile of BLOCK_G rows take several programs), writing a partial output and its
+log-sum-exp. Scores and weighted values are tl.dot products over a tile of at least 16 rows,
+padded with zero rows where there are fewer pairs (MHA's decode step pads 1 to 16): the padding costs
 tensor-core work a decode step has to spare, and a loop of dots is one whose loads Triton
 pipelines (cp.async, num_stages - 1 blocks ahead), which a loop of elementwise products and
 reductions is not: a bandwidth-bound kernel needs those bytes in flight. A second kernel
@@ -102,7 +102,7 @@ def _decode_split_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kvh * group + offs_g // Sq  # (BLOCK_G,) the pairs' query heads and queries
-    queries = offs_g % Sq
+    queries = (offs_g % Sq).to(tl.int64)  # 64-bit: queries * stride_mask_s may pass 2^31
     d_ok = offs_d[None, :] < HEAD_DIM
     q_ptrs = q_ptr + b * stride_q_b + heads[:, None] * stride_q_h + queries[:, None] * stride_q_s + offs_d[None, :]
     q = tl.load(q_ptrs, mask=pair_ok[:, None] & d_ok, other=0.0)

@@ -405,12 +405,10 @@ def compile_decode_variants(arch):
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, group, kernel.metadata.shared)
         if merge:
             assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, group)
-    # A few causal queries a row. Only a decode_step_attention caller merges them in the split kernel
-    # (GPT's step has one query): ptxas spills 8 bytes there on sm_90 (96 registers), allowed.
     for dtype, D, pairs, merge in [("bf16", 64, 16, False), ("fp16", 128, 32, False), ("bf16", 64, 16, True)]:
-        kernel = compile_split(mod, arch, dtype, D, pairs, False, merge, causal=True)
+        kernel = compile_split(mod, arch, dtype, D, pairs, False, merge, causal=True)  # a few causal queries a row
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, pairs, kernel.metadata.shared)
-        assert merge or ptxas_spills(kernel, arch) == 0, (arch, dtype, D, pairs)
+        assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, pairs)
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16", "o_lse_ptr": "*fp32"}
     for lse in (False, True):
         compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32, STORE_LSE=lse),
