@@ -147,6 +147,31 @@ def test_padded_batches_on_the_triton_kernel(make_config, tmp_path, monkeypatch)
     assert masked_launches == {"attention": 2 + 2, "decode_attention": 2 * 7}  # the prefill, then 7 decode steps
 
 
+@pytest.mark.parametrize("make_config", [gpt2_config, llama_config], ids=["gpt2", "llama-gqa"])
+def test_drafted_tokens_are_verified_on_the_split_kv_kernel(make_config, tmp_path, monkeypatch):
+    """transformers' prompt-lookup decoding drafts tokens from the prompt's n-grams and verifies
+    several at once (a few queries a row over the cache, under the causal mask transformers
+    builds): the Triton split-KV kernel takes them, and the tokens are plain greedy's."""
+    from fastgpt.kernels import decode
+
+    queries = collections.Counter()
+    launch = decode.decode_attention
+
+    def counted(q, *args, mask=None, **kwargs):
+        queries[q.shape[2], mask is not None] += 1
+        return launch(q, *args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(decode, "decode_attention", counted)
+    reference, _ = pair(make_config(), tmp_path)
+    fastgpt.hf.register("fastgpt-triton", backend="triton")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-triton").eval()
+    idx = torch.tensor([[5, 6, 7, 8, 9] * 4])  # n-grams to draft from
+    drafted = greedy(ours, idx, max_new_tokens=12, prompt_lookup_num_tokens=4)
+    assert torch.equal(drafted, greedy(reference, idx, max_new_tokens=12))
+    verified = sum(n for (Sq, masked), n in queries.items() if Sq > 1 and masked)
+    assert verified >= 2  # a verification (a token and its drafts), in both layers
+
+
 @pytest.mark.usefixtures("cuda_emulator")
 def test_padded_batches_on_the_cuda_kernels(tmp_path, monkeypatch):
     """Padding masks reach the CUDA kernels too (csrc's, on the SIMT emulator): a Llama-style GQA
