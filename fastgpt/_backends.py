@@ -74,11 +74,17 @@ def attention_preference(flops: float) -> tuple[str, str]:
     return TRITON_FIRST if flops >= ATTENTION_TRITON_MIN_FLOPS else CUDA_FIRST
 
 
-def decode_preference(rows: int) -> tuple[str, str]:
-    """auto's order for decode_attention over `rows` = B * Hkv (sequence, head) pairs. Measured:
-    B1 H12 L1024 D64, Triton 8.2 us against CUDA's 13.7 (graph replay); B64 H12 D64, CUDA 97 /
-    338 us against Triton's 103 / 356 at L 1024 / 4096. Where between 12 and 768 rows the
-    order flips was not measured: DECODE_TRITON_MAX_ROWS is a guess at one wave of the GPU."""
+def decode_preference(rows: int, queries: int = 1) -> tuple[str, str]:
+    """auto's order for decode_attention over `rows` = B * Hkv (sequence, head) pairs and
+    `queries` a row. Measured, one query: B1 H12 L1024 D64, Triton 8.2 us against CUDA's 13.7
+    (graph replay); B64 H12 D64, CUDA 97 / 338 us against Triton's 103 / 356 at L 1024 / 4096.
+    Where between 12 and 768 rows the order flips was not measured: DECODE_TRITON_MAX_ROWS is a
+    guess at one wave of the GPU. Several queries a row: Triton first, predicted, not measured
+    (gpu-probe's few_queries times both): its tile takes up to 64 (head, query) pairs on tensor
+    cores for the price of one, while the CUDA kernel computes each pair's scores and sums on
+    CUDA cores, 8 pairs a block."""
+    if queries > 1:
+        return TRITON_FIRST
     return TRITON_FIRST if rows <= DECODE_TRITON_MAX_ROWS else CUDA_FIRST
 
 

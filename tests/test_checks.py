@@ -183,6 +183,7 @@ def test_auto_follows_the_measured_order(monkeypatch):
     assert _backends.resolve("sample", "auto", cuda, no_triton, _backends.TRITON_FIRST) == "cuda"
     assert _backends.decode_preference(12) == _backends.TRITON_FIRST
     assert _backends.decode_preference(768) == _backends.CUDA_FIRST
+    assert _backends.decode_preference(768, queries=4) == _backends.TRITON_FIRST
     assert _backends.sample_preference(1) == _backends.TRITON_FIRST
     assert _backends.sample_preference(32) == _backends.CUDA_FIRST
     assert _backends.sample_preference(256, top_k_bound=50) == _backends.TRITON_FIRST  # the candidate path
@@ -199,7 +200,9 @@ def test_auto_follows_the_measured_order(monkeypatch):
 
     monkeypatch.setattr(_backends, "resolve", spy)
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
-    fastgpt.attention(q, k, k)
+    fastgpt.attention(q[:, :, :1], k, k)
+    assert seen["attention"] == _backends.TRITON_FIRST  # one query, few rows: the decode kernels' order
+    fastgpt.attention(torch.randn(2, 4, 17, 8), k, k)
     fastgpt.decode_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32))
     fastgpt.layer_norm(torch.randn(2, 8), None, None)
     fastgpt.sample(torch.randn(3, 10), temperature=0.0)

@@ -80,8 +80,11 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     _checks.flag("causal", causal)
     _checks.flag("return_lse", return_lse)
     scale = _checks.scale(scale, D)
-    flops = 4 * B * Hq * Sq * Sk * D / (2 if causal else 1)
-    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), _backends.attention_preference(flops))
+    if Sq <= SPLIT_KV_MAX_QUERIES:  # the decode kernels run it (_few_queries)
+        preference = _backends.decode_preference(B * k.shape[1], Sq)
+    else:
+        preference = _backends.attention_preference(4 * B * Hq * Sq * Sk * D / (2 if causal else 1))
+    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), preference)
     if q.numel() == 0 or Sk == 0:
         out = q.new_zeros(B, Hq, Sq, D)
         lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=device)

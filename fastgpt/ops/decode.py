@@ -58,7 +58,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
                              f"got shape {tuple(counters.shape)}")  # fmt: skip
     scale = _checks.scale(scale, D)
     name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax),
-                             _backends.decode_preference(B * k_cache.shape[1]))
+                             _backends.decode_preference(B * k_cache.shape[1], Sq))
     if q.numel() == 0 or Smax == 0:
         out = q.new_zeros(B, Hq, Sq, D)
         return AttentionOutput(out, q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)) if return_lse else out
