@@ -18,7 +18,6 @@ namespace fastgpt {
 namespace {
 
 using Strides3 = std::array<int64_t, 3>;
-using Strides2 = std::array<int64_t, 2>;
 constexpr int64_t kMaxGridYZ = 65535;
 constexpr int64_t kMaxInt = 2147483647;
 constexpr int64_t kMaxSeqlen = int64_t(1) << 30;
@@ -122,59 +121,70 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t o, uintptr_t lse
 
 void decode_attention(uintptr_t q, uintptr_t k_cache, uintptr_t v_cache, uintptr_t seqlens, uintptr_t o,
                       uintptr_t o_partial, uintptr_t lse_partial, uintptr_t counters, int64_t num_counters,
-                      uintptr_t lse, uintptr_t mask, Strides2 stride_mask,
-                      int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t head_dim,
-                      int64_t num_splits, Strides2 stride_q, Strides3 stride_k, Strides3 stride_v, Strides2 stride_o,
-                      double scale, int dtype, int device, uintptr_t stream, bool pdl) {
+                      uintptr_t lse, uintptr_t mask, Strides3 stride_mask, int64_t batch, int64_t heads_q,
+                      int64_t heads_kv, int64_t seqlen_q, int64_t max_seqlen, int64_t head_dim, int64_t num_splits,
+                      Strides3 stride_q, Strides3 stride_k, Strides3 stride_v, bool causal, double scale, int dtype,
+                      int device, uintptr_t stream, bool pdl) {
     const char* kernel = "decode_attention";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, batch, heads_q, heads_kv);
+    require(seqlen_q >= 1 && seqlen_q <= kMaxSeqlen, kernel, "seqlen_q must be in [1, 2^30], got ", seqlen_q);
     require(max_seqlen >= 1 && max_seqlen <= kMaxSeqlen, kernel, "max_seqlen must be in [1, 2^30], got ",
             max_seqlen);
     require(num_splits >= 1 && num_splits <= 64, kernel, "num_splits must be in [1, 64], got ", num_splits);
-    require(batch * heads_q * num_splits <= kMaxInt, kernel, "batch * heads_q * num_splits is too large");
+    // Flat (row, head, query) rows index the outputs and the combine kernel's grid in int.
+    const int64_t rows = batch * heads_q * seqlen_q;  // < 2^62: batch and heads_q < 2^16, seqlen_q <= 2^30
+    require(rows <= kMaxInt && rows * num_splits <= kMaxInt, kernel,
+            "batch * heads_q * seqlen_q * num_splits is too large");
+    require(decode_tiles(int(heads_q), int(heads_kv), int(seqlen_q)) <= kMaxGridYZ, kernel,
+            "too many (query head, query) tiles for the grid: heads_kv * ceil(heads_q / heads_kv * seqlen_q / 8) "
+            "must be <= 65535, got heads_q ", heads_q, ", heads_kv ", heads_kv, ", seqlen_q ", seqlen_q);
     require_vector_ready(q, stride_q, kernel, "q");
     require_vector_ready(k_cache, stride_k, kernel, "k_cache");
     require_vector_ready(v_cache, stride_v, kernel, "v_cache");
     require(seqlens != 0 && seqlens % 4 == 0, kernel, "cache_seqlens must be a non-null, aligned int32 pointer");
-    require(o != 0 && o % 2 == 0 && stride_o[0] >= 0 && stride_o[1] >= 0, kernel, "o must be a valid output");
+    require(o != 0 && o % 2 == 0, kernel, "o must be a valid output");
     require(num_splits == 1 || (o_partial != 0 && lse_partial != 0 && o_partial % 4 == 0 && lse_partial % 4 == 0),
             kernel, "num_splits > 1 needs the fp32 workspaces o_partial and lse_partial");
-    require(counters == 0 || (counters % 4 == 0 && num_counters >= batch * heads_q), kernel,
-            "counters must be null or an aligned int32 array of at least batch * heads_q = ", batch * heads_q,
+    require(counters == 0 || (counters % 4 == 0 && num_counters >= rows), kernel,
+            "counters must be null or an aligned int32 array of at least batch * heads_q * seqlen_q = ", rows,
             " zeros, got ", num_counters);
     require(lse % 4 == 0, kernel, "lse must be null or an aligned fp32 pointer");
     require_mask_strides(kernel, mask, stride_mask);
     DecodeParams p{ptr(q), ptr(k_cache), ptr(v_cache), static_cast<const int32_t*>(ptr(seqlens)), mut_ptr(o),
                    static_cast<float*>(mut_ptr(o_partial)), static_cast<float*>(mut_ptr(lse_partial)),
                    static_cast<int32_t*>(mut_ptr(counters)), static_cast<float*>(mut_ptr(lse)),
-                   static_cast<const uint8_t*>(ptr(mask)), stride_mask[0], stride_mask[1], stride_q[0], stride_q[1],
-                   stride_k[0], stride_k[1], stride_k[2], stride_v[0], stride_v[1], stride_v[2], stride_o[0],
-                   stride_o[1], int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(head_dim),
-                   int(num_splits), float(scale), type, pdl};
+                   static_cast<const uint8_t*>(ptr(mask)), stride_mask[0], stride_mask[1], stride_mask[2],
+                   stride_q[0], stride_q[1], stride_q[2], stride_k[0], stride_k[1], stride_k[2], stride_v[0],
+                   stride_v[1], stride_v[2], int(batch), int(heads_q), int(heads_kv), int(seqlen_q), int(max_seqlen),
+                   int(head_dim), int(num_splits), float(scale), causal, type, pdl};
     DeviceGuard guard(device, kernel);
     check_cuda(decode_attention_forward(p, stream_of(stream)), kernel);
 }
 
-int num_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t max_seqlen, int64_t sm_count,
-               int64_t blocks_per_sm) {
+int num_splits(int64_t batch, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, int64_t max_seqlen,
+               int64_t sm_count, int64_t blocks_per_sm) {
     const char* kernel = "decode_num_splits";
-    require(batch >= 1 && heads_kv >= 1 && heads_q >= heads_kv && heads_q % heads_kv == 0 && max_seqlen >= 1 &&
-                sm_count >= 1 && batch <= kMaxInt && heads_q <= kMaxInt && max_seqlen <= kMaxInt && sm_count <= 1 << 20,
+    require(batch >= 1 && heads_kv >= 1 && heads_q >= heads_kv && heads_q % heads_kv == 0 && seqlen_q >= 1 &&
+                max_seqlen >= 1 && sm_count >= 1 && batch <= kMaxInt && heads_q <= kMaxInt &&
+                seqlen_q <= kMaxInt && max_seqlen <= kMaxInt && sm_count <= 1 << 20,
             kernel, "invalid shapes");
     require(blocks_per_sm >= 1 && blocks_per_sm <= 1024, kernel, "blocks_per_sm must be in [1, 1024], got ",
             blocks_per_sm);
-    return decode_num_splits(int(batch), int(heads_q), int(heads_kv), int(max_seqlen), int(sm_count),
+    return decode_num_splits(int(batch), int(heads_q), int(heads_kv), int(seqlen_q), int(max_seqlen), int(sm_count),
                              int(blocks_per_sm));
 }
 
-int blocks_per_sm(int dtype, int64_t head_dim, int64_t heads_q, int64_t heads_kv, bool masked, int device) {
+int blocks_per_sm(int dtype, int64_t head_dim, int64_t heads_q, int64_t heads_kv, int64_t seqlen_q, bool masked,
+                  int device) {
     const char* kernel = "decode_blocks_per_sm";
     const DType type = dtype_of(dtype, kernel, false);
     require_head_layout(kernel, head_dim, 1, heads_q, heads_kv);
+    require(seqlen_q >= 1 && seqlen_q <= kMaxSeqlen, kernel, "seqlen_q must be in [1, 2^30], got ", seqlen_q);
     DeviceGuard guard(device, kernel);
     int blocks = 0;
-    check_cuda(decode_blocks_per_sm(type, int(head_dim), int(heads_q), int(heads_kv), masked, &blocks), kernel);
+    check_cuda(decode_blocks_per_sm(type, int(head_dim), int(heads_q), int(heads_kv), int(seqlen_q), masked, &blocks),
+               kernel);
     return blocks;
 }
 
@@ -254,20 +264,21 @@ PYBIND11_MODULE(_C, m) {
     m.def("decode_attention", &decode_attention, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"),
           py::arg("seqlens"), py::arg("o"), py::arg("o_partial"), py::arg("lse_partial"), py::arg("counters"),
           py::arg("num_counters"), py::arg("lse"), py::arg("mask"), py::arg("stride_mask"), py::arg("batch"),
-          py::arg("heads_q"), py::arg("heads_kv"), py::arg("max_seqlen"), py::arg("head_dim"), py::arg("num_splits"),
-          py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("stride_o"), py::arg("scale"),
-          py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
-          "Split-KV decode attention; q/o strides are (batch, head), cache strides (batch, head, seq); "
-          "counters (0 or num_counters int32 zeros): the last split to finish merges (one launch); lse: 0, or "
-          "(batch, heads_q) fp32 contiguous for each row's log-sum-exp (natural log); mask: 0, or bool "
-          "(batch, heads_q, max_seqlen) at stride_mask (batch, head; positions at stride 1), 0 hiding a position; "
-          "pdl: launch as programmatic dependents (sm_90 code).");
+          py::arg("heads_q"), py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("max_seqlen"), py::arg("head_dim"),
+          py::arg("num_splits"), py::arg("stride_q"), py::arg("stride_k"), py::arg("stride_v"), py::arg("causal"),
+          py::arg("scale"), py::arg("dtype"), py::arg("device"), py::arg("stream"), py::arg("pdl"),
+          "Split-KV decode attention of seqlen_q queries a row, the row's last positions (causal: query i sees "
+          "positions <= len - seqlen_q + i); q/cache strides are (batch, head, seq); o: (batch, heads_q, seqlen_q, "
+          "head_dim) contiguous; counters (0 or num_counters int32 zeros): the last split to finish merges (one "
+          "launch); lse: 0, or (batch, heads_q, seqlen_q) fp32 contiguous for each query's log-sum-exp (natural "
+          "log); mask: 0, or bool (batch, heads_q, seqlen_q, max_seqlen) at stride_mask (batch, head, query; "
+          "positions at stride 1), 0 hiding a position; pdl: launch as programmatic dependents (sm_90 code).");
     m.def("decode_num_splits", &num_splits, py::arg("batch"), py::arg("heads_q"), py::arg("heads_kv"),
-          py::arg("max_seqlen"), py::arg("sm_count"), py::arg("blocks_per_sm"),
+          py::arg("seqlen_q"), py::arg("max_seqlen"), py::arg("sm_count"), py::arg("blocks_per_sm"),
           "How many KV splits decode_attention uses for these shapes on a GPU of sm_count SMs holding "
           "blocks_per_sm split blocks each.");
     m.def("decode_blocks_per_sm", &blocks_per_sm, py::arg("dtype"), py::arg("head_dim"), py::arg("heads_q"),
-          py::arg("heads_kv"), py::arg("masked"), py::arg("device"),
+          py::arg("heads_kv"), py::arg("seqlen_q"), py::arg("masked"), py::arg("device"),
           "Split blocks of decode_attention (with a mask, or without) that one SM of the device holds at once "
           "(CUDA's occupancy).");
     m.def("layer_norm", &layer_norm, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("bias"),

@@ -1,13 +1,18 @@
-// Decode attention: one query token per (row, head) over a static KV cache, split-KV.
+// Decode attention: Sq query tokens per (row, head) over a static KV cache, split-KV. Sq is 1 in
+// a decode step; more for speculative decoding's drafts or a prompt's chunk, the row's last Sq
+// positions: query i of row b stands at position len - Sq + i and, causal, sees positions
+// j <= len - Sq + i (all j < len otherwise).
 //
-// decode_split_kernel: block (split, kv head and query-head tile, row) attends its GROUP query
-// heads (sharing one read of the kv head, GQA) to its share of the row's valid positions
-// [0, len). With one split it writes the output directly; otherwise it writes a normalised
-// partial output and its log-sum-exp, and the splits are merged: given the caller's counters,
-// by the last block of each (row, tile) to finish (one launch), else by decode_combine_kernel.
-// Given p.lse, each (row, head)'s log-sum-exp is stored beside its output (natural log). Given
-// p.mask (transformers' padded decode steps), a position it hides from a query head is one that
-// head does not see; a head that sees none gets zeros.
+// The "rows" of a kv head are its (query head, query) pairs, flattened p = g * Sq + i over the
+// group_size * Sq pairs, whose flat (b, h, i) indices are consecutive. decode_split_kernel: block
+// (split, kv head and row tile, batch row) attends its GROUP rows (sharing one read of the kv
+// head: GQA, and the queries of a head) to its share of the row's valid positions [0, len). With
+// one split it writes the output directly; otherwise it writes a normalised partial output and
+// its log-sum-exp, and the splits are merged: given the caller's counters, by the last block of
+// each (batch row, tile) to finish (one launch), else by decode_combine_kernel. Given p.lse, each
+// query's log-sum-exp is stored beside its output (natural log). Given p.mask (transformers'
+// padded decode steps), a position it hides from a (head, query) is one that query does not see.
+// A query that sees no position gets zeros and an lse of -inf.
 // The lengths are read on the device (clamped to [0, Smax]) so nothing syncs the host.
 // Both kernels wait for the previous grid before touching memory, so that on sm_90 and later they
 // launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
@@ -53,8 +58,8 @@ __device__ __forceinline__ void merge_key_groups(float (&m)[GROUP], float (&l)[G
     }
 }
 
-// Element d of (row, head) `bh` = b * Hq + h merged from its splits' partial outputs, and the
-// row's log-sum-exp over them (log2 domain):
+// Element d of flat row `row` = (b * Hq + h) * Sq + i merged from its splits' partial outputs,
+// and the row's log-sum-exp over them (log2 domain):
 //   o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  lse = M + log2 sum_s 2^(lse_s - M),  M = max_s lse_s
 // o = 0 and lse = -inf where every split was empty (M = -inf), NaN where a split's is (M is then
 // NaN). The loads go to L2 (.cg): other blocks, on other SMs, may have written the partials in
@@ -63,9 +68,9 @@ struct Merged {
     float o, lse;
 };
 
-__device__ __forceinline__ Merged merged_split_output(const DecodeParams& p, int64_t bh, int d) {
-    const float* lse = p.lse_partial + bh * p.num_splits;                  // (num_splits,)
-    const float* o = p.o_partial + bh * p.num_splits * p.head_dim + d;  // (num_splits,) at stride D
+__device__ __forceinline__ Merged merged_split_output(const DecodeParams& p, int64_t row, int d) {
+    const float* lse = p.lse_partial + row * p.num_splits;                  // (num_splits,)
+    const float* o = p.o_partial + row * p.num_splits * p.head_dim + d;  // (num_splits,) at stride D
     float m = -INFINITY;
     for (int s = 0; s < p.num_splits; ++s) {
         const float x = __ldcg(lse + s);
@@ -81,22 +86,22 @@ __device__ __forceinline__ Merged merged_split_output(const DecodeParams& p, int
     return {num / den, m + log2f(den)};
 }
 
-// Writes element d of (row, head) bh merged from its splits (output at element offset `o_at`),
-// and with p.lse its log-sum-exp (natural log) once (d == 0).
+// Writes element d of flat row `row` merged from its splits, and with p.lse its log-sum-exp
+// (natural log) once (d == 0).
 template <typename T>
-__device__ __forceinline__ void write_merged(const DecodeParams& p, int64_t bh, int d, int64_t o_at) {
-    const Merged merged = merged_split_output(p, bh, d);
-    static_cast<T*>(p.o)[o_at] = from_float<T>(merged.o);
-    if (p.lse != nullptr && d == 0) p.lse[bh] = merged.lse * kLn2;
+__device__ __forceinline__ void write_merged(const DecodeParams& p, int64_t row, int d) {
+    const Merged merged = merged_split_output(p, row, d);
+    static_cast<T*>(p.o)[row * p.head_dim + d] = from_float<T>(merged.o);
+    if (p.lse != nullptr && d == 0) p.lse[row] = merged.lse * kLn2;
 }
 
-// Merges the kWarps states of each of the tile's `heads` query heads from h0 (one thread per
-// (head, d)) and writes its output, or with several splits its partial output and log-sum-exp.
+// Merges the kWarps states of each of the tile's `rows` rows from flat row row0 (one thread per
+// (row, d)) and writes its output, or with several splits its partial output and log-sum-exp.
 template <typename T, int D, int GROUP>
-__device__ __forceinline__ void write_heads(const DecodeParams& p, const float (&s_m)[kWarps][GROUP],
-                                            const float (&s_l)[kWarps][GROUP], const float (&s_acc)[kWarps][GROUP][D],
-                                            int b, int h0, int heads, int split) {
-    for (int i = threadIdx.x; i < heads * D; i += kThreads) {
+__device__ __forceinline__ void write_rows(const DecodeParams& p, const float (&s_m)[kWarps][GROUP],
+                                           const float (&s_l)[kWarps][GROUP], const float (&s_acc)[kWarps][GROUP][D],
+                                           int64_t row0, int rows, int split) {
+    for (int i = threadIdx.x; i < rows * D; i += kThreads) {
         const int g = i / D, d = i % D;
         float m_all = -INFINITY;
 #pragma unroll
@@ -110,51 +115,51 @@ __device__ __forceinline__ void write_heads(const DecodeParams& p, const float (
         }
         o = l_all != 0.0f ? o / l_all : 0.0f;  // a NaN score (a NaN in the cache) gives NaN, as SDPA
         const float lse = l_all != 0.0f ? m_all + log2f(l_all) : -INFINITY;  // log2 domain
-        const int h = h0 + g;
-        const int64_t bh = int64_t(b) * p.heads_q + h;
+        const int64_t row = row0 + g;
         if (p.num_splits == 1) {
-            static_cast<T*>(p.o)[b * p.stride_o_b + h * p.stride_o_h + d] = from_float<T>(o);
-            if (p.lse != nullptr && d == 0) p.lse[bh] = lse * kLn2;
+            static_cast<T*>(p.o)[row * D + d] = from_float<T>(o);
+            if (p.lse != nullptr && d == 0) p.lse[row] = lse * kLn2;
         } else {
-            const int64_t row = bh * p.num_splits + split;
-            p.o_partial[row * D + d] = o;
-            if (d == 0) p.lse_partial[row] = lse;
+            const int64_t at = row * p.num_splits + split;
+            p.o_partial[at * D + d] = o;
+            if (d == 0) p.lse_partial[at] = lse;
         }
     }
 }
 
-// With the caller's counters (zero between launches; a tile counts at its first head, b * Hq + h0):
+// With the caller's counters (zero between launches; a tile counts at its first flat row, row0):
 // the block whose split finishes last among its tile's splits merges them into o for the tile's
-// `heads` query heads from h0, and zeroes the counter again for the next launch.
+// `rows` rows from row0, and zeroes the counter again for the next launch.
 template <typename T>
-__device__ void merge_splits_if_last(const DecodeParams& p, int b, int h0, int heads, int64_t counter) {
+__device__ void merge_splits_if_last(const DecodeParams& p, int64_t row0, int rows) {
     __threadfence();  // this thread's partials are visible device-wide before the count says so
     __syncthreads();
     int last = 0;
     if (threadIdx.x == 0) {
-        last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
-        if (last) p.counters[counter] = 0;  // every other split of the tile has counted already
+        last = atomicAdd(p.counters + row0, 1) == p.num_splits - 1;
+        if (last) p.counters[row0] = 0;  // every other split of the tile has counted already
     }
     if (!__syncthreads_or(last)) return;
     __threadfence();  // and the other blocks' partials are seen after it
-    for (int i = threadIdx.x; i < heads * p.head_dim; i += blockDim.x) {
-        const int h = h0 + i / p.head_dim, d = i % p.head_dim;
-        write_merged<T>(p, int64_t(b) * p.heads_q + h, d, b * p.stride_o_b + h * p.stride_o_h + d);
-    }
+    for (int i = threadIdx.x; i < rows * p.head_dim; i += blockDim.x)
+        write_merged<T>(p, row0 + i / p.head_dim, i % p.head_dim);
 }
 
 }  // namespace
 
-// For query head h (one of GROUP sharing kv head kvh) and positions j in [start, end):
-//   s_j = (q_h . k_j) * scale * log2(e),   o_h = sum_j 2^(s_j - m) v_j / sum_j 2^(s_j - m)
+// For row r (one of GROUP (query head, query) pairs sharing kv head kvh) and positions j in
+// [start, end) that it sees:
+//   s_j = (q_r . k_j) * scale * log2(e),   o_r = sum_j 2^(s_j - m) v_j / sum_j 2^(s_j - m)
 // with m = max_j s_j, accumulated online. Thread layout: D / 8 lanes ("a key group") split one
 // key's head dim into 16-byte chunks; the block's 4 * 32 / (D / 8) key groups take interleaved
 // keys, and their running (m, l, acc) states are merged by shuffles, then across warps in
 // shared memory.
-// One query head a block (MHA) asks for 5 blocks an SM: 96 registers on sm_90a and no spills,
-// against 105 (4 blocks) unbounded; each block's loads in flight are what the memory system sees.
-// MASKED reads each position's mask byte of every head beside its key.
-template <typename T, int D, int GROUP, bool MASKED>
+// One query head a block (MHA, Sq == 1) asks for 5 blocks an SM: 96 registers on sm_90a and no
+// spills, against 105 (4 blocks) unbounded; each block's loads in flight are what the memory
+// system sees. MASKED reads each position's mask byte of every row beside its key. MULTI (Sq > 1)
+// keeps each row's own limit (causal) and runs the keys to the tile's largest; without it (a decode
+// step) every row sees [start, end) and the code is the one-query kernel's.
+template <typename T, int D, int GROUP, bool MASKED, bool MULTI>
 __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decode_split_kernel(DecodeParams p) {
     constexpr int LANES_PER_KEY = D / 8;
     constexpr int KEYS_PER_WARP = 32 / LANES_PER_KEY;
@@ -168,28 +173,40 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int key_in_warp = lane / LANES_PER_KEY, d0 = (lane % LANES_PER_KEY) * 8;
     const int split = blockIdx.x, b = blockIdx.z;
-    const int group_size = p.heads_q / p.heads_kv;
-    const int tiles = ceil_div(group_size, GROUP);
-    const int kvh = blockIdx.y / tiles, h0 = kvh * group_size + (blockIdx.y % tiles) * GROUP;
-    const int heads = min(GROUP, kvh * group_size + group_size - h0);  // valid heads in this tile
+    const int group_size = p.heads_q / p.heads_kv, sq = MULTI ? p.seqlen_q : 1;
+    const int tiles = ceil_div(group_size * sq, GROUP);
+    const int kvh = blockIdx.y / tiles;
+    // The tile's first row within the batch row, h * Sq + i: its rows are consecutive ones there.
+    const int first = kvh * group_size * sq + (blockIdx.y % tiles) * GROUP;
+    const int rows = min(GROUP, (kvh + 1) * group_size * sq - first);  // valid rows in this tile
 
     const int len = min(max(p.seqlens[b], 0), p.max_seqlen);
     const int per_split = ceil_div(len, p.num_splits);
-    const int start = split * per_split, end = min(len, start + per_split);
+    const int start = split * per_split, split_end = min(len, start + per_split);
 
     const T* k = static_cast<const T*>(p.k_cache) + b * p.stride_k_b + kvh * p.stride_k_h + d0;  // (Smax, D)
     const T* v = static_cast<const T*>(p.v_cache) + b * p.stride_v_b + kvh * p.stride_v_h + d0;  // (Smax, D)
 
-    // The mask of the tile's heads; padding heads read the last one's, as their queries.
-    const uint8_t* mask = MASKED ? p.mask + b * p.stride_mask_b + h0 * p.stride_mask_h : nullptr;
-
     float q[GROUP][8], m[GROUP], l[GROUP], acc[GROUP][8];
+    // MASKED: row g's mask over the positions; with one query, row 0's only (row g's is g heads on).
+    [[maybe_unused]] const uint8_t* mask[GROUP];
+    if constexpr (MASKED && !MULTI) mask[0] = p.mask + b * p.stride_mask_b + first * p.stride_mask_h;
+    [[maybe_unused]] int limit[GROUP];            // MULTI: row g sees the positions before limit[g]
+    int end = MULTI ? start : split_end;          // the keys loaded: up to the tile's largest limit
 #pragma unroll
     for (int g = 0; g < GROUP; ++g) {
-        const int h = min(h0 + g, h0 + heads - 1);  // padding heads repeat the last one, unwritten
-        Vec<T, 8> qv = load_vec<T, 8>(static_cast<const T*>(p.q) + b * p.stride_q_b + h * p.stride_q_h + d0);
+        const int row = first + min(g, rows - 1);  // padding rows repeat the last one, unwritten
+        const int h = row / sq, i = row % sq;
+        Vec<T, 8> qv = load_vec<T, 8>(static_cast<const T*>(p.q) + b * p.stride_q_b + h * p.stride_q_h +
+                                      i * p.stride_q_s + d0);
 #pragma unroll
         for (int j = 0; j < 8; ++j) q[g][j] = to_float(qv.v[j]) * p.scale * kLog2e;
+        if constexpr (MASKED && MULTI)
+            mask[g] = p.mask + b * p.stride_mask_b + h * p.stride_mask_h + i * p.stride_mask_s;
+        if constexpr (MULTI) {
+            limit[g] = min(split_end, p.causal ? len - sq + 1 + i : len);
+            end = max(end, limit[g]);
+        }
         m[g] = -INFINITY;
         l[g] = 0.0f;
 #pragma unroll
@@ -199,7 +216,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
     // The loop bound depends only on the warp, so shuffles below see the whole warp.
     for (int base = start + warp * KEYS_PER_WARP; base < end; base += UNROLL * KEYS_PER_STEP) {
         Vec<T, 8> kv[UNROLL], vv[UNROLL];
-        [[maybe_unused]] bool hidden[GROUP][UNROLL];  // MASKED: the position is past `end` or hidden from head g
+        [[maybe_unused]] bool hidden[GROUP][UNROLL];  // MASKED: the position is past row g's limit or hidden from it
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int key = base + u * KEYS_PER_STEP + key_in_warp;
@@ -212,8 +229,10 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
             }
             if constexpr (MASKED) {
 #pragma unroll
-                for (int g = 0; g < GROUP; ++g)
-                    hidden[g][u] = key >= end || mask[min(g, heads - 1) * p.stride_mask_h + key] == 0;
+                for (int g = 0; g < GROUP; ++g) {
+                    const uint8_t* row = MULTI ? mask[g] : mask[0] + min(g, rows - 1) * p.stride_mask_h;
+                    hidden[g][u] = key >= (MULTI ? limit[g] : end) || row[key] == 0;
+                }
             }
         }
 #pragma unroll
@@ -227,7 +246,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
 #pragma unroll
                 for (int offset = LANES_PER_KEY / 2; offset > 0; offset >>= 1)
                     s[u] += __shfl_xor_sync(FULL_MASK, s[u], offset);
-                bool unseen = base + u * KEYS_PER_STEP + key_in_warp >= end;
+                bool unseen = base + u * KEYS_PER_STEP + key_in_warp >= (MULTI ? limit[g] : end);
                 if constexpr (MASKED) unseen = hidden[g][u];
                 if (unseen) s[u] = -INFINITY;
                 m_new = fmaxf(m_new, s[u]);
@@ -262,49 +281,56 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
     }
     __syncthreads();
 
-    write_heads<T, D, GROUP>(p, s_m, s_l, s_acc, b, h0, heads, split);
-    // The counter's index from values live here: blockIdx.y kept to this point spilled at 96 registers.
-    if (p.num_splits > 1 && p.counters != nullptr)
-        merge_splits_if_last<T>(p, b, h0, heads, int64_t(b) * p.heads_q + h0);
+    // Taken from values live here: blockIdx.y kept to this point spilled the MHA kernel at 96
+    // registers, and so did row0 taken before the loop.
+    const int64_t row0 = int64_t(b) * p.heads_q * sq + first;
+    write_rows<T, D, GROUP>(p, s_m, s_l, s_acc, row0, rows, split);
+    if (p.num_splits > 1 && p.counters != nullptr) merge_splits_if_last<T>(p, row0, rows);
 }
 
-// Merges the splits of each (row, query head): one block per (row, head), a thread per element.
+// Merges the splits of each flat (row, query head, query) row: one block a row, a thread per element.
 template <typename T>
 __global__ void decode_combine_kernel(DecodeParams p) {
     wait_for_previous_grid();
-    const int b = blockIdx.x / p.heads_q, h = blockIdx.x % p.heads_q;
-    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x)
-        write_merged<T>(p, blockIdx.x, d, b * p.stride_o_b + h * p.stride_o_h + d);
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) write_merged<T>(p, blockIdx.x, d);
 }
 
 // ----------------------------------------------------------------------------- host dispatch
 
 namespace {
 
-int group_tile(int group_size) {
+// Rows a block takes: a kv head's (query head, query) pairs, up to kMaxGroup, a power of two.
+int group_tile(int64_t pairs) {
     int g = 1;
-    while (g < group_size && g < kMaxGroup) g *= 2;
+    while (g < pairs && g < kMaxGroup) g *= 2;
     return g;
 }
 
-template <typename T, int D, bool MASKED = false>
+// The split kernel for a tile of `tile` rows; with several queries (MULTI) a tile is never 1 row.
+template <typename T, int D, bool MASKED, bool MULTI>
 auto split_kernel(int tile) {
     switch (tile) {
-        case 1: return decode_split_kernel<T, D, 1, MASKED>;
-        case 2: return decode_split_kernel<T, D, 2, MASKED>;
-        case 4: return decode_split_kernel<T, D, 4, MASKED>;
-        default: return decode_split_kernel<T, D, 8, MASKED>;
+        case 1: return decode_split_kernel<T, D, MULTI ? 2 : 1, MASKED, MULTI>;
+        case 2: return decode_split_kernel<T, D, 2, MASKED, MULTI>;
+        case 4: return decode_split_kernel<T, D, 4, MASKED, MULTI>;
+        default: return decode_split_kernel<T, D, 8, MASKED, MULTI>;
     }
 }
 
 template <typename T, int D>
+auto split_kernel(int tile, bool masked, bool multi) {
+    if (multi) return masked ? split_kernel<T, D, true, true>(tile) : split_kernel<T, D, false, true>(tile);
+    return masked ? split_kernel<T, D, true, false>(tile) : split_kernel<T, D, false, false>(tile);
+}
+
+template <typename T, int D>
 cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
-    const int group_size = p.heads_q / p.heads_kv, tile = group_tile(group_size);
-    const dim3 grid(p.num_splits, p.heads_kv * ceil_div(group_size, tile), p.batch);
-    const auto kernel = p.mask != nullptr ? split_kernel<T, D, true>(tile) : split_kernel<T, D>(tile);
+    const int pairs = p.heads_q / p.heads_kv * p.seqlen_q, tile = group_tile(pairs);
+    const dim3 grid(p.num_splits, p.heads_kv * ceil_div(pairs, tile), p.batch);
+    const auto kernel = split_kernel<T, D>(tile, p.mask != nullptr, p.seqlen_q > 1);
     cudaError_t err = launch_kernel(kernel, grid, kThreads, 0, stream, p.pdl, p);
     if (err != cudaSuccess || p.num_splits == 1 || p.counters != nullptr) return err;
-    const dim3 rows(p.batch * p.heads_q), threads(std::min(p.head_dim, 128));
+    const dim3 rows(p.batch * p.heads_q * p.seqlen_q), threads(std::min(p.head_dim, 128));
     return launch_kernel(decode_combine_kernel<T>, rows, threads, 0, stream, p.pdl, p);
 }
 
@@ -319,12 +345,16 @@ cudaError_t launch_dim(const DecodeParams& p, cudaStream_t stream) {
 
 // Split-kernel blocks of one configuration that an SM holds at once (registers, shared memory).
 template <typename T, int D>
-cudaError_t resident_blocks(int tile, bool masked, int* blocks) {
-    const auto kernel = masked ? split_kernel<T, D, true>(tile) : split_kernel<T, D>(tile);
-    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, kernel, kThreads, 0);
+cudaError_t resident_blocks(int tile, bool masked, bool multi, int* blocks) {
+    return cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, split_kernel<T, D>(tile, masked, multi), kThreads, 0);
 }
 
 }  // namespace
+
+int64_t decode_tiles(int heads_q, int heads_kv, int seqlen_q) {
+    const int64_t pairs = int64_t(heads_q / heads_kv) * seqlen_q;
+    return heads_kv * ceil_div<int64_t>(pairs, group_tile(pairs));
+}
 
 // The fewest splits whose grid fills its last wave over the GPU (sm_count * blocks_per_sm blocks
 // run at a time) to kWaveFill or more; where no split count gets there (a grid short of one
@@ -333,9 +363,9 @@ cudaError_t resident_blocks(int tile, bool masked, int* blocks) {
 // waves (B64 H12 in one split on an H200: 768 blocks, 4 an SM) leaves a third of the second
 // wave's slots idle while its blocks stream their whole rows. Depends on shapes and the GPU only
 // (the lengths live on the device), so a CUDA graph captured once stays valid.
-int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count, int blocks_per_sm) {
-    const int group_size = heads_q / heads_kv;
-    const int64_t blocks = int64_t(batch) * heads_kv * ceil_div(group_size, group_tile(group_size));
+int decode_num_splits(int batch, int heads_q, int heads_kv, int seqlen_q, int max_seqlen, int sm_count,
+                      int blocks_per_sm) {
+    const int64_t blocks = batch * decode_tiles(heads_q, heads_kv, seqlen_q);
     const int64_t slots = int64_t(sm_count) * std::max(blocks_per_sm, 1);
     const int most = static_cast<int>(std::min<int64_t>(ceil_div<int64_t>(max_seqlen, kMinKeysPerSplit), kMaxSplits));
     int best = 1;
@@ -348,16 +378,18 @@ int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int 
     return best;
 }
 
-cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, bool masked, int* blocks) {
-    const int tile = group_tile(heads_q / heads_kv);
+cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, int seqlen_q, bool masked,
+                                 int* blocks) {
+    const int tile = group_tile(int64_t(heads_q / heads_kv) * seqlen_q);
+    const bool multi = seqlen_q > 1;
     *blocks = 0;
     switch (dtype) {
         case DType::kFloat16:
-            return head_dim == 64 ? resident_blocks<__half, 64>(tile, masked, blocks)
-                                  : resident_blocks<__half, 128>(tile, masked, blocks);
+            return head_dim == 64 ? resident_blocks<__half, 64>(tile, masked, multi, blocks)
+                                  : resident_blocks<__half, 128>(tile, masked, multi, blocks);
         case DType::kBFloat16:
-            return head_dim == 64 ? resident_blocks<__nv_bfloat16, 64>(tile, masked, blocks)
-                                  : resident_blocks<__nv_bfloat16, 128>(tile, masked, blocks);
+            return head_dim == 64 ? resident_blocks<__nv_bfloat16, 64>(tile, masked, multi, blocks)
+                                  : resident_blocks<__nv_bfloat16, 128>(tile, masked, multi, blocks);
         default: return cudaErrorInvalidValue;
     }
 }

@@ -35,36 +35,41 @@ struct AttentionParams {
 cudaError_t attention_forward(const AttentionParams& p, cudaStream_t stream);
 
 struct DecodeParams {
-    const void* q;            // (B, Hq, 1, D)
+    const void* q;            // (B, Hq, Sq, D): query i of row b stands at cache position len_b - Sq + i
     const void* k_cache;      // (B, Hkv, Smax, D)
     const void* v_cache;      // (B, Hkv, Smax, D)
     const int32_t* seqlens;   // (B,) valid positions per row, clamped to [0, Smax] on the device
-    void* o;                  // (B, Hq, 1, D)
-    float* o_partial;         // (B, Hq, num_splits, D) fp32 workspace; unused when num_splits == 1
-    float* lse_partial;       // (B, Hq, num_splits) fp32 workspace; unused when num_splits == 1
-    // nullptr, or B * Hq zeros (a tile of query heads counts at its first head): the last split of
-    // a tile to finish merges the tile's splits (no combine kernel) and zeroes its counter again.
+    void* o;                  // (B, Hq, Sq, D) contiguous
+    float* o_partial;         // (B, Hq, Sq, num_splits, D) fp32 workspace; unused when num_splits == 1
+    float* lse_partial;       // (B, Hq, Sq, num_splits) fp32 workspace; unused when num_splits == 1
+    // nullptr, or B * Hq * Sq zeros (a tile of (head, query) rows counts at its first row): the last
+    // split of a tile to finish merges the tile's splits (no combine kernel) and zeroes its counter again.
     int32_t* counters;
-    float* lse;  // nullptr, or (B, Hq) fp32 contiguous: each (row, head)'s natural-log log-sum-exp, -inf if empty
-    // nullptr, or bool (B, Hq, Smax) with unit position stride (strides 0 broadcast): 0 hides a position
+    float* lse;  // nullptr, or (B, Hq, Sq) fp32 contiguous: each query's natural-log log-sum-exp, -inf if empty
+    // nullptr, or bool (B, Hq, Sq, Smax) with unit position stride (strides 0 broadcast): 0 hides a position
     const uint8_t* mask;
-    int64_t stride_mask_b, stride_mask_h;
-    int64_t stride_q_b, stride_q_h;
+    int64_t stride_mask_b, stride_mask_h, stride_mask_s;
+    int64_t stride_q_b, stride_q_h, stride_q_s;
     int64_t stride_k_b, stride_k_h, stride_k_s;
     int64_t stride_v_b, stride_v_h, stride_v_s;
-    int64_t stride_o_b, stride_o_h;
-    int batch, heads_q, heads_kv, max_seqlen, head_dim, num_splits;
+    int batch, heads_q, heads_kv, seqlen_q, max_seqlen, head_dim, num_splits;
     float scale;
+    bool causal;  // query i sees positions j <= len_b - Sq + i (else every j < len_b); the same when Sq == 1
     DType dtype;  // fp16 or bf16
     bool pdl;     // launch as programmatic dependents (csrc/common.cuh's launch_kernel)
 };
 cudaError_t decode_attention_forward(const DecodeParams& p, cudaStream_t stream);
+// Split-kernel blocks of decode_attention_forward per (split, row): the tiles of (query head, query)
+// pairs over the kv heads.
+int64_t decode_tiles(int heads_q, int heads_kv, int seqlen_q);
 // Blocks of decode_attention_forward's split kernel for these settings that one SM of the current
 // device holds at once.
-cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, bool masked, int* blocks);
+cudaError_t decode_blocks_per_sm(DType dtype, int head_dim, int heads_q, int heads_kv, int seqlen_q, bool masked,
+                                 int* blocks);
 // The num_splits decode_attention_forward expects for these shapes on a GPU of sm_count SMs that
 // hold blocks_per_sm split blocks each (decode_blocks_per_sm).
-int decode_num_splits(int batch, int heads_q, int heads_kv, int max_seqlen, int sm_count, int blocks_per_sm);
+int decode_num_splits(int batch, int heads_q, int heads_kv, int seqlen_q, int max_seqlen, int sm_count,
+                      int blocks_per_sm);
 
 struct LayerNormParams {
     const void* x;         // (M, N), row stride stride_x

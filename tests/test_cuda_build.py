@@ -62,7 +62,7 @@ def test_fresh_build_produces_an_importable_elf_extension(tmp_path):
     probe = (
         "import importlib.util, sys; spec = importlib.util.spec_from_file_location('fastgpt._C', sys.argv[1]); "
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); "
-        "print(m.archs, m.decode_num_splits(1, 8, 8, 4096, 100, 4))"
+        "print(m.archs, m.decode_num_splits(1, 8, 8, 1, 4096, 100, 4))"
     )
     out = subprocess.run([sys.executable, "-c", probe, str(so)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -107,7 +107,7 @@ def test_inplace_extension_is_elf_and_has_the_kernels():
 def test_extension_validates_before_touching_the_gpu():
     C = _built_extension()
     s3 = (8192, 1024, 64)
-    no_mask, no_mask2 = (0, (0, 0, 0)), (0, (0, 0))  # the mask pointer and its strides
+    no_mask = (0, (0, 0, 0))  # the mask pointer and its strides
     with pytest.raises(ValueError, match=r"fastgpt\._C\.attention: head dim must be 64 or 128, got 96"):
         C.attention(16, 16, 16, 16, 0, *no_mask, 1, 1, 1, 1, 1, 96, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="unsupported dtype code 0"):
@@ -126,18 +126,6 @@ def test_extension_validates_before_touching_the_gpu():
         C.attention(16, 16, 16, 16, 18, *no_mask, 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
     with pytest.raises(ValueError, match="mask strides must be >= 0"):
         C.attention(16, 16, 16, 16, 0, 16, (0, -1, 1), 1, 1, 1, 1, 1, 64, s3, s3, s3, s3, False, 1.0, 1, 0, 0, False)
-    with pytest.raises(ValueError, match="num_splits > 1 needs"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 0, *no_mask2, 1, 1, 1, 8, 64, 2, (64, 64), s3, s3, (64, 64),
-                           1.0, 2, 0, 0, False)  # fmt: skip
-    with pytest.raises(ValueError, match=r"counters must be null or .* at least batch \* heads_q = 6 zeros, got 5"):
-        C.decode_attention(16, 16, 16, 16, 16, 16, 16, 16, 5, 0, *no_mask2, 2, 3, 1, 8, 64, 2, (192, 64), s3, s3,
-                           (192, 64), 1.0, 2, 0, 0, False)  # fmt: skip
-    with pytest.raises(ValueError, match="lse must be null or an aligned fp32 pointer"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 18, *no_mask2, 1, 1, 1, 8, 64, 1, (64, 64), s3, s3, (64, 64),
-                           1.0, 2, 0, 0, False)  # fmt: skip
-    with pytest.raises(ValueError, match="mask strides must be >= 0"):
-        C.decode_attention(16, 16, 16, 16, 16, 0, 0, 0, 0, 0, 16, (-8, 8), 1, 1, 1, 8, 64, 1, (64, 64), s3, s3,
-                           (64, 64), 1.0, 2, 0, 0, False)  # fmt: skip
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
@@ -153,6 +141,51 @@ def test_extension_validates_before_touching_the_gpu():
     assert C.sample_candidate_chunks(50257) == 50 and C.sample_candidate_chunks(1024) == 1
 
 
+def _decode_args(**changes) -> dict:
+    """decode_attention's binding arguments, valid (B 2, Hq 4, Hkv 2, Sq 3, Smax 8, D 64, 2 splits,
+    contiguous, pointers 16-byte aligned) but for `changes`."""
+    args = dict(q=16, k_cache=16, v_cache=16, seqlens=16, o=16, o_partial=16, lse_partial=16, counters=0,
+                num_counters=0, lse=0, mask=0, stride_mask=(0, 0, 0), batch=2, heads_q=4, heads_kv=2, seqlen_q=3,
+                max_seqlen=8, head_dim=64, num_splits=2, stride_q=(768, 192, 64), stride_k=(1024, 512, 64),
+                stride_v=(1024, 512, 64), causal=True, scale=0.125, dtype=2, device=0, stream=0, pdl=False)
+    return {**args, **changes}
+
+
+@requires_built
+@pytest.mark.parametrize("changes, message", [
+    ({"o_partial": 0}, "num_splits > 1 needs the fp32 workspaces"),
+    ({"counters": 16, "num_counters": 23},  # one per (row, head, query): 2 * 4 * 3
+     r"counters must be null or .* at least batch \* heads_q \* seqlen_q = 24 zeros, got 23"),
+    ({"lse": 18}, "lse must be null or an aligned fp32 pointer"),
+    ({"mask": 16, "stride_mask": (0, -8, 8)}, "mask strides must be >= 0"),
+    ({"mask": 16, "stride_mask": (0, 0, -8)}, "mask strides must be >= 0"),  # the query's
+    ({"seqlen_q": 0}, r"seqlen_q must be in \[1, 2\^30\], got 0"),
+    ({"seqlen_q": 2**30 + 1}, r"seqlen_q must be in \[1, 2\^30\]"),
+    ({"stride_q": (768, 192, 65)}, "q's strides must be multiples of 8"),  # the query stride
+    ({"batch": 65535, "heads_q": 65535, "heads_kv": 65535, "seqlen_q": 2},
+     r"batch \* heads_q \* seqlen_q \* num_splits is too large"),
+    ({"batch": 1, "heads_q": 64, "heads_kv": 64, "seqlen_q": 2**14},  # 64 kv heads x 2048 tiles of 8 queries
+     "too many .* tiles for the grid"),
+    ({"batch": 1, "heads_q": 64, "heads_kv": 8, "seqlen_q": 8192, "num_splits": 1},  # 8 x 8192 tiles: one too many
+     "too many .* tiles for the grid"),
+])  # fmt: skip
+def test_decode_binding_validates_its_arguments(changes, message):
+    """The decode binding's checks of several queries a row, each before anything is launched (the
+    pointers are not real: a launch would fault)."""
+    C = _built_extension()
+    with pytest.raises(ValueError, match=rf"fastgpt\._C\.decode_attention: {message}"):
+        C.decode_attention(**_decode_args(**changes))
+
+
+@requires_built
+def test_decode_occupancy_and_splits_validate_their_arguments():
+    C = _built_extension()
+    with pytest.raises(ValueError, match=r"decode_blocks_per_sm: seqlen_q must be in \[1, 2\^30\], got 0"):
+        C.decode_blocks_per_sm(dtype=2, head_dim=64, heads_q=1, heads_kv=1, seqlen_q=0, masked=False, device=0)
+    with pytest.raises(ValueError, match="decode_num_splits: invalid shapes"):
+        C.decode_num_splits(1, 8, 8, 0, 4096, 132, 4)
+
+
 def _nvcc(source: str, arch: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
     """csrc/<source>.cu compiled alone for `arch` into `out` (-c, -ptx, ... in flags); fails the test on an error."""
     src = Path(__file__).resolve().parents[1] / "csrc" / f"{source}.cu"
@@ -164,19 +197,20 @@ def _nvcc(source: str, arch: str, out: Path, *flags: str) -> subprocess.Complete
 
 @pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize("source, kernels", [("attention", 2 * 2 * 2), ("decode", 2 * 2 * 4 * 2 + 2)])
+@pytest.mark.parametrize("source, kernels", [("attention", 2 * 2 * 2), ("decode", 2 * 2 * (4 + 3) * 2 + 2)])
 def test_attention_kernels_do_not_spill(source, kernels, arch, tmp_path):
     """Every attention and decode kernel instance fits its registers (the unmasked MHA decode one
-    under a 5-blocks-an-SM bound)."""
+    under a 5-blocks-an-SM bound), those of several queries a row too."""
     import re
 
     proc = _nvcc(source, arch, tmp_path / "kernels.o", "-Xptxas", "-v", "-c")
     spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
     assert len(spills) == kernels
     assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
-    if source == "decode":  # the unmasked GQA tile of 2 heads (Hq = 2 Hkv) at 4 blocks an SM: <= 128 registers
+    if source == "decode":  # a decode step's unmasked GQA tile of 2 heads (Hq = 2 Hkv) at 4 blocks an SM: <= 128
         used = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", proc.stderr, re.S)
-        pairs = [int(n) for name, n in used if "decode_split_kernel" in name and "Li2ELb0E" in name]
+        # <T, D, GROUP 2, MASKED false, MULTI false>
+        pairs = [int(n) for name, n in used if "decode_split_kernel" in name and "Li2ELb0ELb0E" in name]
         assert len(pairs) == 4 and max(pairs) <= 128, pairs
 
 
@@ -184,7 +218,7 @@ def test_attention_kernels_do_not_spill(source, kernels, arch, tmp_path):
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
 @pytest.mark.parametrize("source, kernels", [
     ("attention", 2 * 2 * 2),        # (fp16, bf16) x (D 64, 128) x (masked or not)
-    ("decode", 2 * 2 * 4 * 2 + 2),   # ... x group tiles x (masked or not), and the combine kernels
+    ("decode", 2 * 2 * (4 + 3) * 2 + 2),  # ... x row tiles (one query: 1-8, several: 2-8) x masked, and combine
     ("layer_norm", 3 * 2 * 4 + 3),   # (fp32, fp16, bf16) x (16-byte, scalar) x (3 warp, 1 block), and looped
     ("sampling", 3 * 3),
 ])  # fmt: skip
@@ -209,15 +243,19 @@ def test_num_splits_fill_the_last_wave():
     """The fewest splits whose last wave over the GPU is at least 90% full, else the fullest; no
     split under 256 positions, at most 64; shapes and the GPU only."""
     C = _built_extension()
-    assert C.decode_num_splits(64, 12, 12, 4096, 132, 4) == 2  # 768 blocks: 1.45 waves of 528, 2.9 in 2 splits
-    assert C.decode_num_splits(44, 12, 12, 4096, 132, 4) == 1  # 528 blocks: one full wave
-    assert C.decode_num_splits(64, 32, 32, 128, 132, 4) == 1  # short cache: 256 positions a split at least
-    assert C.decode_num_splits(1, 12, 12, 1024, 132, 4) == 4  # short of a wave: as many as the length allows
-    assert C.decode_num_splits(1, 12, 12, 1 << 20, 132, 4) == 40  # 480 of 528 slots: the first 90% fill
-    assert C.decode_num_splits(1, 1, 1, 1 << 20, 132, 4) == 64  # at most 64
-    assert C.decode_num_splits(2, 64, 8, 4096, 132, 4) == 16  # GQA: 8 query heads a block, 16 blocks
+    assert C.decode_num_splits(64, 12, 12, 1, 4096, 132, 4) == 2  # 768 blocks: 1.45 waves of 528, 2.9 in 2 splits
+    assert C.decode_num_splits(44, 12, 12, 1, 4096, 132, 4) == 1  # 528 blocks: one full wave
+    assert C.decode_num_splits(64, 32, 32, 1, 128, 132, 4) == 1  # short cache: 256 positions a split at least
+    assert C.decode_num_splits(1, 12, 12, 1, 1024, 132, 4) == 4  # short of a wave: as many as the length allows
+    assert C.decode_num_splits(1, 12, 12, 1, 1 << 20, 132, 4) == 40  # 480 of 528 slots: the first 90% fill
+    assert C.decode_num_splits(1, 1, 1, 1, 1 << 20, 132, 4) == 64  # at most 64
+    assert C.decode_num_splits(2, 64, 8, 1, 4096, 132, 4) == 16  # GQA: 8 query heads a block, 16 blocks
+    # Several queries: a kv head's (query head, query) pairs in tiles of up to 8, one block each.
+    assert C.decode_num_splits(2, 64, 8, 4, 4096, 132, 4) == 8  # 32 pairs a kv head, 4 tiles: 64 blocks
+    assert C.decode_num_splits(64, 12, 12, 2, 4096, 132, 4) == 2  # MHA, 2 queries: one tile a head, as 1
+    assert C.decode_num_splits(1, 12, 12, 16, 1 << 20, 132, 4) == 20  # 2 tiles a head: 24 blocks, 480 in 20 splits
     with pytest.raises(ValueError, match=r"blocks_per_sm must be in \[1, 1024\], got 0"):
-        C.decode_num_splits(1, 12, 12, 1024, 132, 0)
+        C.decode_num_splits(1, 12, 12, 1, 1024, 132, 0)
 
 
 # ----------------------------------------------------------------------------- the launchers

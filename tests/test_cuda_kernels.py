@@ -64,10 +64,10 @@ def _tensor(values, dtype=None):
     return torch.tensor(values, dtype=dtype, device=DEVICE)
 
 
-def _num_splits(B, Hq, Hkv, Smax, dtype=torch.bfloat16, D=64, masked=False) -> int:
+def _num_splits(B, Hq, Hkv, Smax, dtype=torch.bfloat16, D=64, masked=False, Sq=1) -> int:
     """The KV splits the cuda decode kernel takes for these shapes here (bf16, D 64 by default)."""
     device = torch.empty(0, device=DEVICE).device  # with its index, which the extension needs
-    return _cuda.decode_num_splits(B, Hq, Hkv, Smax, D, dtype, device, masked=masked)
+    return _cuda.decode_num_splits(B, Hq, Hkv, Smax, D, dtype, device, masked=masked, Sq=Sq)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the emulator's own test")
@@ -274,6 +274,172 @@ def test_decode_log_sum_exp(shape, merged):
     assert (_num_splits(B, Hq, Hkv, Smax, D=128) > 1) == (Smax > 256)
 
 
+# ----------------------------------------------------------------------------- decode: several queries a row
+
+
+def _decode_fp64(q, k, v, lens, *, scale, causal=True, mask=None):
+    """(out, lse) of Sq queries a row from the definition, in fp64: query i of row b stands at
+    position len_b - Sq + i (len_b clamped to [0, Smax]) and sees the positions j < len_b, with
+    causal those j <= len_b - Sq + i, and those `mask` (B, Hq, Sq, Smax) does not hide; a query
+    that sees none gets zeros and an lse of -inf."""
+    B, Hq, Sq, _ = q.shape
+    Smax = k.shape[2]
+    lens = lens.long().clamp(0, Smax)[:, None, None, None]  # (B, 1, 1, 1)
+    k, v = (t.double().repeat_interleave(Hq // k.shape[1], dim=1) for t in (k, v))
+    j, i = torch.arange(Smax, device=q.device), torch.arange(Sq, device=q.device)[:, None]
+    seen = (j < lens) & ((j <= lens - Sq + i) if causal else True)  # (B, 1, Sq, Smax)
+    seen = seen & (True if mask is None else mask)
+    scores = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~seen, float("-inf"))
+    lse = scores.logsumexp(-1)
+    weights = torch.where(seen, (scores - lse[..., None]).exp(), 0.0)
+    return weights @ v, lse
+
+
+def _decode_case(B, Hq, Hkv, Sq, Smax, D, dtype, seed=0):
+    q = _randn(B, Hq, Sq, D, dtype=dtype, seed=seed)
+    k, v = (_randn(B, Hkv, Smax, D, dtype=dtype, seed=seed + s) for s in (1, 2))
+    return q, k, v
+
+
+MULTI_QUERY_SHAPES = [  # B, Hq, Hkv, Sq, Smax, lengths: past Smax, 0, below Sq (queries that see nothing)
+    (1, 2, 2, 2, 40, [40]),              # MHA: one tile of 2 a head
+    (2, 4, 2, 3, 70, [70, 2]),           # GQA 2 x 3 queries: 6 rows in a tile of 8; row 1's first query sees nothing
+    (2, 8, 2, 5, 100, [130, 0]),         # GQA 4 x 5: 20 rows, tiles of 8, the last half padding
+    (3, 12, 2, 16, 60, [60, 16, 7]),     # GQA 6 x 16: 96 rows in 12 tiles; a length of Sq, one below
+    (1, 3, 1, 8, 3000, [2900]),          # several splits, 3 tiles of 8
+    *on_gpu((4, 32, 8, 8, 5000, [5000, 4000, 9, 1]), (2, 64, 8, 16, 20000, [20000, 17])),
+]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", MULTI_QUERY_SHAPES)
+def test_decode_several_queries_match_the_definition(shape, dtype, causal):
+    """Sq queries a row, the row's last Sq positions (causal or not), MHA and GQA with padded
+    tiles, one split or several (D 64 and 128 in turn); with return_lse too (the same output)."""
+    B, Hq, Hkv, Sq, Smax, lens = shape
+    D = (64, 128)[(Sq + (dtype == torch.float16)) % 2]
+    q, k, v = _decode_case(B, Hq, Hkv, Sq, Smax, D, dtype)
+    lens = _tensor(lens, torch.int32)
+    out, lse = _cuda.decode_attention(q, k, v, lens, scale=0.1, causal=causal, return_lse=True)
+    expected, expected_lse = _decode_fp64(q, k, v, lens, scale=0.1, causal=causal)
+    assert out.shape == q.shape and out.dtype == dtype and out.is_contiguous() and lse.shape == (B, Hq, Sq)
+    assert_close(out, expected, dtype)
+    assert torch.equal(lse.isneginf(), expected_lse.isneginf())
+    torch.testing.assert_close(lse, expected_lse.float(), atol=2e-5, rtol=2e-5)
+    assert torch.equal(out, _cuda.decode_attention(q, k, v, lens, scale=0.1, causal=causal))
+    nothing = expected_lse.isneginf()
+    assert torch.equal(out[nothing], torch.zeros_like(out[nothing]))
+    assert (_num_splits(B, Hq, Hkv, Smax, dtype, D, Sq=Sq) > 1) == (Smax > 256)
+
+
+@pytest.mark.parametrize("Sq", [2, 3, 8])
+def test_decode_several_queries_are_the_prefill_of_the_valid_cache(Sq):
+    """Causal, a row of length >= Sq is attention over its valid slice with bottom-right alignment;
+    non-causal, over the whole slice; through the public decode_attention (its ops layer)."""
+    q, k, v = _decode_case(2, 4, 2, Sq, 50, 64, torch.bfloat16, seed=Sq)
+    lens = _tensor([50, 20], torch.int32)
+    for causal in (True, False):
+        out = _cuda.decode_attention(q, k, v, lens, scale=0.125, causal=causal)
+        for b, n in enumerate((50, 20)):
+            sliced = (t[b : b + 1].float() for t in (q, k[:, :, :n], v[:, :, :n]))
+            assert_close(out[b : b + 1], reference.attention(*sliced, causal=causal, scale=0.125), torch.bfloat16)
+    assert torch.equal(fastgpt.decode_attention(q, k, v, lens, scale=0.125, backend="cuda"),
+                       _cuda.decode_attention(q, k, v, lens, scale=0.125))  # fmt: skip
+
+
+def test_decode_one_query_is_the_same_causal_or_not():
+    """Sq == 1: the query stands at the row's last position, so causal changes nothing, to the bit."""
+    q, k, v = _decode_case(3, 6, 2, 1, 600, 128, torch.float16)
+    lens = _tensor([600, 0, 301], torch.int32)
+    mask = torch.rand(3, 6, 1, 600, generator=torch.Generator().manual_seed(1)).to(DEVICE) > 0.5
+    for m in (None, mask):
+        causal, plain = (_cuda.decode_attention(q, k, v, lens, scale=0.1, causal=c, mask=m) for c in (True, False))
+        assert torch.equal(causal, plain)
+        assert_close(causal, _decode_fp64(q, k, v, lens, scale=0.1, mask=m)[0], torch.float16)
+
+
+@pytest.mark.parametrize("shape", [(1, 4, 4, 4, 3000), (2, 8, 1, 3, 1500), (3, 6, 2, 5, 2000),
+                                   *on_gpu((8, 32, 8, 8, 8192))])
+def test_decode_several_queries_merge_in_one_launch_given_counters(shape):
+    """With counters (one per (row, head, query)) the last split of each tile to finish merges the
+    tile's splits: the combine kernel's bits, output and lse, and every counter zero again."""
+    B, Hq, Hkv, Sq, Smax = shape
+    assert _num_splits(B, Hq, Hkv, Smax, Sq=Sq) > 1
+    counters = torch.zeros(B * Hq * Sq, dtype=torch.int32, device=DEVICE)
+    q, k, v = _decode_case(B, Hq, Hkv, Sq, Smax, 64, torch.bfloat16)
+    lens = _tensor([Smax, 2, Smax // 3][:B], torch.int32)
+    for causal in (True, False):
+        merged = _cuda.decode_attention(q, k, v, lens, scale=0.125, causal=causal, counters=counters, return_lse=True)
+        assert not counters.any()
+        combined = _cuda.decode_attention(q, k, v, lens, scale=0.125, causal=causal, return_lse=True)
+        assert torch.equal(merged.out, combined.out) and torch.equal(merged.lse, combined.lse)
+        for _ in range(50 if HAS_CUDA else 0):
+            assert torch.equal(_cuda.decode_attention(q, k, v, lens, scale=0.125, causal=causal, counters=counters),
+                               merged.out)  # fmt: skip
+        expected, expected_lse = _decode_fp64(q, k, v, lens, scale=0.125, causal=causal)
+        assert_close(merged.out, expected, torch.bfloat16)
+        torch.testing.assert_close(merged.lse, expected_lse.float(), atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("Smax", [90, 2000])  # one split; several, merged by the last split
+def test_decode_several_queries_under_masks(Smax):
+    """4-D masks (B, Hq, Sq, Smax): random per (head, query); broadcast over rows, heads and queries
+    (stride 0, read in place); a strided view of queries; a transposed one (copied): each the
+    definition's result, with the causal limit as well; a (head, query) the mask hides all from
+    gets zeros."""
+    B, Hq, Hkv, Sq = 2, 6, 2, 4
+    q, k, v = _decode_case(B, Hq, Hkv, Sq, Smax, 64, torch.float16)
+    lens = _tensor([Smax, Smax // 2], torch.int32)
+    counters = torch.zeros(B * Hq * Sq, dtype=torch.int32, device=DEVICE)
+    rand = torch.rand(B, Hq, 2 * Sq, Smax, generator=torch.Generator().manual_seed(Smax)).to(DEVICE) > 0.4
+    rand[1, 4, 2] = False  # head 4's query 2 of row 1 sees nothing
+    masks = {"per (head, query)": rand[:, :, :Sq].contiguous(), "strided queries": rand[:, :, ::2],
+             "broadcast": rand[1:, 2:3, 1:2].expand(B, Hq, Sq, Smax),
+             "transposed": rand[:, :, :Sq].transpose(2, 3).contiguous().transpose(2, 3)}  # fmt: skip
+    for name, mask in masks.items():
+        for causal in (True, False):
+            res = _cuda.decode_attention(q, k, v, lens, scale=0.1, causal=causal, mask=mask, return_lse=True,
+                                         counters=counters)  # fmt: skip
+            expected, expected_lse = _decode_fp64(q, k, v, lens, scale=0.1, causal=causal, mask=mask)
+            assert_close(res.out, expected, torch.float16)
+            assert torch.equal(res.lse.isneginf(), expected_lse.isneginf()), name
+            torch.testing.assert_close(res.lse, expected_lse.float(), atol=2e-5, rtol=2e-5)
+    assert not counters.any()
+    hidden = res.out[1, 4, 2]  # the last: transposed, so the per-(head, query) mask's
+    assert res.lse[1, 4, 2].isneginf() and torch.equal(hidden, torch.zeros_like(hidden))
+    assert (_num_splits(B, Hq, Hkv, Smax, torch.float16, masked=True, Sq=Sq) > 1) == (Smax > 256)
+
+
+def test_decode_several_queries_from_strided_views():
+    """q as (B, Sq, H, D) storage read as (B, H, Sq, D) (query stride H * D: read in place) and with a
+    row stride that is no multiple of 16 bytes (copied); caches likewise; the same bits as contiguous."""
+    B, Hq, Hkv, Sq, Smax, D = 2, 4, 2, 5, 300, 64
+    q = _randn(B, Sq, Hq, D, dtype=torch.bfloat16).transpose(1, 2)
+    cache = _randn(B, Smax, 2, Hkv, D, dtype=torch.bfloat16, seed=1)
+    k, v = cache[:, :, 0].transpose(1, 2), cache[:, :, 1].transpose(1, 2)  # (B, Hkv, Smax, D) views
+    lens = _tensor([300, 4], torch.int32)
+    want = _cuda.decode_attention(q.contiguous(), k.contiguous(), v.contiguous(), lens, scale=0.1)
+    assert torch.equal(_cuda.decode_attention(q, k, v, lens, scale=0.1), want)
+    odd = _randn(B, Hq, Sq, D + 4, dtype=torch.bfloat16)[..., :D]
+    odd.copy_(q)
+    assert torch.equal(_cuda.decode_attention(odd, k, v, lens, scale=0.1), want)
+    assert_close(want, _decode_fp64(q, k, v, lens, scale=0.1)[0], torch.bfloat16)
+
+
+def test_decode_several_queries_launcher_checks():
+    """The launcher refuses what the kernels cannot take, naming it, before any launch."""
+    q, k, v = _decode_case(2, 4, 2, 3, 40, 64, torch.float16)
+    lens = _tensor([40, 40], torch.int32)
+    with pytest.raises(ValueError, match=r"mask must have shape \(2, 4, 3, 40\)"):
+        _cuda.decode_attention(q, k, v, lens, scale=0.1, mask=torch.ones(2, 4, 40, dtype=torch.bool, device=DEVICE))
+    with pytest.raises(ValueError, match=r"counters must be contiguous int32 .* B \* Hq \* Sq = 24"):
+        _cuda.decode_attention(q, k, v, lens, scale=0.1, counters=torch.zeros(8, dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match=r"q must have shape \(B, Hq, Sq, D\) with Sq >= 1"):
+        _cuda.decode_attention(q[:, :, :0], k, v, lens, scale=0.1)
+
+
+
 # ----------------------------------------------------------------------------- masked attention
 
 
@@ -336,7 +502,7 @@ def test_masked_attention_transposed_mask_and_lse():
     torch.testing.assert_close(res.lse, expected, atol=2e-5, rtol=2e-5)
     lens = _tensor([23, 23], torch.int32)
     dec = _cuda.decode_attention(q[:, :, 4:5], k, v, lens, scale=0.125, return_lse=True,
-                                 mask=transposed[:, :, 4].expand(2, 4, 23))  # fmt: skip
+                                 mask=transposed[:, :, 4:5].expand(2, 4, 1, 23))  # fmt: skip
     assert_close(dec.out, out[:, :, 4:5], torch.bfloat16)  # query 4 alone, on the split-KV kernel
     torch.testing.assert_close(dec.lse, expected[:, :, 4:5], atol=2e-5, rtol=2e-5)
 
@@ -359,14 +525,14 @@ def test_masked_decode_step_merges_in_one_launch():
     assert _num_splits(B, Hq, Hkv, Smax, masked=True) > 1
     q, k, v = _randn(B, Hq, 1, 64, dtype=torch.bfloat16), *(_randn(B, Hkv, Smax, 64, dtype=torch.bfloat16, seed=s)
                                                              for s in (1, 2))  # fmt: skip
-    mask = torch.rand(B, Hq, Smax, generator=torch.Generator().manual_seed(5)).to(DEVICE) > 0.3
+    mask = torch.rand(B, Hq, 1, Smax, generator=torch.Generator().manual_seed(5)).to(DEVICE) > 0.3
     mask[1, 3] = False
     lens = _tensor([Smax, 700], torch.int32)
     counters = torch.zeros(B * Hq, dtype=torch.int32, device=DEVICE)
     merged = _cuda.decode_attention(q, k, v, lens, scale=0.125, mask=mask, counters=counters)
     assert not counters.any()
     assert torch.equal(merged, _cuda.decode_attention(q, k, v, lens, scale=0.125, mask=mask))
-    visible = mask & (torch.arange(Smax, device=DEVICE) < lens[:, None, None])
+    visible = mask & (torch.arange(Smax, device=DEVICE) < lens[:, None, None, None])
     expected = reference.masked_attention(q.float(), k.float(), v.float(), visible.view(B, 1, Hq, 1, Smax), 0.125)
     assert_close(merged, expected, torch.bfloat16)
     assert torch.equal(merged[1, 3], torch.zeros_like(merged[1, 3]))
@@ -594,16 +760,22 @@ def test_results_do_not_depend_on_the_order_of_threads(monkeypatch):
     x, r = _randn(3, 5000, dtype=torch.bfloat16, seed=3), _randn(3, 5000, dtype=torch.bfloat16, seed=4)
     logits = _randn(12, 3000, seed=5, scale=3)
     params = (*_params(12, 0.9, 50, 0.9, 0.01), _tensor([7]))
-    counters = torch.zeros(32, dtype=torch.int32)
+    counters = torch.zeros(36, dtype=torch.int32)
     # GQA over two rows, two tiles of 8 query heads a kv head: each tile's counter apart.
     qg, kg = _randn(2, 16, 1, 64, dtype=torch.bfloat16, seed=6), _randn(2, 1, 1500, 64, dtype=torch.bfloat16, seed=7)
     assert _num_splits(2, 16, 1, 1500) > 1
+    # 3 queries a row of GQA 3, masked: 9 (head, query) rows a kv head in tiles of 8, the second padded.
+    qm, km = _randn(2, 6, 3, 64, dtype=torch.float16, seed=8), _randn(2, 2, 1500, 64, dtype=torch.float16, seed=9)
+    mask = torch.rand(2, 6, 3, 1500, generator=torch.Generator().manual_seed(10)) > 0.3
+    assert _num_splits(2, 6, 2, 1500, torch.float16, masked=True, Sq=3) > 1
 
     def run():
         return [fastgpt.attention(q, k, k, causal=True, backend="cuda"),
                 fastgpt.decode_attention(q[:, :, :1], kc, kc, _tensor([2999], torch.int32), backend="cuda"),
                 decode_step_attention(q[:, :, :1], kc, kc, _tensor([2999], torch.int32), counters, backend="cuda"),
                 decode_step_attention(qg, kg, kg, _tensor([1500, 777], torch.int32), counters, backend="cuda"),
+                _cuda.decode_attention(qm, km, km, _tensor([1400, 700], torch.int32), scale=0.1, mask=mask,
+                                       counters=counters),
                 *fastgpt.layer_norm(x, None, None, residual=r, backend="cuda"),
                 _cuda.sample(logits, *params, top_k_bound=50), _cuda.sample(logits, *params)]  # fmt: skip
 

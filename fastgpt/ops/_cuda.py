@@ -155,9 +155,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
 
 
 @functools.cache
-def _decode_blocks_per_sm(dtype: int, D: int, group: int, masked: bool, device: torch.device) -> int:
+def _decode_blocks_per_sm(dtype: int, D: int, group: int, masked: bool, device: torch.device, Sq: int = 1) -> int:
     """The split kernel's blocks an SM holds at once (CUDA's occupancy), once per configuration."""
-    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, masked, _index(device))
+    return _backends.cuda_extension().decode_blocks_per_sm(dtype, D, group, 1, Sq, masked, _index(device))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -165,52 +165,56 @@ def _sm_count(device: torch.device) -> int:
 
 
 def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch.dtype, device: torch.device,
-                      masked: bool = False) -> int:  # fmt: skip
-    """The KV splits decode_attention takes for these shapes (with a mask, or without) on `device`
-    (one with its index)."""
-    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[dtype], D, Hq // Hkv, masked, device)
-    return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Smax, _sm_count(device), blocks_per_sm)
+                      masked: bool = False, Sq: int = 1) -> int:  # fmt: skip
+    """The KV splits decode_attention takes for these shapes (Sq queries a row, with a mask or
+    without) on `device` (one with its index)."""
+    blocks_per_sm = _decode_blocks_per_sm(DTYPE_CODES[dtype], D, Hq // Hkv, masked, device, min(Sq, 8))
+    return _backends.cuda_extension().decode_num_splits(B, Hq, Hkv, Sq, Smax, _sm_count(device), blocks_per_sm)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, mask=None, counters=None,
-                     return_lse: bool = False):  # fmt: skip
-    """q (B, Hq, 1, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, 1, D), or
-    with return_lse AttentionOutput(o, lse (B, Hq, 1) fp32: natural log, -inf for a head that sees
-    no position). mask: None, or bool (B, Hq, Smax), False hiding a position from a head too.
-    counters: None, or int32 zeros (N,), N >= B * Hq, contiguous on q's device, used by one stream
-    at a time: the last split of each (row, head tile) merges the splits (no second launch) and
-    leaves its counter zero."""
-    _require_cuda("decode_attention", q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, mask=mask)
-    _head_dim_supported("decode_attention", q)
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal: bool = True, mask=None,
+                     counters=None, return_lse: bool = False):  # fmt: skip
+    """q (B, Hq, Sq, D), caches (B, Hkv, Smax, D), cache_seqlens int32 (B,) -> (B, Hq, Sq, D)
+    contiguous, or with return_lse AttentionOutput(o, lse (B, Hq, Sq) fp32: natural log, -inf for a
+    query that sees no position). Query i of row b stands at position len_b - Sq + i (len_b the
+    clamped length): causal, it sees the positions j <= len_b - Sq + i, else every j < len_b.
+    mask: None, or bool (B, Hq, Sq, Smax) (an expanded view is read in place), False hiding a
+    position from a (head, query) too. counters: None, or int32 zeros (N,), N >= B * Hq * Sq,
+    contiguous on q's device, used by one stream at a time: the last split of each (row, tile of
+    (head, query) pairs) merges the splits (no second launch) and leaves its counter zero."""
+    op = "decode_attention"
+    _require_cuda(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, mask=mask, counters=counters)
+    _head_dim_supported(op, q)
     if cache_seqlens.dtype != torch.int32:
-        raise TypeError(f"decode_attention (cuda backend): cache_seqlens must be int32, got {cache_seqlens.dtype}")
-    B, Hq, _, D = q.shape
+        raise TypeError(f"{op} (cuda backend): cache_seqlens must be int32, got {cache_seqlens.dtype}")
+    if q.dim() != 4 or q.shape[2] < 1:
+        raise ValueError(f"{op} (cuda backend): q must have shape (B, Hq, Sq, D) with Sq >= 1, got {tuple(q.shape)}")
+    B, Hq, Sq, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
-    _require_shape("decode_attention", "q", q, (B, Hq, 1, D))
-    _require_shape("decode_attention", "k_cache", k_cache, (B, Hkv, Smax, D), q.dtype)
-    _require_shape("decode_attention", "v_cache", v_cache, (B, Hkv, Smax, D), q.dtype)
-    _require_shape("decode_attention", "cache_seqlens", cache_seqlens, (B,))
-    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < B * Hq
-                                 or not counters.is_contiguous() or counters.device != q.device):
-        raise ValueError(f"decode_attention (cuda backend): counters must be contiguous int32 on {q.device} "
-                         f"with at least B * Hq = {B * Hq} elements")  # fmt: skip
-    _grid_fits("decode_attention", B, Hq)
-    mask, mask_strides = _mask("decode_attention", mask, (B, Hq, Smax))
+    _require_shape(op, "k_cache", k_cache, (B, Hkv, Smax, D), q.dtype)
+    _require_shape(op, "v_cache", v_cache, (B, Hkv, Smax, D), q.dtype)
+    _require_shape(op, "cache_seqlens", cache_seqlens, (B,))
+    if counters is not None and (counters.dtype != torch.int32 or counters.numel() < B * Hq * Sq
+                                 or not counters.is_contiguous()):
+        raise ValueError(f"{op} (cuda backend): counters must be contiguous int32 on {q.device} "
+                         f"with at least B * Hq * Sq = {B * Hq * Sq} elements")  # fmt: skip
+    _grid_fits(op, B, Hq)
+    mask, mask_strides = _mask(op, mask, (B, Hq, Sq, Smax))
     C = _backends.cuda_extension()
     q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
     seqlens = cache_seqlens.contiguous()
-    num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device, masked=mask is not None)
-    o = torch.empty(B, Hq, 1, D, device=q.device, dtype=q.dtype)
-    lse = torch.empty(B, Hq, 1, device=q.device, dtype=torch.float32) if return_lse else None
+    num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device, masked=mask is not None, Sq=Sq)
+    o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32) if return_lse else None
     o_partial = lse_partial = None
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
-        o_partial = torch.empty(B, Hq, num_splits, D, device=q.device, dtype=torch.float32)
-        lse_partial = torch.empty(B, Hq, num_splits, device=q.device, dtype=torch.float32)
+        o_partial = torch.empty(B, Hq, Sq, num_splits, D, device=q.device, dtype=torch.float32)
+        lse_partial = torch.empty(B, Hq, Sq, num_splits, device=q.device, dtype=torch.float32)
     C.decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
         _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(), _ptr(lse),
-        _ptr(mask), mask_strides, B, Hq, Hkv, Smax, D, num_splits,
-        _strides(q, (0, 1)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), _strides(o, (0, 1)),
+        _ptr(mask), mask_strides, B, Hq, Hkv, Sq, Smax, D, num_splits,
+        _strides(q, (0, 1, 2)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), bool(causal),
         float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
     )  # fmt: skip
     return AttentionOutput(o, lse) if return_lse else o
