@@ -230,6 +230,43 @@ def decode_cases(check: Checker):
             _finite(fastgpt.decode_attention(q, k, v, seqlens, backend=backend))
 
 
+MULTI_QUERY_DECODE_CASES = [  # B, Hq, Hkv, Sq, Smax, cache_seqlens: several queries a row (the last positions)
+    (1, 2, 2, 2, 1, [1]),               # Sq > Smax: the first query sees nothing
+    (2, 4, 2, 3, 17, [17, 2]),          # GQA 2 x 3 queries: 6 rows in a tile of 8; a length below Sq
+    (3, 6, 2, 5, 65, [70, -1, 64]),     # GQA 3 x 5: 15 rows in 2 tiles (the second padded); clamped lengths
+    (1, 4, 1, 16, 600, [550]),          # MQA, 64 rows in 8 tiles, over KV splits
+]
+
+
+def multi_query_decode_cases(check: Checker):
+    """Sq queries a row, causal and not, through the launcher (the mask and causal are its
+    arguments): the masks per (head, query) in place, broadcast (stride 0) and over strided queries;
+    the splits merged by the last one (counters, B * Hq * Sq of them, left zero)."""
+    backend, target = check.backend, check.target
+    launch = _backends.launchers(backend, "decode").decode_attention
+    cases = [c for c in MULTI_QUERY_DECODE_CASES if c[4] <= target.decode_max]
+    for i, ((B, Hq, Hkv, Sq, Smax, lens), dtype) in enumerate(itertools.product(cases, target.attention_dtypes)):
+        D = target.head_dims[i % len(target.head_dims)]
+        q = exact(B, Hq, Sq, D, dtype=dtype)
+        k, v = exact(B, Hkv, Smax, D, dtype=dtype, seed=1), exact(B, Hkv, Smax, D, dtype=dtype, seed=2)
+        seqlens = torch.tensor(lens, dtype=torch.int32)
+        name = f"decode B{B} H{Hq}/{Hkv} Sq{Sq} Smax{Smax} D{D} lens={lens} {dtype}"
+        for causal in (True, False):
+            with check.case(f"{name} causal={causal}", q, k, v, seqlens):
+                _finite_lse(*launch(q, k, v, seqlens, scale=0.1, causal=causal, return_lse=True))
+        counters = torch.zeros(B * Hq * Sq, dtype=torch.int32)
+        with check.case(f"{name} step", q, k, v, seqlens):
+            _finite_lse(*decode_step_attention(q, k, v, seqlens, counters, backend=backend, return_lse=True))
+        masks = {"per (head, query)": exact(B, Hq, Sq, Smax, seed=3) > 0,
+                 "broadcast": (exact(1, 1, 1, Smax, seed=4) > 0).expand(B, Hq, Sq, Smax),
+                 "strided queries": (exact(B, Hq, 2 * Sq, Smax, seed=5) > 0)[:, :, 1::2]}  # fmt: skip
+        for (kind, mask), causal in zip(masks.items(), (True, False, True)):
+            with check.case(f"{name} mask {kind} causal={causal} step", q, k, v, seqlens, mask):
+                _finite_lse(*launch(q, k, v, seqlens, scale=0.1, causal=causal, mask=mask, counters=counters,
+                                    return_lse=True))  # fmt: skip
+        assert not counters.any(), "the counters were not left zero"
+
+
 def layer_norm_cases(check: Checker):
     backend, floats = check.backend, check.target.floats
     for N in check.target.layer_norm_n:
@@ -338,8 +375,9 @@ def advance_cases(check: Checker):
         assert step.item() == 3 and not count.item(), "the step and the counter were not advanced and reset"
 
 
-CASES = {"attention": attention_cases, "decode": decode_cases, "masked_attention": masked_attention_cases,
-         "layer_norm": layer_norm_cases, "sample": sample_cases}  # fmt: skip
+CASES = {"attention": attention_cases, "decode": decode_cases, "multi_query_decode": multi_query_decode_cases,
+         "masked_attention": masked_attention_cases, "layer_norm": layer_norm_cases,
+         "sample": sample_cases}  # fmt: skip
 TRITON_CASES = {**CASES, "linear": linear_cases, "advance": advance_cases}
 
 
