@@ -30,7 +30,7 @@ ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535
 MAX_VOCAB = 1 << 24  # the sampler's fixed-point probability sums need V < 2^24
 MAX_SEQLEN = 1 << 30  # bindings.cpp kMaxSeqlen: tile counts stay within 32-bit ints
-
+DECODE_ROW_TILE = 8  # decode.cu kMaxGroup: (query head, query) pairs a decode block takes
 
 
 # ----------------------------------------------------------------------------- helpers

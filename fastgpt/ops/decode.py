@@ -6,7 +6,7 @@ import torch
 
 from fastgpt import _backends, reference
 from fastgpt._backends import AttentionOutput
-from fastgpt.ops import _checks, _dispatch
+from fastgpt.ops import _checks, _cuda, _dispatch
 from fastgpt.ops.attention import backend_limits, check_qkv
 
 SEQLEN_DTYPES = (torch.int32,)
@@ -57,7 +57,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
             raise ValueError(f"counters must be contiguous with at least B * Hq * Sq = {B * Hq * Sq} elements, "
                              f"got shape {tuple(counters.shape)}")  # fmt: skip
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("decode_attention", backend, device, backend_limits(q, Smax),
+    name = _backends.resolve("decode_attention", backend, device, _limits(q, k_cache.shape[1], Smax),
                              _backends.decode_preference(B * k_cache.shape[1], Sq))
     if q.numel() == 0 or Smax == 0:
         out = q.new_zeros(B, Hq, Sq, D)
@@ -70,6 +70,22 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     if return_lse:
         return AttentionOutput(*_dispatch.call(_decode_lse_op, _decode_lse, *args))
     return _dispatch.call(_decode_op, _decode, *args)
+
+
+def _limits(q, Hkv: int, Smax: int):
+    """attention's backend limits, and the CUDA split kernel's grid: Hkv tiles of up to
+    DECODE_ROW_TILE (query head, query) pairs each on its y dimension."""
+    limits = backend_limits(q, Smax)
+
+    def reason(backend: str) -> str | None:
+        pairs = q.shape[1] // Hkv * q.shape[2]
+        tiles = Hkv * -(-pairs // _cuda.DECODE_ROW_TILE)
+        if backend == "cuda" and tiles > _cuda.MAX_GRID_YZ:
+            return (f"the cuda kernel supports Hkv * ceil(Hq / Hkv * Sq / {_cuda.DECODE_ROW_TILE}) <= "
+                    f"{_cuda.MAX_GRID_YZ} tiles of (query head, query) pairs, got {tiles}")
+        return limits(backend)
+
+    return reason
 
 
 def _run(q, k_cache, v_cache, cache_seqlens, counters, scale: float, backend: str, return_lse: bool):
