@@ -23,12 +23,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     prompt's chunk) the queries are the row's last Sq positions and causal: with len_b the
     clamped length, query i sees positions [0, len_b - Sq + i]. A query that sees no position
     (a row of length 0, len_b < Sq - i) returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
-    The kernels read the cache once for all of a KV head's queries and split it over the GPU,
-    but do not skip the causal triangle: for long chunks, fastgpt.attention on the cache's
-    valid slice does half the work. With return_lse, returns AttentionOutput(out, lse), lse
-    (B, Hq, Sq) fp32: each query's ln sum_j exp(q k_j^T * scale) over the positions it sees,
-    -inf where none (what merging this with attention over other keys takes, as
-    fastgpt.attention's).
+    The kernels read a KV head once for each tile of its (query head, query) pairs (up to 64 in
+    Triton, 8 in CUDA) and split the cache over the GPU, but do not skip the causal triangle: for
+    long chunks, fastgpt.attention on the cache's valid slice does half the work.
+    With return_lse, returns AttentionOutput(out, lse), lse (B, Hq, Sq) fp32: each query's
+    ln sum_j exp(q k_j^T * scale) over the positions it sees, -inf where none (what merging this
+    with attention over other keys takes, as fastgpt.attention's).
     """
     return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend,
                                  return_lse=return_lse)  # fmt: skip
