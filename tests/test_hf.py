@@ -204,6 +204,34 @@ def test_padded_batches_on_the_cuda_kernels(tmp_path, monkeypatch):
     assert masked_launches == {"attention": 2 + 2, "decode_attention": 2 * 3}  # the prefill, then 3 decode steps
 
 
+@pytest.mark.usefixtures("cuda_emulator")
+def test_drafted_tokens_are_verified_on_the_cuda_kernels(tmp_path, monkeypatch):
+    """Prompt-lookup decoding on the CUDA kernels (the SIMT emulator): its verification steps, a
+    token and its drafts under transformers' causal mask, run the split-KV decode kernel with
+    several queries a row, and the tokens are SDPA's plain greedy ones."""
+    from fastgpt.ops import _cuda
+
+    queries = collections.Counter()
+    launch = _cuda.decode_attention
+
+    def counted(q, *args, mask=None, **kwargs):
+        queries[q.shape[2], mask is not None] += 1
+        return launch(q, *args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(_cuda, "decode_attention", counted)
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                      initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    reference, _ = pair(config, tmp_path)  # SDPA in fp32
+    fastgpt.hf.register("fastgpt-cuda", backend="cuda")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-cuda",
+                                                             dtype=torch.float16).eval()  # fmt: skip
+    idx = torch.tensor([[5, 6, 7, 8, 9] * 4])  # n-grams to draft from
+    drafted = greedy(ours, idx, max_new_tokens=6, prompt_lookup_num_tokens=4)
+    assert torch.equal(drafted, greedy(reference, idx, max_new_tokens=6))
+    assert sum(n for (Sq, masked), n in queries.items() if Sq > 1 and masked) >= 2  # a verification, both layers
+
+
 def test_static_cache_prefill_gets_a_mask(tmp_path, calls):
     """sdpa_mask leaves the mask out of a prefill into an empty static cache, for SDPA's top-left causal
     alignment over the unwritten keys; fastgpt's mask builder builds it."""
