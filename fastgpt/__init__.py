@@ -2,7 +2,7 @@
 
     fastgpt.attention(q, k, v, causal=True)              prefill attention (GQA, bottom-right causal)
     fastgpt.attention(q, k, v, return_lse=True)          ... and each query's log-sum-exp (AttentionOutput)
-    fastgpt.decode_attention(q, k_cache, v_cache, lens)  one token over a static KV cache
+    fastgpt.decode_attention(q, k_cache, v_cache, lens)  a row's new tokens over a static KV cache
     fastgpt.layer_norm(x, w, b, residual=r)              fused residual add + LayerNorm
     fastgpt.filter_logits / fastgpt.sample               Hugging Face sampling semantics, fused
     fastgpt.GPT.from_pretrained("gpt2")                  GPT-2 on these kernels

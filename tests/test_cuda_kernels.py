@@ -441,19 +441,22 @@ def test_decode_several_queries_launcher_checks():
 
 def test_decode_more_pair_tiles_than_the_grid_holds_is_unavailable():
     """Hkv * ceil(group * Sq / 8) tiles past the grid's 65535: the ops layer says the cuda backend
-    cannot run it (auto then takes another), before any launch; one tile fewer runs."""
+    cannot run it (auto then takes another), before any launch, for decode_attention and for
+    attention and masked_attention of a few queries (the same kernel); one tile fewer runs."""
+    from fastgpt.ops.attention import decode_limits, masked_attention
+
     k = _randn(1, 1, 8, 64, dtype=torch.float16)
     lens = _tensor([8], torch.int32)
     too_many = _randn(1, 1, 1, 64, dtype=torch.float16).expand(1, 1, 8 * 65535 + 1, 64)  # 65536 tiles
     with pytest.raises(fastgpt.BackendUnavailableError, match=r"65535 tiles of \(query head, query\) pairs, got 65536"):
         fastgpt.decode_attention(too_many, k, k, lens, backend="cuda")
-    assert _decode_limits(too_many)("cuda") and _decode_limits(too_many[:, :, : 8 * 65535])("cuda") is None
-
-
-def _decode_limits(q):
-    from fastgpt.ops.decode import _limits
-
-    return _limits(q, 1, 8)
+    assert decode_limits(too_many, 1, 8)("cuda") and decode_limits(too_many[:, :, : 8 * 65535], 1, 8)("cuda") is None
+    wide = _randn(1, 1, 1, 64, dtype=torch.float16).expand(1, 32768, 16, 64)  # 65536 tiles of 8 pairs at Sq 16
+    k_wide = k.expand(1, 32768, 8, 64)
+    with pytest.raises(fastgpt.BackendUnavailableError, match="got 65536"):
+        fastgpt.attention(wide, k_wide, k_wide, causal=True, backend="cuda")
+    with pytest.raises(fastgpt.BackendUnavailableError, match="got 65536"):
+        masked_attention(wide, k_wide, k_wide, torch.ones(1, 1, 16, 8, dtype=torch.bool, device=DEVICE), backend="cuda")
 
 
 # ----------------------------------------------------------------------------- masked attention

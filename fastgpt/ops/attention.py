@@ -41,6 +41,22 @@ def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]
     return reason
 
 
+def decode_limits(q: torch.Tensor, Hkv: int, seq_len: int) -> Callable[[str], str | None]:
+    """backend_limits for the split-KV decode kernels (decode_attention, and attention of a few
+    queries): also the CUDA split kernel's grid, Hkv tiles of up to DECODE_ROW_TILE (query head,
+    query) pairs each on its y dimension."""
+    limits = backend_limits(q, seq_len)
+
+    def reason(backend: str) -> str | None:
+        tiles = Hkv * -(-(q.shape[1] // Hkv * q.shape[2]) // _cuda.DECODE_ROW_TILE)
+        if backend == "cuda" and tiles > _cuda.MAX_GRID_YZ:
+            return (f"the cuda kernel supports Hkv * ceil(Hq / Hkv * Sq / {_cuda.DECODE_ROW_TILE}) <= "
+                    f"{_cuda.MAX_GRID_YZ} tiles of (query head, query) pairs, got {tiles}")
+        return limits(backend)
+
+    return reason
+
+
 def check_qkv(q, k, v, *, kv_names=("k", "v"), layout="(B, Hkv, Sk, D)", kv_heads="k/v's") -> torch.device:
     """Check q (B, Hq, Sq, D) and k/v (B, Hkv, Sk, D): one float dtype, one device, Hq % Hkv == 0.
     kv_names, layout and kv_heads name k/v in the errors (the decode op's cache). Returns the device."""
@@ -81,10 +97,11 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     _checks.flag("return_lse", return_lse)
     scale = _checks.scale(scale, D)
     if Sq <= SPLIT_KV_MAX_QUERIES:  # the decode kernels run it (_few_queries)
-        preference = _backends.decode_preference(B * k.shape[1], Sq)
+        limits, preference = decode_limits(q, k.shape[1], Sk), _backends.decode_preference(B * k.shape[1], Sq)
     else:
+        limits = backend_limits(q, Sk)
         preference = _backends.attention_preference(4 * B * Hq * Sq * Sk * D / (2 if causal else 1))
-    name = _backends.resolve("attention", backend, device, backend_limits(q, Sk), preference)
+    name = _backends.resolve("attention", backend, device, limits, preference)
     if q.numel() == 0 or Sk == 0:
         out = q.new_zeros(B, Hq, Sq, D)
         lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=device)
@@ -166,7 +183,8 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
         raise ValueError(f"mask must have shape (B or 1, Hq or 1, Sq, Sk) = ({B} or 1, {Hq} or 1, {Sq}, {Sk}), "
                          f"got {tuple(mask.shape)}")
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("masked_attention", backend, device, backend_limits(q, Sk), preference=("triton", "cuda"))
+    limits = decode_limits(q, k.shape[1], Sk) if Sq <= SPLIT_KV_MAX_QUERIES else backend_limits(q, Sk)
+    name = _backends.resolve("masked_attention", backend, device, limits, preference=("triton", "cuda"))
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":

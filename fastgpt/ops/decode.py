@@ -6,8 +6,8 @@ import torch
 
 from fastgpt import _backends, reference
 from fastgpt._backends import AttentionOutput
-from fastgpt.ops import _checks, _cuda, _dispatch
-from fastgpt.ops.attention import backend_limits, check_qkv
+from fastgpt.ops import _checks, _dispatch
+from fastgpt.ops.attention import check_qkv, decode_limits
 
 SEQLEN_DTYPES = (torch.int32,)
 
@@ -23,8 +23,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     prompt's chunk) the queries are the row's last Sq positions and causal: with len_b the
     clamped length, query i sees positions [0, len_b - Sq + i]. A query that sees no position
     (a row of length 0, len_b < Sq - i) returns zeros. Returns (B, Hq, Sq, D) in q's dtype.
-    The kernels read a KV head once for each tile of its (query head, query) pairs (up to 64 in
-    Triton, 8 in CUDA) and split the cache over the GPU, but do not skip the causal triangle: for
+    The kernels read a KV head once for each tile of its (query head, query) pairs (16 to 64 in
+    Triton by dtype and head dim, 8 in CUDA) and split the cache over the GPU, but do not skip the causal triangle: for
     long chunks, fastgpt.attention on the cache's valid slice does half the work.
     With return_lse, returns AttentionOutput(out, lse), lse (B, Hq, Sq) fp32: each query's
     ln sum_j exp(q k_j^T * scale) over the positions it sees, -inf where none (what merging this
@@ -57,7 +57,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
             raise ValueError(f"counters must be contiguous with at least B * Hq * Sq = {B * Hq * Sq} elements, "
                              f"got shape {tuple(counters.shape)}")  # fmt: skip
     scale = _checks.scale(scale, D)
-    name = _backends.resolve("decode_attention", backend, device, _limits(q, k_cache.shape[1], Smax),
+    name = _backends.resolve("decode_attention", backend, device, decode_limits(q, k_cache.shape[1], Smax),
                              _backends.decode_preference(B * k_cache.shape[1], Sq))
     if q.numel() == 0 or Smax == 0:
         out = q.new_zeros(B, Hq, Sq, D)
@@ -70,22 +70,6 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     if return_lse:
         return AttentionOutput(*_dispatch.call(_decode_lse_op, _decode_lse, *args))
     return _dispatch.call(_decode_op, _decode, *args)
-
-
-def _limits(q, Hkv: int, Smax: int):
-    """attention's backend limits, and the CUDA split kernel's grid: Hkv tiles of up to
-    DECODE_ROW_TILE (query head, query) pairs each on its y dimension."""
-    limits = backend_limits(q, Smax)
-
-    def reason(backend: str) -> str | None:
-        pairs = q.shape[1] // Hkv * q.shape[2]
-        tiles = Hkv * -(-pairs // _cuda.DECODE_ROW_TILE)
-        if backend == "cuda" and tiles > _cuda.MAX_GRID_YZ:
-            return (f"the cuda kernel supports Hkv * ceil(Hq / Hkv * Sq / {_cuda.DECODE_ROW_TILE}) <= "
-                    f"{_cuda.MAX_GRID_YZ} tiles of (query head, query) pairs, got {tiles}")
-        return limits(backend)
-
-    return reason
 
 
 def _run(q, k_cache, v_cache, cache_seqlens, counters, scale: float, backend: str, return_lse: bool):
