@@ -154,21 +154,32 @@ def test_drafted_tokens_are_verified_on_the_split_kv_kernel(make_config, tmp_pat
     builds): the Triton split-KV kernel takes them, and the tokens are plain greedy's."""
     from fastgpt.kernels import decode
 
-    queries = collections.Counter()
-    launch = decode.decode_attention
-
-    def counted(q, *args, mask=None, **kwargs):
-        queries[q.shape[2], mask is not None] += 1
-        return launch(q, *args, mask=mask, **kwargs)
-
-    monkeypatch.setattr(decode, "decode_attention", counted)
+    launches = count_decode_launches(monkeypatch, decode)
     reference, _ = pair(make_config(), tmp_path)
     fastgpt.hf.register("fastgpt-triton", backend="triton")
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-triton").eval()
+    check_drafts_verified(ours, reference, launches, max_new_tokens=12)
+
+
+def count_decode_launches(monkeypatch, launchers) -> collections.Counter:
+    """launchers.decode_attention's calls from now on, counted by (queries a row, masked)."""
+    launches = collections.Counter()
+    launch = launchers.decode_attention
+
+    def counted(q, *args, mask=None, **kwargs):
+        launches[q.shape[2], mask is not None] += 1
+        return launch(q, *args, mask=mask, **kwargs)
+
+    monkeypatch.setattr(launchers, "decode_attention", counted)
+    return launches
+
+
+def check_drafts_verified(ours, reference, launches, max_new_tokens):
+    """Prompt-lookup decoding gives plain greedy's tokens, verifying drafts on the split-KV kernel."""
     idx = torch.tensor([[5, 6, 7, 8, 9] * 4])  # n-grams to draft from
-    drafted = greedy(ours, idx, max_new_tokens=12, prompt_lookup_num_tokens=4)
-    assert torch.equal(drafted, greedy(reference, idx, max_new_tokens=12))
-    verified = sum(n for (Sq, masked), n in queries.items() if Sq > 1 and masked)
+    drafted = greedy(ours, idx, max_new_tokens=max_new_tokens, prompt_lookup_num_tokens=4)
+    assert torch.equal(drafted, greedy(reference, idx, max_new_tokens=max_new_tokens))
+    verified = sum(n for (Sq, masked), n in launches.items() if Sq > 1 and masked)
     assert verified >= 2  # a verification (a token and its drafts), in both layers
 
 
@@ -211,14 +222,7 @@ def test_drafted_tokens_are_verified_on_the_cuda_kernels(tmp_path, monkeypatch):
     several queries a row, and the tokens are SDPA's plain greedy ones."""
     from fastgpt.ops import _cuda
 
-    queries = collections.Counter()
-    launch = _cuda.decode_attention
-
-    def counted(q, *args, mask=None, **kwargs):
-        queries[q.shape[2], mask is not None] += 1
-        return launch(q, *args, mask=mask, **kwargs)
-
-    monkeypatch.setattr(_cuda, "decode_attention", counted)
+    launches = count_decode_launches(monkeypatch, _cuda)
     config = transformers.LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
                                       initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None)
@@ -226,10 +230,7 @@ def test_drafted_tokens_are_verified_on_the_cuda_kernels(tmp_path, monkeypatch):
     fastgpt.hf.register("fastgpt-cuda", backend="cuda")
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-cuda",
                                                              dtype=torch.float16).eval()  # fmt: skip
-    idx = torch.tensor([[5, 6, 7, 8, 9] * 4])  # n-grams to draft from
-    drafted = greedy(ours, idx, max_new_tokens=6, prompt_lookup_num_tokens=4)
-    assert torch.equal(drafted, greedy(reference, idx, max_new_tokens=6))
-    assert sum(n for (Sq, masked), n in queries.items() if Sq > 1 and masked) >= 2  # a verification, both layers
+    check_drafts_verified(ours, reference, launches, max_new_tokens=6)
 
 
 def test_static_cache_prefill_gets_a_mask(tmp_path, calls):
