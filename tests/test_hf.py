@@ -198,13 +198,7 @@ def test_padded_batches_on_the_cuda_kernels(tmp_path, monkeypatch):
             return _launch(*args, mask=mask, **kwargs)
 
         monkeypatch.setattr(_cuda, name, wrapper)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                      initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    reference, _ = pair(config, tmp_path)  # SDPA in fp32
-    fastgpt.hf.register("fastgpt-cuda", backend="cuda")
-    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-cuda",
-                                                             dtype=torch.float16).eval()  # fmt: skip
+    reference, ours = cuda_llama_pair(tmp_path, heads=4, kv_heads=2)
     idx, mask = padded_batch()
     with torch.no_grad():
         real = mask.bool()
@@ -223,14 +217,22 @@ def test_drafted_tokens_are_verified_on_the_cuda_kernels(tmp_path, monkeypatch):
     from fastgpt.ops import _cuda
 
     launches = count_decode_launches(monkeypatch, _cuda)
-    config = transformers.LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
-                                      initializer_range=0.05, bos_token_id=None, eos_token_id=None, pad_token_id=None)
-    reference, _ = pair(config, tmp_path)  # SDPA in fp32
+    reference, ours = cuda_llama_pair(tmp_path, heads=2, kv_heads=1)
+    check_drafts_verified(ours, reference, launches, max_new_tokens=6)
+
+
+def cuda_llama_pair(tmp_path, *, heads: int, kv_heads: int):
+    """A Llama-style model of head dim 64 (the CUDA kernels'): SDPA in fp32, and the drop-in
+    registered with backend="cuda" in fp16."""
+    config = transformers.LlamaConfig(vocab_size=V, hidden_size=64 * heads, intermediate_size=256, num_hidden_layers=2,
+                                      num_attention_heads=heads, num_key_value_heads=kv_heads,
+                                      max_position_embeddings=128, initializer_range=0.05, bos_token_id=None,
+                                      eos_token_id=None, pad_token_id=None)  # fmt: skip
+    reference, _ = pair(config, tmp_path)
     fastgpt.hf.register("fastgpt-cuda", backend="cuda")
     ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fastgpt-cuda",
                                                              dtype=torch.float16).eval()  # fmt: skip
-    check_drafts_verified(ours, reference, launches, max_new_tokens=6)
+    return reference, ours
 
 
 def test_static_cache_prefill_gets_a_mask(tmp_path, calls):
