@@ -118,10 +118,10 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
 def _few_queries(q, k, v, causal: bool, scale: float, backend: str, mask=None, return_lse: bool = False):
     """A few queries a row (a decode step's one, speculative decoding's drafts): the split-KV
     decode kernels over keys of length Sk, the queries at their end (causal is bottom-right).
-    The prefill kernel runs one program per (row, head, 64 queries), which leaves most of a GPU
-    idle where B * Hq is small and reads k/v once per query head; the decode kernels serve a KV
-    head's queries from one read and split the keys until the GPU is full. mask (B, Hq, Sq, Sk)
-    bool, or None."""
+    The prefill kernel runs one program per (row, head, block of queries), which leaves most of
+    a GPU idle where B * Hq is small and reads k/v once per query head; the decode kernels serve
+    a KV head's queries from one read and split the keys until the GPU is full.
+    mask (B, Hq, Sq, Sk) bool, or None."""
     lengths = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
     launch = _backends.launchers(backend, "decode").decode_attention
     return launch(q, k, v, lengths, scale=scale, causal=causal, mask=mask, return_lse=return_lse)
