@@ -269,6 +269,25 @@ def _plan(device, B: int, Hkv: int, Smax: int, pairs: int, D: int, fp32: bool) -
     return (tiles, programs, *split_plan(programs, Smax, tiles.block_n, num_sms))
 
 
+class _Outputs(NamedTuple):
+    out: torch.Tensor  # (B, Hq, Sq, D) in q's dtype
+    lse: torch.Tensor  # (B, Hq, Sq) fp32 with return_lse, else `out` (unwritten)
+    o_part: torch.Tensor  # (B, Hq, Sq, num_splits, D) fp32 partial outputs, else `out` (unread)
+    lse_part: torch.Tensor  # (B, Hq, Sq, num_splits) fp32 partial log2-sum-exps, else `out` (unread)
+
+
+def _outputs(q, num_splits: int, return_lse: bool) -> _Outputs:
+    """The call's output, and the workspaces of its splits where there are several."""
+    B, Hq, Sq, D = q.shape
+    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
+    if num_splits == 1:
+        return _Outputs(out, lse, out, out)
+    o_part = torch.empty((B, Hq, Sq, num_splits, D), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((B, Hq, Sq, num_splits), dtype=torch.float32, device=q.device)
+    return _Outputs(out, lse, o_part, lse_part)
+
+
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal: bool = True, mask=None,
                      counters=None, return_lse: bool = False):  # fmt: skip
     """Attention of Sq new query tokens per row over the first cache_seqlens[b] cache positions.
@@ -296,13 +315,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
     fp32 = q.dtype == torch.float32
     tiles, programs, num_splits, chunk = _plan(q.device, B, Hkv, Smax, group * Sq, D, fp32)
 
-    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out  # unwritten without
-    if num_splits == 1:
-        o_part = lse_part = out
-    else:
-        o_part = torch.empty((B, Hq, Sq, num_splits, D), dtype=torch.float32, device=q.device)
-        lse_part = torch.empty((B, Hq, Sq, num_splits), dtype=torch.float32, device=q.device)
+    out, lse, o_part, lse_part = _outputs(q, num_splits, return_lse)
     # With counters the split kernel merges its own splits, unless the merge's (rows, D) tile alone
     # passes _MERGE_TILE (GQA heads of 256: it would spill registers): then the combine kernel does.
     merge_here = num_splits > 1 and counters is not None and tiles.block_g * tiles.block_d <= _MERGE_TILE
