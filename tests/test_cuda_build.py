@@ -226,7 +226,7 @@ def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
     """On sm_90a every kernel waits for the kernel before it ahead of any memory access, as a
     programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80 code has no wait (and is
     never launched as a dependent)."""
-    from tests.test_attention import assert_waits_first
+    from tests.gpu_compile import assert_waits_first
 
     _nvcc(source, arch, tmp_path / "kernels.ptx", "-ptx")
     entries = (tmp_path / "kernels.ptx").read_text().split(".visible .entry")[1:]

@@ -11,16 +11,16 @@ import torch
 
 import fastgpt
 from fastgpt import reference
-from tests.helpers import assert_close
-from tests.test_attention import (
+from tests.gpu_compile import (
     SMEM_LIMIT,
     SMEM_LIMIT_SM86,
-    _load_kernel_module,
     compile_for,
+    load_kernel_module,
     ptxas_spills,
     run_compile_check,
     run_isolated,
 )
+from tests.helpers import assert_close
 
 
 def _interpreter_plan(B, Hkv, Smax):
@@ -394,7 +394,7 @@ def compile_decode_variants(arch):
     """The split kernel at MHA and GQA tiles, with and without a mask, with and without its own
     merge of the splits (which must not spill: GPT's decode step takes it), with and without the
     log-sum-exp, and the combine kernel."""
-    mod = _load_kernel_module("decode")
+    mod = load_kernel_module("decode")
     variants = [("fp16", 64, 1, False, False, False), ("bf16", 128, 4, False, False, True),
                 ("bf16", 256, 64, False, False, False), ("fp32", 80, 2, False, False, True),
                 ("fp32", 256, 32, False, False, False), ("fp16", 64, 1, True, False, False),

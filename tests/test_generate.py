@@ -194,9 +194,9 @@ def test_gpu_greedy_advance_has_no_race(B):
 
 def compile_advance_variants(arch):
     """kernels/advance.py lowered for sm_<arch>, with and without eos ids, at one block and the widest."""
-    from tests.test_attention import _load_kernel_module, compile_for
+    from tests.gpu_compile import compile_for, load_kernel_module
 
-    mod = _load_kernel_module("advance")
+    mod = load_kernel_module("advance")
     ptrs = {"nxt_ptr": "*i64", "out_ptr": "*i64", "step_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64",
             "seqlens_ptr": "*i32", "finished_ptr": "*u8", "pad_ptr": "*i64", "eos_ptr": "*i64"}  # fmt: skip
     for has_eos, block in [(False, mod.MIN_BLOCK), (True, 1024)]:
@@ -213,7 +213,7 @@ def compile_advance_variants(arch):
 
 
 def test_advance_compiles_for_gpu():
-    from tests.test_attention import run_compile_check
+    from tests.gpu_compile import run_compile_check
 
     run_compile_check("tests.test_generate.compile_advance_variants")
 

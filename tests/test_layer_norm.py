@@ -107,7 +107,7 @@ def test_rows_past_int32():
     """check_rows_past_int32 in the interpreter (~4 minutes, ~7 GB: not in the default suite, which
     CI keeps near 10 minutes), in a process of its own: the overflowing store crashes the process
     it runs in."""
-    from tests.test_attention import run_isolated
+    from tests.gpu_compile import run_isolated
 
     if os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") < 16 * 2**30:
         pytest.skip("needs 16 GB of memory")
@@ -121,9 +121,9 @@ def compile_layer_norm_variants(arch):
     """Both kernels in bf16 with residual, weight and bias: the fused one at the shortest rows, the
     longest that load weight and bias first (4096) and the longest register-resident ones (16384
     takes 16 warps), without spills; the chunked one past that."""
-    from tests.test_attention import SMEM_LIMIT, _load_kernel_module, compile_for, ptxas_spills
+    from tests.gpu_compile import SMEM_LIMIT, compile_for, load_kernel_module, ptxas_spills
 
-    mod = _load_kernel_module("layer_norm")
+    mod = load_kernel_module("layer_norm")
     ptrs = {n: "*bf16" for n in ("x_ptr", "r_ptr", "y_ptr", "h_ptr")} | {"w_ptr": "*fp32", "b_ptr": "*bf16"}
     flags = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True)
     for N in (768, 4096, mod.MAX_FUSED_N):
@@ -141,7 +141,7 @@ def compile_layer_norm_variants(arch):
 def test_compiles_for_gpu():
     """The fused and chunked kernels lower to sm_80 and sm_90 cubins (bf16, which the interpreter
     cannot run)."""
-    from tests.test_attention import run_compile_check
+    from tests.gpu_compile import run_compile_check
 
     run_compile_check("tests.test_layer_norm.compile_layer_norm_variants")
 

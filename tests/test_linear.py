@@ -10,13 +10,13 @@ import torch
 
 from fastgpt import BackendUnavailableError, reference
 from fastgpt.ops.linear import MAX_ROWS, linear
-from tests.helpers import assert_close
-from tests.test_attention import (
+from tests.gpu_compile import (
     SMEM_LIMIT_SM86,
-    _load_kernel_module,
     compile_for,
+    load_kernel_module,
     run_compile_check,
 )
+from tests.helpers import assert_close
 
 
 def _inputs(M, K, N, dtype, device, *, row_pad=0, seed=0):
@@ -213,9 +213,9 @@ def compile_linear_variants(arch):
     these launches and the GPU, so each must fit even an sm_86/sm_89 block, and its weight loads
     must be pipelined. One row's LayerNorm statistics hold no padded rows: under 96 registers
     (they were 168 with 16 rows' tiles, 3 programs an SM)."""
-    from tests.test_attention import ptxas_usage
+    from tests.gpu_compile import ptxas_usage
 
-    mod = _load_kernel_module("linear")
+    mod = load_kernel_module("linear")
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp16", "fp32"):
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")

@@ -1,6 +1,6 @@
 """Programmatic dependent launch (kernels/pdl.py): when kernels launch as dependents, and the
 check that every such kernel waits for the previous grid before it touches memory (which the
-compile checks of each kernel apply to its sm_90 PTX: tests/test_attention.py's compile_for)."""
+compile checks of each kernel apply to its sm_90 PTX: tests/gpu_compile.py's compile_for)."""
 
 import ast
 from pathlib import Path
@@ -10,7 +10,7 @@ import torch
 
 from fastgpt import _backends
 from fastgpt.kernels import pdl
-from tests.test_attention import assert_waits_first, run_compile_check
+from tests.gpu_compile import assert_waits_first, run_compile_check
 
 _ENTRY = ".visible .entry k(\n.param .u64 k_param_0\n)\n{\n\tld.param.b64 \t%rd1, [k_param_0];\n"
 
@@ -109,7 +109,7 @@ def compile_prefetch(arch):
     import triton
     import triton.language as tl
 
-    from tests.test_attention import compile_for
+    from tests.gpu_compile import compile_for
 
     @triton.jit
     def _kernel(w_ptr, stride_w, nbytes, out_ptr, PDL: tl.constexpr):

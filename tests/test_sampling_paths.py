@@ -353,9 +353,9 @@ def compile_row_variants(arch):
     vocabulary. The Gumbel noise -log(-log(u)) takes u up to 1 - 2^-24, where an approximate log
     (lg2.approx, absolute error ~2^-22) could return 0 and make the noise infinite: tl.log must
     stay exact."""
-    from tests.test_attention import _load_kernel_module, compile_for, ptxas_spills
+    from tests.gpu_compile import compile_for, load_kernel_module, ptxas_spills
 
-    mod = _load_kernel_module("sampling")
+    mod = load_kernel_module("sampling")
     for dtype, write_mask in [("bf16", False), ("fp16", True), ("fp32", False)]:
         ptrs = _PARAMS | {"logits_ptr": f"*{dtype}", "out_ptr": "*i1" if write_mask else "*i64"}
         size = 4 if dtype == "fp32" else 2
@@ -375,9 +375,9 @@ def compile_row_variants(arch):
 def compile_split_variants(arch):
     """The split path's top-p stages (t_k's last byte and the first masses; the budget and a
     mass byte picked) and its draw (tokens, with an exact log, and the kept set)."""
-    from tests.test_attention import _load_kernel_module, compile_for
+    from tests.gpu_compile import compile_for, load_kernel_module
 
-    mod = _load_kernel_module("sampling")
+    mod = load_kernel_module("sampling")
     for stage, dtype in [(4, "bf16"), (5, "fp16")]:
         const = {"V": 128256, "STAGE": stage, "BLOCK_V": mod.MASS_BLOCK, "MAX_CHUNKS": mod.MAX_CHUNKS}
         compile_for(mod._split_search_kernel, _SPLIT | {"logits_ptr": f"*{dtype}"}, const, arch=arch,
@@ -392,9 +392,9 @@ def compile_split_variants(arch):
 def compile_candidate_variants(arch):
     """The candidate path's kernels at the smallest and largest lists (bf16 and fp32 logits; tokens
     with an exact log, and the kept set), without register spills."""
-    from tests.test_attention import _load_kernel_module, compile_for, ptxas_spills
+    from tests.gpu_compile import compile_for, load_kernel_module, ptxas_spills
 
-    mod = _load_kernel_module("sampling")
+    mod = load_kernel_module("sampling")
     for cand_k, dtype, write_mask in [(64, "bf16", False), (mod.CAND_MAX_K, "fp32", True)]:
         block, list_len = mod._candidate_block(128256, cand_k), max(mod.CAND_LIST, cand_k)  # V 128256: the longest
         ptrs = {"logits_ptr": f"*{dtype}", "temperature_ptr": "*fp32", "bound_ptr": "*i32", "cand_ptr": "*i64",
@@ -421,7 +421,7 @@ def test_compiles_for_gpu():
     side by side, as each compile is single-threaded."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tests.test_attention import run_compile_check
+    from tests.gpu_compile import run_compile_check
 
     names = ["tests.test_sampling_paths.compile_row_variants", "tests.test_sampling_paths.compile_split_variants",
              "tests.test_sampling_paths.compile_candidate_variants"]
