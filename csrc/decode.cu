@@ -58,6 +58,27 @@ __device__ __forceinline__ void merge_key_groups(float (&m)[GROUP], float (&l)[G
     }
 }
 
+// Merges the warp's GROUP running states over its key groups (merge_key_groups) and stores them
+// as warp `warp`'s states in shared memory for write_rows: key group 0's lanes store acc, each its
+// 8 elements from d0, and its first lane m and l.
+template <int D, int GROUP, int LANES_PER_KEY>
+__device__ __forceinline__ void store_warp_states(float (&m)[GROUP], float (&l)[GROUP], float (&acc)[GROUP][8],
+                                                  int warp, int key_in_warp, int d0, float (&s_m)[kWarps][GROUP],
+                                                  float (&s_l)[kWarps][GROUP], float (&s_acc)[kWarps][GROUP][D]) {
+    merge_key_groups<GROUP, LANES_PER_KEY>(m, l, acc);
+    if (key_in_warp == 0) {
+#pragma unroll
+        for (int g = 0; g < GROUP; ++g) {
+#pragma unroll
+            for (int j = 0; j < 8; ++j) s_acc[warp][g][d0 + j] = acc[g][j];
+            if (d0 == 0) {
+                s_m[warp][g] = m[g];
+                s_l[warp][g] = l[g];
+            }
+        }
+    }
+}
+
 // Element d of flat row `row` = (b * Hq + h) * Sq + i merged from its splits' partial outputs,
 // and the row's log-sum-exp over them (log2 domain):
 //   o = sum_s 2^(lse_s - M) o_s / sum_s 2^(lse_s - M),  lse = M + log2 sum_s 2^(lse_s - M),  M = max_s lse_s
@@ -267,18 +288,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
         }
     }
 
-    merge_key_groups<GROUP, LANES_PER_KEY>(m, l, acc);
-    if (key_in_warp == 0) {
-#pragma unroll
-        for (int g = 0; g < GROUP; ++g) {
-#pragma unroll
-            for (int j = 0; j < 8; ++j) s_acc[warp][g][d0 + j] = acc[g][j];
-            if (d0 == 0) {
-                s_m[warp][g] = m[g];
-                s_l[warp][g] = l[g];
-            }
-        }
-    }
+    store_warp_states<D, GROUP, LANES_PER_KEY>(m, l, acc, warp, key_in_warp, d0, s_m, s_l, s_acc);
     __syncthreads();
 
     // Taken from values live here: blockIdx.y kept to this point spilled the MHA kernel at 96
