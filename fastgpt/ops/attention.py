@@ -57,6 +57,14 @@ def decode_limits(q: torch.Tensor, Hkv: int, seq_len: int) -> Callable[[str], st
     return reason
 
 
+def _kernel_limits(q: torch.Tensor, k: torch.Tensor) -> Callable[[str], str | None]:
+    """The limits of the kernels that run attention of q over k: the split-KV decode kernels for
+    a few queries a row (_few_queries), else the prefill kernels."""
+    if q.shape[2] <= SPLIT_KV_MAX_QUERIES:
+        return decode_limits(q, k.shape[1], k.shape[2])
+    return backend_limits(q, k.shape[2])
+
+
 def check_qkv(q, k, v, *, kv_names=("k", "v"), layout="(B, Hkv, Sk, D)", kv_heads="k/v's") -> torch.device:
     """Check q (B, Hq, Sq, D) and k/v (B, Hkv, Sk, D): one float dtype, one device, Hq % Hkv == 0.
     kv_names, layout and kv_heads name k/v in the errors (the decode op's cache). Returns the device."""
@@ -97,11 +105,10 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     _checks.flag("return_lse", return_lse)
     scale = _checks.scale(scale, D)
     if Sq <= SPLIT_KV_MAX_QUERIES:  # the decode kernels run it (_few_queries)
-        limits, preference = decode_limits(q, k.shape[1], Sk), _backends.decode_preference(B * k.shape[1], Sq)
+        preference = _backends.decode_preference(B * k.shape[1], Sq)
     else:
-        limits = backend_limits(q, Sk)
         preference = _backends.attention_preference(4 * B * Hq * Sq * Sk * D / (2 if causal else 1))
-    name = _backends.resolve("attention", backend, device, limits, preference)
+    name = _backends.resolve("attention", backend, device, _kernel_limits(q, k), preference)
     if q.numel() == 0 or Sk == 0:
         out = q.new_zeros(B, Hq, Sq, D)
         lse = torch.full((B, Hq, Sq), float("-inf"), dtype=torch.float32, device=device)
@@ -183,8 +190,7 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
         raise ValueError(f"mask must have shape (B or 1, Hq or 1, Sq, Sk) = ({B} or 1, {Hq} or 1, {Sq}, {Sk}), "
                          f"got {tuple(mask.shape)}")
     scale = _checks.scale(scale, D)
-    limits = decode_limits(q, k.shape[1], Sk) if Sq <= SPLIT_KV_MAX_QUERIES else backend_limits(q, Sk)
-    name = _backends.resolve("masked_attention", backend, device, limits, preference=("triton", "cuda"))
+    name = _backends.resolve("masked_attention", backend, device, _kernel_limits(q, k), preference=("triton", "cuda"))
     if q.numel() == 0 or Sk == 0:
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":
