@@ -84,9 +84,9 @@ def check_specs(op: str, specs: list[str], model_config: str) -> None:
     from fastgpt.bench.cases import generate as gen
     from fastgpt.bench.cases import op_module, parse_spec
 
+    module = gen if op == "generate" else op_module(op)
     try:
         for spec in specs:
-            module = gen if op == "generate" else op_module(op)
             params = parse_spec(spec, module.KEYS, module.POSITIVE)
             if op == "generate":
                 gen.check_params(params, model_config)
