@@ -76,9 +76,10 @@ class CausalSelfAttention(nn.Module):
 
         Without kv_cache: causal attention over x itself. With kv_cache (2, B, H, S, D), this
         layer's k and v caches, and seqlens None: prefill, k/v of the T tokens go to cache slots
-        [0, T). With seqlens (B,) int32 (T == 1): decode, row b's k/v go to cache slot `slot`
-        ((2, B, H, 1, D) int64, row b's slot in every element; GPT.decode makes it once for all
-        layers) and its query attends to slots [0, seqlens[b]).
+        [0, T). With seqlens (B,) int32: decode, the T tokens of row b are its last T positions,
+        their k/v go to cache slots `slot` ((2, B, H, T, D) int64, token t's slot in every element
+        of [..., t, :]; GPT.verify makes it once for all layers) and token t attends to slots
+        [0, seqlens[b] - T + t].
         """
         return self.c_proj(self.attend(self.c_attn(x), kv_cache, slot, seqlens))
 
@@ -97,9 +98,9 @@ class CausalSelfAttention(nn.Module):
             y = fastgpt.attention(q, kv[0], kv[1], causal=True, backend=self.backend)  # (B, H, T, D)
         else:
             if slot is not None:
-                kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, pos[b]] = kv[:, b, :, 0]: one kernel, no copy
+                kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, slot_bt] = kv[:, b, :, t]: one kernel, no copy
             k_cache, v_cache = kv_cache[0], kv_cache[1]
-            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend)  # (B, H, 1, D)
+            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend)  # (B, H, T, D)
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -270,14 +271,30 @@ class GPT(nn.Module):
         pos + 1 as int32 (B,), where the caller keeps it (generate's decoder does); else one
         kernel makes it.
         """
-        B, config = tok.shape[0], self.config
+        B = tok.shape[0]
         if seqlens is None:
             seqlens = torch.add(pos, 1, out=torch.empty(B, dtype=torch.int32, device=pos.device))
         if self._fused_decode(B, tok.device):
             return self._decode_fused(tok, pos, kv_cache, seqlens)
-        slot = pos.view(1, B, 1, 1, 1).expand(2, B, config.n_head, 1, config.head_dim)  # (2, B, H, 1, D), all layers
-        y = self._trunk(tok[:, None], pos[:, None], kv_cache, slot, seqlens)  # (B, 1, C)
-        return self.lm_head(y[:, 0])  # (B, V)
+        return self.verify(tok[:, None], pos, kv_cache, seqlens)[:, 0]  # (B, V)
+
+    def verify(self, tok, pos, kv_cache, seqlens=None):
+        """T tokens a row, tok (B, T) int64, at positions pos[b] .. pos[b] + T - 1 -> logits (B, T, V):
+        a token and its drafts (speculative decoding's verification), each seeing the row's cache
+        and the tokens before it. pos (B,) int64.
+
+        Writes their k/v to cache slots pos[b] + t; the cache needs pos[b] + T of them. seqlens:
+        pos + T as int32 (B,), else one kernel makes it. Positions past the context (drafts beyond
+        the last one a row may reach) read the last position's embedding: their logits mean nothing.
+        """
+        (B, T), config = tok.shape, self.config
+        if seqlens is None:
+            seqlens = torch.add(pos, T, out=torch.empty(B, dtype=torch.int32, device=pos.device))
+        positions = pos[:, None] if T == 1 else pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+        slot = positions.view(1, B, 1, T, 1).expand(2, B, config.n_head, T, config.head_dim)  # all layers' slots
+        if T > 1:
+            positions = positions.clamp(max=config.n_positions - 1)
+        return self.lm_head(self._trunk(tok, positions, kv_cache, slot, seqlens))  # (B, T, V)
 
     def _fused_decode(self, batch: int, device: torch.device) -> bool:
         """Whether a decode step of `batch` rows runs on fastgpt.ops.linear: on the triton backend
@@ -319,8 +336,9 @@ class GPT(nn.Module):
         real tokens with 1 and left padding with 0, as in HF; each row then equals its unbatched
         run. With eos_token_id (an int or a list), a row stops at its first eos and is filled with
         pad_token_id (default: the first eos id) afterwards; n is less than max_new_tokens only if
-        every row stopped. Other options (pad_token_id, cuda_graph, check_every, compile) are
-        documented in fastgpt.generate.generate.
+        every row stopped. Other options (pad_token_id, cuda_graph, check_every, compile, and
+        prompt-lookup decoding's prompt_lookup_num_tokens, max_matching_ngram_size) are documented
+        in fastgpt.generate.generate.
         """
         from fastgpt.generate import generate
 
