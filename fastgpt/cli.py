@@ -57,7 +57,7 @@ def generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     for token in stream(model, idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, min_p=args.min_p, eos_token_id=eos, generator=generator,
-                        compile=args.compile):
+                        compile=args.compile, prompt_lookup_num_tokens=args.prompt_lookup):
         token_id = int(token[0])
         if token_id in stop:
             break
@@ -81,6 +81,11 @@ def _check_generate_args(args: argparse.Namespace) -> None:
     row_params(1, "cpu", args.temperature, args.top_k, args.top_p, args.min_p)
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.prompt_lookup < 0:
+        raise ValueError(f"--prompt-lookup must be >= 0, got {args.prompt_lookup}")
+    if args.prompt_lookup and args.compile:
+        raise ValueError("--compile does not apply to --prompt-lookup, whose steps run uncompiled: "
+                         "pass one or the other")
     if args.seed is not None and not -2**63 <= args.seed < 2**64:  # torch.Generator's range
         raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
 
@@ -121,6 +126,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print tokens/s at the end")
     gen.add_argument("--compile", action="store_true",
                      help="run the decode forward through torch.compile (the first tokens wait for it)")
+    gen.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
+                     help="draft up to K tokens a step from the text so far and verify them in one forward "
+                          "(prompt-lookup decoding: the same tokens, fewer steps where text repeats; default 0: off)")
     gen.set_defaults(func=generate)
 
     from fastgpt import bench

@@ -16,6 +16,9 @@ the "finished" flags are tensors, so one decode step can be captured in a CUDA g
 replayed. The host reads the device only to ask whether every row has hit eos, every
 `check_every` tokens.
 
+With prompt_lookup_num_tokens = k > 0, the decode steps draft up to k tokens a row and verify
+them in one forward each (fastgpt/speculative.py); the cache then has k spare slots.
+
 With the `compile` option the model's decode forward (everything but the sampler, whose
 generator argument torch.compile cannot trace) runs through torch.compile(fullgraph=True), and
 the CUDA graph then captures the compiled step: inductor fuses the glue around fastgpt's ops.
@@ -31,16 +34,16 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from fastgpt import _backends
+from fastgpt import _backends, _graphs
 from fastgpt.model import check_idx
 from fastgpt.ops import _checks
 from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
+from fastgpt.speculative import PromptLookup
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
 BUCKET = 256  # cache lengths round up to a multiple of this (capped by n_positions), so decoders are reused
 EOS_SLOTS = 8  # eos ids held by a decoder; more ids make a decoder with more slots
 MAX_GRAPH_DECODERS = 2  # decoders kept per model with CUDA graphs (one without), least recently used dropped
-WARMUP_STEPS = 2  # eager decode steps before a capture: Triton compiles, cuBLAS plans
 # torch.compile's error when a function passes Dynamo's recompile limit under fullgraph (the older name too).
 _RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
                          if hasattr(torch._dynamo.exc, name))  # fmt: skip
@@ -99,7 +102,7 @@ class Decoder:
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.tok, self.pos, self.step = zeros(batch), zeros(batch), zeros(1)
         self.seqlens = zeros(batch, dtype=torch.int32)  # pos + 1, kept with pos: the step's cache lengths
-        self.out = zeros(batch, length + WARMUP_STEPS + 1)
+        self.out = zeros(batch, length + _graphs.WARMUP_STEPS + 1)
         self.finished = zeros(batch, dtype=torch.bool)
         self.temperature, self.top_k = zeros(batch, dtype=torch.float32), zeros(batch)
         self.top_p, self.min_p = zeros(batch, dtype=torch.float64), zeros(batch, dtype=torch.float32)
@@ -116,6 +119,7 @@ class Decoder:
         self.best = torch.full((batch,), torch.iinfo(torch.int64).min, dtype=torch.int64, device=device)
         self.count = zeros(1, dtype=torch.int32)
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
+        self.lookup = None  # a PromptLookup of this decoder's, kept for its CUDA graph
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
               all_greedy: bool | None = None, top_k_bound: int = 0):
@@ -217,26 +221,11 @@ class Decoder:
         """
         if self.graph is not None and self.graph_mode == self._mode():
             return None
-        self.graph, self.kv = None, self.cache
+        self.kv = self.cache
         state = (self.tok, self.pos, self.seqlens, self.step, self.out, self.finished)
-        saved, rng = [t.clone() for t in state], self.generator.get_state()
-        try:
-            stream = torch.cuda.Stream(self.tok.device)
-            stream.wait_stream(torch.cuda.current_stream(self.tok.device))
-            with torch.cuda.stream(stream):  # warm-up off the capture: kernels compile, libraries plan
-                for _ in range(WARMUP_STEPS):
-                    self.decode_step()
-            torch.cuda.current_stream(self.tok.device).wait_stream(stream)
-            self._restore(state, saved, rng)
-            graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(self.generator)  # replays advance it, like eager steps
-            with torch.cuda.graph(graph):
-                self.decode_step()
-        except Exception as exc:  # a sync or an uncapturable op somewhere: decode eagerly instead
-            self._restore(state, saved, rng)
-            return f"{type(exc).__name__}: {exc}"
-        self.graph, self.graph_mode = graph, self._mode()
-        return None
+        self.graph, reason = _graphs.capture(self.decode_step, state, self.generator)
+        self.graph_mode = self._mode()
+        return reason
 
     def _mode(self):
         """What a captured graph holds of one call's settings: whether every row is greedy, whether
@@ -244,12 +233,6 @@ class Decoder:
         candidate path), which bounds in one power-of-two bucket share (the rows' top_k are device
         tensors the graph reads)."""
         return self.all_greedy, self.has_eos, _backends.sample_candidate_k(self.top_k_bound)
-
-    def _restore(self, state, saved, rng):
-        """Undo the warm-up steps: the state tensors and the random stream are as before them."""
-        for t, value in zip(state, saved):
-            t.copy_(value)
-        self.generator.set_state(rng)
 
 
 def _get_rng(generator, device):
@@ -354,17 +337,18 @@ def _pad_id(pad_token_id, eos_ids: list[int]) -> int:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _decoder(model, B, length, eos_slots, use_graph):
+def _decoder(model, B, length, eos_slots, use_graph, spare=0):
     """A decoder with room for B rows of `length` positions: a kept one if it fits, else a new one.
 
     Each holds a whole KV cache, so a model keeps one decoder, or with CUDA graphs (whose
     capture is worth keeping) MAX_GRAPH_DECODERS, keyed by (batch, cache length), the least
-    recently used dropped before a new one is allocated. Cache lengths round up to BUCKET.
+    recently used dropped before a new one is allocated. Cache lengths round up to BUCKET, up to
+    the context plus `spare` (the slots prompt lookup's drafts past the context write to).
     An eager call takes any kept decoder with B rows and enough positions; a graph call the
     one of its exact length, whose graph covers the whole cache. One in use (busy) is not taken.
     """
     decoders = model._decoders  # (batch, cache length) -> Decoder, least recently used first
-    bucket = min(math.ceil(length / BUCKET) * BUCKET, model.config.n_positions)
+    bucket = min(math.ceil(length / BUCKET) * BUCKET, model.config.n_positions + spare)
     if use_graph:
         fits = [(B, bucket)]
     else:
@@ -387,8 +371,10 @@ def _left_align(idx, lengths):
 
 
 def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, top_p, min_p, eos_token_id,
-           pad_token_id, generator, cuda_graph, check_every, compile) -> Iterator[Decoder]:
-    """Prefill, then decode; yields the decoder after each new token (its column step - 1 of out).
+           pad_token_id, generator, cuda_graph, check_every, compile, prompt_lookup_num_tokens,
+           max_matching_ngram_size) -> Iterator[Decoder | PromptLookup]:  # fmt: skip
+    """Prefill, then decode; yields the decoder after each new token (its column step - 1 of out),
+    or with prompt_lookup_num_tokens = k > 0 the PromptLookup after each step (1 to k + 1 tokens a row).
 
     `generator` (None: the device's default) is advanced past the draws made when the iteration
     ends or is closed, as if the sampler had drawn from it.
@@ -407,12 +393,13 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
         warnings.warn(f"cuda_graph=True ignored: the model is on {idx.device}, decoding eagerly", stacklevel=3)
         use_graph = False
 
-    decoder = _decoder(model, B, T + max_new_tokens, max(EOS_SLOTS, len(eos_ids)), use_graph)
+    k = prompt_lookup_num_tokens  # a step's drafts write k slots past the last token's
+    decoder = _decoder(model, B, T + max_new_tokens + k, max(EOS_SLOTS, len(eos_ids)), use_graph, spare=k)
     decoder.use_compile(compile)
     # Eager steps attend over just the positions this call needs; graphs and compiled steps over
     # the whole cache, whose shapes stay the same from call to call.
     whole = use_graph or compile is not None
-    decoder.reset(sampling, eos_ids, pad_id, positions=None if whole else T + max_new_tokens,
+    decoder.reset(sampling, eos_ids, pad_id, positions=None if whole else T + max_new_tokens + k,
                   all_greedy=_all_greedy(temperature), top_k_bound=top_k_bound(top_k))
     idx = idx.long()
     if lengths is None:
@@ -422,8 +409,12 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
     decoder.load_rng(generator)
     decoder.busy = True
     try:
-        yield from _decode(model, decoder, idx, lengths, max_new_tokens, use_graph=use_graph,
-                           check_every=check_every if eos_ids else None)
+        if k:
+            yield from _speculate(model, decoder, idx, lengths, max_new_tokens, use_graph=use_graph, k=k,
+                                  ngram=max_matching_ngram_size)  # fmt: skip
+        else:
+            yield from _decode(model, decoder, idx, lengths, max_new_tokens, use_graph=use_graph,
+                               check_every=check_every if eos_ids else None)
     finally:
         decoder.busy = False
         decoder.store_rng(generator)
@@ -449,8 +440,33 @@ def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_ev
         yield decoder
 
 
+def _speculate(model, decoder, idx, lengths, max_new_tokens, *, use_graph, k, ngram) -> Iterator[PromptLookup]:
+    """The prefill of the left-aligned idx (B, T), then prompt-lookup steps until every row is done."""
+    decoder.pos.copy_(lengths - 1)
+    decoder.emit(model.prefill(idx, decoder.kv, last=lengths - 1))
+    lookup = decoder.lookup
+    if lookup is None or (lookup.k, lookup.ngram) != (k, ngram):
+        lookup = decoder.lookup = PromptLookup(decoder, k, ngram)
+    lookup.reset(idx, lengths, max_new_tokens)
+    yield lookup
+
+    step = lookup.step
+    if use_graph and max_new_tokens > 1:
+        reason = lookup.capture()
+        if reason:
+            warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=4)
+        else:
+            step = lookup.graph.replay
+    for _ in range(1, max_new_tokens):  # every step emits a token in each row not done
+        if lookup.done():
+            return
+        step()
+        yield lookup
+
+
 def _options(kwargs):
-    known = {"pad_token_id": None, "cuda_graph": None, "check_every": CHECK_EVERY, "compile": False}
+    known = {"pad_token_id": None, "cuda_graph": None, "check_every": CHECK_EVERY, "compile": False,
+             "prompt_lookup_num_tokens": 0, "max_matching_ngram_size": 2}  # fmt: skip
     unknown = set(kwargs) - set(known)
     if unknown:
         raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
@@ -461,6 +477,14 @@ def _options(kwargs):
     if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
         raise ValueError(f"check_every must be an int >= 1, got {every!r}")
     options["compile"] = _compile_options(options["compile"])
+    for name, least in (("prompt_lookup_num_tokens", 0), ("max_matching_ngram_size", 1)):
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
+        options[name] = int(value)
+    if options["prompt_lookup_num_tokens"] and options["compile"] is not None:
+        raise ValueError("compile does not apply to prompt lookup (prompt_lookup_num_tokens > 0), whose steps run "
+                         "uncompiled: pass one or the other")  # fmt: skip
     return options
 
 
@@ -497,22 +521,27 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0,
     cuda_graph (capture the decode step; default True on CUDA; falls back to eager with a warning
     saying why), check_every (decode steps between checks that every row is finished), compile
     (False; True or a dict of torch.compile arguments: the decode forward runs compiled, fullgraph,
-    inside the CUDA graph when there is one; the first call pays the compilation).
+    inside the CUDA graph when there is one; the first call pays the compilation),
+    prompt_lookup_num_tokens (0; k > 0 drafts up to k tokens a step from each row's own text and
+    verifies them in one forward: fastgpt.speculative) and max_matching_ngram_size (2: the longest
+    n-gram it looks up), as in HF's prompt-lookup decoding.
     n == max_new_tokens unless every row hit eos, as with HF: then n ends at the last row's eos.
     """
     options = _options(options)
-    steps, decoder = 0, None
-    for decoder in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                          top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
-                          generator=generator, **options):
+    steps, state = 0, None
+    for state in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+                        generator=generator, **options):
         steps += 1
-    if decoder is None:  # nothing ran: an empty batch gets (0, T + n), max_new_tokens == 0 gets idx
+    if state is None:  # nothing ran: an empty batch gets (0, T + n), max_new_tokens == 0 gets idx
         width = idx.shape[1] + (max_new_tokens if idx.shape[0] == 0 else 0)
         return idx.new_zeros(0, width) if idx.shape[0] == 0 else idx.clone()
-    new = decoder.out[:, :steps]  # (B, steps)
-    if eos_token_id is not None:
-        steps = _trim(new, decoder.eos)
-    return torch.cat([idx, new[:, :steps].to(idx.dtype)], dim=1)
+    if isinstance(state, PromptLookup):
+        decoder, new = state.decoder, state.tokens(max_new_tokens)  # (B, max_new_tokens)
+    else:
+        decoder, new = state, state.out[:, :steps]  # (B, steps)
+    width = new.shape[1] if eos_token_id is None else _trim(new, decoder.eos)
+    return torch.cat([idx, new[:, :width].to(idx.dtype)], dim=1)
 
 
 def _trim(new, eos):
@@ -529,12 +558,21 @@ def stream(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, m
     """Generate like `generate`, yielding each step's new tokens (B,) int64 as soon as they exist.
 
     Rows that hit eos yield pad_token_id afterwards; the iteration ends when every row has hit eos
-    (checked every check_every steps, default 1 here) or after max_new_tokens steps. The generator
+    (checked every check_every steps, default 1 here) or after max_new_tokens steps. With prompt
+    lookup, a step's tokens are yielded one column at a time once every row has them. The generator
     (or the default one) takes the stream's draws when the iteration ends or is closed, so draws
     from it made meanwhile are overwritten then.
     """
-    options = {"check_every": 1, **options}
-    for decoder in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
-                          top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
-                          generator=generator, **_options(options)):
-        yield decoder.tok.clone()
+    options = _options({"check_every": 1, **options})
+    yielded = 0  # prompt lookup: the new tokens yielded so far a row (a step makes 1 to k + 1 of them)
+    for state in _steps(model, idx, max_new_tokens, attention_mask=attention_mask, temperature=temperature,
+                        top_k=top_k, top_p=top_p, min_p=min_p, eos_token_id=eos_token_id,
+                        generator=generator, **options):
+        if not isinstance(state, PromptLookup):
+            yield state.tok.clone()
+            continue
+        ready = state.ready()  # the tokens every row has: rows advance by different numbers of them
+        new = state.tokens(ready)
+        for column in range(yielded, ready):
+            yield new[:, column].clone()
+        yielded = ready

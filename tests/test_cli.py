@@ -65,6 +65,15 @@ def test_generate_compiled_prints_the_same_text(checkpoint, capsys):
     torch._dynamo.reset()
 
 
+def test_generate_with_prompt_lookup_prints_the_same_text(checkpoint, capsys):
+    args = ["generate", "--model", str(checkpoint), "--prompt", "one two one two one", "--max-new-tokens", "12",
+            "--device", "cpu"]
+    cli.main(args)
+    plain = capsys.readouterr().out
+    assert cli.main(args + ["--prompt-lookup", "3"]) == 0
+    assert capsys.readouterr().out == plain
+
+
 @pytest.mark.parametrize("extra, message", [(["--top-p", "0"], "top_p"), (["--max-new-tokens", "500"], "n_positions"),
                                             (["--device", "foo"], "--device must be cpu or cuda"),
                                             (["--device", "meta"], "--device must be cpu or cuda")])
@@ -121,7 +130,9 @@ def test_generate_reports_a_missing_checkpoint(tmp_path, capsys):
                                             (["--top-k", "-1"], "top_k must be >= 0"),
                                             (["--min-p", "2"], "min_p must be in [0, 1]"),
                                             (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 0"),
-                                            (["--seed", str(2**64)], "--seed must be in [-2**63, 2**64)")])
+                                            (["--seed", str(2**64)], "--seed must be in [-2**63, 2**64)"),
+                                            (["--prompt-lookup", "-2"], "--prompt-lookup must be >= 0"),
+                                            (["--prompt-lookup", "3", "--compile"], "--compile does not apply")])
 def test_generate_checks_its_arguments_before_loading(tmp_path, capsys, extra, message):
     """A bad sampling argument or seed is reported before the model loads (a hub id downloads
     first) and before the prompt is printed; a seed past torch.Generator's range said only

@@ -1,0 +1,41 @@
+"""Capturing one generation step in a CUDA graph, for fastgpt.generate's decoders."""
+
+from __future__ import annotations
+
+import torch
+
+WARMUP_STEPS = 2  # eager steps before a capture: Triton compiles, cuBLAS plans
+
+
+def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator):
+    """A CUDA graph of step() -> (graph, None), or (None, why the capture failed).
+
+    step is first run WARMUP_STEPS times on a side stream (kernels compile, libraries plan),
+    then captured once; `state`, the tensors it updates, and the generator it draws from are put
+    back as they were before the warm-up, whatever happens. The graph replays the draws from
+    `generator`, advancing it as eager steps do.
+    """
+    device = state[0].device
+    saved, rng = [t.clone() for t in state], generator.get_state()
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_STEPS):
+                step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        _restore(state, saved, generator, rng)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(generator)
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # a sync or an uncapturable op somewhere: the caller steps eagerly instead
+        _restore(state, saved, generator, rng)
+        return None, f"{type(exc).__name__}: {exc}"
+    return graph, None
+
+
+def _restore(state, saved, generator, rng):
+    for t, value in zip(state, saved):
+        t.copy_(value)
+    generator.set_state(rng)
