@@ -15,7 +15,8 @@ import torch
 from fastgpt.bench import formulas, report, timing
 from fastgpt.bench.cases import build_cases, parse_spec
 from fastgpt.bench.core import (ERROR, FAILED, FASTGPT, OK, ORACLE_FAILED, RECORD_FIELDS, REFERENCE, SKIPPED,
-                                Candidate, Case, Settings, Unavailable, empty_record, is_fastgpt_failure, run_case)
+                                UNAVAILABLE, Candidate, Case, Settings, Unavailable, empty_record, is_fastgpt_failure,
+                                run_case)
 from fastgpt.bench.env import ENV_FIELDS, dist_version, environment, package_version
 
 CPU = torch.device("cpu")
@@ -439,6 +440,26 @@ def test_generate_check_fails_random_tokens():
     by = {r["implementation"]: r for r in gen.run_case(case, CPU, FAST, formulas.weight_bytes(hf), quick=True)}
     assert by["random"]["status"] == FAILED and "not the greedy choice" in by["random"]["reason"]
     assert by["HF eager"]["status"] == OK and by["HF eager"]["value"] > 0
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_generate_with_prompt_lookup_on_both_sides(B):
+    """K > 0: fastgpt's and transformers' prompt lookup, checked against the oracle and timed;
+    transformers' takes one row (unavailable at B=2, with the reason)."""
+    from fastgpt.bench.cases import generate as gen
+
+    hf = gen.build_hf("tiny", CPU, torch.float32)
+    case = gen.make_case(dict(gen.KEYS, B=B, T=8, N=6, K=3), hf, hf, CPU, torch.float32, "tiny")
+    assert case.name == f"tiny B{B} prompt 8 new 6 lookup 3"
+    by = {r["implementation"]: r for r in gen.run_case(case, CPU, FAST, formulas.weight_bytes(hf), quick=True)}
+    assert set(by) == {"fastgpt[cuda] + prompt lookup", "fastgpt[triton] + prompt lookup",
+                       "fastgpt[torch] + prompt lookup", "HF generate (sdpa) + prompt lookup"}
+    assert by["fastgpt[torch] + prompt lookup"]["status"] == OK
+    hf_rec = by["HF generate (sdpa) + prompt lookup"]
+    if B == 1:
+        assert hf_rec["status"] == OK
+    else:
+        assert hf_rec["status"] == UNAVAILABLE and "one row" in hf_rec["reason"]
 
 
 # ----------------------------------------------------------------------------- specs and options

@@ -83,7 +83,7 @@ def generate_params() -> list:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = []
     for p in gen.shapes(quick=not FULL, device=device):
-        for cand in gen.candidates(None, device, p["N"]):
+        for cand in gen.candidates(None, device, p):
             out.append(pytest.param(p, cand.label, id=f"{gen.describe_params(p)}-{cand.label}"))
     return out
 

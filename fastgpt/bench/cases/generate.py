@@ -1,6 +1,11 @@
 """End-to-end greedy generation: fastgpt's GPT vs transformers' generate vs a compiled static-KV
 GPT-2 (the gpt-fast recipe, fastgpt/bench/gptfast.py), all on the same random weights.
 
+With K > 0 (full runs: B1 K4), both sides decode by prompt lookup (K drafts a step from the
+text so far, verified in one forward): fastgpt's generate(prompt_lookup_num_tokens=K) against
+transformers' (which takes one row). The random model's greedy text repeats itself, so the
+drafts are accepted more often than on real text: compare these rows with each other only.
+
 Reported: tok/s = B * new tokens / wall time of the whole call (prefill included, after
 warm-up), and the weight-bandwidth utilisation: each decode step reads every weight once, so
 (tok/s / B) * weight bytes / copy GB/s.
@@ -14,6 +19,7 @@ break near-ties differently, then continue from their own context, which is chec
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 
@@ -22,7 +28,7 @@ from fastgpt.bench.cases import fastgpt_candidates, generator
 from fastgpt.bench.core import ERROR, FASTGPT, REFERENCE, SKIPPED, Candidate, Case, Checked, OracleFailed, Settings, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
 
-KEYS = {"B": 1, "T": 32, "N": 256}
+KEYS = {"B": 1, "T": 32, "N": 256, "K": 0}  # K: prompt-lookup drafts a step (0: plain decoding)
 POSITIVE = ("B", "T", "N")  # sizes of at least 1 (parse_spec); check_params: within the model's context
 MODEL_CONFIGS = {
     "gpt2": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),  # GPT-2 124M
@@ -42,10 +48,10 @@ def shapes(quick: bool, device: torch.device) -> list[dict]:
     """The targets' shapes on a GPU (B 1 and 32, 256 new tokens); short runs on a CPU (quick: a
     smoke comparison that fits in about a minute on two cores; full: issue 2's B1 T32 N64)."""
     if device.type == "cuda":
-        return [dict(KEYS, B=1), dict(KEYS, B=32)]
+        return [dict(KEYS, B=1), dict(KEYS, B=32)] + ([] if quick else [dict(KEYS, B=1, K=4)])
     if quick:
         return [dict(KEYS, B=1, N=16)]
-    return [dict(KEYS, B=1, N=64), dict(KEYS, B=4, N=64)]
+    return [dict(KEYS, B=1, N=64), dict(KEYS, B=4, N=64), dict(KEYS, B=1, N=64, K=4)]
 
 
 def check_params(params: dict, config_name: str) -> None:
@@ -110,22 +116,26 @@ def greedy_check(oracle, T: int, N: int, tol: float):
     return check
 
 
-def fastgpt_fn(hf, backend: str, N: int, compile: bool = False, fused_decode: bool = True):
+def fastgpt_fn(hf, backend: str, N: int, compile: bool = False, fused_decode: bool = True, lookup: int = 0):
     """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default);
     with `compile`, its decode forward through torch.compile too; fused_decode=False: decode
-    steps on nn.Linear + the LayerNorm op instead of fastgpt.ops.linear (see GPT.decode)."""
+    steps on nn.Linear + the LayerNorm op instead of fastgpt.ops.linear (see GPT.decode);
+    lookup > 0: prompt-lookup decoding with that many drafts a step."""
     from fastgpt.model import GPT
 
     model = GPT.from_hf(hf)
     model.backend = backend  # every op of the model (attention, LayerNorm, sampling) honours it
     model.fused_decode = fused_decode
-    return lambda inp: model.generate(inp["idx"], N, temperature=0.0, compile=compile)
+    return lambda inp: model.generate(inp["idx"], N, temperature=0.0, compile=compile, prompt_lookup_num_tokens=lookup)
 
 
-def hf_fn(hf, attn: str, N: int, static: bool = False):
-    """transformers' generate, greedy; static=True: static cache, forward auto-compiled by HF."""
+def hf_fn(hf, attn: str, N: int, static: bool = False, lookup: int = 0):
+    """transformers' generate, greedy; static=True: static cache, forward auto-compiled by HF;
+    lookup > 0: prompt-lookup decoding with that many drafts a step."""
     model = hf_variant(hf, attn)
     extra = {"cache_implementation": "static"} if static else {"disable_compile": True}
+    if lookup:
+        extra["prompt_lookup_num_tokens"] = lookup
 
     def fn(inp):
         with torch.no_grad():
@@ -143,10 +153,13 @@ def static_kv_fn(hf, N: int, compile: bool):
     return lambda inp: gen(inp["idx"], N)
 
 
-def candidates(hf, device: torch.device, N: int) -> list[Candidate]:
+def candidates(hf, device: torch.device, params: dict) -> list[Candidate]:
+    N, K = params["N"], params.get("K", 0)
+    hf_note = dist_version("transformers")
+    if K:
+        return lookup_candidates(hf, device, N, K, params["B"], hf_note)
     cuda = device.type == "cuda"
     out = fastgpt_candidates(device, lambda backend: fastgpt_fn(hf, backend, N))
-    hf_note = dist_version("transformers")
     out.append(Candidate("HF generate (sdpa)", REFERENCE, lambda: hf_fn(hf, "sdpa", N), note=hf_note))
     out.append(Candidate("HF generate (eager)", REFERENCE, lambda: hf_fn(hf, "eager", N), note=hf_note))
     if cuda:
@@ -165,6 +178,18 @@ def candidates(hf, device: torch.device, N: int) -> list[Candidate]:
     return out
 
 
+def lookup_candidates(hf, device: torch.device, N: int, K: int, B: int, hf_note: str) -> list[Candidate]:
+    """Prompt lookup with K drafts a step, on both sides."""
+    def hf_lookup():
+        if B != 1:
+            raise Unavailable(f"transformers' prompt lookup takes one row, not B={B}")
+        return hf_fn(hf, "sdpa", N, lookup=K)
+
+    out = fastgpt_candidates(device, lambda backend: fastgpt_fn(hf, backend, N, lookup=K))
+    out = [dataclasses.replace(c, label=f"{c.label} + prompt lookup") for c in out]
+    return out + [Candidate("HF generate (sdpa) + prompt lookup", REFERENCE, hf_lookup, note=hf_note)]
+
+
 def make_case(params: dict, hf, oracle, device: torch.device, dtype: torch.dtype, config_name: str) -> Case:
     """One generate case: B prompts of T random tokens, N new tokens, greedy."""
     B, T, N = params["B"], params["T"], params["N"]
@@ -176,13 +201,14 @@ def make_case(params: dict, hf, oracle, device: torch.device, dtype: torch.dtype
 
     name = f"{config_name} {describe_params(params)}"
     return Case(op="generate", name=name, params=dict(params, model=config_name), dtype=dtype,
-                make_inputs=make_inputs, reference=lambda inp: None, candidates=candidates(hf, device, N),
+                make_inputs=make_inputs, reference=lambda inp: None, candidates=candidates(hf, device, params),
                 metric="tok/s", work=B * N, set_bytes=0, sweep=f"{config_name} T{T} N{N}", x=B, x_label="B",
                 check=greedy_check(oracle, T, N, LOGIT_TOL[dtype]))
 
 
 def describe_params(p: dict) -> str:
-    return f"B{p['B']} prompt {p['T']} new {p['N']}"
+    lookup = f" lookup {p['K']}" if p.get("K") else ""
+    return f"B{p['B']} prompt {p['T']} new {p['N']}{lookup}"
 
 
 def fill_timing(rec: dict, stats: timing.Stats, case: Case, settings: Settings, weight_nbytes: int) -> None:
