@@ -271,14 +271,9 @@ class GPT(nn.Module):
         pos + 1 as int32 (B,), where the caller keeps it (generate's decoder does); else one
         kernel makes it.
         """
-        B = tok.shape[0]
-        if seqlens is None:
-            seqlens = torch.add(pos, 1, out=torch.empty(B, dtype=torch.int32, device=pos.device))
-        if self._fused_decode(B, tok.device):
-            return self._decode_fused(tok, pos, kv_cache, seqlens)
-        return self.verify(tok[:, None], pos, kv_cache, seqlens)[:, 0]  # (B, V)
+        return self.verify(tok[:, None], pos, kv_cache, seqlens, kv_cache.counters)[:, 0]  # (B, V)
 
-    def verify(self, tok, pos, kv_cache, seqlens=None):
+    def verify(self, tok, pos, kv_cache, seqlens=None, counters=None):
         """T tokens a row, tok (B, T) int64, at positions pos[b] .. pos[b] + T - 1 -> logits (B, T, V):
         a token and its drafts (speculative decoding's verification), each seeing the row's cache
         and the tokens before it. pos (B,) int64.
@@ -286,46 +281,52 @@ class GPT(nn.Module):
         Writes their k/v to cache slots pos[b] + t; the cache needs pos[b] + T of them. seqlens:
         pos + T as int32 (B,), else one kernel makes it. Positions past the context (drafts beyond
         the last one a row may reach) read the last position's embedding: their logits mean nothing.
+        counters: None, or int32 zeros (B * n_head * T,) that the fused step's decode attention
+        merges its splits with (see decode_step_attention); the unfused step does not use them.
         """
         (B, T), config = tok.shape, self.config
         if seqlens is None:
             seqlens = torch.add(pos, T, out=torch.empty(B, dtype=torch.int32, device=pos.device))
-        positions = pos[:, None] if T == 1 else pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
-        slot = positions.view(1, B, 1, T, 1).expand(2, B, config.n_head, T, config.head_dim)  # all layers' slots
-        if T > 1:
-            positions = positions.clamp(max=config.n_positions - 1)
+        slots = pos[:, None] if T == 1 else pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
+        positions = slots if T == 1 else slots.clamp(max=config.n_positions - 1)
+        if self._fused_decode(B * T, tok.device):
+            return self._decode_fused(tok, slots, positions, kv_cache, seqlens, counters)
+        slot = slots.view(1, B, 1, T, 1).expand(2, B, config.n_head, T, config.head_dim)  # all layers' slots
         return self.lm_head(self._trunk(tok, positions, kv_cache, slot, seqlens))  # (B, T, V)
 
-    def _fused_decode(self, batch: int, device: torch.device) -> bool:
-        """Whether a decode step of `batch` rows runs on fastgpt.ops.linear: on the triton backend
-        (auto's choice on a GPU) for batches the kernel takes (MAX_ROWS), unless fused_decode is off."""
-        return self._fused_decode_on and batch <= MAX_ROWS and _backends.runs_on_triton("linear", self.backend, device)
+    def _fused_decode(self, rows: int, device: torch.device) -> bool:
+        """Whether a decode step of `rows` tokens in all runs on fastgpt.ops.linear: on the triton
+        backend (auto's choice on a GPU) for the rows the kernel takes (MAX_ROWS), unless
+        fused_decode is off."""
+        return self._fused_decode_on and rows <= MAX_ROWS and _backends.runs_on_triton("linear", self.backend, device)
 
-    def _decode_fused(self, tok, pos, kv_cache, seqlens):
-        """decode's trunk and lm_head in 5 launches a layer instead of 9 (or 10 where decode
+    def _decode_fused(self, tok, slots, positions, kv_cache, seqlens, counters):
+        """verify's trunk and lm_head in 5 launches a layer instead of 9 (or 10 where decode
         attention splits the cache): every matmul is one fastgpt.ops.linear launch, with the
         residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head), GELU
         after it (c_fc), and the cache write of k and v (c_attn) fused in; the first also reads
         the token and position embeddings (no gathers). Decode attention merges its splits in its
-        own launch (the cache's counters). tok, pos (B,)."""
+        own launch where given counters. tok, slots (cache slots), positions (wpe rows): (B, T)."""
         t, backend = self.transformer, self.backend
-        # Rows (B, C) throughout. Layer 0 reads the embeddings in place: its input and residual are
-        # the tables wte and wpe at rows tok and pos, whose sum is ln_1's residual add.
+        (B, T), C = tok.shape, self.config.n_embd
+        tok, slots, positions = tok.reshape(-1), slots.reshape(-1), positions.reshape(-1)  # (B T,): rows
+        # Rows (B T, C) throughout. Layer 0 reads the embeddings in place: its input and residual
+        # are the tables wte and wpe at rows tok and positions, whose sum is ln_1's residual add.
         x, h = t.wte.weight, t.wpe.weight
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
-            cache = kv_cache.layer(i)  # (2, B, H, S, D)
+            cache = kv_cache.layer(i)  # (2, B, H, S, D): row b's T tokens write its slots
             qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, kv_cache=cache,
-                            kv_pos=pos, x_rows=tok if i == 0 else None, residual_rows=pos if i == 0 else None,
+                            kv_pos=slots, x_rows=tok if i == 0 else None, residual_rows=positions if i == 0 else None,
                             backend=backend)  # fmt: skip
-            y = attn.attend(qkv[:, None], cache, None, seqlens, kv_cache.counters)[:, 0]
+            y = attn.attend(qkv.view(B, T, 3 * C), cache, None, seqlens, counters).view(B * T, C)
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"
             f, h = linear(a, mlp.c_fc.weight, mlp.c_fc.bias, ln=_ln(block.ln_2), residual=h,
                           activation="gelu_tanh" if tanh else None, backend=backend)  # fmt: skip
             x, _ = linear(f if tanh else F.gelu(f), mlp.c_proj.weight, mlp.c_proj.bias, backend=backend)
         logits, _ = linear(x, self.lm_head.weight, self.lm_head.bias, ln=_ln(t.ln_f), residual=h, backend=backend)
-        return logits  # (B, V)
+        return logits.view(B, T, -1)  # (B, T, V)
 
     @torch.inference_mode()
     def generate(self, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,

@@ -107,10 +107,10 @@ def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, 
     separate torch ops would round it (the matmul accumulates in fp32 or better).
 
     x (M, K); weight (N, K); bias (N,) or None; ln None or (ln_weight, ln_bias, eps); residual
-    (M, K) or None (with ln). kv_cache (2, M, H, S, D) with N == 3 H D and kv_pos (M,) int64:
-    out's k|v columns [H D, 3 H D) also go to kv_cache[:, m, :, kv_pos[m]], rows whose slot is
-    outside [0, S) left as they are. x_rows (M,) int64: x is a table and the input is
-    gather_rows(x, x_rows); residual_rows likewise. Returns (out (M, N), h = x + residual or None).
+    (M, K) or None (with ln). kv_cache (2, B, H, S, D) with N == 3 H D, M = B T, and kv_pos (M,)
+    int64: out's k|v columns [H D, 3 H D) also go to kv_cache[:, m // T, :, kv_pos[m]] (the T
+    rows of a cache row in turn), rows whose slot is outside [0, S) left as they are. x_rows (M,)
+    int64: x is a table and the input is gather_rows(x, x_rows); residual_rows likewise. Returns (out (M, N), h = x + residual or None).
     """
     if x_rows is not None:
         x = gather_rows(x, x_rows)
@@ -125,12 +125,15 @@ def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, 
     if gelu_tanh:
         out = F.gelu(out, approximate="tanh")
     out = out.to(x.dtype)
-    if kv_cache is not None and kv_cache.shape[3] > 0:  # no slots: nothing to write
-        _, M, H, S, D = kv_cache.shape
-        kv = out[:, H * D:].view(M, 2, H, 1, D).transpose(0, 1)  # (2, M, H, 1, D)
-        slot = kv_pos.clamp(0, S - 1).view(1, M, 1, 1, 1).expand(2, M, H, 1, D)
-        valid = ((kv_pos >= 0) & (kv_pos < S)).view(1, M, 1, 1, 1)
-        kv_cache.scatter_(3, slot, torch.where(valid, kv, kv_cache.gather(3, slot)))  # no host sync
+    if kv_cache is not None and kv_cache.shape[1] * kv_cache.shape[3] > 0:  # no rows or no slots: nothing to write
+        _, B, H, S, D = kv_cache.shape
+        kv = out[:, H * D:].view(B, -1, 2, H, 1, D)  # (B, T, 2, H, 1, D)
+        pos = kv_pos.view(B, -1)
+        for t in range(kv.shape[1]):  # a scatter per token t: each writes one slot a cache row, no two collide
+            slot = pos[:, t].clamp(0, S - 1).view(1, B, 1, 1, 1).expand(2, B, H, 1, D)
+            valid = ((pos[:, t] >= 0) & (pos[:, t] < S)).view(1, B, 1, 1, 1)
+            new = kv[:, t].transpose(0, 1)  # (2, B, H, 1, D)
+            kv_cache.scatter_(3, slot, torch.where(valid, new, kv_cache.gather(3, slot)))  # no host sync
     return out, h
 
 

@@ -37,6 +37,7 @@ class PromptLookup:
       start (B,) int64        where the new tokens begin (the prompt's length)
       count (B,) int64        new tokens so far; limit (1,) int64: max_new_tokens
       seqlens (B,) int32      n + k, the cache length a step's verification attends over
+      counters (B * H * (k + 1),) int32 zeros: its decode attention's (GPT.verify), left zero
       temperature, top_k, top_p, min_p (B * (k + 1),)   the rows' sampling parameters, each row's
                               repeated for its token and drafts
     """
@@ -48,6 +49,7 @@ class PromptLookup:
         self.text = zeros(B, decoder.length + 1)
         self.n, self.start, self.count, self.limit = zeros(B), zeros(B), zeros(B), zeros(1)
         self.seqlens = zeros(B, dtype=torch.int32)
+        self.counters = zeros(B * decoder.model.config.n_head * (k + 1), dtype=torch.int32)
         self.cols = torch.arange(k + 1, device=device)  # a step's columns: the token, then its k drafts
         self.sampling = {name: getattr(decoder, name).repeat_interleave(k + 1) for name in _SAMPLING}
         self.graph, self.graph_mode = None, None
@@ -88,7 +90,7 @@ class PromptLookup:
         pos = self.n - 1  # the last token's position: the verification's first query
         tok = torch.cat([self.text.gather(1, pos[:, None]), drafts], dim=1)  # (B, k + 1)
         torch.add(self.n, k, out=self.seqlens)
-        chosen = self._choose(d.model.verify(tok, pos, d.kv, self.seqlens))  # (B, k + 1)
+        chosen = self._choose(d.model.verify(tok, pos, d.kv, self.seqlens, self.counters))  # (B, k + 1)
         agree = (drafts == chosen[:, :k]) & (self.cols[:k] < drafted)  # draft i is the token chosen before it
         accepted = agree.cumprod(dim=1).sum(dim=1)  # (B,): the leading run of agreeing drafts
         emit = torch.minimum(accepted + 1, self.limit - self.count).masked_fill(d.finished, 0)

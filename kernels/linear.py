@@ -111,10 +111,10 @@ def _linear_kernel(
     w_ptr,  # (N, K) strides (stride_wn, stride_wk), x's dtype (stride_wk == 1 on a GPU: the JIT specialises it)
     bias_ptr,  # (N,): read when HAS_BIAS
     out_ptr,  # (M, N) contiguous, x's dtype
-    kv_ptr,  # (2, M, H, S, D) x's dtype, unit last stride: out's columns [C, 3C) go here too when KV_CACHE
-    kv_pos_ptr,  # (M,) int64: row m's slot in kv; slots outside [0, S) are not written
+    kv_ptr,  # (2, B, H, S, D) x's dtype, unit last stride: out's columns [C, 3C) go here too when KV_CACHE
+    kv_pos_ptr,  # (M,) int64: row m's slot in kv's row m // kv_tokens; slots outside [0, S) are not written
     M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps, x_table_rows, r_table_rows,
-    stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim,
+    stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens,
     HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
     GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
@@ -171,7 +171,7 @@ def _linear_kernel(
         kv_col = tl.maximum(cols - C, 0)  # column c of k|v (2C wide): which = c // C, head, d
         which, head, d = kv_col // C, (kv_col % C) // head_dim, kv_col % head_dim
         pos = tl.load(kv_pos_ptr + rows, mask=row_ok, other=-1)
-        dst = (kv_ptr + which.to(tl.int64)[None, :] * stride_kv_which + rows[:, None] * stride_kv_b
+        dst = (kv_ptr + which.to(tl.int64)[None, :] * stride_kv_which + (rows // kv_tokens)[:, None] * stride_kv_b
                + head.to(tl.int64)[None, :] * stride_kv_h + pos[:, None] * stride_kv_s + d[None, :])  # fmt: skip
         slot_ok = row_ok & (pos >= 0) & (pos < kv_len)
         tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
@@ -199,9 +199,10 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     (N,) or None.
     ln: None, or (ln_weight, ln_bias, eps) to normalise the rows first (ln_weight / ln_bias (K,)
     or None for 1 / 0). residual (M, K), stride(-1) == 1, only with ln: added first. gelu_tanh:
-    GELU's tanh form on the output. kv_cache (2, M, H, S, D), x's dtype, stride(-1) == 1, with
-    N == 3 H D, and kv_pos (M,) int64: out's columns [H D, 3 H D) (k, then v, head-major) are also
-    written to kv_cache[:, m, :, kv_pos[m]] (nothing for a slot outside [0, S)). x_rows (M,)
+    GELU's tanh form on the output. kv_cache (2, B, H, S, D), x's dtype, stride(-1) == 1, with
+    N == 3 H D and B dividing M (T = M / B rows a cache row), and kv_pos (M,) int64: out's columns
+    [H D, 3 H D) (k, then v, head-major) are also written to kv_cache[:, m // T, :, kv_pos[m]]
+    (nothing for a slot outside [0, S)). x_rows (M,)
     int64: x is a table (R, K) and row m of the input is x[x_rows[m]] (an embedding lookup; an
     id outside [0, R) reads zeros); residual_rows likewise for residual. Returns (out (M, N),
     h (M, K) = x + residual or None), both contiguous.
@@ -228,13 +229,14 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     has_kv = kv_cache is not None
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
     kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
+    kv_tokens = M // kv_cache.shape[1] if has_kv and kv_cache.shape[1] else 1
     _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
         x, x if residual is None else residual, x_idx, r_idx, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
         weight, x if bias is None else bias, out,
         kv_cache if has_kv else out, kv_pos.contiguous() if has_kv else out,
         M, N, K, x.stride(0), 0 if residual is None else residual.stride(0), *weight.stride(), float(eps),
-        x.shape[0], 0 if residual is None else residual.shape[0], *kv_strides, kv_len, head_dim,
+        x.shape[0], 0 if residual is None else residual.shape[0], *kv_strides, kv_len, head_dim, kv_tokens,
         HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
         X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,

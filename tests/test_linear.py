@@ -109,6 +109,26 @@ def test_qkv_projection_writes_the_kv_cache(dtype, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_several_rows_a_cache_row(dtype, device):
+    """M = B T rows of x, T tokens a cache row (a token and its drafts): row m writes cache row
+    m // T at its own slot, as the reference's scatters do; slots outside [0, S) write nothing."""
+    B, T, H, D, S = 3, 4, 2, 8, 9
+    K, N = 24, 3 * H * D
+    x, r, w, b, g, beta = _inputs(B * T, K, N, dtype, device)
+    pos = torch.tensor([[2, 3, 4, 5], [8, 9, 10, -1], [0, 1, 2, 3]], device=device).flatten()
+    cache = torch.randn(2, B, H, S, D, device=device).to(dtype)
+    expected = cache.clone()
+    ref, _ = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=expected, kv_pos=pos)
+    out, _ = linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=cache, kv_pos=pos, backend="triton")
+    assert_close(out, ref)
+    assert_close(cache, expected)
+    v = ref[:, 2 * H * D:].view(B, T, H, D)
+    assert torch.equal(expected[1, 1, :, 8], v[1, 0]) and torch.equal(expected[1, 2, :, 3], v[2, 3])
+    with pytest.raises(ValueError, match="B dividing the M = 12 rows"):
+        linear(x, w, kv_cache=torch.zeros(2, 5, H, S, D, dtype=dtype, device=device), kv_pos=pos)  # 5 cache rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_embedding_rows_are_read_in_place(dtype, device, poisoned_empty):
     """x and residual as tables read at row ids (GPT's wte[tok] + wpe[pos] into ln_1 + c_attn):
     the same out, h and cache as the gathered tensors give, and ids outside a table read zeros."""

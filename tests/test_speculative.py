@@ -225,6 +225,40 @@ def test_triton_kernels_verify_drafts():
     assert torch.equal(model.generate(idx, 14, attention_mask=mask, prompt_lookup_num_tokens=3), plain)
 
 
+def test_fused_verify_equals_unfused(monkeypatch):
+    """On the triton backend (Triton's interpreter here) a verification of up to 64 tokens in all
+    runs the fused step: each matmul one fastgpt.ops.linear launch, c_attn writing the T tokens'
+    k and v into their cache rows, decode attention merging its splits by the counters (left
+    zero). The unfused step's logits and cache, past the context too."""
+    from fastgpt import model as model_module
+    from fastgpt.generate import KVCache
+
+    model = looping(n_embd=64, n_head=2, n_layer=2, n_positions=16)
+    model.backend = "triton"
+    B, T = 2, 5
+    pos = torch.tensor([3, 13])  # row 1's last drafts at positions 16 and 17: past the context
+    caches = [KVCache(model.config, B, 20, torch.float32, "cpu") for _ in range(2)]
+    caches[0].kv.normal_()
+    caches[1].kv.copy_(caches[0].kv)
+    before = caches[0].kv.clone()
+    tok = torch.randint(0, 384, (B, T), generator=torch.Generator().manual_seed(12))
+    counters = torch.zeros(B * 2 * T, dtype=torch.int32)
+    launches = []
+    linear = model_module.linear
+    monkeypatch.setattr(model_module, "linear", lambda *a, **k: launches.append(1) or linear(*a, **k))
+    fused = model.verify(tok, pos, caches[0], counters=counters)
+    assert len(launches) == 4 * 2 + 1  # the fused step ran
+    model.fused_decode = False
+    unfused = model.verify(tok, pos, caches[1])
+    assert len(launches) == 9
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(caches[0].kv, caches[1].kv, atol=1e-5, rtol=1e-5)
+    written = (caches[0].kv != before).any(dim=(0, 1, 3, 5))  # (B, S): the slots each row's tokens wrote
+    assert written[0].nonzero().flatten().tolist() == [3, 4, 5, 6, 7]
+    assert written[1].nonzero().flatten().tolist() == [13, 14, 15, 16, 17]
+    assert (counters == 0).all()
+
+
 @pytest.mark.usefixtures("cuda_emulator")
 def test_cuda_kernels_verify_drafts():
     """The same on the cuda backend (fp16, head dim 64: its prefill kernel's), csrc's kernels on the

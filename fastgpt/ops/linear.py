@@ -27,10 +27,12 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     LayerNorm the rows first (fp32 statistics; its output rounded to x's dtype, as the unfused
     ops do). residual: like x, or None; needs ln; added first. activation: None or "gelu_tanh"
     (GPT-2's gelu_new). kv_cache, kv_pos: GPT's q|k|v projection writing its k and v straight
-    into a layer's cache: kv_cache (2, M, H, S, D) in x's dtype with N == 3 H D (M = the rows of
-    x), kv_pos (M,) int64 on x's device; out's columns [H D, 2 H D) (k) and [2 H D, 3 H D) (v),
-    head-major, also go to kv_cache[0 or 1, m, :, kv_pos[m]]. Slots are not read on the host: a
-    slot outside [0, S) is not written. x_rows: None, or (M,) int64 ids: x is then a table (R, K)
+    into a layer's cache: kv_cache (2, B, H, S, D) in x's dtype with N == 3 H D and the M rows of
+    x T tokens for each of its B rows (M = B T, row-major: a decode step's T = 1, a token and its
+    drafts), kv_pos (M,) int64 on x's device; out's columns [H D, 2 H D) (k) and [2 H D, 3 H D)
+    (v), head-major, also go to kv_cache[0 or 1, m // T, :, kv_pos[m]]. Slots are not read on the
+    host: a slot outside [0, S) is not written; the T slots of a cache row must differ (the kernel
+    writes them at once). x_rows: None, or (M,) int64 ids: x is then a table (R, K)
     (an embedding) and the input's row m is x[x_rows[m]], an id outside [0, R) reading zeros;
     residual_rows likewise makes residual a table (R', K) read at those ids. Returns
     (out (..., N), h) with h = x + residual (the input's shape: (M, K) when gathered), or None
@@ -148,10 +150,10 @@ def _check_kv(kv_cache, kv_pos, x, M: int, N: int) -> None:
         return
     _checks.tensor("kv_cache", kv_cache, ndim=5)
     _checks.same_dtype(x=x, kv_cache=kv_cache)
-    two, rows, H, _, D = kv_cache.shape
-    if two != 2 or rows != M or 3 * H * D != N:
-        raise ValueError(f"kv_cache must have shape (2, M, H, S, D) with M = {M} rows of x and 3 H D = N = {N}, "
-                         f"got {tuple(kv_cache.shape)}")
+    two, B, H, _, D = kv_cache.shape
+    if two != 2 or (M % B if B else M) != 0 or 3 * H * D != N:
+        raise ValueError(f"kv_cache must have shape (2, B, H, S, D) with B dividing the M = {M} rows of x (T = M / B "
+                         f"tokens a cache row) and 3 H D = N = {N}, got {tuple(kv_cache.shape)}")  # fmt: skip
     if kv_cache.stride(-1) != 1:
         raise ValueError(f"kv_cache must have a unit stride in its last dim, got strides {kv_cache.stride()}")
     _checks.writable("kv_cache", kv_cache)
