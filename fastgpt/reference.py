@@ -110,7 +110,8 @@ def linear(x, weight, bias, *, ln=None, residual=None, gelu_tanh: bool = False, 
     (M, K) or None (with ln). kv_cache (2, B, H, S, D) with N == 3 H D, M = B T, and kv_pos (M,)
     int64: out's k|v columns [H D, 3 H D) also go to kv_cache[:, m // T, :, kv_pos[m]] (the T
     rows of a cache row in turn), rows whose slot is outside [0, S) left as they are. x_rows (M,)
-    int64: x is a table and the input is gather_rows(x, x_rows); residual_rows likewise. Returns (out (M, N), h = x + residual or None).
+    int64: x is a table and the input is gather_rows(x, x_rows); residual_rows likewise. Returns
+    (out (M, N), h = x + residual or None).
     """
     if x_rows is not None:
         x = gather_rows(x, x_rows)
