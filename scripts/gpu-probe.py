@@ -23,6 +23,9 @@ were set from (or guessed at):
                  unfused ops they replace (the LayerNorm op, F.linear, F.gelu), per GPT-2 shape.
   decode_step    GPT-2's whole decode step at B1 and B32, its kernels launched as programmatic
                  dependents (kernels/pdl.py) and not.
+  lookup_step    a prompt-lookup step of generate (fastgpt/speculative.py: drafting, verifying k
+                 drafts, accepting) against a plain decode step, GPT-2 at B1 and B8: the tokens a
+                 step must accept on average to pay.
   profile        cProfile of the Python side of one Triton attention call.
 
 Printed as it goes and written to $OUT/probe.json after each section. --time-limit stops
@@ -451,6 +454,56 @@ def decode_step_section(p: Probe):
                 p.record("decode_step", {"B": B, "pdl": on, "prefetch": prefetch}, measure)
 
 
+def lookup_step_section(p: Probe):
+    """generate's whole step under graph replay, greedy, GPT-2 124M (bf16, random weights): the
+    plain decode step against prompt lookup's with k = 1, 2, 4, 8 drafts. A lookup step emits 1 to
+    k + 1 tokens; it pays where the accepted drafts a step, plus one, exceed its time over the
+    plain step's ("breakeven"). The lookup's state is held still (its row limit reached: nothing
+    emitted), so every replay does the same work at the same cache length (160 of 288 slots + k)."""
+    from fastgpt.generate import EOS_SLOTS, Decoder, _sampling
+    from fastgpt.model import GPT, GPTConfig
+    from fastgpt.speculative import PromptLookup
+
+    small = {"vocab_size": 96, "n_positions": 64, "n_embd": 64, "n_layer": 1, "n_head": 2}
+    config = GPTConfig(**small) if p.smoke else GPTConfig()
+    dtype = torch.float16 if p.smoke else torch.bfloat16
+    model = GPT(config).to(p.device, dtype).eval()
+    model.backend = "triton" if p.smoke else "auto"
+    length, T = (32, 8) if p.smoke else (288 + 8, 160)
+    with torch.inference_mode():
+        for B in (1,) if p.smoke else (1, 8):
+            decoder = Decoder(model, B, length, EOS_SLOTS)
+            decoder.cache.kv.normal_()
+            decoder.reset(_sampling(B, p.device, 0.0, 0, 1.0, 0.0), [], 0, all_greedy=True)
+            idx = torch.randint(0, config.vocab_size, (B, T), device=p.device)
+            lengths = torch.full((B,), T, device=p.device)
+            decoder.tok.copy_(idx[:, -1])
+            decoder.pos.copy_(lengths - 1)
+            decoder.seqlens.copy_(lengths)
+            plain = {}
+
+            def measure_plain(decoder=decoder, B=B):
+                pos = decoder.pos.clone()
+
+                def step():  # held at one position, as the lookup steps are
+                    decoder.decode_step()
+                    decoder.pos.copy_(pos)
+                    decoder.step.zero_()
+
+                plain["us"] = p.device_us(step, per_replay=5, replays=15)
+                return {"device_us": plain["us"], "tok_per_s": B * 1e6 / plain["us"]}
+
+            p.record("lookup_step", {"B": B, "k": 0}, measure_plain)
+            for k in (1, 2) if p.smoke else (1, 2, 4, 8):
+                def measure(k=k, decoder=decoder, idx=idx, lengths=lengths):
+                    lookup = PromptLookup(decoder, k, 2)
+                    lookup.reset(idx, lengths, 1)  # the limit of one new token, already emitted
+                    us = p.device_us(lookup.step, per_replay=5, replays=15)
+                    return {"device_us": us, "breakeven": us / plain["us"] if plain.get("us") else None}
+
+                p.record("lookup_step", {"B": B, "k": k}, measure)
+
+
 def profile_section(p: Probe):
     B, H, S, D = attn_shapes(p)[0]
     q, k, v = (p.randn(B, H, S, D) for _ in range(3))
@@ -473,7 +526,8 @@ SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
             "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,
-            "linear": linear_section, "decode_step": decode_step_section, "profile": profile_section}
+            "linear": linear_section, "decode_step": decode_step_section, "lookup_step": lookup_step_section,
+            "profile": profile_section}
 
 
 def main(argv: list[str] | None = None) -> int:
