@@ -393,7 +393,8 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
         warnings.warn(f"cuda_graph=True ignored: the model is on {idx.device}, decoding eagerly", stacklevel=3)
         use_graph = False
 
-    k = prompt_lookup_num_tokens  # a step's drafts write k slots past the last token's
+    # A step's drafts write k slots past the last token's; more than max_new_tokens - 1 are never used.
+    k = min(prompt_lookup_num_tokens, max_new_tokens - 1)
     decoder = _decoder(model, B, T + max_new_tokens + k, max(EOS_SLOTS, len(eos_ids)), use_graph, spare=k)
     decoder.use_compile(compile)
     # Eager steps attend over just the positions this call needs; graphs and compiled steps over

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from fastgpt import _graphs
+from fastgpt import _backends, _graphs
 from fastgpt.ops.sampling import draw
 
 
@@ -36,6 +36,8 @@ class PromptLookup:
       n (B,) int64            how many; the last is the next step's input, at position n - 1
       start (B,) int64        where the new tokens begin (the prompt's length)
       count (B,) int64        new tokens so far; limit (1,) int64: max_new_tokens
+      tok (B, k + 1) int64    a step's tokens: the row's last, then its drafts (filler past drafted)
+      pos (B,) int64          n - 1, the last token's position; drafted (B,) int64: the real drafts
       seqlens (B,) int32      n + k, the cache length a step's verification attends over
       counters (B * H * (k + 1),) int32 zeros: its decode attention's (GPT.verify), left zero
       temperature, top_k, top_p, min_p (B * (k + 1),)   the rows' sampling parameters, each row's
@@ -48,11 +50,15 @@ class PromptLookup:
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.text = zeros(B, decoder.length + 1)
         self.n, self.start, self.count, self.limit = zeros(B), zeros(B), zeros(B), zeros(1)
+        self.tok, self.pos, self.drafted = zeros(B, k + 1), zeros(B), zeros(B)
         self.seqlens = zeros(B, dtype=torch.int32)
         self.counters = zeros(B * decoder.model.config.n_head * (k + 1), dtype=torch.int32)
         self.cols = torch.arange(k + 1, device=device)  # a step's columns: the token, then its k drafts
         self.sampling = {name: getattr(decoder, name).repeat_interleave(k + 1) for name in _SAMPLING}
         self.graph, self.graph_mode = None, None
+        # Drafting and acceptance in one Triton launch each where the decoder's bookkeeping runs
+        # on Triton (auto's on a GPU): kernels/lookup.py, instead of some 75 small PyTorch kernels.
+        self.triton = decoder.triton_advance
 
     def reset(self, idx, lengths, max_new_tokens: int):
         """Load one call, after the prefill emitted each row's first new token (decoder.tok):
@@ -85,13 +91,44 @@ class PromptLookup:
 
     def step(self):
         """Draft, verify, emit: 1 to k + 1 new tokens a row that is not done. No host sync."""
+        d = self.decoder
+        self._draft()
+        self._accept(self._choose(d.model.verify(self.tok, self.pos, d.kv, self.seqlens, self.counters)))
+
+    def _draft(self):
+        """Each row's drafts into tok (after its last token), how many are real, pos and seqlens."""
+        if self.triton:
+            launchers = _backends.launchers("triton", "lookup")
+            launchers.draft(self.text, self.n, self.tok, self.pos, self.drafted, self.seqlens, ngram=self.ngram)
+            return
+        text, n = self.text, self.n[:, None]
+        B, width = text.shape
+        start = torch.zeros_like(n)  # where the drafts begin in text
+        found = torch.zeros_like(n, dtype=torch.bool)
+        for g in range(min(self.ngram, width - 1), 0, -1):  # the longest n-gram found wins
+            tail = text.gather(1, (n - g + torch.arange(g, device=n.device)).clamp(min=0))  # (B, g): the last g tokens
+            where = torch.arange(width - g + 1, device=n.device)  # the windows' starts
+            hit = (text.unfold(1, g, 1) == tail[:, None, :]).all(dim=2) & (where < n - g)  # a token follows the window
+            first = hit.int().argmax(dim=1, keepdim=True)  # the earliest hit
+            new = hit.any(dim=1, keepdim=True) & ~found
+            start = torch.where(new, first + g, start)
+            found |= new
+        torch.sub(self.n, 1, out=self.pos)
+        src = torch.cat([self.pos[:, None], start + self.cols[: self.k]], dim=1)  # the last token, then the drafts
+        torch.gather(text, 1, src.clamp(max=width - 1), out=self.tok)
+        self.drafted.copy_((self.n - start[:, 0]).clamp(max=self.k).masked_fill(~found[:, 0], 0))
+        torch.add(self.n, self.k, out=self.seqlens)
+
+    def _accept(self, chosen):
+        """Emit each row's agreeing drafts and the token chosen after the last of them (up to its
+        limit and its first eos): text, n, count and finished advance."""
         d, k = self.decoder, self.k
-        drafts, drafted = self._drafts()  # (B, k), (B, 1)
-        pos = self.n - 1  # the last token's position: the verification's first query
-        tok = torch.cat([self.text.gather(1, pos[:, None]), drafts], dim=1)  # (B, k + 1)
-        torch.add(self.n, k, out=self.seqlens)
-        chosen = self._choose(d.model.verify(tok, pos, d.kv, self.seqlens, self.counters))  # (B, k + 1)
-        agree = (drafts == chosen[:, :k]) & (self.cols[:k] < drafted)  # draft i is the token chosen before it
+        if self.triton:
+            launchers = _backends.launchers("triton", "lookup")
+            launchers.accept(chosen, self.tok, self.drafted, self.text, self.n, self.count, self.limit, d.finished,
+                             d.eos, has_eos=d.has_eos)  # fmt: skip
+            return
+        agree = (self.tok[:, 1:] == chosen[:, :k]) & (self.cols[:k] < self.drafted[:, None])  # draft i: chosen i?
         accepted = agree.cumprod(dim=1).sum(dim=1)  # (B,): the leading run of agreeing drafts
         emit = torch.minimum(accepted + 1, self.limit - self.count).masked_fill(d.finished, 0)
         if d.has_eos:  # a row ends at its first eos: emit up to it
@@ -103,24 +140,6 @@ class PromptLookup:
         self.text.scatter_(1, at, torch.where(self.cols < emit[:, None], chosen, self.text.gather(1, at)))
         self.n += emit
         self.count += emit
-
-    def _drafts(self):
-        """Each row's drafts (B, k) and how many of them are real (B, 1); the rest are filler."""
-        text, n = self.text, self.n[:, None]
-        B, width = text.shape
-        start = torch.zeros_like(n)  # where the drafts begin in text
-        found = torch.zeros_like(n, dtype=torch.bool)
-        for g in range(self.ngram, 0, -1):  # the longest n-gram found wins
-            tail = text.gather(1, (n - g + torch.arange(g, device=n.device)).clamp(min=0))  # (B, g): the last g tokens
-            where = torch.arange(width - g + 1, device=n.device)  # the windows' starts
-            hit = (text.unfold(1, g, 1) == tail[:, None, :]).all(dim=2) & (where < n - g)  # a token follows the window
-            first = hit.int().argmax(dim=1, keepdim=True)  # the earliest hit
-            new = hit.any(dim=1, keepdim=True) & ~found
-            start = torch.where(new, first + g, start)
-            found |= new
-        drafted = torch.where(found, (n - start).clamp(max=self.k), 0)
-        drafts = text.gather(1, (start + self.cols[: self.k]).clamp(max=width - 1))
-        return drafts, drafted
 
     def _choose(self, logits):
         """The token generate chooses after each of the k + 1 positions: (B, k + 1, V) -> (B, k + 1)."""

@@ -1,6 +1,7 @@
 """Prompt-lookup decoding in fastgpt.generate (fastgpt/speculative.py): exactly plain greedy's
 tokens with fewer forwards, HF's drafts, sampling from the same distribution, every backend."""
 
+import types
 import warnings
 
 import pytest
@@ -105,30 +106,97 @@ def test_every_row_ending_early_trims_the_output():
     assert torch.equal(model.generate(idx, 30, eos_token_id=eos, prompt_lookup_num_tokens=3), plain)
 
 
-@pytest.mark.parametrize("T,n,k,ngram", [(1, 1, 3, 2), (2, 1, 1, 1), (12, 4, 5, 3), (20, 7, 2, 2), (9, 9, 4, 4)])
-def test_drafts_are_hf_prompt_lookups(T, n, k, ngram):
-    """The drafts of each row are those of transformers' PromptLookupCandidateGenerator."""
+@pytest.mark.parametrize("L,k,ngram", [(1, 3, 2), (2, 1, 1), (16, 5, 3), (27, 2, 2), (18, 4, 4), (300, 6, 2)])
+def test_drafts_are_hf_prompt_lookups(L, k, ngram):
+    """Each row's drafts are those of transformers' PromptLookupCandidateGenerator, on rows of
+    1 to L tokens (stale tokens past a row's end); the Triton kernel (interpreted here) fills the
+    same buffers, filler included."""
     from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
 
     hf = PromptLookupCandidateGenerator(num_output_tokens=k, max_matching_ngram_size=ngram, max_length=10**6)
-    g = torch.Generator().manual_seed(T * 31 + n)
-    texts = torch.randint(0, 3, (64, T + n), generator=g)  # 3 ids: lots of matches, of every n-gram size
-    lookup = _bare_lookup(texts, k, ngram)
-    drafts, drafted = lookup._drafts()
+    g = torch.Generator().manual_seed(L * 31 + k)
+    texts = torch.randint(0, 3, (48, L + k + 2), generator=g)  # 3 ids: lots of matches, of every n-gram size
+    n = torch.randint(1, L + 1, (48,), generator=g)
+    runs = [_bare_lookup(texts, n, k, ngram, triton) for triton in (False, True)]
+    for lookup in runs:
+        lookup._draft()
+    ours, kernel = runs
+    for name in ("tok", "pos", "drafted", "seqlens"):
+        assert torch.equal(getattr(kernel, name), getattr(ours, name)), name
+    assert torch.equal(ours.pos, n - 1) and torch.equal(ours.seqlens, (n + k).int())
     for b in range(texts.shape[0]):
-        candidates, _ = hf.get_candidates(texts[b: b + 1])
-        expected = candidates[0, T + n:]
-        assert int(drafted[b]) == expected.numel()
-        assert torch.equal(drafts[b, : expected.numel()], expected)
+        candidates, _ = hf.get_candidates(texts[b: b + 1, : n[b]])
+        expected = candidates[0, n[b]:]
+        assert int(ours.drafted[b]) == expected.numel()
+        assert torch.equal(ours.tok[b, 1: 1 + expected.numel()], expected)
+        assert int(ours.tok[b, 0]) == int(texts[b, n[b] - 1])
 
 
-def _bare_lookup(texts, k, ngram):
-    """A PromptLookup over the given full texts (B, L), with no decoder behind it."""
+@pytest.mark.parametrize("eos", [[], [2], [0, 5, 7]], ids=["no-eos", "eos", "3-eos"])
+def test_acceptance_kernel_equals_the_torch_steps(eos):
+    """kernels/lookup.py's accept against the PyTorch form, over random agreement runs, limits
+    (rows at and near theirs), finished rows and eos ids among the chosen tokens."""
+    B, k, W = 64, 5, 40
+    g = torch.Generator().manual_seed(len(eos))
+    chosen = torch.randint(0, 32, (B, k + 1), generator=g)
+    tok = torch.randint(0, 32, (B, k + 1), generator=g)
+    agree = torch.rand(B, k, generator=g) < 0.85
+    tok[:, 1:] = torch.where(agree, chosen[:, :k], tok[:, 1:])  # long agreeing runs, some broken
+    runs = []
+    for triton in (False, True):
+        lookup = _bare_lookup(torch.randint(0, 8, (B, W), generator=torch.Generator().manual_seed(1)),
+                              torch.randint(1, W - k, (B,), generator=torch.Generator().manual_seed(2)), k, 2, triton)
+        lookup.drafted = torch.randint(0, 2 * k, (B,), generator=torch.Generator().manual_seed(3)).clamp(max=k)
+        lookup.count = torch.randint(1, 21, (B,), generator=torch.Generator().manual_seed(4))
+        lookup.limit = torch.tensor([20])
+        lookup.decoder.finished = torch.rand(B, generator=torch.Generator().manual_seed(5)) < 0.2
+        lookup.decoder.eos = torch.tensor(eos + [-1] * 2)
+        lookup.decoder.has_eos = bool(eos)
+        lookup.tok = tok.clone()
+        lookup._accept(chosen.clone())
+        runs.append(lookup)
+    ours, kernel = runs
+    for name in ("text", "n", "count"):
+        assert torch.equal(getattr(kernel, name), getattr(ours, name)), name
+    assert torch.equal(kernel.decoder.finished, ours.decoder.finished)
+    finished = torch.rand(B, generator=torch.Generator().manual_seed(5)) < 0.2
+    assert bool((ours.decoder.finished & ~finished).any()) == bool(eos)  # rows ended by an eos
+    emitted = ours.count - torch.randint(1, 21, (B,), generator=torch.Generator().manual_seed(4))
+    assert set(emitted.tolist()) == set(range(k + 2))  # rows done (0) to rows taking every draft (k + 1)
+
+
+def compile_lookup_variants(arch):
+    """kernels/lookup.py lowered for sm_<arch> (a programmatic dependent on sm_90: waits first)."""
+    from tests.gpu_compile import compile_for, load_kernel_module, ptxas_spills
+
+    mod = load_kernel_module("lookup")
+    i64 = dict.fromkeys(("text_ptr", "n_ptr", "tok_ptr", "pos_ptr", "drafted_ptr", "chosen_ptr", "count_ptr",
+                         "limit_ptr", "eos_ptr"), "*i64")  # fmt: skip
+    for block_k in (2, 16):
+        draft = compile_for(mod._draft_kernel, i64 | {"seqlens_ptr": "*i32"}, {"BLOCK_S": mod.BLOCK_S,
+                            "BLOCK_K": block_k}, arch=arch, num_warps=mod.NUM_WARPS, num_stages=1)  # fmt: skip
+        accept = compile_for(mod._accept_kernel, i64 | {"finished_ptr": "*u8"}, {"HAS_EOS": True, "BLOCK_K": block_k,
+                             "BLOCK_E": 8}, arch=arch, num_warps=1, num_stages=1)  # fmt: skip
+        assert ptxas_spills(draft, arch) == ptxas_spills(accept, arch) == 0
+
+
+def test_lookup_kernels_compile_for_gpu():
+    from tests.gpu_compile import run_compile_check
+
+    run_compile_check("tests.test_speculative.compile_lookup_variants")
+
+
+def _bare_lookup(texts, n, k, ngram, triton):
+    """A PromptLookup over texts (B, W) whose rows hold n tokens, with no model behind it."""
     lookup = PromptLookup.__new__(PromptLookup)
-    lookup.k, lookup.ngram = k, ngram
-    lookup.text = torch.cat([texts, torch.full((texts.shape[0], k + 3), 99)], dim=1)  # stale tokens past the ends
-    lookup.n = torch.full((texts.shape[0],), texts.shape[1])
+    B = texts.shape[0]
+    lookup.k, lookup.ngram, lookup.triton = k, ngram, triton
+    lookup.text, lookup.n = texts.clone(), n.clone()
+    lookup.tok, lookup.pos, lookup.drafted = torch.zeros(B, k + 1, dtype=torch.long), torch.zeros_like(n), n * 0
+    lookup.seqlens = torch.zeros(B, dtype=torch.int32)
     lookup.cols = torch.arange(k + 1)
+    lookup.decoder = types.SimpleNamespace(finished=torch.zeros(B, dtype=torch.bool), eos=torch.full((2,), -1),
+                                           has_eos=False)  # fmt: skip
     return lookup
 
 
@@ -181,6 +249,18 @@ def test_decoder_and_lookup_reused(model):
     assert next(iter(model._decoders.values())).lookup.k == 2
 
 
+def test_drafts_and_n_grams_beyond_use_are_cut(model, monkeypatch):
+    """More drafts than tokens left to make are never used (at most max_new_tokens - 1: a 10**12
+    would size the cache by them), n-grams longer than the text never match: plain greedy's tokens."""
+    idx = repetitive(2, 10, 384)
+    plain = model.generate(idx, 12)
+    calls = count_verifies(model, monkeypatch)
+    assert torch.equal(model.generate(idx, 12, prompt_lookup_num_tokens=10**12, max_matching_ngram_size=500), plain)
+    assert {shape for shape in calls} == {(2, 12)}  # 11 drafts a step
+    assert max(length for _, length in model._decoders) <= model.config.n_positions + 11
+    assert torch.equal(model.generate(idx, 1, prompt_lookup_num_tokens=4), plain[:, :11])  # no step: no drafts
+
+
 @pytest.mark.parametrize("kwargs,match", [
     ({"prompt_lookup_num_tokens": -1}, "prompt_lookup_num_tokens must be an int >= 0"),
     ({"prompt_lookup_num_tokens": 2.0}, "prompt_lookup_num_tokens must be an int >= 0"),
@@ -223,6 +303,7 @@ def test_triton_kernels_verify_drafts():
     plain = model.generate(idx, 14, attention_mask=mask)
     model.backend = "triton"
     assert torch.equal(model.generate(idx, 14, attention_mask=mask, prompt_lookup_num_tokens=3), plain)
+    assert next(iter(model._decoders.values())).lookup.triton  # drafted and accepted by kernels/lookup.py
 
 
 def test_fused_verify_equals_unfused(monkeypatch):
@@ -272,8 +353,7 @@ def test_cuda_kernels_verify_drafts():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gpu_cuda_graph_matches_eager(dtype):
-    """The step is captured once and replayed; eager and graphed steps give the same tokens, and
-    fp32 gives plain greedy's."""
+    """The step is captured once and replayed; eager and graphed steps give the same tokens."""
     model = looping(n_embd=128, n_head=2, n_positions=512).to("cuda", dtype)
     idx = repetitive(3, 20, 384).cuda()
     mask = torch.ones_like(idx)
@@ -285,5 +365,3 @@ def test_gpu_cuda_graph_matches_eager(dtype):
         again = model.generate(idx, 64, attention_mask=mask, prompt_lookup_num_tokens=4)
     assert torch.equal(graphed, eager) and torch.equal(again, eager)
     assert any(d.lookup is not None and d.lookup.graph is not None for d in model._decoders.values())
-    if dtype == torch.float32:
-        assert torch.equal(eager, model.generate(idx, 64, attention_mask=mask))

@@ -375,10 +375,32 @@ def advance_cases(check: Checker):
         assert step.item() == 3 and not count.item(), "the step and the counter were not advanced and reset"
 
 
+def lookup_cases(check: Checker):
+    """kernels/lookup.py's launchers called directly: a row full to the text's end (its emitted
+    tokens past it not written), one-token rows, n-grams and drafts longer than the text."""
+    from fastgpt.kernels import lookup
+
+    for B, W, K, ngram in ((1, 1, 3, 2), (3, 9, 4, 12), (5, 40, 8, 3)):
+        g = torch.Generator().manual_seed(W)
+        text = torch.randint(0, 3, (B, W), generator=g)
+        n = torch.randint(1, W + 1, (B,), generator=g)
+        n[0] = W
+        tok, pos, drafted = torch.zeros(B, K + 1, dtype=torch.int64), torch.zeros_like(n), torch.zeros_like(n)
+        seqlens = torch.zeros(B, dtype=torch.int32)
+        with check.case(f"draft B{B} W{W} K{K} ngram {ngram}", text, n, tok, pos, drafted, seqlens):
+            lookup.draft(text, n, tok, pos, drafted, seqlens, ngram=ngram)
+        chosen = tok.roll(-1, dims=1)  # agreeing with every draft: the most tokens emitted
+        count, limit = torch.ones_like(n), torch.tensor([W + K])
+        finished, eos = torch.zeros(B, dtype=torch.bool), torch.tensor([7, -1])
+        with check.case(f"accept B{B} W{W} K{K}", chosen, tok, drafted, text, n, count, limit, finished, eos):
+            lookup.accept(chosen, tok, drafted, text, n, count, limit, finished, eos, has_eos=True)
+        assert int(n[0]) > W, "the full row emitted nothing"
+
+
 CASES = {"attention": attention_cases, "decode": decode_cases, "multi_query_decode": multi_query_decode_cases,
          "masked_attention": masked_attention_cases, "layer_norm": layer_norm_cases,
          "sample": sample_cases}  # fmt: skip
-TRITON_CASES = {**CASES, "linear": linear_cases, "advance": advance_cases}
+TRITON_CASES = {**CASES, "linear": linear_cases, "advance": advance_cases, "lookup": lookup_cases}
 
 
 def _finite(*outs: torch.Tensor) -> None:
