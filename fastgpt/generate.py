@@ -421,19 +421,30 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
         decoder.store_rng(generator)
 
 
-def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_every) -> Iterator[Decoder]:
-    """The prefill of the left-aligned idx (B, T), then the decode steps (check_every None: no eos)."""
+def _prefill(model, decoder, idx, lengths):
+    """Run the left-aligned prompt idx (B, T) into the cache and emit each row's first new token."""
     decoder.pos.copy_(lengths - 1)  # the prompt's last position: emit advances it to L_b, the first new token's
     decoder.emit(model.prefill(idx, decoder.kv, last=lengths - 1))
+
+
+def _replayed(owner, step, use_graph: bool):
+    """step, or with use_graph the replay of owner's CUDA graph of it (owner.capture() captures it
+    or keeps the one captured); step again, with a warning saying why, where the capture fails."""
+    if not use_graph:
+        return step
+    reason = owner.capture()
+    if reason:
+        warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=5)
+        return step
+    return owner.graph.replay
+
+
+def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_every) -> Iterator[Decoder]:
+    """The prefill of the left-aligned idx (B, T), then the decode steps (check_every None: no eos)."""
+    _prefill(model, decoder, idx, lengths)
     yield decoder
 
-    step = decoder.decode_step
-    if use_graph and max_new_tokens > 1:
-        reason = decoder.capture()
-        if reason:
-            warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=4)
-        else:
-            step = decoder.graph.replay
+    step = _replayed(decoder, decoder.decode_step, use_graph and max_new_tokens > 1)
     for i in range(1, max_new_tokens):
         if check_every and i % check_every == 0 and bool(decoder.finished.all()):
             return
@@ -443,21 +454,14 @@ def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_ev
 
 def _speculate(model, decoder, idx, lengths, max_new_tokens, *, use_graph, k, ngram) -> Iterator[PromptLookup]:
     """The prefill of the left-aligned idx (B, T), then prompt-lookup steps until every row is done."""
-    decoder.pos.copy_(lengths - 1)
-    decoder.emit(model.prefill(idx, decoder.kv, last=lengths - 1))
+    _prefill(model, decoder, idx, lengths)
     lookup = decoder.lookup
     if lookup is None or (lookup.k, lookup.ngram) != (k, ngram):
         lookup = decoder.lookup = PromptLookup(decoder, k, ngram)
     lookup.reset(idx, lengths, max_new_tokens)
     yield lookup
 
-    step = lookup.step
-    if use_graph and max_new_tokens > 1:
-        reason = lookup.capture()
-        if reason:
-            warnings.warn(f"fastgpt: CUDA graph capture failed, decoding eagerly ({reason})", stacklevel=4)
-        else:
-            step = lookup.graph.replay
+    step = _replayed(lookup, lookup.step, use_graph and max_new_tokens > 1)
     for _ in range(1, max_new_tokens):  # every step emits a token in each row not done
         if lookup.done():
             return

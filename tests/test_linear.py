@@ -90,42 +90,34 @@ def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty):
     assert torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("slots", [[[0], [6], [3], [-1], [9]], [[2, 3, 4, 5], [7, 8, 9, -1], [0, 1, 2, 3]]],
+                         ids=["a-token-a-row", "4-tokens-a-row"])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_qkv_projection_writes_the_kv_cache(dtype, device):
-    """ln_1 + c_attn writing k and v to each row's cache slot: the same cache as the reference's
-    scatter; slots outside [0, S) (a row past the cache, a padding row) leave the cache alone."""
-    M, H, D, S = 5, 3, 16, 7
+def test_qkv_projection_writes_the_kv_cache(dtype, slots, device):
+    """ln_1 + c_attn writing k and v to each token's slot in its row's cache (M = B T rows of x,
+    T tokens a cache row: a decode step's one, a token and its drafts): the same cache as the
+    reference's scatters; slots outside [0, S) (past the cache, a padding row) write nothing."""
+    pos = torch.tensor(slots, device=device)
+    (B, T), H, D, S = pos.shape, 3, 16, 9
     K, N = 40, 3 * H * D
-    x, r, w, b, g, beta = _inputs(M, K, N, dtype, device)
-    pos = torch.tensor([0, 6, 3, -1, 7], device=device)
-    cache = torch.randn(2, M, H, S, D, device=device).to(dtype)
-    expected = cache.clone()
-    ref, _ = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=expected, kv_pos=pos)
-    out, _ = linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=cache, kv_pos=pos, backend="triton")
-    assert_close(out, ref)
-    assert_close(cache, expected)
-    k = ref[:, H * D: 2 * H * D].view(M, H, D)
-    assert torch.equal(expected[0, 1, :, 6], k[1]) and torch.equal(expected[0, 3], cache[0, 3])
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_several_rows_a_cache_row(dtype, device):
-    """M = B T rows of x, T tokens a cache row (a token and its drafts): row m writes cache row
-    m // T at its own slot, as the reference's scatters do; slots outside [0, S) write nothing."""
-    B, T, H, D, S = 3, 4, 2, 8, 9
-    K, N = 24, 3 * H * D
     x, r, w, b, g, beta = _inputs(B * T, K, N, dtype, device)
-    pos = torch.tensor([[2, 3, 4, 5], [8, 9, 10, -1], [0, 1, 2, 3]], device=device).flatten()
     cache = torch.randn(2, B, H, S, D, device=device).to(dtype)
-    expected = cache.clone()
-    ref, _ = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=expected, kv_pos=pos)
-    out, _ = linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=cache, kv_pos=pos, backend="triton")
+    initial, expected = cache.clone(), cache.clone()
+    ref, _ = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=expected, kv_pos=pos.flatten())
+    out, _ = linear(x, w, b, ln=(g, beta, 1e-5), residual=r, kv_cache=cache, kv_pos=pos.flatten(), backend="triton")
     assert_close(out, ref)
     assert_close(cache, expected)
-    v = ref[:, 2 * H * D:].view(B, T, H, D)
-    assert torch.equal(expected[1, 1, :, 8], v[1, 0]) and torch.equal(expected[1, 2, :, 3], v[2, 3])
-    with pytest.raises(ValueError, match="B dividing the M = 12 rows"):
-        linear(x, w, kv_cache=torch.zeros(2, 5, H, S, D, dtype=dtype, device=device), kv_pos=pos)  # 5 cache rows
+    kv = ref[:, H * D:].view(B, T, 2, H, D)
+    written = torch.zeros(B, S, dtype=torch.bool, device=device)
+    for row, t in torch.cartesian_prod(torch.arange(B), torch.arange(T)).view(-1, 2).tolist():
+        slot = int(pos[row, t])
+        if 0 <= slot < S:
+            assert torch.equal(expected[:, row, :, slot], kv[row, t])
+            written[row, slot] = True
+    untouched = ~written  # (B, S): the other slots keep their values
+    assert torch.equal(expected.permute(1, 3, 0, 2, 4)[untouched], initial.permute(1, 3, 0, 2, 4)[untouched])
+    with pytest.raises(ValueError, match=f"B dividing the M = {B * T} rows"):
+        linear(x, w, kv_cache=torch.zeros(2, B * T + 1, H, S, D, dtype=dtype, device=device), kv_pos=pos.flatten())
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
