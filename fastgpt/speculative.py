@@ -17,7 +17,9 @@ in other kernels than one query does); each sampled token is a draw from the dis
 the tokens before it, as without drafts, though not the same draw for a seed.
 
 A step is static in shape and never reads the device on the host, so it is captured in a CUDA
-graph like the plain decode step; the host asks once a step whether every row is done.
+graph like the plain decode step; the host asks once a step whether every row is done. Where the
+decoder's bookkeeping runs on Triton (auto's choice on a GPU), the drafting and the acceptance are
+one launch each (kernels/lookup.py); elsewhere the PyTorch code here, which defines them.
 """
 
 from __future__ import annotations
@@ -130,7 +132,7 @@ class PromptLookup:
             return
         agree = (self.tok[:, 1:] == chosen[:, :k]) & (self.cols[:k] < self.drafted[:, None])  # draft i: chosen i?
         accepted = agree.cumprod(dim=1).sum(dim=1)  # (B,): the leading run of agreeing drafts
-        emit = torch.minimum(accepted + 1, self.limit - self.count).masked_fill(d.finished, 0)
+        emit = torch.minimum(accepted + 1, self.limit - self.count).clamp(min=0).masked_fill(d.finished, 0)
         if d.has_eos:  # a row ends at its first eos: emit up to it
             is_eos = (chosen[:, :, None] == d.eos).any(dim=2) & (self.cols < emit[:, None])  # (B, k + 1)
             ended = is_eos.any(dim=1)
