@@ -192,7 +192,9 @@ def _cuda_code_arch(device_index: int | None) -> int | None:
 @functools.cache
 def _code_arch_of(device_index: int | None) -> int | None:
     module = _import_cuda_extension(None)[0]
-    return None if module is None else code_arch(module.archs, torch.cuda.get_device_capability(device_index))
+    if module is None or not torch.cuda.is_available():  # no GPU to ask (a CPU build of torch raises)
+        return None
+    return code_arch(module.archs, torch.cuda.get_device_capability(device_index))
 
 
 def interpreting() -> bool:
@@ -282,6 +284,8 @@ def why_not(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors (got {device.type})"
         if _cuda_code_arch(device.index) is None:
+            if not torch.cuda.is_available():
+                return "the cuda backend needs a CUDA GPU, and torch sees none"
             major, minor = torch.cuda.get_device_capability(device.index)
             return (f"fastgpt._C was built for {cuda_extension().archs} (FASTGPT_CUDA_ARCHS), none of which runs on "
                     f"this GPU (compute capability {major}.{minor}): rebuild with FASTGPT_CUDA_ARCHS naming it, "

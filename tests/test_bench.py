@@ -679,6 +679,23 @@ def test_device_time_only_on_a_gpu():
     assert any(r["status"] == OK for r in records)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU machine's path")
+def test_bench_runs_in_a_fresh_process_on_a_cpu_machine(tmp_path):
+    """`fastgpt bench` outside the test session (whose conftest answers the extension's question
+    of a GPU's compute capability): with fastgpt._C built and a CPU build of torch, asking the
+    cuda backend about a CUDA device raised torch's "not compiled with CUDA" from the report's
+    header, before any case ran."""
+    import subprocess
+    import sys
+
+    code = ("from fastgpt.cli import main; raise SystemExit(main(['bench', 'generate', '--quick', '--model-config', "
+            f"'tiny', '--shapes', 'B=1,T=4,N=2', '--json', {str(tmp_path / 'out.json')!r}]))")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "out.json").read_text())
+    assert records
+
+
 # ----------------------------------------------------------------------------- scripts/gpu-probe.py
 def _probe(tmp_path, *args, interpret=True):
     import os

@@ -58,8 +58,11 @@ def device_name(device: torch.device) -> str:
 def _cuda_ext() -> str:
     from fastgpt import _backends
 
-    # why_not on a (hypothetical) CUDA device only asks whether fastgpt._C imports.
-    return "built" if _backends.why_not("cuda", torch.device("cuda")) is None else "not built"
+    try:
+        _backends.cuda_extension()
+    except _backends.BackendUnavailableError:
+        return "not built"
+    return "built"
 
 
 def environment(device: torch.device) -> dict:
