@@ -3,8 +3,8 @@ GPT-2 (the gpt-fast recipe, fastgpt/bench/gptfast.py), all on the same random we
 
 With K > 0 (full runs: B1 K4), both sides decode by prompt lookup (K drafts a step from the
 text so far, verified in one forward): fastgpt's generate(prompt_lookup_num_tokens=K) against
-transformers' (which takes one row). The random model's greedy text repeats itself, so the
-drafts are accepted more often than on real text: compare these rows with each other only.
+transformers' (which takes one row). A random model's greedy text tends to repeat itself, so
+drafts may be accepted more often than on real text: compare these rows with each other only.
 
 Reported: tok/s = B * new tokens / wall time of the whole call (prefill included, after
 warm-up), and the weight-bandwidth utilisation: each decode step reads every weight once, so
