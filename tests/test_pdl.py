@@ -67,11 +67,13 @@ def test_code_arch_picks_the_code_cuda_runs(archs, capability, expected):
 
 def test_a_gpu_the_extension_was_not_built_for_leaves_auto_to_triton(monkeypatch):
     """A Blackwell GPU (10.0) and the default build (sm_80, sm_90a): the cuda backend is unavailable,
-    saying why, and auto takes Triton instead of failing at the first launch."""
+    saying why, and auto takes Triton instead of failing at the first launch. Without a GPU (a CPU
+    build of torch) it says that, rather than asking torch for a capability."""
     pytest.importorskip("fastgpt._C")
     monkeypatch.delenv("FASTGPT_BACKEND", raising=False)
     monkeypatch.delenv(_backends.EMULATOR_ENV_VAR, raising=False)
     monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (10, 0))
     cuda = torch.device("cuda", 0)
     reason = _backends.why_not("cuda", cuda)
@@ -81,6 +83,9 @@ def test_a_gpu_the_extension_was_not_built_for_leaves_auto_to_triton(monkeypatch
         _backends.resolve("attention", "cuda", cuda)
     monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: 90)
     assert _backends.why_not("cuda", cuda) is None and _backends.resolve("attention", "cuda", cuda) == "cuda"
+    monkeypatch.setattr(_backends, "_cuda_code_arch", lambda index: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _backends.why_not("cuda", cuda) == "the cuda backend needs a CUDA GPU, and torch sees none"
 
 
 def test_waits_first_accepts_a_prefetch_before_the_wait():
