@@ -420,6 +420,19 @@ def linear_section(p: Probe):
                     p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
 
 
+def probe_gpt(p: Probe):
+    """(config, dtype, model): GPT-2 124M with random weights in bf16 on auto's kernels; with
+    smoke, a one-layer toy in fp16 on the Triton interpreter's. For the whole-step sections."""
+    from fastgpt.model import GPT, GPTConfig
+
+    small = {"vocab_size": 96, "n_positions": 64, "n_embd": 64, "n_layer": 1, "n_head": 2}
+    config = GPTConfig(**small) if p.smoke else GPTConfig()
+    dtype = torch.float16 if p.smoke else torch.bfloat16
+    model = GPT(config).to(p.device, dtype).eval()
+    model.backend = "triton" if p.smoke else "auto"  # the interpreter's kernels on the CPU
+    return config, dtype, model
+
+
 def decode_step_section(p: Probe):
     """GPT-2 124M's decode step at B1 and B32 (GPT.decode, fused: 61 launches) under graph
     replay, its kernels launched as programmatic dependents whose matmuls prefetch their weights
@@ -429,13 +442,8 @@ def decode_step_section(p: Probe):
     (the generate benchmark's 32 + 256) at position 160."""
     from fastgpt.generate import KVCache
     from fastgpt.kernels import linear as tri_linear
-    from fastgpt.model import GPT, GPTConfig
 
-    small = {"vocab_size": 96, "n_positions": 64, "n_embd": 64, "n_layer": 1, "n_head": 2}
-    config = GPTConfig(**small) if p.smoke else GPTConfig()
-    dtype = torch.float16 if p.smoke else torch.bfloat16
-    model = GPT(config).to(p.device, dtype).eval()
-    model.backend = "triton" if p.smoke else "auto"  # the interpreter's kernels on the CPU
+    config, dtype, model = probe_gpt(p)
     length = 32 if p.smoke else 288
     with env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS"), torch.inference_mode():
         for B in (1,) if p.smoke else (1, 32):  # the generate targets' batches
@@ -461,14 +469,9 @@ def lookup_step_section(p: Probe):
     plain step's ("breakeven"). The lookup's state is held still (its row limit reached: nothing
     emitted), so every replay does the same work at the same cache length (160 of 288 slots + k)."""
     from fastgpt.generate import EOS_SLOTS, Decoder, _sampling
-    from fastgpt.model import GPT, GPTConfig
     from fastgpt.speculative import PromptLookup
 
-    small = {"vocab_size": 96, "n_positions": 64, "n_embd": 64, "n_layer": 1, "n_head": 2}
-    config = GPTConfig(**small) if p.smoke else GPTConfig()
-    dtype = torch.float16 if p.smoke else torch.bfloat16
-    model = GPT(config).to(p.device, dtype).eval()
-    model.backend = "triton" if p.smoke else "auto"
+    config, dtype, model = probe_gpt(p)
     length, T = (32, 8) if p.smoke else (288 + 8, 160)
     with torch.inference_mode():
         for B in (1,) if p.smoke else (1, 8):
