@@ -1,7 +1,8 @@
 """Shared fixtures: the device, and the skip of `gpu` tests without CUDA.
 
 Without a CUDA device the Triton kernels run in Triton's interpreter, so TRITON_INTERPRET=1 is
-set here, before any test module imports a kernel (Triton reads it when a kernel is defined).
+set here, before any test module imports a kernel (Triton reads it when a kernel is defined),
+and the interpreter gets tests/interpreter.py's shortcuts.
 """
 
 import os
@@ -12,6 +13,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    from tests import interpreter
+
+    interpreter.install()  # the same results from Triton's interpreter, faster (tests/interpreter.py)
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -703,9 +703,14 @@ def _probe(tmp_path, *args, interpret=True):
     import sys
     from pathlib import Path
 
-    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1" if interpret else "0")
-    script = Path(__file__).resolve().parent.parent / "scripts" / "gpu-probe.py"
-    return subprocess.run([sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=600)
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, OUT=str(tmp_path), TRITON_INTERPRET="1" if interpret else "0", PYTHONPATH=str(root))
+    script = root / "scripts" / "gpu-probe.py"
+    # The script as __main__, in the interpreter with tests/interpreter.py's shortcuts.
+    run = ("import runpy, sys; from tests import interpreter; interpreter.install(); "
+           "sys.argv[0] = sys.argv.pop(1); runpy.run_path(sys.argv[0], run_name='__main__')")  # fmt: skip
+    return subprocess.run([sys.executable, "-c", run, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU refusal is for machines without one")

@@ -32,8 +32,28 @@ def _cases(env, *args: str) -> subprocess.CompletedProcess:
     return build.run_memcheck_cases(env, "--backend", "triton", *args)
 
 
-def test_every_triton_kernel_stays_within_its_tensors(interpreter_asan_env):
-    result = _cases(interpreter_asan_env)
+# The ops in groups of under a minute each in the interpreter on this project's 2-core machine,
+# so that pytest-xdist's workers share them instead of one worker running all of them (about two
+# minutes), the suite's longest test, at its end.
+GROUPS = {
+    "sample": ("sample",),
+    "attention": ("attention",),
+    "decode": ("decode",),
+    "several-queries": ("multi_query_decode", "masked_attention"),
+    "decode-step": ("linear", "layer_norm", "advance", "lookup"),
+}
+
+
+def test_the_groups_cover_every_op():
+    from tests.simt.memcheck_cases import TRITON_CASES
+
+    grouped = [op for ops in GROUPS.values() for op in ops]
+    assert sorted(grouped) == sorted(TRITON_CASES)
+
+
+@pytest.mark.parametrize("ops", GROUPS.values(), ids=GROUPS.keys())
+def test_every_triton_kernel_stays_within_its_tensors(interpreter_asan_env, ops):
+    result = _cases(interpreter_asan_env, *(arg for op in ops for arg in ("--only", op)))
     assert "AddressSanitizer" not in result.stderr, result.stderr[-20000:]
     assert result.returncode == 0, result.stderr[-20000:]
     assert re.search(r"\d+ cases in", result.stdout), result.stdout

@@ -14,8 +14,8 @@ themselves, not copies the ops layer made of them.
 `--backend triton` runs the Triton kernels instead, in Triton's interpreter (TRITON_INTERPRET=1,
 whose loads and stores are memcpy calls that ASan checks; no sanitized build, only the preload):
 fp32 and fp16, more head dims, and the Triton-only ops (fastgpt.ops.linear, kernels/advance.py's
-launchers, each sampling path), at lengths the interpreter runs in about a
-minute. tests/test_triton_memcheck.py runs that.
+launchers, each sampling path), at lengths the interpreter runs in about two minutes (with
+tests/interpreter.py's shortcuts). tests/test_triton_memcheck.py runs that, in groups of ops.
 
 `--oob layer_norm|sample` instead calls the raw binding (fastgpt_simt._C) with a shape larger than
 the tensor it points at, which the ops layer would refuse (with --backend triton: launches the
@@ -296,9 +296,8 @@ def sample_cases(check: Checker):
     paths = [{"top_k_bound": 50}, {"top_k_bound": 0}]
     public = [{"temperature": 0.8, "top_p": 0.9}, {"top_k": 50, "top_p": 0.9, "min_p": 0.01}, {"top_k": 1},
               {"temperature": 0}]  # fmt: skip
-    if backend == "triton":  # the interpreter's candidate path is slow: top_k reaches it through `paths`
+    if backend == "triton":
         paths = [{"top_k_bound": 50}, {"num_chunks": 0}, {"num_chunks": 2}]
-        public = [public[0], public[3]]
     # fp16 and bf16 rows are read alike: the largest vocabulary takes one of them only
     vocab_dtypes = [(V, dtype) for V in vocabs for dtype in floats if V < 5000 or dtype != torch.float16]
     for i, (V, dtype) in enumerate(vocab_dtypes):
@@ -470,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.backend == "triton":
         if os.environ.get("TRITON_INTERPRET") != "1":  # compiled kernels on a GPU: ASan sees none of it
             parser.error("the triton cases run in Triton's interpreter: set TRITON_INTERPRET=1")
+        from tests import interpreter
+
+        interpreter.install()  # its shortcuts (the same results, faster)
         target, cases, ext = TRITON, TRITON_CASES, None
     else:
         target, cases, ext = CUDA, CASES, _cuda_memcheck_extension(parser)
