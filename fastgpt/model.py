@@ -100,7 +100,8 @@ class CausalSelfAttention(nn.Module):
             if slot is not None:
                 kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, slot_bt] = kv[:, b, :, t]: one kernel, no copy
             k_cache, v_cache = kv_cache[0], kv_cache[1]
-            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend)  # (B, H, T, D)
+            # (B, H, T, D); with several tokens a row (verify) a view of (B, T, H, D), so the reshape copies nothing
+            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend, token_major=T > 1)
         return y.transpose(1, 2).reshape(B, T, C)
 
 

@@ -68,7 +68,7 @@ def _decode_split_kernel(
     k_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     v_ptr,  # (B, Hkv, Smax, D), stride(-1) == 1
     seqlens_ptr,  # (B,) int32, any stride: valid positions per row, clamped to [0, Smax] here
-    o_ptr,  # (B, Hq, Sq, D) output, contiguous: written with SINGLE_SPLIT or MERGE_HERE
+    o_ptr,  # (B, Hq, Sq, D) output, contiguous (TOKEN_MAJOR: (B, Sq, Hq, D)): written with SINGLE_SPLIT or MERGE_HERE
     o_lse_ptr,  # (B, Hq, Sq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE, as o
     o_part_ptr,  # (B, Hq, Sq, num_splits, D) fp32 partial outputs; unused with SINGLE_SPLIT
     lse_ptr,  # (B, Hq, Sq, num_splits) fp32 partial log2-sum-exp; unused with SINGLE_SPLIT
@@ -82,8 +82,8 @@ def _decode_split_kernel(
     Sq,  # queries per row
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr,
     BLOCK_N: tl.constexpr, SINGLE_SPLIT: tl.constexpr, MERGE_HERE: tl.constexpr, MERGE_SPLITS: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_LSE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PDL: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, STORE_LSE: tl.constexpr, TOKEN_MAJOR: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
     pairs = group * Sq
@@ -145,10 +145,11 @@ def _decode_split_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     rows = (b * Hkv * group + heads) * Sq + queries  # flat (b, h, i) index
+    out_rows = _out_rows(rows, Hkv * group, Sq, TOKEN_MAJOR)
     row_ok = pair_ok[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.math.log2(l_safe))  # base 2
     if SINGLE_SPLIT:
-        tl.store(o_ptr + rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+        tl.store(o_ptr + out_rows[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
                  mask=row_ok & d_ok)
         if STORE_LSE:
             tl.store(o_lse_ptr + rows, lse * _LN2, mask=pair_ok)
@@ -159,19 +160,28 @@ def _decode_split_kernel(
         if MERGE_HERE:  # the last split of this program row to finish merges them all
             tl.debug_barrier()  # every thread's partials are stored before the count says so (release)
             if tl.atomic_add(counters_ptr + tl.program_id(0), 1, sem="acq_rel") == num_splits - 1:
-                _merge_splits(o_part_ptr, lse_ptr, o_ptr, o_lse_ptr, rows, pair_ok, num_splits,
+                _merge_splits(o_part_ptr, lse_ptr, o_ptr, o_lse_ptr, rows, out_rows, pair_ok, num_splits,
                               HEAD_DIM, BLOCK_G, MERGE_SPLITS, BLOCK_D, STORE_LSE)  # fmt: skip
                 tl.atomic_xchg(counters_ptr + tl.program_id(0), 0)  # zero again for the next call
 
 
-# o[rows] = the splits' partial outputs of the (b, h, i) rows `rows` merged by their log-sum-exps
+# The output row of flat (b, h, i) rows: themselves, or with TOKEN_MAJOR the (b, i, h) row, the
+# output being (B, Sq, Hq, D) in memory (GPT's output projection reads it as (B Sq, Hq D) rows).
+@triton.jit
+def _out_rows(rows, Hq, Sq, TOKEN_MAJOR: tl.constexpr):
+    if TOKEN_MAJOR:
+        return (rows // (Hq * Sq) * Sq + rows % Sq) * Hq + rows // Sq % Hq
+    return rows
+
+
+# o[out_rows] = the splits' partial outputs of the (b, h, i) rows `rows` merged by their log-sum-exps
 # (base 2), online over blocks of BLOCK_S splits, and with STORE_LSE the rows' log-sum-exps:
 #   M = max_s lse_s,  w_s = 2^(lse_s - M),  o = sum_s w_s o_s / sum_s w_s,  lse = M + log2(sum_s w_s)
 # Empty splits have lse = -inf and weight 0; a row whose splits are all empty gets 0 (lse -inf).
 # The loads go to L2 (.cg): in the split kernel other programs, on other SMs, wrote the partials.
 @triton.jit
-def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_splits, HEAD_DIM: tl.constexpr,
-                  BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, out_rows, row_ok, num_splits,
+                  HEAD_DIM: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
                   STORE_LSE: tl.constexpr):  # fmt: skip
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
@@ -195,7 +205,7 @@ def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_
         m = m_new
     w_safe = tl.where(w_sum == 0.0, 1.0, w_sum)
     out = acc / w_safe[:, None]
-    tl.store(o_ptr + rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
+    tl.store(o_ptr + out_rows.to(tl.int64)[:, None] * HEAD_DIM + offs_d[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])  # fmt: skip
     if STORE_LSE:
         lse = tl.where(w_sum == 0.0, float("-inf"), m + tl.math.log2(w_safe))
@@ -207,16 +217,16 @@ def _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, row_ok, num_
 def _decode_combine_kernel(
     o_part_ptr,  # (B * Hq * Sq, num_splits, D) fp32 partial outputs
     lse_part_ptr,  # (B * Hq * Sq, num_splits) fp32 partial log2-sum-exps
-    o_ptr,  # (B, Hq, Sq, D) output, contiguous
+    o_ptr,  # (B, Hq, Sq, D) output, contiguous (TOKEN_MAJOR: (B, Sq, Hq, D))
     o_lse_ptr,  # (B, Hq, Sq) fp32 natural-log log-sum-exps, contiguous: written with STORE_LSE
-    num_splits,
+    num_splits, Hq, Sq,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, STORE_LSE: tl.constexpr,
-    PDL: tl.constexpr,
+    TOKEN_MAJOR: tl.constexpr, PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
     rows = tl.program_id(0) + tl.arange(0, 1)
-    _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, rows >= 0, num_splits, HEAD_DIM, 1, BLOCK_S,
-                  BLOCK_D, STORE_LSE)  # fmt: skip
+    _merge_splits(o_part_ptr, lse_part_ptr, o_ptr, o_lse_ptr, rows, _out_rows(rows, Hq, Sq, TOKEN_MAJOR), rows >= 0,
+                  num_splits, HEAD_DIM, 1, BLOCK_S, BLOCK_D, STORE_LSE)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -270,16 +280,19 @@ def _plan(device, B: int, Hkv: int, Smax: int, pairs: int, D: int, fp32: bool) -
 
 
 class _Outputs(NamedTuple):
-    out: torch.Tensor  # (B, Hq, Sq, D) in q's dtype
+    out: torch.Tensor  # (B, Hq, Sq, D) in q's dtype, contiguous or a view of (B, Sq, Hq, D)
     lse: torch.Tensor  # (B, Hq, Sq) fp32 with return_lse, else `out` (unwritten)
     o_part: torch.Tensor  # (B, Hq, Sq, num_splits, D) fp32 partial outputs, else `out` (unread)
     lse_part: torch.Tensor  # (B, Hq, Sq, num_splits) fp32 partial log2-sum-exps, else `out` (unread)
 
 
-def _outputs(q, num_splits: int, return_lse: bool) -> _Outputs:
+def _outputs(q, num_splits: int, return_lse: bool, token_major: bool) -> _Outputs:
     """The call's output, and the workspaces of its splits where there are several."""
     B, Hq, Sq, D = q.shape
-    out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
+    if token_major:
+        out = torch.empty((B, Sq, Hq, D), dtype=q.dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
     if num_splits == 1:
         return _Outputs(out, lse, out, out)
@@ -289,7 +302,7 @@ def _outputs(q, num_splits: int, return_lse: bool) -> _Outputs:
 
 
 def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal: bool = True, mask=None,
-                     counters=None, return_lse: bool = False):  # fmt: skip
+                     counters=None, return_lse: bool = False, token_major: bool = False):  # fmt: skip
     """Attention of Sq new query tokens per row over the first cache_seqlens[b] cache positions.
 
     q (B, Hq, Sq, D); k_cache/v_cache (B, Hkv, Smax, D); fp16, bf16 or fp32, one dtype,
@@ -301,9 +314,11 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
     an int32 tensor of at least B * Hq * Sq zeros on q's device (contiguous; checked by
     fastgpt.ops.decode, as the other arguments), the caller's, used by one stream at a time and
     left zero: with it the last split of each program row to finish merges the splits (one launch
-    instead of two). Returns (B, Hq, Sq, D) in q.dtype, contiguous; queries that see no position
-    are zeros. With return_lse, AttentionOutput(out, lse): lse (B, Hq, Sq) fp32, each query's
-    natural-log sum of exp(scores) over the positions it sees, -inf where none.
+    instead of two). Returns (B, Hq, Sq, D) in q.dtype, contiguous, or with token_major the
+    (B, Hq, Sq, D) view of a contiguous (B, Sq, Hq, D) (so that out.transpose(1, 2) is a row per
+    token); queries that see no position are zeros. With return_lse, AttentionOutput(out, lse):
+    lse (B, Hq, Sq) fp32, each query's natural-log sum of exp(scores) over the positions it sees,
+    -inf where none.
     """
     B, Hq, Sq, D = q.shape
     Hkv, Smax = k_cache.shape[1], k_cache.shape[2]
@@ -315,7 +330,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
     fp32 = q.dtype == torch.float32
     tiles, programs, num_splits, chunk = _plan(q.device, B, Hkv, Smax, group * Sq, D, fp32)
 
-    out, lse, o_part, lse_part = _outputs(q, num_splits, return_lse)
+    out, lse, o_part, lse_part = _outputs(q, num_splits, return_lse, token_major)
     # With counters the split kernel merges its own splits, unless the merge's (rows, D) tile alone
     # passes _MERGE_TILE (GQA heads of 256: it would spill registers): then the combine kernel does.
     merge_here = num_splits > 1 and counters is not None and tiles.block_g * tiles.block_d <= _MERGE_TILE
@@ -330,14 +345,14 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
         HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n,
         SINGLE_SPLIT=num_splits == 1, MERGE_HERE=merge_here,
         MERGE_SPLITS=merge_splits_block(num_splits, tiles.block_g, tiles.block_d) if merge_here else 1,
-        CAUSAL=causal and Sq > 1, HAS_MASK=has_mask, STORE_LSE=return_lse,
+        CAUSAL=causal and Sq > 1, HAS_MASK=has_mask, STORE_LSE=return_lse, TOKEN_MAJOR=token_major,
         DOT_PRECISION=_FP32_DOT_PRECISION if fp32 else "tf32", PDL=pdl,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages, launch_pdl=pdl,
     )  # fmt: skip
     if num_splits > 1 and not merge_here:
         _decode_combine_kernel[(B * Hq * Sq,)](
-            o_part, lse_part, out, lse, num_splits,
+            o_part, lse_part, out, lse, num_splits, Hq, Sq,
             HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
-            STORE_LSE=return_lse, PDL=pdl, num_warps=4, launch_pdl=pdl,
+            STORE_LSE=return_lse, TOKEN_MAJOR=token_major, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return AttentionOutput(out, lse) if return_lse else out

@@ -52,8 +52,10 @@ def _example_args(name):
         "attention": (q, k, k.clone(), True, 0.3, "torch"),
         "attention_lse": (q, k, k.clone(), True, 0.3, "torch"),
         "masked_attention": (q, k, k.clone(), torch.rand(1, 1, 3, 3) > 0.5, 0.3, "torch"),
-        "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch"),
-        "decode_attention_lse": (q[:, :, :3], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch"),
+        "decode_attention": (q[:, :, :1], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch",
+                             False),
+        "decode_attention_lse": (q[:, :, :3], k, k.clone(), torch.tensor([2], dtype=torch.int32), None, 0.3, "torch",
+                                 True),  # the output token-major, as GPT's verify step asks: the fake's strides too
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
         "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),
         "linear": (x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.ones(8), None, 1e-5, True, True,
@@ -125,17 +127,20 @@ def test_compiled_graph_holds_the_registered_ops():
 
     counter = CompileCounterWithBackend("aot_eager")
 
+    from fastgpt.ops.decode import decode_step_attention
+
     @torch.compile(fullgraph=True, backend=counter)
     def step(q, x, w, r, lens):
         return (fastgpt.attention(q, q, q, causal=True, backend="triton"),
                 fastgpt.attention(q, q, q, backend="triton", return_lse=True).lse,
                 fastgpt.decode_attention(q[:, :, :1], q, q, lens, backend="triton", return_lse=True).lse,
                 fastgpt.layer_norm(x, w, None, residual=r, backend="triton"),
-                fastgpt.decode_attention(q[:, :, :3], q, q, lens, backend="triton"))  # a row's 3 new tokens
+                fastgpt.decode_attention(q[:, :, :3], q, q, lens, backend="triton"),  # a row's 3 new tokens
+                decode_step_attention(q[:, :, :3], q, q, lens, None, backend="triton", token_major=True))
 
     q, x, w, r = torch.randn(1, 2, 5, 16), torch.randn(3, 64), torch.randn(64), torch.randn(3, 64)
     lens = torch.tensor([4], dtype=torch.int32)
-    a, lse, decode_lse, (y, _), drafts = step(q, x, w, r, lens)
+    a, lse, decode_lse, (y, _), drafts, rows = step(q, x, w, r, lens)
     code = counter.graphs[0].code
     ops = ("attention", "attention_lse", "decode_attention_lse", "add_layer_norm")
     assert all(f"torch.ops.fastgpt.{op}." in code for op in ops)
@@ -145,6 +150,7 @@ def test_compiled_graph_holds_the_registered_ops():
                                                                     return_lse=True).lse)  # fmt: skip
     torch.testing.assert_close(y, fastgpt.layer_norm(x, w, None, residual=r, backend="triton")[0])
     torch.testing.assert_close(drafts, fastgpt.decode_attention(q[:, :, :3], q, q, lens, backend="triton"))
+    assert rows.transpose(1, 2).is_contiguous() and torch.equal(rows, drafts)
     torch._dynamo.reset()
 
 

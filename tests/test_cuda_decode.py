@@ -263,6 +263,21 @@ def test_decode_several_queries_merge_in_one_launch_given_counters(shape):
         torch.testing.assert_close(merged.lse, expected_lse.float(), atol=2e-5, rtol=2e-5)
 
 
+def test_decode_token_major_output_is_a_copy_of_the_kernels():
+    """decode_step_attention(token_major=True) on the cuda backend: the kernel's output and lse,
+    the output laid out (B, Sq, Hq, D) (GPT's verify step reads it as rows)."""
+    from fastgpt.ops.decode import decode_step_attention
+
+    B, Hq, Hkv, Sq, Smax = 2, 8, 2, 3, 1500
+    q, k, v = _decode_case(B, Hq, Hkv, Sq, Smax, 64, torch.bfloat16)
+    lens = _tensor([Smax, 40], torch.int32)
+    counters = torch.zeros(B * Hq * Sq, dtype=torch.int32, device=DEVICE)
+    rows = decode_step_attention(q, k, v, lens, counters, backend="cuda", return_lse=True, token_major=True)
+    plain = decode_step_attention(q, k, v, lens, counters, backend="cuda", return_lse=True)
+    assert rows.out.transpose(1, 2).is_contiguous() and plain.out.is_contiguous()
+    assert torch.equal(rows.out, plain.out) and torch.equal(rows.lse, plain.lse)
+
+
 @pytest.mark.parametrize("Smax", [90, 2000])  # one split; several, merged by the last split
 def test_decode_several_queries_under_masks(Smax):
     """4-D masks (B, Hq, Sq, Smax): random per (head, query); broadcast over rows, heads and queries

@@ -272,17 +272,21 @@ def test_several_queries_equal_causal_attention_over_the_valid_cache(device):
         assert_close(out[b : b + 1], row)
 
 
+@pytest.mark.parametrize("token_major", [False, True], ids=["head-major", "token-major"])
 @pytest.mark.parametrize("counters", [False, True], ids=["combine-kernel", "merged-here"])
-def test_several_queries_log_sum_exp_and_counters(device, counters, poisoned_empty):
+def test_several_queries_log_sum_exp_and_counters(device, counters, token_major, poisoned_empty):
     """return_lse per (head, query), -inf for a blind query; with counters the split kernel's own
-    merge (counters for B * Hq * Sq rows, zero again afterwards)."""
+    merge (counters for B * Hq * Sq rows, zero again afterwards). token_major: the output written
+    as (B, Sq, Hq, D) (GPT's verify step), both by the split kernel and by the combine kernel."""
     from fastgpt.ops.decode import decode_step_attention
 
     B, Hq, Hkv, Smax, Sq = 3, 8, 2, 100, 3
     q, k, v = _inputs(B, Hq, Hkv, Smax, 32, torch.float32, device, seed=21, Sq=Sq)
     lengths = torch.tensor([Smax, 2, 50], dtype=torch.int32, device=device)
     state = torch.zeros(B * Hq * Sq, dtype=torch.int32, device=device) if counters else None
-    res = decode_step_attention(q, k, v, lengths, state, scale=0.3, backend="triton", return_lse=True)
+    res = decode_step_attention(q, k, v, lengths, state, scale=0.3, backend="triton", return_lse=True,
+                                token_major=token_major)  # fmt: skip
+    assert (res.out.transpose(1, 2) if token_major else res.out).is_contiguous()
     out, lse = reference.decode_attention(q.double(), k.double(), v.double(), lengths, scale=0.3, return_lse=True)
     assert_close(res.out, out.float())
     torch.testing.assert_close(res.lse, lse.float(), atol=2e-5, rtol=2e-5)
@@ -406,20 +410,22 @@ def compile_decode_variants(arch):
         if merge:
             assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, group)
     for dtype, D, pairs, merge in [("bf16", 64, 16, False), ("fp16", 128, 32, False), ("bf16", 64, 16, True)]:
-        kernel = compile_split(mod, arch, dtype, D, pairs, False, merge, causal=True)  # a few causal queries a row
+        # a few causal queries a row; merged here: GPT's verify step, token-major
+        kernel = compile_split(mod, arch, dtype, D, pairs, False, merge, causal=True, token_major=merge)
         assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, dtype, D, pairs, kernel.metadata.shared)
         assert ptxas_spills(kernel, arch) == 0, (arch, dtype, D, pairs)
     ptrs = {"o_part_ptr": "*fp32", "lse_part_ptr": "*fp32", "o_ptr": "*bf16", "o_lse_ptr": "*fp32"}
     for lse in (False, True):
-        compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32, STORE_LSE=lse),
-                    arch=arch, num_warps=4, num_stages=1)
+        compile_for(mod._decode_combine_kernel, ptrs, dict(HEAD_DIM=80, BLOCK_D=128, BLOCK_S=32, STORE_LSE=lse,
+                                                           TOKEN_MAJOR=lse), arch=arch, num_warps=4, num_stages=1)
     if arch == 80:  # no autotuner skips a tile too large for an sm_86/sm_89 block: the widest fit
         for dtype, D, group in [("bf16", 128, 64), ("bf16", 256, 64), ("fp32", 128, 64), ("fp32", 256, 64)]:
             kernel = compile_split(mod, 80, dtype, D, group, False)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (dtype, D, group, kernel.metadata.shared)
 
 
-def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8, store_lse=False, causal=False):
+def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=8, store_lse=False, causal=False,
+                  token_major=False):  # fmt: skip
     """_decode_split_kernel lowered for sm_<arch> with the launcher's tiles (group: pairs, group * Sq)."""
     tiles = mod.gpu_tiles(group, D, dtype == "fp32")
     ptrs = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "seqlens_ptr": "*i32",
@@ -428,6 +434,7 @@ def compile_split(mod, arch, dtype, D, group, has_mask, merge=False, num_splits=
     merge_splits = mod.merge_splits_block(num_splits, tiles.block_g, tiles.block_d)
     const = dict(HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_G=tiles.block_g, BLOCK_N=tiles.block_n, SINGLE_SPLIT=False,
                  MERGE_HERE=merge, MERGE_SPLITS=merge_splits, CAUSAL=causal, HAS_MASK=has_mask, STORE_LSE=store_lse,
+                 TOKEN_MAJOR=token_major,
                  DOT_PRECISION=mod._FP32_DOT_PRECISION if dtype == "fp32" else "tf32")  # fmt: skip
     return compile_for(mod._decode_split_kernel, ptrs, const, arch=arch, num_warps=tiles.num_warps,
                        num_stages=tiles.num_stages)

@@ -310,7 +310,8 @@ def test_fused_verify_equals_unfused(monkeypatch):
     """On the triton backend (Triton's interpreter here) a verification of up to 64 tokens in all
     runs the fused step: each matmul one fastgpt.ops.linear launch, c_attn writing the T tokens'
     k and v into their cache rows, decode attention merging its splits by the counters (left
-    zero). The unfused step's logits and cache, past the context too."""
+    zero), c_proj reading its output in place (token-major: no copy of it into rows). The unfused
+    step's logits and cache, past the context too."""
     from fastgpt import model as model_module
     from fastgpt.generate import KVCache
 
@@ -324,11 +325,15 @@ def test_fused_verify_equals_unfused(monkeypatch):
     before = caches[0].kv.clone()
     tok = torch.randint(0, 384, (B, T), generator=torch.Generator().manual_seed(12))
     counters = torch.zeros(B * 2 * T, dtype=torch.int32)
-    launches = []
-    linear = model_module.linear
-    monkeypatch.setattr(model_module, "linear", lambda *a, **k: launches.append(1) or linear(*a, **k))
+    launches, inputs, attended = [], set(), []
+    linear, attend = model_module.linear, model_module.decode_step_attention
+    monkeypatch.setattr(model_module, "linear", lambda x, *a, **k: launches.append(1) or inputs.add(x.data_ptr())
+                        or linear(x, *a, **k))  # fmt: skip
+    monkeypatch.setattr(model_module, "decode_step_attention", lambda *a, **k: attended.append(attend(*a, **k))
+                        or attended[-1])  # fmt: skip
     fused = model.verify(tok, pos, caches[0], counters=counters)
     assert len(launches) == 4 * 2 + 1  # the fused step ran
+    assert len(attended) == 2 and all(y.data_ptr() in inputs for y in attended)
     model.fused_decode = False
     unfused = model.verify(tok, pos, caches[1])
     assert len(launches) == 9

@@ -35,13 +35,18 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
 
 
 def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale: float | None = None,
-                          backend: str = "auto", return_lse: bool = False):  # fmt: skip
+                          backend: str = "auto", return_lse: bool = False, token_major: bool = False):  # fmt: skip
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
     None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq * Sq, used by one stream at a
     time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
     split of each row's query-head tile to finish does) and leave the counters zero; the torch
     backend does not read them. Counters that are not zero give wrong outputs: nothing can check
-    them without a sync."""
+    them without a sync.
+
+    token_major: the output (B, Hq, Sq, D) is the transposed view of a contiguous (B, Sq, Hq, D),
+    so that out.transpose(1, 2).reshape(B, Sq, Hq * D), a model's output projection's input, is a
+    view. The Triton kernels write it so; the other backends copy their output into it (the copy
+    the caller would make)."""
     device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
@@ -50,6 +55,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     Smax = k_cache.shape[2]
     _checks.shape("cache_seqlens", cache_seqlens, (B,), "(B,)")
     _checks.flag("return_lse", return_lse)
+    _checks.flag("token_major", token_major)
     if counters is not None:
         _checks.tensor("counters", counters, ndim=1, dtypes=(torch.int32,))
         _checks.same_device(q=q, counters=counters)
@@ -60,40 +66,53 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     name = _backends.resolve("decode_attention", backend, device, decode_limits(q, k_cache.shape[1], Smax),
                              _backends.decode_preference(B * k_cache.shape[1], Sq))
     if q.numel() == 0 or Smax == 0:
-        out = q.new_zeros(B, Hq, Sq, D)
+        out = _token_major(q.new_zeros(B, Hq, Sq, D)) if token_major else q.new_zeros(B, Hq, Sq, D)
         return AttentionOutput(out, q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)) if return_lse else out
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
-        result = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=return_lse)
+        result = _run(q, k_cache, v_cache, cache_seqlens, counters, scale, name, return_lse, token_major)
         return AttentionOutput(*result) if return_lse else result
     q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
-    args = (q, k_cache, v_cache, cache_seqlens, counters, scale, name)
+    args = (q, k_cache, v_cache, cache_seqlens, counters, scale, name, token_major)
     if return_lse:
         return AttentionOutput(*_dispatch.call(_decode_lse_op, _decode_lse, *args))
     return _dispatch.call(_decode_op, _decode, *args)
 
 
-def _run(q, k_cache, v_cache, cache_seqlens, counters, scale: float, backend: str, return_lse: bool):
+def _token_major(out: torch.Tensor) -> torch.Tensor:
+    """(B, Hq, Sq, D) -> the same values as the (B, Hq, Sq, D) view of a contiguous (B, Sq, Hq, D)."""
+    return out.transpose(1, 2).clone(memory_format=torch.contiguous_format).transpose(1, 2)
+
+
+def _run(q, k_cache, v_cache, cache_seqlens, counters, scale: float, backend: str, return_lse: bool,
+         token_major: bool):  # fmt: skip
     """The backend's decode attention: out, or with return_lse (out, lse)."""
+    if backend == "triton":
+        return _backends.launchers(backend, "decode").decode_attention(
+            q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters, return_lse=return_lse,
+            token_major=token_major)  # fmt: skip
     if backend == "torch":
-        return reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=return_lse)
-    launchers = _backends.launchers(backend, "decode")
-    return launchers.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters,
-                                      return_lse=return_lse)  # fmt: skip
+        result = reference.decode_attention(q, k_cache, v_cache, cache_seqlens, scale=scale, return_lse=return_lse)
+    else:
+        result = _backends.launchers(backend, "decode").decode_attention(
+            q, k_cache, v_cache, cache_seqlens, scale=scale, counters=counters, return_lse=return_lse)  # fmt: skip
+    if not token_major:
+        return result
+    return (_token_major(result[0]), result[1]) if return_lse else _token_major(result)
 
 
 def _decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    counters: torch.Tensor | None, scale: float, backend: str,
+    counters: torch.Tensor | None, scale: float, backend: str, token_major: bool,
 ) -> torch.Tensor:  # fmt: skip
-    return _run(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, return_lse=False)
+    return _run(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, False, token_major)
 
 
 def _decode_lse(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
-    counters: torch.Tensor | None, scale: float, backend: str,
+    counters: torch.Tensor | None, scale: float, backend: str, token_major: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """_decode with each head's log-sum-exp, (out, lse)."""
-    return tuple(_run(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, return_lse=True))
+    return tuple(_run(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, True, token_major))
 
 
 # counters are not declared mutated: the kernel leaves them as it found them (zero), and a
@@ -101,14 +120,19 @@ def _decode_lse(
 _decode_op = torch.library.custom_op("fastgpt::decode_attention", _decode, mutates_args=())
 
 
+def _fake_out(q, token_major: bool) -> torch.Tensor:
+    B, Hq, Sq, D = q.shape
+    return q.new_empty(B, Sq, Hq, D).transpose(1, 2) if token_major else q.new_empty(q.shape)
+
+
 @_decode_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend):
-    return q.new_empty(q.shape)
+def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, token_major):
+    return _fake_out(q, token_major)
 
 
 _decode_lse_op = torch.library.custom_op("fastgpt::decode_attention_lse", _decode_lse, mutates_args=())
 
 
 @_decode_lse_op.register_fake
-def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend):
-    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+def _(q, k_cache, v_cache, cache_seqlens, counters, scale, backend, token_major):
+    return _fake_out(q, token_major), q.new_empty(q.shape[:3], dtype=torch.float32)

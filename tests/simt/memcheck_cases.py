@@ -241,7 +241,8 @@ MULTI_QUERY_DECODE_CASES = [  # B, Hq, Hkv, Sq, Smax, cache_seqlens: several que
 def multi_query_decode_cases(check: Checker):
     """Sq queries a row, causal and not, through the launcher (the mask and causal are its
     arguments): the masks per (head, query) in place, broadcast (stride 0) and over strided queries;
-    the splits merged by the last one (counters, B * Hq * Sq of them, left zero)."""
+    the splits merged by the last one (counters, B * Hq * Sq of them, left zero); GPT's verify
+    step (token-major output)."""
     backend, target = check.backend, check.target
     launch = _backends.launchers(backend, "decode").decode_attention
     cases = [c for c in MULTI_QUERY_DECODE_CASES if c[4] <= target.decode_max]
@@ -255,8 +256,9 @@ def multi_query_decode_cases(check: Checker):
             with check.case(f"{name} causal={causal}", q, k, v, seqlens):
                 _finite_lse(*launch(q, k, v, seqlens, scale=0.1, causal=causal, return_lse=True))
         counters = torch.zeros(B * Hq * Sq, dtype=torch.int32)
-        with check.case(f"{name} step", q, k, v, seqlens):
-            _finite_lse(*decode_step_attention(q, k, v, seqlens, counters, backend=backend, return_lse=True))
+        with check.case(f"{name} step, token-major", q, k, v, seqlens):
+            _finite_lse(*decode_step_attention(q, k, v, seqlens, counters, backend=backend, return_lse=True,
+                                               token_major=True))  # fmt: skip
         masks = {"per (head, query)": exact(B, Hq, Sq, Smax, seed=3) > 0,
                  "broadcast": (exact(1, 1, 1, Smax, seed=4) > 0).expand(B, Hq, Sq, Smax),
                  "strided queries": (exact(B, Hq, 2 * Sq, Smax, seed=5) > 0)[:, :, 1::2]}  # fmt: skip
