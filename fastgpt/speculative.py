@@ -83,7 +83,8 @@ class PromptLookup:
         """How many new tokens every row has (a read of the device): a row that ended has them all
         (pad after its end); once every row ended, the longest row's count."""
         d = self.decoder
-        return int(self.count.max() if d.finished.all() else torch.where(d.finished, self.limit, self.count).min())
+        every = torch.where(d.finished, self.limit, self.count).min()
+        return int(torch.where(d.finished.all(), self.count.max(), every))  # one read
 
     def tokens(self, width: int) -> torch.Tensor:
         """The new tokens (B, width): each row's, then pad_token_id after a row's last."""
