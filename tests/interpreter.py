@@ -6,7 +6,8 @@ in about a third of the time on the sampling kernels and three quarters elsewher
    reduction it does not know one element at a time in Python: ~95% of a candidate-path launch,
    about half a second a program at 1024 entries. Here xor joins the reductions it hands to
    numpy (sum, max, argmax): `bitwise_xor.reduce` over the same axis, the same integers (xor is
-   associative, commutative and exact).
+   associative, commutative and exact). A negative axis, which Triton's slow path cannot reduce
+   (compiled Triton can), is left to it, so that a kernel the shortcut would run still fails here.
 2. Patching the language. Every call of a @triton.jit helper inside a kernel re-patches
    triton.language for the interpreter, which walks each language module's members with
    inspect.getmembers (~1.5 ms a call, a quarter of the interpreter's time on GPT's fused
@@ -56,7 +57,7 @@ def install() -> None:
     slow_reduce = ops.apply_impl
 
     def apply_impl(self, input):
-        if self.combine_fn == tl.standard._xor_combine:
+        if self.combine_fn == tl.standard._xor_combine and (self.axis is None or self.axis >= 0):
             return _xor_reduce(self, input)
         return slow_reduce(self, input)
 
@@ -74,11 +75,12 @@ def install() -> None:
                 interpreter._patch_attr(pkg, name, member, builder, scope)
 
     interpreter._patch_builtin = patch_builtin
-    interpreter._fastgpt_shortcuts = (slow_reduce, slow_patch)
+    interpreter._fastgpt_shortcuts = (slow_reduce, slow_patch, listed)
 
 
 def originals():
-    """Triton's own (ReduceOps.apply_impl, _patch_builtin), for the tests of the shortcuts."""
+    """Triton's own (ReduceOps.apply_impl, _patch_builtin), and the builtins listed at install
+    ({package: [(name, builtin)]}), for the tests of the shortcuts."""
     from triton.runtime import interpreter
 
     install()

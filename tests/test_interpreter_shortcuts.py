@@ -35,11 +35,13 @@ def _run(x):
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_xor_reductions_equal_the_interpreters_own(dtype, monkeypatch):
+    """Rows, columns (keep_dims), the whole block, and tl.topk's network: as Triton's own
+    reduction gives them, and as Python's xor does."""
     from triton.runtime import interpreter as triton_interpreter
 
     x = torch.randint(-(2**31), 2**31 - 1, (8, 16), generator=torch.Generator().manual_seed(5)).to(dtype)
     fast = _run(x)
-    slow_reduce, _ = interpreter.originals()
+    slow_reduce, _, _ = interpreter.originals()
     monkeypatch.setattr(triton_interpreter.ReduceOps, "apply_impl", slow_reduce)
     slow = _run(x)
     for a, b in zip(fast, slow, strict=True):
@@ -51,13 +53,18 @@ def test_xor_reductions_equal_the_interpreters_own(dtype, monkeypatch):
     assert torch.equal(top, x.topk(4, dim=1).values)
 
 
-def test_language_patches_equal_the_interpreters_own():
+def test_language_patches_equal_the_interpreters_own(monkeypatch):
     """The shortcut patches the same attributes of the same objects as Triton's walk, from the
-    unpatched language (each scope undone after)."""
+    unpatched language (each scope undone after). Triton leaves patched what a kernel's nested
+    helpers patched (tl.core's builtins, mostly), so every listed builtin is first put back."""
     from triton.runtime import interpreter as triton_interpreter
 
-    _, slow_patch = interpreter.originals()
+    _, slow_patch, listed = interpreter.originals()
     packages = [tl, tl.core, tl.core.tensor, tl.math, tl.core.tensor_descriptor_base]
+    assert set(listed) == set(packages)
+    for pkg, members in listed.items():
+        for name, member in members:
+            monkeypatch.setattr(pkg, name, member)
 
     def patched(patch_builtin):
         scope = triton_interpreter._LangPatchScope()
@@ -68,4 +75,5 @@ def test_language_patches_equal_the_interpreters_own():
         return changes
 
     fast = patched(triton_interpreter._patch_builtin)
-    assert len(fast) > 100 and fast == patched(slow_patch)
+    assert len(fast) == sum(len(members) for members in listed.values()) and fast == patched(slow_patch)
+    assert len(listed[tl.core]) > 50
