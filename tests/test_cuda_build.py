@@ -1,8 +1,9 @@
 """The CUDA backend without a GPU: the extension build, its pointer-level validation, the Python
 launchers' checks, and how fastgpt reports the backend when the extension is absent.
 
-The fresh build is `slow` (about a minute for one architecture on 2 cores); CI runs it
-explicitly with `-m slow`. The other tests take a second.
+The fresh build is marked `slow` (about a minute for one architecture on 2 cores; the suite
+runs it, `-m "not slow"` leaves it out); the ptxas checks of the attention kernels take up to
+40 s each; the other tests a second.
 """
 
 import importlib
