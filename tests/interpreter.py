@@ -6,8 +6,8 @@ in about a third of the time on the sampling kernels and three quarters elsewher
    reduction it does not know one element at a time in Python: ~95% of a candidate-path launch,
    about half a second a program at 1024 entries. Here xor joins the reductions it hands to
    numpy (sum, max, argmax): `bitwise_xor.reduce` over the same axis, the same integers (xor is
-   associative, commutative and exact). A negative axis, which Triton's slow path cannot reduce
-   (compiled Triton can), is left to it, so that a kernel the shortcut would run still fails here.
+   associative, commutative and exact). A negative axis is left to Triton's own code, which
+   fails on it (compiled Triton does not) as it would without the shortcut.
 2. Patching the language. Every call of a @triton.jit helper inside a kernel re-patches
    triton.language for the interpreter, which walks each language module's members with
    inspect.getmembers (~1.5 ms a call, a quarter of the interpreter's time on GPT's fused
