@@ -47,11 +47,16 @@ def _listed_builtins(packages) -> dict:
 
 
 def install() -> None:
-    """Install both shortcuts (once; before any kernel has run, while the language is unpatched)."""
+    """Install both shortcuts (once; before any kernel has run, while the language is unpatched).
+    A Triton whose interpreter lacks the internals they replace keeps its own code."""
     import triton.language as tl
     from triton.runtime import interpreter
 
     if getattr(interpreter, "_fastgpt_shortcuts", False):
+        return
+    internals = [(interpreter, "ReduceOps"), (interpreter, "_patch_builtin"), (interpreter, "_patch_attr"),
+                 (tl.standard, "_xor_combine")]  # fmt: skip
+    if not all(hasattr(obj, name) for obj, name in internals):
         return
     ops = interpreter.ReduceOps
     slow_reduce = ops.apply_impl
@@ -80,8 +85,8 @@ def install() -> None:
 
 def originals():
     """Triton's own (ReduceOps.apply_impl, _patch_builtin), and the builtins listed at install
-    ({package: [(name, builtin)]}), for the tests of the shortcuts."""
+    ({package: [(name, builtin)]}), for the tests of the shortcuts; None where not installed."""
     from triton.runtime import interpreter
 
     install()
-    return interpreter._fastgpt_shortcuts
+    return getattr(interpreter, "_fastgpt_shortcuts", None)
