@@ -7,7 +7,7 @@
 #   5. run scripts/gpu-probe.py's GPT-2 decode step with and without programmatic dependent
 #      launch (kernels/pdl.py's default), its sampler sweep over B (auto's order: every path and backend),
 #      its fused-linear comparison (GPT.fused_decode's default), the candidate path's tiles and
-#      the decode batch sweep, with the time left,
+#      the decode batch sweep, with the time left (PROBE_SECTIONS chooses others),
 #   6. print a short summary table last.
 # Under $OUT (default ./out), eight files, so that a GPU machine that returns only a few files
 # returns them all: env.txt, build.log, gpu-tests.log (memcheck's output appended), bench.log,
@@ -29,6 +29,7 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 PROBE_S=${PROBE_S:-60}  # and for the probe's sections
+PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,sample_batch,linear,sample_cand,decode_batch}
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"
@@ -112,7 +113,7 @@ PROBE_LEFT=$(( $(left) - 10 ))
 if [ "$PROBE_LEFT" -lt 20 ]; then
     echo "probe not run: $PROBE_LEFT s left" | tee "$OUT/probe.log"
 else
-    OUT="$OUT" timeout --kill-after=5 $(( PROBE_LEFT + 5 )) $PY scripts/gpu-probe.py --sections decode_step,sample_batch,linear,sample_cand,decode_batch \
+    OUT="$OUT" timeout --kill-after=5 $(( PROBE_LEFT + 5 )) $PY scripts/gpu-probe.py --sections "$PROBE_SECTIONS" \
         --time-limit "$PROBE_LEFT" >"$OUT/probe.log" 2>&1 || echo "probe exit $? (see probe.log; not a verdict)"
     grep -c "device_us" "$OUT/probe.log" | xargs echo "probe measurements:"
 fi
