@@ -89,16 +89,16 @@ def decode_preference(rows: int, queries: int = 1) -> tuple[str, str]:
 
 
 def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:
-    """auto's order for sample over `rows` = B (V 50257, fp32, top-k 50, top-p 0.9). Measured:
-    B1, Triton's split path 182 us against CUDA's 289; B32, CUDA 290 us against Triton's 586;
-    B256, CUDA 534 against 1062. The Triton split path keeps its 32 chunks a row (the same
-    per-program work as at B1) up to B = 8 on 132 SMs, hence SAMPLE_TRITON_MAX_ROWS.
+    """auto's order for sample over `rows` = B. Measured on an H200 (V 50257, fp32, t 0.8, top-k
+    50, top-p 0.9; graph replay; gpu-probe's sample_batch of 2026-11-30):
 
-    With every row's top_k bounded on the host below SAMPLE_CANDIDATE_MAX_K (top_k_bound; 0 is
-    unknown), Triton's candidate path goes first at every B. Not measured yet: predicted from its
-    instruction counts (PTX) to take a few tens of us at B <= 32 and, with its chunks bounded by
-    the rows' group maxima from 32 rows, well under 100 at B256 (sorted, ~200), a clear margin
-    under CUDA's measured times; gpu-probe's sample_batch times it beside them."""
+    - With every row's top_k bounded on the host below SAMPLE_CANDIDATE_MAX_K (top_k_bound; 0 is
+      unknown), Triton's candidate path goes first at every B: 16 / 25 / 86 us at B1 / 32 / 256
+      against CUDA's candidate path's 41 / 99 / 543.
+    - Without a bound, Triton's split path up to SAMPLE_TRITON_MAX_ROWS (186 / 208 / 254 us at
+      B1 / 4 / 8 against CUDA's 286), CUDA's block a row beyond (287 us at B16 against Triton's
+      425, 287 against 548 at B32, 587 against 1164 at B256).
+    """
     if sample_candidate_k(top_k_bound):
         return TRITON_FIRST
     return TRITON_FIRST if rows <= SAMPLE_TRITON_MAX_ROWS else CUDA_FIRST

@@ -96,12 +96,12 @@ MERGE_WARPS = 8
 # From this many rows the candidate path first bounds each row's k-th best score from below
 # (by its groups' maxima), so that a chunk keeps the few entries at or above the bound by a
 # prefix sum instead of sorting 1024 (tl.topk: ~410 instructions an entry on 4 warps, which
-# makes the first kernel compute-bound at large B: ~160 us of issue at B256 on an H200, against
-# ~13 us to read the logits). Two launches more (group maxima, per-row bounds), and the bounds
-# are one 1024-entry tl.topk a row, a long dependent chain: estimated even with the sorts near
-# B 24, hence 32. A prediction from instruction counts, not measured (gpu-probe's sample_batch
-# times both).
-CAND_BOUND_MIN_ROWS = 32
+# makes the first kernel compute-bound at large B). Two launches more (group maxima, per-row
+# bounds), and still the faster at every B measured on an H200 (V 50257, fp32, top-k 50, top-p
+# 0.9, graph replay, gpu-probe's sample_batch of 2026-11-30): 16 us against the sorted chunks'
+# 37 at B1, 25 against 94 at B32, 86 against 519 at B256. The sorted form stays for the tests
+# and the probe (set this past B).
+CAND_BOUND_MIN_ROWS = 1
 CAND_GROUP = 64  # entries per group maximum (a row of 50257 has 786 groups)
 CAND_LIST = 512  # a row's entries at or above its bound, appended to one list when they fit
 MAX_CHUNKS = 32  # most vocabulary chunks per row on the split path (each program sums 32 x 256 partials)

@@ -328,10 +328,19 @@ def sample_cases(check: Checker):
     for bound in (50, 0):  # row stride 0
         with check.case(f"sample one row expanded top_k={bound}", row):
             _ids(fastgpt.sample(row.expand(4, V), top_k=bound, backend=backend), V)
-    if backend == "triton":  # from CAND_BOUND_MIN_ROWS rows the candidate path bounds each row first
+    if backend == "triton":  # the candidate path bounds each row first; its sorted form, without bounds
+        from fastgpt.kernels import sampling as tri_sampling
+
         logits = exact(32, 70, scale=3.0, seed=9)
         with check.case("sample B32 V70 top_k=4 (row bounds)", logits):
             _ids(fastgpt.sample(logits, top_k=4, backend=backend), 70)
+        bound_from = tri_sampling.CAND_BOUND_MIN_ROWS
+        try:
+            tri_sampling.CAND_BOUND_MIN_ROWS = 1 << 30
+            with check.case("sample B32 V70 top_k=4 (sorted chunks)", logits):
+                _ids(fastgpt.sample(logits, top_k=4, backend=backend), 70)
+        finally:
+            tri_sampling.CAND_BOUND_MIN_ROWS = bound_from
 
 
 def linear_cases(check: Checker):
