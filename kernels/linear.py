@@ -24,7 +24,10 @@ from fastgpt.kernels.pdl import _prefetch_l2, _wait_for_previous_grid
 
 MAX_ROWS = 64  # rows of one launch (fastgpt.ops.linear.MAX_ROWS), padded to a power of two >= 16 for tl.dot
 BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
+WIDE_N = 16384  # from here (a vocabulary: lm_head), WIDE_BLOCK_N columns a program
+WIDE_BLOCK_N = 64  # up to 32 rows: fewer programs re-reading the rows and their statistics (gpu_tiles)
 BLOCK_K = 128  # weight tile (BLOCK_N, BLOCK_K) per step of the main loop, with a LayerNorm fused
+NARROW_LN_BLOCK_K = 256  # with a LayerNorm, N < WIDE_N and up to 32 rows (gpu_tiles)
 BLOCK_K_FP32 = 32  # fp32 tiles are twice the bytes, and their ieee dots stage more: 64 rows fit 99 KB
 TILE_ELEMENTS = 8192  # without a LayerNorm: x tiles of BLOCK_M x (8192 / BLOCK_M), BLOCK_K 512 at 16 rows
 STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: M' x (8192 / M'), M' = M rounded up to a power of two
@@ -177,18 +180,29 @@ def _linear_kernel(
         tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
 
 
-def gpu_block_k(block_m: int, K: int, element_size: int, has_ln: bool) -> int:
-    """The main loop's K step on the GPU. Without a LayerNorm, 16-bit tiles hold TILE_ELEMENTS of x
-    (512 columns at up to 16 rows): GPT-2's narrow matmuls (N = 768: 48 programs of 16 columns)
-    are each program streaming 16 x K weights, bound by the bytes one program keeps in flight
-    (NUM_STAGES - 1 tiles), which a 128-wide step keeps at 8 KB and a 512-wide one at 32 KB
-    (64 KB of shared memory, 94 registers on sm_90). With a LayerNorm the normalisation's
-    registers (168 a thread at 16 rows and 128 wide already) keep it at BLOCK_K; those forms are
-    the wide ones, with programs enough. Never much wider than K."""
+def gpu_tiles(block_m: int, N: int, K: int, element_size: int, has_ln: bool) -> tuple[int, int]:
+    """(BLOCK_N, BLOCK_K) of the main loop on the GPU. Without a LayerNorm, 16-bit tiles hold
+    TILE_ELEMENTS of x (512 columns at up to 16 rows): GPT-2's narrow matmuls (N = 768: 48
+    programs of 16 columns) are each program streaming 16 x K weights, bound by the bytes one
+    program keeps in flight (NUM_STAGES - 1 tiles), which a 128-wide step keeps at 8 KB and a
+    512-wide one at 32 KB (64 KB of shared memory, 94 registers on sm_90). With a LayerNorm the
+    normalised x tile's registers set the step: NARROW_LN_BLOCK_K for up to 32 rows of a form of
+    about one wave of programs (c_attn, c_fc), BLOCK_K otherwise. A vocabulary-wide N takes
+    WIDE_BLOCK_N columns a program up to 32 rows. Never much wider than K. Measured on an H200 (bf16, K 768,
+    graph replay, gpu-probe's linear of 2026-11-30), at B 1 / 4 / 16 / 32: ln_1 + c_attn 5.6 /
+    6.6 / 10.7 / 11.3 us with a 256-wide step against 7.8 / 8.3 / 14.6 / 14.8 with 128; ln_2 +
+    c_fc + gelu 5.8 / 6.9 / 10.8 / 11.5 against 8.1 / 8.6 / 14.7 / 15.0; ln_f + lm_head (N
+    50257, 3142 programs of 16 columns) 38.8 / 41.1 / 48.8 / 62.3 with 64 columns against 50.8 /
+    59.3 / 135.6 / 152.4 with 16, and slower with a 256-wide step (58.7 at B1)."""
+    wide = N >= WIDE_N
+    block_n = WIDE_BLOCK_N if wide and block_m <= 32 else BLOCK_N  # 64 rows' tiles would pass sm_86's shared memory
     if element_size != 2:
-        return BLOCK_K_FP32
-    block_k = BLOCK_K if has_ln else TILE_ELEMENTS // block_m
-    return min(block_k, max(16, triton.next_power_of_2(K)))
+        block_k = BLOCK_K_FP32
+    elif not has_ln:
+        block_k = TILE_ELEMENTS // block_m
+    else:
+        block_k = NARROW_LN_BLOCK_K if not wide and block_m <= 32 else BLOCK_K
+    return block_n, min(block_k, max(16, triton.next_power_of_2(K)))
 
 
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
@@ -217,7 +231,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     if (K - 1) * weight.stride(1) >= 2**31:  # column offsets within a weight row are 32-bit
         weight = weight.contiguous()  # only for a huge weight stored transposed
     block_m = max(16, triton.next_power_of_2(M))
-    block_k = gpu_block_k(block_m, K, x.element_size(), ln is not None)
+    block_n, block_k = gpu_tiles(block_m, N, K, x.element_size(), ln is not None)
     stats_m = triton.next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
     stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, triton.next_power_of_2(K)))
     block_k, stats_block_k = (block_k, stats_block_k) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
@@ -230,7 +244,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
     kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
     kv_tokens = M // kv_cache.shape[1] if has_kv and kv_cache.shape[1] else 1
-    _linear_kernel[(triton.cdiv(N, BLOCK_N),)](
+    _linear_kernel[(triton.cdiv(N, block_n),)](
         x, x if residual is None else residual, x_idx, r_idx, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
         weight, x if bias is None else bias, out,
@@ -241,7 +255,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
         HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
         X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, PREFETCH_W=prefetch,
-        BLOCK_M=block_m, BLOCK_N=BLOCK_N, BLOCK_K=block_k, STATS_M=stats_m, STATS_BLOCK_K=stats_block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STATS_M=stats_m, STATS_BLOCK_K=stats_block_k,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     return out, h

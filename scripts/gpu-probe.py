@@ -384,11 +384,13 @@ def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callabl
 def linear_section(p: Probe):
     """Each matmul of a GPT-2 decode step, fused (one launch) against the ops it replaces: device
     time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on. The
-    wide forms also with 32 and 64 columns a program (kernels/linear.py's BLOCK_N): every program
-    re-reads all B input rows (and their LayerNorm statistics) from L2, which at B32 over
-    lm_head's 3142 programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm
-    also with other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it),
-    those with one with a 256-wide step (BLOCK_K; 128 is the default) and with LayerNorm
+    wide forms also with other column counts a program (kernels/linear.py's BLOCK_N, 16, for
+    c_fc: 32 and 64; WIDE_BLOCK_N, 64, for lm_head: 16 and 32): every program re-reads all B
+    input rows (and their LayerNorm statistics) from L2, which at B32 over lm_head's 3142
+    programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm also with
+    other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it), those
+    with one with their other K step (NARROW_LN_BLOCK_K, 256, for c_attn and c_fc: 128;
+    BLOCK_K, 128, for lm_head: 256) and with LayerNorm
     statistics over 2048- and 4096-value tiles (STATS_ELEMENTS; 8192 is the default: 64 values a
     thread from 8 rows on, which takes the kernel from 72 to 128-168 registers: 3 programs an SM
     instead of 7 at 16 rows, which matters to lm_head's 3142 programs; at B1 the tile is one
@@ -399,7 +401,8 @@ def linear_section(p: Probe):
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
-    defaults = {knob: getattr(tri_linear, knob) for knob in ("BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "STATS_ELEMENTS")}
+    knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS")
+    defaults = {knob: getattr(tri_linear, knob) for knob in knobs}
     with knobs_kept(tri_linear, *defaults):
         for B in (1, 2) if p.smoke else (1, 4, 16, 32):
             for name, K, N, ln, gelu in forms:
@@ -408,8 +411,12 @@ def linear_section(p: Probe):
                 weight_bytes = w.numel() * w.element_size()
                 fused = calls["fused (triton)"]
                 impls = [(impl, fn, defaults) for impl, fn in calls.items()]
-                sweeps = {"BLOCK_N": [32, 64] if N >= 4 * C else [], "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384],
-                          "BLOCK_K": [256] if ln else [], "STATS_ELEMENTS": [2048, 4096] if ln else []}
+                wide = N >= tri_linear.WIDE_N
+                sweeps = {"BLOCK_N": [32, 64] if N >= 4 * C and not wide else [],
+                          "WIDE_BLOCK_N": [16, 32] if wide else [],
+                          "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384], "BLOCK_K": [256] if ln and wide else [],
+                          "NARROW_LN_BLOCK_K": [128] if ln and not wide else [],
+                          "STATS_ELEMENTS": [2048, 4096] if ln else []}  # fmt: skip
                 for knob, values in sweeps.items():  # the smoke run tries each knob once, at B1
                     values = values[:1] if p.smoke and B == 1 else [] if p.smoke else values
                     impls += [(f"fused (triton), {knob} {v}", fused, {**defaults, knob: v}) for v in values]
