@@ -239,20 +239,25 @@ def decode_tiles_section(p: Probe):
     # First the caches of `fastgpt bench generate` (GPT-2, 32 + 256 tokens: 288 slots, B1 and B32).
     shapes = [(2, 2, 40, 16)] if p.smoke else [(1, 12, 288, 64), (32, 12, 288, 64), (64, 12, 4096, 64),
                                                (1, 12, 1024, 64), (8, 32, 4096, 128)]  # fmt: skip
-    # (BLOCK_N, warps, stages, programs per SM). 0 programs per SM: one split, no combine launch.
+    # (BLOCK_N, warps, stages, programs per SM). 0 programs per SM: one split, no combine launch;
+    # None: kernels/decode.py's split_plan as shipped (a grid of 2 programs an SM takes one split).
     variants = [(32, 4, 3, 16), (32, 4, 3, 0)] if p.smoke else [
-        (64, 4, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 3, 32), (64, 4, 3, 0), (64, 4, 2, 16), (64, 4, 4, 16),
-        (64, 4, 5, 16), (32, 4, 4, 16), (32, 4, 6, 16), (128, 4, 3, 16), (128, 8, 3, 16), (64, 2, 3, 16),
-        (64, 8, 3, 16), (32, 2, 4, 32)]
-    tiles_fn, programs_per_sm_default = tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM
-    with knobs_kept(tri_decode, "gpu_tiles", "_PROGRAMS_PER_SM"):
+        (64, 4, 3, None), (64, 4, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 3, 32), (64, 4, 3, 0),
+        (64, 4, 2, None), (64, 4, 4, None), (64, 4, 5, None), (32, 4, 4, None), (32, 4, 6, None), (128, 4, 3, None),
+        (128, 8, 3, None), (64, 2, 3, None), (64, 8, 3, None), (32, 2, 4, None)]
+    tiles_fn = tri_decode.gpu_tiles
+    plan = {knob: getattr(tri_decode, knob) for knob in ("_PROGRAMS_PER_SM", "_NO_SPLIT_PROGRAMS_PER_SM")}
+    with knobs_kept(tri_decode, "gpu_tiles", *plan):
         for B, H, L, D in shapes:
             q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
             for block_n, warps, stages, programs_per_sm in variants:
                 def measure(block_n=block_n, warps=warps, stages=stages, programs_per_sm=programs_per_sm):
                     base = tiles_fn(1, D, False)
                     tri_decode.gpu_tiles = lambda *a: base._replace(block_n=block_n, num_warps=warps, num_stages=stages)
-                    tri_decode._PROGRAMS_PER_SM = programs_per_sm
+                    fill = {} if programs_per_sm is None else {"_PROGRAMS_PER_SM": programs_per_sm,
+                                                                   "_NO_SPLIT_PROGRAMS_PER_SM": 1 << 30}
+                    for knob, value in {**plan, **fill}.items():
+                        setattr(tri_decode, knob, value)
                     d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D ** -0.5))
                     return dict(device_us=d, gbps=nbytes / d / 1e3)
                 p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", block_n=block_n, warps=warps,
@@ -260,7 +265,9 @@ def decode_tiles_section(p: Probe):
             counters = torch.zeros(B * H, dtype=torch.int32, device=p.device)  # the splits merged in the split kernel
 
             def merged():  # at the default tiles and splits, not the last variant's
-                tri_decode.gpu_tiles, tri_decode._PROGRAMS_PER_SM = tiles_fn, programs_per_sm_default
+                tri_decode.gpu_tiles = tiles_fn
+                for knob, value in plan.items():
+                    setattr(tri_decode, knob, value)
                 d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D**-0.5, counters=counters))
                 return dict(device_us=d, gbps=nbytes / d / 1e3)
             p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", merge="in the split kernel"), merged)

@@ -175,7 +175,8 @@ def test_decode_step_launches(fused, device, monkeypatch):
     model.backend = "triton"  # the kernels' ops, not the reference's aten ops (the interpreter on a CPU)
     model.fused_decode = fused
     cache = KVCache(model.config, 2, 80, torch.float32, device)
-    assert device != "cpu" or tri_decode.split_plan(2 * 4, 80, tri_decode._INTERPRETER_BLOCK_N, 1)[0] > 1
+    splits, _ = tri_decode.split_plan(2 * 4, 80, tri_decode._INTERPRETER_BLOCK_N, tri_decode._INTERPRETER_SMS)
+    assert device != "cpu" or splits > 1
     idx, pos = torch.randint(0, 384, (2, 6), device=device), torch.tensor([5, 5], device=device)
     model.prefill(idx[:, :5], cache, last=torch.tensor([4, 4], device=device))
     seqlens = (pos + 1).int()  # kept by generate's decoder with pos: no kernel here for it
