@@ -49,43 +49,45 @@ class LayerNormOutput(NamedTuple):
     h: torch.Tensor | None  # (M, N) x + residual, or None without a residual
 
 
-# "auto"'s order of preference on a CUDA device, from the H200 measurements of 2026-11-28
-# (benchmarks/results/nvidia-h200/): layer_norm, Triton 4069 / 3973 GB/s against CUDA's 3615 /
-# 3446 (65536x1024, 16384x4096), 2.5 us against 5.5 at 32x768. attention, decode_attention and
+# "auto"'s order of preference on a CUDA device, from the H200 measurements of 2026-11-30
+# (benchmarks/results/nvidia-h200/): layer_norm, Triton 4107 / 3964 GB/s against CUDA's 3667 /
+# 3449 (65536x1024, 16384x4096), 2.3 us against 4.8 at 32x768. attention, decode_attention and
 # sample depend on the problem's size: see their functions.
 TRITON_FIRST = ("triton", "cuda")
 CUDA_FIRST = ("cuda", "triton")
-ATTENTION_TRITON_MIN_FLOPS = 50e9  # attention with less work: CUDA first (less host time a call)
-DECODE_TRITON_MAX_ROWS = 128  # B * Hkv up to here: Triton first (about one wave of an H100/H200)
+ATTENTION_TRITON_MIN_FLOPS = 20e9  # attention with less work: CUDA first (less host time a call)
+DECODE_TRITON_EAGER_MIN_BYTES = 160 << 20  # one eager decode call reading this much cache: Triton first
 SAMPLE_TRITON_MAX_ROWS = 8  # B up to here: Triton first (its split path keeps 32 chunks a row)
 SAMPLE_CANDIDATE_MAX_K = 256  # top_k bounds below this take the samplers' candidate paths
 
 
 def attention_preference(flops: float) -> tuple[str, str]:
     """auto's order for attention doing `flops` (4 B Hq Sq Sk D, halved when causal). The Triton
-    kernel is the faster on the GPU: 94 / 290 / 667 us against CUDA's 156 / 532 / 1173 (B16 H12
-    S1024 D64, B4 H12 S4096 D64, B4 H16 S4096 D128, causal; graph replay). But one eager call
-    of it costs ~200-350 us of host time there (Triton's launch, TMA descriptors, the
-    autotuner) against ~100-150 for CUDA's, so per call the smallest of those shapes (26 GFLOP)
-    ran faster through CUDA (163 against 311 us) and the next (103 GFLOP) through Triton (296
-    against 545). ATTENTION_TRITON_MIN_FLOPS sits between the two. Those host times predate eager
-    calls skipping torch's dispatcher and tuned Triton launches skipping the autotuner (both cut
-    host time, Triton's more): not re-measured, so the rule may move down or go."""
+    kernel is the faster on the GPU: measured on an H200 (bf16, causal; `fastgpt bench`,
+    2026-11-30), one eager call at B16 H12 S1024 D64 (26 GFLOP) 98 us against CUDA's 163, B4 H12
+    S4096 D64 288 against 542, B4 H16 S4096 D128 640 against 1170. An eager call of it costs
+    more host time (Triton's launch with TMA descriptors, our checks), which a call of little
+    work does not hide: ATTENTION_TRITON_MIN_FLOPS sits under the smallest shape measured, and
+    below it CUDA goes first (not measured there: an estimate)."""
     return TRITON_FIRST if flops >= ATTENTION_TRITON_MIN_FLOPS else CUDA_FIRST
 
 
-def decode_preference(rows: int, queries: int = 1) -> tuple[str, str]:
-    """auto's order for decode_attention over `rows` = B * Hkv (sequence, head) pairs and
-    `queries` a row. Measured, one query: B1 H12 L1024 D64, Triton 8.2 us against CUDA's 13.7
-    (graph replay); B64 H12 D64, CUDA 97 / 338 us against Triton's 103 / 356 at L 1024 / 4096.
-    Where between 12 and 768 rows the order flips was not measured: DECODE_TRITON_MAX_ROWS is a
-    guess at one wave of the GPU. Several queries a row: Triton first, predicted, not measured
-    (gpu-probe's few_queries times both): its tile takes up to 64 (head, query) pairs on tensor
-    cores for the price of one, while the CUDA kernel computes each pair's scores and sums on
-    CUDA cores, 8 pairs a block."""
-    if queries > 1:
+def decode_preference(queries: int, cache_bytes: int, graphed: bool) -> tuple[str, str]:
+    """auto's order for decode_attention: `queries` a row, over a cache of `cache_bytes` (k and v,
+    every slot), in a step replayed as a CUDA graph (`graphed`: GPT's decode step) or one eager
+    call. Measured on an H200 (D64, one query; gpu-probe's decode_batch and `fastgpt bench`,
+    2026-11-30): in device time Triton's split-KV kernels are the faster from B1 to B64 (H12
+    L1024: 4.6 / 9.1 / 30.2 / 54.4 us at B1 / 8 / 32 / 64 against CUDA's 7.9 / 9.6 / 39.4 /
+    70.3; L4096 B64: 189 against 244), tied at B11 (11.3 against 10.8). One eager call of them
+    costs ~60 us of host time (two Triton launches) against CUDA's ~25: B1 H12 L1024 (3 MB) 63
+    us a call against 24.5, B64 L1024 (201 MB) 73.6 against 80.8, B64 L4096 (805 MB) 201 against
+    255. So Triton first in graphs, and eager from DECODE_TRITON_EAGER_MIN_BYTES, where CUDA's
+    ~2.9 TB/s makes its call as long as Triton's host time (an estimate between the measured 3 and
+    201 MB). Several queries a row: Triton first (its tile takes up to 64 (head, query) pairs on
+    tensor cores; B1 H32/8 L4096 D128 Sq 8: 10.7 us against CUDA's 52.2, SDPA's 25.6)."""
+    if queries > 1 or graphed or cache_bytes >= DECODE_TRITON_EAGER_MIN_BYTES:
         return TRITON_FIRST
-    return TRITON_FIRST if rows <= DECODE_TRITON_MAX_ROWS else CUDA_FIRST
+    return CUDA_FIRST
 
 
 def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:

@@ -9,7 +9,7 @@ were set from (or guessed at):
                  the Triton launcher: what the checks, the dispatch and the launch cost.
   tiles          the Triton attention kernel's fixed tiles (BLOCK_M, BLOCK_N, warps, stages), by
                  pointers and by TMA (kernels/attention.py's _TUNING order).
-  decode_batch   Triton against CUDA decode over B (fastgpt/_backends.py's DECODE_TRITON_MAX_ROWS).
+  decode_batch   Triton against CUDA decode over B (fastgpt/_backends.py's decode_preference).
   decode_tiles   the Triton decode kernel's BLOCK_N / warps / stages and split factor.
   few_queries    attention of 1 to 32 causal queries a row over a long context: each backend's
                  prefill kernel against its split-KV decode kernel (fastgpt/ops/attention.py's

@@ -172,24 +172,33 @@ def test_auto_on_cpu_is_torch():
     assert _backends.resolve("attention", "auto", torch.device("cpu")) == "torch"
 
 
+def test_the_orders_follow_the_measurements():
+    """auto's orders (measured on an H200): decode by graph or eager call and cache size,
+    sampling by batch and top-k bound, attention by work."""
+    triton, cuda = _backends.TRITON_FIRST, _backends.CUDA_FIRST
+    mib = 1 << 20
+    assert _backends.decode_preference(1, 3 * mib, graphed=True) == triton  # a decode step in a graph
+    assert _backends.decode_preference(1, 3 * mib, graphed=False) == cuda  # one eager call: host time
+    assert _backends.decode_preference(1, 201 * mib, graphed=False) == triton
+    assert _backends.decode_preference(4, 3 * mib, graphed=False) == triton  # several queries a row
+    assert _backends.sample_preference(1) == triton
+    assert _backends.sample_preference(32) == cuda
+    assert _backends.sample_preference(256, top_k_bound=50) == triton  # the candidate path
+    assert _backends.sample_preference(256, top_k_bound=_backends.SAMPLE_CANDIDATE_MAX_K) == cuda
+    assert _backends.attention_preference(4 * 1 * 12 * 32 * 32 * 64 / 2) == cuda  # a short prompt
+    assert _backends.attention_preference(4 * 16 * 12 * 1024 * 1024 * 64 / 2) == triton
+    assert _backends.attention_preference(4 * 4 * 12 * 4096 * 4096 * 64 / 2) == triton
+
+
 def test_auto_follows_the_measured_order(monkeypatch):
-    """Each op hands resolve its order of preference (measured on an H200; decode and sampling
-    by batch), and resolve takes the first backend that can run the inputs."""
+    """Each op hands resolve its order of preference, and resolve takes the first backend that
+    can run the inputs."""
     cuda = torch.device("cuda")
     if _backends.why_not("cuda", cuda) or _backends.why_not("triton", cuda):
         pytest.skip("needs both compiled backends installed (no GPU needed)")
     assert _backends.resolve("layer_norm", "auto", cuda, preference=_backends.TRITON_FIRST) == "triton"
     no_triton = lambda name: "no" if name == "triton" else None  # noqa: E731
     assert _backends.resolve("sample", "auto", cuda, no_triton, _backends.TRITON_FIRST) == "cuda"
-    assert _backends.decode_preference(12) == _backends.TRITON_FIRST
-    assert _backends.decode_preference(768) == _backends.CUDA_FIRST
-    assert _backends.decode_preference(768, queries=4) == _backends.TRITON_FIRST
-    assert _backends.sample_preference(1) == _backends.TRITON_FIRST
-    assert _backends.sample_preference(32) == _backends.CUDA_FIRST
-    assert _backends.sample_preference(256, top_k_bound=50) == _backends.TRITON_FIRST  # the candidate path
-    assert _backends.sample_preference(256, top_k_bound=_backends.SAMPLE_CANDIDATE_MAX_K) == _backends.CUDA_FIRST
-    assert _backends.attention_preference(4 * 16 * 12 * 1024 * 1024 * 64 / 2) == _backends.CUDA_FIRST
-    assert _backends.attention_preference(4 * 4 * 12 * 4096 * 4096 * 64 / 2) == _backends.TRITON_FIRST
 
     seen = {}
     real = _backends.resolve
@@ -201,9 +210,11 @@ def test_auto_follows_the_measured_order(monkeypatch):
     monkeypatch.setattr(_backends, "resolve", spy)
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 5, 8)
     fastgpt.attention(q[:, :, :1], k, k)
-    assert seen["attention"] == _backends.TRITON_FIRST  # one query, few rows: the decode kernels' order
+    assert seen["attention"] == _backends.CUDA_FIRST  # one query, a small cache: the decode kernels' eager order
     fastgpt.attention(torch.randn(2, 4, 17, 8), k, k)
     fastgpt.decode_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32))
+    assert seen["decode_attention"] == _backends.CUDA_FIRST
+    decode_step_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32), None)  # GPT's graphed step
     fastgpt.layer_norm(torch.randn(2, 8), None, None)
     fastgpt.sample(torch.randn(3, 10), temperature=0.0)
     fastgpt.sample(torch.randn(9, 10), temperature=0.0)  # the last call of an op wins in `seen`

@@ -105,7 +105,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     _checks.flag("return_lse", return_lse)
     scale = _checks.scale(scale, D)
     if Sq <= SPLIT_KV_MAX_QUERIES:  # the decode kernels run it (_few_queries)
-        preference = _backends.decode_preference(B * k.shape[1], Sq)
+        preference = _backends.decode_preference(Sq, (k.numel() + v.numel()) * k.element_size(), graphed=False)
     else:
         preference = _backends.attention_preference(4 * B * Hq * Sq * Sk * D / (2 if causal else 1))
     name = _backends.resolve("attention", backend, device, _kernel_limits(q, k), preference)

@@ -31,11 +31,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     with attention over other keys takes, as fastgpt.attention's).
     """
     return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend,
-                                 return_lse=return_lse)  # fmt: skip
+                                 return_lse=return_lse, graphed=False)  # fmt: skip
 
 
 def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale: float | None = None,
-                          backend: str = "auto", return_lse: bool = False, token_major: bool = False):  # fmt: skip
+                          backend: str = "auto", return_lse: bool = False, token_major: bool = False,
+                          graphed: bool = True):  # fmt: skip
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
     None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq * Sq, used by one stream at a
     time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
@@ -46,7 +47,10 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     token_major: the output (B, Hq, Sq, D) is the transposed view of a contiguous (B, Sq, Hq, D),
     so that out.transpose(1, 2).reshape(B, Sq, Hq * D), a model's output projection's input, is a
     view. The Triton kernels write it so; the other backends copy their output into it (the copy
-    the caller would make)."""
+    the caller would make).
+
+    graphed: the call is part of a step replayed as a CUDA graph (GPT's decode step), so "auto"
+    orders the backends by their device time; False (decode_attention): by one eager call's time."""
     device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
@@ -64,7 +68,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
                              f"got shape {tuple(counters.shape)}")  # fmt: skip
     scale = _checks.scale(scale, D)
     name = _backends.resolve("decode_attention", backend, device, decode_limits(q, k_cache.shape[1], Smax),
-                             _backends.decode_preference(B * k_cache.shape[1], Sq))
+                             _backends.decode_preference(Sq, 2 * k_cache.numel() * k_cache.element_size(), graphed))
     if q.numel() == 0 or Smax == 0:
         out = _token_major(q.new_zeros(B, Hq, Sq, D)) if token_major else q.new_zeros(B, Hq, Sq, D)
         return AttentionOutput(out, q.new_full((B, Hq, Sq), float("-inf"), dtype=torch.float32)) if return_lse else out
