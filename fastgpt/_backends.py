@@ -19,6 +19,8 @@ silent fallback.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib
 import importlib.util
@@ -125,17 +127,32 @@ def sm_count(device_index: int) -> int:
 # Kernels of a decode step, and every CUDA-backend kernel, launch as programmatic dependents where
 # the GPU has it (sm_90 on): each may start while the kernel before it finishes, and waits for it
 # before touching memory (kernels/pdl.py, csrc/common.cuh). FASTGPT_PDL=0 launches them plainly
-# (gpu-probe's decode_step section times both).
+# (gpu-probe's decode_step section times both), and so do the steps of PDL_PLAIN_ROWS rows or
+# more that fastgpt.generate captures: measured on an H200 (GPT-2 124M, bf16, graph replay,
+# 2026-11-30), a step at B1 took 440 us as dependents against 482 plainly, at B32 878 against 818.
 PDL_ENV_VAR = "FASTGPT_PDL"
 PDL_MIN_CAPABILITY = 9
+PDL_PLAIN_ROWS = 32
+_plain_launches = contextvars.ContextVar("fastgpt_plain_launches", default=False)
 
 
 def launch_pdl(device: torch.device) -> bool:
     """Whether kernels launched on `device` go as programmatic dependents: the device is a CUDA
     GPU of compute capability 9.0 or later (never under Triton's interpreter, whose tensors are
-    on the CPU) and FASTGPT_PDL is not 0. Read at each launch (a graph keeps what it captured)."""
+    on the CPU), FASTGPT_PDL is not 0, and no plain_launches() block is open. Read at each
+    launch (a graph keeps what it captured)."""
     return (device.type == "cuda" and _capability(device.index) >= PDL_MIN_CAPABILITY
-            and os.environ.get(PDL_ENV_VAR, "1") != "0")  # fmt: skip
+            and os.environ.get(PDL_ENV_VAR, "1") != "0" and not _plain_launches.get())  # fmt: skip
+
+
+@contextlib.contextmanager
+def plain_launches(plain: bool = True):
+    """Within the block (when `plain`), kernels launch plainly, not as programmatic dependents."""
+    token = _plain_launches.set(plain or _plain_launches.get())
+    try:
+        yield
+    finally:
+        _plain_launches.reset(token)
 
 
 @functools.cache
@@ -151,7 +168,8 @@ def pdl_report() -> str:
         return "off (programmatic dependent launch needs compute capability 9.0 or later)"
     if not launch_pdl(torch.device("cuda", 0)):
         return f"off ({PDL_ENV_VAR}=0)"
-    report = f"on: a decode step's kernels launch as programmatic dependents ({PDL_ENV_VAR}=0 turns it off)"
+    report = (f"on: a decode step's kernels launch as programmatic dependents, in captured steps of fewer than "
+              f"{PDL_PLAIN_ROWS} rows ({PDL_ENV_VAR}=0 turns it off)")
     code = _cuda_code_arch(0)
     if code is not None and code < 90:  # csrc's launch_kernel launches code without the wait plainly
         report += f"; the CUDA kernels' code for this GPU is sm_{code}'s, without the wait: they launch plainly"

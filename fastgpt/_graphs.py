@@ -4,31 +4,36 @@ from __future__ import annotations
 
 import torch
 
+from fastgpt import _backends
+
 WARMUP_STEPS = 2  # eager steps before a capture: Triton compiles, cuBLAS plans
 
 
-def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator):
+def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, rows: int):
     """A CUDA graph of step() -> (graph, None), or (None, why the capture failed).
 
     step is first run WARMUP_STEPS times on a side stream (kernels compile, libraries plan),
     then captured once; `state`, the tensors it updates, and the generator it draws from are put
     back as they were before the warm-up, whatever happens. The graph replays the draws from
-    `generator`, advancing it as eager steps do.
+    `generator`, advancing it as eager steps do. A step of `rows` >= PDL_PLAIN_ROWS sequences
+    launches its kernels plainly, its warm-up too (fastgpt/_backends.py: as programmatic
+    dependents such a step is slower).
     """
     device = state[0].device
     saved, rng = [t.clone() for t in state], generator.get_state()
     try:
-        stream = torch.cuda.Stream(device)
-        stream.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(stream):
-            for _ in range(WARMUP_STEPS):
+        with _backends.plain_launches(rows >= _backends.PDL_PLAIN_ROWS):
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                for _ in range(WARMUP_STEPS):
+                    step()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            _restore(state, saved, generator, rng)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(generator)
+            with torch.cuda.graph(graph):
                 step()
-        torch.cuda.current_stream(device).wait_stream(stream)
-        _restore(state, saved, generator, rng)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
-            step()
     except Exception as exc:  # a sync or an uncapturable op somewhere: the caller steps eagerly instead
         _restore(state, saved, generator, rng)
         return None, f"{type(exc).__name__}: {exc}"

@@ -24,6 +24,12 @@ def test_launch_pdl_off_the_gpu(monkeypatch):
     assert not _backends.launch_pdl(torch.device("cpu"))  # Triton's interpreter: no griddepcontrol there
     monkeypatch.setattr(_backends, "_capability", lambda index: 9)
     assert _backends.launch_pdl(torch.device("cuda", 0))
+    with _backends.plain_launches():  # a captured step of many rows (fastgpt/_graphs.py)
+        assert not _backends.launch_pdl(torch.device("cuda", 0))
+        with _backends.plain_launches(False):  # an inner block does not turn it back on
+            assert not _backends.launch_pdl(torch.device("cuda", 0))
+    with _backends.plain_launches(False):
+        assert _backends.launch_pdl(torch.device("cuda", 0))
     monkeypatch.setenv("FASTGPT_PDL", "0")
     assert not _backends.launch_pdl(torch.device("cuda", 0))
 
