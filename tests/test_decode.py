@@ -31,6 +31,18 @@ def _interpreter_plan(B, Hkv, Smax):
     return decode.split_plan(B * Hkv, Smax, decode._INTERPRETER_BLOCK_N, decode._INTERPRETER_SMS)
 
 
+def test_split_plan_follows_the_measurements():
+    """On an H200's 132 SMs (D64, 64-position blocks): grids of 2 programs an SM or more run in
+    one split (B32 H12 L288 and B64 H12 L4096 were as fast or faster so), smaller ones split
+    (B1 H12 L1024, B8 Hkv8 L4096), never into chunks shorter than 2 blocks."""
+    from fastgpt.kernels import decode
+
+    assert decode.split_plan(32 * 12, 288, 64, 132)[0] == 1
+    assert decode.split_plan(64 * 12, 4096, 64, 132)[0] == 1
+    assert decode.split_plan(12, 1024, 64, 132) == (8, 128)
+    assert decode.split_plan(8 * 8, 4096, 64, 132)[0] > 1
+
+
 def _inputs(B, Hq, Hkv, Smax, D, dtype, device, seed=0, Sq=1):
     gen = torch.Generator().manual_seed(seed)
 

@@ -68,6 +68,35 @@ def test_plain_and_partial_forms(dtype, device, poisoned_empty):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_wide_programs(dtype, device, poisoned_empty, monkeypatch):
+    """A vocabulary-wide N's programs of WIDE_BLOCK_N columns (here from N 64: 150 columns, the
+    last program's partly past N), with the LayerNorm and without."""
+    from fastgpt.kernels import linear as mod
+
+    monkeypatch.setattr(mod, "WIDE_N", 64)
+    x, r, w, b, g, beta = _inputs(3, 40, 150, dtype, device)
+    assert mod.gpu_tiles(16, 150, 40, x.element_size(), True)[0] == mod.WIDE_BLOCK_N
+    _check(x, w, ln=(g, beta, 1e-5), residual=r)
+    _check(x, w, b, activation="gelu_tanh")
+
+
+def test_gpu_tiles_follow_the_measurements():
+    """gpu_tiles gives GPT-2's forms the tiles the H200's sweep found fastest (kernels/linear.py),
+    within the bounds the compile check holds them to (an sm_86 block's shared memory)."""
+    from fastgpt.kernels import linear as mod
+
+    bf16, fp32 = 2, 4
+    assert mod.gpu_tiles(16, 2304, 768, bf16, True) == (16, 256)  # ln_1 + c_attn up to 16 rows
+    assert mod.gpu_tiles(32, 3072, 768, bf16, True) == (16, 256)  # ln_2 + c_fc at 32
+    assert mod.gpu_tiles(64, 3072, 768, bf16, True) == (16, 128)  # 64 rows: the narrower step
+    assert mod.gpu_tiles(32, 50257, 768, bf16, True) == (64, 128)  # ln_f + lm_head
+    assert mod.gpu_tiles(64, 50257, 768, bf16, True) == (16, 128)
+    assert mod.gpu_tiles(16, 768, 3072, bf16, False) == (16, 512)  # mlp c_proj: TILE_ELEMENTS / rows
+    assert mod.gpu_tiles(16, 2304, 768, fp32, True) == (16, mod.BLOCK_K_FP32)
+    assert mod.gpu_tiles(16, 2304, 100, bf16, True) == (16, 128)  # never much wider than K
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_strided_and_expanded_vectors(dtype, device, poisoned_empty):
     """bias, ln_weight and ln_bias as strided views and as expanded ones (stride 0, a single
     element in memory): the kernel reads them with a unit stride, so they must be read as given,
