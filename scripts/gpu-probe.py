@@ -397,7 +397,8 @@ def linear_section(p: Probe):
     programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm also with
     other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it), those
     with one with their other K step (NARROW_LN_BLOCK_K, 256, for c_attn and c_fc: 128;
-    BLOCK_K, 128, for lm_head: 256) and with LayerNorm
+    BLOCK_K, 128, for lm_head: 256), all with 2 and 4 weight tiles in flight (NUM_STAGES, 3: the
+    bytes a program keeps in flight bound these matmuls) and with LayerNorm
     statistics over 2048- and 4096-value tiles (STATS_ELEMENTS; 8192 is the default: 64 values a
     thread from 8 rows on, which takes the kernel from 72 to 128-168 registers: 3 programs an SM
     instead of 7 at 16 rows, which matters to lm_head's 3142 programs; at B1 the tile is one
@@ -408,7 +409,7 @@ def linear_section(p: Probe):
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
-    knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS")
+    knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS", "NUM_STAGES")
     defaults = {knob: getattr(tri_linear, knob) for knob in knobs}
     with knobs_kept(tri_linear, *defaults):
         for B in (1, 2) if p.smoke else (1, 4, 16, 32):
@@ -423,7 +424,7 @@ def linear_section(p: Probe):
                           "WIDE_BLOCK_N": [16, 32] if wide else [],
                           "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384], "BLOCK_K": [256] if ln and wide else [],
                           "NARROW_LN_BLOCK_K": [128] if ln and not wide else [],
-                          "STATS_ELEMENTS": [2048, 4096] if ln else []}  # fmt: skip
+                          "STATS_ELEMENTS": [2048, 4096] if ln else [], "NUM_STAGES": [2, 4]}  # fmt: skip
                 for knob, values in sweeps.items():  # the smoke run tries each knob once, at B1
                     values = values[:1] if p.smoke and B == 1 else [] if p.smoke else values
                     impls += [(f"fused (triton), {knob} {v}", fused, {**defaults, knob: v}) for v in values]
