@@ -30,6 +30,14 @@ from fastgpt.ops.linear import MAX_ROWS, linear
 
 # Hugging Face activation names this module implements; gelu_new is GPT-2's (the tanh form).
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+# From this many rows a fused decode step runs ln_1 and ln_2 as the LayerNorm op before their
+# matmuls, rather than inside them, where each of a matmul's programs recomputes the rows'
+# statistics (B 16: 768 values a row, 144 programs). Measured on an H200 (bf16, gpu-probe's
+# linear, 2026-11-30): at B16 / B32 ln_1 + c_attn fused took 10.7 / 11.3 us at its best tiles,
+# the LayerNorm op with cuBLAS's matmul 5.7 / 5.8; ln_2 + c_fc + gelu 10.8 / 11.5 against 7.1 /
+# 7.2; at B1 / B4 the fused form was as fast or faster. Here the matmul after the op is still
+# fastgpt.ops.linear (it writes the cache), not measured in this form.
+LN_APART_MIN_ROWS = 16
 
 
 @dataclass
@@ -61,6 +69,15 @@ class GPTConfig:
 def _ln(module: LayerNorm) -> tuple:
     """A LayerNorm module as fastgpt.ops.linear's ln argument."""
     return module.weight, module.bias, module.eps
+
+
+def _norm_linear(x, residual, ln: LayerNorm, proj: nn.Linear, apart: bool, backend: str, **kwargs):
+    """proj(ln(x + residual)) -> (out, x + residual): one fastgpt.ops.linear launch, or (`apart`)
+    the LayerNorm op and then the matmul. kwargs: the rest of linear's arguments."""
+    if not apart:
+        return linear(x, proj.weight, proj.bias, ln=_ln(ln), residual=residual, backend=backend, **kwargs)
+    y, h = fastgpt.layer_norm(x, ln.weight, ln.bias, ln.eps, residual=residual, backend=backend)
+    return linear(y, proj.weight, proj.bias, backend=backend, **kwargs)[0], h
 
 
 class CausalSelfAttention(nn.Module):
@@ -306,25 +323,28 @@ class GPT(nn.Module):
         attention splits the cache): every matmul is one fastgpt.ops.linear launch, with the
         residual add and LayerNorm before it (ln_1 + c_attn, ln_2 + c_fc, ln_f + lm_head), GELU
         after it (c_fc), and the cache write of k and v (c_attn) fused in; the first also reads
-        the token and position embeddings (no gathers). Decode attention merges its splits in its
-        own launch where given counters. tok, slots (cache slots), positions (wpe rows): (B, T)."""
+        the token and position embeddings (no gathers). From LN_APART_MIN_ROWS rows, ln_1 (after
+        layer 0) and ln_2 run as the LayerNorm op before their matmuls: 7 launches a layer.
+        Decode attention merges its splits in its own launch where given counters. tok, slots
+        (cache slots), positions (wpe rows): (B, T)."""
         t, backend = self.transformer, self.backend
         (B, T), C = tok.shape, self.config.n_embd
         tok, slots, positions = tok.reshape(-1), slots.reshape(-1), positions.reshape(-1)  # (B T,): rows
+        apart = B * T >= LN_APART_MIN_ROWS  # ln_1 and ln_2 as the LayerNorm op
         # Rows (B T, C) throughout. Layer 0 reads the embeddings in place: its input and residual
-        # are the tables wte and wpe at rows tok and positions, whose sum is ln_1's residual add.
+        # are the tables wte and wpe at rows tok and positions, whose sum is ln_1's residual add
+        # (so its ln_1 stays fused: an id outside a table reads zeros there, no gather).
         x, h = t.wte.weight, t.wpe.weight
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             cache = kv_cache.layer(i)  # (2, B, H, S, D): row b's T tokens write its slots
-            qkv, h = linear(x, attn.c_attn.weight, attn.c_attn.bias, ln=_ln(block.ln_1), residual=h, kv_cache=cache,
-                            kv_pos=slots, x_rows=tok if i == 0 else None, residual_rows=positions if i == 0 else None,
-                            backend=backend)  # fmt: skip
+            tables = dict(x_rows=tok, residual_rows=positions) if i == 0 else {}
+            qkv, h = _norm_linear(x, h, block.ln_1, attn.c_attn, apart and i > 0, backend, kv_cache=cache,
+                                  kv_pos=slots, **tables)  # fmt: skip
             y = attn.attend(qkv.view(B, T, 3 * C), cache, None, seqlens, counters).view(B * T, C)
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"
-            f, h = linear(a, mlp.c_fc.weight, mlp.c_fc.bias, ln=_ln(block.ln_2), residual=h,
-                          activation="gelu_tanh" if tanh else None, backend=backend)  # fmt: skip
+            f, h = _norm_linear(a, h, block.ln_2, mlp.c_fc, apart, backend, activation="gelu_tanh" if tanh else None)
             x, _ = linear(f if tanh else F.gelu(f), mlp.c_proj.weight, mlp.c_proj.bias, backend=backend)
         logits, _ = linear(x, self.lm_head.weight, self.lm_head.bias, ln=_ln(t.ln_f), residual=h, backend=backend)
         return logits.view(B, T, -1)  # (B, T, V)

@@ -385,7 +385,14 @@ def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callabl
         y = F.linear(a, w, b)
         return F.gelu(y, approximate="tanh") if gelu else y
 
-    return {"fused (triton)": fused, "unfused (LN op + F.linear + F.gelu)": unfused}
+    def apart():  # GPT's fused step from model.LN_APART_MIN_ROWS rows
+        a = fastgpt.layer_norm(x, g, beta, residual=r)[0]
+        return linear(a, w, b, activation="gelu_tanh" if gelu else None, backend="triton")
+
+    calls = {"fused (triton)": fused, "unfused (LN op + F.linear + F.gelu)": unfused}
+    if ln:
+        calls["LN op + fused (triton)"] = apart
+    return calls
 
 
 def linear_section(p: Probe):

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import fastgpt
 from fastgpt.model import GPT, GPTConfig
 from tests.helpers import assert_close
 
@@ -218,6 +219,39 @@ def test_fused_decode_matches_the_unfused_step(activation, device):
     assert_close(logits[0], logits[1])
     assert_close(caches[0], caches[1])
     assert_close(logits[0][-1], model(idx)[:, -1])  # and the full forward's last position
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_fused_decode_with_the_layer_norms_apart(T, device, monkeypatch):
+    """From LN_APART_MIN_ROWS rows the fused step runs ln_1 (after layer 0) and ln_2 as the
+    LayerNorm op before their matmuls: the unfused step's logits and cache, step after step, with
+    one token a row and with drafts (verify); 2 LayerNorm ops a layer but layer 0's one."""
+    from fastgpt import model as model_module
+    from fastgpt.generate import KVCache
+
+    model = GPT.from_hf(tiny_hf(64, 4, 2)).to(device)
+    model.backend = "triton"
+    B, steps = 3, 2
+    idx = torch.randint(0, 384, (B, 5 + steps * T), device=device)
+    monkeypatch.setattr(model_module, "LN_APART_MIN_ROWS", B * T)
+    norms = []
+    real_norm = fastgpt.layer_norm
+    monkeypatch.setattr(fastgpt, "layer_norm", lambda *a, **k: norms.append(1) or real_norm(*a, **k))
+    caches, logits = [], []
+    for fused in (True, False):
+        model.fused_decode = fused
+        cache = KVCache(model.config, B, 5 + steps * T, torch.float32, device)
+        model.prefill(idx[:, :5], cache, last=torch.full((B,), 4, device=device))
+        norms.clear()
+        out = [model.verify(idx[:, p : p + T], torch.full((B,), p, device=device), cache)
+               for p in range(5, 5 + steps * T, T)]  # fmt: skip
+        if fused:
+            assert len(norms) == steps * (2 * model.config.n_layer - 1)
+        caches.append(cache.kv)
+        logits.append(torch.cat(out, dim=1))
+    assert_close(logits[0], logits[1])
+    assert_close(caches[0], caches[1])
+    assert_close(logits[0], model(idx)[:, 5:])  # and the full forward's
 
 
 def test_fused_decode_only_where_the_kernel_runs(device):
