@@ -399,7 +399,7 @@ def linear_section(p: Probe):
     """Each matmul of a GPT-2 decode step, fused (one launch) against the ops it replaces: device
     time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on. The
     wide forms also with other column counts a program (kernels/linear.py's BLOCK_N, 16, for
-    c_fc: 32 and 64; WIDE_BLOCK_N, 64, for lm_head: 16 and 32): every program re-reads all B
+    c_fc: 32 and 64; WIDE_BLOCK_N, 64, for lm_head: 16, 32, 128): every program re-reads all B
     input rows (and their LayerNorm statistics) from L2, which at B32 over lm_head's 3142
     programs of 16 columns is ~4x the weight bytes. The forms without a LayerNorm also with
     other K steps (TILE_ELEMENTS / rows; 8192 is the default, 2048 the step before it), those
@@ -428,7 +428,7 @@ def linear_section(p: Probe):
                 impls = [(impl, fn, defaults) for impl, fn in calls.items()]
                 wide = N >= tri_linear.WIDE_N
                 sweeps = {"BLOCK_N": [32, 64] if N >= 4 * C and not wide else [],
-                          "WIDE_BLOCK_N": [16, 32] if wide else [],
+                          "WIDE_BLOCK_N": [16, 32, 128] if wide else [],
                           "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384], "BLOCK_K": [256] if ln and wide else [],
                           "NARROW_LN_BLOCK_K": [128] if ln and not wide else [],
                           "STATS_ELEMENTS": [2048, 4096] if ln else [], "NUM_STAGES": [2, 4]}  # fmt: skip
