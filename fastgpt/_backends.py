@@ -78,9 +78,10 @@ def decode_preference(queries: int, cache_bytes: int, graphed: bool) -> tuple[st
     """auto's order for decode_attention: `queries` a row, over a cache of `cache_bytes` (k and v,
     every slot), in a step replayed as a CUDA graph (`graphed`: GPT's decode step) or one eager
     call. Measured on an H200 (D64, one query; gpu-probe's decode_batch and `fastgpt bench`,
-    2026-11-30): in device time Triton's split-KV kernels are the faster from B1 to B64 (H12
-    L1024: 4.6 / 9.1 / 30.2 / 54.4 us at B1 / 8 / 32 / 64 against CUDA's 7.9 / 9.6 / 39.4 /
-    70.3; L4096 B64: 189 against 244), tied at B11 (11.3 against 10.8). One eager call of them
+    2026-11-30, with Triton's split plan before that run's change): in device time Triton's
+    split-KV kernels are the faster from B1 to B64 (H12 L1024: 4.6 / 9.1 / 30.2 / 54.4 us at B1 /
+    8 / 32 / 64 against CUDA's 7.9 / 9.6 / 39.4 / 70.3; L4096 B64: 189 against 244) but for B11,
+    where CUDA's is 5% faster (10.8 against 11.3). One eager call of them
     costs ~60 us of host time (two Triton launches) against CUDA's ~25: B1 H12 L1024 (3 MB) 63
     us a call against 24.5, B64 L1024 (201 MB) 73.6 against 80.8, B64 L4096 (805 MB) 201 against
     255. So Triton first in graphs, and eager from DECODE_TRITON_EAGER_MIN_BYTES, where CUDA's
@@ -129,7 +130,8 @@ def sm_count(device_index: int) -> int:
 # before touching memory (kernels/pdl.py, csrc/common.cuh). FASTGPT_PDL=0 launches them plainly
 # (gpu-probe's decode_step section times both), and so do the steps of PDL_PLAIN_ROWS rows or
 # more that fastgpt.generate captures: measured on an H200 (GPT-2 124M, bf16, graph replay,
-# 2026-11-30), a step at B1 took 440 us as dependents against 482 plainly, at B32 878 against 818.
+# 2026-11-30), a step at B1 took 440 us as dependents against 482 plainly, at B32 878 against
+# 818 (twice alike). Only those two batches were measured: the 32 is where the second was.
 PDL_ENV_VAR = "FASTGPT_PDL"
 PDL_MIN_CAPABILITY = 9
 PDL_PLAIN_ROWS = 32

@@ -38,11 +38,13 @@ from fastgpt.kernels.pdl import _wait_for_previous_grid
 
 _FP32_DOT_PRECISION = "tf32x3"
 # Split until the grid has this many programs an SM, unless it has _NO_SPLIT_PROGRAMS_PER_SM
-# already: measured on an H200 (gpu-probe's decode_tiles of 2026-11-30, graph replay), B32 H12
-# L288 D64 (384 programs) in one split 8.4 us against 11.1 in 2 (4 an SM) and 11.9 in 6 (16 an
-# SM, the rule before); B64 H12 L4096 D64 (768) 188 us in 1, 187 in 2, 190 in 3; the grids
-# that need splits as fast with 4 an SM as with 16 (B1 H12 L1024 D64 4.5 us, B8 H32/8 L4096
-# D128 129 us).
+# already: measured on an H200 (132 SMs; gpu-probe's decode_tiles of 2026-11-30, graph replay),
+# B32 H12 L288 D64 (384 programs) in one split 8.4 us against 11.1 in 2 (4 an SM) and 11.9 in 3
+# (16 an SM, the rule before); B64 H12 L4096 D64 (768) 187.4 us in 1, 188.5 in 2, 189.7 in 3;
+# the grids short of 2 waves as fast with 4 an SM as with 16 (B1 H12 L1024 D64 4.5 us; B8 H32
+# L4096 D128, 256 programs, 128.6 in 3 splits against 128.9 in 9, but 156 in one). Where
+# between 256 and 384 programs one split starts to win depends on the rows' length: the 2 is an
+# estimate.
 _PROGRAMS_PER_SM = 4
 _NO_SPLIT_PROGRAMS_PER_SM = 2
 _MIN_SPLIT_BLOCKS = 2  # ... but no split shorter than this many BLOCK_N blocks
