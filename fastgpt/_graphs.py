@@ -9,7 +9,7 @@ from fastgpt import _backends
 WARMUP_STEPS = 2  # eager steps before a capture: Triton compiles, cuBLAS plans
 
 
-def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, rows: int):
+def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, rows: int, cache):
     """A CUDA graph of step() -> (graph, None), or (None, why the capture failed).
 
     step is first run WARMUP_STEPS times on a side stream (kernels compile, libraries plan),
@@ -17,10 +17,12 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, r
     back as they were before the warm-up, whatever happens. The graph replays the draws from
     `generator`, advancing it as eager steps do. A step of `rows` >= PDL_PLAIN_ROWS sequences
     launches its kernels plainly, its warm-up too (fastgpt/_backends.py: as programmatic
-    dependents such a step is slower).
+    dependents such a step is slower). The KV cache the step runs over (fastgpt.generate.KVCache)
+    is marked graphed meanwhile, so the warm-up and the capture pick the same kernels.
     """
     device = state[0].device
     saved, rng = [t.clone() for t in state], generator.get_state()
+    cache.graphed = True
     try:
         with _backends.plain_launches(rows >= _backends.PDL_PLAIN_ROWS):
             stream = torch.cuda.Stream(device)
@@ -37,6 +39,8 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, r
     except Exception as exc:  # a sync or an uncapturable op somewhere: the caller steps eagerly instead
         _restore(state, saved, generator, rng)
         return None, f"{type(exc).__name__}: {exc}"
+    finally:
+        cache.graphed = False
     return graph, None
 
 

@@ -53,12 +53,16 @@ class KVCache:
     """k and v of every layer in one tensor, kv (n_layer, 2, B, H, S, D), in the model's dtype:
     a layer's k and v sit side by side, so one scatter_ writes a decode step's pair. counters
     (B * H,) int32 zeros: the decode attention's, so that it merges its KV splits in the same
-    launch (fastgpt.ops.decode.decode_step_attention); every layer's launch leaves them zero."""
+    launch (fastgpt.ops.decode.decode_step_attention); every layer's launch leaves them zero.
+    graphed: True while the steps over it are being captured in a CUDA graph (a decoder's
+    capture, warm-up included), so that auto picks decode attention by its time on the GPU rather
+    than by one eager call's."""
 
     def __init__(self, config, batch: int, length: int, dtype, device):
         shape = (config.n_layer, 2, batch, config.n_head, length, config.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.counters = torch.zeros(batch * config.n_head, dtype=torch.int32, device=device)
+        self.graphed = False
 
     @property
     def k(self) -> torch.Tensor:
@@ -223,7 +227,7 @@ class Decoder:
             return None
         self.kv = self.cache
         state = (self.tok, self.pos, self.seqlens, self.step, self.out, self.finished)
-        self.graph, reason = _graphs.capture(self.decode_step, state, self.generator, self.batch)
+        self.graph, reason = _graphs.capture(self.decode_step, state, self.generator, self.batch, self.cache)
         self.graph_mode = self._mode()
         return reason
 

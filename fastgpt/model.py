@@ -88,7 +88,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.backend = "auto"
 
-    def forward(self, x, kv_cache=None, slot=None, seqlens=None):
+    def forward(self, x, kv_cache=None, slot=None, seqlens=None, graphed=False):
         """x (B, T, C) -> (B, T, C).
 
         Without kv_cache: causal attention over x itself. With kv_cache (2, B, H, S, D), this
@@ -96,11 +96,11 @@ class CausalSelfAttention(nn.Module):
         [0, T). With seqlens (B,) int32: decode, the T tokens of row b are its last T positions,
         their k/v go to cache slots `slot` ((2, B, H, T, D) int64, token t's slot in every element
         of [..., t, :]; GPT.verify makes it once for all layers) and token t attends to slots
-        [0, seqlens[b] - T + t].
+        [0, seqlens[b] - T + t]. graphed: the decode step is being captured in a CUDA graph.
         """
-        return self.c_proj(self.attend(self.c_attn(x), kv_cache, slot, seqlens))
+        return self.c_proj(self.attend(self.c_attn(x), kv_cache, slot, seqlens, graphed=graphed))
 
-    def attend(self, qkv, kv_cache=None, slot=None, seqlens=None, counters=None):
+    def attend(self, qkv, kv_cache=None, slot=None, seqlens=None, counters=None, graphed=False):
         """The attention between the two projections: qkv (B, T, 3C) -> (B, T, C); the rest as
         forward, except that a decode step (seqlens given) with slot None finds its k/v already
         in the cache (GPT's fused decode writes them there). counters: a decode step's, as
@@ -118,7 +118,8 @@ class CausalSelfAttention(nn.Module):
                 kv_cache.scatter_(3, slot, kv)  # kv_cache[:, b, :, slot_bt] = kv[:, b, :, t]: one kernel, no copy
             k_cache, v_cache = kv_cache[0], kv_cache[1]
             # (B, H, T, D); with several tokens a row (verify) a view of (B, T, H, D), so the reshape copies nothing
-            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend, token_major=T > 1)
+            y = decode_step_attention(q, k_cache, v_cache, seqlens, counters, backend=self.backend, token_major=T > 1,
+                                      graphed=graphed)  # fmt: skip
         return y.transpose(1, 2).reshape(B, T, C)
 
 
@@ -141,13 +142,13 @@ class Block(nn.Module):
         self.ln_2 = LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.mlp = MLP(config)
 
-    def forward(self, x, h, kv_cache=None, slot=None, seqlens=None):
+    def forward(self, x, h, kv_cache=None, slot=None, seqlens=None, graphed=False):
         """x: the previous branch's output, h: the residual stream before it; both (B, T, C).
 
         Returns (this block's MLP output, the stream before it): the next LayerNorm adds them.
         """
         y, h = self.ln_1(x, h)  # h = h + x
-        a = self.attn(y, kv_cache, slot, seqlens)
+        a = self.attn(y, kv_cache, slot, seqlens, graphed)
         y, h = self.ln_2(a, h)  # h = h + a
         return self.mlp(y), h
 
@@ -253,15 +254,15 @@ class GPT(nn.Module):
             elif not input_major and not w.is_contiguous():
                 w.data = w.data.contiguous()
 
-    def _trunk(self, tok, pos, kv_cache=None, slot=None, seqlens=None):
+    def _trunk(self, tok, pos, kv_cache=None, slot=None, seqlens=None, graphed=False):
         """The blocks and ln_f over tokens tok (B, T) at positions pos (T,) or (B, T): (B, T, C).
 
-        kv_cache, slot, seqlens: as for CausalSelfAttention.forward.
+        kv_cache, slot, seqlens, graphed: as for CausalSelfAttention.forward.
         """
         x = self.transformer.wte(tok)  # (B, T, C)
         h = self.transformer.wpe(pos).expand_as(x)  # (B, T, C); the first ln_1 adds the two
         for i, block in enumerate(self.transformer.h):
-            x, h = block(x, h, None if kv_cache is None else kv_cache.layer(i), slot, seqlens)
+            x, h = block(x, h, None if kv_cache is None else kv_cache.layer(i), slot, seqlens, graphed)
         y, _ = self.transformer.ln_f(x, h)
         return y
 
@@ -301,6 +302,8 @@ class GPT(nn.Module):
         the last one a row may reach) read the last position's embedding: their logits mean nothing.
         counters: None, or int32 zeros (B * n_head * T,) that the fused step's decode attention
         merges its splits with (see decode_step_attention); the unfused step does not use them.
+        kv_cache.graphed (fastgpt.generate's capture sets it) has decode attention picked by its
+        time on the GPU, not by one eager call's.
         """
         (B, T), config = tok.shape, self.config
         if seqlens is None:
@@ -310,7 +313,7 @@ class GPT(nn.Module):
         if self._fused_decode(B * T, tok.device):
             return self._decode_fused(tok, slots, positions, kv_cache, seqlens, counters)
         slot = slots.view(1, B, 1, T, 1).expand(2, B, config.n_head, T, config.head_dim)  # all layers' slots
-        return self.lm_head(self._trunk(tok, positions, kv_cache, slot, seqlens))  # (B, T, V)
+        return self.lm_head(self._trunk(tok, positions, kv_cache, slot, seqlens, kv_cache.graphed))  # (B, T, V)
 
     def _fused_decode(self, rows: int, device: torch.device) -> bool:
         """Whether a decode step of `rows` tokens in all runs on fastgpt.ops.linear: on the triton
@@ -341,7 +344,7 @@ class GPT(nn.Module):
             tables = dict(x_rows=tok, residual_rows=positions) if i == 0 else {}
             qkv, h = _norm_linear(x, h, block.ln_1, attn.c_attn, apart and i > 0, backend, kv_cache=cache,
                                   kv_pos=slots, **tables)  # fmt: skip
-            y = attn.attend(qkv.view(B, T, 3 * C), cache, None, seqlens, counters).view(B * T, C)
+            y = attn.attend(qkv.view(B, T, 3 * C), cache, None, seqlens, counters, kv_cache.graphed).view(B * T, C)
             a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
             tanh = mlp.approximate == "tanh"
             f, h = _norm_linear(a, h, block.ln_2, mlp.c_fc, apart, backend, activation="gelu_tanh" if tanh else None)

@@ -214,7 +214,7 @@ def test_auto_follows_the_measured_order(monkeypatch):
     fastgpt.attention(torch.randn(2, 4, 17, 8), k, k)
     fastgpt.decode_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32))
     assert seen["decode_attention"] == _backends.CUDA_FIRST
-    decode_step_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32), None)  # GPT's graphed step
+    decode_step_attention(q[:, :, :1], k, k, torch.tensor([5, 2], dtype=torch.int32), None, graphed=True)  # captured
     fastgpt.layer_norm(torch.randn(2, 8), None, None)
     fastgpt.sample(torch.randn(3, 10), temperature=0.0)
     fastgpt.sample(torch.randn(9, 10), temperature=0.0)  # the last call of an op wins in `seen`

@@ -323,6 +323,78 @@ def test_graph_mode_keys_the_sampler_path_not_the_bound():
     assert len({mode(0), mode(50), mode(64), mode(200)}) == 4  # none, 64, 128, 256
 
 
+@pytest.mark.parametrize("B", [1, 32])
+def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatch):
+    """_graphs.capture (with torch.cuda's streams and graph stubbed out, on the CPU): the warm-up
+    and the capture run with the cache marked graphed and, from PDL_PLAIN_ROWS rows, with
+    plain launches; afterwards, and after a failed capture, the cache is marked eager again and
+    the state restored."""
+    import contextlib
+
+    from fastgpt import _backends, _graphs
+    from fastgpt.generate import KVCache
+    from fastgpt.model import GPTConfig
+
+    class Stub:
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait_stream(self, stream):
+            pass
+
+        def register_generator_state(self, generator):
+            pass
+
+    for name in ("Stream", "CUDAGraph"):
+        monkeypatch.setattr(torch.cuda, name, Stub)
+    for name in ("stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stub())
+    monkeypatch.setattr(_backends, "_capability", lambda index: 9)
+    cache = KVCache(GPTConfig(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2), B, 8, torch.float32, "cpu")
+    state, seen = torch.zeros(3), []
+
+    def step():
+        state.add_(1)
+        seen.append((cache.graphed, _backends.launch_pdl(torch.device("cuda", 0))))
+
+    graph, reason = _graphs.capture(step, (state,), torch.Generator(), B, cache)
+    assert reason is None and isinstance(graph, Stub)
+    assert seen == [(True, B < _backends.PDL_PLAIN_ROWS)] * (_graphs.WARMUP_STEPS + 1)
+    assert not cache.graphed and _backends.launch_pdl(torch.device("cuda", 0))
+    assert torch.equal(state, torch.ones(3))  # the warm-up's steps undone, the capture's kept
+
+    def failing():
+        step()
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    state.zero_()
+    graph, reason = _graphs.capture(failing, (state,), torch.Generator(), B, cache)
+    assert graph is None and "not permitted" in reason
+    assert not cache.graphed and not state.any()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_decode_attention_is_picked_for_the_graph_while_capturing(fused, monkeypatch):
+    """GPT's decode step hands its cache's graphed mark to decode attention's choice of backend
+    (by device time while a capture runs, by one eager call's time otherwise), fused or not."""
+    from fastgpt import _backends
+    from fastgpt.generate import KVCache
+
+    _, model = tiny(64, 4)
+    model.backend = "triton"
+    model.fused_decode = fused
+    seen = []
+    real = _backends.decode_preference
+    monkeypatch.setattr(_backends, "decode_preference", lambda *a: seen.append(a[2]) or real(*a))
+    cache = KVCache(model.config, 2, 16, torch.float32, "cpu")
+    with torch.inference_mode():
+        for graphed in (False, True):
+            cache.graphed = graphed
+            model.decode(torch.tensor([1, 2]), torch.tensor([3, 4]), cache)
+    assert seen == [False] * 2 + [True] * 2  # two layers a step
+
+
 def test_decoders_kept_are_bounded():
     """Eager: one decoder per model, reused while it is big enough; CUDA graphs: an LRU by (batch, bucket)."""
     from fastgpt import generate as gen

@@ -31,12 +31,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     with attention over other keys takes, as fastgpt.attention's).
     """
     return decode_step_attention(q, k_cache, v_cache, cache_seqlens, None, scale=scale, backend=backend,
-                                 return_lse=return_lse, graphed=False)  # fmt: skip
+                                 return_lse=return_lse)  # fmt: skip
 
 
 def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale: float | None = None,
                           backend: str = "auto", return_lse: bool = False, token_major: bool = False,
-                          graphed: bool = True):  # fmt: skip
+                          graphed: bool = False):  # fmt: skip
     """decode_attention for a caller that keeps a decoder's state (GPT's fused decode step): counters
     None, or an int32 (N,) tensor of zeros on q's device, N >= B * Hq * Sq, used by one stream at a
     time. The Triton and CUDA kernels then merge their KV splits in the same launch (the last
@@ -49,8 +49,9 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     view. The Triton kernels write it so; the other backends copy their output into it (the copy
     the caller would make).
 
-    graphed: the call is part of a step replayed as a CUDA graph (GPT's decode step), so "auto"
-    orders the backends by their device time; False (decode_attention): by one eager call's time."""
+    graphed: the call is part of a step being captured in a CUDA graph (GPT's decode step under
+    fastgpt.generate), so "auto" orders the backends by their device time; False: by one eager
+    call's time."""
     device = check_qkv(q, k_cache, v_cache, kv_names=("k_cache", "v_cache"), layout="(B, Hkv, Smax, D)",
                        kv_heads="the cache's")
     _checks.tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=SEQLEN_DTYPES)
