@@ -97,13 +97,13 @@ SMEM_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block (A100,
 SMEM_LIMIT_SM86 = 101376  # RTX 30xx/40xx, L4, A10 (sm_86/sm_89): what an untuned launch must fit
 
 
-def run_compile_check(function: str):
-    """Run <module>.<function>(arch) (e.g. "tests.test_decode.compile_decode_variants") for sm_80 and
-    sm_90 in a fresh interpreter-free process."""
+def run_compile_check(function: str, archs: tuple[int, ...] = (80, 90)):
+    """Run <module>.<function>(arch) (e.g. "tests.test_decode.compile_decode_variants") for each
+    of `archs` (sm_80 and sm_90) in a fresh interpreter-free process."""
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     module = function.rpartition(".")[0]
-    code = f"import {module} as m\nfor arch in (80, 90):\n    m.{function.rpartition('.')[2]}(arch)"
+    code = f"import {module} as m\nfor arch in {tuple(archs)}:\n    m.{function.rpartition('.')[2]}(arch)"
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -79,6 +79,22 @@ def test_wide_programs(device, poisoned_empty, monkeypatch):
     _check(x, w, b, ln=(g, None, 1e-5), residual=r, activation="gelu_tanh")
 
 
+@pytest.mark.parametrize("block_k", [128, 256])
+def test_the_gpus_steps_on_the_interpreter(block_k, device, poisoned_empty, monkeypatch):
+    """The K steps the GPU takes (gpu_tiles: 128, 256) over a K of 700 (a partial last step), in
+    programs of 16 and of WIDE_BLOCK_N columns, where the interpreter otherwise steps 32 wide."""
+    from fastgpt.kernels import linear as mod
+
+    if device != "cpu":
+        pytest.skip("the GPU takes its own steps (test_gpt2_shapes_on_gpu)")
+    monkeypatch.setattr(mod, "_INTERPRETER_BLOCK_K", block_k)
+    monkeypatch.setattr(mod, "WIDE_N", 100)
+    for N in (40, 150):  # 16 columns a program; 64
+        x, r, w, b, g, beta = _inputs(3, 700, N, torch.float16, device, row_pad=8)
+        _check(x, w, b, ln=(g, beta, 1e-5), residual=r, activation="gelu_tanh")
+        _check(x, w, b)
+
+
 def test_gpu_tiles_follow_the_measurements():
     """gpu_tiles gives GPT-2's forms the tiles the H200's sweep found fastest (kernels/linear.py),
     within the bounds the compile check holds them to (an sm_86 block's shared memory)."""
@@ -249,14 +265,14 @@ _FORMS = {"wte + wpe + ln_1 + c_attn": (True, False, True, True, True, 2304),
           "ln_1 + c_attn": (True, False, True, True, False, 2304),
           "ln_2 + c_fc + gelu": (True, True, True, False, False, 3072),
           "c_proj": (False, False, True, False, False, 768),
-          "ln_f + lm_head": (True, False, False, False, False, 50257),
-          "a vocabulary-wide matmul": (False, False, True, False, False, 50257)}
+          "ln_f + lm_head": (True, False, False, False, False, 50257)}
+# (A vocabulary-wide matmul without a LayerNorm takes c_proj's tiles, its kernel compiled above.)
 
 
 def compile_linear_variants(arch):
-    """Every form GPT.decode launches, per dtype, at 16, 32 and 64 rows (K 3072; those with a
-    LayerNorm also at 1, whose statistics tiles differ), with its tiles (gpu_tiles), lowered for
-    sm_<arch>: no autotuner stands between these launches and the GPU, so each must fit even an
+    """Every form GPT.decode launches, per dtype, at 16 and 64 rows, in bf16 at 32 too (K 3072;
+    those with a LayerNorm also at 1, whose statistics tiles differ), with its tiles (gpu_tiles),
+    lowered for sm_<arch>: no autotuner stands between these launches and the GPU, so each must fit even an
     sm_86/sm_89 block, and its weight loads must be pipelined. lm_head's one row's LayerNorm
     statistics hold no padded rows: at most 128 registers (4 programs an SM; they were 168 with
     16 rows' tiles, 3 programs an SM, which its hundreds of programs feel; 112 with its 64
@@ -270,8 +286,9 @@ def compile_linear_variants(arch):
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp16", "fp32"):
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
+        rows_tried = (16, 32, mod.MAX_ROWS) if dtype == "bf16" else (16, mod.MAX_ROWS)  # 32: fp16's tiles are bf16's
         for (ln, gelu, bias, kv, gather, N), rows in ((form, m) for form in _FORMS.values()
-                                                       for m in ((1,) if form[0] else ()) + (16, 32, mod.MAX_ROWS)):
+                                                       for m in ((1,) if form[0] else ()) + rows_tried):
             block_m = max(16, rows)
             block_n, block_k = mod.gpu_tiles(block_m, N, 3072, 4 if dtype == "fp32" else 2, ln)
             const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
@@ -294,8 +311,9 @@ def compile_linear_variants(arch):
     assert mod.MAX_ROWS == MAX_ROWS  # the ops layer's copy
 
 
-def test_compiles_for_gpu():
-    run_compile_check("tests.test_linear.compile_linear_variants")
+@pytest.mark.parametrize("arch", [80, 90])  # ~50 s each: two tests, for two workers
+def test_compiles_for_gpu(arch):
+    run_compile_check("tests.test_linear.compile_linear_variants", (arch,))
 
 
 @pytest.mark.gpu
