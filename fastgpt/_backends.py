@@ -76,17 +76,17 @@ def attention_preference(flops: float) -> tuple[str, str]:
 
 def decode_preference(queries: int, cache_bytes: int, graphed: bool) -> tuple[str, str]:
     """auto's order for decode_attention: `queries` a row, over a cache of `cache_bytes` (k and v,
-    every slot), in a step replayed as a CUDA graph (`graphed`: GPT's decode step) or one eager
-    call. Measured on an H200 (D64, one query; gpu-probe's decode_batch and `fastgpt bench`,
-    2026-11-30, with Triton's split plan before that run's change): in device time Triton's
-    split-KV kernels are the faster from B1 to B64 (H12 L1024: 4.6 / 9.1 / 30.2 / 54.4 us at B1 /
-    8 / 32 / 64 against CUDA's 7.9 / 9.6 / 39.4 / 70.3; L4096 B64: 189 against 244) but for B11,
-    where CUDA's is 5% faster (10.8 against 11.3). One eager call of them
-    costs ~60 us of host time (two Triton launches) against CUDA's ~25: B1 H12 L1024 (3 MB) 63
-    us a call against 24.5, B64 L1024 (201 MB) 73.6 against 80.8, B64 L4096 (805 MB) 201 against
-    255. So Triton first in graphs, and eager from DECODE_TRITON_EAGER_MIN_BYTES, where CUDA's
-    ~2.9 TB/s makes its call as long as Triton's host time (an estimate between the measured 3 and
-    201 MB). Several queries a row: Triton first (its tile takes up to 64 (head, query) pairs on
+    every slot), in a step being captured in a CUDA graph (`graphed`: generate's decode step) or
+    one eager call. Measured on an H200 (D64, one query; gpu-probe's decode_batch and `fastgpt
+    bench`, 2026-11-30, with Triton's split plan before that run's change): in device time
+    Triton's split-KV kernels are the faster from B1 to B64 (H12 L1024: 4.6 / 9.1 / 30.2 / 54.4
+    us at B1 / 8 / 32 / 64 against CUDA's 7.9 / 9.6 / 39.4 / 70.3; L4096 B64: 189 against 244)
+    but for B11, where CUDA's is 5% faster (10.8 against 11.3). One eager call of them costs ~60
+    us of host time (two Triton launches) against CUDA's ~25: B1 H12 L1024 (3 MB) 63 us a call
+    against 24.5, B64 L1024 (201 MB) 73.6 against 80.8, B64 L4096 (805 MB) 201 against 255. So
+    Triton first in graphs, and eager from DECODE_TRITON_EAGER_MIN_BYTES, where CUDA's ~2.9 TB/s
+    makes its call as long as Triton's host time (an estimate between the measured 3 and 201
+    MB). Several queries a row: Triton first (its tile takes up to 64 (head, query) pairs on
     tensor cores; B1 H32/8 L4096 D128 Sq 8: 10.7 us against CUDA's 52.2, SDPA's 25.6)."""
     if queries > 1 or graphed or cache_bytes >= DECODE_TRITON_EAGER_MIN_BYTES:
         return TRITON_FIRST

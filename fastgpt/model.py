@@ -35,8 +35,10 @@ ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # statistics (B 16: 768 values a row, 144 programs). Measured on an H200 (bf16, gpu-probe's
 # linear, 2026-11-30): at B16 / B32 ln_1 + c_attn fused took 10.7 / 11.3 us at its best tiles,
 # the LayerNorm op with cuBLAS's matmul 5.7 / 5.8; ln_2 + c_fc + gelu 10.8 / 11.5 against 7.1 /
-# 7.2; at B1 / B4 the fused form was as fast or faster. Here the matmul after the op is still
-# fastgpt.ops.linear (it writes the cache), not measured in this form.
+# 7.2. At B1 the fused forms were the faster or close (c_attn 5.6 against 5.3 without the cache
+# write it does; c_fc 5.8 against 6.7), at B4 mixed (6.6 against 5.5; 6.9 against 6.9): where
+# between 4 and 16 rows the op starts to pay is not measured. Here the matmul after the op is
+# still fastgpt.ops.linear (it writes the cache), not measured in this form.
 LN_APART_MIN_ROWS = 16
 
 

@@ -189,12 +189,12 @@ def gpu_tiles(block_m: int, N: int, K: int, element_size: int, has_ln: bool) -> 
     normalised x tile's registers set the step: NARROW_LN_BLOCK_K for up to 32 rows of a form of
     about one wave of programs (c_attn, c_fc), BLOCK_K otherwise. A vocabulary-wide N with a
     LayerNorm (lm_head) takes WIDE_BLOCK_N columns a program up to 32 rows in fp16/bf16. Never
-    much wider than K. Measured on an H200 (bf16, K 768,
-    graph replay, gpu-probe's linear of 2026-11-30), at B 1 / 4 / 16 / 32: ln_1 + c_attn 5.6 /
-    6.6 / 10.7 / 11.3 us with a 256-wide step against 7.8 / 8.3 / 14.6 / 14.8 with 128; ln_2 +
-    c_fc + gelu 5.8 / 6.9 / 10.8 / 11.5 against 8.1 / 8.6 / 14.7 / 15.0; ln_f + lm_head (N
-    50257, 3142 programs of 16 columns) 38.8 / 41.1 / 48.8 / 62.3 with 64 columns against 50.8 /
-    59.3 / 135.6 / 152.4 with 16, and slower with a 256-wide step (58.7 at B1)."""
+    much wider than K. Measured on an H200 (bf16, K 768, graph replay, gpu-probe's linear of
+    2026-11-30), at B 1 / 4 / 16 / 32: ln_1 + c_attn 5.6 / 6.6 / 10.7 / 11.3 us with a 256-wide
+    step against 7.8 / 8.3 / 14.6 / 14.8 with 128; ln_2 + c_fc + gelu 5.8 / 6.9 / 10.8 / 11.5
+    against 8.1 / 8.6 / 14.7 / 15.0; ln_f + lm_head (N 50257, 3142 programs of 16 columns) 38.8 /
+    41.1 / 48.8 / 62.3 with 64 columns against 50.8 / 59.3 / 135.6 / 152.4 with 16, and slower
+    with a 256-wide step (58.7 at B1)."""
     wide = N >= WIDE_N
     # 16-bit, with a LayerNorm (the form measured); 64 rows' tiles, or the 512-wide steps of a form
     # without a LayerNorm, would pass an sm_86 block's shared memory.
