@@ -6,8 +6,9 @@
 #   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel),
 #   5. run scripts/gpu-probe.py's GPT-2 decode step with and without programmatic dependent
 #      launch (kernels/pdl.py's default), its sampler sweep over B (auto's order: every path and backend),
-#      its fused-linear comparison (GPT.fused_decode's default), the candidate path's tiles and
-#      the decode batch sweep, with the time left (PROBE_SECTIONS chooses others),
+#      its fused-linear comparison (GPT.fused_decode's default and the tiles), the decode
+#      kernel's tiles and split plan and the decode batch sweep, with the time left
+#      (PROBE_SECTIONS chooses others),
 #   6. print a short summary table last.
 # Under $OUT (default ./out), eight files, so that a GPU machine that returns only a few files
 # returns them all: env.txt, build.log, gpu-tests.log (memcheck's output appended), bench.log,
@@ -29,7 +30,7 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 PROBE_S=${PROBE_S:-60}  # and for the probe's sections
-PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,sample_batch,linear,sample_cand,decode_batch}
+PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,linear,sample_batch,decode_tiles,decode_batch}
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"
@@ -108,7 +109,7 @@ else
     elif [ "$RC" -ne 0 ]; then echo "MEMCHECK FOUND ERRORS (exit $RC)"; STATUS=1; fi
 fi
 
-step "probe (scripts/gpu-probe.py: the decode step with and without PDL; sampling over the batch; fused linear; candidate tiles; decode over the batch)"
+step "probe (scripts/gpu-probe.py: $PROBE_SECTIONS)"
 PROBE_LEFT=$(( $(left) - 10 ))
 if [ "$PROBE_LEFT" -lt 20 ]; then
     echo "probe not run: $PROBE_LEFT s left" | tee "$OUT/probe.log"
