@@ -5,6 +5,7 @@ GPU-only pieces (CUDA events, graph replay) have `gpu` tests that skip without C
 """
 
 import csv
+import io
 import json
 import time
 
@@ -516,6 +517,47 @@ def test_bad_options_exit_2_before_measuring(tmp_path, monkeypatch, capsys, argv
     [line] = capsys.readouterr().out.strip().splitlines()
     assert line.startswith("fastgpt bench: error: ") and message.replace("{tmp}", str(tmp_path)) in line
     assert measured == []
+
+
+def test_a_time_limit_shares_the_kernel_time_between_the_ops(monkeypatch):
+    """With --time-limit each kernel op starts with an even share of the kernel time left, what an
+    op leaves unused going to the next: a slow first op no longer takes the others' cases (the
+    H200 run's sampling measured B1 only)."""
+    import types
+
+    from rich.console import Console
+
+    from fastgpt.bench import session as session_module
+    from fastgpt.bench.core import Settings
+
+    clock = [0.0]
+    monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
+    cost = {"attention": 30.0, "decode": 1.0, "sampling": 1.0}  # seconds a case takes
+    cases = [types.SimpleNamespace(op=op, name=f"{op} {i}") for op in cost for i in range(3)]
+    monkeypatch.setattr(session_module, "build_cases", lambda op, *args: [c for c in cases if c.op == op])
+    ran = []
+
+    def run_case(case, device, settings, on_step):
+        ran.append((case.name, settings.deadline))
+        clock[0] += cost[case.op]
+        return []
+
+    monkeypatch.setattr(session_module, "run_case", run_case)
+    monkeypatch.setattr(session_module, "_free", lambda device: None)
+    run = object.__new__(session_module.Session)
+    run.console, run.device, run.ops, run.specs = Console(file=io.StringIO()), torch.device("cuda"), list(cost), None
+    run.quick = True
+    run.args = types.SimpleNamespace(dtype=None)
+    run.records, run.env, run.kernel_deadline = [], {}, 90.0
+    run.settings = Settings(deadline=90.0)
+    run.save = lambda: None
+    run.run_kernels()
+    # attention: 30 s of its 30 s share, two cases started; decode then has (90 - 60) / 2 = 15 s
+    # (all three cases), sampling what is left (27 s: all three).
+    assert [name for name, _ in ran] == ["attention 0", "attention 1", "decode 0", "decode 1", "decode 2",
+                                         "sampling 0", "sampling 1", "sampling 2"]
+    assert [d for _, d in ran][:3] == [30.0, 30.0, 75.0]
+    assert [r["case"] for r in run.records if r["status"] == SKIPPED] == ["attention 2"]
 
 
 def _must_not_run(*args):

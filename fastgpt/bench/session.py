@@ -85,16 +85,28 @@ class Session:
         cases = [case for op in ops for case in build_cases(op, self.device, dtype, self.quick, self.specs)]
         with progress_bar(self.console) as bar:
             task = bar.add_task("kernels", total=len(cases))
+            settings = self.settings
             for i, case in enumerate(cases):
-                if self.settings.out_of_time():
+                if i == 0 or cases[i - 1].op != case.op:
+                    settings = self._op_settings(len({c.op for c in cases[i:]}))
+                if settings.out_of_time():
                     self._skip(case.op, "not started: --time-limit reached", case.name)
                 else:
-                    self.add(run_case(case, self.device, self.settings,
+                    self.add(run_case(case, self.device, settings,
                                       on_step=lambda text: bar.update(task, description=escape(text))))
                 _free(self.device)
                 bar.advance(task)
                 if i + 1 == len(cases) or cases[i + 1].op != case.op:
                     self.save()
+
+    def _op_settings(self, ops_left: int):
+        """The settings for the next kernel op's cases: with --time-limit, an even share of the
+        kernel time left (an op done early leaves the rest of its share to the next), so that a
+        short run measures every op's first cases rather than the first op's all."""
+        if self.kernel_deadline is None:
+            return self.settings
+        now = time.monotonic()
+        return dataclasses.replace(self.settings, deadline=now + max(0.0, self.kernel_deadline - now) / ops_left)
 
     def run_generate(self) -> None:
         """The end-to-end comparison: GPU or CPU, whatever this machine has."""
