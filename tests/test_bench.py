@@ -528,7 +528,6 @@ def test_a_time_limit_shares_the_kernel_time_between_the_ops(monkeypatch):
     from rich.console import Console
 
     from fastgpt.bench import session as session_module
-    from fastgpt.bench.core import Settings
 
     clock = [0.0]
     monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
