@@ -266,11 +266,11 @@ _FORMS = {"wte + wpe + ln_1 + c_attn": (True, False, True, True, True, 2304),
           "ln_2 + c_fc + gelu": (True, True, True, False, False, 3072),
           "c_proj": (False, False, True, False, False, 768),
           "ln_f + lm_head": (True, False, False, False, False, 50257)}
-# (A vocabulary-wide matmul without a LayerNorm takes c_proj's tiles, its kernel compiled above.)
+# (A vocabulary-wide matmul without a LayerNorm takes c_proj's tiles: the same kernel as c_proj's.)
 
 
 def compile_linear_variants(arch):
-    """Every form GPT.decode launches, per dtype, at 16 and 64 rows, in bf16 at 32 too (K 3072;
+    """Every form GPT.decode launches, in bf16 and fp32, at 16 and 64 rows, in bf16 at 32 too (K 3072;
     those with a LayerNorm also at 1, whose statistics tiles differ), with its tiles (gpu_tiles),
     lowered for sm_<arch>: no autotuner stands between these launches and the GPU, so each must fit even an
     sm_86/sm_89 block, and its weight loads must be pipelined. lm_head's one row's LayerNorm
@@ -284,9 +284,9 @@ def compile_linear_variants(arch):
 
     mod = load_kernel_module("linear")
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in ("bf16", "fp32"):  # fp16's tiles and code are bf16's but for the element type
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
-        rows_tried = (16, 32, mod.MAX_ROWS) if dtype == "bf16" else (16, mod.MAX_ROWS)  # 32: fp16's tiles are bf16's
+        rows_tried = (16, 32, mod.MAX_ROWS) if dtype == "bf16" else (16, mod.MAX_ROWS)
         for (ln, gelu, bias, kv, gather, N), rows in ((form, m) for form in _FORMS.values()
                                                        for m in ((1,) if form[0] else ()) + rows_tried):
             block_m = max(16, rows)
