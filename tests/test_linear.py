@@ -270,16 +270,16 @@ _FORMS = {"wte + wpe + ln_1 + c_attn": (True, False, True, True, True, 2304),
 
 
 def compile_linear_variants(arch):
-    """Every form GPT.decode launches, in bf16 and fp32, at 16 and 64 rows, in bf16 at 32 too (K 3072;
-    those with a LayerNorm also at 1, whose statistics tiles differ), with its tiles (gpu_tiles),
-    lowered for sm_<arch>: no autotuner stands between these launches and the GPU, so each must fit even an
-    sm_86/sm_89 block, and its weight loads must be pipelined. lm_head's one row's LayerNorm
-    statistics hold no padded rows: at most 128 registers (4 programs an SM; they were 168 with
-    16 rows' tiles, 3 programs an SM, which its hundreds of programs feel; 112 with its 64
-    columns, the H200's fastest); at one row no form spills (the narrow forms' single wave of
-    programs takes their 256-wide steps' ~120 registers). More rows may spill a few bytes (sm_90:
-    lm_head's 64 columns at 16 rows bf16, 8 B, measured the fastest there anyway; fp32's
-    embedding form at 64 rows, 24 B)."""
+    """Every form GPT.decode launches, in bf16 and fp32, at 16 and 64 rows, in bf16 at 32 too
+    (K 3072; those with a LayerNorm also at 1, whose statistics tiles differ), with its tiles
+    (gpu_tiles), lowered for sm_<arch>: no autotuner stands between these launches and the GPU,
+    so each must fit even an sm_86/sm_89 block, and its weight loads must be pipelined.
+    lm_head's one row's LayerNorm statistics hold no padded rows: at most 128 registers (4
+    programs an SM; they were 168 with 16 rows' tiles, 3 programs an SM, which its hundreds of
+    programs feel; 112 with its 64 columns, the H200's fastest); at one row no form spills (the
+    narrow forms' single wave of programs takes their 256-wide steps' ~120 registers). More rows
+    may spill a few bytes (sm_90: lm_head's 64 columns at 16 rows bf16, 8 B, measured the
+    fastest there anyway; fp32's embedding form at 64 rows, 24 B)."""
     from tests.gpu_compile import ptxas_usage
 
     mod = load_kernel_module("linear")
