@@ -37,19 +37,19 @@ from fastgpt._backends import AttentionOutput, launch_pdl, sm_count
 from fastgpt.kernels.pdl import _wait_for_previous_grid
 
 _FP32_DOT_PRECISION = "tf32x3"
-# Split until the grid has this many programs an SM, unless it has _NO_SPLIT_PROGRAMS_PER_SM
-# already: measured on an H200 (132 SMs; gpu-probe's decode_tiles of 2026-11-30, graph replay),
-# B32 H12 L288 D64 (384 programs) in one split 8.4 us against 11.1 in 2 (4 an SM) and 11.9 in 3
-# (16 an SM, the rule before); B64 H12 L4096 D64 (768) 187.4 us in 1, 188.5 in 2, 189.7 in 3;
-# the grids short of 2 waves as fast with 4 an SM as with 16 (B1 H12 L1024 D64 4.5 us; B8 H32
-# L4096 D128, 256 programs, 128.6 in 3 splits against 128.9 in 9, but 156 in one). Where
-# between 256 and 384 programs one split starts to win depends on the rows' length: the 2 is an
-# estimate.
+# Split until the grid has this many programs an SM, unless it has more than
+# _NO_SPLIT_PROGRAMS_PER_SM already: measured on an H200 (132 SMs; gpu-probe's decode_tiles of
+# 2026-11-30, graph replay), B32 H12 L288 D64 (384 programs) in one split 8.4 us against 11.1 in 2
+# (4 an SM) and 11.9 in 3 (16 an SM, the rule before); B64 H12 L4096 D64 (768) 187.4 us in 1,
+# 188.5 in 2, 189.7 in 3; the grids short of 2 waves as fast with 4 an SM as with 16 (B1 H12 L1024
+# D64 4.5 us; B8 H32 L4096 D128, 256 programs, 128.6 in 3 splits against 128.9 in 9, but 156 in
+# one). Where between 256 and 384 programs one split starts to win depends on the rows' length:
+# the 2 is an estimate.
 _PROGRAMS_PER_SM = 4
 _NO_SPLIT_PROGRAMS_PER_SM = 2
 _MIN_SPLIT_BLOCKS = 2  # ... but no split shorter than this many BLOCK_N blocks
 _MAX_SPLITS = 128
-_INTERPRETER_SMS = 8  # a pretend SM count on CPU tensors, so the interpreter exercises splits (up to 15 programs)
+_INTERPRETER_SMS = 6  # a pretend SM count on CPU tensors, so the interpreter exercises splits (up to 12 programs)
 _INTERPRETER_BLOCK_N = 16
 _MAX_BLOCK_N = 64  # the largest block of cache positions: positions within it use 32-bit offsets
 _LN2 = tl.constexpr(math.log(2))  # a base-2 log-sum-exp times this is the natural-log one
@@ -242,7 +242,7 @@ def split_plan(programs: int, Smax: int, block_n: int, num_sms: int) -> tuple[in
     """(num_splits, chunk): cut each cache row into chunks of `chunk` positions (a multiple of
     block_n) so that `programs` (per split) * num_splits programs fill the GPU several times over;
     one split for a grid that does already."""
-    wanted = 1 if programs >= _NO_SPLIT_PROGRAMS_PER_SM * num_sms else triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
+    wanted = 1 if programs > _NO_SPLIT_PROGRAMS_PER_SM * num_sms else triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
     most = min(_MAX_SPLITS, triton.cdiv(Smax, block_n * _MIN_SPLIT_BLOCKS))
     splits = max(1, min(wanted, most))
     chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n

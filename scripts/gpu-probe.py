@@ -240,7 +240,7 @@ def decode_tiles_section(p: Probe):
     shapes = [(2, 2, 40, 16)] if p.smoke else [(1, 12, 288, 64), (32, 12, 288, 64), (64, 12, 4096, 64),
                                                (1, 12, 1024, 64), (8, 32, 4096, 128)]  # fmt: skip
     # (BLOCK_N, warps, stages, programs per SM). 0 programs per SM: one split, no combine launch;
-    # None: kernels/decode.py's split_plan as shipped (a grid of 2 programs an SM takes one split).
+    # None: kernels/decode.py's split_plan as shipped (a grid of more than 2 programs an SM takes one split).
     variants = [(32, 4, 3, 16), (32, 4, 3, 0)] if p.smoke else [
         (64, 4, 3, None), (64, 4, 3, 16), (64, 4, 3, 4), (64, 4, 3, 8), (64, 4, 3, 32), (64, 4, 3, 0),
         (64, 4, 2, None), (64, 4, 4, None), (64, 4, 5, None), (32, 4, 4, None), (32, 4, 6, None), (128, 4, 3, None),

@@ -32,7 +32,7 @@ def _interpreter_plan(B, Hkv, Smax):
 
 
 def test_split_plan_follows_the_measurements():
-    """On an H200's 132 SMs (64-position blocks): grids of 2 programs an SM or more run in one
+    """On an H200's 132 SMs (64-position blocks): grids of more than 2 programs an SM run in one
     split (B32 H12 L288 and B64 H12 L4096 were as fast or faster so), smaller ones split (B1
     H12 L1024; B8 H32 L4096, 256 programs, was 156 us in one split, 129 in 3), never into
     chunks shorter than 2 blocks."""
@@ -515,7 +515,7 @@ def test_gpu_cuda_graph_capture_and_replay():
 @pytest.mark.parametrize("B,Hq,Hkv,Smax,D", [(1, 12, 12, 288, 64), (16, 12, 12, 288, 64), (2, 32, 8, 32768, 128)])
 def test_gpu_counters_merge_without_races(B, Hq, Hkv, Smax, D):
     """The split kernel's own merge at GPT-2's generate shapes (B32 takes one split on an H200:
-    B16 the largest that splits there) and a long GQA cache, 50 calls: every output the same (a
+    B16 splits there) and a long GQA cache, 50 calls: every output the same (a
     merge reading a partial before it lands would move it), the combine kernel's within fp32
     rounding, the counters zero after each call."""
     from fastgpt.kernels.decode import _plan
