@@ -227,7 +227,7 @@ class Decoder:
             return None
         self.kv = self.cache
         state = (self.tok, self.pos, self.seqlens, self.step, self.out, self.finished)
-        self.graph, reason = _graphs.capture(self.decode_step, state, self.generator, self.batch, self.cache)
+        self.graph, reason = _graphs.capture(self.decode_step, state, self.generator, self.cache)
         self.graph_mode = self._mode()
         return reason
 

@@ -161,7 +161,7 @@ class PromptLookup:
             return None
         d.kv = d.cache
         state = (self.text, self.n, self.count, self.seqlens, d.finished)
-        self.graph, reason = _graphs.capture(self.step, state, d.generator, d.batch, d.cache)
+        self.graph, reason = _graphs.capture(self.step, state, d.generator, d.cache)
         self.graph_mode = d._mode()
         return reason
 

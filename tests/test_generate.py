@@ -358,7 +358,7 @@ def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatc
         state.add_(1)
         seen.append((cache.graphed, _backends.launch_pdl(torch.device("cuda", 0))))
 
-    graph, reason = _graphs.capture(step, (state,), torch.Generator(), B, cache)
+    graph, reason = _graphs.capture(step, (state,), torch.Generator(), cache)
     assert reason is None and isinstance(graph, Stub)
     assert seen == [(True, B < _backends.PDL_PLAIN_ROWS)] * (_graphs.WARMUP_STEPS + 1)
     assert not cache.graphed and _backends.launch_pdl(torch.device("cuda", 0))
@@ -369,7 +369,7 @@ def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatc
         raise RuntimeError("operation not permitted when stream is capturing")
 
     state.zero_()
-    graph, reason = _graphs.capture(failing, (state,), torch.Generator(), B, cache)
+    graph, reason = _graphs.capture(failing, (state,), torch.Generator(), cache)
     assert graph is None and "not permitted" in reason
     assert not cache.graphed and not state.any()
 
