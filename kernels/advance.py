@@ -30,6 +30,7 @@ import triton.language as tl
 from fastgpt._backends import launch_pdl
 from fastgpt.kernels.pdl import _wait_for_previous_grid
 from fastgpt.kernels.sampling.common import _key
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 MIN_BLOCK = 32  # rows per step: one warp, one row per thread at least
 GREEDY_BLOCK_V = 1024  # greedy_advance: logits per row a program takes
@@ -116,7 +117,7 @@ def _greedy_advance_kernel(
 
 def _row_block(B: int, num_warps: int = 1) -> int:
     """Rows per step of the bookkeeping: at least one a thread (no element held by two threads)."""
-    return max(MIN_BLOCK * num_warps, min(1024, triton.next_power_of_2(B)))
+    return max(MIN_BLOCK * num_warps, min(1024, next_power_of_2(B)))
 
 
 def advance(nxt, out, step, tok, pos, seqlens, finished, pad, eos, *, has_eos: bool) -> None:
@@ -127,7 +128,7 @@ def advance(nxt, out, step, tok, pos, seqlens, finished, pad, eos, *, has_eos: b
     pdl = launch_pdl(nxt.device)
     _advance_kernel[(1,)](
         nxt, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, E, out.stride(0), HAS_EOS=has_eos,
-        BLOCK_B=_row_block(B), BLOCK_E=max(1, triton.next_power_of_2(E)), PDL=pdl, num_warps=1, launch_pdl=pdl,
+        BLOCK_B=_row_block(B), BLOCK_E=max(1, next_power_of_2(E)), PDL=pdl, num_warps=1, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -138,11 +139,11 @@ def greedy_advance(logits, best, count, out, step, tok, pos, seqlens, finished, 
     The rest as for advance."""
     B, V = logits.shape
     E = eos.shape[0]
-    grid = (triton.cdiv(V, GREEDY_BLOCK_V), triton.cdiv(B, GREEDY_BLOCK_R))
+    grid = (cdiv(V, GREEDY_BLOCK_V), cdiv(B, GREEDY_BLOCK_R))
     pdl = launch_pdl(logits.device)
     _greedy_advance_kernel[grid](
         logits, best, count, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, V, E,
         logits.stride(0), out.stride(0), HAS_EOS=has_eos, BLOCK_V=GREEDY_BLOCK_V, BLOCK_R=GREEDY_BLOCK_R,
-        BLOCK_B=_row_block(B, GREEDY_WARPS), BLOCK_E=max(1, triton.next_power_of_2(E)), PDL=pdl,
+        BLOCK_B=_row_block(B, GREEDY_WARPS), BLOCK_E=max(1, next_power_of_2(E)), PDL=pdl,
         num_warps=GREEDY_WARPS, launch_pdl=pdl,
     )  # fmt: skip

@@ -37,6 +37,7 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fastgpt._backends import AttentionOutput
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 _FP32_DOT_PRECISION = "tf32x3"
 _INTERPRETER_CONFIG = (16, 16, 4, 1)  # (BLOCK_M, BLOCK_N, warps, stages) on CPU tensors: small and fast
@@ -432,13 +433,13 @@ def _launch(q, k, v, out, lse, mask, causal: bool, scale: float, return_lse: boo
     B, Hq, Sq, D = q.shape
     Sk = k.shape[2]
     fp32 = q.dtype == torch.float32
-    block_d = max(16, triton.next_power_of_2(D))
-    seq_bucket, short_q = min(triton.next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
+    block_d = max(16, next_power_of_2(D))
+    seq_bucket, short_q = min(next_power_of_2(max(Sq, Sk)), 16384), _short_q(Sq, block_d, fp32)
     tune_key = (D, causal, mask is not None, seq_bucket, short_q, tma_mode, q.dtype, return_lse)
     tuned = _use_autotuner(q, Sq, Sk) and _autotune(tune_key)
     call = _Call(q, k, v, out, lse, mask, causal, scale, return_lse, block_d, seq_bucket, short_q, tma_mode)
     if tuned and tune_key not in _BEST:
-        grid = lambda cfg: (triton.cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)  # noqa: E731
+        grid = lambda cfg: (cdiv(Sq, cfg["BLOCK_M"]) * B * Hq,)  # noqa: E731
         args, meta = _arguments(call, _descriptors(tma_mode, block_d, q, k, v, out))
         without_tma = lambda: _launch(q, k, v, out, lse, mask, causal, scale, return_lse, TMA_OFF)  # noqa: E731
         if _launch_tuned(grid, args, meta, tma_mode, without_tma, q.device.index):
@@ -482,5 +483,5 @@ def _launch_direct(c: _Call, config: tuple) -> None:
                                BLOCK_N=block_n, BLOCK_D=c.block_d))
     args, meta = _arguments(c, descs)
     B, Hq, Sq = c.q.shape[:3]
-    _attn_fwd_kernel[(triton.cdiv(Sq, block_m) * B * Hq,)](
+    _attn_fwd_kernel[(cdiv(Sq, block_m) * B * Hq,)](
         *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, USE_TMA=use_tma, num_warps=warps, num_stages=stages)

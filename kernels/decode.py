@@ -35,6 +35,7 @@ import triton.language as tl
 
 from fastgpt._backends import AttentionOutput, launch_pdl, sm_count
 from fastgpt.kernels.pdl import _wait_for_previous_grid
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 _FP32_DOT_PRECISION = "tf32x3"
 # Split until the grid has this many programs an SM, unless it has more than
@@ -242,17 +243,17 @@ def split_plan(programs: int, Smax: int, block_n: int, num_sms: int) -> tuple[in
     """(num_splits, chunk): cut each cache row into chunks of `chunk` positions (a multiple of
     block_n) so that `programs` (per split) * num_splits programs fill the GPU several times over;
     one split for a grid that does already."""
-    wanted = 1 if programs > _NO_SPLIT_PROGRAMS_PER_SM * num_sms else triton.cdiv(_PROGRAMS_PER_SM * num_sms, programs)
-    most = min(_MAX_SPLITS, triton.cdiv(Smax, block_n * _MIN_SPLIT_BLOCKS))
+    wanted = 1 if programs > _NO_SPLIT_PROGRAMS_PER_SM * num_sms else cdiv(_PROGRAMS_PER_SM * num_sms, programs)
+    most = min(_MAX_SPLITS, cdiv(Smax, block_n * _MIN_SPLIT_BLOCKS))
     splits = max(1, min(wanted, most))
-    chunk = triton.cdiv(triton.cdiv(Smax, splits), block_n) * block_n
-    return triton.cdiv(Smax, chunk), chunk
+    chunk = cdiv(cdiv(Smax, splits), block_n) * block_n
+    return cdiv(Smax, chunk), chunk
 
 
 def merge_splits_block(num_splits: int, block_g: int, block_d: int) -> int:
     """Splits a step of the split kernel's own merge takes: all of them, up to a tile of
     _MERGE_TILE values (the merge must not raise the kernel's register count much)."""
-    return max(1, min(triton.next_power_of_2(num_splits), _MERGE_TILE // (block_g * block_d)))
+    return max(1, min(next_power_of_2(num_splits), _MERGE_TILE // (block_g * block_d)))
 
 
 class _Tiles(NamedTuple):
@@ -269,9 +270,9 @@ def gpu_tiles(pairs: int, D: int, fp32: bool) -> _Tiles:
     not fit): fp32 operands double the bytes and tf32x3 dots triple them, so fp32 takes smaller
     tiles, and 256-wide heads take at most 32 rows (bf16) or 16 positions (fp32) a step. `pairs`:
     the (query head, query) pairs that read one KV head, group * Sq."""
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = max(16, next_power_of_2(D))
     widest = 16 if fp32 else 32 if block_d == 256 else 64
-    block_g = min(widest, max(16, triton.next_power_of_2(pairs)))
+    block_g = min(widest, max(16, next_power_of_2(pairs)))
     block_n = 64 if block_d <= 128 and not fp32 else 16 if fp32 and block_d == 256 else 32
     return _Tiles(block_g, block_d, block_n, 8 if block_g >= 64 else 4, 2 if fp32 else 3)
 
@@ -282,7 +283,7 @@ def _plan(device, B: int, Hkv: int, Smax: int, pairs: int, D: int, fp32: bool) -
     num_sms = sm_count(device.index) if device.type == "cuda" else _INTERPRETER_SMS
     if device.type != "cuda":  # Triton's interpreter: short blocks, so small caches take several splits
         tiles = tiles._replace(block_n=_INTERPRETER_BLOCK_N, num_stages=1)
-    programs = B * Hkv * triton.cdiv(pairs, tiles.block_g)
+    programs = B * Hkv * cdiv(pairs, tiles.block_g)
     return (tiles, programs, *split_plan(programs, Smax, tiles.block_n, num_sms))
 
 
@@ -359,7 +360,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
     if num_splits > 1 and not merge_here:
         _decode_combine_kernel[(B * Hq * Sq,)](
             o_part, lse_part, out, lse, num_splits, Hq, Sq,
-            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, triton.next_power_of_2(num_splits)),
+            HEAD_DIM=D, BLOCK_D=tiles.block_d, BLOCK_S=min(32, next_power_of_2(num_splits)),
             STORE_LSE=return_lse, TOKEN_MAJOR=token_major, PDL=pdl, num_warps=4, launch_pdl=pdl,
         )  # fmt: skip
     return AttentionOutput(out, lse) if return_lse else out

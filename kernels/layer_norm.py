@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fastgpt._backends import LayerNormOutput
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 MAX_FUSED_N = 16384  # longest row normalised from registers; longer rows take the chunked kernel
 CHUNK_N = 4096  # chunk of the chunked kernel
@@ -172,9 +173,9 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
     )
     stride_r_m = 0 if residual is None else residual.stride(0)
     if N <= MAX_FUSED_N:
-        block_n = triton.next_power_of_2(N)
-        block_m = min(max(1, TILE // block_n), triton.next_power_of_2(M))
-        grid = (triton.cdiv(M, block_m),)
+        block_n = next_power_of_2(N)
+        block_m = min(max(1, TILE // block_n), next_power_of_2(M))
+        grid = (cdiv(M, block_m),)
         _layer_norm_fused_kernel[grid](
             *pointers, M, N, x.stride(0), stride_r_m, eps,
             **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),

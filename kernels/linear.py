@@ -21,6 +21,7 @@ import triton.language as tl
 
 from fastgpt._backends import launch_pdl
 from fastgpt.kernels.pdl import _prefetch_l2, _wait_for_previous_grid
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 MAX_ROWS = 64  # rows of one launch (fastgpt.ops.linear.MAX_ROWS), padded to a power of two >= 16 for tl.dot
 BLOCK_N = 16  # output columns per program: N / 16 programs (48 for GPT-2's 768) to spread the weight reads
@@ -205,7 +206,7 @@ def gpu_tiles(block_m: int, N: int, K: int, element_size: int, has_ln: bool) -> 
         block_k = TILE_ELEMENTS // block_m
     else:
         block_k = NARROW_LN_BLOCK_K if not wide and block_m <= 32 else BLOCK_K
-    return block_n, min(block_k, max(16, triton.next_power_of_2(K)))
+    return block_n, min(block_k, max(16, next_power_of_2(K)))
 
 
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
@@ -233,10 +234,10 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     r_idx = out if residual_rows is None else residual_rows.contiguous()
     if (K - 1) * weight.stride(1) >= 2**31:  # column offsets within a weight row are 32-bit
         weight = weight.contiguous()  # only for a huge weight stored transposed
-    block_m = max(16, triton.next_power_of_2(M))
+    block_m = max(16, next_power_of_2(M))
     block_n, block_k = gpu_tiles(block_m, N, K, x.element_size(), ln is not None)
-    stats_m = triton.next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
-    stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, triton.next_power_of_2(K)))
+    stats_m = next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
+    stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, next_power_of_2(K)))
     block_k, stats_block_k = (block_k, stats_block_k) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
     pdl = launch_pdl(x.device)
     # The weight rows' prefetch takes 16-byte aligned rows of a multiple of 16 bytes (an int32 count).
@@ -247,7 +248,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
     kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
     kv_tokens = M // kv_cache.shape[1] if has_kv and kv_cache.shape[1] else 1
-    _linear_kernel[(triton.cdiv(N, block_n),)](
+    _linear_kernel[(cdiv(N, block_n),)](
         x, x if residual is None else residual, x_idx, r_idx, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
         weight, x if bias is None else bias, out,

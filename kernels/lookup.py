@@ -23,6 +23,7 @@ import triton.language as tl
 
 from fastgpt._backends import launch_pdl
 from fastgpt.kernels.pdl import _wait_for_previous_grid
+from fastgpt.kernels.sizes import next_power_of_2
 
 BLOCK_S = 256  # windows a program compares at once
 NUM_WARPS = 2
@@ -112,7 +113,7 @@ def draft(text, n, tok, pos, drafted, seqlens, *, ngram: int) -> None:
     pdl = launch_pdl(text.device)
     _draft_kernel[(B,)](
         text, n, tok, pos, drafted, seqlens, W, K, min(ngram, W - 1), text.stride(0), BLOCK_S=BLOCK_S,
-        BLOCK_K=triton.next_power_of_2(K + 1), PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl,
+        BLOCK_K=next_power_of_2(K + 1), PDL=pdl, num_warps=NUM_WARPS, launch_pdl=pdl,
     )  # fmt: skip
 
 
@@ -125,6 +126,6 @@ def accept(chosen, tok, drafted, text, n, count, limit, finished, eos, *, has_eo
     pdl = launch_pdl(text.device)
     _accept_kernel[(B,)](
         chosen, tok, drafted, text, n, count, limit, finished.view(torch.uint8), eos, E, W, K, text.stride(0),
-        HAS_EOS=has_eos, BLOCK_K=triton.next_power_of_2(K + 1), BLOCK_E=max(1, triton.next_power_of_2(E)), PDL=pdl,
+        HAS_EOS=has_eos, BLOCK_K=next_power_of_2(K + 1), BLOCK_E=max(1, next_power_of_2(E)), PDL=pdl,
         num_warps=1, launch_pdl=pdl,
     )  # fmt: skip

@@ -44,6 +44,19 @@ def test_split_plan_follows_the_measurements():
     assert decode.split_plan(8 * 32, 4096, 64, 132)[0] == 3
 
 
+def test_launchers_size_their_grids_as_triton_does():
+    """The launchers' host arithmetic (kernels/sizes.py, a cheap stand-in for Triton's constexpr
+    functions) gives Triton's answers."""
+    import triton
+
+    from fastgpt.kernels.sizes import cdiv, next_power_of_2
+
+    for n in [*range(0, 300), 2**31 - 1, 2**31, 2**31 + 1, 2**40 + 3]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 128, 1000):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+
+
 def _inputs(B, Hq, Hkv, Smax, D, dtype, device, seed=0, Sq=1):
     gen = torch.Generator().manual_seed(seed)
 

@@ -66,13 +66,13 @@ the split path needs _MIN_SPLIT_CHUNKS chunks a row. Both paths are far from ban
 from __future__ import annotations
 
 import torch
-import triton
 
 from fastgpt._backends import SAMPLE_CANDIDATE_MAX_K, launch_pdl, sample_candidate_k, sm_count
 from fastgpt.kernels.sampling.candidates import (_candidate_draw_kernel, _candidates_kernel, _group_max_kernel,
                                                  _key_bound_kernel)  # fmt: skip
 from fastgpt.kernels.sampling.row import _sample_kernel
 from fastgpt.kernels.sampling.split import _split_draw_kernel, _split_search_kernel, _split_token_kernel
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 MAX_BLOCK_V = 1024  # vocabulary block per loop step on the split path
 NUM_PIVOTS = 16  # keys tested per search pass: the interval shrinks ~17x per pass
@@ -120,7 +120,7 @@ def split_chunks(B: int, V: int, num_sms: int, min_chunks: int = _MIN_SPLIT_CHUN
     (no host sync: capturable)."""
     if V > MAX_SPLIT_V:
         return 1
-    chunks = min(triton.cdiv(_PROGRAMS_PER_SM * num_sms, B), triton.cdiv(V, _MIN_CHUNK), MAX_CHUNKS)
+    chunks = min(cdiv(_PROGRAMS_PER_SM * num_sms, B), cdiv(V, _MIN_CHUNK), MAX_CHUNKS)
     return chunks if chunks >= min_chunks else 1
 
 
@@ -132,8 +132,8 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
     """The split path: 8 search launches and 1 draw over a (B, C) grid, then the token kernel
     over (B,) (none for the kept set): a fixed sequence, decided by shapes only."""
     B, V = logits.shape
-    chunk = triton.cdiv(triton.cdiv(V, min(num_chunks, MAX_CHUNKS)), 16) * 16  # 16-aligned chunks
-    C = triton.cdiv(V, chunk)
+    chunk = cdiv(cdiv(V, min(num_chunks, MAX_CHUNKS)), 16) * 16  # 16-aligned chunks
+    C = cdiv(V, chunk)
 
     def scratch(*shape, dtype=torch.float32):
         return torch.empty(shape, dtype=dtype, device=logits.device)
@@ -143,7 +143,7 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
     state = scratch(B, 8, 4, dtype=torch.float64)
     draws = (1,) if write_mask else (B, C)  # unused by the kept-set variant
     part_z, part_zi = scratch(*draws), scratch(*draws, dtype=torch.int32)
-    block = min(MAX_BLOCK_V, triton.next_power_of_2(chunk))
+    block = min(MAX_BLOCK_V, next_power_of_2(chunk))
     warps = max(4, _warps(block))  # 4 warps at least for the (MAX_CHUNKS, 256) sums
     pdl = launch_pdl(logits.device)
     for stage in range(8):  # counts by blocks of `block`, masses by blocks of MASS_BLOCK
@@ -164,7 +164,7 @@ def _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mas
 
 def _candidate_block(V: int, cand_k: int) -> int:
     """Vocabulary entries per chunk on the candidate path."""
-    return max(4 * cand_k, CAND_GROUP, min(CAND_BLOCK, triton.next_power_of_2(V)))
+    return max(4 * cand_k, CAND_GROUP, min(CAND_BLOCK, next_power_of_2(V)))
 
 
 def key_bounds(logits, temperature, top_k, cand_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,14 +173,14 @@ def key_bounds(logits, temperature, top_k, cand_k: int) -> tuple[torch.Tensor, t
     and (B,) int32 zeros, the counts of the rows' lists."""
     B, V = logits.shape
     block = _candidate_block(V, cand_k)
-    C = triton.cdiv(V, block)
+    C = cdiv(V, block)
     groups = C * (block // CAND_GROUP)
     gmax = torch.empty((B, groups), dtype=torch.int32, device=logits.device)
     bound, count = torch.empty((2, B), dtype=torch.int32, device=logits.device)
     pdl = launch_pdl(logits.device)
     _group_max_kernel[(B, C)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP, PDL=pdl,
                               num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
-    block_g = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(groups)))
+    block_g = max(cand_k, min(MERGE_BLOCK, next_power_of_2(groups)))
     _key_bound_kernel[(B,)](gmax, top_k, bound, count, groups, CAND_K=cand_k, BLOCK_G=block_g, PDL=pdl,
                             num_warps=_warps(block_g, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     return bound, count
@@ -191,10 +191,10 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
     best: 2 launches; from CAND_BOUND_MIN_ROWS rows, each row's bound first: 4."""
     B, V = logits.shape
     block = _candidate_block(V, cand_k)
-    C = triton.cdiv(V, block)
+    C = cdiv(V, block)
     cands = torch.empty((B, C, cand_k), dtype=torch.int64, device=logits.device)
     bounded = B >= CAND_BOUND_MIN_ROWS
-    list_len = max(cand_k, min(CAND_LIST, triton.next_power_of_2(C * cand_k)))  # no longer than the chunks' lists
+    list_len = max(cand_k, min(CAND_LIST, next_power_of_2(C * cand_k)))  # no longer than the chunks' lists
     bound = count = row_list = cands  # unread unless bounded
     pdl = launch_pdl(logits.device)
     if bounded:
@@ -205,8 +205,8 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
         BOUNDED=bounded, LIST=list_len, PDL=pdl, num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     if write_mask:
         out.zero_()  # the draw kernel marks the kept entries (or, on uncovered rows, writes all)
-    merge = max(cand_k, min(MERGE_BLOCK, triton.next_power_of_2(C * cand_k)))
-    row_block = min(MAX_BLOCK_V, triton.next_power_of_2(V))
+    merge = max(cand_k, min(MERGE_BLOCK, next_power_of_2(C * cand_k)))
+    row_block = min(MAX_BLOCK_V, next_power_of_2(V))
     _candidate_draw_kernel[(B,)](
         logits, temperature, top_k, top_p, min_p, seed, cands, count, row_list, out, logits.stride(0), C * cand_k, V=V,
         WRITE_MASK=write_mask, CAND_K=cand_k, MERGE_BLOCK=merge, BOUNDED=bounded, LIST=list_len, BLOCK_V=row_block,
@@ -226,7 +226,7 @@ def _launch(logits, temperature, top_k, top_p, min_p, seed, out, write_mask: boo
     if num_chunks > 0 and V <= MAX_SPLIT_V:
         return _launch_split(logits, temperature, top_k, top_p, min_p, seed, out, write_mask, num_chunks)
     size = logits.element_size()
-    block_v = min(ROW_BLOCK_V[size], triton.next_power_of_2(V))
+    block_v = min(ROW_BLOCK_V[size], next_power_of_2(V))
     pdl = launch_pdl(logits.device)
     _sample_kernel[(B,)](
         logits, temperature, top_k, top_p, min_p, seed, out, logits.stride(0), V=V,
