@@ -271,18 +271,26 @@ def _import_cuda_extension(emulator: str | None):
 
 
 @torch.compiler.assume_constant_result
-def _cuda_extension_missing() -> str | None:
-    """None when fastgpt._C imports, else why not."""
-    return _import_cuda_extension(os.environ.get(EMULATOR_ENV_VAR) or None)[1]
+def _cuda_extension_missing(emulator: str | None) -> str | None:
+    """None when fastgpt._C (the emulator's build at path `emulator`, if one) imports, else why not."""
+    return _import_cuda_extension(emulator)[1]
+
+
+def cuda_runtime():
+    """(the compiled module fastgpt._C, False), or under FASTGPT_CUDA_EMULATOR (its host build,
+    True); raises BackendUnavailableError if it is not built. One read of the environment: every
+    launch asks."""
+    emulator = os.environ.get(EMULATOR_ENV_VAR) or None
+    module, reason = _import_cuda_extension(emulator)
+    if module is None:
+        raise BackendUnavailableError(reason)
+    return module, emulator is not None
 
 
 def cuda_extension():
     """The compiled module `fastgpt._C` (its host build under FASTGPT_CUDA_EMULATOR); raises
     BackendUnavailableError if it is not built."""
-    module, reason = _import_cuda_extension(os.environ.get(EMULATOR_ENV_VAR) or None)
-    if module is None:
-        raise BackendUnavailableError(reason)
-    return module
+    return cuda_runtime()[0]
 
 
 def why_not(backend: str, device: torch.device) -> str | None:
@@ -298,10 +306,11 @@ def why_not(backend: str, device: torch.device) -> str | None:
         return (f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run "
                 f"Triton's interpreter on CPU tensors)")
     if backend == "cuda":
-        reason = _cuda_extension_missing()
+        emulator = os.environ.get(EMULATOR_ENV_VAR) or None
+        reason = _cuda_extension_missing(emulator)
         if reason:
             return reason
-        if emulating_cuda():
+        if emulator:
             return None if device.type == "cpu" else f"{EMULATOR_ENV_VAR} is set: the cuda backend takes CPU tensors"
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors (got {device.type})"

@@ -17,6 +17,7 @@ strides in multiples of 8 elements; other layouts are copied to contiguous ones 
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -36,20 +37,24 @@ DECODE_ROW_TILE = 8  # decode.cu kMaxGroup: (query head, query) pairs a decode b
 # ----------------------------------------------------------------------------- helpers
 
 
-def _require_cuda(op: str, **tensors: torch.Tensor | None) -> None:
-    """Every tensor on one CUDA device (on the CPU under the emulator, FASTGPT_CUDA_EMULATOR):
-    the kernels dereference all pointers on the first one's."""
+def _extension(op: str, **tensors: torch.Tensor | None):
+    """The extension module that launches `op` (fastgpt._C; its host build under the emulator,
+    FASTGPT_CUDA_EMULATOR), once every tensor is found on one CUDA device (on the CPU under the
+    emulator): the kernels dereference all pointers on the first one's. Each launch asks, so
+    this reads only cheap attributes (is_cuda, is_cpu, the device) until something is wrong."""
+    ext, emulated = _backends.cuda_runtime()
     first = None
-    home = "cpu" if _backends.emulating_cuda() else "cuda"
     for name, t in tensors.items():
         if t is None:
             continue
-        if t.device.type != home:
-            raise ValueError(f"{op} (cuda backend): {name} must be a {home.upper()} tensor, got {t.device}")
+        if not (t.is_cpu if emulated else t.is_cuda):
+            raise ValueError(f"{op} (cuda backend): {name} must be a {'CPU' if emulated else 'CUDA'} tensor, "
+                             f"got {t.device}")  # fmt: skip
         if first is None:
             first = (name, t.device)
         elif t.device != first[1]:
             raise ValueError(f"{op} (cuda backend): {name} is on {t.device} but {first[0]} is on {first[1]}")
+    return ext
 
 
 def _require_shape(op: str, name: str, t: torch.Tensor | None, expected: tuple, dtype=None) -> None:
@@ -81,24 +86,37 @@ def _grid_fits(op: str, B: int, Hq: int) -> None:
 
 def _strides(t: torch.Tensor, dims) -> tuple[int, ...]:
     """t's strides over `dims`, with 0 for size-1 dims (their stride never multiplies an index > 0)."""
-    return tuple(t.stride(d) if t.shape[d] > 1 else 0 for d in dims)
+    shape, strides = t.shape, t.stride()
+    return tuple([strides[d] if shape[d] > 1 else 0 for d in dims])
 
 
 def _vector_ready(t: torch.Tensor) -> torch.Tensor:
     """t itself when the kernels can read it in 16-byte vectors (last dim contiguous, data
     16-byte aligned, other strides multiples of 16 bytes), else a contiguous copy."""
     per_vector = 16 // t.element_size()
-    ok = (
-        t.stride(-1) == 1
-        and t.data_ptr() % 16 == 0
-        and all(s % per_vector == 0 for s in _strides(t, range(t.dim() - 1)))
-    )
+    *strides, last = t.stride()
+    if last != 1 or t.data_ptr() % 16:
+        return t.clone(memory_format=torch.contiguous_format)
+    if math.gcd(*strides) % per_vector == 0:  # every stride a multiple: one C call, for the usual case
+        return t
+    ok = all(s % per_vector == 0 or n == 1 for n, s in zip(t.shape, strides))  # a size-1 dim's stride is never used
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
-def _stream(device: torch.device) -> int:
-    """The current CUDA stream's handle; 0 for the emulator's CPU tensors."""
-    return torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+try:  # the current stream's raw handle, without making a torch.cuda.Stream (Triton's launcher reads it so too)
+    from torch._C import _cuda_getCurrentRawStream as _current_stream
+except ImportError:  # a CPU build of torch: only the emulator's CPU tensors launch
+    def _current_stream(index: int) -> int:
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def _launch_target(t: torch.Tensor) -> tuple[int, int]:
+    """(device index, the handle of its current stream) that a launch on t's device takes; (0, 0)
+    for the emulator's CPU tensors."""
+    if not t.is_cuda:
+        return 0, 0
+    index = t.get_device()
+    return index, _current_stream(index)
 
 
 def _index(device: torch.device) -> int:
@@ -130,7 +148,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     """q (B, Hq, Sq, D), k/v (B, Hkv, Sk, D), fp16/bf16, D in (64, 128) -> o (B, Hq, Sq, D), or
     with return_lse AttentionOutput(o, lse (B, Hq, Sq) fp32: natural log, -inf where no key is seen).
     mask: None, or bool (B, Hq, Sq, Sk), False hiding key j from query i too (an expanded view is fine)."""
-    _require_cuda("attention", q=q, k=k, v=v, mask=mask)
+    ext = _extension("attention", q=q, k=k, v=v, mask=mask)
     _head_dim_supported("attention", q)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -138,14 +156,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _require_shape("attention", "v", v, (B, Hkv, Sk, D), q.dtype)
     _grid_fits("attention", B, Hq)
     mask, mask_strides = _mask("attention", mask, (B, Hq, Sq, Sk))
-    q, k, v = (_vector_ready(t) for t in (q, k, v))
+    q, k, v = _vector_ready(q), _vector_ready(k), _vector_ready(v)
     o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, Hq, Sq, device=q.device, dtype=torch.float32) if return_lse else None
-    _backends.cuda_extension().attention(
+    ext.attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), o.data_ptr(), _ptr(lse), _ptr(mask), mask_strides,
         B, Hq, Hkv, Sq, Sk, D,
         _strides(q, (0, 1, 2)), _strides(k, (0, 1, 2)), _strides(v, (0, 1, 2)), _strides(o, (0, 1, 2)),
-        bool(causal), float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device),
+        bool(causal), float(scale), DTYPE_CODES[q.dtype], *_launch_target(q),
         _backends.launch_pdl(q.device),
     )  # fmt: skip
     return AttentionOutput(o, lse) if return_lse else o
@@ -164,6 +182,7 @@ def _sm_count(device: torch.device) -> int:
     return _backends.sm_count(device.index) if device.type == "cuda" else _backends.EMULATOR_SMS
 
 
+@functools.lru_cache(maxsize=1024)  # every launch asks: a hit costs a tenth of the question
 def decode_num_splits(B: int, Hq: int, Hkv: int, Smax: int, D: int, dtype: torch.dtype, device: torch.device,
                       masked: bool = False, Sq: int = 1) -> int:  # fmt: skip
     """The KV splits decode_attention takes for these shapes (Sq queries a row, with a mask or
@@ -183,7 +202,8 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
     contiguous on q's device, used by one stream at a time: the last split of each (row, tile of
     (head, query) pairs) merges the splits (no second launch) and leaves its counter zero."""
     op = "decode_attention"
-    _require_cuda(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, mask=mask, counters=counters)
+    ext = _extension(op, q=q, k_cache=k_cache, v_cache=v_cache, cache_seqlens=cache_seqlens, mask=mask,
+                     counters=counters)  # fmt: skip
     _head_dim_supported(op, q)
     if cache_seqlens.dtype != torch.int32:
         raise TypeError(f"{op} (cuda backend): cache_seqlens must be int32, got {cache_seqlens.dtype}")
@@ -200,8 +220,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
                          f"with at least B * Hq * Sq = {B * Hq * Sq} elements")  # fmt: skip
     _grid_fits(op, B, Hq)
     mask, mask_strides = _mask(op, mask, (B, Hq, Sq, Smax))
-    C = _backends.cuda_extension()
-    q, k_cache, v_cache = (_vector_ready(t) for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = _vector_ready(q), _vector_ready(k_cache), _vector_ready(v_cache)
     seqlens = cache_seqlens.contiguous()
     num_splits = decode_num_splits(B, Hq, Hkv, Smax, D, q.dtype, q.device, masked=mask is not None, Sq=Sq)
     o = torch.empty(B, Hq, Sq, D, device=q.device, dtype=q.dtype)
@@ -210,12 +229,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float, causal
     if num_splits > 1:  # fp32 workspaces for the per-split outputs and log-sum-exps
         o_partial = torch.empty(B, Hq, Sq, num_splits, D, device=q.device, dtype=torch.float32)
         lse_partial = torch.empty(B, Hq, Sq, num_splits, device=q.device, dtype=torch.float32)
-    C.decode_attention(
+    ext.decode_attention(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), seqlens.data_ptr(), o.data_ptr(),
         _ptr(o_partial), _ptr(lse_partial), _ptr(counters), 0 if counters is None else counters.numel(), _ptr(lse),
         _ptr(mask), mask_strides, B, Hq, Hkv, Sq, Smax, D, num_splits,
         _strides(q, (0, 1, 2)), _strides(k_cache, (0, 1, 2)), _strides(v_cache, (0, 1, 2)), bool(causal),
-        float(scale), DTYPE_CODES[q.dtype], _index(q.device), _stream(q.device), _backends.launch_pdl(q.device),
+        float(scale), DTYPE_CODES[q.dtype], *_launch_target(q), _backends.launch_pdl(q.device),
     )  # fmt: skip
     return AttentionOutput(o, lse) if return_lse else o
 
@@ -234,7 +253,7 @@ def _param(op: str, name: str, p: torch.Tensor | None) -> torch.Tensor | None:
 def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput:
     """x (M, N) fp16/bf16/fp32, weight/bias (N,) or None, residual (M, N) or None ->
     LayerNormOutput(y (M, N), h (M, N) or None), both contiguous in x's dtype."""
-    _require_cuda("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
+    ext = _extension("layer_norm", x=x, weight=weight, bias=bias, residual=residual)
     code = _dtype_code("layer_norm", "x", x)
     if x.dim() != 2:
         raise ValueError(f"layer_norm (cuda backend): x must be 2-D (M, N), got {tuple(x.shape)}")
@@ -248,11 +267,11 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
     _require_shape("layer_norm", "bias", bias, (N,))
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     h = None if residual is None else torch.empty(M, N, device=x.device, dtype=x.dtype)
-    _backends.cuda_extension().layer_norm(
+    ext.layer_norm(
         x.data_ptr(), _ptr(residual), _ptr(weight), _ptr(bias), y.data_ptr(), _ptr(h), M, N,
         x.stride(0), 0 if residual is None else residual.stride(0), y.stride(0), 0 if h is None else h.stride(0),
         float(eps), code, DTYPE_CODES[weight.dtype] if weight is not None else 0,
-        DTYPE_CODES[bias.dtype] if bias is not None else 0, _index(x.device), _stream(x.device),
+        DTYPE_CODES[bias.dtype] if bias is not None else 0, *_launch_target(x),
         _backends.launch_pdl(x.device),
     )  # fmt: skip
     return LayerNormOutput(y, h)
@@ -266,7 +285,8 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     (1,) on the device -> int64 (B,) token ids in [0, V). top_k_bound: every row's top_k is in
     [1, top_k_bound] as far as the caller knows (0: unknown); a small one takes the candidate
     path (csrc/sampling.cu), with the same tokens."""
-    _require_cuda("sample", logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    ext = _extension("sample", logits=logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                     seed=seed)  # fmt: skip
     code = _dtype_code("sample", "logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"sample (cuda backend): logits must be 2-D (B, V), got {tuple(logits.shape)}")
@@ -284,7 +304,6 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     if seed.numel() < 1:
         raise ValueError("sample (cuda backend): seed must hold one int64 value")
     out = torch.empty(B, device=logits.device, dtype=torch.int64)
-    ext = _backends.cuda_extension()
     cand_k = _backends.sample_candidate_k(top_k_bound)
     candidates = None  # the candidate path's workspace (uint64 entries), where it runs
     if cand_k:
@@ -292,6 +311,6 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
     ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
         seed.data_ptr(), out.data_ptr(), 0 if candidates is None else candidates.data_ptr(), cand_k, B, V,
-        logits.stride(0), code, _index(logits.device), _stream(logits.device), _backends.launch_pdl(logits.device),
+        logits.stride(0), code, *_launch_target(logits), _backends.launch_pdl(logits.device),
     )  # fmt: skip
     return out
