@@ -214,6 +214,23 @@ def test_number_parameters_are_made_once():
     assert row_params(3, "meta", 0.7, 50, 0.9, 0.0)[0].device.type == "meta"
 
 
+def test_cached_parameters_are_still_checked():
+    """Four numbers that passed once are looked up, not checked again: the lookup tells values of
+    another type (50.0 == 50) and the other check (filter_logits takes no temperature 0) apart."""
+    from fastgpt.ops.sampling import row_params
+
+    assert row_params(2, "cpu", 0.0, 50, 0.9, 0.0)[0].tolist() == [0.0, 0.0]
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        row_params(2, "cpu", 0.0, 50, 0.9, 0.0, allow_greedy=False)
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        row_params(2, "cpu", 0.0, 50.0, 0.9, 0.0)
+    assert row_params(2, "cpu", 1, 50, 1, 0)[2].dtype == torch.float64  # ints for the float ones are fine
+    with pytest.raises(ValueError, match="top_p must be in"):
+        row_params(2, "cpu", 0.7, 50, 1.5, 0.0)
+    with pytest.raises(ValueError, match="top_p must be in"):  # a refused call is not remembered
+        row_params(2, "cpu", 0.7, 50, 1.5, 0.0)
+
+
 def test_public_sample_passes_the_bound(monkeypatch):
     """fastgpt.sample hands the Triton launcher the bound of its top_k; generate's decoder keeps
     the one of its call."""

@@ -34,20 +34,26 @@ def dense(name: str, t: torch.Tensor) -> None:
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
     """Check that all given tensors live on one device; return it."""
-    named = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.device != first.device:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first.device}; move them to one device")
-    return first.device
+    first_name = first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t.device
+        elif t.device != first:
+            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first}; move them to one device")
+    return first
 
 
 def same_dtype(**tensors: torch.Tensor | None) -> None:
-    named = [(n, t) for n, t in tensors.items() if t is not None]
-    first_name, first = named[0]
-    for name, t in named[1:]:
-        if t.dtype != first.dtype:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first.dtype}; they must match")
+    first_name = first = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if first is None:
+            first_name, first = name, t.dtype
+        elif t.dtype != first:
+            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first}; they must match")
 
 
 def shape(name: str, t: torch.Tensor, expected: tuple, description: str) -> None:

@@ -116,7 +116,7 @@ def attention(q, k, v, *, causal: bool = False, scale: float | None = None, back
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         result = reference.attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
         return AttentionOutput(*result) if return_lse else result
-    q, k, v = (_checks.last_dim_contiguous(t) for t in (q, k, v))
+    q, k, v = map(_checks.last_dim_contiguous, (q, k, v))
     if return_lse:
         return AttentionOutput(*_dispatch.call(_attention_lse_op, _attention_lse, q, k, v, causal, scale, name))
     return _dispatch.call(_attention_op, _attention, q, k, v, causal, scale, name)
@@ -195,7 +195,7 @@ def masked_attention(q, k, v, mask, *, scale: float | None = None, backend: str 
         return q.new_zeros(B, Hq, Sq, D)
     if name == "torch":
         return _masked_reference(q, k, v, mask, scale)
-    q, k, v, mask = (_checks.last_dim_contiguous(t) for t in (q, k, v, mask))
+    q, k, v, mask = map(_checks.last_dim_contiguous, (q, k, v, mask))
     return _dispatch.call(_masked_attention_op, _masked_attention, q, k, v, mask, scale, name)
 
 

@@ -76,7 +76,7 @@ def decode_step_attention(q, k_cache, v_cache, cache_seqlens, counters, *, scale
     if name == "torch":  # plain PyTorch: traceable as is, and no custom-op dispatch cost
         result = _run(q, k_cache, v_cache, cache_seqlens, counters, scale, name, return_lse, token_major)
         return AttentionOutput(*result) if return_lse else result
-    q, k_cache, v_cache = (_checks.last_dim_contiguous(t) for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = map(_checks.last_dim_contiguous, (q, k_cache, v_cache))
     args = (q, k_cache, v_cache, cache_seqlens, counters, scale, name, token_major)
     if return_lse:
         return AttentionOutput(*_dispatch.call(_decode_lse_op, _decode_lse, *args))

@@ -80,23 +80,34 @@ def _number(value, integral: bool) -> int | float | None:
 
 
 _CONSTANT_ROWS: dict = {}  # (value, B, dtype, device) -> a (B,) tensor of that value, never written
+_PARAM_ROWS: dict = {}  # (B, device, allow_greedy, the four numbers and their types) -> row_params' rows
 _MAX_CONSTANT_ROWS = 256  # then new values are made per call: nothing cached is ever freed
+_PLAIN_NUMBERS = {int, float}
+
+
+def _cache_key(device) -> tuple | None:
+    """The key of `device` in the caches of constant rows, or None where nothing may be cached or
+    reused: the meta device, under torch.compile (a cached row would become a constant of the
+    graph), or while a CUDA graph is being captured (a row made then would be the graph's memory)."""
+    device = torch.device(device)
+    if device.type == "meta" or torch.compiler.is_compiling():
+        return None
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return None
+    return _device_key(device)
 
 
 def _constant_row(value, B: int, device, dtype) -> torch.Tensor:
     """torch.full((B,), value), made once per (value, B, dtype, device) and reused: a sampling
     call with Python numbers then launches no fill kernels (four a call otherwise). Entries are
-    never evicted, since a captured CUDA graph may read one; none is made while a graph is being
-    captured (its memory would be the graph's) or under torch.compile (it would become a constant
-    of the graph)."""
-    device = torch.device(device)
-    uncached = (device.type == "meta" or torch.compiler.is_compiling()
-                or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))  # fmt: skip
-    key = (type(value), value, B, dtype, _device_key(device))
-    row = None if uncached else _CONSTANT_ROWS.get(key)
+    never evicted, since a captured CUDA graph may read one (see _cache_key for where none is
+    made)."""
+    where = _cache_key(device)
+    key = where and (type(value), value, B, dtype, where)
+    row = _CONSTANT_ROWS.get(key) if key else None
     if row is None:
         row = torch.full((B,), value, device=device, dtype=dtype)
-        if not uncached and len(_CONSTANT_ROWS) < _MAX_CONSTANT_ROWS:
+        if key and len(_CONSTANT_ROWS) < _MAX_CONSTANT_ROWS:
             _CONSTANT_ROWS[key] = row
     return row
 
@@ -104,19 +115,31 @@ def _constant_row(value, B: int, device, dtype) -> torch.Tensor:
 def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy: bool = True):
     """The four sampling parameters as (B,) tensors on `device`, checked: (temperature fp32,
     top_k int64, top_p fp64, min_p fp32). Each is a number, a (B,) tensor or a list of B numbers.
-    """
+    Four plain Python numbers that passed the checks once are looked up, not checked again: a
+    sampling call asks each time."""
+    key = None
+    if {type(temperature), type(top_k), type(top_p), type(min_p)} <= _PLAIN_NUMBERS:
+        where = _cache_key(device)
+        key = where and (B, where, allow_greedy, type(temperature), temperature, type(top_k), top_k,
+                         type(top_p), top_p, type(min_p), min_p)  # fmt: skip
+        rows = _PARAM_ROWS.get(key) if key else None
+        if rows is not None:
+            return rows
     t_ok = (lambda t: t >= 0) if allow_greedy else (lambda t: t > 0)
 
     def fp32_finite(x):  # for floats and tensors alike; False for NaN. A larger one would become inf
         return abs(x) <= _FP32_MAX
 
-    return (
+    rows = (
         _row_param("temperature", temperature, B, device, torch.float32, lambda t: fp32_finite(t) & t_ok(t),
                    f"{'>= 0' if allow_greedy else '> 0'} and finite in float32 (at most {_FP32_MAX:.4g})"),
         _row_param("top_k", top_k, B, device, torch.int64, lambda k: k >= 0, ">= 0 (0 means off)"),
         _row_param("top_p", top_p, B, device, torch.float64, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 means off)"),
         _row_param("min_p", min_p, B, device, torch.float32, lambda m: (m >= 0) & (m <= 1), "in [0, 1] (0 means off)"),
     )
+    if key and len(_PARAM_ROWS) < _MAX_CONSTANT_ROWS:
+        _PARAM_ROWS[key] = rows
+    return rows
 
 
 def _device_key(device: torch.device):
@@ -162,6 +185,8 @@ def top_k_bound(top_k) -> int:
     """What the host knows of top_k without reading a GPU: the largest value when every row's
     top_k is known here (a number, a list, a CPU tensor outside torch.compile) and > 0; else 0.
     The Triton sampler takes its candidate path under a small bound."""
+    if type(top_k) is int:  # the common case, quickly
+        return min(top_k, _INT64_MAX) if top_k > 0 else 0
     if isinstance(top_k, torch.Tensor):
         if top_k.device.type != "cpu" or torch.compiler.is_compiling():
             return 0
