@@ -7,7 +7,8 @@
 #   5. run scripts/gpu-probe.py's GPT-2 decode step with and without programmatic dependent
 #      launch (kernels/pdl.py's default), its sampler sweep over B (auto's order: every path and backend),
 #      its fused-linear comparison (GPT.fused_decode's default and the tiles), the decode
-#      kernel's tiles and split plan and the decode batch sweep, with the time left
+#      kernel's tiles and split plan, the decode batch sweep and every op's host time a call
+#      (the overhead section), with the time left
 #      (PROBE_SECTIONS chooses others),
 #   6. print a short summary table last.
 # Under $OUT (default ./out), eight files, so that a GPU machine that returns only a few files
@@ -30,7 +31,7 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 PROBE_S=${PROBE_S:-90}  # and for the probe's sections (cheapest first; a cut one keeps what it measured)
-PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,decode_tiles,decode_batch,sample_batch,linear}
+PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,decode_tiles,decode_batch,sample_batch,linear,overhead}
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"
