@@ -66,8 +66,8 @@ def cases(backend: str) -> dict:
         "attention B1 H4 S16 causal": lambda: fastgpt.attention(qa, ka, ka, causal=True, backend=backend),
         "layer_norm 1 x 768": lambda: fastgpt.layer_norm(x, w, b, backend=backend),
         "sample 1 x 1000 t0.8 k50 p0.9": lambda: fastgpt.sample(logits, temperature=0.8, top_k=50, top_p=0.9,
-                                                                 backend=backend),  # fmt: skip
-    }
+                                                                 backend=backend),
+    }  # fmt: skip
 
 
 def best_us(fn, calls: int, repeats: int) -> float:

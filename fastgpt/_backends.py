@@ -276,21 +276,13 @@ def _cuda_extension_missing(emulator: str | None) -> str | None:
     return _import_cuda_extension(emulator)[1]
 
 
-def cuda_runtime():
-    """(the compiled module fastgpt._C, False), or under FASTGPT_CUDA_EMULATOR (its host build,
-    True); raises BackendUnavailableError if it is not built. One read of the environment: every
-    launch asks."""
-    emulator = os.environ.get(EMULATOR_ENV_VAR) or None
-    module, reason = _import_cuda_extension(emulator)
-    if module is None:
-        raise BackendUnavailableError(reason)
-    return module, emulator is not None
-
-
 def cuda_extension():
     """The compiled module `fastgpt._C` (its host build under FASTGPT_CUDA_EMULATOR); raises
     BackendUnavailableError if it is not built."""
-    return cuda_runtime()[0]
+    module, reason = _import_cuda_extension(os.environ.get(EMULATOR_ENV_VAR) or None)
+    if module is None:
+        raise BackendUnavailableError(reason)
+    return module
 
 
 def why_not(backend: str, device: torch.device) -> str | None:

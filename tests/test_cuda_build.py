@@ -262,7 +262,11 @@ def test_num_splits_fill_the_last_wave():
 # ----------------------------------------------------------------------------- the launchers
 
 
-def test_launchers_require_cuda_tensors():
+@pytest.mark.parametrize("built", [True, False], ids=["as-installed", "without-extension"])
+def test_launchers_require_cuda_tensors(built, request):
+    """The launchers name a misplaced tensor before they ask for the extension, built or not."""
+    if not built:
+        request.getfixturevalue("no_extension")
     q = torch.randn(1, 2, 3, 64, dtype=torch.float16)
     with pytest.raises(ValueError, match=r"attention \(cuda backend\): q must be a CUDA tensor"):
         _cuda.attention(q, q, q, causal=False, scale=0.125)

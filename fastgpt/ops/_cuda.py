@@ -42,7 +42,7 @@ def _extension(op: str, **tensors: torch.Tensor | None):
     FASTGPT_CUDA_EMULATOR), once every tensor is found on one CUDA device (on the CPU under the
     emulator): the kernels dereference all pointers on the first one's. Each launch asks, so
     this reads only cheap attributes (is_cuda, is_cpu, the device) until something is wrong."""
-    ext, emulated = _backends.cuda_runtime()
+    emulated = _backends.emulating_cuda()
     first = None
     for name, t in tensors.items():
         if t is None:
@@ -54,7 +54,7 @@ def _extension(op: str, **tensors: torch.Tensor | None):
             first = (name, t.device)
         elif t.device != first[1]:
             raise ValueError(f"{op} (cuda backend): {name} is on {t.device} but {first[0]} is on {first[1]}")
-    return ext
+    return _backends.cuda_extension()
 
 
 def _require_shape(op: str, name: str, t: torch.Tensor | None, expected: tuple, dtype=None) -> None:
@@ -99,7 +99,7 @@ def _vector_ready(t: torch.Tensor) -> torch.Tensor:
         return t.clone(memory_format=torch.contiguous_format)
     if math.gcd(*strides) % per_vector == 0:  # every stride a multiple: one C call, for the usual case
         return t
-    ok = all(s % per_vector == 0 or n == 1 for n, s in zip(t.shape, strides))  # a size-1 dim's stride is never used
+    ok = all(n <= 1 or s % per_vector == 0 for n, s in zip(t.shape, strides))  # a size-0/1 dim's stride is unused
     return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 

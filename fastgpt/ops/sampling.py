@@ -103,11 +103,11 @@ def _constant_row(value, B: int, device, dtype) -> torch.Tensor:
     never evicted, since a captured CUDA graph may read one (see _cache_key for where none is
     made)."""
     where = _cache_key(device)
-    key = where and (type(value), value, B, dtype, where)
-    row = _CONSTANT_ROWS.get(key) if key else None
+    key = None if where is None else (type(value), value, B, dtype, where)
+    row = None if key is None else _CONSTANT_ROWS.get(key)
     if row is None:
         row = torch.full((B,), value, device=device, dtype=dtype)
-        if key and len(_CONSTANT_ROWS) < _MAX_CONSTANT_ROWS:
+        if key is not None and len(_CONSTANT_ROWS) < _MAX_CONSTANT_ROWS:
             _CONSTANT_ROWS[key] = row
     return row
 
@@ -120,11 +120,12 @@ def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy
     key = None
     if {type(temperature), type(top_k), type(top_p), type(min_p)} <= _PLAIN_NUMBERS:
         where = _cache_key(device)
-        key = where and (B, where, allow_greedy, type(temperature), temperature, type(top_k), top_k,
-                         type(top_p), top_p, type(min_p), min_p)  # fmt: skip
-        rows = _PARAM_ROWS.get(key) if key else None
-        if rows is not None:
-            return rows
+        if where is not None:
+            key = (B, where, allow_greedy, type(temperature), temperature, type(top_k), top_k, type(top_p), top_p,
+                   type(min_p), min_p)  # fmt: skip
+            rows = _PARAM_ROWS.get(key)
+            if rows is not None:
+                return rows
     t_ok = (lambda t: t >= 0) if allow_greedy else (lambda t: t > 0)
 
     def fp32_finite(x):  # for floats and tensors alike; False for NaN. A larger one would become inf
@@ -137,7 +138,7 @@ def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy
         _row_param("top_p", top_p, B, device, torch.float64, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 means off)"),
         _row_param("min_p", min_p, B, device, torch.float32, lambda m: (m >= 0) & (m <= 1), "in [0, 1] (0 means off)"),
     )
-    if key and len(_PARAM_ROWS) < _MAX_CONSTANT_ROWS:
+    if key is not None and len(_PARAM_ROWS) < _MAX_CONSTANT_ROWS:
         _PARAM_ROWS[key] = rows
     return rows
 
