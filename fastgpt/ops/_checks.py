@@ -34,26 +34,26 @@ def dense(name: str, t: torch.Tensor) -> None:
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
     """Check that all given tensors live on one device; return it."""
-    first_name = first = None
-    for name, t in tensors.items():
-        if t is None:
-            continue
-        if first is None:
-            first_name, first = name, t.device
-        elif t.device != first:
-            raise ValueError(f"{name} is on {t.device} but {first_name} is on {first}; move them to one device")
-    return first
+    return _shared("device", tensors, ValueError, "is on {value} but {first_name} is on {first}; move them to one device")
 
 
 def same_dtype(**tensors: torch.Tensor | None) -> None:
+    _shared("dtype", tensors, TypeError, "has dtype {value} but {first_name} has {first}; they must match")
+
+
+def _shared(attr: str, tensors: dict, error: type[Exception], message: str):
+    """The `attr` (device, dtype) of the given tensors (None ones skipped), which must all have the
+    first one's; else `error` naming the first that differs (`message` after its name)."""
     first_name = first = None
     for name, t in tensors.items():
         if t is None:
             continue
+        value = getattr(t, attr)
         if first is None:
-            first_name, first = name, t.dtype
-        elif t.dtype != first:
-            raise TypeError(f"{name} has dtype {t.dtype} but {first_name} has {first}; they must match")
+            first_name, first = name, value
+        elif value != first:
+            raise error(f"{name} " + message.format(value=value, first_name=first_name, first=first))
+    return first
 
 
 def shape(name: str, t: torch.Tensor, expected: tuple, description: str) -> None:
