@@ -243,7 +243,12 @@ def _triton_missing() -> str | None:
 
 def emulating_cuda() -> bool:
     """True when the cuda backend runs the host build of its kernels (FASTGPT_CUDA_EMULATOR)."""
-    return bool(os.environ.get(EMULATOR_ENV_VAR))
+    return _emulator() is not None
+
+
+def _emulator() -> str | None:
+    """FASTGPT_CUDA_EMULATOR: the path of the extension's host build, or None (unset or empty)."""
+    return os.environ.get(EMULATOR_ENV_VAR) or None
 
 
 @functools.cache
@@ -279,7 +284,7 @@ def _cuda_extension_missing(emulator: str | None) -> str | None:
 def cuda_extension():
     """The compiled module `fastgpt._C` (its host build under FASTGPT_CUDA_EMULATOR); raises
     BackendUnavailableError if it is not built."""
-    module, reason = _import_cuda_extension(os.environ.get(EMULATOR_ENV_VAR) or None)
+    module, reason = _import_cuda_extension(_emulator())
     if module is None:
         raise BackendUnavailableError(reason)
     return module
@@ -298,7 +303,7 @@ def why_not(backend: str, device: torch.device) -> str | None:
         return (f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run "
                 f"Triton's interpreter on CPU tensors)")
     if backend == "cuda":
-        emulator = os.environ.get(EMULATOR_ENV_VAR) or None
+        emulator = _emulator()
         reason = _cuda_extension_missing(emulator)
         if reason:
             return reason
