@@ -23,6 +23,9 @@ were set from (or guessed at):
                  unfused ops they replace (the LayerNorm op, F.linear, F.gelu), per GPT-2 shape.
   decode_step    GPT-2's whole decode step at B1 and B32, its kernels launched as programmatic
                  dependents (kernels/pdl.py) and not.
+  step_kernels   where that step's time goes: each kernel's device us a call and a step inside the
+                 graphed step (torch's profiler), and the step's span against its kernels' sum (the
+                 gap: the device idle between kernels, or negative, their overlap under PDL).
   lookup_step    a prompt-lookup step of generate (fastgpt/speculative.py: drafting, verifying k
                  drafts, accepting) against a plain decode step, GPT-2 at B1 and B8: the tokens a
                  step must accept on average to pay.
@@ -44,6 +47,7 @@ import io
 import json
 import os
 import pstats
+import re
 import time
 from collections.abc import Callable
 
@@ -134,6 +138,10 @@ class Probe:
                 row.update(fn())
             except Exception as exc:  # one failing variant must not cost the others
                 row["error"] = repr(exc)[:240]
+        self.add(section, row)
+
+    def add(self, section: str, row: dict) -> None:
+        """Keep and print a row already measured (one of several a single measurement gives)."""
         self.results.setdefault(section, []).append(row)
         print(section, {k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
 
@@ -457,6 +465,19 @@ def probe_gpt(p: Probe):
     return config, dtype, model
 
 
+def step_inputs(p: Probe, config, dtype, B: int):
+    """(cache, tok, pos, seqlens) of a decode step: a KVCache of random values, 288 slots (the
+    generate benchmark's 32 + 256; with smoke, 32), B rows, each at position 160 (5/9 of the way)."""
+    from fastgpt.generate import KVCache
+
+    length = 32 if p.smoke else 288
+    cache = KVCache(config, B, length, dtype, p.device)
+    cache.kv.normal_()
+    tok = torch.randint(0, config.vocab_size, (B,), device=p.device)  # (B,)
+    pos = torch.full((B,), length * 5 // 9, device=p.device)  # (B,) int64
+    return cache, tok, pos, (pos + 1).int()
+
+
 def decode_step_section(p: Probe):
     """GPT-2 124M's decode step at B1 and B32 (GPT.decode, fused: 61 launches) under graph
     replay, its kernels launched as programmatic dependents whose matmuls prefetch their weights
@@ -464,18 +485,12 @@ def decode_step_section(p: Probe):
     prefetch (kernels/linear.py's PREFETCH_WEIGHTS), and as plain launches (FASTGPT_PDL=0): what
     the overlap at the ~60 kernel boundaries saves a step. Random weights, bf16, a 288-slot cache
     (the generate benchmark's 32 + 256) at position 160."""
-    from fastgpt.generate import KVCache
     from fastgpt.kernels import linear as tri_linear
 
     config, dtype, model = probe_gpt(p)
-    length = 32 if p.smoke else 288
     with env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS"), torch.inference_mode():
         for B in (1,) if p.smoke else (1, 32):  # the generate targets' batches
-            cache = KVCache(config, B, length, dtype, p.device)
-            cache.kv.normal_()
-            tok = torch.randint(0, config.vocab_size, (B,), device=p.device)
-            pos = torch.full((B,), length * 5 // 9, device=p.device)
-            seqlens = (pos + 1).int()
+            cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
             variants = ((True, True), (True, False), (False, False))
             for on, prefetch in variants[:1] if p.smoke else variants:  # on the CPU all are the same
                 def measure(on=on, prefetch=prefetch, cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
@@ -484,6 +499,92 @@ def decode_step_section(p: Probe):
                     d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
                     return {"device_us": d, "tok_per_s": B * 1e6 / d}
                 p.record("decode_step", {"B": B, "pdl": on, "prefetch": prefetch}, measure)
+
+
+def kernel_name(name: str) -> str:
+    """A device event's name, short: a C++ kernel's without `void `, anonymous namespaces and its
+    argument list, a Triton kernel's without the signature suffix of Triton before 3.0
+    (`_0d1d2de`), at most 80 characters. Others ("Memset (Device)") as they are."""
+    if name.startswith("void "):
+        name = name.removeprefix("void ").replace("(anonymous namespace)::", "").split("(")[0]
+    name = re.sub(r"_(\d+[cde]+){2,}$", "", name)
+    return name if len(name) <= 80 else name[:77] + "..."
+
+
+def traced_steps(p: Probe, step: Callable, steps: int) -> list:
+    """`steps` steps under torch's profiler, their events in start order: on a GPU, the device's
+    (kernels, memsets, copies) over replays of the step's CUDA graph; on the CPU, the top-level
+    torch ops of calls (host time: there are no kernels)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    if p.smoke:
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+        return sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start)
+    graph = timing.capture_graph(lambda _: step(), 1)  # run first on a side stream, then captured
+    for _ in range(3):  # the first replay uploads the graph
+        graph.replay()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            graph.replay()
+        torch.cuda.synchronize()  # the tracer drops what ends after it stops
+    events = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return sorted(events, key=lambda e: e.time_range.start)
+
+
+def step_table(events: list, steps: int) -> tuple[dict, list[dict]]:
+    """From `steps` identical steps' events in start order: the step's summary (its span, first
+    start to last end, the mean over steps; its events' summed time; the gap, span - sum; events
+    a step) and a row per short name, most time a step first."""
+    if not events:
+        raise RuntimeError("no events in the profile: CUPTI traced none of the graph's kernels")
+    if len(events) % steps:
+        raise RuntimeError(f"{len(events)} events over {steps} steps: some steps' events are missing")
+    n = len(events) // steps
+    runs = [events[i:i + n] for i in range(0, len(events), n)]
+    span = sum(max(e.time_range.end for e in run) - run[0].time_range.start for run in runs) / steps
+    times = {}
+    for e in events:
+        times.setdefault(kernel_name(e.name), []).append(e.time_range.elapsed_us())
+    rows = [{"kernel": name, "calls_per_step": len(t) / steps, "us_per_call": sum(t) / len(t),
+             "us_per_step": sum(t) / steps} for name, t in times.items()]
+    busy = sum(row["us_per_step"] for row in rows)
+    summary = {"span_us": span, "kernels_us": busy, "gap_us": span - busy, "launches": n}
+    return summary, sorted(rows, key=lambda row: -row["us_per_step"])
+
+
+def step_kernels_section(p: Probe):
+    """Where decode_step's time goes: GPT-2 124M's decode step at B1 and B32 (PDL as by default)
+    captured in a CUDA graph, 20 replays traced by torch's profiler (CUPTI). A row per kernel
+    name: calls a step, device us a call and a step, most first; then the step's row: its span
+    on the device (first kernel's start to last kernel's end), its kernels' sum, the gap between
+    (idle: launch latency, the graph's dependencies), launches a step, and untraced_us, the same
+    step timed by CUDA events without the tracer (decode_step's device_us), to tell what tracing
+    added. Under PDL a dependent kernel starts before its predecessor ends and waits for it:
+    its time includes that wait, so the sum can exceed the span (a negative gap: overlap).
+    With smoke, two calls on the CPU, the top-level torch ops as the kernels (host time), five rows."""
+    config, dtype, model = probe_gpt(p)
+    steps = 2 if p.smoke else 20
+    with torch.inference_mode():
+        for B in (1,) if p.smoke else (1, 32):
+            cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
+            kernels = []
+
+            def measure(cache=cache, tok=tok, pos=pos, seqlens=seqlens, kernels=kernels):
+                def step():
+                    return model.decode(tok, pos, cache, seqlens)
+
+                summary, rows = step_table(traced_steps(p, step, steps), steps)
+                kernels.extend(rows)
+                return {**summary, "untraced_us": p.device_us(step, per_replay=5, replays=15)}
+
+            p.record("step_kernels", {"B": B, "kernel": "(step)"}, measure)
+            for row in kernels[:5] if p.smoke else kernels:  # measured already: kept past the time limit
+                p.add("step_kernels", {"B": B, **row})
 
 
 def lookup_step_section(p: Probe):
@@ -553,7 +654,8 @@ SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
             "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,
-            "linear": linear_section, "decode_step": decode_step_section, "lookup_step": lookup_step_section,
+            "linear": linear_section, "decode_step": decode_step_section, "step_kernels": step_kernels_section,
+            "lookup_step": lookup_step_section,
             "profile": profile_section}
 
 
