@@ -7,10 +7,16 @@
 This is a decode step's matrix-vector work (batch 1 to MAX_ROWS rows): it reads every weight
 once and is bound by those bytes, and a GPT-2 step on a GPU is bound by its launch count as much,
 so each launch here does the work of two or three (add + LayerNorm, matmul, GELU; for GPT's q|k|v
-projection also the write of k and v into the cache). Every program owns BLOCK_N output columns
-of all M rows (padded to BLOCK_M, a power of two >= 16, for tl.dot) and streams their weight rows
-through in BLOCK_K steps, several in flight (cp.async); the LayerNorm statistics of the M input
-rows (a few KB, from L2) are recomputed by each program rather than stored, and program 0 writes h.
+projection also the write of k and v into the cache). Two kernels, one contract:
+
+- _linear_kernel (tiled): every program owns BLOCK_N output columns of all M rows (padded to
+  BLOCK_M, a power of two >= 16, for tl.dot) and streams their weight rows through in BLOCK_K
+  steps, several in flight (cp.async).
+- _gemv_kernel (matrix-vector, up to GEMV_MAX_ROWS rows; gemv_columns): every program loads the
+  whole weight rows of a few columns at once and sums their products with each input row.
+
+In both the LayerNorm statistics of the M input rows (a few KB, from L2) are recomputed by each
+program rather than stored, and program 0 writes h.
 """
 
 from __future__ import annotations
@@ -36,6 +42,15 @@ NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
 PREFETCH_WEIGHTS = True  # as a programmatic dependent, ask L2 for the program's weight rows before waiting
 _INTERPRETER_BLOCK_K = 32
+# The matrix-vector kernel (gemv_columns) for up to GEMV_MAX_ROWS rows (0: never), each program
+# holding GEMV_TILE_BYTES of whole weight rows in registers (64 bytes a thread at GEMV_WARPS 4).
+# Each program also reads its input rows (from L2): at K 3072 (one column a program) one row is
+# as many bytes as the program's weights, so the rows it pays for are few. Not yet measured on a
+# GPU against the tiled kernel: gpu-probe's linear section compares the two at 1, 2 and 4 rows
+# and over the tile, its decode_step section GPT-2's step with and without it.
+GEMV_MAX_ROWS = 1
+GEMV_TILE_BYTES = 8192
+GEMV_WARPS = 4
 
 
 @triton.jit
@@ -162,8 +177,34 @@ def _linear_kernel(
         w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
 
+    bias, pos = _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, row_ok, cols, col_ok, HAS_BIAS, KV_CACHE)
+    _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
+              stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens, HAS_BIAS, GELU_TANH, KV_CACHE)  # fmt: skip
+
+
+@triton.jit
+def _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, row_ok, cols, col_ok, HAS_BIAS: tl.constexpr,
+                     KV_CACHE: tl.constexpr):  # fmt: skip
+    """What _epilogue reads: the bias of columns `cols` (fp32) and the cache slots of rows `rows`
+    (each only where its form has it; zeros and -1 otherwise)."""
+    bias = tl.zeros(cols.shape, tl.float32)
+    pos = tl.full(rows.shape, -1, tl.int64)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if KV_CACHE:
+        pos = tl.load(kv_pos_ptr + rows, mask=row_ok, other=-1)
+    return bias, pos
+
+
+@triton.jit
+def _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
+              stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens, HAS_BIAS: tl.constexpr,
+              GELU_TANH: tl.constexpr, KV_CACHE: tl.constexpr):  # fmt: skip
+    """acc (R, C) fp32, rows `rows` (R,) int64 x columns `cols` (C,) of the output: + bias, GELU,
+    stored to out in its dtype, and with KV_CACHE the k and v columns to each row's cache slot
+    `pos` (R,) (_epilogue_inputs reads bias and pos)."""
+    if HAS_BIAS:
+        acc += bias[None, :]
     if GELU_TANH:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
         z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
         e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow on either side
@@ -174,11 +215,76 @@ def _linear_kernel(
         C = N // 3
         kv_col = tl.maximum(cols - C, 0)  # column c of k|v (2C wide): which = c // C, head, d
         which, head, d = kv_col // C, (kv_col % C) // head_dim, kv_col % head_dim
-        pos = tl.load(kv_pos_ptr + rows, mask=row_ok, other=-1)
         dst = (kv_ptr + which.to(tl.int64)[None, :] * stride_kv_which + (rows // kv_tokens)[:, None] * stride_kv_b
                + head.to(tl.int64)[None, :] * stride_kv_h + pos[:, None] * stride_kv_s + d[None, :])  # fmt: skip
         slot_ok = row_ok & (pos >= 0) & (pos < kv_len)
         tl.store(dst, out, mask=slot_ok[:, None] & (col_ok & (cols >= C))[None, :])
+
+
+# The matrix-vector form, for a few rows (M <= GEMV_MAX_ROWS) and rows of at most a tile: program
+# p holds the whole weight rows of its BLOCK_N columns, (BLOCK_N, BLOCK_K) with BLOCK_K >= K, and
+# asks for all of them in one go, beside the input rows: one round trip to memory (or to L2, where
+# the prefetch put them) where the tiled kernel makes one for the statistics and then streams its
+# K steps. Each input row in turn: x (+ residual) (1, BLOCK_K), its statistics in one pass (the
+# row is in registers), the normalised row rounded to x's dtype, and its BLOCK_N dot products as
+# fp32 products summed across the row (no tensor-core tile, so no rows padded to 16 and as few
+# columns a program as the tile asks: more programs for GPT-2's narrow matmuls).
+@triton.jit
+def _gemv_kernel(
+    x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, ln_w_ptr, ln_b_ptr, w_ptr, bias_ptr, out_ptr, kv_ptr, kv_pos_ptr,
+    M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps, x_table_rows, r_table_rows,
+    stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens,
+    HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
+    GELU_TANH: tl.constexpr, PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """_linear_kernel's arguments (its pointers' comments hold), for M <= BLOCK_M <= GEMV_MAX_ROWS
+    and K <= BLOCK_K."""
+    pid = tl.program_id(0)
+    if PREFETCH_W:
+        w_row = w_ptr + tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64) * stride_wn
+        _prefetch_l2(w_row, tl.full([BLOCK_N], K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), tl.int32))
+    _wait_for_previous_grid(PDL)
+    cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
+    w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    if HAS_LN_WEIGHT:
+        ln_w = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LN_BIAS:
+        ln_b = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    bias, pos = _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, rows < M, cols, col_ok, HAS_BIAS, KV_CACHE)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for m in tl.static_range(BLOCK_M):
+        row = m + tl.arange(0, 1).to(tl.int64)  # (1,): row m, as a one-row tile
+        row_ok = row < M
+        mask = row_ok[:, None] & k_ok[None, :]
+        x_row, x_ok = _table_rows(x_idx_ptr, row, row_ok, x_table_rows, X_GATHER)
+        r_row, r_ok = _table_rows(r_idx_ptr, row, row_ok, r_table_rows, R_GATHER)
+        a = _input_block(x_ptr, r_ptr, x_row, x_ok, r_row, r_ok, ks, k_ok, stride_x, stride_r, HAS_RESIDUAL)
+        if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
+            if pid == 0:
+                tl.store(h_ptr + row[:, None] * K + ks[None, :], a, mask=mask)
+        if HAS_LN:  # (1, BLOCK_K): the statistics of one row held whole, centred before squaring
+            hf = a.to(tl.float32)
+            mean = tl.sum(hf, axis=1) / K
+            d = tl.where(mask, hf - mean[:, None], 0.0)
+            y = d * (1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps))[:, None]
+            if HAS_LN_WEIGHT:
+                y *= ln_w
+            if HAS_LN_BIAS:
+                y += ln_b
+            a = tl.where(mask, y, 0.0).to(x_ptr.dtype.element_ty)  # as the unfused LayerNorm rounds it
+        dots = tl.sum(w * a.to(tl.float32), axis=1)  # (BLOCK_N,)
+        acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, dots[None, :], acc)
+
+    _epilogue(acc, rows, rows < M, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
+              stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens, HAS_BIAS, GELU_TANH, KV_CACHE)  # fmt: skip
 
 
 def gpu_tiles(block_m: int, N: int, K: int, element_size: int, has_ln: bool) -> tuple[int, int]:
@@ -209,6 +315,18 @@ def gpu_tiles(block_m: int, N: int, K: int, element_size: int, has_ln: bool) -> 
     return block_n, min(block_k, max(16, next_power_of_2(K)))
 
 
+def gemv_columns(M: int, N: int, K: int, element_size: int) -> int:
+    """Columns a program of the matrix-vector kernel (_gemv_kernel) takes, or 0 for the tiled one:
+    up to GEMV_MAX_ROWS rows, N short of a vocabulary (WIDE_N), and whole weight rows (K rounded up
+    to a power of two) of which at least one fits GEMV_TILE_BYTES; then as many as fit (GPT-2 in
+    bf16: 4 columns a program at K 768, 576 programs for c_attn and 192 for c_proj; 1 at K 3072,
+    768 programs for the MLP's c_proj)."""
+    row_bytes = next_power_of_2(K) * element_size
+    if M > GEMV_MAX_ROWS or N >= WIDE_N or row_bytes > GEMV_TILE_BYTES:
+        return 0
+    return min(GEMV_TILE_BYTES // row_bytes, next_power_of_2(N))
+
+
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
            x_rows=None, residual_rows=None):  # fmt: skip
     """act(LN(x + residual) @ weight.T + bias) for x (M, K), M <= MAX_ROWS.
@@ -234,11 +352,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     r_idx = out if residual_rows is None else residual_rows.contiguous()
     if (K - 1) * weight.stride(1) >= 2**31:  # column offsets within a weight row are 32-bit
         weight = weight.contiguous()  # only for a huge weight stored transposed
-    block_m = max(16, next_power_of_2(M))
-    block_n, block_k = gpu_tiles(block_m, N, K, x.element_size(), ln is not None)
-    stats_m = next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
-    stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, next_power_of_2(K)))
-    block_k, stats_block_k = (block_k, stats_block_k) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
+    gemv = gemv_columns(M, N, K, weight.element_size())
     pdl = launch_pdl(x.device)
     # The weight rows' prefetch takes 16-byte aligned rows of a multiple of 16 bytes (an int32 count).
     row_bytes, row_stride_bytes = K * weight.element_size(), weight.stride(0) * weight.element_size()
@@ -248,18 +362,31 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     kv_strides = kv_cache.stride()[:4] if has_kv else (0, 0, 0, 0)
     kv_len, head_dim = (kv_cache.shape[3], kv_cache.shape[4]) if has_kv else (0, 1)
     kv_tokens = M // kv_cache.shape[1] if has_kv and kv_cache.shape[1] else 1
-    _linear_kernel[(cdiv(N, block_n),)](
+    args = (
         x, x if residual is None else residual, x_idx, r_idx, out if h is None else h,
         x if ln_weight is None else ln_weight, x if ln_bias is None else ln_bias,
         weight, x if bias is None else bias, out,
         kv_cache if has_kv else out, kv_pos.contiguous() if has_kv else out,
         M, N, K, x.stride(0), 0 if residual is None else residual.stride(0), *weight.stride(), float(eps),
         x.shape[0], 0 if residual is None else residual.shape[0], *kv_strides, kv_len, head_dim, kv_tokens,
-        HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
-        HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
-        X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,
-        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PDL=pdl, PREFETCH_W=prefetch,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, STATS_M=stats_m, STATS_BLOCK_K=stats_block_k,
+    )  # fmt: skip
+    form = dict(HAS_RESIDUAL=residual is not None, HAS_LN=ln is not None, HAS_LN_WEIGHT=ln_weight is not None,
+                HAS_LN_BIAS=ln_bias is not None, HAS_BIAS=bias is not None, KV_CACHE=has_kv,
+                X_GATHER=x_rows is not None, R_GATHER=residual_rows is not None, GELU_TANH=gelu_tanh,
+                PREFETCH_W=prefetch)  # fmt: skip
+    if gemv:
+        _gemv_kernel[(cdiv(N, gemv),)](*args, **form, BLOCK_M=next_power_of_2(M), BLOCK_N=gemv,
+                                       BLOCK_K=next_power_of_2(K), PDL=pdl, num_warps=GEMV_WARPS, num_stages=1,
+                                       launch_pdl=pdl)  # fmt: skip
+        return out, h
+    block_m = max(16, next_power_of_2(M))
+    block_n, block_k = gpu_tiles(block_m, N, K, x.element_size(), ln is not None)
+    stats_m = next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
+    stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, next_power_of_2(K)))
+    block_k, stats_block_k = (block_k, stats_block_k) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
+    _linear_kernel[(cdiv(N, block_n),)](
+        *args, **form, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, STATS_M=stats_m, STATS_BLOCK_K=stats_block_k, PDL=pdl,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )  # fmt: skip
     return out, h

@@ -32,6 +32,16 @@ def _inputs(M, K, N, dtype, device, *, row_pad=0, seed=0):
     return x, r, w, rand(N, scale=0.5).to(dtype), rand(K, shift=1.0).to(dtype), rand(K, scale=0.5).to(dtype)
 
 
+@pytest.fixture(params=["tiled", "gemv"])
+def path(request, monkeypatch):
+    """Either kernel of kernels/linear.py: the tiled one (_linear_kernel) at every row count, or
+    the matrix-vector one (_gemv_kernel) up to 8 rows, past its default GEMV_MAX_ROWS."""
+    from fastgpt.kernels import linear as mod
+
+    monkeypatch.setattr(mod, "GEMV_MAX_ROWS", 0 if request.param == "tiled" else 8)
+    return request.param
+
+
 def _check(x, w, b=None, *, ln=None, residual=None, activation=None):
     out, h = linear(x, w, b, ln=ln, residual=residual, activation=activation, backend="triton")
     ref, h_ref = reference.linear(x, w, b, ln=ln, residual=residual, gelu_tanh=activation == "gelu_tanh")
@@ -46,7 +56,7 @@ def _check(x, w, b=None, *, ln=None, residual=None, activation=None):
 @pytest.mark.parametrize("M", [1, 3, 16, 37])
 @pytest.mark.parametrize("K, N", [(64, 48), (100, 130), (200, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_fused_block_matches_reference(dtype, K, N, M, device, poisoned_empty):
+def test_fused_block_matches_reference(dtype, K, N, M, device, poisoned_empty, path):
     """GPT-2's two fused forms: ln_1 + c_attn (residual, LayerNorm, bias) and ln_2 + c_fc + GELU."""
     x, r, w, b, g, beta = _inputs(M, K, N, dtype, device, row_pad=8)
     _check(x, w, b, ln=(g, beta, 1e-5), residual=r)
@@ -54,7 +64,7 @@ def test_fused_block_matches_reference(dtype, K, N, M, device, poisoned_empty):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_plain_and_partial_forms(dtype, device, poisoned_empty):
+def test_plain_and_partial_forms(dtype, device, poisoned_empty, path):
     """c_proj (bias only), lm_head (no bias, after ln_f), LayerNorm without weight or bias; a
     weight stored transposed (as GPT keeps them on a CPU)."""
     x, r, w, b, g, beta = _inputs(5, 72, 40, dtype, device)
@@ -113,8 +123,42 @@ def test_gpu_tiles_follow_the_measurements():
     assert mod.gpu_tiles(16, 2304, 100, bf16, True) == (16, 128)  # never much wider than K
 
 
+def test_gemv_columns_follow_the_tile():
+    """The matrix-vector kernel's columns a program (gemv_columns): whole weight rows within
+    GEMV_TILE_BYTES, up to GEMV_MAX_ROWS rows, never for a vocabulary-wide N or a row past a tile."""
+    from fastgpt.kernels import linear as mod
+
+    bf16, fp32 = 2, 4
+    assert mod.GEMV_TILE_BYTES == 8192 and mod.GEMV_MAX_ROWS == 1
+    assert mod.gemv_columns(1, 2304, 768, bf16) == 4  # ln_1 + c_attn: K 768 is 1024 wide in registers
+    assert mod.gemv_columns(1, 768, 3072, bf16) == 1  # mlp c_proj
+    assert mod.gemv_columns(1, 2304, 768, fp32) == 2
+    assert mod.gemv_columns(1, 2, 64, bf16) == 2  # no more columns than N (rounded up)
+    assert mod.gemv_columns(1, 768, 4097, bf16) == 0  # a row past the tile: the tiled kernel
+    assert mod.gemv_columns(1, 50257, 768, bf16) == 0  # lm_head: the tiled kernel's wide programs
+    assert mod.gemv_columns(2, 2304, 768, bf16) == 0  # past GEMV_MAX_ROWS
+
+
+@pytest.mark.parametrize("K", [1, 37, 700])
+@pytest.mark.parametrize("M", [1, 2, 3])
+def test_gemv_rows_and_widths(M, K, device, poisoned_empty, monkeypatch):
+    """The matrix-vector kernel over odd widths (a row of one element; rows padded in registers
+    to a power of two) and 1 to 3 rows (padded to 4), every form, with programs of one column and
+    of several (the last one partly past N)."""
+    from fastgpt.kernels import linear as mod
+
+    monkeypatch.setattr(mod, "GEMV_MAX_ROWS", 4)
+    for tile in (2 * 1024, 8 * 1024):  # 1 column a program at K 700 in fp16, and 4
+        monkeypatch.setattr(mod, "GEMV_TILE_BYTES", tile)
+        x, r, w, b, g, beta = _inputs(M, K, 45, torch.float16, device, row_pad=3)
+        assert mod.gemv_columns(M, 45, K, 2) > 0
+        _check(x, w, b, ln=(g, beta, 1e-5), residual=r, activation="gelu_tanh")
+        _check(x, w, b, ln=(None, beta, 1e-5))
+        _check(x, w)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_strided_and_expanded_vectors(dtype, device, poisoned_empty):
+def test_strided_and_expanded_vectors(dtype, device, poisoned_empty, path):
     """bias, ln_weight and ln_bias as strided views and as expanded ones (stride 0, a single
     element in memory): the kernel reads them with a unit stride, so they must be read as given,
     never past their elements."""
@@ -127,7 +171,7 @@ def test_strided_and_expanded_vectors(dtype, device, poisoned_empty):
                         torch.randn(1, device=device).to(dtype).expand(72), 1e-5))
 
 
-def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty):
+def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty, path):
     """(B, 1, K) as the model passes it; GELU far out on both sides (no inf / NaN)."""
     x = torch.randn(2, 1, 48, device=device)
     w = torch.randn(33, 48, device=device) * 40  # outputs of +-1000 and more
@@ -139,7 +183,7 @@ def test_leading_dims_and_extreme_gelu_inputs(device, poisoned_empty):
 @pytest.mark.parametrize("slots", [[[0], [6], [3], [-1], [9]], [[2, 3, 4, 5], [7, 8, 9, -1], [0, 1, 2, 3]]],
                          ids=["a-token-a-row", "4-tokens-a-row"])  # fmt: skip
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_qkv_projection_writes_the_kv_cache(dtype, slots, device):
+def test_qkv_projection_writes_the_kv_cache(dtype, slots, device, path):
     """ln_1 + c_attn writing k and v to each token's slot in its row's cache (M = B T rows of x,
     T tokens a cache row: a decode step's one, a token and its drafts): the same cache as the
     reference's scatters; slots outside [0, S) (past the cache, a padding row) write nothing."""
@@ -167,7 +211,7 @@ def test_qkv_projection_writes_the_kv_cache(dtype, slots, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_embedding_rows_are_read_in_place(dtype, device, poisoned_empty):
+def test_embedding_rows_are_read_in_place(dtype, device, poisoned_empty, path):
     """x and residual as tables read at row ids (GPT's wte[tok] + wpe[pos] into ln_1 + c_attn):
     the same out, h and cache as the gathered tensors give, and ids outside a table read zeros."""
     M, H, D, S = 6, 2, 8, 5
@@ -207,7 +251,7 @@ def test_row_id_errors(device):
         linear(table, w, ln=(None, None, 1e-5), residual=table, x_rows=ids)  # (9, 32), not the input's (2, 32)
 
 
-def test_empty_inputs(device):
+def test_empty_inputs(device, path):
     """No rows, no outputs, or no inputs: shapes and values as the unfused ops give them."""
     w, b = torch.randn(5, 8, device=device), torch.randn(5, device=device)
     out, _ = linear(torch.randn(0, 8, device=device), w, b, backend="triton")
@@ -309,6 +353,40 @@ def compile_linear_variants(arch):
             # sm_90: a programmatic dependent, prefetching its weight rows before it waits (kernels/pdl.py).
             assert ("cp.async.bulk.prefetch.L2" in kernel.asm["ptx"]) == (arch >= 90), where
     assert mod.MAX_ROWS == MAX_ROWS  # the ops layer's copy
+    compile_gemv_variants(mod, arch)
+
+
+def compile_gemv_variants(mod, arch):
+    """The matrix-vector kernel in every narrow form at GPT-2's K (768; 3072 for the MLP's c_proj)
+    and 1, 2 and 4 rows, bf16 and fp32 (within the tile), with gemv_columns' programs: its weight rows in 16-byte
+    loads, a small block (no shared memory but the reductions'), and at one row no spills in at
+    most 128 registers."""
+    from tests.gpu_compile import ptxas_usage
+
+    names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
+    narrow = [(form, K) for name, form in _FORMS.items() if form[-1] < mod.WIDE_N
+              for K in ((768, 3072) if name == "c_proj" else (768,))]  # fmt: skip
+    for dtype, size in (("bf16", 2), ("fp32", 4)):
+        ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
+        for ((ln, gelu, bias, kv, gather, N), K), rows in ((f, m) for f in narrow for m in (1, 2, 4)):
+            block_n = mod.gemv_columns(1, N, K, size)
+            if block_n == 0:  # fp32's rows at K 3072 pass the tile: the tiled kernel's
+                assert (dtype, K) == ("fp32", 3072)
+                continue
+            const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
+                     "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "BLOCK_M": rows,
+                     "BLOCK_N": block_n, "BLOCK_K": 1 << (K - 1).bit_length(), "PREFETCH_W": arch >= 90,
+                     "stride_wk": 1}  # fmt: skip
+            kernel = compile_for(mod._gemv_kernel, ptrs, const, arch=arch, num_warps=mod.GEMV_WARPS, num_stages=1,
+                                 scalar_types={"eps": "fp32"}, divisible=("K",))  # fmt: skip
+            where = (arch, dtype, ln, gelu, kv, gather, N, K, rows)
+            ptx = kernel.asm["ptx"]
+            assert kernel.metadata.shared <= 1024, (*where, kernel.metadata.shared)
+            assert "ld.global.v4" in ptx, where
+            assert ("cp.async.bulk.prefetch.L2" in ptx) == (arch >= 90), where
+            if rows == 1:
+                registers, spills = ptxas_usage(kernel, arch)
+                assert spills == 0 and registers <= 128, (*where, registers, spills)
 
 
 @pytest.mark.parametrize("arch", [80, 90])  # ~50 s each: two tests, for two workers
@@ -317,10 +395,10 @@ def test_compiles_for_gpu(arch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("M", [1, 8, 16, 32, 64])
+@pytest.mark.parametrize("M", [1, 4, 8, 16, 32, 64])
 @pytest.mark.parametrize("K, N", [(768, 2304), (768, 3072), (3072, 768), (768, 50257), (1600, 4800)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_gpt2_shapes_on_gpu(dtype, K, N, M, poisoned_empty):
+def test_gpt2_shapes_on_gpu(dtype, K, N, M, poisoned_empty, path):
     x, r, w, b, g, beta = _inputs(M, K, N, dtype, "cuda", row_pad=8)
     _check(x, w, b, ln=(g, beta, 1e-5), residual=r, activation="gelu_tanh" if N == 4 * K else None)
     _check(x, w, b)
