@@ -417,17 +417,22 @@ def linear_section(p: Probe):
     statistics over 2048- and 4096-value tiles (STATS_ELEMENTS; 8192 is the default: 64 values a
     thread from 8 rows on, which takes the kernel from 72 to 128-168 registers: 3 programs an SM
     instead of 7 at 16 rows, which matters to lm_head's 3142 programs; at B1 the tile is one
-    row, 77 registers, either way)."""
+    row, 77 registers, either way). Up to 4 rows the narrow forms also as the matrix-vector kernel
+    (kernels/linear.py's _gemv_kernel, GPT's default at one row: GEMV_MAX_ROWS) against the tiled
+    one, with 4, 8 (the default) and 16 KB of weight rows a program (GEMV_TILE_BYTES); the tiled
+    kernel's knobs are swept with the matrix-vector kernel off."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
-    knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS", "NUM_STAGES")
+    knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS", "NUM_STAGES",
+             "GEMV_MAX_ROWS", "GEMV_TILE_BYTES")  # fmt: skip
     defaults = {knob: getattr(tri_linear, knob) for knob in knobs}
+    tiled = {**defaults, "GEMV_MAX_ROWS": 0}
     with knobs_kept(tri_linear, *defaults):
-        for B in (1, 2) if p.smoke else (1, 4, 16, 32):
+        for B in (1, 2) if p.smoke else (1, 2, 4, 16, 32):
             for name, K, N, ln, gelu in forms:
                 w = p.randn(N, K) / K ** 0.5
                 calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
@@ -435,14 +440,20 @@ def linear_section(p: Probe):
                 fused = calls["fused (triton)"]
                 impls = [(impl, fn, defaults) for impl, fn in calls.items()]
                 wide = N >= tri_linear.WIDE_N
+                if B <= 4 and not wide:
+                    impls += [("fused (triton), tiled", fused, tiled)]
+                    impls += [(f"fused (triton), gemv {kb} KB", fused, {**defaults, "GEMV_MAX_ROWS": 4,
+                                                                         "GEMV_TILE_BYTES": kb * 1024})
+                              for kb in ((8,) if p.smoke else (4, 8, 16))]  # fmt: skip
                 sweeps = {"BLOCK_N": [32, 64] if N >= 4 * C and not wide else [],
                           "WIDE_BLOCK_N": [16, 32, 128] if wide else [],
                           "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384], "BLOCK_K": [256] if ln and wide else [],
                           "NARROW_LN_BLOCK_K": [128] if ln and not wide else [],
-                          "STATS_ELEMENTS": [2048, 4096] if ln else [], "NUM_STAGES": [2, 4]}  # fmt: skip
+                          "STATS_ELEMENTS": [2048, 4096] if ln else [],
+                          "NUM_STAGES": [2, 4] if B in (1, 16) else []}  # fmt: skip
                 for knob, values in sweeps.items():  # the smoke run tries each knob once, at B1
-                    values = values[:1] if p.smoke and B == 1 else [] if p.smoke else values
-                    impls += [(f"fused (triton), {knob} {v}", fused, {**defaults, knob: v}) for v in values]
+                    values = values[:1] if p.smoke and B == 1 else [] if p.smoke or B == 2 else values
+                    impls += [(f"fused (triton), {knob} {v}", fused, {**tiled, knob: v}) for v in values]
                 for impl, fn, knobs in impls:
                     def measure(fn=fn, weight_bytes=weight_bytes, knobs=knobs):
                         for knob, value in knobs.items():
@@ -483,22 +494,27 @@ def decode_step_section(p: Probe):
     replay, its kernels launched as programmatic dependents whose matmuls prefetch their weights
     into L2 before they wait (the default from sm_90; kernels/pdl.py), as dependents without the
     prefetch (kernels/linear.py's PREFETCH_WEIGHTS), and as plain launches (FASTGPT_PDL=0): what
-    the overlap at the ~60 kernel boundaries saves a step. Random weights, bf16, a 288-slot cache
-    (the generate benchmark's 32 + 256) at position 160."""
+    the overlap at the ~60 kernel boundaries saves a step. At B1 also with the matmuls on the tiled
+    kernel (kernels/linear.py's GEMV_MAX_ROWS 0) rather than the matrix-vector one. Random weights,
+    bf16, a 288-slot cache (the generate benchmark's 32 + 256) at position 160."""
     from fastgpt.kernels import linear as tri_linear
 
     config, dtype, model = probe_gpt(p)
-    with env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS"), torch.inference_mode():
+    gemv_rows = tri_linear.GEMV_MAX_ROWS
+    with (env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS", "GEMV_MAX_ROWS"),
+          torch.inference_mode()):  # fmt: skip
         for B in (1,) if p.smoke else (1, 32):  # the generate targets' batches
             cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
-            variants = ((True, True), (True, False), (False, False))
-            for on, prefetch in variants[:1] if p.smoke else variants:  # on the CPU all are the same
-                def measure(on=on, prefetch=prefetch, cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
+            variants = [(True, True, gemv_rows), (True, False, gemv_rows), (False, False, gemv_rows)]
+            variants += [(True, True, 0)] if B <= gemv_rows else []
+            for on, prefetch, rows in variants[:1] if p.smoke else variants:  # on the CPU all are the same
+                def measure(on=on, prefetch=prefetch, rows=rows, cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
                     os.environ[_backends.PDL_ENV_VAR] = "1" if on else "0"
                     tri_linear.PREFETCH_WEIGHTS = prefetch
+                    tri_linear.GEMV_MAX_ROWS = rows
                     d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
                     return {"device_us": d, "tok_per_s": B * 1e6 / d}
-                p.record("decode_step", {"B": B, "pdl": on, "prefetch": prefetch}, measure)
+                p.record("decode_step", {"B": B, "pdl": on, "prefetch": prefetch, "gemv_max_rows": rows}, measure)
 
 
 def kernel_name(name: str) -> str:
