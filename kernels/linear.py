@@ -50,6 +50,7 @@ _INTERPRETER_BLOCK_K = 32
 # and over the tile, its decode_step section GPT-2's step with and without it.
 GEMV_MAX_ROWS = 1
 GEMV_TILE_BYTES = 8192
+GEMV_WIDE_TILE_BYTES = 0  # lm_head's tile (0: the tiled kernel's wide programs, measured; the probe tries 16, 32 KB)
 GEMV_WARPS = 4
 
 
@@ -251,7 +252,7 @@ def _gemv_kernel(
     ks = tl.arange(0, BLOCK_K)
     k_ok = ks < K
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
-    w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
     if HAS_LN_WEIGHT:
         ln_w = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
     if HAS_LN_BIAS:
@@ -280,7 +281,7 @@ def _gemv_kernel(
             if HAS_LN_BIAS:
                 y += ln_b
             a = tl.where(mask, y, 0.0).to(x_ptr.dtype.element_ty)  # as the unfused LayerNorm rounds it
-        dots = tl.sum(w * a.to(tl.float32), axis=1)  # (BLOCK_N,)
+        dots = tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1)  # (BLOCK_N,)
         acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, dots[None, :], acc)
 
     _epilogue(acc, rows, rows < M, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
@@ -317,14 +318,15 @@ def gpu_tiles(block_m: int, N: int, K: int, element_size: int, has_ln: bool) -> 
 
 def gemv_columns(M: int, N: int, K: int, element_size: int) -> int:
     """Columns a program of the matrix-vector kernel (_gemv_kernel) takes, or 0 for the tiled one:
-    up to GEMV_MAX_ROWS rows, N short of a vocabulary (WIDE_N), and whole weight rows (K rounded up
-    to a power of two) of which at least one fits GEMV_TILE_BYTES; then as many as fit (GPT-2 in
-    bf16: 4 columns a program at K 768, 576 programs for c_attn and 192 for c_proj; 1 at K 3072,
-    768 programs for the MLP's c_proj)."""
+    up to GEMV_MAX_ROWS rows and whole weight rows (K rounded up to a power of two) of which at
+    least one fits the tile, GEMV_TILE_BYTES (GEMV_WIDE_TILE_BYTES for a vocabulary-wide N); then
+    as many as fit (GPT-2 in bf16: 4 columns a program at K 768, 576 programs for c_attn and 192
+    for c_proj; 1 at K 3072, 768 programs for the MLP's c_proj)."""
+    tile = GEMV_WIDE_TILE_BYTES if N >= WIDE_N else GEMV_TILE_BYTES
     row_bytes = next_power_of_2(K) * element_size
-    if M > GEMV_MAX_ROWS or N >= WIDE_N or row_bytes > GEMV_TILE_BYTES:
+    if M > GEMV_MAX_ROWS or row_bytes > tile:
         return 0
-    return min(GEMV_TILE_BYTES // row_bytes, next_power_of_2(N))
+    return min(tile // row_bytes, next_power_of_2(N))
 
 
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,

@@ -123,11 +123,13 @@ def test_gpu_tiles_follow_the_measurements():
     assert mod.gpu_tiles(16, 2304, 100, bf16, True) == (16, 128)  # never much wider than K
 
 
-def test_gemv_columns_follow_the_tile():
+def test_gemv_columns_follow_the_tile(monkeypatch):
     """The matrix-vector kernel's columns a program (gemv_columns): whole weight rows within
-    GEMV_TILE_BYTES, up to GEMV_MAX_ROWS rows, never for a vocabulary-wide N or a row past a tile."""
+    GEMV_TILE_BYTES (a vocabulary-wide N: GEMV_WIDE_TILE_BYTES, by default none), up to
+    GEMV_MAX_ROWS rows, never a row past the tile."""
     from fastgpt.kernels import linear as mod
 
+    monkeypatch.setattr(mod, "GEMV_WIDE_TILE_BYTES", mod.GEMV_WIDE_TILE_BYTES)
     bf16, fp32 = 2, 4
     assert mod.GEMV_TILE_BYTES == 8192 and mod.GEMV_MAX_ROWS == 1
     assert mod.gemv_columns(1, 2304, 768, bf16) == 4  # ln_1 + c_attn: K 768 is 1024 wide in registers
@@ -136,6 +138,8 @@ def test_gemv_columns_follow_the_tile():
     assert mod.gemv_columns(1, 2, 64, bf16) == 2  # no more columns than N (rounded up)
     assert mod.gemv_columns(1, 768, 4097, bf16) == 0  # a row past the tile: the tiled kernel
     assert mod.gemv_columns(1, 50257, 768, bf16) == 0  # lm_head: the tiled kernel's wide programs
+    mod.GEMV_WIDE_TILE_BYTES = 32 * 1024  # (monkeypatch undoes it)
+    assert mod.gemv_columns(1, 50257, 768, bf16) == 16
     assert mod.gemv_columns(2, 2304, 768, bf16) == 0  # past GEMV_MAX_ROWS
 
 
@@ -144,12 +148,14 @@ def test_gemv_columns_follow_the_tile():
 def test_gemv_rows_and_widths(M, K, device, poisoned_empty, monkeypatch):
     """The matrix-vector kernel over odd widths (a row of one element; rows padded in registers
     to a power of two) and 1 to 3 rows (padded to 4), every form, with programs of one column and
-    of several (the last one partly past N)."""
+    of several (the last one partly past N), N narrow and (GEMV_WIDE_TILE_BYTES) wide."""
     from fastgpt.kernels import linear as mod
 
     monkeypatch.setattr(mod, "GEMV_MAX_ROWS", 4)
-    for tile in (2 * 1024, 8 * 1024):  # 1 column a program at K 700 in fp16, and 4
+    for tile, wide_n in ((2 * 1024, mod.WIDE_N), (8 * 1024, 40)):  # 1 column a program at K 700 in fp16; 4
         monkeypatch.setattr(mod, "GEMV_TILE_BYTES", tile)
+        monkeypatch.setattr(mod, "GEMV_WIDE_TILE_BYTES", tile)
+        monkeypatch.setattr(mod, "WIDE_N", wide_n)
         x, r, w, b, g, beta = _inputs(M, K, 45, torch.float16, device, row_pad=3)
         assert mod.gemv_columns(M, 45, K, 2) > 0
         _check(x, w, b, ln=(g, beta, 1e-5), residual=r, activation="gelu_tanh")
@@ -357,18 +363,18 @@ def compile_linear_variants(arch):
 
 
 def compile_gemv_variants(mod, arch):
-    """The matrix-vector kernel in every narrow form at GPT-2's K (768; 3072 for the MLP's c_proj)
-    and 1, 2 and 4 rows, bf16 and fp32 (within the tile), with gemv_columns' programs: its weight rows in 16-byte
-    loads, a small block (no shared memory but the reductions'), and at one row no spills in at
-    most 128 registers."""
+    """The matrix-vector kernel in every form at GPT-2's K (768; 3072 for the MLP's c_proj) and 1,
+    2 and 4 rows, bf16 and fp32 (within the tile; lm_head's 32 KB, the probe's largest), with
+    gemv_columns' programs: its weight rows in 16-byte loads, a small block (no shared memory but
+    the reductions'), and at one row no spills in at most 128 registers."""
     from tests.gpu_compile import ptxas_usage
 
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
-    narrow = [(form, K) for name, form in _FORMS.items() if form[-1] < mod.WIDE_N
-              for K in ((768, 3072) if name == "c_proj" else (768,))]  # fmt: skip
+    mod.GEMV_WIDE_TILE_BYTES = 32 * 1024  # lm_head as gpu-probe's linear tries it at most (a fresh process)
+    forms = [(form, K) for name, form in _FORMS.items() for K in ((768, 3072) if name == "c_proj" else (768,))]
     for dtype, size in (("bf16", 2), ("fp32", 4)):
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
-        for ((ln, gelu, bias, kv, gather, N), K), rows in ((f, m) for f in narrow for m in (1, 2, 4)):
+        for ((ln, gelu, bias, kv, gather, N), K), rows in ((f, m) for f in forms for m in (1, 2, 4)):
             block_n = mod.gemv_columns(1, N, K, size)
             if block_n == 0:  # fp32's rows at K 3072 pass the tile: the tiled kernel's
                 assert (dtype, K) == ("fp32", 3072)
