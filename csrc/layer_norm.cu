@@ -4,7 +4,9 @@
 //   - warp per row (N up to 32 * 4 vectors): the row lives in one warp's registers, shuffles only;
 //   - block per row (N up to 1024 * 4 vectors): the row lives in one block's registers;
 //   - looped (any N): block per row, three passes over memory (only for very long rows).
-// A "vector" is 16 bytes when every pointer, stride and N allow it, else one element.
+// A "vector" is 16 bytes when every pointer, stride and N allow it, else one element. Weight and
+// bias are read as vectors too where they have x's dtype and 16-byte alignment (PARAMS), else
+// element by element in their own dtype.
 // Each kernel waits for the previous grid before touching memory, so that on sm_90 and later it
 // may launch as a programmatic dependent (common.cuh's launch_kernel).
 #include "common.cuh"
@@ -16,6 +18,13 @@ namespace {
 constexpr int kWarpRowsPerBlock = 4;  // warp path: 4 rows (warps) per block
 constexpr int kMaxChunks = 4;         // vectors held per thread
 constexpr int kMaxThreads = 1024;
+// How weight and bias are read (layer_norm_kernel's PARAMS): element by element in their own dtype;
+// as vectors of x's dtype when y is written; or as vectors asked for together with x (warp path).
+constexpr int kParamsScalar = 0, kParamsVec = 1, kParamsEarly = 2;
+// Rows up to which the warp path takes kParamsEarly: its 115 registers (against 64) halve the
+// blocks an SM holds, which only a grid of more than a wave of them would feel (1024 rows: 256
+// blocks, two an SM on an H200).
+constexpr int64_t kEarlyParamsMaxRows = 1024;
 
 // Sum over the threads that share a row: one warp, or the whole block.
 template <bool WARP_PER_ROW>
@@ -25,6 +34,16 @@ __device__ __forceinline__ float row_sum(float x, float* scratch) {
     } else {
         return block_sum(x, scratch);
     }
+}
+
+// Chunk c's weight (or bias) vector, VEC elements of T from column col; ones (zeros) without one.
+template <typename T, int VEC>
+__device__ __forceinline__ Vec<T, VEC> param_vec(const void* param, int64_t col, float absent) {
+    if (param != nullptr) return load_vec<T, VEC>(static_cast<const T*>(param) + col);
+    Vec<T, VEC> v;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v.v[j] = from_float<T>(absent);
+    return v;
 }
 
 }  // namespace
@@ -37,8 +56,11 @@ __device__ __forceinline__ float row_sum(float x, float* scratch) {
 //
 // The block path launches up to 1024 threads, so its register budget must stay <= 64 per thread
 // (sm_80 gave the fp16/bf16 CHUNKS = 4 kernel 66 without a bound: 'too many resources requested
-// for launch' for N in (28672, 32768]); the warp path launches 128.
-template <typename T, int VEC, int CHUNKS, bool WARP_PER_ROW>
+// for launch' for N in (28672, 32768]); the warp path launches 128. PARAMS: kParamsEarly (warp
+// path) asks for the weight and bias vectors together with x, held packed (2 * CHUNKS vectors),
+// so that a few rows (a decode step's) make one trip to memory, not a second one after the
+// reductions; kParamsVec reads them as vectors when it writes y; kParamsScalar element by element.
+template <typename T, int VEC, int CHUNKS, bool WARP_PER_ROW, int PARAMS>
 __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxThreads) layer_norm_kernel(LayerNormParams p) {
     __shared__ float scratch[32];
     wait_for_previous_grid();
@@ -52,12 +74,19 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
     T* h = static_cast<T*>(p.h) + row * p.stride_h;                       // (N,) if residual
     T* y = static_cast<T*>(p.y) + row * p.stride_y;                       // (N,)
 
+    constexpr bool kEarlyParams = PARAMS == kParamsEarly;
+    static_assert(!kEarlyParams || WARP_PER_ROW, "the block path reads its parameters late (64 registers)");
     float v[CHUNKS][VEC];
+    [[maybe_unused]] Vec<T, VEC> wv[kEarlyParams ? CHUNKS : 1], bv[kEarlyParams ? CHUNKS : 1];
     float sum = 0.0f;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         const int64_t col = (int64_t(c) * row_threads + t) * VEC;
         if (col < N) {
+            if constexpr (kEarlyParams) {
+                wv[c] = param_vec<T, VEC>(p.weight, col, 1.0f);
+                bv[c] = param_vec<T, VEC>(p.bias, col, 0.0f);
+            }
             Vec<T, VEC> xv = load_vec<T, VEC>(x + col);
             if (p.residual != nullptr) {
                 Vec<T, VEC> rv = load_vec<T, VEC>(r + col);
@@ -90,12 +119,28 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
         const int64_t col = (int64_t(c) * row_threads + t) * VEC;
         if (col < N) {
             Vec<T, VEC> out;
+            if constexpr (PARAMS != kParamsScalar) {
+                Vec<T, VEC> w, b;
+                if constexpr (kEarlyParams) {
+                    w = wv[c], b = bv[c];
+                } else {
+                    w = param_vec<T, VEC>(p.weight, col, 1.0f), b = param_vec<T, VEC>(p.bias, col, 0.0f);
+                }
 #pragma unroll
-            for (int j = 0; j < VEC; ++j) {
-                float o = (v[c][j] - mean) * rstd;
-                if (p.weight != nullptr) o *= load_as_float(p.weight, p.weight_dtype, col + j);
-                if (p.bias != nullptr) o += load_as_float(p.bias, p.bias_dtype, col + j);
-                out.v[j] = from_float<T>(o);
+                for (int j = 0; j < VEC; ++j) {
+                    float o = (v[c][j] - mean) * rstd;
+                    if (p.weight != nullptr) o *= to_float(w.v[j]);
+                    if (p.bias != nullptr) o += to_float(b.v[j]);  // (-0 + 0 would be +0: no add without a bias)
+                    out.v[j] = from_float<T>(o);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < VEC; ++j) {
+                    float o = (v[c][j] - mean) * rstd;
+                    if (p.weight != nullptr) o *= load_as_float(p.weight, p.weight_dtype, col + j);
+                    if (p.bias != nullptr) o += load_as_float(p.bias, p.bias_dtype, col + j);
+                    out.v[j] = from_float<T>(o);
+                }
             }
             store_vec<T, VEC>(y + col, out);
         }
@@ -148,23 +193,24 @@ namespace {
 
 bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
 
-template <typename T, int VEC>
+template <typename T, int VEC, int PARAMS>
 cudaError_t launch_rows(const LayerNormParams& p, cudaStream_t stream) {
     const int64_t vectors = ceil_div<int64_t>(p.cols, VEC);  // per row
     if (vectors <= 32 * kMaxChunks) {
         const dim3 block(32 * kWarpRowsPerBlock);
         const dim3 grid(static_cast<unsigned>(ceil_div<int64_t>(p.rows, kWarpRowsPerBlock)));
         if (vectors <= 32) {
-            return launch_kernel(layer_norm_kernel<T, VEC, 1, true>, grid, block, 0, stream, p.pdl, p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 1, true, PARAMS>, grid, block, 0, stream, p.pdl, p);
         } else if (vectors <= 64) {
-            return launch_kernel(layer_norm_kernel<T, VEC, 2, true>, grid, block, 0, stream, p.pdl, p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 2, true, PARAMS>, grid, block, 0, stream, p.pdl, p);
         } else {
-            return launch_kernel(layer_norm_kernel<T, VEC, 4, true>, grid, block, 0, stream, p.pdl, p);
+            return launch_kernel(layer_norm_kernel<T, VEC, 4, true, PARAMS>, grid, block, 0, stream, p.pdl, p);
         }
     } else if (vectors <= int64_t(kMaxThreads) * kMaxChunks) {
         const int threads = static_cast<int>(ceil_div<int64_t>(ceil_div<int64_t>(vectors, kMaxChunks), 32) * 32);
-        return launch_kernel(layer_norm_kernel<T, VEC, kMaxChunks, false>, dim3(static_cast<unsigned>(p.rows)),
-                             dim3(threads), 0, stream, p.pdl, p);
+        constexpr int kBlockParams = PARAMS == kParamsEarly ? kParamsVec : PARAMS;
+        return launch_kernel(layer_norm_kernel<T, VEC, kMaxChunks, false, kBlockParams>,
+                             dim3(static_cast<unsigned>(p.rows)), dim3(threads), 0, stream, p.pdl, p);
     } else {
         return launch_kernel(layer_norm_looped_kernel<T>, dim3(static_cast<unsigned>(p.rows)), dim3(kMaxThreads), 0,
                              stream, p.pdl, p);
@@ -178,7 +224,13 @@ cudaError_t launch(const LayerNormParams& p, cudaStream_t stream) {
                               p.cols % VEC == 0 && p.stride_x % VEC == 0 &&
                               (p.residual == nullptr || p.stride_r % VEC == 0) && p.stride_y % VEC == 0 &&
                               (p.h == nullptr || p.stride_h % VEC == 0);
-    return vectorisable ? launch_rows<T, VEC>(p, stream) : launch_rows<T, 1>(p, stream);
+    if (!vectorisable) return launch_rows<T, 1, kParamsScalar>(p, stream);
+    // Weight and bias (each absent, or in x's dtype and aligned) as vectors too.
+    const bool params_vec = (p.weight == nullptr || (p.weight_dtype == p.dtype && aligned16(p.weight))) &&
+                            (p.bias == nullptr || (p.bias_dtype == p.dtype && aligned16(p.bias)));
+    if (!params_vec) return launch_rows<T, VEC, kParamsScalar>(p, stream);
+    return p.rows <= kEarlyParamsMaxRows ? launch_rows<T, VEC, kParamsEarly>(p, stream)
+                                         : launch_rows<T, VEC, kParamsVec>(p, stream);
 }
 
 }  // namespace

@@ -291,6 +291,21 @@ def test_layer_norm_matches_reference(N, dtype, fused):
     assert_close(y, ey, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF])
+@pytest.mark.parametrize("M, N", [(3, 96), (5, 768), (1030, 64), *on_gpu((4096, 1024), (7, 4096))])
+def test_layer_norm_params_in_the_inputs_dtype(M, N, dtype):
+    """Weight and bias in x's dtype, read as vectors: with x in a warp's registers (up to 1024
+    rows asked for together with x, beyond that when y is written) and in a block's; either one
+    absent."""
+    x, r = _randn(M, N, dtype=dtype, scale=3.0), _randn(M, N, dtype=dtype, seed=1)
+    w, b = (_randn(N, seed=2) + 1).to(dtype), _randn(N, dtype=dtype, seed=3)
+    for weight, bias in [(w, b), (w, None), (None, b)]:
+        y, h = fastgpt.layer_norm(x, weight, bias, residual=r, backend="cuda")
+        ey, eh = reference.layer_norm(x, weight, bias, residual=r)
+        assert torch.equal(h, eh)
+        assert_close(y, ey, dtype)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_layer_norm_optional_params_mixed_dtypes_and_strided_rows(dtype):
     base = _randn(9, 1030, dtype=dtype)

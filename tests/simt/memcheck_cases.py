@@ -280,6 +280,9 @@ def layer_norm_cases(check: Checker):
                 _finite(fastgpt.layer_norm(x, w, b, backend=backend))
             with check.case(f"layer_norm N{N} {dtype} + residual", x, r, b):
                 _finite(*fastgpt.layer_norm(x, None, b, residual=r, backend=backend))
+            w, b = exact(N, dtype=dtype, seed=2), exact(N, dtype=dtype, seed=3)  # read as vectors like x (cuda)
+            with check.case(f"layer_norm N{N} {dtype} + residual, weight and bias in its dtype", x, r, w, b):
+                _finite(*fastgpt.layer_norm(x, w, b, residual=r, backend=backend))
     for N in (7, 768, 1025, 5000):  # rows 3 elements into storage, stride N + 3: the scalar path
         x = ending_view((3, N), (N + 3, 1), offset=3, dtype=floats[-1])
         r = ending_view((3, N), (N + 3, 1), offset=3, dtype=floats[-1], seed=1)
