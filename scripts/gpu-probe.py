@@ -583,26 +583,29 @@ def step_kernels_section(p: Probe):
     (idle: launch latency, the graph's dependencies), launches a step, and untraced_us, the same
     step timed by CUDA events without the tracer (decode_step's device_us), to tell what tracing
     added. Under PDL a dependent kernel starts before its predecessor ends and waits for it:
-    its time includes that wait, so the sum can exceed the span (a negative gap: overlap).
+    its time includes that wait, so the sum can exceed the span (a negative gap: overlap); hence
+    B1 also launched plainly (FASTGPT_PDL=0), each kernel's own time.
     With smoke, two calls on the CPU, the top-level torch ops as the kernels (host time), five rows."""
     config, dtype, model = probe_gpt(p)
     steps = 2 if p.smoke else 20
-    with torch.inference_mode():
-        for B in (1,) if p.smoke else (1, 32):
+    with env_kept(_backends.PDL_ENV_VAR), torch.inference_mode():
+        # (Captured steps of 32 rows launch plainly either way: _backends.PDL_PLAIN_ROWS.)
+        for B, pdl in [(1, True)] if p.smoke else [(1, True), (1, False), (32, True)]:
             cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
             kernels = []
 
-            def measure(cache=cache, tok=tok, pos=pos, seqlens=seqlens, kernels=kernels):
+            def measure(cache=cache, tok=tok, pos=pos, seqlens=seqlens, kernels=kernels, pdl=pdl):
                 def step():
                     return model.decode(tok, pos, cache, seqlens)
 
+                os.environ[_backends.PDL_ENV_VAR] = "1" if pdl else "0"
                 summary, rows = step_table(traced_steps(p, step, steps), steps)
                 kernels.extend(rows)
                 return {**summary, "untraced_us": p.device_us(step, per_replay=5, replays=15)}
 
-            p.record("step_kernels", {"B": B, "kernel": "(step)"}, measure)
+            p.record("step_kernels", {"B": B, "pdl": pdl, "kernel": "(step)"}, measure)
             for row in kernels[:5] if p.smoke else kernels:  # measured already: kept past the time limit
-                p.add("step_kernels", {"B": B, **row})
+                p.add("step_kernels", {"B": B, "pdl": pdl, **row})
 
 
 def lookup_step_section(p: Probe):
