@@ -220,7 +220,9 @@ def test_attention_kernels_do_not_spill(source, kernels, arch, tmp_path):
 @pytest.mark.parametrize("source, kernels", [
     ("attention", 2 * 2 * 2),        # (fp16, bf16) x (D 64, 128) x (masked or not)
     ("decode", 2 * 2 * (4 + 3) * 2 + 2),  # ... x row tiles (one query: 1-8, several: 2-8) x masked, and combine
-    ("layer_norm", 3 * 2 * 4 + 3),   # (fp32, fp16, bf16) x (16-byte, scalar) x (3 warp, 1 block), and looped
+    # (fp32, fp16, bf16) x ((16-byte with scalar or vector params, scalar) x (3 warp, 1 block) + 3 warp
+    # with early params), and looped
+    ("layer_norm", 3 * (3 * 4 + 3) + 3),
     ("sampling", 3 * 3),
 ])  # fmt: skip
 def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
