@@ -29,6 +29,11 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kMaxGroup = 8;   // query heads per block
 constexpr int kMaxSplits = 64;
 constexpr int kMinKeysPerSplit = 256;
+// decode_split_kernel's steps of keys in shared memory (cp.async): 32 KB a block (4 KB a step of
+// k and v), 24 with a tile of 8 rows, whose partial states take 16 KB more at D 128 (static
+// shared memory stops at 48 KB).
+template <int GROUP>
+constexpr int kStages = GROUP >= 8 ? 3 : 4;
 constexpr int64_t kWaveFill[2] = {9, 10};  // decode_num_splits: a last wave at least 9/10 full
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;  // a base-2 log-sum-exp times this is the natural-log one
@@ -175,20 +180,29 @@ __device__ void merge_splits_if_last(const DecodeParams& p, int64_t row0, int ro
 // key's head dim into 16-byte chunks; the block's 4 * 32 / (D / 8) key groups take interleaved
 // keys, and their running (m, l, acc) states are merged by shuffles, then across warps in
 // shared memory.
-// One query head a block (MHA, Sq == 1) asks for 5 blocks an SM: 96 registers on sm_90a and no
-// spills, against 105 (4 blocks) unbounded; each block's loads in flight are what the memory
-// system sees. MASKED reads each position's mask byte of every row beside its key. MULTI (Sq > 1)
-// keeps each row's own limit (causal) and runs the keys to the tile's largest; without it (a decode
-// step) every row sees [start, end) and the code is the one-query kernel's.
+// MASKED reads each position's mask byte of every row beside its key. MULTI (Sq > 1) keeps each
+// row's own limit (causal) and runs the keys to the tile's largest; without it (a decode step)
+// every row sees [start, end) and the code is the one-query kernel's.
+//
+// The keys stream through shared memory, STAGES steps of UNROLL keys a thread deep: each thread
+// copies (cp.async, 16 bytes) the chunks of k and v it will score and reads back only those, so
+// its own cp.async groups order the two and no barrier is needed; while it scores one step, the
+// next STAGES - 1 are in flight (each block's bytes in flight are what the memory system sees;
+// loads of a step straight into registers left none in flight while it was scored). One query
+// head a block (MHA, Sq == 1): 64 registers on sm_90a (the bound of 5 blocks an SM dates from the
+// registers' 96 then) and 34 KB of shared memory, 6 blocks an SM on an H200. Not measured on a
+// GPU against the register version (gpu-probe's decode_batch and the benchmark's cuda rows).
 template <typename T, int D, int GROUP, bool MASKED, bool MULTI>
 __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decode_split_kernel(DecodeParams p) {
     constexpr int LANES_PER_KEY = D / 8;
     constexpr int KEYS_PER_WARP = 32 / LANES_PER_KEY;
     constexpr int KEYS_PER_STEP = kWarps * KEYS_PER_WARP;  // keys the block covers per unrolled slot
-    constexpr int UNROLL = GROUP >= 4 ? 2 : 4;             // keys per thread in flight
+    constexpr int UNROLL = 2;                              // keys per thread a step
+    constexpr int STAGES = kStages<GROUP>;
 
     __shared__ float s_m[kWarps][GROUP], s_l[kWarps][GROUP];
     __shared__ float s_acc[kWarps][GROUP][D];
+    __shared__ Vec<T, 8> s_kv[STAGES][2][UNROLL][kThreads];  // a thread's chunks of k (0) and v (1) a step
 
     wait_for_previous_grid();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -234,17 +248,37 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
         for (int j = 0; j < 8; ++j) acc[g][j] = 0.0f;
     }
 
+    // Step i covers keys base_i + u * KEYS_PER_STEP + key_in_warp (u < UNROLL), base_i = first + i * STEP;
+    // its chunks go to stage i % STAGES, as one cp.async group (empty past end).
+    constexpr int STEP = UNROLL * KEYS_PER_STEP;
+    const int first_base = start + warp * KEYS_PER_WARP;
+    auto fetch = [&](int base, int stage) {
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            const int key = base + u * KEYS_PER_STEP + key_in_warp;
+            if (key < end) {
+                cp_async_16(&s_kv[stage][0][u][threadIdx.x], k + key * p.stride_k_s, 16);
+                cp_async_16(&s_kv[stage][1][u][threadIdx.x], v + key * p.stride_v_s, 16);
+            }
+        }
+        cp_async_commit();
+    };
+#pragma unroll
+    for (int i = 0; i < STAGES - 1; ++i) fetch(first_base + i * STEP, i);
+
     // The loop bound depends only on the warp, so shuffles below see the whole warp.
-    for (int base = start + warp * KEYS_PER_WARP; base < end; base += UNROLL * KEYS_PER_STEP) {
+    for (int base = first_base, i = 0; base < end; base += STEP, ++i) {
+        fetch(base + (STAGES - 1) * STEP, (i + STAGES - 1) % STAGES);
+        cp_async_wait<STAGES - 1>();  // every group but the newest STAGES - 1: step i's is in
         Vec<T, 8> kv[UNROLL], vv[UNROLL];
         [[maybe_unused]] bool hidden[GROUP][UNROLL];  // MASKED: the position is past row g's limit or hidden from it
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             const int key = base + u * KEYS_PER_STEP + key_in_warp;
             if (key < end) {
-                kv[u] = load_vec<T, 8>(k + key * p.stride_k_s);
-                vv[u] = load_vec<T, 8>(v + key * p.stride_v_s);
-            } else {
+                kv[u] = s_kv[i % STAGES][0][u][threadIdx.x];
+                vv[u] = s_kv[i % STAGES][1][u][threadIdx.x];
+            } else {  // not fetched: zeros (its score is -inf, and 0 times a stale NaN would be NaN)
 #pragma unroll
                 for (int j = 0; j < 8; ++j) kv[u].v[j] = vv[u].v[j] = from_float<T>(0.0f);
             }
@@ -287,6 +321,7 @@ __global__ void __launch_bounds__(kThreads, GROUP == 1 && !MASKED ? 5 : 1) decod
             m[g] = m_new;
         }
     }
+    cp_async_wait<0>();  // the steps fetched past the end copied nothing, but are groups still open
 
     store_warp_states<D, GROUP, LANES_PER_KEY>(m, l, acc, warp, key_in_warp, d0, s_m, s_l, s_acc);
     __syncthreads();
