@@ -420,8 +420,8 @@ def linear_section(p: Probe):
     row, 77 registers, either way). Up to 4 rows the narrow forms also as the matrix-vector kernel
     (kernels/linear.py's _gemv_kernel, GPT's default at one row: GEMV_MAX_ROWS) against the tiled
     one, with 4, 8 (the default) and 16 KB of weight rows a program (GEMV_TILE_BYTES; lm_head:
-    16 and 32 KB, GEMV_WIDE_TILE_BYTES); the tiled kernel's knobs are swept with the
-    matrix-vector kernel off."""
+    16 and 32 KB, GEMV_WIDE_TILE_BYTES); the tiled kernel's knobs are swept at B1 and B32, with
+    the matrix-vector kernel off."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
@@ -451,10 +451,12 @@ def linear_section(p: Probe):
                           "WIDE_BLOCK_N": [16, 32, 128] if wide else [],
                           "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384], "BLOCK_K": [256] if ln and wide else [],
                           "NARROW_LN_BLOCK_K": [128] if ln and not wide else [],
-                          "STATS_ELEMENTS": [2048, 4096] if ln else [],
-                          "NUM_STAGES": [2, 4] if B in (1, 16) else []}  # fmt: skip
-                for knob, values in sweeps.items():  # the smoke run tries each knob once, at B1
-                    values = values[:1] if p.smoke and B == 1 else [] if p.smoke or B == 2 else values
+                          "STATS_ELEMENTS": [2048, 4096] if ln else [], "NUM_STAGES": [2, 4]}  # fmt: skip
+                # The tiled kernel's knobs (set from this section's sweep at B 1 / 4 / 16 / 32 on
+                # 2026-11-30) again at B1 (against the matrix-vector kernel) and B32 only; the
+                # smoke run tries each knob once, at B1.
+                for knob, values in sweeps.items():
+                    values = values[:1] if p.smoke and B == 1 else [] if p.smoke or B not in (1, 32) else values
                     impls += [(f"fused (triton), {knob} {v}", fused, {**tiled, knob: v}) for v in values]
                 for impl, fn, knobs in impls:
                     def measure(fn=fn, weight_bytes=weight_bytes, knobs=knobs):
