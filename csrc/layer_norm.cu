@@ -21,9 +21,9 @@ constexpr int kMaxThreads = 1024;
 // How weight and bias are read (layer_norm_kernel's PARAMS): element by element in their own dtype;
 // as vectors of x's dtype when y is written; or as vectors asked for together with x (warp path).
 constexpr int kParamsScalar = 0, kParamsVec = 1, kParamsEarly = 2;
-// Rows up to which the warp path takes kParamsEarly: its 115 registers (against 64) halve the
-// blocks an SM holds, which only a grid of more than a wave of them would feel (1024 rows: 256
-// blocks, two an SM on an H200).
+// Rows up to which the warp path takes kParamsEarly: its registers (bf16 on sm_90a: 115 against
+// 56 with kParamsVec) halve the blocks an SM holds, which only a grid of more than a wave of them
+// would feel (1024 rows: 256 blocks, two an SM on an H200).
 constexpr int64_t kEarlyParamsMaxRows = 1024;
 
 // Sum over the threads that share a row: one warp, or the whole block.
@@ -118,29 +118,25 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
     for (int c = 0; c < CHUNKS; ++c) {
         const int64_t col = (int64_t(c) * row_threads + t) * VEC;
         if (col < N) {
+            [[maybe_unused]] Vec<T, VEC> w, b;  // the chunk's weight and bias, unless read one by one
+            if constexpr (kEarlyParams) {
+                w = wv[c], b = bv[c];
+            } else if constexpr (PARAMS == kParamsVec) {
+                w = param_vec<T, VEC>(p.weight, col, 1.0f), b = param_vec<T, VEC>(p.bias, col, 0.0f);
+            }
             Vec<T, VEC> out;
-            if constexpr (PARAMS != kParamsScalar) {
-                Vec<T, VEC> w, b;
-                if constexpr (kEarlyParams) {
-                    w = wv[c], b = bv[c];
-                } else {
-                    w = param_vec<T, VEC>(p.weight, col, 1.0f), b = param_vec<T, VEC>(p.bias, col, 0.0f);
-                }
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) {
-                    float o = (v[c][j] - mean) * rstd;
-                    if (p.weight != nullptr) o *= to_float(w.v[j]);
-                    if (p.bias != nullptr) o += to_float(b.v[j]);  // (-0 + 0 would be +0: no add without a bias)
-                    out.v[j] = from_float<T>(o);
-                }
-            } else {
-#pragma unroll
-                for (int j = 0; j < VEC; ++j) {
-                    float o = (v[c][j] - mean) * rstd;
+            for (int j = 0; j < VEC; ++j) {
+                float o = (v[c][j] - mean) * rstd;
+                // No multiply or add where the parameter is absent (-0 + 0 would be +0).
+                if constexpr (PARAMS == kParamsScalar) {
                     if (p.weight != nullptr) o *= load_as_float(p.weight, p.weight_dtype, col + j);
                     if (p.bias != nullptr) o += load_as_float(p.bias, p.bias_dtype, col + j);
-                    out.v[j] = from_float<T>(o);
+                } else {
+                    if (p.weight != nullptr) o *= to_float(w.v[j]);
+                    if (p.bias != nullptr) o += to_float(b.v[j]);
                 }
+                out.v[j] = from_float<T>(o);
             }
             store_vec<T, VEC>(y + col, out);
         }
