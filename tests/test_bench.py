@@ -777,6 +777,35 @@ def test_gpu_probe_runs_every_section_on_tiny_shapes(tmp_path):
                                            for r in json.loads((tmp_path / "probe.json").read_text())["tiles"])
 
 
+def test_step_table_splits_a_traced_step_by_kernel():
+    """gpu-probe's step_kernels table from two steps' device events: each kernel's calls and time a
+    step, the step's span against its kernels' sum (the gap), and the names shortened; a trace
+    missing events, or holding none, is refused rather than tabled."""
+    from types import SimpleNamespace
+
+    from fastgpt.bench.probe import kernel_name, step_table
+
+    def event(name, start, end):
+        span = SimpleNamespace(start=start, end=end, elapsed_us=lambda: end - start)
+        return SimpleNamespace(name=name, time_range=span)
+
+    # Two steps of three kernels: 10 us of work in a 14 us span, then 10 in 12.
+    events = [event("_gemv_kernel", 0, 3), event("void fastgpt::decode_split_kernel<float>(params)", 4, 8),
+              event("_gemv_kernel", 11, 14), event("_gemv_kernel", 100, 103),
+              event("void fastgpt::decode_split_kernel<float>(params)", 103, 107), event("_gemv_kernel", 109, 112)]
+    summary, rows = step_table(events, 2)
+    assert summary == {"span_us": 13.0, "kernels_us": 10.0, "gap_us": 3.0, "launches": 3}
+    assert rows == [{"kernel": "_gemv_kernel", "calls_per_step": 2.0, "us_per_call": 3.0, "us_per_step": 6.0},
+                    {"kernel": "fastgpt::decode_split_kernel<float>", "calls_per_step": 1.0, "us_per_call": 4.0,
+                     "us_per_step": 4.0}]  # fmt: skip
+    assert kernel_name("_attn_fwd_0d1d2de3de") == "_attn_fwd" and kernel_name("Memset (Device)") == "Memset (Device)"
+    assert len(kernel_name("k" * 200)) == 80
+    with pytest.raises(RuntimeError, match="5 events over 2 steps"):
+        step_table(events[:5], 2)
+    with pytest.raises(RuntimeError, match="no events"):
+        step_table([], 2)
+
+
 # ----------------------------------------------------------------------------- benchmarks/bench_host_cpu.py
 def test_host_time_script_runs_every_case():
     """The host-time script's stubs still stand in for the kernels: each case of each backend runs
