@@ -327,8 +327,8 @@ def linear_section(p: Probe):
     row, 77 registers, either way). Up to 4 rows the narrow forms also as the matrix-vector kernel
     (kernels/linear.py's _gemv_kernel, GPT's default at one row: GEMV_MAX_ROWS) against the tiled
     one, with 4, 8 (the default) and 16 KB of weight rows a program (GEMV_TILE_BYTES; lm_head:
-    16 and 32 KB, GEMV_WIDE_TILE_BYTES); the tiled kernel's knobs are swept at B1 and B32, with
-    the matrix-vector kernel off."""
+    16 and 32 KB, GEMV_WIDE_TILE_BYTES), at B1 also with 2 and 8 warps (GEMV_WARPS, 4); the tiled
+    kernel's knobs are swept at B1 and B32, with the matrix-vector kernel off."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
@@ -336,7 +336,7 @@ def linear_section(p: Probe):
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
     knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS", "NUM_STAGES",
-             "GEMV_MAX_ROWS", "GEMV_TILE_BYTES", "GEMV_WIDE_TILE_BYTES")  # fmt: skip
+             "GEMV_MAX_ROWS", "GEMV_TILE_BYTES", "GEMV_WIDE_TILE_BYTES", "GEMV_WARPS")  # fmt: skip
     defaults = {knob: getattr(tri_linear, knob) for knob in knobs}
     tiled = {**defaults, "GEMV_MAX_ROWS": 0}
     with knobs_kept(tri_linear, *defaults):
@@ -354,6 +354,9 @@ def linear_section(p: Probe):
                     sizes = (8,) if p.smoke else (16, 32) if wide else (4, 8, 16)
                     gemv = {**defaults, "GEMV_MAX_ROWS": 4}
                     impls += [(f"fused (triton), gemv {kb} KB", fused, {**gemv, tile: kb * 1024}) for kb in sizes]
+                    if B == 1 and not wide:  # its warps (GEMV_WARPS, 4) at the default tile
+                        impls += [(f"fused (triton), gemv {w} warps", fused, {**gemv, "GEMV_WARPS": w})
+                                  for w in ((2,) if p.smoke else (2, 8))]
                 sweeps = {"BLOCK_N": [32, 64] if N >= 4 * C and not wide else [],
                           "WIDE_BLOCK_N": [16, 32, 128] if wide else [],
                           "TILE_ELEMENTS": [] if ln else [2048, 4096, 16384], "BLOCK_K": [256] if ln and wide else [],
