@@ -88,17 +88,20 @@ __device__ __forceinline__ T block_sum(T x, T* scratch) {
 #include "simt_ptx.h"  // tests/simt: the host emulator's versions of the same functions
 #else
 // 16-byte asynchronous global -> shared copy; src_bytes == 0 zero-fills the destination without
-// reading global memory (used for rows past the end of a sequence).
+// reading global memory (used for rows past the end of a sequence). The three cp.async wrappers
+// clobber "memory", so the compiler moves no load or store of the shared memory they fill across
+// them: a kernel whose threads read back only their own copies (decode.cu) has no barrier to
+// order them otherwise.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
 }
 
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // Four 8x8 matrices of 16-bit elements from shared memory; lane l gives the address of row l % 8

@@ -240,8 +240,8 @@ def _gemv_kernel(
     GELU_TANH: tl.constexpr, PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    """_linear_kernel's arguments (its pointers' comments hold), for M <= BLOCK_M <= GEMV_MAX_ROWS
-    and K <= BLOCK_K."""
+    """_linear_kernel's arguments (its pointers' comments hold), for M <= GEMV_MAX_ROWS rows (BLOCK_M:
+    M rounded up to a power of two) and K <= BLOCK_K."""
     pid = tl.program_id(0)
     if PREFETCH_W:
         w_row = w_ptr + tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64) * stride_wn
@@ -326,7 +326,8 @@ def gemv_columns(M: int, N: int, K: int, element_size: int) -> int:
     row_bytes = next_power_of_2(K) * element_size
     if M > GEMV_MAX_ROWS or row_bytes > tile:
         return 0
-    return min(tile // row_bytes, next_power_of_2(N))
+    fit = 1 << ((tile // row_bytes).bit_length() - 1)  # a power of two (tl.arange), of any tile
+    return min(fit, next_power_of_2(N))
 
 
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,

@@ -140,6 +140,8 @@ def test_gemv_columns_follow_the_tile(monkeypatch):
     assert mod.gemv_columns(1, 50257, 768, bf16) == 0  # lm_head: the tiled kernel's wide programs
     mod.GEMV_WIDE_TILE_BYTES = 32 * 1024  # (monkeypatch undoes it)
     assert mod.gemv_columns(1, 50257, 768, bf16) == 16
+    mod.GEMV_WIDE_TILE_BYTES = 12 * 1024  # 6 rows would fit: a power of two of them
+    assert mod.gemv_columns(1, 50257, 768, bf16) == 4
     assert mod.gemv_columns(2, 2304, 768, bf16) == 0  # past GEMV_MAX_ROWS
 
 
