@@ -76,6 +76,39 @@ def _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, cols, col_ok, stride_
     return h
 
 
+@triton.jit
+def _prefetch_weight_rows(w_ptr, pid, N, K, stride_wn, BLOCK_N: tl.constexpr):
+    """Ask L2 for the K weights of each of program pid's BLOCK_N columns (rows of w): a hint, so
+    it may come before _wait_for_previous_grid (kernels/pdl.py)."""
+    w_row = w_ptr + tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64) * stride_wn
+    _prefetch_l2(w_row, tl.full([BLOCK_N], K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), tl.int32))
+
+
+@triton.jit
+def _ln_params(ln_w_ptr, ln_b_ptr, ks, k_ok, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr):
+    """The LayerNorm's weight and bias at columns ks, (1, C) fp32 each (0 where absent: unused)."""
+    ln_w = tl.zeros([1, ks.shape[0]], tl.float32)
+    ln_b = tl.zeros([1, ks.shape[0]], tl.float32)
+    if HAS_LN_WEIGHT:
+        ln_w = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_LN_BIAS:
+        ln_b = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    return ln_w, ln_b
+
+
+@triton.jit
+def _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr):
+    """The block a (R, C) normalised, (a - mean) * rstd * ln_w + ln_b with mean and rstd (R,) fp32
+    (no multiply or add for an absent weight or bias), rounded to a's dtype as the unfused
+    LayerNorm rounds it; 0 where masked."""
+    y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
+    if HAS_LN_WEIGHT:
+        y *= ln_w
+    if HAS_LN_BIAS:
+        y += ln_b
+    return tl.where(mask, y, 0.0).to(a.dtype)
+
+
 # The LayerNorm statistics of the M input rows h = x (+ residual), in one pass over K blocks,
 # merging each block's (count n_b, mean m_b, centred sum of squares M2_b) into the running
 # (n_a, m_a, M2_a) as Chan et al. (never E[h^2] - E[h]^2):
@@ -143,8 +176,7 @@ def _linear_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0)
     if PREFETCH_W:  # this program's weight rows into L2 while the previous grid finishes (kernels/pdl.py)
-        w_row = w_ptr + tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64) * stride_wn
-        _prefetch_l2(w_row, tl.full([BLOCK_N], K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), tl.int32))
+        _prefetch_weight_rows(w_ptr, pid, N, K, stride_wn, BLOCK_N)
     _wait_for_previous_grid(PDL)
     row_ok = tl.arange(0, BLOCK_M) < M
     rows = tl.arange(0, BLOCK_M).to(tl.int64)  # row offsets: rows x a row stride may pass 2^31
@@ -169,12 +201,8 @@ def _linear_kernel(
         mask = row_ok[:, None] & k_ok[None, :]
         a = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, ks, k_ok, stride_x, stride_r, HAS_RESIDUAL)
         if HAS_LN:
-            y = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
-            if HAS_LN_WEIGHT:
-                y *= tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            if HAS_LN_BIAS:
-                y += tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            a = tl.where(mask, y, 0.0).to(x_ptr.dtype.element_ty)  # as the unfused LayerNorm rounds it
+            ln_w, ln_b = _ln_params(ln_w_ptr, ln_b_ptr, ks, k_ok, HAS_LN_WEIGHT, HAS_LN_BIAS)
+            a = _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT, HAS_LN_BIAS)
         w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
 
@@ -243,9 +271,8 @@ def _gemv_kernel(
     """_linear_kernel's arguments (its pointers' comments hold), for M <= GEMV_MAX_ROWS rows (BLOCK_M:
     M rounded up to a power of two) and K <= BLOCK_K."""
     pid = tl.program_id(0)
-    if PREFETCH_W:
-        w_row = w_ptr + tl.minimum(pid * BLOCK_N + tl.arange(0, BLOCK_N), N - 1).to(tl.int64) * stride_wn
-        _prefetch_l2(w_row, tl.full([BLOCK_N], K * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), tl.int32))
+    if PREFETCH_W:  # this program's weight rows into L2 while the previous grid finishes (kernels/pdl.py)
+        _prefetch_weight_rows(w_ptr, pid, N, K, stride_wn, BLOCK_N)
     _wait_for_previous_grid(PDL)
     cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
@@ -253,10 +280,7 @@ def _gemv_kernel(
     k_ok = ks < K
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn
     w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
-    if HAS_LN_WEIGHT:
-        ln_w = tl.load(ln_w_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-    if HAS_LN_BIAS:
-        ln_b = tl.load(ln_b_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+    ln_w, ln_b = _ln_params(ln_w_ptr, ln_b_ptr, ks, k_ok, HAS_LN_WEIGHT, HAS_LN_BIAS)
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     bias, pos = _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, rows < M, cols, col_ok, HAS_BIAS, KV_CACHE)
 
@@ -275,12 +299,8 @@ def _gemv_kernel(
             hf = a.to(tl.float32)
             mean = tl.sum(hf, axis=1) / K
             d = tl.where(mask, hf - mean[:, None], 0.0)
-            y = d * (1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps))[:, None]
-            if HAS_LN_WEIGHT:
-                y *= ln_w
-            if HAS_LN_BIAS:
-                y += ln_b
-            a = tl.where(mask, y, 0.0).to(x_ptr.dtype.element_ty)  # as the unfused LayerNorm rounds it
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+            a = _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT, HAS_LN_BIAS)
         dots = tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1)  # (BLOCK_N,)
         acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, dots[None, :], acc)
 
