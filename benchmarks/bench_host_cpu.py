@@ -32,7 +32,7 @@ def _stub_extension():
 
     return types.SimpleNamespace(attention=noop, decode_attention=noop, layer_norm=noop, sample=noop, archs="stub",
                                  decode_blocks_per_sm=lambda *a: 4, decode_num_splits=lambda *a: 4,
-                                 sample_candidate_chunks=lambda vocab: 32)  # fmt: skip
+                                 sample_workspace_bytes=lambda *a: 1024)  # fmt: skip
 
 
 class _NoopKernel:

@@ -207,8 +207,8 @@ void layer_norm(uintptr_t x, uintptr_t residual, uintptr_t weight, uintptr_t bia
 }
 
 void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t top_p, uintptr_t min_p,
-            uintptr_t seed, uintptr_t out, uintptr_t candidates, int64_t cand_k, int64_t batch, int64_t vocab,
-            int64_t stride_logits, int dtype, int device, uintptr_t stream, bool pdl) {
+            uintptr_t seed, uintptr_t out, uintptr_t workspace, int64_t cand_k, bool bounded, int64_t batch,
+            int64_t vocab, int64_t stride_logits, int dtype, int device, uintptr_t stream, bool pdl) {
     const char* kernel = "sample";
     const DType type = dtype_of(dtype, kernel, true);
     require(batch >= 1 && batch <= kMaxInt, kernel, "batch must be in [1, 2^31), got ", batch);
@@ -219,7 +219,8 @@ void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t 
             "null pointer");
     require(cand_k == 0 || (cand_k >= 16 && cand_k <= 256 && (cand_k & (cand_k - 1)) == 0), kernel,
             "cand_k must be 0 or a power of two in [16, 256], got ", cand_k);
-    require(cand_k == 0 || candidates != 0, kernel, "the candidate path needs its workspace (null pointer)");
+    require(cand_k == 0 || (workspace != 0 && workspace % 16 == 0), kernel,
+            "the candidate path needs its workspace, 16-byte aligned (null or misaligned pointer)");
     require(cand_k == 0 || batch * sample_candidate_chunks(int(vocab)) <= kMaxInt, kernel,
             "batch x vocabulary chunks must be < 2^31 on the candidate path, got batch ", batch);
     SampleParams p{ptr(logits),
@@ -229,8 +230,9 @@ void sample(uintptr_t logits, uintptr_t temperature, uintptr_t top_k, uintptr_t 
                    static_cast<const float*>(ptr(min_p)),
                    static_cast<const int64_t*>(ptr(seed)),
                    static_cast<int64_t*>(mut_ptr(out)),
-                   static_cast<uint64_t*>(mut_ptr(candidates)),
+                   mut_ptr(workspace),
                    int(cand_k),
+                   bounded,
                    stride_logits,
                    int(batch),
                    int(vocab),
@@ -288,12 +290,12 @@ PYBIND11_MODULE(_C, m) {
           "Residual add + LayerNorm; residual/h/weight/bias may be 0 (absent); strides are row strides; "
           "pdl: launch as a programmatic dependent (sm_90 code).");
     m.def("sample", &sample, py::arg("logits"), py::arg("temperature"), py::arg("top_k"), py::arg("top_p"),
-          py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("candidates"), py::arg("cand_k"),
-          py::arg("batch"), py::arg("vocab"), py::arg("stride_logits"), py::arg("dtype"), py::arg("device"),
-          py::arg("stream"), py::arg("pdl"),
+          py::arg("min_p"), py::arg("seed"), py::arg("out"), py::arg("workspace"), py::arg("cand_k"),
+          py::arg("bounded"), py::arg("batch"), py::arg("vocab"), py::arg("stride_logits"), py::arg("dtype"),
+          py::arg("device"), py::arg("stream"), py::arg("pdl"),
           "Fused temperature/top-k/top-p/min-p sampling, greedy where temperature <= 0; cand_k > 0: the "
-          "candidate path, with a workspace of batch x sample_candidate_chunks(vocab) x cand_k uint64; "
-          "pdl: launch as programmatic dependents (sm_90 code).");
-    m.def("sample_candidate_chunks", &sample_candidate_chunks, py::arg("vocab"),
-          "Vocabulary chunks per row on the sampler's candidate path.");
+          "candidate path, with sample_workspace_bytes(batch, vocab, cand_k) bytes of workspace (bounded: "
+          "each row's k-th best key bounded first); pdl: launch as programmatic dependents (sm_90 code).");
+    m.def("sample_workspace_bytes", &sample_workspace_bytes, py::arg("batch"), py::arg("vocab"), py::arg("cand_k"),
+          "Bytes of workspace the sampler's candidate path takes (0 for cand_k 0).");
 }

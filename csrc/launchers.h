@@ -95,16 +95,19 @@ struct SampleParams {
     const int64_t* seed;       // (1,)
     int64_t* out;              // (B,)
     // The candidate path when cand_k > 0 (a power of two in [16, 256], above every row's top_k
-    // bound): B * sample_candidate_chunks(V) * cand_k entries of workspace.
-    uint64_t* candidates;
+    // bound), with sample_workspace_bytes(B, V, cand_k) bytes of workspace, 16-byte aligned;
+    // bounded: each row's k-th best key bounded from below first (two launches more).
+    void* workspace;
     int cand_k;
+    bool bounded;
     int64_t stride_logits;
     int batch, vocab;
     DType dtype;
     bool pdl;  // launch as programmatic dependents (csrc/common.cuh's launch_kernel)
 };
 cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream);
-// Vocabulary chunks per row on the candidate path.
+// Vocabulary chunks per row on the candidate path, and the bytes of its workspace (0 for cand_k 0).
 int sample_candidate_chunks(int vocab);
+size_t sample_workspace_bytes(int batch, int vocab, int cand_k);
 
 }  // namespace fastgpt

@@ -24,6 +24,14 @@
 // fixed-point weights and the same Philox counters: the same tokens as one block per row. Rows
 // the list does not cover (top-k off, or at or above cand_k, a tie group running past the list,
 // +inf scores) run the one-block-per-row code in the same block.
+// Bounded (SampleParams::bounded), two kernels first bound each row's k-th best key from below:
+// group_max_kernel takes each kCandGroup entries' largest key, key_bound_kernel the k-th largest
+// of a row's group maxima (its top_k = k; the k groups at or above it hold k entries at or above
+// it, so the row's best k and every tie of the k-th are too). A chunk with at most cand_k entries
+// at or above the bound then stores just those (no sort) and appends them to the row's list (at
+// a count key_bound_kernel zeroed), and candidate_draw_kernel sorts that list once instead of
+// merging every chunk's; a chunk with more sorts as before and marks the list incomplete (its
+// count passes kCandList), as does a list that overflows.
 // Every kernel waits for the previous grid before touching memory, so that on sm_90 and later they
 // launch as programmatic dependents (common.cuh's launch_kernel) inside a decode step.
 #include "common.cuh"
@@ -324,6 +332,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
 constexpr int kCandThreads = 256;
 constexpr int kCandBlock = 1024;   // vocabulary entries per block of candidates_kernel (>= 4 x cand_k)
 constexpr int kMergeBlock = 2048;  // entries per sort of candidate_draw_kernel: its best so far, then new ones
+constexpr int kCandGroup = 64;     // entries per group maximum (a row of 50257 has 786 groups)
+constexpr int kGroupsPerChunk = kCandBlock / kCandGroup;
+constexpr int kCandList = 512;  // a row's entries at or above its bound, sorted once when they fit (>= cand_k)
+static_assert(kCandList >= 256 && kCandList <= kMergeBlock && (kCandList & (kCandList - 1)) == 0,
+              "the list holds a row's best cand_k (<= 256) and sorts in the merge buffer");
+
+// The candidate path's workspace (SampleParams::workspace), carved by carve_workspace.
+struct CandidateSpace {
+    uint64_t* candidates;  // (B, chunks, cand_k): each chunk's best, or its entries at or above the bound
+    uint64_t* list;        // (B, kCandList): a row's entries at or above its bound, in no order
+    uint32_t* group_max;   // (B, chunks * kGroupsPerChunk): each group's largest key, 0 past the row
+    uint32_t* bound;       // (B,): a key at or below the row's k-th best, 0 for none
+    int* count;            // (B,): entries appended to the row's list; past kCandList, incomplete
+};
 
 __device__ __forceinline__ uint64_t pack(uint32_t key, int i, int vocab) {
     return (uint64_t(key) << 32) | uint32_t(vocab - 1 - i);
@@ -333,6 +355,19 @@ __device__ __forceinline__ int packed_index(uint64_t e, int vocab) { return voca
 // The score whose order_key is `key` (order_key is a bijection on floats other than -0.0 and NaN).
 __device__ __forceinline__ float key_score(uint32_t key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+// The packed entry of token i of a row on the candidate path (0 past the row: below every real
+// entry, since no score's key is 0): its score is the cleaned logit over the temperature, which
+// on greedy rows is 1, so that their scores are their logits.
+template <typename T>
+__device__ __forceinline__ uint64_t candidate_entry(const T* logits, int i, int vocab, float temperature) {
+    if (i >= vocab) return 0;
+    float x = to_float(logits[i]);
+    if (x != x) x = -INFINITY;
+    float s = x / (temperature > 0.0f ? temperature : 1.0f);
+    if (s != s) s = -INFINITY;
+    return pack(order_key(s), i, vocab);
 }
 
 // Sorts a[0, n) in descending order, n a power of two, by the whole block (bitonic network).
@@ -354,46 +389,114 @@ __device__ void bitonic_sort_descending(uint64_t* a, int n) {
     __syncthreads();
 }
 
-// Block (b, c) of a grid of B * chunks: the best cand_k packed entries of chunk c of row b, in
-// descending order, to cand[(b * chunks + c) * cand_k, ...); 0 pads past the end of the row.
+// Block (b, c) of a grid of B * chunks: the largest key of each kCandGroup entries of chunk c of
+// row b, 16 lanes a group (4 entries a lane, adjacent lanes on adjacent entries).
 template <typename T>
-__global__ void __launch_bounds__(kCandThreads) candidates_kernel(SampleParams p, int chunks) {
-    __shared__ uint64_t entries[kCandBlock];
+__global__ void __launch_bounds__(kCandThreads) group_max_kernel(SampleParams p, CandidateSpace w, int chunks) {
+    constexpr int kLanes = kCandThreads / kGroupsPerChunk;
+    static_assert(kLanes == 16 && kCandGroup % kLanes == 0, "a group's lanes share a half warp");
     wait_for_previous_grid();
-    const int b = blockIdx.x / chunks, c = blockIdx.x % chunks, V = p.vocab;
+    const int b = blockIdx.x / chunks, c = blockIdx.x % chunks;
+    const int group = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
     const T* logits = static_cast<const T*>(p.logits) + b * p.stride_logits;
-    const float t = p.temperature[b];
-    const float temperature = t > 0.0f ? t : 1.0f;  // greedy rows: the scores are the logits
+    const float temperature = p.temperature[b];
+    uint32_t key = 0;
+    for (int j = lane; j < kCandGroup; j += kLanes)
+        key = max(key, packed_key(candidate_entry(logits, c * kCandBlock + group * kCandGroup + j, p.vocab,
+                                                  temperature)));
+#pragma unroll
+    for (int offset = kLanes / 2; offset > 0; offset >>= 1) key = max(key, __shfl_xor_sync(FULL_MASK, key, offset));
+    if (lane == 0) w.group_max[(int64_t(b) * chunks + c) * kGroupsPerChunk + group] = key;
+}
+
+// Row b: bound[b] = the k-th largest of its group maxima (k its top_k; 0, no bound, where the
+// draw kernel will not take the list anyway: top-k off or >= cand_k, or more than the groups),
+// and count[b] = 0 for candidates_kernel's appends.
+__global__ void __launch_bounds__(kThreads) key_bound_kernel(SampleParams p, CandidateSpace w, int chunks) {
+    __shared__ Shared sh;
+    wait_for_previous_grid();
+    const int b = blockIdx.x, groups = chunks * kGroupsPerChunk;
+    const uint32_t* group_max = w.group_max + int64_t(b) * groups;
+    const int64_t k = p.top_k[b];
+    uint32_t bound = 0;
+    if (k > 0 && k < p.cand_k && k <= groups) {
+        auto all = [&](int i, uint32_t& key, unsigned long long& weight) {
+            key = group_max[i];
+            weight = 1;
+            return true;
+        };
+        bound = radix_select<false>(groups, all, (unsigned long long)(k - 1), true, sh);
+    }
+    if (threadIdx.x == 0) {
+        w.bound[b] = bound;
+        w.count[b] = 0;
+    }
+}
+
+// Block (b, c) of a grid of B * chunks: the best cand_k packed entries of chunk c of row b, in
+// descending order, to candidates[b, c] (0 pads past the end of the row). Bounded, where at most
+// cand_k entries of the chunk are at or above the row's bound: those, in no order (0 pads the
+// rest), also appended to the row's list.
+template <typename T>
+__global__ void __launch_bounds__(kCandThreads) candidates_kernel(SampleParams p, CandidateSpace w, int chunks) {
+    __shared__ uint64_t entries[kCandBlock];
+    __shared__ int above, next_slot, list_base;
+    wait_for_previous_grid();
+    const int b = blockIdx.x / chunks, c = blockIdx.x % chunks, K = p.cand_k;
+    const T* logits = static_cast<const T*>(p.logits) + b * p.stride_logits;
+    const float temperature = p.temperature[b];
+    const uint32_t bound = p.bounded ? w.bound[b] : 0;
+    if (threadIdx.x == 0) above = next_slot = 0;
+    int mine = 0;  // this thread's entries at or above the bound
     for (int j = threadIdx.x; j < kCandBlock; j += kCandThreads) {
-        const int i = c * kCandBlock + j;
-        uint64_t e = 0;
-        if (i < V) {
-            float x = to_float(logits[i]);
-            if (x != x) x = -INFINITY;
-            float s = x / temperature;
-            if (s != s) s = -INFINITY;
-            e = pack(order_key(s), i, V);
-        }
+        const uint64_t e = candidate_entry(logits, c * kCandBlock + j, p.vocab, temperature);
         entries[j] = e;
+        mine += e != 0 && packed_key(e) >= bound;
+    }
+    __syncthreads();
+    if (p.bounded) atomicAdd(&above, mine);
+    __syncthreads();
+    uint64_t* out = w.candidates + (int64_t(b) * chunks + c) * K;
+    if (p.bounded && above <= K) {
+        if (threadIdx.x == 0) list_base = atomicAdd(w.count + b, above);
+        __syncthreads();
+        uint64_t* list = w.list + int64_t(b) * kCandList;
+        for (int j = threadIdx.x; j < kCandBlock; j += kCandThreads) {
+            const uint64_t e = entries[j];
+            if (e != 0 && packed_key(e) >= bound) {
+                const int slot = atomicAdd(&next_slot, 1);
+                out[slot] = e;
+                if (list_base + slot < kCandList) list[list_base + slot] = e;
+            }
+        }
+        for (int j = above + threadIdx.x; j < K; j += kCandThreads) out[j] = 0;
+        return;
     }
     bitonic_sort_descending(entries, kCandBlock);
-    uint64_t* out = p.candidates + (int64_t(b) * chunks + c) * p.cand_k;
-    for (int j = threadIdx.x; j < p.cand_k; j += kCandThreads) out[j] = entries[j];
+    for (int j = threadIdx.x; j < K; j += kCandThreads) out[j] = entries[j];
+    if (p.bounded && threadIdx.x == 0) atomicAdd(w.count + b, kCandList + 1);  // the row's list is incomplete
 }
 
 // Row b: its best cand_k entries from its chunks' lists, then the filters and the draw on them.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p, int chunks) {
+__global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p, CandidateSpace w, int chunks) {
     __shared__ uint64_t best[kMergeBlock];  // [0, K): the best so far, in order; then the next candidates
     __shared__ Shared sh;
     wait_for_previous_grid();
     const int b = blockIdx.x, V = p.vocab, K = p.cand_k, tid = threadIdx.x;
-    const int64_t num = int64_t(chunks) * K;
-    const uint64_t* cand = p.candidates + b * num;
-    for (int j = tid; j < K; j += kThreads) best[j] = 0;
-    for (int64_t start = 0; start < num; start += kMergeBlock - K) {
-        for (int j = tid; j < kMergeBlock - K; j += kThreads) best[K + j] = start + j < num ? cand[start + j] : 0;
-        bitonic_sort_descending(best, kMergeBlock);  // barriers before and after
+    const int listed = p.bounded ? w.count[b] : kCandList + 1;
+    if (listed <= kCandList) {  // every entry of the row at or above its bound: one sort
+        const uint64_t* list = w.list + int64_t(b) * kCandList;
+        for (int j = tid; j < kCandList; j += kThreads) best[j] = j < listed ? list[j] : 0;
+        bitonic_sort_descending(best, kCandList);  // barriers before and after
+    } else {
+        const int64_t num = int64_t(chunks) * K;
+        const uint64_t* cand = w.candidates + b * num;
+        for (int j = tid; j < K; j += kThreads) best[j] = 0;
+        for (int64_t start = 0; start < num; start += kMergeBlock - K) {
+            for (int j = tid; j < kMergeBlock - K; j += kThreads) best[K + j] = start + j < num ? cand[start + j] : 0;
+            bitonic_sort_descending(best, kMergeBlock);
+        }
     }
     const int top_index = packed_index(best[0], V);
     const float m = key_score(packed_key(best[0]));  // the largest score
@@ -452,6 +555,39 @@ __global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p
 
 int sample_candidate_chunks(int vocab) { return (vocab + kCandBlock - 1) / kCandBlock; }
 
+namespace {
+
+// The workspace's parts, in CandidateSpace's order, each at a 16-byte boundary; their end.
+struct WorkspaceLayout {
+    size_t list, group_max, bound, count, total;
+};
+
+WorkspaceLayout workspace_layout(int batch, int vocab, int cand_k) {
+    const size_t rows = size_t(batch), chunks = size_t(sample_candidate_chunks(vocab));
+    const auto up = [](size_t bytes) { return (bytes + 15) / 16 * 16; };
+    WorkspaceLayout l;
+    l.list = up(rows * chunks * cand_k * sizeof(uint64_t));
+    l.group_max = l.list + up(rows * kCandList * sizeof(uint64_t));
+    l.bound = l.group_max + up(rows * chunks * kGroupsPerChunk * sizeof(uint32_t));
+    l.count = l.bound + up(rows * sizeof(uint32_t));
+    l.total = l.count + up(rows * sizeof(int));
+    return l;
+}
+
+CandidateSpace carve_workspace(const SampleParams& p) {
+    const WorkspaceLayout l = workspace_layout(p.batch, p.vocab, p.cand_k);
+    char* base = static_cast<char*>(p.workspace);
+    return {reinterpret_cast<uint64_t*>(base), reinterpret_cast<uint64_t*>(base + l.list),
+            reinterpret_cast<uint32_t*>(base + l.group_max), reinterpret_cast<uint32_t*>(base + l.bound),
+            reinterpret_cast<int*>(base + l.count)};
+}
+
+}  // namespace
+
+size_t sample_workspace_bytes(int batch, int vocab, int cand_k) {
+    return cand_k > 0 ? workspace_layout(batch, vocab, cand_k).total : 0;
+}
+
 // ----------------------------------------------------------------------------- host dispatch
 
 template <typename T>
@@ -460,9 +596,17 @@ cudaError_t sample_launch(const SampleParams& p, cudaStream_t stream) {
     if (p.cand_k == 0) return launch_kernel(sample_kernel<T>, rows, kThreads, 0, stream, p.pdl, p);
     const int chunks = sample_candidate_chunks(p.vocab);
     const dim3 row_chunks(p.batch * chunks);
-    const cudaError_t err = launch_kernel(candidates_kernel<T>, row_chunks, kCandThreads, 0, stream, p.pdl, p, chunks);
+    const CandidateSpace w = carve_workspace(p);
+    cudaError_t err;
+    if (p.bounded) {
+        err = launch_kernel(group_max_kernel<T>, row_chunks, kCandThreads, 0, stream, p.pdl, p, w, chunks);
+        if (err != cudaSuccess) return err;
+        err = launch_kernel(key_bound_kernel, rows, kThreads, 0, stream, p.pdl, p, w, chunks);
+        if (err != cudaSuccess) return err;
+    }
+    err = launch_kernel(candidates_kernel<T>, row_chunks, kCandThreads, 0, stream, p.pdl, p, w, chunks);
     if (err != cudaSuccess) return err;
-    return launch_kernel(candidate_draw_kernel<T>, rows, kThreads, 0, stream, p.pdl, p, chunks);
+    return launch_kernel(candidate_draw_kernel<T>, rows, kThreads, 0, stream, p.pdl, p, w, chunks);
 }
 
 cudaError_t sample_forward(const SampleParams& p, cudaStream_t stream) {

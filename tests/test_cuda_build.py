@@ -130,16 +130,20 @@ def test_extension_validates_before_touching_the_gpu():
     with pytest.raises(ValueError, match="residual and h must be given together"):
         C.layer_norm(16, 16, 0, 0, 16, 0, 1, 8, 8, 8, 8, 8, 1e-5, 0, 0, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"vocab must be in \[1, 2\^24\)"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 0, 1, 1 << 24, 1 << 24, 0, 0, 0, False)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 0, False, 1, 1 << 24, 1 << 24, 0, 0, 0, False)
     with pytest.raises(ValueError, match="null pointer"):
-        C.sample(16, 0, 16, 16, 16, 16, 16, 0, 0, 1, 10, 10, 0, 0, 0, False)
+        C.sample(16, 0, 16, 16, 16, 16, 16, 0, 0, False, 1, 10, 10, 0, 0, 0, False)
     with pytest.raises(ValueError, match=r"cand_k must be 0 or a power of two in \[16, 256\], got 48"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 48, 1, 10, 10, 0, 0, 0, False)
-    with pytest.raises(ValueError, match="needs its workspace"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 0, 64, 1, 10, 10, 0, 0, 0, False)
+        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 48, True, 1, 10, 10, 0, 0, 0, False)
+    for workspace in (0, 24):
+        with pytest.raises(ValueError, match="needs its workspace, 16-byte aligned"):
+            C.sample(16, 16, 16, 16, 16, 16, 16, workspace, 64, True, 1, 10, 10, 0, 0, 0, False)
     with pytest.raises(ValueError, match="batch x vocabulary chunks must be < 2\\^31"):
-        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 64, 2**31 - 1, 5000, 5000, 0, 0, 0, False)
-    assert C.sample_candidate_chunks(50257) == 50 and C.sample_candidate_chunks(1024) == 1
+        C.sample(16, 16, 16, 16, 16, 16, 16, 16, 64, True, 2**31 - 1, 5000, 5000, 0, 0, 0, False)
+    # 50 chunks of 1024: 50 x 64 candidates, a list of 512, 50 x 16 group maxima, the bound and the count
+    assert C.sample_workspace_bytes(1, 50257, 64) == 50 * 64 * 8 + 512 * 8 + 50 * 16 * 4 + 16 + 16
+    assert C.sample_workspace_bytes(3, 1024, 16) == 3 * 16 * 8 + 3 * 512 * 8 + 3 * 16 * 4 + 16 + 16
+    assert C.sample_workspace_bytes(8, 50257, 0) == 0
 
 
 def _decode_args(**changes) -> dict:
@@ -223,7 +227,7 @@ def test_attention_kernels_do_not_spill(source, kernels, arch, tmp_path):
     # (fp32, fp16, bf16) x ((16-byte with scalar or vector params, scalar) x (3 warp, 1 block) + 3 warp
     # with early params), and looped
     ("layer_norm", 3 * (3 * 4 + 3) + 3),
-    ("sampling", 3 * 3),
+    ("sampling", 3 * 4 + 1),  # (fp32, fp16, bf16) x (one block a row, group maxima, candidates, draw), key bound
 ])  # fmt: skip
 def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
     """On sm_90a every kernel waits for the kernel before it ahead of any memory access, as a

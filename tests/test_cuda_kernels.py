@@ -436,14 +436,17 @@ def test_a_dominant_token_is_always_drawn_in_a_large_vocab():
         assert (draws == 7).all(), f"{int((draws != 7).sum())} of {n} draws left the dominant token"
 
 
+@pytest.mark.parametrize("bounded", [True, False], ids=["bounded", "sorted"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B, V", [(12, 3000), (12, 100), (12, 5), (2, 50257),
                                   *on_gpu((1, 50257), (12, 50257), (256, 50257), (12, 128256))])
-def test_sampling_candidate_path_equals_one_block(B, V, dtype):
-    """top_k_bound > 0 (the candidate path: each chunk's best entries, then the row's): the same
-    tokens as one block per row, to the bit (the same fixed-point weights, the same noise), for
-    every kind of row, including those it hands to the one-block code: top-k off or past the
-    bound, a tie group longer than the list, +inf logits, nothing finite, scores overflowing."""
+def test_sampling_candidate_path_equals_one_block(B, V, dtype, bounded, monkeypatch):
+    """top_k_bound > 0 (the candidate path: each chunk's best entries, then the row's; bounded,
+    each row's k-th best key bounded from below first): the same tokens as one block per row, to
+    the bit (the same fixed-point weights, the same noise), for every kind of row, including
+    those it hands to the one-block code: top-k off or past the bound, a tie group longer than
+    the list, +inf logits, nothing finite, scores overflowing."""
+    monkeypatch.setattr(_cuda, "SAMPLE_BOUND_MIN_ROWS", 1 if bounded else B + 1)
     logits = _randn(B, V, dtype=dtype, seed=B + V, scale=3)
     rows = torch.arange(B, device=DEVICE)
     t = _tensor([0.8, 0.0, 1.0, 1.3, 0.7, 0.5, 1.0, 0.9, 1e-30, 1.0, 2.0, 0.6])[rows % 12]
@@ -459,6 +462,31 @@ def test_sampling_candidate_path_equals_one_block(B, V, dtype):
         s = _tensor([seed])
         fast, one_block = _cuda.sample(logits, t, k, p, mp, s, top_k_bound=50), _cuda.sample(logits, t, k, p, mp, s)
         assert torch.equal(fast, one_block), (fast, one_block)
+
+
+@pytest.mark.parametrize("k", [40, 1, 15])
+def test_sampling_bounded_candidates_past_their_list(k):
+    """The bounded candidate path where its shortcuts end. At k 40: (row 0) each chunk holds 20
+    entries at or above the row's bound, 781 in all, past the 512 a row's list holds, so the draw
+    merges the chunks' lists; (row 1) 1024 in each of two chunks, which sort; (row 2, every k)
+    every group's maximum is one tied value: 16 entries a chunk, 786 ties, past the list and past
+    cand_k (the one-block code draws). At k 1 and 15 rows 0 and 1 fit their lists. The same tokens
+    as one block per row, and the draws land in the kept set."""
+    V, chunk, group = 50257, 1024, 64
+    logits = _randn(3, V, seed=k, scale=0.1) - 10.0
+    for c in range(V // chunk):  # row 0: 20 entries per chunk in its first group, rising chunk by chunk
+        logits[0, c * chunk: c * chunk + 20] = 5.0 + 0.01 * c + 1e-4 * torch.arange(20, device=DEVICE)
+    crowd = torch.rand(2 * chunk, generator=torch.Generator().manual_seed(k)).to(DEVICE)
+    logits[1, 3 * chunk: 5 * chunk] = 5.0 + 1e-3 * crowd  # row 1: 2048 entries above the others, in two chunks
+    logits[2, ::group] = 5.0  # one entry a group at 5: ties far past any list
+    t, top_k = _tensor([0.9, 1.0, 0.7]), _tensor([k, k, k])
+    p, mp = _tensor([0.9, 1.0, 0.95], torch.float64), _tensor([0.0, 0.0, 0.0])
+    for seed in (3, 4):
+        s = _tensor([seed])
+        fast = _cuda.sample(logits, t, top_k, p, mp, s, top_k_bound=50)
+        assert torch.equal(fast, _cuda.sample(logits, t, top_k, p, mp, s)), fast
+        kept = reference.filter_logits(logits, temperature=t, top_k=top_k, top_p=p, min_p=mp) > float("-inf")
+        assert kept.gather(1, fast[:, None]).all()
 
 
 def test_top_k_keeps_ties_with_the_kth_value():

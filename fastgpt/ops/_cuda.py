@@ -32,6 +32,12 @@ MAX_GRID_YZ = 65535
 MAX_VOCAB = 1 << 24  # the sampler's fixed-point probability sums need V < 2^24
 MAX_SEQLEN = 1 << 30  # bindings.cpp kMaxSeqlen: tile counts stay within 32-bit ints
 DECODE_ROW_TILE = 8  # decode.cu kMaxGroup: (query head, query) pairs a decode block takes
+# From this many rows the sampler's candidate path first bounds each row's k-th best key from
+# below (sampling.cu: two launches more, then no sort of a chunk with few entries above the
+# bound and one sort of a row's list instead of a merge of every chunk's), as the Triton path
+# does at every B (16 against 37 us at B1 there on the H200); not measured in CUDA. Past B: the
+# sorted form only (tests, gpu-probe).
+SAMPLE_BOUND_MIN_ROWS = 1
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -305,12 +311,14 @@ def sample(logits, temperature, top_k, top_p, min_p, seed, *, top_k_bound=0) -> 
         raise ValueError("sample (cuda backend): seed must hold one int64 value")
     out = torch.empty(B, device=logits.device, dtype=torch.int64)
     cand_k = _backends.sample_candidate_k(top_k_bound)
-    candidates = None  # the candidate path's workspace (uint64 entries), where it runs
+    workspace = None  # the candidate path's, where it runs
     if cand_k:
-        candidates = torch.empty(B * ext.sample_candidate_chunks(V) * cand_k, device=logits.device, dtype=torch.int64)
+        words = -(-ext.sample_workspace_bytes(B, V, cand_k) // 8)
+        workspace = torch.empty(words, device=logits.device, dtype=torch.int64)
     ext.sample(
         logits.data_ptr(), temperature.data_ptr(), top_k.data_ptr(), top_p.data_ptr(), min_p.data_ptr(),
-        seed.data_ptr(), out.data_ptr(), 0 if candidates is None else candidates.data_ptr(), cand_k, B, V,
-        logits.stride(0), code, *_launch_target(logits), _backends.launch_pdl(logits.device),
+        seed.data_ptr(), out.data_ptr(), 0 if workspace is None else workspace.data_ptr(), cand_k,
+        B >= SAMPLE_BOUND_MIN_ROWS, B, V, logits.stride(0), code, *_launch_target(logits),
+        _backends.launch_pdl(logits.device),
     )  # fmt: skip
     return out

@@ -446,7 +446,7 @@ def out_of_bounds(ext, op: str) -> None:
         t, k, mp, seed = torch.ones(B), torch.zeros(B, dtype=torch.int64), torch.zeros(B), torch.tensor([1])
         p = torch.ones(B, dtype=torch.float64)
         ext.sample(logits.data_ptr(), t.data_ptr(), k.data_ptr(), p.data_ptr(), mp.data_ptr(), seed.data_ptr(),
-                   out.data_ptr(), 0, 0, B, V + 1, V, 0, 0, 0, False)  # fmt: skip
+                   out.data_ptr(), 0, 0, False, B, V + 1, V, 0, 0, 0, False)  # fmt: skip
 
 
 def triton_out_of_bounds(op: str) -> None:
