@@ -15,8 +15,10 @@ were set from (or guessed at):
                  prefill kernel against its split-KV decode kernel (fastgpt/ops/attention.py's
                  SPLIT_KV_MAX_QUERIES), and SDPA.
   sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA's
-                 candidate and one-block-per-row paths
+                 candidate (sorted and bounded) and one-block-per-row paths
                  (SAMPLE_TRITON_MAX_ROWS, kernels/sampling/__init__.py's _MIN_SPLIT_CHUNKS).
+  sample_top_p   the same without a small top-k (top-p alone, top-k 1000): the paths other than the
+                 candidate one, which every other sampling section times.
   sample_blocks  the one-program-per-row path's vocabulary block and warps.
   sample_cand    the candidate path's tiles (both kernels' blocks and warps).
   linear         GPT.decode's fused matmuls (fastgpt.ops.linear, kernels/linear.py) against the
@@ -216,17 +218,18 @@ def few_queries_section(p: Probe):
                 p.record("few_queries", dict(shape=f"B{B} H{Hq}/{Hkv} L{L} D{D}", Sq=Sq, impl=name), measure)
 
 
-def sample_inputs(p: Probe, B, V):
+def sample_inputs(p: Probe, B, V, top_k=50):
     logits = torch.randn(B, V, device=p.device) * 3
-    params = [torch.full((B,), 0.8, device=p.device), torch.full((B,), 50, dtype=torch.int64, device=p.device),
+    params = [torch.full((B,), 0.8, device=p.device), torch.full((B,), top_k, dtype=torch.int64, device=p.device),
               torch.full((B,), 0.9, dtype=torch.float64, device=p.device), torch.zeros(B, device=p.device)]
     return logits, params, torch.zeros(1, dtype=torch.int64, device=p.device)
 
 
 def sample_batch_section(p: Probe):
     """The split path (as many chunks as the SM rule asks, no minimum), one program per row, the
-    candidate path with its chunks sorted and bounded, and CUDA over B: where _MIN_SPLIT_CHUNKS,
-    SAMPLE_TRITON_MAX_ROWS and CAND_BOUND_MIN_ROWS should sit."""
+    candidate path with its chunks sorted and bounded, in Triton and in CUDA, over B: where
+    _MIN_SPLIT_CHUNKS, SAMPLE_TRITON_MAX_ROWS, CAND_BOUND_MIN_ROWS and (ops/_cuda.py's)
+    SAMPLE_BOUND_MIN_ROWS should sit."""
     V = 3000 if p.smoke else 50257
     sms = 4 if p.smoke else _backends.sm_count(torch.cuda.current_device())
     for B in (2,) if p.smoke else (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
@@ -248,10 +251,41 @@ def sample_batch_section(p: Probe):
         if "cuda" in p.backends:
             from fastgpt.ops import _cuda
 
-            calls["cuda candidates (top_k_bound 50)"] = lambda: _cuda.sample(logits, *params, seed, top_k_bound=50)
+            def cuda_candidates(min_rows, logits=logits, params=params, seed=seed):
+                def call():
+                    with knobs_kept(_cuda, "SAMPLE_BOUND_MIN_ROWS"):
+                        _cuda.SAMPLE_BOUND_MIN_ROWS = min_rows
+                        return _cuda.sample(logits, *params, seed, top_k_bound=50)
+                return call
+
+            calls["cuda candidates (top_k_bound 50), sorted"] = cuda_candidates(1 << 30)
+            calls["cuda candidates (top_k_bound 50), bounded"] = cuda_candidates(1)
             calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
         for name, fn in calls.items():
             p.record("sample_batch", dict(B=B, V=V, impl=name), lambda fn=fn: dict(device_us=p.device_us(fn)))
+
+
+def sample_top_p_section(p: Probe):
+    """Top-p without a top-k the host can bound (temperature 0.8, top-p 0.9, top-k off, and top-k
+    1000): no candidate path, so the split path, one program per row, and CUDA's one block per row
+    (gpu-probe's other sampling sections all run top-k 50)."""
+    V = 3000 if p.smoke else 50257
+    sms = 4 if p.smoke else _backends.sm_count(torch.cuda.current_device())
+    for top_k in (0, 1000):
+        for B in (2,) if p.smoke else (1, 32, 256):
+            logits, params, seed = sample_inputs(p, B, V, top_k=top_k)
+            chunks = tri_sampling.split_chunks(B, V, sms, min_chunks=2)
+            calls = {"triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
+            if chunks > 1:
+                calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
+                                                                                       num_chunks=chunks)
+            if "cuda" in p.backends:
+                from fastgpt.ops import _cuda
+
+                calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
+            for name, fn in calls.items():
+                p.record("sample_top_p", dict(B=B, V=V, top_k=top_k, impl=name),
+                         lambda fn=fn: dict(device_us=p.device_us(fn)))
 
 
 def sample_blocks_section(p: Probe):
@@ -529,7 +563,8 @@ def profile_section(p: Probe):
 SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles": tiles_section,
             "few_queries": few_queries_section,
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
-            "sample_batch": sample_batch_section, "sample_blocks": sample_blocks_section,
+            "sample_batch": sample_batch_section, "sample_top_p": sample_top_p_section,
+            "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,
             "linear": linear_section, "decode_step": decode_step_section, "step_kernels": step_kernels_section,
             "lookup_step": lookup_step_section,
