@@ -43,6 +43,7 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kBins = 256;
+constexpr int kRadixTokens = 4;  // tokens a lane reads per step of a radix select pass (see radix_select)
 constexpr float kFixedOne = 1099511627776.0f;  // 2^40: the weight of the largest score
 
 // --------------------------------------------------------------------------- Philox4x32-10
@@ -179,6 +180,21 @@ __device__ void find_bin(unsigned long long target, bool descending, Shared& sh)
 //   descending: the largest K with weight(keys >= K) > target (target = k - 1: the k-th largest);
 //   ascending:  the smallest K with weight(keys <= K) > target.
 // Requires target < the total eligible weight.
+// Adds one token a lane to the histogram, by the whole warp: its weight (1 when !WEIGHTED) in bin
+// `bin` (kBins: none). Lanes sharing a bin add once where they can.
+template <bool WEIGHTED>
+__device__ __forceinline__ void add_to_bin(int bin, unsigned long long weight, int lane, Shared& sh) {
+    const unsigned peers = __match_any_sync(FULL_MASK, bin);  // lanes sharing this bin
+    if (!WEIGHTED) {
+        if (bin < kBins && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[bin], (unsigned long long)__popc(peers));
+    } else if (peers == FULL_MASK) {  // same for every lane: the whole warp in one bin
+        weight = warp_sum(weight);
+        if (bin < kBins && lane == 0) atomicAdd(&sh.hist[bin], weight);
+    } else if (bin < kBins && weight != 0) {
+        atomicAdd(&sh.hist[bin], weight);
+    }
+}
+
 template <bool WEIGHTED, typename Element>
 __device__ uint32_t radix_select(int vocab, const Element& element, unsigned long long target, bool descending,
                                  Shared& sh) {
@@ -188,22 +204,25 @@ __device__ uint32_t radix_select(int vocab, const Element& element, unsigned lon
         const uint32_t high_mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
         for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
         __syncthreads();
-        // Warp-uniform loop so that the warp-wide intrinsics below see all 32 lanes.
-        for (int base = warp * 32; base < vocab; base += kThreads) {
-            const int i = base + lane;
-            uint32_t key = 0;
-            unsigned long long weight = 0;
-            const bool valid = i < vocab && element(i, key, weight) && (key & high_mask) == prefix;
-            const int bin = valid ? int((key >> shift) & 0xFFu) : kBins;
-            const unsigned peers = __match_any_sync(FULL_MASK, bin);  // lanes sharing this bin
-            if (!WEIGHTED) {
-                if (bin < kBins && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[bin], (unsigned long long)__popc(peers));
-            } else if (peers == FULL_MASK) {  // same for every lane: the whole warp in one bin
-                weight = warp_sum(weight);
-                if (bin < kBins && lane == 0) atomicAdd(&sh.hist[bin], weight);
-            } else if (bin < kBins && weight != 0) {
-                atomicAdd(&sh.hist[bin], weight);
+        // Warp-uniform loop so that the warp-wide intrinsics see all 32 lanes. Each lane reads
+        // its kRadixTokens tokens (32 apart: coalesced) before it bins any, so that their loads
+        // are in flight together: binning one token at a time left one load in flight a lane, and
+        // each pass waited out the vocabulary's latency V / kThreads times over. The bins' sums
+        // are integers: the order tokens arrive in does not change them.
+        for (int base = warp * 32 * kRadixTokens; base < vocab; base += kThreads * kRadixTokens) {
+            uint32_t key[kRadixTokens];
+            unsigned long long weight[kRadixTokens];
+            bool valid[kRadixTokens];
+#pragma unroll
+            for (int u = 0; u < kRadixTokens; ++u) {
+                const int i = base + u * 32 + lane;
+                key[u] = 0;
+                weight[u] = 0;
+                valid[u] = i < vocab && element(i, key[u], weight[u]) && (key[u] & high_mask) == prefix;
             }
+#pragma unroll
+            for (int u = 0; u < kRadixTokens; ++u)
+                add_to_bin<WEIGHTED>(valid[u] ? int((key[u] >> shift) & 0xFFu) : kBins, weight[u], lane, sh);
         }
         __syncthreads();
         find_bin(target, descending, sh);

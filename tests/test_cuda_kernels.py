@@ -489,6 +489,35 @@ def test_sampling_bounded_candidates_past_their_list(k):
         assert kept.gather(1, fast[:, None]).all()
 
 
+@pytest.mark.parametrize("bound", [0, 50], ids=["one-block", "candidates"])
+@pytest.mark.parametrize("top_k, top_p_keeps, margin", [(20, 0, 0), (0, 15, 0.002), (0, 15, -0.002),
+                                                      (25, 12, 0.002), (25, 12, -0.002)])
+def test_sampling_draws_exactly_the_kept_set(top_k, top_p_keeps, margin, bound):
+    """Near-equal scores for the 30 best tokens (some at positions where a pass that skipped or
+    repeated tokens would err: 31, 62, 124, 125, 127 of each 128), the rest far below, and a top-p
+    that keeps top_p_keeps of the top-k survivors, 0.002 of their mass short of what keeps one
+    more (margin > 0) or past what keeps one fewer (< 0): over 300 draws every token of the
+    reference's kept set comes up and no other, so a threshold one token off (top-k's count,
+    top-p's mass, either way) shows."""
+    V, B = 700, 300
+    best = torch.tensor([31, 62, 124, 125, 127, 3, 200, 251, 252, 255, 380, 381, 383, 509, 510, 511, 600, 640, 641,
+                         643, 650, 660, 670, 680, 690, 695, 696, 697, 698, 699])  # fmt: skip
+    row = torch.full((V,), -5.0)
+    row[best] = 5.0 + 1e-3 * torch.arange(30.0)
+    top_p = 1.0
+    if top_p_keeps:  # the mass of the best top_p_keeps (- 1) survivors, less (plus) the margin
+        survivors = row.double().topk(top_k).values if top_k else row.double()
+        mass = survivors.softmax(0).sort(descending=True).values.cumsum(0)
+        top_p = float(mass[top_p_keeps - 1]) - margin if margin > 0 else float(mass[top_p_keeps - 2]) - margin
+    logits = row.to(DEVICE).expand(B, V)
+    params = _params(B, 1.0, top_k, top_p)
+    draws = _cuda.sample(logits, *params, _tensor([11]), top_k_bound=bound)
+    t, k, p, mp = (x[:1] for x in params)
+    kept = reference.filter_logits(logits[:1], temperature=t, top_k=k, top_p=p, min_p=mp)[0] > float("-inf")
+    assert int(kept.sum()) == (top_p_keeps or top_k)
+    assert set(draws.tolist()) == set(kept.nonzero().flatten().tolist())
+
+
 def test_top_k_keeps_ties_with_the_kth_value():
     row = _tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]])
     draws = fastgpt.sample(row.expand(5000 if HAS_CUDA else 400, 6), top_k=2, backend="cuda")
