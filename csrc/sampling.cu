@@ -99,16 +99,17 @@ struct Row {
     float max_x;
     float temperature;
 
-    __device__ __forceinline__ float clean(int i) const {
-        float x = to_float(logits[i]);
+    __device__ __forceinline__ float clean_of(float x) const {
         if (x != x) return -INFINITY;
         if (ties_only) return x == max_x ? 0.0f : -INFINITY;
         return x;
     }
-    __device__ __forceinline__ float score(int i) const {
-        const float s = clean(i) / temperature;
+    // The score of a logit x of this row (score(i): that of logits[i]).
+    __device__ __forceinline__ float score_of(float x) const {
+        const float s = clean_of(x) / temperature;
         return s != s ? -INFINITY : s;
     }
+    __device__ __forceinline__ float score(int i) const { return score_of(to_float(logits[i])); }
 };
 
 // --------------------------------------------------------------------------- block reductions
@@ -174,12 +175,6 @@ __device__ void find_bin(unsigned long long target, bool descending, Shared& sh)
     __syncthreads();
 }
 
-// Radix select over the 32-bit keys of the eligible tokens of a row. `element(i, key, weight)`
-// returns whether token i is eligible and sets its key and weight (weight 1 when !WEIGHTED).
-// Returns the key K where the weight accumulated in scan order first exceeds `target`:
-//   descending: the largest K with weight(keys >= K) > target (target = k - 1: the k-th largest);
-//   ascending:  the smallest K with weight(keys <= K) > target.
-// Requires target < the total eligible weight.
 // Adds one token a lane to the histogram, by the whole warp: its weight (1 when !WEIGHTED) in bin
 // `bin` (kBins: none). Lanes sharing a bin add once where they can.
 template <bool WEIGHTED>
@@ -195,30 +190,40 @@ __device__ __forceinline__ void add_to_bin(int bin, unsigned long long weight, i
     }
 }
 
-template <bool WEIGHTED, typename Element>
-__device__ uint32_t radix_select(int vocab, const Element& element, unsigned long long target, bool descending,
-                                 Shared& sh) {
+// Radix select over the 32-bit keys of the eligible tokens of a row. `load(i)` reads token i's
+// value (a logit); `element(value, key, weight)` returns whether a token of that value is
+// eligible and sets its key and weight (weight 1 when !WEIGHTED). Returns the key K where the
+// weight accumulated in scan order first exceeds `target`:
+//   descending: the largest K with weight(keys >= K) > target (target = k - 1: the k-th largest);
+//   ascending:  the smallest K with weight(keys <= K) > target.
+// Requires target < the total eligible weight.
+template <bool WEIGHTED, typename Load, typename Element>
+__device__ uint32_t radix_select(int vocab, const Load& load, const Element& element, unsigned long long target,
+                                 bool descending, Shared& sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     uint32_t prefix = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         const uint32_t high_mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
         for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
         __syncthreads();
-        // Warp-uniform loop so that the warp-wide intrinsics see all 32 lanes. Each lane reads
-        // its kRadixTokens tokens (32 apart: coalesced) before it bins any, so that their loads
-        // are in flight together: binning one token at a time left one load in flight a lane, and
-        // each pass waited out the vocabulary's latency V / kThreads times over. The bins' sums
+        // Warp-uniform loop so that the warp-wide intrinsics see all 32 lanes. Each lane loads
+        // its kRadixTokens tokens (32 apart: coalesced) before it computes or bins any, so that
+        // the loads are in flight together: one token at a time left one load in flight a lane,
+        // and each pass waited out the memory's latency V / kThreads times over. The bins' sums
         // are integers: the order tokens arrive in does not change them.
         for (int base = warp * 32 * kRadixTokens; base < vocab; base += kThreads * kRadixTokens) {
+            decltype(load(0)) value[kRadixTokens];
+#pragma unroll
+            for (int u = 0; u < kRadixTokens; ++u) value[u] = load(min(base + u * 32 + lane, vocab - 1));
             uint32_t key[kRadixTokens];
             unsigned long long weight[kRadixTokens];
             bool valid[kRadixTokens];
 #pragma unroll
             for (int u = 0; u < kRadixTokens; ++u) {
-                const int i = base + u * 32 + lane;
                 key[u] = 0;
                 weight[u] = 0;
-                valid[u] = i < vocab && element(i, key[u], weight[u]) && (key[u] & high_mask) == prefix;
+                valid[u] = base + u * 32 + lane < vocab && element(value[u], key[u], weight[u]) &&
+                           (key[u] & high_mask) == prefix;
             }
 #pragma unroll
             for (int u = 0; u < kRadixTokens; ++u)
@@ -267,6 +272,7 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
     const float temperature = p.temperature[b];
     const bool ties_only = has_pos_inf || max_x / temperature == INFINITY;
     const Row<T> row{logits, V, ties_only, max_x, temperature};
+    const auto load = [&](int i) { return to_float(logits[i]); };
     const float m = ties_only ? 0.0f : max_x / temperature;  // the largest score
     // Greedy (temperature <= 0 or NaN), or nothing finite to draw from -> the argmax (0 for an
     // all -inf row).
@@ -279,34 +285,40 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
     const int64_t top_k = p.top_k[b];
     uint32_t threshold = 0;  // keep tokens whose key >= threshold
     if (top_k > 0 && top_k < V) {
-        auto all = [&](int i, uint32_t& key, unsigned long long& weight) {
-            key = order_key(row.score(i));
+        auto all = [&](float x, uint32_t& key, unsigned long long& weight) {
+            key = order_key(row.score_of(x));
             weight = 1;
             return true;
         };
-        threshold = radix_select<false>(V, all, (unsigned long long)(top_k - 1), true, sh);
+        threshold = radix_select<false>(V, load, all, (unsigned long long)(top_k - 1), true, sh);
     }
 
     // top-p, clamped to (0, 1]: 1 (or NaN) means off; <= 0 keeps only the largest scores.
     const double top_p = p.top_p[b];
     if (top_p < 1.0) {
         const float cut = float(1.0 - (top_p > 0.0 ? top_p : 0.0));  // HF: 1 - top_p rounded to fp32
-        auto kept = [&](int i, uint32_t& key, unsigned long long& weight) {
-            const float s = row.score(i);
+        auto kept = [&](float x, uint32_t& key, unsigned long long& weight) {
+            const float s = row.score_of(x);
             key = order_key(s);
             weight = __float2ull_rn(expf(s - m) * kFixedOne);
             return key >= threshold;
         };
         unsigned long long total = 0;
-        for (int i = threadIdx.x; i < V; i += kThreads) {
-            uint32_t key;
-            unsigned long long weight;
-            if (kept(i, key, weight)) total += weight;
+        for (int base = threadIdx.x; base < V; base += kThreads * kRadixTokens) {  // loads first, as radix_select's
+            float x[kRadixTokens];
+#pragma unroll
+            for (int u = 0; u < kRadixTokens; ++u) x[u] = load(min(base + u * kThreads, V - 1));
+#pragma unroll
+            for (int u = 0; u < kRadixTokens; ++u) {
+                uint32_t key;
+                unsigned long long weight;
+                if (base + u * kThreads < V && kept(x[u], key, weight)) total += weight;
+            }
         }
         total = block_sum(total, sh.warp_totals);  // >= 2^40: the largest score weighs 2^40
         const double cut_mass = floor(double(cut) * double(total));
         const unsigned long long target = cut_mass >= double(total - 1) ? total - 1 : (unsigned long long)cut_mass;
-        threshold = radix_select<true>(V, kept, target, false, sh);
+        threshold = radix_select<true>(V, load, kept, target, false, sh);
     }
 
     // min-p, clamped to [0, 1] (NaN means off).
@@ -317,12 +329,15 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
     float best = -INFINITY;
     int best_index = V;
     for (int group = threadIdx.x; group * 4 < V; group += kThreads) {
+        float x[4];  // loaded before the Philox rounds, which then hide their latency
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x[j] = load(min(group * 4 + j, V - 1));
         const Philox4 r = philox4x32_10(uint32_t(group), uint32_t(b), 0u, 0u, uint32_t(seed), uint32_t(seed >> 32));
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
             const int i = group * 4 + j;
             if (i >= V) break;
-            const float s = row.score(i);
+            const float s = row.score_of(x[j]);
             if (order_key(s) < threshold || s == -INFINITY) continue;
             if (min_p > 0.0f && expf(s - m) < min_p) continue;
             const float gumbel = -logf(-logf(uniform_from_bits(r.x[j])));
@@ -439,12 +454,13 @@ __global__ void __launch_bounds__(kThreads) key_bound_kernel(SampleParams p, Can
     const int64_t k = p.top_k[b];
     uint32_t bound = 0;
     if (k > 0 && k < p.cand_k && k <= groups) {
-        auto all = [&](int i, uint32_t& key, unsigned long long& weight) {
-            key = group_max[i];
+        auto load = [&](int i) { return group_max[i]; };
+        auto all = [&](uint32_t value, uint32_t& key, unsigned long long& weight) {
+            key = value;
             weight = 1;
             return true;
         };
-        bound = radix_select<false>(groups, all, (unsigned long long)(k - 1), true, sh);
+        bound = radix_select<false>(groups, load, all, (unsigned long long)(k - 1), true, sh);
     }
     if (threadIdx.x == 0) {
         w.bound[b] = bound;
