@@ -248,15 +248,15 @@ def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
 @requires_built
 def test_num_splits_fill_the_last_wave():
     """The fewest splits whose last wave over the GPU is at least 90% full, else the fullest; no
-    split under 256 positions, at most 64; shapes and the GPU only."""
+    split under 128 positions, at most 64; shapes and the GPU only."""
     C = _built_extension()
     assert C.decode_num_splits(64, 12, 12, 1, 4096, 132, 4) == 2  # 768 blocks: 1.45 waves of 528, 2.9 in 2 splits
     assert C.decode_num_splits(44, 12, 12, 1, 4096, 132, 4) == 1  # 528 blocks: one full wave
-    assert C.decode_num_splits(64, 32, 32, 1, 128, 132, 4) == 1  # short cache: 256 positions a split at least
-    assert C.decode_num_splits(1, 12, 12, 1, 1024, 132, 4) == 4  # short of a wave: as many as the length allows
+    assert C.decode_num_splits(64, 32, 32, 1, 128, 132, 4) == 1  # short cache: 128 positions a split at least
+    assert C.decode_num_splits(1, 12, 12, 1, 1024, 132, 4) == 8  # short of a wave: as many as the length allows
     assert C.decode_num_splits(1, 12, 12, 1, 1 << 20, 132, 4) == 40  # 480 of 528 slots: the first 90% fill
     assert C.decode_num_splits(1, 1, 1, 1, 1 << 20, 132, 4) == 64  # at most 64
-    assert C.decode_num_splits(2, 64, 8, 1, 4096, 132, 4) == 16  # GQA: 8 query heads a block, 16 blocks
+    assert C.decode_num_splits(2, 64, 8, 1, 4096, 132, 4) == 30  # GQA: 8 query heads a block, 16 blocks: 480 of 528
     # Several queries: a kv head's (query head, query) pairs in tiles of up to 8, one block each.
     assert C.decode_num_splits(2, 64, 8, 4, 4096, 132, 4) == 8  # 32 pairs a kv head, 4 tiles: 64 blocks
     assert C.decode_num_splits(64, 12, 12, 2, 4096, 132, 4) == 2  # MHA, 2 queries: one tile a head, as 1

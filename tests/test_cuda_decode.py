@@ -118,7 +118,7 @@ def test_decode_a_nan_in_the_cache_gives_nan(Smax):
     k[0, 1, Smax // 2, 3] = float("nan")  # row 0, kv head 1 (query heads 2 and 3): seen
     k[1, 0, Smax - 1, 0] = float("nan")  # row 1: past its length
     lens = _tensor([Smax, Smax - 1], torch.int32)
-    assert (_num_splits(2, 4, 2, Smax, torch.float16) > 1) == (Smax > 256)
+    assert (_num_splits(2, 4, 2, Smax, torch.float16) > 1) == (Smax > 128)
     expected = reference.decode_attention(q.float(), k.float(), v.float(), lens)
     assert expected[0, 2:].isnan().all() and expected.isnan().sum() == 2 * 64
     counters = torch.zeros(8, dtype=torch.int32, device=DEVICE)
@@ -152,7 +152,7 @@ def test_decode_log_sum_exp(shape, merged):
     if merged:
         assert not counters.any()
         assert torch.equal(lse, fastgpt.decode_attention(q, k, v, lens, scale=0.1, backend="cuda", return_lse=True).lse)
-    assert (_num_splits(B, Hq, Hkv, Smax, D=128) > 1) == (Smax > 256)
+    assert (_num_splits(B, Hq, Hkv, Smax, D=128) > 1) == (Smax > 128)
 
 
 # ----------------------------------------------------------------------------- decode: several queries a row
@@ -213,7 +213,7 @@ def test_decode_several_queries_match_the_definition(shape, dtype, causal):
     assert torch.equal(out, _cuda.decode_attention(q, k, v, lens, scale=0.1, causal=causal))
     nothing = expected_lse.isneginf()
     assert torch.equal(out[nothing], torch.zeros_like(out[nothing]))
-    assert (_num_splits(B, Hq, Hkv, Smax, dtype, D, Sq=Sq) > 1) == (Smax > 256)
+    assert (_num_splits(B, Hq, Hkv, Smax, dtype, D, Sq=Sq) > 1) == (Smax > 128)
 
 
 @pytest.mark.parametrize("Sq", [2, 3, 8])
@@ -306,7 +306,7 @@ def test_decode_several_queries_under_masks(Smax):
     assert not counters.any()
     hidden = res.out[1, 4, 2]  # the last: transposed, so the per-(head, query) mask's
     assert res.lse[1, 4, 2].isneginf() and torch.equal(hidden, torch.zeros_like(hidden))
-    assert (_num_splits(B, Hq, Hkv, Smax, torch.float16, masked=True, Sq=Sq) > 1) == (Smax > 256)
+    assert (_num_splits(B, Hq, Hkv, Smax, torch.float16, masked=True, Sq=Sq) > 1) == (Smax > 128)
 
 
 def test_decode_several_queries_from_strided_views():

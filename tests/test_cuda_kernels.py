@@ -607,7 +607,7 @@ def test_gpt2_generates_on_the_cuda_kernels(monkeypatch):
     """GPT-2 (fp16, left-padded batch) with every op on the cuda backend (its matmuls stay
     PyTorch's): prefill attention, decode attention over the static cache, the LayerNorms and the
     sampler all run on the extension, and greedy decoding gives the torch backend's tokens. The
-    prompt fills the cache past 256 positions, so that decode attention splits it (on the
+    prompt fills the cache past 128 positions, so that decode attention splits it (on the
     emulator's 4 SMs) and merges the splits in its one launch, by the cache's counters."""
     from fastgpt.model import GPT, GPTConfig
 
