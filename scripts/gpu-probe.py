@@ -56,7 +56,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt import _backends
-from fastgpt.bench.probe import Probe, env_kept, knobs_kept, step_table, traced_steps
+from fastgpt.bench.probe import Probe, env_kept, knob_call, knobs_kept, step_table, traced_steps
 from fastgpt.kernels import attention as tri_attn
 from fastgpt.kernels import decode as tri_decode
 from fastgpt.kernels import sampling as tri_sampling
@@ -235,15 +235,13 @@ def sample_batch_section(p: Probe):
     for B in (2,) if p.smoke else (1, 2, 4, 8, 16, 24, 32, 48, 64, 128, 256):
         logits, params, seed = sample_inputs(p, B, V)
         chunks = tri_sampling.split_chunks(B, V, sms, min_chunks=2)
-        def candidates(min_rows, logits=logits, params=params, seed=seed):
-            def call():
-                with knobs_kept(tri_sampling, "CAND_BOUND_MIN_ROWS"):
-                    tri_sampling.CAND_BOUND_MIN_ROWS = min_rows
-                    return tri_sampling.sample(logits, *params, seed, top_k_bound=50)
-            return call
+        def candidates(module, knob, min_rows, launcher, logits=logits, params=params, seed=seed):
+            return knob_call(module, knob, min_rows, lambda: launcher(logits, *params, seed, top_k_bound=50))
 
-        calls = {"triton candidates (top_k_bound 50), sorted": candidates(1 << 30),
-                 "triton candidates (top_k_bound 50), bounded": candidates(1),
+        calls = {"triton candidates (top_k_bound 50), sorted":
+                     candidates(tri_sampling, "CAND_BOUND_MIN_ROWS", 1 << 30, tri_sampling.sample),
+                 "triton candidates (top_k_bound 50), bounded":
+                     candidates(tri_sampling, "CAND_BOUND_MIN_ROWS", 1, tri_sampling.sample),
                  "triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
         if chunks > 1:
             calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
@@ -251,15 +249,10 @@ def sample_batch_section(p: Probe):
         if "cuda" in p.backends:
             from fastgpt.ops import _cuda
 
-            def cuda_candidates(min_rows, logits=logits, params=params, seed=seed):
-                def call():
-                    with knobs_kept(_cuda, "SAMPLE_BOUND_MIN_ROWS"):
-                        _cuda.SAMPLE_BOUND_MIN_ROWS = min_rows
-                        return _cuda.sample(logits, *params, seed, top_k_bound=50)
-                return call
-
-            calls["cuda candidates (top_k_bound 50), sorted"] = cuda_candidates(1 << 30)
-            calls["cuda candidates (top_k_bound 50), bounded"] = cuda_candidates(1)
+            calls["cuda candidates (top_k_bound 50), sorted"] = candidates(_cuda, "SAMPLE_BOUND_MIN_ROWS", 1 << 30,
+                                                                           _cuda.sample)
+            calls["cuda candidates (top_k_bound 50), bounded"] = candidates(_cuda, "SAMPLE_BOUND_MIN_ROWS", 1,
+                                                                            _cuda.sample)
             calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
         for name, fn in calls.items():
             p.record("sample_batch", dict(B=B, V=V, impl=name), lambda fn=fn: dict(device_us=p.device_us(fn)))

@@ -33,6 +33,17 @@ def knobs_kept(module, *names: str):
             setattr(module, name, value)
 
 
+def knob_call(module, name: str, value, fn: Callable) -> Callable:
+    """A call of fn() with module.<name> set to value, put back after."""
+
+    def call():
+        with knobs_kept(module, name):
+            setattr(module, name, value)
+            return fn()
+
+    return call
+
+
 @contextlib.contextmanager
 def env_kept(name: str):
     """Put the environment variable `name` (a switch a section flips) back as it was on the way out."""
