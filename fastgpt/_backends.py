@@ -99,10 +99,13 @@ def sample_preference(rows: int, top_k_bound: int = 0) -> tuple[str, str]:
 
     - With every row's top_k bounded on the host below SAMPLE_CANDIDATE_MAX_K (top_k_bound; 0 is
       unknown), Triton's candidate path goes first at every B: 16 / 25 / 86 us at B1 / 32 / 256
-      against CUDA's candidate path's 41 / 99 / 543.
+      against CUDA's candidate path's 41 / 99 / 543 (its sorted form; bounded as Triton's since,
+      not measured).
     - Without a bound, Triton's split path up to SAMPLE_TRITON_MAX_ROWS (186 / 208 / 254 us at
       B1 / 4 / 8 against CUDA's 286), CUDA's block a row beyond (287 us at B16 against Triton's
-      425, 287 against 548 at B32, 587 against 1164 at B256).
+      425, 287 against 548 at B32, 587 against 1164 at B256). CUDA's block a row has loaded 4
+      tokens a thread ahead in each pass since (not measured): gpu-probe's sample_batch and
+      sample_top_p say whether it now wins at small B too.
     """
     if sample_candidate_k(top_k_bound):
         return TRITON_FIRST
