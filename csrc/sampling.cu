@@ -116,6 +116,7 @@ struct Row {
 
 struct Shared {
     unsigned long long hist[kBins];
+    unsigned counts[kBins];  // an unweighted pass's bins: 32-bit shared atomics are native, 64-bit ones a CAS loop
     unsigned long long warp_totals[kWarps];
     float best_value[kWarps];
     int best_index[kWarps];
@@ -181,7 +182,7 @@ template <bool WEIGHTED>
 __device__ __forceinline__ void add_to_bin(int bin, unsigned long long weight, int lane, Shared& sh) {
     const unsigned peers = __match_any_sync(FULL_MASK, bin);  // lanes sharing this bin
     if (!WEIGHTED) {
-        if (bin < kBins && lane == __ffs(peers) - 1) atomicAdd(&sh.hist[bin], (unsigned long long)__popc(peers));
+        if (bin < kBins && lane == __ffs(peers) - 1) atomicAdd(&sh.counts[bin], unsigned(__popc(peers)));
     } else if (peers == FULL_MASK) {  // same for every lane: the whole warp in one bin
         weight = warp_sum(weight);
         if (bin < kBins && lane == 0) atomicAdd(&sh.hist[bin], weight);
@@ -204,7 +205,7 @@ __device__ uint32_t radix_select(int vocab, const Load& load, const Element& ele
     uint32_t prefix = 0;
     for (int shift = 24; shift >= 0; shift -= 8) {
         const uint32_t high_mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
-        for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = 0;
+        for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = sh.counts[b] = 0;
         __syncthreads();
         // Warp-uniform loop so that the warp-wide intrinsics see all 32 lanes. Each lane loads
         // its kRadixTokens tokens (32 apart: coalesced) before it computes or bins any, so that
@@ -230,6 +231,10 @@ __device__ uint32_t radix_select(int vocab, const Load& load, const Element& ele
                 add_to_bin<WEIGHTED>(valid[u] ? int((key[u] >> shift) & 0xFFu) : kBins, weight[u], lane, sh);
         }
         __syncthreads();
+        if (!WEIGHTED) {  // counts are < 2^24: find_bin's 64-bit bins hold them
+            for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = sh.counts[b];
+            __syncthreads();
+        }
         find_bin(target, descending, sh);
         prefix |= uint32_t(sh.select_bin) << shift;
         target -= sh.select_below;
@@ -354,8 +359,10 @@ __device__ __forceinline__ float gumbel_noise(uint64_t seed, int i, int b) {
     return -logf(-logf(uniform_from_bits(r.x[i % 4])));
 }
 
+// One block an SM at least, said: without it ptxas held the fp32 instance on sm_80 to 40 registers
+// and spilled (58 with it; 512 threads at 58 still fit two blocks an SM).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) sample_kernel(SampleParams p) {
+__global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p) {
     __shared__ Shared sh;
     wait_for_previous_grid();
     sample_row<T>(p, blockIdx.x, sh);
