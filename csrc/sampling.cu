@@ -398,13 +398,11 @@ __device__ __forceinline__ float key_score(uint32_t key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
 }
 
-// The packed entry of token i of a row on the candidate path (0 past the row: below every real
-// entry, since no score's key is 0): its score is the cleaned logit over the temperature, which
-// on greedy rows is 1, so that their scores are their logits.
-template <typename T>
-__device__ __forceinline__ uint64_t candidate_entry(const T* logits, int i, int vocab, float temperature) {
+// The packed entry of token i of a row on the candidate path, x its logit (0 past the row: below
+// every real entry, since no score's key is 0): its score is the cleaned logit over the
+// temperature, which on greedy rows is 1, so that their scores are their logits.
+__device__ __forceinline__ uint64_t candidate_entry(float x, int i, int vocab, float temperature) {
     if (i >= vocab) return 0;
-    float x = to_float(logits[i]);
     if (x != x) x = -INFINITY;
     float s = x / (temperature > 0.0f ? temperature : 1.0f);
     if (s != s) s = -INFINITY;
@@ -441,10 +439,15 @@ __global__ void __launch_bounds__(kCandThreads) group_max_kernel(SampleParams p,
     const int group = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
     const T* logits = static_cast<const T*>(p.logits) + b * p.stride_logits;
     const float temperature = p.temperature[b];
+    constexpr int kPerLane = kCandGroup / kLanes;
+    const int first = c * kCandBlock + group * kCandGroup + lane;  // then every kLanes-th
+    float x[kPerLane];  // all loads first, then the keys: one trip to memory
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) x[j] = to_float(logits[min(first + j * kLanes, p.vocab - 1)]);
     uint32_t key = 0;
-    for (int j = lane; j < kCandGroup; j += kLanes)
-        key = max(key, packed_key(candidate_entry(logits, c * kCandBlock + group * kCandGroup + j, p.vocab,
-                                                  temperature)));
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j)
+        key = max(key, packed_key(candidate_entry(x[j], first + j * kLanes, p.vocab, temperature)));
 #pragma unroll
     for (int offset = kLanes / 2; offset > 0; offset >>= 1) key = max(key, __shfl_xor_sync(FULL_MASK, key, offset));
     if (lane == 0) w.group_max[(int64_t(b) * chunks + c) * kGroupsPerChunk + group] = key;
@@ -489,10 +492,16 @@ __global__ void __launch_bounds__(kCandThreads) candidates_kernel(SampleParams p
     const float temperature = p.temperature[b];
     const uint32_t bound = p.bounded ? w.bound[b] : 0;
     if (threadIdx.x == 0) above = next_slot = 0;
+    constexpr int kPerThread = kCandBlock / kCandThreads;
+    const int first = c * kCandBlock + threadIdx.x;  // then every kCandThreads-th
+    float x[kPerThread];  // all loads first, then the entries: one trip to memory
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) x[j] = to_float(logits[min(first + j * kCandThreads, p.vocab - 1)]);
     int mine = 0;  // this thread's entries at or above the bound
-    for (int j = threadIdx.x; j < kCandBlock; j += kCandThreads) {
-        const uint64_t e = candidate_entry(logits, c * kCandBlock + j, p.vocab, temperature);
-        entries[j] = e;
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+        const uint64_t e = candidate_entry(x[j], first + j * kCandThreads, p.vocab, temperature);
+        entries[threadIdx.x + j * kCandThreads] = e;
         mine += e != 0 && packed_key(e) >= bound;
     }
     __syncthreads();
