@@ -28,9 +28,10 @@ ulp of min_p * p_max, may be kept here and removed by the reference, or the reve
 Three paths, chosen by the launcher from what the host knows: the caller's bound on top_k, B, V
 and the SM count (no device value is read, so every choice is capturable):
 
-- The candidate path (2 launches; candidates.py) when every row's top_k is bounded below
-  CAND_MAX_K by the caller (top_k_bound): sorting networks over each chunk's best entries, no
-  search over the row. Not yet measured on a GPU.
+- The candidate path (candidates.py) when every row's top_k is bounded below CAND_MAX_K by the
+  caller (top_k_bound): each row's k-th best bounded from below, then each chunk's entries
+  above the bound (sorting networks where there are more than the list), no search over the
+  row; 4 launches (2 in its sorted form, below CAND_BOUND_MIN_ROWS rows). Measured below.
 
 Otherwise:
 
