@@ -22,6 +22,13 @@ from fastgpt.kernels.sizes import cdiv, next_power_of_2
 MAX_FUSED_N = 16384  # longest row normalised from registers; longer rows take the chunked kernel
 CHUNK_N = 4096  # chunk of the chunked kernel
 TILE = 2048  # elements per program for short rows: BLOCK_M = TILE // BLOCK_N rows
+# Up to this many rows (a decode step's batch), one row a program on up to SPREAD_WARPS warps, 4
+# elements a thread: torch.compile's persistent reduction's form, which took 2.09 us against this
+# kernel's 2.32 (two rows a program, 4 warps) at 32 x 768 on an H200 (bf16, 2026-11-30). A grid
+# this small is all latency: more programs and threads put more of the rows' loads in flight at
+# once. Not yet measured on a GPU in this form (gpu-probe's layer_norm_rows section: 0 turns it off).
+SPREAD_MAX_ROWS = 128
+SPREAD_WARPS = 8
 
 
 @triton.jit
@@ -148,6 +155,16 @@ def _num_warps(elements: int) -> int:
     return max(1, min(16, elements // 512))
 
 
+def fused_tile(M: int, N: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps) of the fused kernel for M rows of N <= MAX_FUSED_N: TILE
+    elements a program, or one row a program up to SPREAD_MAX_ROWS rows."""
+    block_n = next_power_of_2(N)
+    if M <= SPREAD_MAX_ROWS:
+        return 1, block_n, max(_num_warps(block_n), min(SPREAD_WARPS, block_n // 128))
+    block_m = min(max(1, TILE // block_n), next_power_of_2(M))
+    return block_m, block_n, _num_warps(block_m * block_n)
+
+
 def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput:
     """Residual-add + LayerNorm of each row of x.
 
@@ -173,12 +190,10 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
     )
     stride_r_m = 0 if residual is None else residual.stride(0)
     if N <= MAX_FUSED_N:
-        block_n = next_power_of_2(N)
-        block_m = min(max(1, TILE // block_n), next_power_of_2(M))
-        grid = (cdiv(M, block_m),)
-        _layer_norm_fused_kernel[grid](
+        block_m, block_n, num_warps = fused_tile(M, N)
+        _layer_norm_fused_kernel[(cdiv(M, block_m),)](
             *pointers, M, N, x.stride(0), stride_r_m, eps,
-            **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=_num_warps(block_m * block_n),
+            **flags, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
         )  # fmt: skip
     else:
         _layer_norm_chunked_kernel[(M,)](

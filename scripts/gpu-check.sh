@@ -9,9 +9,10 @@
 #      inside that graphed step and the gaps between them (step_kernels), its fused-linear
 #      comparison (GPT.fused_decode's default, the tiled and matrix-vector kernels and their
 #      tiles), every op's host time a call (the overhead section), its sampler sweeps over B
-#      (auto's order: every path and backend; top-p without a small top-k), the decode batch
-#      sweep and the decode kernel's
-#      tiles and split plan, in that order, with the time left (PROBE_SECTIONS chooses others),
+#      (auto's order: every path and backend; top-p without a small top-k), residual +
+#      LayerNorm at a decode step's rows (both Triton forms and CUDA's), the decode batch sweep
+#      and the decode kernel's tiles and split plan, in that order, with the time left
+#      (PROBE_SECTIONS chooses others),
 #   6. print a short summary table last.
 # Under $OUT (default ./out), eight files, so that a GPU machine that returns only a few files
 # returns them all: env.txt, build.log, gpu-tests.log (memcheck's output appended), bench.log,
@@ -33,7 +34,7 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 PROBE_S=${PROBE_S:-90}  # and for the probe's sections (cheapest first; a cut one keeps what it measured)
-PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,step_kernels,linear,overhead,sample_batch,sample_top_p,decode_batch,decode_tiles}
+PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,step_kernels,linear,overhead,sample_batch,sample_top_p,layer_norm_rows,decode_batch,decode_tiles}
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"

@@ -14,6 +14,9 @@ were set from (or guessed at):
   few_queries    attention of 1 to 32 causal queries a row over a long context: each backend's
                  prefill kernel against its split-KV decode kernel (fastgpt/ops/attention.py's
                  SPLIT_KV_MAX_QUERIES), and SDPA.
+  layer_norm_rows  residual + LayerNorm at a decode step's rows (1 to 128) and GPT-2's widths: the
+                 Triton kernel one row a program and TILE elements a program
+                 (kernels/layer_norm.py's SPREAD_MAX_ROWS), and CUDA's.
   sample_batch   the sampler over B: Triton's candidate, split and one-program-per-row paths, CUDA's
                  candidate (sorted and bounded) and one-block-per-row paths
                  (SAMPLE_TRITON_MAX_ROWS, kernels/sampling/__init__.py's _MIN_SPLIT_CHUNKS).
@@ -102,6 +105,23 @@ def overhead_section(p: Probe):
     calls["F.layer_norm"] = lambda: F.layer_norm(x, (768,))
     for name, fn in calls.items():
         p.record("overhead", dict(impl=name), lambda fn=fn: dict(host_us=p.host_us(fn, calls=200)))
+
+
+def layer_norm_rows_section(p: Probe):
+    """Residual + LayerNorm of a decode step's few rows: where one row a program stops paying (the
+    benchmark times torch.compile's at 32 x 768; compiling it at every shape here would cost more
+    than the section)."""
+    from fastgpt.kernels import layer_norm as tri_ln
+
+    for N in (64,) if p.smoke else (768, 1600):
+        for M in (3,) if p.smoke else (1, 8, 32, 128):
+            x, r, w, b = p.randn(M, N), p.randn(M, N), p.randn(N), p.randn(N)
+            calls = {f"triton, {form}": knob_call(tri_ln, "SPREAD_MAX_ROWS", rows, lambda: tri_ln.layer_norm(
+                         x, w, b, eps=1e-5, residual=r)) for form, rows in (("a row a program", 128), ("tiled", 0))}
+            if "cuda" in p.backends:
+                calls["cuda"] = lambda: fastgpt.layer_norm(x, w, b, residual=r, backend="cuda")
+            for name, fn in calls.items():
+                p.record("layer_norm_rows", dict(M=M, N=N, impl=name), lambda fn=fn: dict(device_us=p.device_us(fn)))
 
 
 TILES = {64: [(64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4),
@@ -556,6 +576,7 @@ def profile_section(p: Probe):
 SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles": tiles_section,
             "few_queries": few_queries_section,
             "decode_batch": decode_batch_section, "decode_tiles": decode_tiles_section,
+            "layer_norm_rows": layer_norm_rows_section,
             "sample_batch": sample_batch_section, "sample_top_p": sample_top_p_section,
             "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,

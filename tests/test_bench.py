@@ -763,8 +763,9 @@ def test_gpu_probe_runs_every_section_on_tiny_shapes(tmp_path):
     proc = _probe(tmp_path, "--smoke")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "probe.json").read_text())
-    sections = ["attention", "overhead", "tiles", "few_queries", "decode_batch", "decode_tiles", "sample_batch",
-                "sample_top_p", "sample_blocks", "sample_cand", "linear", "decode_step", "step_kernels", "lookup_step"]
+    sections = ["attention", "overhead", "tiles", "few_queries", "decode_batch", "decode_tiles", "layer_norm_rows",
+                "sample_batch", "sample_top_p", "sample_blocks", "sample_cand", "linear", "decode_step",
+                "step_kernels", "lookup_step"]
     assert [s for s in sections if not results.get(s)] == []
     errors = [row for s in sections for row in results[s] if "error" in row]
     assert errors == []

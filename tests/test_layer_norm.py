@@ -49,6 +49,19 @@ def test_matches_reference(dtype, N, M, residual, device, poisoned_empty):
     _check(*_inputs(M, N, dtype, device, residual=residual, row_pad=8 if M > 1 else 0))
 
 
+@pytest.mark.parametrize("N", [64, 100, 768])
+def test_rows_per_program(N, device, poisoned_empty):
+    """Both forms of the fused kernel either side of SPREAD_MAX_ROWS: one row a program on more
+    warps, then TILE elements a program, a last program past M's end (300 rows)."""
+    import fastgpt.kernels.layer_norm as kernels
+
+    spread = kernels.SPREAD_MAX_ROWS
+    for M in (spread, spread + 1, 300):
+        block_m, _, num_warps = kernels.fused_tile(M, N)
+        assert (block_m == 1) == (M <= spread) and num_warps >= kernels._num_warps(block_m * N)
+        _check(*_inputs(M, N, torch.float16, device, residual=True, row_pad=3, seed=M))
+
+
 @pytest.mark.parametrize("N", [16384, 16385, 40000])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_long_rows(dtype, N, device, poisoned_empty):
@@ -118,22 +131,21 @@ def test_rows_past_int32():
 
 
 def compile_layer_norm_variants(arch):
-    """Both kernels in bf16 with residual, weight and bias: the fused one at the shortest rows, the
-    longest that load weight and bias first (4096) and the longest register-resident ones (16384
-    takes 16 warps), without spills; the chunked one past that."""
+    """Both kernels in bf16 with residual, weight and bias: the fused one at GPT-2's rows in both
+    forms (a decode step's few rows, one a program; TILE elements a program), the longest that load
+    weight and bias first (4096) and the longest register-resident ones (16384 takes 16 warps),
+    without spills; the chunked one past that."""
     from tests.gpu_compile import SMEM_LIMIT, compile_for, load_kernel_module, ptxas_spills
 
     mod = load_kernel_module("layer_norm")
     ptrs = {n: "*bf16" for n in ("x_ptr", "r_ptr", "y_ptr", "h_ptr")} | {"w_ptr": "*fp32", "b_ptr": "*bf16"}
     flags = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True)
-    for N in (768, 4096, mod.MAX_FUSED_N):
-        block_n = 1 << (N - 1).bit_length()
-        block_m = max(1, mod.TILE // block_n)
+    for M, N in ((4096, 768), (32, 768), (32, 1600), (4096, 4096), (4096, mod.MAX_FUSED_N)):
+        block_m, block_n, num_warps = mod.fused_tile(M, N)
         kernel = compile_for(mod._layer_norm_fused_kernel, ptrs, dict(**flags, BLOCK_M=block_m, BLOCK_N=block_n),
-                             arch=arch, num_warps=mod._num_warps(block_m * block_n), num_stages=3,
-                             scalar_types={"eps": "fp32"})
-        assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, N, kernel.metadata.shared)
-        assert ptxas_spills(kernel, arch) == 0, (arch, N)
+                             arch=arch, num_warps=num_warps, num_stages=3, scalar_types={"eps": "fp32"})
+        assert kernel.metadata.shared <= SMEM_LIMIT[arch], (arch, M, N, kernel.metadata.shared)
+        assert ptxas_spills(kernel, arch) == 0, (arch, M, N)
     compile_for(mod._layer_norm_chunked_kernel, ptrs, dict(N=40000, **flags, BLOCK_N=mod.CHUNK_N), arch=arch,
                 num_warps=mod._num_warps(mod.CHUNK_N), num_stages=3, scalar_types={"eps": "fp32"})
 
