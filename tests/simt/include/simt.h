@@ -24,7 +24,10 @@
 //   - __shared__ variables are thread_local statics (one copy per OS thread: the block running
 //     there). Dynamic shared memory is one 227 KB thread_local array (csrc's smem_raw); it is
 //     filled with 0xFF bytes (NaN in fp32/fp16/bf16) before each block, so a read of shared
-//     memory that was never written shows. cp.async copies at once; commit and wait are no-ops.
+//     memory that was never written shows. cp.async is asynchronous: its destination holds
+//     0xFF bytes from the issue until the wait_group that retires its commit group, where the
+//     copy lands (simt_ptx_ops.h), so a tile read before its wait, or refilled while other
+//     threads still read it, shows as NaNs.
 //     Uninitialised locals (registers) start as 0xFE bytes (build.py's -ftrivial-auto-var-init).
 //   - mma.sync adds the exact fp32 products to C one k at a time, in fp32 (the tensor cores'
 //     internal order and width differ: results agree to fp32 rounding, not bit for bit).

@@ -3,15 +3,18 @@
 // nothing itself: cuda_runtime.h brought simt_ptx_ops.h in at global scope.
 
 // 16-byte asynchronous global -> shared copy; src_bytes == 0 zero-fills the destination without
-// reading global memory. The emulated copy is done on return.
+// reading global memory. The emulated copy lands at the wait that retires its group
+// (simt_ptx_ops.h); until then its destination holds NaNs.
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     ::simt::ptx::cp_async_16(smem, gmem, src_bytes);
 }
 
-__device__ __forceinline__ void cp_async_commit() {}
+__device__ __forceinline__ void cp_async_commit() { ::simt::ptx::cp_async_commit(); }
 
 template <int N>
-__device__ __forceinline__ void cp_async_wait() {}
+__device__ __forceinline__ void cp_async_wait() {
+    ::simt::ptx::cp_async_wait(N);
+}
 
 // Four 8x8 matrices of 16-bit elements from shared memory; lane l gives the address of row l % 8
 // of matrix l / 8 and receives one 32-bit register (two elements) of each matrix.

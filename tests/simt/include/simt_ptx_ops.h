@@ -7,8 +7,18 @@
 namespace simt::ptx {
 
 // cp.async.cg.shared.global, 16 bytes: the first src_bytes from global memory, the rest zero.
-// Copies at once, so commit_group and wait_group have nothing to do.
+// Asynchronous as on the GPU, and as late as it may be: the global bytes are read at once, the
+// destination is filled with 0xFF bytes (NaN in fp32/fp16/bf16), and the copy lands only when
+// the issuing thread's cp_async_wait retires its group. So a read of the tile before its wait
+// (and barrier), or a copy issued over a tile other threads still read, gives NaNs.
 void cp_async_16(void* smem, const void* gmem, int src_bytes);
+
+// cp.async.commit_group: the running thread's copies issued since its last commit become a group.
+void cp_async_commit();
+
+// cp.async.wait_group N: lands the running thread's oldest committed groups until at most
+// newest_pending remain in flight (copies not yet committed stay in flight).
+void cp_async_wait(int newest_pending);
 
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: a warp collective. Lane l gives the address
 // of row l % 8 of matrix l / 8 (16 bytes, 16-byte aligned). Lane l receives, of matrix i, in

@@ -35,6 +35,7 @@ struct Thread {
     State state;
     const char* op;      // the barrier or collective it waits at
     int barrier_result;  // __syncthreads_or's answer, set as the barrier opens
+    AsyncCopies copies;  // its cp.async copies in flight
 };
 
 struct Warp {
@@ -206,6 +207,7 @@ void open_barrier(Block& b) {
     Warp& w = b.warps[t.warp];
     if (w.arrived > 0)
         fault(cudaErrorLaunchFailure, "returned while %d lane(s) of its warp wait for it at %s", w.arrived, w.op);
+    ptx::check_landed(t.copies);
     t.state = State::kDone;
     --b.live;
     ++w.exited;
@@ -232,6 +234,7 @@ void start_threads(Block& b, Schedule& schedule, uint64_t block_index) {
         t.state = State::kReady;
         t.op = nullptr;
         t.barrier_result = 0;
+        t.copies = AsyncCopies{};  // a thread's copies left in flight when it returned never land
         make_context(t.context, t_stacks.stack(i), StackPool::kStackBytes, thread_main);
     }
     for (size_t w = 0; w < b.warps.size(); ++w) {
@@ -350,6 +353,8 @@ void warp_exchange(const char* op, unsigned mask, Combine combine, const Slot& i
     yield(b, t);
     out = w.out[t.lane];  // safe: no lane can start the warp's next collective before this one reads
 }
+
+AsyncCopies& async_copies() { return running_block("cp.async").current->copies; }
 
 void check_shared(const void* p, size_t bytes, const char* op) {
     const Block& b = running_block(op);

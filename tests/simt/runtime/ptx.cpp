@@ -2,10 +2,12 @@
 // simt_ptx_ops.h): cp.async, ldmatrix (.x4, .trans) and mma.sync m16n8k16 with fp32 accumulators.
 #include <array>
 #include <cstring>
+#include <utility>
 
 #include "cuda_bf16.h"
 #include "cuda_fp16.h"
 #include "cuda_runtime.h"
+#include "runtime.h"
 
 namespace simt::ptx {
 namespace {
@@ -93,6 +95,19 @@ void mma_combine(const Slot (&in)[kWarpSize], Slot (&out)[kWarpSize]) {
 
 }  // namespace
 
+void check_unwritten(const AsyncCopy& copy) {
+    for (int i = 0; i < 16; ++i)
+        if (copy.smem[i] != 0xFF)
+            fault(cudaErrorLaunchFailure, "shared memory at %p was written while a cp.async to it was in flight "
+                  "(it may land before or after that write)", static_cast<void*>(copy.smem));
+}
+
+void check_landed(const AsyncCopies& copies) {
+    for (const AsyncCopy& copy : copies.open) check_unwritten(copy);
+    for (const auto& group : copies.groups)
+        for (const AsyncCopy& copy : group) check_unwritten(copy);
+}
+
 void cp_async_16(void* smem, const void* gmem, int src_bytes) {
     if (src_bytes < 0 || src_bytes > 16)
         fault(cudaErrorLaunchFailure, "cp.async: src-size %d outside [0, 16]", src_bytes);
@@ -100,8 +115,27 @@ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
         fault(cudaErrorMisalignedAddress, "cp.async of 16 bytes from %p to %p: both must be 16-byte aligned", gmem,
               smem);
     check_shared(smem, 16, "cp.async");
-    std::memcpy(smem, gmem, size_t(src_bytes));
-    std::memset(static_cast<unsigned char*>(smem) + src_bytes, 0, size_t(16 - src_bytes));
+    AsyncCopy copy{static_cast<unsigned char*>(smem), {}};
+    std::memcpy(copy.bytes, gmem, size_t(src_bytes));  // the rest stays zero
+    std::memset(smem, 0xFF, 16);  // in flight: NaN to a read before the wait, or to one of the old contents after
+    async_copies().open.push_back(copy);
+}
+
+void cp_async_commit() {
+    AsyncCopies& copies = async_copies();
+    copies.groups.push_back(std::move(copies.open));  // a commit with no copies makes an empty group
+    copies.open.clear();
+}
+
+void cp_async_wait(int newest_pending) {
+    AsyncCopies& copies = async_copies();
+    while (int(copies.groups.size()) > newest_pending) {
+        for (const AsyncCopy& copy : copies.groups.front()) {
+            check_unwritten(copy);
+            std::memcpy(copy.smem, copy.bytes, 16);
+        }
+        copies.groups.pop_front();
+    }
 }
 
 void ldmatrix_x4(uint32_t (&r)[4], const void* smem, bool trans) {
