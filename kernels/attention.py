@@ -92,16 +92,18 @@ def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_r
     """Fold key blocks [start, end) into the running (acc, l_i, m_i); m_i is in log2 units.
 
     MASKED applies the key-length, causal and (HAS_MASK) user masks; the caller only passes
-    unmasked ranges that every row of the tile sees in full. mask_rows: (BLOCK_M, 1) pointers to
-    the tile's mask rows. A row may be fully masked in a block (or in all of them), or see only
-    scores past fp32's range (-inf): its max stays -inf and exponentials are then taken relative
-    to 0, giving 0, never NaN.
+    unmasked ranges that every row of the tile sees in full. qk_scale (scale * log2(e)) >= 0:
+    unmasked blocks take each row's max before scaling, so that a score's scale and shift are one
+    FMA (the sm_90a loop: 300 instructions instead of 330 at D64, 343 instead of 373 at D128).
+    mask_rows: (BLOCK_M, 1) pointers to the tile's mask rows. A row may be fully masked in a block
+    (or in all of them), or see only scores past fp32's range (-inf): its max stays -inf and
+    exponentials are then taken relative to 0, giving 0, never NaN.
     """
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         k = _load_kv(desc_k, k_base, b, kvh, start_n, offs_n, offs_d, Sk, stride_k_s,
                      HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, USE_TMA)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = cols[None, :] < Sk
             if IS_CAUSAL:
@@ -109,11 +111,14 @@ def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_r
             if HAS_MASK:
                 in_bounds = (offs_m[:, None] < Sq) & (cols[None, :] < Sk)
                 keep = keep & (tl.load(mask_rows + cols[None, :], mask=in_bounds, other=0) != 0)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = tl.where(keep, s * qk_scale, float("-inf"))  # scaled first: -inf * a zero scale is NaN
+            scale = 1.0
+        else:  # the row max of the unscaled scores, then scaled (qk_scale >= 0): one FMA a score, no multiply
+            scale = qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale)
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.math.exp2(m_i - m_ref)
-        p = tl.math.exp2(s - m_ref[:, None])
+        p = tl.math.exp2(s * scale - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_kv(desc_v, v_base, b, kvh, start_n, offs_n, offs_d, Sk, stride_v_s,
                      HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, USE_TMA)
@@ -373,6 +378,8 @@ def attention(q, k, v, *, causal: bool, scale: float, return_lse: bool = False, 
     # K/V rows within a block are 32-bit offsets (the block's first row is 64-bit): a view whose
     # row stride would overflow them spans > 2^31 elements, and is copied (its stride becomes D).
     k, v = (t.contiguous() if t.stride(2) * min(Sk, _MAX_BLOCK_N) >= 2**31 else t for t in (k, v))
+    if scale < 0:  # (-q) k^T * -scale, exactly: the kernel's unmasked blocks need a scale >= 0 (_attn_inner)
+        q, scale = -q, -scale
     out = torch.empty((B, Hq, Sq, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device) if return_lse else out
     _launch(q, k, v, out, lse, mask, bool(causal), scale, return_lse, _tma_mode(tma, q, k, v, out))

@@ -119,9 +119,11 @@ def test_non_contiguous_views(device):
     _check(q, k, v, causal=True)
 
 
-@pytest.mark.parametrize("scale", [0.05, 1.0, -0.3])
+@pytest.mark.parametrize("scale", [0.05, 1.0, -1.0, 0.0])
 def test_scale_and_large_logits(device, scale):
-    """scale 1.0 on unit-variance inputs gives logits ~ +-20: the online max must keep exp2 finite."""
+    """scale +-1.0 on unit-variance inputs gives logits ~ +-20: the online max must keep exp2 finite
+    (a negative scale runs on -q, or the unmasked blocks' max would be the least logit); a zero one
+    attends uniformly (the masked blocks scale before masking: -inf * 0 is NaN)."""
     q, k, v = _qkv(1, 2, 2, 33, 33, 64, torch.float32, device, seed=7)
     _check(q * 3, k, v, causal=True, scale=scale)
 
