@@ -76,27 +76,43 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
 
     constexpr bool kEarlyParams = PARAMS == kParamsEarly;
     static_assert(!kEarlyParams || WARP_PER_ROW, "the block path reads its parameters late (64 registers)");
-    float v[CHUNKS][VEC];
+    // The warp path asks for every chunk's x and r (and parameters) before it adds any: a store to
+    // h may alias them as far as the compiler knows, so a load after one waits for it (the SASS
+    // made one trip to memory per chunk). The block path loads chunk by chunk: its 64 registers
+    // (bounds of 1024 threads) do not hold every chunk at once (bf16 spilled).
+    constexpr bool kLoadsFirst = WARP_PER_ROW;
+    Vec<T, VEC> xv[CHUNKS], rv[CHUNKS];
     [[maybe_unused]] Vec<T, VEC> wv[kEarlyParams ? CHUNKS : 1], bv[kEarlyParams ? CHUNKS : 1];
+    auto load_chunk = [&](int c, int64_t col) {
+        if constexpr (kEarlyParams) {
+            wv[c] = param_vec<T, VEC>(p.weight, col, 1.0f);
+            bv[c] = param_vec<T, VEC>(p.bias, col, 0.0f);
+        }
+        xv[c] = load_vec<T, VEC>(x + col);
+        if (p.residual != nullptr) rv[c] = load_vec<T, VEC>(r + col);
+    };
+    if constexpr (kLoadsFirst) {
+#pragma unroll
+        for (int c = 0; c < CHUNKS; ++c) {
+            const int64_t col = (int64_t(c) * row_threads + t) * VEC;
+            if (col < N) load_chunk(c, col);
+        }
+    }
+    float v[CHUNKS][VEC];
     float sum = 0.0f;
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         const int64_t col = (int64_t(c) * row_threads + t) * VEC;
         if (col < N) {
-            if constexpr (kEarlyParams) {
-                wv[c] = param_vec<T, VEC>(p.weight, col, 1.0f);
-                bv[c] = param_vec<T, VEC>(p.bias, col, 0.0f);
-            }
-            Vec<T, VEC> xv = load_vec<T, VEC>(x + col);
+            if constexpr (!kLoadsFirst) load_chunk(c, col);
             if (p.residual != nullptr) {
-                Vec<T, VEC> rv = load_vec<T, VEC>(r + col);
 #pragma unroll
-                for (int j = 0; j < VEC; ++j) xv.v[j] = from_float<T>(to_float(xv.v[j]) + to_float(rv.v[j]));
-                store_vec<T, VEC>(h + col, xv);
+                for (int j = 0; j < VEC; ++j) xv[c].v[j] = from_float<T>(to_float(xv[c].v[j]) + to_float(rv[c].v[j]));
+                store_vec<T, VEC>(h + col, xv[c]);
             }
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
-                v[c][j] = to_float(xv.v[j]);
+                v[c][j] = to_float(xv[c].v[j]);
                 sum += v[c][j];
             }
         }
