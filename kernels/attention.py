@@ -94,7 +94,8 @@ def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_r
     MASKED applies the key-length, causal and (HAS_MASK) user masks; the caller only passes
     unmasked ranges that every row of the tile sees in full. qk_scale (scale * log2(e)) >= 0:
     unmasked blocks take each row's max before scaling, so that a score's scale and shift are one
-    FMA (the sm_90a loop: 300 instructions instead of 330 at D64, 343 instead of 373 at D128).
+    FMA (the sm_90a loop: 300 instructions instead of 330 at D64, 343 instead of 373 at D128;
+    the masked loop 412 and 454).
     mask_rows: (BLOCK_M, 1) pointers to the tile's mask rows. A row may be fully masked in a block
     (or in all of them), or see only scores past fp32's range (-inf): its max stays -inf and
     exponentials are then taken relative to 0, giving 0, never NaN.
@@ -105,9 +106,10 @@ def _attn_inner(acc, l_i, m_i, q, desc_k, desc_v, b, kvh, k_base, v_base, mask_r
                      HEAD_DIM, BLOCK_D, BLOCK_N, MASKED, USE_TMA)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         if MASKED:
-            keep = cols[None, :] < Sk
-            if IS_CAUSAL:
-                keep = keep & (cols[None, :] <= offs_m[:, None] + diag)
+            if IS_CAUSAL:  # the last key a row sees, then one compare a score (not two and an and)
+                keep = cols[None, :] <= tl.minimum(offs_m + diag, Sk - 1)[:, None]
+            else:
+                keep = cols[None, :] < Sk
             if HAS_MASK:
                 in_bounds = (offs_m[:, None] < Sq) & (cols[None, :] < Sk)
                 keep = keep & (tl.load(mask_rows + cols[None, :], mask=in_bounds, other=0) != 0)
