@@ -98,37 +98,44 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
 }
 
 // Online softmax over one key block for the thread's two rows (g and g + 8 of its warp):
-//   s <- s * scale * log2(e), masked to -inf where key >= Sk or (causal) key > row + Sk - Sq or
-//        (MASKED) the row's mask hides the key (mask_rows: the two rows' masks, null past Sq);
+//   s <- s * scale * log2(e), masked to -inf where (BOUNDS) key >= Sk or (causal) key > row + Sk - Sq,
+//        or (MASKED) the row's mask hides the key (mask_rows: the two rows' masks, null past Sq);
 //   m' = max(m, max_j s_j); o <- o * 2^(m - m'); l <- l * 2^(m - m') + sum_j 2^(s_j - m'); s <- 2^(s - m').
-// While a row has seen no key, m' = -inf and the reference point 0 is used instead (no NaN).
-// l holds this thread's partial row sum; the four threads of a row add theirs at the end.
-template <int D, bool MASKED>
+// A block without masks (most of them) takes the max of the raw scores and scales it (scale_log2
+// >= 0), so that each score's scale and shift are one FMA; a masked one scales first (-inf times
+// a zero scale is NaN). While a row has seen no key, m' = -inf and the reference point 0 is used
+// instead (no NaN). l holds this thread's partial row sum; the four threads of a row add theirs
+// at the end.
+template <int D, bool MASKED, bool BOUNDS>
 __device__ __forceinline__ void softmax_update(float (&s)[BLOCK_N / 8][4], float (&o)[D / 8][4], float (&m)[2],
-                                               float (&l)[2], float scale_log2, bool need_mask, int row0, int key0,
-                                               int seqlen_k, int causal_offset, bool causal,
-                                               const uint8_t* const (&mask_rows)[2]) {
+                                               float (&l)[2], float scale_log2, int row0, int key0, int seqlen_k,
+                                               int causal_offset, bool causal, const uint8_t* const (&mask_rows)[2]) {
+    constexpr bool kRaw = !MASKED && !BOUNDS;
     const int t = threadIdx.x & 3;
 #pragma unroll
     for (int half = 0; half < 2; ++half) {  // row g, then row g + 8
         const int row = row0 + half * 8;
+        const int last_key = causal ? min(row + causal_offset, seqlen_k - 1) : seqlen_k - 1;  // (BOUNDS)
         float row_max = -INFINITY;
 #pragma unroll
         for (int nt = 0; nt < BLOCK_N / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 float& x = s[nt][half * 2 + e];
-                x *= scale_log2;
-                const int key = key0 + nt * 8 + 2 * t + e;
-                if (need_mask && (key >= seqlen_k || (causal && key > row + causal_offset))) x = -INFINITY;
-                if (MASKED && (mask_rows[half] == nullptr || (key < seqlen_k && mask_rows[half][key] == 0)))
-                    x = -INFINITY;
+                if constexpr (!kRaw) {
+                    x *= scale_log2;
+                    const int key = key0 + nt * 8 + 2 * t + e;
+                    if (BOUNDS && key > last_key) x = -INFINITY;
+                    if (MASKED && (mask_rows[half] == nullptr || (key < seqlen_k && mask_rows[half][key] == 0)))
+                        x = -INFINITY;
+                }
                 row_max = fmaxf(row_max, x);
             }
         }
         row_max = fmaxf(row_max, __shfl_xor_sync(FULL_MASK, row_max, 1));
         row_max = fmaxf(row_max, __shfl_xor_sync(FULL_MASK, row_max, 2));
-        const float m_new = fmaxf(m[half], row_max);
+        const float scale = kRaw ? scale_log2 : 1.0f;  // what is left to apply to the scores
+        const float m_new = fmaxf(m[half], row_max * scale);
         const float m_use = m_new == -INFINITY ? 0.0f : m_new;
         const float alpha = exp2f(m[half] - m_use);
         float sum = 0.0f;
@@ -137,7 +144,7 @@ __device__ __forceinline__ void softmax_update(float (&s)[BLOCK_N / 8][4], float
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 float& x = s[nt][half * 2 + e];
-                x = exp2f(x - m_use);
+                x = exp2f(x * scale - m_use);
                 sum += x;
             }
         }
@@ -241,7 +248,10 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     if (n_blocks > 0) load_tile<T, D, BLOCK_N>(sK, k, p.stride_k_s, 0, p.seqlen_k);
     cp_async_commit();
 
-    const float scale_log2 = p.scale * kLog2e;
+    // Q K^T * scale = (-Q) K^T * -scale, exactly: softmax_update's unmasked blocks need a scale >= 0,
+    // so a negative one flips the sign bits of Q's fragments (bit 15 of each 16-bit half).
+    const uint32_t q_sign = p.scale < 0.0f ? 0x80008000u : 0u;
+    const float scale_log2 = fabsf(p.scale) * kLog2e;
     const int row0 = m0 + warp * 16 + (lane >> 2);  // the thread's first row; the second is row0 + 8
     const uint8_t* mask_rows[2] = {nullptr, nullptr};  // rows past Sq have none (and are never stored)
     if (MASKED) {
@@ -260,13 +270,19 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
             for (int kk = 0; kk < D / 16; ++kk) {
                 const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
                 ldmatrix_x4(qf[kk], sQ + r * SMEM_STRIDE<D> + c);
+#pragma unroll
+                for (int i = 0; i < 4; ++i) qf[kk][i] ^= q_sign;
             }
         }
         float s[BLOCK_N / 8][4];
         compute_scores<T, D>(s, qf, sK, lane);
-        const bool need_mask = n0 + BLOCK_N > p.seqlen_k || (p.causal && n0 + BLOCK_N - 1 > m0 + causal_offset);
-        softmax_update<D, MASKED>(s, o, m, l, scale_log2, need_mask, row0, n0, p.seqlen_k, causal_offset, p.causal,
-                                  mask_rows);
+        // Blocks past the end of the keys or crossing the causal diagonal mask their scores.
+        if (n0 + BLOCK_N > p.seqlen_k || (p.causal && n0 + BLOCK_N - 1 > m0 + causal_offset))
+            softmax_update<D, MASKED, true>(s, o, m, l, scale_log2, row0, n0, p.seqlen_k, causal_offset, p.causal,
+                                            mask_rows);
+        else
+            softmax_update<D, MASKED, false>(s, o, m, l, scale_log2, row0, n0, p.seqlen_k, causal_offset, p.causal,
+                                             mask_rows);
         cp_async_wait<0>();  // V_j has landed
         __syncthreads();     // ... for every thread; and everyone is done with K_j
         if (j + 1 < n_blocks) load_tile<T, D, BLOCK_N>(sK, k, p.stride_k_s, n0 + BLOCK_N, p.seqlen_k);

@@ -109,6 +109,20 @@ def test_attention_matches_reference(shape, causal, D, dtype):
     assert_close(out, reference.attention(q.float(), k.float(), v.float(), causal=causal), dtype)
 
 
+@pytest.mark.parametrize("scale", [1.0, -1.0, 0.0])
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_scales(D, scale):
+    """Logits ~ +-25 (q * 3, scale +-1): blocks without masks take the max of the raw scores and
+    scale it, which needs a scale >= 0 (a negative one flips q's signs, or exp2 overflows); a zero
+    scale attends uniformly (masked blocks scale before masking: -inf * 0 is NaN)."""
+    q = _randn(1, 2, 150, D, dtype=torch.float16, scale=3.0)
+    k, v = _randn(1, 2, 150, D, dtype=torch.float16, seed=1), _randn(1, 2, 150, D, dtype=torch.float16, seed=2)
+    for causal in (False, True):
+        out = fastgpt.attention(q, k, v, causal=causal, scale=scale, backend="cuda")
+        expected = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale)
+        assert_close(out, expected, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", HALF)
 def test_attention_rows_that_see_no_key_are_zero(dtype):
     q = _randn(1, 2, 90, 64, dtype=dtype)
