@@ -84,12 +84,12 @@ def attention_case(rng, device, backend):
     causal = rng.random() < 0.6
     q = _tensor(rng, (B, Hkv * group, Sq, D), dtype, device)
     k, v = (_tensor(rng, (B, Hkv, Sk, D), dtype, device) for _ in range(2))
-    scale = rng.choice([None, 0.3])
+    scale = rng.choice([None, 0.3, -0.3, 0.0])  # the kernels scale unmasked blocks' maxima: a sign matters
     lse = rng.random() < 0.3  # the log-sum-exp too
     out = fastgpt.attention(q, k, v, causal=causal, scale=scale, backend=backend, return_lse=lse)
     ref = reference.attention(q.float(), k.float(), v.float(), causal=causal, scale=scale, return_lse=lse)
     problem = compare(tuple(out), (ref[0].to(dtype), ref[1])) if lse else compare(out, ref.to(dtype))
-    return problem, f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} causal={causal} lse={lse} {dtype}"
+    return problem, f"B{B} Hkv{Hkv} g{group} Sq{Sq} Sk{Sk} D{D} causal={causal} scale={scale} lse={lse} {dtype}"
 
 
 def masked_attention_case(rng, device, backend):
