@@ -22,11 +22,12 @@ from fastgpt.kernels.sizes import cdiv, next_power_of_2
 MAX_FUSED_N = 16384  # longest row normalised from registers; longer rows take the chunked kernel
 CHUNK_N = 4096  # chunk of the chunked kernel
 TILE = 2048  # elements per program for short rows: BLOCK_M = TILE // BLOCK_N rows
-# Up to this many rows (a decode step's batch), one row a program on up to SPREAD_WARPS warps, 4
-# elements a thread: torch.compile's persistent reduction's form, which took 2.09 us against this
-# kernel's 2.32 (two rows a program, 4 warps) at 32 x 768 on an H200 (bf16, 2026-11-30). A grid
-# this small is all latency: more programs and threads put more of the rows' loads in flight at
-# once. Not yet measured on a GPU in this form (gpu-probe's layer_norm_rows section: 0 turns it off).
+# Up to this many rows (a decode step's batch), one row a program, on a warp per 128 elements up
+# to SPREAD_WARPS: torch.compile's persistent reduction's form (8 warps, 4 elements a thread at
+# GPT-2's 768), which took 2.09 us against this kernel's 2.32 (two rows a program, 4 warps) at
+# 32 x 768 on an H200 (bf16, 2026-11-30). A grid this small is all latency: more programs and
+# threads put more of the rows' loads in flight at once. Not yet measured on a GPU in this form
+# (gpu-probe's layer_norm_rows section; 0 turns it off).
 SPREAD_MAX_ROWS = 128
 SPREAD_WARPS = 8
 
