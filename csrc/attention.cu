@@ -1,8 +1,10 @@
 // Prefill attention, FlashAttention-2 style, for sm_80+ (mma.sync m16n8k16, ldmatrix, cp.async).
 //
-// One block of 4 warps owns BLOCK_M = 64 query rows of one (batch, head); each warp owns 16 of
-// them and keeps their output accumulator and softmax state in registers. The block walks the
-// visible key blocks of BLOCK_N = 64 keys. K and V tiles are fetched with cp.async so that each
+// One block of 4 warps owns BLOCK_M = 64 x M_TILES query rows of one (batch, head); each warp
+// owns M_TILES tiles of 16 of them (2 at D64, FlashAttention-2's 32 rows a warp: each K and V
+// fragment read from shared memory feeds two MMAs; 1 at D128, whose accumulators fill the
+// registers) and keeps their output accumulator and softmax state in registers. The block walks
+// the visible key blocks of BLOCK_N = 64 keys. K and V tiles are fetched with cp.async so that each
 // load overlaps compute: V_j streams in while S = Q K_j^T and the softmax run, K_{j+1} while
 // O += P V_j runs. Rows past the end of a sequence are zero-filled by cp.async and masked.
 //
@@ -19,7 +21,6 @@ namespace fastgpt {
 
 namespace {
 
-constexpr int BLOCK_M = 64;
 constexpr int BLOCK_N = 64;
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -31,9 +32,18 @@ constexpr float kLn2 = 0.6931471805599453f;
 template <int D>
 constexpr int SMEM_STRIDE = D + 8;
 
+// 16-row tiles of queries a warp owns, and the block's rows. At D64 two tiles take 237-255
+// registers (no spills), 2 blocks an SM where one tile's 168 fit 3, and the loop issues 755
+// instructions for 128 MMAs where one tile's issued 465 for 64 (sm_90a). Not measured on a GPU:
+// M_TILES 1 at D64 is the form the H200 measured (2026-11-30).
+template <int D>
+constexpr int M_TILES = D == 64 ? 2 : 1;
+template <int D>
+constexpr int BLOCK_M = 16 * kWarps * M_TILES<D>;
+
 template <int D>
 constexpr int smem_bytes() {
-    return (BLOCK_M + 2 * BLOCK_N) * SMEM_STRIDE<D> * 2;  // Q, K, V tiles of 16-bit elements
+    return (BLOCK_M<D> + 2 * BLOCK_N) * SMEM_STRIDE<D> * 2;  // Q, K, V tiles of 16-bit elements
 }
 
 // Copies rows [row0, row0 + ROWS) of a (rows, D) matrix with row stride `stride` into shared
@@ -51,14 +61,17 @@ __device__ __forceinline__ void load_tile(T* smem, const T* gmem, int64_t stride
     }
 }
 
-// S (16 x BLOCK_N per warp) = Q_w K^T, Q_w held as A fragments, K (BLOCK_N, D) in shared memory.
-template <typename T, int D>
-__device__ __forceinline__ void compute_scores(float (&s)[BLOCK_N / 8][4], const uint32_t (&qf)[D / 16][4],
+// S (16 x BLOCK_N per tile of the warp) = Q_w K^T, Q_w held as A fragments, K (BLOCK_N, D) in
+// shared memory: each K fragment serves every tile.
+template <typename T, int D, int MT>
+__device__ __forceinline__ void compute_scores(float (&s)[MT][BLOCK_N / 8][4], const uint32_t (&qf)[MT][D / 16][4],
                                                const T* sK, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < BLOCK_N / 8; ++nt)
+    for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) s[nt][i] = 0.0f;
+        for (int nt = 0; nt < BLOCK_N / 8; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) s[mt][nt][i] = 0.0f;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -68,22 +81,30 @@ __device__ __forceinline__ void compute_scores(float (&s)[BLOCK_N / 8][4], const
             const int key = np * 16 + (lane & 7) + (lane >> 4) * 8, col = kk * 16 + ((lane >> 3) & 1) * 8;
             ldmatrix_x4(r, sK + key * SMEM_STRIDE<D> + col);
             const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            mma_16816<T>(s[2 * np], qf[kk], b0);
-            mma_16816<T>(s[2 * np + 1], qf[kk], b1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(s[mt][2 * np], qf[mt][kk], b0);
+                mma_16816<T>(s[mt][2 * np + 1], qf[mt][kk], b1);
+            }
         }
     }
 }
 
-// O (16 x D per warp) += P V, P from the score registers (rounded to T), V (BLOCK_N, D) in shared
-// memory read transposed by ldmatrix.
-template <typename T, int D>
-__device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float (&p)[BLOCK_N / 8][4], const T* sV,
-                                              int lane) {
+// O (16 x D per tile of the warp) += P V, P from the score registers (rounded to T), V (BLOCK_N, D)
+// in shared memory read transposed by ldmatrix: each V fragment serves every tile.
+template <typename T, int D, int MT>
+__device__ __forceinline__ void accumulate_pv(float (&o)[MT][D / 8][4], const float (&p)[MT][BLOCK_N / 8][4],
+                                              const T* sV, int lane) {
 #pragma unroll
     for (int ks = 0; ks < BLOCK_N / 16; ++ks) {
-        const uint32_t a[4] = {pack2<T>(p[2 * ks][0], p[2 * ks][1]), pack2<T>(p[2 * ks][2], p[2 * ks][3]),
-                               pack2<T>(p[2 * ks + 1][0], p[2 * ks + 1][1]),
-                               pack2<T>(p[2 * ks + 1][2], p[2 * ks + 1][3])};
+        uint32_t a[MT][4];
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+            a[mt][0] = pack2<T>(p[mt][2 * ks][0], p[mt][2 * ks][1]);
+            a[mt][1] = pack2<T>(p[mt][2 * ks][2], p[mt][2 * ks][3]);
+            a[mt][2] = pack2<T>(p[mt][2 * ks + 1][0], p[mt][2 * ks + 1][1]);
+            a[mt][3] = pack2<T>(p[mt][2 * ks + 1][2], p[mt][2 * ks + 1][3]);
+        }
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
             // matrices (transposed): (keys +0..7, d +0..7), (keys +8..15, d +0..7), (+0..7, d +8..15), (+8.., +8..)
@@ -91,8 +112,11 @@ __device__ __forceinline__ void accumulate_pv(float (&o)[D / 8][4], const float 
             const int key = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, col = dp * 16 + (lane >> 4) * 8;
             ldmatrix_x4_trans(r, sV + key * SMEM_STRIDE<D> + col);
             const uint32_t b0[2] = {r[0], r[1]}, b1[2] = {r[2], r[3]};
-            mma_16816<T>(o[2 * dp], a, b0);
-            mma_16816<T>(o[2 * dp + 1], a, b1);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                mma_16816<T>(o[mt][2 * dp], a[mt], b0);
+                mma_16816<T>(o[mt][2 * dp + 1], a[mt], b1);
+            }
         }
     }
 }
@@ -168,14 +192,15 @@ __device__ __forceinline__ void row_sums(const float (&l)[2], float (&total)[2])
     }
 }
 
-// Writes the warp's 16 rows of O / l (0 where l == 0; l the row_sums): staged through the warp's
-// own rows of the Q tile (free once Q is in registers) so that global stores are 16 bytes wide.
+// Writes 16-row tile `tile` of the block's O / l (0 where l == 0; l the row_sums), one of the
+// calling warp's: staged through the same rows of the Q tile (free once Q is in registers) so that
+// global stores are 16 bytes wide.
 template <typename T, int D>
 __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const float (&l)[2], T* sQ, T* out,
-                                             int64_t stride_o, int row_base, int seqlen_q, int warp, int lane) {
+                                             int64_t stride_o, int row_base, int seqlen_q, int tile, int lane) {
     const int g = lane >> 2, t = lane & 3;
     const float inv[2] = {l[0] != 0.0f ? 1.0f / l[0] : 0.0f, l[1] != 0.0f ? 1.0f / l[1] : 0.0f};  // NaN stays
-    T* stage = sQ + warp * 16 * SMEM_STRIDE<D>;
+    T* stage = sQ + tile * 16 * SMEM_STRIDE<D>;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
 #pragma unroll
@@ -188,7 +213,7 @@ __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const f
     constexpr int CHUNKS = D / 8;
 #pragma unroll
     for (int i = lane; i < 16 * CHUNKS; i += 32) {
-        const int r = i / CHUNKS, c = i % CHUNKS, row = row_base + warp * 16 + r;
+        const int r = i / CHUNKS, c = i % CHUNKS, row = row_base + tile * 16 + r;
         if (row < seqlen_q) store_vec<T, 8>(out + row * stride_o + c * 8, load_vec<T, 8>(stage + r * SMEM_STRIDE<D> + c * 8));
     }
 }
@@ -216,7 +241,7 @@ template <typename T, int D, bool MASKED>
 __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) {
     extern __shared__ __align__(16) unsigned char smem_raw[];
     T* sQ = reinterpret_cast<T*>(smem_raw);                      // (BLOCK_M, D + 8)
-    T* sK = sQ + BLOCK_M * SMEM_STRIDE<D>;                      // (BLOCK_N, D + 8)
+    T* sK = sQ + BLOCK_M<D> * SMEM_STRIDE<D>;                   // (BLOCK_N, D + 8)
     T* sV = sK + BLOCK_N * SMEM_STRIDE<D>;                      // (BLOCK_N, D + 8)
 
     wait_for_previous_grid();  // a programmatic dependent (common.cuh's launch_kernel) waits here
@@ -224,7 +249,8 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     // Causal blocks near the end of the sequence have the most keys: start them first.
     const int m_block = p.causal ? gridDim.x - 1 - blockIdx.x : blockIdx.x;
     const int h = blockIdx.y, b = blockIdx.z, kvh = h / (p.heads_q / p.heads_kv);
-    const int m0 = m_block * BLOCK_M;
+    constexpr int MT = M_TILES<D>;
+    const int m0 = m_block * BLOCK_M<D>;
     const int causal_offset = p.seqlen_k - p.seqlen_q;
 
     const T* q = static_cast<const T*>(p.q) + b * p.stride_q_b + h * p.stride_q_h;      // (Sq, D)
@@ -233,18 +259,24 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     T* out = static_cast<T*>(p.o) + b * p.stride_o_b + h * p.stride_o_h;                // (Sq, D)
 
     // Keys [0, n_end) are visible to at least one row of this block.
-    const int last_row = min(m0 + BLOCK_M, p.seqlen_q) - 1;
+    const int last_row = min(m0 + BLOCK_M<D>, p.seqlen_q) - 1;
     const int n_end = p.causal ? min(p.seqlen_k, last_row + causal_offset + 1) : p.seqlen_k;
     const int n_blocks = n_end > 0 ? ceil_div(n_end, BLOCK_N) : 0;
 
-    float o[D / 8][4], m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+    // Tile mt of the warp: block rows (warp * MT + mt) * 16 + [0, 16).
+    float o[MT][D / 8][4], m[MT][2], l[MT][2];
 #pragma unroll
-    for (int dt = 0; dt < D / 8; ++dt)
+    for (int mt = 0; mt < MT; ++mt) {
+        m[mt][0] = m[mt][1] = -INFINITY;
+        l[mt][0] = l[mt][1] = 0.0f;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) o[dt][i] = 0.0f;
-    uint32_t qf[D / 16][4];
+        for (int dt = 0; dt < D / 8; ++dt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) o[mt][dt][i] = 0.0f;
+    }
+    uint32_t qf[MT][D / 16][4];
 
-    load_tile<T, D, BLOCK_M>(sQ, q, p.stride_q_s, m0, p.seqlen_q);
+    load_tile<T, D, BLOCK_M<D>>(sQ, q, p.stride_q_s, m0, p.seqlen_q);
     if (n_blocks > 0) load_tile<T, D, BLOCK_N>(sK, k, p.stride_k_s, 0, p.seqlen_k);
     cp_async_commit();
 
@@ -252,12 +284,17 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     // so a negative one flips the sign bits of Q's fragments (bit 15 of each 16-bit half).
     const uint32_t q_sign = p.scale < 0.0f ? 0x80008000u : 0u;
     const float scale_log2 = fabsf(p.scale) * kLog2e;
-    const int row0 = m0 + warp * 16 + (lane >> 2);  // the thread's first row; the second is row0 + 8
-    const uint8_t* mask_rows[2] = {nullptr, nullptr};  // rows past Sq have none (and are never stored)
-    if (MASKED) {
-        const uint8_t* mask = p.mask + b * p.stride_mask_b + h * p.stride_mask_h;
-        for (int half = 0; half < 2; ++half)
-            if (row0 + half * 8 < p.seqlen_q) mask_rows[half] = mask + int64_t(row0 + half * 8) * p.stride_mask_s;
+    int row0[MT];  // the thread's first row of each tile; the second is row0 + 8
+    const uint8_t* mask_rows[MT][2];  // rows past Sq have none (and are never stored)
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        row0[mt] = m0 + (warp * MT + mt) * 16 + (lane >> 2);
+        for (int half = 0; half < 2; ++half) {
+            const int row = row0[mt] + half * 8;
+            mask_rows[mt][half] = MASKED && row < p.seqlen_q
+                                      ? p.mask + b * p.stride_mask_b + h * p.stride_mask_h + int64_t(row) * p.stride_mask_s
+                                      : nullptr;
+        }
     }
     for (int j = 0; j < n_blocks; ++j) {
         const int n0 = j * BLOCK_N;
@@ -267,34 +304,50 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
         cp_async_commit();
         if (j == 0) {
 #pragma unroll
-            for (int kk = 0; kk < D / 16; ++kk) {
-                const int r = warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, c = kk * 16 + (lane >> 4) * 8;
-                ldmatrix_x4(qf[kk], sQ + r * SMEM_STRIDE<D> + c);
+            for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-                for (int i = 0; i < 4; ++i) qf[kk][i] ^= q_sign;
+                for (int kk = 0; kk < D / 16; ++kk) {
+                    const int r = (warp * MT + mt) * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+                    ldmatrix_x4(qf[mt][kk], sQ + r * SMEM_STRIDE<D> + kk * 16 + (lane >> 4) * 8);
+#pragma unroll
+                    for (int i = 0; i < 4; ++i) qf[mt][kk][i] ^= q_sign;
+                }
+        }
+        // A warp whose rows see none of this block's keys (causal: the block's second half of rows
+        // sees more of the diagonal than its first) skips it: all -inf scores would leave its state as
+        // it is. The condition is the warp's, so its MMAs' lanes stay together.
+        const bool warp_sees = !p.causal || n0 <= m0 + (warp + 1) * MT * 16 - 1 + causal_offset;
+        float s[MT][BLOCK_N / 8][4];
+        if (warp_sees) {
+            compute_scores<T, D, MT>(s, qf, sK, lane);
+            // Blocks past the end of the keys or crossing the causal diagonal mask their scores.
+            const bool bounds = n0 + BLOCK_N > p.seqlen_k || (p.causal && n0 + BLOCK_N - 1 > m0 + causal_offset);
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                if (bounds)
+                    softmax_update<D, MASKED, true>(s[mt], o[mt], m[mt], l[mt], scale_log2, row0[mt], n0, p.seqlen_k,
+                                                    causal_offset, p.causal, mask_rows[mt]);
+                else
+                    softmax_update<D, MASKED, false>(s[mt], o[mt], m[mt], l[mt], scale_log2, row0[mt], n0,
+                                                     p.seqlen_k, causal_offset, p.causal, mask_rows[mt]);
             }
         }
-        float s[BLOCK_N / 8][4];
-        compute_scores<T, D>(s, qf, sK, lane);
-        // Blocks past the end of the keys or crossing the causal diagonal mask their scores.
-        if (n0 + BLOCK_N > p.seqlen_k || (p.causal && n0 + BLOCK_N - 1 > m0 + causal_offset))
-            softmax_update<D, MASKED, true>(s, o, m, l, scale_log2, row0, n0, p.seqlen_k, causal_offset, p.causal,
-                                            mask_rows);
-        else
-            softmax_update<D, MASKED, false>(s, o, m, l, scale_log2, row0, n0, p.seqlen_k, causal_offset, p.causal,
-                                             mask_rows);
         cp_async_wait<0>();  // V_j has landed
         __syncthreads();     // ... for every thread; and everyone is done with K_j
         if (j + 1 < n_blocks) load_tile<T, D, BLOCK_N>(sK, k, p.stride_k_s, n0 + BLOCK_N, p.seqlen_k);
         cp_async_commit();
-        accumulate_pv<T, D>(o, s, sV, lane);
+        if (warp_sees) accumulate_pv<T, D, MT>(o, s, sV, lane);
     }
     cp_async_wait<0>();  // with no visible key, the Q tile was still in flight
     __syncthreads();
-    float total[2];
-    row_sums(l, total);
-    store_output<T, D>(o, total, sQ, out, p.stride_o_s, m0, p.seqlen_q, warp, lane);
-    if (p.lse != nullptr) store_lse(m, total, p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q, row0, p.seqlen_q);
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        float total[2];
+        row_sums(l[mt], total);
+        store_output<T, D>(o[mt], total, sQ, out, p.stride_o_s, m0, p.seqlen_q, warp * MT + mt, lane);
+        if (p.lse != nullptr)
+            store_lse(m[mt], total, p.lse + (int64_t(b) * p.heads_q + h) * p.seqlen_q, row0[mt], p.seqlen_q);
+    }
 }
 
 // ----------------------------------------------------------------------------- host dispatch
@@ -307,7 +360,7 @@ cudaError_t launch_masked(const AttentionParams& p, cudaStream_t stream) {
     const auto kernel = attention_kernel<T, D, MASKED>;
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
     if (err != cudaSuccess) return err;
-    const dim3 grid(ceil_div(p.seqlen_q, BLOCK_M), p.heads_q, p.batch);
+    const dim3 grid(ceil_div(p.seqlen_q, BLOCK_M<D>), p.heads_q, p.batch);
     return launch_kernel(kernel, grid, kThreads, bytes, stream, p.pdl, p);
 }
 
