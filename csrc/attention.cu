@@ -286,14 +286,13 @@ __global__ void __launch_bounds__(kThreads) attention_kernel(AttentionParams p) 
     const float scale_log2 = fabsf(p.scale) * kLog2e;
     int row0[MT];  // the thread's first row of each tile; the second is row0 + 8
     const uint8_t* mask_rows[MT][2];  // rows past Sq have none (and are never stored)
+    const uint8_t* mask = MASKED ? p.mask + b * p.stride_mask_b + h * p.stride_mask_h : nullptr;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
         row0[mt] = m0 + (warp * MT + mt) * 16 + (lane >> 2);
         for (int half = 0; half < 2; ++half) {
             const int row = row0[mt] + half * 8;
-            mask_rows[mt][half] = MASKED && row < p.seqlen_q
-                                      ? p.mask + b * p.stride_mask_b + h * p.stride_mask_h + int64_t(row) * p.stride_mask_s
-                                      : nullptr;
+            mask_rows[mt][half] = MASKED && row < p.seqlen_q ? mask + int64_t(row) * p.stride_mask_s : nullptr;
         }
     }
     for (int j = 0; j < n_blocks; ++j) {
