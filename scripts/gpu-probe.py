@@ -245,6 +245,19 @@ def sample_inputs(p: Probe, B, V, top_k=50):
     return logits, params, torch.zeros(1, dtype=torch.int64, device=p.device)
 
 
+def search_paths(p: Probe, logits, params, seed, chunks: int) -> dict[str, Callable]:
+    """The sampler's paths that search the whole row (no candidate list): Triton's one program per
+    row and split path (where `chunks` > 1), CUDA's one block per row."""
+    calls = {"triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
+    if chunks > 1:
+        calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed, num_chunks=chunks)
+    if "cuda" in p.backends:
+        from fastgpt.ops import _cuda
+
+        calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
+    return calls
+
+
 def sample_batch_section(p: Probe):
     """The split path (as many chunks as the SM rule asks, no minimum), one program per row, the
     candidate path with its chunks sorted and bounded, in Triton and in CUDA, over B: where
@@ -261,11 +274,7 @@ def sample_batch_section(p: Probe):
         calls = {"triton candidates (top_k_bound 50), sorted":
                      candidates(tri_sampling, "CAND_BOUND_MIN_ROWS", 1 << 30, tri_sampling.sample),
                  "triton candidates (top_k_bound 50), bounded":
-                     candidates(tri_sampling, "CAND_BOUND_MIN_ROWS", 1, tri_sampling.sample),
-                 "triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
-        if chunks > 1:
-            calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
-                                                                                   num_chunks=chunks)
+                     candidates(tri_sampling, "CAND_BOUND_MIN_ROWS", 1, tri_sampling.sample)}
         if "cuda" in p.backends:
             from fastgpt.ops import _cuda
 
@@ -273,7 +282,7 @@ def sample_batch_section(p: Probe):
                                                                            _cuda.sample)
             calls["cuda candidates (top_k_bound 50), bounded"] = candidates(_cuda, "SAMPLE_BOUND_MIN_ROWS", 1,
                                                                             _cuda.sample)
-            calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
+        calls |= search_paths(p, logits, params, seed, chunks)
         for name, fn in calls.items():
             p.record("sample_batch", dict(B=B, V=V, impl=name), lambda fn=fn: dict(device_us=p.device_us(fn)))
 
@@ -288,15 +297,7 @@ def sample_top_p_section(p: Probe):
         for B in (2,) if p.smoke else (1, 32, 256):
             logits, params, seed = sample_inputs(p, B, V, top_k=top_k)
             chunks = tri_sampling.split_chunks(B, V, sms, min_chunks=2)
-            calls = {"triton one program per row": lambda: tri_sampling.sample(logits, *params, seed, num_chunks=0)}
-            if chunks > 1:
-                calls[f"triton split ({chunks} chunks)"] = lambda: tri_sampling.sample(logits, *params, seed,
-                                                                                       num_chunks=chunks)
-            if "cuda" in p.backends:
-                from fastgpt.ops import _cuda
-
-                calls["cuda one block per row"] = lambda: _cuda.sample(logits, *params, seed)
-            for name, fn in calls.items():
+            for name, fn in search_paths(p, logits, params, seed, chunks).items():
                 p.record("sample_top_p", dict(B=B, V=V, top_k=top_k, impl=name),
                          lambda fn=fn: dict(device_us=p.device_us(fn)))
 
