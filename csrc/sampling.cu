@@ -120,8 +120,7 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
             const float s = row.score_of(x[j]);
             if (order_key(s) < threshold || s == -INFINITY) continue;
             if (min_p > 0.0f && expf(s - m) < min_p) continue;
-            const float gumbel = -logf(-logf(uniform_from_bits(r.x[j])));
-            better(best, best_index, s + gumbel, i);
+            better(best, best_index, s + gumbel_from_bits(r.x[j]), i);
         }
     }
     block_argmax(best, best_index, sh);

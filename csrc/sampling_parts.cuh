@@ -230,10 +230,13 @@ __device__ void row_max(const T* logits, int vocab, float& max_value, int& max_i
     max_index = min(idx, vocab - 1);
 }
 
+// Gumbel noise -log(-log(u)) from 32 random bits.
+__device__ __forceinline__ float gumbel_from_bits(uint32_t r) { return -logf(-logf(uniform_from_bits(r))); }
+
 // Gumbel noise of token i of row b: the draw's counter (i / 4, b), word i % 4.
 __device__ __forceinline__ float gumbel_noise(uint64_t seed, int i, int b) {
     const Philox4 r = philox4x32_10(uint32_t(i / 4), uint32_t(b), 0u, 0u, uint32_t(seed), uint32_t(seed >> 32));
-    return -logf(-logf(uniform_from_bits(r.x[i % 4])));
+    return gumbel_from_bits(r.x[i % 4]);
 }
 
 }  // namespace
