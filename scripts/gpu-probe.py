@@ -360,7 +360,10 @@ def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callabl
 
 def linear_section(p: Probe):
     """Each matmul of a GPT-2 decode step, fused (one launch) against the ops it replaces: device
-    time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on. The
+    time and the weight bytes' GB/s. The first number GPT.fused_decode's default rests on. Each
+    call reads its weight from memory, as in a step: the calls rotate through copies of the
+    weight past twice the L2 cache (Probe.cold_device_us; the 2026-11-30 run timed one weight
+    held in L2, which flattered the forms that keep few bytes in flight). The
     wide forms also with other column counts a program (kernels/linear.py's BLOCK_N, 16, for
     c_fc: 32 and 64; WIDE_BLOCK_N, 64, for lm_head: 16, 32, 128): every program re-reads all B
     input rows (and their LayerNorm statistics) from L2, which at B32 over lm_head's 3142
@@ -390,11 +393,14 @@ def linear_section(p: Probe):
     with knobs_kept(tri_linear, *defaults):
         for B in (1, 2) if p.smoke else (1, 2, 4, 16, 32):
             for name, K, N, ln, gelu in forms:
-                w = p.randn(N, K) / K ** 0.5
-                calls = linear_calls(p.randn(B, K), p.randn(B, K), w, p.randn(N), p.randn(K), p.randn(K), ln, gelu)
-                weight_bytes = w.numel() * w.element_size()
+                inputs = p.randn(B, K), p.randn(B, K)
+                params = p.randn(N), p.randn(K), p.randn(K)
+                weight_bytes = N * K * 2
+                weights = [p.randn(N, K) / K ** 0.5 for _ in range(p.copies(weight_bytes))]
+                copies = [linear_calls(*inputs, w, *params, ln, gelu) for w in weights]  # the same calls, a weight each
+                calls = {impl: [c[impl] for c in copies] for impl in copies[0]}
                 fused = calls["fused (triton)"]
-                impls = [(impl, fn, defaults) for impl, fn in calls.items()]
+                impls = [(impl, fns, defaults) for impl, fns in calls.items()]
                 wide = N >= tri_linear.WIDE_N
                 if B <= 4:
                     tile = "GEMV_WIDE_TILE_BYTES" if wide else "GEMV_TILE_BYTES"
@@ -416,12 +422,12 @@ def linear_section(p: Probe):
                 for knob, values in sweeps.items():
                     values = values[:1] if p.smoke and B == 1 else [] if p.smoke or B not in (1, 32) else values
                     impls += [(f"fused (triton), {knob} {v}", fused, {**tiled, knob: v}) for v in values]
-                for impl, fn, knobs in impls:
-                    def measure(fn=fn, weight_bytes=weight_bytes, knobs=knobs):
+                for impl, fns, knobs in impls:
+                    def measure(fns=fns, weight_bytes=weight_bytes, knobs=knobs):
                         for knob, value in knobs.items():
                             setattr(tri_linear, knob, value)
-                        d = p.device_us(fn)
-                        return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3}
+                        d = p.cold_device_us(fns)
+                        return {"device_us": d, "weight_gbps": weight_bytes / d / 1e3, "weight_copies": len(fns)}
                     p.record("linear", {"form": name, "B": B, "K": K, "N": N, "impl": impl}, measure)
 
 

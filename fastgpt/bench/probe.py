@@ -94,6 +94,24 @@ class Probe:
         times = timing.time_graph(lambda _: fn(), per_replay, replays)
         return 1e3 * sorted(times)[len(times) // 2]
 
+    def cold_device_us(self, calls: list[Callable], replays: int = 15) -> float:
+        """Device time of one call under CUDA-graph replay, the calls (the same work on different
+        copies of its inputs) run in turn in each replay: with copies past the L2 cache, every
+        call reads its inputs from memory, as a decode step's matmuls read their weights (the step
+        reads 249 MB for GPT-2 124M, ~5x L2). device_us repeats one call, whose inputs then stay in
+        L2. Host time of the first call on CPU."""
+        if self.smoke:
+            return self.device_us(calls[0])
+        times = timing.time_graph(lambda i: calls[i](), len(calls), replays)
+        return 1e3 * sorted(times)[len(times) // 2]
+
+    def copies(self, set_bytes: int) -> int:
+        """How many copies of an input of set_bytes a cold timing (cold_device_us) rotates through:
+        twice the L2 cache's bytes in all (at least 2, at most 64 and 2 GiB); 2 with smoke."""
+        if self.smoke:
+            return 2
+        return timing.rotation_sets(set_bytes, torch.device(self.device), memory_budget=2 * 2**30, max_sets=64)
+
     def record(self, section: str, row: dict, fn: Callable[[], dict]) -> None:
         """Run fn (returning measurements) into `row`, keep an error instead of raising, print."""
         if self.out_of_time():
