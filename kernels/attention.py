@@ -20,9 +20,11 @@ one small fixed config is used.
 
 Loads on Hopper (sm_90+): tiles can come through TMA (host tensor descriptors over the 4-D
 tensors, whose bounds zero-fill past the sequence and the head dim) instead of pointer loads.
-For fp16/bf16 the autotuner times the leading configs both ways and keeps the faster; not yet
-measured on a GPU (none was available), so neither is assumed to win. Warp specialization is
-not used: Triton 3.6 offers it on Blackwell only.
+For fp16/bf16 the autotuner times the leading configs both ways and keeps the faster (on the
+H200 it kept TMA for D128 and for masked calls, 2026-11-28). Warp specialization is not used:
+Triton 3.6's Hopper pass (`tl.range(..., warp_specialize=True)` on the unmasked loop, lowered
+for sm_90a on 2026-11-30) fails to compile at 4 warps and at 8 leaves the kernel unspecialized
+(no setmaxnreg, no producer warps; about the same PTX).
 """
 
 from __future__ import annotations
