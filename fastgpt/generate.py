@@ -37,6 +37,7 @@ import torch
 from fastgpt import _backends, _graphs
 from fastgpt.model import check_idx
 from fastgpt.ops import _checks
+from fastgpt.ops.linear import COUNTER_COLUMNS
 from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
 from fastgpt.speculative import PromptLookup
 
@@ -54,6 +55,8 @@ class KVCache:
     a layer's k and v sit side by side, so one scatter_ writes a decode step's pair. counters
     (B * H,) int32 zeros: the decode attention's, so that it merges its KV splits in the same
     launch (fastgpt.ops.decode.decode_step_attention); every layer's launch leaves them zero.
+    linear_counters (cdiv(n_embd, 16),) int32 zeros: the fused step's output projections', with
+    which they may split their K (fastgpt.ops.linear); left zero likewise.
     graphed: True while the steps over it are being captured in a CUDA graph (a decoder's
     capture, warm-up included), so that auto picks decode attention by its time on the GPU rather
     than by one eager call's."""
@@ -62,6 +65,7 @@ class KVCache:
         shape = (config.n_layer, 2, batch, config.n_head, length, config.head_dim)
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.counters = torch.zeros(batch * config.n_head, dtype=torch.int32, device=device)
+        self.linear_counters = torch.zeros(-(-config.n_embd // COUNTER_COLUMNS), dtype=torch.int32, device=device)
         self.graphed = False
 
     @property

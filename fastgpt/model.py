@@ -330,7 +330,8 @@ class GPT(nn.Module):
         after it (c_fc), and the cache write of k and v (c_attn) fused in; the first also reads
         the token and position embeddings (no gathers). From LN_APART_MIN_ROWS rows, ln_1 (after
         layer 0) and ln_2 run as the LayerNorm op before their matmuls: 7 launches a layer.
-        Decode attention merges its splits in its own launch where given counters. tok, slots
+        Decode attention merges its splits in its own launch where given counters, and the output
+        projections (c_proj) may split their K over more programs (kv_cache.linear_counters). tok, slots
         (cache slots), positions (wpe rows): (B, T)."""
         t, backend = self.transformer, self.backend
         (B, T), C = tok.shape, self.config.n_embd
@@ -340,6 +341,7 @@ class GPT(nn.Module):
         # are the tables wte and wpe at rows tok and positions, whose sum is ln_1's residual add
         # (so its ln_1 stays fused: an id outside a table reads zeros there, no gather).
         x, h = t.wte.weight, t.wpe.weight
+        split = kv_cache.linear_counters  # the output projections may split their K (c_proj's 3072 in the MLP)
         for i, block in enumerate(t.h):
             attn, mlp = block.attn, block.mlp
             cache = kv_cache.layer(i)  # (2, B, H, S, D): row b's T tokens write its slots
@@ -347,10 +349,11 @@ class GPT(nn.Module):
             qkv, h = _norm_linear(x, h, block.ln_1, attn.c_attn, apart and i > 0, backend, kv_cache=cache,
                                   kv_pos=slots, **tables)  # fmt: skip
             y = attn.attend(qkv.view(B, T, 3 * C), cache, None, seqlens, counters, kv_cache.graphed).view(B * T, C)
-            a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, backend=backend)
+            a, _ = linear(y, attn.c_proj.weight, attn.c_proj.bias, counters=split, backend=backend)
             tanh = mlp.approximate == "tanh"
             f, h = _norm_linear(a, h, block.ln_2, mlp.c_fc, apart, backend, activation="gelu_tanh" if tanh else None)
-            x, _ = linear(f if tanh else F.gelu(f), mlp.c_proj.weight, mlp.c_proj.bias, backend=backend)
+            f = f if tanh else F.gelu(f)
+            x, _ = linear(f, mlp.c_proj.weight, mlp.c_proj.bias, counters=split, backend=backend)
         logits, _ = linear(x, self.lm_head.weight, self.lm_head.bias, ln=_ln(t.ln_f), residual=h, backend=backend)
         return logits.view(B, T, -1)  # (B, T, V)
 

@@ -15,6 +15,12 @@ projection also the write of k and v into the cache). Two kernels, one contract:
 - _gemv_kernel (matrix-vector, up to GEMV_MAX_ROWS rows; gemv_columns): every program loads the
   whole weight rows of a few columns at once and sums their products with each input row.
 
+A narrow matmul over a long K (GPT-2's MLP c_proj: 48 programs of 16 columns over K 3072) leaves
+most SMs idle and each program waiting out a dozen K steps, so given the caller's counters the
+tiled kernel splits K (k_splits): each split stores its partial sums (fp32) and the last split of
+a column block to finish (a counter, acquire-release) adds them up in split order and runs the
+epilogue; the counter is zero again after, and the result the same whichever split finishes last.
+
 In both the LayerNorm statistics of the M input rows (a few KB, from L2) are recomputed by each
 program rather than stored, and program 0 writes h.
 """
@@ -25,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastgpt._backends import launch_pdl
+from fastgpt._backends import launch_pdl, sm_count
 from fastgpt.kernels.pdl import _prefetch_l2, _wait_for_previous_grid
 from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
@@ -40,6 +46,9 @@ TILE_ELEMENTS = 8192  # without a LayerNorm: x tiles of BLOCK_M x (8192 / BLOCK_
 STATS_ELEMENTS = 8192  # the LayerNorm statistics' step: M' x (8192 / M'), M' = M rounded up to a power of two
 NUM_WARPS = 4
 NUM_STAGES = 3  # weight tiles in flight per program
+SPLIT_K_MAX = 4  # K splits of the tiled kernel at most (k_splits; 1: never split)
+SPLIT_MIN_STEPS = 2  # BLOCK_K steps a split takes at least (a pipeline to keep full)
+_INTERPRETER_SMS = 4  # a pretend SM count on CPU tensors, so the interpreter splits small grids too
 PREFETCH_WEIGHTS = True  # as a programmatic dependent, ask L2 for the program's weight rows before waiting
 _INTERPRETER_BLOCK_K = 32
 # The matrix-vector kernel (gemv_columns) for up to GEMV_MAX_ROWS rows (0: never), each program
@@ -168,15 +177,23 @@ def _linear_kernel(
     kv_pos_ptr,  # (M,) int64: row m's slot in kv's row m // kv_tokens; slots outside [0, S) are not written
     M, N, K, stride_x, stride_r, stride_wn, stride_wk, eps, x_table_rows, r_table_rows,
     stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens,
+    ws_ptr,  # (num_splits, M, N) fp32: each split's partial sums, when SPLIT
+    counters_ptr,  # (cdiv(N, BLOCK_N),) int32, zero between calls: the splits done per column block, when SPLIT
+    k_per_split,  # K columns a split takes (a multiple of BLOCK_K): split s takes [s k_per_split, (s + 1) k_per_split)
+    num_splits,  # the grid's second dimension: 1 unless SPLIT
     HAS_RESIDUAL: tl.constexpr, HAS_LN: tl.constexpr, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
     HAS_BIAS: tl.constexpr, KV_CACHE: tl.constexpr, X_GATHER: tl.constexpr, R_GATHER: tl.constexpr,
     GELU_TANH: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr, PREFETCH_W: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_M: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STATS_M: tl.constexpr,
     STATS_BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    k_start, k_end = 0, K
+    if SPLIT:  # this program's part of K
+        k_start = tl.program_id(1) * k_per_split
+        k_end = tl.minimum(K, k_start + k_per_split)
     if PREFETCH_W:  # this program's weight rows into L2 while the previous grid finishes (kernels/pdl.py)
-        _prefetch_weight_rows(w_ptr, pid, N, K, stride_wn, BLOCK_N)
+        _prefetch_weight_rows(w_ptr + k_start, pid, N, k_end - k_start, stride_wn, BLOCK_N)
     _wait_for_previous_grid(PDL)
     row_ok = tl.arange(0, BLOCK_M) < M
     rows = tl.arange(0, BLOCK_M).to(tl.int64)  # row offsets: rows x a row stride may pass 2^31
@@ -195,9 +212,9 @@ def _linear_kernel(
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # (BLOCK_N, 1): N * K may pass 2^31
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
-        k_ok = ks < K
+        k_ok = ks < k_end
         mask = row_ok[:, None] & k_ok[None, :]
         a = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, ks, k_ok, stride_x, stride_r, HAS_RESIDUAL)
         if HAS_LN:
@@ -206,9 +223,23 @@ def _linear_kernel(
         w = tl.load(w_rows + ks[None, :] * stride_wk, mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc += tl.dot(a, tl.trans(w), input_precision=DOT_PRECISION)
 
-    bias, pos = _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, row_ok, cols, col_ok, HAS_BIAS, KV_CACHE)
-    _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
-              stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens, HAS_BIAS, GELU_TANH, KV_CACHE)  # fmt: skip
+    last = True
+    if SPLIT:  # the last split of this column block to finish sums the splits' partials, in split order
+        out_ok = row_ok[:, None] & col_ok[None, :]
+        part = (tl.program_id(1) * M + rows)[:, None] * N + cols[None, :]  # (split, row, column), int64
+        tl.store(ws_ptr + part, acc, mask=out_ok)
+        tl.debug_barrier()  # every thread's partials are stored before the count says so (release)
+        last = tl.atomic_add(counters_ptr + pid, 1, sem="acq_rel") == num_splits - 1
+        if last:
+            acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for split in range(num_splits):  # .cg: other programs, on other SMs, stored them
+                part = (split * M + rows)[:, None] * N + cols[None, :]
+                acc += tl.load(ws_ptr + part, mask=out_ok, other=0.0, cache_modifier=".cg")
+            tl.atomic_xchg(counters_ptr + pid, 0)  # zero again for the next call
+    if last:
+        bias, pos = _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, row_ok, cols, col_ok, HAS_BIAS, KV_CACHE)
+        _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
+                  stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens, HAS_BIAS, GELU_TANH, KV_CACHE)  # fmt: skip
 
 
 @triton.jit
@@ -350,8 +381,20 @@ def gemv_columns(M: int, N: int, K: int, element_size: int) -> int:
     return min(fit, next_power_of_2(N))
 
 
+def k_splits(programs: int, k_steps: int, sms: int) -> int:
+    """How many parts the tiled kernel splits K into for a grid of `programs` column blocks, each
+    taking k_steps BLOCK_K steps, on `sms` SMs: up to two programs an SM in all, at most
+    SPLIT_K_MAX, each split at least SPLIT_MIN_STEPS steps, and no split empty (GPT-2 in bf16 on
+    132 SMs: the MLP's c_proj, 48 column blocks over K 3072, in 4 splits of 3 steps at 32 rows and
+    3 of 2 at 16; the attention's c_proj, K 768, in 3 at 64 rows and unsplit below)."""
+    splits = min(SPLIT_K_MAX, 2 * sms // max(programs, 1), k_steps // SPLIT_MIN_STEPS)
+    if splits <= 1:
+        return 1
+    return cdiv(k_steps, cdiv(k_steps, splits))
+
+
 def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = False, kv_cache=None, kv_pos=None,
-           x_rows=None, residual_rows=None):  # fmt: skip
+           x_rows=None, residual_rows=None, counters=None):  # fmt: skip
     """act(LN(x + residual) @ weight.T + bias) for x (M, K), M <= MAX_ROWS.
 
     x (M, K), stride(-1) == 1, and weight (N, K), any strides: one dtype (fp16, bf16, fp32); bias
@@ -363,8 +406,10 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     [H D, 3 H D) (k, then v, head-major) are also written to kv_cache[:, m // T, :, kv_pos[m]]
     (nothing for a slot outside [0, S)). x_rows (M,)
     int64: x is a table (R, K) and row m of the input is x[x_rows[m]] (an embedding lookup; an
-    id outside [0, R) reads zeros); residual_rows likewise for residual. Returns (out (M, N),
-    h (M, K) = x + residual or None), both contiguous.
+    id outside [0, R) reads zeros); residual_rows likewise for residual. counters: None, or int32
+    zeros (cdiv(N, 16),) or longer on x's device, with which the tiled kernel may split K (left
+    zero; one stream at a time). Returns (out (M, N), h (M, K) = x + residual or None), both
+    contiguous.
     """
     M, K = (x.shape[0] if x_rows is None else x_rows.shape[0]), x.shape[1]
     N = weight.shape[0]
@@ -407,8 +452,15 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, gelu_tanh: bool = Fa
     stats_m = next_power_of_2(M)  # the statistics' rows: M rounded up, not padded to block_m
     stats_block_k = min(STATS_ELEMENTS // stats_m, max(16, next_power_of_2(K)))
     block_k, stats_block_k = (block_k, stats_block_k) if x.is_cuda else (_INTERPRETER_BLOCK_K,) * 2
-    _linear_kernel[(cdiv(N, block_n),)](
-        *args, **form, DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", BLOCK_M=block_m,
+    programs, k_steps = cdiv(N, block_n), cdiv(K, block_k)
+    splits = 1  # K splits only without a LayerNorm (whose statistics each split would recompute)
+    if counters is not None and ln is None:
+        splits = k_splits(programs, k_steps, sm_count(x.device.index) if x.is_cuda else _INTERPRETER_SMS)
+    k_per_split = cdiv(k_steps, splits) * block_k
+    ws = torch.empty((splits, M, N), dtype=torch.float32, device=x.device) if splits > 1 else out
+    _linear_kernel[(programs, splits)](
+        *args, ws, counters if splits > 1 else out, k_per_split, splits, **form,
+        DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", SPLIT=splits > 1, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_K=block_k, STATS_M=stats_m, STATS_BLOCK_K=stats_block_k, PDL=pdl,
         num_warps=NUM_WARPS, num_stages=NUM_STAGES, launch_pdl=pdl,
     )  # fmt: skip

@@ -335,13 +335,15 @@ def sample_cand_section(p: Probe):
                 p.record("sample_cand", dict(B=B, **dict(zip(names, variant, strict=True))), measure)
 
 
-def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool) -> dict[str, Callable]:
-    """One GPT-2 decode matmul, fused (one launch) and as the ops it replaces."""
+def linear_calls(x, r, w, b, g, beta, ln: bool, gelu: bool, counters) -> dict[str, Callable]:
+    """One GPT-2 decode matmul, fused (one launch) and as the ops it replaces. Without a LayerNorm
+    (the output projections) the fused call gets counters to split K with, as GPT's step does."""
     from fastgpt.ops.linear import linear
 
     def fused():
         return linear(x, w, b, ln=(g, beta, 1e-5) if ln else None, residual=r if ln else None,
-                      activation="gelu_tanh" if gelu else None, backend="triton")  # fmt: skip
+                      activation="gelu_tanh" if gelu else None, counters=None if ln else counters,
+                      backend="triton")  # fmt: skip
 
     def unfused():
         a = fastgpt.layer_norm(x, g, beta, residual=r)[0] if ln else x
@@ -379,7 +381,9 @@ def linear_section(p: Probe):
     (kernels/linear.py's _gemv_kernel, GPT's default at one row: GEMV_MAX_ROWS) against the tiled
     one, with 4, 8 (the default) and 16 KB of weight rows a program (GEMV_TILE_BYTES; lm_head:
     16 and 32 KB, GEMV_WIDE_TILE_BYTES), at B1 also with 2 and 8 warps (GEMV_WARPS, 4); the tiled
-    kernel's knobs are swept at B1 and B32, with the matrix-vector kernel off."""
+    kernel's knobs are swept at B1 and B32, with the matrix-vector kernel off. From 2 rows the
+    forms without a LayerNorm (c_proj) also without K splits (SPLIT_K_MAX 1; the default splits
+    the MLP's c_proj in 3-4)."""
     from fastgpt.kernels import linear as tri_linear
 
     C = 32 if p.smoke else 768
@@ -387,7 +391,7 @@ def linear_section(p: Probe):
              ("ln_2 + c_fc + gelu", C, 4 * C, True, True), ("mlp c_proj", 4 * C, C, False, False),
              ("ln_f + lm_head", C, 96 if p.smoke else 50257, True, False)]
     knobs = ("BLOCK_N", "WIDE_BLOCK_N", "TILE_ELEMENTS", "BLOCK_K", "NARROW_LN_BLOCK_K", "STATS_ELEMENTS", "NUM_STAGES",
-             "GEMV_MAX_ROWS", "GEMV_TILE_BYTES", "GEMV_WIDE_TILE_BYTES", "GEMV_WARPS")  # fmt: skip
+             "GEMV_MAX_ROWS", "GEMV_TILE_BYTES", "GEMV_WIDE_TILE_BYTES", "GEMV_WARPS", "SPLIT_K_MAX")  # fmt: skip
     defaults = {knob: getattr(tri_linear, knob) for knob in knobs}
     tiled = {**defaults, "GEMV_MAX_ROWS": 0}
     with knobs_kept(tri_linear, *defaults):
@@ -397,10 +401,13 @@ def linear_section(p: Probe):
                 params = p.randn(N), p.randn(K), p.randn(K)
                 weight_bytes = N * K * 2
                 weights = [p.randn(N, K) / K ** 0.5 for _ in range(p.copies(weight_bytes))]
-                copies = [linear_calls(*inputs, w, *params, ln, gelu) for w in weights]  # the same calls, a weight each
+                counters = torch.zeros(-(-N // 16), dtype=torch.int32, device=p.device)
+                copies = [linear_calls(*inputs, w, *params, ln, gelu, counters) for w in weights]  # a weight each
                 calls = {impl: [c[impl] for c in copies] for impl in copies[0]}
                 fused = calls["fused (triton)"]
                 impls = [(impl, fns, defaults) for impl, fns in calls.items()]
+                if not ln and B > 1:  # the tiled kernel's K splits (SPLIT_K_MAX, 4) against none
+                    impls += [("fused (triton), SPLIT_K_MAX 1", fused, {**defaults, "SPLIT_K_MAX": 1})]
                 wide = N >= tri_linear.WIDE_N
                 if B <= 4:
                     tile = "GEMV_WIDE_TILE_BYTES" if wide else "GEMV_TILE_BYTES"

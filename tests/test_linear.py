@@ -244,6 +244,66 @@ def test_embedding_rows_are_read_in_place(dtype, device, poisoned_empty, path):
     assert_close(gathered, reference.linear(x, w, None)[0])
 
 
+@pytest.mark.parametrize("M", [2, 5, 37])
+@pytest.mark.parametrize("K, N", [(200, 40), (200, 17), (700, 17), (96, 130)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_split_k(dtype, K, N, M, device, poisoned_empty, monkeypatch):
+    """The tiled kernel over K in parts (k_splits: 2, 3 and 4 splits of 32-wide steps on the
+    interpreter's 4 pretend SMs, the last split shorter; 130 columns: one split) with the caller's
+    counters: the parts' sum, in split order, as the reference's; the counters zero again, so a
+    second call (a GELU form) is right too. With a LayerNorm the kernel does not split."""
+    from fastgpt.kernels import linear as mod
+
+    monkeypatch.setattr(mod, "GEMV_MAX_ROWS", 0)
+    x, r, w, b, g, beta = _inputs(M, K, N, dtype, device, row_pad=8)
+    block_k = 32 if device == "cpu" else mod.gpu_tiles(max(16, M), N, K, x.element_size(), False)[1]
+    sms = mod._INTERPRETER_SMS if device == "cpu" else torch.cuda.get_device_properties(device).multi_processor_count
+    expected = {(200, 40): 2, (200, 17): 3, (700, 17): 4, (96, 130): 1}[K, N]
+    if device == "cpu":
+        assert mod.k_splits(-(-N // 16), -(-K // block_k), sms) == expected
+    counters = torch.zeros(-(-N // 16) + 3, dtype=torch.int32, device=device)
+    for kwargs in ({}, dict(activation="gelu_tanh"), dict(bias=None)):
+        bias = kwargs.pop("bias", b)
+        out, _ = linear(x, w, bias, counters=counters, backend="triton", **kwargs)
+        ref, _ = reference.linear(x, w, bias, gelu_tanh=kwargs.get("activation") == "gelu_tanh")
+        assert_close(out, ref)
+        assert counters.count_nonzero() == 0
+    out, h = linear(x, w, b, ln=(g, beta, 1e-5), residual=r, counters=counters, backend="triton")
+    ref, h_ref = reference.linear(x, w, b, ln=(g, beta, 1e-5), residual=r)
+    assert_close(out, ref) and torch.equal(h, h_ref)
+    assert counters.count_nonzero() == 0
+    torch_out, _ = linear(x, w, b, counters=counters, backend="torch")  # the reference has no use for them
+    assert_close(torch_out, reference.linear(x, w, b)[0])
+
+
+def test_k_splits_follow_the_shapes(monkeypatch):
+    """k_splits: GPT-2's output projections on the H200's 132 SMs (kernels/linear.py), none where
+    the grid fills the GPU or K is a step or two, none with SPLIT_K_MAX 1."""
+    from fastgpt.kernels import linear as mod
+
+    assert mod.k_splits(48, 12, 132) == 4  # the MLP's c_proj at 32 rows: K 3072 in 256-wide steps
+    assert mod.k_splits(48, 6, 132) == 3  # at 16 rows (512-wide steps)
+    assert mod.k_splits(48, 24, 132) == 4  # at 64 rows (128-wide steps)
+    assert mod.k_splits(48, 6, 132) == 3 and mod.k_splits(48, 3, 132) == 1  # the attention's c_proj at 64 / 32 rows
+    assert mod.k_splits(144, 12, 132) == 1  # a grid of more than a wave
+    assert mod.k_splits(48, 7, 132) == 3  # 3 steps, 3, 1: no split left empty
+    assert mod.k_splits(1, 1000, 132) == mod.SPLIT_K_MAX
+    monkeypatch.setattr(mod, "SPLIT_K_MAX", 1)
+    assert mod.k_splits(48, 12, 132) == 1
+
+
+def test_counters_errors(device):
+    x, _, w, _, _, _ = _inputs(2, 32, 40, torch.float32, device)
+    with pytest.raises(TypeError, match="counters must have dtype"):
+        linear(x, w, counters=torch.zeros(3, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match=r"counters must be contiguous with at least cdiv\(N, 16\) = 3"):
+        linear(x, w, counters=torch.zeros(2, dtype=torch.int32, device=device))
+    with pytest.raises(ValueError, match="counters must be contiguous"):
+        linear(x, w, counters=torch.zeros(6, dtype=torch.int32, device=device)[::2])
+    with pytest.raises(ValueError, match="counters must have 1 dim"):
+        linear(x, w, counters=torch.zeros(3, 1, dtype=torch.int32, device=device))
+
+
 def test_row_id_errors(device):
     table, w = torch.randn(9, 32, device=device), torch.randn(16, 32, device=device)
     ids = torch.tensor([1, 2], device=device)
@@ -331,26 +391,31 @@ def compile_linear_variants(arch):
     programs feel; 112 with its 64 columns, the H200's fastest); at one row no form spills (the
     narrow forms' single wave of programs takes their 256-wide steps' ~120 registers). More rows
     may spill a few bytes (sm_90: lm_head's 64 columns at 16 rows bf16, 8 B, measured the
-    fastest there anyway; fp32's embedding form at 64 rows, 24 B)."""
+    fastest there anyway; fp32's embedding form at 64 rows, 24 B). The forms without a LayerNorm
+    also with K split (SPLIT), as GPT's output projections launch them."""
     from tests.gpu_compile import ptxas_usage
 
     mod = load_kernel_module("linear")
     names = ("x_ptr", "r_ptr", "h_ptr", "ln_w_ptr", "ln_b_ptr", "w_ptr", "bias_ptr", "out_ptr", "kv_ptr")
     for dtype in ("bf16", "fp32"):  # fp16's tiles and code are bf16's but for the element type
         ptrs = {name: f"*{dtype}" for name in names} | dict.fromkeys(("kv_pos_ptr", "x_idx_ptr", "r_idx_ptr"), "*i64")
+        ptrs |= {"ws_ptr": "*fp32", "counters_ptr": "*i32"}
         rows_tried = (16, 32, mod.MAX_ROWS) if dtype == "bf16" else (16, mod.MAX_ROWS)
-        for (ln, gelu, bias, kv, gather, N), rows in ((form, m) for form in _FORMS.values()
-                                                       for m in ((1,) if form[0] else ()) + rows_tried):
+        forms = [(form, rows, split) for form in _FORMS.values() for rows in ((1,) if form[0] else ()) + rows_tried
+                 for split in ((False,) if form[0] else (False, True))]  # K splits: the forms without a LayerNorm
+        for (ln, gelu, bias, kv, gather, N), rows, split in forms:
             block_m = max(16, rows)
             block_n, block_k = mod.gpu_tiles(block_m, N, 3072, 4 if dtype == "fp32" else 2, ln)
             const = {"HAS_RESIDUAL": ln, "HAS_LN": ln, "HAS_LN_WEIGHT": ln, "HAS_LN_BIAS": ln, "HAS_BIAS": bias,
-                     "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu, "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32",
-                     "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "STATS_M": rows,
-                     "STATS_BLOCK_K": min(mod.STATS_ELEMENTS // rows, 4096),
-                     "PREFETCH_W": arch >= 90, "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
+                     "KV_CACHE": kv, "X_GATHER": gather, "R_GATHER": gather, "GELU_TANH": gelu,
+                     "DOT_PRECISION": "ieee" if dtype == "fp32" else "tf32", "BLOCK_M": block_m, "BLOCK_N": block_n,
+                     "BLOCK_K": block_k, "STATS_M": rows, "STATS_BLOCK_K": min(mod.STATS_ELEMENTS // rows, 4096),
+                     "PREFETCH_W": arch >= 90, "SPLIT": split,
+                     "stride_wk": 1}  # the JIT specialises a unit stride  # fmt: skip
             kernel = compile_for(mod._linear_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS,
-                                 num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"}, divisible=("K",))
-            where = (arch, dtype, ln, gelu, bias, kv, gather, N, rows)
+                                 num_stages=mod.NUM_STAGES, scalar_types={"eps": "fp32"},
+                                 divisible=("K", "k_per_split"))  # fmt: skip
+            where = (arch, dtype, ln, gelu, bias, kv, gather, N, rows, split)
             assert kernel.metadata.shared <= SMEM_LIMIT_SM86, (*where, kernel.metadata.shared)
             if rows == 1 and ln and dtype == "bf16":
                 registers, spills = ptxas_usage(kernel, arch)

@@ -15,11 +15,12 @@ from fastgpt import _backends, reference
 from fastgpt.ops import _checks, _dispatch
 
 MAX_ROWS = 64  # kernels/linear.py's MAX_ROWS, repeated so that this module imports no Triton
+COUNTER_COLUMNS = 16  # output columns a split counter serves at least (kernels/linear.py's narrowest program)
 ACTIVATIONS = (None, "gelu_tanh")
 
 
 def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_cache=None, kv_pos=None,
-           x_rows=None, residual_rows=None, backend: str = "auto"):  # fmt: skip
+           x_rows=None, residual_rows=None, counters=None, backend: str = "auto"):  # fmt: skip
     """activation(LN(x + residual) @ weight.T + bias), fused.
 
     x: (..., K) fp16, bf16 or fp32; weight: (N, K), x's dtype; bias: (N,) float or None.
@@ -34,13 +35,17 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     host: a slot outside [0, S) is not written; the T slots of a cache row must differ (the kernel
     writes them at once). x_rows: None, or (M,) int64 ids: x is then a table (R, K)
     (an embedding) and the input's row m is x[x_rows[m]], an id outside [0, R) reading zeros;
-    residual_rows likewise makes residual a table (R', K) read at those ids. Returns
+    residual_rows likewise makes residual a table (R', K) read at those ids. counters: None, or
+    int32 zeros (cdiv(N, COUNTER_COLUMNS),) or longer on x's device, which the caller keeps for
+    its calls (GPT's KV cache does): with them the triton kernel may split a long K over more
+    programs, the last to finish of each column block adding the parts up; it leaves them zero.
+    Calls sharing counters must run one at a time (one stream). Returns
     (out (..., N), h) with h = x + residual (the input's shape: (M, K) when gathered), or None
     without a residual. On the triton backend the input may hold at most MAX_ROWS rows (auto
     takes torch beyond that, and off CUDA).
     """
     shape, device, (ln_weight, ln_bias, eps) = _check_args(x, weight, bias, ln, residual, activation, kv_cache,
-                                                           kv_pos, x_rows, residual_rows)  # fmt: skip
+                                                           kv_pos, x_rows, residual_rows, counters)  # fmt: skip
     N, K = weight.shape
     M = math.prod(shape[:-1])  # rows
     name = _backends.resolve("linear", backend, device, _limits(M, N, K), preference=("triton",))
@@ -58,12 +63,12 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
     # expanded view (stride 0: one element in memory) would be read past its elements.
     bias, ln_weight, ln_bias = (None if p is None else p.contiguous() for p in (bias, ln_weight, ln_bias))
     args = (x2, weight, bias, r2, ln_weight, ln_bias, float(eps), ln is not None, activation == "gelu_tanh", kv_cache,
-            kv_pos, x_rows, residual_rows, name)  # fmt: skip
+            kv_pos, x_rows, residual_rows, counters, name)  # fmt: skip
     out, h = _dispatch.call(_linear_op, _linear, *args)
     return out.view(*lead, N), None if residual is None else h.view(shape)
 
 
-def _check_args(x, weight, bias, ln, residual, activation, kv_cache, kv_pos, x_rows, residual_rows) -> tuple:
+def _check_args(x, weight, bias, ln, residual, activation, kv_cache, kv_pos, x_rows, residual_rows, counters) -> tuple:
     """linear's arguments, checked: (the input's shape (..., K), the device, (ln_weight, ln_bias, eps))."""
     _checks.tensor("x", x)
     if x.dim() == 0:
@@ -85,9 +90,15 @@ def _check_args(x, weight, bias, ln, residual, activation, kv_cache, kv_pos, x_r
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     _check_kv(kv_cache, kv_pos, x, math.prod(shape[:-1]), N)
+    if counters is not None:
+        _checks.tensor("counters", counters, ndim=1, dtypes=(torch.int32,))
+        if counters.numel() < -(-N // COUNTER_COLUMNS) or not counters.is_contiguous():
+            raise ValueError(f"counters must be contiguous with at least cdiv(N, {COUNTER_COLUMNS}) = "
+                             f"{-(-N // COUNTER_COLUMNS)} elements, got shape {tuple(counters.shape)}")  # fmt: skip
+        _checks.writable("counters", counters)
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual, ln_weight=ln_weight, ln_bias=ln_bias,
-                                 kv_cache=kv_cache, kv_pos=kv_pos, x_rows=x_rows,
-                                 residual_rows=residual_rows)  # fmt: skip
+                                 kv_cache=kv_cache, kv_pos=kv_pos, x_rows=x_rows, residual_rows=residual_rows,
+                                 counters=counters)  # fmt: skip
     return shape, device, (ln_weight, ln_bias, eps)
 
 
@@ -165,21 +176,26 @@ def _linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
     ln_weight: torch.Tensor | None, ln_bias: torch.Tensor | None, eps: float, ln: bool, gelu_tanh: bool,
     kv_cache: torch.Tensor | None, kv_pos: torch.Tensor | None, x_rows: torch.Tensor | None,
-    residual_rows: torch.Tensor | None, backend: str,
+    residual_rows: torch.Tensor | None, counters: torch.Tensor | None, backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     norm = (ln_weight, ln_bias, eps) if ln else None
-    kernels = reference if backend == "torch" else _backends.launchers(backend, "linear")
-    out, h = kernels.linear(x, weight, bias, ln=norm, residual=residual, gelu_tanh=gelu_tanh, kv_cache=kv_cache,
-                            kv_pos=kv_pos, x_rows=x_rows, residual_rows=residual_rows)  # fmt: skip
+    kwargs = dict(ln=norm, residual=residual, gelu_tanh=gelu_tanh, kv_cache=kv_cache, kv_pos=kv_pos, x_rows=x_rows,
+                  residual_rows=residual_rows)  # fmt: skip
+    if backend == "torch":
+        out, h = reference.linear(x, weight, bias, **kwargs)
+    else:
+        out, h = _backends.launchers(backend, "linear").linear(x, weight, bias, **kwargs, counters=counters)
     return out, x.new_empty(0) if h is None else h  # a custom op returns tensors, not None
 
 
+# counters are not declared mutated: the kernel leaves them as it found them (zero), and a
+# declared mutation would make torch.compile copy them around every call.
 _linear_op = torch.library.custom_op("fastgpt::linear", _linear, mutates_args=("kv_cache",))
 
 
 @_linear_op.register_fake
 def _(x, weight, bias, residual, ln_weight, ln_bias, eps, ln, gelu_tanh, kv_cache, kv_pos, x_rows, residual_rows,
-      backend):  # fmt: skip
+      counters, backend):  # fmt: skip
     M = x.shape[0] if x_rows is None else x_rows.shape[0]
     h = x.new_empty(0) if residual is None else x.new_empty(M, x.shape[1])
     return x.new_empty(M, weight.shape[0]), h
