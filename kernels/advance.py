@@ -13,7 +13,7 @@ element is replicated across threads and no read-modify-write races with another
 
 greedy_advance does the same for an all-greedy step straight from the logits, in one launch
 instead of three (NaN-cleaning, argmax, then the above): programs over (vocabulary block, row
-block) each fold their blocks' maxima into best (B,) by atomic max over packed int64 entries
+block) pairs each fold their blocks' maxima into best (B,) by atomic max over packed int64 entries
 (the samplers' order-preserving key of the logit << 32 | V - 1 - col: the first index wins
 ties, as argmax's),
 and the last program to finish (a counter, acquire-release) reads them, resets best and the
@@ -93,8 +93,9 @@ def _greedy_advance_kernel(
     BLOCK_E: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     _wait_for_previous_grid(PDL)
-    cols = tl.program_id(0) * BLOCK_V + tl.arange(0, BLOCK_V)
-    mine = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's rows
+    blocks_v = tl.cdiv(V, BLOCK_V)  # program p: vocabulary block p % blocks_v of row block p // blocks_v
+    cols = tl.program_id(0) % blocks_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    mine = tl.program_id(0) // blocks_v * BLOCK_R + tl.arange(0, BLOCK_R)  # this program's rows
     inside = (mine < B)[:, None] & (cols < V)[None, :]
     x = tl.load(logits_ptr + mine.to(tl.int64)[:, None] * stride_logits + cols[None, :], mask=inside,
                 other=float("-inf")).to(tl.float32)  # fmt: skip
@@ -102,7 +103,7 @@ def _greedy_advance_kernel(
     packed = tl.where(inside, (key.to(tl.int64) << 32) | (V - 1 - cols).to(tl.int64)[None, :], NO_ENTRY)
     tl.atomic_max(best_ptr + mine, tl.max(packed, axis=1), mask=mine < B)
     tl.debug_barrier()  # every thread's maxima are in before the count says so (release)
-    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) * tl.num_programs(1) - 1:
+    if tl.atomic_add(count_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         step = tl.load(step_ptr)
         for b0 in range(0, B, BLOCK_B):
             rows = b0 + tl.arange(0, BLOCK_B)
@@ -139,7 +140,7 @@ def greedy_advance(logits, best, count, out, step, tok, pos, seqlens, finished, 
     The rest as for advance."""
     B, V = logits.shape
     E = eos.shape[0]
-    grid = (cdiv(V, GREEDY_BLOCK_V), cdiv(B, GREEDY_BLOCK_R))
+    grid = (cdiv(V, GREEDY_BLOCK_V) * cdiv(B, GREEDY_BLOCK_R),)  # one axis: a second stops at 65535 blocks
     pdl = launch_pdl(logits.device)
     _greedy_advance_kernel[grid](
         logits, best, count, out, step, tok, pos, seqlens, finished.view(torch.uint8), pad, eos, B, V, E,

@@ -427,3 +427,36 @@ def test_compiles_for_gpu():
              "tests.test_sampling_paths.compile_candidate_variants"]
     with ThreadPoolExecutor(len(names)) as pool:
         list(pool.map(run_compile_check, names))
+
+
+def test_launch_grids_fit_cudas_limits(monkeypatch):
+    """CUDA caps a grid's second and third dimensions at 65535: the candidate path puts each row's
+    vocabulary chunks on the first (a 70M-entry vocabulary has 68,360 chunks of 1024), and so does
+    generate's greedy_advance its row blocks (300,000 rows, 75,000 blocks of 4). The kernels are
+    replaced by recorders: this checks the grids, not the results."""
+    from fastgpt.kernels import advance
+    from fastgpt.kernels import sampling as tri_sampling
+
+    grids = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            grids.append(tuple(grid))
+            return lambda *args, **kwargs: None
+
+    for module in (tri_sampling, advance):
+        for name in [n for n in vars(module) if n.endswith("_kernel")]:
+            monkeypatch.setattr(module, name, Recorder())
+    B, V = 1, 70_000_000
+    logits = torch.empty(B, V, dtype=torch.float16)
+    t, k, p, m = torch.ones(B), torch.full((B,), 50), torch.ones(B, dtype=torch.float64), torch.zeros(B)
+    tri_sampling.sample(logits, t, k, p, m, torch.zeros(1, dtype=torch.int64), top_k_bound=50)
+    assert max(len(g) for g in grids) == 1 and any(g[0] > 65535 for g in grids)  # all 1-D, the chunks past 65535
+    grids.clear()
+    B, V = 300_000, 8
+    tok, pos = torch.zeros(B, dtype=torch.int64), torch.zeros(B, dtype=torch.int64)
+    advance.greedy_advance(torch.empty(B, V), torch.empty(B, dtype=torch.int64), torch.zeros(1, dtype=torch.int32),
+                           torch.zeros(B, 4, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), tok, pos,
+                           torch.zeros(B, dtype=torch.int32), torch.zeros(B, dtype=torch.bool),
+                           torch.zeros(1, dtype=torch.int64), torch.zeros(1, dtype=torch.int64), has_eos=False)
+    assert grids == [(75_000,)]

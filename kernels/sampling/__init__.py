@@ -179,7 +179,7 @@ def key_bounds(logits, temperature, top_k, cand_k: int) -> tuple[torch.Tensor, t
     gmax = torch.empty((B, groups), dtype=torch.int32, device=logits.device)
     bound, count = torch.empty((2, B), dtype=torch.int32, device=logits.device)
     pdl = launch_pdl(logits.device)
-    _group_max_kernel[(B, C)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP, PDL=pdl,
+    _group_max_kernel[(B * C,)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP, PDL=pdl,
                               num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     block_g = max(cand_k, min(MERGE_BLOCK, next_power_of_2(groups)))
     _key_bound_kernel[(B,)](gmax, top_k, bound, count, groups, CAND_K=cand_k, BLOCK_G=block_g, PDL=pdl,
@@ -201,7 +201,7 @@ def _launch_candidates(logits, temperature, top_k, top_p, min_p, seed, out, writ
     if bounded:
         bound, count = key_bounds(logits, temperature, top_k, cand_k)
         row_list = torch.empty((B, list_len), dtype=torch.int64, device=logits.device)
-    _candidates_kernel[(B, C)](
+    _candidates_kernel[(B * C,)](
         logits, temperature, bound, cands, count, row_list, logits.stride(0), V=V, CAND_K=cand_k, BLOCK=block,
         BOUNDED=bounded, LIST=list_len, PDL=pdl, num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     if write_mask:

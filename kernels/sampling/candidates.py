@@ -57,10 +57,12 @@ def _unpack(packed, V: tl.constexpr):
 
 @triton.jit
 def _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V: tl.constexpr, BLOCK: tl.constexpr):
-    """Program (row, c) of a (B, C) grid over BLOCK-wide chunks: row, c, the chunk's columns and
-    the keys of their scores (a greedy row's t is 1: its scores are its logits; -inf past V)."""
-    row = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
+    """Program row * C + c of a grid over each row's C = cdiv(V, BLOCK) chunks (one axis: a
+    second one stops at 65535 chunks or rows): row, c, the chunk's columns and the keys of their
+    scores (a greedy row's t is 1: its scores are its logits; -inf past V)."""
+    C: tl.constexpr = (V + BLOCK - 1) // BLOCK
+    row = (tl.program_id(0) // C).to(tl.int64)
+    c = tl.program_id(0) % C
     cols = c * BLOCK + tl.arange(0, BLOCK)
     t = _temperature(temperature_ptr, row)[0]
     return row, c, cols, _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, 0.0, V)[1]
@@ -81,7 +83,7 @@ def _group_max_kernel(
     row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     GROUPS: tl.constexpr = BLOCK // GROUP
     gmax = tl.max(tl.reshape(key, [GROUPS, GROUP]), axis=1)
-    tl.store(gmax_ptr + (row * tl.num_programs(1) + c) * GROUPS + tl.arange(0, GROUPS), gmax)
+    tl.store(gmax_ptr + (row * ((V + BLOCK - 1) // BLOCK) + c) * GROUPS + tl.arange(0, GROUPS), gmax)
 
 
 @triton.jit
@@ -130,7 +132,7 @@ def _candidates_kernel(
     _wait_for_previous_grid(PDL)
     row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     packed = _pack(key, cols, V)
-    out = cand_ptr + (row * tl.num_programs(1) + c) * CAND_K
+    out = cand_ptr + (row * ((V + BLOCK - 1) // BLOCK) + c) * CAND_K
     slots = tl.arange(0, CAND_K)
     if BOUNDED:
         above = (key >= tl.load(bound_ptr + row)) & (cols < V)
