@@ -179,8 +179,8 @@ def key_bounds(logits, temperature, top_k, cand_k: int) -> tuple[torch.Tensor, t
     gmax = torch.empty((B, groups), dtype=torch.int32, device=logits.device)
     bound, count = torch.empty((2, B), dtype=torch.int32, device=logits.device)
     pdl = launch_pdl(logits.device)
-    _group_max_kernel[(B * C,)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP, PDL=pdl,
-                              num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
+    _group_max_kernel[(B * C,)](logits, temperature, gmax, logits.stride(0), V=V, BLOCK=block, GROUP=CAND_GROUP,
+                                PDL=pdl, num_warps=_warps(block, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
     block_g = max(cand_k, min(MERGE_BLOCK, next_power_of_2(groups)))
     _key_bound_kernel[(B,)](gmax, top_k, bound, count, groups, CAND_K=cand_k, BLOCK_G=block_g, PDL=pdl,
                             num_warps=_warps(block_g, CAND_WARPS), launch_pdl=pdl)  # fmt: skip
