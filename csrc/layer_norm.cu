@@ -48,8 +48,17 @@ __device__ __forceinline__ Vec<T, VEC> param_vec(const void* param, int64_t col,
 
 }  // namespace
 
+// The row's first element of h = x (+ r, rounded to T as h is): the statistics sum h - h0, so that
+// a constant row's mean is exactly its value and its variance 0, as torch's (sum(h) / N rounds:
+// 7.77 x 768 in fp32 gave y = +-1 at eps 1e-12, not 0). Each thread loads it itself (from the line
+// of its row's first vector): no broadcast, no barrier.
+template <typename T>
+__device__ __forceinline__ float first_of_h(const T* x, const T* r) {
+    return r == nullptr ? to_float(x[0]) : to_float(from_float<T>(to_float(x[0]) + to_float(r[0])));
+}
+
 // h = x + residual (rounded to T, as torch adds in T), y = (h - mean) * rstd * weight + bias with
-//   mean = sum(h) / N,  var = sum((h - mean)^2) / N  (two passes over registers),
+//   mean = h0 + sum(h - h0) / N,  var = sum((h - mean)^2) / N  (two passes over registers),
 //   rstd = 1 / sqrt(var + eps).
 // Each thread holds CHUNKS vectors of VEC elements of its row: columns
 //   col(c) = (c * ROW_THREADS + t) * VEC, for t the thread's index within the row.
@@ -98,8 +107,9 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
             if (col < N) load_chunk(c, col);
         }
     }
+    const float h0 = first_of_h(x, p.residual != nullptr ? r : nullptr);
     float v[CHUNKS][VEC];
-    float sum = 0.0f;
+    float sum = 0.0f;  // of h - h0
 #pragma unroll
     for (int c = 0; c < CHUNKS; ++c) {
         const int64_t col = (int64_t(c) * row_threads + t) * VEC;
@@ -113,11 +123,11 @@ __global__ void __launch_bounds__(WARP_PER_ROW ? 32 * kWarpRowsPerBlock : kMaxTh
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 v[c][j] = to_float(xv[c].v[j]);
-                sum += v[c][j];
+                sum += v[c][j] - h0;
             }
         }
     }
-    const float mean = row_sum<WARP_PER_ROW>(sum, scratch) / float(N);
+    const float mean = h0 + row_sum<WARP_PER_ROW>(sum, scratch) / float(N);
 
     float sq = 0.0f;
 #pragma unroll
@@ -173,16 +183,17 @@ __global__ void __launch_bounds__(kMaxThreads) layer_norm_looped_kernel(LayerNor
     T* y = static_cast<T*>(p.y) + row * p.stride_y;                     // (N,)
     const T* hv = p.residual != nullptr ? h : x;                        // where h lives after pass 1
 
-    float sum = 0.0f;
+    const float h0 = first_of_h(x, p.residual != nullptr ? r : nullptr);
+    float sum = 0.0f;  // of h - h0
     for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {
         T value = x[col];
         if (p.residual != nullptr) {
             value = from_float<T>(to_float(value) + to_float(r[col]));
             h[col] = value;
         }
-        sum += to_float(value);
+        sum += to_float(value) - h0;
     }
-    const float mean = block_sum(sum, scratch) / float(N);
+    const float mean = h0 + block_sum(sum, scratch) / float(N);
 
     float sq = 0.0f;
     for (int64_t col = threadIdx.x; col < N; col += blockDim.x) {

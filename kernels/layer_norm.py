@@ -4,8 +4,10 @@
     y = (h - mean(h)) / sqrt(var(h) + eps) * weight + bias
 
 Statistics are fp32: the mean first, then the variance of the centred values (never
-E[h^2] - E[h]^2, which cancels badly when |mean| >> std). x and residual are read once, h and y
-written once. Rows of up to MAX_FUSED_N elements sit in registers (several rows per program when
+E[h^2] - E[h]^2, which cancels badly when |mean| >> std). The mean sums h - h0, h0 the row's
+first element: a constant row's mean is then exactly its value and its variance 0, as torch's
+(sum(h) / N rounds: 7.77 x 768 gave y = +-1 at eps 1e-12, not 0). x and residual are read once,
+h and y written once. Rows of up to MAX_FUSED_N elements sit in registers (several rows per program when
 they are short); longer rows stream through in chunks.
 """
 
@@ -40,8 +42,18 @@ def _affine(w_ptr, b_ptr, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.c
     return w, b
 
 
+@triton.jit
+def _first(x_ptr, r_ptr, rows, row_ok, stride_x_m, stride_r_m, HAS_RESIDUAL: tl.constexpr):
+    """Each of rows' first element of h = x (+ r, rounded to x's dtype as h is), fp32 (0 where
+    not row_ok): the shift of the statistics' sums."""
+    h0 = tl.load(x_ptr + rows * stride_x_m, mask=row_ok, other=0.0)
+    if HAS_RESIDUAL:
+        h0 += tl.load(r_ptr + rows * stride_r_m, mask=row_ok, other=0.0)
+    return h0.to(tl.float32)
+
+
 # Rows [pid * BLOCK_M, pid * BLOCK_M + BLOCK_M), each whole in registers (BLOCK_N >= N):
-#   h = x + r;  mean = sum(h) / N;  d = h - mean;  var = sum(d * d) / N
+#   h = x + r;  mean = h0 + sum(h - h0) / N;  d = h - mean;  var = sum(d * d) / N
 #   y = d * rsqrt(var + eps) * w + b
 @triton.jit
 def _layer_norm_fused_kernel(
@@ -68,6 +80,7 @@ def _layer_norm_fused_kernel(
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     mask = (rows < M)[:, None] & col_ok[None, :]
+    h0 = _first(x_ptr, r_ptr, rows, rows < M, stride_x_m, stride_r_m, HAS_RESIDUAL)  # (BLOCK_M,)
     rows = rows[:, None]
     # Rows up to 4096 load weight and bias first: after the statistics' reductions (barriers) they
     # are a second round trip to memory, most of a short row's time. Longer rows load them last:
@@ -80,7 +93,7 @@ def _layer_norm_fused_kernel(
         h += tl.load(r_ptr + rows * stride_r_m + cols[None, :], mask=mask, other=0.0)
         tl.store(h_ptr + rows * N + cols[None, :], h, mask=mask)
     h = h.to(tl.float32)
-    mean = tl.sum(h, axis=1) / N
+    mean = tl.sum(tl.where(mask, h - h0[:, None], 0.0), axis=1) / N + h0
     d = tl.where(mask, h - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / N + eps)
     y = d * rstd[:, None]
@@ -94,10 +107,11 @@ def _layer_norm_fused_kernel(
 
 
 # One row per program, in chunks of BLOCK_N. Pass 1 writes h and merges each chunk's
-# (count n_b, mean m_b, centred sum of squares M2_b) into the running (n_a, m_a, M2_a), as in
-# Chan et al.:  n = n_a + n_b,  delta = m_b - m_a,
+# (count n_b, mean m_b, centred sum of squares M2_b) of g = h - h0 into the running
+# (n_a, m_a, M2_a), as in Chan et al.:  n = n_a + n_b,  delta = m_b - m_a,
 #   m = m_a + delta * n_b / n,   M2 = M2_a + M2_b + delta^2 * n_a * n_b / n.
-# Pass 2 re-reads h (the row just written, or x without a residual) and writes y = (h - m) * rstd.
+# Pass 2 re-reads h (the row just written, or x without a residual) and writes
+# y = (h - (h0 + m)) * rstd.
 @triton.jit
 def _layer_norm_chunked_kernel(
     x_ptr,  # (M, N) row stride stride_x_m, unit column stride
@@ -116,10 +130,11 @@ def _layer_norm_chunked_kernel(
     BLOCK_N: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    h0 = _first(x_ptr, r_ptr, row + tl.arange(0, 1), row >= 0, stride_x_m, stride_r_m, HAS_RESIDUAL)  # (1,)
     x_ptr += row * stride_x_m
     h_ptr += row * N
     y_ptr += row * N
-    mean = tl.zeros([1], dtype=tl.float32)
+    mean = tl.zeros([1], dtype=tl.float32)  # of h - h0
     m2 = tl.zeros([1], dtype=tl.float32)
     for start in range(0, N, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
@@ -128,15 +143,16 @@ def _layer_norm_chunked_kernel(
         if HAS_RESIDUAL:
             h += tl.load(r_ptr + row * stride_r_m + cols, mask=mask, other=0.0)
             tl.store(h_ptr + cols, h, mask=mask)
-        h = h.to(tl.float32)
+        g = tl.where(mask, h.to(tl.float32) - h0, 0.0)
         n_a = start * 1.0
         n_b = tl.sum(mask.to(tl.float32), axis=0)
-        mean_b = tl.sum(h, axis=0) / n_b
-        d = tl.where(mask, h - mean_b, 0.0)
+        mean_b = tl.sum(g, axis=0) / n_b
+        d = tl.where(mask, g - mean_b, 0.0)
         delta = mean_b - mean
         mean += delta * (n_b / (n_a + n_b))
         m2 += tl.sum(d * d, axis=0) + delta * delta * (n_a * n_b / (n_a + n_b))
     rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    mean += h0  # of h
     if HAS_RESIDUAL:
         x_ptr = h_ptr
         tl.debug_barrier()  # make this block's writes of h visible to all of its threads

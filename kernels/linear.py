@@ -119,8 +119,9 @@ def _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT: tl.constexpr, HA
 
 
 # The LayerNorm statistics of the M input rows h = x (+ residual), in one pass over K blocks,
-# merging each block's (count n_b, mean m_b, centred sum of squares M2_b) into the running
-# (n_a, m_a, M2_a) as Chan et al. (never E[h^2] - E[h]^2):
+# merging each block's (count n_b, mean m_b, centred sum of squares M2_b) of g = h - h0 (h0 the
+# row's first element: a constant row's mean is exactly its value, its variance 0, as torch's)
+# into the running (n_a, m_a, M2_a) as Chan et al. (never E[h^2] - E[h]^2):
 #   n = n_a + n_b,  delta = m_b - m_a,  m = m_a + delta n_b / n,  M2 = M2_a + M2_b + delta^2 n_a n_b / n
 @triton.jit
 def _ln_stats(x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, write_h, M, K, stride_x, stride_r, eps, x_table_rows,
@@ -134,7 +135,10 @@ def _ln_stats(x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, write_h, M, K, stride_x
     rows = rows.to(tl.int64)
     x_rows, x_ok = _table_rows(x_idx_ptr, rows, row_ok, x_table_rows, X_GATHER)
     r_rows, r_ok = _table_rows(r_idx_ptr, rows, row_ok, r_table_rows, R_GATHER)
-    mean = tl.zeros([STATS_M], tl.float32)
+    first = tl.arange(0, 1)
+    h0 = _input_block(x_ptr, r_ptr, x_rows, x_ok, r_rows, r_ok, first, first < K, stride_x, stride_r,
+                      HAS_RESIDUAL).to(tl.float32)  # (STATS_M, 1)  # fmt: skip
+    mean = tl.zeros([STATS_M], tl.float32)  # of h - h0
     m2 = tl.zeros([STATS_M], tl.float32)
     for k0 in range(0, K, STATS_BLOCK_K):
         ks = k0 + tl.arange(0, STATS_BLOCK_K)
@@ -143,13 +147,15 @@ def _ln_stats(x_ptr, r_ptr, x_idx_ptr, r_idx_ptr, h_ptr, write_h, M, K, stride_x
         if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
             if write_h:
                 tl.store(h_ptr + rows[:, None] * K + ks[None, :], h, mask=mask)
+        g = tl.where(mask, h.to(tl.float32) - h0, 0.0)
         n_a = k0 * 1.0
         n_b = tl.minimum(K - k0, STATS_BLOCK_K) * 1.0
-        mean_b = tl.sum(h.to(tl.float32), axis=1) / n_b
-        d = tl.where(mask, h.to(tl.float32) - mean_b[:, None], 0.0)
+        mean_b = tl.sum(g, axis=1) / n_b
+        d = tl.where(mask, g - mean_b[:, None], 0.0)
         delta = mean_b - mean
         mean += delta * (n_b / (n_a + n_b))
         m2 += tl.sum(d * d, axis=1) + delta * delta * (n_a * n_b / (n_a + n_b))
+    mean += tl.sum(h0, axis=1)  # of h
     rstd = 1.0 / tl.sqrt(m2 / K + eps)
     if STATS_M < BLOCK_M:  # widen to the dot's rows (a (BLOCK_M, STATS_M) selection, no shuffles)
         widen = tl.arange(0, BLOCK_M)[:, None] == tl.arange(0, STATS_M)[None, :]
@@ -326,9 +332,10 @@ def _gemv_kernel(
         if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
             if pid == 0:
                 tl.store(h_ptr + row[:, None] * K + ks[None, :], a, mask=mask)
-        if HAS_LN:  # (1, BLOCK_K): the statistics of one row held whole, centred before squaring
+        if HAS_LN:  # (1, BLOCK_K): the statistics of one row held whole, relative to its first element
             hf = a.to(tl.float32)
-            mean = tl.sum(hf, axis=1) / K
+            h0 = tl.sum(tl.where(ks[None, :] == 0, hf, 0.0), axis=1)  # (1,), as in _ln_stats
+            mean = h0 + tl.sum(tl.where(mask, hf - h0[:, None], 0.0), axis=1) / K
             d = tl.where(mask, hf - mean[:, None], 0.0)
             rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
             a = _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT, HAS_LN_BIAS)

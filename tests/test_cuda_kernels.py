@@ -332,6 +332,18 @@ def test_layer_norm_optional_params_mixed_dtypes_and_strided_rows(dtype):
     assert_close(fastgpt.layer_norm(x3, None, None, backend="cuda"), reference.layer_norm(x3, None, None), dtype)
 
 
+def test_layer_norm_constant_rows():
+    """Constant rows (tests/test_layer_norm.py's constant_rows: warp, block and looped paths, with
+    and without a residual): y exactly 0, or NaN at eps 0, as torch's."""
+    from tests.test_layer_norm import constant_rows
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    for x, r, eps, expected in constant_rows(device):
+        out = fastgpt.layer_norm(x, None, None, eps, residual=r, backend="cuda")
+        torch.testing.assert_close((out[0] if r is not None else out).cpu(), expected, atol=0, rtol=0,
+                                   equal_nan=True)  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- sampling
 
 

@@ -99,6 +99,26 @@ def test_variance_is_two_pass(N, device, poisoned_empty):
     torch.testing.assert_close(y.double(), y_exact, atol=2e-3, rtol=0)
 
 
+def constant_rows(device):
+    """Rows of one value (4 rows: 0.1, 1/3, 7.77, -123.456, and with a residual of 0.25 each), the
+    LayerNorm's exact answer 0 (NaN at eps 0) for every eps: a mean taken as sum(h) / N rounds
+    (7.77 x 768 in fp32 gave y = 1.0 at eps 0, 0.69 at 1e-12, 3e-4 at 1e-5). Yields (x, r or None,
+    eps, expected y) for the fused and chunked widths."""
+    values = torch.tensor([0.1, 1 / 3, 7.77, -123.456])[:, None]
+    for N in (7, 768, 5000, 20000):
+        for eps in (0.0, 1e-12, 1e-5):
+            for residual in (None, torch.full((4, N), 0.25, device=device)):
+                expected = torch.full((4, N), float("nan") if eps == 0 else 0.0)
+                yield values.expand(4, N).to(device), residual, eps, expected
+
+
+def test_constant_rows(device, poisoned_empty):
+    for x, r, eps, expected in constant_rows(device):
+        out = fastgpt.layer_norm(x, None, None, eps, residual=r, backend="triton")
+        torch.testing.assert_close((out[0] if r is not None else out).cpu(), expected, atol=0, rtol=0,
+                                   equal_nan=True)  # fmt: skip
+
+
 def check_rows_past_int32(device):
     """2^31 + 2^20 rows of one element (x an expanded view): the fused kernel's first row,
     pid * BLOCK_M, passes 2^31 in the last programs, where 32 bits would wrap it to a negative row

@@ -276,6 +276,20 @@ def test_split_k(dtype, K, N, M, device, poisoned_empty, monkeypatch):
     assert_close(torch_out, reference.linear(x, w, b)[0])
 
 
+def test_constant_rows(device, poisoned_empty, path):
+    """Rows of one value (tests/test_layer_norm.py's constant_rows) LayerNorm to exactly 0 (eps > 0):
+    out is the bias, as the reference's, in the tiled kernel's statistics and the matrix-vector
+    kernel's (a mean taken as sum(h) / N rounds: the normalised row was +-1 at eps 1e-12)."""
+    from tests.test_layer_norm import constant_rows
+
+    for x, r, eps, _ in constant_rows(device):
+        if eps == 0 or x.shape[1] > 1000:  # (no NaN rows; the rows the kernels take)
+            continue
+        w, b = torch.randn(24, x.shape[1], device=device), torch.randn(24, device=device)
+        out, _ = linear(x, w, b, ln=(None, None, eps), residual=r, backend="triton")
+        torch.testing.assert_close(out, b.expand(4, 24), atol=0, rtol=0)
+
+
 def test_k_splits_follow_the_shapes(monkeypatch):
     """k_splits: GPT-2's output projections on the H200's 132 SMs (kernels/linear.py), none where
     the grid fills the GPU or K is a step or two, none with SPLIT_K_MAX 1."""
