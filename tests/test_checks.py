@@ -36,6 +36,8 @@ def test_attention_rejects(mutate, error, match):
 def test_attention_rejects_bad_scale_and_causal():
     with pytest.raises(ValueError, match="scale must be finite"):
         fastgpt.attention(*qkv(), scale=float("nan"))
+    with pytest.raises(ValueError, match=r"scale must be at most 2.36e\+38 in magnitude"):
+        fastgpt.attention(*qkv(), scale=-3e38)
     with pytest.raises(TypeError, match="causal must be a Python bool, got 1 of type builtins.int"):
         fastgpt.attention(*qkv(), causal=1)
     with pytest.raises(TypeError, match="of type numpy.bool"):
@@ -365,6 +367,44 @@ def test_linear_with_an_empty_kv_cache_writes_nothing(backend):
     x, w = torch.randn(2, 12), torch.randn(12, 12)
     out, _ = linear(x, w, kv_cache=torch.zeros(2, 2, 2, 0, 2), kv_pos=torch.tensor([0, 1]), backend=backend)
     torch.testing.assert_close(out, linear(x, w, backend=backend)[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_scales_past_fp32s_normal_numbers(backend, monkeypatch):
+    """A scale whose scale * log2(e) is below fp32's smallest normal number is 0 to the kernels (a
+    subnormal: flushed on a GPU, a float64 that failed an assertion in Triton's interpreter): the
+    ops take it as 0, for attention (the prefill and the few-query kernels) and decode attention;
+    up to 2.36e38 a scale is taken as it is."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for Sq in (20, 1):
+        q, k, v = qkv(B=1, Hq=1, Hkv=1, Sq=Sq, Sk=20, D=4)
+        for tiny in (1e-39, -1e-39, 5e-45):
+            torch.testing.assert_close(fastgpt.attention(q, k, v, scale=tiny, backend=backend),
+                                       fastgpt.attention(q, k, v, scale=0.0, backend=backend))  # fmt: skip
+        assert fastgpt.attention(q, k, v, scale=2e38, backend=backend).shape == q.shape  # (scores overflow: NaN)
+    lens = torch.tensor([3, 8], dtype=torch.int32)
+    q, kc, vc = torch.randn(2, 4, 1, 16), torch.randn(2, 2, 8, 16), torch.randn(2, 2, 8, 16)
+    torch.testing.assert_close(fastgpt.decode_attention(q, kc, vc, lens, scale=1e-39, backend=backend),
+                               fastgpt.decode_attention(q, kc, vc, lens, scale=0.0, backend=backend))  # fmt: skip
+
+
+def test_interpreter_refuses_bf16_dots(monkeypatch):
+    """Triton's interpreter has no bf16 arithmetic: the ops whose kernels take tensor-core dots
+    (attention, decode attention, the fused linear) refuse bf16 CPU tensors on the triton backend,
+    saying why (their results were off by ~1e9), and auto takes the reference."""
+    from fastgpt.ops.linear import linear
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q, k, v = qkv(dtype=torch.bfloat16)
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    x, w = torch.randn(2, 16, dtype=torch.bfloat16), torch.randn(8, 16, dtype=torch.bfloat16)
+    calls = [lambda b: fastgpt.attention(q, k, v, backend=b), lambda b: fastgpt.attention(q[:, :, :1], k, v, backend=b),
+             lambda b: fastgpt.decode_attention(q[:, :, :1], k, v, lens, backend=b), lambda b: linear(x, w, backend=b)]
+    for call in calls:
+        with pytest.raises(fastgpt.BackendUnavailableError, match="no bf16 arithmetic"):
+            call("triton")
+        call("auto")
 
 
 def test_scale_and_eps_take_any_real_number():

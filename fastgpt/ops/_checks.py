@@ -74,8 +74,17 @@ def triton_length(what: str, n: int) -> str | None:
     return f"the triton kernels support {what} <= 2^30, got {n}" if n > TRITON_MAX_LEN else None
 
 
+# The kernels scale scores by scale * log2(e) in fp32: it must be finite there, and one below fp32's
+# smallest normal number is 0 to them (flushed on a GPU; a float64 in Triton's interpreter).
+_LOG2E = 1.4426950408889634
+_FP32_MAX = 3.4028234663852886e38
+_FP32_TINY = 1.1754943508222875e-38
+
+
 def scale(value, head_dim: int) -> float:
-    """The softmax scale: 1/sqrt(D) when None, else a finite positive-or-negative float."""
+    """The softmax scale: 1/sqrt(D) when None, else a finite float of magnitude at most
+    fp32's max / log2(e) (~2.36e38); one so small that scale * log2(e) is below fp32's smallest
+    normal number (~1.2e-38) is taken as 0 (the scores differ from 0 by less than fp32 resolves)."""
     if value is None:
         return head_dim**-0.5
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
@@ -83,7 +92,18 @@ def scale(value, head_dim: int) -> float:
     value = float(value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {value}")
-    return value
+    if abs(value) * _LOG2E > _FP32_MAX:
+        raise ValueError(f"scale must be at most {_FP32_MAX / _LOG2E:.3g} in magnitude (scale * log2(e) a finite "
+                         f"fp32), got {value}")  # fmt: skip
+    return 0.0 if abs(value) * _LOG2E < _FP32_TINY else value
+
+
+def interpreter_dtype(x: torch.Tensor) -> str | None:
+    """Why Triton's interpreter (CPU tensors) cannot run a kernel with tensor-core dots (tl.dot) on
+    x's dtype, or None: it has no bf16 arithmetic, and its bf16 dots come out wrong."""
+    if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+        return "Triton's interpreter (CPU tensors) has no bf16 arithmetic (its bf16 dots are wrong): use fp16 or fp32"
+    return None
 
 
 def flag(name: str, value) -> bool:

@@ -27,7 +27,7 @@ def backend_limits(q: torch.Tensor, seq_len: int) -> Callable[[str], str | None]
         if backend == "triton" and D > TRITON_MAX_HEAD_DIM:
             return f"head dim {D} > {TRITON_MAX_HEAD_DIM}"
         if backend == "triton":
-            return _checks.triton_length("sequence lengths", max(q.shape[2], seq_len))
+            return _checks.interpreter_dtype(q) or _checks.triton_length("sequence lengths", max(q.shape[2], seq_len))
         if backend != "cuda":
             return None
         if D not in _cuda.HEAD_DIMS or q.dtype not in _cuda.ATTENTION_DTYPES:

@@ -48,7 +48,7 @@ def linear(x, weight, bias=None, *, ln=None, residual=None, activation=None, kv_
                                                            kv_pos, x_rows, residual_rows, counters)  # fmt: skip
     N, K = weight.shape
     M = math.prod(shape[:-1])  # rows
-    name = _backends.resolve("linear", backend, device, _limits(M, N, K), preference=("triton",))
+    name = _backends.resolve("linear", backend, device, _limits(M, N, K, x), preference=("triton",))
     lead = shape[:-1]
     x2 = x if x_rows is not None else x.reshape(M, K)
     r2 = None if residual is None else residual if residual_rows is not None else residual.reshape(M, K)
@@ -102,15 +102,16 @@ def _check_args(x, weight, bias, ln, residual, activation, kv_cache, kv_pos, x_r
     return shape, device, (ln_weight, ln_bias, eps)
 
 
-def _limits(M: int, N: int, K: int):
-    """Why a backend cannot run an (M, K) x (K, N) linear, or None (for _backends.resolve)."""
+def _limits(M: int, N: int, K: int, x: torch.Tensor):
+    """Why a backend cannot run an (M, K) x (K, N) linear on x's dtype and device, or None (for
+    _backends.resolve)."""
 
     def unsupported(name: str) -> str | None:
         if name != "triton":
             return None
         if M > MAX_ROWS:
             return f"the triton kernel takes at most {MAX_ROWS} rows, got {M}"
-        return _checks.triton_length("N and K", max(N, K))
+        return _checks.interpreter_dtype(x) or _checks.triton_length("N and K", max(N, K))
 
     return unsupported
 
