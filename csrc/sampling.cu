@@ -54,10 +54,11 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
     const Row<T> row{logits, V, ties_only, max_x, temperature};
     const auto load = [&](int i) { return to_float(logits[i]); };
     const float m = ties_only ? 0.0f : max_x / temperature;  // the largest score
-    // Greedy (temperature <= 0 or NaN), or nothing finite to draw from -> the argmax (0 for an
-    // all -inf row).
+    // Greedy (temperature <= 0 or NaN): the argmax (the first index, 0, for an all -inf row).
+    // Nothing finite to draw from (every score x / t is -inf: an all -inf row, or finite logits
+    // underflowing at a tiny temperature): 0, the reference's answer.
     if (!(temperature > 0.0f) || !(m > -INFINITY)) {
-        if (threadIdx.x == 0) p.out[b] = argmax;  // the first index, 0, for an all -inf row
+        if (threadIdx.x == 0) p.out[b] = temperature > 0.0f ? 0 : argmax;
         return;
     }
 

@@ -347,6 +347,16 @@ def test_layer_norm_constant_rows():
 # ----------------------------------------------------------------------------- sampling
 
 
+def test_sample_scores_underflowing_draw_nothing():
+    """Finite logits whose every score x / t underflows to -inf (t 1e-3 over -2e38..-3.1e38): nothing
+    is drawable, and every path returns 0 as the reference and the Triton kernels do (the block-a-row
+    path returned the argmax, 2); a row with one score left finite draws it."""
+    logits = torch.tensor([[-3e38, -3.1e38, -2e38, -2.5e38], [-3e38, -3.1e38, -2e38, -1e30]], device=DEVICE)
+    for top_k in (0, 2):
+        ids = fastgpt.sample(logits, temperature=1e-3, top_k=top_k, backend="cuda")
+        assert ids.tolist() == reference.sample(logits, *_params(2, 1e-3, top_k), _tensor([0])).tolist() == [0, 3]
+
+
 def _kept(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
     """reference.filter_logits' kept set closed over ties: HF's unstable sort keeps an arbitrary
     part of a tie group straddling the top-p boundary, the kernel keeps all of it (csrc/sampling.cu).
