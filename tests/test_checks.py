@@ -407,6 +407,16 @@ def test_interpreter_refuses_bf16_dots(monkeypatch):
         call("auto")
 
 
+def test_temperature_is_checked_as_fp32():
+    """A temperature is checked as the fp32 the kernels take: 1e-50 is 0 there, which
+    filter_logits refuses (it divided by 0: inf and NaN scores) and sample takes as greedy."""
+    logits = torch.tensor([[1.0, 0.0, 3.0]])
+    for t in (1e-50, torch.tensor([1e-50], dtype=torch.float64)):
+        with pytest.raises(ValueError, match="temperature must be > 0 and finite in float32"):
+            fastgpt.filter_logits(logits, temperature=t)
+        assert fastgpt.sample(logits, temperature=t).tolist() == [2]
+
+
 def test_scale_and_eps_take_any_real_number():
     """numpy scalars are numbers (np.float32 was refused as 'not a float'); a non-number is a TypeError."""
     x = torch.randn(3, 8)

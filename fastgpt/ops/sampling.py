@@ -1,8 +1,11 @@
 """fastgpt.filter_logits and fastgpt.sample: Hugging Face's sampling semantics, fused.
 
 Each parameter is a Python number (one value for every row) or a tensor of shape (B,) (one per
-row). Python numbers and CPU tensors are range-checked here; tensors on a GPU are not (reading
-them would sync the host), so the kernels clamp them into range instead.
+row). Python numbers and CPU tensors are range-checked here, as the fp32 values the kernels take
+(a temperature of 1e-50 is 0 in fp32); tensors on a GPU are not (reading them would sync the
+host), so the sampling kernels clamp them into range instead (a temperature <= 0 is greedy).
+filter_logits, plain PyTorch, computes with such tensors as they are: a temperature of 0 there
+divides by 0.
 """
 
 from __future__ import annotations
@@ -131,8 +134,11 @@ def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy
     def fp32_finite(x):  # for floats and tensors alike; False for NaN. A larger one would become inf
         return abs(x) <= _FP32_MAX
 
+    def in_fp32(x):  # a float or a float64 tensor as the fp32 the kernels see (a tensor; 1e-50 -> 0)
+        return torch.as_tensor(x, dtype=torch.float64).float()
+
     rows = (
-        _row_param("temperature", temperature, B, device, torch.float32, lambda t: fp32_finite(t) & t_ok(t),
+        _row_param("temperature", temperature, B, device, torch.float32, lambda t: fp32_finite(t) & t_ok(in_fp32(t)),
                    f"{'>= 0' if allow_greedy else '> 0'} and finite in float32 (at most {_FP32_MAX:.4g})"),
         _row_param("top_k", top_k, B, device, torch.int64, lambda k: k >= 0, ">= 0 (0 means off)"),
         _row_param("top_p", top_p, B, device, torch.float64, lambda p: (p > 0) & (p <= 1), "in (0, 1] (1 means off)"),
