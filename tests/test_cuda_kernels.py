@@ -332,6 +332,31 @@ def test_layer_norm_optional_params_mixed_dtypes_and_strided_rows(dtype):
     assert_close(fastgpt.layer_norm(x3, None, None, backend="cuda"), reference.layer_norm(x3, None, None), dtype)
 
 
+def test_sizes_past_the_bindings_are_unavailable():
+    """Rows or columns past 2^31 - 1 (an expanded view: no memory) are the cuda backend's limit,
+    said before any launch as BackendUnavailableError (bindings.cpp's bare ValueError came after
+    the output was allocated, and auto did not move on)."""
+    x = torch.zeros(1, 1, dtype=torch.float16, device=DEVICE).expand(2**31, 1)
+    with pytest.raises(fastgpt.BackendUnavailableError, match="fewer than 2\\^31 rows and columns"):
+        fastgpt.layer_norm(x, None, None, backend="cuda")
+    logits = torch.zeros(1, 4, device=DEVICE).expand(2**31, 4)
+    with pytest.raises(fastgpt.BackendUnavailableError, match="fewer than 2\\^31 rows"):
+        fastgpt.sample(logits, temperature=1.0, backend="cuda")
+
+
+def test_launchers_check_what_they_are_given():
+    """The launchers, called directly (the ops layer checks first): a q of 3 dims, a residual of
+    another shape or dtype, each named."""
+    q = torch.randn(2, 16, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(ValueError, match=r"attention \(cuda backend\): q must have shape \(B, Hq, Sq, D\)"):
+        _cuda.attention(q, q, q, causal=False, scale=0.125)
+    x = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(TypeError, match="residual must have x's dtype torch.float32, got torch.float16"):
+        _cuda.layer_norm(x, None, None, eps=1e-5, residual=x.half())
+    with pytest.raises(ValueError, match=r"residual must have x's shape \(4, 8\)"):
+        _cuda.layer_norm(x, None, None, eps=1e-5, residual=x[:2])
+
+
 def test_layer_norm_constant_rows():
     """Constant rows (tests/test_layer_norm.py's constant_rows: warp, block and looped paths, with
     and without a residual): y exactly 0, or NaN at eps 0, as torch's."""

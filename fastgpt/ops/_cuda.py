@@ -29,6 +29,7 @@ DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 HEAD_DIMS = (64, 128)
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)
 MAX_GRID_YZ = 65535
+MAX_INT32 = 2**31 - 1  # bindings.cpp's limit on rows and columns (LayerNorm) and rows (the sampler)
 MAX_VOCAB = 1 << 24  # the sampler's fixed-point probability sums need V < 2^24
 MAX_SEQLEN = 1 << 30  # bindings.cpp kMaxSeqlen: tile counts stay within 32-bit ints
 DECODE_ROW_TILE = 8  # decode.cu kMaxGroup: (query head, query) pairs a decode block takes
@@ -155,6 +156,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     with return_lse AttentionOutput(o, lse (B, Hq, Sq) fp32: natural log, -inf where no key is seen).
     mask: None, or bool (B, Hq, Sq, Sk), False hiding key j from query i too (an expanded view is fine)."""
     ext = _extension("attention", q=q, k=k, v=v, mask=mask)
+    if q.dim() != 4:
+        raise ValueError(f"attention (cuda backend): q must have shape (B, Hq, Sq, D), got {tuple(q.shape)}")
     _head_dim_supported("attention", q)
     B, Hq, Sq, D = q.shape
     Hkv, Sk = k.shape[1], k.shape[2]
@@ -263,8 +266,11 @@ def layer_norm(x, weight, bias, *, eps: float, residual=None) -> LayerNormOutput
     code = _dtype_code("layer_norm", "x", x)
     if x.dim() != 2:
         raise ValueError(f"layer_norm (cuda backend): x must be 2-D (M, N), got {tuple(x.shape)}")
-    if residual is not None and (residual.dtype != x.dtype or residual.shape != x.shape):
-        raise ValueError("layer_norm (cuda backend): residual must match x's shape and dtype")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"layer_norm (cuda backend): residual must have x's shape {tuple(x.shape)}, "
+                         f"got {tuple(residual.shape)}")  # fmt: skip
+    if residual is not None and residual.dtype != x.dtype:
+        raise TypeError(f"layer_norm (cuda backend): residual must have x's dtype {x.dtype}, got {residual.dtype}")
     M, N = x.shape
     x = _checks.last_dim_contiguous(x)
     residual = None if residual is None else _checks.last_dim_contiguous(residual)

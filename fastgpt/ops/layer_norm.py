@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastgpt import _backends, reference
-from fastgpt.ops import _checks, _dispatch
+from fastgpt.ops import _checks, _cuda, _dispatch
 
 
 def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: str = "auto"):
@@ -31,7 +31,12 @@ def layer_norm(x, weight, bias, eps: float = 1e-5, *, residual=None, backend: st
     device = _checks.same_device(x=x, weight=weight, bias=bias, residual=residual)
     eps = _checks.eps("eps", eps)
     def unsupported(name: str) -> str | None:
-        return _checks.triton_length("rows of N", N) if name == "triton" else None
+        if name == "triton":
+            return _checks.triton_length("rows of N", N)
+        rows = x.numel() // N if N else 0
+        if name == "cuda" and max(rows, N) > _cuda.MAX_INT32:
+            return f"the cuda kernel takes fewer than 2^31 rows and columns, got {rows} x {N}"
+        return None
 
     name = _backends.resolve("layer_norm", backend, device, unsupported, preference=_backends.TRITON_FIRST)
     if x.numel() == 0:

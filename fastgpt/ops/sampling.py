@@ -28,6 +28,8 @@ def _unsupported(logits):
             return _checks.triton_length("vocab sizes", logits.shape[1])
         if backend == "cuda" and logits.shape[1] >= _cuda.MAX_VOCAB:
             return f"the cuda sampler supports V < 2^24, got V={logits.shape[1]}"
+        if backend == "cuda" and logits.shape[0] > _cuda.MAX_INT32:
+            return f"the cuda sampler takes fewer than 2^31 rows, got B={logits.shape[0]}"
         return None
 
     return reason
