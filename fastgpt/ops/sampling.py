@@ -209,7 +209,9 @@ def top_k_bound(top_k) -> int:
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, backend="auto"):
     """Draw one token id per row from softmax(filter_logits(logits, ...)).
 
-    logits: (B, V) fp16, bf16 or fp32. temperature == 0 means greedy for that row (argmax, first
+    logits: (B, V) fp16, bf16 or fp32, filtered in fp32 (as transformers' generate casts them;
+    filter_logits rounds x / t to the logits' dtype, as its processors do on half tensors, which
+    may make or break a tie at a boundary). temperature == 0 means greedy for that row (argmax, first
     index on ties). NaN logits are never drawn; a row with +inf logits draws uniformly among
     them; a row with nothing drawable (all -inf or NaN) returns 0. The randomness is a seed drawn
     on the device from `generator` (a torch.Generator on logits' device, or the default one),
