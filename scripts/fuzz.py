@@ -161,13 +161,18 @@ def linear_case(rng, device, backend):
     ln = (_tensor(rng, (K,), dtype, device), _tensor(rng, (K,), dtype, device), 1e-5) if rng.random() < 0.5 else None
     residual = _tensor(rng, (M, K), dtype, device) if ln is not None and rng.random() < 0.5 else None
     activation = rng.choice([None, "gelu_tanh"])
-    out, h = linear(x, weight, bias, ln=ln, residual=residual, activation=activation, backend=backend)
+    # Counters half the time: the tiled kernel may then split K (forms without a LayerNorm).
+    counters = torch.zeros(-(-N // 16), dtype=torch.int32, device=device) if rng.random() < 0.5 else None
+    out, h = linear(x, weight, bias, ln=ln, residual=residual, activation=activation, counters=counters,
+                    backend=backend)  # fmt: skip
     # The reference rounds where the unfused ops would (the LayerNorm's output to x's dtype), as the
     # kernel does: an fp32 LayerNorm output would differ from it by that rounding, ~2 ulps of out.
     ref, h_ref = reference.linear(x, weight, bias, ln=ln, residual=residual, gelu_tanh=activation == "gelu_tanh")
     problem = compare(out, ref) or (compare(h, h_ref) if residual is not None else None)
+    if counters is not None and counters.count_nonzero():
+        problem = problem or f"counters left at {counters.tolist()}"
     return problem, f"M{M} K{K} N{N} bias={bias is not None} ln={ln is not None} " \
-                               f"residual={residual is not None} {activation} {dtype}"
+                    f"residual={residual is not None} {activation} counters={counters is not None} {dtype}"
 
 
 def sample_case(rng, device, backend):
