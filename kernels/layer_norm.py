@@ -7,8 +7,8 @@ Statistics are fp32: the mean first, then the variance of the centred values (ne
 E[h^2] - E[h]^2, which cancels badly when |mean| >> std). The mean sums h - h0, h0 the row's
 first element: a constant row's mean is then exactly its value and its variance 0, as torch's
 (sum(h) / N rounds: 7.77 x 768 gave y = +-1 at eps 1e-12, not 0). x and residual are read once,
-h and y written once. Rows of up to MAX_FUSED_N elements sit in registers (several rows per program when
-they are short); longer rows stream through in chunks.
+h and y written once. Rows of up to MAX_FUSED_N elements sit in registers (several rows per
+program when they are short); longer rows stream through in chunks.
 """
 
 from __future__ import annotations
