@@ -470,26 +470,32 @@ def decode_step_section(p: Probe):
     into L2 before they wait (the default from sm_90; kernels/pdl.py), as dependents without the
     prefetch (kernels/linear.py's PREFETCH_WEIGHTS), and as plain launches (FASTGPT_PDL=0): what
     the overlap at the ~60 kernel boundaries saves a step. At B1 also with the matmuls on the tiled
-    kernel (kernels/linear.py's GEMV_MAX_ROWS 0) rather than the matrix-vector one. Random weights,
-    bf16, a 288-slot cache (the generate benchmark's 32 + 256) at position 160."""
+    kernel (kernels/linear.py's GEMV_MAX_ROWS 0) rather than the matrix-vector one; at B32, launched
+    plainly (as generate's captured B32 step is), also without the output projections' K splits
+    (SPLIT_K_MAX 1). Random weights, bf16, a 288-slot cache (the generate benchmark's 32 + 256) at
+    position 160."""
     from fastgpt.kernels import linear as tri_linear
 
     config, dtype, model = probe_gpt(p)
-    gemv_rows = tri_linear.GEMV_MAX_ROWS
-    with (env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS", "GEMV_MAX_ROWS"),
+    gemv_rows, splits = tri_linear.GEMV_MAX_ROWS, tri_linear.SPLIT_K_MAX
+    with (env_kept(_backends.PDL_ENV_VAR), knobs_kept(tri_linear, "PREFETCH_WEIGHTS", "GEMV_MAX_ROWS", "SPLIT_K_MAX"),
           torch.inference_mode()):  # fmt: skip
         for B in (1,) if p.smoke else (1, 32):  # the generate targets' batches
             cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
-            variants = [(True, True, gemv_rows), (True, False, gemv_rows), (False, False, gemv_rows)]
-            variants += [(True, True, 0)] if B <= gemv_rows else []
-            for on, prefetch, rows in variants[:1] if p.smoke else variants:  # on the CPU all are the same
-                def measure(on=on, prefetch=prefetch, rows=rows, cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
+            variants = [(True, True, gemv_rows, splits), (True, False, gemv_rows, splits),
+                        (False, False, gemv_rows, splits)]  # fmt: skip
+            variants += [(True, True, 0, splits)] if B <= gemv_rows else [(False, False, gemv_rows, 1)]
+            for on, prefetch, rows, split in variants[:1] if p.smoke else variants:  # on the CPU all are the same
+                def measure(on=on, prefetch=prefetch, rows=rows, split=split, cache=cache, tok=tok, pos=pos,
+                            seqlens=seqlens, B=B):  # fmt: skip
                     os.environ[_backends.PDL_ENV_VAR] = "1" if on else "0"
                     tri_linear.PREFETCH_WEIGHTS = prefetch
                     tri_linear.GEMV_MAX_ROWS = rows
+                    tri_linear.SPLIT_K_MAX = split
                     d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
                     return {"device_us": d, "tok_per_s": B * 1e6 / d}
-                p.record("decode_step", {"B": B, "pdl": on, "prefetch": prefetch, "gemv_max_rows": rows}, measure)
+                row = {"B": B, "pdl": on, "prefetch": prefetch, "gemv_max_rows": rows, "split_k_max": split}
+                p.record("decode_step", row, measure)
 
 
 def step_kernels_section(p: Probe):
