@@ -712,6 +712,28 @@ def test_gpu_layernorm_case_runs():
             assert rec["method"].startswith("cuda-events") and 0 < rec["device_ms"] < 1.5 * rec["ms"], rec
 
 
+def test_timing_mode_follows_device_time(monkeypatch):
+    """A candidate whose eager estimate is its host's time (60 us) while its kernels take 5 us on
+    the GPU makes a tiny case, timed by graph replay (its estimate alone kept such cases, decode
+    at B1, on events); a large call is not replayed for its estimate; one that cannot be captured
+    keeps its estimate."""
+    from fastgpt.bench import core
+
+    cuda, settings = torch.device("cuda"), core.Settings()
+    monkeypatch.setattr(core, "device_ms", lambda fn, sets, est, settings: 0.005)
+    small = core.Checked(cand=None, rec={}, fn=lambda inputs: None, est=0.06)
+    assert core.device_estimate(small, [{}], cuda, settings) == small.device == 0.005
+    assert core.timing_mode(cuda, [0.005, 0.5], settings) == "graph"
+    assert core.timing_mode(cuda, [small.est], settings) == "events"
+    large = core.Checked(cand=None, rec={}, fn=lambda inputs: None, est=10.0)
+    assert core.device_estimate(large, [{}], cuda, settings) == 10.0 and large.device is None
+    monkeypatch.setattr(core, "device_ms", lambda fn, sets, est, settings: None)
+    uncaptured = core.Checked(cand=None, rec={}, fn=lambda inputs: None, est=0.06)
+    assert core.device_estimate(uncaptured, [{}], cuda, settings) == 0.06
+    on_cpu = core.Checked(cand=None, rec={}, fn=lambda inputs: None, est=0.06)
+    assert core.device_estimate(on_cpu, [{}], CPU, settings) == 0.06 and on_cpu.device is None
+
+
 def test_device_time_only_on_a_gpu():
     """On the CPU there is no device time: the field is there, empty, in every record."""
     case = build_cases("layernorm", CPU, torch.float32, True, ["M=8,N=32"])[0]

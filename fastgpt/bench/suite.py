@@ -53,7 +53,7 @@ def run_kernel(benchmark, case: core.Case, label: str, ceilings: dict, device: t
     checked = core.check_and_warm_up(case, cand, sets, expected, device, settings)
     del expected
     verdict(checked.rec)
-    mode = core.timing_mode(device, [checked.est], settings)
+    mode = core.timing_mode(device, [core.device_estimate(checked, sets, device, settings)], settings)
     core.time_checked(checked, case, sets, device, mode, settings, timing.l2_flush_buffer(device))
     verdict(checked.rec)
     rec, fn = checked.rec, checked.fn
