@@ -30,6 +30,10 @@ def test_attention_flops_halved_when_causal():
     assert formulas.attention_flops(16, 12, 1024, 1024, 64, causal=False) == 4 * 16 * 12 * 1024 * 1024 * 64
     assert formulas.attention_flops(16, 12, 1024, 1024, 64, causal=True) == 2 * 16 * 12 * 1024 * 1024 * 64
     assert formulas.attention_flops(1, 1, 3, 5, 2, causal=False) == 4 * 3 * 5 * 2
+    # Sq != Sk, bottom-right: 1024 queries after 3072 cached keys see 87.5% of the pairs, not half;
+    # 4096 queries over 1024 keys: the last 1024 see a triangle, the rest nothing.
+    assert formulas.attention_flops(1, 1, 1024, 4096, 64, causal=True) == 4 * (1024 * 4096 - 1024 * 1024 // 2) * 64
+    assert formulas.attention_flops(1, 1, 4096, 1024, 64, causal=True) == 4 * (1024 * 1024 // 2) * 64
 
 
 def test_decode_bytes_read_once_write_once():

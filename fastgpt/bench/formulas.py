@@ -18,12 +18,16 @@ def element_size(dtype: torch.dtype) -> int:
 def attention_flops(B: int, H: int, Sq: int, Sk: int, D: int, causal: bool) -> int:
     """FLOPs of softmax(q k^T) v: two matmuls of 2*Sq*Sk*D each per (batch, query head).
 
-    H is the number of query heads. Causal attention does about half the work; the convention
-    (FlashAttention's, and the one quoted in the targets) is to halve the count, also when
-    Sq != Sk.
+    H is the number of query heads. Causal attention counts the (query, key) pairs it sees,
+    aligned bottom-right (query i sees keys j <= i + Sk - Sq), by the convention that Sq == Sk
+    sees half (FlashAttention's, and the one quoted in the targets): Sq Sk - Sq^2 / 2 pairs when
+    Sq <= Sk (a chunk of queries after a cached prefix sees most of the keys), Sk^2 / 2 when the
+    first Sq - Sk queries see none.
     """
-    flops = 4 * B * H * Sq * Sk * D
-    return flops // 2 if causal else flops
+    pairs = Sq * Sk
+    if causal:
+        pairs = Sq * Sk - Sq * Sq // 2 if Sq <= Sk else Sk * Sk // 2
+    return 4 * B * H * pairs * D
 
 
 def attention_bytes(B: int, Hq: int, Hkv: int, Sq: int, Sk: int, D: int, dtype: torch.dtype) -> int:

@@ -1,6 +1,6 @@
 """Prefill attention: fastgpt vs SDPA (each backend forced), eager attention, flash-attn.
 
-FLOPs: 4*B*Hq*Sq*Sk*D, halved when causal (formulas.attention_flops).
+FLOPs: 4*B*Hq*D per (query, key) pair seen: Sq*Sk pairs, causal Sq*Sk - Sq^2/2 (formulas.attention_flops).
 
 PAD > 0 makes a padded batch as transformers hands it to an attention function: left padding
 (row b's first PAD*b/(B-1) keys hidden) in a boolean (B, 1, Sq, Sk) mask that also holds the
