@@ -716,6 +716,22 @@ def test_gpu_layernorm_case_runs():
             assert rec["method"].startswith("cuda-events") and 0 < rec["device_ms"] < 1.5 * rec["ms"], rec
 
 
+def test_gptfast_baseline_takes_gpt_fasts_decode_settings():
+    """The compiled baseline's steps run under gpt-fast's settings (Inductor's coordinate-descent
+    tuning; SDPA's math backend, for Inductor to fuse), put back after each step; uncompiled, none."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from fastgpt.bench.gptfast import Generator, StaticGPT2
+
+    hf = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=16)).eval()
+    inductor = torch._inductor.config
+    for compiled in (True, False):
+        with Generator(StaticGPT2.from_hf(hf), compile=compiled)._recipe():
+            assert inductor.coordinate_descent_tuning == compiled
+            assert torch.backends.cuda.flash_sdp_enabled() != compiled and torch.backends.cuda.math_sdp_enabled()
+    assert not inductor.coordinate_descent_tuning and torch.backends.cuda.flash_sdp_enabled()
+
+
 def test_timing_mode_follows_device_time(monkeypatch):
     """A candidate whose eager estimate is its host's time (60 us) while its kernels take 5 us on
     the GPU makes a tiny case, timed by graph replay (its estimate alone kept such cases, decode

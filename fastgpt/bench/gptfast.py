@@ -3,8 +3,11 @@
 This is the recipe gpt-fast made known, written here for GPT-2: preallocated K/V caches that
 each step writes in place (index_copy_ at the step's position), attention over the whole cache
 with a boolean mask row, and the one-token decode step compiled with
-torch.compile(mode="reduce-overhead", fullgraph=True), which replays it as a CUDA graph.
-Prefill runs eagerly. No fastgpt kernel is used. Greedy decoding only.
+torch.compile(mode="reduce-overhead", fullgraph=True), which replays it as a CUDA graph, with
+gpt-fast's two settings for that step: Inductor's coordinate-descent tuning of its kernels'
+launch configs, and attention as plain ops for Inductor to fuse (SDPA's math backend: "actually
+better for Inductor to codegen attention here", gpt-fast's generate.py) rather than a library
+kernel. Prefill runs eagerly. No fastgpt kernel is used. Greedy decoding only.
 
     h = wte(idx) + wpe(pos)
     for each block:  h = h + attn(ln_1(h));  h = h + mlp(ln_2(h))
@@ -13,9 +16,12 @@ Prefill runs eagerly. No fastgpt kernel is used. Greedy decoding only.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 class Attention(nn.Module):
@@ -121,8 +127,19 @@ class Generator:
         self.model = model
         self.shape = None
         self.step = decode_one
+        self.compiled = compile
         if compile:
             self.step = torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def _recipe(self) -> contextlib.AbstractContextManager:
+        """gpt-fast's settings around each compiled step (in force when it compiles: Dynamo traces
+        the math backend's ops, Inductor tunes their kernels), put back after."""
+        if not self.compiled:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch._inductor.config.patch(coordinate_descent_tuning=True))
+        stack.enter_context(sdpa_kernel(SDPBackend.MATH))
+        return stack
 
     @torch.no_grad()
     def __call__(self, idx, max_new_tokens: int):
@@ -137,7 +154,8 @@ class Generator:
         pos = torch.tensor([T], device=idx.device)
         for _ in range(max_new_tokens - 1):
             # Outputs of a reduce-overhead step live in the graph's memory: copy before the next one.
-            tok = self.step(self.model, tok, pos).clone()
+            with self._recipe():
+                tok = self.step(self.model, tok, pos).clone()
             pos += 1
             out.append(tok)
         return torch.cat(out, dim=1)
