@@ -148,25 +148,37 @@ def tiles_section(p: Probe):
                     p.record("tiles", dict(shape=f"B{B} H{H} S{S} D{D}", tile=tile, tma=tma), measure)
 
 
-def decode_inputs(p: Probe, B, H, L, D):
-    q, kc, vc = p.randn(B, H, 1, D), p.randn(B, H, L, D), p.randn(B, H, L, D)
+def decode_inputs(p: Probe, B, H, L, D) -> tuple[list[tuple], int]:
+    """Copies of (q, k_cache, v_cache, cache_seqlens) past twice the L2 cache (Probe.copies), for
+    timings that read each call's cache from memory as a decode step does (Probe.cold_device_us;
+    before 2026-12 these sections timed one cache, which up to ~50 MB stayed in L2), and the
+    bytes of one cache."""
+    nbytes = 2 * B * H * L * D * 2
     lens = torch.full((B,), L, dtype=torch.int32, device=p.device)
-    return q, kc, vc, lens, 2 * kc.numel() * kc.element_size()
+    sets = [(p.randn(B, H, 1, D), p.randn(B, H, L, D), p.randn(B, H, L, D), lens) for _ in range(p.copies(nbytes))]
+    return sets, nbytes
+
+
+def cold_us(p: Probe, fn: Callable, sets: list[tuple]) -> float:
+    """Device us of fn(*inputs) a call, over the input copies `sets` in turn (Probe.cold_device_us)."""
+    return p.cold_device_us([lambda inputs=inputs: fn(*inputs) for inputs in sets])
 
 
 def decode_batch_section(p: Probe):
     """Triton against CUDA over the batch: where does auto's order flip?"""
     H, L, D = (2, 40, 16) if p.smoke else (12, 1024, 64)
     for B in (1, 2) if p.smoke else (1, 2, 4, 8, 11, 16, 32, 64):
-        q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
-        calls = {b: (lambda b=b: fastgpt.decode_attention(q, kc, vc, lens, backend=b)) for b in p.backends}
+        sets, nbytes = decode_inputs(p, B, H, L, D)
+        calls = {b: (lambda q, kc, vc, lens, b=b: fastgpt.decode_attention(q, kc, vc, lens, backend=b))
+                 for b in p.backends}  # fmt: skip
         counters = torch.zeros(B * H, dtype=torch.int32, device=p.device)  # GPT's decode step: one launch
         for b in p.backends:
-            calls[f"{b}, merged in-kernel"] = lambda b=b: decode_step_attention(q, kc, vc, lens, counters, backend=b)
-        calls["sdpa (full cache)"] = lambda: F.scaled_dot_product_attention(q, kc, vc)
+            calls[f"{b}, merged in-kernel"] = lambda q, kc, vc, lens, b=b: decode_step_attention(q, kc, vc, lens,
+                                                                                                 counters, backend=b)
+        calls["sdpa (full cache)"] = lambda q, kc, vc, lens: F.scaled_dot_product_attention(q, kc, vc)
         for name, fn in calls.items():
             def measure(fn=fn):
-                d = p.device_us(fn)
+                d = cold_us(p, fn, sets)
                 return dict(device_us=d, gbps=nbytes / d / 1e3)
             p.record("decode_batch", dict(shape=f"B{B} H{H} L{L} D{D}", rows=B * H, impl=name), measure)
 
@@ -186,7 +198,7 @@ def decode_tiles_section(p: Probe):
     plan = {knob: getattr(tri_decode, knob) for knob in ("_PROGRAMS_PER_SM", "_NO_SPLIT_PROGRAMS_PER_SM")}
     with knobs_kept(tri_decode, "gpu_tiles", *plan):
         for B, H, L, D in shapes:
-            q, kc, vc, lens, nbytes = decode_inputs(p, B, H, L, D)
+            sets, nbytes = decode_inputs(p, B, H, L, D)
             for block_n, warps, stages, programs_per_sm in variants:
                 def measure(block_n=block_n, warps=warps, stages=stages, programs_per_sm=programs_per_sm):
                     base = tiles_fn(1, D, False)
@@ -195,7 +207,8 @@ def decode_tiles_section(p: Probe):
                                                                    "_NO_SPLIT_PROGRAMS_PER_SM": 1 << 30}
                     for knob, value in {**plan, **fill}.items():
                         setattr(tri_decode, knob, value)
-                    d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D ** -0.5))
+                    d = cold_us(p, lambda q, kc, vc, lens: tri_decode.decode_attention(q, kc, vc, lens, scale=D**-0.5),
+                                sets)  # fmt: skip
                     return dict(device_us=d, gbps=nbytes / d / 1e3)
                 p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", block_n=block_n, warps=warps,
                                               stages=stages, programs_per_sm=programs_per_sm), measure)
@@ -205,7 +218,8 @@ def decode_tiles_section(p: Probe):
                 tri_decode.gpu_tiles = tiles_fn
                 for knob, value in plan.items():
                     setattr(tri_decode, knob, value)
-                d = p.device_us(lambda: tri_decode.decode_attention(q, kc, vc, lens, scale=D**-0.5, counters=counters))
+                d = cold_us(p, lambda q, kc, vc, lens: tri_decode.decode_attention(q, kc, vc, lens, scale=D**-0.5,
+                                                                                      counters=counters), sets)
                 return dict(device_us=d, gbps=nbytes / d / 1e3)
             p.record("decode_tiles", dict(shape=f"B{B} H{H} L{L} D{D}", merge="in the split kernel"), merged)
 
@@ -219,22 +233,24 @@ def few_queries_section(p: Probe):
     shapes = [(1, 2, 1, 40, 16)] if p.smoke else [(1, 32, 8, 4096, 128), (1, 32, 8, 32768, 128),
                                                  (8, 32, 8, 8192, 128), (1, 12, 12, 1024, 64), (16, 12, 12, 1024, 64)]
     for B, Hq, Hkv, L, D in shapes:
-        kc, vc = p.randn(B, Hkv, L, D), p.randn(B, Hkv, L, D)
-        lens = torch.full((B,), L, dtype=torch.int32, device=p.device)
+        caches, nbytes = decode_inputs(p, B, Hkv, L, D)  # (their q: Hkv heads, one query; unused)
         for Sq in (2, 4) if p.smoke else (1, 2, 4, 8, 16, 32):
             q = p.randn(B, Hq, Sq, D)
+            sets = [(q, kc, vc, lens) for _, kc, vc, lens in caches]
             calls = {}
             for b in p.backends:
                 prefill, split = _backends.launchers(b, "attention"), _backends.launchers(b, "decode")
-                calls[f"{b} prefill kernel"] = lambda pf=prefill: pf.attention(q, kc, vc, causal=True, scale=D**-0.5)
-                calls[f"{b} split-KV kernel"] = lambda sp=split: sp.decode_attention(q, kc, vc, lens, scale=D**-0.5)
+                calls[f"{b} prefill kernel"] = lambda q, kc, vc, lens, pf=prefill: pf.attention(q, kc, vc, causal=True,
+                                                                                                 scale=D**-0.5)
+                calls[f"{b} split-KV kernel"] = lambda q, kc, vc, lens, sp=split: sp.decode_attention(q, kc, vc, lens,
+                                                                                                      scale=D**-0.5)
             mask = causal_lower_right(Sq, L)
-            calls["sdpa (lower-right causal)"] = lambda: F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask,
-                                                                                        enable_gqa=Hq != Hkv)
+            calls["sdpa (lower-right causal)"] = lambda q, kc, vc, lens: F.scaled_dot_product_attention(
+                q, kc, vc, attn_mask=mask, enable_gqa=Hq != Hkv)
             for name, fn in calls.items():
                 def measure(fn=fn):
-                    d = p.device_us(fn)
-                    return dict(device_us=d, gbps=2 * kc.numel() * kc.element_size() / d / 1e3)
+                    d = cold_us(p, fn, sets)
+                    return dict(device_us=d, gbps=nbytes / d / 1e3)
                 p.record("few_queries", dict(shape=f"B{B} H{Hq}/{Hkv} L{L} D{D}", Sq=Sq, impl=name), measure)
 
 
