@@ -77,6 +77,9 @@ def make_attention_forward(backend: str = "auto"):
                                   is_causal=None, **kwargs):
         """query (B, Hq, Sq, D), key/value (B, Hkv, Sk, D) -> ((B, Sq, Hq, D), None)."""
         check_kwargs(kwargs, attention_mask, key.shape[2])
+        if value.shape[-1] != query.shape[-1]:  # DeepSeek-V3's MLA, say: fastgpt's kernels take one head dim
+            raise ValueError(f"attn_implementation='fastgpt' needs value heads as wide as query heads, got "
+                             f"{value.shape[-1]} and {query.shape[-1]}; {INSTEAD}")  # fmt: skip
         if dropout and module.training:
             raise ValueError("attn_implementation='fastgpt' is for inference: no attention dropout (call model.eval())")
         Sq, Sk = query.shape[2], key.shape[2]

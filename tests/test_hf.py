@@ -294,6 +294,14 @@ def test_unsupported_kwargs_refused(name):
         forward(torch.nn.Module(), q, q, q, None, **{name: torch.zeros(1)})
 
 
+def test_value_heads_of_another_width_refused():
+    """Value heads narrower than the query's (DeepSeek-V3's attention): refused, saying what to use."""
+    forward = fastgpt.hf.make_attention_forward(backend="torch")
+    q, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="value heads as wide as query heads, got 8 and 16.*'eager'"):
+        forward(torch.nn.Module(), q, q, v, None)
+
+
 def test_sliding_window_without_a_mask():
     """A window over more keys than it spans needs a mask: refused without one (transformers always builds it)."""
     forward = fastgpt.hf.make_attention_forward(backend="torch")
