@@ -366,7 +366,9 @@ class GPT(nn.Module):
         real tokens with 1 and left padding with 0, as in HF; each row then equals its unbatched
         run. With eos_token_id (an int or a list), a row stops at its first eos and is filled with
         pad_token_id (default: the first eos id) afterwards; n is less than max_new_tokens only if
-        every row stopped. Other options (pad_token_id, cuda_graph, check_every, compile, and
+        every row stopped. T + max_new_tokens may be at most config.n_positions: one token fewer
+        than transformers allows (its last new token is never fed back; here every token has a
+        cache slot and a position). Other options (pad_token_id, cuda_graph, check_every, compile, and
         prompt-lookup decoding's prompt_lookup_num_tokens, max_matching_ngram_size) are documented
         in fastgpt.generate.generate.
         """
