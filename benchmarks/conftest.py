@@ -32,7 +32,7 @@ def device():
 
 @pytest.fixture(scope="session")
 def ceilings(device):
-    """Copy GB/s and matmul TFLOP/s, measured once per session before any case."""
+    """Copy and read GB/s and matmul TFLOP/s, measured once per session before any case."""
     from fastgpt.bench import ceilings as measure
 
     values, _ = measure.measure(device, quick=True)

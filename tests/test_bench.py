@@ -754,6 +754,22 @@ def test_timing_mode_follows_device_time(monkeypatch):
     assert core.device_estimate(on_cpu, [{}], CPU, settings) == 0.06 and on_cpu.device is None
 
 
+def test_read_only_cases_take_the_read_ceiling():
+    """Decode attention and sampling (their bytes all read) are rated against the read ceiling, a
+    LayerNorm (half written) against the copy's; each record says which."""
+    from fastgpt.bench.core import fill_timing
+
+    settings = Settings(ceilings={"copy_gbps": 100.0, "read_gbps": 200.0, "matmul_tflops": 1.0})
+    stats = timing.summarize([1.0, 1.0, 1.0], "host-clock")
+    for op, shape, ceiling in [("decode", "B=1,H=2,L=64,D=16", "read_gbps"), ("sampling", "B=2,V=500", "read_gbps"),
+                               ("layernorm", "M=8,N=32", "copy_gbps")]:
+        case = build_cases(op, CPU, torch.float32, True, [shape])[0]
+        rec = {}
+        fill_timing(rec, stats, case, settings)
+        assert rec["ceiling"] == ceiling and rec["pct_of_ceiling"] == pytest.approx(
+            100 * case.work / 1e-3 / 1e9 / settings.ceilings[ceiling]), op
+
+
 def test_device_time_only_on_a_gpu():
     """On the CPU there is no device time: the field is there, empty, in every record."""
     case = build_cases("layernorm", CPU, torch.float32, True, ["M=8,N=32"])[0]

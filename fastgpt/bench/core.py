@@ -99,6 +99,7 @@ class Case:
     x_label: str | None = None
     check: Callable = default_check
     note: str = ""
+    ceiling: str = "copy_gbps"  # a GB/s case's: "read_gbps" where its bytes are (almost) all read
 
 
 @dataclass
@@ -112,7 +113,7 @@ class Settings:
     graph_replay_ms: float = 2.0
     device_time_below_ms: float = 5.0  # events-timed candidates this fast also get device_ms
     memory_budget: int = 4 * 2**30
-    ceilings: dict = field(default_factory=dict)  # {"copy_gbps": float, "matmul_tflops": float}
+    ceilings: dict = field(default_factory=dict)  # {"copy_gbps", "read_gbps", "matmul_tflops"}: float
     impl_filter: Callable[[str], bool] = lambda label: True
     deadline: float | None = None  # time.monotonic() after which nothing new starts (--time-limit)
 
@@ -235,7 +236,7 @@ def fill_timing(rec: dict, stats: timing.Stats, case: Case, settings: Settings) 
         rec["ceiling"], rec["ceiling_value"] = "matmul_tflops", settings.ceilings.get("matmul_tflops")
     else:
         rec["value"] = case.work / seconds / 1e9
-        rec["ceiling"], rec["ceiling_value"] = "copy_gbps", settings.ceilings.get("copy_gbps")
+        rec["ceiling"], rec["ceiling_value"] = case.ceiling, settings.ceilings.get(case.ceiling)
     if rec["ceiling_value"]:
         rec["pct_of_ceiling"] = 100.0 * rec["value"] / rec["ceiling_value"]
 

@@ -93,9 +93,10 @@ def tokens_per_second(batch: int, new_tokens: int, seconds: float) -> float:
     return batch * new_tokens / seconds
 
 
-def weight_bandwidth_utilisation(tok_per_s: float, batch: int, weight_nbytes: int, copy_gbps: float) -> float:
-    """Fraction of the copy bandwidth spent streaming weights: one full read per decode step.
+def weight_bandwidth_utilisation(tok_per_s: float, batch: int, weight_nbytes: int, gbps: float) -> float:
+    """Fraction of the bandwidth `gbps` (the read ceiling's) spent streaming weights: one full
+    read per decode step.
 
     Steps per second = tok/s / B; each step reads every weight once.
     """
-    return (tok_per_s / batch) * weight_nbytes / (copy_gbps * 1e9)
+    return (tok_per_s / batch) * weight_nbytes / (gbps * 1e9)

@@ -65,6 +65,7 @@ class Session:
         self.add(records)
         if self.ceilings:
             self.console.print(f"ceilings: copy {self.ceilings['copy_gbps']:,.4g} GB/s (read + write), "
+                               f"read {self.ceilings['read_gbps']:,.4g} GB/s, "
                                f"matmul {self.ceilings['matmul_tflops']:,.4g} TFLOP/s")
 
     def _skip(self, op: str, reason: str, case: str = "-") -> None:

@@ -107,6 +107,7 @@ def run_generate(benchmark, models, params: dict, label: str, ceilings: dict) ->
     tok_s = formulas.tokens_per_second(params["B"], params["N"], seconds)
     weight_nbytes = formulas.weight_bytes(hf)
     benchmark.extra_info.update(tok_per_s=tok_s, weight_bytes=weight_nbytes, dtype=str(dtype))
-    if ceilings.get("copy_gbps"):
-        benchmark.extra_info["weight_bw_util"] = formulas.weight_bandwidth_utilisation(
-            tok_s, params["B"], weight_nbytes, ceilings["copy_gbps"])
+    gbps = ceilings.get("read_gbps") or ceilings.get("copy_gbps")
+    if gbps:
+        benchmark.extra_info["weight_bw_util"] = formulas.weight_bandwidth_utilisation(tok_s, params["B"],
+                                                                                      weight_nbytes, gbps)

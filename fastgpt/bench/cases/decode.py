@@ -65,7 +65,7 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
     sw, x, x_label = sweep_of(p, sweep, x_key)
     name = describe(p, ("B", "H") + (("HKV",) if Hkv != H else ()) + ("L", "D") + (("Q",) if Q > 1 else ()))
     return Case(op="decode", name=name, params=p, dtype=dtype, make_inputs=make_inputs, reference=reference,
-                candidates=candidates(device, scale, Hkv != H, p), metric="GB/s", work=nbytes,
+                candidates=candidates(device, scale, Hkv != H, p), metric="GB/s", work=nbytes, ceiling="read_gbps",
                 set_bytes=nbytes, sweep=sw, x=x, x_label=x_label)
 
 

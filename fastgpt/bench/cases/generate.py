@@ -215,14 +215,16 @@ def describe_params(p: dict) -> str:
 
 
 def fill_timing(rec: dict, stats: timing.Stats, case: Case, settings: Settings, weight_nbytes: int) -> None:
-    """tok/s, and the weight-bandwidth utilisation as the % of the copy ceiling."""
+    """tok/s, and the weight-bandwidth utilisation as the % of the read ceiling (the weights are
+    read), or of the copy ceiling where there is no read ceiling."""
     B, N = case.params["B"], case.params["N"]
     tok_s = formulas.tokens_per_second(B, N, stats.median * 1e-3)
-    copy = settings.ceilings.get("copy_gbps")
+    ceiling = "read_gbps" if settings.ceilings.get("read_gbps") else "copy_gbps"
+    gbps = settings.ceilings.get(ceiling)
     rec.update(ms=stats.median, ms_p20=stats.p20, ms_p80=stats.p80, runs=stats.runs, method=stats.method,
-               value=tok_s, weight_bytes=weight_nbytes, ceiling="copy_gbps", ceiling_value=copy)
-    if copy:
-        rec["pct_of_ceiling"] = 100.0 * formulas.weight_bandwidth_utilisation(tok_s, B, weight_nbytes, copy)
+               value=tok_s, weight_bytes=weight_nbytes, ceiling=ceiling, ceiling_value=gbps)
+    if gbps:
+        rec["pct_of_ceiling"] = 100.0 * formulas.weight_bandwidth_utilisation(tok_s, B, weight_nbytes, gbps)
 
 
 def time_candidate(fn, sets, device, settings: Settings, quick: bool) -> timing.Stats:

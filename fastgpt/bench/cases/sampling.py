@@ -52,7 +52,7 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
     settings = "greedy" if greedy else f"t{p['T']:g} k{p['K']} p{p['P']:g}" + (f" minp{p['MINP']:g}" if p["MINP"] else "")
     return Case(op="sampling", name=f"{describe(p, ('B', 'V'))} {settings}", params=p, dtype=dtype,
                 make_inputs=make_inputs, reference=lambda inp: reference_sets(inp["logits"], p),
-                candidates=candidates(device, p), metric="GB/s", work=nbytes, set_bytes=nbytes,
+                candidates=candidates(device, p), metric="GB/s", work=nbytes, ceiling="read_gbps", set_bytes=nbytes,
                 sweep=sw, x=x, x_label=x_label, check=check_greedy if greedy else check_draws)
 
 
