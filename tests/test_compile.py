@@ -41,7 +41,8 @@ def test_ops_are_registered_with_fake_impls():
     table, ids = torch.randn(5, 8), torch.tensor([4, 0, 2])  # linear reading its rows from tables (embeddings)
     torch.library.opcheck(torch.ops.fastgpt.linear.default,
                           (table, torch.randn(6, 8), None, table, None, None, 1e-5, True, False, None, None, ids, ids,
-                           "torch"), test_utils=("test_schema", "test_faketensor"))  # fmt: skip
+                           torch.zeros(1, dtype=torch.int32), "torch"),
+                          test_utils=("test_schema", "test_faketensor"))  # fmt: skip
 
 
 def _example_args(name):
@@ -59,7 +60,8 @@ def _example_args(name):
         "layer_norm": (x, torch.ones(8), None, 1e-5, "torch"),
         "add_layer_norm": (x, torch.randn(2, 8), torch.ones(8), torch.zeros(8), 1e-5, "torch"),
         "linear": (x, torch.randn(6, 8), torch.randn(6), torch.randn(2, 8), torch.ones(8), None, 1e-5, True, True,
-                   torch.zeros(2, 2, 1, 4, 2), torch.tensor([1, 3]), None, None, "torch"),  # writes k/v to the cache
+                   torch.zeros(2, 2, 1, 4, 2), torch.tensor([1, 3]), None, None, None,
+                   "torch"),  # writes k/v to the cache
         "sample": (torch.randn(2, 9), B, torch.zeros(2, dtype=torch.int64), torch.ones(2, dtype=torch.float64),
                    torch.zeros(2), torch.tensor([7]), "torch", 0),
     }[name]

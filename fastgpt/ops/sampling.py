@@ -11,6 +11,7 @@ divides by 0.
 from __future__ import annotations
 
 import numbers
+import struct
 
 import torch
 
@@ -136,8 +137,10 @@ def row_params(B: int, device, temperature, top_k, top_p, min_p, *, allow_greedy
     def fp32_finite(x):  # for floats and tensors alike; False for NaN. A larger one would become inf
         return abs(x) <= _FP32_MAX
 
-    def in_fp32(x):  # a float or a float64 tensor as the fp32 the kernels see (a tensor; 1e-50 -> 0)
-        return torch.as_tensor(x, dtype=torch.float64).float()
+    def in_fp32(x):  # a float (kept a float: nothing for torch.compile to trace) or a tensor as the fp32 the
+        if isinstance(x, torch.Tensor):  # kernels take: 1e-50 is 0
+            return x.float()
+        return struct.unpack("f", struct.pack("f", x))[0] if abs(x) <= _FP32_MAX else x
 
     rows = (
         _row_param("temperature", temperature, B, device, torch.float32, lambda t: fp32_finite(t) & t_ok(in_fp32(t)),
