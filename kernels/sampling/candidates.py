@@ -3,7 +3,7 @@
 Where the caller can bound every row's top_k below CAND_MAX_K (a bound the host knows: a Python
 number, a list, a CPU tensor), a row's kept set lies among its cand_k best scores, cand_k a
 power of two above the bound, and those are found by sorting networks, not searches:
-  1. _candidates_kernel over (B, C): program (b, c) keeps the cand_k best entries of its
+  1. _candidates_kernel over B x C programs: program b C + c keeps the cand_k best entries of its
      block-wide chunk, tl.topk over packed int64 entries (key(s) << 32 | V - 1 - col), which
      are distinct and rank ties by the lower column first, as the other paths break them.
   2. _candidate_draw_kernel over (B,): the row's cand_k best of its C * cand_k candidates, in
@@ -58,14 +58,15 @@ def _unpack(packed, V: tl.constexpr):
 @triton.jit
 def _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V: tl.constexpr, BLOCK: tl.constexpr):
     """Program row * C + c of a grid over each row's C = cdiv(V, BLOCK) chunks (one axis: a
-    second one stops at 65535 chunks or rows): row, c, the chunk's columns and the keys of their
-    scores (a greedy row's t is 1: its scores are its logits; -inf past V)."""
+    second one stops at 65535 chunks or rows): row, that index (chunk c of row `row` among all
+    rows' chunks, int64), the chunk's columns and the keys of their scores (a greedy row's t is 1:
+    its scores are its logits; -inf past V)."""
     C: tl.constexpr = (V + BLOCK - 1) // BLOCK
-    row = (tl.program_id(0) // C).to(tl.int64)
-    c = tl.program_id(0) % C
-    cols = c * BLOCK + tl.arange(0, BLOCK)
+    chunk = tl.program_id(0).to(tl.int64)
+    row = chunk // C
+    cols = (chunk % C).to(tl.int32) * BLOCK + tl.arange(0, BLOCK)
     t = _temperature(temperature_ptr, row)[0]
-    return row, c, cols, _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, 0.0, V)[1]
+    return row, chunk, cols, _load_scores(logits_ptr + row * stride_logits_b, cols, t, False, 0.0, V)[1]
 
 
 @triton.jit
@@ -80,10 +81,10 @@ def _group_max_kernel(
     PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
-    row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
+    row, chunk, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     GROUPS: tl.constexpr = BLOCK // GROUP
     gmax = tl.max(tl.reshape(key, [GROUPS, GROUP]), axis=1)
-    tl.store(gmax_ptr + (row * ((V + BLOCK - 1) // BLOCK) + c) * GROUPS + tl.arange(0, GROUPS), gmax)
+    tl.store(gmax_ptr + chunk * GROUPS + tl.arange(0, GROUPS), gmax)
 
 
 @triton.jit
@@ -130,9 +131,9 @@ def _candidates_kernel(
     PDL: tl.constexpr,
 ):
     _wait_for_previous_grid(PDL)
-    row, c, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
+    row, chunk, cols, key = _chunk_keys(logits_ptr, temperature_ptr, stride_logits_b, V, BLOCK)
     packed = _pack(key, cols, V)
-    out = cand_ptr + (row * ((V + BLOCK - 1) // BLOCK) + c) * CAND_K
+    out = cand_ptr + chunk * CAND_K
     slots = tl.arange(0, CAND_K)
     if BOUNDED:
         above = (key >= tl.load(bound_ptr + row)) & (cols < V)
