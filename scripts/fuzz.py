@@ -32,7 +32,7 @@ from fastgpt import _backends, reference
 from fastgpt.bench.checks import compare, ids_in_kept_set
 from fastgpt.ops.attention import masked_attention
 from fastgpt.ops.decode import decode_step_attention
-from fastgpt.ops.linear import linear
+from fastgpt.ops.linear import COUNTER_COLUMNS, linear
 
 
 def _dtypes(device: str, backend: str) -> list[torch.dtype]:
@@ -162,7 +162,7 @@ def linear_case(rng, device, backend):
     residual = _tensor(rng, (M, K), dtype, device) if ln is not None and rng.random() < 0.5 else None
     activation = rng.choice([None, "gelu_tanh"])
     # Counters half the time: the tiled kernel may then split K (forms without a LayerNorm).
-    counters = torch.zeros(-(-N // 16), dtype=torch.int32, device=device) if rng.random() < 0.5 else None
+    counters = torch.zeros(-(-N // COUNTER_COLUMNS), dtype=torch.int32, device=device) if rng.random() < 0.5 else None
     out, h = linear(x, weight, bias, ln=ln, residual=residual, activation=activation, counters=counters,
                     backend=backend)  # fmt: skip
     # The reference rounds where the unfused ops would (the LayerNorm's output to x's dtype), as the

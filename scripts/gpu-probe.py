@@ -401,6 +401,7 @@ def linear_section(p: Probe):
     forms without a LayerNorm (c_proj) also without K splits (SPLIT_K_MAX 1; the default splits
     the MLP's c_proj in 3-4)."""
     from fastgpt.kernels import linear as tri_linear
+    from fastgpt.ops.linear import COUNTER_COLUMNS
 
     C = 32 if p.smoke else 768
     forms = [("ln_1 + c_attn", C, 3 * C, True, False), ("attn c_proj", C, C, False, False),
@@ -417,7 +418,7 @@ def linear_section(p: Probe):
                 params = p.randn(N), p.randn(K), p.randn(K)
                 weight_bytes = N * K * 2
                 weights = [p.randn(N, K) / K ** 0.5 for _ in range(p.copies(weight_bytes))]
-                counters = torch.zeros(-(-N // 16), dtype=torch.int32, device=p.device)
+                counters = torch.zeros(-(-N // COUNTER_COLUMNS), dtype=torch.int32, device=p.device)
                 copies = [linear_calls(*inputs, w, *params, ln, gelu, counters) for w in weights]  # a weight each
                 calls = {impl: [c[impl] for c in copies] for impl in copies[0]}
                 fused = calls["fused (triton)"]
