@@ -118,6 +118,18 @@ def _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT: tl.constexpr, HA
     return tl.where(mask, y, 0.0).to(a.dtype)
 
 
+@triton.jit
+def _normalised_row(a, ks, mask, K, eps, ln_w, ln_b, HAS_LN_WEIGHT: tl.constexpr, HAS_LN_BIAS: tl.constexpr):
+    """One row held whole, a (1, C) at columns ks (C >= K), normalised as _normalised does, its
+    statistics in one pass relative to its first element (as _ln_stats: a constant row is exact)."""
+    hf = a.to(tl.float32)
+    h0 = tl.sum(tl.where(ks[None, :] == 0, hf, 0.0), axis=1)  # (1,)
+    mean = h0 + tl.sum(tl.where(mask, hf - h0[:, None], 0.0), axis=1) / K
+    d = tl.where(mask, hf - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
+    return _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT, HAS_LN_BIAS)
+
+
 # The LayerNorm statistics of the M input rows h = x (+ residual), in one pass over K blocks,
 # merging each block's (count n_b, mean m_b, centred sum of squares M2_b) of g = h - h0 (h0 the
 # row's first element: a constant row's mean is exactly its value, its variance 0, as torch's)
@@ -263,6 +275,14 @@ def _epilogue_inputs(bias_ptr, kv_pos_ptr, rows, row_ok, cols, col_ok, HAS_BIAS:
 
 
 @triton.jit
+def _gelu_tanh(x):
+    """GELU's tanh form of fp32 x: 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)."""
+    z = 1.5957691216057308 * (x + 0.044715 * x * x * x)
+    e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow on either side
+    return x * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
 def _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, stride_kv_which, stride_kv_b,
               stride_kv_h, stride_kv_s, kv_len, head_dim, kv_tokens, HAS_BIAS: tl.constexpr,
               GELU_TANH: tl.constexpr, KV_CACHE: tl.constexpr):  # fmt: skip
@@ -271,10 +291,8 @@ def _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, out_ptr, kv_ptr, N, st
     `pos` (R,) (_epilogue_inputs reads bias and pos)."""
     if HAS_BIAS:
         acc += bias[None, :]
-    if GELU_TANH:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2 / pi) (x + 0.044715 x^3)
-        z = 1.5957691216057308 * (acc + 0.044715 * acc * acc * acc)
-        e = tl.exp(-tl.abs(z))  # in (0, 1]: no overflow on either side
-        acc = acc * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    if GELU_TANH:
+        acc = _gelu_tanh(acc)
     out = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], out, mask=row_ok[:, None] & col_ok[None, :])
     if KV_CACHE:  # GPT's fused q|k|v projection: k and v also land in the cache, at each row's slot
@@ -332,13 +350,8 @@ def _gemv_kernel(
         if HAS_RESIDUAL:  # noqa: SIM102 (decided at compile time, unlike the run-time if below)
             if pid == 0:
                 tl.store(h_ptr + row[:, None] * K + ks[None, :], a, mask=mask)
-        if HAS_LN:  # (1, BLOCK_K): the statistics of one row held whole, relative to its first element
-            hf = a.to(tl.float32)
-            h0 = tl.sum(tl.where(ks[None, :] == 0, hf, 0.0), axis=1)  # (1,), as in _ln_stats
-            mean = h0 + tl.sum(tl.where(mask, hf - h0[:, None], 0.0), axis=1) / K
-            d = tl.where(mask, hf - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / K + eps)
-            a = _normalised(a, mean, rstd, ln_w, ln_b, mask, HAS_LN_WEIGHT, HAS_LN_BIAS)
+        if HAS_LN:
+            a = _normalised_row(a, ks, mask, K, eps, ln_w, ln_b, HAS_LN_WEIGHT, HAS_LN_BIAS)
         dots = tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1)  # (BLOCK_N,)
         acc = tl.where(tl.arange(0, BLOCK_M)[:, None] == m, dots[None, :], acc)
 
