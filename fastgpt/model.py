@@ -25,6 +25,7 @@ from torch import nn
 import fastgpt
 from fastgpt import _backends
 from fastgpt.nn import LayerNorm
+from fastgpt.ops import step
 from fastgpt.ops.decode import decode_step_attention
 from fastgpt.ops.linear import MAX_ROWS, linear
 
@@ -191,6 +192,10 @@ class GPT(nn.Module):
       fused_decode   decode steps of up to 64 rows on the triton backend (auto's on a GPU) run
                      each matmul as one fastgpt.ops.linear launch with its neighbours fused in
                      (True unless set; see decode)
+      persistent_decode  decode steps of one token a row, up to 8 rows, on the triton backend
+                     run as one launch, a persistent kernel (fastgpt.ops.step) instead of the
+                     fused step's ~60; GPT-2's tanh GELU only. False unless set: not yet
+                     measured on a GPU
     """
 
     def __init__(self, config: GPTConfig):
@@ -206,6 +211,8 @@ class GPT(nn.Module):
         self.lm_head.weight = self.transformer.wte.weight  # tied, as in GPT-2
         self.eos_token_id = None  # set by from_pretrained and from_hf (see the class docstring)
         self._fused_decode_on = True
+        self._persistent_decode_on = False
+        self._step_weights = None  # fastgpt.ops.step.step_weights' table of this model's weights, once made
         self._decoders = {}  # generate.py's preallocated caches and CUDA graphs, per (batch, length)
         self.arrange_weights()
 
@@ -232,8 +239,20 @@ class GPT(nn.Module):
         self._decoders.clear()  # their CUDA graphs captured the other path
         self._fused_decode_on = bool(on)
 
+    @property
+    def persistent_decode(self) -> bool:
+        return self._persistent_decode_on
+
+    @persistent_decode.setter
+    def persistent_decode(self, on: bool):
+        """Run decode steps of one token a row, up to fastgpt.ops.step.MAX_ROWS rows, as one
+        persistent kernel (True) where it can run, or as the fused or unfused step (False, the default)."""
+        self._decoders.clear()  # their CUDA graphs captured the other path
+        self._persistent_decode_on = bool(on)
+
     def _apply(self, fn, *args, **kwargs):  # behind .to(), .cuda(), .half(), ...
         self._decoders.clear()  # their caches and CUDA graphs point at the old weights
+        self._step_weights = None
         super()._apply(fn, *args, **kwargs)
         self.arrange_weights()
         return self
@@ -312,6 +331,11 @@ class GPT(nn.Module):
             seqlens = torch.add(pos, T, out=torch.empty(B, dtype=torch.int32, device=pos.device))
         slots = pos[:, None] if T == 1 else pos[:, None] + torch.arange(T, device=pos.device)  # (B, T)
         positions = slots if T == 1 else slots.clamp(max=config.n_positions - 1)
+        if T == 1 and self._persistent_decode(B, tok.device):
+            t = self.transformer
+            logits = step.decode_step(tok.reshape(B), pos, seqlens, kv_cache.kv, self._step_weights, t.wte.weight,
+                                      t.wpe.weight, (t.ln_f.weight, t.ln_f.bias), t.ln_f.eps, kv_cache.step_sync)
+            return logits[:, None]  # (B, 1, V)
         if self._fused_decode(B * T, tok.device):
             return self._decode_fused(tok, slots, positions, kv_cache, seqlens, counters)
         slot = slots.view(1, B, 1, T, 1).expand(2, B, config.n_head, T, config.head_dim)  # all layers' slots
@@ -322,6 +346,24 @@ class GPT(nn.Module):
         backend (auto's choice on a GPU) for the rows the kernel takes (MAX_ROWS), unless
         fused_decode is off."""
         return self._fused_decode_on and rows <= MAX_ROWS and _backends.runs_on_triton("linear", self.backend, device)
+
+    def _persistent_decode(self, rows: int, device: torch.device) -> bool:
+        """Whether a decode step of `rows` rows of one token runs as one persistent kernel: where
+        persistent_decode is on, on the triton backend (auto's choice on a GPU; not on the
+        interpreter's bf16), for up to fastgpt.ops.step.MAX_ROWS rows, GPT-2's tanh GELU and a head
+        dim of a power of two, outside torch.compile, and with weights the kernel can read (made
+        into its table here, once, and again only when a parameter changes place)."""
+        config, weight = self.config, self.transformer.wte.weight
+        tanh = ACTIVATIONS[config.activation_function] == "tanh"
+        if not (self._persistent_decode_on and rows <= step.MAX_ROWS and tanh and not torch.compiler.is_compiling()
+                and config.head_dim & (config.head_dim - 1) == 0
+                and not (device.type == "cpu" and weight.dtype == torch.bfloat16)
+                and _backends.runs_on_triton("decode_step", self.backend, device)):  # fmt: skip
+            return False
+        layers = [tuple(block.get_parameter(name) for name in step.LAYER_WEIGHTS) for block in self.transformer.h]
+        if self._step_weights is None or not step.still_valid(self._step_weights, layers, self.lm_head.weight):
+            self._step_weights = step.step_weights(layers, self.lm_head.weight)
+        return self._step_weights is not None
 
     def _decode_fused(self, tok, slots, positions, kv_cache, seqlens, counters):
         """verify's trunk and lm_head in 5 launches a layer instead of 9 (or 10 where decode

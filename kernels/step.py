@@ -1,0 +1,480 @@
+"""GPT-2's decode step in one launch: a persistent kernel working through a queue of items, in Triton.
+
+A decode step of a few rows reads every weight once (249 MB for GPT-2 124M in bf16) and does
+little else, yet as GPT's fused step it is ~60 launches (kernels/linear.py, kernels/decode.py),
+and at every boundary the SMs idle: the next grid's programs start, wait for the grid before,
+and only then ask for their first bytes. Here one grid of a few programs an SM does the whole
+step. The step is cut into items, numbered in the order it needs them:
+
+    per layer:  qkv tiles | attention items | attention c_proj tiles | c_fc tiles | MLP c_proj tiles
+    then:       lm_head tiles
+
+Each program takes the next item from a counter (an atomic add), loads the item's weights, which
+nothing in the step writes, then waits until every item of the stage before has finished (a
+count per stage, read with acquire), does the item and counts it done (release). So the weights
+of the items after a boundary stream in while the stage before it ends, and no program idles
+between launches. Items are taken in order and an item waits only for items before it, each
+held by a program that is running it: whatever the grid, and however many of its programs are
+resident, the lowest unfinished item has all it needs and a program working on it, so the step
+cannot deadlock. (Triton's interpreter runs the programs one after another: the first takes
+every item.) The last program to leave zeroes the counters for the next launch.
+
+Items, for the M rows (one token each; rows padded to BLOCK_M, a power of two):
+  qkv          columns of LN_1(h) @ W.T + b; their k and v also go to the row's cache slot. In
+               layer 0 h = wte[tok] + wpe[pos] (ids outside a table read zeros), which its tile 0 stores.
+  attention    (row, head, chunk of cache positions): the chunk's softmax-weighted sum of v and
+               its log2-sum-exp (fp32), over positions [0, seqlens[row]) of the cache.
+  attn c_proj  columns of y @ W.T + b, added to h in place; y, the heads' chunks merged, is
+               recomputed by every tile (a few KB from L2).
+  c_fc         columns of gelu_tanh(LN_2(h) @ W.T + b)
+  MLP c_proj   columns of f @ W.T + b, added to h in place.
+  lm_head      columns of LN_f(h) @ W.T: the logits.
+A matmul item holds the whole weight rows of its columns, (N_*, K rounded up to a power of two),
+as fastgpt.ops.linear's matrix-vector kernel does, and every value the fused step's launches
+round to the model's dtype (q, k, v, y, h, f, the normalised rows, the logits) is rounded here
+too; dot products and the attention are fp32. Activations written within the step are read
+with .cg (from L2): another SM wrote them, and this SM's L1 may hold an older copy.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from fastgpt._backends import sm_count
+from fastgpt.kernels.linear import _epilogue, _gelu_tanh, _ln_params, _normalised_row, _table_rows
+from fastgpt.kernels.sizes import cdiv, next_power_of_2
+
+MAX_ROWS = 8  # rows of one step (tokens: one a row)
+PROGRAMS_PER_SM = 4  # the grid on a GPU: this many programs an SM (they wait more than they work)
+TILE_BYTES = 8192  # weights a matmul item holds: whole rows, as many as fit (at least one)
+HEAD_TILE_BYTES = 8192  # an lm_head item's (12,565 items for GPT-2's vocabulary in bf16)
+ATTN_BLOCK_N = 64  # cache positions a step of an attention item's loop
+ATTN_MAX_CHUNKS = 16  # chunks of a row's cache at most (each attention c_proj tile merges them all)
+NUM_WARPS = 4
+_INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (and the last resets)
+_INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
+_INTERPRETER_BLOCK_N = 16
+STAGES = 5  # items of a layer: qkv, attention, attention c_proj, c_fc, MLP c_proj
+SYNC_HEAD = 2  # sync's first entries: the next item, the programs that have left; then a count per stage
+_STAGES, _SYNC_HEAD = tl.constexpr(STAGES), tl.constexpr(SYNC_HEAD)  # the kernel's copies
+_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _wait_until(count_ptr, target, BACKOFF: tl.constexpr):
+    """Spin until *count_ptr reaches target (acquire: what was written before each count is seen)."""
+    seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+    while seen < target:
+        if BACKOFF:  # a few hundred cycles off the memory system between reads (sm_70 and later)
+            tl.inline_asm_elementwise("nanosleep.u32 256; // $0 $1", "=r,r", [seen], dtype=tl.int32, is_pure=False,
+                                      pack=1)  # fmt: skip
+        seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+
+
+@triton.jit
+def _count_done(count_ptr):
+    """Count one item of a stage done, after every thread's stores (release)."""
+    tl.debug_barrier()
+    tl.atomic_add(count_ptr, 1, sem="release")
+
+
+@triton.jit
+def _at(table_ptr, j: tl.constexpr, DTYPE: tl.constexpr):
+    """The j-th address of a layer's table entry as a pointer to DTYPE: a tensor's start, which
+    step_weights checks is 16-byte aligned (so its rows load 16 bytes at a time)."""
+    return tl.multiple_of(tl.load(table_ptr + j).to(tl.pointer_type(DTYPE)), 16)
+
+
+@triton.jit
+def _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k):
+    """The weight rows of columns `cols` (whole rows, K padded to ks' length), (N, K_P)."""
+    ptrs = w_ptr + cols.to(tl.int64)[:, None] * stride_n + ks[None, :] * stride_k
+    return tl.load(ptrs, mask=col_ok[:, None] & k_ok[None, :], other=0.0, eviction_policy="evict_first")
+
+
+@triton.jit
+def _set_row(acc, m, dots):
+    """acc (BLOCK_M, N) with row m replaced by dots (N,)."""
+    return tl.where(tl.arange(0, acc.shape[0])[:, None] == m, dots[None, :], acc)
+
+
+@triton.jit
+def _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, K, eps, BLOCK_M: tl.constexpr):
+    """(BLOCK_M, N) fp32: LN(h[m]) . w[n] for the rows of h (M, K), read from L2."""
+    acc = tl.zeros([BLOCK_M, w.shape[0]], tl.float32)
+    for m in range(M):
+        mask = (m < M) & (ks < K)[None, :]
+        a = tl.load(h_ptr + m * K + ks[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        a = _normalised_row(a, ks, mask, K, eps, ln_w, ln_b, True, True)
+        acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1))
+    return acc
+
+
+@triton.jit
+def _add_to_stream(acc, bias, h_ptr, rows, row_ok, cols, col_ok, C):
+    """h[rows, cols] += round(acc + bias), rounded again, in place: a residual add."""
+    out = (acc + bias[None, :]).to(h_ptr.dtype.element_ty)
+    ptrs = h_ptr + rows[:, None] * C + cols[None, :]
+    mask = row_ok[:, None] & col_ok[None, :]
+    h = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(ptrs, (out.to(tl.float32) + h.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, tok_ptr, pos_ptr, h_ptr, qkv_ptr,
+              kv_ptr, wait_ptr, wait_target, M, C, vocab_rows, pos_rows, eps, stride_n, stride_k, stride_wte_n,
+              stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
+              stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+              K_C: tl.constexpr, N_QKV: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+    cols = tile * N_QKV + tl.arange(0, N_QKV)
+    col_ok = cols < 3 * C
+    ks = tl.arange(0, K_C)
+    k_ok = ks < C
+    w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
+    bias = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    ln_w, ln_b = _ln_params(ln_w_ptr, ln_b_ptr, ks, k_ok, True, True)
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    row_ok = rows < M
+    pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
+    if layer > 0:
+        _wait_until(wait_ptr, wait_target, BACKOFF)
+        acc = _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, C, eps, BLOCK_M)
+    else:  # h = wte[tok] + wpe[pos], gathered (nothing to wait for: no item writes the tables)
+        acc = tl.zeros([BLOCK_M, N_QKV], tl.float32)
+        for m in range(M):
+            row = m + tl.arange(0, 1).to(tl.int64)
+            row_ok1 = row < M
+            mask = row_ok1[:, None] & k_ok[None, :]
+            t_row, t_ok = _table_rows(tok_ptr, row, row_ok1, vocab_rows, True)
+            p_row, p_ok = _table_rows(pos_ptr, row, row_ok1, pos_rows, True)
+            a = tl.load(wte_ptr + t_row[:, None] * stride_wte_n + ks[None, :] * stride_wte_k,
+                        mask=t_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            a += tl.load(wpe_ptr + p_row[:, None] * stride_wpe_n + ks[None, :] * stride_wpe_k,
+                         mask=p_ok[:, None] & k_ok[None, :], other=0.0)  # fmt: skip
+            if tile == 0:
+                tl.store(h_ptr + row[:, None] * C + ks[None, :], a, mask=mask)
+            a = _normalised_row(a, ks, mask, C, eps, ln_w, ln_b, True, True)
+            acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1))
+    _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, qkv_ptr, kv_ptr, 3 * C, stride_kv_which, stride_kv_b,
+              stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, 1, True, False, True)  # fmt: skip
+
+
+@triton.jit
+def _attention_item(r, qkv_ptr, kv_ptr, seqlens_ptr, part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk,
+                    qk_scale, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len,
+                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Item r = (row m, head, chunk c): positions [c chunk, min((c + 1) chunk, len_m)) in base-2
+    units, s_j = q . k_j * scale * log2(e); stores o = sum_j 2^(s_j - mx) v_j / l and lse = mx +
+    log2(l), l = sum_j 2^(s_j - mx) (0 and -inf for a chunk past the row's length)."""
+    m = r // (n_head * n_chunks)
+    head = (r // n_chunks) % n_head
+    c = r % n_chunks
+    d = tl.arange(0, HEAD_DIM)
+    length = tl.minimum(tl.maximum(tl.load(seqlens_ptr + m), 0), kv_len)
+    start = c * chunk
+    end = tl.minimum(start + chunk, length)
+    q = tl.load(qkv_ptr + m * 3 * C + head * HEAD_DIM + d, cache_modifier=".cg").to(tl.float32) * qk_scale
+    k_base = kv_ptr + m.to(tl.int64) * stride_kv_b + head.to(tl.int64) * stride_kv_h
+    v_base = k_base + stride_kv_which
+    mx = tl.full([], float("-inf"), tl.float32)
+    l_sum = tl.zeros([], tl.float32)
+    acc = tl.zeros([HEAD_DIM], tl.float32)
+    for n0 in range(start, end, BLOCK_N):
+        ns = n0 + tl.arange(0, BLOCK_N)
+        ok = ns < end
+        offs = ns.to(tl.int64)[:, None] * stride_kv_s + d[None, :]
+        k = tl.load(k_base + offs, mask=ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+        s = tl.where(ok, tl.sum(k * q[None, :], axis=1), float("-inf"))
+        new = tl.maximum(mx, tl.max(s, axis=0))  # finite: the block has a position
+        alpha = tl.exp2(mx - new)
+        p = tl.exp2(s - new)
+        v = tl.load(v_base + offs, mask=ok[:, None], other=0.0, cache_modifier=".cg").to(tl.float32)
+        l_sum = l_sum * alpha + tl.sum(p, axis=0)
+        acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
+        mx = new
+    seen = l_sum > 0
+    part = (m * n_head + head) * n_chunks + c
+    tl.store(part_o_ptr + part * HEAD_DIM + d, tl.where(seen, acc / tl.where(seen, l_sum, 1.0), 0.0))
+    tl.store(part_lse_ptr + part, tl.where(seen, mx + tl.log2(tl.where(seen, l_sum, 1.0)), float("-inf")))
+
+
+@triton.jit
+def _merged_heads(part_o_ptr, part_lse_ptr, m, row_ok, n_head, n_chunks, HEADS_P: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
+    """Row m's attention output, (HEADS_P * HEAD_DIM,) in DTYPE: each head's chunks merged by
+    their log2-sum-exps, the heads side by side (0 for a head that saw nothing, and past n_head)."""
+    heads = tl.arange(0, HEADS_P)
+    d = tl.arange(0, HEAD_DIM)
+    head_ok = (heads < n_head) & row_ok
+    mx = tl.full([HEADS_P], float("-inf"), tl.float32)
+    den = tl.zeros([HEADS_P], tl.float32)
+    o = tl.zeros([HEADS_P, HEAD_DIM], tl.float32)
+    for c in range(n_chunks):
+        part = (m * n_head + heads) * n_chunks + c
+        lse = tl.load(part_lse_ptr + part, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
+        o_c = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=head_ok[:, None], other=0.0,
+                      cache_modifier=".cg")  # fmt: skip
+        new = tl.maximum(mx, lse)
+        alive = new > float("-inf")
+        a = tl.where(alive, tl.exp2(mx - tl.where(alive, new, 0.0)), 0.0)
+        b = tl.where(alive, tl.exp2(lse - tl.where(alive, new, 0.0)), 0.0)
+        den = den * a + b
+        o = o * a[:, None] + o_c * b[:, None]
+        mx = new
+    y = tl.where(den[:, None] > 0, o / tl.where(den > 0, den, 1.0)[:, None], 0.0).to(DTYPE)
+    return tl.reshape(y, [HEADS_P * HEAD_DIM])
+
+
+@triton.jit
+def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, wait_ptr, wait_target, M, C, N, eps, stride_n,
+             stride_k, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr, K_C: tl.constexpr,
+             BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+    """Columns [tile BLOCK_N, (tile + 1) BLOCK_N) of act(LN(h) @ W.T + b) into out (M, N), once
+    the count at wait_ptr reaches wait_target (c_fc with its GELU; lm_head)."""
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, K_C)
+    k_ok = ks < C
+    w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
+    ln_w, ln_b = _ln_params(ln_w_ptr, ln_b_ptr, ks, k_ok, True, True)
+    bias = tl.zeros([BLOCK_N], tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    _wait_until(wait_ptr, wait_target, BACKOFF)
+    acc = _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, C, eps, BLOCK_M) + bias[None, :]
+    if GELU_TANH:
+        acc = _gelu_tanh(acc)
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & col_ok[None, :])  # fmt: skip
+
+
+@triton.jit
+def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, wait_ptr, wait_target, M, C, n_head, n_chunks,
+               stride_n, stride_k, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P: tl.constexpr,
+               K_C: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+    """Columns of the attention's c_proj, y @ W.T + b, added to h: y each row's heads merged."""
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    ks = tl.arange(0, K_C)
+    w = _weight_tile(w_ptr, cols, col_ok, ks, ks < C, stride_n, stride_k)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    _wait_until(wait_ptr, wait_target, BACKOFF)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for m in range(M):
+        y = _merged_heads(part_o_ptr, part_lse_ptr, m, m < M, n_head, n_chunks, HEADS_P, HEAD_DIM,
+                          h_ptr.dtype.element_ty)  # fmt: skip
+        acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * y.to(tl.float32)[None, :], axis=1))
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
+
+
+@triton.jit
+def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, wait_ptr, wait_target, M, C, F, stride_n, stride_k,
+              BLOCK_M: tl.constexpr, K_F: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+    """Columns of the MLP's c_proj, f @ W.T + b (f (M, F)), added to h."""
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < C
+    ks = tl.arange(0, K_F)
+    k_ok = ks < F
+    w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
+    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    _wait_until(wait_ptr, wait_target, BACKOFF)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for m in range(M):
+        a = tl.load(f_ptr + m * F + ks, mask=(m < M) & k_ok, other=0.0, cache_modifier=".cg")
+        acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1))
+    rows = tl.arange(0, BLOCK_M).to(tl.int64)
+    _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
+
+
+@triton.jit
+def _step_kernel(
+    table_ptr,  # (n_layer, 12) int64: each layer's weight addresses (fastgpt.ops.step.LAYER_WEIGHTS' order)
+    wte_ptr,  # (vocab_rows, C) strides (stride_wte_n, stride_wte_k)
+    wpe_ptr,  # (pos_rows, C) strides (stride_wpe_n, stride_wpe_k)
+    lnf_w_ptr, lnf_b_ptr,  # (C,) each
+    head_ptr,  # (V, C) strides (stride_head_n, stride_head_k): lm_head's weight
+    tok_ptr, pos_ptr,  # (M,) int64: each row's token and its position (wpe's row and the cache slot)
+    seqlens_ptr,  # (M,) int32: row m attends to cache positions [0, seqlens[m]) (clamped to [0, kv_len])
+    kv_ptr,  # (n_layer, 2, B >= M, n_head, kv_len, HEAD_DIM), unit last stride
+    h_ptr,  # (M, C) scratch: the residual stream
+    qkv_ptr,  # (M, 3 C) scratch
+    part_o_ptr,  # (M, n_head, n_chunks, HEAD_DIM) fp32 scratch
+    part_lse_ptr,  # (M, n_head, n_chunks) fp32 scratch
+    f_ptr,  # (M, F) scratch: the MLP's hidden rows
+    logits_ptr,  # (M, V) output
+    sync_ptr,  # (_SYNC_HEAD + _STAGES n_layer,) int32 zeros; zeros again after
+    M, C, F, V, n_layer, n_head, vocab_rows, pos_rows, kv_len, n_chunks, chunk, eps, qk_scale,
+    stride_kv_layer, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s,
+    stride_attn_n, stride_attn_k, stride_proj_n, stride_proj_k, stride_fc_n, stride_fc_k,
+    stride_out_n, stride_out_k, stride_head_n, stride_head_k, stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k,
+    DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P: tl.constexpr, K_C: tl.constexpr,
+    K_F: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr, N_OUT: tl.constexpr,
+    N_HEAD: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, SYNC_P: tl.constexpr, BACKOFF: tl.constexpr,
+):  # fmt: skip
+    t_qkv = tl.cdiv(3 * C, N_QKV)
+    t_attn = M * n_head * n_chunks
+    t_proj = tl.cdiv(C, N_PROJ)
+    t_fc = tl.cdiv(F, N_FC)
+    t_out = tl.cdiv(C, N_OUT)
+    ends = (t_qkv, t_qkv + t_attn, t_qkv + t_attn + t_proj, t_qkv + t_attn + t_proj + t_fc)
+    per_layer = ends[3] + t_out
+    total = n_layer * per_layer + tl.cdiv(V, N_HEAD)
+    counts = sync_ptr + _SYNC_HEAD  # counts[_STAGES layer + stage]: its items done
+
+    item = tl.atomic_add(sync_ptr, 1)
+    while item < total:
+        layer = item // per_layer
+        r = item - layer * per_layer
+        weights = table_ptr + layer * 12
+        if layer >= n_layer:  # lm_head, after the last layer
+            _ln_item(item - n_layer * per_layer, head_ptr, head_ptr, lnf_w_ptr, lnf_b_ptr, h_ptr, logits_ptr,
+                     counts + _STAGES * n_layer - 1, t_out, M, C, V, eps, stride_head_n, stride_head_k, False, False,
+                     BLOCK_M, K_C, N_HEAD, BACKOFF)  # fmt: skip
+        elif r < ends[0]:  # qkv
+            _qkv_item(r, layer, _at(weights, 2, DTYPE), _at(weights, 3, DTYPE),
+                      _at(weights, 0, DTYPE), _at(weights, 1, DTYPE), wte_ptr, wpe_ptr, tok_ptr,
+                      pos_ptr, h_ptr, qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer,
+                      counts + _STAGES * layer - 1, t_out, M, C, vocab_rows, pos_rows, eps, stride_attn_n,
+                      stride_attn_k, stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
+                      stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M, HEAD_DIM, K_C, N_QKV,
+                      BACKOFF)  # fmt: skip
+            _count_done(counts + _STAGES * layer)
+        elif r < ends[1]:  # attention
+            _wait_until(counts + _STAGES * layer, t_qkv, BACKOFF)
+            _attention_item(r - ends[0], qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer, seqlens_ptr,
+                            part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk, qk_scale, stride_kv_which,
+                            stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, ATTN_BLOCK_N)  # fmt: skip
+            _count_done(counts + _STAGES * layer + 1)
+        elif r < ends[2]:  # attention c_proj, added to h
+            _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), part_o_ptr,
+                       part_lse_ptr, h_ptr, counts + _STAGES * layer + 1, t_attn, M, C, n_head, n_chunks,
+                       stride_proj_n, stride_proj_k, BLOCK_M, HEAD_DIM, HEADS_P, K_C, N_PROJ, BACKOFF)  # fmt: skip
+            _count_done(counts + _STAGES * layer + 2)
+        elif r < ends[3]:  # c_fc + GELU
+            _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE),
+                     _at(weights, 6, DTYPE), _at(weights, 7, DTYPE), h_ptr, f_ptr,
+                     counts + _STAGES * layer + 2, t_proj, M, C, F, eps, stride_fc_n, stride_fc_k, True, True,
+                     BLOCK_M, K_C, N_FC, BACKOFF)  # fmt: skip
+            _count_done(counts + _STAGES * layer + 3)
+        else:  # MLP c_proj, added to h
+            _out_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
+                      counts + _STAGES * layer + 3, t_fc, M, C, F, stride_out_n, stride_out_k, BLOCK_M, K_F, N_OUT,
+                      BACKOFF)  # fmt: skip
+            _count_done(counts + _STAGES * layer + 4)
+        item = tl.atomic_add(sync_ptr, 1)
+
+    # Leave; the last program out zeroes the counters (every other one has read its last).
+    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+        offs = tl.arange(0, SYNC_P)
+        tl.store(sync_ptr + offs, tl.zeros([SYNC_P], tl.int32), mask=offs < _SYNC_HEAD + _STAGES * n_layer)
+
+
+class StepWeights(NamedTuple):
+    """A model's weights as the step kernel reads them (step_weights makes it)."""
+
+    table: torch.Tensor  # (n_layer, 12) int64 on the weights' device: each layer's addresses
+    strides: tuple[int, ...]  # (n, k) strides of c_attn, attention c_proj, c_fc, MLP c_proj, lm_head
+    tensors: tuple  # what the table points into, kept alive with it
+    key: tuple  # the addresses and strides it was made from (still_valid)
+
+
+def _layer_strides(layers: list[tuple], head: torch.Tensor) -> tuple[int, ...] | None:
+    """The weights' (n, k) strides by kind, or None where a kind's differ between layers."""
+    strides = []
+    for i in (2, 4, 8, 10):
+        kind = {layer[i].stride() for layer in layers}
+        if len(kind) != 1:
+            return None
+        strides += kind.pop()
+    return (*strides, *head.stride())
+
+
+def step_weights(layers: list[tuple], head: torch.Tensor) -> StepWeights | None:
+    """The table of `layers` (each a block's 12 weights, fastgpt.ops.step.LAYER_WEIGHTS, checked there)
+    and head (lm_head's weight); None where the kernel cannot take them: a kind of weight laid
+    out differently in different layers (it takes one pair of strides a kind), a tensor not
+    16-byte aligned (it loads the rows 16 bytes at a time), or a vector with a stride."""
+    strides = _layer_strides(layers, head)
+    tensors = tuple(t for layer in layers for t in layer)
+    if strides is None or any(t.data_ptr() % 16 or (t.dim() == 1 and t.stride(0) != 1) for t in tensors):
+        return None
+    table = torch.tensor([[t.data_ptr() for t in layer] for layer in layers], dtype=torch.int64).to(head.device)
+    return StepWeights(table, strides, tensors + (head,), _key(layers, head))
+
+
+def _key(layers: list[tuple], head: torch.Tensor) -> tuple:
+    return tuple(t.data_ptr() for layer in layers for t in layer) + (head.data_ptr(),) + (_layer_strides(layers, head),)
+
+
+def still_valid(weights: StepWeights, layers: list[tuple], head: torch.Tensor) -> bool:
+    """Whether weights' table still points where `layers` and head are (no parameter replaced)."""
+    return weights.key == _key(layers, head)
+
+
+def sync_buffer(n_layer: int, device) -> torch.Tensor:
+    """The counters one step kernel takes: zeros, and zeros again after each launch (one stream at a time)."""
+    return torch.zeros(SYNC_HEAD + STAGES * n_layer, dtype=torch.int32, device=device)
+
+
+def tile_columns(N: int, K: int, element_size: int, tile_bytes: int) -> int:
+    """Columns of an item holding whole weight rows of K (rounded up to a power of two): as many
+    as fit tile_bytes, a power of two, at least one and at most N rounded up."""
+    row_bytes = next_power_of_2(K) * element_size
+    fit = 1 << max(0, (tile_bytes // row_bytes).bit_length() - 1)
+    return min(fit, next_power_of_2(N))
+
+
+def attention_chunks(rows: int, n_head: int, kv_len: int, programs: int, block_n: int) -> tuple[int, int]:
+    """(n_chunks, chunk): each row's cache in n_chunks chunks of `chunk` positions (a multiple of
+    block_n), about one attention item a program in all, at most ATTN_MAX_CHUNKS a row."""
+    want = max(1, min(ATTN_MAX_CHUNKS, cdiv(programs, rows * n_head)))
+    chunk = max(block_n, cdiv(cdiv(max(kv_len, 1), want), block_n) * block_n)
+    return cdiv(max(kv_len, 1), chunk), chunk
+
+
+def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps: float, sync) -> torch.Tensor:
+    """GPT-2's decode step for M = tok.shape[0] <= MAX_ROWS rows, one token each: logits (M, V).
+
+    tok, pos (M,) int64: the tokens and their positions (wpe's row, and the cache slot their k and
+    v go to; neither written nor read outside the table or the cache); seqlens (M,) int32: row m
+    attends to cache positions [0, seqlens[m]) (pos + 1 in a decode step). kv (n_layer, 2, B,
+    n_head, S, D), B >= M, unit last stride, D a power of two: row m's cache is kv[:, :, m]. The
+    weights: `weights` (step_weights), wte (vocab, C) and wpe (positions, C), ln_f its
+    (weight, bias); all one dtype with kv. eps: every LayerNorm's. sync: sync_buffer's counters.
+    The MLP's activation is GELU's tanh form (GPT-2's), and every LayerNorm and matmul but lm_head has a bias.
+    """
+    M = tok.shape[0]
+    n_layer, _, _, n_head, S, D = kv.shape
+    C, F, V = n_head * D, weights.tensors[8].shape[0], weights.tensors[-1].shape[0]
+    es = kv.element_size()
+    on_gpu = kv.is_cuda
+    programs = sm_count(kv.device.index) * PROGRAMS_PER_SM if on_gpu else _INTERPRETER_PROGRAMS
+    block_n = ATTN_BLOCK_N if on_gpu else _INTERPRETER_BLOCK_N
+    chunk_programs = programs if on_gpu else _INTERPRETER_SMS * PROGRAMS_PER_SM
+    n_chunks, chunk = attention_chunks(M, n_head, S, chunk_programs, block_n)
+    empty = lambda *shape, dtype=kv.dtype: torch.empty(shape, dtype=dtype, device=kv.device)  # noqa: E731
+    logits = empty(M, V)
+    scratch = (empty(M, C), empty(M, 3 * C), empty(M, n_head, n_chunks, D, dtype=torch.float32),
+               empty(M, n_head, n_chunks, dtype=torch.float32), empty(M, F))  # fmt: skip
+    qk_scale = math.log2(math.e) / math.sqrt(D)
+    columns = dict(
+        N_QKV=tile_columns(3 * C, C, es, TILE_BYTES), N_PROJ=tile_columns(C, C, es, TILE_BYTES),
+        N_FC=tile_columns(F, C, es, TILE_BYTES), N_OUT=tile_columns(C, F, es, TILE_BYTES),
+        N_HEAD=tile_columns(V, C, es, HEAD_TILE_BYTES),
+    )  # fmt: skip
+    _step_kernel[(programs,)](
+        weights.table, wte, wpe, *ln_f, weights.tensors[-1], tok, pos, seqlens, kv, *scratch, logits, sync,
+        M, C, F, V, n_layer, n_head, wte.shape[0], wpe.shape[0], S, n_chunks, chunk, float(eps), qk_scale,
+        *kv.stride()[:5], *weights.strides, *wte.stride(), *wpe.stride(),
+        DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, HEADS_P=next_power_of_2(n_head),
+        K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
+        SYNC_P=next_power_of_2(SYNC_HEAD + STAGES * n_layer), BACKOFF=on_gpu, num_warps=NUM_WARPS, num_stages=1,
+    )  # fmt: skip
+    return logits

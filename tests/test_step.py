@@ -1,0 +1,303 @@
+"""fastgpt.ops.step (GPT-2's decode step as one persistent kernel, kernels/step.py) against GPT's
+fused step (fastgpt.ops.linear and decode attention), which the rest of the suite holds to the
+reference.
+
+On a CPU the kernel runs in Triton's interpreter (fp32/fp16, tiny models), whose programs run one
+after another: the first takes every item. The `gpu` cases add bf16, GPT-2's sizes, the grid's
+programs at once and CUDA-graph capture.
+"""
+
+import pytest
+import torch
+
+from fastgpt import BackendUnavailableError
+from fastgpt.generate import KVCache
+from fastgpt.model import GPT, GPTConfig
+from fastgpt.ops import step
+from tests.gpu_compile import compile_for, load_kernel_module, run_compile_check
+from tests.helpers import assert_close
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_model(device, dtype=torch.float32, *, n_embd=64, n_head=4, n_layer=2, out_in=False, **extra):
+    """A random GPT-2 (wide initial weights, so that greedy ties are unlikely) on the triton backend.
+    out_in: the (out, in) weight order GPT keeps on a GPU (a CPU's is (in, out))."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=384, n_positions=96, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
+                                     initializer_range=0.2, bos_token_id=None, eos_token_id=None, **extra)  # fmt: skip
+    model = GPT.from_hf(transformers.GPT2LMHeadModel(config).eval()).to(device=device, dtype=dtype)
+    if out_in:
+        for w in model.parameters():
+            w.data = w.data.contiguous()
+    model.backend = "triton"
+    return model
+
+
+def run_steps(model, idx, prompt, length, persistent):
+    """Prefill idx[:, :prompt], then decode the rest of idx one token a step: (logits (steps, B, V), kv)."""
+    model.persistent_decode = persistent
+    B = idx.shape[0]
+    cache = KVCache(model.config, B, length, model.transformer.wte.weight.dtype, idx.device)
+    model.prefill(idx[:, :prompt], cache, last=torch.full((B,), prompt - 1, device=idx.device))
+    with torch.inference_mode():
+        steps = [model.decode(idx[:, t], torch.full((B,), t, device=idx.device), cache)
+                 for t in range(prompt, idx.shape[1])]  # fmt: skip
+    assert not cache.step_sync.any()  # the kernel leaves its counters zero
+    return torch.stack(steps), cache.kv
+
+
+@pytest.mark.parametrize("B", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("out_in", [False, True], ids=["in_out", "out_in"])
+def test_matches_the_fused_step(out_in, dtype, B, device, poisoned_empty):
+    """Logits and cache of a few steps: one token a row (5 rows: padded to the kernel's 8), a cache
+    of 40 positions in several chunks (the interpreter's 16-position blocks), the scratch poisoned."""
+    model = tiny_model(device, dtype, out_in=out_in)
+    idx = torch.randint(0, 384, (B, 14), device=device)
+    assert model._persistent_decode(B, torch.device(device)) is False  # off unless set
+    fused, kv_fused = run_steps(model, idx, 11, 40, persistent=False)
+    logits, kv = run_steps(model, idx, 11, 40, persistent=True)
+    assert model._persistent_decode(B, torch.device(device))
+    assert logits.dtype == dtype and logits.shape == fused.shape
+    if dtype == torch.float32:
+        assert_close(logits, fused)
+        assert_close(kv, kv_fused)
+        assert_close(logits[-1], model(idx)[:, -1])  # and the full forward's last position
+    else:  # two fp16 paths round differently: each within twice the fused step's error of fp32's
+        ref, kv_ref = run_steps(model.float(), idx, 11, 40, persistent=False)  # the same weights, in fp32
+        for ours, theirs, exact in ((logits, fused, ref), (kv, kv_fused, kv_ref)):
+            error, fused_error = ((t.float() - exact).abs().max().item() for t in (ours, theirs))
+            assert error <= 2 * fused_error + 1e-3, (error, fused_error)
+
+
+def test_rows_of_different_lengths_and_a_first_token(device):
+    """Each row attends to its own length: rows at positions 0, 7 and 30 of a 33-position cache
+    (chunks past a row's length are empty), against the fused step."""
+    model = tiny_model(device, n_layer=1)
+    B, S = 3, 33
+    pos = torch.tensor([0, 7, 30], device=device)
+    tok = torch.randint(0, 384, (B,), device=device)
+    results = []
+    for persistent in (False, True):
+        model.persistent_decode = persistent
+        torch.manual_seed(1)
+        cache = KVCache(model.config, B, S, torch.float32, device)
+        cache.kv.normal_()  # stale k and v beyond each row's length must not be read
+        with torch.inference_mode():
+            results.append((model.decode(tok, pos, cache), cache.kv.clone()))
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1], results[0][1])
+
+
+def test_ids_and_slots_outside_the_tables(device):
+    """A token id past the vocabulary and a position past wpe (and the cache) read zeros and write
+    no slot, as the fused step does; the other rows are untouched by them."""
+    model = tiny_model(device, n_layer=1)
+    B, S = 3, 100  # the cache holds slot 96, one past wpe's 96 rows
+    tok = torch.tensor([5, 384, 7], device=device)  # 384: one past the vocabulary
+    pos = torch.tensor([3, 4, 96], device=device)
+    results = []
+    for persistent in (False, True):
+        model.persistent_decode = persistent
+        cache = KVCache(model.config, B, S, torch.float32, device)
+        with torch.inference_mode():
+            results.append((model.decode(tok, pos, cache), cache.kv.clone()))
+    assert_close(results[1][0], results[0][0])
+    assert_close(results[1][1], results[0][1])
+    assert results[1][1][:, :, 2, :, 96].any()  # row 2's token went to its slot
+
+
+def test_greedy_generation_matches(device):
+    """generate with the persistent step: the same tokens as the fused step (a batch of 2 with
+    left padding, so that rows sit at different positions)."""
+    model = tiny_model(device)
+    idx = torch.randint(0, 384, (2, 6), device=device)
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]], device=device)
+    model.persistent_decode = False
+    expected = model.generate(idx, 7, attention_mask=mask)
+    model.persistent_decode = True
+    assert torch.equal(model.generate(idx, 7, attention_mask=mask), expected)
+
+
+def test_where_it_runs(device):
+    """Only where switched on, for one token a row, up to MAX_ROWS rows, on the triton backend,
+    GPT-2's tanh GELU, a power-of-two head dim, and weights it can read."""
+    dev = torch.device(device)
+    model = GPT(GPTConfig(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2)).to(device)
+    model.persistent_decode = True
+    assert model._persistent_decode(1, dev) == (device == "cuda")  # auto: triton on a GPU only
+    model.backend = "triton"
+    assert model._persistent_decode(step.MAX_ROWS, dev) and not model._persistent_decode(step.MAX_ROWS + 1, dev)
+    for backend in ("torch", "cuda"):
+        model.backend = backend
+        assert not model._persistent_decode(1, dev)
+    model.backend = "triton"
+    model.half()  # a new place for every weight: the table is made again
+    assert model._persistent_decode(1, dev)
+    if device == "cpu":
+        model.bfloat16()  # the interpreter has no bf16
+        assert not model._persistent_decode(1, dev)
+    exact = GPT(GPTConfig(vocab_size=32, n_positions=16, n_embd=32, n_layer=1, n_head=2, activation_function="gelu"))
+    exact.backend, exact.persistent_decode = "triton", True
+    assert not exact._persistent_decode(1, torch.device("cpu"))
+    odd = GPT(GPTConfig(vocab_size=32, n_positions=16, n_embd=48, n_layer=1, n_head=2))  # head dim 24
+    odd.backend, odd.persistent_decode = "triton", True
+    assert not odd._persistent_decode(1, torch.device("cpu"))
+
+
+def _layers(model):
+    return [tuple(block.get_parameter(name) for name in step.LAYER_WEIGHTS) for block in model.transformer.h]
+
+
+def test_step_weights_refuses_what_the_kernel_cannot_read():
+    model = tiny_model("cpu")
+    layers, head = _layers(model), model.lm_head.weight
+    weights = step.step_weights(layers, head)
+    assert weights is not None and weights.table.shape == (2, 12)
+    assert step.still_valid(weights, layers, head)
+    moved = [list(layer) for layer in layers]
+    moved[1][2] = moved[1][2].clone()  # a new place for layer 1's c_attn weight
+    assert not step.still_valid(weights, [tuple(layer) for layer in moved], head)
+    moved[1][2] = moved[1][2].contiguous()  # (out, in) in layer 1, (in, out) in layer 0: two layouts of one kind
+    assert step.step_weights([tuple(layer) for layer in moved], head) is None
+    odd = [list(layer) for layer in layers]
+    odd[0][1] = torch.empty(65)[1:].copy_(odd[0][1])  # ln_1's bias 4 bytes past an aligned start
+    assert step.step_weights([tuple(layer) for layer in odd], head) is None
+    short = [list(layer) for layer in layers]
+    short[0][5] = short[0][5][:-1]
+    with pytest.raises(ValueError, match=r"layers\[0\] attn.c_proj.bias must have shape"):
+        step.step_weights([tuple(layer) for layer in short], head)
+    with pytest.raises(TypeError, match="layers"):
+        step.step_weights([tuple(t.half() for t in layers[0])], head)
+    with pytest.raises(ValueError, match="12 tensors"):
+        step.step_weights([layers[0][:11]], head)
+
+
+def test_checks_its_arguments():
+    """Each argument refused with its name, before any launch."""
+    model = tiny_model("cpu")
+    t = model.transformer
+    weights = step.step_weights(_layers(model), model.lm_head.weight)
+    cache = KVCache(model.config, 2, 16, torch.float32, "cpu")
+    tok, pos = torch.tensor([1, 2]), torch.tensor([3, 4])
+    seqlens = (pos + 1).int()
+    args = dict(tok=tok, pos=pos, seqlens=seqlens, kv=cache.kv, weights=weights, wte=t.wte.weight, wpe=t.wpe.weight,
+                ln_f=(t.ln_f.weight, t.ln_f.bias), eps=1e-5, sync=cache.step_sync)  # fmt: skip
+    logits = step.decode_step(**args)
+    assert logits.shape == (2, 384)
+    cases = [
+        (dict(tok=torch.zeros(9, dtype=torch.int64), pos=torch.zeros(9, dtype=torch.int64),
+              seqlens=torch.ones(9, dtype=torch.int32)), ValueError, "tok must hold 1 to 2 rows"),
+        (dict(tok=tok[:0]), ValueError, "tok must hold"),
+        (dict(tok=tok.int()), TypeError, "tok"),
+        (dict(seqlens=pos), TypeError, "seqlens"),
+        (dict(pos=pos[:1]), ValueError, "pos must have shape"),
+        (dict(kv=cache.kv[..., :12]), ValueError, "power of two"),
+        (dict(kv=cache.kv.half()), TypeError, "wte"),
+        (dict(kv=cache.kv[:1]), ValueError, "weights must be"),
+        (dict(weights=None), ValueError, "weights must be"),
+        (dict(sync=cache.step_sync[:5]), ValueError, "sync must be"),
+        (dict(sync=cache.step_sync.long()), TypeError, "sync"),
+        (dict(eps=-1.0), ValueError, "eps"),
+        (dict(wpe=t.wpe.weight[:, :32]), ValueError, "wpe must have shape"),
+        (dict(kv=cache.kv.transpose(-1, -2)), ValueError, "unit stride"),
+    ]
+    for change, error, match in cases:
+        with pytest.raises(error, match=match):
+            step.decode_step(**(args | change))
+    bf16 = tiny_model("cpu", torch.bfloat16)
+    tb = bf16.transformer
+    bf16_args = dict(kv=cache.kv.bfloat16(), weights=step.step_weights(_layers(bf16), bf16.lm_head.weight),
+                     wte=tb.wte.weight, wpe=tb.wpe.weight, ln_f=(tb.ln_f.weight, tb.ln_f.bias))  # fmt: skip
+    with pytest.raises(BackendUnavailableError, match="bf16"):
+        step.decode_step(**(args | bf16_args))
+    assert not cache.step_sync.any()
+
+
+def compile_step_variants(arch):
+    """The kernel for sm_<arch> at GPT-2's widths (bf16 and fp32; 1 and MAX_ROWS rows): every
+    weight tile in 16-byte loads, the activations other programs write read from L2 (.cg), the
+    waits acquire loads that back off (nanosleep), and at one bf16 row no spills, in at most 128
+    registers on sm_90 (4 programs an SM; sm_80's build takes 162, 3 an SM)."""
+    import triton.language as tl
+
+    from tests.gpu_compile import ptxas_usage
+
+    mod = load_kernel_module("step")
+    assert mod.MAX_ROWS == step.MAX_ROWS  # the ops layer's copy
+    names = ("wte_ptr", "wpe_ptr", "lnf_w_ptr", "lnf_b_ptr", "head_ptr", "kv_ptr", "h_ptr", "qkv_ptr", "f_ptr",
+             "logits_ptr")  # fmt: skip
+    C, F, V = 768, 3072, 50257
+    for dtype, size, tl_dtype in (("bf16", 2, tl.bfloat16), ("fp32", 4, tl.float32)):
+        ptrs = {name: f"*{dtype}" for name in names} | {"table_ptr": "*i64", "tok_ptr": "*i64", "pos_ptr": "*i64",
+                                                         "seqlens_ptr": "*i32", "part_o_ptr": "*fp32",
+                                                         "part_lse_ptr": "*fp32", "sync_ptr": "*i32"}  # fmt: skip
+        for rows in (1, mod.MAX_ROWS):
+            const = dict(
+                DTYPE=tl_dtype, BLOCK_M=rows, HEAD_DIM=64, HEADS_P=16, K_C=1024, K_F=4096,
+                N_QKV=mod.tile_columns(3 * C, C, size, mod.TILE_BYTES),
+                N_PROJ=mod.tile_columns(C, C, size, mod.TILE_BYTES),
+                N_FC=mod.tile_columns(F, C, size, mod.TILE_BYTES),
+                N_OUT=mod.tile_columns(C, F, size, mod.TILE_BYTES),
+                N_HEAD=mod.tile_columns(V, C, size, mod.HEAD_TILE_BYTES),
+                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, SYNC_P=64, BACKOFF=True,
+                stride_attn_k=1, stride_proj_k=1, stride_fc_k=1, stride_out_k=1, stride_head_k=1,
+                stride_wte_k=1, stride_wpe_k=1,  # the JIT specialises a unit stride
+            )  # fmt: skip
+            kernel = compile_for(mod._step_kernel, ptrs, const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=1,
+                                 scalar_types={"eps": "fp32", "qk_scale": "fp32"}, divisible=("C", "F"))  # fmt: skip
+            ptx, where = kernel.asm["ptx"], (arch, dtype, rows)
+            weight_loads = [line for line in ptx.splitlines() if "ld.global.L1::evict_first" in line]
+            assert weight_loads and all(".v4." in line for line in weight_loads), where
+            assert "ld.global.cg" in ptx and "ld.global.gpu.acquire" in ptx and "nanosleep" in ptx, where
+            if rows == 1 and dtype == "bf16":
+                registers, spills = ptxas_usage(kernel, arch)
+                assert spills == 0 and registers <= (128 if arch >= 90 else 168), (*where, registers, spills)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_compiles_for_gpu(arch):
+    run_compile_check("tests.test_step.compile_step_variants", (arch,))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 4, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_gpt2_sized_step_on_gpu(dtype, B):
+    """GPT-2 124M's shapes, random weights: logits within the dtype's tolerance of the fused step's
+    over 8 steps of a 1024-position cache, rows at different lengths, the cache the same."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig()).to(device="cuda", dtype=dtype)
+    model.backend = "triton"
+    idx = torch.randint(0, 50257, (B, 40), device="cuda")
+    results = []
+    for persistent in (False, True):
+        model.persistent_decode = persistent
+        cache = KVCache(model.config, B, 1024, dtype, "cuda")
+        model.prefill(idx[:, :32], cache, last=torch.full((B,), 31, device="cuda"))
+        with torch.inference_mode():
+            steps = [model.decode(idx[:, t], torch.full((B,), t, device="cuda") - torch.arange(B, device="cuda"),
+                                  cache) for t in range(32, 40)]  # fmt: skip
+        assert not cache.step_sync.any()
+        results.append((torch.stack(steps).float(), cache.kv.float()))
+    assert_close(results[1][0], results[0][0], atol=3e-2, rtol=3e-2)
+    assert_close(results[1][1], results[0][1], atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.gpu
+def test_graphed_generation_on_gpu():
+    """generate captures the persistent step in its CUDA graph: greedy tokens as the fused step's,
+    and the same again on a second call (the counters left zero by every replay)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=4)).to(device="cuda", dtype=torch.float16)
+    model.backend = "triton"
+    idx = torch.randint(0, 50257, (2, 16), device="cuda")
+    expected = model.generate(idx, 48)
+    model.persistent_decode = True
+    first = model.generate(idx, 48)
+    assert torch.equal(model.generate(idx, 48), first)
+    assert (first == expected).float().mean() > 0.9  # fp16 rounding may flip a near tie late in a row
