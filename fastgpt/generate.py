@@ -39,6 +39,7 @@ from fastgpt.model import check_idx
 from fastgpt.ops import _checks
 from fastgpt.ops.linear import COUNTER_COLUMNS
 from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
+from fastgpt.ops.step import sync_entries as step_sync_entries
 from fastgpt.speculative import PromptLookup
 
 CHECK_EVERY = 8  # decode steps between the host's checks for "every row finished"
@@ -56,8 +57,8 @@ class KVCache:
     (B * H,) int32 zeros: the decode attention's, so that it merges its KV splits in the same
     launch (fastgpt.ops.decode.decode_step_attention); every layer's launch leaves them zero.
     linear_counters (cdiv(n_embd, 16),) int32 zeros: the fused step's output projections', with
-    which they may split their K (fastgpt.ops.linear); left zero likewise. step_sync (2 + 5
-    n_layer,) int32 zeros: the persistent step's counters (fastgpt.ops.step), left zero likewise.
+    which they may split their K (fastgpt.ops.linear); left zero likewise. step_sync: int32 zeros,
+    the persistent step's counters (fastgpt.ops.step), left zero likewise.
     graphed: True while the steps over it are being captured in a CUDA graph (a decoder's
     capture, warm-up included), so that auto picks decode attention by its time on the GPU rather
     than by one eager call's."""
@@ -67,7 +68,7 @@ class KVCache:
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.counters = torch.zeros(batch * config.n_head, dtype=torch.int32, device=device)
         self.linear_counters = torch.zeros(-(-config.n_embd // COUNTER_COLUMNS), dtype=torch.int32, device=device)
-        self.step_sync = torch.zeros(2 + 5 * config.n_layer, dtype=torch.int32, device=device)
+        self.step_sync = torch.zeros(step_sync_entries(config.n_layer), dtype=torch.int32, device=device)
         self.graphed = False
 
     @property

@@ -60,20 +60,33 @@ _INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (
 _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
 _INTERPRETER_BLOCK_N = 16
 STAGES = 5  # items of a layer: qkv, attention, attention c_proj, c_fc, MLP c_proj
-SYNC_HEAD = 2  # sync's first entries: the next item, the programs that have left; then a count per stage
-_STAGES, _SYNC_HEAD = tl.constexpr(STAGES), tl.constexpr(SYNC_HEAD)  # the kernel's copies
+# sync's entries: the next item, the programs that have left, GAVE_UP (a wait gave up: never in a
+# correct step, and left set), then from SYNC_HEAD a count of the items done per (layer, stage).
+GAVE_UP = 2
+SYNC_HEAD = 3
+_STAGES, _SYNC_HEAD, _GAVE_UP = tl.constexpr(STAGES), tl.constexpr(SYNC_HEAD), tl.constexpr(GAVE_UP)  # the kernel's
+_GPU_MAX_SPINS = tl.constexpr(1 << 23)  # a wait's reads at most: over a second at 256 ns of sleep each
+_INTERPRETER_MAX_SPINS = tl.constexpr(100)  # the interpreter's first program has every item: it never waits
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
-def _wait_until(count_ptr, target, BACKOFF: tl.constexpr):
-    """Spin until *count_ptr reaches target (acquire: what was written before each count is seen)."""
+def _wait_until(sync_ptr, index, target, BACKOFF: tl.constexpr):
+    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + index]) reaches target
+    (acquire: what was written before each count is seen). A bound on the spins (seconds on a
+    GPU; a correct step never waits there) turns a bug that would hang into a wrong result
+    and sync_ptr[GAVE_UP] set, which nothing zeroes."""
+    count_ptr = sync_ptr + _SYNC_HEAD + index
     seen = tl.atomic_add(count_ptr, 0, sem="acquire")
-    while seen < target:
+    spins = 0
+    while (seen < target) & (spins < (_GPU_MAX_SPINS if BACKOFF else _INTERPRETER_MAX_SPINS)):
         if BACKOFF:  # a few hundred cycles off the memory system between reads (sm_70 and later)
             tl.inline_asm_elementwise("nanosleep.u32 256; // $0 $1", "=r,r", [seen], dtype=tl.int32, is_pure=False,
                                       pack=1)  # fmt: skip
         seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+        spins += 1
+    if seen < target:
+        tl.atomic_xchg(sync_ptr + _GAVE_UP, 1)
 
 
 @triton.jit
@@ -127,10 +140,10 @@ def _add_to_stream(acc, bias, h_ptr, rows, row_ok, cols, col_ok, C):
 
 @triton.jit
 def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, tok_ptr, pos_ptr, h_ptr, qkv_ptr,
-              kv_ptr, wait_ptr, wait_target, M, C, vocab_rows, pos_rows, eps, stride_n, stride_k, stride_wte_n,
-              stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
-              stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-              K_C: tl.constexpr, N_QKV: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+              kv_ptr, sync_ptr, wait_index, wait_target, M, C, vocab_rows, pos_rows, eps, stride_n, stride_k,
+              stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which, stride_kv_b, stride_kv_h,
+              stride_kv_s, kv_len, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, K_C: tl.constexpr,
+              N_QKV: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
     cols = tile * N_QKV + tl.arange(0, N_QKV)
     col_ok = cols < 3 * C
     ks = tl.arange(0, K_C)
@@ -142,7 +155,7 @@ def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, t
     row_ok = rows < M
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     if layer > 0:
-        _wait_until(wait_ptr, wait_target, BACKOFF)
+        _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
         acc = _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, C, eps, BLOCK_M)
     else:  # h = wte[tok] + wpe[pos], gathered (nothing to wait for: no item writes the tables)
         acc = tl.zeros([BLOCK_M, N_QKV], tl.float32)
@@ -231,11 +244,12 @@ def _merged_heads(part_o_ptr, part_lse_ptr, m, row_ok, n_head, n_chunks, HEADS_P
 
 
 @triton.jit
-def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, wait_ptr, wait_target, M, C, N, eps, stride_n,
+def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, sync_ptr, wait_index, wait_target, M, C, N, eps,
+             stride_n,
              stride_k, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr, K_C: tl.constexpr,
              BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
     """Columns [tile BLOCK_N, (tile + 1) BLOCK_N) of act(LN(h) @ W.T + b) into out (M, N), once
-    the count at wait_ptr reaches wait_target (c_fc with its GELU; lm_head)."""
+    stage wait_index has wait_target items done (c_fc with its GELU; lm_head)."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, K_C)
@@ -245,7 +259,7 @@ def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, wait_ptr
     bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _wait_until(wait_ptr, wait_target, BACKOFF)
+    _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
     acc = _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, C, eps, BLOCK_M) + bias[None, :]
     if GELU_TANH:
         acc = _gelu_tanh(acc)
@@ -255,7 +269,8 @@ def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, wait_ptr
 
 
 @triton.jit
-def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, wait_ptr, wait_target, M, C, n_head, n_chunks,
+def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, sync_ptr, wait_index, wait_target, M, C, n_head,
+               n_chunks,
                stride_n, stride_k, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P: tl.constexpr,
                K_C: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
     """Columns of the attention's c_proj, y @ W.T + b, added to h: y each row's heads merged."""
@@ -264,7 +279,7 @@ def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, wait_ptr,
     ks = tl.arange(0, K_C)
     w = _weight_tile(w_ptr, cols, col_ok, ks, ks < C, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _wait_until(wait_ptr, wait_target, BACKOFF)
+    _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m in range(M):
         y = _merged_heads(part_o_ptr, part_lse_ptr, m, m < M, n_head, n_chunks, HEADS_P, HEAD_DIM,
@@ -275,7 +290,7 @@ def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, wait_ptr,
 
 
 @triton.jit
-def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, wait_ptr, wait_target, M, C, F, stride_n, stride_k,
+def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, sync_ptr, wait_index, wait_target, M, C, F, stride_n, stride_k,
               BLOCK_M: tl.constexpr, K_F: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
     """Columns of the MLP's c_proj, f @ W.T + b (f (M, F)), added to h."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -284,7 +299,7 @@ def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, wait_ptr, wait_target, M, C, 
     k_ok = ks < F
     w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _wait_until(wait_ptr, wait_target, BACKOFF)
+    _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m in range(M):
         a = tl.load(f_ptr + m * F + ks, mask=(m < M) & k_ok, other=0.0, cache_modifier=".cg")
@@ -309,7 +324,7 @@ def _step_kernel(
     part_lse_ptr,  # (M, n_head, n_chunks) fp32 scratch
     f_ptr,  # (M, F) scratch: the MLP's hidden rows
     logits_ptr,  # (M, V) output
-    sync_ptr,  # (_SYNC_HEAD + _STAGES n_layer,) int32 zeros; zeros again after
+    sync_ptr,  # (SYNC_HEAD + STAGES n_layer,) int32 zeros; zeros again after, but GAVE_UP
     M, C, F, V, n_layer, n_head, vocab_rows, pos_rows, kv_len, n_chunks, chunk, eps, qk_scale,
     stride_kv_layer, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s,
     stride_attn_n, stride_attn_k, stride_proj_n, stride_proj_k, stride_fc_n, stride_fc_k,
@@ -335,45 +350,46 @@ def _step_kernel(
         weights = table_ptr + layer * 12
         if layer >= n_layer:  # lm_head, after the last layer
             _ln_item(item - n_layer * per_layer, head_ptr, head_ptr, lnf_w_ptr, lnf_b_ptr, h_ptr, logits_ptr,
-                     counts + _STAGES * n_layer - 1, t_out, M, C, V, eps, stride_head_n, stride_head_k, False, False,
+                     sync_ptr, _STAGES * n_layer - 1, t_out, M, C, V, eps, stride_head_n, stride_head_k, False, False,
                      BLOCK_M, K_C, N_HEAD, BACKOFF)  # fmt: skip
         elif r < ends[0]:  # qkv
             _qkv_item(r, layer, _at(weights, 2, DTYPE), _at(weights, 3, DTYPE),
                       _at(weights, 0, DTYPE), _at(weights, 1, DTYPE), wte_ptr, wpe_ptr, tok_ptr,
                       pos_ptr, h_ptr, qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer,
-                      counts + _STAGES * layer - 1, t_out, M, C, vocab_rows, pos_rows, eps, stride_attn_n,
+                      sync_ptr, _STAGES * layer - 1, t_out, M, C, vocab_rows, pos_rows, eps, stride_attn_n,
                       stride_attn_k, stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
                       stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M, HEAD_DIM, K_C, N_QKV,
                       BACKOFF)  # fmt: skip
             _count_done(counts + _STAGES * layer)
         elif r < ends[1]:  # attention
-            _wait_until(counts + _STAGES * layer, t_qkv, BACKOFF)
+            _wait_until(sync_ptr, _STAGES * layer, t_qkv, BACKOFF)
             _attention_item(r - ends[0], qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer, seqlens_ptr,
                             part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk, qk_scale, stride_kv_which,
                             stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, ATTN_BLOCK_N)  # fmt: skip
             _count_done(counts + _STAGES * layer + 1)
         elif r < ends[2]:  # attention c_proj, added to h
             _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), part_o_ptr,
-                       part_lse_ptr, h_ptr, counts + _STAGES * layer + 1, t_attn, M, C, n_head, n_chunks,
+                       part_lse_ptr, h_ptr, sync_ptr, _STAGES * layer + 1, t_attn, M, C, n_head, n_chunks,
                        stride_proj_n, stride_proj_k, BLOCK_M, HEAD_DIM, HEADS_P, K_C, N_PROJ, BACKOFF)  # fmt: skip
             _count_done(counts + _STAGES * layer + 2)
         elif r < ends[3]:  # c_fc + GELU
             _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE),
                      _at(weights, 6, DTYPE), _at(weights, 7, DTYPE), h_ptr, f_ptr,
-                     counts + _STAGES * layer + 2, t_proj, M, C, F, eps, stride_fc_n, stride_fc_k, True, True,
+                     sync_ptr, _STAGES * layer + 2, t_proj, M, C, F, eps, stride_fc_n, stride_fc_k, True, True,
                      BLOCK_M, K_C, N_FC, BACKOFF)  # fmt: skip
             _count_done(counts + _STAGES * layer + 3)
         else:  # MLP c_proj, added to h
             _out_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
-                      counts + _STAGES * layer + 3, t_fc, M, C, F, stride_out_n, stride_out_k, BLOCK_M, K_F, N_OUT,
+                      sync_ptr, _STAGES * layer + 3, t_fc, M, C, F, stride_out_n, stride_out_k, BLOCK_M, K_F, N_OUT,
                       BACKOFF)  # fmt: skip
             _count_done(counts + _STAGES * layer + 4)
         item = tl.atomic_add(sync_ptr, 1)
 
-    # Leave; the last program out zeroes the counters (every other one has read its last).
+    # Leave; the last program out zeroes the counters (every other one has read its last), not GAVE_UP.
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         offs = tl.arange(0, SYNC_P)
-        tl.store(sync_ptr + offs, tl.zeros([SYNC_P], tl.int32), mask=offs < _SYNC_HEAD + _STAGES * n_layer)
+        keep = (offs == _GAVE_UP) | (offs >= _SYNC_HEAD + _STAGES * n_layer)
+        tl.store(sync_ptr + offs, tl.zeros([SYNC_P], tl.int32), mask=~keep)
 
 
 class StepWeights(NamedTuple):
@@ -418,9 +434,6 @@ def still_valid(weights: StepWeights, layers: list[tuple], head: torch.Tensor) -
     return weights.key == _key(layers, head)
 
 
-def sync_buffer(n_layer: int, device) -> torch.Tensor:
-    """The counters one step kernel takes: zeros, and zeros again after each launch (one stream at a time)."""
-    return torch.zeros(SYNC_HEAD + STAGES * n_layer, dtype=torch.int32, device=device)
 
 
 def tile_columns(N: int, K: int, element_size: int, tile_bytes: int) -> int:
@@ -447,8 +460,10 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
     attends to cache positions [0, seqlens[m]) (pos + 1 in a decode step). kv (n_layer, 2, B,
     n_head, S, D), B >= M, unit last stride, D a power of two: row m's cache is kv[:, :, m]. The
     weights: `weights` (step_weights), wte (vocab, C) and wpe (positions, C), ln_f its
-    (weight, bias); all one dtype with kv. eps: every LayerNorm's. sync: sync_buffer's counters.
-    The MLP's activation is GELU's tanh form (GPT-2's), and every LayerNorm and matmul but lm_head has a bias.
+    (weight, bias); all one dtype with kv. eps: every LayerNorm's. sync: int32 zeros (SYNC_HEAD +
+    STAGES n_layer,), which the kernel leaves zero but sync[GAVE_UP] (set where a wait gave up: a
+    bug). The MLP's activation is GELU's tanh form (GPT-2's), and every LayerNorm and matmul but
+    lm_head has a bias.
     """
     M = tok.shape[0]
     n_layer, _, _, n_head, S, D = kv.shape

@@ -43,7 +43,7 @@ def run_steps(model, idx, prompt, length, persistent):
     with torch.inference_mode():
         steps = [model.decode(idx[:, t], torch.full((B,), t, device=idx.device), cache)
                  for t in range(prompt, idx.shape[1])]  # fmt: skip
-    assert not cache.step_sync.any()  # the kernel leaves its counters zero
+    assert not cache.step_sync.any()  # the kernel leaves its counters zero (and no wait gave up)
     return torch.stack(steps), cache.kv
 
 
@@ -215,6 +215,33 @@ def test_checks_its_arguments():
     assert not cache.step_sync.any()
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # what the unmet waits' items compute is garbage
+def test_a_wait_that_cannot_be_met_gives_up():
+    """A bug that would leave a wait unmet (here: the queue starts past layer 1's qkv items, so
+    nothing counts them) ends the wait after its bound: the step finishes, sync[GAVE_UP] is set
+    and stays set, and the counters are zero again."""
+    from fastgpt.kernels import step as kernel
+
+    model = tiny_model("cpu")
+    t = model.transformer
+    weights = step.step_weights(_layers(model), model.lm_head.weight)
+    cache = KVCache(model.config, 1, 16, torch.float32, "cpu")
+    args = (torch.tensor([1]), torch.tensor([0]), torch.tensor([1], dtype=torch.int32), cache.kv, weights,
+            t.wte.weight, t.wpe.weight, (t.ln_f.weight, t.ln_f.bias), 1e-5, cache.step_sync)  # fmt: skip
+    kernel.decode_step(*args)
+    assert not cache.step_sync.any()
+    items = [-(-n // kernel.tile_columns(n, k, 4, kernel.TILE_BYTES)) for n, k in ((192, 64), (64, 64), (256, 64),
+                                                                                     (64, 256))]  # fmt: skip
+    n_chunks, _ = kernel.attention_chunks(1, 4, 16, kernel._INTERPRETER_SMS * kernel.PROGRAMS_PER_SM,
+                                          kernel._INTERPRETER_BLOCK_N)  # fmt: skip
+    qkv_items = items[0]
+    cache.step_sync[0] = sum(items) + 4 * n_chunks + qkv_items  # layer 1's first attention item
+    kernel.decode_step(*args)
+    assert cache.step_sync[step.GAVE_UP] == 1
+    cache.step_sync[step.GAVE_UP] = 0
+    assert not cache.step_sync.any()
+
+
 def compile_step_variants(arch):
     """The kernel for sm_<arch> at GPT-2's widths (bf16 and fp32; 1 and MAX_ROWS rows): every
     weight tile in 16-byte loads, the activations other programs write read from L2 (.cg), the
@@ -225,7 +252,8 @@ def compile_step_variants(arch):
     from tests.gpu_compile import ptxas_usage
 
     mod = load_kernel_module("step")
-    assert mod.MAX_ROWS == step.MAX_ROWS  # the ops layer's copy
+    assert (mod.MAX_ROWS, mod.GAVE_UP) == (step.MAX_ROWS, step.GAVE_UP)  # the ops layer's copies
+    assert all(step.sync_entries(n) == mod.SYNC_HEAD + mod.STAGES * n for n in (1, 12, 48))
     names = ("wte_ptr", "wpe_ptr", "lnf_w_ptr", "lnf_b_ptr", "head_ptr", "kv_ptr", "h_ptr", "qkv_ptr", "f_ptr",
              "logits_ptr")  # fmt: skip
     C, F, V = 768, 3072, 50257

@@ -13,6 +13,13 @@ from fastgpt import _backends
 from fastgpt.ops import _checks, _dispatch
 
 MAX_ROWS = 8  # kernels/step.py's MAX_ROWS, repeated so that this module imports no Triton
+GAVE_UP = 2  # sync[GAVE_UP]: set by a wait that gave up (kernels/step.py's), which nothing zeroes
+
+
+def sync_entries(n_layer: int) -> int:
+    """The int32 entries of decode_step's sync for a model of n_layer layers (kernels/step.py's
+    SYNC_HEAD + STAGES n_layer)."""
+    return 3 + 5 * n_layer
 LAYER_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                  "mlp.c_proj.weight", "mlp.c_proj.bias")  # fmt: skip  (the order of kernels/step.py's table)
@@ -62,12 +69,12 @@ def decode_step(tok, pos, seqlens, kv, weights, wte, wpe, ln_f, eps: float, sync
     last stride, D a power of two, H D = n_embd: row m's cache is kv[:, :, m]. weights:
     step_weights' (n_layer layers). wte (vocab, C), wpe (positions, C), ln_f (weight, bias) (C,)
     each, eps every LayerNorm's. The MLP's activation is GELU's tanh form (GPT-2's gelu_new).
-    sync: int32 zeros (2 + 5 n_layer,) on kv's device that the caller keeps and the kernel
-    leaves zero; steps sharing them run one at a time (one stream). All tensors on one device,
-    in one dtype (fp16, bf16, fp32; on a CPU, the interpreter's fp16 and fp32).
+    sync: int32 zeros (sync_entries(n_layer),) on kv's device that the caller keeps and the
+    kernel leaves zero; steps sharing them run one at a time (one stream). sync[GAVE_UP] is set
+    where one of the kernel's waits gave up, after over a second: never in a correct step (its
+    output is then wrong), and left set. All tensors on one device, in one dtype (fp16, bf16,
+    fp32; on a CPU, the interpreter's fp16 and fp32).
     """
-    from fastgpt.kernels.step import STAGES, SYNC_HEAD
-
     _checks.tensor("kv", kv, ndim=6, dtypes=_checks.FLOAT_DTYPES)
     device, dtype = kv.device, kv.dtype
     n_layer, _, B, H, _, D = kv.shape
@@ -97,8 +104,8 @@ def decode_step(tok, pos, seqlens, kv, weights, wte, wpe, ln_f, eps: float, sync
         raise ValueError(f"weights must be in kv's dtype ({dtype}) on its device ({device})")
     _checks.tensor("sync", sync, ndim=1, dtypes=(torch.int32,))
     _checks.same_device(**{"sync": sync, "kv": kv})
-    if sync.numel() < SYNC_HEAD + STAGES * n_layer or not sync.is_contiguous():
-        raise ValueError(f"sync must be contiguous int32 zeros of at least {SYNC_HEAD + STAGES * n_layer} elements")
+    if sync.numel() < sync_entries(n_layer) or not sync.is_contiguous():
+        raise ValueError(f"sync must be contiguous int32 zeros of at least {sync_entries(n_layer)} elements")
     eps = _checks.eps("eps", eps)
     # Raises, saying why, where Triton cannot run (or its interpreter cannot, bf16 on a CPU).
     _backends.resolve("decode_step", "triton", device, lambda name: _checks.interpreter_dtype(kv))
@@ -119,7 +126,7 @@ def _decode_step(
     return kernel.decode_step(tok, pos, seqlens, kv, weights, wte, wpe, (ln_w, ln_b), eps, sync)
 
 
-# sync is not declared mutated: the kernel leaves it as it found it (zero).
+# sync is not declared mutated: the kernel leaves it as it found it (zero; GAVE_UP only in a failed step).
 _decode_step_op = torch.library.custom_op("fastgpt::decode_step", _decode_step, mutates_args=("kv",))
 
 
