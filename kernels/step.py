@@ -65,7 +65,7 @@ STAGES = 5  # items of a layer: qkv, attention, attention c_proj, c_fc, MLP c_pr
 GAVE_UP = 2
 SYNC_HEAD = 3
 _STAGES, _SYNC_HEAD, _GAVE_UP = tl.constexpr(STAGES), tl.constexpr(SYNC_HEAD), tl.constexpr(GAVE_UP)  # the kernel's
-_GPU_MAX_SPINS = tl.constexpr(1 << 23)  # a wait's reads at most: over a second at 256 ns of sleep each
+_GPU_MAX_SPINS = tl.constexpr(1 << 20)  # a wait's reads at most: about a second (a read, then 256 ns of sleep)
 _INTERPRETER_MAX_SPINS = tl.constexpr(100)  # the interpreter's first program has every item: it never waits
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -73,13 +73,16 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 @triton.jit
 def _wait_until(sync_ptr, index, target, BACKOFF: tl.constexpr):
     """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + index]) reaches target
-    (acquire: what was written before each count is seen). A bound on the spins (seconds on a
-    GPU; a correct step never waits there) turns a bug that would hang into a wrong result
-    and sync_ptr[GAVE_UP] set, which nothing zeroes."""
+    (acquire: what was written before each count is seen). A bound on the spins (a second or
+    more on a GPU; a correct step never comes near it) turns a bug that would hang into a wrong
+    result and sync_ptr[GAVE_UP] set, which nothing zeroes; once it is set, waits give up at once."""
     count_ptr = sync_ptr + _SYNC_HEAD + index
+    max_spins = _GPU_MAX_SPINS if BACKOFF else _INTERPRETER_MAX_SPINS
     seen = tl.atomic_add(count_ptr, 0, sem="acquire")
     spins = 0
-    while (seen < target) & (spins < (_GPU_MAX_SPINS if BACKOFF else _INTERPRETER_MAX_SPINS)):
+    if seen < target:  # (a run-time if: a wait already met reads no more)
+        spins = tl.where(tl.atomic_add(sync_ptr + _GAVE_UP, 0, sem="relaxed") != 0, max_spins, 0)
+    while (seen < target) & (spins < max_spins):
         if BACKOFF:  # a few hundred cycles off the memory system between reads (sm_70 and later)
             tl.inline_asm_elementwise("nanosleep.u32 256; // $0 $1", "=r,r", [seen], dtype=tl.int32, is_pure=False,
                                       pack=1)  # fmt: skip

@@ -4,9 +4,11 @@
 #   2. run the GPU tests (pytest -m gpu),
 #   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
 #   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel),
-#   5. run scripts/gpu-probe.py's GPT-2 decode step with and without programmatic dependent
-#      launch (kernels/pdl.py's default) and the matrix-vector matmuls, each kernel's device time
-#      inside that graphed step and the gaps between them (step_kernels), its fused-linear
+#   5. run scripts/gpu-probe.py's GPT-2 decode step as one persistent kernel against the fused
+#      step (checked, then timed; and over the kernel's knobs), the fused step with and without
+#      programmatic dependent launch (kernels/pdl.py's default) and the matrix-vector matmuls,
+#      each kernel's device time inside that graphed step and the gaps between them
+#      (step_kernels), its fused-linear
 #      comparison (GPT.fused_decode's default, the tiled and matrix-vector kernels and their
 #      tiles), every op's host time a call (the overhead section), its sampler sweeps over B
 #      (auto's order: every path and backend; top-p without a small top-k), residual +
@@ -34,7 +36,7 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 PROBE_S=${PROBE_S:-90}  # and for the probe's sections (cheapest first; a cut one keeps what it measured)
-PROBE_SECTIONS=${PROBE_SECTIONS:-decode_step,step_kernels,linear,overhead,sample_batch,sample_top_p,layer_norm_rows,decode_batch,decode_tiles}
+PROBE_SECTIONS=${PROBE_SECTIONS:-persistent_step,decode_step,step_kernels,linear,overhead,sample_batch,sample_top_p,layer_norm_rows,decode_batch,decode_tiles}
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"

@@ -28,6 +28,8 @@ were set from (or guessed at):
                  unfused ops they replace (the LayerNorm op, F.linear, F.gelu), per GPT-2 shape.
   decode_step    GPT-2's whole decode step at B1 and B32, its kernels launched as programmatic
                  dependents (kernels/pdl.py) and not.
+  persistent_step  that step as one persistent kernel (GPT.persistent_decode) at B 1, 4, 8, checked
+                 against the fused step first, and over its knobs (item bytes, programs an SM).
   step_kernels   where that step's time goes: each kernel's device us a call and a step inside the
                  graphed step (torch's profiler), and the step's span against its kernels' sum (the
                  gap: the device idle between kernels, or negative, their overlap under PDL).
@@ -515,6 +517,56 @@ def decode_step_section(p: Probe):
                 p.record("decode_step", row, measure)
 
 
+def persistent_step_section(p: Probe):
+    """GPT-2 124M's decode step as one persistent kernel (GPT.persistent_decode, kernels/step.py)
+    against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
+    and at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
+    HEAD_TILE_BYTES) and the programs an SM (PROGRAMS_PER_SM). Each variant's logits are first
+    compared with the fused step's (max_abs_diff) on a copy of the cache, and gave_up (a wait that
+    ran out: a bug) read after; a variant that gave up or differs by more than 0.25 is not timed.
+    Random weights, bf16, a 288-slot cache at position 160."""
+    from fastgpt.kernels import step as tri_step
+    from fastgpt.ops.step import GAVE_UP
+
+    config, dtype, model = probe_gpt(p)
+    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM")
+    default = tuple(getattr(tri_step, k) for k in knobs)
+    with knobs_kept(tri_step, *knobs), torch.inference_mode():
+        for B in (1,) if p.smoke else (1, 4, 8):
+            cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
+            variants = [(False, default), (True, default)]
+            if B == 1 and not p.smoke:
+                variants += [(True, (tile, head, programs)) for tile, head, programs in
+                             ((4096, 4096, 4), (16384, 16384, 2), (8192, 16384, 4), (8192, 8192, 2),
+                              (8192, 8192, 8))]  # fmt: skip
+
+            for persistent, values in variants:
+                def measure(persistent=persistent, values=values, cache=cache, tok=tok, pos=pos, seqlens=seqlens,
+                            B=B):  # fmt: skip
+                    for knob, value in zip(knobs, values):
+                        setattr(tri_step, knob, value)
+                    model.persistent_decode = persistent
+                    row = {}
+                    if persistent:
+                        kv = cache.kv.clone()
+                        model.persistent_decode = False
+                        expected = model.decode(tok, pos, cache, seqlens).float()
+                        cache.kv.copy_(kv)
+                        model.persistent_decode = True
+                        got = model.decode(tok, pos, cache, seqlens).float()
+                        cache.kv.copy_(kv)
+                        row = {"max_abs_diff": (got - expected).abs().max().item(),
+                               "gave_up": int(cache.step_sync[GAVE_UP].item())}  # fmt: skip
+                        if row["gave_up"] or not row["max_abs_diff"] <= 0.25:
+                            return row | {"device_us": None}
+                    d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
+                    return row | {"device_us": d, "tok_per_s": B * 1e6 / d}
+
+                row = {"B": B, "step": "persistent" if persistent else "fused", **dict(zip(knobs, values))}
+                p.record("persistent_step", row, measure)
+            model.persistent_decode = False
+
+
 def step_kernels_section(p: Probe):
     """Where decode_step's time goes: GPT-2 124M's decode step at B1 and B32 (PDL as by default)
     captured in a CUDA graph, 20 replays traced by torch's profiler (CUPTI). A row per kernel
@@ -617,7 +669,8 @@ SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles
             "sample_batch": sample_batch_section, "sample_top_p": sample_top_p_section,
             "sample_blocks": sample_blocks_section,
             "sample_cand": sample_cand_section,
-            "linear": linear_section, "decode_step": decode_step_section, "step_kernels": step_kernels_section,
+            "linear": linear_section, "decode_step": decode_step_section,
+            "persistent_step": persistent_step_section, "step_kernels": step_kernels_section,
             "lookup_step": lookup_step_section,
             "profile": profile_section}
 

@@ -27,6 +27,7 @@ from fastgpt.bench import core, formulas, timing
 from fastgpt.bench.cases import fastgpt_candidates, generator
 from fastgpt.bench.core import ERROR, FASTGPT, REFERENCE, SKIPPED, Candidate, Case, Checked, OracleFailed, Settings, Unavailable
 from fastgpt.bench.env import dist_version, optional_module
+from fastgpt.ops.step import MAX_ROWS as STEP_MAX_ROWS
 
 KEYS = {"B": 1, "T": 32, "N": 256, "K": 0}  # K: prompt-lookup drafts a step (0: plain decoding)
 POSITIVE = ("B", "T", "N")  # sizes of at least 1 (parse_spec); check_params: within the model's context
@@ -116,16 +117,19 @@ def greedy_check(oracle, T: int, N: int, tol: float):
     return check
 
 
-def fastgpt_fn(hf, backend: str, N: int, compile: bool = False, fused_decode: bool = True, lookup: int = 0):
+def fastgpt_fn(hf, backend: str, N: int, compile: bool = False, fused_decode: bool = True, lookup: int = 0,
+               persistent: bool = False):  # fmt: skip
     """fastgpt.GPT on the HF weights, every op on `backend` (CUDA graph: the model's default);
     with `compile`, its decode forward through torch.compile too; fused_decode=False: decode
     steps on nn.Linear + the LayerNorm op instead of fastgpt.ops.linear (see GPT.decode);
-    lookup > 0: prompt-lookup decoding with that many drafts a step."""
+    lookup > 0: prompt-lookup decoding with that many drafts a step; persistent: decode steps as
+    one persistent kernel (GPT.persistent_decode)."""
     from fastgpt.model import GPT
 
     model = GPT.from_hf(hf)
     model.backend = backend  # every op of the model (attention, LayerNorm, sampling) honours it
     model.fused_decode = fused_decode
+    model.persistent_decode = persistent
     return lambda inp: model.generate(inp["idx"], N, temperature=0.0, compile=compile, prompt_lookup_num_tokens=lookup)
 
 
@@ -168,6 +172,10 @@ def candidates(hf, device: torch.device, params: dict) -> list[Candidate]:
     # On a GPU the compiled backends and the recipe they are measured against first, the slow
     # ones last: a run cut by --time-limit still has the comparison that matters.
     compiled, plain = [c for c in ours if c.backend != "torch"], [c for c in ours if c.backend == "torch"]
+    if params["B"] <= STEP_MAX_ROWS:  # the rows the persistent step takes
+        compiled.append(Candidate("fastgpt[auto], persistent step", FASTGPT,
+                                  lambda: fastgpt_fn(hf, "auto", N, persistent=True), backend="auto",
+                                  note="GPT.persistent_decode = True: a decode step in one launch"))  # fmt: skip
     return [*compiled,
             Candidate("static-KV GPT-2, compiled (gpt-fast recipe)", REFERENCE,
                       lambda: static_kv_fn(hf, N, compile=True), note=f"torch {torch.__version__}"),
