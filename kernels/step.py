@@ -9,15 +9,21 @@ step. The step is cut into items, numbered in the order it needs them:
     per layer:  qkv tiles | attention items | attention c_proj tiles | c_fc tiles | MLP c_proj tiles
     then:       lm_head tiles
 
-Each program takes the next item from a counter (an atomic add), loads the item's weights, which
-nothing in the step writes, then waits until every item of the stage before has finished (a
-count per stage, read with acquire), does the item and counts it done (release). So the weights
-of the items after a boundary stream in while the stage before it ends, and no program idles
-between launches. Items are taken in order and an item waits only for items before it, each
-held by a program that is running it: whatever the grid, and however many of its programs are
+Each program takes the next ITEMS_PER_CLAIM items from a counter (an atomic add) and for each
+loads the item's weights, which nothing in the step writes, then waits until every item of the
+stage before has finished (a count per stage, read with acquire; skipped where this program has
+seen that stage or a later one complete), does the item and counts it done (release). So the
+weights of the items after a boundary stream in while the stage before it ends, and no program
+idles between launches. Items are taken in order, a program does its own in order, and an item
+waits only for items before it: whatever the grid, and however many of its programs are
 resident, the lowest unfinished item has all it needs and a program working on it, so the step
 cannot deadlock. (Triton's interpreter runs the programs one after another: the first takes
 every item.) The last program to leave zeroes the counters for the next launch.
+
+Not yet measured on a GPU: the knobs below (item bytes, programs an SM, items a claim) are set
+from counting, and gpu-probe's persistent_step section sweeps them. Per item a program makes
+about three dependent round trips (the claim, the count or its weights, the activations from
+L2), so each SM keeps several programs and each program's weights in flight.
 
 Items, for the M rows (one token each; rows padded to BLOCK_M, a power of two):
   qkv          columns of LN_1(h) @ W.T + b; their k and v also go to the row's cache slot. In
@@ -55,7 +61,9 @@ TILE_BYTES = 8192  # weights a matmul item holds: whole rows, as many as fit (at
 HEAD_TILE_BYTES = 8192  # an lm_head item's (12,565 items for GPT-2's vocabulary in bf16)
 ATTN_BLOCK_N = 64  # cache positions a step of an attention item's loop
 ATTN_MAX_CHUNKS = 16  # chunks of a row's cache at most (each attention c_proj tile merges them all)
+ITEMS_PER_CLAIM = 2  # items a program takes from the queue at once: half the round trips to its counter
 NUM_WARPS = 4
+MAX_REGISTERS = None  # ptxas's cap a thread (maxnreg) on a GPU; None: its own choice (128 on sm_90, bf16, 1 row)
 _INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (and the last resets)
 _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
 _INTERPRETER_BLOCK_N = 16
@@ -71,25 +79,30 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 
 
 @triton.jit
-def _wait_until(sync_ptr, index, target, BACKOFF: tl.constexpr):
-    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + index]) reaches target
-    (acquire: what was written before each count is seen). A bound on the spins (a second or
-    more on a GPU; a correct step never comes near it) turns a bug that would hang into a wrong
-    result and sync_ptr[GAVE_UP] set, which nothing zeroes; once it is set, waits give up at once."""
-    count_ptr = sync_ptr + _SYNC_HEAD + index
-    max_spins = _GPU_MAX_SPINS if BACKOFF else _INTERPRETER_MAX_SPINS
-    seen = tl.atomic_add(count_ptr, 0, sem="acquire")
-    spins = 0
-    if seen < target:  # (a run-time if: a wait already met reads no more)
-        spins = tl.where(tl.atomic_add(sync_ptr + _GAVE_UP, 0, sem="relaxed") != 0, max_spins, 0)
-    while (seen < target) & (spins < max_spins):
-        if BACKOFF:  # a few hundred cycles off the memory system between reads (sm_70 and later)
-            tl.inline_asm_elementwise("nanosleep.u32 256; // $0 $1", "=r,r", [seen], dtype=tl.int32, is_pure=False,
-                                      pack=1)  # fmt: skip
+def _wait_until(sync_ptr, index, target, known, BACKOFF: tl.constexpr):
+    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + index]; stages numbered 5 layer
+    + stage) reaches target (acquire: what was written before each count is seen), unless this
+    program has seen stage `known` or a later one complete: a stage completes only after the one
+    before it, so those before are complete too (and this program's acquire of them came before).
+    Returns the latest stage known complete. A bound on the spins (a second or more on a GPU; a
+    correct step never comes near it) turns a bug that would hang into a wrong result and
+    sync_ptr[GAVE_UP] set, which nothing zeroes; once it is set, waits give up at once."""
+    if index > known:
+        count_ptr = sync_ptr + _SYNC_HEAD + index
+        max_spins = _GPU_MAX_SPINS if BACKOFF else _INTERPRETER_MAX_SPINS
         seen = tl.atomic_add(count_ptr, 0, sem="acquire")
-        spins += 1
-    if seen < target:
-        tl.atomic_xchg(sync_ptr + _GAVE_UP, 1)
+        spins = 0
+        if seen < target:  # (a run-time if: a wait already met reads no more)
+            spins = tl.where(tl.atomic_add(sync_ptr + _GAVE_UP, 0, sem="relaxed") != 0, max_spins, 0)
+        while (seen < target) & (spins < max_spins):
+            if BACKOFF:  # a few hundred cycles off the memory system between reads (sm_70 and later)
+                tl.inline_asm_elementwise("nanosleep.u32 256; // $0 $1", "=r,r", [seen], dtype=tl.int32,
+                                          is_pure=False, pack=1)  # fmt: skip
+            seen = tl.atomic_add(count_ptr, 0, sem="acquire")
+            spins += 1
+        if seen < target:
+            tl.atomic_xchg(sync_ptr + _GAVE_UP, 1)
+    return tl.maximum(known, index)
 
 
 @triton.jit
@@ -143,7 +156,7 @@ def _add_to_stream(acc, bias, h_ptr, rows, row_ok, cols, col_ok, C):
 
 @triton.jit
 def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, tok_ptr, pos_ptr, h_ptr, qkv_ptr,
-              kv_ptr, sync_ptr, wait_index, wait_target, M, C, vocab_rows, pos_rows, eps, stride_n, stride_k,
+              kv_ptr, sync_ptr, wait_index, wait_target, known, M, C, vocab_rows, pos_rows, eps, stride_n, stride_k,
               stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which, stride_kv_b, stride_kv_h,
               stride_kv_s, kv_len, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, K_C: tl.constexpr,
               N_QKV: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
@@ -158,7 +171,7 @@ def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, t
     row_ok = rows < M
     pos = tl.load(pos_ptr + rows, mask=row_ok, other=-1)
     if layer > 0:
-        _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
+        known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
         acc = _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, C, eps, BLOCK_M)
     else:  # h = wte[tok] + wpe[pos], gathered (nothing to wait for: no item writes the tables)
         acc = tl.zeros([BLOCK_M, N_QKV], tl.float32)
@@ -178,6 +191,7 @@ def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, t
             acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1))
     _epilogue(acc, rows, row_ok, cols, col_ok, bias, pos, qkv_ptr, kv_ptr, 3 * C, stride_kv_which, stride_kv_b,
               stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, 1, True, False, True)  # fmt: skip
+    return known
 
 
 @triton.jit
@@ -247,12 +261,12 @@ def _merged_heads(part_o_ptr, part_lse_ptr, m, row_ok, n_head, n_chunks, HEADS_P
 
 
 @triton.jit
-def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, sync_ptr, wait_index, wait_target, M, C, N, eps,
-             stride_n,
-             stride_k, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr, K_C: tl.constexpr,
-             BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, sync_ptr, wait_index, wait_target, known,
+             M, C, N, eps, stride_n, stride_k, HAS_BIAS: tl.constexpr, GELU_TANH: tl.constexpr, BLOCK_M: tl.constexpr,
+             K_C: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
     """Columns [tile BLOCK_N, (tile + 1) BLOCK_N) of act(LN(h) @ W.T + b) into out (M, N), once
-    stage wait_index has wait_target items done (c_fc with its GELU; lm_head)."""
+    stage wait_index has wait_target items done (c_fc with its GELU; lm_head). Like every item
+    that waits, takes and returns the latest stage this program knows complete (_wait_until)."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, K_C)
@@ -262,27 +276,27 @@ def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, sync_ptr
     bias = tl.zeros([BLOCK_N], tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
+    known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
     acc = _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, C, eps, BLOCK_M) + bias[None, :]
     if GELU_TANH:
         acc = _gelu_tanh(acc)
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     tl.store(out_ptr + rows[:, None] * N + cols[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & col_ok[None, :])  # fmt: skip
+    return known
 
 
 @triton.jit
-def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, sync_ptr, wait_index, wait_target, M, C, n_head,
-               n_chunks,
-               stride_n, stride_k, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P: tl.constexpr,
-               K_C: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, sync_ptr, wait_index, wait_target, known,
+               M, C, n_head, n_chunks, stride_n, stride_k, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
+               HEADS_P: tl.constexpr, K_C: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
     """Columns of the attention's c_proj, y @ W.T + b, added to h: y each row's heads merged."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     ks = tl.arange(0, K_C)
     w = _weight_tile(w_ptr, cols, col_ok, ks, ks < C, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
+    known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m in range(M):
         y = _merged_heads(part_o_ptr, part_lse_ptr, m, m < M, n_head, n_chunks, HEADS_P, HEAD_DIM,
@@ -290,11 +304,13 @@ def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, sync_ptr,
         acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * y.to(tl.float32)[None, :], axis=1))
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
+    return known
 
 
 @triton.jit
-def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, sync_ptr, wait_index, wait_target, M, C, F, stride_n, stride_k,
-              BLOCK_M: tl.constexpr, K_F: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
+def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, sync_ptr, wait_index, wait_target, known, M, C, F, stride_n,
+              stride_k, BLOCK_M: tl.constexpr, K_F: tl.constexpr, BLOCK_N: tl.constexpr,
+              BACKOFF: tl.constexpr):  # fmt: skip
     """Columns of the MLP's c_proj, f @ W.T + b (f (M, F)), added to h."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
@@ -302,13 +318,14 @@ def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, sync_ptr, wait_index, wait_ta
     k_ok = ks < F
     w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    _wait_until(sync_ptr, wait_index, wait_target, BACKOFF)
+    known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for m in range(M):
         a = tl.load(f_ptr + m * F + ks, mask=(m < M) & k_ok, other=0.0, cache_modifier=".cg")
         acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1))
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
+    return known
 
 
 @triton.jit
@@ -334,7 +351,8 @@ def _step_kernel(
     stride_out_n, stride_out_k, stride_head_n, stride_head_k, stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k,
     DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P: tl.constexpr, K_C: tl.constexpr,
     K_F: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr, N_OUT: tl.constexpr,
-    N_HEAD: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, SYNC_P: tl.constexpr, BACKOFF: tl.constexpr,
+    N_HEAD: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, SYNC_P: tl.constexpr, CLAIM: tl.constexpr,
+    BACKOFF: tl.constexpr,
 ):  # fmt: skip
     t_qkv = tl.cdiv(3 * C, N_QKV)
     t_attn = M * n_head * n_chunks
@@ -346,47 +364,50 @@ def _step_kernel(
     total = n_layer * per_layer + tl.cdiv(V, N_HEAD)
     counts = sync_ptr + _SYNC_HEAD  # counts[_STAGES layer + stage]: its items done
 
-    item = tl.atomic_add(sync_ptr, 1)
-    while item < total:
-        layer = item // per_layer
-        r = item - layer * per_layer
-        weights = table_ptr + layer * 12
-        if layer >= n_layer:  # lm_head, after the last layer
-            _ln_item(item - n_layer * per_layer, head_ptr, head_ptr, lnf_w_ptr, lnf_b_ptr, h_ptr, logits_ptr,
-                     sync_ptr, _STAGES * n_layer - 1, t_out, M, C, V, eps, stride_head_n, stride_head_k, False, False,
-                     BLOCK_M, K_C, N_HEAD, BACKOFF)  # fmt: skip
-        elif r < ends[0]:  # qkv
-            _qkv_item(r, layer, _at(weights, 2, DTYPE), _at(weights, 3, DTYPE),
-                      _at(weights, 0, DTYPE), _at(weights, 1, DTYPE), wte_ptr, wpe_ptr, tok_ptr,
-                      pos_ptr, h_ptr, qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer,
-                      sync_ptr, _STAGES * layer - 1, t_out, M, C, vocab_rows, pos_rows, eps, stride_attn_n,
-                      stride_attn_k, stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
-                      stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M, HEAD_DIM, K_C, N_QKV,
-                      BACKOFF)  # fmt: skip
-            _count_done(counts + _STAGES * layer)
-        elif r < ends[1]:  # attention
-            _wait_until(sync_ptr, _STAGES * layer, t_qkv, BACKOFF)
-            _attention_item(r - ends[0], qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer, seqlens_ptr,
-                            part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk, qk_scale, stride_kv_which,
-                            stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, ATTN_BLOCK_N)  # fmt: skip
-            _count_done(counts + _STAGES * layer + 1)
-        elif r < ends[2]:  # attention c_proj, added to h
-            _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), part_o_ptr,
-                       part_lse_ptr, h_ptr, sync_ptr, _STAGES * layer + 1, t_attn, M, C, n_head, n_chunks,
-                       stride_proj_n, stride_proj_k, BLOCK_M, HEAD_DIM, HEADS_P, K_C, N_PROJ, BACKOFF)  # fmt: skip
-            _count_done(counts + _STAGES * layer + 2)
-        elif r < ends[3]:  # c_fc + GELU
-            _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE),
-                     _at(weights, 6, DTYPE), _at(weights, 7, DTYPE), h_ptr, f_ptr,
-                     sync_ptr, _STAGES * layer + 2, t_proj, M, C, F, eps, stride_fc_n, stride_fc_k, True, True,
-                     BLOCK_M, K_C, N_FC, BACKOFF)  # fmt: skip
-            _count_done(counts + _STAGES * layer + 3)
-        else:  # MLP c_proj, added to h
-            _out_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
-                      sync_ptr, _STAGES * layer + 3, t_fc, M, C, F, stride_out_n, stride_out_k, BLOCK_M, K_F, N_OUT,
-                      BACKOFF)  # fmt: skip
-            _count_done(counts + _STAGES * layer + 4)
-        item = tl.atomic_add(sync_ptr, 1)
+    known = -1  # the latest stage (5 layer + stage) this program has seen complete
+    first = tl.atomic_add(sync_ptr, CLAIM)  # CLAIM items at a time, in order
+    while first < total:
+        for item in range(first, tl.minimum(first + CLAIM, total)):
+            layer = item // per_layer
+            r = item - layer * per_layer
+            weights = table_ptr + layer * 12
+            if layer >= n_layer:  # lm_head, after the last layer
+                known = _ln_item(item - n_layer * per_layer, head_ptr, head_ptr, lnf_w_ptr, lnf_b_ptr, h_ptr,
+                                 logits_ptr, sync_ptr, _STAGES * n_layer - 1, t_out, known, M, C, V, eps,
+                                 stride_head_n, stride_head_k, False, False, BLOCK_M, K_C, N_HEAD, BACKOFF)  # fmt: skip
+            elif r < ends[0]:  # qkv
+                known = _qkv_item(r, layer, _at(weights, 2, DTYPE), _at(weights, 3, DTYPE), _at(weights, 0, DTYPE),
+                                  _at(weights, 1, DTYPE), wte_ptr, wpe_ptr, tok_ptr, pos_ptr, h_ptr, qkv_ptr,
+                                  kv_ptr + layer.to(tl.int64) * stride_kv_layer, sync_ptr, _STAGES * layer - 1,
+                                  t_out, known, M, C, vocab_rows, pos_rows, eps, stride_attn_n, stride_attn_k,
+                                  stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
+                                  stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M, HEAD_DIM, K_C, N_QKV,
+                                  BACKOFF)  # fmt: skip
+                _count_done(counts + _STAGES * layer)
+            elif r < ends[1]:  # attention
+                known = _wait_until(sync_ptr, _STAGES * layer, t_qkv, known, BACKOFF)
+                _attention_item(r - ends[0], qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer, seqlens_ptr,
+                                part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk, qk_scale, stride_kv_which,
+                                stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, ATTN_BLOCK_N)  # fmt: skip
+                _count_done(counts + _STAGES * layer + 1)
+            elif r < ends[2]:  # attention c_proj, added to h
+                known = _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), part_o_ptr,
+                                   part_lse_ptr, h_ptr, sync_ptr, _STAGES * layer + 1, t_attn, known, M, C, n_head,
+                                   n_chunks, stride_proj_n, stride_proj_k, BLOCK_M, HEAD_DIM, HEADS_P, K_C, N_PROJ,
+                                   BACKOFF)  # fmt: skip
+                _count_done(counts + _STAGES * layer + 2)
+            elif r < ends[3]:  # c_fc + GELU
+                known = _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE), _at(weights, 6, DTYPE),
+                                 _at(weights, 7, DTYPE), h_ptr, f_ptr, sync_ptr, _STAGES * layer + 2, t_proj, known,
+                                 M, C, F, eps, stride_fc_n, stride_fc_k, True, True, BLOCK_M, K_C, N_FC,
+                                 BACKOFF)  # fmt: skip
+                _count_done(counts + _STAGES * layer + 3)
+            else:  # MLP c_proj, added to h
+                known = _out_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
+                                  sync_ptr, _STAGES * layer + 3, t_fc, known, M, C, F, stride_out_n, stride_out_k,
+                                  BLOCK_M, K_F, N_OUT, BACKOFF)  # fmt: skip
+                _count_done(counts + _STAGES * layer + 4)
+        first = tl.atomic_add(sync_ptr, CLAIM)
 
     # Leave; the last program out zeroes the counters (every other one has read its last), not GAVE_UP.
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -493,6 +514,7 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         *kv.stride()[:5], *weights.strides, *wte.stride(), *wpe.stride(),
         DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, HEADS_P=next_power_of_2(n_head),
         K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
-        SYNC_P=next_power_of_2(SYNC_HEAD + STAGES * n_layer), BACKOFF=on_gpu, num_warps=NUM_WARPS, num_stages=1,
+        SYNC_P=next_power_of_2(SYNC_HEAD + STAGES * n_layer), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
+        num_warps=NUM_WARPS, num_stages=1, **({"maxnreg": MAX_REGISTERS} if on_gpu and MAX_REGISTERS else {}),
     )  # fmt: skip
     return logits

@@ -521,7 +521,8 @@ def persistent_step_section(p: Probe):
     """GPT-2 124M's decode step as one persistent kernel (GPT.persistent_decode, kernels/step.py)
     against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
     and at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
-    HEAD_TILE_BYTES) and the programs an SM (PROGRAMS_PER_SM). Each variant's logits are first
+    HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the items a claim (ITEMS_PER_CLAIM)
+    and a register cap (MAX_REGISTERS: 96 for 5 programs an SM). Each variant's logits are first
     compared with the fused step's (max_abs_diff) on a copy of the cache, and gave_up (a wait that
     ran out: a bug) read after; a variant that gave up or differs by more than 0.25 is not timed.
     Random weights, bf16, a 288-slot cache at position 160."""
@@ -529,16 +530,17 @@ def persistent_step_section(p: Probe):
     from fastgpt.ops.step import GAVE_UP
 
     config, dtype, model = probe_gpt(p)
-    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM")
+    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM", "ITEMS_PER_CLAIM", "MAX_REGISTERS")
     default = tuple(getattr(tri_step, k) for k in knobs)
     with knobs_kept(tri_step, *knobs), torch.inference_mode():
         for B in (1,) if p.smoke else (1, 4, 8):
             cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
             variants = [(False, default), (True, default)]
             if B == 1 and not p.smoke:
-                variants += [(True, (tile, head, programs)) for tile, head, programs in
-                             ((4096, 4096, 4), (16384, 16384, 2), (8192, 16384, 4), (8192, 8192, 2),
-                              (8192, 8192, 8))]  # fmt: skip
+                variants += [(True, values) for values in
+                             ((8192, 8192, 4, 1, None), (8192, 8192, 4, 4, None), (8192, 8192, 5, 2, 96),
+                              (4096, 4096, 4, 2, None), (16384, 16384, 2, 2, None), (8192, 16384, 4, 2, None),
+                              (8192, 8192, 2, 2, None), (8192, 8192, 8, 2, None))]  # fmt: skip
 
             for persistent, values in variants:
                 def measure(persistent=persistent, values=values, cache=cache, tok=tok, pos=pos, seqlens=seqlens,

@@ -90,6 +90,18 @@ def test_rows_of_different_lengths_and_a_first_token(device):
     assert_close(results[1][1], results[0][1])
 
 
+@pytest.mark.parametrize("claim", [1, 3])
+def test_any_claim_size(claim, device, monkeypatch):
+    """A program may take its items one at a time or several (the last claim cut at the end)."""
+    from fastgpt.kernels import step as kernel
+
+    monkeypatch.setattr(kernel, "ITEMS_PER_CLAIM", claim)
+    model = tiny_model(device, n_layer=1)
+    idx = torch.randint(0, 384, (2, 9), device=device)
+    fused, _ = run_steps(model, idx, 8, 12, persistent=False)
+    assert_close(run_steps(model, idx, 8, 12, persistent=True)[0], fused)
+
+
 def test_ids_and_slots_outside_the_tables(device):
     """A token id past the vocabulary and a position past wpe (and the cache) read zeros and write
     no slot, as the fused step does; the other rows are untouched by them."""
