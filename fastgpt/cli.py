@@ -45,6 +45,7 @@ def generate(args: argparse.Namespace) -> int:
     _check_generate_args(args)
     device = _device(args.device)
     model = GPT.from_pretrained(args.model, dtype=args.dtype, device=device)  # the loader maps dtype names
+    model.persistent_decode = args.persistent_decode
     tokenizer = load_tokenizer(args.model)
     generator = torch.Generator(device).manual_seed(args.seed) if args.seed is not None else None
     idx = torch.tensor([tokenizer.encode(args.prompt).ids], dtype=torch.long, device=device)
@@ -126,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--stats", action="store_true", help="print tokens/s at the end")
     gen.add_argument("--compile", action="store_true",
                      help="run the decode forward through torch.compile (the first tokens wait for it)")
+    gen.add_argument("--persistent-decode", action="store_true",
+                     help="decode steps as one persistent kernel where it can run (GPT.persistent_decode: "
+                          "triton, up to 8 rows; not yet measured on a GPU)")
     gen.add_argument("--prompt-lookup", type=int, default=0, metavar="K",
                      help="draft up to K tokens a step from the text so far and verify them in one forward "
                           "(prompt-lookup decoding: the same tokens, fewer steps where text repeats; default 0: off)")

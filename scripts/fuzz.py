@@ -210,8 +210,56 @@ def sample_case(rng, device, backend):
     return ids_in_kept_set(ids, kept), f"B{B} V{V} t{temperature} k{top_k} p{top_p} min_p{min_p} {dtype}"
 
 
+def step_case(rng, device, backend):
+    """GPT-2's decode step as one persistent kernel (fastgpt.ops.step through GPT.persistent_decode)
+    on a random tiny GPT-2: 1-8 rows at random positions of a random cache (fresh random k and v),
+    either weight order. Two paths that round differently in fp16/bf16: the kernel's logits and
+    cache must be within twice the fused step's error of the same weights in fp32, plus a hair."""
+    from fastgpt.generate import KVCache
+    from fastgpt.model import GPT, GPTConfig
+    from fastgpt.ops.step import MAX_ROWS
+
+    dtype = rng.choice(_dtypes(device, backend))
+    D, H = rng.choice([8, 16, 32] + ([64] if device == "cuda" else [])), rng.randint(1, 4)
+    config = GPTConfig(vocab_size=rng.randint(16, 300), n_positions=rng.randint(8, 96), n_embd=H * D,
+                       n_layer=rng.randint(1, 2), n_head=H, n_inner=rng.choice([None, rng.randint(1, 6) * 16]))
+    torch.manual_seed(rng.randrange(2**31))
+    model = GPT(config)
+    for p in model.parameters():
+        p.data.normal_(0, 0.3)
+    model = model.to(device, dtype)
+    if rng.random() < 0.5:  # the (out, in) order GPT keeps on a GPU, on either device
+        for p in model.parameters():
+            p.data = p.data.contiguous()
+    model.backend = "triton"
+    B, S = rng.randint(1, MAX_ROWS), rng.randint(1, config.n_positions)
+    pos = torch.tensor([rng.randrange(S) for _ in range(B)], device=device)
+    tok = torch.tensor([rng.randrange(config.vocab_size) for _ in range(B)], device=device)
+    kv = torch.randn((config.n_layer, 2, B, H, S, D), device=device)
+
+    def step(persistent):
+        model.persistent_decode = persistent
+        cache = KVCache(config, B, S, model.transformer.wte.weight.dtype, device)
+        cache.kv.copy_(kv)
+        with torch.inference_mode():
+            logits = model.decode(tok, pos, cache).float()
+        return logits, cache.kv.float(), cache.step_sync
+
+    ours, fused = step(True), step(False)
+    model.float()
+    exact = step(False)
+    case = f"B{B} S{S} pos={pos.tolist()} D{D} H{H} layers {config.n_layer} width {config.inner_dim} {dtype}"
+    if ours[2].any():
+        return f"sync left at {ours[2].tolist()}", case
+    for name, i in (("logits", 0), ("cache", 1)):
+        error, fused_error = ((t[i] - exact[i]).abs().max().item() for t in (ours, fused))
+        if not error <= 2 * fused_error + 1e-3:
+            return f"{name} off by {error:.3g} (the fused step's {fused_error:.3g})", case
+    return None, case
+
+
 OPS = {"attention": attention_case, "masked_attention": masked_attention_case, "decode": decode_case,
-       "layer_norm": layer_norm_case, "linear": linear_case, "sample": sample_case}
+       "layer_norm": layer_norm_case, "linear": linear_case, "sample": sample_case, "step": step_case}
 
 
 def main() -> int:
@@ -225,14 +273,14 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ops, backends = args.ops.split(","), args.backends.split(",")
     seed = args.seed if args.seed is not None else random.randrange(2**31)
-    # The fused linear has no cuda kernel: its cuda turns run Triton's, where Triton runs (not on a
-    # CPU outside its interpreter: the CUDA emulator's runs leave linear out).
+    # The fused linear and the persistent step have no cuda kernel: their cuda turns run Triton's,
+    # where Triton runs (not on a CPU outside its interpreter: the CUDA emulator's runs leave them out).
     linear_backend = "triton" if _backends.why_not("triton", torch.device(device)) is None else None
     deadline, cases, skipped, failures = time.monotonic() + args.seconds, 0, 0, []
     while time.monotonic() < deadline and (args.cases == 0 or cases + skipped < args.cases):
         turn = cases + skipped
         op, backend = ops[turn % len(ops)], backends[(turn // len(ops)) % len(backends)]
-        if op == "linear" and backend == "cuda":
+        if op in ("linear", "step") and backend == "cuda":
             if linear_backend is None:
                 skipped, seed = skipped + 1, seed + 1
                 continue
@@ -246,7 +294,7 @@ def main() -> int:
             failures.append(f"{op} {case}: {problem}\n  replay: {replay}")
             print("FAIL", failures[-1], flush=True)
         cases, seed = cases + 1, seed + 1
-    left_out = f", {skipped} linear turns left out" if skipped else ""
+    left_out = f", {skipped} linear and step turns left out" if skipped else ""
     print(f"{cases} cases on {device}, {len(failures)} failed{left_out}")
     return 1 if failures else 0
 

@@ -65,6 +65,17 @@ def test_generate_compiled_prints_the_same_text(checkpoint, capsys):
     torch._dynamo.reset()
 
 
+def test_generate_with_the_persistent_step_prints_the_same_text(checkpoint, capsys, monkeypatch):
+    """--persistent-decode on the triton backend (the interpreter's on a CPU): the same greedy text."""
+    monkeypatch.setenv("FASTGPT_BACKEND", "triton")
+    args = ["generate", "--model", str(checkpoint), "--prompt", "Hello there", "--max-new-tokens", "5",
+            "--device", "cpu"]
+    cli.main(args)
+    plain = capsys.readouterr().out
+    assert cli.main(args + ["--persistent-decode"]) == 0
+    assert capsys.readouterr().out == plain
+
+
 def test_generate_with_prompt_lookup_prints_the_same_text(checkpoint, capsys):
     args = ["generate", "--model", str(checkpoint), "--prompt", "one two one two one", "--max-new-tokens", "12",
             "--device", "cpu"]

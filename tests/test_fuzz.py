@@ -16,9 +16,9 @@ def _fuzz(*args, **env_vars):
 
 
 def test_fuzz_cases_pass():
-    proc = _fuzz("--cases", "6", "--seed", "0")  # one case of each op
+    proc = _fuzz("--cases", "7", "--seed", "0")  # one case of each op
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "6 cases on cpu, 0 failed" in proc.stdout
+    assert "7 cases on cpu, 0 failed" in proc.stdout
 
 
 def test_fuzz_cases_pass_on_the_cuda_kernels(simt_module):
@@ -37,9 +37,9 @@ def test_fuzz_reports_a_failure_with_its_replay():
 
 
 def test_fuzz_leaves_linear_out_where_triton_cannot_run(simt_module):
-    """--backends cuda on the emulator outside Triton's interpreter: the fused linear (a Triton
-    kernel only) has nowhere to run, so its turns are left out, not failed."""
+    """--backends cuda on the emulator outside Triton's interpreter: the fused linear and the
+    persistent step (Triton kernels only) have nowhere to run, so their turns are left out, not failed."""
     proc = _fuzz("--cases", "12", "--seed", "0", "--backends", "cuda", FASTGPT_CUDA_EMULATOR=str(simt_module),
                  TRITON_INTERPRET="0")  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "10 cases on cpu, 0 failed, 2 linear turns left out" in proc.stdout
+    assert "9 cases on cpu, 0 failed, 3 linear and step turns left out" in proc.stdout
