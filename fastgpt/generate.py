@@ -39,6 +39,7 @@ from fastgpt.model import check_idx
 from fastgpt.ops import _checks
 from fastgpt.ops.linear import COUNTER_COLUMNS
 from fastgpt.ops.sampling import check_generator, draw, row_params, top_k_bound
+from fastgpt.ops.step import GAVE_UP as STEP_GAVE_UP
 from fastgpt.ops.step import sync_entries as step_sync_entries
 from fastgpt.speculative import PromptLookup
 
@@ -68,7 +69,8 @@ class KVCache:
         self.kv = torch.zeros(shape, dtype=dtype, device=device)
         self.counters = torch.zeros(batch * config.n_head, dtype=torch.int32, device=device)
         self.linear_counters = torch.zeros(-(-config.n_embd // COUNTER_COLUMNS), dtype=torch.int32, device=device)
-        self.step_sync = torch.zeros(step_sync_entries(config.n_layer), dtype=torch.int32, device=device)
+        self.step_sync = torch.zeros(step_sync_entries(config.n_layer, config.n_head), dtype=torch.int32,
+                                     device=device)
         self.graphed = False
 
     @property
@@ -427,9 +429,23 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
         else:
             yield from _decode(model, decoder, idx, lengths, max_new_tokens, use_graph=use_graph,
                                check_every=check_every if eos_ids else None)
+        _check_persistent_steps(model, decoder)
     finally:
         decoder.busy = False
         decoder.store_rng(generator)
+
+
+def _check_persistent_steps(model, decoder) -> None:
+    """After a generation with GPT.persistent_decode: raise if a wait in one of its steps gave up
+    (fastgpt.ops.step; a bug, never in a correct step), whose tokens are then wrong. One read of
+    the device; the flag is cleared for the next call."""
+    if not model.persistent_decode:
+        return
+    sync = decoder.cache.step_sync
+    if int(sync[STEP_GAVE_UP]):
+        sync[STEP_GAVE_UP] = 0
+        raise RuntimeError("a persistent decode step's wait gave up (fastgpt.ops.step): these tokens are wrong; "
+                           "this is a bug, please report it (model.persistent_decode = False avoids the path)")
 
 
 def _prefill(model, decoder, idx, lengths):

@@ -16,6 +16,7 @@ the first ln_1 adds the token and position embeddings.
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
 # between 4 and 16 rows the op starts to pay is not measured. Here the matmul after the op is
 # still fastgpt.ops.linear (it writes the cache), not measured in this form.
 LN_APART_MIN_ROWS = 16
+_LAYER_WEIGHTS = operator.attrgetter(*step.LAYER_WEIGHTS)  # a block's weights as the persistent step takes them
 
 
 @dataclass
@@ -351,16 +353,22 @@ class GPT(nn.Module):
         """Whether a decode step of `rows` rows of one token runs as one persistent kernel: where
         persistent_decode is on, on the triton backend (auto's choice on a GPU; not on the
         interpreter's bf16), for up to fastgpt.ops.step.MAX_ROWS rows, GPT-2's tanh GELU and a head
-        dim of a power of two, outside torch.compile, and with weights the kernel can read (made
-        into its table here, once, and again only when a parameter changes place)."""
-        config, weight = self.config, self.transformer.wte.weight
+        dim of a power of two, outside torch.compile, with every weight there in one dtype, every
+        LayerNorm with its weight and bias and ln_f's eps, lm_head without a bias, and weights the
+        kernel can read (made into its table here, once, and again only when a parameter changes place)."""
+        config, t = self.config, self.transformer
         tanh = ACTIVATIONS[config.activation_function] == "tanh"
         if not (self._persistent_decode_on and rows <= step.MAX_ROWS and tanh and not torch.compiler.is_compiling()
                 and config.head_dim & (config.head_dim - 1) == 0
-                and not (device.type == "cpu" and weight.dtype == torch.bfloat16)
+                and not (device.type == "cpu" and t.wte.weight.dtype == torch.bfloat16)
                 and _backends.runs_on_triton("decode_step", self.backend, device)):  # fmt: skip
             return False
-        layers = [tuple(block.get_parameter(name) for name in step.LAYER_WEIGHTS) for block in self.transformer.h]
+        layers = [_LAYER_WEIGHTS(block) for block in t.h]
+        others = (t.wte.weight, t.wpe.weight, t.ln_f.weight, t.ln_f.bias, self.lm_head.weight)
+        if (self.lm_head.bias is not None or any(w is None or w.dtype != t.wte.weight.dtype
+                                                  for w in (*others, *(w for layer in layers for w in layer)))
+                or any(norm.eps != t.ln_f.eps for block in t.h for norm in (block.ln_1, block.ln_2))):  # fmt: skip
+            return False
         if self._step_weights is None or not step.still_valid(self._step_weights, layers, self.lm_head.weight):
             self._step_weights = step.step_weights(layers, self.lm_head.weight)
         return self._step_weights is not None

@@ -29,9 +29,9 @@ Items, for the M rows (one token each; rows padded to BLOCK_M, a power of two):
   qkv          columns of LN_1(h) @ W.T + b; their k and v also go to the row's cache slot. In
                layer 0 h = wte[tok] + wpe[pos] (ids outside a table read zeros), which its tile 0 stores.
   attention    (row, head, chunk of cache positions): the chunk's softmax-weighted sum of v and
-               its log2-sum-exp (fp32), over positions [0, seqlens[row]) of the cache.
-  attn c_proj  columns of y @ W.T + b, added to h in place; y, the heads' chunks merged, is
-               recomputed by every tile (a few KB from L2).
+               its log2-sum-exp (fp32), over positions [0, seqlens[row]) of the cache; the last
+               chunk of a (row, head) to finish (a count) merges them into y, the heads side by side.
+  attn c_proj  columns of y @ W.T + b, added to h in place.
   c_fc         columns of gelu_tanh(LN_2(h) @ W.T + b)
   MLP c_proj   columns of f @ W.T + b, added to h in place.
   lm_head      columns of LN_f(h) @ W.T: the logits.
@@ -69,7 +69,8 @@ _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpre
 _INTERPRETER_BLOCK_N = 16
 STAGES = 5  # items of a layer: qkv, attention, attention c_proj, c_fc, MLP c_proj
 # sync's entries: the next item, the programs that have left, GAVE_UP (a wait gave up: never in a
-# correct step, and left set), then from SYNC_HEAD a count of the items done per (layer, stage).
+# correct step, and left set), then from SYNC_HEAD a count of the items done per (layer, stage),
+# then one per (row, head) of the chunks done in the current layer (sync_entries: MAX_ROWS rows).
 GAVE_UP = 2
 SYNC_HEAD = 3
 _STAGES, _SYNC_HEAD, _GAVE_UP = tl.constexpr(STAGES), tl.constexpr(SYNC_HEAD), tl.constexpr(GAVE_UP)  # the kernel's
@@ -137,7 +138,7 @@ def _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, K, eps, BLOCK_M: tl.constexpr):
     """(BLOCK_M, N) fp32: LN(h[m]) . w[n] for the rows of h (M, K), read from L2."""
     acc = tl.zeros([BLOCK_M, w.shape[0]], tl.float32)
     for m in range(M):
-        mask = (m < M) & (ks < K)[None, :]
+        mask = (ks < K)[None, :]
         a = tl.load(h_ptr + m * K + ks[None, :], mask=mask, other=0.0, cache_modifier=".cg")
         a = _normalised_row(a, ks, mask, K, eps, ln_w, ln_b, True, True)
         acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32), axis=1))
@@ -145,13 +146,23 @@ def _ln_matmul_rows(h_ptr, ln_w, ln_b, w, ks, M, K, eps, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _matmul_rows(x_ptr, w, ks, k_ok, M, K, BLOCK_M: tl.constexpr):
+    """(BLOCK_M, N) fp32: x[m] . w[n] for the rows of x (M, K), read from L2."""
+    acc = tl.zeros([BLOCK_M, w.shape[0]], tl.float32)
+    for m in range(M):
+        a = tl.load(x_ptr + m * K + ks, mask=k_ok, other=0.0, cache_modifier=".cg")
+        acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1))
+    return acc
+
+
+@triton.jit
 def _add_to_stream(acc, bias, h_ptr, rows, row_ok, cols, col_ok, C):
     """h[rows, cols] += round(acc + bias), rounded again, in place: a residual add."""
     out = (acc + bias[None, :]).to(h_ptr.dtype.element_ty)
-    ptrs = h_ptr + rows[:, None] * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     mask = row_ok[:, None] & col_ok[None, :]
-    h = tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-    tl.store(ptrs, (out.to(tl.float32) + h.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=mask)
+    h = tl.load(h_ptr + offs, mask=mask, other=0.0, cache_modifier=".cg")
+    tl.store(h_ptr + offs, (out.to(tl.float32) + h.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -195,12 +206,15 @@ def _qkv_item(tile, layer, w_ptr, b_ptr, ln_w_ptr, ln_b_ptr, wte_ptr, wpe_ptr, t
 
 
 @triton.jit
-def _attention_item(r, qkv_ptr, kv_ptr, seqlens_ptr, part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk,
-                    qk_scale, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len,
-                    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+def _attention_item(r, qkv_ptr, kv_ptr, seqlens_ptr, part_o_ptr, part_lse_ptr, y_ptr, merge_ptr, C, n_head, n_chunks,
+                    chunk, qk_scale, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len,
+                    HEAD_DIM: tl.constexpr, CHUNKS_P: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     """Item r = (row m, head, chunk c): positions [c chunk, min((c + 1) chunk, len_m)) in base-2
     units, s_j = q . k_j * scale * log2(e); stores o = sum_j 2^(s_j - mx) v_j / l and lse = mx +
-    log2(l), l = sum_j 2^(s_j - mx) (0 and -inf for a chunk past the row's length)."""
+    log2(l), l = sum_j 2^(s_j - mx) (0 and -inf for a chunk past the row's length). The last of
+    the row's n_chunks chunks of this head to finish (a count, acquire-release, at merge_ptr[m
+    n_head + head], zeroed again by it) merges them all, in chunk order, into y[m, head D : (head
+    + 1) D] in y's dtype (0 where no position was seen): the same y whichever chunk is last."""
     m = r // (n_head * n_chunks)
     head = (r // n_chunks) % n_head
     c = r % n_chunks
@@ -228,36 +242,24 @@ def _attention_item(r, qkv_ptr, kv_ptr, seqlens_ptr, part_o_ptr, part_lse_ptr, C
         acc = acc * alpha + tl.sum(p[:, None] * v, axis=0)
         mx = new
     seen = l_sum > 0
-    part = (m * n_head + head) * n_chunks + c
+    row_head = m * n_head + head
+    part = row_head * n_chunks + c
     tl.store(part_o_ptr + part * HEAD_DIM + d, tl.where(seen, acc / tl.where(seen, l_sum, 1.0), 0.0))
     tl.store(part_lse_ptr + part, tl.where(seen, mx + tl.log2(tl.where(seen, l_sum, 1.0)), float("-inf")))
-
-
-@triton.jit
-def _merged_heads(part_o_ptr, part_lse_ptr, m, row_ok, n_head, n_chunks, HEADS_P: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, DTYPE: tl.constexpr):  # fmt: skip
-    """Row m's attention output, (HEADS_P * HEAD_DIM,) in DTYPE: each head's chunks merged by
-    their log2-sum-exps, the heads side by side (0 for a head that saw nothing, and past n_head)."""
-    heads = tl.arange(0, HEADS_P)
-    d = tl.arange(0, HEAD_DIM)
-    head_ok = (heads < n_head) & row_ok
-    mx = tl.full([HEADS_P], float("-inf"), tl.float32)
-    den = tl.zeros([HEADS_P], tl.float32)
-    o = tl.zeros([HEADS_P, HEAD_DIM], tl.float32)
-    for c in range(n_chunks):
-        part = (m * n_head + heads) * n_chunks + c
-        lse = tl.load(part_lse_ptr + part, mask=head_ok, other=float("-inf"), cache_modifier=".cg")
-        o_c = tl.load(part_o_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=head_ok[:, None], other=0.0,
-                      cache_modifier=".cg")  # fmt: skip
-        new = tl.maximum(mx, lse)
-        alive = new > float("-inf")
-        a = tl.where(alive, tl.exp2(mx - tl.where(alive, new, 0.0)), 0.0)
-        b = tl.where(alive, tl.exp2(lse - tl.where(alive, new, 0.0)), 0.0)
-        den = den * a + b
-        o = o * a[:, None] + o_c * b[:, None]
-        mx = new
-    y = tl.where(den[:, None] > 0, o / tl.where(den > 0, den, 1.0)[:, None], 0.0).to(DTYPE)
-    return tl.reshape(y, [HEADS_P * HEAD_DIM])
+    tl.debug_barrier()  # every thread's partials are stored before the count says so (release)
+    if tl.atomic_add(merge_ptr + row_head, 1, sem="acq_rel") == n_chunks - 1:
+        cs = tl.arange(0, CHUNKS_P)
+        c_ok = cs < n_chunks
+        parts = row_head * n_chunks + cs  # .cg: other programs, on other SMs, stored them
+        lse = tl.load(part_lse_ptr + parts, mask=c_ok, other=float("-inf"), cache_modifier=".cg")
+        o = tl.load(part_o_ptr + parts[:, None] * HEAD_DIM + d[None, :], mask=c_ok[:, None], other=0.0,
+                    cache_modifier=".cg")  # fmt: skip
+        top = tl.max(lse, axis=0)
+        weight = tl.exp2(lse - tl.where(top > float("-inf"), top, 0.0))  # (CHUNKS_P,): 0 for an empty chunk
+        den = tl.sum(weight, axis=0)
+        y = tl.sum(weight[:, None] * o, axis=0) / tl.where(den > 0, den, 1.0)
+        tl.store(y_ptr + m * C + head * HEAD_DIM + d, y.to(y_ptr.dtype.element_ty))
+        tl.atomic_xchg(merge_ptr + row_head, 0)  # zero again for the next layer (which waits for this one)
 
 
 @triton.jit
@@ -287,21 +289,18 @@ def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, sync_ptr
 
 
 @triton.jit
-def _proj_item(tile, w_ptr, bias_ptr, part_o_ptr, part_lse_ptr, h_ptr, sync_ptr, wait_index, wait_target, known,
-               M, C, n_head, n_chunks, stride_n, stride_k, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-               HEADS_P: tl.constexpr, K_C: tl.constexpr, BLOCK_N: tl.constexpr, BACKOFF: tl.constexpr):  # fmt: skip
-    """Columns of the attention's c_proj, y @ W.T + b, added to h: y each row's heads merged."""
+def _proj_item(tile, w_ptr, bias_ptr, y_ptr, h_ptr, sync_ptr, wait_index, wait_target, known, M, C, stride_n,
+               stride_k, BLOCK_M: tl.constexpr, K_C: tl.constexpr, BLOCK_N: tl.constexpr,
+               BACKOFF: tl.constexpr):  # fmt: skip
+    """Columns of the attention's c_proj, y @ W.T + b (y (M, C): the heads side by side), added to h."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
     ks = tl.arange(0, K_C)
-    w = _weight_tile(w_ptr, cols, col_ok, ks, ks < C, stride_n, stride_k)
+    k_ok = ks < C
+    w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for m in range(M):
-        y = _merged_heads(part_o_ptr, part_lse_ptr, m, m < M, n_head, n_chunks, HEADS_P, HEAD_DIM,
-                          h_ptr.dtype.element_ty)  # fmt: skip
-        acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * y.to(tl.float32)[None, :], axis=1))
+    acc = _matmul_rows(y_ptr, w, ks, k_ok, M, C, BLOCK_M)
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
     return known
@@ -319,10 +318,7 @@ def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, sync_ptr, wait_index, wait_ta
     w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for m in range(M):
-        a = tl.load(f_ptr + m * F + ks, mask=(m < M) & k_ok, other=0.0, cache_modifier=".cg")
-        acc = _set_row(acc, m, tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1))
+    acc = _matmul_rows(f_ptr, w, ks, k_ok, M, F, BLOCK_M)
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
     return known
@@ -342,14 +338,15 @@ def _step_kernel(
     qkv_ptr,  # (M, 3 C) scratch
     part_o_ptr,  # (M, n_head, n_chunks, HEAD_DIM) fp32 scratch
     part_lse_ptr,  # (M, n_head, n_chunks) fp32 scratch
+    y_ptr,  # (M, C) scratch: the attention's output, the heads side by side
     f_ptr,  # (M, F) scratch: the MLP's hidden rows
     logits_ptr,  # (M, V) output
-    sync_ptr,  # (SYNC_HEAD + STAGES n_layer,) int32 zeros; zeros again after, but GAVE_UP
-    M, C, F, V, n_layer, n_head, vocab_rows, pos_rows, kv_len, n_chunks, chunk, eps, qk_scale,
+    sync_ptr,  # (sync_len,) int32 zeros (sync_entries); zeros again after, but GAVE_UP
+    sync_len, M, C, F, V, n_layer, n_head, vocab_rows, pos_rows, kv_len, n_chunks, chunk, eps, qk_scale,
     stride_kv_layer, stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s,
     stride_attn_n, stride_attn_k, stride_proj_n, stride_proj_k, stride_fc_n, stride_fc_k,
     stride_out_n, stride_out_k, stride_head_n, stride_head_k, stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k,
-    DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, HEADS_P: tl.constexpr, K_C: tl.constexpr,
+    DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNKS_P: tl.constexpr, K_C: tl.constexpr,
     K_F: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr, N_OUT: tl.constexpr,
     N_HEAD: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, SYNC_P: tl.constexpr, CLAIM: tl.constexpr,
     BACKOFF: tl.constexpr,
@@ -363,6 +360,7 @@ def _step_kernel(
     per_layer = ends[3] + t_out
     total = n_layer * per_layer + tl.cdiv(V, N_HEAD)
     counts = sync_ptr + _SYNC_HEAD  # counts[_STAGES layer + stage]: its items done
+    merges = counts + _STAGES * n_layer  # merges[m n_head + head]: the chunks of (row, head) done, in a layer
 
     known = -1  # the latest stage (5 layer + stage) this program has seen complete
     first = tl.atomic_add(sync_ptr, CLAIM)  # CLAIM items at a time, in order
@@ -387,14 +385,14 @@ def _step_kernel(
             elif r < ends[1]:  # attention
                 known = _wait_until(sync_ptr, _STAGES * layer, t_qkv, known, BACKOFF)
                 _attention_item(r - ends[0], qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer, seqlens_ptr,
-                                part_o_ptr, part_lse_ptr, C, n_head, n_chunks, chunk, qk_scale, stride_kv_which,
-                                stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, ATTN_BLOCK_N)  # fmt: skip
+                                part_o_ptr, part_lse_ptr, y_ptr, merges, C, n_head, n_chunks, chunk, qk_scale,
+                                stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, CHUNKS_P,
+                                ATTN_BLOCK_N)  # fmt: skip
                 _count_done(counts + _STAGES * layer + 1)
             elif r < ends[2]:  # attention c_proj, added to h
-                known = _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), part_o_ptr,
-                                   part_lse_ptr, h_ptr, sync_ptr, _STAGES * layer + 1, t_attn, known, M, C, n_head,
-                                   n_chunks, stride_proj_n, stride_proj_k, BLOCK_M, HEAD_DIM, HEADS_P, K_C, N_PROJ,
-                                   BACKOFF)  # fmt: skip
+                known = _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), y_ptr, h_ptr,
+                                   sync_ptr, _STAGES * layer + 1, t_attn, known, M, C, stride_proj_n, stride_proj_k,
+                                   BLOCK_M, K_C, N_PROJ, BACKOFF)  # fmt: skip
                 _count_done(counts + _STAGES * layer + 2)
             elif r < ends[3]:  # c_fc + GELU
                 known = _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE), _at(weights, 6, DTYPE),
@@ -412,8 +410,7 @@ def _step_kernel(
     # Leave; the last program out zeroes the counters (every other one has read its last), not GAVE_UP.
     if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         offs = tl.arange(0, SYNC_P)
-        keep = (offs == _GAVE_UP) | (offs >= _SYNC_HEAD + _STAGES * n_layer)
-        tl.store(sync_ptr + offs, tl.zeros([SYNC_P], tl.int32), mask=~keep)
+        tl.store(sync_ptr + offs, tl.zeros([SYNC_P], tl.int32), mask=(offs != _GAVE_UP) & (offs < sync_len))
 
 
 class StepWeights(NamedTuple):
@@ -440,11 +437,14 @@ def step_weights(layers: list[tuple], head: torch.Tensor) -> StepWeights | None:
     """The table of `layers` (each a block's 12 weights, fastgpt.ops.step.LAYER_WEIGHTS, checked there)
     and head (lm_head's weight); None where the kernel cannot take them: a kind of weight laid
     out differently in different layers (it takes one pair of strides a kind), a tensor not
-    16-byte aligned (it loads the rows 16 bytes at a time), or a vector with a stride."""
+    16-byte aligned (it loads the rows 16 bytes at a time), a vector with a stride, or a weight
+    stored so transposed that a row's offsets pass 2^31."""
     strides = _layer_strides(layers, head)
     tensors = tuple(t for layer in layers for t in layer)
     if strides is None or any(t.data_ptr() % 16 or (t.dim() == 1 and t.stride(0) != 1) for t in tensors):
         return None
+    if any((t.shape[1] - 1) * t.stride(1) >= 2**31 for t in (*tensors, head) if t.dim() == 2):
+        return None  # offsets within a weight row are 32-bit
     table = torch.tensor([[t.data_ptr() for t in layer] for layer in layers], dtype=torch.int64).to(head.device)
     return StepWeights(table, strides, tensors + (head,), _key(layers, head))
 
@@ -476,6 +476,11 @@ def attention_chunks(rows: int, n_head: int, kv_len: int, programs: int, block_n
     return cdiv(max(kv_len, 1), chunk), chunk
 
 
+def sync_entries(n_layer: int, n_head: int) -> int:
+    """The int32 entries of the kernel's sync buffer for a model of n_layer layers of n_head heads."""
+    return SYNC_HEAD + STAGES * n_layer + MAX_ROWS * n_head
+
+
 def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps: float, sync) -> torch.Tensor:
     """GPT-2's decode step for M = tok.shape[0] <= MAX_ROWS rows, one token each: logits (M, V).
 
@@ -484,10 +489,10 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
     attends to cache positions [0, seqlens[m]) (pos + 1 in a decode step). kv (n_layer, 2, B,
     n_head, S, D), B >= M, unit last stride, D a power of two: row m's cache is kv[:, :, m]. The
     weights: `weights` (step_weights), wte (vocab, C) and wpe (positions, C), ln_f its
-    (weight, bias); all one dtype with kv. eps: every LayerNorm's. sync: int32 zeros (SYNC_HEAD +
-    STAGES n_layer,), which the kernel leaves zero but sync[GAVE_UP] (set where a wait gave up: a
-    bug). The MLP's activation is GELU's tanh form (GPT-2's), and every LayerNorm and matmul but
-    lm_head has a bias.
+    (weight, bias); all one dtype with kv. eps: every LayerNorm's. sync: int32 zeros
+    (sync_entries(n_layer, n_head),), which the kernel leaves zero but sync[GAVE_UP] (set where a
+    wait gave up: a bug). The MLP's activation is GELU's tanh form (GPT-2's), and every LayerNorm
+    and matmul but lm_head has a bias.
     """
     M = tok.shape[0]
     n_layer, _, _, n_head, S, D = kv.shape
@@ -501,7 +506,7 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
     empty = lambda *shape, dtype=kv.dtype: torch.empty(shape, dtype=dtype, device=kv.device)  # noqa: E731
     logits = empty(M, V)
     scratch = (empty(M, C), empty(M, 3 * C), empty(M, n_head, n_chunks, D, dtype=torch.float32),
-               empty(M, n_head, n_chunks, dtype=torch.float32), empty(M, F))  # fmt: skip
+               empty(M, n_head, n_chunks, dtype=torch.float32), empty(M, C), empty(M, F))  # fmt: skip
     qk_scale = math.log2(math.e) / math.sqrt(D)
     columns = dict(
         N_QKV=tile_columns(3 * C, C, es, TILE_BYTES), N_PROJ=tile_columns(C, C, es, TILE_BYTES),
@@ -510,11 +515,12 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
     )  # fmt: skip
     _step_kernel[(programs,)](
         weights.table, wte, wpe, *ln_f, weights.tensors[-1], tok, pos, seqlens, kv, *scratch, logits, sync,
-        M, C, F, V, n_layer, n_head, wte.shape[0], wpe.shape[0], S, n_chunks, chunk, float(eps), qk_scale,
+        sync_entries(n_layer, n_head), M, C, F, V, n_layer, n_head, wte.shape[0], wpe.shape[0], S, n_chunks, chunk,
+        float(eps), qk_scale,
         *kv.stride()[:5], *weights.strides, *wte.stride(), *wpe.stride(),
-        DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, HEADS_P=next_power_of_2(n_head),
+        DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, CHUNKS_P=next_power_of_2(n_chunks),
         K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
-        SYNC_P=next_power_of_2(SYNC_HEAD + STAGES * n_layer), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
+        SYNC_P=next_power_of_2(sync_entries(n_layer, n_head)), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
         num_warps=NUM_WARPS, num_stages=1, **({"maxnreg": MAX_REGISTERS} if on_gpu and MAX_REGISTERS else {}),
     )  # fmt: skip
     return logits

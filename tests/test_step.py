@@ -162,6 +162,84 @@ def _layers(model):
     return [tuple(block.get_parameter(name) for name in step.LAYER_WEIGHTS) for block in model.transformer.h]
 
 
+def test_mixed_dtypes_and_norms_keep_the_fused_step(device):
+    """A model the kernel cannot take whole (LayerNorms kept in fp32 in an fp16 model; a block's
+    LayerNorm with another eps) keeps the fused step, and generates as it would without the flag."""
+    model = tiny_model(device, torch.float16, n_layer=1)
+    for block in model.transformer.h:
+        block.ln_1.float()
+    model.persistent_decode = True
+    assert not model._persistent_decode(1, torch.device(device))
+    idx = torch.randint(0, 384, (1, 5), device=device)
+    out = model.generate(idx, 3)
+    model.persistent_decode = False
+    assert torch.equal(model.generate(idx, 3), out)
+    other = tiny_model(device, n_layer=1)
+    other.transformer.h[0].ln_2.eps = 1e-3
+    other.persistent_decode = True
+    assert not other._persistent_decode(1, torch.device(device))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # what the steps compute once waits give up is garbage
+def test_generate_raises_where_a_wait_gave_up(device):
+    """generate reads the flag a wait that gave up sets (here set by hand: every wait then gives up
+    at once) and raises, clearing it: the next call gives the tokens it would have."""
+    from fastgpt.ops.step import GAVE_UP
+
+    model = tiny_model(device, n_layer=1)
+    model.persistent_decode = True
+    idx = torch.randint(0, 384, (1, 5), device=device)
+    expected = model.generate(idx, 3)
+    (decoder,) = model._decoders.values()
+    with torch.inference_mode():  # the decoder's buffers are inference tensors
+        decoder.cache.step_sync[GAVE_UP] = 1
+    with pytest.raises(RuntimeError, match="gave up"):
+        model.generate(idx, 3)
+    assert not decoder.cache.step_sync.any()
+    assert torch.equal(model.generate(idx, 3), expected)
+
+
+def test_the_kernel_reads_what_it_writes_from_l2_after_waiting():
+    """What the interpreter cannot show (it runs the programs one after another): in kernels/step.py
+    every load of an activation another program writes in the same launch (h, qkv, y, f, the
+    attention's partials, the cache) is a .cg load (past this SM's L1), and each item function that
+    waits does so before its first such load."""
+    import ast
+    import inspect
+
+    from fastgpt.kernels import step as kernel
+
+    written = ("h_ptr", "qkv_ptr", "y_ptr", "f_ptr", "x_ptr", "part_o_ptr", "part_lse_ptr", "k_base", "v_base")
+    tree = ast.parse(inspect.getsource(kernel))
+    functions = {f.name: f for f in tree.body if isinstance(f, ast.FunctionDef)}
+
+    def calls(function):
+        return sorted((n for n in ast.walk(function) if isinstance(n, ast.Call)), key=lambda n: n.lineno)
+
+    loaders, loads = set(), 0  # the functions that load such an activation themselves, and their loads
+    for name, function in functions.items():
+        for node in calls(function):
+            if ast.unparse(node.func) == "tl.load" and any(p in ast.unparse(node.args[0]) for p in written):
+                loads += 1
+                loaders.add(name)
+                modifiers = {k.arg: ast.unparse(k.value) for k in node.keywords}
+                assert modifiers.get("cache_modifier") == "'.cg'", (name, node.lineno)
+    assert loads >= 8 and {"_ln_matmul_rows", "_matmul_rows", "_add_to_stream", "_attention_item"} <= loaders
+    # Every item but the attention's waits itself, before its first such load; the kernel waits
+    # right before each attention item.
+    for name, function in functions.items():
+        if not name.endswith("_item") or name == "_attention_item":
+            continue
+        waits = [n.lineno for n in calls(function) if ast.unparse(n.func) == "_wait_until"]
+        for node in calls(function):
+            called = ast.unparse(node.func)
+            if called in loaders or (called == "tl.load" and any(p in ast.unparse(node.args[0]) for p in written)):
+                assert waits and min(waits) < node.lineno, (name, called, node.lineno)
+    order = [ast.unparse(n.func) for n in calls(functions["_step_kernel"])]
+    order = [c for c in order if c == "_wait_until" or c.endswith("_item") or c == "_count_done"]
+    assert all(order[i - 1] == "_wait_until" for i, c in enumerate(order) if c == "_attention_item")
+
+
 def test_step_weights_refuses_what_the_kernel_cannot_read():
     model = tiny_model("cpu")
     layers, head = _layers(model), model.lm_head.weight
@@ -214,6 +292,9 @@ def test_checks_its_arguments():
         (dict(eps=-1.0), ValueError, "eps"),
         (dict(wpe=t.wpe.weight[:, :32]), ValueError, "wpe must have shape"),
         (dict(kv=cache.kv.transpose(-1, -2)), ValueError, "unit stride"),
+        (dict(kv=cache.kv[:, :1]), ValueError, "k and v side by side"),
+        (dict(ln_f=None), TypeError, "ln_f"),
+        (dict(weights=object()), ValueError, "weights must be"),
     ]
     for change, error, match in cases:
         with pytest.raises(error, match=match):
@@ -265,8 +346,8 @@ def compile_step_variants(arch):
 
     mod = load_kernel_module("step")
     assert (mod.MAX_ROWS, mod.GAVE_UP) == (step.MAX_ROWS, step.GAVE_UP)  # the ops layer's copies
-    assert all(step.sync_entries(n) == mod.SYNC_HEAD + mod.STAGES * n for n in (1, 12, 48))
-    names = ("wte_ptr", "wpe_ptr", "lnf_w_ptr", "lnf_b_ptr", "head_ptr", "kv_ptr", "h_ptr", "qkv_ptr", "f_ptr",
+    assert all(step.sync_entries(n, h) == mod.sync_entries(n, h) for n, h in ((1, 1), (12, 12), (48, 25)))
+    names = ("wte_ptr", "wpe_ptr", "lnf_w_ptr", "lnf_b_ptr", "head_ptr", "kv_ptr", "h_ptr", "qkv_ptr", "y_ptr", "f_ptr",
              "logits_ptr")  # fmt: skip
     C, F, V = 768, 3072, 50257
     for dtype, size, tl_dtype in (("bf16", 2, tl.bfloat16), ("fp32", 4, tl.float32)):
@@ -275,7 +356,7 @@ def compile_step_variants(arch):
                                                          "part_lse_ptr": "*fp32", "sync_ptr": "*i32"}  # fmt: skip
         for rows in (1, mod.MAX_ROWS):
             const = dict(
-                DTYPE=tl_dtype, BLOCK_M=rows, HEAD_DIM=64, HEADS_P=16, K_C=1024, K_F=4096,
+                DTYPE=tl_dtype, BLOCK_M=rows, HEAD_DIM=64, CHUNKS_P=16, K_C=1024, K_F=4096,
                 N_QKV=mod.tile_columns(3 * C, C, size, mod.TILE_BYTES),
                 N_PROJ=mod.tile_columns(C, C, size, mod.TILE_BYTES),
                 N_FC=mod.tile_columns(F, C, size, mod.TILE_BYTES),
