@@ -23,7 +23,9 @@ every item.) The last program to leave zeroes the counters for the next launch.
 Not yet measured on a GPU: the knobs below (item bytes, programs an SM, items a claim) are set
 from counting, and gpu-probe's persistent_step section sweeps them. Per item a program makes
 about three dependent round trips (the claim, the count or its weights, the activations from
-L2), so each SM keeps several programs and each program's weights in flight.
+L2), so each SM keeps several programs and each program's weights in flight. Made for one row
+(the B1 step): an item reads its rows' activations one row after another, and at 8 rows an MLP
+c_proj item reads 48 KB of them (from L2) beside its 6 KB of weights.
 
 Items, for the M rows (one token each; rows padded to BLOCK_M, a power of two):
   qkv          columns of LN_1(h) @ W.T + b; their k and v also go to the row's cache slot. In
