@@ -291,36 +291,19 @@ def _ln_item(tile, w_ptr, bias_ptr, ln_w_ptr, ln_b_ptr, h_ptr, out_ptr, sync_ptr
 
 
 @triton.jit
-def _proj_item(tile, w_ptr, bias_ptr, y_ptr, h_ptr, sync_ptr, wait_index, wait_target, known, M, C, stride_n,
-               stride_k, BLOCK_M: tl.constexpr, K_C: tl.constexpr, BLOCK_N: tl.constexpr,
-               BACKOFF: tl.constexpr):  # fmt: skip
-    """Columns of the attention's c_proj, y @ W.T + b (y (M, C): the heads side by side), added to h."""
+def _residual_item(tile, w_ptr, bias_ptr, x_ptr, h_ptr, sync_ptr, wait_index, wait_target, known, M, C, K, stride_n,
+                   stride_k, BLOCK_M: tl.constexpr, K_P: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BACKOFF: tl.constexpr):  # fmt: skip
+    """Columns of x @ W.T + b (x (M, K)) added to h (M, C): the attention's c_proj (x = y, the
+    heads side by side, K = C) and the MLP's (x = f, K = F)."""
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < C
-    ks = tl.arange(0, K_C)
-    k_ok = ks < C
+    ks = tl.arange(0, K_P)
+    k_ok = ks < K
     w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
     bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
-    acc = _matmul_rows(y_ptr, w, ks, k_ok, M, C, BLOCK_M)
-    rows = tl.arange(0, BLOCK_M).to(tl.int64)
-    _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
-    return known
-
-
-@triton.jit
-def _out_item(tile, w_ptr, bias_ptr, f_ptr, h_ptr, sync_ptr, wait_index, wait_target, known, M, C, F, stride_n,
-              stride_k, BLOCK_M: tl.constexpr, K_F: tl.constexpr, BLOCK_N: tl.constexpr,
-              BACKOFF: tl.constexpr):  # fmt: skip
-    """Columns of the MLP's c_proj, f @ W.T + b (f (M, F)), added to h."""
-    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < C
-    ks = tl.arange(0, K_F)
-    k_ok = ks < F
-    w = _weight_tile(w_ptr, cols, col_ok, ks, k_ok, stride_n, stride_k)
-    bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
-    known = _wait_until(sync_ptr, wait_index, wait_target, known, BACKOFF)
-    acc = _matmul_rows(f_ptr, w, ks, k_ok, M, F, BLOCK_M)
+    acc = _matmul_rows(x_ptr, w, ks, k_ok, M, K, BLOCK_M)
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     _add_to_stream(acc, bias, h_ptr, rows, rows < M, cols, col_ok, C)
     return known
@@ -392,9 +375,9 @@ def _step_kernel(
                                 ATTN_BLOCK_N)  # fmt: skip
                 _count_done(counts + _STAGES * layer + 1)
             elif r < ends[2]:  # attention c_proj, added to h
-                known = _proj_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), y_ptr, h_ptr,
-                                   sync_ptr, _STAGES * layer + 1, t_attn, known, M, C, stride_proj_n, stride_proj_k,
-                                   BLOCK_M, K_C, N_PROJ, BACKOFF)  # fmt: skip
+                known = _residual_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), y_ptr, h_ptr,
+                                       sync_ptr, _STAGES * layer + 1, t_attn, known, M, C, C, stride_proj_n,
+                                       stride_proj_k, BLOCK_M, K_C, N_PROJ, BACKOFF)  # fmt: skip
                 _count_done(counts + _STAGES * layer + 2)
             elif r < ends[3]:  # c_fc + GELU
                 known = _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE), _at(weights, 6, DTYPE),
@@ -403,9 +386,9 @@ def _step_kernel(
                                  BACKOFF)  # fmt: skip
                 _count_done(counts + _STAGES * layer + 3)
             else:  # MLP c_proj, added to h
-                known = _out_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
-                                  sync_ptr, _STAGES * layer + 3, t_fc, known, M, C, F, stride_out_n, stride_out_k,
-                                  BLOCK_M, K_F, N_OUT, BACKOFF)  # fmt: skip
+                known = _residual_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
+                                       sync_ptr, _STAGES * layer + 3, t_fc, known, M, C, F, stride_out_n,
+                                       stride_out_k, BLOCK_M, K_F, N_OUT, BACKOFF)  # fmt: skip
                 _count_done(counts + _STAGES * layer + 4)
         first = tl.atomic_add(sync_ptr, CLAIM)
 
