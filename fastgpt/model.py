@@ -326,7 +326,8 @@ class GPT(nn.Module):
         counters: None, or int32 zeros (B * n_head * T,) that the fused step's decode attention
         merges its splits with (see decode_step_attention); the unfused step does not use them.
         kv_cache.graphed (fastgpt.generate's capture sets it) has decode attention picked by its
-        time on the GPU, not by one eager call's.
+        time on the GPU, not by one eager call's. With persistent_decode, a step of one token a row
+        runs as one launch where it can (see _persistent_decode).
         """
         (B, T), config = tok.shape, self.config
         if seqlens is None:
