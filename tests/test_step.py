@@ -16,17 +16,13 @@ from fastgpt.model import GPT, GPTConfig
 from fastgpt.ops import step
 from tests.gpu_compile import compile_for, load_kernel_module, run_compile_check
 from tests.helpers import assert_close
+from tests.test_model import tiny_hf
 
-transformers = pytest.importorskip("transformers")
 
-
-def tiny_model(device, dtype=torch.float32, *, n_embd=64, n_head=4, n_layer=2, out_in=False, **extra):
-    """A random GPT-2 (wide initial weights, so that greedy ties are unlikely) on the triton backend.
-    out_in: the (out, in) weight order GPT keeps on a GPU (a CPU's is (in, out))."""
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=384, n_positions=96, n_embd=n_embd, n_layer=n_layer, n_head=n_head,
-                                     initializer_range=0.2, bos_token_id=None, eos_token_id=None, **extra)  # fmt: skip
-    model = GPT.from_hf(transformers.GPT2LMHeadModel(config).eval()).to(device=device, dtype=dtype)
+def tiny_model(device, dtype=torch.float32, *, n_embd=64, n_head=4, n_layer=2, out_in=False):
+    """tests.test_model's random GPT-2 (wide initial weights, so that greedy ties are unlikely) on
+    the triton backend. out_in: the (out, in) weight order GPT keeps on a GPU (a CPU's is (in, out))."""
+    model = GPT.from_hf(tiny_hf(n_embd, n_head, n_layer)).to(device=device, dtype=dtype)
     if out_in:
         for w in model.parameters():
             w.data = w.data.contiguous()
