@@ -9,32 +9,34 @@ from fastgpt import _backends
 WARMUP_STEPS = 2  # eager steps before a capture: Triton compiles, cuBLAS plans
 
 
-def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, cache):
+def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator | None, cache,
+            warmup: int = WARMUP_STEPS):
     """A CUDA graph of step() -> (graph, None), or (None, why the capture failed).
 
-    step is first run WARMUP_STEPS times on a side stream (kernels compile, libraries plan),
-    then captured once; `state`, the tensors it updates, and the generator it draws from are put
+    step is first run `warmup` times on a side stream (kernels compile, libraries plan), then
+    captured once; `state`, the tensors it updates, and the generator it draws from are put
     back as they were before the warm-up, whatever happens. The graph replays the draws from
-    `generator`, advancing it as eager steps do. The KV cache the step runs over
+    `generator`, advancing it as eager steps do (None: step draws nothing). The KV cache the step runs over
     (fastgpt.generate.KVCache) is marked graphed meanwhile, so the warm-up and the capture pick
     the same kernels; a step over PDL_PLAIN_ROWS sequences or more (the cache's batch) launches
     its kernels plainly, its warm-up too (fastgpt/_backends.py: as programmatic dependents such a
     step is slower).
     """
-    device = state[0].device
-    saved, rng = [t.clone() for t in state], generator.get_state()
+    device = cache.kv.device
+    saved, rng = [t.clone() for t in state], None if generator is None else generator.get_state()
     cache.graphed = True
     try:
         with _backends.plain_launches(cache.kv.shape[2] >= _backends.PDL_PLAIN_ROWS):  # (L, 2, B, H, S, D)
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                for _ in range(WARMUP_STEPS):
+                for _ in range(warmup):
                     step()
             torch.cuda.current_stream(device).wait_stream(stream)
             _restore(state, saved, generator, rng)
             graph = torch.cuda.CUDAGraph()
-            graph.register_generator_state(generator)
+            if generator is not None:
+                graph.register_generator_state(generator)
             with torch.cuda.graph(graph):
                 step()
     except Exception as exc:  # a sync or an uncapturable op somewhere: the caller steps eagerly instead
@@ -48,4 +50,5 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator, c
 def _restore(state, saved, generator, rng):
     for t, value in zip(state, saved):
         t.copy_(value)
-    generator.set_state(rng)
+    if generator is not None:
+        generator.set_state(rng)

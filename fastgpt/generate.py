@@ -15,6 +15,8 @@ The per-token work is all on the device: sampling parameters, positions, the out
 the "finished" flags are tensors, so one decode step can be captured in a CUDA graph and
 replayed. The host reads the device only to ask whether every row has hit eos, every
 `check_every` tokens.
+The prefill is captured too once a prompt length repeats (Decoder.prefill): a short prompt's
+eager prefill costs the host more than the GPU.
 
 With prompt_lookup_num_tokens = k > 0, the decode steps draft up to k tokens a row and verify
 them in one forward each (fastgpt/speculative.py); the cache then has k spare slots.
@@ -47,6 +49,9 @@ CHECK_EVERY = 8  # decode steps between the host's checks for "every row finishe
 BUCKET = 256  # cache lengths round up to a multiple of this (capped by n_positions), so decoders are reused
 EOS_SLOTS = 8  # eos ids held by a decoder; more ids make a decoder with more slots
 MAX_GRAPH_DECODERS = 2  # decoders kept per model with CUDA graphs (one without), least recently used dropped
+# With CUDA graphs, a prompt of at most this many tokens (B T) has its prefill captured too (see
+# Decoder.prefill); a longer one keeps the GPU busy for longer than its launches take the host.
+PREFILL_GRAPH_MAX_TOKENS = 4096
 # torch.compile's error when a function passes Dynamo's recompile limit under fullgraph (the older name too).
 _RECOMPILE_LIMIT = tuple(getattr(torch._dynamo.exc, name) for name in ("FailOnRecompileLimitHit", "FailOnCacheLimitHit")
                          if hasattr(torch._dynamo.exc, name))  # fmt: skip
@@ -133,6 +138,10 @@ class Decoder:
         self.count = zeros(1, dtype=torch.int32)
         self.busy = False  # a call is iterating over it (a stream not yet done): not to be handed out
         self.lookup = None  # a PromptLookup of this decoder's, kept for its CUDA graph
+        # The prefill's CUDA graph (see prefill): the prompt length of the last prefill, its graph
+        # (None: not captured, False: the capture failed), and the graph's input and output tensors.
+        self.prefill_length, self.prefill_graph = None, None
+        self.prefill_idx = self.prefill_last = self.prefill_logits = None
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
               all_greedy: bool | None = None, top_k_bound: int = 0):
@@ -221,6 +230,48 @@ class Decoder:
                 return self.forward(*args)
 
         return forward
+
+    def prefill(self, idx, last, use_graph: bool):
+        """model.prefill of the left-aligned prompt idx (B, T) into the cache -> the logits (B, V)
+        at positions last (B,).
+
+        With use_graph, the second prefill in a row of a prompt length replays a CUDA graph,
+        captured then, and so do the prefills of that length after it (up to
+        PREFILL_GRAPH_MAX_TOKENS tokens): a short prompt's prefill is ~10 eager launches a
+        layer, whose host time exceeds what they take the GPU. One length is kept at a time; the
+        first prefill of another is eager. Graph or not, the same kernels run on the same shapes.
+        """
+        B, T = idx.shape
+        if not use_graph or B * T > PREFILL_GRAPH_MAX_TOKENS:
+            return self.model.prefill(idx, self.kv, last)
+        if T != self.prefill_length:  # a new length: eager, and remembered
+            self.prefill_length, self.prefill_graph = T, None
+            self.prefill_idx = self.prefill_last = self.prefill_logits = None  # the last graph's pool goes too
+            return self.model.prefill(idx, self.kv, last)
+        if self.prefill_graph is None:
+            self.prefill_graph = self._capture_prefill(idx, last)
+        if self.prefill_graph is False:
+            return self.model.prefill(idx, self.kv, last)
+        self.prefill_idx.copy_(idx)
+        self.prefill_last.copy_(last)
+        self.prefill_graph.replay()
+        return self.prefill_logits
+
+    def _capture_prefill(self, idx, last):
+        """A CUDA graph of model.prefill over copies of idx and last (its inputs from then on)
+        writing self.prefill_logits; False, with a warning saying why, where the capture fails."""
+        self.prefill_idx, self.prefill_last = idx.clone(), last.clone()
+
+        def prefill():
+            self.prefill_logits = self.model.prefill(self.prefill_idx, self.kv, self.prefill_last)
+
+        graph, reason = _graphs.capture(prefill, (), None, self.cache, warmup=1)  # compiled already: eager first
+        if graph is None:
+            warnings.warn(f"fastgpt: CUDA graph capture of the prefill failed, prefilling eagerly ({reason})",
+                          stacklevel=7)  # fmt: skip
+            self.prefill_idx = self.prefill_last = self.prefill_logits = None
+            return False
+        return graph
 
     def decode_step(self):
         """Feed tok at pos through the model, sample the next token. Static shapes, no host sync."""
@@ -448,10 +499,10 @@ def _check_persistent_steps(model, decoder) -> None:
                            "this is a bug, please report it (model.persistent_decode = False avoids the path)")
 
 
-def _prefill(model, decoder, idx, lengths):
+def _prefill(decoder, idx, lengths, use_graph: bool):
     """Run the left-aligned prompt idx (B, T) into the cache and emit each row's first new token."""
     decoder.pos.copy_(lengths - 1)  # the prompt's last position: emit advances it to L_b, the first new token's
-    decoder.emit(model.prefill(idx, decoder.kv, last=lengths - 1))
+    decoder.emit(decoder.prefill(idx, lengths - 1, use_graph))
 
 
 def _replayed(owner, step, use_graph: bool):
@@ -468,7 +519,7 @@ def _replayed(owner, step, use_graph: bool):
 
 def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_every) -> Iterator[Decoder]:
     """The prefill of the left-aligned idx (B, T), then the decode steps (check_every None: no eos)."""
-    _prefill(model, decoder, idx, lengths)
+    _prefill(decoder, idx, lengths, use_graph)
     yield decoder
 
     step = _replayed(decoder, decoder.decode_step, use_graph and max_new_tokens > 1)
@@ -481,7 +532,7 @@ def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_ev
 
 def _speculate(model, decoder, idx, lengths, max_new_tokens, *, use_graph, k, ngram) -> Iterator[PromptLookup]:
     """The prefill of the left-aligned idx (B, T), then prompt-lookup steps until every row is done."""
-    _prefill(model, decoder, idx, lengths)
+    _prefill(decoder, idx, lengths, use_graph)
     lookup = decoder.lookup
     if lookup is None or (lookup.k, lookup.ngram) != (k, ngram):
         lookup = decoder.lookup = PromptLookup(decoder, k, ngram)
@@ -550,8 +601,8 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0,
     See GPT.generate. generator: a torch.Generator on the model's device type, or None for the
     default one; it ends as if every draw had been made from it (same seed, same tokens, with
     or without CUDA graphs). Options: pad_token_id (what finished rows emit; default the first eos id),
-    cuda_graph (capture the decode step; default True on CUDA; falls back to eager with a warning
-    saying why), check_every (decode steps between checks that every row is finished), compile
+    cuda_graph (capture the decode step, and the prefill of a prompt length met twice in a row;
+    default True on CUDA; falls back to eager with a warning saying why), check_every (decode steps between checks that every row is finished), compile
     (False; True or a dict of torch.compile arguments: the decode forward runs compiled, fullgraph,
     inside the CUDA graph when there is one; the first call pays the compilation),
     prompt_lookup_num_tokens (0; k > 0 drafts up to k tokens a step from each row's own text and

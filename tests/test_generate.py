@@ -374,6 +374,67 @@ def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatc
     assert not cache.graphed and not state.any()
 
 
+class _ReplayingGraph:
+    """A stand-in for a captured CUDA graph on the CPU: replay reruns what was captured."""
+
+    def __init__(self, fn):
+        self.replay = fn
+
+
+def test_prefill_graph_from_the_second_prefill_of_a_length(pair, monkeypatch):
+    """Decoder.prefill with use_graph, _graphs.capture stood in for on the CPU (warm-up and capture
+    run the prefill once; a replay reruns it): the first prefill of a length is eager, the second
+    captures, later ones replay on the graph's copies of their inputs, and a new length is eager
+    again. The logits and the cache are model.prefill's every time. Without use_graph, past
+    PREFILL_GRAPH_MAX_TOKENS, or after a failed capture (which warns once), the prefill is eager."""
+    from fastgpt import generate as gen
+
+    _, model = pair
+    captures, fail = [], []
+
+    def capture(fn, state, generator, cache, warmup):
+        assert state == () and generator is None and cache is decoder.cache
+        captures.append(fn)
+        fn()
+        return (None, "RuntimeError: stand-in failure") if fail else (_ReplayingGraph(fn), None)
+
+    monkeypatch.setattr(gen._graphs, "capture", capture)
+    B, S = 2, 32
+    decoder = gen.Decoder(model, B, S, gen.EOS_SLOTS)
+
+    def check(idx, use_graph=True, captured=None):
+        last = torch.tensor([idx.shape[1] - 1, idx.shape[1] // 2])
+        decoder.cache.kv.normal_()
+        expected_cache = gen.KVCache(model.config, B, S, torch.float32, "cpu")
+        with torch.inference_mode():
+            expected = model.prefill(idx, expected_cache, last)
+            got = decoder.prefill(idx, last, use_graph)
+        T = idx.shape[1]
+        assert torch.equal(got, expected)
+        assert torch.equal(decoder.cache.kv[..., :T, :], expected_cache.kv[..., :T, :])
+        assert len(captures) == captured
+
+    prompts = [torch.randint(0, V, (B, 5)) for _ in range(4)]
+    check(prompts[0], captured=0)  # eager: a new length
+    check(prompts[1], captured=1)  # captured
+    check(prompts[2], captured=1)  # replayed with its own tokens and rows
+    check(prompts[3], use_graph=False, captured=1)  # eager
+    check(prompts[0], captured=1)  # replayed still
+    check(torch.randint(0, V, (B, 7)), captured=1)  # another length: eager
+    assert decoder.prefill_graph is None and decoder.prefill_idx is None
+    monkeypatch.setattr(gen, "PREFILL_GRAPH_MAX_TOKENS", B * 7 - 1)
+    for _ in range(3):
+        check(torch.randint(0, V, (B, 7)), captured=1)  # too many tokens: eager
+    fail.append(True)
+    check(torch.randint(0, V, (B, 6)), captured=1)
+    with pytest.warns(UserWarning, match="capture of the prefill failed, prefilling eagerly .*stand-in failure"):
+        check(torch.randint(0, V, (B, 6)), captured=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(torch.randint(0, V, (B, 6)), captured=2)  # not retried
+    assert decoder.prefill_graph is False
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_decode_attention_is_picked_for_the_graph_while_capturing(fused, monkeypatch):
     """GPT's decode step hands its cache's graphed mark to decode attention's choice of backend
@@ -684,6 +745,31 @@ def test_cuda_graph_matches_eager(dtype):
         again = model.generate(idx, 64, attention_mask=mask, cuda_graph=True)  # replays the captured graph
     assert torch.equal(graphed, eager) and torch.equal(again, eager)
     assert any(d.graph is not None for d in model._decoders.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_graph_on_gpu(dtype):
+    """The second call with a prompt length captures its prefill in a CUDA graph and later calls
+    replay it: the same tokens as eager calls, with left padding and with prompt lookup too."""
+    _, model = tiny(128, 2, n_positions=512)
+    model = model.to("cuda", dtype)
+    idx = torch.randint(0, V, (3, 20), device="cuda")
+    mask = torch.ones_like(idx)
+    mask[1, :7] = 0
+    for options in ({}, {"prompt_lookup_num_tokens": 3}):
+        eager = model.generate(idx, 24, attention_mask=mask, cuda_graph=False, **options)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="fastgpt: CUDA graph capture")
+            runs = [model.generate(idx, 24, attention_mask=mask, **options) for _ in range(3)]
+            other = model.generate(idx[:, 1:], 24, attention_mask=mask[:, 1:], **options)  # another length: eager
+        assert all(torch.equal(run, eager) for run in runs)
+        assert torch.equal(other, model.generate(idx[:, 1:], 24, attention_mask=mask[:, 1:], cuda_graph=False,
+                                                 **options))  # fmt: skip
+        model.generate(idx, 24, attention_mask=mask, **options)  # prefill length 20 again: captured at the next
+        assert any(d.prefill_length == 20 and d.prefill_graph is None for d in model._decoders.values())
+        assert torch.equal(model.generate(idx, 24, attention_mask=mask, **options), eager)
+        assert any(d.prefill_graph for d in model._decoders.values())
 
 
 @pytest.mark.gpu
