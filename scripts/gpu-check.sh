@@ -36,7 +36,7 @@ START=$(date +%s)
 TOTAL_S=${TOTAL_S:-470}
 MEMCHECK_S=${MEMCHECK_S:-45}  # kept back from the benchmark for the memcheck step
 PROBE_S=${PROBE_S:-90}  # and for the probe's sections (cheapest first; a cut one keeps what it measured)
-PROBE_SECTIONS=${PROBE_SECTIONS:-persistent_step,decode_step,step_kernels,linear,overhead,sample_batch,sample_top_p,layer_norm_rows,decode_batch,decode_tiles}
+PROBE_SECTIONS=${PROBE_SECTIONS:-persistent_step,decode_step,generate_parts,step_kernels,linear,overhead,sample_batch,sample_top_p,layer_norm_rows,decode_batch,decode_tiles}
 STATUS=0
 EXTRAS="$OUT/extras"  # packed into extras.tar.gz at the end
 mkdir -p "$EXTRAS"

@@ -36,6 +36,8 @@ were set from (or guessed at):
   lookup_step    a prompt-lookup step of generate (fastgpt/speculative.py: drafting, verifying k
                  drafts, accepting) against a plain decode step, GPT-2 at B1 and B8: the tokens a
                  step must accept on average to pay.
+  generate_parts  a whole generate call's time outside its decode steps (the prefill, replayed from
+                 its CUDA graph and eager) and inside them, GPT-2 at B1 and B32.
   profile        cProfile of the Python side of one Triton attention call.
 
 Printed as it goes and written to $OUT/probe.json after each section (the timers, the knob
@@ -647,6 +649,46 @@ def lookup_step_section(p: Probe):
                 p.record("lookup_step", {"B": B, "k": k}, measure)
 
 
+def generate_parts_section(p: Probe):
+    """What a whole generate call spends outside its decode steps: GPT-2 124M (bf16, random
+    weights, greedy, a 32-token prompt) at B1 and B32, the wall time of a call making one token
+    (the checks, the prefill and its first token) with the prefill replayed from its CUDA graph
+    (fastgpt.generate's Decoder.prefill: the third call of a length) and eager (cuda_graph=False),
+    and of a call making 256 (the benchmark's): step_us is what each of its 255 decode steps
+    adds. Median of a few calls, each synchronized."""
+    config, _, model = probe_gpt(p)
+    T, steps = (8, 4) if p.smoke else (32, 256)
+    calls = 1 if p.smoke else 7
+
+    def wall_us(fn) -> float:
+        times = []
+        for _ in range(2 + calls):  # two warm-ups: the first eager, the second captures
+            p.sync()
+            start = time.perf_counter()
+            fn()
+            p.sync()
+            times.append(time.perf_counter() - start)
+        return 1e6 * sorted(times[2:])[len(times[2:]) // 2]
+
+    for B in (1,) if p.smoke else (1, 32):
+        idx = torch.randint(0, config.vocab_size, (B, T), device=p.device)
+        one = {}
+        for graph in (True, False):
+            def measure(graph=graph, idx=idx):
+                us = wall_us(lambda: model.generate(idx, 1, cuda_graph=graph and not p.smoke))
+                one.setdefault("us", us)
+                return {"wall_us": us}
+
+            p.record("generate_parts", {"B": B, "new_tokens": 1, "prefill_graph": graph}, measure)
+
+        def measure_all(idx=idx, B=B):
+            us = wall_us(lambda: model.generate(idx, steps, cuda_graph=not p.smoke))
+            step = (us - one["us"]) / (steps - 1) if "us" in one else None
+            return {"wall_us": us, "tok_per_s": B * steps * 1e6 / us, "step_us": step}
+
+        p.record("generate_parts", {"B": B, "new_tokens": steps, "prefill_graph": True}, measure_all)
+
+
 def profile_section(p: Probe):
     B, H, S, D = attn_shapes(p)[0]
     q, k, v = (p.randn(B, H, S, D) for _ in range(3))
@@ -673,7 +715,7 @@ SECTIONS = {"attention": attention_section, "overhead": overhead_section, "tiles
             "sample_cand": sample_cand_section,
             "linear": linear_section, "decode_step": decode_step_section,
             "persistent_step": persistent_step_section, "step_kernels": step_kernels_section,
-            "lookup_step": lookup_step_section,
+            "lookup_step": lookup_step_section, "generate_parts": generate_parts_section,
             "profile": profile_section}
 
 

@@ -823,7 +823,7 @@ def test_gpu_probe_runs_every_section_on_tiny_shapes(tmp_path):
     results = json.loads((tmp_path / "probe.json").read_text())
     sections = ["attention", "overhead", "tiles", "few_queries", "decode_batch", "decode_tiles", "layer_norm_rows",
                 "sample_batch", "sample_top_p", "sample_blocks", "sample_cand", "linear", "decode_step",
-                "step_kernels", "lookup_step"]
+                "step_kernels", "lookup_step", "generate_parts"]
     assert [s for s in sections if not results.get(s)] == []
     errors = [row for s in sections for row in results[s] if "error" in row]
     assert errors == []
