@@ -95,6 +95,14 @@ def test_summarize_and_errors():
         timing.quantile([1.0], 1.5)
 
 
+def test_flush_l2_reads_and_leaves_the_buffer_as_it_was():
+    """The flush reads its buffer (clean lines in L2 after it); a memset would have dirtied them."""
+    buffer = torch.randint(-128, 128, (4096,), dtype=torch.int8)
+    before = buffer.clone()
+    timing.flush_l2(buffer)
+    assert torch.equal(buffer, before)
+
+
 def test_plan_runs_clamps():
     assert timing.plan_runs(1.0, 100.0, 10, 1000) == 100
     assert timing.plan_runs(50.0, 100.0, 10, 1000) == 10

@@ -5,7 +5,7 @@ caller owns the rotation), and returns a list of per-call times in milliseconds;
 turns that list into the numbers the report prints.
 
 - `time_events`: one CUDA event pair around each call, with the L2 cache flushed (a large
-  buffer zeroed) before each one. Between the events there is only the candidate's own work.
+  buffer read) before each one. Between the events there is only the candidate's own work.
 - `time_graph`: for kernels of a few microseconds, where launch gaps would dominate: one pass
   over the input sets captured in a CUDA graph, replayed many times; time per call = replay
   time / calls per replay. The input sets are rotated so their total exceeds the L2 cache.
@@ -72,11 +72,20 @@ def synchronize(device: torch.device) -> None:
 
 
 def l2_flush_buffer(device: torch.device) -> torch.Tensor | None:
-    """A buffer several times the L2 cache; zeroing it evicts the inputs of the last run."""
+    """A buffer several times the L2 cache; reading it (flush_l2) evicts the inputs of the last run."""
     if device.type != "cuda":
         return None
     l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 0
     return torch.empty(max(FLUSH_MIN_BYTES, 4 * l2), dtype=torch.int8, device=device)
+
+
+def flush_l2(buffer: torch.Tensor) -> None:
+    """Evict L2 by reading `buffer` (l2_flush_buffer's): the lines left are clean. A memset left
+    them dirty, and the timed call then paid for writing them back too: on an H200 (2026-11-30)
+    the bench's decode attention at B64 L1024 and L4096 took 19 and 14 us more than gpu-probe's
+    graph replay over cold copies of its cache, about what writing back an L2 of ~50 MB takes at
+    4 TB/s."""
+    torch.amax(buffer)
 
 
 def time_host(call: Callable[[int], object], runs: int, device: torch.device, warmup: int = 1) -> list[float]:
@@ -96,15 +105,15 @@ def time_host(call: Callable[[int], object], runs: int, device: torch.device, wa
 def time_events(call: Callable[[int], object], runs: int, flush: torch.Tensor | None = None) -> list[float]:
     """Device ms of each of `runs` calls, measured with CUDA events on the current stream.
 
-    With `flush`, the buffer is zeroed before each call (outside the events), so every call
-    starts with its inputs out of L2; the memset also keeps the GPU busy while the host queues
+    With `flush`, the buffer is read before each call (flush_l2, outside the events), so every
+    call starts with its inputs out of L2; the read also keeps the GPU busy while the host queues
     the next launches, so host launch latency stays out of the measurement of small kernels.
     """
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(runs)]
     for i in range(runs):
         if flush is not None:
-            flush.zero_()
+            flush_l2(flush)
         starts[i].record()
         call(i)
         ends[i].record()
