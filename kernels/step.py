@@ -70,12 +70,18 @@ _INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (
 _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
 _INTERPRETER_BLOCK_N = 16
 STAGES = 5  # items of a layer: qkv, attention, attention c_proj, c_fc, MLP c_proj
-# sync's entries: the next item, the programs that have left, GAVE_UP (a wait gave up: never in a
-# correct step, and left set), then from SYNC_HEAD a count of the items done per (layer, stage),
-# then one per (row, head) of the chunks done in the current layer (sync_entries: MAX_ROWS rows).
-GAVE_UP = 2
-SYNC_HEAD = 3
-_STAGES, _SYNC_HEAD, _GAVE_UP = tl.constexpr(STAGES), tl.constexpr(SYNC_HEAD), tl.constexpr(GAVE_UP)  # the kernel's
+# sync's int32 entries, in 128-byte lines (LINE entries) where many programs meet: the queue's
+# next item (line 0: every claim's atomic add), the programs that have left and GAVE_UP (line 1:
+# a wait gave up, never in a correct step, and left set), then from SYNC_HEAD a count of the
+# items done per (layer, stage), a line each (the stage's items add to it while the next stage's
+# programs poll it), then one per (row, head) of the chunks done in the current layer, packed
+# (sync_entries: MAX_ROWS rows).
+LINE = 32
+EXITS = LINE
+GAVE_UP = LINE + 1
+SYNC_HEAD = 2 * LINE
+_STAGES, _LINE, _SYNC_HEAD = tl.constexpr(STAGES), tl.constexpr(LINE), tl.constexpr(SYNC_HEAD)  # the kernel's
+_EXITS, _GAVE_UP = tl.constexpr(EXITS), tl.constexpr(GAVE_UP)
 _GPU_MAX_SPINS = tl.constexpr(1 << 20)  # a wait's reads at most: about a second (a read, then 256 ns of sleep)
 _INTERPRETER_MAX_SPINS = tl.constexpr(100)  # the interpreter's first program has every item: it never waits
 _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -83,15 +89,15 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 
 @triton.jit
 def _wait_until(sync_ptr, index, target, known, BACKOFF: tl.constexpr):
-    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + index]; stages numbered 5 layer
-    + stage) reaches target (acquire: what was written before each count is seen), unless this
+    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + LINE index]; stages numbered 5
+    layer + stage) reaches target (acquire: what was written before each count is seen), unless this
     program has seen stage `known` or a later one complete: a stage completes only after the one
     before it, so those before are complete too (and this program's acquire of them came before).
     Returns the latest stage known complete. A bound on the spins (a second or more on a GPU; a
     correct step never comes near it) turns a bug that would hang into a wrong result and
     sync_ptr[GAVE_UP] set, which nothing zeroes; once it is set, waits give up at once."""
     if index > known:
-        count_ptr = sync_ptr + _SYNC_HEAD + index
+        count_ptr = sync_ptr + _SYNC_HEAD + index * _LINE
         max_spins = _GPU_MAX_SPINS if BACKOFF else _INTERPRETER_MAX_SPINS
         seen = tl.atomic_add(count_ptr, 0, sem="acquire")
         spins = 0
@@ -344,11 +350,12 @@ def _step_kernel(
     ends = (t_qkv, t_qkv + t_attn, t_qkv + t_attn + t_proj, t_qkv + t_attn + t_proj + t_fc)
     per_layer = ends[3] + t_out
     total = n_layer * per_layer + tl.cdiv(V, N_HEAD)
-    counts = sync_ptr + _SYNC_HEAD  # counts[_STAGES layer + stage]: its items done
-    merges = counts + _STAGES * n_layer  # merges[m n_head + head]: the chunks of (row, head) done, in a layer
+    counts = sync_ptr + _SYNC_HEAD  # counts[_LINE (_STAGES layer + stage)]: its items done
+    merges = counts + _LINE * _STAGES * n_layer  # merges[m n_head + head]: the chunks of (row, head) done, in a layer
 
     known = -1  # the latest stage (5 layer + stage) this program has seen complete
-    first = tl.atomic_add(sync_ptr, CLAIM)  # CLAIM items at a time, in order
+    # CLAIM items at a time, in order. Relaxed: an item's inputs are ordered by the stage counts.
+    first = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
     while first < total:
         for item in range(first, tl.minimum(first + CLAIM, total)):
             layer = item // per_layer
@@ -366,34 +373,34 @@ def _step_kernel(
                                   stride_wte_n, stride_wte_k, stride_wpe_n, stride_wpe_k, stride_kv_which,
                                   stride_kv_b, stride_kv_h, stride_kv_s, kv_len, BLOCK_M, HEAD_DIM, K_C, N_QKV,
                                   BACKOFF)  # fmt: skip
-                _count_done(counts + _STAGES * layer)
+                _count_done(counts + _LINE * (_STAGES * layer))
             elif r < ends[1]:  # attention
                 known = _wait_until(sync_ptr, _STAGES * layer, t_qkv, known, BACKOFF)
                 _attention_item(r - ends[0], qkv_ptr, kv_ptr + layer.to(tl.int64) * stride_kv_layer, seqlens_ptr,
                                 part_o_ptr, part_lse_ptr, y_ptr, merges, C, n_head, n_chunks, chunk, qk_scale,
                                 stride_kv_which, stride_kv_b, stride_kv_h, stride_kv_s, kv_len, HEAD_DIM, CHUNKS_P,
                                 ATTN_BLOCK_N)  # fmt: skip
-                _count_done(counts + _STAGES * layer + 1)
+                _count_done(counts + _LINE * (_STAGES * layer + 1))
             elif r < ends[2]:  # attention c_proj, added to h
                 known = _residual_item(r - ends[1], _at(weights, 4, DTYPE), _at(weights, 5, DTYPE), y_ptr, h_ptr,
                                        sync_ptr, _STAGES * layer + 1, t_attn, known, M, C, C, stride_proj_n,
                                        stride_proj_k, BLOCK_M, K_C, N_PROJ, BACKOFF)  # fmt: skip
-                _count_done(counts + _STAGES * layer + 2)
+                _count_done(counts + _LINE * (_STAGES * layer + 2))
             elif r < ends[3]:  # c_fc + GELU
                 known = _ln_item(r - ends[2], _at(weights, 8, DTYPE), _at(weights, 9, DTYPE), _at(weights, 6, DTYPE),
                                  _at(weights, 7, DTYPE), h_ptr, f_ptr, sync_ptr, _STAGES * layer + 2, t_proj, known,
                                  M, C, F, eps, stride_fc_n, stride_fc_k, True, True, BLOCK_M, K_C, N_FC,
                                  BACKOFF)  # fmt: skip
-                _count_done(counts + _STAGES * layer + 3)
+                _count_done(counts + _LINE * (_STAGES * layer + 3))
             else:  # MLP c_proj, added to h
                 known = _residual_item(r - ends[3], _at(weights, 10, DTYPE), _at(weights, 11, DTYPE), f_ptr, h_ptr,
                                        sync_ptr, _STAGES * layer + 3, t_fc, known, M, C, F, stride_out_n,
                                        stride_out_k, BLOCK_M, K_F, N_OUT, BACKOFF)  # fmt: skip
-                _count_done(counts + _STAGES * layer + 4)
-        first = tl.atomic_add(sync_ptr, CLAIM)
+                _count_done(counts + _LINE * (_STAGES * layer + 4))
+        first = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
 
     # Leave; the last program out zeroes the counters (every other one has read its last), not GAVE_UP.
-    if tl.atomic_add(sync_ptr + 1, 1, sem="acq_rel") == tl.num_programs(0) - 1:
+    if tl.atomic_add(sync_ptr + _EXITS, 1, sem="acq_rel") == tl.num_programs(0) - 1:
         offs = tl.arange(0, SYNC_P)
         tl.store(sync_ptr + offs, tl.zeros([SYNC_P], tl.int32), mask=(offs != _GAVE_UP) & (offs < sync_len))
 
@@ -463,7 +470,7 @@ def attention_chunks(rows: int, n_head: int, kv_len: int, programs: int, block_n
 
 def sync_entries(n_layer: int, n_head: int) -> int:
     """The int32 entries of the kernel's sync buffer for a model of n_layer layers of n_head heads."""
-    return SYNC_HEAD + STAGES * n_layer + MAX_ROWS * n_head
+    return SYNC_HEAD + LINE * STAGES * n_layer + MAX_ROWS * n_head
 
 
 def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps: float, sync) -> torch.Tensor:

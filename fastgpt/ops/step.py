@@ -13,13 +13,14 @@ from fastgpt import _backends
 from fastgpt.ops import _checks, _dispatch
 
 MAX_ROWS = 8  # kernels/step.py's MAX_ROWS, repeated so that this module imports no Triton
-GAVE_UP = 2  # sync[GAVE_UP]: set by a wait that gave up (kernels/step.py's), which nothing zeroes
+GAVE_UP = 33  # sync[GAVE_UP]: set by a wait that gave up (kernels/step.py's), which nothing zeroes
 
 
 def sync_entries(n_layer: int, n_head: int) -> int:
     """The int32 entries of decode_step's sync for a model of n_layer layers of n_head heads
-    (kernels/step.py's: 3, a count per stage of each layer, one per (row, head) of MAX_ROWS)."""
-    return 3 + 5 * n_layer + MAX_ROWS * n_head
+    (kernels/step.py's: two 128-byte lines, a line per stage of each layer, one entry per
+    (row, head) of MAX_ROWS)."""
+    return 64 + 32 * 5 * n_layer + MAX_ROWS * n_head
 LAYER_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                  "mlp.c_proj.weight", "mlp.c_proj.bias")  # fmt: skip  (the order of kernels/step.py's table)
