@@ -1,4 +1,4 @@
-"""Capturing one generation step in a CUDA graph, for fastgpt.generate's decoders."""
+"""Capturing a step of generation (a decode step, a prefill) in a CUDA graph, for fastgpt.decoder."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator | 
     captured once; `state`, the tensors it updates, and the generator it draws from are put
     back as they were before the warm-up, whatever happens. The graph replays the draws from
     `generator`, advancing it as eager steps do (None: step draws nothing). The KV cache the step runs over
-    (fastgpt.generate.KVCache) is marked graphed meanwhile, so the warm-up and the capture pick
+    (fastgpt.decoder.KVCache) is marked graphed meanwhile, so the warm-up and the capture pick
     the same kernels; a step over PDL_PLAIN_ROWS sequences or more (the cache's batch) launches
     its kernels plainly, its warm-up too (fastgpt/_backends.py: as programmatic dependents such a
     step is slower).

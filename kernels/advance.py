@@ -1,4 +1,4 @@
-"""A decode step's bookkeeping after the sampler, in one Triton launch (fastgpt/generate.py's
+"""A decode step's bookkeeping after the sampler, in one Triton launch (fastgpt/decoder.py's
 Decoder.emit): what is otherwise 4 small PyTorch kernels (8 with eos ids), each a launch of a
 few microseconds in a step that is launch-bound at small batches.
 

@@ -215,7 +215,7 @@ def step_case(rng, device, backend):
     on a random tiny GPT-2: 1-8 rows at random positions of a random cache (fresh random k and v),
     either weight order. Two paths that round differently in fp16/bf16: the kernel's logits and
     cache must be within twice the fused step's error of the same weights in fp32, plus a hair."""
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
     from fastgpt.model import GPT, GPTConfig
     from fastgpt.ops.step import MAX_ROWS
 

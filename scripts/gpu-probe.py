@@ -475,7 +475,7 @@ def probe_gpt(p: Probe):
 def step_inputs(p: Probe, config, dtype, B: int):
     """(cache, tok, pos, seqlens) of a decode step: a KVCache of random values, 288 slots (the
     generate benchmark's 32 + 256; with smoke, 32), B rows, each at position 160 (5/9 of the way)."""
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
 
     length = 32 if p.smoke else 288
     cache = KVCache(config, B, length, dtype, p.device)
@@ -610,7 +610,8 @@ def lookup_step_section(p: Probe):
     k + 1 tokens; it pays where the accepted drafts a step, plus one, exceed its time over the
     plain step's ("breakeven"). The lookup's state is held still (its row limit reached: nothing
     emitted), so every replay does the same work at the same cache length (160 of 288 slots + k)."""
-    from fastgpt.generate import EOS_SLOTS, Decoder, _sampling
+    from fastgpt.decoder import Decoder
+    from fastgpt.generate import EOS_SLOTS, _sampling
     from fastgpt.speculative import PromptLookup
 
     config, dtype, model = probe_gpt(p)
@@ -653,7 +654,7 @@ def generate_parts_section(p: Probe):
     """What a whole generate call spends outside its decode steps: GPT-2 124M (bf16, random
     weights, greedy, a 32-token prompt) at B1 and B32, the wall time of a call making one token
     (the checks, the prefill and its first token) with the prefill replayed from its CUDA graph
-    (fastgpt.generate's Decoder.prefill: the third call of a length) and eager (cuda_graph=False),
+    (fastgpt.decoder's Decoder.prefill: the third call of a length) and eager (cuda_graph=False),
     and of a call making 256 (the benchmark's): step_us is what each of its 255 decode steps
     adds. Median of a few calls, each synchronized."""
     config, _, model = probe_gpt(p)

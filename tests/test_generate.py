@@ -332,7 +332,7 @@ def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatc
     import contextlib
 
     from fastgpt import _backends, _graphs
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
     from fastgpt.model import GPTConfig
 
     class Stub:
@@ -387,7 +387,8 @@ def test_prefill_graph_from_the_second_prefill_of_a_length(pair, monkeypatch):
     captures, later ones replay on the graph's copies of their inputs, and a new length is eager
     again. The logits and the cache are model.prefill's every time. Without use_graph, past
     PREFILL_GRAPH_MAX_TOKENS, or after a failed capture (which warns once), the prefill is eager."""
-    from fastgpt import generate as gen
+    from fastgpt import _graphs
+    from fastgpt import decoder as dec
 
     _, model = pair
     captures, fail = [], []
@@ -398,14 +399,14 @@ def test_prefill_graph_from_the_second_prefill_of_a_length(pair, monkeypatch):
         fn()
         return (None, "RuntimeError: stand-in failure") if fail else (_ReplayingGraph(fn), None)
 
-    monkeypatch.setattr(gen._graphs, "capture", capture)
+    monkeypatch.setattr(_graphs, "capture", capture)
     B, S = 2, 32
-    decoder = gen.Decoder(model, B, S, gen.EOS_SLOTS)
+    decoder = dec.Decoder(model, B, S, 8)
 
     def check(idx, use_graph=True, captured=None):
         last = torch.tensor([idx.shape[1] - 1, idx.shape[1] // 2])
         decoder.cache.kv.normal_()
-        expected_cache = gen.KVCache(model.config, B, S, torch.float32, "cpu")
+        expected_cache = dec.KVCache(model.config, B, S, torch.float32, "cpu")
         with torch.inference_mode():
             expected = model.prefill(idx, expected_cache, last)
             got = decoder.prefill(idx, last, use_graph)
@@ -422,7 +423,7 @@ def test_prefill_graph_from_the_second_prefill_of_a_length(pair, monkeypatch):
     check(prompts[0], captured=1)  # replayed still
     check(torch.randint(0, V, (B, 7)), captured=1)  # another length: eager
     assert decoder.prefill_graph is None and decoder.prefill_idx is None
-    monkeypatch.setattr(gen, "PREFILL_GRAPH_MAX_TOKENS", B * 7 - 1)
+    monkeypatch.setattr(dec, "PREFILL_GRAPH_MAX_TOKENS", B * 7 - 1)
     for _ in range(3):
         check(torch.randint(0, V, (B, 7)), captured=1)  # too many tokens: eager
     fail.append(True)
@@ -440,7 +441,7 @@ def test_decode_attention_is_picked_for_the_graph_while_capturing(fused, monkeyp
     """GPT's decode step hands its cache's graphed mark to decode attention's choice of backend
     (by device time while a capture runs, by one eager call's time otherwise), fused or not."""
     from fastgpt import _backends
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
 
     _, model = tiny(64, 4)
     model.backend = "triton"
@@ -620,7 +621,7 @@ def test_decode_step_compiles_fullgraph(pair, temperature, monkeypatch):
     draws from the default generator here; the GPU tests capture it with the decoder's own.
     """
     _, model = pair
-    from fastgpt.generate import Decoder
+    from fastgpt.decoder import Decoder
 
     decoder = Decoder(model, 2, 32, 8)
     sampling = dict(temperature=torch.full((2,), temperature), top_k=torch.zeros(2, dtype=torch.long),
@@ -812,7 +813,7 @@ def test_cuda_graph_sampling_reproducible():
 def test_all_greedy_shortcut_equals_sample(pair):
     """An all-greedy decoder samples with temperature=0.0 (no filtering): same tokens, NaN/inf included."""
     import fastgpt
-    from fastgpt.generate import Decoder
+    from fastgpt.decoder import Decoder
 
     _, model = pair
     decoder = Decoder(model, 4, 16, 8)

@@ -132,7 +132,7 @@ def test_backend_setter():
 def test_prefill_and_decode_match_forward():
     hf = tiny_hf(96, 2)
     model = GPT.from_hf(hf)
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
 
     idx = torch.randint(0, 384, (2, 12))
     full = model(idx)  # (B, T, V)
@@ -153,7 +153,7 @@ def test_decode_step_launches(fused, device, monkeypatch):
     Neither copies anything, and both leave the cache a fresh prefill would."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
     from fastgpt.kernels import decode as tri_decode
 
     combines = []
@@ -202,7 +202,7 @@ def test_fused_decode_matches_the_unfused_step(activation, device):
     """decode on fastgpt.ops.linear (fused residual + LayerNorm + matmul + GELU) against the
     step on nn.Linear and the LayerNorm op: the same logits and the same cache, step after step.
     GELU's exact form ("gelu") keeps a separate GELU after the fused c_fc."""
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
 
     model = GPT.from_hf(tiny_hf(64, 4, 2, activation_function=activation)).to(device)
     model.backend = "triton"
@@ -227,7 +227,7 @@ def test_fused_decode_with_the_layer_norms_apart(T, device, monkeypatch):
     LayerNorm op before their matmuls: the unfused step's logits and cache, step after step, with
     one token a row and with drafts (verify); 2 LayerNorm ops a layer but layer 0's one."""
     from fastgpt import model as model_module
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
 
     model = GPT.from_hf(tiny_hf(64, 4, 2)).to(device)
     model.backend = "triton"

@@ -148,7 +148,7 @@ def test_gpu_decode_step_is_the_same_launched_as_dependents(monkeypatch, B):
     launched as programmatic dependents as without, eagerly and over 20 graph replays: a kernel
     that touched memory before its wait would read a half-written input and move them."""
     from fastgpt.bench.timing import capture_graph
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
     from fastgpt.model import GPT, GPTConfig
 
     if torch.cuda.get_device_capability()[0] < _backends.PDL_MIN_CAPABILITY:

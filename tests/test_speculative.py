@@ -313,7 +313,7 @@ def test_fused_verify_equals_unfused(monkeypatch):
     zero), c_proj reading its output in place (token-major: no copy of it into rows). The unfused
     step's logits and cache, past the context too."""
     from fastgpt import model as model_module
-    from fastgpt.generate import KVCache
+    from fastgpt.decoder import KVCache
 
     model = looping(n_embd=64, n_head=2, n_layer=2, n_positions=16)
     model.backend = "triton"

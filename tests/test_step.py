@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastgpt import BackendUnavailableError
-from fastgpt.generate import KVCache
+from fastgpt.decoder import KVCache
 from fastgpt.model import GPT, GPTConfig
 from fastgpt.ops import step
 from tests.gpu_compile import compile_for, load_kernel_module, run_compile_check
