@@ -79,8 +79,10 @@ if command -v fastgpt >/dev/null 2>&1; then FASTGPT=(fastgpt); else FASTGPT=($PY
 step "GPU tests (pytest -m gpu)"
 TEST_S=$(( $(left) * 45 / 100 ))
 # Cheapest first: the attention tests autotune (each new key compiles ~10 configs), so if time
-# runs out it is their tail that is cut, and the benchmarks reuse whatever they compiled.
-TEST_FILES=$(ls tests/test_*.py | grep -v test_attention.py; echo tests/test_attention.py)
+# runs out it is their tail that is cut, and the benchmarks reuse whatever they compiled. The
+# persistent step's tests (its kernel's first runs on a GPU) just before them: a fault there
+# (a sticky CUDA error) fails only the tests its worker runs after it.
+TEST_FILES=$(ls tests/test_*.py | grep -v -e test_attention.py -e test_step.py; echo tests/test_step.py tests/test_attention.py)
 # SIGINT at the limit: pytest then still reports what failed, its durations and the JUnit XML.
 timeout --signal=INT --kill-after=20 "$TEST_S" $PY -m pytest -m gpu -q -rfE --durations=15 -p no:randomly \
     "${TEST_WORKERS[@]}" --junitxml="$EXTRAS/gpu-tests.xml" $TEST_FILES >"$OUT/gpu-tests.log" 2>&1

@@ -42,7 +42,9 @@ were set from (or guessed at):
 
 Printed as it goes and written to $OUT/probe.json after each section (the timers, the knob
 restoring and the step tables are fastgpt/bench/probe.py's). --time-limit stops
-starting new measurements once passed. Read-only: it changes no GPU setting.
+starting new measurements once passed. A section whose kernels fault (the CUDA context is then
+unusable) costs only itself: the sections after it run in a fresh process (--merge adds to
+probe.json). Read-only: it changes no GPU setting.
 
     OUT=/tmp/out python scripts/gpu-probe.py [--sections a,b,...] [--time-limit 200]
     TRITON_INTERPRET=1 python scripts/gpu-probe.py --smoke   # CPU: tiny shapes, host clock
@@ -55,6 +57,8 @@ import cProfile
 import io
 import os
 import pstats
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -725,6 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, in this order")
     parser.add_argument("--time-limit", type=float, default=None, help="seconds; later measurements are skipped")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
+    parser.add_argument("--merge", action="store_true", help="add to $OUT/probe.json rather than start it afresh")
     args = parser.parse_args(argv)
     names = args.sections.split(",")
     unknown = [n for n in names if n not in SECTIONS]
@@ -735,7 +740,9 @@ def main(argv: list[str] | None = None) -> int:
     out = os.environ.get("OUT", "out")
     os.makedirs(out, exist_ok=True)
     probe = Probe(args.smoke, args.time_limit, out)
-    for name in names:
+    if args.merge:
+        probe.load()
+    for i, name in enumerate(names):
         start = time.time()
         try:
             SECTIONS[name](probe)
@@ -743,8 +750,23 @@ def main(argv: list[str] | None = None) -> int:
             probe.results[name + "_error"] = repr(exc)
             print(f"{name}: {exc!r}", flush=True)
         print(f"== {name}: {time.time() - start:.0f} s", flush=True)
+        lost = probe.cuda_lost()
+        if lost:
+            probe.results[name + "_cuda_lost"] = lost
         probe.save()
+        if lost and names[i + 1:]:
+            return continue_elsewhere(probe, name, lost, names[i + 1:])
     return 0
+
+
+def continue_elsewhere(probe: Probe, name: str, lost: str, rest: list[str]) -> int:
+    """A fault in `name`'s kernels left this process's CUDA context unusable: the sections after it
+    run in a fresh process, adding to probe.json, in the time left. Returns its exit status."""
+    print(f"== the CUDA context was lost in {name} ({lost}); {','.join(rest)} in a fresh process", flush=True)
+    left = probe.seconds_left()
+    command = [sys.executable, os.path.abspath(__file__), "--sections", ",".join(rest), "--merge"]
+    command += [] if left is None else ["--time-limit", f"{left:.1f}"]
+    return subprocess.run(command, env=dict(os.environ, OUT=probe.out)).returncode
 
 
 if __name__ == "__main__":

@@ -844,6 +844,41 @@ def test_gpu_probe_runs_every_section_on_tiny_shapes(tmp_path):
                                            for r in json.loads((tmp_path / "probe.json").read_text())["tiles"])
 
 
+def test_gpu_probe_goes_on_in_a_fresh_process_after_a_lost_cuda_context(tmp_path, monkeypatch):
+    """A section whose kernels leave the CUDA context unusable costs only itself: main saves what
+    it has with the loss noted and runs the sections after it in a fresh process (--merge, the
+    time left), which adds its results to the saved ones."""
+    import importlib.util
+    import types
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "gpu-probe.py"
+    spec = importlib.util.spec_from_file_location("gpu_probe_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    ran, calls = [], []
+
+    def section(name):
+        return lambda p: ran.append(name) or p.add(name, {"x": len(ran)})
+
+    monkeypatch.setattr(module, "SECTIONS", {name: section(name) for name in ("a", "b", "c")})
+    monkeypatch.setattr(module.Probe, "cuda_lost", lambda self: "RuntimeError('illegal memory access')" if ran == ["a"]
+                        else None)  # fmt: skip
+    monkeypatch.setattr(module.subprocess, "run", lambda command, env: calls.append((command, env))
+                        or types.SimpleNamespace(returncode=3))  # fmt: skip
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert module.main(["--sections", "a,b,c", "--time-limit", "100", "--smoke"]) == 3  # the fresh process's status
+    (command, env), = calls
+    assert command[1:6] == [str(path), "--sections", "b,c", "--merge", "--time-limit"] and env["OUT"] == str(tmp_path)
+    assert 0 < float(command[6]) <= 100 and ran == ["a"]
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved == {"a": [{"x": 1}], "a_cuda_lost": "RuntimeError('illegal memory access')"}
+    assert module.main(command[2:] + ["--smoke"]) == 0  # as the fresh process would
+    assert ran == ["a", "b", "c"] and len(calls) == 1
+    saved = json.loads((tmp_path / "probe.json").read_text())
+    assert saved["a"] == [{"x": 1}] and saved["b"] == [{"x": 2}] and saved["c"] == [{"x": 3}]
+
+
 def test_step_table_splits_a_traced_step_by_kernel():
     """gpu-probe's step_kernels table from two steps' device events: each kernel's calls and time a
     step, the step's span against its kernels' sum (the gap), and the names shortened; a trace

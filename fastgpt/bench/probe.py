@@ -136,6 +136,26 @@ class Probe:
         with open(os.path.join(self.out, "probe.json"), "w") as f:
             json.dump(self.results, f, indent=1, default=str)
 
+    def load(self) -> None:
+        """Take the results an earlier process saved (probe.json), to add to them."""
+        with open(os.path.join(self.out, "probe.json")) as f:
+            self.results = json.load(f)
+
+    def seconds_left(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def cuda_lost(self) -> str | None:
+        """Why this process can use the GPU no more (a fault in a kernel leaves the CUDA context
+        unusable: every later call raises), or None while it can."""
+        if self.device != "cuda":
+            return None
+        try:
+            torch.cuda.synchronize()
+            torch.ones(1, device=self.device).add_(1).item()
+        except RuntimeError as exc:
+            return repr(exc)[:240]
+        return None
+
 
 def kernel_name(name: str) -> str:
     """A device event's name, short: a C++ kernel's without `void `, anonymous namespaces and its
