@@ -16,11 +16,11 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator | 
     step is first run `warmup` times on a side stream (kernels compile, libraries plan), then
     captured once; `state`, the tensors it updates, and the generator it draws from are put
     back as they were before the warm-up, whatever happens. The graph replays the draws from
-    `generator`, advancing it as eager steps do (None: step draws nothing). The KV cache the step runs over
-    (fastgpt.decoder.KVCache) is marked graphed meanwhile, so the warm-up and the capture pick
-    the same kernels; a step over PDL_PLAIN_ROWS sequences or more (the cache's batch) launches
-    its kernels plainly, its warm-up too (fastgpt/_backends.py: as programmatic dependents such a
-    step is slower).
+    `generator`, advancing it as eager steps do (None: step draws nothing). The KV cache the
+    step runs over (fastgpt.decoder.KVCache) is marked graphed meanwhile, so the warm-up and the
+    capture pick the same kernels; a step over PDL_PLAIN_ROWS sequences or more (the cache's
+    batch) launches its kernels plainly, its warm-up too (fastgpt/_backends.py: as programmatic
+    dependents such a step is slower).
     """
     device = cache.kv.device
     saved, rng = [t.clone() for t in state], None if generator is None else generator.get_state()

@@ -89,12 +89,12 @@ _DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16:
 
 @triton.jit
 def _wait_until(sync_ptr, index, target, known, BACKOFF: tl.constexpr):
-    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + LINE index]; stages numbered 5
-    layer + stage) reaches target (acquire: what was written before each count is seen), unless this
-    program has seen stage `known` or a later one complete: a stage completes only after the one
-    before it, so those before are complete too (and this program's acquire of them came before).
-    Returns the latest stage known complete. A bound on the spins (a second or more on a GPU; a
-    correct step never comes near it) turns a bug that would hang into a wrong result and
+    """Spin until the count of stage `index` (sync_ptr[SYNC_HEAD + LINE index]; stages numbered
+    5 layer + stage) reaches target (acquire: what was written before each count is seen), unless
+    this program has seen stage `known` or a later one complete: a stage completes only after
+    the one before it, so those before are complete too (and this program's acquire of them came
+    before). Returns the latest stage known complete. A bound on the spins (a second or more on a
+    GPU; a correct step never comes near it) turns a bug that would hang into a wrong result and
     sync_ptr[GAVE_UP] set, which nothing zeroes; once it is set, waits give up at once."""
     if index > known:
         count_ptr = sync_ptr + _SYNC_HEAD + index * _LINE

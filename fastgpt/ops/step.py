@@ -21,6 +21,8 @@ def sync_entries(n_layer: int, n_head: int) -> int:
     (kernels/step.py's: two 128-byte lines, a line per stage of each layer, one entry per
     (row, head) of MAX_ROWS)."""
     return 64 + 32 * 5 * n_layer + MAX_ROWS * n_head
+
+
 LAYER_WEIGHTS = ("ln_1.weight", "ln_1.bias", "attn.c_attn.weight", "attn.c_attn.bias", "attn.c_proj.weight",
                  "attn.c_proj.bias", "ln_2.weight", "ln_2.bias", "mlp.c_fc.weight", "mlp.c_fc.bias",
                  "mlp.c_proj.weight", "mlp.c_proj.bias")  # fmt: skip  (the order of kernels/step.py's table)
