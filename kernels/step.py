@@ -20,8 +20,9 @@ resident, the lowest unfinished item has all it needs and a program working on i
 cannot deadlock. (Triton's interpreter runs the programs one after another: the first takes
 every item.) The last program to leave zeroes the counters for the next launch.
 
-Not yet measured on a GPU: the knobs below (item bytes, programs an SM, items a claim) are set
-from counting, and gpu-probe's persistent_step section sweeps them. Per item a program makes
+Not yet measured on a GPU: the knobs below (item bytes, programs an SM, items a claim, the L2
+prefetch of the items ahead, off) are set from counting, and gpu-probe's persistent_step section
+sweeps them. Per item a program makes
 about three dependent round trips (the claim, the count or its weights, the activations from
 L2), so each SM keeps several programs and each program's weights in flight. Made for one row
 (the B1 step): an item reads its rows' activations one row after another, and at 8 rows an MLP
@@ -66,6 +67,11 @@ ATTN_MAX_CHUNKS = 16  # chunks of a row's cache at most (each attention c_proj t
 ITEMS_PER_CLAIM = 2  # items a program takes from the queue at once: half the round trips to its counter
 NUM_WARPS = 4
 MAX_REGISTERS = None  # ptxas's cap a thread (maxnreg) on a GPU; None: its own choice (128 on sm_90, bf16, 1 row)
+# With each claim, ask L2 for the weights of the items this many rounds of claims ahead (a round:
+# every program's CLAIM items), so that they stream in from memory whatever each program's chain
+# of round trips: 0, off (the default: not measured; gpu-probe's persistent_step tries 1 and 2).
+# sm_90 and later, weights whose rows lie one after another.
+PREFETCH_ROUNDS = 0
 _INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (and the last resets)
 _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
 _INTERPRETER_BLOCK_N = 16
@@ -316,6 +322,61 @@ def _residual_item(tile, w_ptr, bias_ptr, x_ptr, h_ptr, sync_ptr, wait_index, wa
 
 
 @triton.jit
+def _item_weights(item, per_layer, t_qkv, t_attn, t_proj, t_fc, n_layer, table_ptr, head_ptr, C, F, V,
+                  DTYPE: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr,
+                  N_OUT: tl.constexpr, N_HEAD: tl.constexpr):  # fmt: skip
+    """The weights item `item` (< the queue's total) reads, (start, elements): its columns' whole
+    rows, one span where the rows lie one after another (unit k stride, n stride K); 0 elements
+    for an attention item."""
+    layer = item // per_layer
+    r = item - layer * per_layer
+    weights = table_ptr + tl.minimum(layer, n_layer - 1) * 12
+    w = head_ptr  # lm_head, past the last layer
+    tile = item - n_layer * per_layer
+    n = V
+    width = tl.full([], N_HEAD, tl.int32)
+    k = C
+    if layer < n_layer:
+        if r < t_qkv:
+            w = _at(weights, 2, DTYPE)
+            tile = r
+            n = 3 * C
+            width = tl.full([], N_QKV, tl.int32)
+        elif r < t_qkv + t_attn:
+            width = tl.full([], 0, tl.int32)
+        elif r < t_qkv + t_attn + t_proj:
+            w = _at(weights, 4, DTYPE)
+            tile = r - t_qkv - t_attn
+            n = C
+            width = tl.full([], N_PROJ, tl.int32)
+        elif r < t_qkv + t_attn + t_proj + t_fc:
+            w = _at(weights, 8, DTYPE)
+            tile = r - t_qkv - t_attn - t_proj
+            n = F
+            width = tl.full([], N_FC, tl.int32)
+        else:
+            w = _at(weights, 10, DTYPE)
+            tile = r - t_qkv - t_attn - t_proj - t_fc
+            n = C
+            width = tl.full([], N_OUT, tl.int32)
+            k = F
+    column = tile * width
+    columns = tl.maximum(tl.minimum(width, n - column), 0)
+    return w + column.to(tl.int64) * k, columns * k
+
+
+@triton.jit
+def _prefetch_l2_span(start, nbytes):
+    """Ask L2 for the nbytes (a multiple of 16) from start (16-byte aligned), once a program (its
+    thread 0): a hint that reads no value. sm_90 and later."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred first; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
+        "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [start, nbytes], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _step_kernel(
     table_ptr,  # (n_layer, 12) int64: each layer's weight addresses (fastgpt.ops.step.LAYER_WEIGHTS' order)
     wte_ptr,  # (vocab_rows, C) strides (stride_wte_n, stride_wte_k)
@@ -340,7 +401,7 @@ def _step_kernel(
     DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNKS_P: tl.constexpr, K_C: tl.constexpr,
     K_F: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr, N_OUT: tl.constexpr,
     N_HEAD: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, SYNC_P: tl.constexpr, CLAIM: tl.constexpr,
-    BACKOFF: tl.constexpr,
+    BACKOFF: tl.constexpr, PREFETCH_ROUNDS: tl.constexpr,
 ):  # fmt: skip
     t_qkv = tl.cdiv(3 * C, N_QKV)
     t_attn = M * n_head * n_chunks
@@ -357,6 +418,14 @@ def _step_kernel(
     # CLAIM items at a time, in order. Relaxed: an item's inputs are ordered by the stage counts.
     first = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
     while first < total:
+        if PREFETCH_ROUNDS > 0:  # the weights of the items PREFETCH_ROUNDS rounds of claims ahead, into L2
+            ahead = first + PREFETCH_ROUNDS * CLAIM * tl.num_programs(0)
+            for item in range(ahead, tl.minimum(ahead + CLAIM, total)):
+                start, elements = _item_weights(item, per_layer, t_qkv, t_attn, t_proj, t_fc, n_layer, table_ptr,
+                                                head_ptr, C, F, V, DTYPE, N_QKV, N_PROJ, N_FC, N_OUT,
+                                                N_HEAD)  # fmt: skip
+                if elements > 0:
+                    _prefetch_l2_span(start, elements * (DTYPE.primitive_bitwidth // 8))
         for item in range(first, tl.minimum(first + CLAIM, total)):
             layer = item // per_layer
             r = item - layer * per_layer
@@ -473,6 +542,15 @@ def sync_entries(n_layer: int, n_head: int) -> int:
     return SYNC_HEAD + LINE * STAGES * n_layer + MAX_ROWS * n_head
 
 
+def _can_prefetch(device: torch.device, weights: StepWeights, C: int, F: int, element_size: int) -> bool:
+    """Whether the kernel may ask L2 for an item's weights as one span (PREFETCH_ROUNDS): on sm_90
+    or later, every weight's rows one after another (c_attn, attention c_proj, c_fc and lm_head K
+    = C, MLP c_proj K = F), each row a multiple of 16 bytes (so every span starts aligned)."""
+    rows_in_order = weights.strides == (C, 1, C, 1, C, 1, F, 1, C, 1)
+    sm_90 = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return sm_90 and rows_in_order and (C * element_size) % 16 == 0 == (F * element_size) % 16
+
+
 def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps: float, sync) -> torch.Tensor:
     """GPT-2's decode step for M = tok.shape[0] <= MAX_ROWS rows, one token each: logits (M, V).
 
@@ -513,6 +591,7 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, CHUNKS_P=next_power_of_2(n_chunks),
         K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
         SYNC_P=next_power_of_2(sync_entries(n_layer, n_head)), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
+        PREFETCH_ROUNDS=PREFETCH_ROUNDS if on_gpu and _can_prefetch(kv.device, weights, C, F, es) else 0,
         num_warps=NUM_WARPS, num_stages=1, **({"maxnreg": MAX_REGISTERS} if on_gpu and MAX_REGISTERS else {}),
     )  # fmt: skip
     return logits

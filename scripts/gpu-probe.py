@@ -29,7 +29,8 @@ were set from (or guessed at):
   decode_step    GPT-2's whole decode step at B1 and B32, its kernels launched as programmatic
                  dependents (kernels/pdl.py) and not.
   persistent_step  that step as one persistent kernel (GPT.persistent_decode) at B 1, 4, 8, checked
-                 against the fused step first, and over its knobs (item bytes, programs an SM).
+                 against the fused step first, and over its knobs (item bytes, programs an SM,
+                 the L2 prefetch of the items ahead).
   step_kernels   where that step's time goes: each kernel's device us a call and a step inside the
                  graphed step (torch's profiler), and the step's span against its kernels' sum (the
                  gap: the device idle between kernels, or negative, their overlap under PDL).
@@ -527,8 +528,9 @@ def persistent_step_section(p: Probe):
     """GPT-2 124M's decode step as one persistent kernel (GPT.persistent_decode, kernels/step.py)
     against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
     and at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
-    HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the items a claim (ITEMS_PER_CLAIM)
-    and a register cap (MAX_REGISTERS: 96 for 5 programs an SM). Each variant's logits are first
+    HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the items a claim (ITEMS_PER_CLAIM),
+    a register cap (MAX_REGISTERS: 96 for 5 programs an SM) and the L2 prefetch of the weights 1
+    and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by default). Each variant's logits are first
     compared with the fused step's (max_abs_diff) on a copy of the cache, and gave_up (a wait that
     ran out: a bug) read after; a variant that gave up or differs by more than 0.25 is not timed.
     Random weights, bf16, a 288-slot cache at position 160."""
@@ -536,7 +538,7 @@ def persistent_step_section(p: Probe):
     from fastgpt.ops.step import GAVE_UP
 
     config, dtype, model = probe_gpt(p)
-    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM", "ITEMS_PER_CLAIM", "MAX_REGISTERS")
+    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM", "ITEMS_PER_CLAIM", "MAX_REGISTERS", "PREFETCH_ROUNDS")
     default = tuple(getattr(tri_step, k) for k in knobs)
     with knobs_kept(tri_step, *knobs), torch.inference_mode():
         for B in (1,) if p.smoke else (1, 4, 8):
@@ -544,9 +546,10 @@ def persistent_step_section(p: Probe):
             variants = [(False, default), (True, default)]
             if B == 1 and not p.smoke:
                 variants += [(True, values) for values in
-                             ((8192, 8192, 4, 1, None), (8192, 8192, 4, 4, None), (8192, 8192, 5, 2, 96),
-                              (4096, 4096, 4, 2, None), (16384, 16384, 2, 2, None), (8192, 16384, 4, 2, None),
-                              (8192, 8192, 2, 2, None), (8192, 8192, 8, 2, None))]  # fmt: skip
+                             ((8192, 8192, 4, 2, None, 1), (8192, 8192, 4, 2, None, 2), (8192, 8192, 4, 1, None, 0),
+                              (8192, 8192, 4, 4, None, 0), (8192, 8192, 5, 2, 96, 0), (4096, 4096, 4, 2, None, 0),
+                              (16384, 16384, 2, 2, None, 0), (8192, 16384, 4, 2, None, 0),
+                              (8192, 8192, 2, 2, None, 0), (8192, 8192, 8, 2, None, 0))]  # fmt: skip
 
             for persistent, values in variants:
                 def measure(persistent=persistent, values=values, cache=cache, tok=tok, pos=pos, seqlens=seqlens,

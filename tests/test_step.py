@@ -9,6 +9,8 @@ programs at once and CUDA-graph capture.
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from fastgpt import BackendUnavailableError
 from fastgpt.decoder import KVCache
@@ -304,6 +306,63 @@ def test_checks_its_arguments():
     assert not cache.step_sync.any()
 
 
+@triton.jit
+def _spans_kernel(out_ptr, total, per_layer, t_qkv, t_attn, t_proj, t_fc, n_layer, table_ptr, head_ptr, C, F, V,
+                  DTYPE: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr,
+                  N_OUT: tl.constexpr, N_HEAD: tl.constexpr):  # fmt: skip
+    """kernels/step.py's _item_weights for every item of the queue: out[item] = (start, elements)."""
+    from fastgpt.kernels.step import _item_weights
+
+    for item in range(total):
+        start, elements = _item_weights(item, per_layer, t_qkv, t_attn, t_proj, t_fc, n_layer, table_ptr, head_ptr,
+                                        C, F, V, DTYPE, N_QKV, N_PROJ, N_FC, N_OUT, N_HEAD)  # fmt: skip
+        tl.store(out_ptr + 2 * item, start.to(tl.int64))
+        tl.store(out_ptr + 2 * item + 1, elements.to(tl.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_the_weights_an_item_prefetches_are_its_own(dtype):
+    """The span the kernel asks L2 for ahead of an item (PREFETCH_ROUNDS) is exactly the weight
+    rows of the item's columns, inside its tensor, for every item of the queue (none for the
+    attention items); and the kernel prefetches only where rows lie one after another."""
+    from fastgpt.kernels import step as kernel
+
+    model = tiny_model("cpu", dtype, n_embd=48, n_head=3, out_in=True)
+    layers = _layers(model)
+    head = model.lm_head.weight
+    weights = step.step_weights(layers, head)
+    C, F, V, es = 48, 4 * 48, head.shape[0], head.element_size()
+    M, n_head, n_chunks, n_layer = 3, 3, 2, len(layers)
+    width = {"qkv": 32, "proj": 32, "fc": 16, "out": 8, "head": 256}  # columns an item: 144, 48, 384 ragged
+    kinds = [("qkv", 2, 3 * C, C), ("attention", None, M * n_head * n_chunks, None), ("proj", 4, C, C),
+             ("fc", 8, F, C), ("out", 10, C, F)]  # fmt: skip
+    expected, tensors = [], []  # (start, elements) an item, in the queue's order; the tensor it reads
+    for layer in layers:
+        for kind, j, n, k in kinds:
+            if j is None:
+                expected += [(0, 0)] * n  # an attention item: no weights (its start is not looked at)
+                tensors += [None] * n
+                continue
+            for column in range(0, n, width[kind]):
+                expected.append((layer[j].data_ptr() + column * k * es, min(width[kind], n - column) * k))
+                tensors.append(layer[j])
+    for column in range(0, V, width["head"]):
+        expected.append((head.data_ptr() + column * C * es, min(width["head"], V - column) * C))
+        tensors.append(head)
+    t = [-(-n // width[kind]) if kind != "attention" else n for kind, _, n, _ in kinds]
+    out = torch.full((len(expected), 2), -1, dtype=torch.int64)
+    _spans_kernel[(1,)](out, len(expected), sum(t), t[0], t[1], t[2], t[3], n_layer, weights.table, head, C, F, V,
+                        kernel._DTYPES[dtype], width["qkv"], width["proj"], width["fc"], width["out"],
+                        width["head"])  # fmt: skip
+    got = [(int(a), int(b)) if b else (0, 0) for a, b in out.tolist()]
+    assert got == expected
+    for (start, elements), tensor in zip(got, tensors):
+        if tensor is not None:  # inside its tensor, 16-byte aligned
+            assert tensor.data_ptr() <= start and start + elements * es <= tensor.data_ptr() + tensor.numel() * es
+            assert start % 16 == 0 and elements * es % 16 == 0
+    assert kernel._can_prefetch(torch.device("cpu"), weights, C, F, es) is False  # no sm_90 here (no CUDA device)
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered")  # what the unmet waits' items compute is garbage
 def test_a_wait_that_cannot_be_met_gives_up():
     """A bug that would leave a wait unmet (here: the queue starts past layer 1's qkv items, so
@@ -335,7 +394,8 @@ def compile_step_variants(arch):
     """The kernel for sm_<arch> at GPT-2's widths (bf16 and fp32; 1 and MAX_ROWS rows): every
     weight tile in 16-byte loads, the activations other programs write read from L2 (.cg), the
     waits acquire loads that back off (nanosleep), and at one bf16 row no spills, in at most 128
-    registers on sm_90 (4 programs an SM; sm_80's build takes 162, 3 an SM)."""
+    registers on sm_90 (4 programs an SM; sm_80's build takes 162, 3 an SM), with the L2 prefetch
+    of the items ahead (PREFETCH_ROUNDS 1) too; none without it."""
     import triton.language as tl
 
     from tests.gpu_compile import ptxas_usage
@@ -358,7 +418,7 @@ def compile_step_variants(arch):
                 N_FC=mod.tile_columns(F, C, size, mod.TILE_BYTES),
                 N_OUT=mod.tile_columns(C, F, size, mod.TILE_BYTES),
                 N_HEAD=mod.tile_columns(V, C, size, mod.HEAD_TILE_BYTES),
-                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, SYNC_P=64, BACKOFF=True,
+                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, SYNC_P=64, BACKOFF=True, PREFETCH_ROUNDS=0,
                 stride_attn_k=1, stride_proj_k=1, stride_fc_k=1, stride_out_k=1, stride_head_k=1,
                 stride_wte_k=1, stride_wpe_k=1,  # the JIT specialises a unit stride
             )  # fmt: skip
@@ -368,9 +428,17 @@ def compile_step_variants(arch):
             weight_loads = [line for line in ptx.splitlines() if "ld.global.L1::evict_first" in line]
             assert weight_loads and all(".v4." in line for line in weight_loads), where
             assert "ld.global.cg" in ptx and "ld.global.gpu.acquire" in ptx and "nanosleep" in ptx, where
+            assert "prefetch" not in ptx, where
             if rows == 1 and dtype == "bf16":
                 registers, spills = ptxas_usage(kernel, arch)
                 assert spills == 0 and registers <= (128 if arch >= 90 else 168), (*where, registers, spills)
+            if rows == 1 and dtype == "bf16" and arch >= 90:  # the weights ahead into L2 (PREFETCH_ROUNDS)
+                kernel = compile_for(mod._step_kernel, ptrs, const | {"PREFETCH_ROUNDS": 1}, arch=arch,
+                                     num_warps=mod.NUM_WARPS, num_stages=1, divisible=("C", "F"),
+                                     scalar_types={"eps": "fp32", "qk_scale": "fp32"})  # fmt: skip
+                assert "cp.async.bulk.prefetch.L2.global" in kernel.asm["ptx"], where
+                registers, spills = ptxas_usage(kernel, arch)
+                assert spills == 0 and registers <= 128, (*where, registers, spills)
 
 
 @pytest.mark.parametrize("arch", [80, 90])
