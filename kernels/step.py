@@ -17,7 +17,8 @@ weights of the items after a boundary stream in while the stage before it ends, 
 idles between launches. Items are taken in order, a program does its own in order, and an item
 waits only for items before it: whatever the grid, and however many of its programs are
 resident, the lowest unfinished item has all it needs and a program working on it, so the step
-cannot deadlock. (Triton's interpreter runs the programs one after another: the first takes
+cannot deadlock. (A program that takes its next claim early, CLAIM_AHEAD, holds only items
+after the ones it is doing: the lowest unfinished item is still one a program is doing.) (Triton's interpreter runs the programs one after another: the first takes
 every item.) The last program to leave zeroes the counters for the next launch.
 
 Not yet measured on a GPU: the knobs below (item bytes, programs an SM, items a claim, the L2
@@ -72,6 +73,10 @@ MAX_REGISTERS = None  # ptxas's cap a thread (maxnreg) on a GPU; None: its own c
 # of round trips: 0, off (the default: not measured; gpu-probe's persistent_step tries 1 and 2).
 # sm_90 and later, weights whose rows lie one after another.
 PREFETCH_ROUNDS = 0
+# Take the next claim while this one's items run (its round trip to the counter off the path:
+# one thread's atomic, whose value the program reads after them), rather than after them: off
+# (not measured; gpu-probe's persistent_step tries it). GPU only.
+CLAIM_AHEAD = False
 _INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (and the last resets)
 _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
 _INTERPRETER_BLOCK_N = 16
@@ -377,6 +382,21 @@ def _prefetch_l2_span(start, nbytes):
 
 
 @triton.jit
+def _claim_async(sync_ptr, CLAIM: tl.constexpr, THREADS: tl.constexpr):
+    """Take the queue's next CLAIM items, without waiting: a (THREADS,) int32 tensor, zero but for
+    one element, the claim's first item, which tl.max reads once the atomic is back (a relaxed add,
+    from the thread holding element 0, once). A GPU's: Triton's own scalar atomic waits for its
+    value at once (it shares it through shared memory behind a barrier)."""
+    lane = tl.arange(0, THREADS)
+    return tl.inline_asm_elementwise(
+        "{ .reg .pred first; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
+        "setp.eq.and.u32 first, $1, 0, first; mov.u32 $0, 0; "
+        "@first atom.global.relaxed.gpu.add.u32 $0, [$2], $3; }",
+        "=r,r,l,r", [lane, sync_ptr, tl.full([THREADS], CLAIM, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
 def _step_kernel(
     table_ptr,  # (n_layer, 12) int64: each layer's weight addresses (fastgpt.ops.step.LAYER_WEIGHTS' order)
     wte_ptr,  # (vocab_rows, C) strides (stride_wte_n, stride_wte_k)
@@ -401,7 +421,7 @@ def _step_kernel(
     DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, CHUNKS_P: tl.constexpr, K_C: tl.constexpr,
     K_F: tl.constexpr, N_QKV: tl.constexpr, N_PROJ: tl.constexpr, N_FC: tl.constexpr, N_OUT: tl.constexpr,
     N_HEAD: tl.constexpr, ATTN_BLOCK_N: tl.constexpr, SYNC_P: tl.constexpr, CLAIM: tl.constexpr,
-    BACKOFF: tl.constexpr, PREFETCH_ROUNDS: tl.constexpr,
+    BACKOFF: tl.constexpr, PREFETCH_ROUNDS: tl.constexpr, CLAIM_AHEAD: tl.constexpr, THREADS: tl.constexpr,
 ):  # fmt: skip
     t_qkv = tl.cdiv(3 * C, N_QKV)
     t_attn = M * n_head * n_chunks
@@ -418,6 +438,8 @@ def _step_kernel(
     # CLAIM items at a time, in order. Relaxed: an item's inputs are ordered by the stage counts.
     first = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
     while first < total:
+        if CLAIM_AHEAD:
+            claim = _claim_async(sync_ptr, CLAIM, THREADS)
         if PREFETCH_ROUNDS > 0:  # the weights of the items PREFETCH_ROUNDS rounds of claims ahead, into L2
             ahead = first + PREFETCH_ROUNDS * CLAIM * tl.num_programs(0)
             for item in range(ahead, tl.minimum(ahead + CLAIM, total)):
@@ -466,7 +488,10 @@ def _step_kernel(
                                        sync_ptr, _STAGES * layer + 3, t_fc, known, M, C, F, stride_out_n,
                                        stride_out_k, BLOCK_M, K_F, N_OUT, BACKOFF)  # fmt: skip
                 _count_done(counts + _LINE * (_STAGES * layer + 4))
-        first = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
+        if CLAIM_AHEAD:
+            first = tl.max(claim, axis=0)
+        else:
+            first = tl.atomic_add(sync_ptr, CLAIM, sem="relaxed")
 
     # Leave; the last program out zeroes the counters (every other one has read its last), not GAVE_UP.
     if tl.atomic_add(sync_ptr + _EXITS, 1, sem="acq_rel") == tl.num_programs(0) - 1:
@@ -592,6 +617,7 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
         SYNC_P=next_power_of_2(sync_entries(n_layer, n_head)), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
         PREFETCH_ROUNDS=PREFETCH_ROUNDS if on_gpu and _can_prefetch(kv.device, weights, C, F, es) else 0,
+        CLAIM_AHEAD=CLAIM_AHEAD and on_gpu, THREADS=32 * NUM_WARPS,
         num_warps=NUM_WARPS, num_stages=1, **({"maxnreg": MAX_REGISTERS} if on_gpu and MAX_REGISTERS else {}),
     )  # fmt: skip
     return logits

@@ -30,7 +30,7 @@ were set from (or guessed at):
                  dependents (kernels/pdl.py) and not.
   persistent_step  that step as one persistent kernel (GPT.persistent_decode) at B 1, 4, 8, checked
                  against the fused step first, and over its knobs (item bytes, programs an SM,
-                 the L2 prefetch of the items ahead).
+                 the L2 prefetch of the items ahead, claims taken ahead).
   step_kernels   where that step's time goes: each kernel's device us a call and a step inside the
                  graphed step (torch's profiler), and the step's span against its kernels' sum (the
                  gap: the device idle between kernels, or negative, their overlap under PDL).
@@ -529,16 +529,19 @@ def persistent_step_section(p: Probe):
     against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
     and at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
     HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the items a claim (ITEMS_PER_CLAIM),
-    a register cap (MAX_REGISTERS: 96 for 5 programs an SM) and the L2 prefetch of the weights 1
-    and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by default). Each variant's logits are first
-    compared with the fused step's (max_abs_diff) on a copy of the cache, and gave_up (a wait that
-    ran out: a bug) read after; a variant that gave up or differs by more than 0.25 is not timed.
+    a register cap (MAX_REGISTERS: 96 for 5 programs an SM), the L2 prefetch of the weights 1
+    and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by default) and the next claim taken
+    while a claim's items run (CLAIM_AHEAD; off by default), alone and with the prefetch. Each
+    variant's logits are first compared with the fused step's (max_abs_diff) on a copy of the
+    cache, and gave_up (a wait that ran out: a bug) read after; a variant that gave up or differs
+    by more than 0.25 is not timed.
     Random weights, bf16, a 288-slot cache at position 160."""
     from fastgpt.kernels import step as tri_step
     from fastgpt.ops.step import GAVE_UP
 
     config, dtype, model = probe_gpt(p)
-    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM", "ITEMS_PER_CLAIM", "MAX_REGISTERS", "PREFETCH_ROUNDS")
+    knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM", "ITEMS_PER_CLAIM", "MAX_REGISTERS",
+             "PREFETCH_ROUNDS", "CLAIM_AHEAD")
     default = tuple(getattr(tri_step, k) for k in knobs)
     with knobs_kept(tri_step, *knobs), torch.inference_mode():
         for B in (1,) if p.smoke else (1, 4, 8):
@@ -546,10 +549,12 @@ def persistent_step_section(p: Probe):
             variants = [(False, default), (True, default)]
             if B == 1 and not p.smoke:
                 variants += [(True, values) for values in
-                             ((8192, 8192, 4, 2, None, 1), (8192, 8192, 4, 2, None, 2), (8192, 8192, 4, 1, None, 0),
-                              (8192, 8192, 4, 4, None, 0), (8192, 8192, 5, 2, 96, 0), (4096, 4096, 4, 2, None, 0),
-                              (16384, 16384, 2, 2, None, 0), (8192, 16384, 4, 2, None, 0),
-                              (8192, 8192, 2, 2, None, 0), (8192, 8192, 8, 2, None, 0))]  # fmt: skip
+                             ((8192, 8192, 4, 2, None, 1, False), (8192, 8192, 4, 2, None, 2, False),
+                              (8192, 8192, 4, 2, None, 0, True), (8192, 8192, 4, 2, None, 1, True),
+                              (8192, 8192, 4, 1, None, 0, False), (8192, 8192, 4, 4, None, 0, False),
+                              (8192, 8192, 5, 2, 96, 0, False), (4096, 4096, 4, 2, None, 0, False),
+                              (16384, 16384, 2, 2, None, 0, False), (8192, 16384, 4, 2, None, 0, False),
+                              (8192, 8192, 2, 2, None, 0, False), (8192, 8192, 8, 2, None, 0, False))]  # fmt: skip
 
             for persistent, values in variants:
                 def measure(persistent=persistent, values=values, cache=cache, tok=tok, pos=pos, seqlens=seqlens,

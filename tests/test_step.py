@@ -395,7 +395,8 @@ def compile_step_variants(arch):
     weight tile in 16-byte loads, the activations other programs write read from L2 (.cg), the
     waits acquire loads that back off (nanosleep), and at one bf16 row no spills, in at most 128
     registers on sm_90 (4 programs an SM; sm_80's build takes 162, 3 an SM), with the L2 prefetch
-    of the items ahead (PREFETCH_ROUNDS 1) too; none without it."""
+    of the items ahead (PREFETCH_ROUNDS 1) and the claims taken ahead (CLAIM_AHEAD) too; no
+    prefetch without it."""
     import triton.language as tl
 
     from tests.gpu_compile import ptxas_usage
@@ -418,7 +419,8 @@ def compile_step_variants(arch):
                 N_FC=mod.tile_columns(F, C, size, mod.TILE_BYTES),
                 N_OUT=mod.tile_columns(C, F, size, mod.TILE_BYTES),
                 N_HEAD=mod.tile_columns(V, C, size, mod.HEAD_TILE_BYTES),
-                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, SYNC_P=64, BACKOFF=True, PREFETCH_ROUNDS=0,
+                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, SYNC_P=64, BACKOFF=True, PREFETCH_ROUNDS=0, CLAIM_AHEAD=False,
+                THREADS=32 * mod.NUM_WARPS,
                 stride_attn_k=1, stride_proj_k=1, stride_fc_k=1, stride_out_k=1, stride_head_k=1,
                 stride_wte_k=1, stride_wpe_k=1,  # the JIT specialises a unit stride
             )  # fmt: skip
@@ -432,11 +434,14 @@ def compile_step_variants(arch):
             if rows == 1 and dtype == "bf16":
                 registers, spills = ptxas_usage(kernel, arch)
                 assert spills == 0 and registers <= (128 if arch >= 90 else 168), (*where, registers, spills)
-            if rows == 1 and dtype == "bf16" and arch >= 90:  # the weights ahead into L2 (PREFETCH_ROUNDS)
-                kernel = compile_for(mod._step_kernel, ptrs, const | {"PREFETCH_ROUNDS": 1}, arch=arch,
-                                     num_warps=mod.NUM_WARPS, num_stages=1, divisible=("C", "F"),
+            if rows == 1 and dtype == "bf16" and arch >= 90:  # the weights ahead into L2, the claims ahead
+                kernel = compile_for(mod._step_kernel, ptrs, const | {"PREFETCH_ROUNDS": 1, "CLAIM_AHEAD": True},
+                                     arch=arch, num_warps=mod.NUM_WARPS, num_stages=1, divisible=("C", "F"),
                                      scalar_types={"eps": "fp32", "qk_scale": "fp32"})  # fmt: skip
-                assert "cp.async.bulk.prefetch.L2.global" in kernel.asm["ptx"], where
+                ptx = kernel.asm["ptx"]
+                assert "cp.async.bulk.prefetch.L2.global" in ptx, where
+                claims = [line for line in ptx.splitlines() if "relaxed" in line and ".add.u32" in line]
+                assert len(claims) == 2 and "@first atom" in claims[1], (where, claims)  # the first, then the async
                 registers, spills = ptxas_usage(kernel, arch)
                 assert spills == 0 and registers <= 128, (*where, registers, spills)
 
