@@ -498,8 +498,11 @@ def decode_step_section(p: Probe):
     the overlap at the ~60 kernel boundaries saves a step. At B1 also with the matmuls on the tiled
     kernel (kernels/linear.py's GEMV_MAX_ROWS 0) rather than the matrix-vector one; at B32, launched
     plainly (as generate's captured B32 step is), also without the output projections' K splits
-    (SPLIT_K_MAX 1). Random weights, bf16, a 288-slot cache (the generate benchmark's 32 + 256) at
-    position 160."""
+    (SPLIT_K_MAX 1). And the unfused step (GPT.fused_decode = False: nn.Linear, cuBLAS, and the
+    LayerNorm op), launched as generate's step would be, which at B32 was the faster in the
+    benchmark (fastgpt[cuda], 41,447 tok/s against the fused step's 36,666 on triton, before the
+    fused step's changes). Random weights, bf16, a 288-slot cache (the generate benchmark's 32 +
+    256) at position 160."""
     from fastgpt.kernels import linear as tri_linear
 
     config, dtype, model = probe_gpt(p)
@@ -522,6 +525,17 @@ def decode_step_section(p: Probe):
                     return {"device_us": d, "tok_per_s": B * 1e6 / d}
                 row = {"B": B, "pdl": on, "prefetch": prefetch, "gemv_max_rows": rows, "split_k_max": split}
                 p.record("decode_step", row, measure)
+
+            def measure_unfused(cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
+                os.environ[_backends.PDL_ENV_VAR] = "1" if B < _backends.PDL_PLAIN_ROWS else "0"  # as generate's
+                model.fused_decode = False
+                try:
+                    d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
+                finally:
+                    model.fused_decode = True
+                return {"device_us": d, "tok_per_s": B * 1e6 / d}
+
+            p.record("decode_step", {"B": B, "fused_decode": False}, measure_unfused)
 
 
 def persistent_step_section(p: Probe):
