@@ -215,7 +215,7 @@ class GPT(nn.Module):
         self._fused_decode_on = True
         self._persistent_decode_on = False
         self._step_weights = None  # fastgpt.ops.step.step_weights' table of this model's weights, once made
-        self._decoders = {}  # generate.py's preallocated caches and CUDA graphs, per (batch, length)
+        self._decoders = {}  # generate's decoders (fastgpt/decoder.py): caches and CUDA graphs, per (batch, length)
         self.arrange_weights()
 
     @property
