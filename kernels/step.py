@@ -391,7 +391,7 @@ def _claim_async(sync_ptr, CLAIM: tl.constexpr, THREADS: tl.constexpr):
     return tl.inline_asm_elementwise(
         "{ .reg .pred first; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
         "setp.eq.and.u32 first, $1, 0, first; mov.u32 $0, 0; "
-        "@first atom.global.relaxed.gpu.add.u32 $0, [$2], $3; }",
+        "@first atom.global.gpu.relaxed.add.u32 $0, [$2], $3; }",
         "=r,r,l,r", [lane, sync_ptr, tl.full([THREADS], CLAIM, tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
     )  # fmt: skip
 
