@@ -571,6 +571,45 @@ def test_a_time_limit_shares_the_kernel_time_between_the_ops(monkeypatch):
     assert [r["case"] for r in run.records if r["status"] == SKIPPED] == ["attention 2"]
 
 
+def test_a_time_limit_shares_the_generate_time_between_its_cases(monkeypatch):
+    """Each generate case (B1, then B32) starts with an even share of the time left: the first no
+    longer takes the second's (the H200 run's B32 measured two of its candidates)."""
+    import types
+
+    from rich.console import Console
+
+    from fastgpt.bench import formulas
+    from fastgpt.bench import session as session_module
+    from fastgpt.bench.cases import generate as gen
+
+    clock = [0.0]
+    monkeypatch.setattr(session_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(gen, "shapes", lambda quick, device: [{"B": 1}, {"B": 32}, {"B": 64}])
+    monkeypatch.setattr(gen, "build_hf", lambda *args: None)
+    monkeypatch.setattr(gen, "hf_variant", lambda *args: None)
+    monkeypatch.setattr(formulas, "weight_bytes", lambda hf: 0)
+    monkeypatch.setattr(gen, "make_case", lambda p, *args: p["B"])
+    ran = []
+
+    def run_case(case, device, settings, weight_nbytes, quick, on_step):
+        ran.append((case, settings.deadline))
+        clock[0] += 50.0 if case == 1 else 5.0
+        return []
+
+    monkeypatch.setattr(gen, "run_case", run_case)
+    monkeypatch.setattr(session_module, "_free", lambda device: None)
+    run = object.__new__(session_module.Session)
+    run.console, run.device, run.specs = Console(file=io.StringIO()), torch.device("cuda"), None
+    run.quick = True
+    run.args = types.SimpleNamespace(dtype=None, model_config="gpt2")
+    run.records, run.env, run.deadline = [], {}, 90.0
+    run.settings = Settings(deadline=45.0)  # the kernel cases' (their half of the limit)
+    run.save = lambda: None
+    run.run_generate()
+    # B1 starts with 90 / 3 = 30 s and takes 50; B32 then has (90 - 50) / 2 = 20, B64 the 35 left.
+    assert ran == [(1, 30.0), (32, 70.0), (64, 90.0)]
+
+
 def _must_not_run(*args):
     raise AssertionError("a bad option was not refused before the run")
 

@@ -29,6 +29,15 @@ def _free(device: torch.device) -> None:
     free_cached_memory(device)
 
 
+def _shared(settings, deadline: float | None, parts_left: int):
+    """settings with an even share of the time left to `deadline` (None: no limit) for the next of
+    parts_left parts: what a part leaves unused goes to the ones after it."""
+    if deadline is None:
+        return settings
+    now = time.monotonic()
+    return dataclasses.replace(settings, deadline=now + max(0.0, deadline - now) / parts_left)
+
+
 class Session:
     """Holds what one run has measured so far; writes JSON/CSV after each op."""
 
@@ -104,10 +113,7 @@ class Session:
         """The settings for the next kernel op's cases: with --time-limit, an even share of the
         kernel time left (an op done early leaves the rest of its share to the next), so that a
         short run measures every op's first cases rather than the first op's all."""
-        if self.kernel_deadline is None:
-            return self.settings
-        now = time.monotonic()
-        return dataclasses.replace(self.settings, deadline=now + max(0.0, self.kernel_deadline - now) / ops_left)
+        return _shared(self.settings, self.kernel_deadline, ops_left)
 
     def run_generate(self) -> None:
         """The end-to-end comparison: GPU or CPU, whatever this machine has."""
@@ -130,9 +136,10 @@ class Session:
         cases = [gen.make_case(p, hf, oracle, self.device, dtype, config) for p in plan]
         with progress_bar(self.console) as bar:
             task = bar.add_task("generate", total=len(cases))
-            for case in cases:
-                self.add(gen.run_case(case, self.device, settings, weight_nbytes, self.quick,
-                                      on_step=lambda text: bar.update(task, description=escape(text))))
+            for i, case in enumerate(cases):  # each with an even share of the time left, as the kernel ops
+                self.add(gen.run_case(case, self.device, _shared(settings, self.deadline, len(cases) - i),
+                                      weight_nbytes, self.quick,
+                                      on_step=lambda text: bar.update(task, description=escape(text))))  # fmt: skip
                 bar.advance(task)
                 self.save()
         del hf, oracle
