@@ -541,7 +541,7 @@ def decode_step_section(p: Probe):
 def persistent_step_section(p: Probe):
     """GPT-2 124M's decode step as one persistent kernel (GPT.persistent_decode, kernels/step.py)
     against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
-    and at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
+    then (a run cut short keeps those) at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
     HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the items a claim (ITEMS_PER_CLAIM),
     a register cap (MAX_REGISTERS: 96 for 5 programs an SM), the L2 prefetch of the weights 1
     and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by default) and the next claim taken
@@ -557,44 +557,43 @@ def persistent_step_section(p: Probe):
     knobs = ("TILE_BYTES", "HEAD_TILE_BYTES", "PROGRAMS_PER_SM", "ITEMS_PER_CLAIM", "MAX_REGISTERS",
              "PREFETCH_ROUNDS", "CLAIM_AHEAD")
     default = tuple(getattr(tri_step, k) for k in knobs)
+    batches = (1,) if p.smoke else (1, 4, 8)
+    runs = [(B, persistent, default) for B in batches for persistent in (False, True)]  # first: each B's default
+    if not p.smoke:  # then the knobs at B1
+        runs += [(1, True, values) for values in
+                 ((8192, 8192, 4, 2, None, 1, False), (8192, 8192, 4, 2, None, 2, False),
+                  (8192, 8192, 4, 2, None, 0, True), (8192, 8192, 4, 2, None, 1, True),
+                  (8192, 8192, 4, 1, None, 0, False), (8192, 8192, 4, 4, None, 0, False),
+                  (8192, 8192, 5, 2, 96, 0, False), (4096, 4096, 4, 2, None, 0, False),
+                  (16384, 16384, 2, 2, None, 0, False), (8192, 16384, 4, 2, None, 0, False),
+                  (8192, 8192, 2, 2, None, 0, False), (8192, 8192, 8, 2, None, 0, False))]  # fmt: skip
+    inputs = {B: step_inputs(p, config, dtype, B) for B in batches}
     with knobs_kept(tri_step, *knobs), torch.inference_mode():
-        for B in (1,) if p.smoke else (1, 4, 8):
-            cache, tok, pos, seqlens = step_inputs(p, config, dtype, B)
-            variants = [(False, default), (True, default)]
-            if B == 1 and not p.smoke:
-                variants += [(True, values) for values in
-                             ((8192, 8192, 4, 2, None, 1, False), (8192, 8192, 4, 2, None, 2, False),
-                              (8192, 8192, 4, 2, None, 0, True), (8192, 8192, 4, 2, None, 1, True),
-                              (8192, 8192, 4, 1, None, 0, False), (8192, 8192, 4, 4, None, 0, False),
-                              (8192, 8192, 5, 2, 96, 0, False), (4096, 4096, 4, 2, None, 0, False),
-                              (16384, 16384, 2, 2, None, 0, False), (8192, 16384, 4, 2, None, 0, False),
-                              (8192, 8192, 2, 2, None, 0, False), (8192, 8192, 8, 2, None, 0, False))]  # fmt: skip
+        for B, persistent, values in runs:
+            def measure(persistent=persistent, values=values, inputs=inputs[B], B=B):
+                cache, tok, pos, seqlens = inputs
+                for knob, value in zip(knobs, values):
+                    setattr(tri_step, knob, value)
+                model.persistent_decode = persistent
+                row = {}
+                if persistent:
+                    kv = cache.kv.clone()
+                    model.persistent_decode = False
+                    expected = model.decode(tok, pos, cache, seqlens).float()
+                    cache.kv.copy_(kv)
+                    model.persistent_decode = True
+                    got = model.decode(tok, pos, cache, seqlens).float()
+                    cache.kv.copy_(kv)
+                    row = {"max_abs_diff": (got - expected).abs().max().item(),
+                           "gave_up": int(cache.step_sync[GAVE_UP].item())}  # fmt: skip
+                    if row["gave_up"] or not row["max_abs_diff"] <= 0.25:
+                        return row | {"device_us": None}
+                d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
+                return row | {"device_us": d, "tok_per_s": B * 1e6 / d}
 
-            for persistent, values in variants:
-                def measure(persistent=persistent, values=values, cache=cache, tok=tok, pos=pos, seqlens=seqlens,
-                            B=B):  # fmt: skip
-                    for knob, value in zip(knobs, values):
-                        setattr(tri_step, knob, value)
-                    model.persistent_decode = persistent
-                    row = {}
-                    if persistent:
-                        kv = cache.kv.clone()
-                        model.persistent_decode = False
-                        expected = model.decode(tok, pos, cache, seqlens).float()
-                        cache.kv.copy_(kv)
-                        model.persistent_decode = True
-                        got = model.decode(tok, pos, cache, seqlens).float()
-                        cache.kv.copy_(kv)
-                        row = {"max_abs_diff": (got - expected).abs().max().item(),
-                               "gave_up": int(cache.step_sync[GAVE_UP].item())}  # fmt: skip
-                        if row["gave_up"] or not row["max_abs_diff"] <= 0.25:
-                            return row | {"device_us": None}
-                    d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
-                    return row | {"device_us": d, "tok_per_s": B * 1e6 / d}
-
-                row = {"B": B, "step": "persistent" if persistent else "fused", **dict(zip(knobs, values))}
-                p.record("persistent_step", row, measure)
-            model.persistent_decode = False
+            row = {"B": B, "step": "persistent" if persistent else "fused", **dict(zip(knobs, values))}
+            p.record("persistent_step", row, measure)
+        model.persistent_decode = False
 
 
 def step_kernels_section(p: Probe):
