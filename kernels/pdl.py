@@ -52,3 +52,15 @@ def _prefetch_l2(ptrs, nbytes):
         is_pure=False,
         pack=1,
     )
+
+
+@triton.jit
+def _prefetch_l2_once(start, nbytes):
+    """Ask L2 for the nbytes (a multiple of 16) from start (16-byte aligned), once a program (from
+    its thread 0, where _prefetch_l2 asks from every thread for its own rows): a hint that reads
+    no value. sm_90 and later."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred first; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
+        "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r", [start, nbytes], dtype=tl.int32, is_pure=False, pack=1,
+    )  # fmt: skip

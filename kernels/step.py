@@ -17,9 +17,10 @@ weights of the items after a boundary stream in while the stage before it ends, 
 idles between launches. Items are taken in order, a program does its own in order, and an item
 waits only for items before it: whatever the grid, and however many of its programs are
 resident, the lowest unfinished item has all it needs and a program working on it, so the step
-cannot deadlock. (A program that takes its next claim early, CLAIM_AHEAD, holds only items
-after the ones it is doing: the lowest unfinished item is still one a program is doing.) (Triton's interpreter runs the programs one after another: the first takes
-every item.) The last program to leave zeroes the counters for the next launch.
+cannot deadlock. A program that takes its next claim early (CLAIM_AHEAD) holds only items after
+the ones it is doing, so the lowest unfinished item is still one a program is doing. (Triton's
+interpreter runs the programs one after another: the first takes every item.) The last program
+to leave zeroes the counters for the next launch.
 
 Not yet measured on a GPU: the knobs below (item bytes, programs an SM, items a claim, the L2
 prefetch of the items ahead, off) are set from counting, and gpu-probe's persistent_step section
@@ -57,6 +58,7 @@ import triton.language as tl
 
 from fastgpt._backends import sm_count
 from fastgpt.kernels.linear import _epilogue, _gelu_tanh, _ln_params, _normalised_row, _table_rows
+from fastgpt.kernels.pdl import _prefetch_l2_once
 from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 MAX_ROWS = 8  # rows of one step (tokens: one a row)
@@ -371,17 +373,6 @@ def _item_weights(item, per_layer, t_qkv, t_attn, t_proj, t_fc, n_layer, table_p
 
 
 @triton.jit
-def _prefetch_l2_span(start, nbytes):
-    """Ask L2 for the nbytes (a multiple of 16) from start (16-byte aligned), once a program (its
-    thread 0): a hint that reads no value. sm_90 and later."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred first; .reg .b32 tid; mov.u32 tid, %tid.x; setp.eq.u32 first, tid, 0; "
-        "@first cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r", [start, nbytes], dtype=tl.int32, is_pure=False, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
 def _claim_async(sync_ptr, CLAIM: tl.constexpr, THREADS: tl.constexpr):
     """Take the queue's next CLAIM items, without waiting: a (THREADS,) int32 tensor, zero but for
     one element, the claim's first item, which tl.max reads once the atomic is back (a relaxed add,
@@ -447,7 +438,7 @@ def _step_kernel(
                                                 head_ptr, C, F, V, DTYPE, N_QKV, N_PROJ, N_FC, N_OUT,
                                                 N_HEAD)  # fmt: skip
                 if elements > 0:
-                    _prefetch_l2_span(start, elements * (DTYPE.primitive_bitwidth // 8))
+                    _prefetch_l2_once(start, elements * (DTYPE.primitive_bitwidth // 8))
         for item in range(first, tl.minimum(first + CLAIM, total)):
             layer = item // per_layer
             r = item - layer * per_layer
