@@ -541,15 +541,15 @@ def decode_step_section(p: Probe):
 def persistent_step_section(p: Probe):
     """GPT-2 124M's decode step as one persistent kernel (GPT.persistent_decode, kernels/step.py)
     against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
-    then (a run cut short keeps those) at B1 over the kernel's knobs: the weight bytes an item holds (TILE_BYTES, lm_head's
-    HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the items a claim (ITEMS_PER_CLAIM),
-    a register cap (MAX_REGISTERS: 96 for 5 programs an SM), the L2 prefetch of the weights 1
-    and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by default) and the next claim taken
-    while a claim's items run (CLAIM_AHEAD; off by default), alone and with the prefetch. Each
-    variant's logits are first compared with the fused step's (max_abs_diff) on a copy of the
-    cache, and gave_up (a wait that ran out: a bug) read after; a variant that gave up or differs
-    by more than 0.25 is not timed.
-    Random weights, bf16, a 288-slot cache at position 160."""
+    then (a run cut short keeps those) at B1 over the kernel's knobs: the weight bytes an item
+    holds (TILE_BYTES, lm_head's HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the
+    items a claim (ITEMS_PER_CLAIM), a register cap (MAX_REGISTERS: 96 for 5 programs an SM),
+    the L2 prefetch of the weights 1 and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by
+    default) and the next claim taken while a claim's items run (CLAIM_AHEAD; off by default),
+    alone and with the prefetch. Each variant's logits are first compared with the fused step's
+    (max_abs_diff) on a copy of the cache, and gave_up (a wait that ran out: a bug) read after;
+    a variant that gave up or differs by more than 0.25 is not timed. Random weights, bf16, a
+    288-slot cache at position 160."""
     from fastgpt.kernels import step as tri_step
     from fastgpt.ops.step import GAVE_UP
 
