@@ -311,6 +311,23 @@ def test_oracle_failure_is_reported_not_blamed_and_the_run_goes_on():
         suite.run_kernel(FakeBenchmark(), case, "fastgpt[x]", {}, device=CPU)
 
 
+def test_generate_candidates_on_a_gpu_put_the_comparisons_first():
+    """On a GPU, fastgpt's backends (and at up to 8 rows its persistent step), then the gpt-fast
+    recipe and transformers' generate, then the other forms: a case cut by its share of
+    --time-limit keeps the comparisons the targets are stated against. (Building the list runs
+    nothing.)"""
+    from fastgpt.bench.cases import generate as gen
+
+    def labels(B):
+        return [c.label for c in gen.candidates(None, torch.device("cuda"), {"B": B, "N": 4})]
+
+    assert labels(1)[:5] == ["fastgpt[cuda]", "fastgpt[triton]", "fastgpt[auto], persistent step",
+                             "static-KV GPT-2, compiled (gpt-fast recipe)", "HF generate (sdpa)"]  # fmt: skip
+    assert labels(32)[:4] == ["fastgpt[cuda]", "fastgpt[triton]", "static-KV GPT-2, compiled (gpt-fast recipe)",
+                              "HF generate (sdpa)"]  # fmt: skip
+    assert labels(32)[-2:] == ["HF generate (eager)", "fastgpt[torch]"]
+
+
 def test_generate_oracle_failure_is_not_the_candidates():
     from fastgpt.bench.cases import generate as gen
 

@@ -169,8 +169,9 @@ def candidates(hf, device: torch.device, params: dict) -> list[Candidate]:
         return [*ours, hf_sdpa, hf_eager,
                 Candidate("static-KV GPT-2, eager", REFERENCE, lambda: static_kv_fn(hf, N, compile=False),
                           note="the gpt-fast recipe without its compile (reduce-overhead needs CUDA)")]
-    # On a GPU the compiled backends and the recipe they are measured against first, the slow
-    # ones last: a run cut by --time-limit still has the comparison that matters.
+    # On a GPU the compiled backends, the recipe they are measured against and transformers'
+    # generate first, the slow ones last: a case cut by its share of --time-limit still has the
+    # comparisons that matter.
     compiled, plain = [c for c in ours if c.backend != "torch"], [c for c in ours if c.backend == "torch"]
     if params["B"] <= STEP_MAX_ROWS:  # the rows the persistent step takes
         compiled.append(Candidate("fastgpt[auto], persistent step", FASTGPT,
@@ -179,11 +180,11 @@ def candidates(hf, device: torch.device, params: dict) -> list[Candidate]:
     return [*compiled,
             Candidate("static-KV GPT-2, compiled (gpt-fast recipe)", REFERENCE,
                       lambda: static_kv_fn(hf, N, compile=True), note=f"torch {torch.__version__}"),
+            hf_sdpa,
             Candidate("fastgpt[auto] + torch.compile", FASTGPT, lambda: fastgpt_fn(hf, "auto", N, compile=True),
                       backend="auto", note="decode forward compiled, inside the CUDA graph"),
             Candidate("fastgpt[auto], unfused decode", FASTGPT, lambda: fastgpt_fn(hf, "auto", N, fused_decode=False),
                       backend="auto", note="GPT.fused_decode = False: nn.Linear (cuBLAS) + the LayerNorm op"),
-            hf_sdpa,
             Candidate("HF generate (static cache + compile)", REFERENCE, lambda: hf_fn(hf, "sdpa", N, static=True),
                       note=hf_note),
             hf_eager, *plain]  # fmt: skip
