@@ -7,10 +7,11 @@
 #   5. run scripts/gpu-probe.py's GPT-2 decode step as one persistent kernel against the fused
 #      step (checked, then timed; and over the kernel's knobs), the fused step with and without
 #      programmatic dependent launch (kernels/pdl.py's default) and the matrix-vector matmuls,
+#      and the unfused step, a generate call's time outside its decode steps (generate_parts),
 #      each kernel's device time inside that graphed step and the gaps between them
-#      (step_kernels), its fused-linear
-#      comparison (GPT.fused_decode's default, the tiled and matrix-vector kernels and their
-#      tiles), every op's host time a call (the overhead section), its sampler sweeps over B
+#      (step_kernels), its fused-linear comparison (GPT.fused_decode's default, the tiled and
+#      matrix-vector kernels and their tiles), every op's host time a call (the overhead
+#      section), its sampler sweeps over B
 #      (auto's order: every path and backend; top-p without a small top-k), residual +
 #      LayerNorm at a decode step's rows (both Triton forms and CUDA's), the decode batch sweep
 #      and the decode kernel's tiles and split plan, in that order, with the time left
