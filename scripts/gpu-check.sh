@@ -11,11 +11,10 @@
 #      each kernel's device time inside that graphed step and the gaps between them
 #      (step_kernels), its fused-linear comparison (GPT.fused_decode's default, the tiled and
 #      matrix-vector kernels and their tiles), every op's host time a call (the overhead
-#      section), its sampler sweeps over B
-#      (auto's order: every path and backend; top-p without a small top-k), residual +
-#      LayerNorm at a decode step's rows (both Triton forms and CUDA's), the decode batch sweep
-#      and the decode kernel's tiles and split plan, in that order, with the time left
-#      (PROBE_SECTIONS chooses others),
+#      section), its sampler sweeps over B (auto's order: every path and backend; top-p without
+#      a small top-k), residual + LayerNorm at a decode step's rows (both Triton forms and
+#      CUDA's), the decode batch sweep and the decode kernel's tiles and split plan, in that
+#      order, with the time left (PROBE_SECTIONS chooses others),
 #   6. print a short summary table last.
 # Under $OUT (default ./out), eight files, so that a GPU machine that returns only a few files
 # returns them all: env.txt, build.log, gpu-tests.log (memcheck's output appended), bench.log,
