@@ -527,10 +527,11 @@ def decode_step_section(p: Probe):
                 p.record("decode_step", row, measure)
 
             def measure_unfused(cache=cache, tok=tok, pos=pos, seqlens=seqlens, B=B):
-                os.environ[_backends.PDL_ENV_VAR] = "1" if B < _backends.PDL_PLAIN_ROWS else "0"  # as generate's
+                os.environ[_backends.PDL_ENV_VAR] = "1"  # the default; generate's capture launches big steps plainly
                 model.fused_decode = False
                 try:
-                    d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
+                    with _backends.plain_launches(B >= _backends.PDL_PLAIN_ROWS):
+                        d = p.device_us(lambda: model.decode(tok, pos, cache, seqlens), per_replay=5, replays=15)
                 finally:
                     model.fused_decode = True
                 return {"device_us": d, "tok_per_s": B * 1e6 / d}
