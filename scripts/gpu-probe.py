@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 import fastgpt
 from fastgpt import _backends
+from fastgpt.bench import timing
 from fastgpt.bench.probe import Probe, env_kept, knob_call, knobs_kept, step_table, traced_steps
 from fastgpt.kernels import attention as tri_attn
 from fastgpt.kernels import decode as tri_decode
@@ -687,15 +688,9 @@ def generate_parts_section(p: Probe):
     T, steps = (8, 4) if p.smoke else (32, 256)
     calls = 1 if p.smoke else 7
 
-    def wall_us(fn) -> float:
-        times = []
-        for _ in range(2 + calls):  # two warm-ups: the first eager, the second captures
-            p.sync()
-            start = time.perf_counter()
-            fn()
-            p.sync()
-            times.append(time.perf_counter() - start)
-        return 1e6 * sorted(times[2:])[len(times[2:]) // 2]
+    def wall_us(fn) -> float:  # two warm-ups: the first prefill of a length eager, the second captures it
+        times = timing.time_host(lambda i: fn(), calls, torch.device(p.device), warmup=2)
+        return 1e3 * timing.summarize(times, "host-clock").median
 
     for B in (1,) if p.smoke else (1, 32):
         idx = torch.randint(0, config.vocab_size, (B, T), device=p.device)
