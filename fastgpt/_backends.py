@@ -301,6 +301,10 @@ def why_not(backend: str, device: torch.device) -> str | None:
         reason = _triton_missing()
         if reason:
             return reason
+        if device.type == "cuda" and torch.version.hip:  # ROCm's torch calls its devices "cuda" too
+            return (f"fastgpt's Triton kernels are written for NVIDIA GPUs (they hold PTX: programmatic dependent "
+                    f"launch, L2 prefetches, TMA) and this torch is ROCm's (HIP {torch.version.hip}): use "
+                    f"backend='torch'")  # fmt: skip
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return None
         return (f"the triton backend needs CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to run "

@@ -131,6 +131,19 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         fastgpt.layer_norm(torch.randn(2, 8), None, None, backend="triton")
 
 
+def test_triton_refuses_rocm(monkeypatch):
+    """ROCm's torch names its devices "cuda": the Triton kernels (PTX inside) are refused there by
+    name, and auto takes the reference."""
+    pytest.importorskip("triton")
+    monkeypatch.setattr(torch.version, "hip", "6.4.0", raising=False)
+    gpu = torch.device("cuda")
+    assert "ROCm" in _backends.why_not("triton", gpu) and "backend='torch'" in _backends.why_not("triton", gpu)
+    with pytest.raises(fastgpt.BackendUnavailableError, match="written for NVIDIA GPUs"):
+        _backends.resolve("layer_norm", "triton", gpu)
+    assert _backends.resolve("layer_norm", "auto", gpu, preference=("triton",)) == "torch"
+    assert not _backends.runs_on_triton("linear", "auto", gpu)
+
+
 def test_triton_refuses_lengths_near_int32():
     """Lengths past 2^30 (expanded views: no memory) are refused for the triton backend before a
     kernel runs: its blocked loops count in 32 bits, and a length within a block of 2^31 wraps
