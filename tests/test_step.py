@@ -422,8 +422,9 @@ def compile_step_variants(arch):
                 N_FC=mod.tile_columns(F, C, size, mod.TILE_BYTES),
                 N_OUT=mod.tile_columns(C, F, size, mod.TILE_BYTES),
                 N_HEAD=mod.tile_columns(V, C, size, mod.HEAD_TILE_BYTES),
-                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, SYNC_P=64, BACKOFF=True, PREFETCH_ROUNDS=0, CLAIM_AHEAD=False,
-                THREADS=32 * mod.NUM_WARPS,
+                ATTN_BLOCK_N=mod.ATTN_BLOCK_N, CLAIM=mod.ITEMS_PER_CLAIM, BACKOFF=True, PREFETCH_ROUNDS=0,
+                CLAIM_AHEAD=False, THREADS=32 * mod.NUM_WARPS,
+                SYNC_P=triton.next_power_of_2(mod.sync_entries(12, 12)),  # as the launcher sets them for GPT-2
                 stride_attn_k=1, stride_proj_k=1, stride_fc_k=1, stride_out_k=1, stride_head_k=1,
                 stride_wte_k=1, stride_wpe_k=1,  # the JIT specialises a unit stride
             )  # fmt: skip
