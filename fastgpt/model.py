@@ -197,7 +197,9 @@ class GPT(nn.Module):
       persistent_decode  decode steps of one token a row, up to 8 rows, on the triton backend
                      run as one launch, a persistent kernel (fastgpt.ops.step) instead of the
                      fused step's ~60; GPT-2's tanh GELU only. False unless set: not yet
-                     measured on a GPU
+                     measured on a GPU. generate raises after a call in which one of the
+                     kernel's waits gave up (a bug); a caller of decode reads
+                     kv_cache.step_sync[fastgpt.ops.step.GAVE_UP] itself
     """
 
     def __init__(self, config: GPTConfig):

@@ -62,7 +62,7 @@ from fastgpt.kernels.pdl import _prefetch_l2_once
 from fastgpt.kernels.sizes import cdiv, next_power_of_2
 
 MAX_ROWS = 8  # rows of one step (tokens: one a row)
-PROGRAMS_PER_SM = 4  # the grid on a GPU: this many programs an SM (they wait more than they work)
+PROGRAMS_PER_SM = 4  # the grid on a GPU: this many programs an SM (they wait more than they work), or as many as fit
 TILE_BYTES = 8192  # weights a matmul item holds: whole rows, as many as fit (at least one)
 HEAD_TILE_BYTES = 8192  # an lm_head item's (12,565 items for GPT-2's vocabulary in bf16)
 ATTN_BLOCK_N = 64  # cache positions a step of an attention item's loop
@@ -79,6 +79,7 @@ PREFETCH_ROUNDS = 0
 # one thread's atomic, whose value the program reads after them), rather than after them: off
 # (not measured; gpu-probe's persistent_step tries it). GPU only.
 CLAIM_AHEAD = False
+_RESIDENT = {}  # (device index, a launch's constexprs and options) -> resident_programs of the kernel compiled
 _INTERPRETER_PROGRAMS = 3  # the first takes every item; the others only leave (and the last resets)
 _INTERPRETER_SMS = 16  # a pretend SM count on CPU tensors, so that the interpreter's caches come in chunks
 _INTERPRETER_BLOCK_N = 16
@@ -585,10 +586,11 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
     C, F, V = n_head * D, weights.tensors[8].shape[0], weights.tensors[-1].shape[0]
     es = kv.element_size()
     on_gpu = kv.is_cuda
-    programs = sm_count(kv.device.index) * PROGRAMS_PER_SM if on_gpu else _INTERPRETER_PROGRAMS
+    sms = sm_count(kv.device.index) if on_gpu else _INTERPRETER_SMS
     block_n = ATTN_BLOCK_N if on_gpu else _INTERPRETER_BLOCK_N
-    chunk_programs = programs if on_gpu else _INTERPRETER_SMS * PROGRAMS_PER_SM
-    n_chunks, chunk = attention_chunks(M, n_head, S, chunk_programs, block_n)
+    # The chunks follow PROGRAMS_PER_SM, not the grid launched, so that every launch of a shape
+    # sums its attention in the same order, the first (before _RESIDENT knows the kernel) too.
+    n_chunks, chunk = attention_chunks(M, n_head, S, sms * PROGRAMS_PER_SM, block_n)
     empty = lambda *shape, dtype=kv.dtype: torch.empty(shape, dtype=dtype, device=kv.device)  # noqa: E731
     logits = empty(M, V)
     scratch = (empty(M, C), empty(M, 3 * C), empty(M, n_head, n_chunks, D, dtype=torch.float32),
@@ -599,11 +601,7 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         N_FC=tile_columns(F, C, es, TILE_BYTES), N_OUT=tile_columns(C, F, es, TILE_BYTES),
         N_HEAD=tile_columns(V, C, es, HEAD_TILE_BYTES),
     )  # fmt: skip
-    _step_kernel[(programs,)](
-        weights.table, wte, wpe, *ln_f, weights.tensors[-1], tok, pos, seqlens, kv, *scratch, logits, sync,
-        sync_entries(n_layer, n_head), M, C, F, V, n_layer, n_head, wte.shape[0], wpe.shape[0], S, n_chunks, chunk,
-        float(eps), qk_scale,
-        *kv.stride()[:5], *weights.strides, *wte.stride(), *wpe.stride(),
+    form = dict(
         DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, CHUNKS_P=next_power_of_2(n_chunks),
         K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
         SYNC_P=next_power_of_2(sync_entries(n_layer, n_head)), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
@@ -611,4 +609,25 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         CLAIM_AHEAD=CLAIM_AHEAD and on_gpu, THREADS=32 * NUM_WARPS,
         num_warps=NUM_WARPS, num_stages=1, **({"maxnreg": MAX_REGISTERS} if on_gpu and MAX_REGISTERS else {}),
     )  # fmt: skip
+    key = (kv.device.index, *((name, str(value)) for name, value in form.items()))  # the compiled kernel's
+    programs = sms * min(PROGRAMS_PER_SM, _RESIDENT.get(key, PROGRAMS_PER_SM)) if on_gpu else _INTERPRETER_PROGRAMS
+    compiled = _step_kernel[(programs,)](
+        weights.table, wte, wpe, *ln_f, weights.tensors[-1], tok, pos, seqlens, kv, *scratch, logits, sync,
+        sync_entries(n_layer, n_head), M, C, F, V, n_layer, n_head, wte.shape[0], wpe.shape[0], S, n_chunks, chunk,
+        float(eps), qk_scale,
+        *kv.stride()[:5], *weights.strides, *wte.stride(), *wpe.stride(), **form,
+    )  # fmt: skip
+    if on_gpu and key not in _RESIDENT:  # a launch loads the kernel, which then knows its registers
+        _RESIDENT[key] = resident_programs(compiled.n_regs, 32 * NUM_WARPS)
     return logits
+
+
+def resident_programs(registers: int, threads: int) -> int:
+    """Programs of `threads` threads using `registers` registers each that an SM holds at once, of
+    its 65,536 registers (every NVIDIA GPU since sm_50; a warp's are allocated 256 at a time).
+    The launches after a kernel's first take at most this many an SM: a grid of more still
+    finishes (the programs past those resident start as others leave, find the queue empty and
+    leave in turn), but later. At 2 to 8 bf16 rows the kernel takes up to ~152 registers on
+    sm_90: 3 programs an SM, not PROGRAMS_PER_SM's 4."""
+    per_warp = -(-registers * 32 // 256) * 256
+    return max(1, 65536 // (per_warp * max(1, threads // 32)))

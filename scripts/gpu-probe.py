@@ -544,7 +544,8 @@ def persistent_step_section(p: Probe):
     """GPT-2 124M's decode step as one persistent kernel (GPT.persistent_decode, kernels/step.py)
     against the fused step (61 launches, PDL as by default) at B 1, 4 and 8 under graph replay,
     then (a run cut short keeps those) at B1 over the kernel's knobs: the weight bytes an item
-    holds (TILE_BYTES, lm_head's HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM), the
+    holds (TILE_BYTES, lm_head's HEAD_TILE_BYTES), the programs an SM (PROGRAMS_PER_SM, of which
+    the launches after a kernel's first take no more than its registers let an SM hold), the
     items a claim (ITEMS_PER_CLAIM), a register cap (MAX_REGISTERS: 96 for 5 programs an SM),
     the L2 prefetch of the weights 1 and 2 rounds of claims ahead (PREFETCH_ROUNDS; 0, off, by
     default) and the next claim taken while a claim's items run (CLAIM_AHEAD; off by default),
@@ -568,7 +569,7 @@ def persistent_step_section(p: Probe):
                   (8192, 8192, 4, 1, None, 0, False), (8192, 8192, 4, 4, None, 0, False),
                   (8192, 8192, 5, 2, 96, 0, False), (4096, 4096, 4, 2, None, 0, False),
                   (16384, 16384, 2, 2, None, 0, False), (8192, 16384, 4, 2, None, 0, False),
-                  (8192, 8192, 2, 2, None, 0, False), (8192, 8192, 8, 2, None, 0, False))]  # fmt: skip
+                  (8192, 8192, 2, 2, None, 0, False), (8192, 8192, 3, 2, None, 0, False))]  # fmt: skip
     inputs = {B: step_inputs(p, config, dtype, B) for B in batches}
     with knobs_kept(tri_step, *knobs), torch.inference_mode():
         for B, persistent, values in runs:

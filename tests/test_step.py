@@ -265,6 +265,16 @@ def test_step_weights_refuses_what_the_kernel_cannot_read():
         step.step_weights([layers[0][:11]], head)
 
 
+def test_the_grid_is_what_an_sm_holds():
+    """The launches after a kernel's first take as many programs an SM as its registers fit: 4 at
+    the 128 registers of one bf16 row on sm_90, 3 at the ~152 of more rows, 5 under a 96 cap;
+    a warp's registers are allocated 256 at a time."""
+    from fastgpt.kernels import step as kernel
+
+    assert [kernel.resident_programs(r, 128) for r in (64, 96, 128, 129, 152, 255)] == [8, 5, 4, 3, 3, 2]
+    assert kernel.resident_programs(128, 256) == 2 and kernel.resident_programs(1024, 128) == 1
+
+
 def test_checks_its_arguments():
     """Each argument refused with its name, before any launch."""
     model = tiny_model("cpu")

@@ -77,7 +77,9 @@ def decode_step(tok, pos, seqlens, kv, weights, wte, wpe, ln_f, eps: float, sync
     sync: int32 zeros (sync_entries(n_layer, H),) on kv's device that the caller keeps and the
     kernel leaves zero; steps sharing them run one at a time (one stream). sync[GAVE_UP] is set
     where one of the kernel's waits gave up, after over a second: never in a correct step (its
-    output is then wrong), and left set. All tensors on one device, in one dtype (fp16, bf16,
+    output is then wrong), and left set, so that the waits of every later step over this sync
+    give up at once (their outputs wrong too) until the caller reads and zeroes it, as
+    fastgpt.generate does after each call. All tensors on one device, in one dtype (fp16, bf16,
     fp32; on a CPU, the interpreter's fp16 and fp32).
     """
     from fastgpt.kernels.step import StepWeights
@@ -140,8 +142,8 @@ def _decode_step(
     return kernel.decode_step(tok, pos, seqlens, kv, weights, wte, wpe, (ln_w, ln_b), eps, sync)
 
 
-# sync is not declared mutated: the kernel leaves it as it found it (zero; GAVE_UP only in a failed step).
-_decode_step_op = torch.library.custom_op("fastgpt::decode_step", _decode_step, mutates_args=("kv",))
+# sync is declared mutated: the kernel leaves its counters zero, but sets GAVE_UP where a wait gave up.
+_decode_step_op = torch.library.custom_op("fastgpt::decode_step", _decode_step, mutates_args=("kv", "sync"))
 
 
 @_decode_step_op.register_fake
