@@ -119,13 +119,17 @@ def _is_token_id(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
-def _pad_id(pad_token_id, eos_ids: list[int]) -> int:
-    """What finished rows emit: pad_token_id, else the first eos id, else 0."""
-    if pad_token_id is None:
-        return eos_ids[0] if eos_ids else 0
-    if not _is_token_id(pad_token_id):  # the output would hold it as a token id
+def _pad_id(pad_token_id, eos_ids: list[int], vocab_size: int) -> int:
+    """What finished rows emit: pad_token_id, else the first eos id, else 0. With eos ids it is
+    also what a finished row feeds the model next (as in HF), so it must be in the vocabulary."""
+    if pad_token_id is not None and not _is_token_id(pad_token_id):  # the output would hold it as a token id
         raise ValueError(f"pad_token_id must be an int >= 0 (a token id), got {pad_token_id!r}")
-    return int(pad_token_id)
+    pad = int(pad_token_id) if pad_token_id is not None else eos_ids[0] if eos_ids else 0
+    if eos_ids and pad >= vocab_size:
+        what = "pad_token_id" if pad_token_id is not None else "the first eos id (pad_token_id's default)"
+        raise ValueError(f"{what} must be below the model's vocab_size = {vocab_size}, got {pad}: a row that "
+                         "has emitted an eos feeds it to the model as its next token")  # fmt: skip
+    return pad
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -179,7 +183,7 @@ def _steps(model, idx, max_new_tokens, *, attention_mask, temperature, top_k, to
     sampling = _sampling(B, idx.device, temperature, top_k, top_p, min_p)
     eos_ids = _eos_ids(eos_token_id)
     check_generator(generator, idx.device)
-    pad_id = _pad_id(pad_token_id, eos_ids)
+    pad_id = _pad_id(pad_token_id, eos_ids, model.config.vocab_size)
     if B == 0 or max_new_tokens == 0:
         return
     use_graph = idx.device.type == "cuda" if cuda_graph is None else bool(cuda_graph)

@@ -27,11 +27,21 @@ def model():
     (dict(eos_token_id=1, pad_token_id=2**70), ValueError, "pad_token_id must be an int >= 0"),
     (dict(eos_token_id=1, pad_token_id=-5), ValueError, "pad_token_id must be an int >= 0"),
     (dict(eos_token_id=1, pad_token_id=1.5), ValueError, "pad_token_id must be an int >= 0"),
+    # A finished row feeds its pad to the model next: one past the vocabulary was an IndexError
+    # mid-call on the torch backend (a device-side assert on a GPU's nn.Embedding).
+    (dict(eos_token_id=1, pad_token_id=V), ValueError, "pad_token_id must be below the model's vocab_size = 50"),
+    (dict(eos_token_id=[V + 5, 1]), ValueError, r"the first eos id \(pad_token_id's default\) must be below"),
     (dict(cuda_graph="no"), TypeError, "cuda_graph must be None or a bool"),
 ])  # fmt: skip
 def test_generate_rejects(model, kwargs, error, match):
     with pytest.raises(error, match=match):
         model.generate(torch.randint(0, V, (2, 3)), 2, **kwargs)
+
+
+def test_a_pad_past_the_vocabulary_is_fine_without_eos_ids(model):
+    """Without eos ids no row finishes, so the pad is never emitted nor fed back."""
+    idx = torch.randint(0, V, (2, 3))
+    assert torch.equal(model.generate(idx, 3, pad_token_id=V + 7), model.generate(idx, 3))
 
 
 def test_float_and_bool_masks_of_zeros_and_ones_are_masks(model):
