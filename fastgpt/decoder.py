@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+import weakref
 
 import torch
 
@@ -83,7 +84,10 @@ class Decoder:
 
     def __init__(self, model, batch: int, length: int, eos_slots: int):
         weight = model.transformer.wte.weight
-        device, self.model = weight.device, model
+        # The model keeps its decoders (GPT._decoders), so a decoder refers to it weakly, and holds
+        # nothing that refers back to itself: `del model` frees the model, its caches and graphs at
+        # once, not at Python's next cyclic collection (which GPU memory does not prompt).
+        device, self._model = weight.device, weakref.ref(model)
         self.batch, self.length = batch, length
         self.cache = KVCache(model.config, batch, length, weight.dtype, device)
         self.kv = self.cache  # the positions this call uses: decode attends over all of them
@@ -98,7 +102,7 @@ class Decoder:
         self.generator, self.all_greedy, self.has_eos = torch.Generator(device), False, True
         self.top_k_bound = 0  # every row's top_k is in [1, top_k_bound], as the host knows (0: unknown)
         self.graph, self.graph_mode = None, None  # graph_mode: what _mode() bakes into the graph
-        self.forward, self.compiled_with = model.decode, None  # compiled_with: torch.compile's options
+        self.compiled, self.compiled_with = None, None  # torch.compile's GPT.decode (use_compile) and its options
         # emit's bookkeeping in one Triton launch where the model's ops run on Triton (auto's on a
         # GPU): 1 launch a step instead of 4 (8 with eos ids); an all-greedy step's argmax in that
         # same launch (kernels/advance.py's greedy_advance: 1 instead of 3), which keeps its
@@ -112,6 +116,10 @@ class Decoder:
         # (None: not captured, False: the capture failed), and the graph's input and output tensors.
         self.prefill_length, self.prefill_graph = None, None
         self.prefill_idx = self.prefill_last = self.prefill_logits = None
+
+    @property
+    def model(self):
+        return self._model()
 
     def reset(self, sampling: dict, eos_ids: list[int], pad_id: int, *, positions: int | None = None,
               all_greedy: bool | None = None, top_k_bound: int = 0):
@@ -180,26 +188,28 @@ class Decoder:
         at a fifth of the uncompiled speed; not re-measured since."""
         if options == self.compiled_with:
             return
-        self.forward = self.model.decode if options is None else self._compiled(options)
+        # The model's decode as a function of the model, not its bound method: a decoder holds no
+        # strong reference to its model (see __init__).
+        decode = type(self.model).decode
+        self.compiled = None if options is None else torch.compile(decode, fullgraph=True,
+                                                                    **{"dynamic": False, **options})  # fmt: skip
         self.compiled_with, self.graph = options, None
 
-    def _compiled(self, options: dict):
-        """model.decode through torch.compile. Every decoder compiles the same function, so each
-        new (batch, cache length) is a recompile of it, and past Dynamo's recompile limit (8 by
-        default) fullgraph makes that an error: this decoder then decodes eagerly, saying why."""
-        compiled = torch.compile(self.model.decode, fullgraph=True, **{"dynamic": False, **options})
-
-        def forward(*args):
-            try:
-                return compiled(*args)
-            except _RECOMPILE_LIMIT as err:
-                warnings.warn(f"fastgpt: compile=True, but torch.compile's recompile limit was reached (raise "
-                              f"torch._dynamo.config.recompile_limit to compile more batch sizes and cache lengths); "
-                              f"decoding eagerly ({type(err).__name__})", stacklevel=2)  # fmt: skip
-                self.forward = self.model.decode
-                return self.forward(*args)
-
-        return forward
+    def forward(self, tok, pos, kv, seqlens):
+        """model.decode, or its compiled form (use_compile). Every decoder compiles the same
+        function, so each new (batch, cache length) is a recompile of it, and past Dynamo's
+        recompile limit (8 by default) fullgraph makes that an error: this decoder then decodes
+        eagerly, saying why."""
+        if self.compiled is None:
+            return self.model.decode(tok, pos, kv, seqlens)
+        try:
+            return self.compiled(self.model, tok, pos, kv, seqlens)
+        except _RECOMPILE_LIMIT as err:
+            warnings.warn(f"fastgpt: compile=True, but torch.compile's recompile limit was reached (raise "
+                          f"torch._dynamo.config.recompile_limit to compile more batch sizes and cache lengths); "
+                          f"decoding eagerly ({type(err).__name__})", stacklevel=2)  # fmt: skip
+            self.compiled = None
+            return self.model.decode(tok, pos, kv, seqlens)
 
     def prefill(self, idx, last, use_graph: bool):
         """model.prefill of the left-aligned prompt idx (B, T) into the cache -> the logits (B, V)

@@ -24,6 +24,8 @@ one launch each (kernels/lookup.py); elsewhere the PyTorch code here, which defi
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from fastgpt import _backends, _graphs
@@ -47,7 +49,7 @@ class PromptLookup:
     """
 
     def __init__(self, decoder, k: int, ngram: int):
-        self.decoder, self.k, self.ngram = decoder, k, ngram
+        self._decoder, self.k, self.ngram = weakref.ref(decoder), k, ngram  # its decoder keeps it (decoder.lookup)
         B, device = decoder.batch, decoder.tok.device
         zeros = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         self.text = zeros(B, decoder.length + 1)
@@ -61,6 +63,10 @@ class PromptLookup:
         # Drafting and acceptance in one Triton launch each where the decoder's bookkeeping runs
         # on Triton (auto's on a GPU): kernels/lookup.py, instead of some 75 small PyTorch kernels.
         self.triton = decoder.triton_advance
+
+    @property
+    def decoder(self):
+        return self._decoder()
 
     def reset(self, idx, lengths, max_new_tokens: int):
         """Load one call, after the prefill emitted each row's first new token (decoder.tok):

@@ -830,3 +830,30 @@ def test_all_greedy_shortcut_equals_sample(pair):
     assert torch.equal(decoder.tok, fastgpt.sample(logits, temperature=0.0, backend="torch"))
     decoder.reset({**sampling, "temperature": torch.tensor([0.0, 0.0, 0.0, 1.0])}, [], 0)
     assert not decoder.all_greedy
+
+
+@pytest.mark.parametrize("options", [{}, {"prompt_lookup_num_tokens": 2}, {"compile": {"backend": "eager"}}],
+                         ids=["plain", "prompt-lookup", "compiled"])
+def test_a_model_and_its_caches_are_freed_without_the_cycle_collector(options):
+    """A model keeps its decoders (caches, CUDA graphs, prompt lookup's state, the compiled step),
+    which refer back to it weakly: `del model` frees them at once, not at Python's next cyclic
+    collection, which GPU memory does not prompt (a second model loaded after could run out)."""
+    import gc
+    import weakref
+
+    _, model = tiny(seed=5)
+    torch._dynamo.reset()
+    model.generate(torch.randint(0, V, (2, 5)), 4, **options)
+    (decoder,) = model._decoders.values()
+    assert (decoder.lookup is not None) == ("prompt_lookup_num_tokens" in options)
+    assert (decoder.compiled is not None) == ("compile" in options)
+    alive, cache = weakref.ref(model), weakref.ref(decoder.cache.kv)
+    del decoder
+    gc.collect()
+    gc.disable()
+    try:
+        del model
+        assert alive() is None and cache() is None
+    finally:
+        gc.enable()
+        torch._dynamo.reset()

@@ -195,8 +195,9 @@ def _bare_lookup(texts, n, k, ngram, triton):
     lookup.tok, lookup.pos, lookup.drafted = torch.zeros(B, k + 1, dtype=torch.long), torch.zeros_like(n), n * 0
     lookup.seqlens = torch.zeros(B, dtype=torch.int32)
     lookup.cols = torch.arange(k + 1)
-    lookup.decoder = types.SimpleNamespace(finished=torch.zeros(B, dtype=torch.bool), eos=torch.full((2,), -1),
-                                           has_eos=False)  # fmt: skip
+    decoder = types.SimpleNamespace(finished=torch.zeros(B, dtype=torch.bool), eos=torch.full((2,), -1),
+                                    has_eos=False)  # fmt: skip
+    lookup._decoder = lambda: decoder  # as the weak reference a PromptLookup holds
     return lookup
 
 
