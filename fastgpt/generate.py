@@ -145,7 +145,7 @@ def _decoder(model, B, length, eos_slots, use_graph, spare=0):
     An eager call takes any kept decoder with B rows and enough positions; a graph call the
     one of its exact length, whose graph covers the whole cache. One in use (busy) is not taken.
     """
-    decoders = model._decoders  # (batch, cache length) -> Decoder, least recently used first
+    decoders = model._kept_decoders()  # (batch, cache length) -> Decoder, least recently used first
     bucket = min(math.ceil(length / BUCKET) * BUCKET, model.config.n_positions + spare)
     if use_graph:
         fits = [(B, bucket)]

@@ -218,6 +218,7 @@ class GPT(nn.Module):
         self._persistent_decode_on = False
         self._step_weights = None  # fastgpt.ops.step.step_weights' table of this model's weights, once made
         self._decoders = {}  # generate's decoders (fastgpt/decoder.py): caches and CUDA graphs, per (batch, length)
+        self._decoders_made_over = None  # the parameters' places when those were made (_kept_decoders)
         self.arrange_weights()
 
     @property
@@ -253,6 +254,18 @@ class GPT(nn.Module):
         persistent kernel (True) where it can run, or as the fused or unfused step (False, the default)."""
         self._decoders.clear()  # their CUDA graphs captured the other path
         self._persistent_decode_on = bool(on)
+
+    def _kept_decoders(self) -> dict:
+        """generate's decoders of this model ((batch, cache length) -> fastgpt.decoder.Decoder),
+        emptied first where a parameter has changed place since they were made: their CUDA graphs
+        read the old places. .to() and friends empty them too (_apply); this catches the other
+        ways, load_state_dict(assign=True), a new Parameter, param.data = ... (a copy_ into a
+        parameter keeps its place, and the graphs read the new values)."""
+        places = tuple((p.data_ptr(), p.dtype, p.shape) for p in self.parameters())
+        if places != self._decoders_made_over:
+            self._decoders.clear()
+            self._decoders_made_over = places
+        return self._decoders
 
     def _apply(self, fn, *args, **kwargs):  # behind .to(), .cuda(), .half(), ...
         self._decoders.clear()  # their caches and CUDA graphs point at the old weights

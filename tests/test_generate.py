@@ -857,3 +857,25 @@ def test_a_model_and_its_caches_are_freed_without_the_cycle_collector(options):
     finally:
         gc.enable()
         torch._dynamo.reset()
+
+
+def test_weights_put_elsewhere_drop_the_kept_decoders():
+    """A kept decoder's CUDA graphs read the weights where they were: weights that move (here
+    load_state_dict(assign=True), or param.data = ...) drop it, and the next call decodes with
+    the new ones; a copy into the weights in place keeps it."""
+    hf, model = tiny(seed=6)
+    idx = torch.randint(0, V, (2, 5))
+    model.generate(idx, 3)
+    (kept,) = model._decoders.values()
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(0.5)  # in place
+    model.generate(idx, 3)
+    assert next(iter(model._decoders.values())) is kept
+    other = tiny(seed=7)[1]
+    model.load_state_dict(other.state_dict(), assign=True)
+    assert torch.equal(model.generate(idx, 4), other.generate(idx, 4))
+    assert next(iter(model._decoders.values())) is not kept
+    kept = next(iter(model._decoders.values()))
+    model.transformer.ln_f.weight.data = model.transformer.ln_f.weight.data.clone()
+    model.generate(idx, 3)
+    assert next(iter(model._decoders.values())) is not kept
