@@ -34,6 +34,7 @@ import torch
 
 from fastgpt.decoder import Decoder
 from fastgpt.model import check_idx
+from fastgpt.ops._dispatch import on_device
 from fastgpt.ops.sampling import check_generator, row_params, top_k_bound
 from fastgpt.ops.step import GAVE_UP as STEP_GAVE_UP
 from fastgpt.speculative import PromptLookup
@@ -120,12 +121,13 @@ def _is_token_id(value) -> bool:
 
 
 def _pad_id(pad_token_id, eos_ids: list[int], vocab_size: int) -> int:
-    """What finished rows emit: pad_token_id, else the first eos id, else 0. With eos ids it is
-    also what a finished row feeds the model next (as in HF), so it must be in the vocabulary."""
+    """What finished rows emit: pad_token_id, else the first eos id, else 0. Where a row can finish
+    (an eos id in the vocabulary) it is also what a finished row feeds the model next (as in HF),
+    so it must be in the vocabulary too."""
     if pad_token_id is not None and not _is_token_id(pad_token_id):  # the output would hold it as a token id
         raise ValueError(f"pad_token_id must be an int >= 0 (a token id), got {pad_token_id!r}")
     pad = int(pad_token_id) if pad_token_id is not None else eos_ids[0] if eos_ids else 0
-    if eos_ids and pad >= vocab_size:
+    if pad >= vocab_size and any(e < vocab_size for e in eos_ids):
         what = "pad_token_id" if pad_token_id is not None else "the first eos id (pad_token_id's default)"
         raise ValueError(f"{what} must be below the model's vocab_size = {vocab_size}, got {pad}: a row that "
                          "has emitted an eos feeds it to the model as its next token")  # fmt: skip
@@ -251,33 +253,42 @@ def _replayed(owner, step, use_graph: bool):
     return owner.graph.replay
 
 
+# The model's GPU is the current device while each prefill, capture and step runs (on_device: Triton
+# launches and graph replays go to the current device's stream), and only then: between tokens
+# the caller's current device is its own.
 def _decode(model, decoder, idx, lengths, max_new_tokens, *, use_graph, check_every) -> Iterator[Decoder]:
     """The prefill of the left-aligned idx (B, T), then the decode steps (check_every None: no eos)."""
-    _prefill(decoder, idx, lengths, use_graph)
+    with on_device(idx):
+        _prefill(decoder, idx, lengths, use_graph)
     yield decoder
 
-    step = _replayed(decoder, decoder.decode_step, use_graph and max_new_tokens > 1)
+    with on_device(idx):
+        step = _replayed(decoder, decoder.decode_step, use_graph and max_new_tokens > 1)
     for i in range(1, max_new_tokens):
         if check_every and i % check_every == 0 and bool(decoder.finished.all()):
             return
-        step()
+        with on_device(idx):
+            step()
         yield decoder
 
 
 def _speculate(model, decoder, idx, lengths, max_new_tokens, *, use_graph, k, ngram) -> Iterator[PromptLookup]:
     """The prefill of the left-aligned idx (B, T), then prompt-lookup steps until every row is done."""
-    _prefill(decoder, idx, lengths, use_graph)
-    lookup = decoder.lookup
-    if lookup is None or (lookup.k, lookup.ngram) != (k, ngram):
-        lookup = decoder.lookup = PromptLookup(decoder, k, ngram)
-    lookup.reset(idx, lengths, max_new_tokens)
+    with on_device(idx):
+        _prefill(decoder, idx, lengths, use_graph)
+        lookup = decoder.lookup
+        if lookup is None or (lookup.k, lookup.ngram) != (k, ngram):
+            lookup = decoder.lookup = PromptLookup(decoder, k, ngram)
+        lookup.reset(idx, lengths, max_new_tokens)
     yield lookup
 
-    step = _replayed(lookup, lookup.step, use_graph and max_new_tokens > 1)
+    with on_device(idx):
+        step = _replayed(lookup, lookup.step, use_graph and max_new_tokens > 1)
     for _ in range(1, max_new_tokens):  # every step emits a token in each row not done
         if lookup.done():
             return
-        step()
+        with on_device(idx):
+            step()
         yield lookup
 
 

@@ -38,10 +38,13 @@ def test_generate_rejects(model, kwargs, error, match):
         model.generate(torch.randint(0, V, (2, 3)), 2, **kwargs)
 
 
-def test_a_pad_past_the_vocabulary_is_fine_without_eos_ids(model):
-    """Without eos ids no row finishes, so the pad is never emitted nor fed back."""
+def test_a_pad_past_the_vocabulary_is_fine_where_no_row_can_finish(model):
+    """Without eos ids in the vocabulary (a tokenizer's eos over a smaller model's) no row
+    finishes, so the pad is never emitted nor fed back."""
     idx = torch.randint(0, V, (2, 3))
-    assert torch.equal(model.generate(idx, 3, pad_token_id=V + 7), model.generate(idx, 3))
+    expected = model.generate(idx, 3)
+    assert torch.equal(model.generate(idx, 3, pad_token_id=V + 7), expected)
+    assert torch.equal(model.generate(idx, 3, eos_token_id=V + 2), expected)  # the default pad: V + 2
 
 
 def test_float_and_bool_masks_of_zeros_and_ones_are_masks(model):
