@@ -26,7 +26,9 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator | 
     saved, rng = [t.clone() for t in state], None if generator is None else generator.get_state()
     cache.graphed = True
     try:
-        with _backends.plain_launches(cache.kv.shape[2] >= _backends.PDL_PLAIN_ROWS):  # (L, 2, B, H, S, D)
+        # On the cache's GPU, whichever is current: Triton launches on the current device, and
+        # torch.cuda.graph's own capture stream is on the device of the process's first capture.
+        with torch.cuda.device(device), _backends.plain_launches(cache.kv.shape[2] >= _backends.PDL_PLAIN_ROWS):  # B
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
@@ -37,7 +39,7 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator | 
             graph = torch.cuda.CUDAGraph()
             if generator is not None:
                 graph.register_generator_state(generator)
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, stream=stream):
                 step()
     except Exception as exc:  # a sync or an uncapturable op somewhere: the caller steps eagerly instead
         _restore(state, saved, generator, rng)

@@ -122,6 +122,49 @@ def test_eager_calls_skip_the_dispatcher_unless_something_needs_it(monkeypatch):
         out.sum().backward()
 
 
+def test_eager_calls_run_with_their_gpu_current(monkeypatch):
+    """Triton launches on the current device's stream, whichever GPU the tensors are on: an op
+    makes the first tensor's GPU current while it runs where it is not already (no GPU here:
+    stand-in tensors and torch.cuda's device context)."""
+    import contextlib
+    import types
+
+    from fastgpt.ops import _dispatch
+
+    entered = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda index: entered.append(index) or contextlib.nullcontext())
+    on_gpu = lambda index: types.SimpleNamespace(is_cuda=True, get_device=lambda: index)  # noqa: E731
+    for t in (on_gpu(1), on_gpu(0), torch.ones(1), None):
+        with _dispatch.on_device(t):
+            pass
+    assert entered == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_ops_and_generate_on_a_gpu_that_is_not_current():
+    """With cuda:0 current, the Triton and CUDA kernels and generate's CUDA graphs of a model on
+    cuda:1 run there, and give what they give with cuda:1 current."""
+    from tests.test_generate import V, tiny
+
+    assert torch.cuda.current_device() == 0
+    q, k, v = (torch.randn(2, 4, 300, 64, device="cuda:1", dtype=torch.bfloat16) for _ in range(3))
+    x = torch.randn(33, 768, device="cuda:1", dtype=torch.bfloat16)
+    _, model = tiny(128, 2, n_positions=512)
+    model = model.to("cuda:1", torch.bfloat16)
+    idx = torch.randint(0, V, (3, 20), device="cuda:1")
+    results = []
+    for current in (0, 1):
+        with torch.cuda.device(current):
+            results.append([fastgpt.attention(q, k, v, causal=True, backend=backend) for backend in ("triton", "cuda")]
+                           + [fastgpt.layer_norm(x, None, None, backend="triton"),
+                              model.generate(idx, 24), model.generate(idx, 24, prompt_lookup_num_tokens=2)])
+        torch.cuda.synchronize(1)
+        assert torch.cuda.current_device() == 0
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
 def test_compiled_graph_holds_the_registered_ops():
     """Under torch.compile the kernel backends are traced as the registered ops (not run eagerly
     by the dispatch shortcut): the graph names them, and its results are the eager ones."""

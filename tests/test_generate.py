@@ -345,10 +345,15 @@ def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatc
         def register_generator_state(self, generator):
             pass
 
+    entered = []  # the contexts the capture entered: on the cache's device, the capture on the side stream
+
+    def context(name):
+        return lambda *args, **kwargs: entered.append((name, args, kwargs)) or contextlib.nullcontext()
+
     for name in ("Stream", "CUDAGraph"):
         monkeypatch.setattr(torch.cuda, name, Stub)
-    for name in ("stream", "graph"):
-        monkeypatch.setattr(torch.cuda, name, lambda *args, **kwargs: contextlib.nullcontext())
+    for name in ("stream", "graph", "device"):
+        monkeypatch.setattr(torch.cuda, name, context(name))
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stub())
     monkeypatch.setattr(_backends, "_capability", lambda index: 9)
     cache = KVCache(GPTConfig(vocab_size=V, n_positions=8, n_embd=16, n_layer=1, n_head=2), B, 8, torch.float32, "cpu")
@@ -363,6 +368,8 @@ def test_capture_marks_the_cache_and_launches_plainly_from_32_rows(B, monkeypatc
     assert seen == [(True, B < _backends.PDL_PLAIN_ROWS)] * (_graphs.WARMUP_STEPS + 1)
     assert not cache.graphed and _backends.launch_pdl(torch.device("cuda", 0))
     assert torch.equal(state, torch.ones(3))  # the warm-up's steps undone, the capture's kept
+    (device,), (warm_up,), (capture,) = ([e for e in entered if e[0] == name] for name in ("device", "stream", "graph"))
+    assert device[1] == (cache.kv.device,) and capture[2]["stream"] is warm_up[1][0]  # not torch's default stream
 
     def failing():
         step()

@@ -10,12 +10,14 @@ implementation directly: the same function, the same result, no CUDA sync either
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter dispatches as a plain tensor (weights, LayerNorm's)
+_SAME_DEVICE = contextlib.nullcontext()
 
 
 def _needs_dispatcher(args) -> bool:
@@ -30,5 +32,21 @@ def _needs_dispatcher(args) -> bool:
 
 def call(op, impl: Callable, *args):
     """op(*args) where compile tracing, autograd, a tensor subclass or a dispatch mode needs the
-    registered op; else impl(*args), the function registered as op."""
-    return op(*args) if _needs_dispatcher(args) else impl(*args)
+    registered op; else impl(*args), the function registered as op, with the first tensor's GPU
+    the current device (on_device)."""
+    if _needs_dispatcher(args):
+        return op(*args)
+    with on_device(next((a for a in args if isinstance(a, torch.Tensor)), None)):
+        return impl(*args)
+
+
+def on_device(t: torch.Tensor | None):
+    """A context in which t's GPU is the current CUDA device: torch.cuda.device(t's) where that is
+    another GPU, else (the current GPU, a CPU tensor, None) nothing. Triton launches a kernel on
+    the current device's current stream, whichever device its tensors are on: a model on cuda:1
+    while cuda:0 is current would run its kernels on cuda:0 over cuda:1's memory. (The CUDA
+    extension sets the device itself.)"""
+    if t is None or not t.is_cuda:
+        return _SAME_DEVICE
+    index = t.get_device()
+    return _SAME_DEVICE if index == torch.cuda.current_device() else torch.cuda.device(index)
