@@ -79,7 +79,9 @@ class Decoder:
       temperature, top_k, top_p, min_p (B,)   sampling parameters; eos (E,) int64, pad (1,) int64
     The sampler draws from the decoder's own generator, on its device: a call loads the caller's
     generator state into it and writes it back after (load_rng, store_rng), so a captured graph
-    never holds the caller's generator, and a seed gives the same tokens with or without graphs.
+    never holds the caller's generator, and a seed gives the same draws with or without graphs
+    (the same tokens up to the kernels' rounding: a graphed step picks decode attention by its
+    time on the GPU, an eager one by its call's, and may pick the other backend's).
     """
 
     def __init__(self, model, batch: int, length: int, eos_slots: int):

@@ -344,8 +344,8 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0,
     """Continue each row of idx (B, T) int64 by max_new_tokens tokens -> (B, T + n) int64.
 
     See GPT.generate. generator: a torch.Generator on the model's device type, or None for the
-    default one; it ends as if every draw had been made from it (same seed, same tokens, with
-    or without CUDA graphs). Options: pad_token_id (what finished rows emit; default the first eos id),
+    default one; it ends as if every draw had been made from it (same seed, same draws, with
+    or without CUDA graphs; see fastgpt.decoder.Decoder). Options: pad_token_id (what finished rows emit; default the first eos id),
     cuda_graph (capture the decode step, and the prefill of a prompt length met twice in a row;
     default True on CUDA; falls back to eager with a warning saying why), check_every (decode
     steps between checks that every row is finished), compile (False; True or a dict of
