@@ -32,12 +32,13 @@ def _needs_dispatcher(args) -> bool:
 
 def call(op, impl: Callable, *args):
     """op(*args) where compile tracing, autograd, a tensor subclass or a dispatch mode needs the
-    registered op; else impl(*args), the function registered as op, with the first tensor's GPU
-    the current device (on_device)."""
-    if _needs_dispatcher(args):
-        return op(*args)
-    with on_device(next((a for a in args if isinstance(a, torch.Tensor)), None)):
-        return impl(*args)
+    registered op; else impl(*args), the function registered as op. Either way, on real tensors
+    (not a subclass such as FakeTensor, not under compile tracing), with the first tensor's GPU
+    the current device (on_device): torch's dispatcher sets no device for a custom op."""
+    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+    real = type(first) in _PLAIN and not torch.compiler.is_compiling()
+    with on_device(first if real else None):
+        return op(*args) if _needs_dispatcher(args) else impl(*args)
 
 
 def on_device(t: torch.Tensor | None):
