@@ -21,7 +21,8 @@ _SAME_DEVICE = contextlib.nullcontext()
 
 
 def _needs_dispatcher(args) -> bool:
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+    """Outside compile tracing (call's first question)."""
+    if _get_current_dispatch_mode() is not None:
         return True
     grad = torch.is_grad_enabled()
     for a in args:
@@ -33,11 +34,12 @@ def _needs_dispatcher(args) -> bool:
 def call(op, impl: Callable, *args):
     """op(*args) where compile tracing, autograd, a tensor subclass or a dispatch mode needs the
     registered op; else impl(*args), the function registered as op. Either way, on real tensors
-    (not a subclass such as FakeTensor, not under compile tracing), with the first tensor's GPU
-    the current device (on_device): torch's dispatcher sets no device for a custom op."""
-    first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-    real = type(first) in _PLAIN and not torch.compiler.is_compiling()
-    with on_device(first if real else None):
+    (not a subclass such as FakeTensor, not under compile tracing), with the GPU of args[0] (every
+    op's first argument is a tensor) the current device (on_device): torch's dispatcher sets no
+    device for a custom op."""
+    if torch.compiler.is_compiling():
+        return op(*args)
+    with on_device(args[0] if type(args[0]) in _PLAIN else None):
         return op(*args) if _needs_dispatcher(args) else impl(*args)
 
 
