@@ -265,7 +265,9 @@ def test_fuzz_attention_checks(B, Hq, Hkv, Sq, Sk, D, Dk, dq, dk, causal):
        m=st.floats(-0.5, 1.5))
 def test_fuzz_sample_checks(B, V, t, k, p, m):
     logits = torch.randn(B, V)
-    valid = V > 0 and t >= 0 and k >= 0 and 0 < p <= 1 and 0 <= m <= 1
+    # temperature is checked as the fp32 the kernels take: -1e-185 is -0.0 there, greedy, as 1e-185 is
+    t32 = torch.tensor(t, dtype=torch.float32).item()
+    valid = V > 0 and t32 >= 0 and k >= 0 and 0 < p <= 1 and 0 <= m <= 1
     if not valid:
         with pytest.raises(ValueError):
             fastgpt.sample(logits, temperature=t, top_k=k, top_p=p, min_p=m)
