@@ -28,7 +28,8 @@ def capture(step, state: tuple[torch.Tensor, ...], generator: torch.Generator | 
     try:
         # On the cache's GPU, whichever is current: Triton launches on the current device, and
         # torch.cuda.graph's own capture stream is on the device of the process's first capture.
-        with torch.cuda.device(device), _backends.plain_launches(cache.kv.shape[2] >= _backends.PDL_PLAIN_ROWS):  # B
+        plain = cache.kv.shape[2] >= _backends.PDL_PLAIN_ROWS  # kv (L, 2, B, H, S, D): B sequences
+        with torch.cuda.device(device), _backends.plain_launches(plain):
             stream = torch.cuda.Stream(device)
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):

@@ -345,13 +345,13 @@ def generate(model, idx, max_new_tokens, *, temperature=0.0, top_k=0, top_p=1.0,
 
     See GPT.generate. generator: a torch.Generator on the model's device type, or None for the
     default one; it ends as if every draw had been made from it (same seed, same draws, with
-    or without CUDA graphs; see fastgpt.decoder.Decoder). Options: pad_token_id (what finished rows emit; default the first eos id),
-    cuda_graph (capture the decode step, and the prefill of a prompt length met twice in a row;
-    default True on CUDA; falls back to eager with a warning saying why), check_every (decode
-    steps between checks that every row is finished), compile (False; True or a dict of
-    torch.compile arguments: the decode forward runs compiled, fullgraph, inside the CUDA graph
-    when there is one; the first call pays the compilation),
-    prompt_lookup_num_tokens (0; k > 0 drafts up to k tokens a step from each row's own text and
+    or without CUDA graphs; see fastgpt.decoder.Decoder). Options: pad_token_id (what finished
+    rows emit, and feed the model next; default the first eos id), cuda_graph (capture the decode
+    step, and the prefill of a prompt length met twice in a row; default True on CUDA; falls back
+    to eager with a warning saying why), check_every (decode steps between checks that every row
+    is finished), compile (False; True or a dict of torch.compile arguments: the decode forward
+    runs compiled, fullgraph, inside the CUDA graph when there is one; the first call pays the
+    compilation), prompt_lookup_num_tokens (0; k > 0 drafts up to k tokens a step from each row's own text and
     verifies them in one forward: fastgpt.speculative) and max_matching_ngram_size (2: the longest
     n-gram it looks up), as in HF's prompt-lookup decoding.
     n == max_new_tokens unless every row hit eos, as with HF: then n ends at the last row's eos.
