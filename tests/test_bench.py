@@ -606,12 +606,13 @@ def test_a_time_limit_shares_the_generate_time_between_its_cases(monkeypatch):
     monkeypatch.setattr(gen, "hf_variant", lambda *args: None)
     monkeypatch.setattr(formulas, "weight_bytes", lambda hf: 0)
     monkeypatch.setattr(gen, "make_case", lambda p, *args: p["B"])
-    ran = []
+    ran, saved = [], []
 
-    def run_case(case, device, settings, weight_nbytes, quick, on_step):
+    def run_case(case, device, settings, weight_nbytes, quick, on_step, on_record):
         ran.append((case, settings.deadline))
         clock[0] += 50.0 if case == 1 else 5.0
-        return []
+        on_record([{"case": case}])  # a candidate's record, saved before the case ends
+        return [{"case": case}]
 
     monkeypatch.setattr(gen, "run_case", run_case)
     monkeypatch.setattr(session_module, "_free", lambda device: None)
@@ -621,10 +622,12 @@ def test_a_time_limit_shares_the_generate_time_between_its_cases(monkeypatch):
     run.args = types.SimpleNamespace(dtype=None, model_config="gpt2")
     run.records, run.env, run.deadline = [], {}, 90.0
     run.settings = Settings(deadline=45.0)  # the kernel cases' (their half of the limit)
-    run.save = lambda: None
+    run.save = lambda pending=(): saved.append([r["case"] for r in [*run.records, *pending]])
     run.run_generate()
     # B1 starts with 90 / 3 = 30 s and takes 50; B32 then has (90 - 50) / 2 = 20, B64 the 35 left.
     assert ran == [(1, 30.0), (32, 70.0), (64, 90.0)]
+    # Saved after each candidate (a run killed mid-case keeps them) and after each case.
+    assert saved == [[1], [1], [1, 32], [1, 32], [1, 32, 64], [1, 32, 64], [1, 32, 64]]
 
 
 def _must_not_run(*args):

@@ -106,8 +106,7 @@ class Session:
                                       on_step=lambda text: bar.update(task, description=escape(text))))
                 _free(self.device)
                 bar.advance(task)
-                if i + 1 == len(cases) or cases[i + 1].op != case.op:
-                    self.save()
+                self.save()
 
     def _op_settings(self, ops_left: int):
         """The settings for the next kernel op's cases: with --time-limit, an even share of the
@@ -139,21 +138,24 @@ class Session:
             for i, case in enumerate(cases):  # each with an even share of the time left, as the kernel ops
                 self.add(gen.run_case(case, self.device, _shared(settings, self.deadline, len(cases) - i),
                                       weight_nbytes, self.quick,
-                                      on_step=lambda text: bar.update(task, description=escape(text))))  # fmt: skip
+                                      on_step=lambda text: bar.update(task, description=escape(text)),
+                                      on_record=lambda records: self.save(pending=records)))  # fmt: skip
                 bar.advance(task)
                 self.save()
         del hf, oracle
         _free(self.device)
         self.save()
 
-    def save(self) -> None:
-        """Write JSON / CSV now, so an interrupted run keeps what it measured."""
+    def save(self, pending: list[dict] = ()) -> None:
+        """Write JSON / CSV now, with the `pending` records of a case under way, so that an
+        interrupted run keeps what it measured."""
+        records = [*self.records, *pending]
         if self.args.json:
             run = {"ops": self.ops, "quick": self.quick, "shapes": self.specs, "dtype": self.args.dtype,
                    "model_config": self.args.model_config, "time_limit": getattr(self.args, "time_limit", None)}
-            report.write_json(self.args.json, self.env, self.ceilings, self.records, run)
+            report.write_json(self.args.json, self.env, self.ceilings, records, run)
         if self.args.csv:
-            report.write_csv(self.args.csv, self.records)
+            report.write_csv(self.args.csv, records)
 
     def finish(self) -> int:
         """Tables, files, plots, the summary last; 1 if a fastgpt candidate was wrong (FAILED) or

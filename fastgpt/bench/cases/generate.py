@@ -273,23 +273,25 @@ def check_candidate(case: Case, cand: Candidate, sets: list[dict], device: torch
 
 
 def run_case(case: Case, device: torch.device, settings: Settings, weight_nbytes: int, quick: bool,
-             on_step=lambda text: None) -> list[dict]:
-    """Check each candidate, then time it right away (then free it: models hold memory)."""
+             on_step=lambda text: None, on_record=lambda records: None) -> list[dict]:
+    """Check each candidate, then time it right away (then free it: models hold memory).
+    on_record(records) after each candidate's record is done (the speedups come at the end), so
+    that a run killed mid-case can keep what it measured."""
     sets = make_sets(case)
     records = []
     for cand in case.candidates:
         on_step(f"generate {case.name}: checking {cand.label}")
         checked = check_candidate(case, cand, sets, device, settings, quick)
         records.append(checked.rec)
-        if checked.fn is None:
-            continue
-        on_step(f"generate {case.name}: timing {cand.label}")
-        try:
-            stats = time_candidate(checked.fn, sets, device, settings, quick)
-            fill_timing(checked.rec, stats, case, settings, weight_nbytes)
-        except Exception as exc:
-            checked.rec.update(status=ERROR, reason=f"timing failed: {core.describe(exc)}")
-        checked.fn = None
-        core.free_cached_memory(device)
+        if checked.fn is not None:
+            on_step(f"generate {case.name}: timing {cand.label}")
+            try:
+                stats = time_candidate(checked.fn, sets, device, settings, quick)
+                fill_timing(checked.rec, stats, case, settings, weight_nbytes)
+            except Exception as exc:
+                checked.rec.update(status=ERROR, reason=f"timing failed: {core.describe(exc)}")
+            checked.fn = None
+            core.free_cached_memory(device)
+        on_record(records)
     core.add_speedups(records)
     return records
