@@ -12,6 +12,7 @@ the case is ERROR with a reason starting ORACLE_FAILED, which is no candidate's 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -222,7 +223,8 @@ def device_ms(fn, sets, est: float, settings: Settings) -> float | None:
     try:
         times = timing.time_graph(lambda i: fn(sets[i % n]), calls, replays)
     except Exception:
-        torch.cuda.synchronize()
+        with contextlib.suppress(Exception):  # a fault the sync re-raises is the events timing's to report
+            torch.cuda.synchronize()
         return None
     return timing.summarize(times, "cuda-graph").median
 
@@ -298,12 +300,12 @@ def warm_up(checked: Checked, sets: list[dict], device: torch.device) -> None:
     fn = checked.fn
     try:
         checked.est = timing.estimate_ms(lambda i: fn(sets[i % len(sets)]), device)
+        details = checked.cand.details() if checked.cand.details is not None else None
     except Exception as exc:
         checked.fn = None
         checked.rec.update(status=ERROR, reason=f"warm-up failed: {describe(exc)}")
         return
-    if checked.cand.details is not None:
-        checked.rec["note"] = "; ".join(filter(None, (checked.rec["note"], checked.cand.details())))
+    checked.rec["note"] = "; ".join(filter(None, (checked.rec["note"], details)))
 
 
 def check_and_warm_up(case: Case, cand: Candidate, sets: list[dict], expected: Any, device: torch.device,
