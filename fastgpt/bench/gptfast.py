@@ -132,8 +132,9 @@ class Generator:
             self.step = torch.compile(decode_one, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def _recipe(self) -> contextlib.AbstractContextManager:
-        """gpt-fast's settings around each compiled step (in force when it compiles: Dynamo traces
-        the math backend's ops, Inductor tunes their kernels), put back after."""
+        """gpt-fast's settings around the compiled steps (in force when they compile: Dynamo traces
+        the math backend's ops, Inductor tunes their kernels), put back after; entered once a call,
+        around its decode loop, as gpt-fast does (not each step's host time)."""
         if not self.compiled:
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
@@ -152,10 +153,10 @@ class Generator:
         tok = logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         out = [idx, tok]
         pos = torch.tensor([T], device=idx.device)
-        for _ in range(max_new_tokens - 1):
-            # Outputs of a reduce-overhead step live in the graph's memory: copy before the next one.
-            with self._recipe():
+        with self._recipe():
+            for _ in range(max_new_tokens - 1):
+                # Outputs of a reduce-overhead step live in the graph's memory: copy before the next one.
                 tok = self.step(self.model, tok, pos).clone()
-            pos += 1
-            out.append(tok)
+                pos += 1
+                out.append(tok)
         return torch.cat(out, dim=1)
