@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-shot GPU verification, sized for one call on the GPU machine (under 8 minutes on an H200):
 #   1. build the package in place (the CUDA extension included),
-#   2. run the GPU tests (pytest -m gpu),
+#   2. run the GPU tests (pytest -m gpu; the persistent step's first, in processes of their own),
 #   3. run `fastgpt bench all --quick` (ceilings, every kernel vs the references, generate),
 #   4. run scripts/memcheck.sh (compute-sanitizer over every CUDA kernel),
 #   5. run scripts/gpu-probe.py's GPT-2 decode step as one persistent kernel against the fused
@@ -78,22 +78,32 @@ if command -v fastgpt >/dev/null 2>&1; then FASTGPT=(fastgpt); else FASTGPT=($PY
 
 step "GPU tests (pytest -m gpu)"
 TEST_S=$(( $(left) * 45 / 100 ))
-# Cheapest first: the attention tests autotune (each new key compiles ~10 configs), so if time
-# runs out it is their tail that is cut, and the benchmarks reuse whatever they compiled. The
-# persistent step's tests (its kernel's first runs on a GPU) just before them: a fault there
-# (a sticky CUDA error) fails only the tests its worker runs after it.
-TEST_FILES=$(ls tests/test_*.py | grep -v -e test_attention.py -e test_step.py; echo tests/test_step.py tests/test_attention.py)
-# SIGINT at the limit: pytest then still reports what failed, its durations and the JUnit XML.
-if [ "$TEST_S" -lt 20 ]; then  # (timeout takes 0 as no limit at all)
-    echo "GPU tests not run: $TEST_S s of the budget left for them" | tee "$OUT/gpu-tests.log"; STATUS=1
-else
-    timeout --signal=INT --kill-after=20 "$TEST_S" $PY -m pytest -m gpu -q -rfE --durations=15 -p no:randomly \
-        "${TEST_WORKERS[@]}" --junitxml="$EXTRAS/gpu-tests.xml" $TEST_FILES >"$OUT/gpu-tests.log" 2>&1
-    RC=$?
-    tail -30 "$OUT/gpu-tests.log"
-    if [ "$RC" -eq 124 ] || [ "$RC" -eq 137 ]; then echo "GPU TESTS TIMED OUT after $TEST_S s"; STATUS=1
-    elif [ "$RC" -ne 0 ]; then echo "GPU TESTS FAILED (exit $RC)"; STATUS=1; fi
-fi
+TEST_START=$(elapsed)
+# First the persistent step's (tests/test_step.py), in processes of their own: its kernel's first
+# runs on a GPU, whose verdict decides whether the benchmark takes it, and a fault there (a sticky
+# CUDA error) ends only those processes. Then the rest, cheapest first: the attention tests
+# autotune (each new key compiles ~10 configs), so if time runs out it is their tail that is cut,
+# and the benchmarks reuse whatever they compiled. SIGINT at a limit: pytest then still reports
+# what failed, its durations and the JUnit XML.
+STEP_TEST_S=$(( TEST_S / 4 ))
+TEST_FILES=$(ls tests/test_*.py | grep -v -e test_attention.py -e test_step.py; echo tests/test_attention.py)
+run_tests() {  # seconds, JUnit XML, files...: pytest -m gpu, output appended to gpu-tests.log
+    local limit=$1 xml=$2; shift 2
+    if [ "$limit" -lt 20 ]; then  # (timeout takes 0 as no limit at all)
+        echo "not run: $limit s of the budget left for them" | tee -a "$OUT/gpu-tests.log"; STATUS=1; return
+    fi
+    local before; before=$(wc -l <"$OUT/gpu-tests.log")
+    timeout --signal=INT --kill-after=20 "$limit" $PY -m pytest -m gpu -q -rfE --durations=15 -p no:randomly \
+        "${TEST_WORKERS[@]}" --junitxml="$xml" "$@" >>"$OUT/gpu-tests.log" 2>&1
+    local rc=$?
+    tail -n +$(( before + 1 )) "$OUT/gpu-tests.log" | tail -30
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then echo "GPU TESTS TIMED OUT after $limit s"; STATUS=1
+    elif [ "$rc" -ne 0 ]; then echo "GPU TESTS FAILED (exit $rc)"; STATUS=1; fi
+}
+echo "== tests/test_step.py" >"$OUT/gpu-tests.log"
+run_tests "$STEP_TEST_S" "$EXTRAS/gpu-tests-step.xml" tests/test_step.py
+echo "== the other GPU tests" >>"$OUT/gpu-tests.log"
+run_tests $(( TEST_S - $(elapsed) + TEST_START )) "$EXTRAS/gpu-tests.xml" $TEST_FILES
 
 step "benchmarks (fastgpt bench all --quick)"
 BENCH_S=$(( $(left) - 25 - MEMCHECK_S - PROBE_S ))
@@ -101,7 +111,7 @@ BENCH_S=$(( $(left) - 25 - MEMCHECK_S - PROBE_S ))
 # The persistent step goes into the benchmark only after its GPU tests ran and passed: its first
 # run on a GPU failing there (a sticky CUDA error) would cost every case after it in the process.
 BENCH_IMPL=()
-STEP_TESTS=$($PY - "$EXTRAS/gpu-tests.xml" <<'EOF'
+STEP_TESTS=$($PY - "$EXTRAS/gpu-tests-step.xml" <<'EOF'
 import sys
 import xml.etree.ElementTree as ET
 try:

@@ -982,3 +982,58 @@ def test_host_time_script_runs_every_case():
     rows = [line.split() for line in proc.stdout.splitlines()]
     assert sorted({row[0] for row in rows}) == ["cuda", "triton"] and len(rows) == 8
     assert all(row[-3:] == ["us", "a", "call"] and float(row[-4]) > 0 for row in rows)
+
+
+@pytest.mark.parametrize("step_tests", ["passed", "failed"])
+def test_gpu_check_script_runs_its_steps_in_order(tmp_path, step_tests):
+    """scripts/gpu-check.sh, whose one run on a lent GPU is scarce, in a copy of its tree with
+    python, nvidia-smi and fastgpt stood in for (each call recorded): the steps in order, the
+    persistent step's GPU tests in a run of their own first, and the benchmark leaving the step
+    out unless those passed (read from their JUnit XML by the real python)."""
+    import os
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(repo / "scripts" / "gpu-check.sh", tmp_path / "scripts")
+    (tmp_path / "scripts" / "memcheck.sh").write_text("exit 2\n")
+    (tmp_path / "tests").mkdir()
+    for name in ("test_a.py", "test_step.py", "test_attention.py"):
+        (tmp_path / "tests" / name).write_text("")
+    outcome = "" if step_tests == "passed" else "<failure message='boom'/>"
+    junit = f"<testsuites><testsuite><testcase classname='tests.test_step' name='t'>{outcome}</testcase></testsuite></testsuites>"
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    stubs = {
+        "python": f"""echo "python $*" >>{calls}
+case "$*" in
+  -\\ *) exec {sys.executable} "$@";;
+  *"-m pytest"*test_step.py*)
+      for a in "$@"; do case "$a" in --junitxml=*) printf '%s' "{junit}" >"${{a#--junitxml=}}";; esac; done;;
+  *"get_device_capability"*) echo 90a;;
+esac
+exit 0""",
+        "nvidia-smi": "echo 'name, H200'",
+        "fastgpt": f'echo "fastgpt $*" >>{calls}',
+    }
+    for name, body in stubs.items():
+        (bin_dir / name).write_text("#!/bin/bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(tmp_path / "out"), "TOTAL_S": "200"}
+    result = subprocess.run(["bash", str(tmp_path / "scripts" / "gpu-check.sh")], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert "line " not in result.stderr, result.stderr  # no bash error
+    steps = [re.sub(r" [(\[].*", "", line) for line in result.stdout.splitlines()
+             if re.fullmatch(r"== .* \[\d+ s\]", line)]  # fmt: skip
+    assert steps == ["== environment", "== build", "== GPU tests", "== benchmarks", "== memcheck", "== probe",
+                     "== summary"]  # fmt: skip
+    log = calls.read_text().splitlines()
+    tests = [line for line in log if "-m pytest" in line]
+    assert len(tests) == 2 and tests[0].endswith("tests/test_step.py") and "test_step.py" not in tests[1]
+    (bench,) = [line for line in log if line.startswith("fastgpt bench")]
+    assert ("persistent step" in bench) == (step_tests == "failed")
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"env.txt", "build.log", "gpu-tests.log", "extras.tar.gz"}
