@@ -1005,7 +1005,8 @@ def test_gpu_check_script_runs_its_steps_in_order(tmp_path, step_tests):
     for name in ("test_a.py", "test_step.py", "test_attention.py"):
         (tmp_path / "tests" / name).write_text("")
     outcome = "" if step_tests == "passed" else "<failure message='boom'/>"
-    junit = f"<testsuites><testsuite><testcase classname='tests.test_step' name='t'>{outcome}</testcase></testsuite></testsuites>"
+    junit = (f"<testsuites><testsuite><testcase classname='tests.test_step' name='t'>{outcome}</testcase>"
+             "</testsuite></testsuites>")
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     stubs = {
