@@ -617,8 +617,9 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         float(eps), qk_scale,
         *kv.stride()[:5], *weights.strides, *wte.stride(), *wpe.stride(), **form,
     )  # fmt: skip
-    if on_gpu and key not in _RESIDENT:  # a launch loads the kernel, which then knows its registers
-        _RESIDENT[key] = resident_programs(compiled.n_regs, 32 * NUM_WARPS)
+    registers = getattr(compiled, "n_regs", None)  # a launch loads the kernel, which then knows them
+    if on_gpu and key not in _RESIDENT and registers:
+        _RESIDENT[key] = resident_programs(registers, 32 * NUM_WARPS)
     return logits
 
 
