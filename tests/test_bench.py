@@ -713,6 +713,11 @@ def test_summary_uses_best_fastgpt_and_reference():
     assert rows[-1][-1] == "bad"
     markdown = report.summary_markdown(records, env, {"quick": True}).splitlines()
     assert "--quick" in markdown[0] and markdown[2].startswith("| op |") and len(markdown) == 4 + len(rows)
+    # A speedup over a reference timed another way (its graph capture failed) says so.
+    assert rows[0][7] == "1.00x"
+    for rec in records[:6]:
+        rec["method"] = "cuda-graph" if rec["kind"] == FASTGPT else "cuda-events+l2flush (graph capture failed: X)"
+    assert report.summary_rows(records)[0][7] == "1.00x (cuda-graph vs cuda-events+l2flush)"
 
 
 def test_package_version():

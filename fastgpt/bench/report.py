@@ -122,10 +122,19 @@ def summary_rows(records: list[dict]) -> list[tuple]:
         best = min(ours, key=lambda r: r["ms"]) if ours else None
         ref = best_reference(recs)
         speedup = f"{ref['ms'] / best['ms']:.2f}x" if best and ref else ""
+        if speedup and _timed_by(best) != _timed_by(ref):  # one by graph replay, the other by events, say
+            speedup += f" ({_timed_by(best)} vs {_timed_by(ref)})"
         rows.append((op, case, best["implementation"] if best else "-", fmt_rate(best) if best else "",
                      _pct(best) if best else "", ref["implementation"] if ref else "-",
                      fmt_rate(ref) if ref else "", speedup, ", ".join(failed)))
     return rows
+
+
+def _timed_by(rec: dict) -> str:
+    """How a record was timed, in a word: cuda-graph (the GPU's time), cuda-events+l2flush (a
+    call's, the host's included where it is the slower), host-clock (a whole call). A case times
+    its candidates alike, but one whose graph capture failed falls back to events."""
+    return (rec.get("method") or "").split(" ")[0].rstrip(",")
 
 
 def print_summary(console, records: list[dict], env: dict) -> None:
