@@ -870,7 +870,7 @@ def test_weights_put_elsewhere_drop_the_kept_decoders():
     """A kept decoder's CUDA graphs read the weights where they were: weights that move (here
     load_state_dict(assign=True), or param.data = ...) drop it, and the next call decodes with
     the new ones; a copy into the weights in place keeps it."""
-    hf, model = tiny(seed=6)
+    _, model = tiny(seed=6)
     idx = torch.randint(0, V, (2, 5))
     model.generate(idx, 3)
     (kept,) = model._decoders.values()

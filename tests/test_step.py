@@ -491,6 +491,9 @@ def test_gpt2_sized_step_on_gpu(dtype, B):
         return torch.stack(out).float(), cache.kv.float()
 
     fused, ours = steps(False), steps(True)
+    from fastgpt.kernels import step as kernel
+
+    assert kernel._RESIDENT and all(1 <= n <= 16 for n in kernel._RESIDENT.values())  # the grid read the registers
     model.float()
     exact = steps(False)
     for name, i in (("logits", 0), ("cache", 1)):
