@@ -419,6 +419,8 @@ def test_kernel_cases_check_references_on_cpu(op, spec):
     expected_ok = {"attention": "eager matmul-softmax-matmul", "decode": "sdpa[math]",
                    "layernorm": "eager add + F.layer_norm"}[op]
     assert by[expected_ok]["status"] == OK
+    if op != "layernorm":  # SDPA under its backend (the candidate's setting): cuDNN has no CPU kernel, math has
+        assert by["sdpa[math]"]["status"] == OK and by["sdpa[cudnn]"]["status"] == UNAVAILABLE
 
 
 def test_padded_attention_case():

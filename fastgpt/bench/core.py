@@ -49,7 +49,10 @@ class Candidate:
     A `lower_bound` reference does less than the op (argmax instead of sampling): it is timed
     and compared with, but never counted as the best reference. `details`, when given, says
     after the warm-up what the candidate chose for this case (e.g. the autotuned config); it is
-    added to the record's note.
+    added to the record's note. `setting`, when given, makes a context that is in force around
+    the candidate's check, warm-up and timing: what a user sets once rather than at every call
+    (SDPA's backend: torch's sdpa_kernel costs ~25 us of host time a call on a 2-core CPU, which
+    a call timed by events would count).
     """
 
     label: str
@@ -60,6 +63,10 @@ class Candidate:
     check: Callable | None = None
     lower_bound: bool = False
     details: Callable[[], str] | None = None
+    setting: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def in_setting(self) -> contextlib.AbstractContextManager:
+        return self.setting() if self.setting is not None else contextlib.nullcontext()
 
 
 def is_fastgpt_failure(rec: dict) -> bool:
@@ -386,14 +393,20 @@ def run_case(case: Case, device: torch.device, settings: Settings, on_step=lambd
     checked = []
     for cand in case.candidates:
         on_step(f"{case.op} {case.name}: checking {cand.label}")
-        checked.append(check_and_warm_up(case, cand, sets, expected, device, settings))
+        with cand.in_setting():
+            checked.append(check_and_warm_up(case, cand, sets, expected, device, settings))
     del expected
     ready = [c for c in checked if c.fn is not None]
-    mode = timing_mode(device, [device_estimate(c, sets, device, settings) for c in ready], settings)
+    estimates = []
+    for c in ready:
+        with c.cand.in_setting():
+            estimates.append(device_estimate(c, sets, device, settings))
+    mode = timing_mode(device, estimates, settings)
     flush = timing.l2_flush_buffer(device)
     for c in ready:
         on_step(f"{case.op} {case.name}: timing {c.cand.label}")
-        time_checked(c, case, sets, device, mode, settings, flush)
+        with c.cand.in_setting():
+            time_checked(c, case, sets, device, mode, settings, flush)
     records = [c.rec for c in checked]
     add_speedups(records)
     return records

@@ -10,6 +10,8 @@ attn_mask, eager masked_fill); the FLOP count stays the unpadded one, the same f
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -184,16 +186,28 @@ def with_tuned_config(cands: list[Candidate], Sq: int, Sk: int) -> list[Candidat
 
 
 def sdpa_candidates(make_fn, suffix: str = "", note: str = "") -> list[Candidate]:
-    """SDPA forced to each backend: "sdpa[<backend>]<suffix>", built by make_fn(SDPBackend name)."""
+    """SDPA forced to each backend: "sdpa[<backend>]<suffix>", built by make_fn(SDPBackend name),
+    with the backend chosen once around the candidate's check and timing (sdpa_setting), as a
+    user would, not at each call."""
     names = ("FLASH_ATTENTION", "CUDNN_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
     return [Candidate(f"sdpa[{name.split('_')[0].lower()}]{suffix}", REFERENCE, lambda n=name: make_fn(n),
-                      note=f"torch {torch.__version__}{note}") for name in names]
+                      note=f"torch {torch.__version__}{note}", setting=lambda n=name: sdpa_setting(n))
+            for name in names]  # fmt: skip
+
+
+def sdpa_setting(backend_name: str):
+    """torch's sdpa_kernel([backend]): SDPA restricted to one backend (none if this torch lacks it:
+    its sdpa_fn then says so)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = getattr(SDPBackend, backend_name, None)
+    return contextlib.nullcontext() if backend is None else sdpa_kernel([backend])
 
 
 def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, Sk: int):
-    """F.scaled_dot_product_attention restricted to one backend (raises if it cannot run), under
-    inputs["mask"] when the case has one."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """F.scaled_dot_product_attention under sdpa_setting(backend_name), which the caller enters
+    (raises if it cannot run), under inputs["mask"] when the case has one."""
+    from torch.nn.attention import SDPBackend
 
     backend = getattr(SDPBackend, backend_name, None)
     if backend is None:
@@ -205,14 +219,13 @@ def sdpa_fn(backend_name: str, causal: bool, scale: float, gqa: bool, Sq: int, S
         mask, is_causal = causal_lower_right(Sq, Sk), False
 
     def fn(inp):
-        with sdpa_kernel([backend]):
-            try:
-                return F.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], attn_mask=inp.get("mask", mask),
-                                                      is_causal=is_causal, scale=scale, enable_gqa=gqa)
-            except RuntimeError as exc:
-                if "No available kernel" in str(exc) or "No viable backend" in str(exc):
-                    raise Unavailable(f"SDPA {backend_name} cannot run these inputs (dtype/head dim/GPU)") from exc
-                raise
+        try:
+            return F.scaled_dot_product_attention(inp["q"], inp["k"], inp["v"], attn_mask=inp.get("mask", mask),
+                                                  is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        except RuntimeError as exc:
+            if "No available kernel" in str(exc) or "No viable backend" in str(exc):
+                raise Unavailable(f"SDPA {backend_name} cannot run these inputs (dtype/head dim/GPU)") from exc
+            raise
 
     return fn
 
