@@ -30,11 +30,6 @@ def attention_flops(B: int, H: int, Sq: int, Sk: int, D: int, causal: bool) -> i
     return 4 * B * H * pairs * D
 
 
-def attention_bytes(B: int, Hq: int, Hkv: int, Sq: int, Sk: int, D: int, dtype: torch.dtype) -> int:
-    """Bytes of q, k, v read once and the output written once."""
-    return element_size(dtype) * (2 * B * Hq * Sq * D + 2 * B * Hkv * Sk * D)
-
-
 def decode_bytes(B: int, Hq: int, Hkv: int, D: int, seqlens_total: int, dtype: torch.dtype, Sq: int = 1) -> int:
     """Bytes of one decode-attention call: q, the valid part of the cache, cache_seqlens, out.
 

@@ -82,7 +82,8 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
         op="attention", name=name, params=p, dtype=dtype, **extra,
         make_inputs=make_inputs, reference=reference, candidates=cands,
         metric="TFLOP/s", work=formulas.attention_flops(B, H, Sq, Sk, D, causal),
-        set_bytes=formulas.attention_bytes(B, H, Hkv, Sq, Sk, D, dtype), sweep=sw, x=x, x_label=x_label)
+        set_bytes=formulas.element_size(dtype) * (B * H * Sq * D + 2 * B * Hkv * Sk * D),  # q, k, v
+        sweep=sw, x=x, x_label=x_label)
 
 
 def padding_mask(B: int, Sq: int, Sk: int, pad: int, causal: bool, device) -> torch.Tensor:

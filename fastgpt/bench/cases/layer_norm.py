@@ -56,10 +56,11 @@ def make_case(p: dict, device: torch.device, dtype: torch.dtype, sweep=None, x_k
         return ref.layer_norm(inp["x"], inp["weight"], inp["bias"], EPS, residual=inp.get("residual"))
 
     nbytes = formulas.layer_norm_bytes(M, N, dtype, residual=residual)
+    inputs_nbytes = formulas.element_size(dtype) * ((2 if residual else 1) * M * N + 2 * N)  # x (, residual), w, b
     sw, x, x_label = sweep_of(p, sweep, x_key)
     return Case(op="layernorm", name=describe(p, ("M", "N")) + (" +residual" if residual else ""), params=p,
                 dtype=dtype, make_inputs=make_inputs, reference=reference, candidates=candidates(device, residual),
-                metric="GB/s", work=nbytes, set_bytes=nbytes, sweep=sw, x=x, x_label=x_label)
+                metric="GB/s", work=nbytes, set_bytes=inputs_nbytes, sweep=sw, x=x, x_label=x_label)
 
 
 def candidates(device, residual: bool) -> list[Candidate]:
