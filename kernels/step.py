@@ -601,16 +601,19 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
         N_FC=tile_columns(F, C, es, TILE_BYTES), N_OUT=tile_columns(C, F, es, TILE_BYTES),
         N_HEAD=tile_columns(V, C, es, HEAD_TILE_BYTES),
     )  # fmt: skip
+    prefetch = PREFETCH_ROUNDS and on_gpu and _can_prefetch(kv.device, weights, C, F, es)  # asked only when on
     form = dict(
         DTYPE=_DTYPES[kv.dtype], BLOCK_M=next_power_of_2(M), HEAD_DIM=D, CHUNKS_P=next_power_of_2(n_chunks),
         K_C=next_power_of_2(C), K_F=next_power_of_2(F), **columns, ATTN_BLOCK_N=block_n,
         SYNC_P=next_power_of_2(sync_entries(n_layer, n_head)), CLAIM=ITEMS_PER_CLAIM, BACKOFF=on_gpu,
-        PREFETCH_ROUNDS=PREFETCH_ROUNDS if on_gpu and _can_prefetch(kv.device, weights, C, F, es) else 0,
+        PREFETCH_ROUNDS=PREFETCH_ROUNDS if prefetch else 0,
         CLAIM_AHEAD=CLAIM_AHEAD and on_gpu, THREADS=32 * NUM_WARPS,
         num_warps=NUM_WARPS, num_stages=1, **({"maxnreg": MAX_REGISTERS} if on_gpu and MAX_REGISTERS else {}),
     )  # fmt: skip
-    key = (kv.device.index, *((name, str(value)) for name, value in form.items()))  # the compiled kernel's
-    programs = sms * min(PROGRAMS_PER_SM, _RESIDENT.get(key, PROGRAMS_PER_SM)) if on_gpu else _INTERPRETER_PROGRAMS
+    programs = _INTERPRETER_PROGRAMS
+    if on_gpu:
+        key = (kv.device.index, *((name, str(value)) for name, value in form.items()))  # the compiled kernel's
+        programs = sms * min(PROGRAMS_PER_SM, _RESIDENT.get(key, PROGRAMS_PER_SM))
     compiled = _step_kernel[(programs,)](
         weights.table, wte, wpe, *ln_f, weights.tensors[-1], tok, pos, seqlens, kv, *scratch, logits, sync,
         sync_entries(n_layer, n_head), M, C, F, V, n_layer, n_head, wte.shape[0], wpe.shape[0], S, n_chunks, chunk,
@@ -619,7 +622,7 @@ def decode_step(tok, pos, seqlens, kv, weights: StepWeights, wte, wpe, ln_f, eps
     )  # fmt: skip
     registers = getattr(compiled, "n_regs", None)  # a launch loads the kernel, which then knows them
     if on_gpu and key not in _RESIDENT and registers:
-        _RESIDENT[key] = resident_programs(registers, 32 * NUM_WARPS)
+        _RESIDENT[key] = resident_programs(registers, form["THREADS"])
     return logits
 
 
