@@ -25,6 +25,10 @@ class LayerNorm(nn.LayerNorm):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         """x (..., N) fp16/bf16/fp32; residual like x or None -> y, or (y, h = x + residual)."""
+        # The op checks x against the weights; without them (elementwise_affine=False) only this does.
+        if isinstance(x, torch.Tensor) and (x.dim() == 0 or x.shape[-1] != self.normalized_shape[0]):
+            raise ValueError(f"x must have shape (..., {self.normalized_shape[0]}) (normalized_shape), "
+                             f"got {tuple(x.shape)}")
         return layer_norm(x, self.weight, self.bias, self.eps, residual=residual, backend=self.backend)
 
     @classmethod

@@ -32,3 +32,12 @@ def test_from_torch_shares_parameters_and_handles_no_bias():
 def test_rejects_multi_dimensional_normalized_shape():
     with pytest.raises(ValueError, match="one dimension"):
         fastgpt.nn.LayerNorm((4, 8))
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_rejects_an_input_of_another_width(affine):
+    """As nn.LayerNorm does; without weights the op has nothing to check x's width against."""
+    ln = fastgpt.nn.LayerNorm(8, elementwise_affine=affine, backend="torch")
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 8\)"):
+        ln(torch.randn(3, 5))
+    assert ln(torch.randn(2, 3, 8)).shape == (2, 3, 8)
