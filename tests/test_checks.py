@@ -1,5 +1,7 @@
 """Bad input raises a clear error naming the argument, before any kernel runs."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -313,13 +315,21 @@ def test_nan_and_inf_inputs_reach_the_output(backend):
     (lambda sp: fastgpt.layer_norm(torch.randn(3, 8), sp(torch.ones(8)), None), "weight"),
     (lambda sp: fastgpt.sample(sp(torch.randn(3, 8))), "logits"),
     (lambda sp: fastgpt.sample(torch.randn(3, 8), temperature=sp(torch.ones(3))), "temperature"),
+    (lambda sp: fastgpt.sample(torch.randn(3, 8), top_k=sp(torch.ones(3, dtype=torch.int64))), "top_k"),
 ])  # fmt: skip
+@pytest.mark.parametrize("kind", ["sparse", "nested", "negated"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_sparse_tensors_are_rejected(call, name, backend, monkeypatch):
-    """Kernels take data pointers and strides: a sparse tensor has neither."""
+def test_tensors_that_are_not_their_memory_are_rejected(call, name, kind, backend, monkeypatch):
+    """Kernels take data pointers and strides: a sparse or nested tensor has neither, and a view
+    with a lazy negation (is_neg(): the imaginary part of a conjugate) holds the values unnegated,
+    which the kernels read as they are (triton drew from min_p=1.0's row as if it were -1.0)."""
     monkeypatch.setenv("FASTGPT_BACKEND", backend)
+    if kind == "negated":
+        with pytest.raises(ValueError, match=rf"{name} is a view with a lazy negation .* {name}.resolve_neg\(\)"):
+            call(torch._neg_view)
+        return
     with pytest.raises(TypeError, match=f"{name} must be a dense"):
-        call(lambda t: t.to_sparse())
+        call(lambda t: t.to_sparse() if kind == "sparse" else torch.nested.nested_tensor([t]))
 
 
 @pytest.mark.parametrize("kwargs, error, match", [
@@ -430,6 +440,16 @@ def test_temperature_is_checked_as_fp32():
         with pytest.raises(ValueError, match="temperature must be > 0 and finite in float32"):
             fastgpt.filter_logits(logits, temperature=t)
         assert fastgpt.sample(logits, temperature=t).tolist() == [2]
+
+
+def test_scale_and_eps_beyond_float64_are_named():
+    """An int or Fraction past float64 raised float()'s OverflowError."""
+    q, k, v = qkv()
+    for scale in (10**400, Fraction(-(10**400))):
+        with pytest.raises(ValueError, match="scale must be finite, got a number beyond float64's range"):
+            fastgpt.attention(q, k, v, scale=scale)
+    with pytest.raises(ValueError, match="eps must be finite, got a number beyond float64's range"):
+        fastgpt.layer_norm(torch.randn(3, 8), None, None, eps=10**400)
 
 
 def test_scale_and_eps_take_any_real_number():

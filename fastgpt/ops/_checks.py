@@ -27,9 +27,14 @@ def tensor(name: str, t, *, ndim: int | None = None, dtypes=FLOAT_DTYPES) -> tor
 
 
 def dense(name: str, t: torch.Tensor) -> None:
-    """Kernels read data pointers and strides, which sparse and other layouts do not have."""
-    if t.layout != torch.strided:
-        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    """Kernels read data pointers and strides, which sparse, nested and other layouts do not have,
+    and read the memory as it is: a view carrying a lazy negation (is_neg(), e.g. the imaginary
+    part of a conjugate) would be read without it."""
+    if t.layout != torch.strided or t.is_nested:
+        kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
+        raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
+    if t.is_neg():
+        raise ValueError(f"{name} is a view with a lazy negation (is_neg()): pass {name}.resolve_neg()")
 
 
 def same_device(**tensors: torch.Tensor | None) -> torch.device:
@@ -89,7 +94,7 @@ def scale(value, head_dim: int) -> float:
         return head_dim**-0.5
     if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy scalars too
         raise TypeError(f"scale must be a float or None, got {type(value).__name__}")
-    value = float(value)
+    value = _float("scale", value)
     if value != value or value in (float("inf"), float("-inf")):
         raise ValueError(f"scale must be finite, got {value}")
     if abs(value) * _LOG2E > _FP32_MAX:
@@ -120,7 +125,15 @@ def eps(name: str, value) -> float:
         raise TypeError(f"{name} must be a float, got {type(value).__name__}")
     if not value >= 0:  # NaN too
         raise ValueError(f"{name} must be a non-negative float, got {value!r}")
-    return float(value)
+    return _float(name, value)
+
+
+def _float(name: str, value: numbers.Real) -> float:
+    """float(value), where an int or Fraction beyond float64 is an error naming the argument."""
+    try:
+        return float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be finite, got a number beyond float64's range") from None
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

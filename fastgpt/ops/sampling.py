@@ -200,6 +200,7 @@ def top_k_bound(top_k) -> int:
     if type(top_k) is int:  # the common case, quickly
         return min(top_k, _INT64_MAX) if top_k > 0 else 0
     if isinstance(top_k, torch.Tensor):
+        _checks.dense("top_k", top_k)
         if top_k.device.type != "cpu" or torch.compiler.is_compiling():
             return 0
         top_k = top_k.reshape(-1).tolist()
