@@ -214,6 +214,23 @@ def test_number_parameters_are_made_once():
     assert row_params(3, "meta", 0.7, 50, 0.9, 0.0)[0].device.type == "meta"
 
 
+def test_cached_parameters_do_not_leak_between_modes():
+    """Rows made under inference_mode are inference tensors, which autograd will not save: a
+    filter_logits with grad after one under inference_mode raised. Under a dispatch mode
+    (FakeTensorMode) the rows are fake, and cached they broke every later real call."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B = 5  # a batch no other test caches rows for
+    with torch.inference_mode():
+        fastgpt.filter_logits(torch.randn(B, 20), temperature=0.7, top_p=0.9)
+    logits = torch.randn(B, 20, requires_grad=True)
+    fastgpt.filter_logits(logits, temperature=0.7, top_p=0.9).logsumexp(dim=-1).sum().backward()
+    assert logits.grad.shape == (B, 20)
+    with FakeTensorMode() as mode:
+        fastgpt.filter_logits(mode.from_tensor(torch.randn(B, 20)), temperature=0.6, top_p=0.8)
+    assert fastgpt.sample(torch.randn(B, 20), temperature=0.6, top_p=0.8, backend="torch").shape == (B,)
+
+
 def test_cached_parameters_are_still_checked():
     """Four numbers that passed once are looked up, not checked again: the lookup tells values of
     another type (50.0 == 50) and the other check (filter_logits takes no temperature 0) apart."""

@@ -14,6 +14,7 @@ import numbers
 import struct
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastgpt import _backends, reference
 from fastgpt.ops import _checks, _cuda, _dispatch
@@ -94,13 +95,15 @@ _PLAIN_NUMBERS = {int, float}
 def _cache_key(device) -> tuple | None:
     """The key of `device` in the caches of constant rows, or None where nothing may be cached or
     reused: the meta device, under torch.compile (a cached row would become a constant of the
-    graph), or while a CUDA graph is being captured (a row made then would be the graph's memory)."""
+    graph), under a dispatch mode (FakeTensorMode's rows are fake), or while a CUDA graph is being
+    captured (a row made then would be the graph's memory). Rows made under inference_mode are
+    inference tensors, which autograd refuses to save: they are kept apart from the others."""
     device = torch.device(device)
-    if device.type == "meta" or torch.compiler.is_compiling():
+    if device.type == "meta" or torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return None
-    return _device_key(device)
+    return *_device_key(device), torch.is_inference_mode_enabled()
 
 
 def _constant_row(value, B: int, device, dtype) -> torch.Tensor:
