@@ -8,7 +8,7 @@ bf16 and GPT-2's shapes.
 import pytest
 import torch
 
-from fastgpt import BackendUnavailableError, reference
+from fastgpt import BackendUnavailableError, _backends, reference
 from fastgpt.ops.linear import MAX_ROWS, linear
 from tests.gpu_compile import (
     SMEM_LIMIT_SM86,
@@ -376,6 +376,15 @@ def test_shape_and_backend_errors(device):
         linear(torch.randn(MAX_ROWS + 1, 32, device=device), w, backend="triton")
     with pytest.raises(BackendUnavailableError, match="linear: backend='cuda'"):
         linear(x, w, backend="cuda")
+
+
+def test_cuda_is_refused_where_the_extension_runs(monkeypatch):
+    """With the extension available (a GPU, the emulator), backend='cuda' passed resolve and
+    failed looking up a CUDA linear launcher that does not exist (AttributeError)."""
+    real = _backends.why_not
+    monkeypatch.setattr(_backends, "why_not", lambda name, device: None if name == "cuda" else real(name, device))
+    with pytest.raises(BackendUnavailableError, match="linear: backend='cuda' .* no linear kernel"):
+        linear(torch.randn(2, 8), torch.randn(4, 8), backend="cuda")
 
 
 def test_auto_takes_torch_beyond_the_kernels_rows(device):

@@ -107,6 +107,8 @@ def _limits(M: int, N: int, K: int, x: torch.Tensor):
     _backends.resolve)."""
 
     def unsupported(name: str) -> str | None:
+        if name == "cuda":
+            return "the CUDA extension has no linear kernel (GPT's fused decode matmuls are Triton's): use 'triton'"
         if name != "triton":
             return None
         if M > MAX_ROWS:
