@@ -199,13 +199,17 @@ template <typename T, int D>
 __device__ __forceinline__ void store_output(const float (&o)[D / 8][4], const float (&l)[2], T* sQ, T* out,
                                              int64_t stride_o, int row_base, int seqlen_q, int tile, int lane) {
     const int g = lane >> 2, t = lane & 3;
-    const float inv[2] = {l[0] != 0.0f ? 1.0f / l[0] : 0.0f, l[1] != 0.0f ? 1.0f / l[1] : 0.0f};  // NaN stays
+    // A row that saw no key is 0, even where a zero weight met a NaN in v (0 * NaN); a NaN l stays NaN.
+    const bool seen[2] = {l[0] != 0.0f, l[1] != 0.0f};
+    const float inv[2] = {seen[0] ? 1.0f / l[0] : 0.0f, seen[1] ? 1.0f / l[1] : 0.0f};
     T* stage = sQ + tile * 16 * SMEM_STRIDE<D>;
 #pragma unroll
     for (int dt = 0; dt < D / 8; ++dt) {
 #pragma unroll
         for (int half = 0; half < 2; ++half) {
-            const uint32_t packed = pack2<T>(o[dt][half * 2] * inv[half], o[dt][half * 2 + 1] * inv[half]);
+            const float x0 = seen[half] ? o[dt][half * 2] * inv[half] : 0.0f;
+            const float x1 = seen[half] ? o[dt][half * 2 + 1] * inv[half] : 0.0f;
+            const uint32_t packed = pack2<T>(x0, x1);
             *reinterpret_cast<uint32_t*>(stage + (g + half * 8) * SMEM_STRIDE<D> + dt * 8 + 2 * t) = packed;
         }
     }

@@ -30,8 +30,9 @@ def masked_attention(q, k, v, visible, scale, *, return_lse: bool = False):
     scores = scores.masked_fill(~visible, float("-inf"))
     # No visible key, or only scores of -inf (past the float range): 0, not the softmax's NaN, as in
     # FlashAttention and every kernel here. Only there: a NaN or +inf score stays NaN, as in SDPA.
-    probs = torch.softmax(scores, dim=-1).masked_fill((scores == float("-inf")).all(dim=-1, keepdim=True), 0.0)
-    out = (probs @ vf).view(B, Hq, Sq, D).to(q.dtype)
+    blind = (scores == float("-inf")).all(dim=-1, keepdim=True)
+    probs = torch.softmax(scores, dim=-1).masked_fill(blind, 0.0)
+    out = (probs @ vf).masked_fill(blind, 0.0).view(B, Hq, Sq, D).to(q.dtype)  # 0, even past a 0 * NaN in v
     if not return_lse:
         return out
     # Where the softmax is NaN (a NaN score, or +inf ones) the lse is NaN too, as the kernels' m + log l.

@@ -211,8 +211,9 @@ def _attn_fwd_kernel(
                                 stride_v_s, HEAD_DIM, BLOCK_D, BLOCK_N, True, IS_CAUSAL, HAS_MASK, USE_TMA,
                                 DOT_PRECISION)
 
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)  # rows that saw no key: acc is 0, output 0
-    out = acc / l_safe[:, None]
+    # A row that saw no key is 0, even where a zero weight met a NaN in v (0 * NaN); a NaN l stays NaN.
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
     out = out.to(o_ptr.dtype.element_ty)
     if USE_TMA:  # the descriptor's bounds clip rows past Sq and columns past HEAD_DIM
         desc_o.store([b32, h32, start_m * BLOCK_M, 0], out.reshape(1, 1, BLOCK_M, BLOCK_D))

@@ -150,7 +150,7 @@ def _decode_split_kernel(
         m_i = m_new
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])  # none seen: 0, even past a 0 * NaN
     rows = (b * Hkv * group + heads) * Sq + queries  # flat (b, h, i) index
     out_rows = _out_rows(rows, Hkv * group, Sq, TOKEN_MAJOR)
     row_ok = pair_ok[:, None]

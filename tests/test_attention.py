@@ -177,6 +177,22 @@ def test_scores_past_the_float_range_see_nothing(device, backend, Sq):
     assert torch.equal(res.out, torch.zeros_like(res.out)) and res.lse.isneginf().all()
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch", "cuda"])
+@pytest.mark.parametrize("Sq, Sk", [(8, 3), (40, 20)], ids=["few-queries", "prefill"])
+def test_a_nan_value_reaches_no_query_that_sees_no_key(device, backend, Sq, Sk, request):
+    """Causal with Sq > Sk, a NaN in the last key's value: the query that sees it is NaN, and
+    the first Sq - Sk queries, which see no key, are 0 on every backend. The kernels multiply a
+    whole tile's weights by v, so those rows met 0 * NaN: the reference and the Triton kernels
+    (and the CUDA prefill kernel) wrote NaN there."""
+    if backend == "cuda" and device == "cpu":
+        request.getfixturevalue("cuda_emulator")
+    q, k, v = _qkv(1, 2, 2, Sq, Sk, 64, torch.float16, device)
+    v[0, 0, Sk - 1, 3] = float("nan")
+    out = fastgpt.attention(q, k, v, causal=True, backend=backend)
+    assert torch.equal(out[:, :, : Sq - Sk], torch.zeros_like(out[:, :, : Sq - Sk]))
+    assert out[0, 0, -1].isnan().any() and not out[0, 1].isnan().any()
+
+
 def test_log_sum_exp_without_keys():
     """No key at all (Sk = 0): zeros and an fp32 lse of -inf, whatever torch's default dtype."""
     q, k = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 0, 16)
