@@ -7,10 +7,13 @@
 //   - top-p: the smallest score v whose cumulative probability mass of scores <= v exceeds
 //     1 - top_p, by the same radix select with each token weighing exp(s - max) in 2^-40 fixed
 //     point (integer sums: the result does not depend on the order of the atomics). HF removes
-//     sorted tokens whose cumulative mass is <= 1 - top_p; tokens tied at the boundary value are
-//     all kept here (a sort would keep an arbitrary subset of them);
+//     sorted tokens whose cumulative mass is <= 1 - top_p, so of a group of tokens tied at v it
+//     removes a fixed number, but which ones depends on its sort: here the whole group stays
+//     drawable at the mass HF keeps of it, each member's score plus the log of the share kept
+//     (tie_log_share, reference.draw_scores); every other token's probability is HF's;
 //   - min-p: exp(s - max) >= min_p (prob >= min_p * max prob), no pass needed.
-// The draw is Gumbel-max: argmax over kept tokens of s + G, G = -log(-log(u)), u from Philox4x32-10
+// The draw is Gumbel-max: argmax over kept tokens of s + G (s plus the tie group's log share
+// first, for the group at the top-p cut), G = -log(-log(u)), u from Philox4x32-10
 // keyed by the device seed, counter (token / 4, row). Greedy rows (temperature <= 0) take the
 // first index of the largest cleaned logit. Built without fast math: the division by the
 // temperature and the logs must round as torch does.
@@ -71,17 +74,18 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
             weight = 1;
             return true;
         };
-        threshold = radix_select<false>(V, load, all, (unsigned long long)(top_k - 1), true, sh);
+        threshold = radix_select<false>(V, load, all, (unsigned long long)(top_k - 1), true, sh).key;
     }
 
     // top-p, clamped to (0, 1]: 1 (or NaN) means off; <= 0 keeps only the largest scores.
     const double top_p = p.top_p[b];
+    float tie_log = 0.0f;  // added to the scores at the threshold: a tie group that top-p splits
     if (top_p < 1.0) {
         const float cut = float(1.0 - (top_p > 0.0 ? top_p : 0.0));  // HF: 1 - top_p rounded to fp32
         auto kept = [&](float x, uint32_t& key, unsigned long long& weight) {
             const float s = row.score_of(x);
             key = order_key(s);
-            weight = __float2ull_rn(expf(s - m) * kFixedOne);
+            weight = fixed_weight(s, m);
             return key >= threshold;
         };
         unsigned long long total = 0;
@@ -99,7 +103,12 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
         total = block_sum(total, sh.warp_totals);  // >= 2^40: the largest score weighs 2^40
         const double cut_mass = floor(double(cut) * double(total));
         const unsigned long long target = cut_mass >= double(total - 1) ? total - 1 : (unsigned long long)cut_mass;
-        threshold = radix_select<true>(V, load, kept, target, false, sh);
+        const Selected cut_at = radix_select<true>(V, load, kept, target, false, sh);
+        threshold = cut_at.key;
+        // A ties_only row's drawable tokens are all one group (scores 0, the rest -inf): a share
+        // would shift them all alike, so none is applied.
+        const unsigned long long one = fixed_weight(key_score(threshold), m);  // a token's at the threshold
+        if (!ties_only) tie_log = tie_log_share(target, cut_at.before, cut_at.at, one);
     }
 
     // min-p, clamped to [0, 1] (NaN means off).
@@ -119,9 +128,10 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
             const int i = group * 4 + j;
             if (i >= V) break;
             const float s = row.score_of(x[j]);
-            if (order_key(s) < threshold || s == -INFINITY) continue;
+            const uint32_t key = order_key(s);
+            if (key < threshold || s == -INFINITY) continue;
             if (min_p > 0.0f && expf(s - m) < min_p) continue;
-            better(best, best_index, s + gumbel_from_bits(r.x[j]), i);
+            better(best, best_index, (key == threshold ? s + tie_log : s) + gumbel_from_bits(r.x[j]), i);
         }
     }
     block_argmax(best, best_index, sh);
@@ -129,7 +139,7 @@ __device__ void sample_row(const SampleParams& p, int b, Shared& sh) {
 }
 
 // One block an SM at least, said: without it ptxas held the fp32 instance on sm_80 to 40 registers
-// and spilled (58 with it; 512 threads at 58 still fit two blocks an SM).
+// and spilled (60 with it; 512 threads at 60 still fit two blocks an SM).
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleParams p) {
     __shared__ Shared sh;
@@ -162,10 +172,6 @@ __device__ __forceinline__ uint64_t pack(uint32_t key, int i, int vocab) {
 }
 __device__ __forceinline__ uint32_t packed_key(uint64_t e) { return uint32_t(e >> 32); }
 __device__ __forceinline__ int packed_index(uint64_t e, int vocab) { return vocab - 1 - int(uint32_t(e)); }
-// The score whose order_key is `key` (order_key is a bijection on floats other than -0.0 and NaN).
-__device__ __forceinline__ float key_score(uint32_t key) {
-    return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
-}
 
 // The packed entry of token i of a row on the candidate path, x its logit (0 past the row: below
 // every real entry, since no score's key is 0): its score is the cleaned logit over the
@@ -239,7 +245,7 @@ __global__ void __launch_bounds__(kThreads) key_bound_kernel(SampleParams p, Can
             weight = 1;
             return true;
         };
-        bound = radix_select<false>(groups, load, all, (unsigned long long)(k - 1), true, sh);
+        bound = radix_select<false>(groups, load, all, (unsigned long long)(k - 1), true, sh).key;
     }
     if (threadIdx.x == 0) {
         w.bound[b] = bound;
@@ -349,9 +355,10 @@ __global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p
     const float s = e != 0 ? key_score(key) : -INFINITY;
     const bool survivor = e != 0 && key >= threshold;
     const double top_p = p.top_p[b];
-    if (top_p < 1.0) {  // as sample_row: exact fixed-point weights, so the same threshold
+    float tie_log = 0.0f;  // as sample_row's
+    if (top_p < 1.0) {  // as sample_row: exact fixed-point weights, so the same threshold and tie share
         const float cut = float(1.0 - (top_p > 0.0 ? top_p : 0.0));
-        const unsigned long long weight = survivor ? __float2ull_rn(expf(s - m) * kFixedOne) : 0;
+        const unsigned long long weight = survivor ? fixed_weight(s, m) : 0;
         const unsigned long long total = block_sum(weight, sh.warp_totals);
         const double cut_mass = floor(double(cut) * double(total));
         const unsigned long long target = cut_mass >= double(total - 1) ? total - 1 : (unsigned long long)cut_mass;
@@ -361,13 +368,19 @@ __global__ void __launch_bounds__(kThreads) candidate_draw_kernel(SampleParams p
         __syncthreads();
         find_bin(target, true, sh);
         threshold = packed_key(best[sh.select_bin]);
+        // find_bin's sums end at an entry, and its ties lie on both sides of it in the list: the
+        // weights below the threshold's group and of the group take two more sums (covered: the
+        // group ends inside the list).
+        const unsigned long long below = block_sum(key < threshold ? weight : 0ull, sh.warp_totals);
+        const unsigned long long at = block_sum(key == threshold ? weight : 0ull, sh.warp_totals);
+        tie_log = tie_log_share(target, below, at, fixed_weight(key_score(threshold), m));
     }
     const float min_p = fminf(fmaxf(p.min_p[b], 0.0f), 1.0f);
     float z = -INFINITY;
     int index = V;
     if (e != 0 && key >= threshold && s != -INFINITY && !(min_p > 0.0f && expf(s - m) < min_p)) {
         index = packed_index(e, V);
-        z = s + gumbel_noise(static_cast<uint64_t>(p.seed[0]), index, b);
+        z = (key == threshold ? s + tie_log : s) + gumbel_noise(static_cast<uint64_t>(p.seed[0]), index, b);
     }
     block_argmax(z, index, sh);
     if (tid == 0) p.out[b] = index < V ? index : 0;

@@ -1,6 +1,6 @@
 // The sampler's parts (sampling.cu has the algorithm): Philox4x32-10 and the Gumbel noise drawn
-// from it, order-preserving keys of scores, a row of cleaned and tempered logits, block
-// reductions and the block-wide radix select over keys.
+// from it, order-preserving keys and fixed-point weights of scores, a row of cleaned and tempered
+// logits, block reductions, the block-wide radix select over keys and top-p's tie rule.
 #pragma once
 
 #include "common.cuh"
@@ -56,6 +56,17 @@ __device__ __forceinline__ uint32_t order_key(float s) {
     return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
 }
 
+// The score whose order_key is `key` (order_key is a bijection on floats other than -0.0 and NaN).
+__device__ __forceinline__ float key_score(uint32_t key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+}
+
+// A score's weight in top-p's sums, exp(s - m) (m the row's largest score) in 2^-40 fixed point:
+// integer sums do not depend on the order the atomics and reductions add them in.
+__device__ __forceinline__ unsigned long long fixed_weight(float s, float m) {
+    return __float2ull_rn(expf(s - m) * kFixedOne);
+}
+
 // One row of logits with reference.clean_logits applied and divided by the temperature:
 // NaN -> -inf. On a row whose top score is +inf (ties_only: it holds +inf logits, or its largest
 // x / t overflows), the entries equal to its largest logit max_x -> 0 and everything else -inf:
@@ -90,7 +101,7 @@ struct Shared {
     float best_value[kWarps];
     int best_index[kWarps];
     int select_bin;
-    unsigned long long select_below;
+    unsigned long long select_below, select_weight;
 };
 
 // (value, index) with the larger value winning, the smaller index on ties.
@@ -120,8 +131,9 @@ __device__ void block_argmax(float& v, int& i, Shared& sh) {
 // --------------------------------------------------------------------------- radix select
 
 // Finds the bin where the running sum of sh.hist, taken in scan order (bins 255 -> 0 when
-// descending, 0 -> 255 otherwise), first exceeds `target`; sets sh.select_bin and
-// sh.select_below (the sum of the bins before it in scan order). Threads 0..255 scan one bin each.
+// descending, 0 -> 255 otherwise), first exceeds `target`; sets sh.select_bin, sh.select_below
+// (the sum of the bins before it in scan order) and sh.select_weight (its own). Threads 0..255
+// scan one bin each.
 __device__ void find_bin(unsigned long long target, bool descending, Shared& sh) {
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int bin = descending ? kBins - 1 - tid : tid;
@@ -134,13 +146,14 @@ __device__ void find_bin(unsigned long long target, bool descending, Shared& sh)
     if (lane == 31) sh.warp_totals[warp] = incl;
     if (tid == 0) {
         sh.select_bin = descending ? 0 : kBins - 1;  // not reached when target < the total
-        sh.select_below = 0;
+        sh.select_below = sh.select_weight = 0;
     }
     __syncthreads();
     for (int w = 0; w < warp; ++w) incl += sh.warp_totals[w];
     if (tid < kBins && incl > target && incl - own <= target) {
         sh.select_bin = bin;
         sh.select_below = incl - own;
+        sh.select_weight = own;  // before the barrier: after it, the next radix_select may clear sh.hist
     }
     __syncthreads();
 }
@@ -160,18 +173,27 @@ __device__ __forceinline__ void add_to_bin(int bin, unsigned long long weight, i
     }
 }
 
+// What radix_select found: a key, and the weight of the eligible tokens before it in scan order
+// (keys above it when descending, below it otherwise) and of those at it.
+struct Selected {
+    uint32_t key;
+    unsigned long long before, at;
+};
+
 // Radix select over the 32-bit keys of the eligible tokens of a row. `load(i)` reads token i's
 // value (a logit); `element(value, key, weight)` returns whether a token of that value is
-// eligible and sets its key and weight (weight 1 when !WEIGHTED). Returns the key K where the
+// eligible and sets its key and weight (weight 1 when !WEIGHTED). Finds the key K where the
 // weight accumulated in scan order first exceeds `target`:
 //   descending: the largest K with weight(keys >= K) > target (target = k - 1: the k-th largest);
 //   ascending:  the smallest K with weight(keys <= K) > target.
+// Each pass's bins before the selected one hold keys before K, and the last pass's selected bin
+// holds K's tokens alone: the weights before and at K come with it, at no extra pass.
 // Requires target < the total eligible weight.
 template <bool WEIGHTED, typename Load, typename Element>
-__device__ uint32_t radix_select(int vocab, const Load& load, const Element& element, unsigned long long target,
+__device__ Selected radix_select(int vocab, const Load& load, const Element& element, unsigned long long target,
                                  bool descending, Shared& sh) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    uint32_t prefix = 0;
+    Selected found{0, 0, 0};
     for (int shift = 24; shift >= 0; shift -= 8) {
         const uint32_t high_mask = shift == 24 ? 0u : (0xFFFFFFFFu << (shift + 8));
         for (int b = threadIdx.x; b < kBins; b += kThreads) sh.hist[b] = sh.counts[b] = 0;
@@ -193,7 +215,7 @@ __device__ uint32_t radix_select(int vocab, const Load& load, const Element& ele
                 key[u] = 0;
                 weight[u] = 0;
                 valid[u] = base + u * 32 + lane < vocab && element(value[u], key[u], weight[u]) &&
-                           (key[u] & high_mask) == prefix;
+                           (key[u] & high_mask) == found.key;
             }
 #pragma unroll
             for (int u = 0; u < kRadixTokens; ++u)
@@ -205,10 +227,12 @@ __device__ uint32_t radix_select(int vocab, const Load& load, const Element& ele
             __syncthreads();
         }
         find_bin(target, descending, sh);
-        prefix |= uint32_t(sh.select_bin) << shift;
+        found.key |= uint32_t(sh.select_bin) << shift;
+        found.before += sh.select_below;
+        found.at = sh.select_weight;
         target -= sh.select_below;
     }
-    return prefix;
+    return found;
 }
 
 // Row-wide facts from one pass: the first index of the largest logit (NaN as -inf) and whether
@@ -228,6 +252,22 @@ __device__ void row_max(const T* logits, int vocab, float& max_value, int& max_i
     block_argmax(v, idx, sh);
     max_value = v;
     max_index = min(idx, vocab - 1);
+}
+
+// --------------------------------------------------------------------------- top-p's tie rule
+
+// The log of the share of a tie group at the top-p cut that Hugging Face keeps (reference.draw_scores).
+// HF removes the ascending sorted tokens whose cumulative weight is <= target: after the tokens
+// below the group (weighing `below` <= target), the first (target - below) / one of its members
+// (weighing `one` each, `at` in all), whichever its sort puts first, but never its top token. The
+// whole group stays drawable here, each member's score plus this log, so that the group weighs
+// what HF keeps of it. 0 exactly when HF removes none of it: the draw is then the plain one.
+__device__ __forceinline__ float tie_log_share(unsigned long long target, unsigned long long below,
+                                               unsigned long long at, unsigned long long one) {
+    if (one == 0 || target < below) return 0.0f;  // never at a cut: below <= target < below + at
+    const unsigned long long removed = (target - below) / one * one;
+    const unsigned long long kept = removed + one <= at ? at - removed : one;
+    return logf(float(double(kept) / double(at)));  // sampling.cu is built without fast math: the accurate logf
 }
 
 // Gumbel noise -log(-log(u)) from 32 random bits.

@@ -149,28 +149,64 @@ def filter_logits(logits, temperature, top_k, top_p, min_p):
     fp64 (1.0 = off); min_p (B,) fp32 (0.0 = off). Removed entries become -inf. Each warper runs
     only on the rows that enable it, as HF adds a warper only when its parameter is set.
     """
-    # HF divides and multiplies by Python floats, which half-precision tensors apply in fp32.
-    scores = (logits.float() / temperature[:, None]).to(logits.dtype)
-    V = scores.shape[-1]
-    neg_inf = float("-inf")
-    # Data-dependent branches would sync the host, so every warper runs and is masked per row.
+    scores = _top_k(_temperature(logits, temperature), top_k)
+    return _min_p(scores.masked_fill(_top_p(scores, top_p)[0], float("-inf")), min_p)
 
+
+# Data-dependent branches would sync the host, so every warper runs and is masked per row.
+def _temperature(logits, temperature):
+    """HF divides and multiplies by Python floats, which half-precision tensors apply in fp32."""
+    return (logits.float() / temperature[:, None]).to(logits.dtype)
+
+
+def _top_k(scores, top_k):
+    V = scores.shape[-1]
     k = torch.where(top_k > 0, top_k, V).clamp(1, V)
     kth = torch.sort(scores, dim=-1, descending=True).values.gather(-1, (k - 1)[:, None])
-    scores = scores.masked_fill((scores < kth) & (k < V)[:, None], neg_inf)
+    return scores.masked_fill((scores < kth) & (k < V)[:, None], float("-inf"))
 
-    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+
+def _top_p(scores, top_p):
+    """HF's top-p: (removed (B, V) bool, sorted scores (B, V) ascending, removed in that order)."""
+    sorted_scores, sorted_idx = torch.sort(scores, descending=False)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
     # HF compares against the Python double (1 - top_p) rounded to the scores' dtype.
-    remove_sorted = cumulative <= (1.0 - top_p)[:, None].to(scores.dtype)
+    remove_sorted = (cumulative <= (1.0 - top_p)[:, None].to(scores.dtype)) & (top_p < 1.0)[:, None]
     remove_sorted[:, -1] = False
-    remove = remove_sorted.scatter(1, sorted_idx, remove_sorted)
-    scores = scores.masked_fill(remove & (top_p < 1.0)[:, None], neg_inf)
+    return remove_sorted.scatter(1, sorted_idx, remove_sorted), sorted_scores, remove_sorted
 
+
+def _min_p(scores, min_p):
     probs = torch.softmax(scores, dim=-1)
     remove = probs < (min_p[:, None] * probs.amax(dim=-1, keepdim=True).float()).to(probs.dtype)
     remove.scatter_(-1, probs.argmax(dim=-1, keepdim=True), False)
-    return scores.masked_fill(remove & (min_p > 0.0)[:, None], neg_inf)
+    return scores.masked_fill(remove & (min_p > 0.0)[:, None], float("-inf"))
+
+
+def draw_scores(logits, temperature, top_k, top_p, min_p):
+    """The scores whose softmax `sample` draws from: filter_logits', except where a group of tied
+    scores straddles the top-p boundary (arguments as filter_logits').
+
+    Hugging Face removes the top-p tail in its ascending sort's order, so of such a group of G
+    tokens it removes the first r, those whose cumulative mass is <= 1 - top_p: r is fixed by the
+    masses, but which r depends on how its sort orders the ties. Here the group is kept whole at
+    the mass HF keeps of it: each member's score gains log((G - r) / G). The draw is then HF's,
+    averaged over the orders of the tie, and the same on every backend; every other token's
+    probability is softmax(filter_logits(...))'s exactly.
+    """
+    scores = _top_k(_temperature(logits, temperature), top_k)
+    removed, sorted_scores, removed_sorted = _top_p(scores, top_p)
+    hf = _min_p(scores.masked_fill(removed, float("-inf")), min_p)
+    f = removed_sorted.sum(dim=-1, keepdim=True)  # HF removes a prefix of the sorted scores
+    tie = sorted_scores.gather(-1, f.clamp(max=scores.shape[-1] - 1))  # the first kept score
+    before = sorted_scores.gather(-1, (f - 1).clamp(min=0))
+    group = (scores == tie) & ((f > 0) & (before == tie))  # the tie group top-p splits, if one
+    size = group.sum(dim=-1, keepdim=True)
+    kept = size - (removed_sorted & (sorted_scores == tie)).sum(dim=-1, keepdim=True)
+    # A member's min-p verdict is that of the members HF kept (the same score).
+    group &= (group & (hf > float("-inf"))).any(dim=-1, keepdim=True)
+    weight = torch.log(kept.clamp(min=1).double() / size.clamp(min=1).double()).to(scores.dtype)
+    return torch.where(group, scores + weight, hf)
 
 
 def clean_logits(logits):
@@ -240,7 +276,7 @@ def greedy(logits):
 
 
 def sample(logits, temperature, top_k, top_p, min_p, seed):
-    """Draw one token per row: greedy where temperature == 0, else from softmax(filter_logits).
+    """Draw one token per row: greedy where temperature == 0, else from softmax(draw_scores).
 
     logits (B, V); per-row parameters as in `filter_logits` (temperature may be 0, and a value
     the ops layer could not check, on a GPU or under torch.compile, <= 0 or NaN is greedy, as in
@@ -250,7 +286,7 @@ def sample(logits, temperature, top_k, top_p, min_p, seed):
     x = clean_logits(logits)
     is_greedy = ~(temperature > 0)  # NaN too
     safe_t = torch.where(is_greedy, torch.ones_like(temperature), temperature)
-    scores = filter_logits(top_ties_if_overflow(x, safe_t), safe_t, top_k, top_p, min_p)
+    scores = draw_scores(top_ties_if_overflow(x, safe_t), safe_t, top_k, top_p, min_p)
     gumbel = -torch.log(-torch.log(uniform(seed, scores.shape, scores.device)))
     drawn = torch.argmax(scores + gumbel, dim=-1)
     return torch.where(is_greedy, torch.argmax(x, dim=-1), drawn)

@@ -383,9 +383,10 @@ def test_sample_scores_underflowing_draw_nothing():
 
 
 def _kept(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
-    """reference.filter_logits' kept set closed over ties: HF's unstable sort keeps an arbitrary
-    part of a tie group straddling the top-p boundary, the kernel keeps all of it (csrc/sampling.cu).
-    fp16/bf16 rows of 64+ tokens tie often enough to matter."""
+    """reference.filter_logits' kept set closed over ties: of a tie group straddling the top-p
+    boundary HF keeps a part (which, its sort decides), the kernel keeps all of it drawable, at the
+    mass HF keeps of it (reference.draw_scores, csrc/sampling.cu). fp16/bf16 rows of 64+ tokens tie
+    often enough to matter."""
     clean, params = reference.clean_logits(logits), _params(logits.shape[0], temperature, top_k, top_p, min_p)
     kept = torch.isfinite(reference.filter_logits(clean, *params))
     divided = clean / params[0][:, None]  # ties are between scores (after the division), as the kernel sees them
@@ -434,7 +435,7 @@ def test_draws_stay_in_the_kept_set_and_cover_it(params, dtype):
     assert draws.min() >= 0 and draws.max() < V
     counts = torch.bincount(draws, minlength=V)
     assert kept[draws].all(), f"drew removed tokens {sorted(set(draws[~kept[draws]].tolist()))}"
-    probs = torch.softmax(reference.filter_logits(row.float(), *_params(1, **params)), dim=-1)[0]
+    probs = torch.softmax(reference.draw_scores(row.float(), *_params(1, **params)), dim=-1)[0]
     assert (counts[probs > 20 / n] > 0).all(), "a kept token with a visible probability was never drawn"
 
 
@@ -583,6 +584,82 @@ def test_top_k_keeps_ties_with_the_kth_value():
     row = _tensor([[5.0, 4.0, 4.0, 4.0, 1.0, 0.0]])
     draws = fastgpt.sample(row.expand(5000 if HAS_CUDA else 400, 6), top_k=2, backend="cuda")
     assert set(draws.tolist()) == {0, 1, 2, 3}
+
+
+SPLIT_TIES = [  # (row, top_k, top_p): top-p's cut falls inside a group of tied scores
+    # HF keeps 5 of the ten 0.0s: token 0 draws with 0.352, not the 0.214 of keeping all ten.
+    ([1.0] + [0.0] * 10, 0, 0.6),
+    # top-k drops the -1.0s; top-p the 0.0s (the weight below the group) and 3 of the eight 1.0s:
+    # each 2.0 draws with 0.260, not 0.202.
+    ([2.0] * 2 + [1.0] * 8 + [0.0] * 6 + [-1.0] * 8, 16, 0.64),
+]
+
+
+@pytest.mark.parametrize("bound", [0, 50], ids=["one-block", "candidates"])
+@pytest.mark.parametrize("values, top_k, top_p", SPLIT_TIES, ids=["alone", "after-top-k"])
+def test_top_p_draws_a_split_tie_group_at_the_mass_hf_keeps(values, top_k, top_p, bound):
+    """A tie group straddling the top-p boundary stays drawable whole, at the probability mass HF
+    keeps of it (reference.draw_scores): chi-square against softmax(draw_scores) on both paths
+    (bound 50: the candidate path's list; V <= its 64 entries, so it draws these rows itself)."""
+    scipy_stats = pytest.importorskip("scipy.stats")
+    row, n = _tensor([values]), 200_000 if HAS_CUDA else 2500
+    params = _params(n, 1.0, top_k, top_p)
+    probs = torch.softmax(reference.draw_scores(row, *(x[:1] for x in params)), dim=-1)[0].double()
+    draws = _cuda.sample(row.expand(n, row.shape[1]), *params, _tensor([5]), top_k_bound=bound)
+    counts = torch.bincount(draws, minlength=row.shape[1]).double()
+    keep = probs > 0
+    assert counts[~keep].sum() == 0
+    chi2 = ((counts[keep] - n * probs[keep]) ** 2 / (n * probs[keep])).sum().item()
+    assert scipy_stats.chi2.sf(chi2, int(keep.sum()) - 1) > 1e-4, (chi2, counts[keep] / n, probs[keep])
+
+
+@pytest.mark.parametrize("bound", [0, 50], ids=["one-block", "candidates"])
+@pytest.mark.parametrize("values, top_k, top_p", [
+    ([1.0] + [0.0] * 10, 0, 0.6),  # 5 of the ten 0.0s kept: 1/2
+    ([2.0] * 2 + [1.0] * 8 + [0.0] * 6 + [-1.0] * 8, 16, 0.57),  # 4 of the eight 1.0s: 1/2
+    ([2.0] * 2 + [1.0] * 8 + [0.0] * 6 + [-1.0] * 8, 16, 0.45),  # 2 of them: 1/4
+], ids=["half", "half-after-top-k", "quarter-after-top-k"])  # fmt: skip
+def test_top_p_split_tie_draws_are_those_of_draw_scores(values, top_k, top_p, bound):
+    """The tie rule to the bit, where the chi-square tests above see only large errors: the draws
+    are those of reference.draw_scores' scores with every filter off (the same noise: the counters
+    are the tokens' indices). The shares HF keeps are powers of two, whose logs the kernel's logf
+    and the reference's fp64 log round alike; a count of removed ties one off changes them."""
+    row, n = _tensor([values]), 300
+    params = _params(n, 1.0, top_k, top_p)
+    scores = reference.draw_scores(row, *(x[:1] for x in params))
+    shares = (scores - row)[torch.isfinite(scores) & (scores != row)].exp()
+    assert len(shares) > 0 and torch.allclose(shares, torch.full_like(shares, 0.5 if top_p > 0.5 else 0.25))
+    for seed in (1, 2):
+        s = _tensor([seed])
+        draws = _cuda.sample(row.expand(n, row.shape[1]), *params, s, top_k_bound=bound)
+        plain = _cuda.sample(scores.expand(n, row.shape[1]), *_params(n), s, top_k_bound=bound)
+        assert torch.equal(draws, plain)
+
+
+@pytest.mark.parametrize("bound", [0, 50], ids=["one-block", "candidates"])
+def test_top_p_without_a_split_tie_draws_as_without_top_p(bound):
+    """Where top-p removes none of the group at its cut, the draw is the plain Gumbel-max of the
+    scores: the same tokens, to the bit, as the kept tokens alone with top-p off (the same noise:
+    the counters are the tokens' indices). Each row's cut falls half a token into its lowest kept
+    group, the one the tie rule weighs: three tied tokens on even rows, the 4th best alone on odd."""
+    V, B = 64, 200
+    logits = _randn(B, V, seed=13, scale=1.5)
+    logits[0::2, [5, 40, 63]] = logits[0::2].amax(dim=-1, keepdim=True) - 0.5
+    probs = torch.softmax(logits.double(), dim=-1)
+    lowest = probs.argsort()[:, -4:-3]
+    lowest[0::2] = 5
+    p_lowest = probs.gather(1, lowest)  # each token's of the lowest kept group
+    below = torch.where(probs < p_lowest, probs, 0).sum(dim=-1)
+    top_p = 1.0 - (below + 0.5 * p_lowest[:, 0])  # the cut: the mass below the group and half a token
+    t, k, _, mp = _params(B)
+    kept = reference.filter_logits(logits, t, k, top_p, mp) > float("-inf")
+    sizes = torch.where(torch.arange(B, device=DEVICE) % 2 == 0, 3, 1)
+    assert torch.equal(kept, probs >= p_lowest) and torch.equal((probs == p_lowest).sum(dim=-1), sizes)
+    for seed in (1, 2):
+        s = _tensor([seed])
+        draws = _cuda.sample(logits, t, k, top_p, mp, s, top_k_bound=bound)
+        alone = _cuda.sample(logits.masked_fill(~kept, float("-inf")), *_params(B), s, top_k_bound=bound)
+        assert torch.equal(draws, alone)
 
 
 # ----------------------------------------------------------------------------- races and graphs

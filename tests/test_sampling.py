@@ -7,8 +7,10 @@ On CPU the Triton kernels run in Triton's interpreter, which is slow (~tens of m
 the CPU cases keep V and B small; the `gpu` cases use real vocabularies and batches.
 
 The kept set is compared with reference.filter_logits "closed over ties": a token whose score
-equals that of a kept token counts as kept. The kernel keeps a whole tie group that straddles the
-top-p boundary, where Hugging Face's unstable sort keeps an arbitrary part of it. Inputs whose
+equals that of a kept token counts as kept. Of a tie group that straddles the top-p boundary
+Hugging Face keeps a part fixed by the masses, which members depending on its sort's order; the
+kernels keep the group whole, weighted in the draw so that it carries HF's mass
+(reference.draw_scores, which the chi-square tests draw against). Inputs whose
 cumulative top-p mass (or min-p ratio) lies within float rounding of the threshold are redrawn:
 there the kernel's fp32 sums and torch's softmax + cumsum may legitimately disagree.
 """
@@ -396,14 +398,14 @@ def _skip_unavailable(backend, device, request):
 
 
 def _chi_square(backend, device, logits, draws, **params):
-    """Draw `draws` tokens from identical rows with one seed; chi-square against the filtered
-    softmax. Tokens outside the kept set must never appear."""
+    """Draw `draws` tokens from identical rows with one seed; chi-square against the softmax of
+    reference.draw_scores. Tokens outside the kept set must never appear."""
     B, V = draws, logits.shape[-1]
     rows = logits.expand(B, V).contiguous().to(device)
     g = torch.Generator(device=device).manual_seed(1234)
     ids = fastgpt.sample(rows, generator=g, backend=backend, **params).cpu()
-    filtered = reference.filter_logits(logits, *_params(1, "cpu", **params))
-    _assert_chi_square(ids, torch.softmax(filtered.double(), dim=-1)[0])
+    scores = reference.draw_scores(logits, *_params(1, "cpu", **params))
+    _assert_chi_square(ids, torch.softmax(scores.double(), dim=-1)[0])
 
 
 def _assert_chi_square(ids, probs):
@@ -435,6 +437,55 @@ def test_chi_square_temperature_only(backend, device, request):
     _chi_square(backend, device, LOGITS[:, :8], draws, temperature=1.7)
 
 
+SPLIT_TIE = torch.tensor([[1.0] + [0.0] * 10])  # at top_p 0.6 Hugging Face keeps 5 of the 10 tied
+
+
+def test_draw_scores_keep_a_split_tie_group_at_hugging_faces_mass():
+    """reference.draw_scores against transformers' warpers on rows of many ties: every token's
+    probability is HF's (softmax of its filtered scores), except in a tie group that top-p splits,
+    which is kept whole, its members equal, at the group's mass under HF."""
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    g = torch.Generator().manual_seed(5)
+    split = 0
+    for _ in range(200):
+        V = int(torch.randint(2, 40, (1,), generator=g))
+        logits = torch.randint(-4, 3, (1, V), generator=g).float() * 0.5
+        top_p = float(torch.rand(1, generator=g)) * 0.98 + 0.01
+        top_k = int(torch.randint(0, V + 2, (1,), generator=g))
+        hf = logits.clone()
+        hf = TopKLogitsWarper(top_k)(None, hf) if top_k > 0 else hf
+        hf = TopPLogitsWarper(top_p)(None, hf)
+        ours = reference.draw_scores(logits, *_params(1, "cpu", top_k=top_k, top_p=top_p))
+        p_hf, p_ours = torch.softmax(hf.double(), -1)[0], torch.softmax(ours.double(), -1)[0]
+        value = logits[0]
+        for v in value.unique():
+            members = value == v
+            torch.testing.assert_close(p_ours[members].sum(), p_hf[members].sum(), rtol=1e-5, atol=1e-7)
+            assert (p_ours[members] == p_ours[members][0]).all()  # equal members, kept or not as a group
+            split += bool((p_hf[members] > 0).any() and (p_hf[members] == 0).any())
+    assert split > 10  # the rows did split groups
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("path", ["candidates", "searches"])
+def test_a_split_tie_group_carries_hugging_faces_mass(backend, path, device, request):
+    """One token at 1, ten tied at 0, top_p 0.6: HF keeps 5 of the ten, token 0 has probability
+    0.352. The kernels kept the whole group at full weight (0.214); the torch backend drew from
+    HF's 5 members only. Every backend and path now draws all ten at HF's total."""
+    _skip_unavailable(backend, device, request)
+    draws = 400 if device == "cpu" and backend != "torch" else 20000  # the interpreter, the emulator: fewer
+    top_k = 50 if path == "candidates" else 0  # below 256, known on the host: the candidate lists
+    _chi_square(backend, device, SPLIT_TIE, draws, top_p=0.6, top_k=top_k)
+    if backend == "triton":  # the split path too (one row of a wide vocabulary takes it on a GPU)
+        params = [p.to(device) for p in _params(draws, device, top_p=0.6, top_k=top_k)]
+        seed = torch.tensor([11], device=device)
+        ids = triton_sample(SPLIT_TIE.expand(draws, 11).contiguous().to(device), *params, seed,
+                            num_chunks=2).cpu()  # fmt: skip
+        _assert_chi_square(ids, torch.softmax(reference.draw_scores(SPLIT_TIE, *_params(1, "cpu", top_p=0.6,
+                                                                                        top_k=top_k)).double(), -1)[0])
+
+
 @pytest.mark.gpu
 def test_gpu_chi_square_large_batch():
     _chi_square("triton", "cuda", LOGITS, 200000, temperature=0.8, top_k=7, top_p=0.95, min_p=0.2)
@@ -448,9 +499,10 @@ def test_gpu_chi_square_large_batch():
 def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k, request):
     """Where a row's largest x / t overflows (a tiny temperature, or huge logits), every entry below
     the row's maximum has probability exactly 0: each backend draws uniformly among the entries
-    tied at the maximum, with top-k, top-p (too loose to split the tie group, where Hugging Face's
-    unstable sort would keep part of it) and min-p on. (A top_k known below 256 for every row
-    takes the kernels' candidate path, which hands such rows to the searching code.)"""
+    tied at the maximum, with top-k, top-p (rows 1 and 3 split the tie group: Hugging Face keeps
+    part of it, which the draw spreads over all of it; the torch backend drew from HF's part) and
+    min-p on. (A top_k known below 256 for every row takes the kernels' candidate path, which
+    hands such rows to the searching code.)"""
     _skip_unavailable(backend, device, request)
     g = torch.Generator().manual_seed(3)
     V = 128
@@ -464,7 +516,7 @@ def test_overflowing_scores_draw_among_the_top_ties(backend, device, top_k, requ
     t = torch.tensor([1e-40, 1e-2, 0.5, 0.75])  # every row's max / t overflows
     assert (logits.amax(-1) / t == float("inf")).all()
     params = dict(temperature=t.repeat_interleave(n).to(device), top_k=[k for k in top_k for _ in range(n)],
-                  top_p=torch.tensor([1.0, 0.9, 0.95, 0.99], dtype=torch.float64).repeat_interleave(n).to(device),
+                  top_p=torch.tensor([1.0, 0.5, 0.95, 0.4], dtype=torch.float64).repeat_interleave(n).to(device),
                   min_p=torch.tensor([0.0, 0.0, 0.2, 0.5]).repeat_interleave(n).to(device))  # fmt: skip
     draws = fastgpt.sample(logits.repeat_interleave(n, 0).to(device), generator=torch.Generator(device).manual_seed(0),
                            backend=backend, **params).view(4, n).cpu()  # fmt: skip

@@ -214,7 +214,12 @@ def top_k_bound(top_k) -> int:
 
 
 def sample(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generator=None, backend="auto"):
-    """Draw one token id per row from softmax(filter_logits(logits, ...)).
+    """Draw one token id per row from softmax(filter_logits(logits, ...)), Hugging Face's filters.
+
+    Where top-p splits a group of tied scores, HF keeps a number of them fixed by the masses, and
+    which ones depends on the order its sort gives the ties: the draw keeps the whole group at
+    that mass, its members equally likely (fastgpt.reference.draw_scores; the same on every
+    backend). Every other token's probability is HF's.
 
     logits: (B, V) fp16, bf16 or fp32, filtered in fp32 (as transformers' generate casts them;
     filter_logits rounds x / t to the logits' dtype, as its processors do on half tensors, which

@@ -13,8 +13,11 @@ Per row, over the vocabulary in blocks (the row is re-read from L2 on every pass
 4. Top-p: Hugging Face sorts the survivors ascending and removes those whose cumulative
    probability is <= 1 - top_p (always keeping the top token). For distinct scores the removed
    set is {key < T}, T the largest key with mass(key < T) <= (1 - top_p) * Z, searched likewise.
-   HF's sort is unstable, so when a tie group straddles the boundary HF keeps an arbitrary part
-   of it: this kernel keeps the whole group (a superset of HF's set).
+   Where a group of G ties (each of mass e) straddles the boundary, HF removes the r of them its
+   sort puts first, r = floor(((1 - top_p) * Z - mass(key < T)) / e): which r depends on the
+   order its sort gives the ties. The kernels keep the whole group, each member's score raised by
+   log((G - r) / G) in the draw, so that the group carries the mass HF keeps of it
+   (reference.draw_scores; common._tie_weight).
 5. Min-p: remove p < min_p * p_max, i.e. exp(s - max) < min_p.
 6. Draw by Gumbel-max over the kept set, argmax(s + g) with g = -log(-log(u)), u from Philox
    (tl.randint(seed, row * V + col)), so a draw depends only on the device seed: reproducible,

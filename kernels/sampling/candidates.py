@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from fastgpt.kernels.pdl import _wait_for_previous_grid
-from fastgpt.kernels.sampling.common import KEY_MIN, KEY_NEG_INF, _gumbel, _kept, _load_scores, _min_p, _temperature
+from fastgpt.kernels.sampling.common import (KEY_MIN, KEY_NEG_INF, _gumbel, _kept, _load_scores, _min_p, _temperature,
+                                             _tie_weight)  # fmt: skip
 from fastgpt.kernels.sampling.row import _sample_row
 
 PAD = tl.constexpr(-(2**63))  # a packed entry below every real one (key KEY_MIN)
@@ -213,13 +214,17 @@ def _candidate_draw_kernel(
         t_p = tl.max(tl.where(i == tl.maximum(first - 1, 0), key, KEY_MIN), axis=0)
         t_p = tl.where(top_p < 1.0, tl.maximum(t_p, t_k), t_k)  # none removed: t_k
         kept = _kept(s, key, m, t_p, _min_p(min_p_ptr, row))
+        below = tl.sum(tl.where(key < t_p, e, 0.0), axis=0)
+        tie_weight = _tie_weight(t_p, m, budget, below, tl.sum(tl.where(key == t_p, e, 0.0), axis=0))
+        tie_weight = tl.where(top_p < 1.0, tie_weight, 0.0)
         if WRITE_MASK:
             keep = tl.where(sampling, tl.where(drawable, kept, False), i == 0)
             tl.store(out_ptr + row * V + col, keep, mask=keep)
         else:
             token = tl.where(sampling, 0, tl.max(tl.where(i == 0, col, 0), axis=0))
             if drawable:
-                z = tl.where(kept, s + _gumbel(tl.load(seed_ptr), row, col, V), float("-inf"))
+                s_w = tl.where(key == t_p, s + tie_weight, s)
+                z = tl.where(kept, s_w + _gumbel(tl.load(seed_ptr), row, col, V), float("-inf"))
                 zmax = tl.max(z, axis=0)
                 token = tl.min(tl.where(kept & (z == zmax), col, V), axis=0)
             tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))

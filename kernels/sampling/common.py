@@ -19,6 +19,27 @@ def _key(s):
 
 
 @triton.jit
+def _score_of(key):
+    """The fp32 value of an order-preserving key (_key's inverse)."""
+    return tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _tie_weight(t_p, m, budget, below, group):
+    """log of the share of the tie group at the top-p threshold key t_p that Hugging Face keeps.
+
+    HF removes the ascending sort's prefix whose cumulative mass is <= budget: of the G tokens of
+    mass e tied at t_p (group = G e, below = the survivors' mass under t_p) the first r, r =
+    floor((budget - below) / e), at most G - 1 (the top token always stays), as far as its sort's
+    order of the ties goes. The kernels keep the group whole, each member weighted (G - r) / G =
+    max(group - r e, e) / group, the mass HF keeps of it: 0 (weight 1) where no group is split."""
+    e = tl.exp(_score_of(t_p) - m)
+    r = tl.floor(tl.maximum(budget - below, 0.0) / e)
+    w = tl.maximum(group - r * e, e) / group
+    return tl.where((e > 0.0) & (w < 1.0), tl.log(w), 0.0)
+
+
+@triton.jit
 def _load_scores(row_ptr, cols, t, ties_only, xmax, V: tl.constexpr):
     """Scores of one block, fp32: clean(x) / t, and -inf past the end of the row.
 
@@ -86,17 +107,18 @@ def _gumbel(seed, row, cols, V: tl.constexpr):
 
 
 @triton.jit
-def _gumbel_argmax(row_ptr, begin, end, seed, row, t, ties_only, xmax, m, t_p, min_p,
+def _gumbel_argmax(row_ptr, begin, end, seed, row, t, ties_only, xmax, m, t_p, tie_weight, min_p,
                    V: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    """max and first argmax over the kept set in [begin, end) of s + g, g the Gumbel noise: over a
-    whole row, a draw from softmax(s) restricted to the kept set. (-inf, begin) when nothing
-    there is kept."""
+    """max and first argmax over the kept set in [begin, end) of s + g, g the Gumbel noise, the
+    scores at key t_p raised by tie_weight (_tie_weight) first: over a whole row, a draw from
+    softmax of those scores restricted to the kept set. (-inf, begin) when nothing there is kept."""
     best = float("-inf")
     best_i = begin
     for start in range(begin, end, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         s, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
-        z = tl.where(_kept(s, key, m, t_p, min_p) & (cols < end), s + _gumbel(seed, row, cols, V), float("-inf"))
+        kept = _kept(s, key, m, t_p, min_p) & (cols < end)
+        z = tl.where(kept, tl.where(key == t_p, s + tie_weight, s) + _gumbel(seed, row, cols, V), float("-inf"))
         zmax = tl.max(z, axis=0)
         i = tl.argmax(z, axis=0, tie_break_left=True) + start
         best_i = tl.where(zmax > best, i, best_i)

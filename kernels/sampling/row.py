@@ -9,7 +9,7 @@ import triton.language as tl
 
 from fastgpt.kernels.pdl import _wait_for_previous_grid
 from fastgpt.kernels.sampling.common import (KEY_NEG_INF, _gumbel_argmax, _key, _load_scores, _min_p, _row_max,
-                                             _store_mask, _temperature, _top)  # fmt: skip
+                                             _store_mask, _temperature, _tie_weight, _top)  # fmt: skip
 
 
 @triton.jit
@@ -77,7 +77,8 @@ def _topp_threshold(row_ptr, t, ties_only, xmax, m, t_k, budget, lo, hi,
     the top-k survivors (key >= t_k). Tokens with key < T are removed by top-p.
 
     lo = t_k on entry (nothing below it carries mass); hi = the top key, so the top token always
-    stays. Stops once [lo, hi] holds a single key; lo == hi on entry returns lo.
+    stays. Stops once [lo, hi] holds a single key; lo == hi on entry returns lo. Also returns a
+    bound on count(key == T): at most 1 means no tie group there for top-p to split.
     """
     t_k = t_k.to(tl.int32)
     c_lo = lo * 0 + V  # an upper bound of count(key >= lo) is enough for the stopping rule
@@ -96,12 +97,28 @@ def _topp_threshold(row_ptr, t, ties_only, xmax, m, t_k, budget, lo, hi,
             mass += tl.sum(tl.where(above, 0.0, e[:, None]), axis=0)
         cnt = cnt.to(tl.int64)
         lo, hi, c_lo, c_hi = _narrow(lo, hi, c_lo, c_hi, piv, mass <= budget, cnt)
-    return lo
+    return lo, c_lo - c_hi
+
+
+@triton.jit
+def _tie_masses(row_ptr, t, ties_only, xmax, m, t_k, t_p, V: tl.constexpr, BLOCK_V: tl.constexpr):
+    """(mass(t_k <= key < t_p), mass(key == t_p)) of exp(s - m): what _tie_weight takes."""
+    t_k, t_p = t_k.to(tl.int32), t_p.to(tl.int32)
+    below = tl.zeros([BLOCK_V], dtype=tl.float32)
+    group = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        s, key = _load_scores(row_ptr, cols, t, ties_only, xmax, V)
+        e = tl.where(key >= t_k, tl.exp(s - m), 0.0)
+        below += tl.where(key < t_p, e, 0.0)
+        group += tl.where(key == t_p, e, 0.0)
+    return tl.sum(below, axis=0), tl.sum(group, axis=0)
 
 
 # Per row b: x = clean(logits[b]). Greedy (t <= 0): token = first argmax of x. Otherwise
-#   s = x / t;  keep s >= (k-th largest s);  keep key(s) >= T_p, HF's top-p on the survivors;
-#   keep exp(s - max s) >= min_p;  token = argmax over the kept set of s - log(-log(u)).
+#   s = x / t;  keep s >= (k-th largest s);  keep key(s) >= T_p, HF's top-p on the survivors
+#   (the tie group at T_p weighted by the share HF keeps of it: w);  keep exp(s - max s) >= min_p;
+#   token = argmax over the kept set of s + log(w at T_p) - log(-log(u)).
 @triton.jit
 def _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, seed_ptr, out_ptr, row,
                 stride_logits_b, V: tl.constexpr, WRITE_MASK: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -126,8 +143,8 @@ def _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, se
     if topp_on:
         z = _survivor_mass(row_ptr, t, ties_only, xmax, m, t_k, V, BLOCK_V)
         budget = (1.0 - top_p).to(tl.float32) * z  # HF: 1 - top_p in fp64, rounded to fp32
-    t_p = _topp_threshold(row_ptr, t, ties_only, xmax, m, t_k, budget, t_k,
-                          tl.where(topp_on, top, t_k), V, BLOCK_V, NUM_PIVOTS)  # fmt: skip
+    t_p, at_most = _topp_threshold(row_ptr, t, ties_only, xmax, m, t_k, budget, t_k,
+                                   tl.where(topp_on, top, t_k), V, BLOCK_V, NUM_PIVOTS)  # fmt: skip
     t_p = t_p.to(tl.int32)  # t_p >= t_k: one key threshold for both filters
 
     min_p = _min_p(min_p_ptr, row)
@@ -137,8 +154,13 @@ def _sample_row(logits_ptr, temperature_ptr, top_k_ptr, top_p_ptr, min_p_ptr, se
     else:
         token = tl.where(sampling, 0, imax)  # a row with nothing to draw returns 0
         if drawable:
+            tie_weight = t * 0.0
+            # A pass more where a tie group may straddle the cut (a ties-only row's draw is uniform anyway)
+            if topp_on & ~ties_only & (at_most > 1):
+                below, group = _tie_masses(row_ptr, t, ties_only, xmax, m, t_k, t_p, V, BLOCK_V)
+                tie_weight = _tie_weight(t_p, m, budget, below, group)
             seed = tl.load(seed_ptr)
-            token = _gumbel_argmax(row_ptr, 0, V, seed, row, t, ties_only, xmax, m, t_p, min_p,
+            token = _gumbel_argmax(row_ptr, 0, V, seed, row, t, ties_only, xmax, m, t_p, tie_weight, min_p,
                                    V, BLOCK_V)[1]  # fmt: skip
         tl.store(out_ptr + row, tl.minimum(tl.maximum(token, 0), V - 1).to(tl.int64))
 

@@ -10,7 +10,7 @@ import triton.language as tl
 
 from fastgpt.kernels.pdl import _wait_for_previous_grid
 from fastgpt.kernels.sampling.common import (KEY_MIN, KEY_NEG_INF, _gumbel_argmax, _key, _load_scores, _min_p,
-                                             _row_max, _store_mask, _temperature, _top)  # fmt: skip
+                                             _row_max, _store_mask, _temperature, _tie_weight, _top)  # fmt: skip
 
 
 @triton.jit
@@ -251,10 +251,15 @@ def _split_draw_kernel(
     top_p = tl.load(top_p_ptr + row)
     prefix, t_p, below, budget = _load_state(state_ptr, row, 7)
     t_p = t_p.to(tl.int64)  # t_k
+    tie_weight = t * 0.0
     if drawable & ~ties_only & (top_p < 1.0):
         mass = _sum_chunks(hist_in_ptr, row, num_chunks, MAX_CHUNKS)
         t_p, below = _mass_select(mass, budget, prefix, below, 3)
-        t_p = tl.minimum(t_p, _key(m).to(tl.int64))  # the top token always stays
+        group = tl.sum(tl.where(tl.arange(0, 256) == (t_p & 255), mass, 0.0), axis=0)  # mass(key == t_p)
+        top = _key(m).to(tl.int64)
+        if t_p <= top:  # else every score under the top one is removed: only the top ties are drawn
+            tie_weight = _tie_weight(t_p.to(tl.int32), m, budget, below, group)
+        t_p = tl.minimum(t_p, top)  # the top token always stays
     t_p = tl.where(ties_only, 0, t_p).to(tl.int32)
     min_p = _min_p(min_p_ptr, row)
     if WRITE_MASK:
@@ -262,7 +267,7 @@ def _split_draw_kernel(
                     drawable, imax, V, BLOCK_V)  # fmt: skip
     elif drawable:
         best, best_i = _gumbel_argmax(row_ptr, begin, end, tl.load(seed_ptr), row, t, ties_only, xmax,
-                                      m, t_p, min_p, V, BLOCK_V)  # fmt: skip
+                                      m, t_p, tie_weight, min_p, V, BLOCK_V)  # fmt: skip
         tl.store(part_z_ptr + row * num_chunks + c, best)
         tl.store(part_zi_ptr + row * num_chunks + c, best_i)
 

@@ -67,7 +67,8 @@ def reference_sets(logits: torch.Tensor, p: dict) -> dict:
         return torch.full((B,), value, dtype=dtype, device=logits.device)
 
     t = row(p["T"] if p["T"] > 0 else 1.0, torch.float32)
-    kept = ref.filter_logits(clean, t, row(p["K"], torch.int64), row(p["P"], torch.float64), row(p["MINP"], torch.float32))
+    # draw_scores: filter_logits' set, with a tie group that top-p splits whole, as sample draws
+    kept = ref.draw_scores(clean, t, row(p["K"], torch.int64), row(p["P"], torch.float64), row(p["MINP"], torch.float32))
     top_k = ref.filter_logits(clean, t, row(p["K"], torch.int64), row(1.0, torch.float64), row(0.0, torch.float32))
     return {"kept": torch.isfinite(kept), "kept_top_k": torch.isfinite(top_k),
             "finite": torch.isfinite(clean), "greedy": clean.argmax(dim=-1)}
