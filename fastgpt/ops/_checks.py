@@ -33,7 +33,7 @@ def dense(name: str, t: torch.Tensor) -> None:
     if t.layout != torch.strided or t.is_nested:
         kind = "a nested tensor" if t.is_nested else f"layout {t.layout}"
         raise TypeError(f"{name} must be a dense (strided) tensor, got {kind}")
-    if t.is_neg():
+    if not torch.compiler.is_compiling() and t.is_neg():  # a bool torch.compile cannot trace
         raise ValueError(f"{name} is a view with a lazy negation (is_neg()): pass {name}.resolve_neg()")
 
 
