@@ -19,6 +19,7 @@ compute attention themselves) raises a ValueError rather than giving other numbe
 from __future__ import annotations
 
 import sys
+import warnings
 
 import torch
 from torch import nn
@@ -82,6 +83,9 @@ def make_attention_forward(backend: str = "auto"):
                              f"{value.shape[-1]} and {query.shape[-1]}; {INSTEAD}")  # fmt: skip
         if dropout and module.training:
             raise ValueError("attn_implementation='fastgpt' is for inference: no attention dropout (call model.eval())")
+        if kwargs.get("output_attentions"):  # as transformers' SDPA: said, and the weights left out
+            warnings.warn("attn_implementation='fastgpt' computes no attention weights: output_attentions=True "
+                          "returns none (attn_implementation='eager' does)", stacklevel=2)  # fmt: skip
         Sq, Sk = query.shape[2], key.shape[2]
         if attention_mask is not None:
             # As transformers' SDPA path: a mask built for a longer cache is cut to the keys given.

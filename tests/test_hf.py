@@ -285,6 +285,17 @@ def test_training_with_dropout_is_refused(tmp_path):
         ours(torch.randint(0, V, (1, 4)))
 
 
+def test_output_attentions_says_there_are_none(tmp_path):
+    """The weights are never formed: output_attentions=True returns none, saying so, as
+    transformers' SDPA does (it returned none silently)."""
+    reference, ours = pair(llama_config(), tmp_path)
+    idx = torch.randint(0, V, (1, 6))
+    with pytest.warns(UserWarning, match="output_attentions=True returns none"):
+        out = ours(idx, output_attentions=True)
+    assert not out.attentions
+    assert_close(out.logits, reference(idx).logits)
+
+
 @pytest.mark.parametrize("name", fastgpt.hf.UNSUPPORTED_KWARGS)
 def test_unsupported_kwargs_refused(name):
     forward = fastgpt.hf.make_attention_forward()
