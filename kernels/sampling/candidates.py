@@ -214,15 +214,15 @@ def _candidate_draw_kernel(
         t_p = tl.max(tl.where(i == tl.maximum(first - 1, 0), key, KEY_MIN), axis=0)
         t_p = tl.where(top_p < 1.0, tl.maximum(t_p, t_k), t_k)  # none removed: t_k
         kept = _kept(s, key, m, t_p, _min_p(min_p_ptr, row))
-        below = tl.sum(tl.where(key < t_p, e, 0.0), axis=0)
-        tie_weight = _tie_weight(t_p, m, budget, below, tl.sum(tl.where(key == t_p, e, 0.0), axis=0))
-        tie_weight = tl.where(top_p < 1.0, tie_weight, 0.0)
         if WRITE_MASK:
             keep = tl.where(sampling, tl.where(drawable, kept, False), i == 0)
             tl.store(out_ptr + row * V + col, keep, mask=keep)
         else:
             token = tl.where(sampling, 0, tl.max(tl.where(i == 0, col, 0), axis=0))
             if drawable:
+                below = tl.sum(tl.where(key < t_p, e, 0.0), axis=0)
+                tie_weight = _tie_weight(t_p, m, budget, below, tl.sum(tl.where(key == t_p, e, 0.0), axis=0))
+                tie_weight = tl.where(top_p < 1.0, tie_weight, 0.0)
                 s_w = tl.where(key == t_p, s + tie_weight, s)
                 z = tl.where(kept, s_w + _gumbel(tl.load(seed_ptr), row, col, V), float("-inf"))
                 zmax = tl.max(z, axis=0)
