@@ -13,10 +13,10 @@
 //     (tie_log_share, reference.draw_scores); every other token's probability is HF's;
 //   - min-p: exp(s - max) >= min_p (prob >= min_p * max prob), no pass needed.
 // The draw is Gumbel-max: argmax over kept tokens of s + G (s plus the tie group's log share
-// first, for the group at the top-p cut), G = -log(-log(u)), u from Philox4x32-10
-// keyed by the device seed, counter (token / 4, row). Greedy rows (temperature <= 0) take the
-// first index of the largest cleaned logit. Built without fast math: the division by the
-// temperature and the logs must round as torch does.
+// first, for the group at the top-p cut), G = -log(-log(u)), u from 32 bits of Philox4x32-10
+// keyed by the device seed, counter (token / 4, row), fine near 0 and 1 (gumbel_from_bits).
+// Greedy rows (temperature <= 0) take the first index of the largest cleaned logit. Built without
+// fast math: the division by the temperature and the logs must round as torch does.
 //
 // The candidate path (SampleParams::cand_k > 0: the caller bounds every row's top_k below it):
 // a row's kept set then lies among its cand_k best scores, which two kernels find by bitonic

@@ -41,11 +41,6 @@ __device__ __forceinline__ Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint3
     return {{c0, c1, c2, c3}};
 }
 
-// The top 23 bits of r as a float strictly inside (0, 1): (r / 2^9 + 0.5) / 2^23, exact in fp32.
-// With 24 bits the largest value, 2^24 - 0.5, rounds to 2^24 and gives u = 1.0: the Gumbel noise
-// -log(-log(1)) is then +inf and that token wins whatever its probability (as reference.unit_float).
-__device__ __forceinline__ float uniform_from_bits(uint32_t r) { return (float(r >> 9) + 0.5f) * (1.0f / 8388608.0f); }
-
 // --------------------------------------------------------------------------- scores and keys
 
 // Monotone map from floats (no NaN) to uint32: a < b as floats <=> key(a) < key(b) as integers.
@@ -270,8 +265,20 @@ __device__ __forceinline__ float tie_log_share(unsigned long long target, unsign
     return logf(float(double(kept) / double(at)));  // sampling.cu is built without fast math: the accurate logf
 }
 
-// Gumbel noise -log(-log(u)) from 32 random bits.
-__device__ __forceinline__ float gumbel_from_bits(uint32_t r) { return -logf(-logf(uniform_from_bits(r))); }
+// Gumbel noise -log(E), E = -log(u), from 32 random bits: reference.gumbel_of_bits, whose
+// docstring has the why. u is fine near 0 and near 1: the low 31 bits give x = (m + 1/2) / 2^32
+// in (0, 1/2), and the top bit says whether u is x (E = -log(x)) or 1 - x (E = -log1p(-x)). The
+// noise spans [-3.13, 22.87], finite: a token up to 26 nats below the row's best can be drawn.
+// One logf for E either way: -log1p(-x) is x * log(w) / (w - 1) for w = 1 - x rounded, exact to a
+// few ulps (and x itself where w rounds to 1), as common._gumbel_of_bits computes it in Triton.
+__device__ __forceinline__ float gumbel_from_bits(uint32_t r) {
+    const float x = fmaf(float(r & 0x7FFFFFFFu), 0x1p-32f, 0x1p-33f);
+    const bool low = (r >> 31) == 0u;  // u = 1 - x
+    const float w = low ? 1.0f - x : x;
+    const float log_w = logf(w);
+    const float e = !low ? -log_w : w == 1.0f ? x : x * __fdividef(log_w, w - 1.0f);
+    return -logf(e);
+}
 
 // Gumbel noise of token i of row b: the draw's counter (i / 4, b), word i % 4.
 __device__ __forceinline__ float gumbel_noise(uint64_t seed, int i, int b) {

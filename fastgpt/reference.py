@@ -243,25 +243,31 @@ def _mix32(x):
     return x ^ (x >> 16)
 
 
-def uniform(seed, shape, device):
-    """Counter-based uniforms in (0, 1) from a device-resident seed: no host sync, no state.
+def gumbel(seed, shape, device):
+    """Counter-based Gumbel noise (fp32) from a device-resident seed: no host sync, no state.
 
-    seed: int64 tensor (1,). Element n (row-major index) gets
-    hash(hash(n_lo ^ seed_lo) ^ n_hi ^ seed_hi), mapped to a float by `unit_float`.
+    seed: int64 tensor (1,). Element n (row-major index) gets the 32 bits
+    hash(hash(n_lo ^ seed_lo) ^ n_hi ^ seed_hi), made noise by `gumbel_of_bits`.
     """
     n = torch.arange(int(torch.Size(shape).numel()), device=device, dtype=torch.int64).view(shape)
     s = seed.to(device=device, dtype=torch.int64).reshape(())
     h = _mix32(_mix32((n & _MASK32) ^ (s & _MASK32)) ^ (n >> 32) ^ ((s >> 32) & _MASK32))
-    return unit_float(h)
+    return gumbel_of_bits(h)
 
 
-def unit_float(h):
-    """Map 32-bit hashes (int64 tensors in [0, 2^32)) to floats strictly inside (0, 1).
+def gumbel_of_bits(bits):
+    """Gumbel noise -log(E), E = -log(u) exponential, from 32 random bits (int64 tensors holding
+    values in [0, 2^32)); every backend's mapping, each with its own bits (the kernels' Philox).
 
-    The top 23 bits only: the largest result, (2^23 - 0.5) / 2^23, is exact in fp32, whereas 24
-    bits would round up to exactly 1.0 and make the Gumbel noise infinite.
+    u is uniform on (0, 1) and fine at both ends: the low 31 bits give x = (m + 1/2) / 2^32 in
+    (0, 1/2), and the top bit says whether u is 1 - x (E = -log1p(-x)) or x (E = -log(x)). So
+    the noise spans [-3.13, 22.87], each tail cut where a true Gumbel's probability is e^-22.9,
+    1.2e-10: a token up to 26 nats below the row's best can still be drawn. (23-bit uniforms,
+    u = (k + 1/2) / 2^23, would stop at 16.6 above and -2.8 below: nothing 19.4 nats down.)
+    In fp32, as the kernels compute it (their logs may differ from torch's in the last bits).
     """
-    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
+    x = ((bits & 0x7FFFFFFF).float() + 0.5) * 2.0**-32
+    return -torch.log(torch.where(bits >= 2**31, -torch.log(x), -torch.log1p(-x)))
 
 
 def greedy(logits):
@@ -281,12 +287,11 @@ def sample(logits, temperature, top_k, top_p, min_p, seed):
     logits (B, V); per-row parameters as in `filter_logits` (temperature may be 0, and a value
     the ops layer could not check, on a GPU or under torch.compile, <= 0 or NaN is greedy, as in
     the kernels); seed int64 (1,). Non-finite logits follow `clean_logits`. The draw is Gumbel-max
-    with `uniform` noise; a row with nothing left to draw returns 0. Returns int64 (B,).
+    with `gumbel` noise; a row with nothing left to draw returns 0. Returns int64 (B,).
     """
     x = clean_logits(logits)
     is_greedy = ~(temperature > 0)  # NaN too
     safe_t = torch.where(is_greedy, torch.ones_like(temperature), temperature)
     scores = draw_scores(top_ties_if_overflow(x, safe_t), safe_t, top_k, top_p, min_p)
-    gumbel = -torch.log(-torch.log(uniform(seed, scores.shape, scores.device)))
-    drawn = torch.argmax(scores + gumbel, dim=-1)
+    drawn = torch.argmax(scores + gumbel(seed, scores.shape, scores.device), dim=-1)
     return torch.where(is_greedy, torch.argmax(x, dim=-1), drawn)

@@ -1,5 +1,7 @@
 """The reference ops against PyTorch: SDPA (GQA, bottom-right causal) and F.layer_norm."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -81,16 +83,20 @@ def test_layer_norm_matches_torch(dtype, with_affine):
     torch.testing.assert_close(reference.layer_norm(x, w, b, 1e-5), F.layer_norm(x.float(), (100,), w, b).to(dtype))
 
 
-def test_uniform_is_in_open_interval_and_looks_uniform():
-    u = reference.uniform(torch.tensor([1234567891011]), (64, 1000), "cpu")
-    assert u.min() > 0 and u.max() < 1
-    extremes = reference.unit_float(torch.tensor([0, 2**32 - 1]))
-    assert extremes[0] > 0 and extremes[1] < 1
-    counts = torch.histc(u, bins=10, min=0, max=1)
-    assert (counts - 6400).abs().max() < 6 * 80  # 6 sigma of a binomial(64000, 0.1)
-    v = reference.uniform(torch.tensor([1234567891012]), (64, 1000), "cpu")
-    assert not torch.equal(u, v)
-    assert torch.equal(u, reference.uniform(torch.tensor([1234567891011]), (64, 1000), "cpu"))
+def test_gumbel_noise_is_gumbel_with_both_tails_to_e_minus_22_9():
+    """reference.gumbel: Gumbel(0, 1) by a Kolmogorov-Smirnov test, reproducible under its seed;
+    gumbel_of_bits' extremes 33 ln 2 and -ln(33 ln 2) (u within 2^-33 of 1 and of 0), finite."""
+    from scipy.stats import kstest
+
+    g = reference.gumbel(torch.tensor([1234567891011]), (64, 1000), "cpu")
+    assert g.dtype == torch.float32 and torch.isfinite(g).all()
+    assert kstest(g.flatten().double().numpy(), "gumbel_r").pvalue > 1e-3
+    assert torch.equal(g, reference.gumbel(torch.tensor([1234567891011]), (64, 1000), "cpu"))
+    assert not torch.equal(g, reference.gumbel(torch.tensor([1234567891012]), (64, 1000), "cpu"))
+    ends = reference.gumbel_of_bits(torch.tensor([0, 2**31 - 1, 2**31, 2**32 - 1])).double()
+    top, bottom = 33 * math.log(2), -math.log(33 * math.log(2))
+    torch.testing.assert_close(ends, torch.tensor([top, -math.log(math.log(2)), bottom, -math.log(math.log(2))],
+                                                  dtype=torch.float64), atol=1e-6, rtol=0)  # fmt: skip
 
 
 def test_torch_backend_is_the_reference():

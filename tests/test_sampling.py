@@ -1,5 +1,6 @@
 """fastgpt.sample: the Triton sampler's kept set against the reference, and every backend's draws
-checked statistically (chi-square against softmax of the filtered logits) and for reproducibility.
+checked statistically (chi-square against softmax of the filtered logits), against the noise
+recomputed from their seed, and for reproducibility.
 The Triton kernels' own paths (split, candidate lists) and their GPU compiles are in
 test_sampling_paths.py, which imports this module's helpers.
 
@@ -15,14 +16,20 @@ cumulative top-p mass (or min-p ratio) lies within float rounding of the thresho
 there the kernel's fp32 sums and torch's softmax + cumsum may legitimately disagree.
 """
 
+import math
+
+import numpy as np
 import pytest
 import torch
+import triton
+import triton.language as tl
 from scipy.stats import chisquare
 
 import fastgpt
 from fastgpt import _backends, reference
 from fastgpt.kernels.sampling import kept_mask
 from fastgpt.kernels.sampling import sample as triton_sample
+from fastgpt.kernels.sampling.common import _gumbel_of_bits
 
 NEG_INF = float("-inf")
 
@@ -572,6 +579,115 @@ def test_seed_tensor_drives_the_draw(device):
     seed.fill_(6)
     c = triton_sample(logits, *params, seed)
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+# ----------------------------------------------------------------------------- the noise
+# Each backend's draw is argmax(scores + g), g = reference.gumbel_of_bits of 32 bits per entry:
+# the reference's hash; in the kernels, Philox4x32-10 keyed by the seed, at counter (row * V + col,
+# 0, 0, 0), word 0, in Triton (tl.randint); at (col / 4, row, 0, 0), word col % 4, in CUDA.
+
+_M32 = np.uint64(0xFFFFFFFF)
+
+
+def _philox4x32_10(c0, c1, c2, c3, seed):
+    """Random123's Philox4x32 with 10 rounds on numpy uint64 arrays holding 32-bit words, keyed
+    by an int64 seed's two halves: the four output words."""
+    c = [np.asarray(w, dtype=np.uint64) for w in (c0, c1, c2, c3)]
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64((seed >> 32) & 0xFFFFFFFF)
+    for _ in range(10):
+        p0, p1 = np.uint64(0xD2511F53) * c[0], np.uint64(0xCD9E8D57) * c[2]  # < 2^64: exact
+        c = [(p1 >> np.uint64(32)) ^ c[1] ^ k0, p1 & _M32, (p0 >> np.uint64(32)) ^ c[3] ^ k1, p0 & _M32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & _M32, (k1 + np.uint64(0xBB67AE85)) & _M32
+    return c
+
+
+def _noise(backend, seed, B, V):
+    """Entry (row, col)'s Gumbel noise on `backend` under `seed`, from the bits above."""
+    if backend == "torch":
+        return reference.gumbel(torch.tensor([seed]), (B, V), "cpu")
+    row, col = np.meshgrid(np.arange(B, dtype=np.uint64), np.arange(V, dtype=np.uint64), indexing="ij")
+    zero = np.zeros_like(row)
+    if backend == "triton":
+        bits = _philox4x32_10(row * np.uint64(V) + col, zero, zero, zero, seed)[0]
+    else:
+        words = _philox4x32_10(col // np.uint64(4), row, zero, zero, seed)
+        bits = np.choose((col % np.uint64(4)).astype(np.int64), words)
+    return reference.gumbel_of_bits(torch.from_numpy(bits.astype(np.int64)))
+
+
+# Every way a row is drawn: (backend, path). top_k_bound > 0 takes the kernels' candidate path.
+DRAW_PATHS = [("torch", "reference"), ("triton", "row"), ("triton", "split"), ("triton", "candidates"),
+              ("cuda", "one-block"), ("cuda", "candidates")]  # fmt: skip
+
+
+def _draw_on(backend, path, logits, params, seed, top_k_bound=0):
+    """The draw of `backend` along `path`, the seed (an int) given to the launcher."""
+    s = torch.tensor([seed], device=logits.device)
+    if backend == "torch":
+        return reference.sample(logits, *params, s)
+    bound = top_k_bound if path == "candidates" else 0
+    if backend == "triton":
+        return triton_sample(logits, *params, s, top_k_bound=bound, num_chunks={"row": 0, "split": 3}.get(path))
+    return _backends.launchers("cuda", "sampling").sample(logits, *params, s, top_k_bound=bound)
+
+
+@pytest.mark.parametrize("backend, path", DRAW_PATHS)
+def test_draws_are_the_argmax_of_the_scores_plus_the_documented_noise(backend, path, device, request):
+    """Every backend and path draws argmax(draw_scores + g), g computed here from the seed: the
+    noise is the documented one (Gumbel, over the documented counters), not merely random."""
+    _skip_unavailable(backend, device, request)
+    B, V, seed = 24, 200, -7_046_029_254_386_353_131  # 0x9E3779B97F4A7C15: both halves set
+    logits = torch.randn(B, V, generator=torch.Generator().manual_seed(3)) * 2
+    params = _params(B, "cpu", temperature=0.9, top_k=50 if path == "candidates" else 0)
+    z = reference.draw_scores(logits, *params).double() + _noise(backend, seed, B, V)
+    best2 = z.topk(2, dim=-1).values
+    clear = best2[:, 0] - best2[:, 1] > 1e-3  # rows a last-ulp difference in the noise cannot flip
+    assert clear.sum() >= 20
+    ids = _draw_on(backend, path, logits.to(device), [p.to(device) for p in params], seed, top_k_bound=50).cpu()
+    assert torch.equal(ids[clear], z.argmax(dim=-1)[clear])
+
+
+# (seed, far token) per backend, found by a search over seeds: in a 64-token row that token's
+# noise exceeds every other's lowest by over 20 (_noise; the test checks it).
+FAR_DRAWS = {"torch": (43916537837107445, 20), "triton": (-2400162671940186402, 26), "cuda": (2695220534419095211, 38)}
+
+
+@pytest.mark.parametrize("backend, path", DRAW_PATHS)
+def test_a_token_19_5_nats_below_the_best_can_be_drawn(backend, path, device, request):
+    """A row of two tokens, the second 19.5 nats below the first, under a seed whose noise favours
+    the second by more than that: it is drawn. (Its probability is e^-19.5, 3e-9; with 23-bit
+    uniforms the noise spanned only [-2.81, 16.64], so no seed could draw it.)"""
+    _skip_unavailable(backend, device, request)
+    seed, far = FAR_DRAWS[backend]
+    V = 64
+    g = _noise(backend, seed, 1, V)[0]
+    top = int(torch.where(torch.arange(V) == far, float("inf"), g).argmin())  # the lowest noise but far's
+    assert g[far] - 19.5 > g[top] + 0.5
+    logits = torch.full((1, V), NEG_INF)
+    logits[0, top], logits[0, far] = 0.0, -19.5
+    params = [p.to(device) for p in _params(1, "cpu", top_k=2 if path == "candidates" else 0)]
+    assert int(_draw_on(backend, path, logits.to(device), params, seed, top_k_bound=2)[0]) == far
+
+
+def test_triton_noise_is_the_reference_mapping(device):
+    """common._gumbel_of_bits against reference.gumbel_of_bits (fp64 here) over random bits and
+    the ends of each half: the extremes 22.87 and -3.13, finite."""
+    bits = torch.cat([torch.tensor([0, 1, 2, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**24, 2**24 + 1]),
+                      torch.randint(0, 2**32, (503,), generator=torch.Generator().manual_seed(0))])  # fmt: skip
+    out = torch.full((bits.numel(),), float("nan"), device=device)
+    _noise_kernel[(1,)](bits.to(torch.int32).to(device), out, bits.numel(), BLOCK=512)
+    x = ((bits & 0x7FFFFFFF).double() + 0.5) * 2.0**-32
+    exact = -torch.log(torch.where(bits >= 2**31, -torch.log(x), -torch.log1p(-x)))
+    torch.testing.assert_close(out.cpu().double(), exact, atol=1e-5, rtol=1e-6)  # a GPU's approximate logs
+    torch.testing.assert_close(reference.gumbel_of_bits(bits).double(), exact, atol=2e-6, rtol=0)
+    assert abs(exact[0] - 33 * math.log(2)) < 1e-9 and abs(exact[4] + math.log(33 * math.log(2))) < 1e-9
+
+
+@triton.jit
+def _noise_kernel(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    bits = tl.load(bits_ptr + i, mask=i < n).to(tl.uint32, bitcast=True)
+    tl.store(out_ptr + i, _gumbel_of_bits(bits), mask=i < n)
 
 
 @pytest.mark.gpu

@@ -19,9 +19,10 @@ Per row, over the vocabulary in blocks (the row is re-read from L2 on every pass
    log((G - r) / G) in the draw, so that the group carries the mass HF keeps of it
    (reference.draw_scores; common._tie_weight).
 5. Min-p: remove p < min_p * p_max, i.e. exp(s - max) < min_p.
-6. Draw by Gumbel-max over the kept set, argmax(s + g) with g = -log(-log(u)), u from Philox
-   (tl.randint(seed, row * V + col)), so a draw depends only on the device seed: reproducible,
-   no host sync, capturable in a CUDA graph.
+6. Draw by Gumbel-max over the kept set, argmax(s + g) with g = -log(-log(u)), u from 32 bits of
+   Philox (tl.randint(seed, row * V + col)), fine near 0 and 1 (common._gumbel_of_bits: g spans
+   [-3.13, 22.87]), so a draw depends only on the device seed: reproducible, no host sync,
+   capturable in a CUDA graph.
 
 Probabilities use fp32 exp, and sums run in a different order than torch's softmax + cumsum: a
 token whose cumulative mass sits that close to 1 - top_p (fp32 sums over V terms drift by up to

@@ -99,11 +99,24 @@ def _kept(s, key, m, t_p, min_p):
 
 @triton.jit
 def _gumbel(seed, row, cols, V: tl.constexpr):
-    """Gumbel noise -log(-log(u)) of entries (row, cols), every path's: u = (23 random bits + 0.5)
-    / 2^23 lies strictly inside (0, 1), the bits from Philox at counter row * V + col."""
-    bits = tl.randint(seed, row * V + cols)  # uint32
-    u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
-    return -tl.log(-tl.log(u))
+    """Gumbel noise of entries (row, cols), every path's: _gumbel_of_bits of the first word of
+    Philox at counter row * V + col."""
+    return _gumbel_of_bits(tl.randint(seed, row * V + cols))
+
+
+@triton.jit
+def _gumbel_of_bits(bits):
+    """Gumbel noise -log(E), E = -log(u), from 32 random bits (uint32): reference.gumbel_of_bits,
+    whose docstring has the why. The low 31 bits give x = (m + 1/2) / 2^32 in (0, 1/2); the top
+    bit picks u = x (E = -log(x)) or u = 1 - x, where E = -log1p(-x) is x * log(w) / (w - 1) for
+    w = 1 - x rounded (exact to a few ulps, and x itself where w rounds to 1)."""
+    x = (bits & 0x7FFFFFFF).to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # 2^-32, 2^-33
+    low = bits < 0x80000000  # u = 1 - x
+    w = tl.where(low, 1.0 - x, x)
+    log_w = tl.log(w)
+    ratio = tl.math.fdiv(log_w, tl.where(w == 1.0, -1.0, w - 1.0), ieee_rounding=False)
+    e = tl.where(low, tl.where(w == 1.0, x, x * ratio), -log_w)
+    return -tl.log(e)
 
 
 @triton.jit

@@ -181,6 +181,8 @@ inline size_t __cvta_generic_to_shared(const void* p) { return reinterpret_cast<
 // ----------------------------------------------------------------------------- math
 
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+// div.approx.f32, within 2 ulp on the GPU (0 where |b| > 2^126); the rounded quotient here.
+inline float __fdividef(float a, float b) { return a / b; }
 
 // CUDA's global min/max overloads (device code calls them unqualified).
 #define SIMT_MIN_MAX(T)                                   \
