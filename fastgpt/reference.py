@@ -247,11 +247,13 @@ def gumbel(seed, shape, device):
     """Counter-based Gumbel noise (fp32) from a device-resident seed: no host sync, no state.
 
     seed: int64 tensor (1,). Element n (row-major index) gets the 32 bits
-    hash(hash(n_lo ^ seed_lo) ^ n_hi ^ seed_hi), made noise by `gumbel_of_bits`.
+    hash(hash(n_lo ^ seed_lo ^ 0x9E3779B9) ^ n_hi ^ seed_hi), made noise by `gumbel_of_bits`.
+    (The constant: hash(0) is 0, and would give element n = seed, under a seed below 2^32, the
+    all-zero bits, the largest noise.)
     """
     n = torch.arange(int(torch.Size(shape).numel()), device=device, dtype=torch.int64).view(shape)
     s = seed.to(device=device, dtype=torch.int64).reshape(())
-    h = _mix32(_mix32((n & _MASK32) ^ (s & _MASK32)) ^ (n >> 32) ^ ((s >> 32) & _MASK32))
+    h = _mix32(_mix32((n & _MASK32) ^ (s & _MASK32) ^ 0x9E3779B9) ^ (n >> 32) ^ ((s >> 32) & _MASK32))
     return gumbel_of_bits(h)
 
 

@@ -93,6 +93,8 @@ def test_gumbel_noise_is_gumbel_with_both_tails_to_e_minus_22_9():
     assert kstest(g.flatten().double().numpy(), "gumbel_r").pvalue > 1e-3
     assert torch.equal(g, reference.gumbel(torch.tensor([1234567891011]), (64, 1000), "cpu"))
     assert not torch.equal(g, reference.gumbel(torch.tensor([1234567891012]), (64, 1000), "cpu"))
+    for s in range(1, 9):  # a small seed's element n = s: not the all-zero bits (the largest noise)
+        assert reference.gumbel(torch.tensor([s]), (9,), "cpu")[s] < 22
     ends = reference.gumbel_of_bits(torch.tensor([0, 2**31 - 1, 2**31, 2**32 - 1])).double()
     top, bottom = 33 * math.log(2), -math.log(33 * math.log(2))
     torch.testing.assert_close(ends, torch.tensor([top, -math.log(math.log(2)), bottom, -math.log(math.log(2))],
