@@ -649,7 +649,11 @@ def test_draws_are_the_argmax_of_the_scores_plus_the_documented_noise(backend, p
 
 # (seed, far token) per backend, found by a search over seeds: in a 64-token row that token's
 # noise exceeds every other's lowest by over 20 (_noise; the test checks it).
-FAR_DRAWS = {"torch": (6601192716809183571, 13), "triton": (-2400162671940186402, 26), "cuda": (2695220534419095211, 38)}
+FAR_DRAWS = {
+    "torch": (6601192716809183571, 13),
+    "triton": (-2400162671940186402, 26),
+    "cuda": (2695220534419095211, 38),
+}
 
 
 @pytest.mark.parametrize("backend, path", DRAW_PATHS)
