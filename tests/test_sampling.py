@@ -583,8 +583,9 @@ def test_seed_tensor_drives_the_draw(device):
 
 # ----------------------------------------------------------------------------- the noise
 # Each backend's draw is argmax(scores + g), g = reference.gumbel_of_bits of 32 bits per entry:
-# the reference's hash; in the kernels, Philox4x32-10 keyed by the seed, at counter (row * V + col,
-# 0, 0, 0), word 0, in Triton (tl.randint); at (col / 4, row, 0, 0), word col % 4, in CUDA.
+# the reference's hash; in the kernels, Philox4x32-10 keyed by the seed, at counter (row * V + col
+# as two 32-bit words, 0, 0), word 0, in Triton (tl.randint); at (col / 4, row, 0, 0), word col % 4,
+# in CUDA.
 
 _M32 = np.uint64(0xFFFFFFFF)
 
@@ -608,7 +609,8 @@ def _noise(backend, seed, B, V):
     row, col = np.meshgrid(np.arange(B, dtype=np.uint64), np.arange(V, dtype=np.uint64), indexing="ij")
     zero = np.zeros_like(row)
     if backend == "triton":
-        bits = _philox4x32_10(row * np.uint64(V) + col, zero, zero, zero, seed)[0]
+        n = row * np.uint64(V) + col
+        bits = _philox4x32_10(n & _M32, n >> np.uint64(32), zero, zero, seed)[0]
     else:
         words = _philox4x32_10(col // np.uint64(4), row, zero, zero, seed)
         bits = np.choose((col % np.uint64(4)).astype(np.int64), words)
