@@ -34,9 +34,10 @@ def _tie_weight(t_p, m, budget, below, group):
     order of the ties goes. The kernels keep the group whole, each member weighted (G - r) / G =
     max(group - r e, e) / group, the mass HF keeps of it: 0 (weight 1) where no group is split."""
     e = tl.exp(_score_of(t_p) - m)
-    r = tl.floor(tl.maximum(budget - below, 0.0) / e)
-    w = tl.maximum(group - r * e, e) / group
-    return tl.where((e > 0.0) & (w < 1.0), tl.log(w), 0.0)
+    split = (e > 0.0) & (group > 0.0)  # else no token at t_p (t_p below the row, e underflowing)
+    r = tl.floor(tl.maximum(budget - below, 0.0) / tl.where(split, e, 1.0))
+    w = tl.maximum(group - r * e, e) / tl.where(split, group, 1.0)
+    return tl.log(tl.where(split & (w < 1.0), w, 1.0))
 
 
 @triton.jit
