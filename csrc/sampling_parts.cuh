@@ -267,7 +267,7 @@ __device__ __forceinline__ float tie_log_share(unsigned long long target, unsign
 
 // Gumbel noise -log(E), E = -log(u), from 32 random bits: reference.gumbel_of_bits, whose
 // docstring has the why. u is fine near 0 and near 1: the low 31 bits give x = (m + 1/2) / 2^32
-// in (0, 1/2), and the top bit says whether u is x (E = -log(x)) or 1 - x (E = -log1p(-x)). The
+// in (0, 1/2], and the top bit says whether u is x (E = -log(x)) or 1 - x (E = -log1p(-x)). The
 // noise spans [-3.13, 22.87], finite: a token up to 26 nats below the row's best can be drawn.
 // One logf for E either way: -log1p(-x) is x * log(w) / (w - 1) for w = 1 - x rounded, exact to a
 // few ulps (and x itself where w rounds to 1), as common._gumbel_of_bits computes it in Triton.

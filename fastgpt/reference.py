@@ -262,10 +262,10 @@ def gumbel_of_bits(bits):
     values in [0, 2^32)); every backend's mapping, each with its own bits (the kernels' Philox).
 
     u is uniform on (0, 1) and fine at both ends: the low 31 bits give x = (m + 1/2) / 2^32 in
-    (0, 1/2), and the top bit says whether u is 1 - x (E = -log1p(-x)) or x (E = -log(x)). So
+    (0, 1/2], and the top bit says whether u is 1 - x (E = -log1p(-x)) or x (E = -log(x)). So
     the noise spans [-3.13, 22.87], each tail cut where a true Gumbel's probability is e^-22.9,
     1.2e-10: a token up to 26 nats below the row's best can still be drawn. (23-bit uniforms,
-    u = (k + 1/2) / 2^23, would stop at 16.6 above and -2.8 below: nothing 19.4 nats down.)
+    u = (k + 1/2) / 2^23, would stop at 16.64 above and -2.81 below: nothing 19.45 nats down.)
     In fp32, as the kernels compute it (their logs may differ from torch's in the last bits).
     """
     x = ((bits & 0x7FFFFFFF).float() + 0.5) * 2.0**-32

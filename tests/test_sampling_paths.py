@@ -350,9 +350,9 @@ _SPLIT = _PARAMS | {"part_max_ptr": "*fp32", "part_idx_ptr": "*i32", "hist_in_pt
 def compile_row_variants(arch):
     """One program per row (bf16 tokens, fp16 kept set), the split path's first two search
     stages (the chunk max and counts; a count byte picked) and its token kernel, at a real
-    vocabulary. The Gumbel noise -log(-log(u)) takes u up to 1 - 2^-24, where an approximate log
-    (lg2.approx, absolute error ~2^-22) could return 0 and make the noise infinite: tl.log must
-    stay exact."""
+    vocabulary. The Gumbel noise takes log(w) / (w - 1) for w = 1 - x near 1 (x down to 2^-25),
+    where an approximate log (lg2.approx, absolute error ~2^-22) would be off by 100% or more,
+    even of the wrong sign (NaN noise): tl.log must stay exact."""
     from tests.gpu_compile import compile_for, load_kernel_module, ptxas_spills
 
     mod = load_kernel_module("sampling")

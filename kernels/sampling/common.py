@@ -108,14 +108,14 @@ def _gumbel(seed, row, cols, V: tl.constexpr):
 @triton.jit
 def _gumbel_of_bits(bits):
     """Gumbel noise -log(E), E = -log(u), from 32 random bits (uint32): reference.gumbel_of_bits,
-    whose docstring has the why. The low 31 bits give x = (m + 1/2) / 2^32 in (0, 1/2); the top
+    whose docstring has the why. The low 31 bits give x = (m + 1/2) / 2^32 in (0, 1/2]; the top
     bit picks u = x (E = -log(x)) or u = 1 - x, where E = -log1p(-x) is x * log(w) / (w - 1) for
     w = 1 - x rounded (exact to a few ulps, and x itself where w rounds to 1)."""
     x = (bits & 0x7FFFFFFF).to(tl.float32) * 2.3283064365386963e-10 + 1.1641532182693481e-10  # 2^-32, 2^-33
     low = bits < 0x80000000  # u = 1 - x
     w = tl.where(low, 1.0 - x, x)
     log_w = tl.log(w)
-    ratio = tl.math.fdiv(log_w, tl.where(w == 1.0, -1.0, w - 1.0), ieee_rounding=False)
+    ratio = log_w / tl.where(w == 1.0, -1.0, w - 1.0)
     e = tl.where(low, tl.where(w == 1.0, x, x * ratio), -log_w)
     return -tl.log(e)
 
