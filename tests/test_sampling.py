@@ -479,12 +479,18 @@ def test_draw_scores_keep_a_split_tie_group_at_hugging_faces_mass():
 def test_a_split_tie_group_carries_hugging_faces_mass(backend, path, device, request):
     """One token at 1, ten tied at 0, top_p 0.6: HF keeps 5 of the ten, token 0 has probability
     0.352. The kernels kept the whole group at full weight (0.214); the torch backend drew from
-    HF's 5 members only. Every backend and path now draws all ten at HF's total."""
+    HF's 5 members only. Every backend and path now draws all ten at HF's total.
+
+    On a GPU the Triton split path is counted too. In the interpreter (~80 ms a row) it is not:
+    there its draws of such rows are argmax(draw_scores + the noise) to the token
+    (test_draws_are_the_argmax_of_the_scores_plus_the_documented_noise), whose law is the one
+    counted here, given draw_scores' masses (test_draw_scores_keep_a_split_tie_group_at_hugging_faces_mass)
+    and the noise's law (tests/test_reference.py)."""
     _skip_unavailable(backend, device, request)
     draws = 400 if device == "cpu" and backend != "torch" else 20000  # the interpreter, the emulator: fewer
     top_k = 50 if path == "candidates" else 0  # below 256, known on the host: the candidate lists
     _chi_square(backend, device, SPLIT_TIE, draws, top_p=0.6, top_k=top_k)
-    if backend == "triton":  # the split path too (one row of a wide vocabulary takes it on a GPU)
+    if backend == "triton" and device != "cpu":  # the split path (one row of a wide vocabulary takes it)
         params = [p.to(device) for p in _params(draws, device, top_p=0.6, top_k=top_k)]
         seed = torch.tensor([11], device=device)
         ids = triton_sample(SPLIT_TIE.expand(draws, 11).contiguous().to(device), *params, seed,
