@@ -22,7 +22,8 @@ a fraction of the time.
    k smallest, ascending), and integers equal in value are equal in bits, so which copy lands
    where cannot show; k below the length widens 8- and 16-bit integers to int32, as the
    network's tl.max and tl.min do. Floats (NaN, -0.0), other axes, k or lengths that are not
-   powers of two, and bool are left to Triton's network. (With 3., a candidate-path draw in a quarter of the time.)
+   powers of two, and bool are left to Triton's network. (With 3., a candidate-path draw in a
+   quarter of the time.)
 
 tests/test_interpreter_shortcuts.py checks each against Triton's own code. Nothing outside
 tests/ installs them: the kernels and the package are unchanged.
@@ -125,8 +126,8 @@ def install() -> None:
     interpreter._patch_builtin = patch_builtin
 
     # 3. A launch patches each language module once. Triton patches at the launch (a scope it
-    # undoes at the end) and again at each helper's call (scopes it drops: the launch's undo
-    # puts the originals back).
+    # undoes at the end) and again at each helper's call (scopes it drops, so a module only
+    # helpers reach stays patched after the launch, with or without this shortcut).
     slow_patch_lang = interpreter._patch_lang
     slow_grid_call = interpreter.GridExecutor.__call__
     launches = []  # a set a running launch: the language modules patched since it began
