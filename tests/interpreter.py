@@ -32,6 +32,7 @@ tests/ installs them: the kernels and the package are unchanged.
 from __future__ import annotations
 
 import inspect
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -60,6 +61,7 @@ def _listed_builtins(packages) -> dict:
 def _sorted_integers(x, k, dim, descending):
     """tl.standard.sort_impl's result for an integer block, by numpy; None where the shortcut
     leaves the call to Triton's network (floats, bool, another axis, sizes not powers of two)."""
+    import triton
     import triton.language as tl
     from triton.runtime.interpreter import TensorHandle
 
@@ -68,10 +70,11 @@ def _sorted_integers(x, k, dim, descending):
         return None
     if not x.dtype.is_int() or x.dtype.primitive_bitwidth < 8:
         return None
-    shape = list(x.shape)
+    shape = [int(v) for v in x.shape]
     n = shape[-1]
     k = n if k is None else k
-    if dim not in (None, len(shape) - 1) or not all(_is_power_of_two(v) for v in (x.numel, n, k)) or k > n:
+    sizes = (math.prod(shape), n, k)
+    if dim not in (None, len(shape) - 1) or k > n or any(triton.next_power_of_2(v) != v for v in sizes):
         return None
     data = np.sort(x.handle.data, axis=-1)
     data = np.ascontiguousarray((data[..., ::-1] if descending else data)[..., :k])
@@ -79,11 +82,6 @@ def _sorted_integers(x, k, dim, descending):
     if k < n and dtype.primitive_bitwidth < 32:  # the network's tl.max / tl.min widen to int32
         dtype, data = tl.int32, data.astype(np.int32)
     return tl.tensor(TensorHandle(data, dtype), tl.block_type(dtype, shape[:-1] + [k]))
-
-
-def _is_power_of_two(v) -> bool:
-    v = int(v)
-    return v > 0 and v & (v - 1) == 0
 
 
 def install() -> None:
