@@ -2,8 +2,8 @@
 launchers' checks, and how fastgpt reports the backend when the extension is absent.
 
 The fresh build is marked `slow` (about a minute for one architecture on 2 cores; the suite
-runs it, `-m "not slow"` leaves it out); the ptxas checks of the attention kernels take up to
-40 s each; the other tests a second.
+runs it, `-m "not slow"` leaves it out); the nvcc checks of the attention and decode kernels
+take up to 25 s each; the other tests a second.
 """
 
 import importlib
@@ -192,7 +192,7 @@ def test_decode_occupancy_and_splits_validate_their_arguments():
 
 
 def _nvcc(source: str, arch: str, out: Path, *flags: str) -> subprocess.CompletedProcess:
-    """csrc/<source>.cu compiled alone for `arch` into `out` (-c, -ptx, ... in flags); fails the test on an error."""
+    """csrc/<source>.cu compiled alone for `arch` into `out` (-cubin, -ptx, ... in flags); fails the test on errors."""
     src = Path(__file__).resolve().parents[1] / "csrc" / f"{source}.cu"
     proc = subprocess.run(["nvcc", "-std=c++17", "-O3", f"-arch={arch}", *flags, str(src), "-o", str(out)],
                           capture_output=True, text=True)  # fmt: skip
@@ -200,49 +200,61 @@ def _nvcc(source: str, arch: str, out: Path, *flags: str) -> subprocess.Complete
     return proc
 
 
-@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize("source, kernels", [("attention", 2 * 2 * 2), ("decode", 2 * 2 * (4 + 3) * 2 + 2)])
-def test_attention_kernels_do_not_spill(source, kernels, arch, tmp_path):
-    """Every attention and decode kernel instance fits its registers (the unmasked MHA decode one
-    under a 5-blocks-an-SM bound), those of several queries a row too."""
-    import re
-
-    proc = _nvcc(source, arch, tmp_path / "kernels.o", "-Xptxas", "-v", "-c")
-    spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
-    assert len(spills) == kernels
-    assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
-    if source == "decode":  # a decode step's unmasked GQA tile of 2 heads (Hq = 2 Hkv) at 4 blocks an SM: <= 128
-        used = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", proc.stderr, re.S)
-        # <T, D, GROUP 2, MASKED false, MULTI false>
-        pairs = [int(n) for name, n in used if "decode_split_kernel" in name and "Li2ELb0ELb0E" in name]
-        assert len(pairs) == 4 and max(pairs) <= 128, pairs
-
-
-@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
-@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
-@pytest.mark.parametrize("source, kernels", [
-    ("attention", 2 * 2 * 2),        # (fp16, bf16) x (D 64, 128) x (masked or not)
-    ("decode", 2 * 2 * (4 + 3) * 2 + 2),  # ... x row tiles (one query: 1-8, several: 2-8) x masked, and combine
-    # (fp32, fp16, bf16) x ((16-byte with scalar or vector params, scalar) x (3 warp, 1 block) + 3 warp
-    # with early params), and looped
-    ("layer_norm", 3 * (3 * 4 + 3) + 3),
-    ("sampling", 3 * 4 + 1),  # (fp32, fp16, bf16) x (one block a row, group maxima, candidates, draw), key bound
-])  # fmt: skip
-def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
+def _assert_each_kernel_waits(ptx: str, arch: str, kernels: int):
     """On sm_90a every kernel waits for the kernel before it ahead of any memory access, as a
     programmatic dependent must (csrc/common.cuh's launch_kernel); sm_80 code has no wait (and is
     never launched as a dependent)."""
     from tests.gpu_compile import assert_waits_first
 
-    _nvcc(source, arch, tmp_path / "kernels.ptx", "-ptx")
-    entries = (tmp_path / "kernels.ptx").read_text().split(".visible .entry")[1:]
+    entries = ptx.split(".visible .entry")[1:]
     assert len(entries) == kernels
     for entry in entries:
         if arch == "sm_80":
             assert "griddepcontrol" not in entry
         else:
             assert_waits_first(".visible .entry" + entry)
+
+
+# (fp16, bf16) x (D 64, 128) x (masked or not); and for decode ... x row tiles (one query: 1-8,
+# several: 2-8) x masked, and combine
+ATTENTION_KERNELS = {"attention": 2 * 2 * 2, "decode": 2 * 2 * (4 + 3) * 2 + 2}
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("source", ATTENTION_KERNELS)
+def test_attention_kernels_fit_their_registers_and_wait(source, arch, tmp_path):
+    """Every attention and decode kernel instance fits its registers (the unmasked MHA decode one
+    under a 5-blocks-an-SM bound), those of several queries a row too; and waits as a dependent
+    (_assert_each_kernel_waits). One nvcc run gives both: -cubin (no host code, half the time of
+    -c) keeps the PTX it assembled."""
+    import re
+
+    proc = _nvcc(source, arch, tmp_path / "kernels.cubin", "-cubin", "-Xptxas", "-v", "--keep", "--keep-dir",
+                 str(tmp_path))  # fmt: skip
+    spills = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", proc.stderr, re.S)
+    assert len(spills) == ATTENTION_KERNELS[source]
+    assert all(n == "0" for _, n in spills), [name for name, n in spills if n != "0"]
+    if source == "decode":  # a decode step's unmasked GQA tile of 2 heads (Hq = 2 Hkv) at 4 blocks an SM: <= 128
+        used = re.findall(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", proc.stderr, re.S)
+        # <T, D, GROUP 2, MASKED false, MULTI false>
+        pairs = [int(n) for name, n in used if "decode_split_kernel" in name and "Li2ELb0ELb0E" in name]
+        assert len(pairs) == 4 and max(pairs) <= 128, pairs
+    _assert_each_kernel_waits((tmp_path / f"{source}.ptx").read_text(), arch, ATTENTION_KERNELS[source])
+
+
+@pytest.mark.skipif(not HAS_NVCC, reason="nvcc not found")
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90a"])
+@pytest.mark.parametrize("source, kernels", [
+    # (fp32, fp16, bf16) x ((16-byte with scalar or vector params, scalar) x (3 warp, 1 block) + 3 warp
+    # with early params), and looped
+    ("layer_norm", 3 * (3 * 4 + 3) + 3),
+    ("sampling", 3 * 4 + 1),  # (fp32, fp16, bf16) x (one block a row, group maxima, candidates, draw), key bound
+])  # fmt: skip
+def test_kernels_wait_for_the_previous_grid(source, kernels, arch, tmp_path):
+    """The other kernels wait as dependents too (attention's and decode's: the test above)."""
+    _nvcc(source, arch, tmp_path / "kernels.ptx", "-ptx")
+    _assert_each_kernel_waits((tmp_path / "kernels.ptx").read_text(), arch, kernels)
 
 
 @requires_built
