@@ -54,14 +54,25 @@ def test_generate_is_reproducible_with_a_seed(checkpoint, capsys):
     assert capsys.readouterr().out == first
 
 
-def test_generate_compiled_prints_the_same_text(checkpoint, capsys):
+def test_generate_compiled_prints_the_same_text(checkpoint, capsys, monkeypatch):
+    """--compile runs the decode forward through torch.compile(fullgraph=True): the same text. Its
+    backend here is aot_eager, which traces what inductor gets without inductor's C++ build (~30 s
+    on a cold cache); inductor's own run: tests/test_generate.py's test_compile_option."""
     args = ["generate", "--model", str(checkpoint), "--prompt", "Hello there", "--max-new-tokens", "6",
             "--device", "cpu"]
     cli.main(args)
     plain = capsys.readouterr().out
+    compile, calls = torch.compile, []
+
+    def aot_eager(fn, **options):
+        calls.append(options)
+        return compile(fn, **(options | {"backend": "aot_eager"}))
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
     torch._dynamo.reset()
     assert cli.main(args + ["--compile"]) == 0
     assert capsys.readouterr().out == plain
+    assert len(calls) == 1 and calls[0]["fullgraph"]
     torch._dynamo.reset()
 
 
