@@ -5,8 +5,9 @@ headers (include/) and runtime (runtime/), so that its kernels run on CPU tensor
     python -m tests.simt.build --asan # the same under AddressSanitizer (README.md: memcheck)
 
 The module lands in build/simt-<hash>/, the hash taken over every source, header and flag, so an
-unchanged tree reuses it (g++ 12 or later: -ftrivial-auto-var-init). Two processes may build at
-once: each compiles into its own temporary directory and renames the finished module into place.
+unchanged tree reuses it (g++ 12 or later: -ftrivial-auto-var-init). Processes asking at once
+build it once: one compiles (into a temporary directory, then renames the finished module into
+place) while the others wait on a lock.
 With sanitize=True it is compiled and linked with -fsanitize=address into build/simt-asan-<hash>/:
 a process loading it must have libasan preloaded (asan_env() gives the environment), and every
 out-of-bounds access its kernels make into a heap block's redzone is reported.
@@ -15,6 +16,7 @@ out-of-bounds access its kernels make into a heap block's redzone is reported.
 from __future__ import annotations
 
 import concurrent.futures
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -99,6 +101,17 @@ def build(build_dir: Path | None = None, sanitize: bool = False) -> Path:
     if reuse and target.exists():
         return target
     build_dir.mkdir(parents=True, exist_ok=True)
+    # One build at a time into a directory: pytest's workers all ask for the module at the start of
+    # a fresh checkout, and the others wait for the first one's build instead of repeating it.
+    with open(build_dir / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (reuse and target.exists()):
+            _build(target, flags, sanitize)
+    return target
+
+
+def _build(target: Path, flags: list[str], sanitize: bool) -> None:
+    build_dir = target.parent
     jobs = max(1, int(os.environ.get("MAX_JOBS", "2")))
     with tempfile.TemporaryDirectory(dir=build_dir, prefix=".tmp-") as tmp:
         objs = [Path(tmp) / f"{i}-{source.stem}.o" for i, source in enumerate(SOURCES)]
@@ -111,8 +124,7 @@ def build(build_dir: Path | None = None, sanitize: bool = False) -> Path:
         result = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"linking {target.name} failed:\n{' '.join(cmd)}\n{result.stderr}")
-        os.replace(partial, target)  # atomic: a concurrent build replaces it with an identical file
-    return target
+        os.replace(partial, target)  # atomic: a process loading the module never sees half of it
 
 
 def asan_runtime() -> Path | None:
