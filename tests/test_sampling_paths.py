@@ -411,22 +411,26 @@ def compile_candidate_variants(arch):
             assert ptxas_spills(kernel, arch) == 0, (arch, cand_k, bounded)
             const = {"V": 128256, "WRITE_MASK": write_mask, "CAND_K": cand_k, "MERGE_BLOCK": mod.MERGE_BLOCK,
                      "BOUNDED": bounded, "LIST": list_len, "BLOCK_V": mod.MAX_BLOCK_V, "NUM_PIVOTS": mod.NUM_PIVOTS}
-            kernel = compile_for(mod._candidate_draw_kernel, _PARAMS | ptrs | {"out_ptr": "*i1" if write_mask else "*i64"},
-                                 const, arch=arch, num_warps=mod.NUM_WARPS, num_stages=3)  # fmt: skip
+            out = {"out_ptr": "*i1" if write_mask else "*i64"}
+            kernel = compile_for(mod._candidate_draw_kernel, _PARAMS | ptrs | out, const, arch=arch,
+                                 num_warps=mod.NUM_WARPS, num_stages=3)  # fmt: skip
             assert "lg2.approx" not in kernel.asm["ptx"] and ptxas_spills(kernel, arch) == 0, (arch, cand_k, bounded)
 
 
-def test_compiles_for_gpu():
-    """Every sampling kernel lowers to sm_80 and sm_90 cubins, with an exact log: two processes
-    side by side, as each compile is single-threaded."""
-    from concurrent.futures import ThreadPoolExecutor
+def compile_search_variants(arch):
+    """compile_row_variants and compile_split_variants (a few seconds together)."""
+    compile_row_variants(arch)
+    compile_split_variants(arch)
 
+
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("variants", ["search", "candidate"])  # the candidate path's take ~50 s an arch
+def test_compiles_for_gpu(variants, arch):
+    """Every sampling kernel lowers to sm_80 and sm_90 cubins, with an exact log: four tests, which
+    pytest's workers share (each compile is single-threaded)."""
     from tests.gpu_compile import run_compile_check
 
-    names = ["tests.test_sampling_paths.compile_row_variants", "tests.test_sampling_paths.compile_split_variants",
-             "tests.test_sampling_paths.compile_candidate_variants"]
-    with ThreadPoolExecutor(len(names)) as pool:
-        list(pool.map(run_compile_check, names))
+    run_compile_check(f"tests.test_sampling_paths.compile_{variants}_variants", (arch,))
 
 
 def test_launch_grids_fit_cudas_limits(monkeypatch):
