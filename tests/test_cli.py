@@ -62,11 +62,11 @@ def test_generate_compiled_prints_the_same_text(checkpoint, capsys, monkeypatch)
             "--device", "cpu"]
     cli.main(args)
     plain = capsys.readouterr().out
-    compile, calls = torch.compile, []
+    torch_compile, calls = torch.compile, []
 
     def aot_eager(fn, **options):
         calls.append(options)
-        return compile(fn, **(options | {"backend": "aot_eager"}))
+        return torch_compile(fn, **(options | {"backend": "aot_eager"}))
 
     monkeypatch.setattr(torch, "compile", aot_eager)
     torch._dynamo.reset()

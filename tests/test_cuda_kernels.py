@@ -603,7 +603,7 @@ def test_top_p_draws_a_split_tie_group_at_the_mass_hf_keeps(values, top_k, top_p
     keeps of it (reference.draw_scores): chi-square against softmax(draw_scores) on both paths
     (bound 50: the candidate path's list; V <= its 64 entries, so it draws these rows itself).
 
-    On the GPU only. The emulator's draws (~10 ms each) are checked to the token instead: they are
+    On the GPU only. The emulator's draws (5-9 ms a row) are checked to the token instead: they are
     those of draw_scores (test_top_p_split_tie_draws_are_those_of_draw_scores), whose masses are
     HF's (tests/test_sampling.py, which also counts 400 draws of the first row on each path), and
     the noise's law is tested apart (test_draws_are_the_argmax_of_the_scores_plus_the_documented_noise)."""
